@@ -1,0 +1,174 @@
+"""The agent actor: one per agent of a run.
+
+It answers :class:`~messages.AgentRequest`s one at a time: calls the model
+through the gateway (retrying what is retryable), reports every attempt's
+usage to the metrics accumulator, makes the output durable through the
+store writer, and only then replies to the coordinator - so a decision can
+never be made on an output that is not on disk.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from messages import (
+    ActorStopped,
+    AgentOutput,
+    AgentReply,
+    AgentRequest,
+    CompletionRequest,
+    CompletionResult,
+    Outbox,
+    PersistEvent,
+    PersistOutput,
+    ProviderTimeout,
+    StoreWrite,
+    UsageRecorded,
+    fail_pending,
+    reply_pair,
+)
+
+from ._consensus import parse_output
+from ._pipeline import AgentSpec, Pipeline
+from ._retry import RetryPolicy
+
+
+def build_prompt(request: AgentRequest, fields: tuple[str, ...], aggregate: bool) -> str:
+    key = request.key
+    lines = [
+        f"You are agent {key.agent} in stage {key.stage} of spec {request.spec_id}.",
+        f"Goal: {request.goal or '(none given)'}",
+        "Answer with one JSON object holding the fields: " + ", ".join(fields) + ".",
+    ]
+    if aggregate:
+        lines.append(
+            'As the aggregator, add "consensus": {"agreements": [...], "conflicts": [...]}.'
+        )
+    for prior in request.context:
+        lines.append(f"Earlier answer from {prior.agent}:\n{prior.content[:5000]}")
+    return "\n".join(lines)
+
+
+@attrs.define(kw_only=True)
+class Agent:
+    spec: AgentSpec
+    pipeline: Pipeline
+    gateway: Outbox[CompletionRequest]
+    metrics: Outbox[UsageRecorded]
+    store: Outbox[StoreWrite]
+    retry: RetryPolicy
+    seed: int
+
+    async def run(self, inbox: trio.MemoryReceiveChannel[AgentRequest]) -> None:
+        """Serve requests until the inbox closes.  Requests still queued
+        when the agent stops are failed (their repliers see ActorStopped)."""
+        try:
+            async for request in inbox:
+                reply = await self.handle(request)
+                if request.reply_to is not None:
+                    await request.reply_to.send(reply)
+        finally:
+            fail_pending(inbox)
+
+    async def handle(self, request: AgentRequest) -> AgentReply:
+        stage = self.pipeline.stage(request.key.stage)
+        aggregate = stage.aggregator == self.spec.name
+        prompt = build_prompt(request, stage.required_fields, aggregate)
+        key = request.key
+        attempt = 0
+        while True:
+            attempt += 1
+            call = CompletionRequest(
+                key=key,
+                attempt=attempt,
+                spec_id=request.spec_id,
+                provider=self.spec.provider,
+                model=self.spec.model,
+                prompt=prompt,
+                response_fields=stage.required_fields,
+                decision_field=stage.decision_field,
+                aggregate=aggregate,
+            )
+            started = trio.current_time()
+            result = await self._call(call)
+            finished = trio.current_time()
+            completion = result.completion
+            usage = completion.usage if completion is not None else result.usage
+            model = completion.model if completion is not None else self.spec.model
+            await self.metrics.send(
+                UsageRecorded(key=key, attempt=attempt, model=model, provider=self.spec.provider, usage=usage)
+            )
+            if completion is not None:
+                fmt = "json" if parse_output(completion.content) is not None else "text"
+                output = AgentOutput(
+                    key=key,
+                    attempt=attempt,
+                    status="accepted",
+                    content=completion.content,
+                    format=fmt,
+                    usage=usage,
+                    model=model,
+                    provider=self.spec.provider,
+                    started_at=started,
+                    finished_at=finished,
+                )
+                await self._persist(output)
+                return AgentReply(key=key, attempts=attempt, output=output)
+
+            error = result.error
+            assert error is not None
+            failed = AgentOutput(
+                key=key,
+                attempt=attempt,
+                status="failed",
+                content="",
+                format="text",
+                usage=usage,
+                model=model,
+                provider=self.spec.provider,
+                error=str(error),
+                started_at=started,
+                finished_at=finished,
+            )
+            # Failed attempts are history, not input to consensus: fire and forget.
+            await self.store.send(PersistOutput(output=failed))
+            if not self.retry.should_retry(error, attempt):
+                return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
+            delay = self.retry.delay(error, key, attempt, self.seed)
+            await self.store.send(
+                PersistEvent(
+                    run_id=key.run_id,
+                    branch_id=key.branch_id,
+                    kind="retry",
+                    stage=key.stage,
+                    agent=key.agent,
+                    attempt=attempt,
+                    detail={"error": error.kind, "message": str(error), "delay_s": round(delay, 3)},
+                )
+            )
+            await trio.sleep(delay)
+
+    async def _call(self, call: CompletionRequest) -> CompletionResult:
+        reply, pending = reply_pair(f"{call.key.agent} attempt {call.attempt}")
+        with trio.move_on_after(self.retry.call_timeout) as scope:
+            try:
+                await self.gateway.send(attrs.evolve(call, reply_to=reply))
+            except BaseException:
+                reply.close()
+                raise
+            return await pending.receive()
+        assert scope.cancelled_caught
+        return CompletionResult(
+            key=call.key,
+            attempt=call.attempt,
+            error=ProviderTimeout(f"operation timed out after {int(self.retry.call_timeout * 1000)}ms"),
+        )
+
+    async def _persist(self, output: AgentOutput) -> None:
+        reply, pending = reply_pair(f"persisting {output.key.agent}'s output")
+        await self.store.send(PersistOutput(output=output, reply_to=reply))
+        ack = await pending.receive()
+        if not ack.ok and not ack.duplicate:
+            raise ActorStopped(f"store writer could not persist {output.key.agent}'s output: {ack.error}")
+

@@ -1,0 +1,197 @@
+"""Consensus, computed for real.
+
+A pure function of the stage's definition and the agents' accepted outputs,
+so it is trivially deterministic and testable.  The rules (the reference's
+intended "path B" verdict, plus quorum and the coordinator's own check of
+the stage's decision field):
+
+* present agents have an accepted output; missing agents do not;
+* an agent is *valid* when its output parses as a JSON object holding every
+  required field; an unparseable output is kept as text and counts as that
+  agent missing its fields - never a crash;
+* valid agents are grouped by their value of the decision field; the largest
+  group's size is the stage's *support*; quorum needs support >= required;
+* conflicts are the aggregator's reported conflicts plus every dissent from
+  the largest group.
+
+Status, by precedence ok > conflict > degraded > no_consensus:
+
+* ``ok``: every expected agent valid, one group, no reported conflicts, and
+  the aggregator (if the stage has one) valid;
+* ``conflict``: the aggregator reported conflicts, or agents dissent and the
+  largest group falls short of quorum;
+* ``degraded``: quorum is met but something is missing, invalid or outvoted;
+* ``no_consensus``: too few valid agents agree for quorum.
+
+``ok`` and ``degraded`` advance the pipeline; the others halt it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from messages import AgentOutput, DecisionStatus
+
+from ._pipeline import StageSpec
+
+ADVANCING: frozenset[str] = frozenset({"ok", "degraded"})
+
+_FENCE = re.compile(r"```(?:json)?\s*\n(.*?)```", re.DOTALL)
+
+
+def parse_output(content: str) -> dict[str, Any] | None:
+    """The JSON object in an agent's answer, or ``None``.
+
+    Tries the whole text, then a fenced ```json block, then the outermost
+    ``{...}`` span.  Only a JSON *object* counts.
+    """
+    candidates = [content]
+    candidates.extend(m.group(1) for m in _FENCE.finditer(content))
+    start, end = content.find("{"), content.rfind("}")
+    if 0 <= start < end:
+        candidates.append(content[start : end + 1])
+    for text in candidates:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        return []
+    return [item if isinstance(item, str) else _canonical(item) for item in value]
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Verdict:
+    stage: str
+    status: DecisionStatus
+    expected_agents: tuple[str, ...]
+    present_agents: tuple[str, ...]
+    missing_agents: tuple[str, ...]
+    invalid_agents: Mapping[str, tuple[str, ...]]  # agent -> missing required fields
+    agreements: tuple[str, ...]
+    conflicts: tuple[str, ...]
+    aggregator: str | None
+    decision_field: str
+    quorum: str
+    quorum_required: int
+    support: int
+    outputs: Mapping[str, str]  # agent -> SHA-256 of the accepted content
+
+    @property
+    def advances(self) -> bool:
+        return self.status in ADVANCING
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "expected_agents": list(self.expected_agents),
+            "present_agents": list(self.present_agents),
+            "missing_agents": list(self.missing_agents),
+            "invalid_agents": {a: list(f) for a, f in sorted(self.invalid_agents.items())},
+            "agreements": list(self.agreements),
+            "conflicts": list(self.conflicts),
+            "aggregator": self.aggregator,
+            "decision_field": self.decision_field,
+            "quorum": self.quorum,
+            "quorum_required": self.quorum_required,
+            "support": self.support,
+            "outputs": dict(sorted(self.outputs.items())),
+        }
+
+
+def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Verdict:
+    """The verdict for ``stage`` given each agent's accepted output (agents
+    absent from ``outputs`` are missing).  Outputs from agents outside the
+    stage's panel are ignored."""
+    expected = stage.agents
+    present = tuple(a for a in expected if a in outputs)
+    missing = tuple(a for a in expected if a not in outputs)
+
+    parsed: dict[str, dict[str, Any]] = {}
+    invalid: dict[str, tuple[str, ...]] = {}
+    for agent in present:
+        body = parse_output(outputs[agent].content)
+        if body is None:
+            invalid[agent] = stage.required_fields
+            continue
+        lacking = tuple(f for f in stage.required_fields if f not in body)
+        if lacking:
+            invalid[agent] = lacking
+        parsed[agent] = body
+    valid = [a for a in present if a not in invalid]
+
+    groups: dict[str, list[str]] = {}
+    for agent in valid:
+        groups.setdefault(_canonical(parsed[agent].get(stage.decision_field)), []).append(agent)
+    ranked = sorted(groups.values(), key=lambda g: (-len(g), g))
+    support = len(ranked[0]) if ranked else 0
+    required = stage.quorum_required
+
+    agreements: list[str] = []
+    conflicts: list[str] = []
+    aggregator_ok = True
+    if stage.aggregator is not None:
+        body = parsed.get(stage.aggregator)
+        aggregator_ok = stage.aggregator in valid
+        if body is not None:
+            consensus = body.get("consensus")
+            if isinstance(consensus, Mapping):
+                agreements.extend(_str_list(consensus.get("agreements")))
+                conflicts.extend(_str_list(consensus.get("conflicts")))
+    reported_conflicts = bool(conflicts)
+    if len(ranked) > 1 or support >= 2:
+        top = ranked[0]
+        if len(top) >= 2:
+            agreements.append(f"{stage.decision_field}: agreed by {', '.join(sorted(top))}")
+        for group in ranked[1:]:
+            conflicts.append(
+                f"{stage.decision_field}: {', '.join(sorted(group))} disagree(s) with "
+                f"{', '.join(sorted(top))}"
+            )
+    dissent = len(ranked) > 1
+
+    status: DecisionStatus
+    if not missing and not invalid and not dissent and not reported_conflicts and aggregator_ok:
+        status = "ok"
+    elif reported_conflicts or (dissent and support < required):
+        status = "conflict"
+    elif support >= required:
+        status = "degraded"
+    else:
+        status = "no_consensus"
+
+    return Verdict(
+        stage=stage.name,
+        status=status,
+        expected_agents=expected,
+        present_agents=present,
+        missing_agents=missing,
+        invalid_agents=invalid,
+        agreements=tuple(sorted(set(agreements))),
+        conflicts=tuple(sorted(set(conflicts))),
+        aggregator=stage.aggregator,
+        decision_field=stage.decision_field,
+        quorum=stage.quorum.describe(),
+        quorum_required=required,
+        support=support,
+        outputs={
+            a: hashlib.sha256(outputs[a].content.encode()).hexdigest() for a in present
+        },
+    )

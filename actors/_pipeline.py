@@ -1,0 +1,380 @@
+"""Pipelines: which stages, which agents, how they run and how they agree.
+
+The default is the reference's plan -> tasks -> implement -> validate ->
+audit -> unlock.  A pipeline can also come from TOML (see README).  All
+validation happens here, before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+
+Mode = Literal["sequential", "parallel"]
+
+# Per known stage: the stage-specific required fields (``stage`` and ``agent``
+# are always required) and the field the coordinator compares across agents.
+_KNOWN_STAGES: dict[str, tuple[str, ...]] = {
+    "plan": ("work_breakdown", "acceptance_mapping"),
+    "tasks": ("tasks",),
+    "implement": ("implementation",),
+    "validate": ("test_strategy",),
+    "audit": ("audit_verdict",),
+    "unlock": ("unlock_decision",),
+    "clarify": ("issues",),
+    "analyze": ("issues",),
+    "checklist": ("requirements",),
+}
+_STAGE_ALIASES = {"review": "audit", "spec-review": "audit"}
+ALWAYS_REQUIRED = ("stage", "agent")
+
+# Canonical agents and their default models (the reference's prompt metadata).
+KNOWN_AGENTS: dict[str, str] = {
+    "gemini": "gemini-2.5-pro",
+    "claude": "claude-sonnet-4-5",
+    "code": "claude-sonnet-4-5",
+    "gpt_codex": "gpt-5-codex",
+    "gpt_pro": "gpt-5",
+}
+
+
+class PipelineError(ValueError):
+    """The pipeline definition is invalid; the message names what and where."""
+
+
+def canonical_stage(name: str) -> str | None:
+    """``Plan``, ``spec-plan`` and ``plan`` are all ``plan``; ``review`` is
+    ``audit``.  ``None`` for a name that is not a known stage."""
+    key = name.strip().lower()
+    key = _STAGE_ALIASES.get(key, key)
+    if key.startswith("spec-"):
+        key = key[len("spec-") :]
+    return key if key in _KNOWN_STAGES else None
+
+
+def canonical_agent(name: str) -> str | None:
+    """The reference's normalisation: lowercase, ``-`` and spaces to ``_``,
+    trim ``_``, then the first of gemini*, claude*, code*, *codex*, gpt*."""
+    key = name.strip().lower().replace("-", "_").replace(" ", "_").strip("_")
+    if key in KNOWN_AGENTS:
+        return key
+    if key.startswith("gemini"):
+        return "gemini"
+    if key.startswith("claude"):
+        return "claude"
+    if key.startswith("code"):
+        return "code"
+    if "codex" in key:
+        return "gpt_codex"
+    if key.startswith("gpt"):
+        return "gpt_pro"
+    return None
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Quorum:
+    """How many agents must agree: ``all``, ``majority``, or at least ``k``."""
+
+    policy: Literal["all", "majority", "k"] = "majority"
+    k: int | None = None
+
+    def required(self, panel: int) -> int:
+        if self.policy == "all":
+            return panel
+        if self.policy == "majority":
+            return panel // 2 + 1
+        assert self.k is not None
+        return self.k
+
+    def describe(self) -> str:
+        return f"{self.k} of n" if self.policy == "k" else self.policy
+
+    def to_json(self) -> Any:
+        return self.k if self.policy == "k" else self.policy
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> Quorum:
+        if isinstance(value, bool):
+            raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a number, got {value!r}")
+        if isinstance(value, int):
+            if value < 1:
+                raise PipelineError(f"{where}: quorum must be at least 1, got {value}")
+            return cls(policy="k", k=value)
+        if value in ("all", "majority"):
+            return cls(policy=value)
+        raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a number, got {value!r}")
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class AgentSpec:
+    """How to reach one agent: which provider and model."""
+
+    name: str
+    provider: str = "sim"
+    model: str
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class StageSpec:
+    name: str
+    agents: tuple[str, ...]
+    mode: Mode
+    required_fields: tuple[str, ...]
+    decision_field: str
+    quorum: Quorum
+    aggregator: str | None
+
+    @property
+    def quorum_required(self) -> int:
+        return self.quorum.required(len(self.agents))
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Pipeline:
+    stages: tuple[StageSpec, ...]
+    agents: Mapping[str, AgentSpec] = attrs.field(eq=False)
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise PipelineError(
+            f"unknown stage {name!r}; this pipeline has: {', '.join(s.name for s in self.stages)}"
+        )
+
+    def resolve_stage(self, name: str) -> StageSpec:
+        """Look a stage up by any accepted spelling (``Plan``, ``spec-plan``)."""
+        canonical = canonical_stage(name) or name.strip().lower()
+        return self.stage(canonical)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agents": {
+                name: {"provider": spec.provider, "model": spec.model}
+                for name, spec in sorted(self.agents.items())
+            },
+            "stages": [
+                {
+                    "name": s.name,
+                    "agents": list(s.agents),
+                    "mode": s.mode,
+                    "required_fields": list(s.required_fields),
+                    "decision_field": s.decision_field,
+                    "quorum": s.quorum.to_json(),
+                    "aggregator": s.aggregator,
+                }
+                for s in self.stages
+            ],
+        }
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    def with_agents(self, overrides: Mapping[str, AgentSpec]) -> Pipeline:
+        return attrs.evolve(self, agents={**self.agents, **overrides})
+
+
+def default_pipeline() -> Pipeline:
+    """plan, tasks, implement (sequential), validate, audit, unlock
+    (parallel); gemini, claude, gpt_pro, plus gpt_codex for implement."""
+    data = {
+        "stages": [
+            {"name": "plan", "mode": "sequential"},
+            {"name": "tasks", "mode": "sequential"},
+            {
+                "name": "implement",
+                "mode": "sequential",
+                "agents": ["gemini", "claude", "gpt_codex", "gpt_pro"],
+            },
+            {"name": "validate", "mode": "parallel"},
+            {"name": "audit", "mode": "parallel"},
+            {"name": "unlock", "mode": "parallel"},
+        ]
+    }
+    return pipeline_from_dict(data, source="default pipeline")
+
+
+def load_pipeline(path: str) -> Pipeline:
+    """Read and validate a pipeline TOML file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such pipeline file") from None
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read pipeline file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{path}: invalid TOML: {exc}") from None
+    return pipeline_from_dict(data, source=path)
+
+
+def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{source}: invalid TOML: {exc}") from None
+    return pipeline_from_dict(data, source=source)
+
+
+_DEFAULT_PANEL = ("gemini", "claude", "gpt_pro")
+_STAGE_KEYS = {"name", "agents", "mode", "required_fields", "decision_field", "quorum", "aggregator"}
+_TOP_KEYS = {"stages", "agents", "defaults"}
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PipelineError(f"{where}: must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
+    """Validate a decoded pipeline (TOML or stored JSON)."""
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PipelineError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, Mapping):
+        raise PipelineError(f"{source}: [defaults] must be a table")
+
+    declared: dict[str, AgentSpec] = {}
+    agents_table = data.get("agents", {})
+    if not isinstance(agents_table, Mapping):
+        raise PipelineError(f"{source}: [agents] must be a table")
+    for raw_name, cfg in agents_table.items():
+        where = f"{source}: agent {raw_name!r}"
+        if not isinstance(cfg, Mapping):
+            raise PipelineError(f"{where}: must be a table")
+        bad = set(cfg) - {"provider", "model"}
+        if bad:
+            raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+        name = str(raw_name)  # declared agents keep their exact name
+        model = cfg.get("model", KNOWN_AGENTS.get(name))
+        if not isinstance(model, str) or not model:
+            raise PipelineError(f"{where}: needs a model")
+        provider = cfg.get("provider", "sim")
+        if not isinstance(provider, str) or not provider:
+            raise PipelineError(f"{where}: provider must be a non-empty string")
+        declared[name] = AgentSpec(name=name, provider=provider, model=model)
+
+    def resolve_agent(raw: str, where: str) -> str:
+        if raw in declared:
+            return raw
+        name = canonical_agent(raw)
+        if name is None:
+            raise PipelineError(
+                f"{where}: unknown agent {raw!r}; known agents are "
+                f"{', '.join(sorted(set(KNOWN_AGENTS) | set(declared)))} "
+                "(or declare it under [agents])"
+            )
+        return name
+
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise PipelineError(f"{source}: needs at least one [[stages]] entry")
+    stages: list[StageSpec] = []
+    seen: set[str] = set()
+    used: set[str] = set()
+    for index, raw in enumerate(raw_stages, start=1):
+        if not isinstance(raw, Mapping):
+            raise PipelineError(f"{source}: stage #{index} must be a table")
+        raw_name = raw.get("name")
+        if not isinstance(raw_name, str) or not raw_name.strip():
+            raise PipelineError(f"{source}: stage #{index} needs a name")
+        where = f"{source}: stage {raw_name!r}"
+        bad = set(raw) - _STAGE_KEYS
+        if bad:
+            raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+        known = canonical_stage(raw_name)
+        if known is None and "required_fields" not in raw:
+            raise PipelineError(
+                f"{where}: unknown stage; known stages are {', '.join(_KNOWN_STAGES)} "
+                "(a custom stage must list its required_fields)"
+            )
+        name = known or raw_name.strip().lower()
+        if name in seen:
+            raise PipelineError(f"{where}: stage listed twice")
+        seen.add(name)
+
+        agents = tuple(
+            resolve_agent(a, where)
+            for a in _str_list(raw.get("agents", list(defaults.get("agents", _DEFAULT_PANEL))), f"{where}: agents")
+        )
+        if not agents:
+            raise PipelineError(f"{where}: needs at least one agent")
+        if len(set(agents)) != len(agents):
+            raise PipelineError(f"{where}: an agent is listed twice in {list(agents)}")
+        used.update(agents)
+
+        mode = raw.get("mode", defaults.get("mode", "sequential"))
+        if mode not in ("sequential", "parallel"):
+            raise PipelineError(f"{where}: mode must be 'sequential' or 'parallel', got {mode!r}")
+
+        if "required_fields" in raw:
+            specific = _str_list(raw["required_fields"], f"{where}: required_fields")
+        else:
+            assert known is not None
+            specific = _KNOWN_STAGES[known]
+        required = ALWAYS_REQUIRED + tuple(f for f in specific if f not in ALWAYS_REQUIRED)
+        decision_field = raw.get("decision_field", specific[0] if specific else "stage")
+        if not isinstance(decision_field, str) or not decision_field:
+            raise PipelineError(f"{where}: decision_field must be a field name")
+
+        quorum = Quorum.parse(raw.get("quorum", defaults.get("quorum", "majority")), where)
+        if quorum.required(len(agents)) > len(agents):
+            raise PipelineError(
+                f"{where}: quorum {quorum.k} is larger than the panel of {len(agents)} agent(s)"
+            )
+
+        aggregator_raw = raw.get("aggregator", defaults.get("aggregator", "gpt_pro"))
+        aggregator: str | None
+        if aggregator_raw in (None, "", False):
+            aggregator = None
+        elif not isinstance(aggregator_raw, str):
+            raise PipelineError(f"{where}: aggregator must be an agent name")
+        else:
+            aggregator = resolve_agent(aggregator_raw, where)
+            if aggregator not in agents:
+                if "aggregator" in raw:
+                    raise PipelineError(
+                        f"{where}: aggregator {aggregator!r} is not in the stage's agents {list(agents)}"
+                    )
+                aggregator = None  # the default aggregator is simply absent here
+        stages.append(
+            StageSpec(
+                name=name,
+                agents=agents,
+                mode=mode,
+                required_fields=required,
+                decision_field=decision_field,
+                quorum=quorum,
+                aggregator=aggregator,
+            )
+        )
+
+    specs = {
+        name: declared.get(name) or AgentSpec(name=name, model=KNOWN_AGENTS[name])
+        for name in sorted(used)
+    }
+    return Pipeline(stages=tuple(stages), agents=specs)
+
+
+def pipeline_with_panel(stage: str, agents: Sequence[str], *, mode: Mode = "parallel") -> Pipeline:
+    """A one-stage pipeline with a custom panel (benchmarks and scale tests)."""
+    declared = {a: {"provider": "sim", "model": "sim-model"} for a in agents}
+    return pipeline_from_dict(
+        {
+            "agents": declared,
+            "stages": [
+                {"name": stage, "agents": list(agents), "mode": mode, "aggregator": ""}
+            ],
+        },
+        source="panel",
+    )

@@ -1,0 +1,52 @@
+"""The provider seam: one method, like httpx's transports.
+
+A provider turns one :class:`~messages.CompletionRequest` into a
+:class:`~messages.Completion` or raises a :class:`~messages.ProviderError`.
+The gateway owns concurrency limits, rate-limit gates and breakers; a
+provider only speaks its API.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+
+from messages import Completion, CompletionRequest
+
+
+class BaseProvider:
+    """Subclass and implement :meth:`complete`.
+
+    ``complete`` may be cancelled at any checkpoint; it must then leave no
+    work behind (httpx closes the request's response for us).  Failures are
+    raised as :class:`~messages.ProviderError` subclasses; anything else is a
+    bug in the provider and fails the call permanently.
+    """
+
+    name: str = "provider"
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release connections; called once when the orchestrator closes."""
+
+
+Handler = Callable[[CompletionRequest], "Completion | Awaitable[Completion]"]
+
+
+class MockProvider(BaseProvider):
+    """A provider from a function (sync or async) of the request: the mock
+    implementation of the seam, for tests."""
+
+    def __init__(self, handler: Handler, *, name: str = "mock") -> None:
+        self._handler = handler
+        self.name = name
+        self.calls: list[CompletionRequest] = []
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.calls.append(request)
+        result = self._handler(request)
+        if inspect.isawaitable(result):
+            return await result
+        return result

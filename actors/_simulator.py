@@ -1,0 +1,139 @@
+"""The embedded simulated provider.
+
+Deterministic from (seed, spec, stage, agent, attempt): the *content* of an
+answer depends on (seed, spec, stage, agent) only, so a retried or resumed
+call gives the same answer; latency also depends on the attempt.  Latency
+runs on trio's clock, so under ``MockClock(autojump_threshold=0)`` a
+simulated hour costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import attrs
+import trio
+
+from messages import Completion, CompletionRequest, TokenUsage
+
+from ._provider import BaseProvider
+from ._rng import derive_rng, derive_token, derive_unit
+
+_LIST_FIELDS = frozenset({"work_breakdown", "acceptance_mapping", "tasks", "issues", "requirements"})
+_REASONING_MODELS = ("gpt-5", "o3", "o4", "gemini-2.5-pro")
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Latency:
+    """Log-normal latency in seconds: ``median`` scaled, capped at ``cap``.
+    ``median=0`` makes every call a bare checkpoint."""
+
+    median: float = 2.0
+    sigma: float = 0.5
+    cap: float = 30.0
+
+    def draw(self, unit: float) -> float:
+        if self.median <= 0:
+            return 0.0
+        # Inverse-CDF of a log-normal from a uniform draw via the probit.
+        z = _probit(min(max(unit, 1e-12), 1 - 1e-12))
+        return min(self.cap, self.median * math.exp(self.sigma * z))
+
+
+def _probit(p: float) -> float:
+    # Acklam's rational approximation: good to ~1e-9, plenty for latencies.
+    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
+         1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)
+    b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
+         6.680131188771972e01, -1.328068155288572e01)
+    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
+         -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)
+    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00,
+         3.754408661907416e00)
+    if p < 0.02425:
+        q = math.sqrt(-2 * math.log(p))
+        return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / (
+            (((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1
+        )
+    if p > 1 - 0.02425:
+        return -_probit(1 - p)
+    q = p - 0.5
+    r = q * q
+    return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / (
+        ((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1
+    )
+
+
+class SimulatedProvider(BaseProvider):
+    """Structured JSON answers with the stage's required fields, realistic
+    token usage (cached and reasoning tokens included), seeded latency, and
+    a ``disagreement_rate``: the chance that an agent answers the stage's
+    decision field differently from the panel."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        disagreement_rate: float = 0.1,
+        latency: Latency = Latency(),
+    ) -> None:
+        if not 0.0 <= disagreement_rate <= 1.0:
+            raise ValueError(f"disagreement_rate must be within [0, 1], got {disagreement_rate!r}")
+        self.seed = seed
+        self.disagreement_rate = disagreement_rate
+        self.latency = latency
+        self.calls = 0
+
+    def answer(self, request: CompletionRequest) -> Completion:
+        """The completion for ``request``, without the latency."""
+        seed, key = self.seed, request.key
+        ident = (request.spec_id, key.stage, key.agent)
+        rng = derive_rng(seed, "content", *ident)
+        dissent = derive_unit(seed, "dissent", *ident) < self.disagreement_rate
+        body: dict[str, object] = {"stage": key.stage, "agent": key.agent}
+        for field in request.response_fields:
+            if field in body:
+                continue
+            if field == request.decision_field and not dissent:
+                token = derive_token(seed, "consensus", request.spec_id, key.stage, field)
+            else:
+                token = derive_token(seed, "own", *ident, field)
+            if field in _LIST_FIELDS:
+                body[field] = [f"{field}-{i + 1}-{token}" for i in range(2 + rng.randrange(3))]
+            else:
+                body[field] = f"{field}-{token}"
+        if request.aggregate:
+            agreements = [f"{request.decision_field or 'stage'}: panel converges"]
+            body["consensus"] = {"agreements": agreements, "conflicts": []}
+        content = json.dumps(body, sort_keys=True)
+
+        input_tokens = len(request.prompt) // 4 + 200 + rng.randrange(1000)
+        cached = (input_tokens * rng.randrange(0, 60)) // 100
+        output_tokens = len(content) // 4 + 100 + rng.randrange(700)
+        reasoning = (
+            (output_tokens * rng.randrange(10, 50)) // 100
+            if request.model.startswith(_REASONING_MODELS)
+            else 0
+        )
+        usage = TokenUsage.of(
+            input_tokens=input_tokens,
+            cached_input_tokens=cached,
+            output_tokens=output_tokens,
+            reasoning_output_tokens=reasoning,
+        )
+        return Completion(content=content, usage=usage, model=request.model)
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.calls += 1
+        key = request.key
+        delay = self.latency.draw(
+            derive_unit(self.seed, "latency", request.spec_id, key.stage, key.agent, request.attempt)
+        )
+        if delay > 0:
+            await trio.sleep(delay)
+        else:
+            await trio.lowlevel.checkpoint()
+        return self.answer(request)

@@ -1,0 +1,218 @@
+"""Typed channels, the interceptor seam, and one-shot replies.
+
+An :class:`Interceptor` wraps the *send* side of a channel.  It runs in the
+sender's task, before the item enters the channel's buffer, so trio's
+guarantee holds end to end: **a cancelled send sent nothing**, provided every
+interceptor makes ``forward`` its last await (decide first, then forward or
+answer).  An interceptor that took an item into a task of its own and then
+awaited could lose it on cancellation (python-trio/trio#1365); this seam
+never does that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from ._errors import ActorStopped
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Forward = Callable[[T], Awaitable[None]]
+
+
+class Interceptor(Generic[T]):
+    """The one-method seam on a channel's send side (like httpx's
+    ``BaseTransport``).  The default forwards every item unchanged.
+
+    ``send`` may forward the item (``await forward(item)``), forward another
+    item, or answer the item itself instead of forwarding it (the fault
+    interceptor does this through the item's ``reply_to``).  It must do one of
+    those, and ``forward`` must be its last await.
+    """
+
+    async def send(self, item: T, forward: Forward[T]) -> None:
+        await forward(item)
+
+
+class FunctionInterceptor(Interceptor[T]):
+    """An interceptor from an async function ``handler(item, forward)``:
+    the mock implementation of the seam, for tests and small adapters."""
+
+    def __init__(self, handler: Callable[[T, Forward[T]], Awaitable[None]]) -> None:
+        self._handler = handler
+
+    async def send(self, item: T, forward: Forward[T]) -> None:
+        await self._handler(item, forward)
+
+
+def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]]) -> Forward[T]:
+    forward = sink
+    # The first interceptor in the list sees the item first.
+    for interceptor in reversed(interceptors):
+        forward = _bind(interceptor, forward)
+    return forward
+
+
+def _bind(interceptor: Interceptor[T], forward: Forward[T]) -> Forward[T]:
+    async def send(item: T) -> None:
+        await interceptor.send(item, forward)
+
+    return send
+
+
+class Outbox(trio.abc.SendChannel[T]):
+    """The send side of a memory channel, with interceptors.
+
+    ``send`` is a checkpoint.  Cancellation: if ``send`` raises
+    ``trio.Cancelled`` nothing was delivered (given well-behaved
+    interceptors, see the module docstring).  A closed or broken channel
+    raises :class:`ActorStopped`, naming the channel, instead of trio's
+    generic errors: the actor behind it is gone.
+    """
+
+    __slots__ = ("_inner", "_interceptors", "_send", "name")
+
+    def __init__(
+        self,
+        inner: trio.MemorySendChannel[T],
+        interceptors: Sequence[Interceptor[T]] = (),
+        *,
+        name: str = "channel",
+    ) -> None:
+        self._inner = inner
+        self._interceptors = tuple(interceptors)
+        self.name = name
+        self._send: Forward[T] = (
+            _chain(self._deliver, self._interceptors) if self._interceptors else self._deliver
+        )
+
+    @property
+    def intercepted(self) -> bool:
+        return bool(self._interceptors)
+
+    async def _deliver(self, item: T) -> None:
+        try:
+            await self._inner.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"the {self.name} actor has stopped") from exc
+
+    async def send(self, item: T) -> None:
+        await self._send(item)
+
+    def send_nowait(self, item: T) -> None:
+        """Deliver without waiting; only for channels without interceptors
+        (interceptors are async).  Raises ``trio.WouldBlock`` when full."""
+        if self._interceptors:
+            raise TypeError(f"the {self.name} channel has interceptors; use 'await send()'")
+        try:
+            self._inner.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"the {self.name} actor has stopped") from exc
+
+    def clone(self) -> Outbox[T]:
+        return Outbox(self._inner.clone(), self._interceptors, name=self.name)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    async def aclose(self) -> None:
+        self._inner.close()
+        await trio.lowlevel.checkpoint()
+
+
+def open_channel(
+    max_buffer_size: int | float,
+    *,
+    name: str = "channel",
+    interceptors: Sequence[Interceptor[Any]] = (),
+) -> tuple[Outbox[Any], trio.MemoryReceiveChannel[Any]]:
+    """Open a memory channel whose send side goes through ``interceptors``.
+
+    Every edge in Conclave is opened here, so every edge has a name, a chosen
+    buffer size and an interceptor seam.
+    """
+    if max_buffer_size != math.inf and (
+        not isinstance(max_buffer_size, int) or max_buffer_size < 0
+    ):
+        raise ValueError(f"max_buffer_size must be an int >= 0 or math.inf, got {max_buffer_size!r}")
+    send, receive = trio.open_memory_channel[Any](max_buffer_size)
+    return Outbox(send, interceptors, name=name), receive
+
+
+class Reply(Generic[R]):
+    """A one-shot reply slot carried inside a request message.
+
+    ``send`` never blocks (the slot holds exactly one value) and is not a
+    checkpoint, so an actor can answer from a ``finally`` block.  ``close``
+    without ``send`` makes the requester's ``receive`` raise
+    :class:`ActorStopped`: a request whose actor stopped gets a typed
+    failure, never silence.
+    """
+
+    __slots__ = ("_send", "_what")
+
+    def __init__(self, send: trio.MemorySendChannel[R], what: str) -> None:
+        self._send = send
+        self._what = what
+
+    def send(self, value: R) -> bool:
+        """Deliver the reply; return False if the requester has gone away or
+        a reply was already sent (extra replies are dropped)."""
+        try:
+            self._send.send_nowait(value)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            return False
+        self._send.close()
+        return True
+
+    def close(self) -> None:
+        self._send.close()
+
+    def __repr__(self) -> str:
+        return f"<Reply for {self._what}>"
+
+
+class PendingReply(Generic[R]):
+    """The requester's end of a :class:`Reply`."""
+
+    __slots__ = ("_receive", "_what")
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[R], what: str) -> None:
+        self._receive = receive
+        self._what = what
+
+    async def receive(self) -> R:
+        """Wait for the reply.  A checkpoint; raises :class:`ActorStopped` if
+        the actor dropped the request without answering."""
+        try:
+            with self._receive:
+                return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"no reply to {self._what}: the actor stopped") from exc
+
+
+def reply_pair(what: str) -> tuple[Reply[Any], PendingReply[Any]]:
+    """A fresh reply slot and the requester's end of it."""
+    send, receive = trio.open_memory_channel[Any](1)
+    return Reply(send, what), PendingReply(receive, what)
+
+
+def fail_pending(inbox: trio.MemoryReceiveChannel[Any]) -> int:
+    """Close the reply slot of every request still queued in ``inbox``, so
+    that each requester gets :class:`ActorStopped`.  Not a checkpoint.
+    Returns how many requests were failed."""
+    failed = 0
+    while True:
+        try:
+            item = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return failed
+        reply = getattr(item, "reply_to", None)
+        if isinstance(reply, Reply):
+            reply.close()
+            failed += 1

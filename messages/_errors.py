@@ -1,0 +1,106 @@
+"""Typed errors that travel in messages.
+
+Real providers (over httpx), the embedded simulator and the fault interceptor
+all produce these same classes, so an agent cannot tell an injected fault
+from a real one: both go through :func:`is_retryable` and the same backoff.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ConclaveError(Exception):
+    """Base class of every error Conclave raises on purpose."""
+
+
+class ActorStopped(ConclaveError):
+    """A request was sent to an actor that has stopped, or that stopped
+    before answering.  Work that can no longer be done fails loudly."""
+
+
+class ProviderError(ConclaveError):
+    """A model call failed.  ``kind`` names the failure class for logs,
+    events and the soak's counters; ``retryable`` says whether an agent may
+    try again."""
+
+    kind: ClassVar[str] = "provider_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.args == self.args  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
+class Disconnected(ProviderError):
+    """The connection or stream broke before the completion arrived."""
+
+    kind = "disconnect"
+    retryable = True
+
+
+class ProviderTimeout(ProviderError):
+    """The call took longer than its deadline."""
+
+    kind = "timeout"
+    retryable = True
+
+
+class RateLimited(ProviderError):
+    """HTTP 429.  ``retry_after`` is the provider's reset hint in seconds
+    from now (``None`` when it gave none)."""
+
+    kind = "rate_limit"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None and retry_after < 0:
+            retry_after = 0.0
+        self.retry_after = retry_after
+
+
+class ProviderUnavailable(ProviderError):
+    """5xx, 529 or "overloaded": the provider may recover."""
+
+    kind = "unavailable"
+    retryable = True
+
+
+class CircuitOpen(ProviderError):
+    """The provider's circuit breaker is open: the call failed fast."""
+
+    kind = "circuit_open"
+    retryable = True
+
+
+class AuthenticationFailed(ProviderError):
+    """401/403: credentials are missing, invalid or expired."""
+
+    kind = "authentication"
+
+
+class BadRequest(ProviderError):
+    """400/404/422: the request itself is wrong; retrying cannot help."""
+
+    kind = "bad_request"
+
+
+class QuotaExceeded(ProviderError):
+    """The account is out of quota: permanent until a human acts."""
+
+    kind = "quota"
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether an agent may retry after ``error``."""
+    return isinstance(error, ProviderError) and error.retryable

@@ -1,0 +1,256 @@
+"""The messages that cross Conclave's channels, one class per edge.
+
+All are frozen, slotted and keyword-only.  Each carries its identity
+(:class:`~messages.StageKey` / :class:`~messages.AgentKey` plus ``attempt``
+where it applies).  Requests carry a :class:`~messages.Reply` slot; the flow
+is drawn in DESIGN.md:
+
+    coordinator --AgentRequest--> agent --CompletionRequest--> gateway
+    agent --AgentReply--> coordinator
+    agent --UsageRecorded--> metrics accumulator
+    agent --PersistOutput--> store writer --StoreAck--> agent
+    coordinator --PersistDecision--> store writer --StoreAck--> coordinator
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ._channel import Reply
+from ._errors import ProviderError
+from ._identity import AgentKey, StageKey
+from ._usage import TokenUsage
+
+OutputFormat = Literal["json", "text"]
+OutputStatus = Literal["accepted", "failed"]
+DecisionStatus = Literal["ok", "conflict", "degraded", "no_consensus"]
+
+_frozen = attrs.frozen(kw_only=True, slots=True)
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+@_frozen
+class PriorOutput:
+    """An earlier agent's output, shown to later agents of a sequential stage."""
+
+    agent: str
+    content: str
+
+
+@_frozen
+class AgentRequest:
+    """Coordinator -> agent: answer this stage."""
+
+    key: AgentKey
+    spec_id: str
+    goal: str
+    context: tuple[PriorOutput, ...] = ()
+    reply_to: Reply[AgentReply] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@_frozen
+class AgentOutput:
+    """What one attempt of one agent produced."""
+
+    key: AgentKey
+    attempt: int = attrs.field(validator=_positive)
+    status: OutputStatus
+    content: str
+    format: OutputFormat
+    usage: TokenUsage | None  # None: usage unknown (call cut off mid-stream)
+    model: str
+    provider: str
+    error: str | None = None
+    started_at: float = 0.0  # trio clock, for latency; not persisted as a timestamp
+    finished_at: float = 0.0
+
+
+@_frozen
+class AgentReply:
+    """Agent -> coordinator: the agent's final word for this stage.
+
+    ``output`` is the accepted output, or ``None`` when every attempt failed
+    (``error`` says why).  ``replayed`` marks an output reused from the store.
+    """
+
+    key: AgentKey
+    attempts: int
+    output: AgentOutput | None
+    error: str | None = None
+    replayed: bool = False
+
+
+@_frozen
+class Completion:
+    """A provider's answer to one call."""
+
+    content: str
+    usage: TokenUsage | None
+    model: str
+
+
+@_frozen
+class CompletionRequest:
+    """Agent -> provider gateway: make one model call (one attempt)."""
+
+    key: AgentKey
+    attempt: int = attrs.field(validator=_positive)
+    spec_id: str
+    provider: str
+    model: str
+    prompt: str
+    # The structured answer asked for: its fields, the one the coordinator
+    # compares, and whether this agent also aggregates the panel's views.
+    response_fields: tuple[str, ...] = ()
+    decision_field: str | None = None
+    aggregate: bool = False
+    reply_to: Reply[CompletionResult] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@_frozen
+class CompletionResult:
+    """Provider gateway (or an interceptor answering for it) -> agent.
+
+    Exactly one of ``completion`` and ``error`` is set.  ``usage`` on a
+    failure is what the failed call consumed, ``None`` when unknown.
+    """
+
+    key: AgentKey
+    attempt: int
+    completion: Completion | None = None
+    error: ProviderError | None = None
+    usage: TokenUsage | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.completion is None) == (self.error is None):
+            raise ValueError("exactly one of completion and error must be set")
+
+
+@_frozen
+class UsageRecorded:
+    """Agent -> metrics accumulator: one attempt's usage, charged once by
+    (key, attempt).  ``usage`` is ``None`` when unknown; ``replay`` marks an
+    output reused from the store (counted, not charged as a new turn)."""
+
+    key: AgentKey
+    attempt: int
+    model: str
+    provider: str
+    usage: TokenUsage | None
+    replay: bool = False
+
+
+@_frozen
+class UsageTotals:
+    """Metrics accumulator -> requester: a run's usage so far.
+
+    ``usage`` sums every attempt whose usage is known; ``unknown_calls``
+    counts attempts whose usage is unknown (never summed as zero).
+    ``by_stage`` maps stage -> summed known usage.
+    """
+
+    run_id: str
+    usage: TokenUsage
+    unknown_calls: int
+    turns: int
+    replays: int
+    duplicates: int
+    by_stage: Mapping[str, TokenUsage] = attrs.field(eq=False, factory=dict)
+
+
+@_frozen
+class MetricsQuery:
+    """Anyone -> metrics accumulator: what are ``run_id``'s totals?"""
+
+    run_id: str
+    forget: bool = False  # drop the run's state after answering
+    reply_to: Reply[UsageTotals] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+MetricsMessage = UsageRecorded | MetricsQuery
+
+
+@_frozen
+class StoreAck:
+    """Store writer -> requester: the write is durable (``ok``), was a
+    duplicate of a durable row (``duplicate``), or failed (``error``)."""
+
+    ok: bool
+    duplicate: bool = False
+    error: str | None = None
+
+
+@_frozen
+class PersistOutput:
+    """Agent -> store writer: make this attempt's output durable."""
+
+    output: AgentOutput
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@_frozen
+class Decision:
+    """The one decision of a stage.  ``verdict`` is JSON-ready."""
+
+    key: StageKey
+    seq: int = attrs.field(validator=_positive)
+    status: DecisionStatus
+    verdict: Mapping[str, Any] = attrs.field(eq=False)
+
+
+@_frozen
+class PersistDecision:
+    """Coordinator -> store writer: make this decision durable."""
+
+    decision: Decision
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@_frozen
+class PersistEvent:
+    """Anyone -> store writer: append to the run's event log (fire and
+    forget unless ``reply_to`` is given)."""
+
+    run_id: str
+    branch_id: str
+    kind: str
+    stage: str | None = None
+    agent: str | None = None
+    attempt: int | None = None
+    detail: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@_frozen
+class RunUpdate:
+    """Coordinator -> store writer: the run's status changed."""
+
+    run_id: str
+    status: str
+    halt_reason: str | None = None
+    usage: TokenUsage | None = None
+    digest: str | None = None
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@_frozen
+class PersistRun:
+    """Runtime -> store writer: a new run and its root branch."""
+
+    run_id: str
+    branch_id: str
+    spec_id: str
+    goal: str
+    seed: int | None
+    pipeline: str  # canonical JSON of the pipeline the run uses
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+StoreWrite = PersistRun | PersistOutput | PersistDecision | PersistEvent | RunUpdate

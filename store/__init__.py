@@ -1,0 +1,36 @@
+"""Conclave's persistence: SQLite through apsw.
+
+Synchronous and free of trio: the store-writer actor (in ``actors``) owns
+the write connection and drives :meth:`Store.apply` in group commits.
+"""
+
+from ._db import BUSY_TIMEOUT_MS, Durability
+from ._errors import NotADatabase, SchemaTooNew, StoreError
+from ._schema import SCHEMA_VERSION
+from ._store import (
+    BranchRow,
+    DecisionRow,
+    EventRow,
+    OutputRow,
+    RetryableStoreError,
+    RunRow,
+    Store,
+    wall_clock_ms,
+)
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "SCHEMA_VERSION",
+    "BranchRow",
+    "DecisionRow",
+    "Durability",
+    "EventRow",
+    "NotADatabase",
+    "OutputRow",
+    "RetryableStoreError",
+    "RunRow",
+    "SchemaTooNew",
+    "Store",
+    "StoreError",
+    "wall_clock_ms",
+]

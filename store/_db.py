@@ -1,0 +1,101 @@
+"""Opening a database file safely.
+
+Every check that can refuse a file runs *before* anything is written to it,
+so a refused file is left byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import apsw
+
+from ._errors import NotADatabase, StoreError
+from ._schema import SCHEMA_VERSION, check_version, migrate
+
+Durability = Literal["full", "normal"]
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 5000
+
+
+def _check_file(path: str, readonly: bool) -> bool:
+    """Return whether the file exists; raise StoreError if it can't be used."""
+    if os.path.isdir(path):
+        raise StoreError(f"{path}: is a directory, not a database file")
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as fh:
+                header = fh.read(len(_SQLITE_HEADER))
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot read database file: {exc.strerror}") from exc
+        if header and header != _SQLITE_HEADER:
+            raise NotADatabase(f"{path}: not an SQLite database (unrecognised file header)")
+        if not readonly and not os.access(path, os.W_OK):
+            raise StoreError(f"{path}: database file is read-only; cannot write to it")
+        return True
+    if readonly:
+        raise StoreError(f"{path}: no such database file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise StoreError(f"{path}: cannot create database: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"{path}: cannot create database: directory {parent} is not writable")
+    return False
+
+
+def open_connection(
+    path: str, *, readonly: bool = False, durability: Durability = "full"
+) -> apsw.Connection:
+    """Open ``path``, refuse what we cannot use, then set pragmas and migrate.
+
+    Read-only connections never migrate: a file that needs migrating is
+    refused with a hint instead.
+    """
+    memory = path == ":memory:"
+    existed = True if memory else _check_file(path, readonly)
+    flags = (
+        apsw.SQLITE_OPEN_READONLY
+        if readonly
+        else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    )
+    try:
+        conn = apsw.Connection(path, flags=flags)
+    except apsw.CantOpenError as exc:
+        raise StoreError(f"{path}: cannot open database: {exc}") from exc
+    try:
+        conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        try:
+            version = check_version(conn, path)
+        except apsw.NotADBError as exc:
+            raise NotADatabase(f"{path}: not an SQLite database ({exc})") from exc
+        if readonly:
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: database schema version {version} needs migrating to "
+                    f"{SCHEMA_VERSION}; open it once with a command that writes"
+                )
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {durability.upper()}")
+            migrate(conn, path)
+        conn.execute("PRAGMA foreign_keys = ON")
+    except apsw.Error as exc:
+        conn.close()
+        if not existed and not memory:
+            _remove_new_file(path)
+        raise StoreError(f"{path}: cannot use database: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _remove_new_file(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.remove(path + suffix)
+        except OSError:
+            pass

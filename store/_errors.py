@@ -1,0 +1,16 @@
+"""Errors raised by the store."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The database cannot be used as asked.  The message names the file and
+    the problem and says what to do; the file was not modified."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer Conclave."""
+
+
+class NotADatabase(StoreError):
+    """The file exists but is not an SQLite database."""

@@ -1,0 +1,137 @@
+"""Schema and forward-only migrations, keyed on ``PRAGMA user_version``.
+
+Every timestamp column holds integer **milliseconds since the Unix epoch,
+UTC**; nothing else in the schema is a time.  Migration N is applied in one
+transaction together with setting ``user_version = N``, so a crash leaves
+the database at N-1 or N, never in between.
+"""
+
+from __future__ import annotations
+
+import apsw
+
+from ._errors import SchemaTooNew
+
+_V1 = """
+CREATE TABLE runs (
+    run_id                  TEXT PRIMARY KEY,
+    spec_id                 TEXT NOT NULL,
+    goal                    TEXT NOT NULL DEFAULT '',
+    seed                    INTEGER,
+    pipeline                TEXT NOT NULL,
+    status                  TEXT NOT NULL
+        CHECK (status IN ('running', 'completed', 'halted', 'failed', 'interrupted')),
+    halt_reason             TEXT,
+    current_branch_id       TEXT,
+    input_tokens            INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens     INTEGER NOT NULL DEFAULT 0,
+    output_tokens           INTEGER NOT NULL DEFAULT 0,
+    reasoning_output_tokens INTEGER NOT NULL DEFAULT 0,
+    total_tokens            INTEGER NOT NULL DEFAULT 0,
+    digest                  TEXT,
+    created_at              INTEGER NOT NULL,
+    updated_at              INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE branches (
+    branch_id        TEXT PRIMARY KEY,
+    run_id           TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    parent_branch_id TEXT REFERENCES branches (branch_id),
+    fork_stage       TEXT,
+    created_at       INTEGER NOT NULL
+) STRICT;
+CREATE INDEX branches_run ON branches (run_id);
+
+CREATE TABLE agent_outputs (
+    id                      INTEGER PRIMARY KEY,
+    run_id                  TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    branch_id               TEXT NOT NULL REFERENCES branches (branch_id),
+    stage                   TEXT NOT NULL,
+    agent                   TEXT NOT NULL,
+    attempt                 INTEGER NOT NULL CHECK (attempt >= 1),
+    status                  TEXT NOT NULL CHECK (status IN ('accepted', 'failed')),
+    content                 TEXT NOT NULL,
+    format                  TEXT NOT NULL CHECK (format IN ('json', 'text')),
+    input_tokens            INTEGER,
+    cached_input_tokens     INTEGER,
+    output_tokens           INTEGER,
+    reasoning_output_tokens INTEGER,
+    total_tokens            INTEGER,
+    usage_known             INTEGER NOT NULL CHECK (usage_known IN (0, 1)),
+    model                   TEXT NOT NULL,
+    provider                TEXT NOT NULL,
+    cost_usd                TEXT,
+    error                   TEXT,
+    created_at              INTEGER NOT NULL,
+    UNIQUE (run_id, branch_id, stage, agent, attempt)
+) STRICT;
+-- One accepted output per (run, branch, stage, agent): the key consensus reads.
+CREATE UNIQUE INDEX agent_outputs_accepted
+    ON agent_outputs (run_id, branch_id, stage, agent) WHERE status = 'accepted';
+
+CREATE TABLE decisions (
+    run_id     TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    branch_id  TEXT NOT NULL REFERENCES branches (branch_id),
+    stage      TEXT NOT NULL,
+    seq        INTEGER NOT NULL CHECK (seq >= 1),
+    status     TEXT NOT NULL CHECK (status IN ('ok', 'conflict', 'degraded', 'no_consensus')),
+    verdict    TEXT NOT NULL,
+    decided_at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, branch_id, stage),
+    UNIQUE (run_id, seq)
+) STRICT;
+
+CREATE TABLE events (
+    id        INTEGER PRIMARY KEY,
+    run_id    TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+    branch_id TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    stage     TEXT,
+    agent     TEXT,
+    attempt   INTEGER,
+    detail    TEXT NOT NULL DEFAULT '{}',
+    at        INTEGER NOT NULL
+) STRICT;
+CREATE INDEX events_run ON events (run_id, id);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: apsw.Connection) -> int:
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0]) if row else 0
+
+
+def check_version(conn: apsw.Connection, path: str) -> int:
+    """Return the file's schema version; refuse one newer than this code."""
+    version = schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"{path}: database schema version {version} is newer than this Conclave "
+            f"understands ({SCHEMA_VERSION}); upgrade Conclave to open it"
+        )
+    return version
+
+
+def migrate(conn: apsw.Connection, path: str) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`, one transaction per
+    step.  Returns the number of migrations applied."""
+    applied = 0
+    while True:
+        version = check_version(conn, path)
+        if version == SCHEMA_VERSION:
+            return applied
+        # IMMEDIATE: take the write lock first, then re-read the version, so
+        # two processes opening an old file at once migrate it only once.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if schema_version(conn) == version:
+                conn.execute(MIGRATIONS[version])
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+                applied += 1
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
