@@ -76,7 +76,7 @@ class Agent:
         aggregate = stage.aggregator == self.spec.name
         prompt = build_prompt(request, stage.required_fields, aggregate)
         key = request.key
-        attempt = 0
+        attempt = request.first_attempt - 1  # > 0 on resume: earlier attempts are durable
         while True:
             attempt += 1
             call = CompletionRequest(
@@ -126,7 +126,7 @@ class Agent:
                 usage=usage,
                 model=model,
                 provider=self.spec.provider,
-                error=str(error),
+                error=f"{error.kind}: {error}",  # the kind lets a resume judge retryability
                 started_at=started,
                 finished_at=finished,
             )

@@ -10,6 +10,7 @@ verdict, and makes the decision durable before the stage advances.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -36,6 +37,9 @@ from messages import (
 from ._consensus import Verdict, compute_verdict
 from ._pipeline import StageSpec
 from ._sequencer import DecisionSequencer
+
+if TYPE_CHECKING:
+    from ._resume import StageResume
 
 
 class DecisionNotDurable(ConclaveError):
@@ -72,9 +76,13 @@ class Coordinator:
     def stage_key(self, stage: str) -> StageKey:
         return StageKey(run_id=self.ctx.run_id, branch_id=self.ctx.branch_id, stage=stage)
 
-    async def run_stage(self, stage: StageSpec) -> tuple[Decision, dict[str, AgentOutput]]:
+    async def run_stage(
+        self, stage: StageSpec, resume: StageResume | None = None
+    ) -> tuple[Decision, dict[str, AgentOutput]]:
         """Dispatch, collect, decide.  Returns the durable decision and the
-        accepted outputs it was made on."""
+        accepted outputs it was made on.  ``resume`` (after a crash) names
+        the agents whose durable answers are replayed instead of bought
+        again, and where the others' attempt numbering continues."""
         key = self.stage_key(stage.name)
         self.publish(StageStarted(key=key, agents=stage.agents, mode=stage.mode))
         await self.store.send(
@@ -86,33 +94,47 @@ class Coordinator:
                 detail={"agents": list(stage.agents), "mode": stage.mode},
             )
         )
-        outputs = await self.collect(stage, key)
+        outputs = await self.collect(stage, key, resume)
         verdict = compute_verdict(stage, outputs)
         return await self.decide(key, verdict), outputs
 
-    async def collect(self, stage: StageSpec, key: StageKey) -> dict[str, AgentOutput]:
+    async def collect(
+        self, stage: StageSpec, key: StageKey, resume: StageResume | None = None
+    ) -> dict[str, AgentOutput]:
         outputs: dict[str, AgentOutput] = {}
+        replay = resume.replay if resume is not None else {}
+        first = resume.first_attempt if resume is not None else {}
         if stage.mode == "parallel":
+            live = [a for a in stage.agents if a not in replay]
+            for agent in live:
+                await self._dispatch(key, agent, (), first.get(agent, 1))
             for agent in stage.agents:
-                await self._dispatch(key, agent, ())
-            await self._await_replies(key, set(stage.agents), outputs)
+                if agent in replay:
+                    self._accept(replay[agent], outputs)
+            await self._await_replies(key, set(live), outputs)
         else:
             for agent in stage.agents:
+                if agent in replay:
+                    self._accept(replay[agent], outputs)
+                    continue
                 context = tuple(
                     PriorOutput(agent=a, content=outputs[a].content)
                     for a in stage.agents
                     if a in outputs
                 )
-                await self._dispatch(key, agent, context)
+                await self._dispatch(key, agent, context, first.get(agent, 1))
                 await self._await_replies(key, {agent}, outputs)
         return outputs
 
-    async def _dispatch(self, key: StageKey, agent: str, context: tuple[PriorOutput, ...]) -> None:
+    async def _dispatch(
+        self, key: StageKey, agent: str, context: tuple[PriorOutput, ...], first_attempt: int = 1
+    ) -> None:
         request = AgentRequest(
             key=key.agent(agent),
             spec_id=self.ctx.spec_id,
             goal=self.ctx.goal,
             context=context,
+            first_attempt=first_attempt,
             reply_to=self.replies_to,
         )
         # Each agent holds at most one request of ours, so its inbox (buffer
@@ -132,17 +154,20 @@ class Coordinator:
                 self.duplicate_replies += 1
                 continue
             waiting.discard(agent)
-            if reply.output is not None:
-                outputs[agent] = reply.output
-            self.publish(
-                AgentFinished(
-                    key=reply.key,
-                    attempts=reply.attempts,
-                    ok=reply.output is not None,
-                    error=reply.error,
-                    replayed=reply.replayed,
-                )
+            self._accept(reply, outputs)
+
+    def _accept(self, reply: AgentReply, outputs: dict[str, AgentOutput]) -> None:
+        if reply.output is not None:
+            outputs[reply.key.agent] = reply.output
+        self.publish(
+            AgentFinished(
+                key=reply.key,
+                attempts=reply.attempts,
+                ok=reply.output is not None,
+                error=reply.error,
+                replayed=reply.replayed,
             )
+        )
 
     async def decide(self, key: StageKey, verdict: Verdict) -> Decision:
         """Make the one decision of ``key`` durable.

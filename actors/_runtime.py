@@ -48,12 +48,14 @@ from messages import (
     Interceptor,
     MetricsQuery,
     Outbox,
+    PersistBranch,
     PersistEvent,
     PersistRun,
     ProgressEvent,
     RunFinished,
     RunStarted,
     RunUpdate,
+    StageDecided,
     StoreAck,
     StoreWrite,
     TokenUsage,
@@ -72,6 +74,7 @@ from ._ids import new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
 from ._pipeline import Pipeline, default_pipeline
 from ._provider import BaseProvider
+from ._resume import CallLog, ResumeState, fork_stage, load_state, options_json
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
@@ -181,7 +184,9 @@ class Orchestrator:
         retry: RetryPolicy,
         interceptors: Mapping[str, Sequence[Interceptor[Any]]],
         limits: Limits,
+        db: Store | None = None,
     ) -> None:
+        self._db = db  # read-only use: resume snapshots (never inside a write)
         self._gateway = gateway
         self._metrics = metrics
         self._store = store
@@ -229,8 +234,12 @@ class Orchestrator:
         goal: str = "",
         run_id: str | None = None,
         pipeline: Pipeline | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> RunResult:
         """Run every stage of the pipeline; halt on conflict or no consensus.
+
+        ``options`` (JSON-ready) are stored with the run's branch for a
+        later resume to act alike (the CLI keeps its simulator settings).
 
         Cancellation: leaves the store consistent (every write is one
         transaction; decisions are written only after their outputs) and,
@@ -247,6 +256,7 @@ class Orchestrator:
                 goal=goal,
                 seed=self.seed,
                 pipeline=pipeline.canonical_json(),
+                options=options_json(options),
             )
         )
         if not ack.ok:
@@ -254,19 +264,98 @@ class Orchestrator:
                 raise RunExists(f"run {run_id!r} already exists in the store")
             raise ConclaveError(f"could not record run {run_id!r}: {ack.error}")
         ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
-        self._publish(RunStarted(run_id=run_id, branch_id=branch_id, spec_id=spec_id, stages=pipeline.stage_names))
+        return await self._drive(ctx, pipeline, self.seed, None)
+
+    async def resume(self, run_id: str) -> RunResult:
+        """Continue ``run_id``'s current branch after a crash or halt, with
+        the run's stored pipeline, seed, spec and goal: decided stages are
+        not decided again and durable agent outputs are not bought again
+        (see ``actors._resume``).  The provider should be the one the run
+        used (the CLI rebuilds it from the branch's stored options)."""
+        state = load_state(self._require_db(), run_id)
+        await self._write(
+            PersistEvent(
+                run_id=run_id,
+                branch_id=state.branch.branch_id,
+                kind="resume",
+                detail={"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)},
+            )
+        )
+        await self._write(RunUpdate(run_id=run_id, status="running"))
+        return await self._drive(self._context(state), state.pipeline, state.seed, state)
+
+    async def rerun(
+        self,
+        run_id: str,
+        from_stage: str,
+        *,
+        branch_id: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> RunResult:
+        """Fork a child of ``branch_id`` (default: the current branch) at
+        ``from_stage`` and run it: it inherits the parent's decisions before
+        that stage and nothing of the parent from it on.  The child becomes
+        the run's current branch.  ``options`` default to the parent's."""
+        parent = load_state(self._require_db(), run_id, branch_id)
+        stage = fork_stage(parent, from_stage)
+        child = new_branch_id(parent.run.spec_id)
+        ack = await self._write(
+            PersistBranch(
+                run_id=run_id,
+                branch_id=child,
+                parent_branch_id=parent.branch.branch_id,
+                fork_stage=stage.name,
+                options=options_json(parent.branch.options if options is None else options),
+            )
+        )
+        if not ack.ok:
+            raise ConclaveError(f"could not create a branch of run {run_id!r}: {ack.error}")
+        await self._write(
+            PersistEvent(
+                run_id=run_id,
+                branch_id=child,
+                kind="rerun",
+                stage=stage.name,
+                detail={"parent_branch_id": parent.branch.branch_id},
+            )
+        )
+        state = load_state(self._require_db(), run_id, child)
+        return await self._drive(self._context(state), state.pipeline, state.seed, state)
+
+    def _require_db(self) -> Store:
+        if self._db is None:
+            raise ConfigError("resume and rerun need the orchestrator's store")
+        return self._db
+
+    @staticmethod
+    def _context(state: ResumeState) -> RunContext:
+        return RunContext(
+            run_id=state.run.run_id,
+            branch_id=state.branch.branch_id,
+            spec_id=state.run.spec_id,
+            goal=state.run.goal,
+        )
+
+    async def _drive(
+        self, ctx: RunContext, pipeline: Pipeline, seed: int, state: ResumeState | None
+    ) -> RunResult:
+        self._publish(
+            RunStarted(run_id=ctx.run_id, branch_id=ctx.branch_id, spec_id=ctx.spec_id, stages=pipeline.stage_names)
+        )
         try:
-            return await self._run_stages(ctx, pipeline)
+            return await self._run_stages(ctx, pipeline, seed, state)
         except BaseException:
             with trio.move_on_after(1.0) as cleanup:
                 cleanup.shield = True
                 try:
-                    await self._write(RunUpdate(run_id=run_id, status="interrupted"))
+                    await self._write(RunUpdate(run_id=ctx.run_id, status="interrupted"))
                 except ActorStopped:
                     pass
             raise
 
-    async def _run_stages(self, ctx: RunContext, pipeline: Pipeline) -> RunResult:
+    async def _run_stages(
+        self, ctx: RunContext, pipeline: Pipeline, seed: int = 0, state: ResumeState | None = None
+    ) -> RunResult:
         panel = max(len(s.agents) for s in pipeline.stages)
         replies_to, replies = open_channel(
             panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ())
@@ -288,7 +377,7 @@ class Orchestrator:
                         metrics=self._metrics,
                         store=self._store,
                         retry=self.retry,
-                        seed=self.seed,
+                        seed=seed,
                     )
                     nursery.start_soon(agent.run, receive)
                 coordinator = Coordinator(
@@ -297,11 +386,24 @@ class Orchestrator:
                     replies_to=replies_to,
                     replies=replies,
                     store=self._store,
-                    sequencer=DecisionSequencer(),
+                    sequencer=DecisionSequencer() if state is None else state.sequencer(),
                     publish=self._publish,
                 )
+                if state is not None:
+                    # Durable attempts count once, as replays, never as turns.
+                    for usage in state.usage_replays():
+                        await self._metrics.send(usage)
                 for stage in pipeline.stages:
-                    decision, _ = await coordinator.run_stage(stage)
+                    prior = state.decided(stage.name) if state is not None else None
+                    if prior is not None:  # durable (or inherited): never decided again
+                        decisions.append(prior)
+                        self._publish(StageDecided(decision=prior))
+                        if prior.status not in ADVANCING:
+                            halted = prior
+                            break
+                        continue
+                    resume = state.stage_resume(stage, self.retry) if state is not None else None
+                    decision, _ = await coordinator.run_stage(stage, resume)
                     decisions.append(decision)
                     if decision.status not in ADVANCING:
                         halted = decision
@@ -424,14 +526,19 @@ async def open_orchestrator(
     gateway = Gateway(providers, max_concurrency=limits.max_concurrency)
     metrics = MetricsAccumulator()
     writer = StoreWriter(db)
+    store_tx, store_rx = open_channel(
+        limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
+    )
+    # Last on the gateway edge: every call that reaches the gateway is
+    # logged as an agent_call event (after faults: an injected fault is not
+    # a provider call).
     gateway_tx, gateway_rx = open_channel(
-        limits.gateway_buffer, name="gateway", interceptors=interceptors.get("gateway", ())
+        limits.gateway_buffer,
+        name="gateway",
+        interceptors=[*interceptors.get("gateway", ()), CallLog(store_tx)],
     )
     metrics_tx, metrics_rx = open_channel(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())
-    )
-    store_tx, store_rx = open_channel(
-        limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -447,6 +554,7 @@ async def open_orchestrator(
                 retry=retry,
                 interceptors=interceptors,
                 limits=limits,
+                db=db,
             )
             try:
                 yield orchestrator
