@@ -33,6 +33,7 @@ from ._cli import (
     _summary,
     _unit_interval,
 )
+from ._consensus import ADVANCING
 from ._ids import short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
 from ._resume import ResumeError, resolve_branch
@@ -150,11 +151,22 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
         except (ConfigError, ResumeError) as exc:
             return _fail(str(exc))
+        except BaseExceptionGroup as group:
+            bad, _ = group.split((ConfigError, ResumeError))
+            if bad is None:
+                raise
+            return _fail(str(_first_leaf(bad)))
     if args.json:
         _json_out(result.to_json())
     else:
         print(_summary(result, args.db, virtual, elapsed))
     return EXIT_OK if result.completed else EXIT_HALTED
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _preview(args: argparse.Namespace) -> RunPreview | int:
@@ -180,17 +192,35 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         stage = pipeline.resolve_stage(args.from_stage)
     except PipelineError as exc:
         return _fail(f"cannot rerun run {args.run_id!r} from {args.from_stage!r}: {exc}")
+    parent = preview.current_branch_id or ""
     if args.branch is not None:
         matches = [
             b
             for b in preview.branch_ids
             if b.startswith(args.branch) or b.rsplit("-", 1)[-1].startswith(args.branch)
         ]
-        if args.branch not in preview.branch_ids and len(matches) != 1:
+        if args.branch in preview.branch_ids:
+            matches = [args.branch]
+        if len(matches) != 1:
             what = "ambiguous" if matches else "unknown"
             return _fail(
                 f"{what} branch {args.branch!r} of run {args.run_id!r}; its branches: "
                 + ", ".join(preview.branch_ids)
+            )
+        parent = matches[0]
+    # Refuse before anything writes: every earlier stage must have an
+    # advancing decision for the child to inherit.
+    seen = preview.lineage.get(parent, {})
+    for earlier in pipeline.stages:
+        if earlier.name == stage.name:
+            break
+        status = seen.get(earlier.name)
+        if status not in ADVANCING:
+            what = "is undecided" if status is None else f"ended in {status}"
+            return _fail(
+                f"cannot rerun run {args.run_id!r} from {stage.name!r}: the earlier stage "
+                f"{earlier.name!r} {what} on branch {short_branch_id(parent)}; rerun from "
+                f"{earlier.name!r} instead"
             )
     return _continue(args, preview, stage.name)
 

@@ -21,6 +21,7 @@ import attrs
 from ._busy import retry_busy
 from ._db import _check_file
 from ._errors import NotADatabase, StoreError
+from ._lineage import LINEAGE_CTE
 from ._schema import check_version
 
 
@@ -35,6 +36,8 @@ class RunPreview:
     pipeline: dict[str, Any] = attrs.field(eq=False)
     current_branch_id: str | None
     branch_ids: tuple[str, ...]
+    # branch -> {stage: decision status} of what that branch sees
+    lineage: dict[str, dict[str, str]] = attrs.field(eq=False, factory=dict)
 
 
 def preview_run(path: str, run_id: str, *, for_writing: bool = True) -> RunPreview:
@@ -67,6 +70,21 @@ def preview_run(path: str, run_id: str, *, for_writing: bool = True) -> RunPrevi
                 ).fetchall(),
                 what=path,
             )
+            lineage = {
+                str(b[0]): {
+                    str(r[0]): str(r[1])
+                    for r in retry_busy(
+                        lambda: conn.execute(
+                            LINEAGE_CTE
+                            + "SELECT d.stage, d.status FROM decisions d JOIN lineage l"
+                            " ON d.branch_id = l.branch_id AND d.stage = l.stage WHERE d.run_id = :run",
+                            {"run": run_id, "branch": b[0]},
+                        ).fetchall(),
+                        what=path,
+                    )
+                }
+                for b in branches
+            }
         except apsw.NotADBError as exc:
             raise NotADatabase(f"{path}: not an SQLite database ({exc})") from exc
         except apsw.SQLError as exc:
@@ -85,4 +103,5 @@ def preview_run(path: str, run_id: str, *, for_writing: bool = True) -> RunPrevi
         pipeline=pipeline,
         current_branch_id=row[1],
         branch_ids=tuple(str(b[0]) for b in branches),
+        lineage=lineage,
     )
