@@ -40,12 +40,16 @@ class StoreWriter:
         try:
             async for first in inbox:
                 batch = [first]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(inbox.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
                 try:
+                    # One scheduling round before draining: writers that are
+                    # ready to send get to queue, so they share this commit
+                    # instead of each paying for one of their own.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(inbox.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
                     acks = await self._write(batch)
                 except BaseException:
                     for item in batch:

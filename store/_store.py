@@ -45,6 +45,8 @@ class RetryableStoreError(Exception):
     """SQLite was busy or locked; the whole batch may be tried again."""
 
 
+_OK = StoreAck(ok=True)  # frozen: one instance serves every successful write
+
 # Called around each batch's COMMIT with ("before_commit" | "after_commit",
 # items in the batch).  A seam for tests (the crash matrix kills the process
 # here); None in production.
@@ -246,7 +248,7 @@ class Store:
                 while j < len(batch) and isinstance(batch[j], PersistOutput):
                     j += 1
                 if j - i > 1 and self._apply_outputs(batch[i:j], now):
-                    acks.extend(StoreAck(ok=True) for _ in range(j - i))
+                    acks.extend([_OK] * (j - i))
                     i = j
                     continue
                 acks.append(self._apply_guarded(batch[i], now))
@@ -285,7 +287,7 @@ class Store:
             raise
         except apsw.Error as exc:
             return StoreAck(ok=False, error=f"{type(exc).__name__}: {exc}")
-        return ack or StoreAck(ok=True)
+        return ack or _OK
 
     def _rollback(self) -> None:
         if not self._conn.getautocommit():
