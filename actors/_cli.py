@@ -22,6 +22,7 @@ import trio.testing
 from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
 from store import Store, StoreError
 
+from ._cli_auth import add_auth_commands
 from ._format import tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
@@ -351,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later features register their subcommands here: f(subparsers) -> None.
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS.append(add_auth_commands)  # login, logout, auth status (issue 6)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
