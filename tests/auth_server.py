@@ -298,6 +298,10 @@ class FakeIdP:
         if method == "POST" and path in ("/test/approve", "/test/deny"):
             (self.approve if path.endswith("approve") else self.deny)(form["user_code"])
             return 204, [], b""
+        if method == "GET" and path == "/.well-known/oauth-authorization-server":
+            meta = {"issuer": self.base_url, "device_authorization_endpoint": self.base_url + DEVICE_PATH,
+                    "token_endpoint": self.base_url + TOKEN_PATH}
+            return 200, [("content-type", "application/json")], json.dumps(meta).encode()
         if path == API_PATH:
             auth = headers.get("authorization", "")
             token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
@@ -310,10 +314,6 @@ class FakeIdP:
 
     def _reply(self, status: int, payload: Any, hdrs: Any, req_headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
         out = [(k.lower(), v) for k, v in (hdrs or []) if k.lower() != "content-type"]
-        if self.dialect == "github" and "json" not in req_headers.get("accept", ""):
-            # GitHub answers form-encoded unless asked for JSON.
-            out.append(("content-type", "application/x-www-form-urlencoded"))
-            return status, out, urlencode(payload).encode()
         if self.dialect == "google" and isinstance(payload, dict) and "verification_uri" in payload:
             payload = dict(payload)
             payload["verification_url"] = payload.pop("verification_uri")
@@ -322,6 +322,10 @@ class FakeIdP:
             payload = {**payload, "error": "authorization_declined"}
         if self.dialect == "github" and isinstance(payload, dict) and payload.get("error") == "slow_down":
             payload = {**payload, "interval": 12}
+        if self.dialect == "github" and "json" not in req_headers.get("accept", ""):
+            # GitHub answers form-encoded unless asked for JSON.
+            out.append(("content-type", "application/x-www-form-urlencoded"))
+            return status, out, urlencode(payload).encode()
         out.append(("content-type", "application/json"))
         return status, out, json.dumps(payload).encode()
 
@@ -349,18 +353,21 @@ class _DeviceCredential(DeviceCredentialDict):
         return bool(self["expires_at"] <= self.clock())
 
 
-Fault = httpx.Response | Exception
+HANG = "hang"
+Fault = httpx.Response | Exception | str
 
 
 class ScriptedTransport(httpx.AsyncBaseTransport):
     """Wraps a transport: records every request (time on the trio clock,
-    path, form) and answers token-endpoint requests from ``faults`` first."""
+    path, form) and answers the n-th token-endpoint request (1-based) from
+    ``faults[n]`` when present: a response, an exception to raise, or
+    :data:`HANG` (never answers)."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
-        self.faults: list[Fault] = []
+        self.faults: dict[int, Fault] = {}
         self.log: list[tuple[float, str, dict[str, str]]] = []
-        self.finished: list[tuple[float, str]] = []
+        self.token_requests = 0
 
     def token_polls(self) -> list[float]:
         return [t for t, path, form in self.log if path == TOKEN_PATH and form.get("grant_type", "").endswith("device_code")]
@@ -369,14 +376,16 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         form = dict(parse_qsl(body.decode(), keep_blank_values=True))
         self.log.append((trio.current_time(), request.url.path, form))
-        if request.url.path == TOKEN_PATH and self.faults:
-            fault = self.faults.pop(0)
+        if request.url.path == TOKEN_PATH:
+            self.token_requests += 1
+            fault = self.faults.pop(self.token_requests, None)
+            if fault == HANG:
+                await trio.sleep_forever()
             if isinstance(fault, Exception):
                 raise fault
-            return fault
-        response = await self.inner.handle_async_request(request)
-        self.finished.append((trio.current_time(), request.url.path))
-        return response
+            if isinstance(fault, httpx.Response):
+                return fault
+        return await self.inner.handle_async_request(request)
 
 
 def asgi_client(idp: FakeIdP) -> tuple[httpx.AsyncClient, ScriptedTransport]:
