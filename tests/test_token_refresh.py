@@ -15,7 +15,7 @@ from actors._auth_login import device_login, logout
 from actors._auth_profiles import build_profile
 from actors._token_source import AuthActor, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
-from auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
 from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
 from messages._auth_api import AuthEvent, LoginRequired, RefreshUnavailable, Secret
 

@@ -18,7 +18,7 @@ import trio
 
 from actors._token_source import TokenManager
 from actors._token_store import TokenEntry, TokenStatus, TokenStore, default_home
-from auth_server import CLIENT_ID, TOKEN_PATH, FakeIdP, serve_in_thread
+from tests.auth_server import CLIENT_ID, TOKEN_PATH, FakeIdP, serve_in_thread
 from messages._auth_api import Secret, TokenStoreError
 
 ROOT = Path(__file__).resolve().parents[1]
