@@ -72,21 +72,29 @@ class TokenManager:
         return entry.status(self._clock(), self._margin)
 
     def source(self, provider: str) -> TokenSource:
-        return TokenSource(provider, self.bearer)
+        """A :class:`TokenSource` calling this manager directly (no actor)."""
+
+        async def fetch(name: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
+            return await self.bearer(name, force_refresh=force_refresh, stale=stale)
+
+        return TokenSource(provider, fetch)
 
     def _emit(self, provider: str, kind: AuthEventKind, detail: str) -> None:
         log.info("auth %s: %s %s", provider, kind, detail)
         if self._on_event is not None:
             self._on_event(AuthEvent(provider=provider, kind=kind, at=trio.current_time(), detail=detail))
 
-    async def bearer(self, provider: str, *, force_refresh: bool = False) -> Secret:
-        """A bearer token for ``provider``; see the module docstring."""
+    async def bearer(self, provider: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
+        """A bearer token for ``provider``; see the module docstring.
+        ``stale`` is the token a forced refresh replaces (default: the one
+        stored now); if the store already holds another valid token, that
+        one is returned without a refresh."""
         entry = self.store.get(provider)
         if entry is None:
             raise LoginRequired(f"not logged in to {provider}", provider=provider, hint=f"run 'conclave login {provider}'")
         if not force_refresh and entry.status(self._clock(), self._margin) is TokenStatus.VALID:
             return entry.access_token
-        seen = entry.access_token
+        seen = stale if force_refresh and stale is not None else entry.access_token
         lock = self._locks.setdefault(provider, trio.Lock())
         async with lock:
             async with self.store.locked() as tokens:
@@ -165,19 +173,20 @@ class TokenSource:
     On a 401 the provider calls ``bearer(force_refresh=True)`` once and
     retries once; concurrent forced refreshes collapse into one."""
 
-    __slots__ = ("_fetch", "provider")
+    __slots__ = ("_fetch", "_last", "provider")
 
     def __init__(self, provider: str, fetch: Fetch) -> None:
         self.provider = provider
         self._fetch = fetch
+        self._last: Secret | None = None
 
     @classmethod
     def from_inbox(cls, provider: str, inbox: Outbox[GetToken]) -> TokenSource:
         """A source that asks the :class:`AuthActor` behind ``inbox``."""
 
-        async def fetch(name: str, *, force_refresh: bool = False) -> Secret:
+        async def fetch(name: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
             reply, pending = reply_pair(f"GetToken({name})")
-            await inbox.send(GetToken(provider=name, force_refresh=force_refresh, reply_to=reply))
+            await inbox.send(GetToken(provider=name, force_refresh=force_refresh, stale=stale, reply_to=reply))
             answer: TokenReply = await pending.receive()
             if answer.error is not None:
                 raise answer.error
@@ -187,7 +196,10 @@ class TokenSource:
         return cls(provider, fetch)
 
     async def bearer(self, *, force_refresh: bool = False) -> str:
-        secret = await self._fetch(self.provider, force_refresh=force_refresh)
+        """The bearer token to send.  ``force_refresh=True`` after a 401:
+        the token this source handed out last is treated as rejected."""
+        secret = await self._fetch(self.provider, force_refresh=force_refresh, stale=self._last if force_refresh else None)
+        self._last = secret
         return secret.reveal()
 
     def __repr__(self) -> str:
@@ -214,7 +226,9 @@ class AuthActor:
     async def _serve(self, request: GetToken) -> None:
         reply = request.reply_to
         try:
-            token = await self.manager.bearer(request.provider, force_refresh=request.force_refresh)
+            token = await self.manager.bearer(
+                request.provider, force_refresh=request.force_refresh, stale=request.stale
+            )
         except AuthError as error:
             if reply is not None:
                 reply.send(TokenReply(provider=request.provider, error=error))

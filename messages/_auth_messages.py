@@ -102,6 +102,9 @@ class GetToken:
 
     provider: str
     force_refresh: bool = False
+    #: The token the provider rejected, if known: a forced refresh is
+    #: skipped when the stored token is already a different, valid one.
+    stale: Secret | None = attrs.field(default=None, repr=False)
     reply_to: Reply[TokenReply] | None = attrs.field(default=None, eq=False, repr=False)
 
 

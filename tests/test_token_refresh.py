@@ -199,3 +199,19 @@ async def test_direct_token_source(tmp_path: Path, autojump_clock: trio.abc.Cloc
     idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
     source = manager.source("generic")
     assert await source.bearer() == first.access_token.reveal()
+
+
+async def test_a_late_forced_refresh_with_a_stale_token_takes_the_new_one(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    a, b = manager.source("generic"), manager.source("generic")
+    token = await a.bearer()
+    assert await b.bearer() == token
+    idp.revoke_access(token)  # both callers get a 401, one after the other
+    fresh = await a.bearer(force_refresh=True)
+    assert await b.bearer(force_refresh=True) == fresh
+    assert idp.refresh_count == 1
+    # A 401 on the new token is a new problem: refresh again.
+    assert await b.bearer(force_refresh=True) != fresh
+    assert idp.refresh_count == 2

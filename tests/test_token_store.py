@@ -254,3 +254,38 @@ def httpx_client():  # sync client for test set-up only
     import httpx
 
     return httpx.Client(timeout=30)
+
+
+def fake_keyring(monkeypatch: pytest.MonkeyPatch, priority: float = 5) -> dict[tuple[str, str], str]:
+    import types
+
+    data: dict[tuple[str, str], str] = {}
+    backend = type("FakeBackend", (), {"priority": priority})()
+    module = types.ModuleType("keyring")
+    module.get_keyring = lambda: backend  # type: ignore[attr-defined]
+    module.get_password = lambda service, user: data.get((service, user))  # type: ignore[attr-defined]
+    module.set_password = lambda service, user, secret: data.__setitem__((service, user), secret)  # type: ignore[attr-defined]
+    errors = types.ModuleType("keyring.errors")
+    errors.KeyringError = type("KeyringError", (Exception,), {})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "keyring", module)
+    monkeypatch.setitem(sys.modules, "keyring.errors", errors)
+    return data
+
+
+async def test_keyring_is_used_when_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fake_keyring(monkeypatch)
+    store = TokenStore(tmp_path / "h", backend="auto")
+    assert "keyring" in repr(store)
+    await put(store, entry())
+    assert not (tmp_path / "h" / "tokens.json").exists()
+    assert json.loads(data[("conclave", "device-tokens")])["tokens"]["generic"]["refresh_token"] == "rt-one"
+    assert store.get("generic") == entry()
+
+
+async def test_file_is_used_without_a_usable_keyring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_keyring(monkeypatch, priority=0)  # like keyring's "fail" backend on headless Linux
+    assert "file" in repr(TokenStore(tmp_path, backend="auto"))
+    monkeypatch.setitem(sys.modules, "keyring", None)  # not installed
+    assert "file" in repr(TokenStore(tmp_path, backend="auto"))
+    with pytest.raises(TokenStoreError, match="no usable OS keyring"):
+        TokenStore(tmp_path, backend="keyring")
