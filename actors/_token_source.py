@@ -28,7 +28,8 @@ import httpx
 import trio
 
 from messages import Outbox, fail_pending, reply_pair
-from messages._auth_errors import AuthError, LoginRequired, RefreshUnavailable
+from messages import ProviderError
+from messages._auth_errors import AuthError, CredentialsUnavailable, LoginRequired, RefreshUnavailable
 from messages._auth_messages import AuthEvent, AuthEventKind, GetToken, Secret, TokenReply
 
 from ._auth_flow import refresh_grant
@@ -86,9 +87,27 @@ class TokenManager:
 
     async def bearer(self, provider: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
         """A bearer token for ``provider``; see the module docstring.
+
         ``stale`` is the token a forced refresh replaces (default: the one
         stored now); if the store already holds another valid token, that
-        one is returned without a refresh."""
+        one is returned without a refresh.  Every failure is a
+        :class:`~messages.ProviderError`, so the gateway classifies it like
+        any provider failure: :class:`LoginRequired`,
+        :class:`RefreshUnavailable` (retryable) or
+        :class:`CredentialsUnavailable`.
+        """
+        try:
+            return await self._bearer(provider, force_refresh=force_refresh, stale=stale)
+        except ProviderError:
+            raise
+        except AuthError as error:
+            raise CredentialsUnavailable(error.message, provider=provider, hint=error.hint) from None
+        except OSError as error:
+            raise CredentialsUnavailable(
+                f"the {provider} token store failed: {error.strerror or type(error).__name__}", provider=provider
+            ) from None
+
+    async def _bearer(self, provider: str, *, force_refresh: bool, stale: Secret | None) -> Secret:
         entry = self.store.get(provider)
         if entry is None:
             raise LoginRequired(f"not logged in to {provider}", provider=provider, hint=f"run 'conclave login {provider}'")

@@ -83,3 +83,12 @@ class RefreshUnavailable(AuthError, ProviderUnavailable):
     the stored tokens are kept and a later call may try again."""
 
     kind = "refresh_unavailable"
+
+
+class CredentialsUnavailable(AuthError, AuthenticationFailed):
+    """A bearer token could not be produced for a reason a new login does
+    not obviously fix: the token store is unsafe or unreadable, a refreshed
+    token could not be saved, or the server refused the refresh with an
+    error other than ``invalid_grant``.  Not retried."""
+
+    kind = "credentials"

@@ -27,6 +27,7 @@ from actors._token_source import AuthActor, TokenManager, TokenSource
 from actors._token_store import TokenStore
 from messages import AuthenticationFailed, Completion, CompletionRequest, open_channel
 from messages._auth_api import AuthEvent
+from store import Store
 from tests.auth_server import API_PATH, CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
 
 BASE = 1_800_000_000.0
@@ -132,3 +133,21 @@ async def test_pipeline_gets_tokens_from_the_poller_and_survives_expiry(
             assert secret not in text
         assert secret.encode() not in database
     assert "generic: refreshed" in ours, "the refresh was logged (without the token)"
+
+
+async def test_a_run_without_login_fails_fast_with_a_clear_error(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp = FakeIdP(trio.current_time)
+    client, _ = asgi_client(idp)
+    manager = TokenManager(TokenStore(tmp_path / "home"), client, clock=wall)
+    sim = SimulatedProvider(seed=1, disagreement_rate=0.0)
+    provider = BearerProvider(client, manager.source("generic"), idp.base_url + API_PATH, sim)
+    async with open_orchestrator(store=str(tmp_path / "run.db"), provider=provider, seed=1) as orch:
+        result = await orch.run("SPEC-NOAUTH", run_id="no-auth")
+    assert not result.completed
+    assert sim.calls == 0 and idp.api_calls == []
+    assert trio.current_time() < 1, "authentication failures are not retried with backoff"
+    with Store.open(str(tmp_path / "run.db")) as db:
+        errors = {o.error for o in db.outputs("no-auth")}
+    assert errors and all(e and "not logged in to generic" in e and "conclave login generic" in e for e in errors)

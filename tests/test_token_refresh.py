@@ -17,7 +17,7 @@ from actors._token_source import AuthActor, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
 from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
-from messages._auth_api import AuthEvent, LoginRequired, RefreshUnavailable, Secret
+from messages._auth_api import AuthEvent, CredentialsUnavailable, LoginRequired, RefreshUnavailable, Secret
 
 BASE = 1_800_000_000.0
 
@@ -116,8 +116,9 @@ async def test_new_access_token_is_not_used_unless_the_rotation_was_persisted(
         raise OSError(28, "No space left on device")
 
     store.backend.write = disk_full  # type: ignore[method-assign]
-    with pytest.raises(OSError):
+    with pytest.raises(CredentialsUnavailable, match="No space left") as info:
         await manager.bearer("generic", force_refresh=True)
+    assert isinstance(info.value, AuthenticationFailed)
     assert idp.refresh_count == 1
     # The only token handed out so far is the old one.
     assert store.get("generic") == first
@@ -215,3 +216,15 @@ async def test_a_late_forced_refresh_with_a_stale_token_takes_the_new_one(
     # A 401 on the new token is a new problem: refresh again.
     assert await b.bearer(force_refresh=True) != fresh
     assert idp.refresh_count == 2
+
+
+async def test_every_bearer_failure_is_a_provider_error(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    n = transport.token_requests
+    transport.faults = {n + 1: httpx.Response(401, json={"error": "invalid_client"})}
+    with pytest.raises(CredentialsUnavailable, match="invalid_client") as info:
+        await manager.bearer("generic", force_refresh=True)
+    assert isinstance(info.value, AuthenticationFailed) and store.get("generic") == first
+    (tmp_path / "home" / "tokens.json").chmod(0o644)
+    with pytest.raises(CredentialsUnavailable, match="chmod 600"):
+        await manager.bearer("generic")
