@@ -47,6 +47,8 @@ class AuthProfile:
     accept_json: bool = True
     #: Provider-specific error codes mapped onto RFC 8628 ones.
     error_aliases: Mapping[str, str] = COMMON_ERROR_ALIASES
+    #: Google's device flow needs the client secret on every token request.
+    requires_secret: bool = False
     #: Documentation hint shown when the client id is missing.
     client_id_hint: str = "pass --client-id"
 
@@ -58,6 +60,12 @@ class AuthProfile:
         if not self.client_id:
             raise AuthConfigError(
                 f"{self.display_name} login needs a client id", provider=self.name, hint=self.client_id_hint
+            )
+        if self.requires_secret and self.client_secret is None:
+            raise AuthConfigError(
+                f"{self.display_name} login needs the client secret",
+                provider=self.name,
+                hint="set CONCLAVE_CLIENT_SECRET or pass --client-secret",
             )
         if not self.device_url or not self.token_url:
             raise AuthConfigError(
@@ -94,6 +102,7 @@ _BUILTIN: dict[str, AuthProfile] = {
         device_url="https://oauth2.googleapis.com/device/code",
         token_url="https://oauth2.googleapis.com/token",
         scope="openid email",
+        requires_secret=True,
         client_id_hint="pass --client-id (and --client-secret) of a 'TVs and Limited Input' client from console.cloud.google.com",
     ),
     "openai": AuthProfile(

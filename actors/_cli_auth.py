@@ -1,7 +1,12 @@
 """``conclave login``, ``conclave logout`` and ``conclave auth status``.
 
 Exit codes: 0 success, 4 denied, 5 expired, 2 bad input, 130 cancelled,
-1 anything else.  Tokens are never printed: not in human output, not in
+1 anything else.  ``login --json`` prints two JSON lines: ``{"event":
+"device_code", "user_code", "verification_uri", "verification_uri_complete",
+"expires_in", "interval"}`` as soon as the code is known, then ``{"event":
+"result", "outcome", "exit_code", "message", ...}`` where ``outcome`` is
+``logged_in``, ``denied``, ``expired``, ``cancelled``, ``bad_input`` or
+``error``.  Tokens are never printed: not in human output, not in
 ``--json``, not in error messages.  Environment variables are read here,
 at the edge: ``CONCLAVE_HOME`` (token directory), ``CONCLAVE_TOKEN_BACKEND``
 (``auto``/``file``/``keyring``, default ``auto``) and
@@ -96,7 +101,9 @@ def cmd_login(args: argparse.Namespace) -> int:
             profile.require_endpoints()
         store = _store(env)
     except AuthError as error:
-        return finish(error.kind, EXIT_USAGE if error.exit_code == EXIT_USAGE else EXIT_ERROR, str(error))
+        if error.exit_code == EXIT_USAGE:
+            return finish("bad_input", EXIT_USAGE, str(error))
+        return finish("error", EXIT_ERROR, str(error))
     provider = profile.name
 
     def show_code(auth: DeviceAuthorization) -> None:
@@ -130,8 +137,9 @@ def cmd_login(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return finish("cancelled", EXIT_CANCELLED, "login cancelled; nothing was stored")
     except AuthError as error:
-        code = error.exit_code if error.exit_code in (EXIT_USAGE, EXIT_DENIED, EXIT_EXPIRED) else EXIT_ERROR
-        return finish(error.kind, code, str(error))
+        outcomes = {EXIT_USAGE: "bad_input", EXIT_DENIED: "denied", EXIT_EXPIRED: "expired"}
+        code = error.exit_code if error.exit_code in outcomes else EXIT_ERROR
+        return finish(outcomes.get(code, "error"), code, str(error))
     return finish(
         "logged_in",
         EXIT_OK,

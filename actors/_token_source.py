@@ -59,7 +59,7 @@ class TokenManager:
         self._client = client
         self._clock = clock
         self._margin = margin
-        self._on_event = on_event
+        self._listeners: list[Callable[[AuthEvent], None]] = [on_event] if on_event is not None else []
         self._locks: dict[str, trio.Lock] = {}
         self.refresh_count = 0  # HTTP refreshes made by this manager
 
@@ -80,10 +80,15 @@ class TokenManager:
 
         return TokenSource(provider, fetch)
 
+    def add_listener(self, listener: Callable[[AuthEvent], None]) -> None:
+        """Also send events to ``listener`` (called synchronously; must not block)."""
+        self._listeners.append(listener)
+
     def _emit(self, provider: str, kind: AuthEventKind, detail: str) -> None:
         log.info("auth %s: %s %s", provider, kind, detail)
-        if self._on_event is not None:
-            self._on_event(AuthEvent(provider=provider, kind=kind, at=trio.current_time(), detail=detail))
+        event = AuthEvent(provider=provider, kind=kind, at=trio.current_time(), detail=detail)
+        for listener in self._listeners:
+            listener(event)
 
     async def bearer(self, provider: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
         """A bearer token for ``provider``; see the module docstring.
@@ -231,8 +236,30 @@ class AuthActor:
     answered exactly once: a token, a typed :class:`AuthError`, or - if the
     actor is cancelled first - a closed slot (``ActorStopped``)."""
 
-    def __init__(self, manager: TokenManager) -> None:
+    def __init__(self, manager: TokenManager, *, event_buffer: int = 64) -> None:
         self.manager = manager
+        self._event_buffer = event_buffer
+        self._subscribers: list[trio.MemorySendChannel[AuthEvent]] = []
+        manager.add_listener(self._publish)
+
+    def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[AuthEvent]:
+        """A channel of :class:`AuthEvent` (refreshed, refresh_failed,
+        dropped).  Best effort: a full subscriber misses events rather than
+        slowing anyone's token request."""
+        send, receive = trio.open_memory_channel[AuthEvent](
+            max_buffer if max_buffer is not None else self._event_buffer
+        )
+        self._subscribers.append(send)
+        return receive
+
+    def _publish(self, event: AuthEvent) -> None:
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(send)
 
     async def run(self, inbox: trio.MemoryReceiveChannel[GetToken]) -> None:
         try:
@@ -241,6 +268,9 @@ class AuthActor:
                     nursery.start_soon(self._serve, request)
         finally:
             fail_pending(inbox)
+            for send in self._subscribers:
+                send.close()
+            self._subscribers.clear()
 
     async def _serve(self, request: GetToken) -> None:
         reply = request.reply_to

@@ -180,7 +180,9 @@ async def test_google_dialect_verification_url_and_secret_on_poll(autojump_clock
     assert auth.verification_uri.endswith("/activate") and auth.verification_uri_complete is None
     assert all(form.get("client_secret") == "g-secret" for _, path, form in transport.log)
     # Without the secret the confidential client is refused up front.
-    bare = attrs.evolve(profile, client_secret=None)
+    with pytest.raises(AuthConfigError, match="client secret"):
+        DeviceFlow(attrs.evolve(profile, client_secret=None), client)
+    bare = attrs.evolve(profile, client_secret=None, requires_secret=False)
     with pytest.raises(AuthProtocolError, match="invalid_client"):
         await DeviceFlow(bare, client).start()
 
@@ -209,6 +211,8 @@ def test_profiles_reject_bad_input() -> None:
         build_profile("generic", device_url="ftp://x", token_url="https://t", client_id="c")
     with pytest.raises(AuthConfigError, match="client id"):
         build_profile("github").require_endpoints()
+    with pytest.raises(AuthConfigError, match="client secret"):
+        build_profile("google", client_id="c").require_endpoints()
     ms = build_profile("microsoft", tenant="contoso", client_id="c")
     assert ms.device_url == "https://login.microsoftonline.com/contoso/oauth2/v2.0/devicecode"
     assert build_profile("openai").experimental and build_profile("anthropic").experimental

@@ -153,6 +153,11 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
     assert conclave_main(["login", "generic", "--client-id", "x"]) == 2
     assert "device URL" in capsys.readouterr().err
     assert conclave_main(["login", "generic", "--device-url", "nope", "--token-url", "https://t", "--client-id", "x"]) == 2
+    assert conclave_main(["login", "google", "--client-id", "x"]) == 2
+    assert "client secret" in capsys.readouterr().err
+    assert conclave_main(["login", "github", "--json"]) == 2
+    result = json.loads(capsys.readouterr().out)
+    assert (result["outcome"], result["exit_code"]) == ("bad_input", 2) and "client id" in result["message"]
     with pytest.raises(SystemExit) as info:
         conclave_main(["login", "myspace"])
     assert info.value.code == 2

@@ -181,12 +181,16 @@ async def test_not_logged_in_and_logout(tmp_path: Path, autojump_clock: trio.abc
 async def test_auth_actor_serves_get_token_and_token_source(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
     outbox, inbox = open_channel(8, name="auth")
+    actor = AuthActor(manager)
+    subscription = actor.subscribe()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(AuthActor(manager).run, inbox)
+        nursery.start_soon(actor.run, inbox)
         source = TokenSource.from_inbox("generic", outbox)
         assert await source.bearer() == first.access_token.reveal()
         fresh = await source.bearer(force_refresh=True)
         assert fresh != first.access_token.reveal() and idp.access_token_valid(fresh)
+        event = subscription.receive_nowait()
+        assert (event.provider, event.kind) == ("generic", "refreshed") and fresh not in repr(event)
         with pytest.raises(LoginRequired):
             await TokenSource.from_inbox("github", outbox).bearer()
         assert repr(source) == "<TokenSource generic>"
@@ -194,6 +198,8 @@ async def test_auth_actor_serves_get_token_and_token_source(tmp_path: Path, auto
     # Once the actor is gone, asking fails loudly instead of hanging.
     with pytest.raises(ActorStopped):
         await source.bearer()
+    with pytest.raises(trio.EndOfChannel):  # subscribers learn that the actor stopped
+        subscription.receive_nowait()
 
 
 async def test_direct_token_source(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
