@@ -43,7 +43,9 @@ class TokenManager:
 
     ``clock`` is the wall clock in Unix seconds (tests pass one derived from
     ``trio.current_time()``); ``on_event`` receives ``refreshed``,
-    ``refresh_failed`` and ``dropped`` events.
+    ``refresh_failed`` and ``dropped`` events.  A refresh request is shielded
+    from cancellation (for at most ``refresh_timeout`` seconds) so that a
+    rotated refresh token is never lost.
     """
 
     def __init__(
@@ -54,11 +56,13 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         margin: float = EXPIRY_MARGIN,
         on_event: Callable[[AuthEvent], None] | None = None,
+        refresh_timeout: float = 60.0,
     ) -> None:
         self.store = store
         self._client = client
         self._clock = clock
         self._margin = margin
+        self._refresh_timeout = refresh_timeout
         self._listeners: list[Callable[[AuthEvent], None]] = [on_event] if on_event is not None else []
         self._locks: dict[str, trio.Lock] = {}
         self.refresh_count = 0  # HTTP refreshes made by this manager
@@ -141,15 +145,25 @@ class TokenManager:
                         hint=f"run 'conclave login {provider}'",
                     )
                 try:
-                    grant = await refresh_grant(
-                        self._client,
-                        provider=provider,
-                        token_url=entry.token_url,
-                        client_id=entry.client_id,
-                        refresh_token=entry.refresh_token,
-                        client_secret=entry.client_secret,
-                        accept_json=entry.accept_json,
-                    )
+                    # Shielded: once the server may have rotated the refresh
+                    # token, cancelling would lose the only valid one.  The
+                    # deadline bounds how long a cancel can be held up.
+                    with trio.CancelScope(shield=True) as shield:
+                        shield.deadline = trio.current_time() + self._refresh_timeout
+                        grant = await refresh_grant(
+                            self._client,
+                            provider=provider,
+                            token_url=entry.token_url,
+                            client_id=entry.client_id,
+                            refresh_token=entry.refresh_token,
+                            client_secret=entry.client_secret,
+                            accept_json=entry.accept_json,
+                        )
+                    if shield.cancelled_caught:
+                        raise RefreshUnavailable(
+                            f"refreshing the {provider} token took longer than {self._refresh_timeout:g} s",
+                            provider=provider,
+                        )
                 except LoginRequired:
                     tokens.remove(provider)
                     self._emit(provider, "dropped", "refresh token rejected; tokens dropped, log in again")
@@ -166,6 +180,8 @@ class TokenManager:
                     raise
                 finally:
                     self.refresh_count += 1
+                # No checkpoint from here to the write: a rotated refresh
+                # token is always persisted once the server has sent it.
                 now = self._clock()
                 refreshed = TokenEntry(
                     provider=provider,

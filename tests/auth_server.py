@@ -354,7 +354,16 @@ class _DeviceCredential(DeviceCredentialDict):
 
 
 HANG = "hang"
-Fault = httpx.Response | Exception | str
+
+
+class LateReply:
+    """The server handles the request, but its reply arrives ``seconds`` later."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+Fault = httpx.Response | Exception | str | LateReply
 
 
 class ScriptedTransport(httpx.AsyncBaseTransport):
@@ -385,6 +394,10 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
                 raise fault
             if isinstance(fault, httpx.Response):
                 return fault
+            if isinstance(fault, LateReply):
+                response = await self.inner.handle_async_request(request)
+                await trio.sleep(fault.seconds)
+                return response
         return await self.inner.handle_async_request(request)
 
 

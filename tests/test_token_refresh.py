@@ -15,7 +15,7 @@ from actors._auth_login import device_login, logout
 from actors._auth_profiles import build_profile
 from actors._token_source import AuthActor, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
-from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, LateReply, asgi_client
 from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
 from messages._auth_api import AuthEvent, CredentialsUnavailable, LoginRequired, RefreshUnavailable, Secret
 
@@ -234,3 +234,31 @@ async def test_every_bearer_failure_is_a_provider_error(tmp_path: Path, autojump
     (tmp_path / "home" / "tokens.json").chmod(0o644)
     with pytest.raises(CredentialsUnavailable, match="chmod 600"):
         await manager.bearer("generic")
+
+
+async def test_cancelling_during_a_refresh_does_not_lose_the_rotated_token(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    transport.faults = {transport.token_requests + 1: LateReply(10)}  # rotated at once, reply late
+    start = trio.current_time()
+    with trio.move_on_after(5):
+        await manager.bearer("generic", force_refresh=True)
+    assert trio.current_time() - start == pytest.approx(10)  # the cancel waited for the reply
+    stored = store.get("generic")
+    assert stored is not None and stored.refresh_token is not None
+    assert stored.refresh_token != first.refresh_token
+    assert idp.valid_refresh_tokens() == {stored.refresh_token.reveal()}
+    assert await manager.bearer("generic") == stored.access_token
+
+
+async def test_a_refresh_that_never_answers_times_out_retryably(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    transport.faults = {transport.token_requests + 1: "hang"}
+    start = trio.current_time()
+    with pytest.raises(RefreshUnavailable, match="longer than 60 s"):
+        await manager.bearer("generic", force_refresh=True)
+    assert trio.current_time() - start == pytest.approx(60)
+    assert store.get("generic") == first
