@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import attrs
 import httpx
 
 from messages import AuthenticationFailed, Completion, CompletionRequest, ProviderError
@@ -97,6 +98,7 @@ class HttpProvider(BaseProvider):
         stream: bool = True,
         headers: Mapping[str, str] | None = None,
         name: str | None = None,
+        model: str | None = None,
         wall_now: WallClock = time.time,
     ) -> None:
         if (api_key is None) == (token_source is None):
@@ -105,6 +107,7 @@ class HttpProvider(BaseProvider):
             raise ValueError("api_key must not be empty")
         self.base_url = httpx.URL(base_url)
         self.stream = stream
+        self.model = model  # when set, every call uses this model, whatever the agent asked
         if name is not None:
             self.name = name
         self._api_key = api_key
@@ -157,6 +160,8 @@ class HttpProvider(BaseProvider):
         return token, True
 
     async def complete(self, request: CompletionRequest) -> Completion:
+        if self.model is not None and request.model != self.model:
+            request = attrs.evolve(request, model=self.model)
         body = self.request_body(request)
         secret, is_token = await self._credential(force_refresh=False)
         try:
