@@ -100,13 +100,12 @@ class Agent:
                 UsageRecorded(key=key, attempt=attempt, model=model, provider=self.spec.provider, usage=usage)
             )
             if completion is not None:
-                fmt = "json" if parse_output(completion.content) is not None else "text"
                 output = AgentOutput(
                     key=key,
                     attempt=attempt,
                     status="accepted",
                     content=completion.content,
-                    format=fmt,
+                    format="json" if parse_output(completion.content) is not None else "text",
                     usage=usage,
                     model=model,
                     provider=self.spec.provider,

@@ -77,7 +77,7 @@ class SimulatedProvider(BaseProvider):
         self,
         *,
         seed: int = 0,
-        disagreement_rate: float = 0.1,
+        disagreement_rate: float = 0.03,
         latency: Latency = Latency(),
     ) -> None:
         if not 0.0 <= disagreement_rate <= 1.0:
@@ -102,7 +102,8 @@ class SimulatedProvider(BaseProvider):
             else:
                 token = derive_token(seed, "own", *ident, field)
             if field in _LIST_FIELDS:
-                body[field] = [f"{field}-{i + 1}-{token}" for i in range(2 + rng.randrange(3))]
+                items = 2 + int(token[:2], 16) % 3  # from the token: agreeing agents agree wholly
+                body[field] = [f"{field}-{i + 1}-{token}" for i in range(items)]
             else:
                 body[field] = f"{field}-{token}"
         if request.aggregate:

@@ -55,9 +55,23 @@ from ._messages import (
     UsageRecorded,
     UsageTotals,
 )
+from ._progress import (
+    AgentFinished,
+    ProgressEvent,
+    RunFinished,
+    RunStarted,
+    StageDecided,
+    StageStarted,
+)
 from ._usage import ZERO_USAGE, TokenUsage
 
 __all__ = [
+    "StageStarted",
+    "StageDecided",
+    "RunStarted",
+    "RunFinished",
+    "ProgressEvent",
+    "AgentFinished",
     "ZERO_USAGE",
     "ActorStopped",
     "AgentKey",

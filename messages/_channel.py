@@ -203,16 +203,19 @@ def reply_pair(what: str) -> tuple[Reply[Any], PendingReply[Any]]:
 
 
 def fail_pending(inbox: trio.MemoryReceiveChannel[Any]) -> int:
-    """Close the reply slot of every request still queued in ``inbox``, so
-    that each requester gets :class:`ActorStopped`.  Not a checkpoint.
-    Returns how many requests were failed."""
+    """Stop an actor's inbox: close the reply slot of every request still
+    queued, so each requester gets :class:`ActorStopped`, then close the
+    inbox so later sends fail at once.  Not a checkpoint.  Returns how many
+    requests were failed."""
     failed = 0
     while True:
         try:
             item = inbox.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            return failed
+            break
         reply = getattr(item, "reply_to", None)
         if isinstance(reply, Reply):
             reply.close()
             failed += 1
+    inbox.close()
+    return failed

@@ -35,7 +35,7 @@ class ProviderError(ConclaveError):
         return f"{type(self).__name__}({self.message!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.args == self.args  # type: ignore[union-attr]
+        return type(other) is type(self) and isinstance(other, ProviderError) and other.args == self.args
 
     def __hash__(self) -> int:
         return hash((type(self), self.args))

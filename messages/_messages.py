@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ._channel import Reply
+from ._channel import Outbox, Reply
 from ._errors import ProviderError
 from ._identity import AgentKey, StageKey
 from ._usage import TokenUsage
@@ -28,7 +28,6 @@ OutputFormat = Literal["json", "text"]
 OutputStatus = Literal["accepted", "failed"]
 DecisionStatus = Literal["ok", "conflict", "degraded", "no_consensus"]
 
-_frozen = attrs.frozen(kw_only=True, slots=True)
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -36,7 +35,7 @@ def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> 
         raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class PriorOutput:
     """An earlier agent's output, shown to later agents of a sequential stage."""
 
@@ -44,7 +43,7 @@ class PriorOutput:
     content: str
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class AgentRequest:
     """Coordinator -> agent: answer this stage."""
 
@@ -52,10 +51,12 @@ class AgentRequest:
     spec_id: str
     goal: str
     context: tuple[PriorOutput, ...] = ()
-    reply_to: Reply[AgentReply] | None = attrs.field(default=None, eq=False, repr=False)
+    # The coordinator's well-known inbox (not a one-shot slot): a parallel
+    # stage collects every agent's reply from one channel.
+    reply_to: Outbox[AgentReply] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class AgentOutput:
     """What one attempt of one agent produced."""
 
@@ -72,7 +73,7 @@ class AgentOutput:
     finished_at: float = 0.0
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class AgentReply:
     """Agent -> coordinator: the agent's final word for this stage.
 
@@ -87,7 +88,7 @@ class AgentReply:
     replayed: bool = False
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class Completion:
     """A provider's answer to one call."""
 
@@ -96,7 +97,7 @@ class Completion:
     model: str
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class CompletionRequest:
     """Agent -> provider gateway: make one model call (one attempt)."""
 
@@ -114,7 +115,7 @@ class CompletionRequest:
     reply_to: Reply[CompletionResult] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class CompletionResult:
     """Provider gateway (or an interceptor answering for it) -> agent.
 
@@ -133,7 +134,7 @@ class CompletionResult:
             raise ValueError("exactly one of completion and error must be set")
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class UsageRecorded:
     """Agent -> metrics accumulator: one attempt's usage, charged once by
     (key, attempt).  ``usage`` is ``None`` when unknown; ``replay`` marks an
@@ -147,7 +148,7 @@ class UsageRecorded:
     replay: bool = False
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class UsageTotals:
     """Metrics accumulator -> requester: a run's usage so far.
 
@@ -165,7 +166,7 @@ class UsageTotals:
     by_stage: Mapping[str, TokenUsage] = attrs.field(eq=False, factory=dict)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class MetricsQuery:
     """Anyone -> metrics accumulator: what are ``run_id``'s totals?"""
 
@@ -177,7 +178,7 @@ class MetricsQuery:
 MetricsMessage = UsageRecorded | MetricsQuery
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class StoreAck:
     """Store writer -> requester: the write is durable (``ok``), was a
     duplicate of a durable row (``duplicate``), or failed (``error``)."""
@@ -187,7 +188,7 @@ class StoreAck:
     error: str | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class PersistOutput:
     """Agent -> store writer: make this attempt's output durable."""
 
@@ -195,7 +196,7 @@ class PersistOutput:
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class Decision:
     """The one decision of a stage.  ``verdict`` is JSON-ready."""
 
@@ -205,7 +206,7 @@ class Decision:
     verdict: Mapping[str, Any] = attrs.field(eq=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class PersistDecision:
     """Coordinator -> store writer: make this decision durable."""
 
@@ -213,7 +214,7 @@ class PersistDecision:
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class PersistEvent:
     """Anyone -> store writer: append to the run's event log (fire and
     forget unless ``reply_to`` is given)."""
@@ -228,7 +229,7 @@ class PersistEvent:
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class RunUpdate:
     """Coordinator -> store writer: the run's status changed."""
 
@@ -240,7 +241,7 @@ class RunUpdate:
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class PersistRun:
     """Runtime -> store writer: a new run and its root branch."""
 

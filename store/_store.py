@@ -41,10 +41,9 @@ class RetryableStoreError(Exception):
     """SQLite was busy or locked; the whole batch may be tried again."""
 
 
-_frozen = attrs.frozen(kw_only=True, slots=True)
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class RunRow:
     run_id: str
     spec_id: str
@@ -60,7 +59,7 @@ class RunRow:
     updated_at: int
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class BranchRow:
     branch_id: str
     run_id: str
@@ -69,7 +68,7 @@ class BranchRow:
     created_at: int
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class DecisionRow:
     run_id: str
     branch_id: str
@@ -80,7 +79,7 @@ class DecisionRow:
     decided_at: int
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class OutputRow:
     run_id: str
     branch_id: str
@@ -97,7 +96,7 @@ class OutputRow:
     created_at: int
 
 
-@_frozen
+@attrs.frozen(kw_only=True, slots=True)
 class EventRow:
     id: int
     run_id: str
@@ -189,7 +188,7 @@ class Store:
             for item in batch:
                 try:
                     with conn:  # a savepoint per item
-                        self._apply_one(item, now)
+                        ack = self._apply_one(item, now)
                 except apsw.ConstraintError as exc:
                     acks.append(StoreAck(ok=False, duplicate=_is_unique(exc), error=str(exc)))
                 except (apsw.BusyError, apsw.LockedError):
@@ -197,7 +196,7 @@ class Store:
                 except apsw.Error as exc:
                     acks.append(StoreAck(ok=False, error=f"{type(exc).__name__}: {exc}"))
                 else:
-                    acks.append(StoreAck(ok=True))
+                    acks.append(ack or StoreAck(ok=True))
             conn.execute("COMMIT")
         except (apsw.BusyError, apsw.LockedError) as exc:
             self._rollback()
@@ -211,7 +210,7 @@ class Store:
         if not self._conn.getautocommit():
             self._conn.execute("ROLLBACK")
 
-    def _apply_one(self, item: StoreWrite, now: int) -> None:
+    def _apply_one(self, item: StoreWrite, now: int) -> StoreAck | None:
         conn = self._conn
         if isinstance(item, PersistOutput):
             out = item.output
@@ -239,11 +238,24 @@ class Store:
             )
         elif isinstance(item, PersistDecision):
             d = item.decision
-            conn.execute(
-                "INSERT INTO decisions (run_id, branch_id, stage, seq, status, verdict,"
-                " decided_at) VALUES (?,?,?,?,?,?,?)",
-                (d.key.run_id, d.key.branch_id, d.key.stage, d.seq, d.status, _json(d.verdict), now),
-            )
+            try:
+                conn.execute(
+                    "INSERT INTO decisions (run_id, branch_id, stage, seq, status, verdict,"
+                    " decided_at) VALUES (?,?,?,?,?,?,?)",
+                    (d.key.run_id, d.key.branch_id, d.key.stage, d.seq, d.status, _json(d.verdict), now),
+                )
+            except apsw.ConstraintError:
+                # Idempotent replay of the *same* decision (a coordinator
+                # cancelled after sending it retries with the same seq) is a
+                # success; any other clash is a real duplicate.
+                row = conn.execute(
+                    "SELECT seq, status FROM decisions WHERE run_id = ? AND branch_id = ?"
+                    " AND stage = ?",
+                    (d.key.run_id, d.key.branch_id, d.key.stage),
+                ).fetchone()
+                if row is not None and (row[0], row[1]) == (d.seq, d.status):
+                    return StoreAck(ok=True, duplicate=True)
+                raise
         elif isinstance(item, PersistEvent):
             conn.execute(
                 "INSERT INTO events (run_id, branch_id, kind, stage, agent, attempt, detail, at)"
@@ -300,11 +312,12 @@ class Store:
             )
         else:  # pragma: no cover - the type says this cannot happen
             raise TypeError(f"not a store write: {item!r}")
+        return None
 
     # -- reads --------------------------------------------------------------
 
     def get_run(self, run_id: str) -> RunRow | None:
-        row = self._conn.execute(
+        row: Any = self._conn.execute(
             "SELECT run_id, spec_id, goal, seed, pipeline, status, halt_reason,"
             " current_branch_id, input_tokens, cached_input_tokens, output_tokens,"
             " reasoning_output_tokens, total_tokens, digest, created_at, updated_at"
@@ -314,7 +327,7 @@ class Store:
         return None if row is None else _run_row(row)
 
     def list_runs(self, limit: int = 20) -> list[RunRow]:
-        rows = self._conn.execute(
+        rows: list[Any] = self._conn.execute(
             "SELECT run_id, spec_id, goal, seed, pipeline, status, halt_reason,"
             " current_branch_id, input_tokens, cached_input_tokens, output_tokens,"
             " reasoning_output_tokens, total_tokens, digest, created_at, updated_at"
@@ -324,7 +337,7 @@ class Store:
         return [_run_row(r) for r in rows]
 
     def branches(self, run_id: str) -> list[BranchRow]:
-        rows = self._conn.execute(
+        rows: list[Any] = self._conn.execute(
             "SELECT branch_id, run_id, parent_branch_id, fork_stage, created_at"
             " FROM branches WHERE run_id = ? ORDER BY created_at, branch_id",
             (run_id,),
@@ -345,7 +358,7 @@ class Store:
         if branch_id is not None:
             sql += " AND branch_id = ?"
             args += (branch_id,)
-        rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
+        rows: list[Any] = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [
             DecisionRow(
                 run_id=r[0],
@@ -381,7 +394,7 @@ class Store:
             args += (stage,)
         if accepted_only:
             sql += " AND status = 'accepted'"
-        rows = self._conn.execute(sql + " ORDER BY stage, agent, attempt", args).fetchall()
+        rows: list[Any] = self._conn.execute(sql + " ORDER BY stage, agent, attempt", args).fetchall()
         return [
             OutputRow(
                 run_id=r[0],
@@ -402,7 +415,7 @@ class Store:
         ]
 
     def events(self, run_id: str) -> list[EventRow]:
-        rows = self._conn.execute(
+        rows: list[Any] = self._conn.execute(
             "SELECT id, run_id, branch_id, kind, stage, agent, attempt, detail, at"
             " FROM events WHERE run_id = ? ORDER BY id",
             (run_id,),
@@ -423,7 +436,7 @@ class Store:
         ]
 
     def integrity_check(self) -> str:
-        rows = self._conn.execute("PRAGMA integrity_check").fetchall()
+        rows: list[Any] = self._conn.execute("PRAGMA integrity_check").fetchall()
         return "; ".join(str(r[0]) for r in rows)
 
     def foreign_key_violations(self) -> int:

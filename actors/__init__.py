@@ -1,0 +1,98 @@
+"""Conclave's actors and the runtime that wires them.
+
+Embed it in any trio program::
+
+    async with actors.open_orchestrator(store="conclave.db") as orch:
+        result = await orch.run("SPEC-1", goal="...")
+
+Agents, the provider gateway, the consensus coordinator, the metrics
+accumulator and the store writer are trio tasks that share no mutable state
+and talk only through the typed channels of :mod:`messages`.
+"""
+
+from ._agent import Agent, build_prompt
+from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
+from ._coordinator import Coordinator, DecisionNotDurable, RunContext
+from ._digest import compute_digest
+from ._gateway import Gateway
+from ._ids import new_branch_id, new_run_id, short_branch_id
+from ._metrics import MetricsAccumulator
+from ._pipeline import (
+    KNOWN_AGENTS,
+    AgentSpec,
+    Pipeline,
+    PipelineError,
+    Quorum,
+    StageSpec,
+    canonical_agent,
+    canonical_stage,
+    default_pipeline,
+    load_pipeline,
+    parse_pipeline,
+    pipeline_from_dict,
+    pipeline_with_panel,
+)
+from ._provider import BaseProvider, MockProvider
+from ._retry import RetryPolicy
+from ._runtime import (
+    EDGES,
+    ConfigError,
+    Limits,
+    Orchestrator,
+    RunExists,
+    RunResult,
+    StageResult,
+    open_orchestrator,
+)
+from ._sequencer import AlreadyDecided, DecisionSequencer, SequencerBusy, Ticket
+from ._simulator import Latency, SimulatedProvider
+from ._store_writer import StoreWriter
+
+__all__ = [
+    "ADVANCING",
+    "EDGES",
+    "KNOWN_AGENTS",
+    "Agent",
+    "AgentSpec",
+    "AlreadyDecided",
+    "BaseProvider",
+    "ConfigError",
+    "Coordinator",
+    "DecisionNotDurable",
+    "DecisionSequencer",
+    "Gateway",
+    "Latency",
+    "Limits",
+    "MetricsAccumulator",
+    "MockProvider",
+    "Orchestrator",
+    "Pipeline",
+    "PipelineError",
+    "Quorum",
+    "RetryPolicy",
+    "RunContext",
+    "RunExists",
+    "RunResult",
+    "SequencerBusy",
+    "SimulatedProvider",
+    "StageResult",
+    "StageSpec",
+    "StoreWriter",
+    "Ticket",
+    "Verdict",
+    "build_prompt",
+    "canonical_agent",
+    "canonical_stage",
+    "compute_digest",
+    "compute_verdict",
+    "default_pipeline",
+    "load_pipeline",
+    "new_branch_id",
+    "new_run_id",
+    "open_orchestrator",
+    "parse_output",
+    "parse_pipeline",
+    "pipeline_from_dict",
+    "pipeline_with_panel",
+    "short_branch_id",
+]

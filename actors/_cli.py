@@ -1,0 +1,375 @@
+"""The ``conclave`` command line.
+
+Exit codes: 0 completed, 3 halted, 2 bad input or usage, 130 interrupted,
+1 anything else.  ``--json`` prints exactly one JSON object on stdout at
+the end; human output goes to stdout, errors to stderr as one line
+``conclave: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import trio
+import trio.testing
+
+from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
+from store import Store, StoreError
+
+from ._format import tokens, usage_line, verdict_line
+from ._ids import short_branch_id
+from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
+from ._runtime import ConfigError, RunResult, open_orchestrator
+from ._simulator import Latency, SimulatedProvider
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_HALTED = 3
+EXIT_INTERRUPTED = 130
+
+DEFAULT_DB = "conclave.db"
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit 2."""
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"conclave: error: {message}", file=sys.stderr)
+    return code
+
+
+def _json_out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+# -- run -------------------------------------------------------------------
+
+
+class ProgressPrinter:
+    """Prints the run's progress as it happens (human output only)."""
+
+    def __init__(self, out: TextIO, total_stages: int) -> None:
+        self.out = out
+        self.total = total_stages
+        self.index = 0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        w = self.out.write
+        if isinstance(event, RunStarted):
+            w(
+                f"Run {event.run_id} (branch {short_branch_id(event.branch_id)}) "
+                f"of {event.spec_id}: {' -> '.join(event.stages)}\n"
+            )
+        elif isinstance(event, StageStarted):
+            self.index += 1
+            w(
+                f"\nSTAGE {self.index}/{self.total}: {event.key.stage.upper()} ({event.mode})\n"
+                f"  agents: {', '.join(event.agents)}\n"
+            )
+        elif isinstance(event, AgentFinished):
+            if event.ok:
+                note = " (reused)" if event.replayed else ""
+                w(f"    {event.key.agent}: answered after {event.attempts} attempt(s){note}\n")
+            else:
+                w(f"    {event.key.agent}: FAILED after {event.attempts} attempt(s): {event.error}\n")
+        elif isinstance(event, StageDecided):
+            d = event.decision
+            w(verdict_line(d.key.stage, d.seq, d.status, d.verdict) + "\n")
+        self.out.flush()
+
+
+def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
+    decided = len(result.stages)
+    clock = "simulated" if virtual else "wall"
+    lines = [""]
+    if result.completed:
+        lines.append(f"Run {result.run_id} completed: {decided} stage(s) decided.")
+    else:
+        lines.append(f"Run {result.run_id} HALTED: {result.halt_message}")
+    lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
+    lines.append(f"  {clock} time: {elapsed:.1f}s | digest: {result.digest[:16]}… | db: {db}")
+    return "\n".join(lines)
+
+
+async def _run_pipeline(
+    args: argparse.Namespace, store: Store, pipeline: Pipeline, virtual: bool
+) -> tuple[RunResult, float]:
+    provider = SimulatedProvider(
+        seed=args.seed,
+        disagreement_rate=args.disagreement_rate,
+        latency=Latency(median=args.sim_latency),
+    )
+    printer = None if args.json else ProgressPrinter(sys.stdout, len(pipeline.stages))
+    started = trio.current_time()
+    async with open_orchestrator(store=store, provider=provider, pipeline=pipeline, seed=args.seed) as orch:
+        async with trio.open_nursery() as nursery:
+            if printer is not None:
+                events = orch.subscribe()
+
+                async def show() -> None:
+                    async for event in events:
+                        printer(event)
+
+                nursery.start_soon(show)
+            try:
+                result = await orch.run(args.spec_id, goal=args.goal, run_id=args.run_id)
+            finally:
+                nursery.cancel_scope.cancel()
+    return result, trio.current_time() - started
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
+    except PipelineError as exc:
+        return _fail(str(exc))
+    try:
+        store = Store.open(args.db)
+    except StoreError as exc:
+        return _fail(str(exc))
+    with store:
+        if args.run_id is not None and store.get_run(args.run_id) is not None:
+            return _fail(f"run id {args.run_id!r} already exists in {args.db}")
+        virtual = args.clock == "virtual"
+        clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
+        try:
+            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, clock=clock)
+        except KeyboardInterrupt:
+            return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+        except ConfigError as exc:
+            return _fail(str(exc))
+    if args.json:
+        _json_out(result.to_json())
+    else:
+        print(_summary(result, args.db, virtual, elapsed))
+    return EXIT_OK if result.completed else EXIT_HALTED
+
+
+# -- status / decisions ------------------------------------------------------
+
+
+def _open_readonly(path: str) -> Store:
+    return Store.open(path, readonly=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        store = _open_readonly(args.db)
+    except StoreError as exc:
+        return _fail(str(exc))
+    with store:
+        if args.run_id is None:
+            runs = store.list_runs(args.limit)
+            if args.json:
+                _json_out({"runs": [_run_json(store, r.run_id) for r in runs]})
+            elif not runs:
+                print(f"no runs in {args.db}")
+            else:
+                for r in runs:
+                    stages = len(store.decisions(r.run_id, r.current_branch_id))
+                    print(
+                        f"{r.run_id}  {r.status:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
+                        f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"
+                    )
+            return EXIT_OK
+        run = store.get_run(args.run_id)
+        if run is None:
+            return _fail(f"no run {args.run_id!r} in {args.db}")
+        info = _run_json(store, run.run_id)
+        if args.json:
+            _json_out(info)
+            return EXIT_OK
+        print(f"run {run.run_id}: {run.status}" + (f" ({run.halt_reason})" if run.halt_reason else ""))
+        print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(run.current_branch_id or '')}")
+        print(f"  goal: {run.goal or '-'}")
+        for s in info["stages"]:
+            print(f"  {s['stage']:<10} {s['status'] or 'pending'}")
+        print(f"  usage: {usage_line(run.usage)}")
+        if run.digest:
+            print(f"  digest: {run.digest}")
+        return EXIT_OK
+
+
+def _run_json(store: Store, run_id: str) -> dict[str, Any]:
+    run = store.get_run(run_id)
+    assert run is not None
+    decided = {d.stage: d for d in store.decisions(run_id, run.current_branch_id)}
+    return {
+        "run_id": run.run_id,
+        "branch_id": run.current_branch_id,
+        "spec_id": run.spec_id,
+        "goal": run.goal,
+        "seed": run.seed,
+        "status": run.status,
+        "halt_reason": run.halt_reason,
+        "stages": [
+            {
+                "stage": s["name"],
+                "status": decided[s["name"]].status if s["name"] in decided else None,
+                "seq": decided[s["name"]].seq if s["name"] in decided else None,
+            }
+            for s in run.pipeline["stages"]
+        ],
+        "usage": run.usage.as_dict(),
+        "digest": run.digest,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+    }
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    try:
+        store = _open_readonly(args.db)
+    except StoreError as exc:
+        return _fail(str(exc))
+    with store:
+        run = store.get_run(args.run_id)
+        if run is None:
+            return _fail(f"no run {args.run_id!r} in {args.db}")
+        rows = store.decisions(run.run_id, run.current_branch_id)
+        if args.json:
+            _json_out(
+                {
+                    "run_id": run.run_id,
+                    "branch_id": run.current_branch_id,
+                    "decisions": [
+                        {
+                            "stage": d.stage,
+                            "seq": d.seq,
+                            "status": d.status,
+                            "decided_at": d.decided_at,
+                            "verdict": d.verdict,
+                        }
+                        for d in rows
+                    ],
+                }
+            )
+            return EXIT_OK
+        print(f"decisions of {run.run_id} (branch {short_branch_id(run.current_branch_id or '')}):")
+        if not rows:
+            print("  none yet")
+        for d in rows:
+            print(verdict_line(d.stage, d.seq, d.status, d.verdict))
+            for conflict in d.verdict.get("conflicts") or ():
+                print(f"      conflict: {conflict}")
+        return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help=f"SQLite database file (default: ./{DEFAULT_DB})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conclave",
+        description=(
+            "Run multi-agent LLM pipelines that must reach consensus. Every stage is "
+            "answered by several agents and decided exactly once; state lives in SQLite."
+        ),
+        epilog="Exit codes: 0 completed, 3 halted, 2 bad input, 130 interrupted, 1 other error.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a pipeline (default: the embedded simulated provider)",
+        description=(
+            "Run every stage of a pipeline and decide each by consensus. A stage that "
+            "ends in conflict or no_consensus halts the run (exit 3)."
+        ),
+    )
+    run.add_argument("spec_id", nargs="?", default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
+    run.add_argument("--goal", default="", help="what the agents should achieve")
+    run.add_argument("--pipeline", metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
+    _add_db(run)
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0); same seed, same digest")
+    run.add_argument("--run-id", metavar="ID", help="use this run id instead of a generated one")
+    run.add_argument("--disagreement-rate", type=_unit_interval, default=0.03, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
+    run.add_argument("--sim-latency", type=_non_negative, default=2.0, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")
+    run.add_argument(
+        "--clock",
+        choices=("virtual", "real"),
+        default="virtual",
+        help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
+    )
+    run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
+    status.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    _add_db(status)
+    status.add_argument("--limit", type=int, default=20, help="runs to list (default: 20)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=cmd_status)
+
+    decisions = sub.add_parser("decisions", help="show a run's decisions", description="Show every decision of a run with its verdict.")
+    decisions.add_argument("run_id", metavar="RUN_ID")
+    _add_db(decisions)
+    decisions.add_argument("--json", action="store_true", help="print JSON")
+    decisions.set_defaults(handler=cmd_decisions)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Later features register their subcommands here: f(subparsers) -> None.
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except UsageError as exc:
+        return _fail(str(exc))
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not our error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except Exception as exc:  # anything else: one line, exit 1, no traceback
+        return _fail(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
+    return code
+
+
+def console_main() -> None:
+    sys.exit(main())

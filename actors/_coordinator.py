@@ -1,0 +1,166 @@
+"""The consensus coordinator: drives one run's stages, decides each once.
+
+For each stage it dispatches :class:`~messages.AgentRequest`s (one after
+another for a sequential stage, each later agent seeing the earlier
+answers; all at once for a parallel stage), collects exactly one reply per
+agent - dropping duplicates and late replies by identity - computes the
+verdict, and makes the decision durable before the stage advances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import attrs
+import trio
+
+from messages import (
+    AgentFinished,
+    AgentOutput,
+    AgentReply,
+    AgentRequest,
+    ConclaveError,
+    Decision,
+    Outbox,
+    PersistDecision,
+    PersistEvent,
+    PriorOutput,
+    ProgressEvent,
+    StageDecided,
+    StageKey,
+    StageStarted,
+    StoreWrite,
+    reply_pair,
+)
+
+from ._consensus import Verdict, compute_verdict
+from ._pipeline import StageSpec
+from ._sequencer import DecisionSequencer
+
+
+class DecisionNotDurable(ConclaveError):
+    """The store refused a decision: the stage cannot advance."""
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class RunContext:
+    run_id: str
+    branch_id: str
+    spec_id: str
+    goal: str
+
+
+Publish = Callable[[ProgressEvent], None]
+
+
+def _no_progress(event: ProgressEvent) -> None:
+    pass
+
+
+@attrs.define(kw_only=True, eq=False)
+class Coordinator:
+    ctx: RunContext
+    agents: Mapping[str, Outbox[AgentRequest]]
+    replies_to: Outbox[AgentReply]
+    replies: trio.MemoryReceiveChannel[AgentReply]
+    store: Outbox[StoreWrite]
+    sequencer: DecisionSequencer = attrs.field(factory=DecisionSequencer)
+    publish: Publish = _no_progress
+    late_replies: int = 0
+    duplicate_replies: int = 0
+
+    def stage_key(self, stage: str) -> StageKey:
+        return StageKey(run_id=self.ctx.run_id, branch_id=self.ctx.branch_id, stage=stage)
+
+    async def run_stage(self, stage: StageSpec) -> tuple[Decision, dict[str, AgentOutput]]:
+        """Dispatch, collect, decide.  Returns the durable decision and the
+        accepted outputs it was made on."""
+        key = self.stage_key(stage.name)
+        self.publish(StageStarted(key=key, agents=stage.agents, mode=stage.mode))
+        await self.store.send(
+            PersistEvent(
+                run_id=key.run_id,
+                branch_id=key.branch_id,
+                kind="stage_start",
+                stage=stage.name,
+                detail={"agents": list(stage.agents), "mode": stage.mode},
+            )
+        )
+        outputs = await self.collect(stage, key)
+        verdict = compute_verdict(stage, outputs)
+        return await self.decide(key, verdict), outputs
+
+    async def collect(self, stage: StageSpec, key: StageKey) -> dict[str, AgentOutput]:
+        outputs: dict[str, AgentOutput] = {}
+        if stage.mode == "parallel":
+            for agent in stage.agents:
+                await self._dispatch(key, agent, ())
+            await self._await_replies(key, set(stage.agents), outputs)
+        else:
+            for agent in stage.agents:
+                context = tuple(
+                    PriorOutput(agent=a, content=outputs[a].content)
+                    for a in stage.agents
+                    if a in outputs
+                )
+                await self._dispatch(key, agent, context)
+                await self._await_replies(key, {agent}, outputs)
+        return outputs
+
+    async def _dispatch(self, key: StageKey, agent: str, context: tuple[PriorOutput, ...]) -> None:
+        request = AgentRequest(
+            key=key.agent(agent),
+            spec_id=self.ctx.spec_id,
+            goal=self.ctx.goal,
+            context=context,
+            reply_to=self.replies_to,
+        )
+        # Each agent holds at most one request of ours, so its inbox (buffer
+        # 1) always has room: this send never blocks.
+        await self.agents[agent].send(request)
+
+    async def _await_replies(
+        self, key: StageKey, waiting: set[str], outputs: dict[str, AgentOutput]
+    ) -> None:
+        while waiting:
+            reply = await self.replies.receive()
+            agent = reply.key.agent
+            if reply.key.stage_key != key:
+                self.late_replies += 1  # a reply for a stage already decided
+                continue
+            if agent not in waiting:
+                self.duplicate_replies += 1
+                continue
+            waiting.discard(agent)
+            if reply.output is not None:
+                outputs[agent] = reply.output
+            self.publish(
+                AgentFinished(
+                    key=reply.key,
+                    attempts=reply.attempts,
+                    ok=reply.output is not None,
+                    error=reply.error,
+                    replayed=reply.replayed,
+                )
+            )
+
+    async def decide(self, key: StageKey, verdict: Verdict) -> Decision:
+        """Make the one decision of ``key`` durable.
+
+        Exactly once: the sequencer refuses a decided key and serialises
+        decisions; the ticket is acked only after the store's ack, and every
+        other exit (halted store, error, cancellation) cancels it, so the
+        next attempt - or the next stage - is never blocked.  A decision
+        that reached the store before a cancellation is recognised on retry
+        (same key, same seq) instead of being written twice.
+        """
+        with self.sequencer.deciding(key) as ticket:
+            decision = Decision(key=key, seq=ticket.seq, status=verdict.status, verdict=verdict.to_json())
+            reply, pending = reply_pair(f"decision of {key.stage}")
+            await self.store.send(PersistDecision(decision=decision, reply_to=reply))
+            ack = await pending.receive()
+            if not ack.ok:
+                raise DecisionNotDurable(f"decision of stage {key.stage!r} was not stored: {ack.error}")
+            ticket.ack()
+        self.publish(StageDecided(decision=decision))
+        return decision

@@ -1,0 +1,41 @@
+"""Human-readable formatting shared by the CLI's commands."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from messages import TokenUsage
+
+STATUS_MARK = {"ok": "✓", "degraded": "~", "conflict": "✗", "no_consensus": "✗"}
+
+
+def tokens(n: int) -> str:
+    """12.5k, 1.5M, or the number itself (the reference's footer format)."""
+    if n >= 1_000_000:
+        return f"{n / 1_000_000:.1f}M"
+    if n >= 1_000:
+        return f"{n / 1_000:.1f}k"
+    return str(n)
+
+
+def usage_line(usage: TokenUsage, unknown: int = 0) -> str:
+    text = (
+        f"{tokens(usage.input_tokens)} in ({tokens(usage.cached_input_tokens)} cached) / "
+        f"{tokens(usage.output_tokens)} out ({tokens(usage.reasoning_output_tokens)} reasoning)"
+    )
+    if unknown:
+        text += f", {unknown} call(s) with unknown usage"
+    return text
+
+
+def verdict_line(stage: str, seq: int, status: str, verdict: Mapping[str, Any]) -> str:
+    missing = ", ".join(verdict.get("missing_agents") or ()) or "-"
+    invalid = ", ".join(sorted(verdict.get("invalid_agents") or {})) or "-"
+    return (
+        f"  {STATUS_MARK.get(status, '?')} {stage}: {status.upper()} (seq {seq}) | "
+        f"support {verdict.get('support')}/{len(verdict.get('expected_agents') or ())} "
+        f"(quorum {verdict.get('quorum_required')}) | "
+        f"agreements {len(verdict.get('agreements') or ())} | "
+        f"conflicts {len(verdict.get('conflicts') or ())} | missing {missing} | invalid {invalid}"
+    )

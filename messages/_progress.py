@@ -1,0 +1,54 @@
+"""Progress events published to subscribers (the CLI is one).
+
+Delivery is best effort: the runtime sends with ``send_nowait`` and drops an
+event when a subscriber's buffer is full, so a slow subscriber can never
+slow a run.  The :class:`RunResult`-style return value and the store are
+authoritative; progress is for humans.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ._identity import AgentKey, StageKey
+from ._messages import Decision
+
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class RunStarted:
+    run_id: str
+    branch_id: str
+    spec_id: str
+    stages: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class StageStarted:
+    key: StageKey
+    agents: tuple[str, ...]
+    mode: str
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class AgentFinished:
+    key: AgentKey
+    attempts: int
+    ok: bool
+    error: str | None = None
+    replayed: bool = False
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class StageDecided:
+    decision: Decision
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class RunFinished:
+    run_id: str
+    status: str
+    halt_reason: str | None = None
+
+
+ProgressEvent = RunStarted | StageStarted | AgentFinished | StageDecided | RunFinished
