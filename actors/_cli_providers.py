@@ -52,7 +52,7 @@ def add_serve_mock_command(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the answers and usage (default: 0)")
     parser.add_argument(
-        "--disagreement-rate", type=float, default=0.1, help="chance an agent dissents (simulator's default: 0.1)"
+        "--disagreement-rate", type=float, default=0.03, help="chance an agent dissents (as conclave run: 0.03)"
     )
     parser.add_argument(
         "--fault", action="append", default=[], metavar="KIND[:N]",
@@ -193,6 +193,8 @@ def provider_configs_from_args(
             stream=getattr(args, "stream", True),
             seed=seed if isinstance(seed, int) else 0,
             timeout=getattr(args, "request_timeout", None),
+            disagreement_rate=getattr(args, "disagreement_rate", None),
+            sim_latency=getattr(args, "sim_latency", None),
         )
     return configs
 

@@ -148,7 +148,7 @@ class MockBackend:
         self,
         *,
         seed: int = 0,
-        disagreement_rate: float = 0.1,
+        disagreement_rate: float = 0.03,
         faults: Sequence[FaultRule] = (),
         reset_seconds: float = 1.0,
         slow_seconds: float = 30.0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import httpx
@@ -24,7 +25,7 @@ from ._anthropic import DEFAULT_ANTHROPIC_BASE_URL, AnthropicProvider
 from ._http_provider import DEFAULT_TIMEOUT, TokenSource
 from ._openai import DEFAULT_OPENAI_BASE_URL, OpenAIProvider
 from ._provider import BaseProvider
-from ._simulator import SimulatedProvider
+from ._simulator import Latency, SimulatedProvider
 
 PROVIDER_NAMES = ("anthropic", "openai", "sim")
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -87,10 +88,22 @@ class ProviderConfig:
     stream: bool = True
     seed: int = 0
     timeout: float | None = None
+    disagreement_rate: float | None = None  # sim only; None: the simulator's default
+    sim_latency: float | None = None  # sim only: median seconds; None: the simulator's default
+
+    @property
+    def remote(self) -> bool:
+        """Whether calls leave the process (and so need the real clock)."""
+        return self.name != "sim"
 
     def build(self, *, transport: httpx.AsyncBaseTransport | None = None) -> BaseProvider:
         if self.name == "sim":
-            return SimulatedProvider(seed=self.seed)
+            options: dict[str, Any] = {}
+            if self.disagreement_rate is not None:
+                options["disagreement_rate"] = self.disagreement_rate
+            if self.sim_latency is not None:
+                options["latency"] = Latency(median=self.sim_latency)
+            return SimulatedProvider(seed=self.seed, **options)
         timeout = DEFAULT_TIMEOUT if self.timeout is None else httpx.Timeout(self.timeout, connect=min(5.0, self.timeout))
         common = dict(
             api_key=self.api_key,
@@ -118,6 +131,8 @@ def resolve_provider(
     stream: bool = True,
     seed: int = 0,
     timeout: float | None = None,
+    disagreement_rate: float | None = None,
+    sim_latency: float | None = None,
 ) -> ProviderConfig:
     """Validate a provider's configuration without building anything."""
     if name not in PROVIDER_NAMES:
@@ -127,7 +142,9 @@ def resolve_provider(
     if timeout is not None and not timeout > 0:
         raise ProviderConfigError(f"provider {name!r}: the request timeout must be positive, got {timeout!r}")
     if name == "sim":
-        return ProviderConfig(name=name, seed=seed, model=model)
+        return ProviderConfig(
+            name=name, seed=seed, model=model, disagreement_rate=disagreement_rate, sim_latency=sim_latency
+        )
     environ: Mapping[str, str] = os.environ if env is None else env
     url = base_url if base_url is not None else environ.get(BASE_URL_ENV[name]) or DEFAULT_BASE_URL[name]
     url = validate_base_url(url, provider=name)
