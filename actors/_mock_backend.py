@@ -208,7 +208,9 @@ class MockBackend:
     def _chat(self, request: MockRequest) -> MockReply:
         self.ledger.requests += 1
         if not self._authorised(request.headers):
-            return _error(401, "Incorrect API key provided.", "invalid_request_error")
+            # Echo what was sent, as some servers do: clients must redact.
+            given = request.headers.get("authorization", "").removeprefix("Bearer ") or request.headers.get("api-key", "")
+            return _error(401, f"Incorrect API key provided: {given}.", "invalid_request_error")
         try:
             body = json.loads(request.body)
         except ValueError:
