@@ -52,6 +52,16 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(exc))
+
+
 def _json_out(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
 
@@ -185,10 +195,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
             result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, configs, clock=clock)
-        except KeyboardInterrupt:
-            return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
         except ConfigError as exc:
             return _fail(str(exc))
+        except BaseException as exc:
+            if _is_interrupt(exc):
+                return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            raise
     if args.json:
         _json_out(result.to_json())
     else:
@@ -384,16 +396,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
     except UsageError as exc:
         return _fail(str(exc))
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not our error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
-    except Exception as exc:  # anything else: one line, exit 1, no traceback
-        return _fail(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
+    except BaseException as exc:
+        if _is_interrupt(exc):
+            return _fail("interrupted", EXIT_INTERRUPTED)
+        if not isinstance(exc, Exception):
+            raise  # SystemExit and friends
+        # Anything else: one line per failure, exit 1, no traceback.
+        for leaf in _leaves(exc):
+            _fail(f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
+        return EXIT_ERROR
     return code
 
 

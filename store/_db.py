@@ -17,7 +17,10 @@ from ._schema import SCHEMA_VERSION, check_version, migrate
 Durability = Literal["full", "normal"]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
-BUSY_TIMEOUT_MS = 5000
+# Short on purpose: SQLite's busy handler blocks the calling thread (the trio
+# loop, for the store writer); longer waits happen in the writer's retry
+# loop, which sleeps on trio's clock instead.
+BUSY_TIMEOUT_MS = 250
 
 
 def _check_file(path: str, readonly: bool) -> bool:
@@ -32,7 +35,10 @@ def _check_file(path: str, readonly: bool) -> bool:
             raise StoreError(f"{path}: cannot read database file: {exc.strerror}") from exc
         if header and header != _SQLITE_HEADER:
             raise NotADatabase(f"{path}: not an SQLite database (unrecognised file header)")
-        if not readonly and not os.access(path, os.W_OK):
+        # Mode bits too: root passes os.access() on a file nobody may write.
+        if not readonly and (
+            not os.access(path, os.W_OK) or not os.stat(path).st_mode & 0o222
+        ):
             raise StoreError(f"{path}: database file is read-only; cannot write to it")
         return True
     if readonly:
@@ -46,7 +52,11 @@ def _check_file(path: str, readonly: bool) -> bool:
 
 
 def open_connection(
-    path: str, *, readonly: bool = False, durability: Durability = "full"
+    path: str,
+    *,
+    readonly: bool = False,
+    durability: Durability = "full",
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
 ) -> apsw.Connection:
     """Open ``path``, refuse what we cannot use, then set pragmas and migrate.
 
@@ -65,7 +75,7 @@ def open_connection(
     except apsw.CantOpenError as exc:
         raise StoreError(f"{path}: cannot open database: {exc}") from exc
     try:
-        conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        conn.setbusytimeout(busy_timeout_ms)
         try:
             version = check_version(conn, path)
         except apsw.NotADBError as exc:

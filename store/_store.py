@@ -28,7 +28,7 @@ from messages import (
     TokenUsage,
 )
 
-from ._db import Durability, open_connection
+from ._db import BUSY_TIMEOUT_MS, Durability, open_connection
 
 
 def wall_clock_ms() -> int:
@@ -154,11 +154,15 @@ class Store:
         *,
         readonly: bool = False,
         durability: Durability = "full",
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> Store:
         """Open (creating and migrating unless ``readonly``).  Raises
         :class:`StoreError` naming the file and the problem."""
-        return cls(open_connection(path, readonly=readonly, durability=durability), path, clock=clock)
+        conn = open_connection(
+            path, readonly=readonly, durability=durability, busy_timeout_ms=busy_timeout_ms
+        )
+        return cls(conn, path, clock=clock)
 
     def close(self) -> None:
         self._conn.close()

@@ -16,7 +16,7 @@ from actors._pipeline import default_pipeline, parse_pipeline
 from actors._provider_factory import ProviderConfigError, build_provider
 from actors._simulator import SimulatedProvider
 
-from _providers_support import SECRET
+from tests._providers_support import SECRET
 
 
 def test_build_provider_reads_the_key_from_the_given_env() -> None:

@@ -28,7 +28,7 @@ from messages import (
     is_retryable,
 )
 
-from _providers_support import SECRET, fixed, make_request, raising
+from tests._providers_support import SECRET, fixed, make_request, raising
 
 WALL = 1_800_000_000.0  # a fixed wall clock for date-shaped hints
 

@@ -16,7 +16,7 @@ from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
 from messages import AuthenticationFailed, Disconnected, ProviderUnavailable, RateLimited, TokenUsage
 
-from _providers_support import SECRET, make_request
+from tests._providers_support import SECRET, make_request
 
 
 def recording(handler: Any, seen: list[httpx.Request]) -> httpx.MockTransport:

@@ -21,7 +21,7 @@ from actors._runtime import open_orchestrator
 from actors._simulator import Latency, SimulatedProvider
 from store import Store
 
-from _providers_support import SECRET
+from tests._providers_support import SECRET
 
 SEED = 6
 _META = re.compile(r"conclave-request: (\{.*\})")

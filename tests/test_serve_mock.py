@@ -19,7 +19,7 @@ from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
 from messages import Disconnected, ProviderTimeout, RateLimited, TokenUsage
 
-from _providers_support import SECRET, make_request
+from tests._providers_support import SECRET, make_request
 
 
 @pytest.fixture

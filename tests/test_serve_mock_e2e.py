@@ -17,7 +17,7 @@ import httpx
 
 from store import Store
 
-from _providers_support import SECRET
+from tests._providers_support import SECRET
 
 SEED = 6
 SPEC = "SPEC-E2E"

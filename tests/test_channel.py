@@ -1,0 +1,119 @@
+"""The interceptor seam and reply slots keep trio's channel contracts."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from messages import (
+    ActorStopped,
+    Forward,
+    FunctionInterceptor,
+    Interceptor,
+    fail_pending,
+    open_channel,
+    reply_pair,
+)
+
+
+async def test_pass_through_by_default() -> None:
+    send, receive = open_channel(1, interceptors=[Interceptor()])
+    await send.send("x")
+    assert receive.receive_nowait() == "x"
+
+
+async def test_interceptors_compose_in_order() -> None:
+    seen: list[str] = []
+
+    def tag(label: str) -> FunctionInterceptor[str]:
+        async def handler(item: str, forward: Forward[str]) -> None:
+            seen.append(label)
+            await forward(item + label)
+
+        return FunctionInterceptor(handler)
+
+    send, receive = open_channel(1, interceptors=[tag("a"), tag("b")])
+    await send.send("x")
+    assert seen == ["a", "b"]
+    assert receive.receive_nowait() == "xab"
+
+
+async def test_interceptor_can_answer_instead_of_forwarding() -> None:
+    async def swallow(item: int, forward: Forward[int]) -> None:
+        if item % 2:
+            await forward(item)
+
+    send, receive = open_channel(10, interceptors=[FunctionInterceptor(swallow)])
+    for i in range(6):
+        await send.send(i)
+    assert [receive.receive_nowait() for _ in range(3)] == [1, 3, 5]
+
+
+async def test_cancelled_send_sent_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    async def slow(item: str, forward: Forward[str]) -> None:
+        await trio.sleep(10)  # decide first...
+        await forward(item)  # ...then forward, as the last await
+
+    send, receive = open_channel(1, interceptors=[FunctionInterceptor(slow)])
+    with trio.move_on_after(5):
+        await send.send("lost?")
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_nowait()
+    # And a full channel: the blocked send is cancelled and delivers nothing.
+    plain, plain_rx = open_channel(0)
+    with trio.move_on_after(1):
+        await plain.send("x")
+    with pytest.raises(trio.WouldBlock):
+        plain_rx.receive_nowait()
+
+
+async def test_closed_channel_raises_actor_stopped() -> None:
+    send, receive = open_channel(1, name="gateway")
+    receive.close()
+    with pytest.raises(ActorStopped, match="gateway"):
+        await send.send(1)
+    with pytest.raises(ActorStopped):
+        send.send_nowait(1)
+
+
+async def test_send_nowait_refused_with_interceptors() -> None:
+    send, _ = open_channel(1, interceptors=[Interceptor()])
+    with pytest.raises(TypeError):
+        send.send_nowait(1)
+
+
+def test_buffer_size_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_buffer_size"):
+        open_channel(-1)
+
+
+async def test_reply_slot_delivers_once() -> None:
+    reply, pending = reply_pair("test")
+    assert reply.send(1) is True
+    assert reply.send(2) is False  # a second answer is dropped
+    assert await pending.receive() == 1
+
+
+async def test_unanswered_reply_is_a_typed_failure() -> None:
+    reply, pending = reply_pair("the thing")
+    reply.close()
+    with pytest.raises(ActorStopped, match="the thing"):
+        await pending.receive()
+
+
+async def test_fail_pending_fails_queued_requests_and_closes_inbox() -> None:
+    class Request:
+        def __init__(self) -> None:
+            self.reply_to, self.pending = reply_pair("queued")
+
+    send, receive = open_channel(4)
+    requests = [Request() for _ in range(3)]
+    for r in requests:
+        await send.send(r)
+    assert fail_pending(receive) == 3
+    for r in requests:
+        with pytest.raises(ActorStopped):
+            await r.pending.receive()
+    with pytest.raises(ActorStopped):
+        await send.send(Request())

@@ -1,0 +1,118 @@
+"""Bad input: one clear line naming the problem, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+
+PIPELINES = {
+    "invalid_toml": ("[[stages]\nname = 'plan'", "invalid TOML"),
+    "unknown_stage": ('[[stages]]\nname = "deploy"', "unknown stage"),
+    "unknown_agent": ('[[stages]]\nname = "plan"\nagents = ["gemini", "hal9000"]', "unknown agent 'hal9000'"),
+    "quorum_too_large": ('[[stages]]\nname = "plan"\nquorum = 5', "quorum 5 is larger than the panel of 3"),
+}
+
+
+def assert_one_line_error(stderr: str, needle: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("conclave: error: ")
+    assert needle in lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(PIPELINES))
+def test_bad_pipeline(tmp_path: Path, case: str) -> None:
+    text, needle = PIPELINES[case]
+    pipeline = tmp_path / "pipeline.toml"
+    pipeline.write_text(text)
+    db = tmp_path / "new.db"
+    proc = run_cli(["run", "--pipeline", str(pipeline), "--db", str(db)])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, needle)
+    assert str(pipeline) in proc.stderr
+    assert not db.exists(), "nothing may be written"
+    assert proc.stdout == ""
+
+
+def test_missing_pipeline_file(tmp_path: Path) -> None:
+    proc = run_cli(["run", "--pipeline", str(tmp_path / "nope.toml"), "--db", str(tmp_path / "x.db")])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "no such pipeline file")
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "parent_is_file", "is_dir"])
+def test_unwritable_db_path(tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("x")
+    db = {
+        "missing_dir": tmp_path / "no" / "such" / "dir" / "c.db",
+        "parent_is_file": tmp_path / "file" / "c.db",
+        "is_dir": tmp_path,
+    }[where]
+    before = sorted(os.listdir(tmp_path))
+    proc = run_cli(["run", "--db", str(db)])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, str(db))
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_read_only_db_file_is_refused_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "ro.db"
+    assert run_cli(["run", "--db", str(db), "--disagreement-rate", "0"]).returncode == 0
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"ro.db{suffix}").unlink(missing_ok=True)
+    db.chmod(0o444)
+    before = db.read_bytes()
+    proc = run_cli(["run", "--db", str(db)])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "read-only")
+    assert db.read_bytes() == before
+
+
+def test_existing_run_id_is_refused(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    assert run_cli(["run", "--db", db, "--run-id", "R", "--disagreement-rate", "0"]).returncode == 0
+    proc = run_cli(["run", "--db", db, "--run-id", "R"])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "run id 'R' already exists")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--seed", "abc"], "invalid int value"),
+        (["run", "--disagreement-rate", "1.5"], "must be between 0 and 1"),
+        (["run", "--sim-latency", "-1"], "must be a finite number >= 0"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert not (tmp_path / "conclave.db").exists()
+
+
+def test_status_of_unknown_run_or_missing_db(tmp_path: Path) -> None:
+    proc = run_cli(["status", "nope", "--db", str(tmp_path / "missing.db")])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "no such database file")
+    assert not (tmp_path / "missing.db").exists()
+    db = str(tmp_path / "c.db")
+    assert run_cli(["run", "--db", db, "--disagreement-rate", "0"]).returncode == 0
+    proc = run_cli(["decisions", "nope", "--db", db])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "no run 'nope'")
+
+
+def test_help_explains_commands() -> None:
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0
+    for word in ("run", "status", "decisions", "Exit codes"):
+        assert word in proc.stdout
+    run_help = run_cli(["run", "--help"])
+    assert "--seed" in run_help.stdout and "--json" in run_help.stdout and "--pipeline" in run_help.stdout

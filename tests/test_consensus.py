@@ -1,0 +1,143 @@
+"""Consensus computed for real: one test per status, plus unparseable output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from actors import compute_verdict, parse_output, parse_pipeline
+from messages import AgentKey, AgentOutput
+
+PIPELINE = parse_pipeline(
+    """
+    [[stages]]
+    name = "audit"
+    agents = ["gemini", "claude", "gpt_pro"]
+    mode = "parallel"
+    """
+)
+STAGE = PIPELINE.stage("audit")
+
+
+def out(agent: str, content: str) -> AgentOutput:
+    return AgentOutput(
+        key=AgentKey(run_id="r", branch_id="b", stage="audit", agent=agent),
+        attempt=1,
+        status="accepted",
+        content=content,
+        format="json",
+        usage=None,
+        model="m",
+        provider="sim",
+    )
+
+
+def answer(agent: str, verdict: str = "pass", **extra: Any) -> AgentOutput:
+    body = {"stage": "audit", "agent": agent, "audit_verdict": verdict, **extra}
+    return out(agent, json.dumps(body))
+
+
+def aggregator(verdict: str = "pass", conflicts: list[str] | None = None) -> AgentOutput:
+    return answer(
+        "gpt_pro",
+        verdict,
+        consensus={"agreements": ["security reviewed"], "conflicts": conflicts or []},
+    )
+
+
+def test_ok() -> None:
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": aggregator()})
+    assert v.status == "ok" and v.advances
+    assert v.missing_agents == () and v.conflicts == () and dict(v.invalid_agents) == {}
+    assert "security reviewed" in v.agreements
+    assert "audit_verdict: agreed by claude, gemini, gpt_pro" in v.agreements
+    assert v.support == 3 and v.quorum_required == 2
+    assert set(v.outputs) == {"gemini", "claude", "gpt_pro"}
+
+
+def test_degraded_with_a_missing_agent() -> None:
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "gpt_pro": aggregator()})
+    assert v.status == "degraded" and v.advances
+    assert v.missing_agents == ("claude",)
+    assert v.present_agents == ("gemini", "gpt_pro")
+    assert v.conflicts == ()
+
+
+def test_degraded_when_a_dissenter_is_outvoted() -> None:
+    v = compute_verdict(STAGE, {"gemini": answer("gemini", "fail"), "claude": answer("claude"), "gpt_pro": aggregator()})
+    assert v.status == "degraded"
+    assert v.conflicts == ("audit_verdict: gemini disagree(s) with claude, gpt_pro",)
+
+
+def test_conflict_when_no_group_reaches_quorum() -> None:
+    v = compute_verdict(
+        STAGE,
+        {"gemini": answer("gemini", "fail"), "claude": answer("claude", "pass"), "gpt_pro": aggregator("unsure")},
+    )
+    assert v.status == "conflict" and not v.advances
+    assert v.support == 1
+    assert len(v.conflicts) == 2
+
+
+def test_conflict_reported_by_the_aggregator() -> None:
+    v = compute_verdict(
+        STAGE,
+        {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": aggregator(conflicts=["scope differs"])},
+    )
+    assert v.status == "conflict"
+    assert v.conflicts == ("scope differs",)
+
+
+def test_no_consensus_when_too_few_agents_answer() -> None:
+    v = compute_verdict(STAGE, {"gemini": answer("gemini")})
+    assert v.status == "no_consensus" and not v.advances
+    assert v.missing_agents == ("claude", "gpt_pro")
+    assert v.support == 1 and v.quorum_required == 2
+
+
+def test_unparseable_output_is_text_and_missing_its_fields() -> None:
+    v = compute_verdict(
+        STAGE, {"gemini": out("gemini", "I think it passes, mostly."), "claude": answer("claude"), "gpt_pro": aggregator()}
+    )
+    assert v.status == "degraded"
+    assert v.invalid_agents["gemini"] == STAGE.required_fields
+    assert "gemini" in v.present_agents and v.missing_agents == ()
+
+
+def test_missing_required_field_makes_an_agent_invalid() -> None:
+    body = json.dumps({"stage": "audit", "agent": "claude"})
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": out("claude", body), "gpt_pro": aggregator()})
+    assert v.invalid_agents == {"claude": ("audit_verdict",)}
+    assert v.status == "degraded"
+
+
+def test_quorum_all_turns_any_dissent_into_conflict() -> None:
+    stage = parse_pipeline('[[stages]]\nname = "audit"\nquorum = "all"').stage("audit")
+    v = compute_verdict(stage, {"gemini": answer("gemini", "fail"), "claude": answer("claude"), "gpt_pro": aggregator()})
+    assert v.status == "conflict"
+
+
+def test_verdict_json_is_canonical() -> None:
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": aggregator()})
+    data = v.to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert data["status"] == "ok" and data["expected_agents"] == ["gemini", "claude", "gpt_pro"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 1}',
+        'Here you go:\n```json\n{"a": 1}\n```\nDone.',
+        'prefix {"a": 1} suffix',
+    ],
+)
+def test_parse_output_finds_the_object(text: str) -> None:
+    assert parse_output(text) == {"a": 1}
+
+
+@pytest.mark.parametrize("text", ["", "no json", "[1, 2]", "{broken", '"string"'])
+def test_parse_output_rejects_non_objects(text: str) -> None:
+    assert parse_output(text) is None

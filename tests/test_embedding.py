@@ -1,0 +1,77 @@
+"""Embedding: orchestrators are plain trio objects in the caller's nursery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from actors import RunResult, open_orchestrator
+from messages import StageDecided
+from store import Store
+
+
+def assert_consistent(path: str, run_id: str) -> None:
+    with Store.open(path) as s:
+        assert s.integrity_check() == "ok"
+        assert s.foreign_key_violations() == 0
+        decisions = s.decisions(run_id)
+        accepted = {(o.stage, o.agent) for o in s.outputs(run_id, accepted_only=True)}
+        for d in decisions:
+            for agent in d.verdict["present_agents"]:
+                assert (d.stage, agent) in accepted, f"decision of {d.stage} without {agent}'s output"
+
+
+async def test_two_orchestrators_side_by_side_one_cancelled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    kept_db, cancelled_db = str(tmp_path / "kept.db"), str(tmp_path / "cancelled.db")
+    results: dict[str, RunResult] = {}
+    decided_before_cancel: list[str] = []
+
+    async def keeper() -> None:
+        async with open_orchestrator(store=kept_db, seed=1) as orch:
+            results["kept"] = await orch.run("SPEC-K", run_id="kept")
+
+    async def victim(cancel_scope: trio.CancelScope) -> None:
+        with cancel_scope:
+            async with open_orchestrator(store=cancelled_db, seed=2) as orch:
+                events = orch.subscribe()
+                async with trio.open_nursery() as nursery:
+
+                    async def watch() -> None:
+                        async for event in events:
+                            if isinstance(event, StageDecided):
+                                decided_before_cancel.append(event.decision.key.stage)
+                                if len(decided_before_cancel) == 2:
+                                    cancel_scope.cancel()  # mid-run, mid-stage-3
+
+                    nursery.start_soon(watch)
+                    results["victim"] = await orch.run("SPEC-V", run_id="victim")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper)
+        nursery.start_soon(victim, trio.CancelScope())
+
+    assert results["kept"].completed and len(results["kept"].stages) == 6
+    assert "victim" not in results
+    assert decided_before_cancel == ["plan", "tasks"]
+    assert_consistent(kept_db, "kept")
+    assert_consistent(cancelled_db, "victim")
+    with Store.open(cancelled_db) as s:
+        assert [d.stage for d in s.decisions("victim")] == ["plan", "tasks"]
+
+
+async def test_cancelling_a_run_marks_it_interrupted(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    path = str(tmp_path / "i.db")
+    async with open_orchestrator(store=path) as orch:
+        with trio.move_on_after(10):  # simulated seconds: inside the plan stage
+            await orch.run("SPEC-I", run_id="interrupted")
+        # The orchestrator outlives the cancelled run and can run another.
+        again = await orch.run("SPEC-I", run_id="again")
+    assert again.completed
+    with Store.open(path) as s:
+        run = s.get_run("interrupted")
+        assert run is not None and run.status == "interrupted"
+    assert_consistent(path, "interrupted")

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from messages import (
+    AgentKey,
+    AgentOutput,
+    CompletionResult,
+    Completion,
+    Decision,
+    Disconnected,
+    RateLimited,
+    StageKey,
+    TokenUsage,
+    is_retryable,
+    BadRequest,
+)
+
+KEY = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
+
+
+def test_messages_are_frozen_slotted_keyword_only() -> None:
+    usage = TokenUsage.of(input_tokens=10, output_tokens=5)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        usage.input_tokens = 3  # type: ignore[misc]
+    assert not hasattr(usage, "__dict__")
+    with pytest.raises(TypeError):
+        StageKey("r", "b", "plan")  # type: ignore[misc]
+
+
+def test_identity_is_validated_and_hashable() -> None:
+    with pytest.raises(ValueError, match="stage"):
+        StageKey(run_id="r", branch_id="b", stage="")
+    assert KEY.stage_key == StageKey(run_id="r", branch_id="b", stage="plan")
+    assert KEY.stage_key.agent("gemini") == KEY
+    assert len({KEY, AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")}) == 1
+
+
+def test_token_usage_sums_and_validates() -> None:
+    a = TokenUsage.of(input_tokens=1000, cached_input_tokens=300, output_tokens=500, reasoning_output_tokens=100)
+    b = TokenUsage.of(input_tokens=1, output_tokens=2)
+    total = a + b
+    assert total.as_dict() == {
+        "input_tokens": 1001,
+        "cached_input_tokens": 300,
+        "output_tokens": 502,
+        "reasoning_output_tokens": 100,
+        "total_tokens": 1503,
+    }
+    assert a.non_cached_input_tokens == 700
+    with pytest.raises(ValueError, match="output_tokens"):
+        TokenUsage(output_tokens=-1)
+
+
+def test_completion_result_has_exactly_one_outcome() -> None:
+    with pytest.raises(ValueError):
+        CompletionResult(key=KEY, attempt=1)
+    with pytest.raises(ValueError):
+        CompletionResult(
+            key=KEY,
+            attempt=1,
+            completion=Completion(content="{}", usage=None, model="m"),
+            error=Disconnected("x"),
+        )
+
+
+def test_attempt_and_seq_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="attempt"):
+        AgentOutput(key=KEY, attempt=0, status="accepted", content="", format="text", usage=None, model="m", provider="sim")
+    with pytest.raises(ValueError, match="seq"):
+        Decision(key=KEY.stage_key, seq=0, status="ok", verdict={})
+
+
+def test_error_classes() -> None:
+    assert is_retryable(Disconnected("gone"))
+    assert not is_retryable(BadRequest("nope"))
+    assert not is_retryable(ValueError("not ours"))
+    assert RateLimited("slow down", retry_after=-5).retry_after == 0.0
+    assert Disconnected("a") == Disconnected("a") != Disconnected("b")

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+
+from actors import (
+    PipelineError,
+    canonical_agent,
+    canonical_stage,
+    default_pipeline,
+    parse_pipeline,
+)
+
+
+def test_default_pipeline_matches_the_reference() -> None:
+    p = default_pipeline()
+    assert p.stage_names == ("plan", "tasks", "implement", "validate", "audit", "unlock")
+    for name in ("plan", "tasks", "validate", "audit", "unlock"):
+        assert p.stage(name).agents == ("gemini", "claude", "gpt_pro")
+    assert p.stage("implement").agents == ("gemini", "claude", "gpt_codex", "gpt_pro")
+    assert [p.stage(s).mode for s in p.stage_names] == ["sequential"] * 3 + ["parallel"] * 3
+    assert all(p.stage(s).aggregator == "gpt_pro" for s in p.stage_names)
+    assert p.stage("plan").required_fields == ("stage", "agent", "work_breakdown", "acceptance_mapping")
+    assert p.stage("tasks").required_fields[-1] == "tasks"
+    assert p.stage("implement").required_fields[-1] == "implementation"
+    assert p.stage("validate").required_fields[-1] == "test_strategy"
+    assert p.stage("audit").required_fields[-1] == "audit_verdict"
+    assert p.stage("unlock").required_fields[-1] == "unlock_decision"
+
+
+def test_name_normalisation_follows_the_reference() -> None:
+    assert canonical_agent("Claude-Code") == "claude"
+    assert canonical_agent("gpt-5-codex") == "gpt_codex"
+    assert canonical_agent("GPT Pro") == "gpt_pro"
+    assert canonical_agent("llama") is None
+    assert canonical_stage("spec-plan") == "plan"
+    assert canonical_stage("Review") == "audit"
+    assert canonical_stage("deploy") is None
+
+
+def test_toml_pipeline() -> None:
+    p = parse_pipeline(
+        """
+        [defaults]
+        quorum = "all"
+
+        [agents.gemini]
+        model = "gemini-2.5-flash"
+
+        [[stages]]
+        name = "plan"
+        agents = ["gemini", "Claude"]
+        mode = "parallel"
+        aggregator = "claude"
+
+        [[stages]]
+        name = "deploy"
+        agents = ["gemini", "claude", "gpt_pro"]
+        required_fields = ["target"]
+        quorum = 2
+        """
+    )
+    assert p.stage_names == ("plan", "deploy")
+    plan = p.stage("plan")
+    assert plan.agents == ("gemini", "claude") and plan.mode == "parallel"
+    assert plan.quorum_required == 2 and plan.aggregator == "claude"
+    deploy = p.stage("deploy")
+    assert deploy.required_fields == ("stage", "agent", "target")
+    assert deploy.decision_field == "target" and deploy.quorum_required == 2
+    assert p.agents["gemini"].model == "gemini-2.5-flash"
+    assert p.resolve_stage("Spec-Plan") is plan
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[stages]\nname=", "invalid TOML"),
+        ("stages = []", "at least one"),
+        ('[[stages]]\nname = "deploy"', "unknown stage"),
+        ('[[stages]]\nname = "plan"\nagents = ["llama"]', "unknown agent 'llama'"),
+        ('[[stages]]\nname = "plan"\nquorum = 4', "quorum 4 is larger than the panel of 3"),
+        ('[[stages]]\nname = "plan"\nquorum = 0', "at least 1"),
+        ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
+        ('[[stages]]\nname = "plan"\nmode = "async"', "mode must be"),
+        ('[[stages]]\nname = "plan"\naggregator = "gpt_codex"', "not in the stage's agents"),
+        ('[[stages]]\nname = "plan"\n[[stages]]\nname = "Plan"', "listed twice"),
+        ('[[stages]]\nname = "plan"\nagents = ["gemini", "gemini"]', "listed twice"),
+        ('[[stages]]\nname = "plan"\ncolour = "blue"', "unknown key(s) colour"),
+        ('oops = 1\n[[stages]]\nname = "plan"', "unknown key(s) oops"),
+    ],
+)
+def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(text, source="p.toml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("p.toml")
