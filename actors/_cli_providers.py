@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._http_provider import TokenSource
+from ._http_provider import BearerSource
 from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
 from ._pipeline import Pipeline
@@ -162,7 +162,7 @@ def provider_configs_from_args(
     pipeline: Pipeline,
     *,
     env: Mapping[str, str] | None = None,
-    token_sources: Mapping[str, TokenSource] | None = None,
+    token_sources: Mapping[str, BearerSource] | None = None,
 ) -> dict[str, ProviderConfig]:
     """Validate the configuration of every provider the (overridden)
     pipeline uses; build nothing."""
@@ -204,7 +204,7 @@ def providers_from_args(
     pipeline: Pipeline,
     *,
     env: Mapping[str, str] | None = None,
-    token_sources: Mapping[str, TokenSource] | None = None,
+    token_sources: Mapping[str, BearerSource] | None = None,
 ) -> dict[str, BaseProvider]:
     """Every provider the pipeline (with ``--provider``/``--model`` applied:
     see :func:`pipeline_from_args`) uses, keyed by provider name.  All are

@@ -27,10 +27,10 @@ USER_AGENT = "conclave/0.1"
 
 
 @runtime_checkable
-class TokenSource(Protocol):
-    """Where a bearer token comes from (the device-code login's token
-    store, for one).  ``force_refresh`` asks for a new token, after the
-    provider rejected the current one with 401."""
+class BearerSource(Protocol):
+    """Where a bearer token comes from: anything with this method (the
+    device-code login's ``TokenSource`` is one).  ``force_refresh`` asks for
+    a new token after the provider rejected the current one with 401."""
 
     async def bearer(self, *, force_refresh: bool = False) -> str: ...
 
@@ -92,7 +92,7 @@ class HttpProvider(BaseProvider):
         *,
         base_url: str,
         api_key: str | None = None,
-        token_source: TokenSource | None = None,
+        token_source: BearerSource | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         stream: bool = True,

@@ -22,7 +22,7 @@ import attrs
 import httpx
 
 from ._anthropic import DEFAULT_ANTHROPIC_BASE_URL, AnthropicProvider
-from ._http_provider import DEFAULT_TIMEOUT, TokenSource
+from ._http_provider import DEFAULT_TIMEOUT, BearerSource
 from ._openai import DEFAULT_OPENAI_BASE_URL, OpenAIProvider
 from ._provider import BaseProvider
 from ._simulator import Latency, SimulatedProvider
@@ -83,7 +83,7 @@ class ProviderConfig:
     name: str
     base_url: str | None = None
     api_key: str | None = attrs.field(default=None, repr=False)
-    token_source: TokenSource | None = attrs.field(default=None, repr=False)
+    token_source: BearerSource | None = attrs.field(default=None, repr=False)
     model: str | None = None
     stream: bool = True
     seed: int = 0
@@ -126,7 +126,7 @@ def resolve_provider(
     base_url: str | None = None,
     api_key: str | None = None,
     api_key_env: str | None = None,
-    token_source: TokenSource | None = None,
+    token_source: BearerSource | None = None,
     env: Mapping[str, str] | None = None,
     stream: bool = True,
     seed: int = 0,
@@ -175,7 +175,7 @@ def build_provider(
     base_url: str | None = None,
     api_key: str | None = None,
     api_key_env: str | None = None,
-    token_source: TokenSource | None = None,
+    token_source: BearerSource | None = None,
     env: Mapping[str, str] | None = None,
     stream: bool = True,
     seed: int = 0,

@@ -5,7 +5,7 @@ The ``actors`` façade re-exports ``__all__`` from here.
 
 from ._anthropic import DEFAULT_ANTHROPIC_BASE_URL, AnthropicProvider
 from ._http_errors import error_from_status, error_from_transport, parse_reset_hint, redact
-from ._http_provider import HttpProvider, TokenSource
+from ._http_provider import BearerSource, HttpProvider
 from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import mock_transport, serve_mock
 from ._openai import DEFAULT_OPENAI_BASE_URL, OpenAIProvider
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_OPENAI_BASE_URL",
     "PROVIDER_NAMES",
     "AnthropicProvider",
+    "BearerSource",
     "FaultRule",
     "HttpProvider",
     "MockBackend",
@@ -31,7 +32,6 @@ __all__ = [
     "OpenAIProvider",
     "ProviderConfig",
     "ProviderConfigError",
-    "TokenSource",
     "build_provider",
     "error_from_status",
     "error_from_transport",
