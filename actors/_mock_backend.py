@@ -85,7 +85,9 @@ class MockRequest:
 @attrs.frozen(kw_only=True, slots=True)
 class MockReply:
     """What to send.  ``drop``: close the connection without answering.
-    ``cut_after``: send that many body chunks, then drop the connection."""
+    ``cut_after``: send that many body chunks, then drop the connection.
+    Whoever sends it calls :meth:`MockBackend.delivered` once the last byte
+    went out, so the ledger never counts what the client did not get."""
 
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
@@ -93,6 +95,8 @@ class MockReply:
     cut_after: int | None = None
     delay: float = 0.0
     drop: bool = False
+    completion: bool = False  # a model answer: charged once delivered in full
+    usage: TokenUsage | None = None  # the usage it reports (None: not sent)
 
 
 @attrs.define
@@ -244,7 +248,6 @@ class MockBackend:
         content, usage = self._answer(model, messages, body)
         ident = "chatcmpl-" + derive_token(self.seed, "id", json.dumps(body, sort_keys=True), length=20)
         if not stream:
-            self._charge(usage)
             reply = _json(200, {
                 "id": ident,
                 "object": "chat.completion",
@@ -259,7 +262,7 @@ class MockBackend:
                 }],
                 "usage": usage_to_openai(usage),
             })
-            return attrs.evolve(reply, delay=delay)
+            return attrs.evolve(reply, delay=delay, completion=True, usage=usage)
 
         def chunk(choices: list[Any], usage_payload: Any = None) -> bytes:
             data: dict[str, Any] = {
@@ -284,20 +287,23 @@ class MockBackend:
         cut_after = None
         if fault == "disconnect":
             cut_after = 1 + max(1, len(pieces) // 2)  # the role chunk and half the content
-        else:
-            self._charge(usage if include_usage else None)
         return MockReply(
             status=200,
             headers=(("content-type", "text/event-stream"), ("cache-control", "no-cache")),
             chunks=tuple(chunks),
             cut_after=cut_after,
             delay=delay,
+            completion=True,
+            usage=usage if include_usage else None,
         )
 
-    def _charge(self, usage: TokenUsage | None) -> None:
+    def delivered(self, reply: MockReply) -> None:
+        """``reply`` went out in full: charge its usage to the ledger."""
+        if not reply.completion:
+            return
         self.ledger.completions += 1
-        if usage is not None:
-            self.ledger.usage = self.ledger.usage + usage
+        if reply.usage is not None:
+            self.ledger.usage = self.ledger.usage + reply.usage
 
     def _answer(self, model: str, messages: list[Any], body: dict[str, Any]) -> tuple[str, TokenUsage]:
         system = "\n".join(

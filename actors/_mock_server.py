@@ -95,6 +95,7 @@ async def serve_connection(backend: MockBackend, stream: trio.abc.Stream) -> Non
                 await trio.sleep(reply.delay)
             if reply.drop or not await _send_reply(conn, stream, reply):
                 return
+            backend.delivered(reply)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -130,17 +131,21 @@ async def serve_mock(
 
 
 class _ReplyStream(httpx.AsyncByteStream):
-    def __init__(self, reply: MockReply, request: httpx.Request) -> None:
+    def __init__(self, backend: MockBackend, reply: MockReply, request: httpx.Request) -> None:
+        self._backend = backend
         self._reply = reply
         self._request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        last = len(self._reply.chunks) - 1
         for index, chunk in enumerate(self._reply.chunks):
             if self._reply.cut_after is not None and index >= self._reply.cut_after:
                 raise httpx.RemoteProtocolError(
                     "peer closed connection without sending complete message body", request=self._request
                 )
             await trio.lowlevel.checkpoint()
+            if index == last:  # handed over in full (the reader may stop right after it)
+                self._backend.delivered(self._reply)
             yield chunk
 
 
@@ -162,6 +167,6 @@ def mock_transport(backend: MockBackend) -> httpx.MockTransport:
             await trio.sleep(reply.delay)
         if reply.drop:
             raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-        return httpx.Response(reply.status, headers=list(reply.headers), stream=_ReplyStream(reply, request))
+        return httpx.Response(reply.status, headers=list(reply.headers), stream=_ReplyStream(backend, reply, request))
 
     return httpx.MockTransport(handler)

@@ -155,3 +155,9 @@ def test_cli_refuses_virtual_clock_with_real_providers(
 def test_serve_mock_rejects_bad_faults(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve-mock", "--fault", "teapot"]) == 2
     assert "unknown fault 'teapot'" in capsys.readouterr().err
+
+
+def test_cli_max_concurrency_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "c.db"
+    assert main(["run", "--db", str(db), "--max-concurrency", "0"]) == 2
+    assert "--max-concurrency must be at least 1" in capsys.readouterr().err and not db.exists()
