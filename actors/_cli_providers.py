@@ -177,6 +177,8 @@ def provider_configs_from_args(
     remote = [n for n in names if n != "sim"]
     chosen = getattr(args, "provider", None)
     base_url = getattr(args, "base_url", None)
+    if base_url is not None and not remote:
+        raise ProviderConfigError("--base-url needs a real provider (--provider openai or anthropic), not the simulator")
     if base_url is not None and chosen is None and len(remote) > 1:
         raise ProviderConfigError(
             f"--base-url is ambiguous: the pipeline uses {' and '.join(remote)}; add --provider"

@@ -112,6 +112,7 @@ def test_pipeline_providers_per_agent() -> None:
         (["--provider", "anthropic", "--base-url", "http://127.0.0.1:1"], "needs an API key: set ANTHROPIC_API_KEY"),
         (["--provider", "openai", "--base-url", "localhost:8000/v1"], "must start with http:// or https://"),
         (["--provider", "openai", "--api-key-env", "NOPE_KEY"], "set NOPE_KEY"),
+        (["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs a real provider"),
     ],
 )
 def test_cli_bad_configuration_exits_2_before_anything_runs(

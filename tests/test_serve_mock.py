@@ -185,3 +185,25 @@ async def test_official_openai_client_sees_429_with_retry_after(served: tuple[st
     assert error.status_code == 429
     assert error.response.headers["retry-after"] == "3"
     assert error.response.headers["x-ratelimit-reset-requests"] == "3s"
+
+
+async def test_cancelled_call_releases_its_connection() -> None:
+    """Cancel a call mid-flight; with a one-connection pool the next call
+    can only succeed if the cancelled one gave its connection back."""
+    from actors._mock_backend import FaultRule
+
+    backend = MockBackend(seed=7, faults=[FaultRule(kind="slow", count=1)], slow_seconds=30)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_mock, backend)
+        provider = OpenAIProvider(
+            base_url=url, api_key=SECRET, timeout=httpx.Timeout(10.0),
+            transport=httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1)),
+        )
+        with trio.move_on_after(0.2) as scope:
+            await provider.complete(make_request())
+        assert scope.cancelled_caught
+        with trio.fail_after(5):
+            completion = await provider.complete(make_request())
+        assert completion.usage is not None
+        await provider.aclose()
+        nursery.cancel_scope.cancel()
