@@ -41,7 +41,8 @@ def add_serve_mock_command(subparsers: Any) -> None:
         "serve-mock",
         help="serve an OpenAI-compatible mock model API for end-to-end runs",
         description=(
-            "A local OpenAI-compatible Chat Completions server (plain and streaming) with "
+            "A local OpenAI-compatible Chat Completions server (plain and streaming; also "
+            "Anthropic Messages at /v1/messages) with "
             "deterministic structured answers and usage from --seed, the same as the embedded "
             "simulator's.  Faults per request with the x-mock-fault header (429, disconnect, slow, "
             "500, 502, 503, 504, 529, 400, 401, 403, 404, 422; x-mock-reset: SECONDS) or for the "

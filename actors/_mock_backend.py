@@ -1,5 +1,6 @@
-"""serve-mock's brain: an OpenAI-compatible Chat Completions backend,
-independent of how bytes reach it.
+"""serve-mock's brain: an OpenAI-compatible Chat Completions backend (and
+an Anthropic Messages one at ``/v1/messages``), independent of how bytes
+reach it.
 
 :mod:`actors._mock_server` puts it behind a real HTTP/1.1 socket (trio +
 h11); :func:`actors._mock_server.mock_transport` puts it behind an
@@ -17,7 +18,9 @@ Faults, per request header or for the first N chat requests (``--fault``):
 ``429``        429 with reset headers (``x-mock-reset`` seconds, in the
                form ``x-mock-reset-style`` says: ``all`` (default),
                ``retry-after``, ``retry-after-ms``, ``retry-after-date``,
-               ``openai``, ``anthropic``, ``none``)
+               ``openai``, ``anthropic``, ``none``; on ``/v1/messages`` the
+               default is ``anthropic``: ``retry-after`` plus the RFC 3339
+               ``anthropic-ratelimit-requests-reset``)
 ``disconnect`` a stream cut in the middle (a plain request: the connection
                is dropped before the response)
 ``slow``       wait ``x-mock-delay`` (default ``slow_seconds``) seconds first
@@ -122,7 +125,11 @@ def _error_body(status: int, message: str, kind: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
-def _error(status: int, message: str, kind: str, headers: Sequence[tuple[str, str]] = ()) -> MockReply:
+def _error(
+    status: int, message: str, kind: str, headers: Sequence[tuple[str, str]] = (), *, anthropic: bool = False
+) -> MockReply:
+    if anthropic:
+        return _json(status, {"type": "error", "error": {"type": kind, "message": message}}, headers)
     return _json(status, json.loads(_error_body(status, message, kind)), headers)
 
 
@@ -177,6 +184,10 @@ class MockBackend:
             if request.method != "POST":
                 return _error(405, "use POST", "invalid_request_error")
             return self._chat(request)
+        if path == "/v1/messages":
+            if request.method != "POST":
+                return _error(405, "use POST", "invalid_request_error", anthropic=True)
+            return self._messages(request)
         if path in ("/v1/models", "/models") and request.method == "GET":
             return _json(200, {"object": "list", "data": [
                 {"id": "mock-model", "object": "model", "created": _CREATED, "owned_by": "conclave"}
@@ -207,43 +218,69 @@ class MockBackend:
         if self._required_key is None:
             return True
         given = headers.get("authorization", "")
-        return given == f"Bearer {self._required_key}" or headers.get("api-key") == self._required_key
+        return (
+            given == f"Bearer {self._required_key}"
+            or headers.get("api-key") == self._required_key
+            or headers.get("x-api-key") == self._required_key
+        )
 
-    def _chat(self, request: MockRequest) -> MockReply:
+    def _prologue(self, request: MockRequest, *, anthropic: bool) -> MockReply | tuple[dict[str, Any], str, list[Any]]:
+        """Authorise and parse a model request: the reply to send at once,
+        or (body, model, messages)."""
         self.ledger.requests += 1
         if not self._authorised(request.headers):
             # Echo what was sent, as some servers do: clients must redact.
-            given = request.headers.get("authorization", "").removeprefix("Bearer ") or request.headers.get("api-key", "")
-            return _error(401, f"Incorrect API key provided: {given}.", "invalid_request_error")
+            given = (
+                request.headers.get("authorization", "").removeprefix("Bearer ")
+                or request.headers.get("api-key", "")
+                or request.headers.get("x-api-key", "")
+            )
+            kind = "authentication_error" if anthropic else "invalid_request_error"
+            return _error(401, f"Incorrect API key provided: {given}.", kind, anthropic=anthropic)
         try:
             body = json.loads(request.body)
         except ValueError:
-            return _error(400, "body is not JSON", "invalid_request_error")
+            return _error(400, "body is not JSON", "invalid_request_error", anthropic=anthropic)
         messages = body.get("messages") if isinstance(body, dict) else None
         model = body.get("model") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages or not isinstance(model, str) or not model:
-            return _error(400, "model and messages are required", "invalid_request_error")
+            return _error(400, "model and messages are required", "invalid_request_error", anthropic=anthropic)
+        return body, model, messages
+
+    def _fault(self, request: MockRequest, *, stream: bool, anthropic: bool) -> tuple[MockReply | None, str | None, float]:
+        """(a reply that replaces the answer, the fault, a delay first)."""
+        fault = self._next_fault(request.headers)
+        if fault is None:
+            return None, None, 0.0
+        self.ledger.faults[fault] = self.ledger.faults.get(fault, 0) + 1
+        if fault == "slow":
+            return None, fault, float(request.headers.get("x-mock-delay", self.slow_seconds))
+        if fault == "429":
+            return self._rate_limited(request.headers, anthropic=anthropic), fault, 0.0
+        if fault == "disconnect":
+            return (None if stream else MockReply(drop=True)), fault, 0.0
+        if fault.isdigit():
+            status = int(fault)
+            if status == 529:
+                kind = "overloaded_error"
+            elif status >= 500:
+                kind = "api_error" if anthropic else "server_error"
+            else:
+                kind = "invalid_request_error"
+            extra = [("x-should-retry", v) for v in [request.headers.get("x-mock-should-retry")] if v]
+            return _error(status, f"mock fault {status}", kind, extra, anthropic=anthropic), fault, 0.0
+        return _error(400, f"unknown x-mock-fault {fault!r}", "invalid_request_error", anthropic=anthropic), fault, 0.0
+
+    def _chat(self, request: MockRequest) -> MockReply:
+        parsed = self._prologue(request, anthropic=False)
+        if isinstance(parsed, MockReply):
+            return parsed
+        body, model, messages = parsed
         stream = body.get("stream") is True
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-
-        fault = self._next_fault(request.headers)
-        delay = 0.0
-        if fault is not None:
-            self.ledger.faults[fault] = self.ledger.faults.get(fault, 0) + 1
-            if fault == "slow":
-                delay = float(request.headers.get("x-mock-delay", self.slow_seconds))
-            elif fault == "429":
-                return self._rate_limited(request.headers)
-            elif fault == "disconnect":
-                if not stream:
-                    return MockReply(drop=True)
-            elif fault.isdigit():
-                status = int(fault)
-                kind = "overloaded_error" if status == 529 else ("server_error" if status >= 500 else "invalid_request_error")
-                extra = [("x-should-retry", v) for v in [request.headers.get("x-mock-should-retry")] if v]
-                return _error(status, f"mock fault {status}", kind, extra)
-            else:
-                return _error(400, f"unknown x-mock-fault {fault!r}", "invalid_request_error")
+        replaced, fault, delay = self._fault(request, stream=stream, anthropic=False)
+        if replaced is not None:
+            return replaced
 
         content, usage = self._answer(model, messages, body)
         ident = "chatcmpl-" + derive_token(self.seed, "id", json.dumps(body, sort_keys=True), length=20)
@@ -297,6 +334,68 @@ class MockBackend:
             usage=usage if include_usage else None,
         )
 
+    # -- anthropic messages ----------------------------------------------------
+
+    def _messages(self, request: MockRequest) -> MockReply:
+        parsed = self._prologue(request, anthropic=True)
+        if isinstance(parsed, MockReply):
+            return parsed
+        body, model, messages = parsed
+        stream = body.get("stream") is True
+        replaced, fault, delay = self._fault(request, stream=stream, anthropic=True)
+        if replaced is not None:
+            return replaced
+        content, usage = self._answer(model, messages, body, system=_text_of(body.get("system")))
+        ident = "msg_" + derive_token(self.seed, "id", json.dumps(body, sort_keys=True), length=24)
+        # Anthropic's input_tokens exclude cache reads (and writes; the mock has none).
+        wire_usage: dict[str, Any] = {
+            "input_tokens": usage.input_tokens - usage.cached_input_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": usage.cached_input_tokens,
+            "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"thinking_tokens": usage.reasoning_output_tokens},
+        }
+        message: dict[str, Any] = {
+            "id": ident, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": content}],
+            "stop_reason": "end_turn", "stop_sequence": None, "usage": wire_usage,
+        }
+        if not stream:
+            reply = _json(200, message)
+            return attrs.evolve(reply, delay=delay, completion=True, usage=usage)
+
+        def event(name: str, data: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+        start = {**message, "content": [], "stop_reason": None, "usage": {**wire_usage, "output_tokens": 1}}
+        pieces = [content[i : i + _STREAM_PIECE] for i in range(0, len(content), _STREAM_PIECE)] or [""]
+        chunks = [
+            event("message_start", {"message": start}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            event("ping", {}),
+        ]
+        chunks += [
+            event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}) for p in pieces
+        ]
+        chunks += [
+            event("content_block_stop", {"index": 0}),
+            event("message_delta", {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": usage.output_tokens,
+                          "output_tokens_details": {"thinking_tokens": usage.reasoning_output_tokens}},
+            }),
+            event("message_stop", {}),
+        ]
+        return MockReply(
+            status=200,
+            headers=(("content-type", "text/event-stream"), ("cache-control", "no-cache")),
+            chunks=tuple(chunks),
+            cut_after=3 + max(1, len(pieces) // 2) if fault == "disconnect" else None,
+            delay=delay,
+            completion=True,
+            usage=usage,
+        )
+
     def delivered(self, reply: MockReply) -> None:
         """``reply`` went out in full: charge its usage to the ledger."""
         if not reply.completion:
@@ -305,10 +404,13 @@ class MockBackend:
         if reply.usage is not None:
             self.ledger.usage = self.ledger.usage + reply.usage
 
-    def _answer(self, model: str, messages: list[Any], body: dict[str, Any]) -> tuple[str, TokenUsage]:
+    def _answer(
+        self, model: str, messages: list[Any], body: dict[str, Any], *, system: str = ""
+    ) -> tuple[str, TokenUsage]:
         system = "\n".join(
-            _text_of(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")
-        )
+            [system]
+            + [_text_of(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+        ).strip()
         user = "\n".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user")
         match = _META.search(system)
         meta: Any = None
@@ -338,20 +440,20 @@ class MockBackend:
                 return completion.content, completion.usage
         text = system + "\n" + user
         token = derive_token(self.seed, "generic", model, text)
-        wants_json = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
+        wants_json = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema") or "JSON" in system
         content = json.dumps({"answer": f"mock-{token}"}) if wants_json else f"mock reply {token}"
         usage = TokenUsage.of(input_tokens=len(text) // 4 + 8, output_tokens=len(content) // 4 + 1)
         return content, usage
 
-    def _rate_limited(self, headers: Mapping[str, str]) -> MockReply:
+    def _rate_limited(self, headers: Mapping[str, str], *, anthropic: bool = False) -> MockReply:
         try:
             reset = float(headers.get("x-mock-reset", self.reset_seconds))
         except ValueError:
             reset = self.reset_seconds
-        style = headers.get("x-mock-reset-style", "all").strip().lower()
+        style = headers.get("x-mock-reset-style", "anthropic" if anthropic else "all").strip().lower()
         seconds = _fmt_seconds(reset)
         out: list[tuple[str, str]] = []
-        if style in ("all", "retry-after"):
+        if style in ("all", "retry-after") or (anthropic and style == "anthropic"):
             out.append(("retry-after", seconds))
         if style in ("all", "retry-after-ms"):
             out.append(("retry-after-ms", str(int(reset * 1000))))
@@ -368,4 +470,6 @@ class MockBackend:
             out += [("anthropic-ratelimit-requests-remaining", "0"), ("anthropic-ratelimit-requests-reset", when)]
         if "x-mock-should-retry" in headers:
             out.append(("x-should-retry", headers["x-mock-should-retry"]))
+        if anthropic:
+            return _error(429, "Rate limit reached (mock)", "rate_limit_error", out, anthropic=True)
         return _error(429, "Rate limit reached (mock)", "requests", out)

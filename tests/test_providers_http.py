@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from actors._anthropic import AnthropicProvider
-from actors._mock_backend import MockBackend
+from actors._mock_backend import MockBackend, MockRequest
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
@@ -256,3 +256,43 @@ async def test_anthropic_529_and_token_source_header() -> None:
     with pytest.raises(ProviderUnavailable, match="Overloaded"):
         await p.complete(make_request())
     assert seen[0].headers["authorization"] == "Bearer tok-AAAAAAAAAAAA" and "x-api-key" not in seen[0].headers
+
+
+# -- Anthropic against serve-mock's /v1/messages ----------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_anthropic_against_serve_mock_matches_the_simulator(stream: bool) -> None:
+    backend = MockBackend(seed=4)
+    p = AnthropicProvider(base_url="http://127.0.0.1:9", api_key=SECRET, stream=stream, transport=mock_transport(backend))
+    request = make_request(model="claude-sonnet-4-5")
+    completion = await p.complete(request)
+    expected = SimulatedProvider(seed=4, latency=Latency(median=0)).answer(request)
+    assert completion.content == expected.content
+    assert completion.usage == expected.usage  # cache reads re-added to the input
+    assert backend.ledger.usage == expected.usage
+
+
+async def test_anthropic_faults_from_serve_mock() -> None:
+    backend = MockBackend(seed=4)
+
+    async def fails(fault: str, **headers: str) -> Exception:
+        p = AnthropicProvider(api_key=SECRET, transport=mock_transport(backend), headers={"x-mock-fault": fault, **headers})
+        with pytest.raises(Exception) as info:
+            await p.complete(make_request())
+        return info.value
+
+    cut = await fails("disconnect")
+    assert type(cut) is Disconnected and getattr(cut, "usage", "absent") is None
+    limited = await fails("429", **{"x-mock-reset": "8"})
+    assert type(limited) is RateLimited and limited.retry_after == 8.0
+    reply = backend.handle(MockRequest(method="POST", path="/v1/messages", body=json.dumps(
+        {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"x-mock-fault": "429", "x-mock-reset": "8"}))
+    headers = dict(reply.headers)
+    assert reply.status == 429 and headers["retry-after"] == "8"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0" and "anthropic-ratelimit-requests-reset" in headers
+    assert json.loads(reply.chunks[0])["error"]["type"] == "rate_limit_error"
+    overloaded = await fails("529")
+    assert type(overloaded) is ProviderUnavailable and "mock fault 529" in str(overloaded)
+    assert backend.ledger.usage == TokenUsage()

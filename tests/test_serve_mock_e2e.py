@@ -135,3 +135,20 @@ def test_faulty_server_run_still_completes(tmp_path: Path) -> None:
     assert retries[1]["delay_s"] >= 1.0  # the reset hint was honoured
     [cut] = first
     assert cut.usage is None
+
+
+def test_anthropic_run_against_serve_mock_matches_the_simulator(tmp_path: Path) -> None:
+    """The same through the Anthropic Messages provider; its base URL is the
+    API root without /v1, as the official client takes it."""
+    with serve_mock("--seed", str(SEED)) as (url, printed):
+        root = url.removesuffix("/v1")
+        run = conclave("run", SPEC, "--provider", "anthropic", "--base-url", root, "--seed", str(SEED),
+                       "--db", str(tmp_path / "a.db"), "--json", env={"ANTHROPIC_API_KEY": SECRET})
+        sent = ledger(url)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    sim = json.loads(conclave("run", SPEC, "--seed", str(SEED), "--db", str(tmp_path / "s.db"), "--json",
+                              "--sim-latency", "0").stdout)
+    assert result["digest"] == sim["digest"]
+    assert result["usage"] == sent["usage"] == sim["usage"]
+    assert SECRET not in run.stdout + run.stderr + "".join(printed)
