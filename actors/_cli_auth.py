@@ -22,17 +22,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 import httpx
 import trio
 
-from messages._auth_errors import AuthError, TokenStoreError
+from messages._auth_errors import AuthConfigError, AuthError, TokenStoreError
 
 from ._auth_flow import DeviceAuthorization
 from ._auth_login import device_login, logout
 from ._auth_profiles import PROVIDERS, build_profile
+from ._token_source import TokenManager, TokenSource
 from ._token_store import TokenStatus, TokenStore, default_home
 
 EXIT_OK = 0
@@ -203,6 +204,41 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
         label = row["status"].replace("_", " ")
         print(f"{row['symbol']} {row['provider']:<10} {label}{detail}")
     return EXIT_OK
+
+
+# -- conclave run --auth login ---------------------------------------------------
+
+
+def add_run_auth_option(parser: argparse.ArgumentParser) -> None:
+    """``--auth key|login`` for ``conclave run``."""
+    parser.add_argument(
+        "--auth",
+        choices=("key", "login"),
+        default="key",
+        help="key: API keys from the environment (default); login: the tokens of "
+        "'conclave login PROVIDER', refreshed automatically",
+    )
+
+
+def login_token_sources(
+    args: argparse.Namespace, providers: Iterable[str], env: Mapping[str, str] | None = None
+) -> dict[str, TokenSource] | None:
+    """With ``--auth login``: a token source for each remote provider in
+    ``providers`` (``None`` otherwise).  Raises :class:`AuthError` naming
+    the ``conclave login`` to run when a provider has no stored tokens."""
+    if getattr(args, "auth", "key") != "login":
+        return None
+    store = _store(os.environ if env is None else env)
+    stored = store.load()
+    remote = sorted(set(providers) - {"sim"})
+    missing = [name for name in remote if name not in stored]
+    if missing:
+        raise AuthConfigError(
+            f"--auth login: not logged in to {', '.join(missing)}",
+            hint="; ".join(f"run 'conclave login {name}'" for name in missing),
+        )
+    manager = TokenManager(store)  # one short-lived HTTP client per refresh
+    return {name: manager.source(name) for name in remote}
 
 
 # -- registration -----------------------------------------------------------------

@@ -20,6 +20,7 @@ actor's inbox or directly by a manager.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,14 +33,16 @@ from messages import ProviderError
 from messages._auth_errors import AuthError, CredentialsUnavailable, LoginRequired, RefreshUnavailable
 from messages._auth_messages import AuthEvent, AuthEventKind, GetToken, Secret, TokenReply
 
-from ._auth_flow import refresh_grant
+from ._auth_flow import TokenGrant, refresh_grant
 from ._token_store import EXPIRY_MARGIN, TokenEntry, TokenStatus, TokenStore
 
 log = logging.getLogger("conclave.auth")
+REFRESH_HTTP_TIMEOUT = httpx.Timeout(30.0)
 
 
 class TokenManager:
-    """Hands out bearer tokens from ``store``, refreshing through ``client``.
+    """Hands out bearer tokens from ``store``, refreshing through ``client``
+    (``None``: a short-lived client for each refresh).
 
     ``clock`` is the wall clock in Unix seconds (tests pass one derived from
     ``trio.current_time()``); ``on_event`` receives ``refreshed``,
@@ -51,7 +54,7 @@ class TokenManager:
     def __init__(
         self,
         store: TokenStore,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | None = None,
         *,
         clock: Callable[[], float] = time.time,
         margin: float = EXPIRY_MARGIN,
@@ -150,15 +153,7 @@ class TokenManager:
                     # deadline bounds how long a cancel can be held up.
                     with trio.CancelScope(shield=True) as shield:
                         shield.deadline = trio.current_time() + self._refresh_timeout
-                        grant = await refresh_grant(
-                            self._client,
-                            provider=provider,
-                            token_url=entry.token_url,
-                            client_id=entry.client_id,
-                            refresh_token=entry.refresh_token,
-                            client_secret=entry.client_secret,
-                            accept_json=entry.accept_json,
-                        )
+                        grant = await self._refresh(entry, entry.token_url, entry.refresh_token)
                     if shield.cancelled_caught:
                         raise RefreshUnavailable(
                             f"refreshing the {provider} token took longer than {self._refresh_timeout:g} s",
@@ -202,6 +197,22 @@ class TokenManager:
                 tokens.put(refreshed)
                 self._emit(provider, "refreshed", f"new token {refreshed.access_token.fingerprint()}")
                 return refreshed.access_token
+
+
+    async def _refresh(self, entry: TokenEntry, token_url: str, refresh_token: Secret) -> TokenGrant:
+        async with contextlib.AsyncExitStack() as stack:
+            client = self._client
+            if client is None:  # refreshes are rare: a client for each one
+                client = await stack.enter_async_context(httpx.AsyncClient(timeout=REFRESH_HTTP_TIMEOUT))
+            return await refresh_grant(
+                client,
+                provider=entry.provider,
+                token_url=token_url,
+                client_id=entry.client_id,
+                refresh_token=refresh_token,
+                client_secret=entry.client_secret,
+                accept_json=entry.accept_json,
+            )
 
 
 Fetch = Callable[..., Awaitable[Secret]]

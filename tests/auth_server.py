@@ -135,6 +135,7 @@ class FakeIdP:
         self.refresh_gate_timeout = 10.0
         self.gate_timed_out = False
         self.api_calls: list[tuple[float, int]] = []
+        self.model_backend: Any = None  # a MockBackend: serve /v1/* to valid tokens only
         self._lock = threading.RLock()
         self._serial = itertools.count(1)
         self.server = self._build(interval, expires_in, rotate)
@@ -277,6 +278,8 @@ class FakeIdP:
     # -- HTTP -----------------------------------------------------------------
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        if self.model_backend is not None and path.startswith("/v1/"):
+            return self._model(method, path, headers, body)
         form = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
         if method == "POST" and path == TOKEN_PATH and form.get("grant_type") == "refresh_token":
             gate = self.refresh_gate
@@ -311,6 +314,22 @@ class FakeIdP:
                 return 401, [("content-type", "application/json")], b'{"error": "invalid_token"}'
             return 200, [("content-type", "application/json")], json.dumps({"content": '{"ok": true}'}).encode()
         return 404, [("content-type", "text/plain")], b"not found"
+
+    def _model(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A model API (serve-mock's backend) that takes only valid tokens."""
+        from actors._mock_backend import MockRequest
+
+        token = headers.get("authorization", "").removeprefix("Bearer ")
+        ok = self.access_token_valid(token)
+        with self._lock:
+            self.api_calls.append((self.clock(), 200 if ok else 401))
+        if not ok:
+            echo = {"error": {"message": f"Incorrect API key provided: {token}.", "type": "invalid_request_error"}}
+            return 401, [("content-type", "application/json")], json.dumps(echo).encode()
+        assert self.model_backend is not None
+        reply = self.model_backend.handle(MockRequest(method=method, path=path, headers=headers, body=body))
+        out = [(k, v) for k, v in reply.headers if k.lower() not in ("content-length", "transfer-encoding")]
+        return reply.status, out, b"".join(reply.chunks)
 
     def _reply(self, status: int, payload: Any, hdrs: Any, req_headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
         out = [(k.lower(), v) for k, v in (hdrs or []) if k.lower() != "content-type"]

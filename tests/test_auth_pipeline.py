@@ -1,19 +1,22 @@
 """A pipeline run whose provider needs a bearer token (acceptance 4).
 
-The model provider of issue 7 is not on main yet, so the provider here is a
-``BaseProvider`` that does what a real one must: ask its
-:class:`TokenSource` for a bearer token, call the model API (here the fake
-IdP's protected ``/api/complete``, in-process, virtual time) with it, and on
-a 401 force one refresh and retry once.  The token source talks to the
-:class:`AuthActor` through its inbox, as the gateway will.  The answer's
-content comes from the simulator so the run reaches consensus.
+The provider is issue 7's real :class:`OpenAIProvider` with a
+:class:`TokenSource` that asks the :class:`AuthActor` through its inbox.
+Its model API is serve-mock's backend behind a guard that accepts only
+access tokens the Authlib test server issued and that are still valid
+(401 otherwise, echoing the token as careless servers do).  The token lives
+5.5 minutes and each call takes 40 s, so the run must refresh ahead of
+expiry, and one token is revoked mid-run to exercise 401 -> forced refresh
+-> one retry.  Everything is in-process on the autojump clock.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -21,61 +24,57 @@ import trio
 from actors import open_orchestrator
 from actors._auth_login import device_login
 from actors._auth_profiles import build_profile
-from actors._provider import BaseProvider
-from actors._simulator import Latency, SimulatedProvider
+from actors._mock_backend import MockBackend
+from actors._mock_server import mock_transport
+from actors._openai import OpenAIProvider
+from actors._pipeline import default_pipeline
 from actors._token_source import AuthActor, TokenManager, TokenSource
 from actors._token_store import TokenStore
-from messages import AuthenticationFailed, Completion, CompletionRequest, open_channel
+from messages import open_channel
 from messages._auth_api import AuthEvent
 from store import Store
-from tests.auth_server import API_PATH, CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, asgi_client
 
 BASE = 1_800_000_000.0
+CALL_SECONDS = 40.0
 
 
 def wall() -> float:
     return BASE + trio.current_time()
 
 
-class BearerProvider(BaseProvider):
-    """What an OAuth-backed model provider does with its token source."""
+class GuardedModelApi(httpx.AsyncBaseTransport):
+    """The model API: a valid bearer token from the IdP, or 401."""
 
-    name = "sim"
+    def __init__(self, idp: FakeIdP, inner: httpx.AsyncBaseTransport) -> None:
+        self.idp = idp
+        self.inner = inner
+        self.calls: list[tuple[float, int]] = []
+        self.on_token = lambda token: None
 
-    def __init__(self, client: httpx.AsyncClient, source: TokenSource, api_url: str, sim: SimulatedProvider) -> None:
-        self._client = client
-        self._source = source
-        self._api_url = api_url
-        self._sim = sim
-        self.unauthorized = 0
-        self.on_token = lambda request, token: None
-
-    async def complete(self, request: CompletionRequest) -> Completion:
-        for attempt in (1, 2):
-            token = await self._source.bearer(force_refresh=attempt == 2)
-            self.on_token(request, token)
-            response = await self._client.post(self._api_url, headers={"Authorization": f"Bearer {token}"})
-            if response.status_code != 401:
-                break
-            self.unauthorized += 1
-        else:
-            raise AuthenticationFailed("the model API rejected a freshly refreshed token")
-        response.raise_for_status()
-        return await self._sim.complete(request)
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        self.on_token(token)
+        await trio.sleep(CALL_SECONDS)
+        if not self.idp.access_token_valid(token):
+            self.calls.append((trio.current_time(), 401))
+            body = {"error": {"message": f"Incorrect API key provided: {token}.", "type": "invalid_request_error"}}
+            return httpx.Response(401, json=body)
+        self.calls.append((trio.current_time(), 200))
+        return await self.inner.handle_async_request(request)
 
 
-async def test_pipeline_gets_tokens_from_the_poller_and_survives_expiry(
-    tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    # Access tokens live 5.5 minutes: "needs refresh" after 30 s.
-    idp = FakeIdP(trio.current_time, token_expires_in=330)
-    client, transport = asgi_client(idp)
-    profile = build_profile("generic", device_url=idp.base_url + DEVICE_PATH,
+def openai_pipeline():  # every agent on the "openai" provider
+    pipeline = default_pipeline()
+    return pipeline.with_agents(
+        {name: attrs.evolve(spec, provider="openai", model="mock-model") for name, spec in pipeline.agents.items()}
+    )
+
+
+async def login(idp: FakeIdP, client: httpx.AsyncClient, store: TokenStore, events: list[AuthEvent]) -> None:
+    # The "openai" profile, pointed at the test server (profiles are overridable).
+    profile = build_profile("openai", device_url=idp.base_url + DEVICE_PATH,
                             token_url=idp.base_url + TOKEN_PATH, client_id=CLIENT_ID, scope="model")
-    store = TokenStore(tmp_path / "home")
-    events: list[AuthEvent] = []
 
     async def approve() -> None:
         while not idp.devices:
@@ -86,68 +85,82 @@ async def test_pipeline_gets_tokens_from_the_poller_and_survives_expiry(
         nursery.start_soon(approve)
         await device_login(profile, client, store, clock=wall, on_event=events.append)
 
-    manager = TokenManager(store, client, clock=wall, on_event=events.append)
+
+async def test_pipeline_gets_tokens_from_the_poller_and_survives_expiry(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    idp = FakeIdP(trio.current_time, token_expires_in=330)  # "needs refresh" after 30 s
+    idp_client, _ = asgi_client(idp)
+    store = TokenStore(tmp_path / "home")
+    events: list[AuthEvent] = []
+    await login(idp, idp_client, store, events)
+
+    manager = TokenManager(store, idp_client, clock=wall, on_event=events.append)
     auth_outbox, auth_inbox = open_channel(16, name="auth")
-    provider = BearerProvider(
-        client, TokenSource.from_inbox("generic", auth_outbox), idp.base_url + API_PATH,
-        SimulatedProvider(seed=3, disagreement_rate=0.0, latency=Latency(median=40.0, sigma=0.1)),
-    )
+    api = GuardedModelApi(idp, mock_transport(MockBackend(seed=3, disagreement_rate=0.0)))
+    provider = OpenAIProvider(base_url="https://api.test/v1", token_source=TokenSource.from_inbox("openai", auth_outbox),
+                              transport=api, stream=False, name="openai", wall_now=wall)
     revoked: list[str] = []
 
-    def revoke_once(request: CompletionRequest, token: str) -> None:
-        # Mid-run the server revokes the token just handed out: the call
-        # gets a 401, forces a refresh and retries once.
-        if request.key.stage == "validate" and not revoked:
+    def revoke_once(token: str) -> None:
+        # Mid-run the server revokes a token just sent: the call gets a 401,
+        # forces one refresh and retries once.
+        if len(api.calls) >= 8 and not revoked and idp.access_token_valid(token):
             idp.revoke_access(token)
-            revoked.append(request.key.agent)
+            revoked.append(token)
 
-    provider.on_token = revoke_once
+    api.on_token = revoke_once
     async with trio.open_nursery() as nursery:
         nursery.start_soon(AuthActor(manager).run, auth_inbox)
-        async with open_orchestrator(store=str(tmp_path / "run.db"), provider=provider, seed=3) as orch:
+        async with open_orchestrator(store=str(tmp_path / "run.db"), provider={"openai": provider},
+                                     pipeline=openai_pipeline(), seed=3) as orch:
             result = await orch.run("SPEC-AUTH", run_id="auth-run", goal="use the bearer token")
         nursery.cancel_scope.cancel()
 
     assert result.completed, result.halt_message
     assert len(result.stages) == 6
     assert trio.current_time() > 330 + 60, f"the run must outlive the first access token ({trio.current_time()})"
-    calls = [status for _, status in idp.api_calls]
-    # The revoked token was rejected (once per agent holding it), each
-    # rejected call refreshed and retried once, and the run went on.
-    assert calls.count(401) == provider.unauthorized >= 1 and len(revoked) == 1
-    assert calls.count(200) >= 6 * 2
+    statuses = [status for _, status in api.calls]
+    assert len(revoked) == 1 and statuses.count(401) >= 1  # each holder of the revoked token: one 401
+    assert statuses.count(200) >= 13  # every agent of every stage got through
     refreshes = [e for e in events if e.kind == "refreshed"]
     assert idp.refresh_count == len(refreshes) >= 2  # ahead of expiry, and after the 401
-    stored = store.get("generic")
+    stored = store.get("openai")
     assert stored is not None and stored.refresh_token is not None
     assert idp.valid_refresh_tokens() == {stored.refresh_token.reveal()}
 
-    # No token text anywhere: logs, stdout/stderr, events, the run database.
+    # No token text anywhere: logs, stdout/stderr, events, result, the run database.
     captured = capsys.readouterr()
     # Authlib is the test server, not Conclave: it logs what it issues.
     ours = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("authlib"))
-    texts = [ours, captured.out, captured.err, repr(events), repr(result.to_json()), repr(stored)]
+    texts = [ours, captured.out, captured.err, repr(events), json.dumps(result.to_json()), repr(stored)]
     database = (tmp_path / "run.db").read_bytes()
+    with Store.open(str(tmp_path / "run.db")) as db:
+        texts += [repr(o) for o in db.outputs("auth-run")]
     for secret in idp.all_secrets():
         for text in texts:
             assert secret not in text
         assert secret.encode() not in database
-    assert "generic: refreshed" in ours, "the refresh was logged (without the token)"
+    assert "openai: refreshed" in ours, "the refresh was logged (without the token)"
 
 
 async def test_a_run_without_login_fails_fast_with_a_clear_error(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     idp = FakeIdP(trio.current_time)
-    client, _ = asgi_client(idp)
-    manager = TokenManager(TokenStore(tmp_path / "home"), client, clock=wall)
-    sim = SimulatedProvider(seed=1, disagreement_rate=0.0)
-    provider = BearerProvider(client, manager.source("generic"), idp.base_url + API_PATH, sim)
-    async with open_orchestrator(store=str(tmp_path / "run.db"), provider=provider, seed=1) as orch:
+    idp_client, _ = asgi_client(idp)
+    manager = TokenManager(TokenStore(tmp_path / "home"), idp_client, clock=wall)
+    api = GuardedModelApi(idp, mock_transport(MockBackend(seed=1)))
+    provider = OpenAIProvider(base_url="https://api.test/v1", token_source=manager.source("openai"),
+                              transport=api, stream=False, name="openai")
+    async with open_orchestrator(store=str(tmp_path / "run.db"), provider={"openai": provider},
+                                 pipeline=openai_pipeline(), seed=1) as orch:
         result = await orch.run("SPEC-NOAUTH", run_id="no-auth")
     assert not result.completed
-    assert sim.calls == 0 and idp.api_calls == []
+    assert api.calls == []
     assert trio.current_time() < 1, "authentication failures are not retried with backoff"
     with Store.open(str(tmp_path / "run.db")) as db:
         errors = {o.error for o in db.outputs("no-auth")}
-    assert errors and all(e and "not logged in to generic" in e and "conclave login generic" in e for e in errors)
+    assert errors and all(e and "not logged in to openai" in e and "conclave login openai" in e for e in errors)

@@ -197,3 +197,61 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert conclave_main(["auth", "status"]) == 1
     captured = capsys.readouterr()
     assert "chmod 600" in captured.err and "SECRET" not in captured.err + captured.out
+
+
+def stored_login(idp: FakeIdP, base: str, home: Path, provider: str, expires_in: float) -> dict[str, Any]:
+    """A real device-code grant from the server, stored for ``provider``."""
+    device = httpx.post(base + DEVICE_PATH, data={"client_id": CLIENT_ID, "scope": "model"}, timeout=TIMEOUT).json()
+    idp.approve(device["user_code"])
+    idp.devices[device["device_code"]]["interval"] = 0
+    grant = httpx.post(base + TOKEN_PATH, timeout=TIMEOUT, data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "device_code": device["device_code"], "client_id": CLIENT_ID}).json()
+    entry = TokenEntry(provider=provider, access_token=Secret(grant["access_token"]),
+                       refresh_token=Secret(grant["refresh_token"]), expires_at=time.time() + expires_in,
+                       scope="model", stored_at=time.time(), token_url=base + TOKEN_PATH, client_id=CLIENT_ID)
+
+    async def put() -> None:
+        async with TokenStore(home).locked() as tokens:
+            tokens.put(entry)
+
+    trio.run(put)
+    return grant  # type: ignore[no-any-return]
+
+
+def test_run_with_auth_login_uses_and_refreshes_the_stored_token(tmp_path: Path) -> None:
+    from actors._mock_backend import MockBackend
+
+    idp = FakeIdP(time.monotonic)
+    idp.model_backend = MockBackend(seed=5, disagreement_rate=0.0)
+    with serve_in_thread(idp) as base:
+        home = tmp_path / "home"
+        first = stored_login(idp, base, home, "openai", expires_in=10)  # inside the margin: refresh first
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+        env.update(CONCLAVE_HOME=str(home), CONCLAVE_TOKEN_BACKEND="file")
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors", "run", "SPEC-LOGIN", "--provider", "openai", "--base-url", base + "/v1",
+             "--model", "mock-model", "--no-stream", "--auth", "login", "--json", "--db", str(tmp_path / "run.db")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "completed"
+    assert idp.refresh_count == 1  # single-flight across all agents of the run
+    assert [status for _, status in idp.api_calls].count(401) == 0
+    stored = TokenStore(home).get("openai")
+    assert stored is not None and stored.refresh_token is not None
+    assert stored.refresh_token.reveal() != first["refresh_token"]
+    assert idp.valid_refresh_tokens() == {stored.refresh_token.reveal()}
+    database = (tmp_path / "run.db").read_bytes()
+    for secret in idp.all_secrets():
+        assert secret not in proc.stdout and secret not in proc.stderr and secret.encode() not in database
+
+
+def test_run_with_auth_login_but_no_login_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    code = conclave_main(["run", "--provider", "anthropic", "--auth", "login", "--db", str(tmp_path / "x.db")])
+    assert code == 2
+    assert "conclave login anthropic" in capsys.readouterr().err
+    assert not (tmp_path / "x.db").exists()
