@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import fcntl
 import json
 import os
 import stat
@@ -34,6 +33,17 @@ import attrs
 import trio
 
 from messages._auth_errors import TokenStoreError
+
+if sys.platform == "win32":  # pragma: no cover - not exercised by the Linux suite
+    import msvcrt
+else:
+    import fcntl
+
+_WINDOWS = sys.platform == "win32"
+# POSIX permission bits mean little on Windows (the profile directory's ACL
+# protects the file there), so the group/other check is POSIX-only.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 from messages._auth_messages import Secret
 
 FORMAT_VERSION = 1
@@ -147,7 +157,7 @@ def _ensure_private_dir(path: Path) -> None:
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise TokenStoreError(f"the token directory {path} is not a plain directory", hint="remove it or set CONCLAVE_HOME")
-    if info.st_mode & 0o077:
+    if sys.platform != "win32" and info.st_mode & 0o077:
         if info.st_uid != os.getuid():
             raise TokenStoreError(f"the token directory {path} is not private", hint=f"run 'chmod 700 {path}'")
         os.chmod(path, 0o700)
@@ -163,7 +173,7 @@ class FileBackend:
 
     def read(self) -> str | None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -177,7 +187,7 @@ class FileBackend:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise TokenStoreError(f"refusing to read {self.path}: not a regular file")
-            if info.st_mode & 0o077:
+            if info.st_mode & 0o077 and not _WINDOWS:
                 raise TokenStoreError(
                     f"refusing to read {self.path}: it is readable or writable by group or others "
                     f"(mode {stat.S_IMODE(info.st_mode):04o})",
@@ -190,7 +200,8 @@ class FileBackend:
         fd, tmp = tempfile.mkstemp(dir=self.home, prefix=".tokens-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), 0o600)
+                if sys.platform != "win32":
+                    os.fchmod(handle.fileno(), 0o600)
                 handle.write(text.encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -200,6 +211,30 @@ class FileBackend:
                 os.unlink(tmp)
             raise
         _fsync_dir(self.home)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive advisory lock without waiting."""
+    if sys.platform == "win32":  # pragma: no cover
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def _unlock(fd: int) -> None:
+    if sys.platform == "win32":  # pragma: no cover
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -323,13 +358,13 @@ class TokenStore:
         every step, never blocks the trio thread); the lock is released in
         ``finally`` on every exit path, cancellation included."""
         _ensure_private_dir(self.home)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
         try:
             await self._acquire(fd)
             try:
                 yield LockedTokens(self)
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                _unlock(fd)
         finally:
             os.close(fd)
 
@@ -338,11 +373,8 @@ class TokenStore:
         delay = 0.005
         waiting = False
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _try_lock(fd):
                 return
-            except BlockingIOError:
-                pass
             if not waiting:
                 waiting = True
                 if self._on_lock_wait is not None:
