@@ -58,7 +58,11 @@ class Cli:
         while (line := self.lines.get(timeout=TIMEOUT)) is not None:
             rest.append(line)
         self.seen.extend(rest)
-        return code, "".join(self.seen), self.stderr()
+        err = self.stderr()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code, "".join(self.seen), err
 
     def stderr(self) -> str:
         assert self.proc.stderr is not None

@@ -239,6 +239,10 @@ def test_two_processes_refreshing_at_once_end_with_one_valid_refresh_token(tmp_p
             assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
         for t in readers:
             t.join(timeout=10)
+        for p in procs:
+            for pipe in (p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()
     assert not idp.gate_timed_out, "the second process never waited for the lock"
     assert idp.refresh_count == 1
     tokens = [line for out in outputs for line in out if line.startswith("token ")]
