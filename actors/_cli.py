@@ -20,8 +20,10 @@ import trio
 import trio.testing
 
 from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
+from messages._auth_errors import AuthError
 from store import Store, StoreError
 
+from ._cli_auth import add_auth_commands, add_run_auth_option, login_token_sources
 from ._cli_providers import (
     add_provider_arguments,
     add_serve_mock_command,
@@ -173,8 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Every provider is validated before the store opens or any agent starts.
     try:
         pipeline = pipeline_from_args(args, pipeline)
-        configs = provider_configs_from_args(args, pipeline)
-    except (ProviderConfigError, PipelineError) as exc:
+        tokens = login_token_sources(args, {spec.provider for spec in pipeline.agents.values()})
+        configs = provider_configs_from_args(args, pipeline, token_sources=tokens)
+    except (ProviderConfigError, PipelineError, AuthError) as exc:
         return _fail(str(exc))
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:
@@ -366,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     add_provider_arguments(run)
+    add_run_auth_option(run)
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
@@ -389,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later features register their subcommands here: f(subparsers) -> None.
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS.append(add_auth_commands)  # login, logout, auth status (issue 6)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
