@@ -32,8 +32,8 @@ agents in one stage to keep that argument honest.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
@@ -81,6 +81,20 @@ from ._simulator import SimulatedProvider
 from ._store_writer import StoreWriter
 
 EDGES = frozenset({"gateway", "metrics", "store", "agent", "coordinator"})
+
+
+@contextmanager
+def collapse_single() -> Iterator[None]:
+    """Re-raise a lone exception from one of our internal nurseries as
+    itself.  Those nurseries are implementation details: callers should see
+    the typed error (or the KeyboardInterrupt, or trio.Cancelled), not a
+    group around it.  Groups of several exceptions stay groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 class ConfigError(ConclaveError, ValueError):
@@ -363,55 +377,56 @@ class Orchestrator:
         agent_inboxes: dict[str, Outbox[AgentRequest]] = {}
         decisions: list[Decision] = []
         halted: Decision | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                for name, spec in pipeline.agents.items():
-                    inbox, receive = open_channel(
-                        1, name=f"agent {name}", interceptors=self._interceptors.get("agent", ())
-                    )
-                    agent_inboxes[name] = inbox
-                    agent = Agent(
-                        spec=spec,
-                        pipeline=pipeline,
-                        gateway=self._gateway,
-                        metrics=self._metrics,
+        with collapse_single():
+            async with trio.open_nursery() as nursery:
+                try:
+                    for name, spec in pipeline.agents.items():
+                        inbox, receive = open_channel(
+                            1, name=f"agent {name}", interceptors=self._interceptors.get("agent", ())
+                        )
+                        agent_inboxes[name] = inbox
+                        agent = Agent(
+                            spec=spec,
+                            pipeline=pipeline,
+                            gateway=self._gateway,
+                            metrics=self._metrics,
+                            store=self._store,
+                            retry=self.retry,
+                            seed=seed,
+                        )
+                        nursery.start_soon(agent.run, receive)
+                    coordinator = Coordinator(
+                        ctx=ctx,
+                        agents=agent_inboxes,
+                        replies_to=replies_to,
+                        replies=replies,
                         store=self._store,
-                        retry=self.retry,
-                        seed=seed,
+                        sequencer=DecisionSequencer() if state is None else state.sequencer(),
+                        publish=self._publish,
                     )
-                    nursery.start_soon(agent.run, receive)
-                coordinator = Coordinator(
-                    ctx=ctx,
-                    agents=agent_inboxes,
-                    replies_to=replies_to,
-                    replies=replies,
-                    store=self._store,
-                    sequencer=DecisionSequencer() if state is None else state.sequencer(),
-                    publish=self._publish,
-                )
-                if state is not None:
-                    # Durable attempts count once, as replays, never as turns.
-                    for usage in state.usage_replays():
-                        await self._metrics.send(usage)
-                for stage in pipeline.stages:
-                    prior = state.decided(stage.name) if state is not None else None
-                    if prior is not None:  # durable (or inherited): never decided again
-                        decisions.append(prior)
-                        self._publish(StageDecided(decision=prior))
-                        if prior.status not in ADVANCING:
-                            halted = prior
+                    if state is not None:
+                        # Durable attempts count once, as replays, never as turns.
+                        for usage in state.usage_replays():
+                            await self._metrics.send(usage)
+                    for stage in pipeline.stages:
+                        prior = state.decided(stage.name) if state is not None else None
+                        if prior is not None:  # durable (or inherited): never decided again
+                            decisions.append(prior)
+                            self._publish(StageDecided(decision=prior))
+                            if prior.status not in ADVANCING:
+                                halted = prior
+                                break
+                            continue
+                        resume = state.stage_resume(stage, self.retry) if state is not None else None
+                        decision, _ = await coordinator.run_stage(stage, resume)
+                        decisions.append(decision)
+                        if decision.status not in ADVANCING:
+                            halted = decision
                             break
-                        continue
-                    resume = state.stage_resume(stage, self.retry) if state is not None else None
-                    decision, _ = await coordinator.run_stage(stage, resume)
-                    decisions.append(decision)
-                    if decision.status not in ADVANCING:
-                        halted = decision
-                        break
-            finally:
-                for inbox in agent_inboxes.values():
-                    inbox.close()  # agents finish their current request, then stop
-                replies.close()  # late replies now fail fast instead of waiting
+                finally:
+                    for inbox in agent_inboxes.values():
+                        inbox.close()  # agents finish their current request, then stop
+                    replies.close()  # late replies now fail fast instead of waiting
 
         totals = await self.totals(ctx.run_id, forget=True)
         digest = compute_digest(
@@ -541,31 +556,32 @@ async def open_orchestrator(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())
     )
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(gateway.run, gateway_rx)
-            nursery.start_soon(metrics.run, metrics_rx)
-            nursery.start_soon(writer.run, store_rx)
-            orchestrator = Orchestrator(
-                gateway=gateway_tx,
-                metrics=metrics_tx,
-                store=store_tx,
-                pipeline=pipeline,
-                seed=seed,
-                retry=retry,
-                interceptors=interceptors,
-                limits=limits,
-                db=db,
-            )
-            try:
-                yield orchestrator
-            finally:
-                # Closing the inboxes lets each actor drain what is queued
-                # and stop; on cancellation the nursery cancels them anyway.
-                gateway_tx.close()
-                metrics_tx.close()
-                store_tx.close()
-                for send in orchestrator._subscribers:
-                    send.close()
+        with collapse_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(gateway.run, gateway_rx)
+                nursery.start_soon(metrics.run, metrics_rx)
+                nursery.start_soon(writer.run, store_rx)
+                orchestrator = Orchestrator(
+                    gateway=gateway_tx,
+                    metrics=metrics_tx,
+                    store=store_tx,
+                    pipeline=pipeline,
+                    seed=seed,
+                    retry=retry,
+                    interceptors=interceptors,
+                    limits=limits,
+                    db=db,
+                )
+                try:
+                    yield orchestrator
+                finally:
+                    # Closing the inboxes lets each actor drain what is queued
+                    # and stop; on cancellation the nursery cancels them anyway.
+                    gateway_tx.close()
+                    metrics_tx.close()
+                    store_tx.close()
+                    for send in orchestrator._subscribers:
+                        send.close()
     finally:
         with trio.CancelScope(shield=True):
             await gateway.aclose()

@@ -102,13 +102,7 @@ class Outbox(trio.abc.SendChannel[T]):
             raise ActorStopped(f"the {self.name} actor has stopped") from exc
 
     async def send(self, item: T) -> None:
-        if self._interceptors:
-            await self._send(item)
-            return
-        try:  # no interceptors: the hot path, one frame less
-            await self._inner.send(item)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ActorStopped(f"the {self.name} actor has stopped") from exc
+        await self._send(item)
 
     def send_nowait(self, item: T) -> None:
         """Deliver without waiting; only for channels without interceptors
@@ -150,26 +144,34 @@ def open_channel(
     return Outbox(send, interceptors, name=name), receive
 
 
+_EMPTY, _VALUE, _CLOSED, _GONE = range(4)
+
+
 class _Slot:
-    """The one-shot state shared by a :class:`Reply` and its
-    :class:`PendingReply`.  Plain fields instead of a memory channel: a
-    reply is made once per request, so this is on every hot path (the
-    store writer acks thousands of writes a second with it)."""
+    """The state shared by a :class:`Reply` and its :class:`PendingReply`.
 
-    __slots__ = ("done", "gone", "has_value", "value", "waiter")
+    A one-shot rendezvous built on trio's low-level park/reschedule: far
+    cheaper than a memory channel per request, which matters because every
+    model call and every durable write makes one.
+    """
 
-    def __init__(self) -> None:
-        self.done = False  # a value was sent or the reply slot was closed
-        self.has_value = False
+    __slots__ = ("state", "value", "task", "what")
+
+    def __init__(self, what: str) -> None:
+        self.state = _EMPTY
         self.value: Any = None
-        self.gone = False  # the requester stopped waiting (or already received)
-        self.waiter: trio.lowlevel.Task | None = None
+        self.task: trio.lowlevel.Task | None = None
+        self.what = what
 
-    def finish(self) -> None:
-        self.done = True
-        if self.waiter is not None:
-            task, self.waiter = self.waiter, None
+    def settle(self, state: int, value: Any = None) -> bool:
+        if self.state != _EMPTY:
+            return False
+        self.state = state
+        self.value = value
+        if self.task is not None:
+            task, self.task = self.task, None
             trio.lowlevel.reschedule(task)
+        return True
 
 
 class Reply(Generic[R]):
@@ -182,72 +184,59 @@ class Reply(Generic[R]):
     failure, never silence.
     """
 
-    __slots__ = ("_slot", "_what")
+    __slots__ = ("_slot",)
 
-    def __init__(self, slot: _Slot, what: str) -> None:
+    def __init__(self, slot: _Slot) -> None:
         self._slot = slot
-        self._what = what
 
     def send(self, value: R) -> bool:
         """Deliver the reply; return False if the requester has gone away or
         a reply was already sent (extra replies are dropped)."""
-        slot = self._slot
-        if slot.done or slot.gone:
-            return False
-        slot.value = value
-        slot.has_value = True
-        slot.finish()
-        return True
+        return self._slot.settle(_VALUE, value)
 
     def close(self) -> None:
-        if not self._slot.done:
-            self._slot.finish()
+        """Give up without answering (a no-op after ``send``)."""
+        self._slot.settle(_CLOSED)
 
     def __repr__(self) -> str:
-        return f"<Reply for {self._what}>"
+        return f"<Reply for {self._slot.what}>"
 
 
 class PendingReply(Generic[R]):
     """The requester's end of a :class:`Reply`."""
 
-    __slots__ = ("_slot", "_what")
+    __slots__ = ("_slot",)
 
-    def __init__(self, slot: _Slot, what: str) -> None:
+    def __init__(self, slot: _Slot) -> None:
         self._slot = slot
-        self._what = what
 
     async def receive(self) -> R:
         """Wait for the reply.  A checkpoint; raises :class:`ActorStopped` if
-        the actor dropped the request without answering.  Once this returns
-        or raises (cancellation included), later replies are refused."""
+        the actor dropped the request without answering.  If cancelled, the
+        requester is gone: a later ``Reply.send`` returns False."""
         slot = self._slot
-        try:
-            if slot.gone:
-                raise ActorStopped(f"no reply to {self._what}: already received")
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if slot.done:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            else:
-                slot.waiter = trio.lowlevel.current_task()
+        if slot.state == _EMPTY:
+            slot.task = trio.lowlevel.current_task()
 
-                def abort(_: Any) -> trio.lowlevel.Abort:
-                    slot.waiter = None
-                    return trio.lowlevel.Abort.SUCCEEDED
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                slot.task = None
+                slot.state = _GONE
+                return trio.lowlevel.Abort.SUCCEEDED
 
-                await trio.lowlevel.wait_task_rescheduled(abort)
-        finally:
-            slot.gone = True
-        if not slot.has_value:
-            raise ActorStopped(f"no reply to {self._what}: the actor stopped")
-        value: R = slot.value
-        slot.value = None
-        return value
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        if slot.state == _VALUE:
+            value: R = slot.value
+            slot.value = None
+            return value
+        raise ActorStopped(f"no reply to {slot.what}: the actor stopped")
 
 
 def reply_pair(what: str) -> tuple[Reply[Any], PendingReply[Any]]:
     """A fresh reply slot and the requester's end of it."""
-    slot = _Slot()
-    return Reply(slot, what), PendingReply(slot, what)
+    slot = _Slot(what)
+    return Reply(slot), PendingReply(slot)
 
 
 def fail_pending(inbox: trio.MemoryReceiveChannel[Any]) -> int:
