@@ -13,11 +13,12 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 import trio.testing
 
+from messages import ProgressEvent, StageDecided, StageStarted
 from store import BranchRow, RunPreview, RunRow, Store, StoreError, preview_run
 
 from ._cli import (
@@ -92,10 +93,31 @@ def _provider(seed: int, options: Mapping[str, Any]) -> SimulatedProvider:
 Action = Callable[[Orchestrator], Awaitable[RunResult]]
 
 
+class HistoryPrinter(ProgressPrinter):
+    """``run``'s progress lines, plus a line for each stage a resume or
+    rerun takes from the store instead of running it again."""
+
+    def __init__(self, out: TextIO, total_stages: int) -> None:
+        super().__init__(out, total_stages)
+        self._started: set[str] = set()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, StageStarted):
+            self._started.add(event.key.stage)
+        elif isinstance(event, StageDecided) and event.decision.key.stage not in self._started:
+            self.index += 1
+            stage = event.decision.key.stage
+            self.out.write(
+                f"\nSTAGE {self.index}/{self.total}: {stage.upper()} "
+                f"(decided on branch {short_branch_id(event.decision.key.branch_id)}; not run again)\n"
+            )
+        super().__call__(event)
+
+
 async def _drive(
     args: argparse.Namespace, store: Store, provider: SimulatedProvider, seed: int, stages: int, action: Action
 ) -> tuple[RunResult, float]:
-    printer = None if args.json else ProgressPrinter(sys.stdout, stages)
+    printer = None if args.json else HistoryPrinter(sys.stdout, stages)
     started = trio.current_time()
     async with open_orchestrator(store=store, provider=provider, seed=seed) as orch:
         async with trio.open_nursery() as nursery:
