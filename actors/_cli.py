@@ -235,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"no runs in {args.db}")
             else:
                 for r in runs:
-                    stages = len(store.decisions(r.run_id, r.current_branch_id))
+                    stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
                     print(
                         f"{r.run_id}  {r.status:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
                         f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"

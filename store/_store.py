@@ -305,6 +305,13 @@ class Store:
                     " decided_at) VALUES (?,?,?,?,?,?,?)",
                     (d.key.run_id, d.key.branch_id, d.key.stage, d.seq, d.status, _json(d.verdict), now),
                 )
+                # The event log records the decision in the same transaction:
+                # never a decision without its event, nor the reverse.
+                conn.execute(
+                    "INSERT INTO events (run_id, branch_id, kind, stage, detail, at)"
+                    " VALUES (?,?, 'decision', ?,?,?)",
+                    (d.key.run_id, d.key.branch_id, d.key.stage, _json({"seq": d.seq, "status": d.status}), now),
+                )
             except apsw.ConstraintError:
                 # Idempotent replay of the *same* decision (a coordinator
                 # cancelled after sending it retries with the same seq) is a
