@@ -27,6 +27,7 @@ from messages import (
     UsageRecorded,
     fail_pending,
     reply_pair,
+    request,
 )
 
 from ._consensus import parse_output
@@ -166,8 +167,7 @@ class Agent:
 
     async def _persist(self, output: AgentOutput) -> None:
         reply, pending = reply_pair(f"persisting {output.key.agent}'s output")
-        await self.store.send(PersistOutput(output=output, reply_to=reply))
-        ack = await pending.receive()
+        ack = await request(self.store, PersistOutput(output=output, reply_to=reply), pending)
         if not ack.ok and not ack.duplicate:
             raise ActorStopped(f"store writer could not persist {output.key.agent}'s output: {ack.error}")
 

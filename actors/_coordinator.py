@@ -32,6 +32,7 @@ from messages import (
     StageStarted,
     StoreWrite,
     reply_pair,
+    request,
 )
 
 from ._consensus import Verdict, compute_verdict
@@ -182,8 +183,7 @@ class Coordinator:
         with self.sequencer.deciding(key) as ticket:
             decision = Decision(key=key, seq=ticket.seq, status=verdict.status, verdict=verdict.to_json())
             reply, pending = reply_pair(f"decision of {key.stage}")
-            await self.store.send(PersistDecision(decision=decision, reply_to=reply))
-            ack = await pending.receive()
+            ack = await request(self.store, PersistDecision(decision=decision, reply_to=reply), pending)
             if not ack.ok:
                 raise DecisionNotDurable(f"decision of stage {key.stage!r} was not stored: {ack.error}")
             ticket.ack()

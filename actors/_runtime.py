@@ -62,6 +62,7 @@ from messages import (
     UsageTotals,
     open_channel,
     reply_pair,
+    request,
 )
 from store import Store
 
@@ -231,8 +232,7 @@ class Orchestrator:
 
     async def _write(self, item: StoreWrite) -> StoreAck:
         reply, pending = reply_pair(type(item).__name__)
-        await self._store.send(attrs.evolve(item, reply_to=reply))
-        ack: StoreAck = await pending.receive()
+        ack: StoreAck = await request(self._store, attrs.evolve(item, reply_to=reply), pending)
         return ack
 
     async def totals(self, run_id: str, *, forget: bool = False) -> UsageTotals:

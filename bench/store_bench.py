@@ -14,7 +14,7 @@ inserts the same agent-output rows twice:
 Runs alternate (writer, raw, raw, writer, ...) to spread noise, and the
 medians are compared.  Target: writer >= 0.5x raw.
 
-    python bench/store_bench.py [--rows 20000] [--repeats 5] [--producers 256] [--window 4]
+    python bench/store_bench.py [--rows 20000] [--repeats 5] [--producers 1024] [--window 1]
                                  [--max-batch 4096] [--durability full|normal]
 """
 
@@ -31,7 +31,16 @@ from pathlib import Path
 import trio
 
 from actors import StoreWriter
-from messages import AgentKey, AgentOutput, PersistOutput, PersistRun, TokenUsage, open_channel, reply_pair
+from messages import (
+    AgentKey,
+    AgentOutput,
+    PersistOutput,
+    PersistRun,
+    TokenUsage,
+    open_channel,
+    reply_pair,
+    request,
+)
 from store import Durability, Store
 from store._store import _INSERT_OUTPUT, output_params
 
@@ -78,6 +87,14 @@ async def _through_writer(
         nonlocal failures
         while True:
             pendings = []
+            if window == 1:  # as an agent persists its answer: send, wait for the ack
+                output = next(todo, None)
+                if output is None:
+                    return
+                reply, pending = reply_pair("bench")
+                if not (await request(send, PersistOutput(output=output, reply_to=reply), pending)).ok:
+                    failures += 1
+                continue
             for output in itertools.islice(todo, window):  # shared: each row written once
                 reply, pending = reply_pair("bench")
                 await send.send(PersistOutput(output=output, reply_to=reply))
@@ -146,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--producers", type=int, default=256, help="concurrent writer tasks")
-    parser.add_argument("--window", type=int, default=4, help="writes in flight per producer (1: send, await ack, repeat)")
+    parser.add_argument("--producers", type=int, default=1024, help="concurrent writer tasks")
+    parser.add_argument("--window", type=int, default=1, help="writes in flight per producer (1: send, await ack, repeat)")
     parser.add_argument("--max-batch", type=int, default=4096, help="the writer's largest group commit")
     parser.add_argument(
         "--durability",

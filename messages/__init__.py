@@ -64,6 +64,7 @@ from ._progress import (
     StageDecided,
     StageStarted,
 )
+from ._request import request
 from ._usage import ZERO_USAGE, TokenUsage
 
 __all__ = [
@@ -121,4 +122,5 @@ __all__ = [
     "is_retryable",
     "open_channel",
     "reply_pair",
+    "request",
 ]

@@ -64,7 +64,7 @@ _INSERT_OUTPUT = (
 def output_params(out: AgentOutput, now: int) -> tuple[Any, ...]:
     # One timestamp unit: wall ms.  The call's span comes from the run's
     # clock (simulated under the virtual clock), anchored at commit time.
-    span = max(0, round((out.finished_at - out.started_at) * 1000))
+    span = max(0, int((out.finished_at - out.started_at) * 1000))
     return (
         out.key.run_id,
         out.key.branch_id,
