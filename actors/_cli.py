@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
-from messages._auth_errors import AuthError
+from messages import AuthError
 from store import Store, StoreError
 
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_token_sources
