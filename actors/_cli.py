@@ -12,15 +12,16 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO, TypeVar
 
 import trio
 import trio.testing
 
 from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
-from messages._auth_errors import AuthError
+from messages import AuthError
 from store import Store, StoreError
 
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_token_sources
@@ -35,6 +36,8 @@ from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
 from ._runtime import ConfigError, Limits, RunResult, open_orchestrator
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -137,6 +140,33 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``fn(*args)``, turning Ctrl-C into a clean cancellation.
+
+    trio's default raises KeyboardInterrupt wherever the signal lands - even
+    inside the store writer between two statements.  Instead, SIGINT cancels
+    the work like any other cancellation (runs are marked interrupted, the
+    store stays consistent) and *then* KeyboardInterrupt is raised here.
+    """
+    interrupted = False
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    interrupted = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            result = await fn(*args)
+            nursery.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
 async def _run_pipeline(
     args: argparse.Namespace,
     store: Store,
@@ -200,7 +230,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
-            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, configs, clock=clock)
+            result, elapsed = trio.run(
+                interruptible, _run_pipeline, args, store, pipeline, virtual, configs, clock=clock
+            )
         except ConfigError as exc:
             return _fail(str(exc))
         except BaseException as exc:

@@ -29,10 +29,12 @@ from ._cli import (
     ProgressPrinter,
     _add_db,
     _fail,
+    _is_interrupt,
     _json_out,
     _non_negative,
     _summary,
     _unit_interval,
+    interruptible,
 )
 from ._consensus import ADVANCING
 from ._ids import short_branch_id
@@ -168,16 +170,19 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         stages = len(preview.pipeline.get("stages", ()))
         try:
-            result, elapsed = trio.run(_drive, args, store, provider, seed, stages, action, clock=clock)
-        except KeyboardInterrupt:
-            return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            result, elapsed = trio.run(
+                interruptible, _drive, args, store, provider, seed, stages, action, clock=clock
+            )
         except (ConfigError, ResumeError) as exc:
             return _fail(str(exc))
-        except BaseExceptionGroup as group:
-            bad, _ = group.split((ConfigError, ResumeError))
-            if bad is None:
-                raise
-            return _fail(str(_first_leaf(bad)))
+        except BaseException as exc:
+            if _is_interrupt(exc):
+                return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            if isinstance(exc, BaseExceptionGroup):
+                bad, _ = exc.split((ConfigError, ResumeError))
+                if bad is not None:
+                    return _fail(str(_first_leaf(bad)))
+            raise
     if args.json:
         _json_out(result.to_json())
     else:

@@ -5,6 +5,8 @@ channel machinery: :func:`open_channel`, the :class:`Interceptor` seam on the
 send side, and one-shot :class:`Reply` slots for request-reply.
 """
 
+from . import _auth_api
+from ._auth_api import *  # noqa: F403  (auth messages and errors, listed there)
 from ._channel import (
     Forward,
     FunctionInterceptor,
@@ -123,4 +125,5 @@ __all__ = [
     "open_channel",
     "reply_pair",
     "request",
+    *_auth_api.__all__,
 ]
