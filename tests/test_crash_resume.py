@@ -118,3 +118,29 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path: Path) -> No
     # decision to after the last, through many distinct durable states.
     assert min(d for d, _, _ in states) == 0 and max(d for d, _, _ in states) >= len(expected_log) - 1
     assert len(states) >= 20, states
+
+
+def test_resume_uses_the_stored_pipeline_seed_spec_and_goal(tmp_path: Path) -> None:
+    """`resume` takes no pipeline, seed, spec or goal: it must use the run's."""
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[[stages]]\nname = "plan"\nagents = ["gemini", "claude"]\nquorum = "all"\n\n'
+        '[[stages]]\nname = "deploy"\nagents = ["gemini", "claude", "gpt_pro"]\nmode = "parallel"\n'
+        'required_fields = ["target"]\n'
+    )
+    args = ["run", "SPEC-P", "--goal", "ship it", "--seed", "17", "--pipeline", str(pipeline), "--run-id", "P",
+            "--disagreement-rate", "0", "--json"]
+    base = run_cli([*args, "--db", str(tmp_path / "base.db")])
+    assert base.returncode == 0, base.stderr
+    db = str(tmp_path / "killed.db")
+    killed = run_cli([*args, "--db", db], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "9"})
+    assert killed.returncode == -9
+    pipeline.unlink()  # the file is gone: resume must not need it
+    resumed = run_cli(["resume", "P", "--db", db, "--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    got, expected = json.loads(resumed.stdout), json.loads(base.stdout)
+    assert [s["stage"] for s in got["stages"]] == ["plan", "deploy"]
+    assert got["spec_id"] == "SPEC-P" and got["digest"] == expected["digest"]
+    with Store.open(db) as s:
+        run = s.get_run("P")
+        assert run is not None and (run.goal, run.seed) == ("ship it", 17)
