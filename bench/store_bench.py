@@ -15,7 +15,7 @@ Runs alternate (writer, raw, raw, writer, ...) to spread noise, and the
 medians are compared.  Target: writer >= 0.5x raw.
 
     python bench/store_bench.py [--rows 20000] [--repeats 5] [--producers 1024] [--window 1]
-                                 [--max-batch 4096] [--durability full|normal]
+                                 [--max-batch 4096] [--durability full|normal] [--content-bytes 300]
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ from store._store import _INSERT_OUTPUT, output_params
 RUN, BRANCH = "bench", "bench-branch"
 
 
-def make_outputs(rows: int) -> list[AgentOutput]:
-    content = '{"stage": "plan", "agent": "x", "work_breakdown": ["a", "b", "c"]}' * 4
+def make_outputs(rows: int, content_bytes: int = 300) -> list[AgentOutput]:
+    unit = '{"stage": "plan", "agent": "x", "work_breakdown": ["a", "b", "c"]}'
+    content = (unit * (content_bytes // len(unit) + 1))[:content_bytes]
     return [
         AgentOutput(
             key=AgentKey(run_id=RUN, branch_id=BRANCH, stage="plan", agent=f"agent-{i}"),
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--producers", type=int, default=1024, help="concurrent writer tasks")
     parser.add_argument("--window", type=int, default=1, help="writes in flight per producer (1: send, await ack, repeat)")
+    parser.add_argument("--content-bytes", type=int, default=300, help="size of each output's content")
     parser.add_argument("--max-batch", type=int, default=4096, help="the writer's largest group commit")
     parser.add_argument(
         "--durability",
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         help="synchronous=FULL (fsync every commit; the orchestrator's default) or NORMAL, for both sides",
     )
     args = parser.parse_args(argv)
-    outputs = make_outputs(args.rows)
+    outputs = make_outputs(args.rows, args.content_bytes)
     writer_times: list[float] = []
     raw_times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="conclave-bench-") as tmp:
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"store writer (acked): {writer_rate:12,.0f} rows/s  ({args.producers} producers x {args.window} in flight, ack after commit)")
     print(f"raw apsw executemany: {raw_rate:12,.0f} rows/s  (one transaction)")
+    print(f"content per row:      {args.content_bytes} bytes")
     print(f"ratio writer/raw:     {ratio:12.2f}x  (target >= 0.5x)")
     return 0
 
