@@ -71,6 +71,9 @@ class Coordinator:
     store: Outbox[StoreWrite]
     sequencer: DecisionSequencer = attrs.field(factory=DecisionSequencer)
     publish: Publish = _no_progress
+    # The lineage-aware read of a stage's accepted outputs (the runtime
+    # passes the store's); None: decide on the replies as received.
+    durable_outputs: Callable[[StageKey], Mapping[str, AgentOutput]] | None = None
     late_replies: int = 0
     duplicate_replies: int = 0
 
@@ -96,6 +99,10 @@ class Coordinator:
             )
         )
         outputs = await self.collect(stage, key, resume)
+        if self.durable_outputs is not None:
+            # Consensus reads what is durable on this branch's lineage (every
+            # reply's output was acked durable before it was sent).
+            outputs = dict(self.durable_outputs(key))
         verdict = compute_verdict(stage, outputs)
         return await self.decide(key, verdict), outputs
 

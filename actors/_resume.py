@@ -172,6 +172,15 @@ def _output(row: OutputRow, key: AgentKey) -> AgentOutput:
     )
 
 
+def stage_outputs(store: Store, key: StageKey) -> dict[str, AgentOutput]:
+    """The accepted outputs consensus decides ``key`` on, through the one
+    lineage-aware query: only the branch that owns the stage contributes."""
+    return {
+        row.agent: _output(row, key.agent(row.agent))
+        for row in store.lineage_outputs(key.run_id, key.branch_id, key.stage, accepted_only=True)
+    }
+
+
 def load_state(store: Store, run_id: str, branch_id: str | None = None) -> ResumeState:
     """Snapshot what ``branch_id`` (default: the run's current branch) of
     ``run_id`` sees.  Raises :class:`ResumeError` naming what is missing."""

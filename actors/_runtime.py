@@ -41,6 +41,7 @@ import trio
 
 from messages import (
     ActorStopped,
+    AgentOutput,
     AgentReply,
     AgentRequest,
     ConclaveError,
@@ -56,6 +57,7 @@ from messages import (
     RunStarted,
     RunUpdate,
     StageDecided,
+    StageKey,
     StoreAck,
     StoreWrite,
     TokenUsage,
@@ -75,7 +77,7 @@ from ._ids import new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
 from ._pipeline import Pipeline, default_pipeline
 from ._provider import BaseProvider
-from ._resume import CallLog, ResumeState, fork_stage, load_state, options_json
+from ._resume import CallLog, ResumeState, fork_stage, load_state, options_json, stage_outputs
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
@@ -336,6 +338,9 @@ class Orchestrator:
         state = load_state(self._require_db(), run_id, child)
         return await self._drive(self._context(state), state.pipeline, state.seed, state)
 
+    def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
+        return stage_outputs(self._require_db(), key)
+
     def _require_db(self) -> Store:
         if self._db is None:
             raise ConfigError("resume and rerun need the orchestrator's store")
@@ -403,6 +408,7 @@ class Orchestrator:
                         store=self._store,
                         sequencer=DecisionSequencer() if state is None else state.sequencer(),
                         publish=self._publish,
+                        durable_outputs=self._durable_outputs,
                     )
                     if state is not None:
                         # Durable attempts count once, as replays, never as turns.

@@ -181,3 +181,37 @@ def test_cli_rerun_branches_status_decisions(tmp_path: Path) -> None:
     assert f"branch {kid['short_id']}" in text
     bad = run_cli(["status", "R", "--db", db, "--branch", "nope"])
     assert bad.returncode == 2 and "no branch 'nope'" in bad.stderr
+
+
+async def test_consensus_reads_the_durable_lineage_not_the_message(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Garble every reply in flight: the decision is still made on what is
+    durable on the branch (the lineage query), so nothing changes."""
+    import attrs
+
+    from messages import AgentReply, Forward, FunctionInterceptor
+
+    async def garble(reply: AgentReply, forward: Forward[AgentReply]) -> None:
+        if reply.output is not None:
+            reply = attrs.evolve(reply, output=attrs.evolve(reply.output, content="garbage"))
+        await forward(reply)
+
+    plain_calls: list[tuple[str, str, str]] = []
+    async with open_orchestrator(store=str(tmp_path / "a.db"), provider=branch_marking_provider(plain_calls), seed=3) as orch:
+        plain = await orch.run("SPEC-D", run_id="D")
+    calls: list[tuple[str, str, str]] = []
+    async with open_orchestrator(
+        store=str(tmp_path / "b.db"),
+        provider=branch_marking_provider(calls),
+        seed=3,
+        interceptors={"coordinator": [FunctionInterceptor(garble)]},
+    ) as orch:
+        garbled = await orch.run("SPEC-D", run_id="D")
+    assert garbled.completed and [s.status for s in garbled.stages] == [s.status for s in plain.stages]
+    with Store.open(str(tmp_path / "b.db")) as s:
+        for stage in garbled.stages:
+            durable = {o.agent: o.content for o in s.lineage_outputs("D", garbled.branch_id, stage.stage, accepted_only=True)}
+            import hashlib
+
+            assert stage.verdict["outputs"] == {a: hashlib.sha256(c.encode()).hexdigest() for a, c in durable.items()}
