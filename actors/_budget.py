@@ -54,7 +54,7 @@ class BudgetExceeded(ConclaveError):
         self.agents = agents
         budget = status.budget_usd if status.budget_usd is not None else Decimal(0)
         super().__init__(
-            f"budget exceeded: {usd(status.spent_usd)} spent of {usd(budget)} before dispatching "
+            f"budget exceeded: {usd(status.spent_usd, 4)} spent of {usd(budget, 4)} before dispatching "
             f"{', '.join(agents)} in stage {stage!r}"
         )
 

@@ -19,9 +19,18 @@ from typing import Any, TextIO
 import trio
 import trio.testing
 
-from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
+from messages import AgentFinished, BudgetAlert, ProgressEvent, RunStarted, StageDecided, StageStarted
 from store import Store, StoreError
 
+from ._budget import usd
+from ._cli_metrics import (
+    MetricsUsageError,
+    add_metrics_command,
+    add_run_metrics_args,
+    load_prices,
+    metrics_display,
+)
+from ._footer import LiveFooter, Writer, show_metrics
 from ._format import tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
@@ -76,7 +85,7 @@ def _non_negative(text: str) -> float:
 class ProgressPrinter:
     """Prints the run's progress as it happens (human output only)."""
 
-    def __init__(self, out: TextIO, total_stages: int) -> None:
+    def __init__(self, out: Writer | TextIO, total_stages: int) -> None:
         self.out = out
         self.total = total_stages
         self.index = 0
@@ -103,6 +112,12 @@ class ProgressPrinter:
         elif isinstance(event, StageDecided):
             d = event.decision
             w(verdict_line(d.key.stage, d.seq, d.status, d.verdict) + "\n")
+        elif isinstance(event, BudgetAlert):
+            spent = f"{usd(event.spent_usd)} of {usd(event.budget_usd)}"
+            if event.threshold >= 100:
+                w(f"  ✗ budget EXCEEDED: {spent}; no further agent calls will be dispatched\n")
+            else:
+                w(f"  ⚠ budget warning: {event.threshold}% used ({spent})\n")
         self.out.flush()
 
 
@@ -115,6 +130,12 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     else:
         lines.append(f"Run {result.run_id} HALTED: {result.halt_message}")
     lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
+    cost = f"  cost: {usd(result.cost_usd, 4)}"
+    if result.budget_usd is not None:
+        cost += f" of a {usd(result.budget_usd)} budget"
+    if result.unpriced_calls:
+        cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
+    lines.append(cost + f" | details: conclave metrics {result.run_id}")
     lines.append(f"  {clock} time: {elapsed:.1f}s | digest: {result.digest[:16]}… | db: {db}")
     return "\n".join(lines)
 
@@ -127,10 +148,16 @@ async def _run_pipeline(
         disagreement_rate=args.disagreement_rate,
         latency=Latency(median=args.sim_latency),
     )
-    printer = None if args.json else ProgressPrinter(sys.stdout, len(pipeline.stages))
+    display = None if args.json else metrics_display(sys.stdout)
+    out = display if isinstance(display, LiveFooter) else sys.stdout
+    printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
-    async with open_orchestrator(store=store, provider=provider, pipeline=pipeline, seed=args.seed) as orch:
+    async with open_orchestrator(
+        store=store, provider=provider, pipeline=pipeline, seed=args.seed, prices=args.price_table
+    ) as orch:
         async with trio.open_nursery() as nursery:
+            if display is not None:
+                nursery.start_soon(show_metrics, orch.subscribe_metrics(), display)
             if printer is not None:
                 events = orch.subscribe()
 
@@ -140,9 +167,11 @@ async def _run_pipeline(
 
                 nursery.start_soon(show)
             try:
-                result = await orch.run(args.spec_id, goal=args.goal, run_id=args.run_id)
+                result = await orch.run(args.spec_id, goal=args.goal, run_id=args.run_id, budget=args.budget)
             finally:
                 nursery.cancel_scope.cancel()
+                if isinstance(display, LiveFooter):
+                    display.clear()
     return result, trio.current_time() - started
 
 
@@ -150,6 +179,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
     except PipelineError as exc:
+        return _fail(str(exc))
+    try:
+        args.price_table = load_prices(args.prices)
+    except MetricsUsageError as exc:
         return _fail(str(exc))
     try:
         store = Store.open(args.db)
@@ -328,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="virtual",
         help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
     )
+    add_run_metrics_args(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     run.set_defaults(handler=cmd_run)
 
@@ -351,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later features register their subcommands here: f(subparsers) -> None.
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS.append(add_metrics_command)  # conclave metrics (issue 4)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
