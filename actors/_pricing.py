@@ -7,7 +7,7 @@ trim_prices.py`` regenerates it).  Prices are USD per single token and are
 read as :class:`~decimal.Decimal` straight from the JSON text, so every cost
 is exact; nothing is rounded until it is displayed.
 
-Matching a model name (first hit wins): the exact name; ``provider/name``;
+Matching a model name (first hit wins): ``provider/name``; the exact name;
 the name without a ``provider/`` prefix; Claude's dotted versions spelt with
 dashes (``claude-sonnet-4.5`` is ``claude-sonnet-4-5``); then the longest
 table name that is a prefix of the model followed by ``-``, ``@`` or ``:``
@@ -207,9 +207,8 @@ class PriceTable:
         name = model.strip().lower()
         if not name:
             return None
-        candidates = [name]
-        if provider:
-            candidates.append(f"{provider.lower()}/{name}")
+        # The provider's own entry first (``gemini/gemini-2.5-flash``).
+        candidates = [f"{provider.lower()}/{name}", name] if provider else [name]
         if "/" in name:
             candidates.append(name.rsplit("/", 1)[1])
         for c in list(candidates):
