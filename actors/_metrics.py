@@ -31,7 +31,6 @@ import trio
 
 from messages import (
     BUDGET_THRESHOLDS,
-    ZERO_USAGE,
     AgentKey,
     BudgetAlert,
     BudgetCheck,
@@ -42,7 +41,6 @@ from messages import (
     SetBudget,
     StageTokens,
     TokenMetrics,
-    TokenUsage,
     UsageRecorded,
     UsageTotals,
     fail_pending,
@@ -50,7 +48,7 @@ from messages import (
 
 from ._context_window import context_window
 from ._pricing import PriceTable
-from ._session_metrics import SessionMetrics
+from ._session_metrics import SessionMetrics, Tally
 
 DIMENSIONS = ("stage", "agent", "model")
 
@@ -61,7 +59,7 @@ PublishAlert = Callable[[BudgetAlert], None]
 @attrs.define(slots=True)
 class _Group:
     session: SessionMetrics = attrs.field(factory=SessionMetrics)
-    usage: TokenUsage = ZERO_USAGE
+    tally: Tally = attrs.field(factory=Tally)  # known usage, replays included
     turns: int = 0
     replays: int = 0
     unknown_calls: int = 0
@@ -78,7 +76,7 @@ class _Group:
         if usage is None:
             self.unknown_calls += 1
             return
-        self.usage = self.usage + usage
+        self.tally.add(usage)
         if not event.replay:
             self.session.record_turn(usage)
         if cost is None:
@@ -88,7 +86,7 @@ class _Group:
 
     def totals(self) -> GroupTotals:
         return GroupTotals(
-            usage=self.usage,
+            usage=self.tally.usage(),
             turns=self.turns,
             replays=self.replays,
             unknown_calls=self.unknown_calls,
@@ -102,7 +100,6 @@ class _Group:
 class _RunMetrics:
     run: _Group = attrs.field(factory=_Group)
     duplicates: int = 0
-    by_stage: dict[str, TokenUsage] = attrs.field(factory=dict)
     groups: dict[str, dict[str, _Group]] = attrs.field(factory=lambda: {d: {} for d in DIMENSIONS})
     unpriced_models: set[str] = attrs.field(factory=set)
     # agent -> (model, input tokens of its last known call): context in use.
@@ -132,7 +129,9 @@ class MetricsAccumulator:
     # -- synchronous core (not a checkpoint; tests and benches call it) ------
 
     def record(self, event: UsageRecorded) -> None:
-        run = self._runs.setdefault(event.key.run_id, _RunMetrics())
+        run = self._runs.get(event.key.run_id)
+        if run is None:
+            run = self._runs[event.key.run_id] = _RunMetrics()
         ident = (event.key, event.attempt)
         if ident in run.seen:
             run.duplicates += 1
@@ -144,8 +143,6 @@ class MetricsAccumulator:
             cost = self.prices.cost(event.usage, event.model, event.provider)
             if cost is None:
                 run.unpriced_models.add(event.model)
-            stage = event.key.stage
-            run.by_stage[stage] = run.by_stage.get(stage, ZERO_USAGE) + event.usage
             if not event.replay:
                 run.last_prompt[event.key.agent] = (event.model, event.usage.input_tokens)
         run.run.add(event, cost)
@@ -196,12 +193,17 @@ class MetricsAccumulator:
         r = run.run
         return UsageTotals(
             run_id=run_id,
-            usage=r.usage,
+            usage=r.tally.usage(),
             unknown_calls=r.unknown_calls,
             turns=r.turns,
             replays=r.replays,
             duplicates=run.duplicates,
-            by_stage=dict(run.by_stage),
+            # Stages with some known usage (the digest's by_stage, as before).
+            by_stage={
+                name: g.tally.usage()
+                for name, g in run.groups["stage"].items()
+                if g.turns + g.replays > g.unknown_calls
+            },
             cost_usd=r.cost,
             unpriced_calls=r.unpriced_calls,
             unpriced_models=tuple(sorted(run.unpriced_models)),
@@ -218,15 +220,16 @@ class MetricsAccumulator:
     def snapshot(self, run_id: str, *, final: bool = False) -> TokenMetrics:
         run = self._runs.get(run_id) or _RunMetrics()
         r = run.run
+        usage = r.tally
         utilisation = max(
             (tokens / context_window(model) for model, tokens in run.last_prompt.values()),
             default=0.0,
         )
         return TokenMetrics(
             run_id=run_id,
-            input_tokens=r.usage.input_tokens,
-            output_tokens=r.usage.output_tokens,
-            cached_input_tokens=r.usage.cached_input_tokens,
+            input_tokens=usage.input,
+            output_tokens=usage.output,
+            cached_input_tokens=usage.cached,
             turns=r.turns,
             replays=r.replays,
             unknown_calls=r.unknown_calls,
@@ -239,8 +242,8 @@ class MetricsAccumulator:
             by_stage=tuple(
                 StageTokens(
                     stage=name,
-                    input_tokens=g.usage.input_tokens,
-                    output_tokens=g.usage.output_tokens,
+                    input_tokens=g.tally.input,
+                    output_tokens=g.tally.output,
                     turns=g.turns,
                     cost_usd=g.cost,
                 )

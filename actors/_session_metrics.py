@@ -28,6 +28,36 @@ DEFAULT_WINDOW = 3
 DEFAULT_PROMPT_ESTIMATE = 4_000
 
 
+class Tally:
+    """Mutable running sums of :class:`TokenUsage` fields: adding ints is
+    much cheaper than building a validated TokenUsage per addition."""
+
+    __slots__ = ("input", "cached", "output", "reasoning", "total")
+
+    def __init__(self) -> None:
+        self.input = self.cached = self.output = self.reasoning = self.total = 0
+
+    def add(self, u: TokenUsage) -> None:
+        self.input += u.input_tokens
+        self.cached += u.cached_input_tokens
+        self.output += u.output_tokens
+        self.reasoning += u.reasoning_output_tokens
+        self.total += u.total_tokens
+
+    def set(self, u: TokenUsage) -> None:
+        self.input, self.cached, self.output = u.input_tokens, u.cached_input_tokens, u.output_tokens
+        self.reasoning, self.total = u.reasoning_output_tokens, u.total_tokens
+
+    def usage(self) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input,
+            cached_input_tokens=self.cached,
+            output_tokens=self.output,
+            reasoning_output_tokens=self.reasoning,
+            total_tokens=self.total,
+        )
+
+
 class SessionMetrics:
     __slots__ = (
         "_running_total",
@@ -44,7 +74,7 @@ class SessionMetrics:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         self._window = window
         self._recent: deque[int] = deque(maxlen=window)
-        self._running_total = ZERO_USAGE
+        self._running_total = Tally()
         self._last_turn = ZERO_USAGE
         self._turn_count = 0
         self._replay_updates = 0
@@ -53,7 +83,7 @@ class SessionMetrics:
     # -- updates ------------------------------------------------------------
 
     def record_turn(self, usage: TokenUsage) -> None:
-        self._running_total = self._running_total + usage
+        self._running_total.add(usage)
         self._last_turn = usage
         self._turn_count += 1
         self._push(usage.non_cached_input_tokens)
@@ -63,7 +93,7 @@ class SessionMetrics:
             self._recent.append(tokens)  # maxlen evicts the oldest
 
     def sync_absolute(self, total: TokenUsage, last: TokenUsage, turn_count: int) -> None:
-        self._running_total = total
+        self._running_total.set(total)
         self._last_turn = last
         self._turn_count = max(0, turn_count)
         self._replay_updates = 0
@@ -86,7 +116,7 @@ class SessionMetrics:
 
     def reset(self) -> None:
         self._recent.clear()
-        self._running_total = ZERO_USAGE
+        self._running_total = Tally()
         self._last_turn = ZERO_USAGE
         self._turn_count = 0
         self._replay_updates = 0
@@ -101,11 +131,11 @@ class SessionMetrics:
         return last if last > 0 else DEFAULT_PROMPT_ESTIMATE
 
     def blended_total(self) -> int:
-        return self._running_total.input_tokens + self._running_total.output_tokens
+        return self._running_total.input + self._running_total.output
 
     @property
     def running_total(self) -> TokenUsage:
-        return self._running_total
+        return self._running_total.usage()
 
     @property
     def last_turn(self) -> TokenUsage:
@@ -133,6 +163,6 @@ class SessionMetrics:
 
     def __repr__(self) -> str:
         return (
-            f"SessionMetrics(turns={self._turn_count}, in={self._running_total.input_tokens}, "
-            f"out={self._running_total.output_tokens}, window={list(self._recent)})"
+            f"SessionMetrics(turns={self._turn_count}, in={self._running_total.input}, "
+            f"out={self._running_total.output}, window={list(self._recent)})"
         )
