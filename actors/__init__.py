@@ -10,6 +10,7 @@ accumulator and the store writer are trio tasks that share no mutable state
 and talk only through the typed channels of :mod:`messages`.
 """
 
+from . import _providers_api
 from ._agent import Agent, build_prompt
 from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
 from ._coordinator import Coordinator, DecisionNotDurable, RunContext
@@ -38,6 +39,7 @@ from ._pipeline import (
     pipeline_with_panel,
 )
 from ._provider import BaseProvider, MockProvider
+from ._providers_api import *  # noqa: F403  (the provider layer's names, listed there)
 from ._retry import RetryPolicy
 from ._runtime import (
     EDGES,
@@ -109,4 +111,5 @@ __all__ = [
     "pipeline_from_dict",
     "pipeline_with_panel",
     "short_branch_id",
+    *_providers_api.__all__,
 ]

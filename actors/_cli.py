@@ -30,12 +30,18 @@ from ._cli_metrics import (
     load_prices,
     metrics_display,
 )
+from ._cli_providers import (
+    add_provider_arguments,
+    add_serve_mock_command,
+    pipeline_from_args,
+    provider_configs_from_args,
+)
 from ._footer import LiveFooter, Writer, show_metrics
 from ._format import tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
-from ._runtime import ConfigError, RunResult, open_orchestrator
-from ._simulator import Latency, SimulatedProvider
+from ._provider_factory import ProviderConfig, ProviderConfigError
+from ._runtime import ConfigError, Limits, RunResult, open_orchestrator
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -53,6 +59,16 @@ class UsageError(Exception):
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"conclave: error: {message}", file=sys.stderr)
     return code
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(exc))
 
 
 def _json_out(obj: Any) -> None:
@@ -141,19 +157,25 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
 
 
 async def _run_pipeline(
-    args: argparse.Namespace, store: Store, pipeline: Pipeline, virtual: bool
+    args: argparse.Namespace,
+    store: Store,
+    pipeline: Pipeline,
+    virtual: bool,
+    configs: dict[str, ProviderConfig],
 ) -> tuple[RunResult, float]:
-    provider = SimulatedProvider(
-        seed=args.seed,
-        disagreement_rate=args.disagreement_rate,
-        latency=Latency(median=args.sim_latency),
-    )
+    providers = {name: config.build() for name, config in configs.items()}
+    limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     display = None if args.json else metrics_display(sys.stdout)
     out = display if isinstance(display, LiveFooter) else sys.stdout
     printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
     async with open_orchestrator(
-        store=store, provider=provider, pipeline=pipeline, seed=args.seed, prices=args.price_table
+        store=store,
+        provider=providers,
+        pipeline=pipeline,
+        seed=args.seed,
+        limits=limits,
+        prices=args.price_table,
     ) as orch:
         async with trio.open_nursery() as nursery:
             if display is not None:
@@ -180,6 +202,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
     except PipelineError as exc:
         return _fail(str(exc))
+    # Every provider is validated before the store opens or any agent starts.
+    try:
+        pipeline = pipeline_from_args(args, pipeline)
+        configs = provider_configs_from_args(args, pipeline)
+    except (ProviderConfigError, PipelineError) as exc:
+        return _fail(str(exc))
+    remote = sorted(name for name, config in configs.items() if config.remote)
+    if args.clock is None:
+        args.clock = "real" if remote else "virtual"
+    elif args.clock == "virtual" and remote:
+        return _fail(
+            f"--clock virtual works only with the simulator, not {', '.join(remote)} "
+            "(real sockets on a virtual clock time out falsely); use --clock real"
+        )
     try:
         args.price_table = load_prices(args.prices)
     except MetricsUsageError as exc:
@@ -194,11 +230,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
-            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, clock=clock)
-        except KeyboardInterrupt:
-            return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, configs, clock=clock)
         except ConfigError as exc:
             return _fail(str(exc))
+        except BaseException as exc:
+            if _is_interrupt(exc):
+                return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            raise
     if args.json:
         _json_out(result.to_json())
     else:
@@ -358,11 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--clock",
         choices=("virtual", "real"),
-        default="virtual",
-        help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
+        default=None,
+        help="virtual: simulated latencies take no wall time (default with the simulator); "
+        "real: wall-clock time (default, and required, with real providers)",
     )
     add_run_metrics_args(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
+    add_provider_arguments(run)
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
@@ -378,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     decisions.add_argument("--json", action="store_true", help="print JSON")
     decisions.set_defaults(handler=cmd_decisions)
 
+    add_serve_mock_command(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -393,16 +434,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
     except UsageError as exc:
         return _fail(str(exc))
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not our error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
-    except Exception as exc:  # anything else: one line, exit 1, no traceback
-        return _fail(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
+    except BaseException as exc:
+        if _is_interrupt(exc):
+            return _fail("interrupted", EXIT_INTERRUPTED)
+        if not isinstance(exc, Exception):
+            raise  # SystemExit and friends
+        # Anything else: one line per failure, exit 1, no traceback.
+        for leaf in _leaves(exc):
+            _fail(f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
+        return EXIT_ERROR
     return code
 
 

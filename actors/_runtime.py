@@ -32,9 +32,9 @@ agents in one stage to keep that argument honest.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -85,6 +85,20 @@ from ._snapshots import MetricsHub, MetricsSubscription
 from ._store_writer import StoreWriter
 
 EDGES = frozenset({"gateway", "metrics", "store", "agent", "coordinator"})
+
+
+@contextmanager
+def collapse_single() -> Iterator[None]:
+    """Re-raise a lone exception from one of our internal nurseries as
+    itself.  Those nurseries are implementation details: callers should see
+    the typed error (or the KeyboardInterrupt, or trio.Cancelled), not a
+    group around it.  Groups of several exceptions stay groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 class ConfigError(ConclaveError, ValueError):
@@ -309,47 +323,48 @@ class Orchestrator:
         decisions: list[Decision] = []
         halted: Decision | None = None
         over_budget: BudgetExceeded | None = None
-        async with trio.open_nursery() as nursery:
-            try:
-                for name, spec in pipeline.agents.items():
-                    inbox, receive = open_channel(
-                        1, name=f"agent {name}", interceptors=self._interceptors.get("agent", ())
-                    )
-                    agent_inboxes[name] = inbox
-                    agent = Agent(
-                        spec=spec,
-                        pipeline=pipeline,
-                        gateway=self._gateway,
-                        metrics=self._metrics,
+        with collapse_single():
+            async with trio.open_nursery() as nursery:
+                try:
+                    for name, spec in pipeline.agents.items():
+                        inbox, receive = open_channel(
+                            1, name=f"agent {name}", interceptors=self._interceptors.get("agent", ())
+                        )
+                        agent_inboxes[name] = inbox
+                        agent = Agent(
+                            spec=spec,
+                            pipeline=pipeline,
+                            gateway=self._gateway,
+                            metrics=self._metrics,
+                            store=self._store,
+                            retry=self.retry,
+                            seed=self.seed,
+                        )
+                        nursery.start_soon(agent.run, receive)
+                    coordinator = Coordinator(
+                        ctx=ctx,
+                        agents=agent_inboxes,
+                        replies_to=replies_to,
+                        replies=replies,
                         store=self._store,
-                        retry=self.retry,
-                        seed=self.seed,
+                        sequencer=DecisionSequencer(),
+                        publish=self._publish,
+                        gate=None if budget_usd is None else budget_gate(self._metrics),
                     )
-                    nursery.start_soon(agent.run, receive)
-                coordinator = Coordinator(
-                    ctx=ctx,
-                    agents=agent_inboxes,
-                    replies_to=replies_to,
-                    replies=replies,
-                    store=self._store,
-                    sequencer=DecisionSequencer(),
-                    publish=self._publish,
-                    gate=None if budget_usd is None else budget_gate(self._metrics),
-                )
-                for stage in pipeline.stages:
-                    try:
-                        decision, _ = await coordinator.run_stage(stage)
-                    except BudgetExceeded as exc:
-                        over_budget = exc  # the stage stays undecided
-                        break
-                    decisions.append(decision)
-                    if decision.status not in ADVANCING:
-                        halted = decision
-                        break
-            finally:
-                for inbox in agent_inboxes.values():
-                    inbox.close()  # agents finish their current request, then stop
-                replies.close()  # late replies now fail fast instead of waiting
+                    for stage in pipeline.stages:
+                        try:
+                            decision, _ = await coordinator.run_stage(stage)
+                        except BudgetExceeded as exc:
+                            over_budget = exc  # the stage stays undecided
+                            break
+                        decisions.append(decision)
+                        if decision.status not in ADVANCING:
+                            halted = decision
+                            break
+                finally:
+                    for inbox in agent_inboxes.values():
+                        inbox.close()  # agents finish their current request, then stop
+                    replies.close()  # late replies now fail fast instead of waiting
 
         totals = await self.totals(ctx.run_id, forget=True)
         digest = compute_digest(
@@ -513,35 +528,36 @@ async def open_orchestrator(
         limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
     )
     try:
-        async with trio.open_nursery() as nursery:
-            orchestrator = Orchestrator(
-                gateway=gateway_tx,
-                metrics=metrics_tx,
-                store=store_tx,
-                pipeline=pipeline,
-                seed=seed,
-                retry=retry,
-                interceptors=interceptors,
-                limits=limits,
-                metrics_hub=hub,
-            )
-            metrics = MetricsAccumulator(
-                prices, publish=hub.publish, alert=orchestrator._publish, interval=limits.metrics_interval
-            )
-            nursery.start_soon(gateway.run, gateway_rx)
-            nursery.start_soon(metrics.run, metrics_rx)
-            nursery.start_soon(writer.run, store_rx)
-            try:
-                yield orchestrator
-            finally:
-                # Closing the inboxes lets each actor drain what is queued
-                # and stop; on cancellation the nursery cancels them anyway.
-                gateway_tx.close()
-                metrics_tx.close()
-                store_tx.close()
-                for send in orchestrator._subscribers:
-                    send.close()
-                hub.close()
+        with collapse_single():
+            async with trio.open_nursery() as nursery:
+                orchestrator = Orchestrator(
+                    gateway=gateway_tx,
+                    metrics=metrics_tx,
+                    store=store_tx,
+                    pipeline=pipeline,
+                    seed=seed,
+                    retry=retry,
+                    interceptors=interceptors,
+                    limits=limits,
+                    metrics_hub=hub,
+                )
+                metrics = MetricsAccumulator(
+                    prices, publish=hub.publish, alert=orchestrator._publish, interval=limits.metrics_interval
+                )
+                nursery.start_soon(gateway.run, gateway_rx)
+                nursery.start_soon(metrics.run, metrics_rx)
+                nursery.start_soon(writer.run, store_rx)
+                try:
+                    yield orchestrator
+                finally:
+                    # Closing the inboxes lets each actor drain what is queued
+                    # and stop; on cancellation the nursery cancels them anyway.
+                    gateway_tx.close()
+                    metrics_tx.close()
+                    store_tx.close()
+                    for send in orchestrator._subscribers:
+                        send.close()
+                    hub.close()
     finally:
         with trio.CancelScope(shield=True):
             await gateway.aclose()

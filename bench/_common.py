@@ -1,0 +1,39 @@
+"""Shared helpers for the benchmarks: alternate runs, medians, ratios."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {platform.machine()}"
+
+
+def alternate(
+    runs: int, baseline: Callable[[], float], subject: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """Run baseline and subject alternately ``runs`` times each; each
+    callable returns a rate (higher is better)."""
+    base, subj = [], []
+    for _ in range(runs):
+        base.append(baseline())
+        subj.append(subject())
+    return base, subj
+
+
+def report(label: str, unit: str, base: list[float], subj: list[float]) -> float:
+    b, s = statistics.median(base), statistics.median(subj)
+    ratio = s / b if b else float("nan")
+    print(f"{label}: raw trio {b:,.0f} {unit}, conclave {s:,.0f} {unit}, ratio {ratio:.2f}x (medians of {len(base)})")
+    return ratio
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

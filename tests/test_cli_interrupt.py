@@ -1,0 +1,54 @@
+"""Ctrl-C: exit 130, the store consistent, the run marked interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from store import Store
+
+from .conftest import REPO
+
+
+def test_sigint_exits_130_and_keeps_the_store_consistent(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "run", "--db", str(db), "--run-id", "INT",
+         "--clock", "real", "--sim-latency", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait for an event, not for time
+            if line.startswith("STAGE 1/6"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    with Store.open(str(db)) as s:
+        assert s.integrity_check() == "ok"
+        run = s.get_run("INT")
+        assert run is not None and run.status == "interrupted"
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    lines = (REPO / "README.md").read_text().splitlines()
+    fence = lines.index("```sh")
+    assert fence <= 2, "the commands come first"
+    install_and_run, install_and_test = lines[fence + 1], lines[fence + 2]
+    assert "pip install" in install_and_run and install_and_run.endswith("conclave run")
+    assert "pip install" in install_and_test and "pytest" in install_and_test
+    ci = (REPO / ".ci" / "run").read_text()
+    assert install_and_test in ci.splitlines(), ".ci/run runs exactly the README's test command"
+    json.dumps(lines)  # the file is text
