@@ -286,6 +286,9 @@ class MetricsAccumulator:
                     self._publish(self.snapshot(run_id))
             await trio.sleep(self._interval)  # the rate bound
 
+    # KI-protected like the store writer: Ctrl-C goes to the main task, so
+    # the accumulator survives to answer the interrupted run's cleanup.
+    @trio.lowlevel.enable_ki_protection
     async def run(self, inbox: trio.MemoryReceiveChannel[MetricsMessage]) -> None:
         try:
             async with trio.open_nursery() as nursery:
