@@ -38,10 +38,6 @@ class StoreWriter:
         self.items = 0
         self.busy_waits = 0
 
-    # KI-protected: Ctrl-C must not raise inside a transaction (a COMMIT is
-    # slow enough to be hit); trio delivers it to the main task instead,
-    # whose cleanup then marks the run interrupted through this writer.
-    @trio.lowlevel.enable_ki_protection
     async def run(self, inbox: trio.MemoryReceiveChannel[StoreWrite]) -> None:
         try:
             async for first in inbox:
