@@ -125,10 +125,11 @@ def _table(report: dict[str, Any], by: str) -> list[str]:
             f"{tokens(u['reasoning_output_tokens']):>8} {cost:>12}"
         )
     u = report["usage"]
+    total = usd(exact_cost(report), 4) + ("+?" if report["unpriced_calls"] else "")
     lines.append(
         f"  {'total':<20} {report['turns']:>5} {report['replays']:>6} {tokens(u['input_tokens']):>8} "
         f"{tokens(u['cached_input_tokens']):>8} {tokens(u['output_tokens']):>8} "
-        f"{tokens(u['reasoning_output_tokens']):>8} {usd(exact_cost(report), 4):>12}"
+        f"{tokens(u['reasoning_output_tokens']):>8} {total:>12}"
     )
     return lines
 
