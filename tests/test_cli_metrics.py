@@ -111,3 +111,24 @@ def test_a_bad_price_file_is_refused_before_anything_is_written(tmp_path: Path) 
 def test_a_bad_budget_is_a_usage_error(tmp_path: Path) -> None:
     proc = run_cli(["run", "--db", str(tmp_path / "x.db"), "--budget", "lots"])
     assert proc.returncode == 2 and "budget" in proc.stderr
+
+
+def test_resume_with_a_higher_budget_finishes_what_the_budget_stopped(tmp_path: Path) -> None:
+    from actors import Orchestrator
+
+    if not hasattr(Orchestrator, "resume"):
+        import pytest
+
+        pytest.skip("conclave resume arrives with issue 3")
+    _, whole = _run_json(tmp_path)  # the same seed, uninterrupted, in c.db
+    db = str(tmp_path / "b.db")
+    proc = run_cli(["run", "--db", db, "--seed", "2", "--json", "--budget", "0.05"])
+    assert proc.returncode == 3, proc.stderr
+    halted = json.loads(proc.stdout)
+    assert halted["halt_reason"] == "budget_exceeded"
+    proc = run_cli(["resume", halted["run_id"], "--db", db, "--json", "--budget", "5"])
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads(proc.stdout)
+    assert resumed["status"] == "completed"
+    assert resumed["cost_usd"] == whole["cost_usd"] and resumed["usage"] == whole["usage"]
+    assert resumed["digest"] == whole["digest"]
