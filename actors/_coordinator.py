@@ -9,7 +9,7 @@ verdict, and makes the decision durable before the stage advances.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
 import trio
@@ -51,6 +51,8 @@ class RunContext:
 
 
 Publish = Callable[[ProgressEvent], None]
+# Awaited before dispatching (the budget gate, issue 4); raises to stop the run.
+DispatchGate = Callable[[StageKey, tuple[str, ...]], Awaitable[None]]
 
 
 def _no_progress(event: ProgressEvent) -> None:
@@ -66,6 +68,7 @@ class Coordinator:
     store: Outbox[StoreWrite]
     sequencer: DecisionSequencer = attrs.field(factory=DecisionSequencer)
     publish: Publish = _no_progress
+    gate: DispatchGate | None = None
     late_replies: int = 0
     duplicate_replies: int = 0
 
@@ -93,6 +96,8 @@ class Coordinator:
     async def collect(self, stage: StageSpec, key: StageKey) -> dict[str, AgentOutput]:
         outputs: dict[str, AgentOutput] = {}
         if stage.mode == "parallel":
+            if self.gate is not None:
+                await self.gate(key, stage.agents)  # once: the batch goes out together
             for agent in stage.agents:
                 await self._dispatch(key, agent, ())
             await self._await_replies(key, set(stage.agents), outputs)
@@ -103,6 +108,8 @@ class Coordinator:
                     for a in stage.agents
                     if a in outputs
                 )
+                if self.gate is not None:
+                    await self.gate(key, (agent,))
                 await self._dispatch(key, agent, context)
                 await self._await_replies(key, {agent}, outputs)
         return outputs

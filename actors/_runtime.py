@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from decimal import Decimal
 from typing import Any
 
 import attrs
@@ -54,6 +55,7 @@ from messages import (
     RunFinished,
     RunStarted,
     RunUpdate,
+    SetBudget,
     StoreAck,
     StoreWrite,
     TokenUsage,
@@ -64,17 +66,22 @@ from messages import (
 from store import Store
 
 from ._agent import Agent
+from ._budget import HALT_REASON as BUDGET_HALT
+from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget
 from ._consensus import ADVANCING
 from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._ids import new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
+from ._metrics_report import totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
+from ._pricing import PriceTable
 from ._provider import BaseProvider
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
+from ._snapshots import MetricsHub, MetricsSubscription
 from ._store_writer import StoreWriter
 
 EDGES = frozenset({"gateway", "metrics", "store", "agent", "coordinator"})
@@ -109,6 +116,7 @@ class Limits:
     store_buffer: int = 4096
     max_concurrency: int = 64
     progress_buffer: int = 1024
+    metrics_interval: float = 0.25  # seconds (trio clock) between snapshots of a run
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -145,6 +153,10 @@ class RunResult:
     unknown_usage_calls: int
     turns: int
     digest: str
+    cost_usd: Decimal = Decimal(0)
+    unpriced_calls: int = 0
+    budget_usd: Decimal | None = None
+    budget_alerts: tuple[int, ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -162,6 +174,10 @@ class RunResult:
             "usage": self.usage.as_dict(),
             "unknown_usage_calls": self.unknown_usage_calls,
             "turns": self.turns,
+            "cost_usd": usd_number(self.cost_usd),
+            "unpriced_calls": self.unpriced_calls,
+            "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
+            "budget_alerts": list(self.budget_alerts),
             "digest": self.digest,
         }
 
@@ -195,6 +211,7 @@ class Orchestrator:
         retry: RetryPolicy,
         interceptors: Mapping[str, Sequence[Interceptor[Any]]],
         limits: Limits,
+        metrics_hub: MetricsHub | None = None,
     ) -> None:
         self._gateway = gateway
         self._metrics = metrics
@@ -205,6 +222,14 @@ class Orchestrator:
         self._interceptors = interceptors
         self._limits = limits
         self._subscribers: list[trio.MemorySendChannel[ProgressEvent]] = []
+        self._metrics_hub = metrics_hub or MetricsHub()
+
+    def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:
+        """Live :class:`~messages.TokenMetrics` snapshots (of every run, or
+        of ``run_id``), at most one per ``limits.metrics_interval`` per run.
+        Latest value, not a backlog: a subscriber that never reads costs
+        the runs nothing."""
+        return self._metrics_hub.subscribe(run_id)
 
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[ProgressEvent]:
         """A channel of progress events.  Best effort: when the buffer is
@@ -243,14 +268,19 @@ class Orchestrator:
         goal: str = "",
         run_id: str | None = None,
         pipeline: Pipeline | None = None,
+        budget: BudgetLike | None = None,
     ) -> RunResult:
         """Run every stage of the pipeline; halt on conflict or no consensus.
+
+        ``budget`` (USD) stops dispatching once the run's priced spend
+        reaches it: the run halts with ``budget_exceeded`` (see ``_budget``).
 
         Cancellation: leaves the store consistent (every write is one
         transaction; decisions are written only after their outputs) and,
         if the store writer is still alive, marks the run interrupted.
         """
         pipeline = pipeline or self.pipeline
+        budget_usd = parse_budget(budget)
         run_id = run_id or new_run_id(spec_id)
         branch_id = new_branch_id(spec_id)
         ack = await self._write(
@@ -268,9 +298,11 @@ class Orchestrator:
                 raise RunExists(f"run {run_id!r} already exists in the store")
             raise ConclaveError(f"could not record run {run_id!r}: {ack.error}")
         ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
+        if budget_usd is not None:
+            await self._metrics.send(SetBudget(run_id=run_id, budget_usd=budget_usd))
         self._publish(RunStarted(run_id=run_id, branch_id=branch_id, spec_id=spec_id, stages=pipeline.stage_names))
         try:
-            return await self._run_stages(ctx, pipeline)
+            return await self._run_stages(ctx, pipeline, budget_usd)
         except BaseException:
             with trio.move_on_after(1.0) as cleanup:
                 cleanup.shield = True
@@ -280,7 +312,9 @@ class Orchestrator:
                     pass
             raise
 
-    async def _run_stages(self, ctx: RunContext, pipeline: Pipeline) -> RunResult:
+    async def _run_stages(
+        self, ctx: RunContext, pipeline: Pipeline, budget_usd: Decimal | None = None
+    ) -> RunResult:
         panel = max(len(s.agents) for s in pipeline.stages)
         replies_to, replies = open_channel(
             panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ())
@@ -288,6 +322,7 @@ class Orchestrator:
         agent_inboxes: dict[str, Outbox[AgentRequest]] = {}
         decisions: list[Decision] = []
         halted: Decision | None = None
+        over_budget: BudgetExceeded | None = None
         with collapse_single():
             async with trio.open_nursery() as nursery:
                 try:
@@ -314,9 +349,14 @@ class Orchestrator:
                         store=self._store,
                         sequencer=DecisionSequencer(),
                         publish=self._publish,
+                        gate=None if budget_usd is None else budget_gate(self._metrics),
                     )
                     for stage in pipeline.stages:
-                        decision, _ = await coordinator.run_stage(stage)
+                        try:
+                            decision, _ = await coordinator.run_stage(stage)
+                        except BudgetExceeded as exc:
+                            over_budget = exc  # the stage stays undecided
+                            break
                         decisions.append(decision)
                         if decision.status not in ADVANCING:
                             halted = decision
@@ -330,9 +370,23 @@ class Orchestrator:
         digest = compute_digest(
             (d.verdict for d in decisions), totals.usage, totals.unknown_calls, totals.by_stage
         )
-        status = "completed" if halted is None else "halted"
-        halt_reason = None if halted is None else halted.status
+        status = "completed" if halted is None and over_budget is None else "halted"
+        halt_reason: str | None = None if halted is None else halted.status
         message = None if halted is None else halt_message(ctx.run_id, halted)
+        await self._persist_metrics(ctx, totals)
+        if over_budget is not None:
+            halt_reason = BUDGET_HALT
+            message = budget_halt_message(ctx.run_id, over_budget)
+            await self._store.send(
+                PersistEvent(
+                    run_id=ctx.run_id,
+                    branch_id=ctx.branch_id,
+                    kind="halt",
+                    stage=over_budget.stage,
+                    detail={"reason": BUDGET_HALT, "spent_usd": str(over_budget.status.spent_usd),
+                            "budget_usd": str(over_budget.status.budget_usd)},
+                )
+            )
         if halted is not None:
             await self._store.send(
                 PersistEvent(
@@ -377,6 +431,29 @@ class Orchestrator:
             unknown_usage_calls=totals.unknown_calls,
             turns=totals.turns,
             digest=digest,
+            cost_usd=totals.cost_usd,
+            unpriced_calls=totals.unpriced_calls,
+            budget_usd=totals.budget_usd,
+            budget_alerts=totals.alerts,
+        )
+
+    async def _persist_metrics(self, ctx: RunContext, totals: UsageTotals) -> None:
+        """The run's cost and per-stage/agent/model breakdown, as one
+        ``metrics`` event (read back by ``conclave metrics``), and one
+        ``budget_warning`` event per threshold crossed."""
+        for threshold in totals.alerts:
+            await self._store.send(
+                PersistEvent(
+                    run_id=ctx.run_id,
+                    branch_id=ctx.branch_id,
+                    kind="budget_warning",
+                    detail={"threshold": threshold, "budget_usd": str(totals.budget_usd)},
+                )
+            )
+        await self._store.send(
+            PersistEvent(
+                run_id=ctx.run_id, branch_id=ctx.branch_id, kind="metrics", detail=totals_json(totals)
+            )
         )
 
 
@@ -396,6 +473,7 @@ async def open_orchestrator(
     interceptors: Mapping[str, Sequence[Interceptor[Any]]] | None = None,
     retry: RetryPolicy | None = None,
     limits: Limits | None = None,
+    prices: PriceTable | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Start the gateway, metrics accumulator and store writer, yield an
     :class:`Orchestrator`, and shut them down when the block exits.
@@ -405,7 +483,8 @@ async def open_orchestrator(
     embedded :class:`SimulatedProvider` seeded with ``seed``; a mapping
     routes agents by their pipeline ``provider`` name.  ``faults`` is an
     interceptor installed on the gateway's inbox, after any in
-    ``interceptors["gateway"]``.
+    ``interceptors["gateway"]``.  ``prices`` is the price table (default:
+    the vendored LiteLLM one, :meth:`PriceTable.load` adds an override file).
 
     On normal exit the actors drain their inboxes (every queued write is
     committed) before the block returns; on cancellation or error they are
@@ -442,7 +521,7 @@ async def open_orchestrator(
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
     gateway = Gateway(providers, max_concurrency=limits.max_concurrency)
-    metrics = MetricsAccumulator()
+    hub = MetricsHub()
     writer = StoreWriter(db)
     gateway_tx, gateway_rx = open_channel(
         limits.gateway_buffer, name="gateway", interceptors=interceptors.get("gateway", ())
@@ -456,13 +535,6 @@ async def open_orchestrator(
     try:
         with collapse_single():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(gateway.run, gateway_rx)
-                nursery.start_soon(metrics.run, metrics_rx)
-                # Shielded: the writer stops when its inbox closes, after
-                # committing what is queued, so even a cancelled orchestrator
-                # records its runs as interrupted.  It never waits on anyone
-                # but its inbox (and a bounded busy-retry loop).
-                nursery.start_soon(_shielded, writer.run, store_rx)
                 orchestrator = Orchestrator(
                     gateway=gateway_tx,
                     metrics=metrics_tx,
@@ -472,7 +544,18 @@ async def open_orchestrator(
                     retry=retry,
                     interceptors=interceptors,
                     limits=limits,
+                    metrics_hub=hub,
                 )
+                metrics = MetricsAccumulator(
+                    prices, publish=hub.publish, alert=orchestrator._publish, interval=limits.metrics_interval
+                )
+                nursery.start_soon(gateway.run, gateway_rx)
+                nursery.start_soon(metrics.run, metrics_rx)
+                # Shielded: the writer stops when its inbox closes, after
+                # committing what is queued, so even a cancelled orchestrator
+                # records its runs as interrupted.  It never waits on anyone
+                # but its inbox (and a bounded busy-retry loop).
+                nursery.start_soon(_shielded, writer.run, store_rx)
                 try:
                     yield orchestrator
                 finally:
@@ -483,6 +566,7 @@ async def open_orchestrator(
                     store_tx.close()
                     for send in orchestrator._subscribers:
                         send.close()
+                    hub.close()
     finally:
         with trio.CancelScope(shield=True):
             await gateway.aclose()
