@@ -18,7 +18,12 @@ from ._coordinator import Coordinator, DecisionNotDurable, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._ids import new_branch_id, new_run_id, short_branch_id
+from ._budget import BudgetExceeded, parse_budget
+from ._context_window import context_window
 from ._metrics import MetricsAccumulator
+from ._pricing import ModelPrice, PriceFileError, PriceTable
+from ._session_metrics import SessionMetrics
+from ._snapshots import MetricsHub, MetricsSubscription
 from ._pipeline import (
     KNOWN_AGENTS,
     AgentSpec,
@@ -53,6 +58,15 @@ from ._simulator import Latency, SimulatedProvider
 from ._store_writer import StoreWriter
 
 __all__ = [
+    "BudgetExceeded",
+    "MetricsHub",
+    "MetricsSubscription",
+    "ModelPrice",
+    "PriceFileError",
+    "PriceTable",
+    "SessionMetrics",
+    "context_window",
+    "parse_budget",
     "ADVANCING",
     "EDGES",
     "KNOWN_AGENTS",

@@ -20,17 +20,25 @@ from typing import Any, TextIO, TypeVar
 import trio
 import trio.testing
 
-from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
-from messages import AuthError
+from messages import AgentFinished, AuthError, BudgetAlert, ProgressEvent, RunStarted, StageDecided, StageStarted
 from store import Store, StoreError
 
+from ._budget import usd
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_token_sources
+from ._cli_metrics import (
+    MetricsUsageError,
+    add_metrics_command,
+    add_run_metrics_args,
+    load_prices,
+    metrics_display,
+)
 from ._cli_providers import (
     add_provider_arguments,
     add_serve_mock_command,
     pipeline_from_args,
     provider_configs_from_args,
 )
+from ._footer import LiveFooter, Writer, show_metrics
 from ._format import tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
@@ -97,7 +105,7 @@ def _non_negative(text: str) -> float:
 class ProgressPrinter:
     """Prints the run's progress as it happens (human output only)."""
 
-    def __init__(self, out: TextIO, total_stages: int) -> None:
+    def __init__(self, out: Writer | TextIO, total_stages: int) -> None:
         self.out = out
         self.total = total_stages
         self.index = 0
@@ -124,6 +132,12 @@ class ProgressPrinter:
         elif isinstance(event, StageDecided):
             d = event.decision
             w(verdict_line(d.key.stage, d.seq, d.status, d.verdict) + "\n")
+        elif isinstance(event, BudgetAlert):
+            spent = f"{usd(event.spent_usd)} of {usd(event.budget_usd)}"
+            if event.threshold >= 100:
+                w(f"  ✗ budget EXCEEDED: {spent}; no further agent calls will be dispatched\n")
+            else:
+                w(f"  ⚠ budget warning: {event.threshold}% used ({spent})\n")
         self.out.flush()
 
 
@@ -136,6 +150,12 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     else:
         lines.append(f"Run {result.run_id} HALTED: {result.halt_message}")
     lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
+    cost = f"  cost: {usd(result.cost_usd, 4)}"
+    if result.budget_usd is not None:
+        cost += f" of a {usd(result.budget_usd)} budget"
+    if result.unpriced_calls:
+        cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
+    lines.append(cost + f" | details: conclave metrics {result.run_id}")
     lines.append(f"  {clock} time: {elapsed:.1f}s | digest: {result.digest[:16]}… | db: {db}")
     return "\n".join(lines)
 
@@ -176,12 +196,21 @@ async def _run_pipeline(
 ) -> tuple[RunResult, float]:
     providers = {name: config.build() for name, config in configs.items()}
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
-    printer = None if args.json else ProgressPrinter(sys.stdout, len(pipeline.stages))
+    display = None if args.json else metrics_display(sys.stdout)
+    out = display if isinstance(display, LiveFooter) else sys.stdout
+    printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
     async with open_orchestrator(
-        store=store, provider=providers, pipeline=pipeline, seed=args.seed, limits=limits
+        store=store,
+        provider=providers,
+        pipeline=pipeline,
+        seed=args.seed,
+        limits=limits,
+        prices=args.price_table,
     ) as orch:
         async with trio.open_nursery() as nursery:
+            if display is not None:
+                nursery.start_soon(show_metrics, orch.subscribe_metrics(), display)
             if printer is not None:
                 events = orch.subscribe()
 
@@ -192,10 +221,16 @@ async def _run_pipeline(
                 nursery.start_soon(show)
             try:
                 result = await orch.run(
-                    args.spec_id, goal=args.goal, run_id=args.run_id, options=_history.simulator_options(args)
+                    args.spec_id,
+                    goal=args.goal,
+                    run_id=args.run_id,
+                    budget=args.budget,
+                    options=_history.simulator_options(args),
                 )
             finally:
                 nursery.cancel_scope.cancel()
+                if isinstance(display, LiveFooter):
+                    display.clear()
     return result, trio.current_time() - started
 
 
@@ -219,6 +254,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--clock virtual works only with the simulator, not {', '.join(remote)} "
             "(real sockets on a virtual clock time out falsely); use --clock real"
         )
+    try:
+        args.price_table = load_prices(args.prices)
+    except MetricsUsageError as exc:
+        return _fail(str(exc))
     try:
         store = Store.open(args.db)
     except StoreError as exc:
@@ -422,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="virtual: simulated latencies take no wall time (default with the simulator); "
         "real: wall-clock time (default, and required, with real providers)",
     )
+    add_run_metrics_args(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     add_provider_arguments(run)
     add_run_auth_option(run)
@@ -450,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later features register their subcommands here: f(subparsers) -> None.
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS.append(add_metrics_command)  # conclave metrics (issue 4)
 EXTRA_COMMANDS.append(add_auth_commands)  # login, logout, auth status (issue 6)
 
 

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import trio
 import trio.testing
 
-from messages import ProgressEvent, StageDecided, StageStarted
+from messages import AuthError, ProgressEvent, StageDecided, StageStarted
 from store import BranchRow, RunPreview, RunRow, Store, StoreError, preview_run
 
 from ._cli import (
@@ -40,8 +40,13 @@ from ._consensus import ADVANCING
 from ._ids import short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
 from ._resume import ResumeError, resolve_branch
-from ._runtime import ConfigError, Orchestrator, RunResult, open_orchestrator
-from ._simulator import Latency, SimulatedProvider
+from ._cli_auth import add_run_auth_option, login_token_sources
+from ._cli_metrics import MetricsUsageError, add_run_metrics_args, load_prices
+from ._cli_providers import add_provider_arguments, provider_configs_from_args
+from ._pipeline import Pipeline
+from ._provider import BaseProvider
+from ._provider_factory import ProviderConfig, ProviderConfigError
+from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
 
 KILL_AFTER_WRITES = "CONCLAVE_TEST_KILL_AFTER_WRITES"
 KILL_PHASE = "CONCLAVE_TEST_KILL_PHASE"
@@ -83,15 +88,6 @@ def simulator_options(args: argparse.Namespace) -> dict[str, float]:
     return {"disagreement_rate": args.disagreement_rate, "sim_latency": args.sim_latency}
 
 
-def _provider(seed: int, options: Mapping[str, Any]) -> SimulatedProvider:
-    merged = {**DEFAULT_OPTIONS, **options}
-    return SimulatedProvider(
-        seed=seed,
-        disagreement_rate=float(merged["disagreement_rate"]),
-        latency=Latency(median=float(merged["sim_latency"])),
-    )
-
-
 Action = Callable[[Orchestrator], Awaitable[RunResult]]
 
 
@@ -117,11 +113,19 @@ class HistoryPrinter(ProgressPrinter):
 
 
 async def _drive(
-    args: argparse.Namespace, store: Store, provider: SimulatedProvider, seed: int, stages: int, action: Action
+    args: argparse.Namespace,
+    store: Store,
+    providers: dict[str, BaseProvider],
+    seed: int,
+    stages: int,
+    action: Action,
 ) -> tuple[RunResult, float]:
     printer = None if args.json else HistoryPrinter(sys.stdout, stages)
+    limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     started = trio.current_time()
-    async with open_orchestrator(store=store, provider=provider, seed=seed) as orch:
+    async with open_orchestrator(
+        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table
+    ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
                 events = orch.subscribe()
@@ -138,8 +142,41 @@ async def _drive(
     return result, trio.current_time() - started
 
 
+def _configs(
+    args: argparse.Namespace, pipeline: Pipeline, seed: int, options: Mapping[str, Any], tokens: Any
+) -> dict[str, ProviderConfig]:
+    """The run's providers, as ``run`` builds them: the stored pipeline
+    names them, the branch's options hold the simulator's settings, and the
+    command line gives only how to reach real ones (URL, key, auth)."""
+    merged = {**DEFAULT_OPTIONS, **options}
+    view = argparse.Namespace(**{
+        **vars(args),
+        "provider": None,
+        "model": None,
+        "seed": seed,
+        "disagreement_rate": float(merged["disagreement_rate"]),
+        "sim_latency": float(merged["sim_latency"]),
+    })
+    return provider_configs_from_args(view, pipeline, token_sources=tokens)
+
+
 def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -> int:
-    """Open (migrating if needed) and resume or rerun.  Input was checked."""
+    """Check everything else that can refuse, then open (migrating if
+    needed) and resume or rerun."""
+    if args.provider is not None or args.model is not None:
+        return _fail("resume and rerun use the run's stored pipeline; --provider and --model cannot change it")
+    try:
+        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
+        tokens = login_token_sources(args, {spec.provider for spec in pipeline.agents.values()})
+        configs = _configs(args, pipeline, 0, {}, tokens)  # validated before anything writes
+        args.price_table = load_prices(args.prices)
+    except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
+        return _fail(str(exc))
+    remote = sorted(name for name, config in configs.items() if config.remote)
+    if args.clock is None:
+        args.clock = "real" if remote else "virtual"
+    elif args.clock == "virtual" and remote:
+        return _fail(f"--clock virtual works only with the simulator, not {', '.join(remote)}; use --clock real")
     try:
         store = Store.open(args.db)
     except StoreError as exc:
@@ -159,19 +196,26 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
                 if value is not None:
                     options[name] = value
         seed = run.seed if run.seed is not None else 0
-        provider = _provider(seed, options)
+        try:
+            providers = {
+                name: config.build() for name, config in _configs(args, pipeline, seed, options, tokens).items()
+            }
+        except ProviderConfigError as exc:
+            return _fail(str(exc))
 
         async def action(orch: Orchestrator) -> RunResult:
             if fork is None:
-                return await orch.resume(args.run_id)
-            return await orch.rerun(args.run_id, fork, branch_id=branch.branch_id, options=options)
+                return await orch.resume(args.run_id, budget=args.budget)
+            return await orch.rerun(
+                args.run_id, fork, branch_id=branch.branch_id, options=options, budget=args.budget
+            )
 
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         stages = len(preview.pipeline.get("stages", ()))
         try:
             result, elapsed = trio.run(
-                interruptible, _drive, args, store, provider, seed, stages, action, clock=clock
+                interruptible, _drive, args, store, providers, seed, stages, action, clock=clock
             )
         except (ConfigError, ResumeError) as exc:
             return _fail(str(exc))
@@ -304,10 +348,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clock",
         choices=("virtual", "real"),
-        default="virtual",
-        help="virtual: simulated latencies take no wall time (default); real: wall-clock time",
+        default=None,
+        help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
+    # How to reach the run's providers (its pipeline says which they are).
+    add_provider_arguments(p)
+    add_run_auth_option(p)
+    add_run_metrics_args(p)  # --budget (replaces the run's) and --prices
 
 
 def register(sub: Any) -> None:

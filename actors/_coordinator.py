@@ -9,7 +9,7 @@ verdict, and makes the decision durable before the stage advances.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -56,6 +56,8 @@ class RunContext:
 
 
 Publish = Callable[[ProgressEvent], None]
+# Awaited before dispatching (the budget gate, issue 4); raises to stop the run.
+DispatchGate = Callable[[StageKey, tuple[str, ...]], Awaitable[None]]
 
 
 def _no_progress(event: ProgressEvent) -> None:
@@ -71,6 +73,7 @@ class Coordinator:
     store: Outbox[StoreWrite]
     sequencer: DecisionSequencer = attrs.field(factory=DecisionSequencer)
     publish: Publish = _no_progress
+    gate: DispatchGate | None = None
     # The lineage-aware read of a stage's accepted outputs (the runtime
     # passes the store's); None: decide on the replies as received.
     durable_outputs: Callable[[StageKey], Mapping[str, AgentOutput]] | None = None
@@ -114,6 +117,8 @@ class Coordinator:
         first = resume.first_attempt if resume is not None else {}
         if stage.mode == "parallel":
             live = [a for a in stage.agents if a not in replay]
+            if self.gate is not None and live:
+                await self.gate(key, tuple(live))  # once: the batch goes out together
             for agent in live:
                 await self._dispatch(key, agent, (), first.get(agent, 1))
             for agent in stage.agents:
@@ -130,6 +135,8 @@ class Coordinator:
                     for a in stage.agents
                     if a in outputs
                 )
+                if self.gate is not None:
+                    await self.gate(key, (agent,))
                 await self._dispatch(key, agent, context, first.get(agent, 1))
                 await self._await_replies(key, {agent}, outputs)
         return outputs

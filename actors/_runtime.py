@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from decimal import Decimal
 from typing import Any
 
 import attrs
@@ -56,6 +57,7 @@ from messages import (
     RunFinished,
     RunStarted,
     RunUpdate,
+    SetBudget,
     StageDecided,
     StageKey,
     StoreAck,
@@ -69,18 +71,23 @@ from messages import (
 from store import Store
 
 from ._agent import Agent
+from ._budget import HALT_REASON as BUDGET_HALT
+from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget
 from ._consensus import ADVANCING
 from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._ids import new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
+from ._metrics_report import totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
+from ._pricing import PriceTable
 from ._provider import BaseProvider
 from ._resume import CallLog, ResumeState, fork_stage, load_state, options_json, stage_outputs
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
+from ._snapshots import MetricsHub, MetricsSubscription
 from ._store_writer import StoreWriter
 
 EDGES = frozenset({"gateway", "metrics", "store", "agent", "coordinator"})
@@ -115,6 +122,7 @@ class Limits:
     store_buffer: int = 4096
     max_concurrency: int = 64
     progress_buffer: int = 1024
+    metrics_interval: float = 0.25  # seconds (trio clock) between snapshots of a run
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -151,6 +159,10 @@ class RunResult:
     unknown_usage_calls: int
     turns: int
     digest: str
+    cost_usd: Decimal = Decimal(0)
+    unpriced_calls: int = 0
+    budget_usd: Decimal | None = None
+    budget_alerts: tuple[int, ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -168,6 +180,10 @@ class RunResult:
             "usage": self.usage.as_dict(),
             "unknown_usage_calls": self.unknown_usage_calls,
             "turns": self.turns,
+            "cost_usd": usd_number(self.cost_usd),
+            "unpriced_calls": self.unpriced_calls,
+            "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
+            "budget_alerts": list(self.budget_alerts),
             "digest": self.digest,
         }
 
@@ -201,9 +217,10 @@ class Orchestrator:
         retry: RetryPolicy,
         interceptors: Mapping[str, Sequence[Interceptor[Any]]],
         limits: Limits,
+        metrics_hub: MetricsHub | None = None,
         db: Store | None = None,
     ) -> None:
-        self._db = db  # read-only use: resume snapshots (never inside a write)
+        self._db = db  # read-only use: resume snapshots, consensus input (never inside a write)
         self._gateway = gateway
         self._metrics = metrics
         self._store = store
@@ -213,6 +230,14 @@ class Orchestrator:
         self._interceptors = interceptors
         self._limits = limits
         self._subscribers: list[trio.MemorySendChannel[ProgressEvent]] = []
+        self._metrics_hub = metrics_hub or MetricsHub()
+
+    def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:
+        """Live :class:`~messages.TokenMetrics` snapshots (of every run, or
+        of ``run_id``), at most one per ``limits.metrics_interval`` per run.
+        Latest value, not a backlog: a subscriber that never reads costs
+        the runs nothing."""
+        return self._metrics_hub.subscribe(run_id)
 
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[ProgressEvent]:
         """A channel of progress events.  Best effort: when the buffer is
@@ -250,18 +275,23 @@ class Orchestrator:
         goal: str = "",
         run_id: str | None = None,
         pipeline: Pipeline | None = None,
+        budget: BudgetLike | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> RunResult:
         """Run every stage of the pipeline; halt on conflict or no consensus.
 
-        ``options`` (JSON-ready) are stored with the run's branch for a
-        later resume to act alike (the CLI keeps its simulator settings).
+        ``budget`` (USD) stops dispatching once the run's priced spend
+        reaches it: the run halts with ``budget_exceeded`` (see ``_budget``).
+        ``options`` (JSON-ready) are stored with the run's branch, with the
+        budget, for a later resume to act alike (the CLI keeps its
+        simulator settings there).
 
         Cancellation: leaves the store consistent (every write is one
         transaction; decisions are written only after their outputs) and,
         if the store writer is still alive, marks the run interrupted.
         """
         pipeline = pipeline or self.pipeline
+        budget_usd = parse_budget(budget)
         run_id = run_id or new_run_id(spec_id)
         branch_id = new_branch_id(spec_id)
         ack = await self._write(
@@ -272,7 +302,7 @@ class Orchestrator:
                 goal=goal,
                 seed=self.seed,
                 pipeline=pipeline.canonical_json(),
-                options=options_json(options),
+                options=options_json(_with_budget(options, budget_usd)),
             )
         )
         if not ack.ok:
@@ -280,14 +310,17 @@ class Orchestrator:
                 raise RunExists(f"run {run_id!r} already exists in the store")
             raise ConclaveError(f"could not record run {run_id!r}: {ack.error}")
         ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
-        return await self._drive(ctx, pipeline, self.seed, None)
+        return await self._drive(ctx, pipeline, self.seed, None, budget_usd)
 
-    async def resume(self, run_id: str) -> RunResult:
+    async def resume(self, run_id: str, *, budget: BudgetLike | None = None) -> RunResult:
         """Continue ``run_id``'s current branch after a crash or halt, with
         the run's stored pipeline, seed, spec and goal: decided stages are
         not decided again and durable agent outputs are not bought again
         (see ``actors._resume``).  The provider should be the one the run
-        used (the CLI rebuilds it from the branch's stored options)."""
+        used (the CLI rebuilds it from the branch's stored options).
+        ``budget`` replaces the run's budget (e.g. to finish a run halted
+        with ``budget_exceeded``); by default the run keeps its own."""
+        budget_usd = parse_budget(budget)
         state = load_state(self._require_db(), run_id)
         await self._write(
             PersistEvent(
@@ -298,7 +331,9 @@ class Orchestrator:
             )
         )
         await self._write(RunUpdate(run_id=run_id, status="running"))
-        return await self._drive(self._context(state), state.pipeline, state.seed, state)
+        if budget_usd is None:
+            budget_usd = _budget_of(state)
+        return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
 
     async def rerun(
         self,
@@ -307,11 +342,14 @@ class Orchestrator:
         *,
         branch_id: str | None = None,
         options: Mapping[str, Any] | None = None,
+        budget: BudgetLike | None = None,
     ) -> RunResult:
         """Fork a child of ``branch_id`` (default: the current branch) at
         ``from_stage`` and run it: it inherits the parent's decisions before
         that stage and nothing of the parent from it on.  The child becomes
-        the run's current branch.  ``options`` default to the parent's."""
+        the run's current branch.  ``options`` default to the parent's, and
+        so does the budget unless ``budget`` is given."""
+        budget_usd = parse_budget(budget)
         parent = load_state(self._require_db(), run_id, branch_id)
         stage = fork_stage(parent, from_stage)
         child = new_branch_id(parent.run.spec_id)
@@ -321,7 +359,9 @@ class Orchestrator:
                 branch_id=child,
                 parent_branch_id=parent.branch.branch_id,
                 fork_stage=stage.name,
-                options=options_json(parent.branch.options if options is None else options),
+                options=options_json(
+                    _with_budget(parent.branch.options if options is None else options, budget_usd)
+                ),
             )
         )
         if not ack.ok:
@@ -336,7 +376,7 @@ class Orchestrator:
             )
         )
         state = load_state(self._require_db(), run_id, child)
-        return await self._drive(self._context(state), state.pipeline, state.seed, state)
+        return await self._drive(self._context(state), state.pipeline, state.seed, state, _budget_of(state))
 
     def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
         return stage_outputs(self._require_db(), key)
@@ -356,13 +396,20 @@ class Orchestrator:
         )
 
     async def _drive(
-        self, ctx: RunContext, pipeline: Pipeline, seed: int, state: ResumeState | None
+        self,
+        ctx: RunContext,
+        pipeline: Pipeline,
+        seed: int,
+        state: ResumeState | None,
+        budget_usd: Decimal | None,
     ) -> RunResult:
+        if budget_usd is not None:
+            await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
         self._publish(
             RunStarted(run_id=ctx.run_id, branch_id=ctx.branch_id, spec_id=ctx.spec_id, stages=pipeline.stage_names)
         )
         try:
-            return await self._run_stages(ctx, pipeline, seed, state)
+            return await self._run_stages(ctx, pipeline, budget_usd, seed=seed, state=state)
         except BaseException:
             with trio.move_on_after(1.0) as cleanup:
                 cleanup.shield = True
@@ -373,8 +420,15 @@ class Orchestrator:
             raise
 
     async def _run_stages(
-        self, ctx: RunContext, pipeline: Pipeline, seed: int = 0, state: ResumeState | None = None
+        self,
+        ctx: RunContext,
+        pipeline: Pipeline,
+        budget_usd: Decimal | None = None,
+        *,
+        seed: int | None = None,
+        state: ResumeState | None = None,
     ) -> RunResult:
+        seed = self.seed if seed is None else seed
         panel = max(len(s.agents) for s in pipeline.stages)
         replies_to, replies = open_channel(
             panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ())
@@ -382,6 +436,7 @@ class Orchestrator:
         agent_inboxes: dict[str, Outbox[AgentRequest]] = {}
         decisions: list[Decision] = []
         halted: Decision | None = None
+        over_budget: BudgetExceeded | None = None
         with collapse_single():
             async with trio.open_nursery() as nursery:
                 try:
@@ -408,6 +463,7 @@ class Orchestrator:
                         store=self._store,
                         sequencer=DecisionSequencer() if state is None else state.sequencer(),
                         publish=self._publish,
+                        gate=None if budget_usd is None else budget_gate(self._metrics),
                         durable_outputs=self._durable_outputs,
                     )
                     if state is not None:
@@ -424,7 +480,11 @@ class Orchestrator:
                                 break
                             continue
                         resume = state.stage_resume(stage, self.retry) if state is not None else None
-                        decision, _ = await coordinator.run_stage(stage, resume)
+                        try:
+                            decision, _ = await coordinator.run_stage(stage, resume)
+                        except BudgetExceeded as exc:
+                            over_budget = exc  # the stage stays undecided
+                            break
                         decisions.append(decision)
                         if decision.status not in ADVANCING:
                             halted = decision
@@ -438,9 +498,23 @@ class Orchestrator:
         digest = compute_digest(
             (d.verdict for d in decisions), totals.usage, totals.unknown_calls, totals.by_stage
         )
-        status = "completed" if halted is None else "halted"
-        halt_reason = None if halted is None else halted.status
+        status = "completed" if halted is None and over_budget is None else "halted"
+        halt_reason: str | None = None if halted is None else halted.status
         message = None if halted is None else halt_message(ctx.run_id, halted)
+        await self._persist_metrics(ctx, totals)
+        if over_budget is not None:
+            halt_reason = BUDGET_HALT
+            message = budget_halt_message(ctx.run_id, over_budget)
+            await self._store.send(
+                PersistEvent(
+                    run_id=ctx.run_id,
+                    branch_id=ctx.branch_id,
+                    kind="halt",
+                    stage=over_budget.stage,
+                    detail={"reason": BUDGET_HALT, "spent_usd": str(over_budget.status.spent_usd),
+                            "budget_usd": str(over_budget.status.budget_usd)},
+                )
+            )
         if halted is not None:
             await self._store.send(
                 PersistEvent(
@@ -485,7 +559,43 @@ class Orchestrator:
             unknown_usage_calls=totals.unknown_calls,
             turns=totals.turns,
             digest=digest,
+            cost_usd=totals.cost_usd,
+            unpriced_calls=totals.unpriced_calls,
+            budget_usd=totals.budget_usd,
+            budget_alerts=totals.alerts,
         )
+
+    async def _persist_metrics(self, ctx: RunContext, totals: UsageTotals) -> None:
+        """The run's cost and per-stage/agent/model breakdown, as one
+        ``metrics`` event (read back by ``conclave metrics``), and one
+        ``budget_warning`` event per threshold crossed."""
+        for threshold in totals.alerts:
+            await self._store.send(
+                PersistEvent(
+                    run_id=ctx.run_id,
+                    branch_id=ctx.branch_id,
+                    kind="budget_warning",
+                    detail={"threshold": threshold, "budget_usd": str(totals.budget_usd)},
+                )
+            )
+        await self._store.send(
+            PersistEvent(
+                run_id=ctx.run_id, branch_id=ctx.branch_id, kind="metrics", detail=totals_json(totals)
+            )
+        )
+
+
+def _with_budget(options: Mapping[str, Any] | None, budget_usd: Decimal | None) -> dict[str, Any]:
+    merged = dict(options or {})
+    if budget_usd is not None:
+        merged["budget_usd"] = str(budget_usd)
+    return merged
+
+
+def _budget_of(state: ResumeState) -> Decimal | None:
+    """A resumed or rerun branch keeps the budget its run was given."""
+    raw = state.branch.options.get("budget_usd")
+    return None if raw is None else Decimal(str(raw))
 
 
 async def _shielded(fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:
@@ -504,6 +614,7 @@ async def open_orchestrator(
     interceptors: Mapping[str, Sequence[Interceptor[Any]]] | None = None,
     retry: RetryPolicy | None = None,
     limits: Limits | None = None,
+    prices: PriceTable | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Start the gateway, metrics accumulator and store writer, yield an
     :class:`Orchestrator`, and shut them down when the block exits.
@@ -513,7 +624,8 @@ async def open_orchestrator(
     embedded :class:`SimulatedProvider` seeded with ``seed``; a mapping
     routes agents by their pipeline ``provider`` name.  ``faults`` is an
     interceptor installed on the gateway's inbox, after any in
-    ``interceptors["gateway"]``.
+    ``interceptors["gateway"]``.  ``prices`` is the price table (default:
+    the vendored LiteLLM one, :meth:`PriceTable.load` adds an override file).
 
     On normal exit the actors drain their inboxes (every queued write is
     committed) before the block returns; on cancellation or error they are
@@ -550,7 +662,7 @@ async def open_orchestrator(
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
     gateway = Gateway(providers, max_concurrency=limits.max_concurrency)
-    metrics = MetricsAccumulator()
+    hub = MetricsHub()
     writer = StoreWriter(db)
     store_tx, store_rx = open_channel(
         limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
@@ -569,13 +681,6 @@ async def open_orchestrator(
     try:
         with collapse_single():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(gateway.run, gateway_rx)
-                nursery.start_soon(metrics.run, metrics_rx)
-                # Shielded: the writer stops when its inbox closes, after
-                # committing what is queued, so even a cancelled orchestrator
-                # records its runs as interrupted.  It never waits on anyone
-                # but its inbox (and a bounded busy-retry loop).
-                nursery.start_soon(_shielded, writer.run, store_rx)
                 orchestrator = Orchestrator(
                     gateway=gateway_tx,
                     metrics=metrics_tx,
@@ -585,8 +690,19 @@ async def open_orchestrator(
                     retry=retry,
                     interceptors=interceptors,
                     limits=limits,
+                    metrics_hub=hub,
                     db=db,
                 )
+                metrics = MetricsAccumulator(
+                    prices, publish=hub.publish, alert=orchestrator._publish, interval=limits.metrics_interval
+                )
+                nursery.start_soon(gateway.run, gateway_rx)
+                nursery.start_soon(metrics.run, metrics_rx)
+                # Shielded: the writer stops when its inbox closes, after
+                # committing what is queued, so even a cancelled orchestrator
+                # records its runs as interrupted.  It never waits on anyone
+                # but its inbox (and a bounded busy-retry loop).
+                nursery.start_soon(_shielded, writer.run, store_rx)
                 try:
                     yield orchestrator
                 finally:
@@ -597,6 +713,7 @@ async def open_orchestrator(
                     store_tx.close()
                     for send in orchestrator._subscribers:
                         send.close()
+                    hub.close()
     finally:
         with trio.CancelScope(shield=True):
             await gateway.aclose()

@@ -67,9 +67,27 @@ from ._progress import (
     StageStarted,
 )
 from ._request import request
+from ._token_metrics import (
+    BUDGET_THRESHOLDS,
+    BudgetAlert,
+    BudgetCheck,
+    BudgetStatus,
+    GroupTotals,
+    SetBudget,
+    StageTokens,
+    TokenMetrics,
+)
 from ._usage import ZERO_USAGE, TokenUsage
 
 __all__ = [
+    "BUDGET_THRESHOLDS",
+    "BudgetAlert",
+    "BudgetCheck",
+    "BudgetStatus",
+    "GroupTotals",
+    "SetBudget",
+    "StageTokens",
+    "TokenMetrics",
     "StageStarted",
     "StageDecided",
     "RunStarted",

@@ -15,6 +15,7 @@ is drawn in DESIGN.md:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, Literal
 
 import attrs
@@ -22,6 +23,7 @@ import attrs
 from ._channel import Outbox, Reply
 from ._errors import ProviderError
 from ._identity import AgentKey, StageKey
+from ._token_metrics import BudgetCheck, GroupTotals, SetBudget
 from ._usage import TokenUsage
 
 OutputFormat = Literal["json", "text"]
@@ -167,6 +169,16 @@ class UsageTotals:
     replays: int
     duplicates: int
     by_stage: Mapping[str, TokenUsage] = attrs.field(eq=False, factory=dict)
+    # Cost and the per-stage/agent/model breakdown (issue 4): ``groups`` maps
+    # "stage" | "agent" | "model" -> name -> totals.
+    cost_usd: Decimal = Decimal(0)
+    unpriced_calls: int = 0
+    unpriced_models: tuple[str, ...] = ()
+    budget_usd: Decimal | None = None
+    alerts: tuple[int, ...] = ()
+    price_table: str = ""
+    estimated_next_prompt_tokens: int = 0
+    groups: Mapping[str, Mapping[str, GroupTotals]] = attrs.field(eq=False, factory=dict)
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -178,7 +190,7 @@ class MetricsQuery:
     reply_to: Reply[UsageTotals] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-MetricsMessage = UsageRecorded | MetricsQuery
+MetricsMessage = UsageRecorded | MetricsQuery | SetBudget | BudgetCheck
 
 
 @attrs.frozen(kw_only=True, slots=True)

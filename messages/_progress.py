@@ -12,6 +12,7 @@ import attrs
 
 from ._identity import AgentKey, StageKey
 from ._messages import Decision
+from ._token_metrics import BudgetAlert
 
 
 
@@ -51,4 +52,4 @@ class RunFinished:
     halt_reason: str | None = None
 
 
-ProgressEvent = RunStarted | StageStarted | AgentFinished | StageDecided | RunFinished
+ProgressEvent = RunStarted | StageStarted | AgentFinished | StageDecided | RunFinished | BudgetAlert

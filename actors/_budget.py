@@ -1,0 +1,82 @@
+"""Run budgets: parsing, the dispatch gate and the halt it causes.
+
+The metrics accumulator owns the spend and raises the 80/90/100 % alerts
+(once each).  Enforcement is at the coordinator: before it dispatches an
+agent request (before each agent of a sequential stage, before the whole
+batch of a parallel one) it asks the accumulator; the check is queued
+behind every usage report already sent, so it sees all finished calls.  At
+or over the budget nothing more is dispatched, the stage stays undecided
+and the run halts with ``budget_exceeded``; resuming with a higher budget
+continues from there.  Calls already in flight finish (with their retries),
+so spend can pass the budget by at most what was in flight.  Calls to
+unpriced models cost nothing as far as the budget can tell; they are
+counted and reported as unpriced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+
+from messages import BudgetCheck, BudgetStatus, ConclaveError, Outbox, StageKey, reply_pair
+
+HALT_REASON = "budget_exceeded"
+
+BudgetLike = Decimal | int | float | str
+
+
+def parse_budget(value: BudgetLike | None) -> Decimal | None:
+    """A budget in USD as an exact Decimal; ``None`` means unlimited."""
+    if value is None:
+        return None
+    try:
+        budget = Decimal(str(value).strip().lstrip("$"))
+    except InvalidOperation:
+        raise ValueError(f"budget must be a number of USD, got {value!r}") from None
+    if not budget.is_finite() or budget < 0:
+        raise ValueError(f"budget must be a finite amount of USD >= 0, got {value!r}")
+    return budget
+
+
+def usd(amount: Decimal, places: int = 2) -> str:
+    """``$0.12``; amounts below a cent get more places (``$0.0042``)."""
+    if amount != 0 and abs(amount) < Decimal("0.01") and places == 2:
+        return f"${amount:.4f}"
+    return f"${amount:.{places}f}"
+
+
+class BudgetExceeded(ConclaveError):
+    """Raised by the gate: the run's budget is spent."""
+
+    def __init__(self, status: BudgetStatus, stage: str, agents: tuple[str, ...]) -> None:
+        self.status = status
+        self.stage = stage
+        self.agents = agents
+        budget = status.budget_usd if status.budget_usd is not None else Decimal(0)
+        super().__init__(
+            f"budget exceeded: {usd(status.spent_usd, 4)} spent of {usd(budget, 4)} before dispatching "
+            f"{', '.join(agents)} in stage {stage!r}"
+        )
+
+
+Gate = Callable[[StageKey, tuple[str, ...]], Awaitable[None]]
+
+
+def budget_gate(metrics: Outbox[BudgetCheck]) -> Gate:
+    """The coordinator's gate: raises :class:`BudgetExceeded` when spent."""
+
+    async def gate(key: StageKey, agents: tuple[str, ...]) -> None:
+        reply, pending = reply_pair("budget check")
+        await metrics.send(BudgetCheck(run_id=key.run_id, reply_to=reply))
+        status: BudgetStatus = await pending.receive()
+        if status.exceeded:
+            raise BudgetExceeded(status, key.stage, agents)
+
+    return gate
+
+
+def budget_halt_message(run_id: str, exc: BudgetExceeded) -> str:
+    return (
+        f"halted at stage {exc.stage!r}: {exc}. Nothing more was dispatched; resume with a "
+        f"higher budget: 'conclave resume {run_id} --budget USD'."
+    )

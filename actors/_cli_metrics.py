@@ -1,0 +1,183 @@
+"""The CLI's metrics pieces: ``run --budget/--prices``, the live footer
+wiring, and ``conclave metrics RUN_ID [--by stage|agent|model] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from decimal import Decimal
+from typing import Any
+
+from messages import UsageRecorded
+from store import Store, StoreError
+
+from ._budget import parse_budget, usd
+from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
+from ._format import tokens
+from ._metrics import MetricsAccumulator
+from ._metrics_report import exact_cost, totals_json
+from ._pricing import PriceFileError, PriceTable
+
+PRICES_ENV = "CONCLAVE_PRICES"
+
+
+class MetricsUsageError(Exception):
+    """Bad metrics input (budget, price file): exit 2 with one line."""
+
+
+def _budget_arg(text: str) -> Decimal:
+    try:
+        budget = parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert budget is not None
+    return budget
+
+
+def add_run_metrics_args(p: argparse.ArgumentParser) -> None:
+    """``--budget`` and ``--prices`` for ``run`` (and ``resume``)."""
+    p.add_argument(
+        "--budget",
+        type=_budget_arg,
+        default=None,
+        metavar="USD",
+        help="stop dispatching agent calls once the run has cost this much (warns at 80%% and 90%%); "
+        "the run halts with budget_exceeded (exit 3), resumable with a higher budget",
+    )
+    _add_prices(p)
+
+
+def _add_prices(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prices",
+        metavar="FILE",
+        default=None,
+        help=f"price override file (LiteLLM JSON format, USD per token); default ${PRICES_ENV}",
+    )
+
+
+def load_prices(path: str | None) -> PriceTable:
+    """The vendored table with the override from ``path`` or ``$CONCLAVE_PRICES``."""
+    path = path or os.environ.get(PRICES_ENV) or None
+    try:
+        return PriceTable.load(path)
+    except PriceFileError as exc:
+        raise MetricsUsageError(str(exc)) from None
+
+
+def metrics_display(out: Writer, *, isatty: bool | None = None) -> LiveFooter | PlainMetrics:
+    """A live footer on a terminal, periodic plain lines elsewhere."""
+    tty = out.isatty() if isatty is None and hasattr(out, "isatty") else bool(isatty)
+    if tty:
+        return LiveFooter(
+            out, colour=colour_allowed(), width=lambda: shutil.get_terminal_size((80, 24)).columns
+        )
+    return PlainMetrics(out)
+
+
+# -- conclave metrics ----------------------------------------------------------
+
+
+def _recompute(store: Store, run_id: str, prices: PriceTable) -> dict[str, Any]:
+    """Totals from the stored attempts (each once), priced with ``prices``."""
+    acc = MetricsAccumulator(prices)
+    from messages import AgentKey
+
+    for row in store.outputs(run_id):
+        acc.record(
+            UsageRecorded(
+                key=AgentKey(run_id=run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent),
+                attempt=row.attempt,
+                model=row.model,
+                provider=row.provider,
+                usage=row.usage,
+            )
+        )
+    return totals_json(acc.totals(run_id))
+
+
+def run_metrics(store: Store, run_id: str, prices: PriceTable | None) -> dict[str, Any]:
+    """The run's persisted metrics (the last ``metrics`` event), or - for a
+    run that has not finished, or when ``prices`` is given - recomputed
+    from its stored attempts."""
+    if prices is None:
+        recorded = [e for e in store.events(run_id) if e.kind == "metrics"]
+        if recorded:
+            return {"source": "recorded", **recorded[-1].detail}
+    return {"source": "recomputed", **_recompute(store, run_id, prices or PriceTable.vendored())}
+
+
+def _table(report: dict[str, Any], by: str) -> list[str]:
+    groups: dict[str, Any] = report["by"].get(by, {})
+    header = f"  {by:<20} {'calls':>5} {'reused':>6} {'in':>8} {'cached':>8} {'out':>8} {'reason':>8} {'cost':>12}"
+    lines = [header]
+    for name, g in groups.items():
+        u = g["usage"]
+        cost = usd(exact_cost(g), 4) if g["unpriced_calls"] == 0 else (
+            f"{usd(exact_cost(g), 4)}+?" if exact_cost(g) else "unpriced"
+        )
+        lines.append(
+            f"  {name:<20} {g['turns']:>5} {g['replays']:>6} {tokens(u['input_tokens']):>8} "
+            f"{tokens(u['cached_input_tokens']):>8} {tokens(u['output_tokens']):>8} "
+            f"{tokens(u['reasoning_output_tokens']):>8} {cost:>12}"
+        )
+    u = report["usage"]
+    total = usd(exact_cost(report), 4) + ("+?" if report["unpriced_calls"] else "")
+    lines.append(
+        f"  {'total':<20} {report['turns']:>5} {report['replays']:>6} {tokens(u['input_tokens']):>8} "
+        f"{tokens(u['cached_input_tokens']):>8} {tokens(u['output_tokens']):>8} "
+        f"{tokens(u['reasoning_output_tokens']):>8} {total:>12}"
+    )
+    return lines
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from ._cli import _fail, _json_out  # late: _cli imports this module
+
+    try:
+        prices = load_prices(args.prices) if (args.prices or os.environ.get(PRICES_ENV)) else None
+    except MetricsUsageError as exc:
+        return _fail(str(exc))
+    try:
+        store = Store.open(args.db, readonly=True)
+    except StoreError as exc:
+        return _fail(str(exc))
+    with store:
+        run = store.get_run(args.run_id)
+        if run is None:
+            return _fail(f"no run {args.run_id!r} in {args.db}")
+        report = {"run_id": run.run_id, "status": run.status, **run_metrics(store, run.run_id, prices)}
+    if args.json:
+        _json_out(report)
+        return 0
+    print(f"metrics of {run.run_id} ({run.status}; {report['source']}; prices: {report['price_table']}), by {args.by}:")
+    print("\n".join(_table(report, args.by)))
+    if report["unpriced_models"]:
+        print(f"  unpriced (not in the price table, not counted): {', '.join(report['unpriced_models'])}")
+    if report["unknown_usage_calls"]:
+        print(f"  {report['unknown_usage_calls']} call(s) with unknown usage (cut off), not counted")
+    if report.get("budget_usd") is not None:
+        alerts = ", ".join(f"{a}%" for a in report["budget_alerts"]) or "none"
+        print(f"  budget {usd(Decimal(report['budget_usd']))}; warnings: {alerts}")
+    return 0
+
+
+def add_metrics_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "metrics",
+        help="show a run's tokens and cost by stage, agent or model",
+        description="Show a run's token usage and cost, broken down by stage, agent or model.",
+    )
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--by", choices=("stage", "agent", "model"), default="stage", help="breakdown (default: stage)")
+    p.add_argument("--db", default="conclave.db", metavar="PATH", help="SQLite database file (default: ./conclave.db)")
+    _add_prices(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_metrics)
+
+
+def stdout_writer() -> Writer:
+    return sys.stdout

@@ -1,0 +1,25 @@
+"""Context windows per model: the reference's table (speckit-facts 4.4).
+
+Lower-cased prefix/contains match, first rule wins; 128,000 otherwise.
+"""
+
+from __future__ import annotations
+
+DEFAULT_CONTEXT_WINDOW = 128_000
+
+
+def context_window(model: str) -> int:
+    m = model.strip().lower()
+    if m.startswith(("gpt-5", "gpt5")) or "codex" in m:
+        return 272_000
+    if m.startswith(("o3", "o4")):
+        return 200_000
+    if m.startswith("gpt-4.1"):
+        return 1_047_576
+    if m.startswith(("gpt-4o", "gpt-4")):
+        return 128_000
+    if any(family in m for family in ("opus", "sonnet", "haiku")):
+        return 200_000
+    if "gemini" in m and any(v in m for v in ("2.5-pro", "2.5-flash", "2.0", "1.5", "gemini-3")):
+        return 1_000_000
+    return DEFAULT_CONTEXT_WINDOW

@@ -1,0 +1,244 @@
+"""Per-token model prices: a vendored, trimmed LiteLLM table, overridable.
+
+The table is ``_model_prices.json`` beside this module: a trimmed copy of
+BerriAI/litellm's ``model_prices_and_context_window.json`` (which version,
+and how it was trimmed, is in the file's ``_meta`` entry; ``tools/
+trim_prices.py`` regenerates it).  Prices are USD per single token and are
+read as :class:`~decimal.Decimal` straight from the JSON text, so every cost
+is exact; nothing is rounded until it is displayed.
+
+Matching a model name (first hit wins): ``provider/name``; the exact name;
+the name without a ``provider/`` prefix; Claude's dotted versions spelt with
+dashes (``claude-sonnet-4.5`` is ``claude-sonnet-4-5``); then the longest
+table name that is a prefix of the model followed by ``-``, ``@`` or ``:``
+(``gpt-4o-2024-05-13-ft`` -> ``gpt-4o-2024-05-13``).  Anything else is
+*unpriced*: reported as such, never guessed.
+
+Cost of one call (``TokenUsage.input_tokens`` includes cached input and
+``output_tokens`` includes reasoning)::
+
+    (input - cached) * input_rate + cached * cache_read_rate
+      + (output - reasoning) * output_rate + reasoning * reasoning_rate
+
+where a missing cache-read or reasoning rate falls back to the input or
+output rate, as LiteLLM does.  When the call's input exceeds a tier the
+table lists (``*_above_200k_tokens``), that tier's rates apply.
+
+A user override file has the same format (``{"model": {"input_cost_per_
+token": 3e-06, ...}}``): its fields replace the vendored entry's, or define
+a new model.  The CLI reads it from ``--prices FILE`` or ``CONCLAVE_PRICES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import attrs
+
+from messages import TokenUsage
+
+_RATE_FIELDS = (
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+    "output_cost_per_reasoning_token",
+)
+_TIER = re.compile(r"^(?P<field>" + "|".join(_RATE_FIELDS) + r")_above_(?P<k>\d+)k_tokens$")
+_BOUNDARY = "-@:"
+_DOTTED_CLAUDE = re.compile(r"^(claude-[a-z]+-\d+)\.(\d+)")
+
+
+class PriceFileError(ValueError):
+    """A price file is unreadable or malformed; the message names it."""
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Rates:
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    reasoning: Decimal
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class ModelPrice:
+    """The prices of one table entry.  ``tiers`` are (threshold in input
+    tokens, rates), ascending; ``rates`` apply up to the first threshold."""
+
+    name: str
+    rates: Rates
+    tiers: tuple[tuple[int, Rates], ...] = ()
+    max_input_tokens: int | None = None
+
+    def rates_for(self, input_tokens: int) -> Rates:
+        chosen = self.rates
+        for threshold, rates in self.tiers:
+            if input_tokens > threshold:
+                chosen = rates
+        return chosen
+
+    def cost(self, usage: TokenUsage) -> Decimal:
+        r = self.rates_for(usage.input_tokens)
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        reasoning = min(usage.reasoning_output_tokens, usage.output_tokens)
+        return (
+            (usage.input_tokens - cached) * r.input
+            + cached * r.cache_read
+            + (usage.output_tokens - reasoning) * r.output
+            + reasoning * r.reasoning
+        )
+
+
+def _rates(fields: Mapping[str, Decimal], base: Rates | None = None) -> Rates:
+    inp = fields.get("input_cost_per_token", base.input if base else None)
+    out = fields.get("output_cost_per_token", base.output if base else None)
+    assert inp is not None and out is not None
+    return Rates(
+        input=inp,
+        output=out,
+        cache_read=fields.get("cache_read_input_token_cost", base.cache_read if base else inp),
+        reasoning=fields.get("output_cost_per_reasoning_token", base.reasoning if base else out),
+    )
+
+
+def _price(name: str, entry: Mapping[str, Any]) -> ModelPrice:
+    base_fields = {k: entry[k] for k in _RATE_FIELDS if k in entry}
+    base = _rates(base_fields)
+    by_threshold: dict[int, dict[str, Decimal]] = {}
+    for key, value in entry.items():
+        m = _TIER.match(key)
+        if m:
+            by_threshold.setdefault(int(m["k"]) * 1000, {})[m["field"]] = value
+    tiers = tuple((t, _rates(by_threshold[t], base)) for t in sorted(by_threshold))
+    max_in = entry.get("max_input_tokens")
+    return ModelPrice(
+        name=name,
+        rates=base,
+        tiers=tiers,
+        max_input_tokens=int(max_in) if isinstance(max_in, int | Decimal) else None,
+    )
+
+
+def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, Any]) -> None:
+    for name, entry in entries.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(entry, Mapping):
+            raise PriceFileError(f"{where}: entry {name!r} must be an object")
+        for key, value in entry.items():
+            if key in _RATE_FIELDS or _TIER.match(key):
+                if isinstance(value, bool) or not isinstance(value, int | Decimal) or value < 0:
+                    raise PriceFileError(
+                        f"{where}: {name}.{key} must be a non-negative number (USD per token), got {value!r}"
+                    )
+        merged = {**new_ok.get(name, {}), **entry}
+        for required in ("input_cost_per_token", "output_cost_per_token"):
+            if required not in merged:
+                raise PriceFileError(f"{where}: entry {name!r} needs {required}")
+
+
+def _parse(text: str | bytes, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PriceFileError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PriceFileError(f"{where}: must be a JSON object of model -> prices")
+    return data
+
+
+class PriceTable:
+    """Model name -> :class:`ModelPrice`.  Immutable once built."""
+
+    def __init__(self, entries: Mapping[str, Mapping[str, Any]], *, source: str = "custom") -> None:
+        self._entries = {
+            name.lower(): dict(entry) for name, entry in entries.items() if not name.startswith("_")
+        }
+        self._prices = {name: _price(name, entry) for name, entry in self._entries.items()}
+        self._by_length = sorted(self._prices, key=len, reverse=True)
+        self.source = source
+        canonical = json.dumps(self._entries, sort_keys=True, default=str, separators=(",", ":"))
+        self.version = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        self._memo: dict[tuple[str, str | None], ModelPrice | None] = {}
+
+    @classmethod
+    def vendored(cls) -> PriceTable:
+        return _vendored()
+
+    @classmethod
+    def load(cls, override: str | None = None) -> PriceTable:
+        """The vendored table, with ``override`` (a JSON file) applied."""
+        table = cls.vendored()
+        if override is None:
+            return table
+        try:
+            with open(override, "rb") as f:
+                text = f.read()
+        except OSError as exc:
+            raise PriceFileError(f"{override}: cannot read price file: {exc.strerror or exc}") from None
+        return table.with_overrides(_parse(text, override), source=override)
+
+    def with_overrides(self, entries: Mapping[str, Any], *, source: str = "override") -> PriceTable:
+        _validate(entries, source, new_ok=self._entries)
+        merged = {name: dict(entry) for name, entry in self._entries.items()}
+        for name, entry in entries.items():
+            if not name.startswith("_"):
+                merged.setdefault(name.lower(), {}).update(entry)
+        return PriceTable(merged, source=f"{self.source} + {source}")
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+    def lookup(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        memo_key = (model, provider)
+        if memo_key not in self._memo:
+            self._memo[memo_key] = self._lookup(model, provider)
+        return self._memo[memo_key]
+
+    def _lookup(self, model: str, provider: str | None) -> ModelPrice | None:
+        name = model.strip().lower()
+        if not name:
+            return None
+        # The provider's own entry first (``gemini/gemini-2.5-flash``).
+        candidates = [f"{provider.lower()}/{name}", name] if provider else [name]
+        if "/" in name:
+            candidates.append(name.rsplit("/", 1)[1])
+        for c in list(candidates):
+            m = _DOTTED_CLAUDE.match(c)
+            if m:
+                candidates.append(f"{m[1]}-{m[2]}{c[m.end():]}")
+        for c in candidates:
+            if c in self._prices:
+                return self._prices[c]
+        for c in candidates:
+            for key in self._by_length:  # longest first
+                if len(key) < len(c) and c.startswith(key) and c[len(key)] in _BOUNDARY:
+                    return self._prices[key]
+        return None
+
+    def cost(self, usage: TokenUsage, model: str, provider: str | None = None) -> Decimal | None:
+        """Exact USD cost of one call, or ``None`` when the model is unpriced."""
+        price = self.lookup(model, provider)
+        return None if price is None else price.cost(usage)
+
+
+@cache
+def _vendored() -> PriceTable:
+    text = resources.files("actors").joinpath("_model_prices.json").read_bytes()
+    data = _parse(text, "actors/_model_prices.json")
+    meta = data.get("_meta", {})
+    return PriceTable(data, source=f"litellm {meta.get('litellm_version', '?')} (vendored)")
+
+
+def vendored_meta() -> dict[str, Any]:
+    text = resources.files("actors").joinpath("_model_prices.json").read_bytes()
+    meta = _parse(text, "actors/_model_prices.json").get("_meta", {})
+    return dict(meta) if isinstance(meta, Mapping) else {}

@@ -1,0 +1,85 @@
+"""Latest-value delivery of :class:`~messages.TokenMetrics` to subscribers.
+
+A subscriber holds at most one pending snapshot per run: publishing
+replaces it (O(1), never blocks, never allocates a backlog), so a
+subscriber that never reads costs the accumulator nothing but a dict
+store, and one that reads slowly sees the latest figures, not old ones.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from messages import TokenMetrics
+
+
+class MetricsSubscription:
+    """Receive the latest :class:`TokenMetrics` of each run, as they change.
+
+    ``receive()`` waits for a snapshot newer than the last one returned
+    (for any run) and raises :class:`trio.EndOfChannel` once the
+    orchestrator has closed and nothing is pending.  Iterate with
+    ``async for``.
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+        self._pending: dict[str, TokenMetrics] = {}
+        self._event = trio.Event()
+        self._closed = False
+        self.replaced = 0  # snapshots overwritten before being read
+
+    def offer(self, snapshot: TokenMetrics) -> None:
+        if self._closed or (self.run_id is not None and snapshot.run_id != self.run_id):
+            return
+        if snapshot.run_id in self._pending:
+            self.replaced += 1
+            del self._pending[snapshot.run_id]  # re-insert: oldest-changed first
+        self._pending[snapshot.run_id] = snapshot
+        self._event.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._event.set()
+
+    def latest(self, run_id: str) -> TokenMetrics | None:
+        """The pending snapshot of ``run_id``, if any (does not consume it)."""
+        return self._pending.get(run_id)
+
+    async def receive(self) -> TokenMetrics:
+        while not self._pending:
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._event.wait()
+            self._event = trio.Event()
+        run_id = next(iter(self._pending))
+        return self._pending.pop(run_id)
+
+    def __aiter__(self) -> MetricsSubscription:
+        return self
+
+    async def __anext__(self) -> TokenMetrics:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+class MetricsHub:
+    """Fans snapshots out to subscriptions; the accumulator's ``publish``."""
+
+    def __init__(self) -> None:
+        self._subscriptions: list[MetricsSubscription] = []
+
+    def subscribe(self, run_id: str | None = None) -> MetricsSubscription:
+        sub = MetricsSubscription(run_id)
+        self._subscriptions.append(sub)
+        return sub
+
+    def publish(self, snapshot: TokenMetrics) -> None:
+        for sub in self._subscriptions:
+            sub.offer(snapshot)
+
+    def close(self) -> None:
+        for sub in self._subscriptions:
+            sub.close()

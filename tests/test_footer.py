@@ -1,0 +1,137 @@
+"""The live footer: formats, colours, NO_COLOR, and a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from actors._footer import (
+    COLOURS,
+    ERASE,
+    LiveFooter,
+    colour_allowed,
+    format_compact,
+    format_full,
+    render,
+)
+from messages import TokenMetrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def metrics(ctx: float = 0.45, cost: str = "0.12", budget: str | None = None, unpriced: int = 0) -> TokenMetrics:
+    return TokenMetrics(
+        run_id="r",
+        input_tokens=12_500,
+        output_tokens=3_200,
+        cached_input_tokens=0,
+        turns=5,
+        replays=0,
+        unknown_calls=0,
+        estimated_next_prompt_tokens=4_000,
+        context_utilization=ctx,
+        cost_usd=Decimal(cost),
+        unpriced_calls=unpriced,
+        budget_usd=None if budget is None else Decimal(budget),
+        alerts=(),
+        by_stage=(),
+    )
+
+
+def test_full_and_compact_forms_match_the_reference() -> None:
+    assert format_full(metrics()) == "Tokens: 12.5k in / 3.2k out | Turn 5 | Est: ~4.0k | Ctx: 45% | $0.12"
+    assert format_compact(metrics()) == "12.5k/3.2k | T5 | ~4.0k | 45%"
+    assert render(metrics(), 100, colour=False) == format_full(metrics())
+    assert render(metrics(), 40, colour=False) == format_compact(metrics())
+
+
+def test_budget_and_unpriced_calls_are_shown() -> None:
+    text = format_full(metrics(cost="1.5", budget="2", unpriced=2))
+    assert text.endswith("| $1.50 of $2.00 (+2 unpriced)")
+
+
+@pytest.mark.parametrize(
+    ("ctx", "colour", "mark"),
+    [(0.45, "green", ""), (0.61, "cyan", ""), (0.81, "yellow", " ⚡"), (0.95, "red", " ⚠")],
+)
+def test_colour_and_marks_follow_60_80_90(ctx: float, colour: str, mark: str) -> None:
+    text = render(metrics(ctx=ctx), 100, colour=True)
+    assert text.startswith(COLOURS[colour]) and text.endswith(mark + "\x1b[0m")
+
+
+def test_budget_use_also_drives_the_colour() -> None:
+    assert render(metrics(ctx=0.1, cost="1.9", budget="2"), 100, colour=True).startswith(COLOURS["red"])
+
+
+def test_no_color_is_honoured() -> None:
+    assert colour_allowed({}) and colour_allowed({"NO_COLOR": ""})
+    assert not colour_allowed({"NO_COLOR": "1"})
+
+
+def test_the_footer_stays_below_other_output() -> None:
+    out = io.StringIO()
+    footer = LiveFooter(out, colour=False, width=lambda: 100)
+    footer.write("before\n")
+    footer.update(metrics())
+    footer.write("a line\n")
+    footer.clear()
+    line = format_full(metrics())
+    assert out.getvalue() == f"before\n{line}{ERASE}a line\n{line}{ERASE}"
+
+
+def _run_in_pty(tmp_path: Path, columns: int, extra_env: dict[str, str]) -> str:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}
+    env.update(extra_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "run", "--db", str(tmp_path / f"pty{columns}.db"), "--seed", "4"],
+        stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env, close_fds=True,
+    )
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 120)
+            if not ready:
+                proc.kill()
+                pytest.fail("the CLI produced no output for 120 s")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        code = proc.wait(timeout=120)
+    assert code == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_the_footer_renders_in_a_pseudo_terminal(tmp_path: Path) -> None:
+    text = _run_in_pty(tmp_path, 120, {})
+    assert "Tokens: " in text and " | Turn " in text and " | Est: ~" in text and " | Ctx: " in text
+    assert ERASE in text, "the footer is redrawn in place"
+    assert COLOURS["green"] in text
+    assert "  metrics: " not in text, "no plain lines on a terminal"
+    assert "completed: 6 stage(s) decided" in text
+
+
+def test_a_narrow_pseudo_terminal_gets_the_compact_form_and_no_color_works(tmp_path: Path) -> None:
+    text = _run_in_pty(tmp_path, 50, {"NO_COLOR": "1"})
+    assert "Tokens: " not in text and " | T" in text
+    assert "\x1b[3" not in text, "NO_COLOR: no colour codes"
+    assert ERASE in text

@@ -1,0 +1,81 @@
+"""Provider usage payloads, normalised (issue 7's module), priced; a call
+cut off mid-stream is unknown usage, not zero."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import attrs
+import trio
+import trio.testing
+
+from actors import MockProvider, PriceTable, SimulatedProvider, open_orchestrator, pipeline_from_dict
+from actors._usage_normalise import usage_from_anthropic, usage_from_gemini, usage_from_openai
+from messages import Completion, CompletionRequest, Disconnected, TokenUsage
+
+PRICES = PriceTable.vendored()
+
+
+def test_openai_payload_is_priced_with_cached_and_reasoning() -> None:
+    usage = usage_from_openai(
+        {
+            "prompt_tokens": 2_000,
+            "completion_tokens": 500,
+            "prompt_tokens_details": {"cached_tokens": 1_024},
+            "completion_tokens_details": {"reasoning_tokens": 300},
+        }
+    )
+    assert usage is not None
+    # gpt-5: 976 x 1.25e-6 + 1,024 x 1.25e-7 + 500 x 1e-5 (reasoning is output)
+    assert PRICES.cost(usage, "gpt-5") == Decimal("0.00122") + Decimal("0.000128") + Decimal("0.005")
+
+
+def test_anthropic_input_adds_cache_reads_and_writes_before_pricing() -> None:
+    usage = usage_from_anthropic(
+        {"input_tokens": 100, "cache_read_input_tokens": 1_000, "cache_creation_input_tokens": 200, "output_tokens": 50}
+    )
+    assert usage == TokenUsage.of(input_tokens=1_300, cached_input_tokens=1_000, output_tokens=50)
+    # claude-sonnet-4-5: (100 + 200) x 3e-6 + 1,000 x 3e-7 + 50 x 1.5e-5
+    # (cache writes are priced as fresh input: TokenUsage does not carry them)
+    assert PRICES.cost(usage, "claude-sonnet-4-5") == Decimal("0.0009") + Decimal("0.0003") + Decimal("0.00075")
+
+
+def test_gemini_thoughts_are_output_and_priced_at_the_reasoning_rate() -> None:
+    usage = usage_from_gemini(
+        {"promptTokenCount": 1_000, "cachedContentTokenCount": 400, "candidatesTokenCount": 100, "thoughtsTokenCount": 50}
+    )
+    assert usage == TokenUsage(
+        input_tokens=1_000, cached_input_tokens=400, output_tokens=150, reasoning_output_tokens=50, total_tokens=1_150
+    )
+    cost = PRICES.cost(usage, "gemini-2.5-flash", "gemini")
+    assert cost == 600 * Decimal("3e-7") + 400 * Decimal("3e-8") + 100 * Decimal("2.5e-6") + 50 * Decimal("2.5e-6")
+
+
+def test_missing_usage_is_unknown() -> None:
+    assert usage_from_openai(None) is None and usage_from_anthropic(None) is None and usage_from_gemini(None) is None
+
+
+async def test_a_call_cut_off_mid_stream_counts_as_unknown_not_zero(
+    db_path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    sim = SimulatedProvider(seed=3, disagreement_rate=0.0)
+    call = TokenUsage.of(input_tokens=1_000, output_tokens=100)
+
+    def answer(request: CompletionRequest) -> Completion:
+        if request.attempt == 1:
+            raise Disconnected("stream closed after 3 chunks")  # no final usage chunk
+        return attrs.evolve(sim.answer(request), usage=call)
+
+    pipeline = pipeline_from_dict(
+        {
+            "agents": {a: {"provider": "sim", "model": "gpt-4o"} for a in ("gemini", "claude", "gpt_pro")},
+            "stages": [{"name": "plan", "agents": ["gemini", "claude", "gpt_pro"], "mode": "parallel"}],
+        },
+        source="test",
+    )
+    async with open_orchestrator(store=db_path, provider=MockProvider(answer, name="sim"), pipeline=pipeline) as orch:
+        result = await orch.run("SPEC-CUT")
+    assert result.completed
+    assert result.unknown_usage_calls == 3 and result.turns == 6
+    assert result.usage == TokenUsage.of(input_tokens=3_000, output_tokens=300)
+    assert result.cost_usd == 3 * PRICES.cost(call, "gpt-4o")  # type: ignore[operator]
