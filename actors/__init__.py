@@ -41,6 +41,7 @@ from ._pipeline import (
 )
 from ._provider import BaseProvider, MockProvider
 from ._providers_api import *  # noqa: F403  (the provider layer's names, listed there)
+from ._resume import ResumeError
 from ._retry import RetryPolicy
 from ._runtime import (
     EDGES,
@@ -86,6 +87,7 @@ __all__ = [
     "Pipeline",
     "PipelineError",
     "Quorum",
+    "ResumeError",
     "RetryPolicy",
     "RunContext",
     "RunExists",

@@ -27,6 +27,7 @@ from messages import (
     UsageRecorded,
     fail_pending,
     reply_pair,
+    request,
 )
 
 from ._consensus import parse_output
@@ -76,7 +77,7 @@ class Agent:
         aggregate = stage.aggregator == self.spec.name
         prompt = build_prompt(request, stage.required_fields, aggregate)
         key = request.key
-        attempt = 0
+        attempt = request.first_attempt - 1  # > 0 on resume: earlier attempts are durable
         while True:
             attempt += 1
             call = CompletionRequest(
@@ -126,7 +127,7 @@ class Agent:
                 usage=usage,
                 model=model,
                 provider=self.spec.provider,
-                error=str(error),
+                error=f"{error.kind}: {error}",  # the kind lets a resume judge retryability
                 started_at=started,
                 finished_at=finished,
             )
@@ -166,8 +167,7 @@ class Agent:
 
     async def _persist(self, output: AgentOutput) -> None:
         reply, pending = reply_pair(f"persisting {output.key.agent}'s output")
-        await self.store.send(PersistOutput(output=output, reply_to=reply))
-        ack = await pending.receive()
+        ack = await request(self.store, PersistOutput(output=output, reply_to=reply), pending)
         if not ack.ok and not ack.duplicate:
             raise ActorStopped(f"store writer could not persist {output.key.agent}'s output: {ack.error}")
 

@@ -220,7 +220,13 @@ async def _run_pipeline(
 
                 nursery.start_soon(show)
             try:
-                result = await orch.run(args.spec_id, goal=args.goal, run_id=args.run_id, budget=args.budget)
+                result = await orch.run(
+                    args.spec_id,
+                    goal=args.goal,
+                    run_id=args.run_id,
+                    budget=args.budget,
+                    options=_history.simulator_options(args),
+                )
             finally:
                 nursery.cancel_scope.cancel()
                 if isinstance(display, LiveFooter):
@@ -259,6 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with store:
         if args.run_id is not None and store.get_run(args.run_id) is not None:
             return _fail(f"run id {args.run_id!r} already exists in {args.db}")
+        _history.install_test_kill_hook(store, os.environ)
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
@@ -299,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"no runs in {args.db}")
             else:
                 for r in runs:
-                    stages = len(store.decisions(r.run_id, r.current_branch_id))
+                    stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
                     print(
                         f"{r.run_id}  {r.status:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
                         f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"
@@ -308,12 +315,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         run = store.get_run(args.run_id)
         if run is None:
             return _fail(f"no run {args.run_id!r} in {args.db}")
-        info = _run_json(store, run.run_id)
+        try:
+            branch = _history.branch_of(store, run, args.branch)
+        except _history.ResumeError as exc:
+            return _fail(str(exc))
+        info = _run_json(store, run.run_id, branch.branch_id)
         if args.json:
             _json_out(info)
             return EXIT_OK
-        print(f"run {run.run_id}: {run.status}" + (f" ({run.halt_reason})" if run.halt_reason else ""))
-        print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(run.current_branch_id or '')}")
+        status = branch.status or run.status
+        print(f"run {run.run_id}: {status}" + (f" ({branch.halt_reason})" if branch.halt_reason else ""))
+        current = " (current)" if branch.branch_id == run.current_branch_id else ""
+        print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")
         print(f"  goal: {run.goal or '-'}")
         for s in info["stages"]:
             print(f"  {s['stage']:<10} {s['status'] or 'pending'}")
@@ -323,13 +336,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-def _run_json(store: Store, run_id: str) -> dict[str, Any]:
+def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[str, Any]:
     run = store.get_run(run_id)
     assert run is not None
-    decided = {d.stage: d for d in store.decisions(run_id, run.current_branch_id)}
+    branch_id = branch_id or run.current_branch_id or ""
+    decided = {d.stage: d for d in store.lineage_decisions(run_id, branch_id)}
     return {
         "run_id": run.run_id,
-        "branch_id": run.current_branch_id,
+        "branch_id": branch_id,
+        "current_branch_id": run.current_branch_id,
         "spec_id": run.spec_id,
         "goal": run.goal,
         "seed": run.seed,
@@ -359,17 +374,25 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         run = store.get_run(args.run_id)
         if run is None:
             return _fail(f"no run {args.run_id!r} in {args.db}")
-        rows = store.decisions(run.run_id, run.current_branch_id)
+        try:
+            branch = _history.branch_of(store, run, args.branch)
+        except _history.ResumeError as exc:
+            return _fail(str(exc))
+        # What the branch sees: its own decisions and the ones it inherits.
+        rows = store.lineage_decisions(run.run_id, branch.branch_id)
         if args.json:
             _json_out(
                 {
                     "run_id": run.run_id,
-                    "branch_id": run.current_branch_id,
+                    "branch_id": branch.branch_id,
+                    "current_branch_id": run.current_branch_id,
                     "decisions": [
                         {
                             "stage": d.stage,
                             "seq": d.seq,
                             "status": d.status,
+                            "branch_id": d.branch_id,
+                            "inherited": d.branch_id != branch.branch_id,
                             "decided_at": d.decided_at,
                             "verdict": d.verdict,
                         }
@@ -378,11 +401,15 @@ def cmd_decisions(args: argparse.Namespace) -> int:
                 }
             )
             return EXIT_OK
-        print(f"decisions of {run.run_id} (branch {short_branch_id(run.current_branch_id or '')}):")
+        print(f"decisions of {run.run_id} (branch {short_branch_id(branch.branch_id)}):")
         if not rows:
             print("  none yet")
         for d in rows:
-            print(verdict_line(d.stage, d.seq, d.status, d.verdict))
+            inherited = d.branch_id != branch.branch_id
+            print(
+                verdict_line(d.stage, d.seq, d.status, d.verdict)
+                + (f"  [inherited from {short_branch_id(d.branch_id)}]" if inherited else "")
+            )
             for conflict in d.verdict.get("conflicts") or ():
                 print(f"      conflict: {conflict}")
         return EXIT_OK
@@ -444,12 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
     _add_db(status)
     status.add_argument("--limit", type=int, default=20, help="runs to list (default: 20)")
+    status.add_argument("--branch", metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=cmd_status)
 
     decisions = sub.add_parser("decisions", help="show a run's decisions", description="Show every decision of a run with its verdict.")
     decisions.add_argument("run_id", metavar="RUN_ID")
     _add_db(decisions)
+    decisions.add_argument("--branch", metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     decisions.add_argument("--json", action="store_true", help="print JSON")
     decisions.set_defaults(handler=cmd_decisions)
 
@@ -490,3 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console_main() -> None:
     sys.exit(main())
+
+
+# resume / rerun / branches (and helpers used above); imported last because
+# it registers itself in EXTRA_COMMANDS and uses this module's helpers.
+from . import _cli_history as _history  # noqa: E402

@@ -10,6 +10,7 @@ verdict, and makes the decision durable before the stage advances.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -31,11 +32,15 @@ from messages import (
     StageStarted,
     StoreWrite,
     reply_pair,
+    request,
 )
 
 from ._consensus import Verdict, compute_verdict
 from ._pipeline import StageSpec
 from ._sequencer import DecisionSequencer
+
+if TYPE_CHECKING:
+    from ._resume import StageResume
 
 
 class DecisionNotDurable(ConclaveError):
@@ -69,15 +74,22 @@ class Coordinator:
     sequencer: DecisionSequencer = attrs.field(factory=DecisionSequencer)
     publish: Publish = _no_progress
     gate: DispatchGate | None = None
+    # The lineage-aware read of a stage's accepted outputs (the runtime
+    # passes the store's); None: decide on the replies as received.
+    durable_outputs: Callable[[StageKey], Mapping[str, AgentOutput]] | None = None
     late_replies: int = 0
     duplicate_replies: int = 0
 
     def stage_key(self, stage: str) -> StageKey:
         return StageKey(run_id=self.ctx.run_id, branch_id=self.ctx.branch_id, stage=stage)
 
-    async def run_stage(self, stage: StageSpec) -> tuple[Decision, dict[str, AgentOutput]]:
+    async def run_stage(
+        self, stage: StageSpec, resume: StageResume | None = None
+    ) -> tuple[Decision, dict[str, AgentOutput]]:
         """Dispatch, collect, decide.  Returns the durable decision and the
-        accepted outputs it was made on."""
+        accepted outputs it was made on.  ``resume`` (after a crash) names
+        the agents whose durable answers are replayed instead of bought
+        again, and where the others' attempt numbering continues."""
         key = self.stage_key(stage.name)
         self.publish(StageStarted(key=key, agents=stage.agents, mode=stage.mode))
         await self.store.send(
@@ -89,20 +101,35 @@ class Coordinator:
                 detail={"agents": list(stage.agents), "mode": stage.mode},
             )
         )
-        outputs = await self.collect(stage, key)
+        outputs = await self.collect(stage, key, resume)
+        if self.durable_outputs is not None:
+            # Consensus reads what is durable on this branch's lineage (every
+            # reply's output was acked durable before it was sent).
+            outputs = dict(self.durable_outputs(key))
         verdict = compute_verdict(stage, outputs)
         return await self.decide(key, verdict), outputs
 
-    async def collect(self, stage: StageSpec, key: StageKey) -> dict[str, AgentOutput]:
+    async def collect(
+        self, stage: StageSpec, key: StageKey, resume: StageResume | None = None
+    ) -> dict[str, AgentOutput]:
         outputs: dict[str, AgentOutput] = {}
+        replay = resume.replay if resume is not None else {}
+        first = resume.first_attempt if resume is not None else {}
         if stage.mode == "parallel":
-            if self.gate is not None:
-                await self.gate(key, stage.agents)  # once: the batch goes out together
+            live = [a for a in stage.agents if a not in replay]
+            if self.gate is not None and live:
+                await self.gate(key, tuple(live))  # once: the batch goes out together
+            for agent in live:
+                await self._dispatch(key, agent, (), first.get(agent, 1))
             for agent in stage.agents:
-                await self._dispatch(key, agent, ())
-            await self._await_replies(key, set(stage.agents), outputs)
+                if agent in replay:
+                    self._accept(replay[agent], outputs)
+            await self._await_replies(key, set(live), outputs)
         else:
             for agent in stage.agents:
+                if agent in replay:
+                    self._accept(replay[agent], outputs)
+                    continue
                 context = tuple(
                     PriorOutput(agent=a, content=outputs[a].content)
                     for a in stage.agents
@@ -110,16 +137,19 @@ class Coordinator:
                 )
                 if self.gate is not None:
                     await self.gate(key, (agent,))
-                await self._dispatch(key, agent, context)
+                await self._dispatch(key, agent, context, first.get(agent, 1))
                 await self._await_replies(key, {agent}, outputs)
         return outputs
 
-    async def _dispatch(self, key: StageKey, agent: str, context: tuple[PriorOutput, ...]) -> None:
+    async def _dispatch(
+        self, key: StageKey, agent: str, context: tuple[PriorOutput, ...], first_attempt: int = 1
+    ) -> None:
         request = AgentRequest(
             key=key.agent(agent),
             spec_id=self.ctx.spec_id,
             goal=self.ctx.goal,
             context=context,
+            first_attempt=first_attempt,
             reply_to=self.replies_to,
         )
         # Each agent holds at most one request of ours, so its inbox (buffer
@@ -139,17 +169,20 @@ class Coordinator:
                 self.duplicate_replies += 1
                 continue
             waiting.discard(agent)
-            if reply.output is not None:
-                outputs[agent] = reply.output
-            self.publish(
-                AgentFinished(
-                    key=reply.key,
-                    attempts=reply.attempts,
-                    ok=reply.output is not None,
-                    error=reply.error,
-                    replayed=reply.replayed,
-                )
+            self._accept(reply, outputs)
+
+    def _accept(self, reply: AgentReply, outputs: dict[str, AgentOutput]) -> None:
+        if reply.output is not None:
+            outputs[reply.key.agent] = reply.output
+        self.publish(
+            AgentFinished(
+                key=reply.key,
+                attempts=reply.attempts,
+                ok=reply.output is not None,
+                error=reply.error,
+                replayed=reply.replayed,
             )
+        )
 
     async def decide(self, key: StageKey, verdict: Verdict) -> Decision:
         """Make the one decision of ``key`` durable.
@@ -164,8 +197,7 @@ class Coordinator:
         with self.sequencer.deciding(key) as ticket:
             decision = Decision(key=key, seq=ticket.seq, status=verdict.status, verdict=verdict.to_json())
             reply, pending = reply_pair(f"decision of {key.stage}")
-            await self.store.send(PersistDecision(decision=decision, reply_to=reply))
-            ack = await pending.receive()
+            ack = await request(self.store, PersistDecision(decision=decision, reply_to=reply), pending)
             if not ack.ok:
                 raise DecisionNotDurable(f"decision of stage {key.stage!r} was not stored: {ack.error}")
             ticket.ack()

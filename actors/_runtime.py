@@ -42,6 +42,7 @@ import trio
 
 from messages import (
     ActorStopped,
+    AgentOutput,
     AgentReply,
     AgentRequest,
     ConclaveError,
@@ -49,6 +50,7 @@ from messages import (
     Interceptor,
     MetricsQuery,
     Outbox,
+    PersistBranch,
     PersistEvent,
     PersistRun,
     ProgressEvent,
@@ -56,12 +58,15 @@ from messages import (
     RunStarted,
     RunUpdate,
     SetBudget,
+    StageDecided,
+    StageKey,
     StoreAck,
     StoreWrite,
     TokenUsage,
     UsageTotals,
     open_channel,
     reply_pair,
+    request,
 )
 from store import Store
 
@@ -78,6 +83,7 @@ from ._metrics_report import totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
 from ._pricing import PriceTable
 from ._provider import BaseProvider
+from ._resume import CallLog, ResumeState, fork_stage, load_state, options_json, stage_outputs
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
@@ -212,7 +218,9 @@ class Orchestrator:
         interceptors: Mapping[str, Sequence[Interceptor[Any]]],
         limits: Limits,
         metrics_hub: MetricsHub | None = None,
+        db: Store | None = None,
     ) -> None:
+        self._db = db  # read-only use: resume snapshots, consensus input (never inside a write)
         self._gateway = gateway
         self._metrics = metrics
         self._store = store
@@ -251,8 +259,7 @@ class Orchestrator:
 
     async def _write(self, item: StoreWrite) -> StoreAck:
         reply, pending = reply_pair(type(item).__name__)
-        await self._store.send(attrs.evolve(item, reply_to=reply))
-        ack: StoreAck = await pending.receive()
+        ack: StoreAck = await request(self._store, attrs.evolve(item, reply_to=reply), pending)
         return ack
 
     async def totals(self, run_id: str, *, forget: bool = False) -> UsageTotals:
@@ -269,11 +276,15 @@ class Orchestrator:
         run_id: str | None = None,
         pipeline: Pipeline | None = None,
         budget: BudgetLike | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> RunResult:
         """Run every stage of the pipeline; halt on conflict or no consensus.
 
         ``budget`` (USD) stops dispatching once the run's priced spend
         reaches it: the run halts with ``budget_exceeded`` (see ``_budget``).
+        ``options`` (JSON-ready) are stored with the run's branch, with the
+        budget, for a later resume to act alike (the CLI keeps its
+        simulator settings there).
 
         Cancellation: leaves the store consistent (every write is one
         transaction; decisions are written only after their outputs) and,
@@ -291,6 +302,7 @@ class Orchestrator:
                 goal=goal,
                 seed=self.seed,
                 pipeline=pipeline.canonical_json(),
+                options=options_json(_with_budget(options, budget_usd)),
             )
         )
         if not ack.ok:
@@ -298,23 +310,125 @@ class Orchestrator:
                 raise RunExists(f"run {run_id!r} already exists in the store")
             raise ConclaveError(f"could not record run {run_id!r}: {ack.error}")
         ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
+        return await self._drive(ctx, pipeline, self.seed, None, budget_usd)
+
+    async def resume(self, run_id: str, *, budget: BudgetLike | None = None) -> RunResult:
+        """Continue ``run_id``'s current branch after a crash or halt, with
+        the run's stored pipeline, seed, spec and goal: decided stages are
+        not decided again and durable agent outputs are not bought again
+        (see ``actors._resume``).  The provider should be the one the run
+        used (the CLI rebuilds it from the branch's stored options).
+        ``budget`` replaces the run's budget (e.g. to finish a run halted
+        with ``budget_exceeded``); by default the run keeps its own."""
+        budget_usd = parse_budget(budget)
+        state = load_state(self._require_db(), run_id)
+        await self._write(
+            PersistEvent(
+                run_id=run_id,
+                branch_id=state.branch.branch_id,
+                kind="resume",
+                detail={"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)},
+            )
+        )
+        await self._write(RunUpdate(run_id=run_id, status="running"))
+        if budget_usd is None:
+            budget_usd = _budget_of(state)
+        return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
+
+    async def rerun(
+        self,
+        run_id: str,
+        from_stage: str,
+        *,
+        branch_id: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        budget: BudgetLike | None = None,
+    ) -> RunResult:
+        """Fork a child of ``branch_id`` (default: the current branch) at
+        ``from_stage`` and run it: it inherits the parent's decisions before
+        that stage and nothing of the parent from it on.  The child becomes
+        the run's current branch.  ``options`` default to the parent's, and
+        so does the budget unless ``budget`` is given."""
+        budget_usd = parse_budget(budget)
+        parent = load_state(self._require_db(), run_id, branch_id)
+        stage = fork_stage(parent, from_stage)
+        child = new_branch_id(parent.run.spec_id)
+        ack = await self._write(
+            PersistBranch(
+                run_id=run_id,
+                branch_id=child,
+                parent_branch_id=parent.branch.branch_id,
+                fork_stage=stage.name,
+                options=options_json(
+                    _with_budget(parent.branch.options if options is None else options, budget_usd)
+                ),
+            )
+        )
+        if not ack.ok:
+            raise ConclaveError(f"could not create a branch of run {run_id!r}: {ack.error}")
+        await self._write(
+            PersistEvent(
+                run_id=run_id,
+                branch_id=child,
+                kind="rerun",
+                stage=stage.name,
+                detail={"parent_branch_id": parent.branch.branch_id},
+            )
+        )
+        state = load_state(self._require_db(), run_id, child)
+        return await self._drive(self._context(state), state.pipeline, state.seed, state, _budget_of(state))
+
+    def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
+        return stage_outputs(self._require_db(), key)
+
+    def _require_db(self) -> Store:
+        if self._db is None:
+            raise ConfigError("resume and rerun need the orchestrator's store")
+        return self._db
+
+    @staticmethod
+    def _context(state: ResumeState) -> RunContext:
+        return RunContext(
+            run_id=state.run.run_id,
+            branch_id=state.branch.branch_id,
+            spec_id=state.run.spec_id,
+            goal=state.run.goal,
+        )
+
+    async def _drive(
+        self,
+        ctx: RunContext,
+        pipeline: Pipeline,
+        seed: int,
+        state: ResumeState | None,
+        budget_usd: Decimal | None,
+    ) -> RunResult:
         if budget_usd is not None:
-            await self._metrics.send(SetBudget(run_id=run_id, budget_usd=budget_usd))
-        self._publish(RunStarted(run_id=run_id, branch_id=branch_id, spec_id=spec_id, stages=pipeline.stage_names))
+            await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
+        self._publish(
+            RunStarted(run_id=ctx.run_id, branch_id=ctx.branch_id, spec_id=ctx.spec_id, stages=pipeline.stage_names)
+        )
         try:
-            return await self._run_stages(ctx, pipeline, budget_usd)
+            return await self._run_stages(ctx, pipeline, budget_usd, seed=seed, state=state)
         except BaseException:
             with trio.move_on_after(1.0) as cleanup:
                 cleanup.shield = True
                 try:
-                    await self._write(RunUpdate(run_id=run_id, status="interrupted"))
+                    await self._write(RunUpdate(run_id=ctx.run_id, status="interrupted"))
                 except ActorStopped:
                     pass
             raise
 
     async def _run_stages(
-        self, ctx: RunContext, pipeline: Pipeline, budget_usd: Decimal | None = None
+        self,
+        ctx: RunContext,
+        pipeline: Pipeline,
+        budget_usd: Decimal | None = None,
+        *,
+        seed: int | None = None,
+        state: ResumeState | None = None,
     ) -> RunResult:
+        seed = self.seed if seed is None else seed
         panel = max(len(s.agents) for s in pipeline.stages)
         replies_to, replies = open_channel(
             panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ())
@@ -338,7 +452,7 @@ class Orchestrator:
                             metrics=self._metrics,
                             store=self._store,
                             retry=self.retry,
-                            seed=self.seed,
+                            seed=seed,
                         )
                         nursery.start_soon(agent.run, receive)
                     coordinator = Coordinator(
@@ -347,13 +461,27 @@ class Orchestrator:
                         replies_to=replies_to,
                         replies=replies,
                         store=self._store,
-                        sequencer=DecisionSequencer(),
+                        sequencer=DecisionSequencer() if state is None else state.sequencer(),
                         publish=self._publish,
                         gate=None if budget_usd is None else budget_gate(self._metrics),
+                        durable_outputs=self._durable_outputs,
                     )
+                    if state is not None:
+                        # Durable attempts count once, as replays, never as turns.
+                        for usage in state.usage_replays():
+                            await self._metrics.send(usage)
                     for stage in pipeline.stages:
+                        prior = state.decided(stage.name) if state is not None else None
+                        if prior is not None:  # durable (or inherited): never decided again
+                            decisions.append(prior)
+                            self._publish(StageDecided(decision=prior))
+                            if prior.status not in ADVANCING:
+                                halted = prior
+                                break
+                            continue
+                        resume = state.stage_resume(stage, self.retry) if state is not None else None
                         try:
-                            decision, _ = await coordinator.run_stage(stage)
+                            decision, _ = await coordinator.run_stage(stage, resume)
                         except BudgetExceeded as exc:
                             over_budget = exc  # the stage stays undecided
                             break
@@ -457,6 +585,19 @@ class Orchestrator:
         )
 
 
+def _with_budget(options: Mapping[str, Any] | None, budget_usd: Decimal | None) -> dict[str, Any]:
+    merged = dict(options or {})
+    if budget_usd is not None:
+        merged["budget_usd"] = str(budget_usd)
+    return merged
+
+
+def _budget_of(state: ResumeState) -> Decimal | None:
+    """A resumed or rerun branch keeps the budget its run was given."""
+    raw = state.branch.options.get("budget_usd")
+    return None if raw is None else Decimal(str(raw))
+
+
 async def _shielded(fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:
     with trio.CancelScope(shield=True):
         await fn(arg)
@@ -523,14 +664,19 @@ async def open_orchestrator(
     gateway = Gateway(providers, max_concurrency=limits.max_concurrency)
     hub = MetricsHub()
     writer = StoreWriter(db)
+    store_tx, store_rx = open_channel(
+        limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
+    )
+    # Last on the gateway edge: every call that reaches the gateway is
+    # logged as an agent_call event (after faults: an injected fault is not
+    # a provider call).
     gateway_tx, gateway_rx = open_channel(
-        limits.gateway_buffer, name="gateway", interceptors=interceptors.get("gateway", ())
+        limits.gateway_buffer,
+        name="gateway",
+        interceptors=[*interceptors.get("gateway", ()), CallLog(store_tx)],
     )
     metrics_tx, metrics_rx = open_channel(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())
-    )
-    store_tx, store_rx = open_channel(
-        limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
     )
     try:
         with collapse_single():
@@ -545,6 +691,7 @@ async def open_orchestrator(
                     interceptors=interceptors,
                     limits=limits,
                     metrics_hub=hub,
+                    db=db,
                 )
                 metrics = MetricsAccumulator(
                     prices, publish=hub.publish, alert=orchestrator._publish, interval=limits.metrics_interval

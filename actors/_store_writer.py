@@ -38,6 +38,10 @@ class StoreWriter:
         self.items = 0
         self.busy_waits = 0
 
+    # KI-protected: a Ctrl-C must never land inside a transaction here (it
+    # would kill the writer, and with it the write that marks the run
+    # interrupted); trio delivers it to the main task instead.
+    @trio.lowlevel.enable_ki_protection
     async def run(self, inbox: trio.MemoryReceiveChannel[StoreWrite]) -> None:
         try:
             async for first in inbox:

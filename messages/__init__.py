@@ -46,6 +46,7 @@ from ._messages import (
     MetricsQuery,
     OutputFormat,
     OutputStatus,
+    PersistBranch,
     PersistDecision,
     PersistEvent,
     PersistOutput,
@@ -65,6 +66,7 @@ from ._progress import (
     StageDecided,
     StageStarted,
 )
+from ._request import request
 from ._token_metrics import (
     BUDGET_THRESHOLDS,
     BudgetAlert,
@@ -117,6 +119,7 @@ __all__ = [
     "OutputFormat",
     "OutputStatus",
     "PendingReply",
+    "PersistBranch",
     "PersistDecision",
     "PersistEvent",
     "PersistOutput",
@@ -139,5 +142,6 @@ __all__ = [
     "is_retryable",
     "open_channel",
     "reply_pair",
+    "request",
     *_auth_api.__all__,
 ]

@@ -53,6 +53,9 @@ class AgentRequest:
     spec_id: str
     goal: str
     context: tuple[PriorOutput, ...] = ()
+    # On resume: attempts below this one are already durable (failed), so
+    # the agent continues the numbering instead of re-buying them.
+    first_attempt: int = attrs.field(default=1, validator=_positive)
     # The coordinator's well-known inbox (not a one-shot slot): a parallel
     # stage collects every agent's reply from one channel.
     reply_to: Outbox[AgentReply] | None = attrs.field(default=None, eq=False, repr=False)
@@ -263,7 +266,22 @@ class PersistRun:
     goal: str
     seed: int | None
     pipeline: str  # canonical JSON of the pipeline the run uses
+    # JSON of what else a resume needs to act alike (e.g. simulator settings).
+    options: str = "{}"
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-StoreWrite = PersistRun | PersistOutput | PersistDecision | PersistEvent | RunUpdate
+@attrs.frozen(kw_only=True, slots=True)
+class PersistBranch:
+    """Runtime -> store writer: fork a child branch of a run at
+    ``fork_stage`` and make it the run's current branch."""
+
+    run_id: str
+    branch_id: str
+    parent_branch_id: str
+    fork_stage: str
+    options: str = "{}"
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+StoreWrite = PersistRun | PersistBranch | PersistOutput | PersistDecision | PersistEvent | RunUpdate

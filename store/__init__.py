@@ -4,14 +4,17 @@ Synchronous and free of trio: the store-writer actor (in ``actors``) owns
 the write connection and drives :meth:`Store.apply` in group commits.
 """
 
+from ._busy import StoreBusy, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability
 from ._errors import NotADatabase, SchemaTooNew, StoreError
+from ._preflight import RunPreview, UnknownRun, preview_run
 from ._schema import SCHEMA_VERSION
 from ._store import (
     BranchRow,
     DecisionRow,
     EventRow,
     OutputRow,
+    CommitHook,
     RetryableStoreError,
     RunRow,
     Store,
@@ -20,6 +23,12 @@ from ._store import (
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "CommitHook",
+    "RunPreview",
+    "StoreBusy",
+    "UnknownRun",
+    "preview_run",
+    "retry_busy",
     "SCHEMA_VERSION",
     "BranchRow",
     "DecisionRow",

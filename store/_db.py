@@ -11,6 +11,7 @@ from typing import Literal
 
 import apsw
 
+from ._busy import retry_busy
 from ._errors import NotADatabase, StoreError
 from ._schema import SCHEMA_VERSION, check_version, migrate
 
@@ -77,7 +78,7 @@ def open_connection(
     try:
         conn.setbusytimeout(busy_timeout_ms)
         try:
-            version = check_version(conn, path)
+            version = retry_busy(lambda: check_version(conn, path), what=path)
         except apsw.NotADBError as exc:
             raise NotADatabase(f"{path}: not an SQLite database ({exc})") from exc
         if readonly:
@@ -88,9 +89,11 @@ def open_connection(
                 )
             conn.execute("PRAGMA query_only = ON")
         else:
-            conn.execute("PRAGMA journal_mode = WAL")
+            # Another process may be creating or migrating the same file:
+            # busy here is retried with backoff, not reported.
+            retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall(), what=path)
             conn.execute(f"PRAGMA synchronous = {durability.upper()}")
-            migrate(conn, path)
+            retry_busy(lambda: migrate(conn, path), what=path)
         conn.execute("PRAGMA foreign_keys = ON")
     except apsw.Error as exc:
         conn.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import apsw
 
 from ._errors import SchemaTooNew
+from ._migrations import LATER
 
 _V1 = """
 CREATE TABLE runs (
@@ -95,7 +96,10 @@ CREATE TABLE events (
 CREATE INDEX events_run ON events (run_id, id);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1,)
+# V1 is frozen: it is the walking skeleton's schema, and databases written
+# by it are migrated forward by the steps in ``_migrations``.
+V1 = _V1
+MIGRATIONS: tuple[str, ...] = (_V1, *LATER)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -115,13 +119,13 @@ def check_version(conn: apsw.Connection, path: str) -> int:
     return version
 
 
-def migrate(conn: apsw.Connection, path: str) -> int:
-    """Bring the schema up to :data:`SCHEMA_VERSION`, one transaction per
-    step.  Returns the number of migrations applied."""
+def migrate(conn: apsw.Connection, path: str, *, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema up to ``target`` (default :data:`SCHEMA_VERSION`),
+    one transaction per step.  Returns the number of migrations applied."""
     applied = 0
     while True:
         version = check_version(conn, path)
-        if version == SCHEMA_VERSION:
+        if version >= target:
             return applied
         # IMMEDIATE: take the write lock first, then re-read the version, so
         # two processes opening an old file at once migrate it only once.

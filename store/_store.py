@@ -18,6 +18,8 @@ import apsw
 import attrs
 
 from messages import (
+    AgentOutput,
+    PersistBranch,
     PersistDecision,
     PersistEvent,
     PersistOutput,
@@ -28,7 +30,9 @@ from messages import (
     TokenUsage,
 )
 
+from ._busy import BUSY_ERRORS, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability, open_connection
+from ._lineage import LINEAGE_CTE
 
 
 def wall_clock_ms() -> int:
@@ -40,6 +44,45 @@ def wall_clock_ms() -> int:
 class RetryableStoreError(Exception):
     """SQLite was busy or locked; the whole batch may be tried again."""
 
+
+_OK = StoreAck(ok=True)  # frozen: one instance serves every successful write
+
+# Called around each batch's COMMIT with ("before_commit" | "after_commit",
+# items in the batch).  A seam for tests (the crash matrix kills the process
+# here); None in production.
+CommitHook = Callable[[str, int], None]
+
+_INSERT_OUTPUT = (
+    "INSERT INTO agent_outputs (run_id, branch_id, stage, agent, attempt, status,"
+    " content, format, input_tokens, cached_input_tokens, output_tokens,"
+    " reasoning_output_tokens, total_tokens, usage_known, model, provider, error,"
+    " created_at, started_at, finished_at)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def output_params(out: AgentOutput, now: int) -> tuple[Any, ...]:
+    # One timestamp unit: wall ms.  The call's span comes from the run's
+    # clock (simulated under the virtual clock), anchored at commit time.
+    span = max(0, int((out.finished_at - out.started_at) * 1000))
+    return (
+        out.key.run_id,
+        out.key.branch_id,
+        out.key.stage,
+        out.key.agent,
+        out.attempt,
+        out.status,
+        out.content,
+        out.format,
+        *_usage_columns(out.usage),
+        int(out.usage is not None),
+        out.model,
+        out.provider,
+        out.error,
+        now,
+        now - span,
+        now,
+    )
 
 
 
@@ -66,6 +109,10 @@ class BranchRow:
     parent_branch_id: str | None
     fork_stage: str | None
     created_at: int
+    options: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    status: str | None = None
+    halt_reason: str | None = None
+    digest: str | None = None
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -94,6 +141,8 @@ class OutputRow:
     provider: str
     error: str | None
     created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -146,6 +195,7 @@ class Store:
         self._conn = conn
         self.path = path
         self._clock = clock
+        self.commit_hook: CommitHook | None = None
 
     @classmethod
     def open(
@@ -186,29 +236,58 @@ class Store:
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except (apsw.BusyError, apsw.LockedError) as exc:
+        except BUSY_ERRORS as exc:
             raise RetryableStoreError(str(exc)) from exc
         try:
-            for item in batch:
-                try:
-                    with conn:  # a savepoint per item
-                        ack = self._apply_one(item, now)
-                except apsw.ConstraintError as exc:
-                    acks.append(StoreAck(ok=False, duplicate=_is_unique(exc), error=str(exc)))
-                except (apsw.BusyError, apsw.LockedError):
-                    raise
-                except apsw.Error as exc:
-                    acks.append(StoreAck(ok=False, error=f"{type(exc).__name__}: {exc}"))
-                else:
-                    acks.append(ack or StoreAck(ok=True))
+            i = 0
+            while i < len(batch):
+                # Fast path: a run of outputs goes in with one executemany in
+                # one savepoint; only if that fails are they redone one by
+                # one, so a bad row still fails only its own ack.
+                j = i
+                while j < len(batch) and isinstance(batch[j], PersistOutput):
+                    j += 1
+                if j - i > 1 and self._apply_outputs(batch[i:j], now):
+                    acks.extend([_OK] * (j - i))
+                    i = j
+                    continue
+                acks.append(self._apply_guarded(batch[i], now))
+                i += 1
+            if self.commit_hook is not None:
+                self.commit_hook("before_commit", len(batch))
             conn.execute("COMMIT")
-        except (apsw.BusyError, apsw.LockedError) as exc:
+        except BUSY_ERRORS as exc:
             self._rollback()
             raise RetryableStoreError(str(exc)) from exc
         except BaseException:
             self._rollback()
             raise
+        if self.commit_hook is not None:
+            self.commit_hook("after_commit", len(batch))
         return acks
+
+    def _apply_outputs(self, items: Sequence[StoreWrite], now: int) -> bool:
+        rows = [output_params(item.output, now) for item in items if isinstance(item, PersistOutput)]
+        try:
+            with self._conn:  # one savepoint for the run of outputs
+                self._conn.executemany(_INSERT_OUTPUT, rows)
+        except BUSY_ERRORS:
+            raise
+        except apsw.Error:
+            return False
+        return True
+
+    def _apply_guarded(self, item: StoreWrite, now: int) -> StoreAck:
+        try:
+            with self._conn:  # a savepoint per item
+                ack = self._apply_one(item, now)
+        except apsw.ConstraintError as exc:
+            return StoreAck(ok=False, duplicate=_is_unique(exc), error=str(exc))
+        except BUSY_ERRORS:
+            raise
+        except apsw.Error as exc:
+            return StoreAck(ok=False, error=f"{type(exc).__name__}: {exc}")
+        return ack or _OK
 
     def _rollback(self) -> None:
         if not self._conn.getautocommit():
@@ -217,29 +296,7 @@ class Store:
     def _apply_one(self, item: StoreWrite, now: int) -> StoreAck | None:
         conn = self._conn
         if isinstance(item, PersistOutput):
-            out = item.output
-            conn.execute(
-                "INSERT INTO agent_outputs (run_id, branch_id, stage, agent, attempt, status,"
-                " content, format, input_tokens, cached_input_tokens, output_tokens,"
-                " reasoning_output_tokens, total_tokens, usage_known, model, provider, error,"
-                " created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    out.key.run_id,
-                    out.key.branch_id,
-                    out.key.stage,
-                    out.key.agent,
-                    out.attempt,
-                    out.status,
-                    out.content,
-                    out.format,
-                    *_usage_columns(out.usage),
-                    int(out.usage is not None),
-                    out.model,
-                    out.provider,
-                    out.error,
-                    now,
-                ),
-            )
+            conn.execute(_INSERT_OUTPUT, output_params(item.output, now))
         elif isinstance(item, PersistDecision):
             d = item.decision
             try:
@@ -247,6 +304,13 @@ class Store:
                     "INSERT INTO decisions (run_id, branch_id, stage, seq, status, verdict,"
                     " decided_at) VALUES (?,?,?,?,?,?,?)",
                     (d.key.run_id, d.key.branch_id, d.key.stage, d.seq, d.status, _json(d.verdict), now),
+                )
+                # The event log records the decision in the same transaction:
+                # never a decision without its event, nor the reverse.
+                conn.execute(
+                    "INSERT INTO events (run_id, branch_id, kind, stage, detail, at)"
+                    " VALUES (?,?, 'decision', ?,?,?)",
+                    (d.key.run_id, d.key.branch_id, d.key.stage, _json({"seq": d.seq, "status": d.status}), now),
                 )
             except apsw.ConstraintError:
                 # Idempotent replay of the *same* decision (a coordinator
@@ -293,6 +357,12 @@ class Store:
                 )
             if conn.changes() != 1:
                 raise apsw.ConstraintError(f"no run {item.run_id!r} to update")
+            # The current branch keeps its own outcome (history per branch).
+            conn.execute(
+                "UPDATE branches SET status = ?, halt_reason = ?, digest = COALESCE(?, digest)"
+                " WHERE branch_id = (SELECT current_branch_id FROM runs WHERE run_id = ?)",
+                (item.status, item.halt_reason, item.digest, item.run_id),
+            )
         elif isinstance(item, PersistRun):
             conn.execute(
                 "INSERT INTO runs (run_id, spec_id, goal, seed, pipeline, status,"
@@ -311,70 +381,113 @@ class Store:
             )
             conn.execute(
                 "INSERT INTO branches (branch_id, run_id, parent_branch_id, fork_stage,"
-                " created_at) VALUES (?,?,NULL,NULL,?)",
-                (item.branch_id, item.run_id, now),
+                " created_at, options, status) VALUES (?,?,NULL,NULL,?,?, 'running')",
+                (item.branch_id, item.run_id, now, item.options),
+            )
+        elif isinstance(item, PersistBranch):
+            parent = conn.execute(
+                "SELECT 1 FROM branches WHERE branch_id = ? AND run_id = ?",
+                (item.parent_branch_id, item.run_id),
+            ).fetchone()
+            if parent is None:
+                raise apsw.ConstraintError(
+                    f"no branch {item.parent_branch_id!r} in run {item.run_id!r} to fork from"
+                )
+            conn.execute(
+                "INSERT INTO branches (branch_id, run_id, parent_branch_id, fork_stage,"
+                " created_at, options, status) VALUES (?,?,?,?,?,?, 'running')",
+                (item.branch_id, item.run_id, item.parent_branch_id, item.fork_stage, now, item.options),
+            )
+            conn.execute(
+                "UPDATE runs SET current_branch_id = ?, status = 'running', halt_reason = NULL,"
+                " digest = NULL, updated_at = ? WHERE run_id = ?",
+                (item.branch_id, now, item.run_id),
             )
         else:  # pragma: no cover - the type says this cannot happen
             raise TypeError(f"not a store write: {item!r}")
         return None
 
     # -- reads --------------------------------------------------------------
+    # Every read retries busy/locked with backoff (retry_busy); other
+    # errors propagate.  Reads never write, so they may run between the
+    # writer's transactions on the same connection.
+
+    def _rows(self, sql: str, args: Any = ()) -> list[Any]:
+        conn = self._conn
+        return retry_busy(lambda: conn.execute(sql, args).fetchall(), what=self.path)
+
+    _RUN_COLUMNS = (
+        "SELECT run_id, spec_id, goal, seed, pipeline, status, halt_reason,"
+        " current_branch_id, input_tokens, cached_input_tokens, output_tokens,"
+        " reasoning_output_tokens, total_tokens, digest, created_at, updated_at FROM runs"
+    )
 
     def get_run(self, run_id: str) -> RunRow | None:
-        row: Any = self._conn.execute(
-            "SELECT run_id, spec_id, goal, seed, pipeline, status, halt_reason,"
-            " current_branch_id, input_tokens, cached_input_tokens, output_tokens,"
-            " reasoning_output_tokens, total_tokens, digest, created_at, updated_at"
-            " FROM runs WHERE run_id = ?",
-            (run_id,),
-        ).fetchone()
-        return None if row is None else _run_row(row)
+        rows = self._rows(self._RUN_COLUMNS + " WHERE run_id = ?", (run_id,))
+        return _run_row(rows[0]) if rows else None
 
     def list_runs(self, limit: int = 20) -> list[RunRow]:
-        rows: list[Any] = self._conn.execute(
-            "SELECT run_id, spec_id, goal, seed, pipeline, status, halt_reason,"
-            " current_branch_id, input_tokens, cached_input_tokens, output_tokens,"
-            " reasoning_output_tokens, total_tokens, digest, created_at, updated_at"
-            " FROM runs ORDER BY created_at DESC, run_id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
+        rows = self._rows(self._RUN_COLUMNS + " ORDER BY created_at DESC, run_id DESC LIMIT ?", (limit,))
         return [_run_row(r) for r in rows]
 
+    _BRANCH_COLUMNS = (
+        "SELECT branch_id, run_id, parent_branch_id, fork_stage, created_at, options, status,"
+        " halt_reason, digest FROM branches"
+    )
+
     def branches(self, run_id: str) -> list[BranchRow]:
-        rows: list[Any] = self._conn.execute(
-            "SELECT branch_id, run_id, parent_branch_id, fork_stage, created_at"
-            " FROM branches WHERE run_id = ? ORDER BY created_at, branch_id",
-            (run_id,),
-        ).fetchall()
+        rows = self._rows(self._BRANCH_COLUMNS + " WHERE run_id = ? ORDER BY created_at, rowid", (run_id,))
+        return [_branch_row(r) for r in rows]
+
+    def get_branch(self, run_id: str, branch_id: str) -> BranchRow | None:
+        rows = self._rows(
+            self._BRANCH_COLUMNS + " WHERE run_id = ? AND branch_id = ?", (run_id, branch_id)
+        )
+        return _branch_row(rows[0]) if rows else None
+
+    def find_branches(self, run_id: str, prefix: str) -> list[BranchRow]:
+        """Branches of ``run_id`` whose id, or short id (the first hex digits
+        of the random suffix), starts with ``prefix``."""
         return [
-            BranchRow(
-                branch_id=r[0], run_id=r[1], parent_branch_id=r[2], fork_stage=r[3], created_at=r[4]
-            )
-            for r in rows
+            b
+            for b in self.branches(run_id)
+            if b.branch_id == prefix
+            or b.branch_id.startswith(prefix)
+            or b.branch_id.rsplit("-", 1)[-1].startswith(prefix)
         ]
 
+    def max_seq(self, run_id: str) -> int:
+        rows = self._rows("SELECT COALESCE(MAX(seq), 0) FROM decisions WHERE run_id = ?", (run_id,))
+        return int(rows[0][0])
+
+    _DECISION_COLUMNS = "SELECT d.run_id, d.branch_id, d.stage, d.seq, d.status, d.verdict, d.decided_at"
+
     def decisions(self, run_id: str, branch_id: str | None = None) -> list[DecisionRow]:
-        sql = (
-            "SELECT run_id, branch_id, stage, seq, status, verdict, decided_at"
-            " FROM decisions WHERE run_id = ?"
-        )
+        """Decisions made *on* ``branch_id`` (or on any branch); see
+        :meth:`lineage_decisions` for what a branch sees."""
+        sql = self._DECISION_COLUMNS + " FROM decisions d WHERE d.run_id = ?"
         args: tuple[Any, ...] = (run_id,)
         if branch_id is not None:
-            sql += " AND branch_id = ?"
+            sql += " AND d.branch_id = ?"
             args += (branch_id,)
-        rows: list[Any] = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
-        return [
-            DecisionRow(
-                run_id=r[0],
-                branch_id=r[1],
-                stage=r[2],
-                seq=r[3],
-                status=r[4],
-                verdict=json.loads(r[5]),
-                decided_at=r[6],
-            )
-            for r in rows
-        ]
+        return [_decision_row(r) for r in self._rows(sql + " ORDER BY d.seq", args)]
+
+    def lineage_decisions(self, run_id: str, branch_id: str) -> list[DecisionRow]:
+        """The decisions ``branch_id`` sees - its own and the ones it
+        inherits - in pipeline order."""
+        sql = (
+            LINEAGE_CTE
+            + self._DECISION_COLUMNS
+            + " FROM decisions d JOIN lineage l ON d.branch_id = l.branch_id AND d.stage = l.stage"
+            " WHERE d.run_id = :run ORDER BY l.idx"
+        )
+        return [_decision_row(r) for r in self._rows(sql, {"run": run_id, "branch": branch_id})]
+
+    _OUTPUT_COLUMNS = (
+        "SELECT o.run_id, o.branch_id, o.stage, o.agent, o.attempt, o.status, o.content, o.format,"
+        " o.input_tokens, o.cached_input_tokens, o.output_tokens, o.reasoning_output_tokens,"
+        " o.total_tokens, o.model, o.provider, o.error, o.created_at, o.started_at, o.finished_at"
+    )
 
     def outputs(
         self,
@@ -384,46 +497,55 @@ class Store:
         *,
         accepted_only: bool = False,
     ) -> list[OutputRow]:
-        sql = (
-            "SELECT run_id, branch_id, stage, agent, attempt, status, content, format,"
-            " input_tokens, cached_input_tokens, output_tokens, reasoning_output_tokens,"
-            " total_tokens, model, provider, error, created_at FROM agent_outputs WHERE run_id = ?"
-        )
+        """Outputs written *on* ``branch_id`` (history, not consensus input:
+        consensus reads :meth:`lineage_outputs`)."""
+        sql = self._OUTPUT_COLUMNS + " FROM agent_outputs o WHERE o.run_id = ?"
         args: tuple[Any, ...] = (run_id,)
         if branch_id is not None:
-            sql += " AND branch_id = ?"
+            sql += " AND o.branch_id = ?"
             args += (branch_id,)
         if stage is not None:
-            sql += " AND stage = ?"
+            sql += " AND o.stage = ?"
             args += (stage,)
         if accepted_only:
-            sql += " AND status = 'accepted'"
-        rows: list[Any] = self._conn.execute(sql + " ORDER BY stage, agent, attempt", args).fetchall()
-        return [
-            OutputRow(
-                run_id=r[0],
-                branch_id=r[1],
-                stage=r[2],
-                agent=r[3],
-                attempt=r[4],
-                status=r[5],
-                content=r[6],
-                format=r[7],
-                usage=_usage_from(r[8:13]),
-                model=r[13],
-                provider=r[14],
-                error=r[15],
-                created_at=r[16],
-            )
-            for r in rows
-        ]
+            sql += " AND o.status = 'accepted'"
+        return [_output_row(r) for r in self._rows(sql + " ORDER BY o.stage, o.agent, o.attempt", args)]
 
-    def events(self, run_id: str) -> list[EventRow]:
-        rows: list[Any] = self._conn.execute(
+    def lineage_outputs(
+        self,
+        run_id: str,
+        branch_id: str,
+        stage: str | None = None,
+        *,
+        accepted_only: bool = False,
+    ) -> list[OutputRow]:
+        """The one lineage-aware read of agent outputs: what ``branch_id``
+        sees for ``stage`` (or every stage), parallel and sequential alike.
+        Rows of stages the branch does not own - a parent's abandoned
+        attempt from the fork on, a sibling's anything - never appear."""
+        sql = (
+            LINEAGE_CTE
+            + self._OUTPUT_COLUMNS
+            + " FROM agent_outputs o JOIN lineage l ON o.branch_id = l.branch_id AND o.stage = l.stage"
+            " WHERE o.run_id = :run"
+        )
+        args: dict[str, Any] = {"run": run_id, "branch": branch_id}
+        if stage is not None:
+            sql += " AND o.stage = :stage"
+            args["stage"] = stage
+        if accepted_only:
+            sql += " AND o.status = 'accepted'"
+        return [_output_row(r) for r in self._rows(sql + " ORDER BY l.idx, o.agent, o.attempt", args)]
+
+    def events(self, run_id: str, kind: str | None = None) -> list[EventRow]:
+        sql = (
             "SELECT id, run_id, branch_id, kind, stage, agent, attempt, detail, at"
-            " FROM events WHERE run_id = ? ORDER BY id",
-            (run_id,),
-        ).fetchall()
+            " FROM events WHERE run_id = ?"
+        )
+        args: tuple[Any, ...] = (run_id,)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args += (kind,)
         return [
             EventRow(
                 id=r[0],
@@ -436,15 +558,60 @@ class Store:
                 detail=json.loads(r[7]),
                 at=r[8],
             )
-            for r in rows
+            for r in self._rows(sql + " ORDER BY id", args)
         ]
 
     def integrity_check(self) -> str:
-        rows: list[Any] = self._conn.execute("PRAGMA integrity_check").fetchall()
-        return "; ".join(str(r[0]) for r in rows)
+        return "; ".join(str(r[0]) for r in self._rows("PRAGMA integrity_check"))
 
     def foreign_key_violations(self) -> int:
-        return len(self._conn.execute("PRAGMA foreign_key_check").fetchall())
+        return len(self._rows("PRAGMA foreign_key_check"))
+
+
+def _branch_row(r: Sequence[Any]) -> BranchRow:
+    return BranchRow(
+        branch_id=r[0],
+        run_id=r[1],
+        parent_branch_id=r[2],
+        fork_stage=r[3],
+        created_at=r[4],
+        options=json.loads(r[5] or "{}"),
+        status=r[6],
+        halt_reason=r[7],
+        digest=r[8],
+    )
+
+
+def _decision_row(r: Sequence[Any]) -> DecisionRow:
+    return DecisionRow(
+        run_id=r[0],
+        branch_id=r[1],
+        stage=r[2],
+        seq=r[3],
+        status=r[4],
+        verdict=json.loads(r[5]),
+        decided_at=r[6],
+    )
+
+
+def _output_row(r: Sequence[Any]) -> OutputRow:
+    return OutputRow(
+        run_id=r[0],
+        branch_id=r[1],
+        stage=r[2],
+        agent=r[3],
+        attempt=r[4],
+        status=r[5],
+        content=r[6],
+        format=r[7],
+        usage=_usage_from(r[8:13]),
+        model=r[13],
+        provider=r[14],
+        error=r[15],
+        created_at=r[16],
+        started_at=r[17],
+        finished_at=r[18],
+    )
 
 
 def _run_row(r: Sequence[Any]) -> RunRow:

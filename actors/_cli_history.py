@@ -1,0 +1,399 @@
+"""``conclave resume``, ``rerun`` and ``branches``: the run's history.
+
+Same exit codes and final ``--json`` object as ``run``.  Bad input (an
+unknown run, stage or branch, a file that is not a database, a newer
+schema, a read-only file) is refused before anything is written, so the
+file is left byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TextIO
+
+import trio
+import trio.testing
+
+from messages import AuthError, ProgressEvent, StageDecided, StageStarted
+from store import BranchRow, RunPreview, RunRow, Store, StoreError, preview_run
+
+from ._cli import (
+    EXIT_HALTED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXTRA_COMMANDS,
+    ProgressPrinter,
+    _add_db,
+    _fail,
+    _is_interrupt,
+    _json_out,
+    _non_negative,
+    _summary,
+    _unit_interval,
+    interruptible,
+)
+from ._consensus import ADVANCING
+from ._ids import short_branch_id
+from ._pipeline import PipelineError, pipeline_from_dict
+from ._resume import ResumeError, resolve_branch
+from ._cli_auth import add_run_auth_option, login_token_sources
+from ._cli_metrics import MetricsUsageError, add_run_metrics_args, load_prices
+from ._cli_providers import add_provider_arguments, provider_configs_from_args
+from ._pipeline import Pipeline
+from ._provider import BaseProvider
+from ._provider_factory import ProviderConfig, ProviderConfigError
+from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
+
+KILL_AFTER_WRITES = "CONCLAVE_TEST_KILL_AFTER_WRITES"
+KILL_PHASE = "CONCLAVE_TEST_KILL_PHASE"
+
+DEFAULT_OPTIONS: dict[str, float] = {"disagreement_rate": 0.03, "sim_latency": 2.0}
+
+
+def install_test_kill_hook(store: Store, environ: Mapping[str, str]) -> None:
+    """Test-only crash switch, read at the CLI edge: with
+    ``CONCLAVE_TEST_KILL_AFTER_WRITES=N`` the process SIGKILLs itself once
+    N writes are committed (``CONCLAVE_TEST_KILL_PHASE=after_commit``, the
+    default), or inside the transaction that would commit the N-th write
+    (``before_commit``: that batch is lost, as in a real crash)."""
+    raw = environ.get(KILL_AFTER_WRITES)
+    if not raw:
+        return
+    limit = int(raw)
+    phase = environ.get(KILL_PHASE, "after_commit")
+    committed = 0
+
+    def hook(when: str, items: int) -> None:
+        nonlocal committed
+        if when == "before_commit" and phase == "before_commit" and committed + items >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if when == "after_commit":
+            committed += items
+            if phase == "after_commit" and committed >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    store.commit_hook = hook
+
+
+def branch_of(store: Store, run: RunRow, branch: str | None) -> BranchRow:
+    """The branch ``--branch`` names (full or short id), or the current one."""
+    return resolve_branch(store, run, branch)
+
+
+def simulator_options(args: argparse.Namespace) -> dict[str, float]:
+    return {"disagreement_rate": args.disagreement_rate, "sim_latency": args.sim_latency}
+
+
+Action = Callable[[Orchestrator], Awaitable[RunResult]]
+
+
+class HistoryPrinter(ProgressPrinter):
+    """``run``'s progress lines, plus a line for each stage a resume or
+    rerun takes from the store instead of running it again."""
+
+    def __init__(self, out: TextIO, total_stages: int) -> None:
+        super().__init__(out, total_stages)
+        self._started: set[str] = set()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, StageStarted):
+            self._started.add(event.key.stage)
+        elif isinstance(event, StageDecided) and event.decision.key.stage not in self._started:
+            self.index += 1
+            stage = event.decision.key.stage
+            self.out.write(
+                f"\nSTAGE {self.index}/{self.total}: {stage.upper()} "
+                f"(decided on branch {short_branch_id(event.decision.key.branch_id)}; not run again)\n"
+            )
+        super().__call__(event)
+
+
+async def _drive(
+    args: argparse.Namespace,
+    store: Store,
+    providers: dict[str, BaseProvider],
+    seed: int,
+    stages: int,
+    action: Action,
+) -> tuple[RunResult, float]:
+    printer = None if args.json else HistoryPrinter(sys.stdout, stages)
+    limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
+    started = trio.current_time()
+    async with open_orchestrator(
+        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table
+    ) as orch:
+        async with trio.open_nursery() as nursery:
+            if printer is not None:
+                events = orch.subscribe()
+
+                async def show() -> None:
+                    async for event in events:
+                        printer(event)
+
+                nursery.start_soon(show)
+            try:
+                result = await action(orch)
+            finally:
+                nursery.cancel_scope.cancel()
+    return result, trio.current_time() - started
+
+
+def _configs(
+    args: argparse.Namespace, pipeline: Pipeline, seed: int, options: Mapping[str, Any], tokens: Any
+) -> dict[str, ProviderConfig]:
+    """The run's providers, as ``run`` builds them: the stored pipeline
+    names them, the branch's options hold the simulator's settings, and the
+    command line gives only how to reach real ones (URL, key, auth)."""
+    merged = {**DEFAULT_OPTIONS, **options}
+    view = argparse.Namespace(**{
+        **vars(args),
+        "provider": None,
+        "model": None,
+        "seed": seed,
+        "disagreement_rate": float(merged["disagreement_rate"]),
+        "sim_latency": float(merged["sim_latency"]),
+    })
+    return provider_configs_from_args(view, pipeline, token_sources=tokens)
+
+
+def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -> int:
+    """Check everything else that can refuse, then open (migrating if
+    needed) and resume or rerun."""
+    if args.provider is not None or args.model is not None:
+        return _fail("resume and rerun use the run's stored pipeline; --provider and --model cannot change it")
+    try:
+        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
+        tokens = login_token_sources(args, {spec.provider for spec in pipeline.agents.values()})
+        configs = _configs(args, pipeline, 0, {}, tokens)  # validated before anything writes
+        args.price_table = load_prices(args.prices)
+    except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
+        return _fail(str(exc))
+    remote = sorted(name for name, config in configs.items() if config.remote)
+    if args.clock is None:
+        args.clock = "real" if remote else "virtual"
+    elif args.clock == "virtual" and remote:
+        return _fail(f"--clock virtual works only with the simulator, not {', '.join(remote)}; use --clock real")
+    try:
+        store = Store.open(args.db)
+    except StoreError as exc:
+        return _fail(str(exc))
+    with store:
+        install_test_kill_hook(store, os.environ)
+        run = store.get_run(args.run_id)
+        assert run is not None  # checked by the preview
+        try:
+            branch = resolve_branch(store, run, args.branch if fork is not None else None)
+        except ResumeError as exc:
+            return _fail(str(exc))
+        options = dict(branch.options)  # the branch continued, or forked
+        if fork is not None:
+            for name in ("disagreement_rate", "sim_latency"):
+                value = getattr(args, name)
+                if value is not None:
+                    options[name] = value
+        seed = run.seed if run.seed is not None else 0
+        try:
+            providers = {
+                name: config.build() for name, config in _configs(args, pipeline, seed, options, tokens).items()
+            }
+        except ProviderConfigError as exc:
+            return _fail(str(exc))
+
+        async def action(orch: Orchestrator) -> RunResult:
+            if fork is None:
+                return await orch.resume(args.run_id, budget=args.budget)
+            return await orch.rerun(
+                args.run_id, fork, branch_id=branch.branch_id, options=options, budget=args.budget
+            )
+
+        virtual = args.clock == "virtual"
+        clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
+        stages = len(preview.pipeline.get("stages", ()))
+        try:
+            result, elapsed = trio.run(
+                interruptible, _drive, args, store, providers, seed, stages, action, clock=clock
+            )
+        except (ConfigError, ResumeError) as exc:
+            return _fail(str(exc))
+        except BaseException as exc:
+            if _is_interrupt(exc):
+                return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            if isinstance(exc, BaseExceptionGroup):
+                bad, _ = exc.split((ConfigError, ResumeError))
+                if bad is not None:
+                    return _fail(str(_first_leaf(bad)))
+            raise
+    if args.json:
+        _json_out(result.to_json())
+    else:
+        print(_summary(result, args.db, virtual, elapsed))
+    return EXIT_OK if result.completed else EXIT_HALTED
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _preview(args: argparse.Namespace) -> RunPreview | int:
+    try:
+        return preview_run(args.db, args.run_id)
+    except StoreError as exc:
+        return _fail(str(exc))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    preview = _preview(args)
+    if isinstance(preview, int):
+        return preview
+    return _continue(args, preview, None)
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    preview = _preview(args)
+    if isinstance(preview, int):
+        return preview
+    try:
+        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
+        stage = pipeline.resolve_stage(args.from_stage)
+    except PipelineError as exc:
+        return _fail(f"cannot rerun run {args.run_id!r} from {args.from_stage!r}: {exc}")
+    parent = preview.current_branch_id or ""
+    if args.branch is not None:
+        matches = [
+            b
+            for b in preview.branch_ids
+            if b.startswith(args.branch) or b.rsplit("-", 1)[-1].startswith(args.branch)
+        ]
+        if args.branch in preview.branch_ids:
+            matches = [args.branch]
+        if len(matches) != 1:
+            what = "ambiguous" if matches else "unknown"
+            return _fail(
+                f"{what} branch {args.branch!r} of run {args.run_id!r}; its branches: "
+                + ", ".join(preview.branch_ids)
+            )
+        parent = matches[0]
+    # Refuse before anything writes: every earlier stage must have an
+    # advancing decision for the child to inherit.
+    seen = preview.lineage.get(parent, {})
+    for earlier in pipeline.stages:
+        if earlier.name == stage.name:
+            break
+        status = seen.get(earlier.name)
+        if status not in ADVANCING:
+            what = "is undecided" if status is None else f"ended in {status}"
+            return _fail(
+                f"cannot rerun run {args.run_id!r} from {stage.name!r}: the earlier stage "
+                f"{earlier.name!r} {what} on branch {short_branch_id(parent)}; rerun from "
+                f"{earlier.name!r} instead"
+            )
+    return _continue(args, preview, stage.name)
+
+
+def cmd_branches(args: argparse.Namespace) -> int:
+    try:
+        store = Store.open(args.db, readonly=True)
+    except StoreError as exc:
+        return _fail(str(exc))
+    with store:
+        run = store.get_run(args.run_id)
+        if run is None:
+            return _fail(f"no run {args.run_id!r} in {args.db}")
+        rows: list[dict[str, Any]] = []
+        for b in store.branches(run.run_id):
+            own = store.decisions(run.run_id, b.branch_id)
+            seen = store.lineage_decisions(run.run_id, b.branch_id)
+            rows.append(
+                {
+                    "branch_id": b.branch_id,
+                    "short_id": short_branch_id(b.branch_id),
+                    "parent_branch_id": b.parent_branch_id,
+                    "fork_stage": b.fork_stage,
+                    "current": b.branch_id == run.current_branch_id,
+                    "status": b.status,
+                    "halt_reason": b.halt_reason,
+                    "decided": [d.stage for d in seen],
+                    "own_decisions": len(own),
+                    "inherited_decisions": len(seen) - len(own),
+                    "digest": b.digest,
+                    "created_at": b.created_at,
+                }
+            )
+        if args.json:
+            _json_out({"run_id": run.run_id, "current_branch_id": run.current_branch_id, "branches": rows})
+            return EXIT_OK
+        print(f"branches of {run.run_id} ({len(rows)}):")
+        for r in rows:
+            mark = "*" if r["current"] else " "
+            origin = (
+                f"from {short_branch_id(r['parent_branch_id'])} at {r['fork_stage']}"
+                if r["parent_branch_id"]
+                else "root"
+            )
+            print(
+                f" {mark} {r['short_id']}  {r['status'] or '-':<11} {origin:<28} "
+                f"{len(r['decided'])} decided ({r['inherited_decisions']} inherited)  {r['branch_id']}"
+            )
+        return EXIT_OK
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    _add_db(p)
+    p.add_argument(
+        "--clock",
+        choices=("virtual", "real"),
+        default=None,
+        help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
+    # How to reach the run's providers (its pipeline says which they are).
+    add_provider_arguments(p)
+    add_run_auth_option(p)
+    add_run_metrics_args(p)  # --budget (replaces the run's) and --prices
+
+
+def register(sub: Any) -> None:
+    resume = sub.add_parser(
+        "resume",
+        help="continue an interrupted run on its current branch",
+        description=(
+            "Continue RUN_ID's current branch with its stored pipeline, seed, spec and goal. "
+            "Decided stages are not decided again; agents whose answers are already stored "
+            "are not called again."
+        ),
+    )
+    resume.add_argument("run_id", metavar="RUN_ID")
+    _add_common(resume)
+    resume.set_defaults(handler=cmd_resume)
+
+    rerun = sub.add_parser(
+        "rerun",
+        help="re-run a run from a stage on a new branch",
+        description=(
+            "Fork a child branch of RUN_ID's current branch (or --branch) at STAGE and run it: "
+            "it inherits the decisions before STAGE and nothing of the parent from STAGE on. "
+            "The child becomes the run's current branch; the parent's history is kept."
+        ),
+    )
+    rerun.add_argument("run_id", metavar="RUN_ID")
+    rerun.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="first stage to run again")
+    rerun.add_argument("--branch", metavar="BRANCH", help="branch to fork (full or short id; default: the current one)")
+    rerun.add_argument("--disagreement-rate", type=_unit_interval, default=None, metavar="P", help="simulator: override the parent's dissent chance")
+    rerun.add_argument("--sim-latency", type=_non_negative, default=None, metavar="SECONDS", help="simulator: override the parent's median latency")
+    _add_common(rerun)
+    rerun.set_defaults(handler=cmd_rerun)
+
+    branches = sub.add_parser("branches", help="list a run's branches", description="List every branch of RUN_ID: its parent, fork stage, status and decisions.")
+    branches.add_argument("run_id", metavar="RUN_ID")
+    _add_db(branches)
+    branches.add_argument("--json", action="store_true", help="print JSON")
+    branches.set_defaults(handler=cmd_branches)
+
+
+EXTRA_COMMANDS.append(register)

@@ -1,0 +1,281 @@
+"""Resume and rerun: continuing a run from what the store holds.
+
+Everything a resume knows comes from one snapshot of the store, read
+through the lineage-aware queries (``Store.lineage_decisions`` and
+``Store.lineage_outputs``):
+
+* stages with a durable decision on the lineage are not decided again -
+  their decisions are restored into the coordinator's sequencer, and seqs
+  continue after the run's highest;
+* within the interrupted stage, an agent with a durable accepted output is
+  not called again: its output is replayed (``AgentReply(replayed=True)``);
+  an agent with only durable *failed* attempts continues its attempt
+  numbering (so neither its retry budget nor its usage is spent twice), or
+  is reported failed again if those attempts show it had given up;
+* every durable attempt's usage is fed to the metrics accumulator once, as
+  ``UsageRecorded(replay=True)`` - counted as a replay, not a turn - so the
+  run's totals, and hence its digest, are those of an uninterrupted run.
+
+Why this is exact: an agent's outputs go to the store (FIFO) before its
+reply reaches the coordinator, and a decision is sent only after every
+reply; so a durable decision implies every attempt of its stage is
+durable, and an agent's durable attempts are always a prefix of its
+attempts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from messages import (
+    AgentKey,
+    AgentOutput,
+    AgentReply,
+    CompletionRequest,
+    ConclaveError,
+    Decision,
+    Forward,
+    Interceptor,
+    Outbox,
+    PersistEvent,
+    ProviderError,
+    StageKey,
+    StoreWrite,
+    UsageRecorded,
+)
+from store import BranchRow, DecisionRow, OutputRow, RunRow, Store
+
+from ._consensus import ADVANCING
+from ._pipeline import Pipeline, PipelineError, StageSpec, pipeline_from_dict
+from ._retry import RetryPolicy
+from ._sequencer import DecisionSequencer
+
+
+class ResumeError(ConclaveError, ValueError):
+    """The run, branch or stage asked for cannot be resumed or rerun."""
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class StageResume:
+    """What the coordinator reuses in the one stage a crash interrupted."""
+
+    replay: Mapping[str, AgentReply] = attrs.field(factory=dict)
+    first_attempt: Mapping[str, int] = attrs.field(factory=dict)
+
+
+def _error_classes() -> dict[str, type[ProviderError]]:
+    found: dict[str, type[ProviderError]] = {}
+    todo: list[type[ProviderError]] = [ProviderError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.kind, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def stored_error(text: str | None) -> ProviderError:
+    """Rebuild the error of a failed attempt from its stored ``kind: message``."""
+    kind, _, message = (text or "").partition(": ")
+    cls = _error_classes().get(kind, ProviderError)
+    return cls(message or kind)
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class ResumeState:
+    run: RunRow
+    branch: BranchRow
+    pipeline: Pipeline
+    decisions: Mapping[str, DecisionRow]  # stage -> decision on the lineage
+    outputs: tuple[OutputRow, ...]  # every attempt on the lineage
+    max_seq: int
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed if self.run.seed is not None else 0
+
+    def stage_key(self, stage: str) -> StageKey:
+        return StageKey(run_id=self.run.run_id, branch_id=self.branch.branch_id, stage=stage)
+
+    def decided(self, stage: str) -> Decision | None:
+        row = self.decisions.get(stage)
+        if row is None:
+            return None
+        key = StageKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage)
+        return Decision(key=key, seq=row.seq, status=row.status, verdict=row.verdict)  # type: ignore[arg-type]
+
+    def sequencer(self) -> DecisionSequencer:
+        """A sequencer that will never decide a lineage stage again and
+        draws seqs after the run's highest (seqs are unique per run)."""
+        return DecisionSequencer(
+            start_seq=self.max_seq,
+            decided=[(self.stage_key(stage), row.seq) for stage, row in self.decisions.items()],
+        )
+
+    def usage_replays(self) -> list[UsageRecorded]:
+        return [
+            UsageRecorded(
+                key=AgentKey(run_id=o.run_id, branch_id=o.branch_id, stage=o.stage, agent=o.agent),
+                attempt=o.attempt,
+                model=o.model,
+                provider=o.provider,
+                usage=o.usage,
+                replay=True,
+            )
+            for o in self.outputs
+        ]
+
+    def stage_resume(self, stage: StageSpec, retry: RetryPolicy) -> StageResume | None:
+        rows = [o for o in self.outputs if o.stage == stage.name]
+        if not rows:
+            return None
+        replay: dict[str, AgentReply] = {}
+        first: dict[str, int] = {}
+        for agent in stage.agents:
+            mine = sorted((o for o in rows if o.agent == agent), key=lambda o: o.attempt)
+            if not mine:
+                continue
+            last = mine[-1]
+            key = self.stage_key(stage.name).agent(agent)
+            if last.status == "accepted":
+                replay[agent] = AgentReply(
+                    key=key, attempts=last.attempt, output=_output(last, key), replayed=True
+                )
+                continue
+            error = stored_error(last.error)
+            if retry.should_retry(error, last.attempt):
+                first[agent] = last.attempt + 1
+            else:  # it had given up: report that again, call nobody
+                replay[agent] = AgentReply(
+                    key=key,
+                    attempts=last.attempt,
+                    output=None,
+                    error=f"{error.kind}: {error}",
+                    replayed=True,
+                )
+        return StageResume(replay=replay, first_attempt=first)
+
+
+def _output(row: OutputRow, key: AgentKey) -> AgentOutput:
+    return AgentOutput(
+        key=key,
+        attempt=row.attempt,
+        status="accepted",
+        content=row.content,
+        format=row.format,  # type: ignore[arg-type]
+        usage=row.usage,
+        model=row.model,
+        provider=row.provider,
+    )
+
+
+def stage_outputs(store: Store, key: StageKey) -> dict[str, AgentOutput]:
+    """The accepted outputs consensus decides ``key`` on, through the one
+    lineage-aware query: only the branch that owns the stage contributes."""
+    return {
+        row.agent: _output(row, key.agent(row.agent))
+        for row in store.lineage_outputs(key.run_id, key.branch_id, key.stage, accepted_only=True)
+    }
+
+
+def load_state(store: Store, run_id: str, branch_id: str | None = None) -> ResumeState:
+    """Snapshot what ``branch_id`` (default: the run's current branch) of
+    ``run_id`` sees.  Raises :class:`ResumeError` naming what is missing."""
+    run = store.get_run(run_id)
+    if run is None:
+        raise ResumeError(f"no run {run_id!r} in {store.path}")
+    branch = resolve_branch(store, run, branch_id)
+    try:
+        pipeline = pipeline_from_dict(run.pipeline, source=f"run {run_id}'s stored pipeline")
+    except PipelineError as exc:
+        raise ResumeError(str(exc)) from exc
+    decisions = {d.stage: d for d in store.lineage_decisions(run_id, branch.branch_id)}
+    outputs = tuple(store.lineage_outputs(run_id, branch.branch_id))
+    return ResumeState(
+        run=run,
+        branch=branch,
+        pipeline=pipeline,
+        decisions=decisions,
+        outputs=outputs,
+        max_seq=store.max_seq(run_id),
+    )
+
+
+def resolve_branch(store: Store, run: RunRow, branch_id: str | None) -> BranchRow:
+    """The branch named by ``branch_id`` (full or short id), or the run's
+    current branch."""
+    if branch_id is None:
+        if run.current_branch_id is None:
+            raise ResumeError(f"run {run.run_id!r} has no current branch")
+        branch = store.get_branch(run.run_id, run.current_branch_id)
+        if branch is None:
+            raise ResumeError(f"run {run.run_id!r}: its current branch is missing from {store.path}")
+        return branch
+    found = store.find_branches(run.run_id, branch_id)
+    exact = [b for b in found if b.branch_id == branch_id]
+    if exact:
+        return exact[0]
+    if len(found) == 1:
+        return found[0]
+    known = ", ".join(b.branch_id for b in store.branches(run.run_id))
+    if not found:
+        raise ResumeError(f"run {run.run_id!r} has no branch {branch_id!r}; its branches: {known}")
+    raise ResumeError(f"branch {branch_id!r} of run {run.run_id!r} is ambiguous: {known}")
+
+
+def fork_stage(state: ResumeState, name: str) -> StageSpec:
+    """The stage to rerun from, checked: it exists, and every stage before
+    it has an advancing decision on the parent's lineage to inherit."""
+    try:
+        stage = state.pipeline.resolve_stage(name)
+    except PipelineError as exc:
+        raise ResumeError(f"cannot rerun run {state.run.run_id!r} from {name!r}: {exc}") from exc
+    for earlier in state.pipeline.stages:
+        if earlier.name == stage.name:
+            break
+        row = state.decisions.get(earlier.name)
+        if row is None or row.status not in ADVANCING:
+            what = "is undecided" if row is None else f"ended in {row.status}"
+            raise ResumeError(
+                f"cannot rerun run {state.run.run_id!r} from {stage.name!r}: the earlier stage "
+                f"{earlier.name!r} {what} on branch {state.branch.branch_id}; rerun from "
+                f"{earlier.name!r} instead"
+            )
+    return stage
+
+
+def options_json(options: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"))
+
+
+class CallLog(Interceptor[CompletionRequest]):
+    """Records an ``agent_call`` event for every request that reaches the
+    gateway, so the event log shows which model calls a run bought (the
+    crash tests count re-bought outputs with it).  Installed last on the
+    gateway edge: an injected fault answered before the gateway is not a
+    provider call."""
+
+    def __init__(self, store: Outbox[StoreWrite]) -> None:
+        self._store = store
+
+    async def send(self, item: CompletionRequest, forward: Forward[CompletionRequest]) -> None:
+        key = item.key
+        await self._store.send(
+            PersistEvent(
+                run_id=key.run_id,
+                branch_id=key.branch_id,
+                kind="agent_call",
+                stage=key.stage,
+                agent=key.agent,
+                attempt=item.attempt,
+                detail={"provider": item.provider, "model": item.model},
+            )
+        )
+        await forward(item)
+
+
+def replayed_replies(resume: StageResume | None) -> Sequence[AgentReply]:
+    return tuple(resume.replay.values()) if resume is not None else ()

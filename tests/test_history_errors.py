@@ -1,0 +1,115 @@
+"""Acceptance 4: bad input to resume / rerun is a clear one-line error,
+exit 2, and the database file is left byte-for-byte untouched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import apsw
+import pytest
+
+from store import SCHEMA_VERSION
+from store._schema import MIGRATIONS
+
+from .conftest import run_cli
+from .test_cli_errors import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def good_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("good") / "good.db"
+    assert run_cli(["run", "--db", str(db), "--run-id", "R", "--disagreement-rate", "0"]).returncode == 0
+    return db
+
+
+def v1_db(path: Path) -> None:
+    conn = apsw.Connection(str(path))
+    conn.execute(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO runs (run_id, spec_id, pipeline, status, created_at, updated_at)"
+        " VALUES ('OLD', 'S', '{\"stages\": []}', 'running', 0, 0)"
+    )
+    conn.close()
+
+
+def make(case: str, tmp_path: Path, good_db: Path) -> tuple[Path, list[str], str]:
+    db = tmp_path / "case.db"
+    if case == "random_bytes":
+        db.write_bytes(os.urandom(8192))
+        return db, ["resume", "R"], "not an SQLite database"
+    if case == "newer_schema":
+        conn = apsw.Connection(str(db))
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.close()
+        return db, ["resume", "R"], "newer than this Conclave"
+    shutil.copy(good_db, db)
+    if case == "unknown_run":
+        return db, ["resume", "NOPE"], "no run 'NOPE'"
+    if case == "unknown_run_rerun":
+        return db, ["rerun", "NOPE", "--from", "plan"], "no run 'NOPE'"
+    if case == "unknown_stage":
+        return db, ["rerun", "R", "--from", "deploy"], "unknown stage 'deploy'"
+    if case == "unknown_branch":
+        return db, ["rerun", "R", "--from", "plan", "--branch", "ffffffff"], "unknown branch 'ffffffff'"
+    if case == "read_only":
+        db.chmod(0o444)
+        return db, ["resume", "R"], "read-only"
+    if case == "read_only_rerun":
+        db.chmod(0o444)
+        return db, ["rerun", "R", "--from", "tasks"], "read-only"
+    if case == "unknown_run_in_v1_db":
+        db.unlink()
+        v1_db(db)  # must not be migrated just to say the run is unknown
+        return db, ["resume", "NOPE"], "no run 'NOPE'"
+    raise AssertionError(case)
+
+
+CASES = [
+    "random_bytes",
+    "newer_schema",
+    "unknown_run",
+    "unknown_run_rerun",
+    "unknown_stage",
+    "unknown_branch",
+    "read_only",
+    "read_only_rerun",
+    "unknown_run_in_v1_db",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_refused_untouched(tmp_path: Path, good_db: Path, case: str) -> None:
+    db, args, needle = make(case, tmp_path, good_db)
+    before = db.read_bytes()
+    listing = sorted(os.listdir(tmp_path))
+    proc = run_cli([*args, "--db", str(db), "--json"])
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc.stderr, needle)
+    assert proc.stdout == ""
+    assert db.read_bytes() == before, "the file must be left byte-for-byte untouched"
+    # A read-only look at a WAL file may leave SQLite's empty side files.
+    new = set(os.listdir(tmp_path)) - set(listing)
+    assert new <= {"case.db-wal", "case.db-shm"}
+    assert not (tmp_path / "case.db-wal").exists() or (tmp_path / "case.db-wal").stat().st_size == 0
+
+
+def test_missing_db_is_not_created(tmp_path: Path) -> None:
+    db = tmp_path / "missing.db"
+    for args in (["resume", "R"], ["rerun", "R", "--from", "plan"], ["branches", "R"]):
+        proc = run_cli([*args, "--db", str(db)])
+        assert proc.returncode == 2
+        assert_one_line_error(proc.stderr, "no such database file")
+    assert os.listdir(tmp_path) == []
+
+
+def test_rerun_past_a_halted_stage_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    assert run_cli(["run", "--db", str(db), "--run-id", "H", "--disagreement-rate", "1"]).returncode == 3
+    before = db.read_bytes()
+    proc = run_cli(["rerun", "H", "--from", "tasks", "--db", str(db)])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "the earlier stage 'plan' ended in conflict")
+    assert db.read_bytes() == before

@@ -1,0 +1,96 @@
+"""Acceptance 5: a database written by the walking skeleton (schema version
+1) opens, migrates and resumes.
+
+``fixtures/v1_interrupted.db`` was produced by that version's own code
+(``fixtures/make_v1_fixture.py``): run SPEC-V1, seed 4, cut off mid-stage
+"implement" with plan and tasks decided and two of implement's four
+answers durable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import apsw
+import pytest
+
+from store import SCHEMA_VERSION, Store
+from store._schema import MIGRATIONS, migrate
+
+from .conftest import run_cli
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v1_interrupted.db"
+
+
+def user_version(path: Path) -> int:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_fixture_is_version_1() -> None:
+    assert user_version(FIXTURE) == 1 < SCHEMA_VERSION
+
+
+def test_v1_database_opens_and_migrates(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    shutil.copy(FIXTURE, db)
+    with Store.open(str(db)) as s:
+        assert s._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert s.integrity_check() == "ok" and s.foreign_key_violations() == 0
+        run = s.get_run("V1RUN")
+        assert run is not None and run.status == "running" and run.seed == 4
+        [branch] = s.branches("V1RUN")
+        assert branch.options == {} and branch.status == "running"
+        assert [d.stage for d in s.lineage_decisions("V1RUN", branch.branch_id)] == ["plan", "tasks"]
+        implement = s.lineage_outputs("V1RUN", branch.branch_id, "implement", accepted_only=True)
+        assert {o.agent for o in implement} == {"gemini", "claude"}
+        assert all(o.started_at is None for o in implement), "v1 rows keep NULL for new columns"
+
+
+def test_v1_database_resumes_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    shutil.copy(FIXTURE, db)
+    fresh = run_cli(["run", "SPEC-V1", "--goal", "migrate me", "--seed", "4", "--db", str(tmp_path / "fresh.db"), "--json"])
+    expected = json.loads(fresh.stdout)
+    resumed = run_cli(["resume", "V1RUN", "--db", str(db), "--json"])
+    assert resumed.returncode == fresh.returncode, resumed.stderr
+    got = json.loads(resumed.stdout)
+    assert user_version(db) == SCHEMA_VERSION
+    assert got["digest"] == expected["digest"]
+    assert got["stages"] == expected["stages"]
+    with Store.open(str(db)) as s:
+        assert s.integrity_check() == "ok"
+        events = s.events("V1RUN")
+        [resume] = [e for e in events if e.kind == "resume"]
+        called = {(e.stage, e.agent) for e in events if e.kind == "agent_call" and e.id > resume.id}
+        assert ("implement", "gemini") not in called and ("implement", "claude") not in called
+        assert {("implement", "gpt_codex"), ("implement", "gpt_pro")} <= called
+        assert not {st for st, _ in called} & {"plan", "tasks"}
+        assert [d.seq for d in s.decisions("V1RUN")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_migration_is_one_transaction(tmp_path: Path) -> None:
+    """A step that fails leaves the database at the version before it."""
+    path = tmp_path / "m.db"
+    conn = apsw.Connection(str(path))
+    migrate(conn, str(path), target=1)
+    assert int(conn.execute("PRAGMA user_version").fetchone()[0]) == 1
+    conn.execute("CREATE TABLE clash (x)")  # ...
+    conn.execute("CREATE INDEX branches_parent ON clash (x)")  # v2 creates this name: it fails
+    with pytest.raises(apsw.SQLError):
+        migrate(conn, str(path))
+    assert int(conn.execute("PRAGMA user_version").fetchone()[0]) == 1
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(agent_outputs)")}
+    assert "started_at" not in columns, "the failed step's earlier statements were rolled back"
+    conn.close()
+
+
+def test_migrations_are_append_only() -> None:
+    # Version 1 is the skeleton's schema, frozen: databases in the wild have it.
+    assert "CREATE TABLE runs" in MIGRATIONS[0] and "started_at" not in MIGRATIONS[0]
+    assert len(MIGRATIONS) == SCHEMA_VERSION
