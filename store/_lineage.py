@@ -12,13 +12,17 @@ exact match, never called, NULL-branch rows for parallel stages) into one
 recursive query; every read that feeds consensus or resume goes through
 :data:`LINEAGE_CTE`.  Stage order comes from the run's stored pipeline.
 Parameters: ``:run`` and ``:branch``.
+
+The CTEs are MATERIALIZED: otherwise SQLite may re-evaluate them (and
+re-parse the stored pipeline JSON) for every output row it joins, which
+made one stage's read quadratic in the panel size.
 """
 
 from __future__ import annotations
 
 LINEAGE_CTE = """
 WITH RECURSIVE
-stage_order(stage, idx) AS (
+stage_order(stage, idx) AS MATERIALIZED (
     SELECT json_extract(j.value, '$.name'), CAST(j.key AS INTEGER)
     FROM runs r, json_each(r.pipeline, '$.stages') j
     WHERE r.run_id = :run
@@ -34,7 +38,7 @@ chain(branch_id, parent_branch_id, lo, hi) AS (
     JOIN branches p ON p.branch_id = c.parent_branch_id
     LEFT JOIN stage_order so ON so.stage = p.fork_stage
 ),
-lineage(branch_id, stage, idx) AS (
+lineage(branch_id, stage, idx) AS MATERIALIZED (
     SELECT c.branch_id, s.stage, s.idx
     FROM chain c JOIN stage_order s ON s.idx >= c.lo AND s.idx < c.hi
 )
