@@ -11,10 +11,13 @@ and talk only through the typed channels of :mod:`messages`.
 """
 
 from ._agent import Agent, build_prompt
+from ._breaker import BreakerPolicy, CircuitBreaker
+from ._classify import Classification, classify
 from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
 from ._coordinator import Coordinator, DecisionNotDurable, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
+from ._health import HealthRegistry, Permit, ProviderHealth
 from ._ids import new_branch_id, new_run_id, short_branch_id
 from ._metrics import MetricsAccumulator
 from ._pipeline import (
@@ -33,6 +36,7 @@ from ._pipeline import (
     pipeline_with_panel,
 )
 from ._provider import BaseProvider, MockProvider
+from ._ratelimit import RateLimitGate
 from ._retry import RetryPolicy
 from ._runtime import (
     EDGES,
@@ -49,6 +53,14 @@ from ._simulator import Latency, SimulatedProvider
 from ._store_writer import StoreWriter
 
 __all__ = [
+    "BreakerPolicy",
+    "CircuitBreaker",
+    "Classification",
+    "classify",
+    "HealthRegistry",
+    "Permit",
+    "ProviderHealth",
+    "RateLimitGate",
     "ADVANCING",
     "EDGES",
     "KNOWN_AGENTS",

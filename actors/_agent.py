@@ -17,6 +17,7 @@ from messages import (
     AgentOutput,
     AgentReply,
     AgentRequest,
+    AuthenticationFailed,
     CompletionRequest,
     CompletionResult,
     Outbox,
@@ -77,6 +78,7 @@ class Agent:
         prompt = build_prompt(request, stage.required_fields, aggregate)
         key = request.key
         attempt = 0
+        auth_retries_left = 1  # one retry after an auth failure, with a refreshed token
         while True:
             attempt += 1
             call = CompletionRequest(
@@ -89,6 +91,7 @@ class Agent:
                 response_fields=stage.required_fields,
                 decision_field=stage.decision_field,
                 aggregate=aggregate,
+                panel=stage.agents,
             )
             started = trio.current_time()
             result = await self._call(call)
@@ -132,8 +135,10 @@ class Agent:
             )
             # Failed attempts are history, not input to consensus: fire and forget.
             await self.store.send(PersistOutput(output=failed))
-            if not self.retry.should_retry(error, attempt):
+            if not self.retry.should_retry(error, attempt, auth_retries_left=auth_retries_left):
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
+            if isinstance(error, AuthenticationFailed):
+                auth_retries_left -= 1
             delay = self.retry.delay(error, key, attempt, self.seed)
             await self.store.send(
                 PersistEvent(

@@ -41,6 +41,8 @@ import trio
 
 from messages import (
     ActorStopped,
+    FaultInterceptor,
+    FaultPlan,
     AgentReply,
     AgentRequest,
     ConclaveError,
@@ -64,10 +66,12 @@ from messages import (
 from store import Store
 
 from ._agent import Agent
+from ._breaker import BreakerPolicy
 from ._consensus import ADVANCING
 from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
+from ._health import HealthRegistry
 from ._ids import new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
 from ._pipeline import Pipeline, default_pipeline
@@ -204,6 +208,8 @@ class Orchestrator:
         self.retry = retry
         self._interceptors = interceptors
         self._limits = limits
+        self.health: HealthRegistry | None = None  # the gateway's gates and breakers
+        self.faults: FaultInterceptor | None = None  # diagnostics of injected faults
         self._subscribers: list[trio.MemorySendChannel[ProgressEvent]] = []
 
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[ProgressEvent]:
@@ -387,10 +393,12 @@ async def open_orchestrator(
     provider: BaseProvider | Mapping[str, BaseProvider] | None = None,
     pipeline: Pipeline | None = None,
     seed: int = 0,
-    faults: Interceptor[Any] | None = None,
+    faults: FaultPlan | Interceptor[Any] | None = None,
     interceptors: Mapping[str, Sequence[Interceptor[Any]]] | None = None,
     retry: RetryPolicy | None = None,
     limits: Limits | None = None,
+    breaker: BreakerPolicy | None = None,
+    health: HealthRegistry | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Start the gateway, metrics accumulator and store writer, yield an
     :class:`Orchestrator`, and shut them down when the block exits.
@@ -398,8 +406,13 @@ async def open_orchestrator(
     ``store`` is a path (opened, migrated, and closed on exit) or an open
     :class:`~store.Store` (left open).  ``provider`` defaults to the
     embedded :class:`SimulatedProvider` seeded with ``seed``; a mapping
-    routes agents by their pipeline ``provider`` name.  ``faults`` is an
-    interceptor installed on the gateway's inbox, after any in
+    routes agents by their pipeline ``provider`` name.  ``faults`` is a
+    :class:`~messages.FaultPlan` (wrapped in a
+    :class:`~messages.FaultInterceptor`, seeded with ``seed`` unless the plan
+    has its own) or any interceptor; a fault interceptor is attached to the
+    gateway's provider health (``health``, or a fresh
+    :class:`HealthRegistry` with ``breaker`` as its policy) and to the event
+    log.  It is installed on the gateway's inbox, after any in
     ``interceptors["gateway"]``.
 
     On normal exit the actors drain their inboxes (every queued write is
@@ -418,6 +431,9 @@ async def open_orchestrator(
             f"unknown channel(s) for interceptors: {', '.join(sorted(unknown_edges))}; "
             f"known: {', '.join(sorted(EDGES))}"
         )
+    health = health if health is not None else HealthRegistry(breaker)
+    if isinstance(faults, FaultPlan):
+        faults = FaultInterceptor(faults, seed=seed) if faults.enabled else None
     if faults is not None:
         interceptors["gateway"] = [*interceptors.get("gateway", ()), faults]
     if provider is None:
@@ -436,7 +452,7 @@ async def open_orchestrator(
 
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
-    gateway = Gateway(providers, max_concurrency=limits.max_concurrency)
+    gateway = Gateway(providers, max_concurrency=limits.max_concurrency, health=health)
     metrics = MetricsAccumulator()
     writer = StoreWriter(db)
     gateway_tx, gateway_rx = open_channel(
@@ -448,6 +464,9 @@ async def open_orchestrator(
     store_tx, store_rx = open_channel(
         limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
     )
+    for interceptor in interceptors.get("gateway", ()):
+        if isinstance(interceptor, FaultInterceptor):
+            interceptor.attach(seed=seed, health=health, events=store_tx)
     try:
         with collapse_single():
             async with trio.open_nursery() as nursery:
@@ -464,6 +483,8 @@ async def open_orchestrator(
                     interceptors=interceptors,
                     limits=limits,
                 )
+                orchestrator.health = health
+                orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                 try:
                     yield orchestrator
                 finally:

@@ -30,6 +30,19 @@ from ._errors import (
     RateLimited,
     is_retryable,
 )
+from ._faults import (
+    DISCONNECT_MESSAGE,
+    FAULT_KINDS,
+    FaultInterceptor,
+    FaultKind,
+    FaultPlan,
+    FaultPlanError,
+    HealthPort,
+    InjectedFault,
+    ResetHint,
+    parse_reset_hint,
+    parse_scope,
+)
 from ._identity import AgentKey, StageKey
 from ._messages import (
     AgentOutput,
@@ -66,6 +79,17 @@ from ._progress import (
 from ._usage import ZERO_USAGE, TokenUsage
 
 __all__ = [
+    "DISCONNECT_MESSAGE",
+    "FAULT_KINDS",
+    "FaultInterceptor",
+    "FaultKind",
+    "FaultPlan",
+    "FaultPlanError",
+    "HealthPort",
+    "InjectedFault",
+    "ResetHint",
+    "parse_reset_hint",
+    "parse_scope",
     "StageStarted",
     "StageDecided",
     "RunStarted",
