@@ -19,7 +19,15 @@ from typing import Any, TextIO
 import trio
 import trio.testing
 
-from messages import AgentFinished, ProgressEvent, RunStarted, StageDecided, StageStarted
+from messages import (
+    AgentFinished,
+    FaultPlan,
+    FaultPlanError,
+    ProgressEvent,
+    RunStarted,
+    StageDecided,
+    StageStarted,
+)
 from store import Store, StoreError
 
 from ._format import tokens, usage_line, verdict_line
@@ -129,8 +137,32 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def fault_plan(args: argparse.Namespace) -> FaultPlan:
+    """The fault plan of ``--faults``/``--fault-seed`` over the CODEX_FAULTS*
+    environment; a malformed value raises :class:`UsageError` (exit 2)."""
+    try:
+        return FaultPlan.from_env(os.environ, faults=args.faults, seed=args.fault_seed)
+    except FaultPlanError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def fault_banner(plan: FaultPlan) -> None:
+    if plan.enabled:
+        print(f"conclave: {plan.describe()}", file=sys.stderr)
+
+
+def add_fault_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--faults",
+        metavar="SPEC",
+        help="inject provider faults, e.g. 'disconnect:3,429:1,timeout:2' or 'disconnect:5%%' "
+        "(overrides CODEX_FAULTS; see also CODEX_FAULTS_429_RESET, CODEX_FAULTS_TIMEOUT_MS)",
+    )
+    p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)")
+
+
 async def _run_pipeline(
-    args: argparse.Namespace, store: Store, pipeline: Pipeline, virtual: bool
+    args: argparse.Namespace, store: Store, pipeline: Pipeline, virtual: bool, plan: FaultPlan | None = None
 ) -> tuple[RunResult, float]:
     provider = SimulatedProvider(
         seed=args.seed,
@@ -139,7 +171,9 @@ async def _run_pipeline(
     )
     printer = None if args.json else ProgressPrinter(sys.stdout, len(pipeline.stages))
     started = trio.current_time()
-    async with open_orchestrator(store=store, provider=provider, pipeline=pipeline, seed=args.seed) as orch:
+    async with open_orchestrator(
+        store=store, provider=provider, pipeline=pipeline, seed=args.seed, faults=plan
+    ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
                 events = orch.subscribe()
@@ -161,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
     except PipelineError as exc:
         return _fail(str(exc))
+    plan = fault_plan(args)
     try:
         store = Store.open(args.db)
     except StoreError as exc:
@@ -171,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
-            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, clock=clock)
+            fault_banner(plan)
+            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, plan, clock=clock)
         except ConfigError as exc:
             return _fail(str(exc))
         except BaseException as exc:
@@ -340,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="virtual",
         help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
     )
+    add_fault_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     run.set_defaults(handler=cmd_run)
 
@@ -363,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later features register their subcommands here: f(subparsers) -> None.
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def _register_soak(sub: Any) -> None:
+    from ._cli_soak import register
+
+    register(sub)
+
+
+EXTRA_COMMANDS.append(_register_soak)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -541,6 +541,10 @@ class FaultInterceptor(Interceptor[Any]):
                 )
                 return
         at = trio.current_time()
+        retry_after = self._retry_after(anchor, at) if kind == "rate_limit" else None
+        error = self._error(kind, retry_after)
+        if self.observer is not None:
+            self.observer(InjectedFault(at=at, request=request, kind=kind, error=error, retry_after=retry_after))
         try:
             if kind == "timeout":
                 await trio.sleep(self.plan.timeout_ms / 1000)
@@ -548,13 +552,9 @@ class FaultInterceptor(Interceptor[Any]):
             if self.health is not None:
                 self.health.abandon(permit)
             raise
-        retry_after = self._retry_after(anchor, at) if kind == "rate_limit" else None
-        error = self._error(kind, retry_after)
         if self.health is not None:
             self.health.report(permit, error)
         self.injected[kind] += 1
-        if self.observer is not None:
-            self.observer(InjectedFault(at=at, request=request, kind=kind, error=error, retry_after=retry_after))
         if self.events is not None:
             key = request.key
             detail: dict[str, Any] = {"fault": kind, "message": str(error), "provider": request.provider}
