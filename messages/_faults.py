@@ -480,16 +480,17 @@ class FaultInterceptor(Interceptor[Any]):
         if bucket is None:
             bucket = self._buckets[bucket_key] = _Bucket(anchor=trio.current_time())
         if self._sequence:
-            panel = request.panel if key.agent in request.panel else ()
-            stage_key = (key.stage,) if panel else (key.stage, key.agent)
+            # Without a panel naming the agent, the agent is a stage of its own.
+            panel = request.panel if key.agent in request.panel else (key.agent,)
+            stage_key = (key.stage, *panel)
             stage = bucket.stages.get(stage_key)
             if stage is None:
                 # Every earlier stage of this run is over: its placements are final.
                 stage = bucket.stages[stage_key] = _Stage(
                     base=bucket.decided, budget=len(self._sequence) - bucket.decided, panel=panel
                 )
-            size = len(stage.panel) or 1
-            seat = stage.panel.index(key.agent) if stage.panel else 0
+            size = len(panel)
+            seat = panel.index(key.agent)
             position = (request.attempt - 1) * size + seat
             if position < stage.budget:
                 kind = self._sequence[stage.base + position]
