@@ -4,9 +4,11 @@ Closed: calls pass; the last ``window`` outcomes are kept, and once at least
 ``min_calls`` of them are in and the failure rate reaches ``failure_rate``
 the breaker opens.  Open: calls fail fast (:class:`~messages.CircuitOpen`,
 carrying the time left) until ``cooldown`` has passed; then the next call
-is let through as the one half-open probe (others still fail fast).  The
-probe's success closes the breaker (and clears the window); its failure
-opens it again for another cooldown.  Outcomes of calls admitted before a
+is let through as the one half-open probe.  Other callers in half-open
+wait for the probe's verdict (:meth:`CircuitBreaker.wait_for_verdict`)
+rather than failing fast and burning their attempts: the probe's success
+closes the breaker (and clears the window), and they go ahead; its failure
+opens it again for another cooldown, and they fail fast.  Outcomes of calls admitted before a
 transition are stale and ignored.  Defaults follow the reference's docs:
 50 % failures, 30 s cooldown, a test call after the cooldown.
 """
@@ -17,6 +19,7 @@ import collections
 from typing import Literal
 
 import attrs
+import trio
 
 State = Literal["closed", "open", "half_open"]
 
@@ -61,6 +64,15 @@ class CircuitBreaker:
         self._failures = 0
         self.transitions: list[tuple[float, State]] = []  # (trio time, new state)
         self.rejected = 0
+        self._changed = trio.Event()  # set (and replaced) when the probe slot may be free
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for_verdict(self) -> None:
+        """Wait until the half-open probe has finished (or was abandoned)."""
+        await self._changed.wait()
 
     def _move(self, now: float, state: State) -> None:
         self.state = state
@@ -73,6 +85,7 @@ class CircuitBreaker:
         if state == "closed":
             self._outcomes.clear()
             self._failures = 0
+        self._wake()
 
     def acquire(self, now: float) -> Ticket | float:
         """Admit a call (a :class:`Ticket`) or refuse it: the float is how
@@ -109,6 +122,7 @@ class CircuitBreaker:
         """The call was abandoned (cancelled): free the probe slot."""
         if ticket.probe and ticket.generation == self.generation:
             self.probe_out = False
+            self._wake()
 
     @property
     def failure_ratio(self) -> float:

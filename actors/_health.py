@@ -10,7 +10,8 @@ injected fault) do ``admit`` -> call (or inject) -> ``report``, on the same
 :class:`ProviderHealth`.  Invariant, for both: nothing reaches a provider
 before its rate-limit reset time or while its breaker is open.
 
-``admit`` waits at the gate, then asks the breaker; there is no checkpoint
+``admit`` waits at the gate, then asks the breaker (open: fail fast;
+half-open: wait for the one probe's verdict); there is no checkpoint
 between the last check and the caller's first step of the call.
 """
 
@@ -42,16 +43,21 @@ class ProviderHealth:
         self.rate_limits: list[tuple[float, float]] = []  # (at, reset_at) per 429 with a hint
 
     async def admit(self) -> tuple[Permit | None, ProviderError | None]:
-        await self.gate.wait()
-        now = trio.current_time()
-        ticket = self.breaker.acquire(now)
-        if not isinstance(ticket, Ticket):
-            return None, CircuitOpen(
-                f"circuit breaker for provider {self.name!r} is open; retry in {ticket:.1f}s",
-                retry_after=ticket,
-            )
-        self.calls += 1
-        return Permit(self.name, ticket, now), None
+        """Wait at the gate, then ask the breaker: a permit, or CircuitOpen
+        while it is open.  In half-open, wait for the probe's verdict."""
+        while True:
+            await self.gate.wait()
+            now = trio.current_time()
+            ticket = self.breaker.acquire(now)
+            if isinstance(ticket, Ticket):
+                self.calls += 1
+                return Permit(self.name, ticket, now), None
+            if self.breaker.state != "half_open":
+                return None, CircuitOpen(
+                    f"circuit breaker for provider {self.name!r} is open; retry in {ticket:.1f}s",
+                    retry_after=ticket,
+                )
+            await self.breaker.wait_for_verdict()
 
     def report(self, permit: Permit, error: ProviderError | None) -> None:
         now = trio.current_time()

@@ -233,7 +233,13 @@ class _Checker:
             self._breaker_state[provider] = transitions[index][1]
             index += 1
         self._transition_index[provider] = index
-        if self._breaker_state[provider] == "open":
+        # A transition at this very instant: the half-open probe is admitted
+        # in the instant the cooldown ends (an opening at this instant may
+        # come after the call, so it is not held against it).
+        same_instant = any(
+            state != "open" for at, state in transitions[index:] if at == now
+        )
+        if self._breaker_state[provider] == "open" and not same_instant:
             self.breach(f"a call reached provider {provider!r} at t={now:.3f}s while its breaker was open")
 
     def on_fault(self, fault: InjectedFault) -> None:

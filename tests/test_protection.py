@@ -94,19 +94,21 @@ async def test_breaker_closed_open_half_open_closed(autojump_clock: trio.testing
         assert len(calls) == 5
         await trio.sleep(30)
         failing = False
-        # Two callers at once in half-open: one probe goes through, the other fails fast.
-        results: list[CompletionResult] = []
+        # Two callers at once in half-open: one is the probe; the other waits
+        # for its verdict (instead of burning an attempt) and then goes ahead.
+        results: list[tuple[str, float, CompletionResult]] = []
 
         async def caller(agent: str) -> None:
-            results.append(await ask(tx, call(agent=agent)))
+            result = await ask(tx, call(agent=agent))
+            results.append((agent, trio.current_time() - t0, result))
 
         async with trio.open_nursery() as inner:
             inner.start_soon(caller, "x")
             inner.start_soon(caller, "y")
-        assert sorted(type(r.error).__name__ for r in results) == ["CircuitOpen", "NoneType"]
-        assert breaker.state == "closed" and len(calls) == 6
-        ok = await ask(tx, call(agent="z"))
-        assert ok.completion is not None
+        assert all(r.completion is not None for _, _, r in results)
+        assert sorted(round(t, 6) for _, t, _ in results) == [66.0, 67.0]
+        assert breaker.state == "closed" and len(calls) == 7
+        assert [round(t - t0, 6) for t in calls[-2:]] == [65.0, 66.0]
         tx.close()
     states = [state for _, state in breaker.transitions]
     assert states == ["open", "half_open", "open", "half_open", "closed"]
