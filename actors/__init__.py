@@ -10,6 +10,7 @@ accumulator and the store writer are trio tasks that share no mutable state
 and talk only through the typed channels of :mod:`messages`.
 """
 
+from . import _providers_api
 from ._agent import Agent, build_prompt
 from ._breaker import BreakerPolicy, CircuitBreaker
 from ._classify import Classification, classify
@@ -36,6 +37,7 @@ from ._pipeline import (
     pipeline_with_panel,
 )
 from ._provider import BaseProvider, MockProvider
+from ._providers_api import *  # noqa: F403  (the provider layer's names, listed there)
 from ._ratelimit import RateLimitGate
 from ._retry import RetryPolicy
 from ._runtime import (
@@ -107,4 +109,5 @@ __all__ = [
     "pipeline_from_dict",
     "pipeline_with_panel",
     "short_branch_id",
+    *_providers_api.__all__,
 ]

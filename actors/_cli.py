@@ -30,11 +30,17 @@ from messages import (
 )
 from store import Store, StoreError
 
+from ._cli_providers import (
+    add_provider_arguments,
+    add_serve_mock_command,
+    pipeline_from_args,
+    provider_configs_from_args,
+)
 from ._format import tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
-from ._runtime import ConfigError, RunResult, open_orchestrator
-from ._simulator import Latency, SimulatedProvider
+from ._provider_factory import ProviderConfig, ProviderConfigError
+from ._runtime import ConfigError, Limits, RunResult, open_orchestrator
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -162,17 +168,19 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
 
 
 async def _run_pipeline(
-    args: argparse.Namespace, store: Store, pipeline: Pipeline, virtual: bool, plan: FaultPlan | None = None
+    args: argparse.Namespace,
+    store: Store,
+    pipeline: Pipeline,
+    virtual: bool,
+    configs: dict[str, ProviderConfig],
+    plan: FaultPlan | None = None,
 ) -> tuple[RunResult, float]:
-    provider = SimulatedProvider(
-        seed=args.seed,
-        disagreement_rate=args.disagreement_rate,
-        latency=Latency(median=args.sim_latency),
-    )
+    providers = {name: config.build() for name, config in configs.items()}
+    limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     printer = None if args.json else ProgressPrinter(sys.stdout, len(pipeline.stages))
     started = trio.current_time()
     async with open_orchestrator(
-        store=store, provider=provider, pipeline=pipeline, seed=args.seed, faults=plan
+        store=store, provider=providers, pipeline=pipeline, seed=args.seed, limits=limits, faults=plan
     ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
@@ -196,6 +204,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         return _fail(str(exc))
     plan = fault_plan(args)
+    # Every provider is validated before the store opens or any agent starts.
+    try:
+        pipeline = pipeline_from_args(args, pipeline)
+        configs = provider_configs_from_args(args, pipeline)
+    except (ProviderConfigError, PipelineError) as exc:
+        return _fail(str(exc))
+    remote = sorted(name for name, config in configs.items() if config.remote)
+    if args.clock is None:
+        args.clock = "real" if remote else "virtual"
+    elif args.clock == "virtual" and remote:
+        return _fail(
+            f"--clock virtual works only with the simulator, not {', '.join(remote)} "
+            "(real sockets on a virtual clock time out falsely); use --clock real"
+        )
     try:
         store = Store.open(args.db)
     except StoreError as exc:
@@ -207,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
             fault_banner(plan)
-            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, plan, clock=clock)
+            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, configs, plan, clock=clock)
         except ConfigError as exc:
             return _fail(str(exc))
         except BaseException as exc:
@@ -373,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--clock",
         choices=("virtual", "real"),
-        default="virtual",
-        help="virtual: simulated latencies take no wall time (default with the simulator); real: wall-clock time",
+        default=None,
+        help="virtual: simulated latencies take no wall time (default with the simulator); "
+        "real: wall-clock time (default, and required, with real providers)",
     )
     add_fault_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
+    add_provider_arguments(run)
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
@@ -393,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     decisions.add_argument("--json", action="store_true", help="print JSON")
     decisions.set_defaults(handler=cmd_decisions)
 
+    add_serve_mock_command(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser

@@ -144,6 +144,36 @@ def open_channel(
     return Outbox(send, interceptors, name=name), receive
 
 
+_EMPTY, _VALUE, _CLOSED, _GONE = range(4)
+
+
+class _Slot:
+    """The state shared by a :class:`Reply` and its :class:`PendingReply`.
+
+    A one-shot rendezvous built on trio's low-level park/reschedule: far
+    cheaper than a memory channel per request, which matters because every
+    model call and every durable write makes one.
+    """
+
+    __slots__ = ("state", "value", "task", "what")
+
+    def __init__(self, what: str) -> None:
+        self.state = _EMPTY
+        self.value: Any = None
+        self.task: trio.lowlevel.Task | None = None
+        self.what = what
+
+    def settle(self, state: int, value: Any = None) -> bool:
+        if self.state != _EMPTY:
+            return False
+        self.state = state
+        self.value = value
+        if self.task is not None:
+            task, self.task = self.task, None
+            trio.lowlevel.reschedule(task)
+        return True
+
+
 class Reply(Generic[R]):
     """A one-shot reply slot carried inside a request message.
 
@@ -154,52 +184,59 @@ class Reply(Generic[R]):
     failure, never silence.
     """
 
-    __slots__ = ("_send", "_what")
+    __slots__ = ("_slot",)
 
-    def __init__(self, send: trio.MemorySendChannel[R], what: str) -> None:
-        self._send = send
-        self._what = what
+    def __init__(self, slot: _Slot) -> None:
+        self._slot = slot
 
     def send(self, value: R) -> bool:
         """Deliver the reply; return False if the requester has gone away or
         a reply was already sent (extra replies are dropped)."""
-        try:
-            self._send.send_nowait(value)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            return False
-        self._send.close()
-        return True
+        return self._slot.settle(_VALUE, value)
 
     def close(self) -> None:
-        self._send.close()
+        """Give up without answering (a no-op after ``send``)."""
+        self._slot.settle(_CLOSED)
 
     def __repr__(self) -> str:
-        return f"<Reply for {self._what}>"
+        return f"<Reply for {self._slot.what}>"
 
 
 class PendingReply(Generic[R]):
     """The requester's end of a :class:`Reply`."""
 
-    __slots__ = ("_receive", "_what")
+    __slots__ = ("_slot",)
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[R], what: str) -> None:
-        self._receive = receive
-        self._what = what
+    def __init__(self, slot: _Slot) -> None:
+        self._slot = slot
 
     async def receive(self) -> R:
         """Wait for the reply.  A checkpoint; raises :class:`ActorStopped` if
-        the actor dropped the request without answering."""
-        try:
-            with self._receive:
-                return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
-            raise ActorStopped(f"no reply to {self._what}: the actor stopped") from exc
+        the actor dropped the request without answering.  If cancelled, the
+        requester is gone: a later ``Reply.send`` returns False."""
+        slot = self._slot
+        if slot.state == _EMPTY:
+            slot.task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                slot.task = None
+                slot.state = _GONE
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        if slot.state == _VALUE:
+            value: R = slot.value
+            slot.value = None
+            return value
+        raise ActorStopped(f"no reply to {slot.what}: the actor stopped")
 
 
 def reply_pair(what: str) -> tuple[Reply[Any], PendingReply[Any]]:
     """A fresh reply slot and the requester's end of it."""
-    send, receive = trio.open_memory_channel[Any](1)
-    return Reply(send, what), PendingReply(receive, what)
+    slot = _Slot(what)
+    return Reply(slot), PendingReply(slot)
 
 
 def fail_pending(inbox: trio.MemoryReceiveChannel[Any]) -> int:

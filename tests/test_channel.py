@@ -117,3 +117,33 @@ async def test_fail_pending_fails_queued_requests_and_closes_inbox() -> None:
             await r.pending.receive()
     with pytest.raises(ActorStopped):
         await send.send(Request())
+
+
+async def test_cancelled_requester_makes_the_reply_undeliverable(autojump_clock: trio.testing.MockClock) -> None:
+    reply, pending = reply_pair("slow thing")
+    with trio.move_on_after(1):
+        await pending.receive()
+    assert reply.send(1) is False, "nobody is waiting any more"
+
+
+async def test_reply_wakes_a_waiting_requester() -> None:
+    reply, pending = reply_pair("x")
+    got: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait() -> None:
+            got.append(await pending.receive())
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reply.send(7)
+    assert got == [7]
+
+
+async def test_receive_is_a_checkpoint_even_with_a_value_ready() -> None:
+    reply, pending = reply_pair("x")
+    reply.send(1)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await pending.receive()
+    assert scope.cancelled_caught

@@ -1,0 +1,128 @@
+"""Anthropic Messages over httpx.
+
+Follows the official client's convention: ``base_url`` is the API root
+*without* the version (``https://api.anthropic.com``) and the provider
+POSTs to ``{base_url}/v1/messages``.  A base URL that already ends in
+``/v1`` is accepted too (then ``/messages`` is appended), so
+``--base-url`` works either way.
+
+Sends ``x-api-key`` (or ``authorization: Bearer`` with a token source) and
+``anthropic-version``.  Usage is normalised with cache reads and writes
+added to the input (Anthropic's ``input_tokens`` excludes them); when
+streaming, ``message_delta`` usage is cumulative and merged over
+``message_start``'s.  A stream that ends before ``message_stop`` was cut
+short: :class:`~messages.Disconnected` with usage unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from messages import (
+    BadRequest,
+    Completion,
+    CompletionRequest,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+
+from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
+from ._http_provider import HttpProvider, iter_sse, system_prompt
+from ._usage_normalise import merge_anthropic_usage, usage_from_anthropic
+
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class AnthropicProvider(HttpProvider):
+    name = "anthropic"
+
+    def __init__(
+        self, *, base_url: str = DEFAULT_ANTHROPIC_BASE_URL, max_tokens: int = 8192, **kwargs: Any
+    ) -> None:
+        super().__init__(base_url=base_url, **kwargs)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+
+    def endpoint(self) -> httpx.URL:
+        path = self.base_url.path.rstrip("/")
+        path += "/messages" if path.endswith("/v1") else "/v1/messages"
+        return self.base_url.copy_with(path=path)
+
+    def auth_headers(self, secret: str, *, is_token: bool) -> dict[str, str]:
+        auth = {"authorization": f"Bearer {secret}"} if is_token else {"x-api-key": secret}
+        return {**auth, "anthropic-version": ANTHROPIC_VERSION}
+
+    def request_body(self, request: CompletionRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": self.max_tokens,
+            "system": system_prompt(request),
+            "messages": [{"role": "user", "content": request.prompt}],
+        }
+        if self.stream:
+            body["stream"] = True
+        return body
+
+    def parse_body(self, request: CompletionRequest, data: Any) -> Completion:
+        blocks = data.get("content") if isinstance(data, dict) else None
+        if not isinstance(blocks, list):
+            raise malformed(self.name, "no content blocks")
+        text = "".join(
+            b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+        model = data["model"] if isinstance(data.get("model"), str) else request.model
+        return Completion(content=text, usage=usage_from_anthropic(data.get("usage")), model=model)
+
+    def _stream_error(self, data: dict[str, Any]) -> ProviderError:
+        err = data.get("error") if isinstance(data.get("error"), dict) else {}
+        kind = err.get("type", "") if isinstance(err, dict) else ""
+        detail = f"{self.name}: error mid-stream ({kind}): {body_excerpt(json.dumps(data).encode(), self._secrets())}"
+        error: ProviderError
+        if kind == "rate_limit_error":
+            error = RateLimited(detail)
+        elif kind in ("overloaded_error", "api_error", "timeout_error"):
+            error = ProviderUnavailable(detail)
+        else:
+            error = BadRequest(detail)
+        return with_usage(error, None)
+
+    async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:
+        parts: list[str] = []
+        start_usage: Any = None
+        delta_usage: Any = None
+        model = request.model
+        done = False
+        async for event, data in iter_sse(response):
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                raise malformed(self.name, "a stream event is not JSON") from None
+            if not isinstance(payload, dict):
+                raise malformed(self.name, "a stream event is not an object")
+            kind = payload.get("type", event)
+            if kind == "message_start":
+                message = payload.get("message") or {}
+                start_usage = message.get("usage")
+                if isinstance(message.get("model"), str):
+                    model = message["model"]
+            elif kind == "content_block_delta":
+                delta = payload.get("delta") or {}
+                if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                    parts.append(delta["text"])
+            elif kind == "message_delta":
+                delta_usage = merge_anthropic_usage(delta_usage, payload.get("usage"))
+            elif kind == "message_stop":
+                done = True
+                break
+            elif kind == "error":
+                raise self._stream_error(payload)
+        if not done:
+            raise stream_cut(self.name, "no message_stop before the stream ended")
+        usage = usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
+        return Completion(content="".join(parts), usage=usage, model=model)

@@ -1,0 +1,253 @@
+"""HTTP status, headers and transport failures -> Conclave's typed errors.
+
+Real providers, serve-mock and the fault interceptor must look alike to an
+agent, so every HTTP failure becomes one of :mod:`messages`' errors:
+
+==========================================  ================================
+429 (+ reset hint)                          RateLimited(retry_after=seconds)
+429 with ``insufficient_quota``             QuotaExceeded
+408, httpx timeouts                         ProviderTimeout
+connect refused/reset, stream cut short     Disconnected
+409, 500-504, 529                           ProviderUnavailable
+401, 403                                    AuthenticationFailed
+400, 404, 422 (and other 4xx)               BadRequest (short, redacted body)
+==========================================  ================================
+
+``x-should-retry: true|false`` overrides whether a status is retryable (the
+official SDKs do the same).  Each error carries ``.usage``: zero when the
+server answered with an error status (nothing was generated), ``None``
+(unknown) when the request may have reached the model and the answer was
+lost - a read timeout or a stream cut short.
+
+Reset hints, first found wins: ``retry-after-ms``; ``retry-after`` as
+seconds or an HTTP-date; the OpenAI ``x-ratelimit-reset-{requests,tokens}``
+Go durations (``6m0s``); the Anthropic ``anthropic-ratelimit-*-reset`` RFC
+3339 timestamps.  Of several resets, the one whose ``remaining`` is 0 is
+used, else the latest.  Dates are read against a wall clock the caller
+passes (``wall_now``), since they are meaningless on trio's virtual clock.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from messages import (
+    ZERO_USAGE,
+    AuthenticationFailed,
+    BadRequest,
+    Disconnected,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    TokenUsage,
+)
+
+WallClock = Callable[[], float]
+
+_EXCERPT = 200
+_SECRET_PATTERNS = (
+    re.compile(r"sk-[A-Za-z0-9_\-]{6,}"),  # OpenAI / Anthropic style keys
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=\-]{6,}"),
+    re.compile(r'(?i)("?(?:api[_-]?key|x-api-key|authorization|access_token|refresh_token)"?\s*[:=]\s*"?)[^"\s,}]+'),
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with the given secrets and anything key-shaped masked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    for pattern in _SECRET_PATTERNS:
+        if pattern.groups:
+            text = pattern.sub(lambda m: m.group(1) + "[REDACTED]", text)
+        else:
+            text = pattern.sub("[REDACTED]", text)
+    return text
+
+
+def body_excerpt(body: bytes, secrets: Iterable[str] = ()) -> str:
+    """A short, one-line, redacted excerpt of an error body.  A JSON error
+    object's ``message`` is preferred over the raw text."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            text = err["message"]
+        elif isinstance(err, str):
+            text = err
+    text = " ".join(redact(text, secrets).split())
+    return text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
+
+
+_GO_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Seconds in a Go-style duration (``6m0s``, ``1.5s``, ``20ms``);
+    ``None`` when it is not one.  A bare number is taken as seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _GO_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _GO_UNIT[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def _seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds == seconds and seconds >= 0 else None  # NaN check
+
+
+def _http_date(value: str, wall_now: float) -> float | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - wall_now)
+
+
+def _rfc3339(value: str, wall_now: float) -> float | None:
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - wall_now)
+
+
+def _pick(resets: list[tuple[float, str | None]]) -> float | None:
+    if not resets:
+        return None
+    exhausted = [s for s, remaining in resets if remaining is not None and remaining.strip() == "0"]
+    return max(exhausted) if exhausted else max(s for s, _ in resets)
+
+
+def parse_reset_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.time) -> float | None:
+    """Seconds until the provider's rate limit resets, from whichever hint
+    the response carries; ``None`` when it carries none."""
+    ms = _seconds(headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000.0
+    retry_after = headers.get("retry-after")
+    if retry_after is not None:
+        seconds = _seconds(retry_after)
+        if seconds is None:
+            seconds = _http_date(retry_after, wall_now())
+        if seconds is not None:
+            return seconds
+    resets: list[tuple[float, str | None]] = []
+    for kind in ("requests", "tokens"):
+        raw = headers.get(f"x-ratelimit-reset-{kind}")
+        seconds = parse_go_duration(raw) if raw is not None else None
+        if seconds is not None:
+            resets.append((seconds, headers.get(f"x-ratelimit-remaining-{kind}")))
+    if resets:
+        return _pick(resets)
+    now = None
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+        raw = headers.get(f"anthropic-ratelimit-{kind}-reset")
+        if raw is None:
+            continue
+        now = wall_now() if now is None else now
+        seconds = _rfc3339(raw, now)
+        if seconds is not None:
+            resets.append((seconds, headers.get(f"anthropic-ratelimit-{kind}-remaining")))
+    return _pick(resets)
+
+
+def with_usage(error: ProviderError, usage: TokenUsage | None) -> ProviderError:
+    """Attach what the failed call consumed (``None``: unknown); the
+    gateway reads it with ``getattr(error, "usage", None)``."""
+    setattr(error, "usage", usage)  # noqa: B010 - ProviderError declares no slot for it
+    return error
+
+
+def _should_retry(headers: Mapping[str, str]) -> bool | None:
+    value = headers.get("x-should-retry", "").strip().lower()
+    return {"true": True, "false": False}.get(value)
+
+
+def error_from_status(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    provider: str,
+    secrets: Iterable[str] = (),
+    wall_now: WallClock = time.time,
+) -> ProviderError:
+    """The typed error for an HTTP error response (status >= 400)."""
+    excerpt = body_excerpt(body, secrets)
+    detail = f"{provider}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+    override = _should_retry(headers)
+    error: ProviderError
+    if status == 429:
+        if override is False or "insufficient_quota" in body.decode("utf-8", "replace"):
+            error = QuotaExceeded(detail)
+        else:
+            error = RateLimited(detail, retry_after=parse_reset_hint(headers, wall_now=wall_now))
+    elif status in (401, 403):
+        error = AuthenticationFailed(detail)
+    elif status == 408:
+        error = ProviderTimeout(detail) if override is not False else BadRequest(detail)
+    elif status == 409 or 500 <= status <= 599:
+        error = ProviderUnavailable(detail) if override is not False else ProviderError(detail)
+    elif override is True:
+        error = ProviderUnavailable(detail)
+    else:
+        error = BadRequest(detail)
+    return with_usage(error, ZERO_USAGE)
+
+
+def error_from_transport(exc: httpx.TransportError, *, provider: str, streaming: bool = False) -> ProviderError:
+    """The typed error for an httpx transport failure.  Failures before the
+    request was sent cost nothing (usage zero); after it, usage is unknown."""
+    name = type(exc).__name__
+    before_send = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    usage = ZERO_USAGE if before_send else None
+    error: ProviderError
+    if isinstance(exc, httpx.TimeoutException):
+        error = ProviderTimeout(f"{provider}: {name} ({'connecting' if before_send else 'waiting for the reply'})")
+    elif streaming:
+        error = Disconnected(f"{provider}: stream cut short ({name})")
+    else:
+        error = Disconnected(f"{provider}: connection failed ({name})")
+    return with_usage(error, usage)
+
+
+def stream_cut(provider: str, why: str) -> ProviderError:
+    """A stream that ended before its end marker: usage unknown."""
+    return with_usage(Disconnected(f"{provider}: stream cut short ({why})"), None)
+
+
+def malformed(provider: str, why: str) -> ProviderError:
+    """A 2xx answer we could not read: the provider misbehaved; retryable."""
+    return with_usage(ProviderUnavailable(f"{provider}: malformed response ({why})"), None)

@@ -1,0 +1,217 @@
+"""What the HTTP providers share: one owned ``httpx.AsyncClient``,
+credentials (an API key or a token source), the 401-refresh-once rule,
+error mapping, and server-sent events.
+
+Secrets: the key or token is only ever put in a request header.  It is not
+in any repr, error message or log line; error bodies are redacted before
+they are quoted (see :mod:`actors._http_errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import httpx
+
+from messages import AuthenticationFailed, Completion, CompletionRequest, ProviderError
+
+from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact
+from ._provider import BaseProvider
+
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
+USER_AGENT = "conclave/0.1"
+
+
+@runtime_checkable
+class BearerSource(Protocol):
+    """Where a bearer token comes from: anything with this method (the
+    device-code login's ``TokenSource`` is one).  ``force_refresh`` asks for
+    a new token after the provider rejected the current one with 401."""
+
+    async def bearer(self, *, force_refresh: bool = False) -> str: ...
+
+
+class _Unauthorized(Exception):
+    """Internal: a 401 the caller may answer by refreshing its token."""
+
+    def __init__(self, error: ProviderError) -> None:
+        self.error = error
+
+
+def system_prompt(request: CompletionRequest) -> str:
+    """The system message: the answer's shape in words, and once more in a
+    machine-readable line (serve-mock reads it; a model may too)."""
+    shape = {
+        "spec_id": request.spec_id,
+        "stage": request.key.stage,
+        "agent": request.key.agent,
+        "fields": list(request.response_fields),
+        "decision_field": request.decision_field,
+        "aggregate": request.aggregate,
+    }
+    return (
+        "You are one agent of a Conclave consensus panel. "
+        "Reply with exactly one JSON object and nothing else.\n"
+        "conclave-request: " + json.dumps(shape, sort_keys=True, separators=(",", ":"))
+    )
+
+
+async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """``(event, data)`` for each complete server-sent event.  An event the
+    stream ended in the middle of is dropped, never half-delivered."""
+    event, data = "message", list[str]()
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", list[str]()
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+
+
+class HttpProvider(BaseProvider):
+    """Base of the HTTP providers.  Subclasses say where to POST, what to
+    send, and how to read a plain or streamed answer."""
+
+    name = "http"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        token_source: BearerSource | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        stream: bool = True,
+        headers: Mapping[str, str] | None = None,
+        name: str | None = None,
+        model: str | None = None,
+        wall_now: WallClock = time.time,
+    ) -> None:
+        if (api_key is None) == (token_source is None):
+            raise ValueError("give exactly one of api_key and token_source")
+        if api_key is not None and not api_key:
+            raise ValueError("api_key must not be empty")
+        self.base_url = httpx.URL(base_url)
+        self.stream = stream
+        self.model = model  # when set, every call uses this model, whatever the agent asked
+        if name is not None:
+            self.name = name
+        self._api_key = api_key
+        self._token_source = token_source
+        self._last_token: str | None = None
+        self._headers = {"user-agent": USER_AGENT, **(headers or {})}
+        self._wall_now = wall_now
+        self._client = httpx.AsyncClient(transport=transport, timeout=timeout)
+
+    def __repr__(self) -> str:
+        cred = "api_key=<hidden>" if self._api_key is not None else "token_source=<hidden>"
+        return f"{type(self).__name__}(name={self.name!r}, base_url={str(self.base_url)!r}, {cred})"
+
+    # -- subclass hooks ------------------------------------------------------
+
+    def endpoint(self) -> httpx.URL:
+        raise NotImplementedError
+
+    def auth_headers(self, secret: str, *, is_token: bool) -> dict[str, str]:
+        return {"authorization": f"Bearer {secret}"}
+
+    def request_body(self, request: CompletionRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse_body(self, request: CompletionRequest, data: Any) -> Completion:
+        raise NotImplementedError
+
+    async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:
+        raise NotImplementedError
+
+    # -- the seam ------------------------------------------------------------
+
+    def _secrets(self) -> list[str]:
+        return [s for s in (self._api_key, self._last_token) if s]
+
+    async def _credential(self, *, force_refresh: bool) -> tuple[str, bool]:
+        if self._api_key is not None:
+            return self._api_key, False
+        assert self._token_source is not None
+        try:
+            token = await self._token_source.bearer(force_refresh=force_refresh)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            message = redact(str(exc), self._secrets())
+            raise AuthenticationFailed(f"{self.name}: no token: {type(exc).__name__}: {message}") from None
+        if not token:
+            raise AuthenticationFailed(f"{self.name}: the token source gave an empty token")
+        self._last_token = token
+        return token, True
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        if self.model is not None and request.model != self.model:
+            request = attrs.evolve(request, model=self.model)
+        body = self.request_body(request)
+        secret, is_token = await self._credential(force_refresh=False)
+        try:
+            return await self._attempt(request, body, secret, is_token, may_refresh=is_token)
+        except _Unauthorized:
+            pass
+        # One 401 with a token source: refresh once and try once more.
+        secret, is_token = await self._credential(force_refresh=True)
+        try:
+            return await self._attempt(request, body, secret, is_token, may_refresh=False)
+        except _Unauthorized as unauthorized:  # pragma: no cover - may_refresh=False
+            raise unauthorized.error from None
+
+    async def _attempt(
+        self,
+        request: CompletionRequest,
+        body: dict[str, Any],
+        secret: str,
+        is_token: bool,
+        *,
+        may_refresh: bool,
+    ) -> Completion:
+        headers = {**self._headers, **self.auth_headers(secret, is_token=is_token)}
+        try:
+            async with self._client.stream("POST", self.endpoint(), json=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    raw = await response.aread()
+                    error = error_from_status(
+                        response.status_code,
+                        response.headers,
+                        raw,
+                        provider=self.name,
+                        secrets=self._secrets(),
+                        wall_now=self._wall_now,
+                    )
+                    if response.status_code == 401 and may_refresh:
+                        raise _Unauthorized(error)
+                    raise error
+                if self.stream:
+                    return await self.read_stream(request, response)
+                raw = await response.aread()
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc, provider=self.name, streaming=self.stream) from None
+        except httpx.DecodingError:
+            raise malformed(self.name, "undecodable body") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise malformed(self.name, "body is not JSON") from None
+        return self.parse_body(request, data)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

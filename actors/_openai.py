@@ -1,0 +1,110 @@
+"""OpenAI-compatible Chat Completions over httpx.
+
+POSTs to ``{base_url}/chat/completions``, where ``base_url`` includes the
+version path as the official client takes it (``https://api.openai.com/v1``,
+``http://127.0.0.1:8000/v1``).  A query in the base URL is kept, so an
+Azure OpenAI deployment works as
+``https://RESOURCE.openai.azure.com/openai/deployments/NAME?api-version=...``
+(Azure hosts get the ``api-key`` header instead of a bearer key).
+
+Asks for JSON output (``response_format={"type": "json_object"}``) when the
+request names response fields, and streams by default with
+``stream_options={"include_usage": true}`` so the usage arrives as the
+stream's last chunk.  A stream that ends without ``data: [DONE]`` was cut
+short: :class:`~messages.Disconnected` with usage unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from messages import Completion, CompletionRequest, TokenUsage
+
+from ._http_errors import error_from_status, malformed, stream_cut, with_usage
+from ._http_provider import HttpProvider, iter_sse, system_prompt
+from ._usage_normalise import usage_from_openai
+
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAIProvider(HttpProvider):
+    name = "openai"
+
+    def __init__(self, *, base_url: str = DEFAULT_OPENAI_BASE_URL, json_mode: bool = True, **kwargs: Any) -> None:
+        super().__init__(base_url=base_url, **kwargs)
+        self.json_mode = json_mode
+        self._azure = (self.base_url.host or "").endswith(".azure.com")
+
+    def endpoint(self) -> httpx.URL:
+        return self.base_url.copy_with(path=self.base_url.path.rstrip("/") + "/chat/completions")
+
+    def auth_headers(self, secret: str, *, is_token: bool) -> dict[str, str]:
+        if self._azure and not is_token:
+            return {"api-key": secret}
+        return {"authorization": f"Bearer {secret}"}
+
+    def request_body(self, request: CompletionRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": [
+                {"role": "system", "content": system_prompt(request)},
+                {"role": "user", "content": request.prompt},
+            ],
+        }
+        if self.json_mode and request.response_fields:
+            body["response_format"] = {"type": "json_object"}
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def parse_body(self, request: CompletionRequest, data: Any) -> Completion:
+        try:
+            message = data["choices"][0]["message"]
+            content = message.get("content")
+            if content is None:
+                content = message.get("refusal") or ""
+            if not isinstance(content, str):
+                raise TypeError("content is not a string")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise malformed(self.name, "no choices[0].message.content") from None
+        model = data.get("model") if isinstance(data.get("model"), str) else request.model
+        return Completion(content=content, usage=usage_from_openai(data.get("usage")), model=model)
+
+    async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:
+        parts: list[str] = []
+        usage: TokenUsage | None = None
+        model = request.model
+        done = False
+        async for _event, data in iter_sse(response):
+            if data.strip() == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise malformed(self.name, "a stream chunk is not JSON") from None
+            if not isinstance(chunk, dict):
+                raise malformed(self.name, "a stream chunk is not an object")
+            if chunk.get("error") is not None:
+                # An error event mid-stream: some tokens may have been billed.
+                error = error_from_status(
+                    500, {}, json.dumps(chunk).encode(), provider=self.name, secrets=self._secrets()
+                )
+                raise with_usage(error, None)
+            if isinstance(chunk.get("model"), str):
+                model = chunk["model"]
+            for choice in chunk.get("choices") or ():
+                delta = (choice.get("delta") or {}) if isinstance(choice, dict) else {}
+                text = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(text, str):
+                    parts.append(text)
+            if chunk.get("usage") is not None:
+                usage = usage_from_openai(chunk["usage"])
+        if not done:
+            # Usage stays unknown unless its chunk arrived before the cut.
+            raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage)
+        return Completion(content="".join(parts), usage=usage, model=model)

@@ -1,0 +1,164 @@
+"""Bad provider configuration fails before any agent starts: a clear
+message, exit 2, and no store written."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from actors._anthropic import AnthropicProvider
+from actors._cli import main
+from actors._cli_providers import add_provider_arguments, pipeline_from_args, providers_from_args
+from actors._openai import OpenAIProvider
+from actors._pipeline import default_pipeline, parse_pipeline
+from actors._provider_factory import ProviderConfigError, build_provider
+from actors._simulator import SimulatedProvider
+
+from tests._providers_support import SECRET
+
+
+def test_build_provider_reads_the_key_from_the_given_env() -> None:
+    p = build_provider("openai", env={"OPENAI_API_KEY": SECRET})
+    assert isinstance(p, OpenAIProvider)
+    assert str(p.base_url) == "https://api.openai.com/v1"
+    assert SECRET not in repr(p)
+    a = build_provider("anthropic", env={"ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    assert isinstance(a, AnthropicProvider) and str(a.endpoint()) == "http://127.0.0.1:9/v1/messages"
+    assert isinstance(build_provider("sim", env={}), SimulatedProvider)
+
+
+def test_api_key_env_names_another_variable() -> None:
+    p = build_provider("openai", api_key_env="MY_KEY", env={"MY_KEY": SECRET})
+    assert isinstance(p, OpenAIProvider)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "gemini"}, "unknown provider 'gemini'; choose one of: anthropic, openai, sim"),
+        ({"name": "openai", "env": {}}, "provider 'openai' needs an API key: set OPENAI_API_KEY"),
+        ({"name": "anthropic", "env": {"OPENAI_API_KEY": SECRET}}, "needs an API key: set ANTHROPIC_API_KEY"),
+        ({"name": "openai", "env": {"OPENAI_API_KEY": ""}}, "needs an API key"),
+        ({"name": "openai", "base_url": "127.0.0.1:8000/v1", "env": {"OPENAI_API_KEY": SECRET}}, "must start with http:// or https://"),
+        ({"name": "openai", "base_url": "ftp://host/v1", "env": {"OPENAI_API_KEY": SECRET}}, "must start with http"),
+        ({"name": "openai", "base_url": "http:///v1", "env": {"OPENAI_API_KEY": SECRET}}, "has no host"),
+        ({"name": "openai", "base_url": "http://[::1/v1", "env": {"OPENAI_API_KEY": SECRET}}, "not a valid URL"),
+        ({"name": "openai", "base_url": "", "env": {"OPENAI_API_KEY": SECRET}}, "base URL is empty"),
+    ],
+)
+def test_bad_configuration_is_named(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ProviderConfigError, match=None) as info:
+        build_provider(**kwargs)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_credentials_in_the_base_url_are_refused_and_not_echoed() -> None:
+    with pytest.raises(ProviderConfigError) as info:
+        build_provider("openai", base_url=f"https://user:{SECRET}@api.test/v1", env={"OPENAI_API_KEY": "k"})
+    assert "must not carry credentials" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    add_provider_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_override_every_agent_and_build_one_provider() -> None:
+    args = _args("--provider", "openai", "--model", "m1", "--base-url", "http://127.0.0.1:1/v1")
+    pipeline = pipeline_from_args(args, default_pipeline())
+    assert {(s.provider, s.model) for s in pipeline.agents.values()} == {("openai", "m1")}
+    providers = providers_from_args(args, default_pipeline(), env={"OPENAI_API_KEY": SECRET})
+    assert list(providers) == ["openai"]
+    assert str(providers["openai"].base_url) == "http://127.0.0.1:1/v1"  # type: ignore[attr-defined]
+
+
+TOML = """
+[agents.claude]
+provider = "anthropic"
+model = "claude-sonnet-4-5"
+[agents.gpt_pro]
+provider = "openai"
+model = "gpt-5"
+[[stages]]
+name = "plan"
+agents = ["claude", "gpt_pro", "gemini"]
+"""
+
+
+def test_pipeline_providers_per_agent() -> None:
+    pipeline = parse_pipeline(TOML)
+    env = {"OPENAI_API_KEY": SECRET, "ANTHROPIC_API_KEY": SECRET}
+    providers = providers_from_args(_args(), pipeline, env=env)
+    assert sorted(providers) == ["anthropic", "openai", "sim"]
+    with pytest.raises(ProviderConfigError, match="--base-url is ambiguous"):
+        providers_from_args(_args("--base-url", "http://127.0.0.1:1/v1"), pipeline, env=env)
+    with pytest.raises(ProviderConfigError, match="ANTHROPIC_API_KEY"):
+        providers_from_args(_args(), pipeline, env={"OPENAI_API_KEY": SECRET})
+
+
+# -- the CLI: exit 2 before any agent starts --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--provider", "gemini"], "unknown provider 'gemini'"),
+        (["--provider", "openai"], "needs an API key: set OPENAI_API_KEY"),
+        (["--provider", "anthropic", "--base-url", "http://127.0.0.1:1"], "needs an API key: set ANTHROPIC_API_KEY"),
+        (["--provider", "openai", "--base-url", "localhost:8000/v1"], "must start with http:// or https://"),
+        (["--provider", "openai", "--api-key-env", "NOPE_KEY"], "set NOPE_KEY"),
+        (["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs a real provider"),
+    ],
+)
+def test_cli_bad_configuration_exits_2_before_anything_runs(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    if "localhost:8000/v1" in argv:
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    db = tmp_path / "c.db"
+    code = main(["run", "--db", str(db), "--json", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("conclave: error: ") and message in err
+    assert out == ""  # no run started, no progress, no JSON
+    assert not db.exists()  # nothing was written: the store was never opened
+    assert SECRET not in out + err
+
+
+def test_cli_unknown_provider_in_pipeline_toml_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = tmp_path / "p.toml"
+    toml.write_text('[agents.claude]\nprovider = "bedrock"\n[[stages]]\nname = "plan"\nagents = ["claude"]\n')
+    db = tmp_path / "c.db"
+    code = main(["run", "--db", str(db), "--pipeline", str(toml)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "unknown provider 'bedrock'" in err and not db.exists()
+
+
+def test_cli_refuses_virtual_clock_with_real_providers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    code = main(["run", "--db", str(tmp_path / "c.db"), "--provider", "openai", "--clock", "virtual"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--clock real" in err
+
+
+def test_serve_mock_rejects_bad_faults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve-mock", "--fault", "teapot"]) == 2
+    assert "unknown fault 'teapot'" in capsys.readouterr().err
+
+
+def test_cli_max_concurrency_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "c.db"
+    assert main(["run", "--db", str(db), "--max-concurrency", "0"]) == 2
+    assert "--max-concurrency must be at least 1" in capsys.readouterr().err and not db.exists()

@@ -1,0 +1,266 @@
+"""HTTP statuses, reset headers and transport failures map onto the typed
+errors - through httpx.MockTransport (hand-made responses) and through
+serve-mock's backend (the same faults a real socket would carry)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+
+from actors._http_errors import parse_go_duration, parse_reset_hint, redact
+from actors._mock_backend import MockBackend
+from actors._mock_server import mock_transport
+from actors._openai import OpenAIProvider
+from messages import (
+    ZERO_USAGE,
+    AuthenticationFailed,
+    BadRequest,
+    Disconnected,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    is_retryable,
+)
+
+from tests._providers_support import SECRET, fixed, make_request, raising
+
+WALL = 1_800_000_000.0  # a fixed wall clock for date-shaped hints
+
+
+def provider(transport: httpx.AsyncBaseTransport, **kwargs: object) -> OpenAIProvider:
+    return OpenAIProvider(
+        base_url="http://mock.test/v1", api_key=SECRET, transport=transport, wall_now=lambda: WALL, **kwargs  # type: ignore[arg-type]
+    )
+
+
+async def failure(transport: httpx.AsyncBaseTransport, **kwargs: object) -> ProviderError:
+    p = provider(transport, **kwargs)
+    try:
+        with pytest.raises(ProviderError) as info:
+            await p.complete(make_request())
+    finally:
+        await p.aclose()
+    return info.value
+
+
+# -- one test per status -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, BadRequest),
+        (401, AuthenticationFailed),
+        (403, AuthenticationFailed),
+        (404, BadRequest),
+        (408, ProviderTimeout),
+        (409, ProviderUnavailable),
+        (422, BadRequest),
+        (429, RateLimited),
+        (500, ProviderUnavailable),
+        (502, ProviderUnavailable),
+        (503, ProviderUnavailable),
+        (504, ProviderUnavailable),
+        (529, ProviderUnavailable),
+    ],
+)
+async def test_status_maps_to_typed_error(status: int, kind: type[ProviderError]) -> None:
+    error = await failure(fixed(status, body=json.dumps({"error": {"message": f"status {status}"}})))
+    assert type(error) is kind
+    assert f"HTTP {status}" in str(error) and f"status {status}" in str(error)
+    # An error status means the model produced nothing: usage is known zero.
+    assert getattr(error, "usage", "absent") == ZERO_USAGE
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422, 429, 500, 502, 503, 504, 529])
+async def test_status_from_serve_mock_fault(status: int) -> None:
+    backend = MockBackend(seed=1)
+    error = await failure(mock_transport(backend), headers={"x-mock-fault": str(status)})
+    expected = {400: BadRequest, 404: BadRequest, 422: BadRequest, 401: AuthenticationFailed,
+                403: AuthenticationFailed, 429: RateLimited}.get(status, ProviderUnavailable)
+    assert type(error) is expected
+    assert backend.ledger.faults == {str(status): 1}
+
+
+async def test_quota_429_is_permanent() -> None:
+    body = json.dumps({"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}})
+    error = await failure(fixed(429, headers={"retry-after": "1"}, body=body))
+    assert type(error) is QuotaExceeded and not is_retryable(error)
+
+
+# -- x-should-retry ------------------------------------------------------------
+
+
+async def test_should_retry_false_makes_5xx_permanent() -> None:
+    error = await failure(fixed(503, headers={"x-should-retry": "false"}))
+    assert not is_retryable(error)
+
+
+async def test_should_retry_false_on_429_is_quota() -> None:
+    error = await failure(mock_transport(MockBackend()), headers={"x-mock-fault": "429", "x-mock-should-retry": "false"})
+    assert type(error) is QuotaExceeded
+
+
+async def test_should_retry_true_makes_4xx_retryable() -> None:
+    error = await failure(fixed(400, headers={"x-should-retry": "true"}))
+    assert is_retryable(error)
+    plain = await failure(fixed(400))
+    assert not is_retryable(plain)
+
+
+# -- one test per reset-header form ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "30"}, 30.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"retry-after-ms": "2500"}, 2.5),
+        ({"retry-after-ms": "2500", "retry-after": "9"}, 2.5),  # ms wins, as in the SDKs
+        ({"retry-after": format_datetime(datetime.fromtimestamp(WALL + 42, UTC), usegmt=True)}, 42.0),
+        ({"x-ratelimit-reset-requests": "6m0s"}, 360.0),
+        ({"x-ratelimit-reset-tokens": "1.5s"}, 1.5),
+        ({"x-ratelimit-reset-tokens": "20ms"}, 0.02),
+        (
+            {
+                "x-ratelimit-reset-requests": "1s",
+                "x-ratelimit-remaining-requests": "5",
+                "x-ratelimit-reset-tokens": "6m0s",
+                "x-ratelimit-remaining-tokens": "0",
+            },
+            360.0,
+        ),
+        (
+            {
+                "x-ratelimit-reset-requests": "2s",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-tokens": "6m0s",
+                "x-ratelimit-remaining-tokens": "900",
+            },
+            2.0,
+        ),
+        (
+            {"anthropic-ratelimit-requests-reset": datetime.fromtimestamp(WALL + 17, UTC).isoformat().replace("+00:00", "Z")},
+            17.0,
+        ),
+        (
+            {
+                "anthropic-ratelimit-tokens-reset": datetime.fromtimestamp(WALL + 61, UTC).isoformat(),
+                "anthropic-ratelimit-input-tokens-reset": datetime.fromtimestamp(WALL + 5, UTC).isoformat(),
+            },
+            61.0,
+        ),
+        ({}, None),
+        ({"retry-after": "soon"}, None),
+    ],
+)
+async def test_429_reset_hint_forms(headers: dict[str, str], seconds: float | None) -> None:
+    error = await failure(fixed(429, headers=headers))
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == (pytest.approx(seconds) if seconds is not None else None)
+
+
+@pytest.mark.parametrize(
+    ("style", "seconds"),
+    [("all", 30.0), ("retry-after", 30.0), ("retry-after-ms", 30.0), ("retry-after-date", 30.0),
+     ("openai", 30.0), ("anthropic", 30.0), ("none", None)],
+)
+async def test_429_reset_forms_from_serve_mock(style: str, seconds: float | None) -> None:
+    backend = MockBackend(wall_now=lambda: datetime.fromtimestamp(WALL, UTC))
+    error = await failure(
+        mock_transport(backend), headers={"x-mock-fault": "429", "x-mock-reset": "30", "x-mock-reset-style": style}
+    )
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == seconds
+
+
+def test_past_dates_mean_now() -> None:
+    past = format_datetime(datetime.fromtimestamp(WALL, UTC) - timedelta(seconds=10), usegmt=True)
+    assert parse_reset_hint({"retry-after": past}, wall_now=lambda: WALL) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("6m0s", 360.0), ("1h2m3s", 3723.0), ("1.5s", 1.5), ("250ms", 0.25), ("7", 7.0), ("", None), ("6 minutes", None)],
+)
+def test_go_durations(text: str, seconds: float | None) -> None:
+    assert parse_go_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+# -- transport failures ----------------------------------------------------------
+
+
+async def test_connection_refused_is_disconnect_costing_nothing() -> None:
+    error = await failure(raising(lambda r: httpx.ConnectError("[Errno 111] Connection refused", request=r)))
+    assert type(error) is Disconnected
+    assert getattr(error, "usage") == ZERO_USAGE
+
+
+async def test_connection_reset_while_waiting_is_disconnect_with_unknown_usage() -> None:
+    error = await failure(raising(lambda r: httpx.ReadError("[Errno 104] Connection reset by peer", request=r)))
+    assert type(error) is Disconnected
+    assert getattr(error, "usage", "absent") is None
+
+
+@pytest.mark.parametrize("exc", [httpx.ReadTimeout, httpx.ConnectTimeout, httpx.WriteTimeout, httpx.PoolTimeout])
+async def test_httpx_timeouts_are_provider_timeouts(exc: type[httpx.TimeoutException]) -> None:
+    error = await failure(raising(lambda r: exc("timed out", request=r)))
+    assert type(error) is ProviderTimeout
+
+
+async def test_stream_cut_short_is_disconnect_with_unknown_usage() -> None:
+    backend = MockBackend(seed=3)
+    error = await failure(mock_transport(backend), headers={"x-mock-fault": "disconnect"})
+    assert type(error) is Disconnected and "cut short" in str(error)
+    assert getattr(error, "usage", "absent") is None
+    assert backend.ledger.usage == ZERO_USAGE  # the usage chunk never went out
+
+
+async def test_stream_ending_without_done_is_disconnect() -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"content": "{\"a\""}, "finish_reason": None}]}
+    body = f"data: {json.dumps(chunk)}\n\n"  # then a clean end of body, but no [DONE]
+    error = await failure(fixed(200, headers={"content-type": "text/event-stream"}, body=body))
+    assert type(error) is Disconnected
+    assert getattr(error, "usage", "absent") is None
+
+
+async def test_plain_request_dropped_before_response_is_disconnect() -> None:
+    error = await failure(mock_transport(MockBackend()), headers={"x-mock-fault": "disconnect"}, stream=False)
+    assert type(error) is Disconnected
+    assert getattr(error, "usage", "absent") is None
+
+
+async def test_garbage_2xx_body_is_retryable_unavailable() -> None:
+    error = await failure(fixed(200, body="<html>gateway</html>"), stream=False)
+    assert type(error) is ProviderUnavailable and is_retryable(error)
+
+
+# -- secrets ---------------------------------------------------------------------
+
+
+async def test_error_bodies_are_excerpted_and_redacted() -> None:
+    body = json.dumps(
+        {"error": {"message": f"Incorrect API key provided: {SECRET}. " + "x" * 1000, "type": "invalid_request_error"}}
+    )
+    error = await failure(fixed(401, body=body))
+    text = str(error) + repr(error)
+    assert SECRET not in text and SECRET[:12] not in text
+    assert "[REDACTED]" in text
+    assert len(str(error)) < 300
+
+
+def test_redact_masks_key_shapes_it_was_not_told_about() -> None:
+    text = redact('{"api_key": "abc123secret", "auth": "Bearer eyJhbGciOi.JIUzI1"} sk-ant-api03-AAAAAAAA')
+    assert "abc123secret" not in text and "eyJhbGciOi" not in text and "sk-ant-api03" not in text
+
+
+def test_provider_repr_hides_the_key() -> None:
+    p = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET)
+    assert SECRET not in repr(p) and "hidden" in repr(p)

@@ -1,0 +1,298 @@
+"""The OpenAI-compatible and Anthropic providers speak their protocols:
+request shape, plain and streamed answers, usage, and credentials."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from actors._anthropic import AnthropicProvider
+from actors._mock_backend import MockBackend, MockRequest
+from actors._mock_server import mock_transport
+from actors._openai import OpenAIProvider
+from actors._simulator import Latency, SimulatedProvider
+from messages import AuthenticationFailed, Disconnected, ProviderUnavailable, RateLimited, TokenUsage
+
+from tests._providers_support import SECRET, make_request
+
+
+def recording(handler: Any, seen: list[httpx.Request]) -> httpx.MockTransport:
+    async def wrapped(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        seen.append(request)
+        result: httpx.Response = await handler(request) if callable(handler) else handler
+        return result
+
+    return httpx.MockTransport(wrapped)
+
+
+# -- OpenAI-compatible ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_openai_answers_like_the_simulator(stream: bool) -> None:
+    backend = MockBackend(seed=11)
+    seen: list[httpx.Request] = []
+    inner = mock_transport(backend)
+
+    async def forward(request: httpx.Request) -> httpx.Response:
+        return await inner.handle_async_request(request)
+
+    p = OpenAIProvider(base_url="http://127.0.0.1:9/v1", api_key=SECRET, stream=stream, transport=recording(forward, seen))
+    request = make_request()
+    completion = await p.complete(request)
+    await p.aclose()
+    expected = SimulatedProvider(seed=11, latency=Latency(median=0)).answer(request)
+    assert completion.content == expected.content
+    assert completion.usage == expected.usage and completion.usage is not None
+    assert completion.usage.cached_input_tokens > 0  # cached and reasoning tokens survive the wire
+    assert backend.ledger.usage == completion.usage
+
+    [sent] = seen
+    assert sent.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert sent.headers["authorization"] == f"Bearer {SECRET}"
+    body = json.loads(sent.content)
+    assert body["model"] == "gpt-5"
+    assert body["response_format"] == {"type": "json_object"}
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    assert body["messages"][1]["content"] == request.prompt
+    if stream:
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    else:
+        assert "stream" not in body
+
+
+async def test_openai_stream_without_usage_chunk_reports_unknown_usage() -> None:
+    chunks = [
+        {"model": "local", "choices": [{"index": 0, "delta": {"content": "{\"ok\": "}, "finish_reason": None}]},
+        {"model": "local", "choices": [{"index": 0, "delta": {"content": "true}"}, "finish_reason": "stop"}]},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=transport)
+    completion = await p.complete(make_request())
+    assert completion.content == '{"ok": true}'
+    assert completion.usage is None  # the server never said: unknown, not zero
+    assert completion.model == "local"
+
+
+async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage() -> None:
+    body = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: {"error":{"message":"overloaded"}}\n\n'
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=transport)
+    with pytest.raises(ProviderUnavailable) as info:
+        await p.complete(make_request())
+    assert getattr(info.value, "usage", "absent") is None
+
+
+async def test_openai_azure_deployment_url_and_api_key_header() -> None:
+    seen: list[httpx.Request] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"model": "gpt-4o", "choices": [{"message": {"content": "{}"}}],
+                                         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    p = OpenAIProvider(
+        base_url="https://res.openai.azure.com/openai/deployments/dep1?api-version=2024-10-21",
+        api_key=SECRET, stream=False, transport=recording(answer, seen),
+    )
+    completion = await p.complete(make_request())
+    assert completion.usage == TokenUsage.of(input_tokens=3, output_tokens=1)
+    [sent] = seen
+    assert sent.url.path == "/openai/deployments/dep1/chat/completions"
+    assert sent.url.params["api-version"] == "2024-10-21"
+    assert sent.headers["api-key"] == SECRET and "authorization" not in sent.headers
+
+
+async def test_model_override_applies_to_every_call() -> None:
+    backend = MockBackend()
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=mock_transport(backend), model="local-7b")
+    completion = await p.complete(make_request(model="gpt-5"))
+    assert completion.model == "local-7b"
+
+
+# -- token source: 401 -> one forced refresh -----------------------------------
+
+
+class Tokens:
+    def __init__(self, *tokens: str) -> None:
+        self.tokens = list(tokens)
+        self.calls: list[bool] = []
+
+    async def bearer(self, *, force_refresh: bool = False) -> str:
+        self.calls.append(force_refresh)
+        if force_refresh:
+            self.tokens.pop(0)
+        return self.tokens[0]
+
+
+async def test_401_with_token_source_refreshes_once_and_retries() -> None:
+    tokens = Tokens("tok-old-AAAAAAAAAA", "tok-new-BBBBBBBBBB")
+    backend = MockBackend(required_key="tok-new-BBBBBBBBBB")
+    p = OpenAIProvider(base_url="http://x.test/v1", token_source=tokens, transport=mock_transport(backend))
+    completion = await p.complete(make_request())
+    assert completion.content.startswith("{")
+    assert tokens.calls == [False, True]
+    assert backend.ledger.requests == 2
+
+
+async def test_401_twice_fails_after_one_refresh() -> None:
+    tokens = Tokens("tok-one-AAAAAAAAAA", "tok-two-BBBBBBBBBB")
+    backend = MockBackend(required_key="something-else")
+    p = OpenAIProvider(base_url="http://x.test/v1", token_source=tokens, transport=mock_transport(backend))
+    with pytest.raises(AuthenticationFailed) as info:
+        await p.complete(make_request())
+    assert tokens.calls == [False, True]
+    assert "tok-" not in str(info.value)
+
+
+async def test_401_with_api_key_is_not_retried() -> None:
+    backend = MockBackend(required_key="other")
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=mock_transport(backend))
+    with pytest.raises(AuthenticationFailed):
+        await p.complete(make_request())
+    assert backend.ledger.requests == 1
+
+
+async def test_failing_token_source_is_authentication_error_without_secrets() -> None:
+    class Broken:
+        async def bearer(self, *, force_refresh: bool = False) -> str:
+            raise RuntimeError(f"refresh failed for refresh_token={SECRET}")
+
+    p = OpenAIProvider(base_url="http://x.test/v1", token_source=Broken(), transport=mock_transport(MockBackend()))
+    with pytest.raises(AuthenticationFailed) as info:
+        await p.complete(make_request())
+    assert SECRET not in str(info.value)
+
+
+# -- Anthropic -----------------------------------------------------------------
+
+ANTHROPIC_USAGE = {"input_tokens": 12, "cache_creation_input_tokens": 30, "cache_read_input_tokens": 500, "output_tokens": 1}
+
+
+def anthropic_sse(events: list[tuple[str, dict[str, Any]]]) -> str:
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+
+
+STREAM_EVENTS = [
+    ("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "claude-sonnet-4-5", "usage": ANTHROPIC_USAGE}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "{\"a\": "}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "1}"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 40}}),
+    ("message_stop", {"type": "message_stop"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "url"),
+    [
+        ("https://api.anthropic.com", "https://api.anthropic.com/v1/messages"),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/v1/messages"),
+        ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1/messages"),
+        ("https://proxy.test/anthropic", "https://proxy.test/anthropic/v1/messages"),
+    ],
+)
+def test_anthropic_endpoint_follows_the_official_client(base_url: str, url: str) -> None:
+    assert str(AnthropicProvider(base_url=base_url, api_key=SECRET).endpoint()) == url
+
+
+async def test_anthropic_stream_text_and_cache_usage() -> None:
+    seen: list[httpx.Request] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=anthropic_sse(STREAM_EVENTS))
+
+    p = AnthropicProvider(api_key=SECRET, transport=recording(answer, seen))
+    completion = await p.complete(make_request(model="claude-sonnet-4-5"))
+    assert completion.content == '{"a": 1}'
+    assert completion.usage == TokenUsage(
+        input_tokens=542, cached_input_tokens=500, output_tokens=40, reasoning_output_tokens=0, total_tokens=582
+    )
+    [sent] = seen
+    assert sent.headers["x-api-key"] == SECRET and sent.headers["anthropic-version"] == "2023-06-01"
+    body = json.loads(sent.content)
+    assert body["stream"] is True and body["max_tokens"] > 0 and "conclave-request:" in body["system"]
+
+
+async def test_anthropic_plain_answer() -> None:
+    payload = {"model": "claude-sonnet-4-5", "content": [{"type": "text", "text": "{}"}], "usage": ANTHROPIC_USAGE}
+    p = AnthropicProvider(api_key=SECRET, stream=False, transport=httpx.MockTransport(lambda r: httpx.Response(200, json=payload)))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.usage is not None
+    assert completion.usage.input_tokens == 542
+
+
+async def test_anthropic_stream_cut_before_message_stop() -> None:
+    body = anthropic_sse(STREAM_EVENTS[:4])
+    p = AnthropicProvider(api_key=SECRET, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)))
+    with pytest.raises(Disconnected) as info:
+        await p.complete(make_request())
+    assert getattr(info.value, "usage", "absent") is None
+
+
+@pytest.mark.parametrize(("kind", "error"), [("overloaded_error", ProviderUnavailable), ("rate_limit_error", RateLimited)])
+async def test_anthropic_error_event_mid_stream(kind: str, error: type[Exception]) -> None:
+    body = anthropic_sse([STREAM_EVENTS[0], ("error", {"type": "error", "error": {"type": kind, "message": "Overloaded"}})])
+    p = AnthropicProvider(api_key=SECRET, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)))
+    with pytest.raises(error):
+        await p.complete(make_request())
+
+
+async def test_anthropic_529_and_token_source_header() -> None:
+    seen: list[httpx.Request] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(529, json={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
+    p = AnthropicProvider(token_source=Tokens("tok-AAAAAAAAAAAA"), transport=recording(answer, seen))
+    with pytest.raises(ProviderUnavailable, match="Overloaded"):
+        await p.complete(make_request())
+    assert seen[0].headers["authorization"] == "Bearer tok-AAAAAAAAAAAA" and "x-api-key" not in seen[0].headers
+
+
+# -- Anthropic against serve-mock's /v1/messages ----------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_anthropic_against_serve_mock_matches_the_simulator(stream: bool) -> None:
+    backend = MockBackend(seed=4)
+    p = AnthropicProvider(base_url="http://127.0.0.1:9", api_key=SECRET, stream=stream, transport=mock_transport(backend))
+    request = make_request(model="claude-sonnet-4-5")
+    completion = await p.complete(request)
+    expected = SimulatedProvider(seed=4, latency=Latency(median=0)).answer(request)
+    assert completion.content == expected.content
+    assert completion.usage == expected.usage  # cache reads re-added to the input
+    assert backend.ledger.usage == expected.usage
+
+
+async def test_anthropic_faults_from_serve_mock() -> None:
+    backend = MockBackend(seed=4)
+
+    async def fails(fault: str, **headers: str) -> Exception:
+        p = AnthropicProvider(api_key=SECRET, transport=mock_transport(backend), headers={"x-mock-fault": fault, **headers})
+        with pytest.raises(Exception) as info:
+            await p.complete(make_request())
+        return info.value
+
+    cut = await fails("disconnect")
+    assert type(cut) is Disconnected and getattr(cut, "usage", "absent") is None
+    limited = await fails("429", **{"x-mock-reset": "8"})
+    assert type(limited) is RateLimited and limited.retry_after == 8.0
+    reply = backend.handle(MockRequest(method="POST", path="/v1/messages", body=json.dumps(
+        {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"x-mock-fault": "429", "x-mock-reset": "8"}))
+    headers = dict(reply.headers)
+    assert reply.status == 429 and headers["retry-after"] == "8"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0" and "anthropic-ratelimit-requests-reset" in headers
+    assert json.loads(reply.chunks[0])["error"]["type"] == "rate_limit_error"
+    overloaded = await fails("529")
+    assert type(overloaded) is ProviderUnavailable and "mock fault 529" in str(overloaded)
+    assert backend.ledger.usage == TokenUsage()

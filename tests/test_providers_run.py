@@ -1,0 +1,142 @@
+"""Whole runs through the OpenAI-compatible provider and serve-mock's
+backend, in process on trio's virtual clock (httpx.MockTransport: no
+sockets, so autojump makes no false timeouts)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from actors._mock_backend import FaultRule, MockBackend
+from actors._mock_server import mock_transport
+from actors._openai import OpenAIProvider
+from actors._pipeline import default_pipeline, pipeline_with_panel
+from actors._runtime import open_orchestrator
+from actors._simulator import Latency, SimulatedProvider
+from store import Store
+
+from tests._providers_support import SECRET
+
+SEED = 6
+_META = re.compile(r"conclave-request: (\{.*\})")
+
+
+class Recorder(httpx.AsyncBaseTransport):
+    """Wraps a transport; logs (time, stage, agent, status) per call and can
+    add fault headers to chosen (stage, agent, n-th call) requests."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, faults: dict[tuple[str, str, int], dict[str, str]] | None = None):
+        self.inner = inner
+        self.faults = faults or {}
+        self.calls: list[tuple[float, str, str, int]] = []
+        self._seen: Counter[tuple[str, str]] = Counter()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(await request.aread())
+        match = _META.search(body["messages"][0]["content"])
+        assert match is not None
+        meta = json.loads(match.group(1))
+        who = (meta["stage"], meta["agent"])
+        self._seen[who] += 1
+        extra = self.faults.get((*who, self._seen[who]), {})
+        if extra:
+            request.headers.update(extra)
+        at = trio.current_time()
+        response = await self.inner.handle_async_request(request)
+        self.calls.append((at, *who, response.status_code))
+        return response
+
+
+async def run_once(tmp_path: Path, provider: object, *, pipeline: object = None, name: str = "db") -> tuple[object, Store]:
+    store = Store.open(str(tmp_path / f"{name}.sqlite"))
+    async with open_orchestrator(store=store, provider=provider, pipeline=pipeline, seed=SEED) as orch:  # type: ignore[arg-type]
+        result = await orch.run("SPEC-1", goal="ship it")
+    return result, store
+
+
+async def test_run_against_mock_matches_the_simulator(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    backend = MockBackend(seed=SEED)
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=mock_transport(backend))
+    result, store = await run_once(tmp_path, http, name="http")
+    sim_result, _ = await run_once(tmp_path, SimulatedProvider(seed=SEED, latency=Latency(median=0)), name="sim")
+    assert result.completed  # type: ignore[attr-defined]
+    assert result.digest == sim_result.digest  # type: ignore[attr-defined]
+    assert [(s.stage, s.status) for s in result.stages] == [(s.stage, s.status) for s in sim_result.stages]  # type: ignore[attr-defined]
+    assert result.usage == backend.ledger.usage == sim_result.usage  # type: ignore[attr-defined]
+    assert result.unknown_usage_calls == 0  # type: ignore[attr-defined]
+
+
+async def test_mid_stream_disconnect_is_retried_and_usage_unknown(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = MockBackend(seed=SEED)
+    recorder = Recorder(mock_transport(backend), {("plan", "claude", 1): {"x-mock-fault": "disconnect"}})
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=recorder)
+    result, store = await run_once(tmp_path, http)
+    assert result.completed  # type: ignore[attr-defined]
+    assert backend.ledger.faults == {"disconnect": 1}
+
+    rows = store.outputs(result.run_id, stage="plan")  # type: ignore[attr-defined]
+    claude = [r for r in rows if r.agent == "claude"]
+    assert [(r.attempt, r.status) for r in claude] == [(1, "failed"), (2, "accepted")]
+    broken, retry = claude
+    assert broken.usage is None  # recorded as unknown, not as zero
+    assert "disconnect" in (broken.error or "") or "cut short" in (broken.error or "")
+    assert broken.content == ""  # the half-streamed text is never kept
+    # The accepted output is the retry's: whole, and the simulator's answer.
+    sim = SimulatedProvider(seed=SEED, latency=Latency(median=0))
+    [accepted] = [
+        r for r in store.outputs(result.run_id, stage="plan", accepted_only=True) if r.agent == "claude"  # type: ignore[attr-defined]
+    ]
+    assert accepted.attempt == 2 and accepted.content == retry.content
+    assert json.loads(retry.content)["agent"] == "claude"
+    assert retry.usage is not None
+    assert result.unknown_usage_calls == 1  # type: ignore[attr-defined]
+    # Known usage is exactly what the server sent in full.
+    assert result.usage == backend.ledger.usage  # type: ignore[attr-defined]
+    sim_result, sim_store = await run_once(tmp_path, sim, name="sim")
+    # Same decisions and same accepted outputs as an undisturbed run; the
+    # known usage is too (the broken attempt is counted apart, as unknown).
+    assert [(x.stage, x.status) for x in result.stages] == [(x.stage, x.status) for x in sim_result.stages]  # type: ignore[attr-defined]
+    assert result.usage == sim_result.usage  # type: ignore[attr-defined]
+    sim_claude = [r for r in sim_store.outputs(sim_result.run_id, stage="plan") if r.agent == "claude"]  # type: ignore[attr-defined]
+    assert [r.content for r in sim_claude] == [accepted.content]
+
+
+async def test_429_pauses_the_agent_until_its_reset_and_the_run_completes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = MockBackend(seed=SEED, faults=[FaultRule(kind="429", count=1)], reset_seconds=45)
+    recorder = Recorder(mock_transport(backend))
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=recorder)
+    result, store = await run_once(tmp_path, http)
+    assert result.completed  # type: ignore[attr-defined]
+    (t429, stage, agent, status) = recorder.calls[0]
+    assert status == 429
+    again = [t for t, s, a, code in recorder.calls[1:] if (s, a) == (stage, agent)]
+    assert again and again[0] - t429 >= 45  # not a moment before the reset
+    # Nothing reached the provider while it was rate limited.
+    assert not [c for c in recorder.calls[1:] if t429 < c[0] < t429 + 45]
+    retry_events = [e for e in store.events(result.run_id) if e.kind == "retry"]  # type: ignore[attr-defined]
+    assert retry_events[0].detail["error"] == "rate_limit" and retry_events[0].detail["delay_s"] >= 45
+
+
+async def test_429_pauses_every_caller_of_the_provider(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # In one parallel stage: a is told 429 (reset 30 s) while b gets a 500 and
+    # would retry after ~0.5 s.  A provider-wide gate holds b's retry too.
+    backend = MockBackend(seed=SEED, reset_seconds=30)
+    recorder = Recorder(
+        mock_transport(backend),
+        {("validate", "a", 1): {"x-mock-fault": "429"}, ("validate", "b", 1): {"x-mock-fault": "503"}},
+    )
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=recorder)
+    result, _ = await run_once(tmp_path, http, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    assert result.completed  # type: ignore[attr-defined]
+    [t429] = [t for t, _, _, code in recorder.calls if code == 429]
+    assert not [c for c in recorder.calls if t429 < c[0] < t429 + 30]

@@ -1,0 +1,102 @@
+"""Usage payloads of each provider normalise onto TokenUsage."""
+
+from __future__ import annotations
+
+from actors._usage_normalise import (
+    merge_anthropic_usage,
+    usage_from_anthropic,
+    usage_from_gemini,
+    usage_from_openai,
+    usage_to_openai,
+)
+from messages import TokenUsage
+
+
+def test_openai_chat_usage_includes_cached_and_reasoning() -> None:
+    usage = usage_from_openai(
+        {
+            "prompt_tokens": 1200,
+            "completion_tokens": 300,
+            "total_tokens": 1500,
+            "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 128},
+        }
+    )
+    assert usage == TokenUsage(
+        input_tokens=1200, cached_input_tokens=1024, output_tokens=300, reasoning_output_tokens=128, total_tokens=1500
+    )
+
+
+def test_openai_responses_api_usage() -> None:
+    usage = usage_from_openai(
+        {
+            "input_tokens": 50,
+            "input_tokens_details": {"cached_tokens": 10},
+            "output_tokens": 20,
+            "output_tokens_details": {"reasoning_tokens": 5},
+            "total_tokens": 70,
+        }
+    )
+    assert usage == TokenUsage(
+        input_tokens=50, cached_input_tokens=10, output_tokens=20, reasoning_output_tokens=5, total_tokens=70
+    )
+
+
+def test_openai_usage_with_missing_details_and_nulls() -> None:
+    usage = usage_from_openai({"prompt_tokens": 7, "completion_tokens": 3, "prompt_tokens_details": None})
+    assert usage == TokenUsage.of(input_tokens=7, output_tokens=3)
+
+
+def test_absent_usage_is_unknown_not_zero() -> None:
+    assert usage_from_openai(None) is None
+    assert usage_from_anthropic(None) is None
+    assert usage_from_gemini("nonsense") is None
+
+
+def test_anthropic_input_adds_cache_reads_and_writes() -> None:
+    usage = usage_from_anthropic(
+        {
+            "input_tokens": 21,
+            "cache_creation_input_tokens": 188,
+            "cache_read_input_tokens": 1000,
+            "output_tokens": 393,
+            "cache_creation": {"ephemeral_5m_input_tokens": 188, "ephemeral_1h_input_tokens": 0},
+        }
+    )
+    assert usage == TokenUsage(
+        input_tokens=21 + 188 + 1000,
+        cached_input_tokens=1000,
+        output_tokens=393,
+        reasoning_output_tokens=0,
+        total_tokens=21 + 188 + 1000 + 393,
+    )
+
+
+def test_anthropic_stream_delta_usage_is_cumulative_not_summed() -> None:
+    start = {"input_tokens": 25, "cache_read_input_tokens": 100, "output_tokens": 1}
+    delta = merge_anthropic_usage(None, {"output_tokens": 10})
+    delta = merge_anthropic_usage(delta, {"output_tokens": 15})
+    usage = usage_from_anthropic(merge_anthropic_usage(start, delta))
+    assert usage is not None
+    assert usage.output_tokens == 15
+    assert usage.input_tokens == 125 and usage.cached_input_tokens == 100
+
+
+def test_gemini_thoughts_are_output_and_reasoning() -> None:
+    usage = usage_from_gemini(
+        {
+            "promptTokenCount": 900,
+            "cachedContentTokenCount": 400,
+            "candidatesTokenCount": 100,
+            "thoughtsTokenCount": 60,
+            "totalTokenCount": 1060,
+        }
+    )
+    assert usage == TokenUsage(
+        input_tokens=900, cached_input_tokens=400, output_tokens=160, reasoning_output_tokens=60, total_tokens=1060
+    )
+
+
+def test_openai_round_trip_is_exact() -> None:
+    usage = TokenUsage.of(input_tokens=812, cached_input_tokens=300, output_tokens=250, reasoning_output_tokens=90)
+    assert usage_from_openai(usage_to_openai(usage)) == usage

@@ -1,0 +1,154 @@
+"""End to end, as a user runs it: ``conclave serve-mock`` and ``conclave
+run --provider openai --base-url ...`` as subprocesses over a real socket
+on 127.0.0.1, on the real clock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from store import Store
+
+from tests._providers_support import SECRET
+
+SEED = 6
+SPEC = "SPEC-E2E"
+
+
+def conclave(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "actors", *argv], capture_output=True, text=True, env=full_env, timeout=120
+    )
+
+
+@contextmanager
+def serve_mock(*argv: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """Start serve-mock on a free port; yield its base URL and, after the
+    block, the lines it printed (appended to the list on exit)."""
+    printed: list[str] = []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "serve-mock", "--port", "0", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("listening on http://127.0.0.1:"), first + (proc.stderr.read() if proc.stderr else "")
+        yield first.split()[-1], printed
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+        printed += [first, out, err]
+
+
+def ledger(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/mock/ledger").json()  # type: ignore[no-any-return]
+
+
+def everything_written(db: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+
+
+def test_run_against_serve_mock_matches_the_simulator_and_keeps_the_key_secret(tmp_path: Path) -> None:
+    db, sim_db = tmp_path / "http.db", tmp_path / "sim.db"
+    with serve_mock("--seed", str(SEED), "--require-key-env", "MOCK_KEY", env={"MOCK_KEY": SECRET}) as (url, printed):
+        run = conclave(
+            "run", SPEC, "--provider", "openai", "--base-url", url, "--seed", str(SEED), "--db", str(db), "--json",
+            env={"OPENAI_API_KEY": SECRET},
+        )
+        sent = ledger(url)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    sim = conclave("run", SPEC, "--seed", str(SEED), "--db", str(sim_db), "--json", "--sim-latency", "0")
+    assert sim.returncode == 0, sim.stderr
+    expected = json.loads(sim.stdout)
+
+    # The same consensus shape as the simulator: same decisions, same digest.
+    assert result["status"] == "completed"
+    assert [(s["stage"], s["status"], s["conflicts"]) for s in result["stages"]] == [
+        (s["stage"], s["status"], s["conflicts"]) for s in expected["stages"]
+    ]
+    assert {s["status"] for s in result["stages"]} == {"ok", "degraded"}  # a shape worth comparing
+    assert result["digest"] == expected["digest"]
+    # The reported usage is what the server sent, token for token.
+    assert result["usage"] == sent["usage"] and sent["usage"]["cached_input_tokens"] > 0
+    assert result["unknown_usage_calls"] == 0 and sent["completions"] == result["turns"]
+
+    # The key is in none of: run output, serve-mock output, status/decisions JSON, the database.
+    status = conclave("status", result["run_id"], "--db", str(db), "--json")
+    decisions = conclave("decisions", result["run_id"], "--db", str(db), "--json")
+    captured = "".join([run.stdout, run.stderr, status.stdout, status.stderr, decisions.stdout, decisions.stderr, *printed])
+    assert status.returncode == decisions.returncode == 0
+    assert SECRET not in captured
+    assert SECRET.encode() not in everything_written(db)
+
+
+def test_rejected_key_fails_cleanly_without_echoing_it(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    # The server wants another key and echoes the one it got in its 401 body.
+    with serve_mock("--require-key-env", "MOCK_KEY", env={"MOCK_KEY": "sk-the-right-one-000000"}) as (url, printed):
+        human = conclave("run", SPEC, "--provider", "openai", "--base-url", url, "--db", str(db),
+                         env={"OPENAI_API_KEY": SECRET})
+        machine = conclave("run", SPEC, "--provider", "openai", "--base-url", url, "--db", str(db), "--json",
+                           env={"OPENAI_API_KEY": SECRET})
+    assert human.returncode != 0 and machine.returncode != 0
+    assert "authentication" in human.stdout + human.stderr
+    captured = "".join([human.stdout, human.stderr, machine.stdout, machine.stderr, *printed])
+    assert SECRET not in captured and SECRET[:16] not in captured
+    assert SECRET.encode() not in everything_written(db)
+
+
+def test_faulty_server_run_still_completes(tmp_path: Path) -> None:
+    """The first call's stream is cut mid-way, the retry gets a 429 with a
+    1 s reset; the run completes with the simulator's decisions, the cut
+    attempt's usage unknown and the rest exactly what the server sent."""
+    db = tmp_path / "c.db"
+    with serve_mock("--seed", str(SEED), "--fault", "disconnect:1", "--fault", "429:1", "--reset-seconds", "1") as (url, _):
+        run = conclave("run", SPEC, "--provider", "openai", "--base-url", url, "--seed", str(SEED), "--db", str(db),
+                       "--json", env={"OPENAI_API_KEY": SECRET})
+        sent = ledger(url)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert sent["faults"] == {"429": 1, "disconnect": 1}
+    assert result["unknown_usage_calls"] == 1
+    assert result["usage"] == sent["usage"]
+    sim = json.loads(conclave("run", SPEC, "--seed", str(SEED), "--db", str(tmp_path / "s.db"), "--json",
+                              "--sim-latency", "0").stdout)
+    assert [(s["stage"], s["status"]) for s in result["stages"]] == [(s["stage"], s["status"]) for s in sim["stages"]]
+    with Store.open(str(db), readonly=True) as store:
+        retries = [e.detail for e in store.events(result["run_id"]) if e.kind == "retry"]
+        first = [o for o in store.outputs(result["run_id"]) if o.attempt == 1 and o.status == "failed"]
+    assert [r["error"] for r in retries] == ["disconnect", "rate_limit"]
+    assert retries[1]["delay_s"] >= 1.0  # the reset hint was honoured
+    [cut] = first
+    assert cut.usage is None
+
+
+def test_anthropic_run_against_serve_mock_matches_the_simulator(tmp_path: Path) -> None:
+    """The same through the Anthropic Messages provider; its base URL is the
+    API root without /v1, as the official client takes it."""
+    with serve_mock("--seed", str(SEED)) as (url, printed):
+        root = url.removesuffix("/v1")
+        run = conclave("run", SPEC, "--provider", "anthropic", "--base-url", root, "--seed", str(SEED),
+                       "--db", str(tmp_path / "a.db"), "--json", env={"ANTHROPIC_API_KEY": SECRET})
+        sent = ledger(url)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    sim = json.loads(conclave("run", SPEC, "--seed", str(SEED), "--db", str(tmp_path / "s.db"), "--json",
+                              "--sim-latency", "0").stdout)
+    assert result["digest"] == sim["digest"]
+    assert result["usage"] == sent["usage"] == sim["usage"]
+    assert SECRET not in run.stdout + run.stderr + "".join(printed)
