@@ -10,7 +10,10 @@ rather than failing fast and burning their attempts: the probe's success
 closes the breaker (and clears the window), and they go ahead; its failure
 opens it again for another cooldown, and they fail fast.  Outcomes of calls admitted before a
 transition are stale and ignored.  Defaults follow the reference's docs:
-50 % failures, 30 s cooldown, a test call after the cooldown.
+50 % failures, 30 s cooldown, a test call after the cooldown; the rate is
+taken over the last 50 outcomes once 20 are in.  (A window of 20 tripped on
+bursts of 30 s timeouts reporting together while a 429 held every other
+call back: a window that short measures the gate, not the provider.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ State = Literal["closed", "open", "half_open"]
 @attrs.frozen(kw_only=True, slots=True)
 class BreakerPolicy:
     failure_rate: float = attrs.field(default=0.5)
-    window: int = 20
+    window: int = 50
     min_calls: int = 20
     cooldown: float = 30.0
     probe_wait: float = 1.0  # hint to callers refused while a probe is out

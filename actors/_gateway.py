@@ -76,7 +76,7 @@ class Gateway:
             )
         health = self.health[request.provider]
         async with self._limits[request.provider]:
-            permit, blocked = await health.admit()
+            permit, blocked = await health.admit(request)
             if permit is None:
                 # Failed fast: nothing reached the provider, nothing was billed.
                 return CompletionResult(

@@ -20,11 +20,20 @@ from __future__ import annotations
 import attrs
 import trio
 
-from messages import CircuitOpen, ProviderError, RateLimited
+from messages import CircuitOpen, CompletionRequest, ProviderError, RateLimited
 
 from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
 from ._classify import classify
 from ._ratelimit import RateLimitGate
+from ._rng import derive_unit
+
+
+def _spread_unit(request: CompletionRequest | None) -> float:
+    """Where in the release spread this call goes: from its identity only."""
+    if request is None:
+        return 0.0
+    key = request.key
+    return derive_unit(0, "gate", request.spec_id, key.stage, key.agent, request.attempt)
 
 
 @attrs.frozen(slots=True)
@@ -42,11 +51,13 @@ class ProviderHealth:
         self.calls = 0
         self.rate_limits: list[tuple[float, float]] = []  # (at, reset_at) per 429 with a hint
 
-    async def admit(self) -> tuple[Permit | None, ProviderError | None]:
+    async def admit(self, request: CompletionRequest | None = None) -> tuple[Permit | None, ProviderError | None]:
         """Wait at the gate, then ask the breaker: a permit, or CircuitOpen
-        while it is open.  In half-open, wait for the probe's verdict."""
+        while it is open.  In half-open, wait for the probe's verdict.
+        ``request`` spreads the callers the gate releases (see
+        :class:`RateLimitGate`)."""
         while True:
-            await self.gate.wait()
+            await self.gate.wait(_spread_unit(request))
             now = trio.current_time()
             ticket = self.breaker.acquire(now)
             if isinstance(ticket, Ticket):
@@ -96,8 +107,10 @@ class HealthRegistry:
     def providers(self) -> dict[str, ProviderHealth]:
         return dict(self._providers)
 
-    async def admit(self, provider: str) -> tuple[Permit | None, ProviderError | None]:
-        return await self[provider].admit()
+    async def admit(
+        self, provider: str, request: CompletionRequest | None = None
+    ) -> tuple[Permit | None, ProviderError | None]:
+        return await self[provider].admit(request)
 
     def report(self, permit: Permit, error: ProviderError | None) -> None:
         self[permit.provider].report(permit, error)

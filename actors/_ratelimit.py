@@ -4,6 +4,11 @@ After a 429 with a reset hint the gate stays closed until the reset time on
 trio's clock, and every call to the provider - real or an injected fault
 standing in for one - waits at the gate instead of hammering the provider
 on its own schedule.  A later 429 can only push the reset time further out.
+
+Waiters are not all released in the instant the window ends (a thundering
+herd the provider would answer with another 429): each is released within
+``spread`` seconds after the reset, at a point drawn from its identity, so
+the release order is the same in every run and no two callers tie.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import trio
 
 
 class RateLimitGate:
-    def __init__(self) -> None:
+    def __init__(self, *, spread: float = 1.0) -> None:
+        if spread < 0:
+            raise ValueError(f"spread must be >= 0, got {spread}")
+        self.spread = spread
         self.reset_at = -math.inf
         self.closures = 0  # how many 429s closed (or extended) the gate
         self.waits = 0  # how many calls had to wait
@@ -28,13 +36,16 @@ class RateLimitGate:
     def is_open(self, now: float) -> bool:
         return now >= self.reset_at
 
-    async def wait(self) -> float:
+    async def wait(self, unit: float = 0.0) -> float:
         """Return once the gate is open (at once, without a checkpoint, if
-        it already is); returns how long it waited.  Cancellable."""
+        it already is); returns how long it waited.  A caller that had to
+        wait is released ``unit * spread`` seconds after the reset
+        (``unit`` in [0, 1), from its identity).  Cancellable."""
         start = trio.current_time()
         if start >= self.reset_at:
             return 0.0
         self.waits += 1
         while trio.current_time() < self.reset_at:
-            await trio.sleep_until(self.reset_at)  # the deadline may move on
+            # The deadline may move on while we sleep: check again.
+            await trio.sleep_until(self.reset_at + unit * self.spread)
         return trio.current_time() - start

@@ -353,7 +353,9 @@ class HealthPort(Protocol):
     provider.  ``admit`` waits at the gate, then returns ``(permit, None)``
     or ``(None, CircuitOpen)``; every permit is then reported or abandoned."""
 
-    async def admit(self, provider: str) -> tuple[Any, ProviderError | None]: ...
+    async def admit(
+        self, provider: str, request: CompletionRequest | None = None
+    ) -> tuple[Any, ProviderError | None]: ...
 
     def report(self, permit: Any, error: ProviderError | None) -> None: ...
 
@@ -535,7 +537,7 @@ class FaultInterceptor(Interceptor[Any]):
         if self.health is not None:
             # The injected fault stands in for a provider call: admitted
             # through the same gate and breaker as a real one.
-            permit, blocked = await self.health.admit(request.provider)
+            permit, blocked = await self.health.admit(request.provider, request)
             if blocked is not None:
                 reply.send(
                     CompletionResult(key=request.key, attempt=request.attempt, error=blocked, usage=ZERO_USAGE)

@@ -163,7 +163,9 @@ async def test_one_429_pauses_every_caller_until_reset(autojump_clock: trio.test
                 inner.start_soon(caller, agent)
         tx.close()
     assert all(r.completion is not None for r in results)
-    assert [round(t - start, 6) for t, a in calls if a != "first"] == [12.0, 12.0, 12.0]
+    released = [t - start for t, a in calls if a != "first"]
+    assert len(released) == 3 and all(12.0 <= t < 13.0 for t in released)
+    assert len(set(released)) == 3, "the herd is spread over a second after the reset"
     assert health["p"].gate.waits == 3
 
 
@@ -191,7 +193,8 @@ async def test_injected_429_closes_the_gate_for_real_calls(tmp_path: object, aut
         second = await ask(tx, call(agent="b"))
         assert second.completion is not None
         tx.close()
-    assert [(round(t - start, 6), a) for t, a, _ in seen] == [(8.0, "b")]
+    [(at, agent, _)] = seen
+    assert agent == "b" and 8.0 <= at - start < 9.0
 
 
 async def test_timeout_fault_takes_its_time(autojump_clock: trio.testing.MockClock) -> None:
