@@ -277,3 +277,27 @@ async def test_agent_retries_auth_once_then_gives_up(tmp_path: object, autojump_
     assert result.stages[0].missing_agents == ("claude",)
     with Store.open(f"{tmp_path}/a.db") as s:
         assert [o.attempt for o in s.outputs("auth", stage="plan") if o.agent == "claude"] == [1, 2]
+
+
+async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testing.MockClock) -> None:
+    health = HealthRegistry(BreakerPolicy(window=1, min_calls=1, cooldown=5))
+    p = health["p"]
+    permit, _ = await p.admit()
+    assert permit is not None
+    p.report(permit, Disconnected("x"))
+    assert p.breaker.state == "open"
+    await trio.sleep(5)
+    probe, _ = await p.admit()
+    assert probe is not None and probe.ticket.probe
+    outcomes: list[object] = []
+
+    async def waiter() -> None:
+        outcomes.append(await p.admit())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(2)
+        assert outcomes == [], "a caller in half-open waits for the probe's verdict"
+        p.report(probe, ProviderTimeout("t"))
+    [(permit2, error)] = outcomes
+    assert permit2 is None and isinstance(error, CircuitOpen) and error.retry_after == pytest.approx(5.0)

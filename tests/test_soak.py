@@ -91,3 +91,29 @@ def test_cli_soak_bad_input_exits_2() -> None:
     proc = run_cli(["soak", "--faults", "disconnect:lots"])
     assert proc.returncode == 2
     assert "bad count in 'disconnect:lots'" in proc.stderr
+
+
+def test_a_breaker_that_never_refuses_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker reads the breaker's transitions, not its answers: a
+    breaker that opens but lets calls through is caught."""
+    from actors import BreakerPolicy, CircuitBreaker, RetryPolicy
+    from actors._breaker import Ticket
+
+    original = CircuitBreaker.acquire
+
+    def leaky(self: CircuitBreaker, now: float) -> object:
+        got = original(self, now)
+        return Ticket(self.generation, probe=False) if isinstance(got, float) else got
+
+    monkeypatch.setattr(CircuitBreaker, "acquire", leaky)
+    report = run_soak(
+        SoakConfig(
+            seed=3,
+            runs=10,
+            faults=default_soak_plan("disconnect:60%"),
+            breaker=BreakerPolicy(window=10, min_calls=10),
+            retry=RetryPolicy(max_attempts=6),
+        )
+    )
+    assert report.breaker_trips > 0
+    assert any("while its breaker was open" in b for b in report.breaches)
