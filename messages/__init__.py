@@ -30,19 +30,16 @@ from ._errors import (
     RateLimited,
     is_retryable,
 )
-from ._faults import (
-    DISCONNECT_MESSAGE,
+from ._faultplan import (
     FAULT_KINDS,
-    FaultInterceptor,
     FaultKind,
     FaultPlan,
     FaultPlanError,
-    HealthPort,
-    InjectedFault,
     ResetHint,
     parse_reset_hint,
     parse_scope,
 )
+from ._faults import DISCONNECT_MESSAGE, FaultInterceptor, HealthPort, InjectedFault
 from ._identity import AgentKey, StageKey
 from ._messages import (
     AgentOutput,
