@@ -152,9 +152,11 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
         raise UsageError(str(exc)) from None
 
 
-def fault_banner(plan: FaultPlan) -> None:
+def fault_banner(plan: FaultPlan, seed: int) -> None:
+    """Say on stderr that faults are active (stdout stays clean for --json)."""
     if plan.enabled:
-        print(f"conclave: {plan.describe()}", file=sys.stderr)
+        note = "" if plan.seed is not None else f"; fault seed {seed} (from --seed)"
+        print(f"conclave: {plan.describe()}{note}", file=sys.stderr)
 
 
 def add_fault_options(p: argparse.ArgumentParser) -> None:
@@ -228,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
-            fault_banner(plan)
+            fault_banner(plan, args.seed)
             result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, configs, plan, clock=clock)
         except ConfigError as exc:
             return _fail(str(exc))

@@ -105,7 +105,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
         print(f"conclave: error: {exc}", file=sys.stderr)
         return 2
     if not args.json:
-        print(f"conclave: {config.faults.describe()}", file=sys.stderr)
+        note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
+        print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
     reports = [run_soak(config)]
     if args.check_determinism and reports[0].ok:
         reports.append(run_soak(config))
