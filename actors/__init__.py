@@ -10,8 +10,9 @@ accumulator and the store writer are trio tasks that share no mutable state
 and talk only through the typed channels of :mod:`messages`.
 """
 
-from . import _providers_api
+from . import _auth_api, _providers_api
 from ._agent import Agent, build_prompt
+from ._auth_api import *  # noqa: F403  (device-code login and tokens, listed there)
 from ._breaker import BreakerPolicy, CircuitBreaker
 from ._classify import Classification, classify
 from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
@@ -109,5 +110,6 @@ __all__ = [
     "pipeline_from_dict",
     "pipeline_with_panel",
     "short_branch_id",
+    *_auth_api.__all__,
     *_providers_api.__all__,
 ]

@@ -17,7 +17,6 @@ from messages import (
     AgentOutput,
     AgentReply,
     AgentRequest,
-    AuthenticationFailed,
     CompletionRequest,
     CompletionResult,
     Outbox,
@@ -78,7 +77,6 @@ class Agent:
         prompt = build_prompt(request, stage.required_fields, aggregate)
         key = request.key
         attempt = 0
-        auth_retries_left = 1  # one retry after an auth failure, with a refreshed token
         while True:
             attempt += 1
             call = CompletionRequest(
@@ -135,10 +133,10 @@ class Agent:
             )
             # Failed attempts are history, not input to consensus: fire and forget.
             await self.store.send(PersistOutput(output=failed))
-            if not self.retry.should_retry(error, attempt, auth_retries_left=auth_retries_left):
+            # Authentication is permanent here: the provider has already
+            # refreshed its token once and retried (the 401-refresh-once rule).
+            if not self.retry.should_retry(error, attempt):
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
-            if isinstance(error, AuthenticationFailed):
-                auth_retries_left -= 1
             delay = self.retry.delay(error, key, attempt, self.seed)
             await self.store.send(
                 PersistEvent(

@@ -3,8 +3,10 @@ a provider's health.
 
 One table for every failure, injected or real: disconnect, timeout, 429,
 5xx/overloaded, an open breaker and a busy database are retryable;
-authentication is retried once (the retry goes out with a refreshed token),
-then permanent; bad request, not-found and quota are permanent, as is
+authentication is permanent once a token refresh has been tried (the HTTP
+provider refreshes and retries a 401 once itself; a caller that refreshes
+on its own passes ``auth_retries_left``); bad request, not-found and quota
+are permanent, as is
 anything unrecognised (a bug should fail loudly, not be retried forever).
 """
 
@@ -58,7 +60,7 @@ class Classification:
 
 def classify(error: BaseException, *, auth_retries_left: int = 0) -> Classification:
     """Classify ``error``.  ``auth_retries_left`` > 0 makes an authentication
-    failure retryable (the agent allows one, for a token refresh)."""
+    failure retryable (for a caller that refreshes the token itself)."""
     kind: ErrorClass
     if isinstance(error, Disconnected):
         kind = "disconnect"

@@ -12,9 +12,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO, TypeVar
 
 import trio
 import trio.testing
@@ -28,8 +29,10 @@ from messages import (
     StageDecided,
     StageStarted,
 )
+from messages import AuthError
 from store import Store, StoreError
 
+from ._cli_auth import add_auth_commands, add_run_auth_option, login_token_sources
 from ._cli_providers import (
     add_provider_arguments,
     add_serve_mock_command,
@@ -41,6 +44,8 @@ from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
 from ._runtime import ConfigError, Limits, RunResult, open_orchestrator
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -169,6 +174,33 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)")
 
 
+async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``fn(*args)``, turning Ctrl-C into a clean cancellation.
+
+    trio's default raises KeyboardInterrupt wherever the signal lands - even
+    inside the store writer between two statements.  Instead, SIGINT cancels
+    the work like any other cancellation (runs are marked interrupted, the
+    store stays consistent) and *then* KeyboardInterrupt is raised here.
+    """
+    interrupted = False
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal interrupted
+                async for _ in signals:
+                    interrupted = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            result = await fn(*args)
+            nursery.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
 async def _run_pipeline(
     args: argparse.Namespace,
     store: Store,
@@ -209,8 +241,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Every provider is validated before the store opens or any agent starts.
     try:
         pipeline = pipeline_from_args(args, pipeline)
-        configs = provider_configs_from_args(args, pipeline)
-    except (ProviderConfigError, PipelineError) as exc:
+        tokens = login_token_sources(args, {spec.provider for spec in pipeline.agents.values()})
+        configs = provider_configs_from_args(args, pipeline, token_sources=tokens)
+    except (ProviderConfigError, PipelineError, AuthError) as exc:
         return _fail(str(exc))
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:
@@ -231,7 +264,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
             fault_banner(plan, args.seed)
-            result, elapsed = trio.run(_run_pipeline, args, store, pipeline, virtual, configs, plan, clock=clock)
+            result, elapsed = trio.run(
+                interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, clock=clock
+            )
         except ConfigError as exc:
             return _fail(str(exc))
         except BaseException as exc:
@@ -404,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fault_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     add_provider_arguments(run)
+    add_run_auth_option(run)
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
@@ -427,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later features register their subcommands here: f(subparsers) -> None.
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+EXTRA_COMMANDS.append(add_auth_commands)  # login, logout, auth status (issue 6)
 
 
 def _register_soak(sub: Any) -> None:

@@ -39,7 +39,7 @@ class RetryPolicy:
     def should_retry(self, error: ProviderError, attempt: int, *, auth_retries_left: int = 0) -> bool:
         """Whether to make attempt ``attempt + 1`` after ``error``.  An
         authentication failure is retried only while ``auth_retries_left``
-        (the agent allows one: the retry goes out with a refreshed token)."""
+        (0 for agents: the provider has already refreshed and retried once)."""
         return attempt < self.max_attempts and classify(error, auth_retries_left=auth_retries_left).retryable
 
     def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int) -> float:

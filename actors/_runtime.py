@@ -32,7 +32,7 @@ agents in one stage to keep that argument honest.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -386,6 +386,11 @@ class Orchestrator:
         )
 
 
+async def _shielded(fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+    with trio.CancelScope(shield=True):
+        await fn(arg)
+
+
 @asynccontextmanager
 async def open_orchestrator(
     *,
@@ -472,7 +477,11 @@ async def open_orchestrator(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(gateway.run, gateway_rx)
                 nursery.start_soon(metrics.run, metrics_rx)
-                nursery.start_soon(writer.run, store_rx)
+                # Shielded: the writer stops when its inbox closes, after
+                # committing what is queued, so even a cancelled orchestrator
+                # records its runs as interrupted.  It never waits on anyone
+                # but its inbox (and a bounded busy-retry loop).
+                nursery.start_soon(_shielded, writer.run, store_rx)
                 orchestrator = Orchestrator(
                     gateway=gateway_tx,
                     metrics=metrics_tx,

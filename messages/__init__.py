@@ -5,6 +5,8 @@ channel machinery: :func:`open_channel`, the :class:`Interceptor` seam on the
 send side, and one-shot :class:`Reply` slots for request-reply.
 """
 
+from . import _auth_api
+from ._auth_api import *  # noqa: F403  (auth messages and errors, listed there)
 from ._channel import (
     Forward,
     FunctionInterceptor,
@@ -140,4 +142,5 @@ __all__ = [
     "is_retryable",
     "open_channel",
     "reply_pair",
+    *_auth_api.__all__,
 ]

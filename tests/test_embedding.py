@@ -61,6 +61,8 @@ async def test_two_orchestrators_side_by_side_one_cancelled(
     assert_consistent(cancelled_db, "victim")
     with Store.open(cancelled_db) as s:
         assert [d.stage for d in s.decisions("victim")] == ["plan", "tasks"]
+        victim = s.get_run("victim")
+        assert victim is not None and victim.status == "interrupted"
 
 
 async def test_cancelling_a_run_marks_it_interrupted(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:

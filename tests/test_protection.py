@@ -259,24 +259,28 @@ def test_backoff_is_capped_jittered_seeded_and_honours_hints() -> None:
     assert policy.delay(CircuitOpen("open", retry_after=20.0), key, 1, seed=1) == 20.0
 
 
-async def test_agent_retries_auth_once_then_gives_up(tmp_path: object, autojump_clock: trio.testing.MockClock) -> None:
+async def test_agent_does_not_retry_authentication(tmp_path: object, autojump_clock: trio.testing.MockClock) -> None:
+    """The provider refreshes and retries a 401 once itself; by the time the
+    agent sees AuthenticationFailed it is permanent: one attempt, no backoff."""
     attempts: list[tuple[str, int]] = []
     sim = SimulatedProvider(seed=0)
 
     def handler(request: CompletionRequest) -> Completion:
         attempts.append((request.key.agent, request.attempt))
-        if request.key.agent == "claude" or (request.key.agent == "gemini" and request.attempt == 1):
+        if request.key.agent == "claude":
             raise AuthenticationFailed("401 Unauthorized")
+        if request.key.agent == "gemini" and request.attempt == 1:
+            raise ProviderUnavailable("503")
         return sim.answer(request)
 
     async with open_orchestrator(store=f"{tmp_path}/a.db", provider=MockProvider(handler, name="sim"),
                                  retry=RetryPolicy(max_attempts=5)) as orch:
         result = await orch.run("S", run_id="auth")
-    plan_calls = [a for a in attempts if a[0] in ("gemini", "claude")][:4]
-    assert plan_calls == [("gemini", 1), ("gemini", 2), ("claude", 1), ("claude", 2)]
+    plan_calls = [a for a in attempts if a[0] in ("gemini", "claude")][:3]
+    assert plan_calls == [("gemini", 1), ("gemini", 2), ("claude", 1)]
     assert result.stages[0].missing_agents == ("claude",)
     with Store.open(f"{tmp_path}/a.db") as s:
-        assert [o.attempt for o in s.outputs("auth", stage="plan") if o.agent == "claude"] == [1, 2]
+        assert [o.attempt for o in s.outputs("auth", stage="plan") if o.agent == "claude"] == [1]
 
 
 async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testing.MockClock) -> None:

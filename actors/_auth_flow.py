@@ -1,0 +1,348 @@
+"""The OAuth 2.0 device authorization grant (RFC 8628) and refresh (RFC 6749 §6).
+
+Everything goes through one ``httpx.AsyncClient`` (give it a
+``MockTransport``/``ASGITransport`` in tests), every request is
+form-encoded, and time is ``trio.current_time()``/``trio.sleep`` only, so
+the whole flow runs on a virtual clock.
+
+Decisions are made on the body's ``error`` field, never on the status: a
+body with ``access_token`` is a grant, a body with ``error`` is an OAuth
+error, and only a body with neither is judged by its status (5xx/429 are
+transient, anything else is a protocol error).
+
+The poll loop is cancellable at every await and stores nothing: storing is
+the caller's job, after :meth:`DeviceFlow.poll` has returned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import attrs
+import httpx
+import trio
+
+from messages._auth_errors import (
+    AuthProtocolError,
+    LoginDenied,
+    LoginExpired,
+    LoginRequired,
+    RefreshUnavailable,
+)
+from messages._auth_messages import AuthEvent, AuthEventKind, Secret
+
+from ._auth_profiles import AuthProfile
+
+log = logging.getLogger("conclave.auth")
+
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+DEFAULT_INTERVAL = 5.0
+SLOW_DOWN_STEP = 5.0
+TRANSIENT_ERRORS = frozenset({"temporarily_unavailable"})
+
+EventSink = Callable[[AuthEvent], None]
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class DeviceAuthorization:
+    """The device authorization response (RFC 8628 §3.2)."""
+
+    device_code: Secret = attrs.field(repr=False)
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None = None
+    expires_in: float
+    interval: float = DEFAULT_INTERVAL
+    message: str | None = None
+
+    @property
+    def display_uri(self) -> str:
+        return self.verification_uri_complete or self.verification_uri
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class TokenGrant:
+    """A successful token response (RFC 6749 §5.1)."""
+
+    access_token: Secret
+    refresh_token: Secret | None = None
+    expires_in: float | None = None
+    scope: str | None = None
+    token_type: str = "Bearer"
+
+
+def read_body(response: httpx.Response) -> dict[str, Any] | None:
+    """The body as a dict (JSON, or form-encoded as GitHub does without
+    ``Accept: application/json``), or ``None`` if it is neither."""
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    text = response.text
+    if content_type == "application/x-www-form-urlencoded":
+        try:
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            return None
+        return dict(pairs)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _number(value: Any, default: float | None) -> float | None:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return default
+        return number if math.isfinite(number) else default
+    return default
+
+
+def _describe(body: Mapping[str, Any], code: str) -> str:
+    description = body.get("error_description")
+    if isinstance(description, str) and description:
+        return f"{code}: {description[:200]}"
+    return code
+
+
+def parse_grant(body: Mapping[str, Any], provider: str) -> TokenGrant:
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise AuthProtocolError("the token response has no access_token", provider=provider)
+    refresh = body.get("refresh_token")
+    scope = body.get("scope")
+    token_type = body.get("token_type")
+    expires_in = _number(body.get("expires_in"), None)
+    return TokenGrant(
+        access_token=Secret(access),
+        refresh_token=Secret(refresh) if isinstance(refresh, str) and refresh else None,
+        expires_in=expires_in if expires_in is not None and expires_in >= 0 else None,
+        scope=scope if isinstance(scope, str) else None,
+        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+    )
+
+
+def _client_auth(profile: AuthProfile) -> dict[str, str]:
+    # client_secret_post: Google wants the secret on every token request.
+    form = {"client_id": profile.client_id or ""}
+    if profile.client_secret is not None:
+        form["client_secret"] = profile.client_secret.reveal()
+    return form
+
+
+def _headers(profile: AuthProfile) -> dict[str, str]:
+    return {"Accept": "application/json"} if profile.accept_json else {}
+
+
+class DeviceFlow:
+    """One device-code login against ``profile``.
+
+    ``on_event`` is called (synchronously, from the flow's task) with an
+    :class:`AuthEvent` for the user code, each poll outcome and the end.
+    ``max_backoff`` caps the doubling wait after transient failures.
+    """
+
+    def __init__(
+        self,
+        profile: AuthProfile,
+        client: httpx.AsyncClient,
+        *,
+        on_event: EventSink | None = None,
+        max_backoff: float = 60.0,
+    ) -> None:
+        self.device_url, self.token_url, _ = profile.require_endpoints()
+        self.profile = profile
+        self._client = client
+        self._on_event = on_event
+        self._max_backoff = max_backoff
+
+    def _emit(self, kind: AuthEventKind, detail: str = "", **fields: Any) -> None:
+        log.debug("auth %s: %s %s", self.profile.name, kind, detail)
+        if self._on_event is not None:
+            self._on_event(
+                AuthEvent(provider=self.profile.name, kind=kind, at=trio.current_time(), detail=detail, **fields)
+            )
+
+    async def start(self) -> DeviceAuthorization:
+        """Ask for a device code and user code (RFC 8628 §3.1)."""
+        form = _client_auth(self.profile)
+        if self.profile.scope:
+            form["scope"] = self.profile.scope
+        name = self.profile.name
+        try:
+            response = await self._client.post(self.device_url, data=form, headers=_headers(self.profile))
+        except httpx.TransportError as exc:
+            raise AuthProtocolError(
+                f"could not reach the device authorization endpoint {self.device_url}: {type(exc).__name__}",
+                provider=name,
+            ) from None
+        body = read_body(response)
+        if body is None:
+            raise AuthProtocolError(
+                f"the device authorization endpoint answered {response.status_code} with a body that is not valid JSON",
+                provider=name,
+            )
+        if "error" in body:
+            raise AuthProtocolError(
+                f"the device authorization request was refused: {_describe(body, str(body['error']))}",
+                provider=name,
+            )
+        device_code = body.get("device_code")
+        user_code = body.get("user_code")
+        # Google says verification_url.
+        uri = body.get("verification_uri") or body.get("verification_url")
+        complete = body.get("verification_uri_complete")
+        expires_in = _number(body.get("expires_in"), None)
+        if not (isinstance(device_code, str) and device_code and isinstance(user_code, str) and user_code):
+            raise AuthProtocolError("the device authorization response lacks device_code or user_code", provider=name)
+        if not isinstance(uri, str) or not uri:
+            raise AuthProtocolError("the device authorization response has no verification URI", provider=name)
+        if expires_in is None or expires_in <= 0:
+            raise AuthProtocolError("the device authorization response has no valid expires_in", provider=name)
+        interval = _number(body.get("interval"), DEFAULT_INTERVAL)
+        message = body.get("message")
+        auth = DeviceAuthorization(
+            device_code=Secret(device_code),
+            user_code=user_code,
+            verification_uri=uri,
+            verification_uri_complete=complete if isinstance(complete, str) and complete else None,
+            expires_in=expires_in,
+            interval=interval if interval is not None and interval > 0 else DEFAULT_INTERVAL,
+            message=message if isinstance(message, str) else None,
+        )
+        self._emit(
+            "code_issued",
+            f"enter {auth.user_code} at {auth.verification_uri}",
+            user_code=auth.user_code,
+            verification_uri=auth.verification_uri,
+            verification_uri_complete=auth.verification_uri_complete,
+            interval=auth.interval,
+        )
+        return auth
+
+    async def poll(self, auth: DeviceAuthorization) -> TokenGrant:
+        """Poll the token endpoint until the user decides or the code expires.
+
+        The first poll comes one interval after the code was issued.
+        Raises :class:`LoginDenied`, :class:`LoginExpired` or
+        :class:`AuthProtocolError`; cancellation stops it at once.
+        """
+        name = self.profile.name
+        interval = auth.interval
+        deadline = trio.current_time() + auth.expires_in
+        failures = 0  # consecutive transient failures
+        form = {"grant_type": DEVICE_CODE_GRANT, "device_code": auth.device_code.reveal(), **_client_auth(self.profile)}
+        expired_hint = f"run 'conclave login {name}' again to get a new code"
+        while True:
+            wait = interval if failures == 0 else min(max(self._max_backoff, interval), interval * 2**failures)
+            await trio.sleep_until(min(trio.current_time() + wait, deadline))
+            if trio.current_time() >= deadline:
+                self._emit("expired", "the device code expired before it was approved")
+                raise LoginExpired("the device code expired before it was approved", provider=name, hint=expired_hint)
+            try:
+                response = await self._client.post(self.token_url, data=form, headers=_headers(self.profile))
+            except httpx.TransportError as exc:
+                failures += 1
+                self._emit("backoff", f"network error ({type(exc).__name__}); retrying", interval=interval)
+                continue
+            body = read_body(response)
+            code = body.get("error") if body is not None else None
+            if body is not None and code is None and "access_token" in body:
+                grant = parse_grant(body, name)
+                self._emit("logged_in", "authorization granted")
+                return grant
+            if not isinstance(code, str):
+                if response.status_code >= 500 or response.status_code == 429:
+                    failures += 1
+                    self._emit("backoff", f"server answered {response.status_code}; retrying", interval=interval)
+                    continue
+                what = "a body that is not valid JSON" if body is None else "neither a token nor an error"
+                self._emit("failed", f"the token endpoint answered {response.status_code} with {what}")
+                raise AuthProtocolError(
+                    f"the token endpoint answered {response.status_code} with {what}", provider=name
+                )
+            canonical = self.profile.canonical_error(code)
+            if canonical in TRANSIENT_ERRORS:
+                failures += 1
+                self._emit("backoff", f"{code}; retrying", interval=interval)
+                continue
+            failures = 0
+            if canonical == "authorization_pending":
+                self._emit("pending", "waiting for the user", interval=interval)
+                continue
+            if canonical == "slow_down":
+                # RFC 8628 §3.5: +5 s for this and every later poll; GitHub
+                # sends the new interval itself, which we take if larger.
+                offered = _number(body.get("interval") if body else None, None)
+                interval = offered if offered is not None and offered > interval else interval + SLOW_DOWN_STEP
+                self._emit("slow_down", f"polling every {interval:g} s", interval=interval)
+                continue
+            if canonical == "access_denied":
+                self._emit("denied", _describe(body or {}, code))
+                raise LoginDenied("the authorization request was denied", provider=name)
+            if canonical == "expired_token":
+                self._emit("expired", _describe(body or {}, code))
+                raise LoginExpired("the device code expired before it was approved", provider=name, hint=expired_hint)
+            self._emit("failed", _describe(body or {}, code))
+            raise AuthProtocolError(
+                f"the authorization server ended the login: {_describe(body or {}, code)}", provider=name
+            )
+
+
+async def refresh_grant(
+    client: httpx.AsyncClient,
+    *,
+    provider: str,
+    token_url: str,
+    client_id: str | None,
+    refresh_token: Secret,
+    client_secret: Secret | None = None,
+    accept_json: bool = True,
+) -> TokenGrant:
+    """Exchange a refresh token (RFC 6749 §6).
+
+    ``invalid_grant`` raises :class:`LoginRequired` (terminal: the caller
+    drops the tokens); network errors, 5xx and ``temporarily_unavailable``
+    raise :class:`RefreshUnavailable`; anything else
+    :class:`AuthProtocolError`.
+    """
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
+    if client_id:
+        form["client_id"] = client_id
+    if client_secret is not None:
+        form["client_secret"] = client_secret.reveal()
+    headers = {"Accept": "application/json"} if accept_json else {}
+    try:
+        response = await client.post(token_url, data=form, headers=headers)
+    except httpx.TransportError as exc:
+        raise RefreshUnavailable(
+            f"could not reach {token_url} to refresh the {provider} token: {type(exc).__name__}", provider=provider
+        ) from None
+    body = read_body(response)
+    code = body.get("error") if body is not None else None
+    if body is not None and code is None and "access_token" in body:
+        return parse_grant(body, provider)
+    if code == "invalid_grant":
+        raise LoginRequired(
+            f"the {provider} refresh token was rejected (invalid_grant)",
+            provider=provider,
+            hint=f"run 'conclave login {provider}'",
+        )
+    if code in TRANSIENT_ERRORS or (code is None and (response.status_code >= 500 or response.status_code == 429)):
+        raise RefreshUnavailable(
+            f"refreshing the {provider} token failed with {response.status_code}; will retry", provider=provider
+        )
+    what = _describe(body, code) if body is not None and isinstance(code, str) else (
+        f"{response.status_code} with a body that is not a valid token response"
+    )
+    raise AuthProtocolError(f"refreshing the {provider} token failed: {what}", provider=provider)

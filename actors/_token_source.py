@@ -1,0 +1,317 @@
+"""Bearer tokens on demand: status, single-flight refresh, and the auth actor.
+
+:class:`TokenManager` answers "give me a bearer token for provider P".  A
+valid stored token is returned as is.  One that is within the expiry margin
+(5 min) is refreshed first - ahead of expiry - and a forced refresh (after a
+401) refreshes even a valid-looking one.  Refresh is single-flight twice
+over: a per-provider ``trio.Lock`` within the process, and the token store's
+``flock`` across processes; whoever gets the lock second re-reads the store
+and uses the token the first one obtained instead of refreshing again (a
+rotated refresh token may be used only once).  The rotated refresh token is
+written to the store *before* the new access token is handed out.
+``invalid_grant`` drops the provider's tokens and raises
+:class:`~messages.LoginRequired`.
+
+:class:`AuthActor` serves :class:`~messages.GetToken` requests from an inbox
+on top of a manager; :class:`TokenSource` is what a provider holds: one
+provider's ``await source.bearer(force_refresh=...)``, backed either by the
+actor's inbox or directly by a manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+import trio
+
+from messages import Outbox, fail_pending, reply_pair
+from messages import ProviderError
+from messages._auth_errors import AuthError, CredentialsUnavailable, LoginRequired, RefreshUnavailable
+from messages._auth_messages import AuthEvent, AuthEventKind, GetToken, Secret, TokenReply
+
+from ._auth_flow import TokenGrant, refresh_grant
+from ._token_store import EXPIRY_MARGIN, TokenEntry, TokenStatus, TokenStore
+
+log = logging.getLogger("conclave.auth")
+REFRESH_HTTP_TIMEOUT = httpx.Timeout(30.0)
+
+
+class TokenManager:
+    """Hands out bearer tokens from ``store``, refreshing through ``client``
+    (``None``: a short-lived client for each refresh).
+
+    ``clock`` is the wall clock in Unix seconds (tests pass one derived from
+    ``trio.current_time()``); ``on_event`` receives ``refreshed``,
+    ``refresh_failed`` and ``dropped`` events.  A refresh request is shielded
+    from cancellation (for at most ``refresh_timeout`` seconds) so that a
+    rotated refresh token is never lost.
+    """
+
+    def __init__(
+        self,
+        store: TokenStore,
+        client: httpx.AsyncClient | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        margin: float = EXPIRY_MARGIN,
+        on_event: Callable[[AuthEvent], None] | None = None,
+        refresh_timeout: float = 60.0,
+    ) -> None:
+        self.store = store
+        self._client = client
+        self._clock = clock
+        self._margin = margin
+        self._refresh_timeout = refresh_timeout
+        self._listeners: list[Callable[[AuthEvent], None]] = [on_event] if on_event is not None else []
+        self._locks: dict[str, trio.Lock] = {}
+        self.refresh_count = 0  # HTTP refreshes made by this manager
+
+    def __repr__(self) -> str:
+        return f"<TokenManager {self.store!r}>"
+
+    def status(self, provider: str) -> TokenStatus:
+        entry = self.store.get(provider)
+        if entry is None:
+            return TokenStatus.NOT_AUTHENTICATED
+        return entry.status(self._clock(), self._margin)
+
+    def source(self, provider: str) -> TokenSource:
+        """A :class:`TokenSource` calling this manager directly (no actor)."""
+
+        async def fetch(name: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
+            return await self.bearer(name, force_refresh=force_refresh, stale=stale)
+
+        return TokenSource(provider, fetch)
+
+    def add_listener(self, listener: Callable[[AuthEvent], None]) -> None:
+        """Also send events to ``listener`` (called synchronously; must not block)."""
+        self._listeners.append(listener)
+
+    def _emit(self, provider: str, kind: AuthEventKind, detail: str) -> None:
+        log.info("auth %s: %s %s", provider, kind, detail)
+        event = AuthEvent(provider=provider, kind=kind, at=trio.current_time(), detail=detail)
+        for listener in self._listeners:
+            listener(event)
+
+    async def bearer(self, provider: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
+        """A bearer token for ``provider``; see the module docstring.
+
+        ``stale`` is the token a forced refresh replaces (default: the one
+        stored now); if the store already holds another valid token, that
+        one is returned without a refresh.  Every failure is a
+        :class:`~messages.ProviderError`, so the gateway classifies it like
+        any provider failure: :class:`LoginRequired`,
+        :class:`RefreshUnavailable` (retryable) or
+        :class:`CredentialsUnavailable`.
+        """
+        try:
+            return await self._bearer(provider, force_refresh=force_refresh, stale=stale)
+        except ProviderError:
+            raise
+        except AuthError as error:
+            raise CredentialsUnavailable(error.message, provider=provider, hint=error.hint) from None
+        except OSError as error:
+            raise CredentialsUnavailable(
+                f"the {provider} token store failed: {error.strerror or type(error).__name__}", provider=provider
+            ) from None
+
+    async def _bearer(self, provider: str, *, force_refresh: bool, stale: Secret | None) -> Secret:
+        entry = self.store.get(provider)
+        if entry is None:
+            raise LoginRequired(f"not logged in to {provider}", provider=provider, hint=f"run 'conclave login {provider}'")
+        if not force_refresh and entry.status(self._clock(), self._margin) is TokenStatus.VALID:
+            return entry.access_token
+        seen = stale if force_refresh and stale is not None else entry.access_token
+        lock = self._locks.setdefault(provider, trio.Lock())
+        async with lock:
+            async with self.store.locked() as tokens:
+                entry = tokens.get(provider)
+                if entry is None:
+                    raise LoginRequired(
+                        f"not logged in to {provider}", provider=provider, hint=f"run 'conclave login {provider}'"
+                    )
+                now = self._clock()
+                valid = entry.status(now, self._margin) is TokenStatus.VALID
+                if valid and (not force_refresh or entry.access_token != seen):
+                    # Valid, or someone refreshed while we waited for the lock.
+                    return entry.access_token
+                if entry.refresh_token is None or entry.token_url is None:
+                    if not force_refresh and entry.expires_at is not None and now < entry.expires_at:
+                        return entry.access_token  # still works, for a little while
+                    raise LoginRequired(
+                        f"the {provider} token has expired and cannot be refreshed",
+                        provider=provider,
+                        hint=f"run 'conclave login {provider}'",
+                    )
+                try:
+                    # Shielded: once the server may have rotated the refresh
+                    # token, cancelling would lose the only valid one.  The
+                    # deadline bounds how long a cancel can be held up.
+                    with trio.CancelScope(shield=True) as shield:
+                        shield.deadline = trio.current_time() + self._refresh_timeout
+                        grant = await self._refresh(entry, entry.token_url, entry.refresh_token)
+                    if shield.cancelled_caught:
+                        raise RefreshUnavailable(
+                            f"refreshing the {provider} token took longer than {self._refresh_timeout:g} s",
+                            provider=provider,
+                        )
+                except LoginRequired:
+                    tokens.remove(provider)
+                    self._emit(provider, "dropped", "refresh token rejected; tokens dropped, log in again")
+                    raise
+                except AuthError as error:
+                    self._emit(provider, "refresh_failed", error.message)
+                    if (
+                        isinstance(error, RefreshUnavailable)
+                        and not force_refresh
+                        and entry.expires_at is not None
+                        and now < entry.expires_at
+                    ):
+                        return entry.access_token  # refresh ahead of time failed; the old one still works
+                    raise
+                finally:
+                    self.refresh_count += 1
+                # No checkpoint from here to the write: a rotated refresh
+                # token is always persisted once the server has sent it.
+                now = self._clock()
+                refreshed = TokenEntry(
+                    provider=provider,
+                    access_token=grant.access_token,
+                    # Rotation: a new refresh token replaces the old one; a
+                    # server that does not rotate leaves the old one valid.
+                    refresh_token=grant.refresh_token or entry.refresh_token,
+                    expires_at=now + grant.expires_in if grant.expires_in is not None else None,
+                    scope=grant.scope or entry.scope,
+                    stored_at=now,
+                    token_type=grant.token_type,
+                    token_url=entry.token_url,
+                    client_id=entry.client_id,
+                    client_secret=entry.client_secret,
+                    accept_json=entry.accept_json,
+                )
+                # Durable before anyone uses the new access token.
+                tokens.put(refreshed)
+                self._emit(provider, "refreshed", f"new token {refreshed.access_token.fingerprint()}")
+                return refreshed.access_token
+
+
+    async def _refresh(self, entry: TokenEntry, token_url: str, refresh_token: Secret) -> TokenGrant:
+        async with contextlib.AsyncExitStack() as stack:
+            client = self._client
+            if client is None:  # refreshes are rare: a client for each one
+                client = await stack.enter_async_context(httpx.AsyncClient(timeout=REFRESH_HTTP_TIMEOUT))
+            return await refresh_grant(
+                client,
+                provider=entry.provider,
+                token_url=token_url,
+                client_id=entry.client_id,
+                refresh_token=refresh_token,
+                client_secret=entry.client_secret,
+                accept_json=entry.accept_json,
+            )
+
+
+Fetch = Callable[..., Awaitable[Secret]]
+
+
+class TokenSource:
+    """One provider's bearer tokens, for a model provider to hold.
+
+    On a 401 the provider calls ``bearer(force_refresh=True)`` once and
+    retries once; concurrent forced refreshes collapse into one."""
+
+    __slots__ = ("_fetch", "_last", "provider")
+
+    def __init__(self, provider: str, fetch: Fetch) -> None:
+        self.provider = provider
+        self._fetch = fetch
+        self._last: Secret | None = None
+
+    @classmethod
+    def from_inbox(cls, provider: str, inbox: Outbox[GetToken]) -> TokenSource:
+        """A source that asks the :class:`AuthActor` behind ``inbox``."""
+
+        async def fetch(name: str, *, force_refresh: bool = False, stale: Secret | None = None) -> Secret:
+            reply, pending = reply_pair(f"GetToken({name})")
+            await inbox.send(GetToken(provider=name, force_refresh=force_refresh, stale=stale, reply_to=reply))
+            answer: TokenReply = await pending.receive()
+            if answer.error is not None:
+                raise answer.error
+            assert answer.token is not None
+            return answer.token
+
+        return cls(provider, fetch)
+
+    async def bearer(self, *, force_refresh: bool = False) -> str:
+        """The bearer token to send.  ``force_refresh=True`` after a 401:
+        the token this source handed out last is treated as rejected."""
+        secret = await self._fetch(self.provider, force_refresh=force_refresh, stale=self._last if force_refresh else None)
+        self._last = secret
+        return secret.reveal()
+
+    def __repr__(self) -> str:
+        return f"<TokenSource {self.provider}>"
+
+
+class AuthActor:
+    """Serves :class:`GetToken` from an inbox, each request in a task of its
+    own (a refresh for one provider never delays another's tokens), each
+    answered exactly once: a token, a typed :class:`AuthError`, or - if the
+    actor is cancelled first - a closed slot (``ActorStopped``)."""
+
+    def __init__(self, manager: TokenManager, *, event_buffer: int = 64) -> None:
+        self.manager = manager
+        self._event_buffer = event_buffer
+        self._subscribers: list[trio.MemorySendChannel[AuthEvent]] = []
+        manager.add_listener(self._publish)
+
+    def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[AuthEvent]:
+        """A channel of :class:`AuthEvent` (refreshed, refresh_failed,
+        dropped).  Best effort: a full subscriber misses events rather than
+        slowing anyone's token request."""
+        send, receive = trio.open_memory_channel[AuthEvent](
+            max_buffer if max_buffer is not None else self._event_buffer
+        )
+        self._subscribers.append(send)
+        return receive
+
+    def _publish(self, event: AuthEvent) -> None:
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(send)
+
+    async def run(self, inbox: trio.MemoryReceiveChannel[GetToken]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                async for request in inbox:
+                    nursery.start_soon(self._serve, request)
+        finally:
+            fail_pending(inbox)
+            for send in self._subscribers:
+                send.close()
+            self._subscribers.clear()
+
+    async def _serve(self, request: GetToken) -> None:
+        reply = request.reply_to
+        try:
+            token = await self.manager.bearer(
+                request.provider, force_refresh=request.force_refresh, stale=request.stale
+            )
+        except AuthError as error:
+            if reply is not None:
+                reply.send(TokenReply(provider=request.provider, error=error))
+            return
+        except BaseException:
+            if reply is not None:
+                reply.close()
+            raise
+        if reply is not None:
+            reply.send(TokenReply(provider=request.provider, token=token))

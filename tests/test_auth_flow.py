@@ -1,0 +1,246 @@
+"""The device flow against a real Authlib RFC 8628 server, in-process,
+under the autojump clock (acceptance 1 and 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from actors._auth_flow import DeviceFlow
+from actors._auth_login import device_login
+from actors._auth_profiles import AuthProfile, build_profile
+from actors._token_store import TokenStore
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, HANG, TOKEN_PATH, FakeIdP, ScriptedTransport, asgi_client
+from messages._auth_api import AuthConfigError, AuthEvent, AuthProtocolError, LoginDenied, LoginExpired
+
+
+def make(idp_kwargs: dict | None = None, provider: str = "generic", **profile_kwargs: object):
+    idp = FakeIdP(trio.current_time, **(idp_kwargs or {}))
+    client, transport = asgi_client(idp)
+    profile = build_profile(
+        provider,
+        device_url=idp.base_url + DEVICE_PATH,
+        token_url=idp.base_url + TOKEN_PATH,
+        client_id=CLIENT_ID,
+        scope="read",
+        **profile_kwargs,  # type: ignore[arg-type]
+    )
+    return idp, client, transport, profile
+
+
+async def approve_at(idp: FakeIdP, when: float, user_code: str, deny: bool = False) -> None:
+    await trio.sleep_until(when)
+    (idp.deny if deny else idp.approve)(user_code)
+
+
+async def run_flow(idp: FakeIdP, client: httpx.AsyncClient, profile: AuthProfile, *, decide_at: float | None,
+                   deny: bool = False, events: list[AuthEvent] | None = None):
+    flow = DeviceFlow(profile, client, on_event=None if events is None else events.append)
+    auth = await flow.start()
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        if decide_at is not None:
+            nursery.start_soon(approve_at, idp, decide_at, auth.user_code, deny)
+        try:
+            grant = await flow.poll(auth)
+        except Exception as exc:  # re-raised bare, not in an exception group
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return auth, grant
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 6) for a, b in zip([0.0, *times], times)]
+
+
+async def test_approval_after_several_pending_polls(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    events: list[AuthEvent] = []
+    auth, grant = await run_flow(idp, client, profile, decide_at=22, events=events)
+    # First poll one interval after the code; default interval 5 s.
+    assert transport.token_polls() == [5, 10, 15, 20, 25]
+    assert [e.kind for e in events] == ["code_issued", "pending", "pending", "pending", "pending", "logged_in"]
+    assert events[0].user_code == auth.user_code
+    assert idp.access_token_valid(grant.access_token.reveal())
+    assert grant.refresh_token is not None and grant.expires_in == 3600 and grant.scope == "read"
+    # Form-encoded requests carrying the RFC 8628 fields.
+    _, path, form = transport.log[1]
+    assert path == TOKEN_PATH
+    assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:device_code"
+    assert form["device_code"] == auth.device_code.reveal() and form["client_id"] == CLIENT_ID
+    assert auth.device_code.reveal() not in repr(auth)
+
+
+async def test_slow_down_twice_adds_five_seconds_for_good(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    idp.force_slow_down = 2
+    events: list[AuthEvent] = []
+    await run_flow(idp, client, profile, decide_at=40, events=events)
+    # 5 -> slow_down -> 10 -> slow_down -> 15, and it stays 15.
+    assert gaps(transport.token_polls()) == [5, 10, 15, 15]
+    assert [e.interval for e in events if e.kind == "slow_down"] == [10, 15]
+    assert idp.force_slow_down == 0
+
+
+async def test_slow_down_takes_a_larger_server_interval_github(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make({"dialect": "github"}, provider="github")
+    profile = attrs.evolve(profile, accept_json=False)  # GitHub then answers form-encoded
+    idp.force_slow_down = 1
+    _, grant = await run_flow(idp, client, profile, decide_at=20)
+    assert gaps(transport.token_polls()) == [5, 12, 12]
+    assert idp.access_token_valid(grant.access_token.reveal())
+
+
+async def test_denied(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    with pytest.raises(LoginDenied) as info:
+        await run_flow(idp, client, profile, decide_at=12, deny=True)
+    assert info.value.exit_code == 4
+    assert transport.token_polls() == [5, 10, 15]
+
+
+async def test_microsoft_authorization_declined_is_denied(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make({"dialect": "microsoft"}, provider="microsoft")
+    with pytest.raises(LoginDenied):
+        await run_flow(idp, client, profile, decide_at=7, deny=True)
+
+
+async def test_expired_token_from_the_server(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    idp.expire_early = 12  # the server lets the code die before the advertised expires_in
+    with pytest.raises(LoginExpired) as info:
+        await run_flow(idp, client, profile, decide_at=None)
+    assert "login generic" in str(info.value) and info.value.exit_code == 5
+    assert transport.token_polls() == [5, 10, 15]
+
+
+async def test_expires_in_reached_without_an_answer(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    flow = DeviceFlow(profile, client)
+    auth = await flow.start()
+    auth = attrs.evolve(auth, expires_in=18)
+    with pytest.raises(LoginExpired):
+        await flow.poll(auth)
+    assert trio.current_time() == 18
+    assert transport.token_polls() == [5, 10, 15]
+
+
+async def test_503_and_network_error_in_the_middle_back_off_and_survive(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    transport.faults = {
+        2: httpx.Response(503, text="<html>Service Unavailable</html>"),
+        3: httpx.Response(503, json={"error": "temporarily_unavailable"}),
+        4: httpx.ConnectError("connection refused"),
+    }
+    events: list[AuthEvent] = []
+    _, grant = await run_flow(idp, client, profile, decide_at=82, events=events)
+    # pending at 5; then three transient failures: waits double 10, 20, 40;
+    # the next answer (pending) resets the wait to the interval.
+    assert gaps(transport.token_polls()) == [5, 5, 10, 20, 40, 5]
+    assert sum(e.kind == "backoff" for e in events) == 3
+    assert idp.access_token_valid(grant.access_token.reveal())
+
+
+@pytest.mark.parametrize("status", [200, 400])
+async def test_garbage_body_ends_with_a_clear_error(autojump_clock: trio.abc.Clock, status: int) -> None:
+    idp, client, transport, profile = make()
+    transport.faults = {2: httpx.Response(status, text="<html>surprise</html>")}
+    with pytest.raises(AuthProtocolError) as info:
+        await run_flow(idp, client, profile, decide_at=None)
+    assert "not valid JSON" in str(info.value)
+    assert transport.token_polls() == [5, 10]
+
+
+async def test_unknown_error_stops_polling(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make()
+    transport.faults = {1: httpx.Response(400, json={"error": "bad_verification_code", "error_description": "nope"})}
+    with pytest.raises(AuthProtocolError, match="bad_verification_code: nope"):
+        await run_flow(idp, client, profile, decide_at=None)
+    assert transport.token_polls() == [5]
+
+
+async def test_error_field_wins_over_status(autojump_clock: trio.abc.Clock) -> None:
+    # Google-style: pending with an odd status is still pending.
+    idp, client, transport, profile = make()
+    transport.faults = {1: httpx.Response(428, json={"error": "authorization_pending"})}
+    await run_flow(idp, client, profile, decide_at=7)
+    assert transport.token_polls() == [5, 10]
+
+
+async def test_google_dialect_verification_url_and_secret_on_poll(autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, profile = make({"dialect": "google", "client_secret": "g-secret"}, provider="google",
+                                           client_secret="g-secret")
+    auth, grant = await run_flow(idp, client, profile, decide_at=7)
+    assert auth.verification_uri.endswith("/activate") and auth.verification_uri_complete is None
+    assert all(form.get("client_secret") == "g-secret" for _, path, form in transport.log)
+    # Without the secret the confidential client is refused up front.
+    with pytest.raises(AuthConfigError, match="client secret"):
+        DeviceFlow(attrs.evolve(profile, client_secret=None), client)
+    bare = attrs.evolve(profile, client_secret=None, requires_secret=False)
+    with pytest.raises(AuthProtocolError, match="invalid_client"):
+        await DeviceFlow(bare, client).start()
+
+
+async def test_issuer_metadata_names_the_endpoints(autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
+    idp = FakeIdP(trio.current_time)
+    client, transport = asgi_client(idp)
+    profile = build_profile("generic", issuer=idp.base_url, client_id=CLIENT_ID)
+
+    async def approve_first_code() -> None:
+        while not idp.devices:
+            await trio.sleep(1)
+        idp.approve(next(iter(idp.devices.values()))["user_code"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(approve_first_code)
+        entry = await device_login(profile, client, TokenStore(tmp_path), clock=lambda: 1e9 + trio.current_time())
+    assert entry.token_url == idp.base_url + TOKEN_PATH
+    assert transport.log[0][1] == "/.well-known/oauth-authorization-server"
+
+
+def test_profiles_reject_bad_input() -> None:
+    with pytest.raises(AuthConfigError, match="unknown provider"):
+        build_profile("myspace")
+    with pytest.raises(AuthConfigError, match="must be an http"):
+        build_profile("generic", device_url="ftp://x", token_url="https://t", client_id="c")
+    with pytest.raises(AuthConfigError, match="client id"):
+        build_profile("github").require_endpoints()
+    with pytest.raises(AuthConfigError, match="client secret"):
+        build_profile("google", client_id="c").require_endpoints()
+    ms = build_profile("microsoft", tenant="contoso", client_id="c")
+    assert ms.device_url == "https://login.microsoftonline.com/contoso/oauth2/v2.0/devicecode"
+    assert build_profile("openai").experimental and build_profile("anthropic").experimental
+    custom = build_profile("openai", token_url="https://example.test/token")
+    assert custom.token_url == "https://example.test/token" and custom.client_id
+
+
+async def test_cancelling_mid_poll_stops_requests_at_once_and_stores_nothing(
+    autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    idp, client, transport, profile = make()
+    transport.faults = {3: HANG}  # the poll at t=15 is in flight when we cancel
+    store = TokenStore(tmp_path / "home")
+    with trio.move_on_after(17) as scope:
+        async with trio.open_nursery() as nursery:
+            async def approve_soon() -> None:
+                while not idp.devices:
+                    await trio.sleep(0.5)
+                await trio.sleep_until(12)
+                idp.approve(next(iter(idp.devices.values()))["user_code"])
+
+            nursery.start_soon(approve_soon)
+            await device_login(profile, client, store, clock=lambda: 1e9 + trio.current_time())
+    assert scope.cancelled_caught
+    assert trio.current_time() == 17  # the hanging request did not delay the cancel
+    seen = len(transport.log)
+    await trio.sleep(600)  # nothing keeps polling in the background
+    assert len(transport.log) == seen
+    assert transport.token_polls() == [5, 10, 15]
+    assert store.load() == {}
+    assert not (tmp_path / "home" / "tokens.json").exists()

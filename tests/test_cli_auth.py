@@ -1,0 +1,261 @@
+"""``conclave login`` / ``logout`` / ``auth status`` (acceptance 2): the
+real Authlib server on 127.0.0.1 with the real clock, the CLI in a
+subprocess.  No sleeps: the test waits on the subprocess's output lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from actors._cli import main as conclave_main
+from actors._token_store import TokenEntry, TokenStore
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, serve_in_thread
+from messages._auth_api import Secret
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 30
+
+
+class Cli:
+    """A ``conclave`` subprocess whose stdout lines arrive on a queue."""
+
+    def __init__(self, args: list[str], home: Path) -> None:
+        env = {**os.environ, "CONCLAVE_HOME": str(home), "CONCLAVE_TOKEN_BACKEND": "file"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "actors", *args], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def next_json(self) -> dict[str, Any]:
+        line = self.lines.get(timeout=TIMEOUT)
+        assert line is not None, f"no more output; stderr: {self.stderr()}"
+        self.seen.append(line)
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def finish(self) -> tuple[int, str, str]:
+        code = self.proc.wait(timeout=TIMEOUT)
+        rest = []
+        while (line := self.lines.get(timeout=TIMEOUT)) is not None:
+            rest.append(line)
+        self.seen.extend(rest)
+        err = self.stderr()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code, "".join(self.seen), err
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[FakeIdP, str]]:
+    idp = FakeIdP(time.monotonic, interval=1)
+    with serve_in_thread(idp) as base:
+        yield idp, base
+
+
+def login_args(base: str, *extra: str) -> list[str]:
+    return ["login", "generic", "--device-url", base + DEVICE_PATH, "--token-url", base + TOKEN_PATH,
+            "--client-id", CLIENT_ID, "--scope", "read", "--json", *extra]
+
+
+def run_cli(args: list[str], home: Path) -> tuple[int, str, str]:
+    return Cli(args, home).finish()
+
+
+def assert_no_secrets(idp: FakeIdP, *texts: str) -> None:
+    for secret in idp.all_secrets():
+        for text in texts:
+            assert secret not in text
+
+
+def test_full_login_then_status_shows_valid(server: tuple[FakeIdP, str], tmp_path: Path) -> None:
+    idp, base = server
+    cli = Cli(login_args(base), tmp_path)
+    code_line = cli.next_json()
+    assert code_line["event"] == "device_code"
+    assert code_line["verification_uri"] == base + "/activate"
+    assert code_line["verification_uri_complete"].endswith("user_code=" + code_line["user_code"])
+    httpx.post(base + "/test/approve", data={"user_code": code_line["user_code"]}, timeout=TIMEOUT)
+    result = cli.next_json()
+    code, out, err = cli.finish()
+    assert code == 0, err
+    assert result["event"] == "result" and result["outcome"] == "logged_in" and result["refreshable"] is True
+    assert result["scope"] == "read"
+    assert_no_secrets(idp, out, err)
+
+    code, out, err = run_cli(["auth", "status", "--json"], tmp_path)
+    assert code == 0, err
+    status = json.loads(out)
+    rows = {row["provider"]: row for row in status["providers"]}
+    assert rows["generic"]["status"] == "valid" and rows["generic"]["symbol"] == "✓"
+    assert rows["github"]["status"] == "not_authenticated"
+    assert 3000 < rows["generic"]["expires_in"] <= 3600
+    assert_no_secrets(idp, out, err)
+    # The stored token works against the server.
+    stored = TokenStore(tmp_path).get("generic")
+    assert stored is not None and idp.access_token_valid(stored.access_token.reveal())
+
+
+def test_login_denied_exits_4(server: tuple[FakeIdP, str], tmp_path: Path) -> None:
+    idp, base = server
+    cli = Cli(login_args(base), tmp_path)
+    httpx.post(base + "/test/deny", data={"user_code": cli.next_json()["user_code"]}, timeout=TIMEOUT)
+    result = cli.next_json()
+    code, _, _ = cli.finish()
+    assert (code, result["outcome"]) == (4, "denied")
+    assert TokenStore(tmp_path).load() == {}
+
+
+def test_login_expired_exits_5(tmp_path: Path) -> None:
+    idp = FakeIdP(time.monotonic, interval=1, expires_in=2)
+    with serve_in_thread(idp) as base:
+        cli = Cli(login_args(base), tmp_path)
+        cli.next_json()
+        result = cli.next_json()
+        code, _, _ = cli.finish()
+    assert (code, result["outcome"]) == (5, "expired")
+    assert "login generic" in result["message"]
+
+
+def test_interrupted_login_exits_130_and_stores_nothing(server: tuple[FakeIdP, str], tmp_path: Path) -> None:
+    idp, base = server
+    cli = Cli(login_args(base), tmp_path)
+    user_code = cli.next_json()["user_code"]
+    cli.proc.send_signal(signal.SIGINT)
+    result = cli.next_json()
+    code, _, _ = cli.finish()
+    assert (code, result["outcome"]) == (130, "cancelled")
+    idp.approve(user_code)  # too late: nothing may be stored
+    assert TokenStore(tmp_path).load() == {}
+
+
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONCLAVE_CLIENT_SECRET", raising=False)
+    assert conclave_main(["login", "generic", "--client-id", "x"]) == 2
+    assert "device URL" in capsys.readouterr().err
+    assert conclave_main(["login", "generic", "--device-url", "nope", "--token-url", "https://t", "--client-id", "x"]) == 2
+    assert conclave_main(["login", "google", "--client-id", "x"]) == 2
+    assert "client secret" in capsys.readouterr().err
+    assert conclave_main(["login", "github", "--json"]) == 2
+    result = json.loads(capsys.readouterr().out)
+    assert (result["outcome"], result["exit_code"]) == ("bad_input", 2) and "client id" in result["message"]
+    with pytest.raises(SystemExit) as info:
+        conclave_main(["login", "myspace"])
+    assert info.value.code == 2
+
+
+def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    now = time.time()
+
+    def e(provider: str, expires_in: float, refresh: bool) -> TokenEntry:
+        return TokenEntry(provider=provider, access_token=Secret(f"at-{provider}-SECRET"),
+                          refresh_token=Secret(f"rt-{provider}-SECRET") if refresh else None,
+                          expires_at=now + expires_in, scope=None, stored_at=now)
+
+    async def fill() -> None:
+        async with TokenStore(tmp_path).locked() as tokens:
+            tokens.put(e("github", 3600, True))
+            tokens.put(e("google", 60, True))
+            tokens.put(e("openai", 60, False))
+
+    trio.run(fill)
+    assert conclave_main(["auth", "status"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[1]: line for line in out.splitlines()}
+    assert lines["github"].startswith("✓") and "valid" in lines["github"]
+    assert lines["google"].startswith("⚡") and "needs refresh" in lines["google"]
+    assert lines["openai"].startswith("✗") and "expired" in lines["openai"]
+    assert lines["microsoft"].startswith("·") and "not authenticated" in lines["microsoft"]
+    assert "SECRET" not in out
+
+    assert conclave_main(["logout", "github"]) == 0
+    assert "logged out" in capsys.readouterr().out
+    assert TokenStore(tmp_path).get("github") is None
+
+    os.chmod(tmp_path / "tokens.json", 0o644)
+    assert conclave_main(["auth", "status"]) == 1
+    captured = capsys.readouterr()
+    assert "chmod 600" in captured.err and "SECRET" not in captured.err + captured.out
+
+
+def stored_login(idp: FakeIdP, base: str, home: Path, provider: str, expires_in: float) -> dict[str, Any]:
+    """A real device-code grant from the server, stored for ``provider``."""
+    device = httpx.post(base + DEVICE_PATH, data={"client_id": CLIENT_ID, "scope": "model"}, timeout=TIMEOUT).json()
+    idp.approve(device["user_code"])
+    idp.devices[device["device_code"]]["interval"] = 0
+    grant = httpx.post(base + TOKEN_PATH, timeout=TIMEOUT, data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "device_code": device["device_code"], "client_id": CLIENT_ID}).json()
+    entry = TokenEntry(provider=provider, access_token=Secret(grant["access_token"]),
+                       refresh_token=Secret(grant["refresh_token"]), expires_at=time.time() + expires_in,
+                       scope="model", stored_at=time.time(), token_url=base + TOKEN_PATH, client_id=CLIENT_ID)
+
+    async def put() -> None:
+        async with TokenStore(home).locked() as tokens:
+            tokens.put(entry)
+
+    trio.run(put)
+    return grant  # type: ignore[no-any-return]
+
+
+def test_run_with_auth_login_uses_and_refreshes_the_stored_token(tmp_path: Path) -> None:
+    from actors._mock_backend import MockBackend
+
+    idp = FakeIdP(time.monotonic)
+    idp.model_backend = MockBackend(seed=5, disagreement_rate=0.0)
+    with serve_in_thread(idp) as base:
+        home = tmp_path / "home"
+        first = stored_login(idp, base, home, "openai", expires_in=10)  # inside the margin: refresh first
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+        env.update(CONCLAVE_HOME=str(home), CONCLAVE_TOKEN_BACKEND="file")
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors", "run", "SPEC-LOGIN", "--provider", "openai", "--base-url", base + "/v1",
+             "--model", "mock-model", "--no-stream", "--auth", "login", "--json", "--db", str(tmp_path / "run.db")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "completed"
+    assert idp.refresh_count == 1  # single-flight across all agents of the run
+    assert [status for _, status in idp.api_calls].count(401) == 0
+    stored = TokenStore(home).get("openai")
+    assert stored is not None and stored.refresh_token is not None
+    assert stored.refresh_token.reveal() != first["refresh_token"]
+    assert idp.valid_refresh_tokens() == {stored.refresh_token.reveal()}
+    database = (tmp_path / "run.db").read_bytes()
+    for secret in idp.all_secrets():
+        assert secret not in proc.stdout and secret not in proc.stderr and secret.encode() not in database
+
+
+def test_run_with_auth_login_but_no_login_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    code = conclave_main(["run", "--provider", "anthropic", "--auth", "login", "--db", str(tmp_path / "x.db")])
+    assert code == 2
+    assert "conclave login anthropic" in capsys.readouterr().err
+    assert not (tmp_path / "x.db").exists()

@@ -1,0 +1,264 @@
+"""Refresh against the real Authlib server under the autojump clock:
+ahead of expiry, single-flight, rotation persisted first, invalid_grant
+drops the tokens (acceptance 1, refresh part); the auth actor and
+TokenSource."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from actors._auth_login import device_login, logout
+from actors._auth_profiles import build_profile
+from actors._token_source import AuthActor, TokenManager, TokenSource
+from actors._token_store import TokenStatus, TokenStore
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, LateReply, asgi_client
+from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
+from messages._auth_api import AuthEvent, CredentialsUnavailable, LoginRequired, RefreshUnavailable, Secret
+
+BASE = 1_800_000_000.0
+
+
+def wall() -> float:
+    return BASE + trio.current_time()
+
+
+async def logged_in(tmp_path: Path, **idp_kwargs: object):
+    idp = FakeIdP(trio.current_time, **idp_kwargs)  # type: ignore[arg-type]
+    client, transport = asgi_client(idp)
+    profile = build_profile("generic", device_url=idp.base_url + DEVICE_PATH,
+                            token_url=idp.base_url + TOKEN_PATH, client_id=CLIENT_ID, scope="read")
+    store = TokenStore(tmp_path / "home")
+
+    async def approve() -> None:
+        while not idp.devices:
+            await trio.sleep(1)
+        idp.approve(next(iter(idp.devices.values()))["user_code"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(approve)
+        entry = await device_login(profile, client, store, clock=wall)
+    events: list[AuthEvent] = []
+    manager = TokenManager(store, client, clock=wall, on_event=events.append)
+    return idp, client, transport, store, manager, entry, events
+
+
+async def test_login_stores_a_valid_token(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, entry, events = await logged_in(tmp_path)
+    assert manager.status("generic") is TokenStatus.VALID
+    assert entry.expires_at == pytest.approx(wall() + 3600 - 5, abs=10)
+    token = await manager.bearer("generic")
+    assert token == entry.access_token and manager.refresh_count == 0
+
+
+async def test_refresh_ahead_of_expiry_with_rotation_then_reuse_of_the_old_token_drops_everything(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None and first.refresh_token is not None
+    await trio.sleep_until(first.expires_at - BASE - 299)  # inside the 5-minute margin
+    assert manager.status("generic") is TokenStatus.NEEDS_REFRESH
+    assert idp.access_token_valid(first.access_token.reveal())  # not expired yet: refreshed *ahead*
+
+    token = await manager.bearer("generic")
+    second = store.get("generic")
+    assert second is not None and second.refresh_token is not None
+    assert token == second.access_token != first.access_token
+    assert second.refresh_token != first.refresh_token  # rotated, and persisted
+    assert idp.valid_refresh_tokens() == {second.refresh_token.reveal()}
+    assert idp.access_token_valid(token.reveal())
+    assert manager.status("generic") is TokenStatus.VALID
+    assert [e.kind for e in events] == ["refreshed"]
+
+    # Someone restores the old (rotated-away) refresh token: the server
+    # says invalid_grant, the tokens are dropped, a new login is needed.
+    async with store.locked() as tokens:
+        tokens.put(first)
+    with pytest.raises(LoginRequired, match="invalid_grant") as info:
+        await manager.bearer("generic", force_refresh=True)
+    assert "conclave login generic" in str(info.value)
+    assert isinstance(info.value, AuthenticationFailed) and not is_retryable(info.value)
+    assert store.get("generic") is None
+    assert manager.status("generic") is TokenStatus.NOT_AUTHENTICATED
+    assert events[-1].kind == "dropped"
+
+
+async def test_refresh_is_single_flight(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None
+    await trio.sleep_until(first.expires_at - BASE - 60)
+    results: list[Secret] = []
+
+    async def ask(force: bool) -> None:
+        results.append(await manager.bearer("generic", force_refresh=force))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(ask, i % 2 == 0)
+    assert idp.refresh_count == 1 and manager.refresh_count == 1
+    assert len(set(r.reveal() for r in results)) == 1
+    # Forced refreshes that pile up after a 401 also collapse into one.
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask, True)
+    assert idp.refresh_count == 2
+
+
+async def test_new_access_token_is_not_used_unless_the_rotation_was_persisted(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+
+    def disk_full(text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    store.backend.write = disk_full  # type: ignore[method-assign]
+    with pytest.raises(CredentialsUnavailable, match="No space left") as info:
+        await manager.bearer("generic", force_refresh=True)
+    assert isinstance(info.value, AuthenticationFailed)
+    assert idp.refresh_count == 1
+    # The only token handed out so far is the old one.
+    assert store.get("generic") == first
+
+
+async def test_transient_refresh_failure_keeps_the_tokens(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None
+    n = transport.token_requests
+    transport.faults = {n + 1: httpx.Response(503, text="busy"), n + 2: httpx.ConnectError("down")}
+    await trio.sleep_until(first.expires_at - BASE - 100)
+    # Ahead of expiry, a failed refresh still hands out the working token.
+    assert await manager.bearer("generic") == first.access_token
+    # Forced (after a 401), there is nothing to fall back on: retryable error.
+    with pytest.raises(RefreshUnavailable) as info:
+        await manager.bearer("generic", force_refresh=True)
+    assert is_retryable(info.value)
+    assert store.get("generic") == first
+    assert [e.kind for e in events] == ["refresh_failed", "refresh_failed"]
+    # And the next attempt succeeds.
+    assert await manager.bearer("generic") != first.access_token
+
+
+async def test_without_refresh_token_expiry_needs_a_new_login(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp = FakeIdP(trio.current_time)
+    idp.clients[CLIENT_ID].check_grant_type = lambda grant_type: grant_type != "refresh_token"  # type: ignore[method-assign]
+    client, _ = asgi_client(idp)
+    profile = build_profile("generic", device_url=idp.base_url + DEVICE_PATH,
+                            token_url=idp.base_url + TOKEN_PATH, client_id=CLIENT_ID)
+    store = TokenStore(tmp_path)
+
+    async def approve() -> None:
+        while not idp.devices:
+            await trio.sleep(1)
+        idp.approve(next(iter(idp.devices.values()))["user_code"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(approve)
+        entry = await device_login(profile, client, store, clock=wall)
+    assert entry.refresh_token is None
+    manager = TokenManager(store, client, clock=wall)
+    await trio.sleep(3600 - 200)
+    assert manager.status("generic") is TokenStatus.EXPIRED
+    assert await manager.bearer("generic") == entry.access_token  # still usable for 200 s
+    await trio.sleep(300)
+    with pytest.raises(LoginRequired, match="cannot be refreshed"):
+        await manager.bearer("generic")
+
+
+async def test_not_logged_in_and_logout(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    with pytest.raises(LoginRequired, match="not logged in to github"):
+        await manager.bearer("github")
+    assert await logout(store, "generic") is True
+    assert await logout(store, "generic") is False
+    with pytest.raises(LoginRequired):
+        await manager.bearer("generic")
+
+
+async def test_auth_actor_serves_get_token_and_token_source(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    outbox, inbox = open_channel(8, name="auth")
+    actor = AuthActor(manager)
+    subscription = actor.subscribe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actor.run, inbox)
+        source = TokenSource.from_inbox("generic", outbox)
+        assert await source.bearer() == first.access_token.reveal()
+        fresh = await source.bearer(force_refresh=True)
+        assert fresh != first.access_token.reveal() and idp.access_token_valid(fresh)
+        event = subscription.receive_nowait()
+        assert (event.provider, event.kind) == ("generic", "refreshed") and fresh not in repr(event)
+        with pytest.raises(LoginRequired):
+            await TokenSource.from_inbox("github", outbox).bearer()
+        assert repr(source) == "<TokenSource generic>"
+        nursery.cancel_scope.cancel()
+    # Once the actor is gone, asking fails loudly instead of hanging.
+    with pytest.raises(ActorStopped):
+        await source.bearer()
+    with pytest.raises(trio.EndOfChannel):  # subscribers learn that the actor stopped
+        subscription.receive_nowait()
+
+
+async def test_direct_token_source(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    source = manager.source("generic")
+    assert await source.bearer() == first.access_token.reveal()
+
+
+async def test_a_late_forced_refresh_with_a_stale_token_takes_the_new_one(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    a, b = manager.source("generic"), manager.source("generic")
+    token = await a.bearer()
+    assert await b.bearer() == token
+    idp.revoke_access(token)  # both callers get a 401, one after the other
+    fresh = await a.bearer(force_refresh=True)
+    assert await b.bearer(force_refresh=True) == fresh
+    assert idp.refresh_count == 1
+    # A 401 on the new token is a new problem: refresh again.
+    assert await b.bearer(force_refresh=True) != fresh
+    assert idp.refresh_count == 2
+
+
+async def test_every_bearer_failure_is_a_provider_error(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    n = transport.token_requests
+    transport.faults = {n + 1: httpx.Response(401, json={"error": "invalid_client"})}
+    with pytest.raises(CredentialsUnavailable, match="invalid_client") as info:
+        await manager.bearer("generic", force_refresh=True)
+    assert isinstance(info.value, AuthenticationFailed) and store.get("generic") == first
+    (tmp_path / "home" / "tokens.json").chmod(0o644)
+    with pytest.raises(CredentialsUnavailable, match="chmod 600"):
+        await manager.bearer("generic")
+
+
+async def test_cancelling_during_a_refresh_does_not_lose_the_rotated_token(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    transport.faults = {transport.token_requests + 1: LateReply(10)}  # rotated at once, reply late
+    start = trio.current_time()
+    with trio.move_on_after(5):
+        await manager.bearer("generic", force_refresh=True)
+    assert trio.current_time() - start == pytest.approx(10)  # the cancel waited for the reply
+    stored = store.get("generic")
+    assert stored is not None and stored.refresh_token is not None
+    assert stored.refresh_token != first.refresh_token
+    assert idp.valid_refresh_tokens() == {stored.refresh_token.reveal()}
+    assert await manager.bearer("generic") == stored.access_token
+
+
+async def test_a_refresh_that_never_answers_times_out_retryably(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    transport.faults = {transport.token_requests + 1: "hang"}
+    start = trio.current_time()
+    with pytest.raises(RefreshUnavailable, match="longer than 60 s"):
+        await manager.bearer("generic", force_refresh=True)
+    assert trio.current_time() - start == pytest.approx(60)
+    assert store.get("generic") == first
