@@ -384,7 +384,11 @@ async def soak(config: SoakConfig) -> SoakReport:
                 async def worker() -> None:
                     for index in indices:
                         run_id = f"soak-{config.seed}-{index:06d}"
-                        result = await orch.run(f"SOAK-{index:06d}", run_id=run_id)
+                        try:
+                            result = await orch.run(f"SOAK-{index:06d}", run_id=run_id)
+                        except Exception as exc:  # a breach to report with the seed, not a crash
+                            checker.breach(f"{run_id} raised {type(exc).__name__}: {exc}")
+                            continue
                         outcome = _check_run(checker, store, config, run_id, result)
                         outcome.index = index
                         outcomes[index] = outcome

@@ -38,7 +38,9 @@ injected fault stands in for a provider call, so it is admitted exactly
 like one: it waits at the provider's rate-limit gate, fails fast with
 :class:`~messages.CircuitOpen` while the breaker is open, and reports its
 outcome, so an injected 429 closes the gate for everyone and injected
-disconnects count against the breaker.
+disconnects count against the breaker.  A fault placed on a call that the
+open breaker refuses is not injected (the call fails fast with
+``CircuitOpen``, as a real one would); its slot in the budget is spent.
 """
 
 from __future__ import annotations
