@@ -14,7 +14,6 @@ import attrs
 from messages import AgentKey, ProviderError
 
 from ._classify import classify
-
 from ._rng import derive_unit
 
 

@@ -41,12 +41,12 @@ import trio
 
 from messages import (
     ActorStopped,
-    FaultInterceptor,
-    FaultPlan,
     AgentReply,
     AgentRequest,
     ConclaveError,
     Decision,
+    FaultInterceptor,
+    FaultPlan,
     Interceptor,
     MetricsQuery,
     Outbox,
