@@ -137,7 +137,7 @@ class Agent:
             # refreshed its token once and retried (the 401-refresh-once rule).
             if not self.retry.should_retry(error, attempt):
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
-            delay = self.retry.delay(error, key, attempt, self.seed)
+            delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
             await self.store.send(
                 PersistEvent(
                     run_id=key.run_id,

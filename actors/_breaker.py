@@ -1,19 +1,31 @@
 """A circuit breaker on trio's clock: closed, open, half-open.
 
-Closed: calls pass; the last ``window`` outcomes are kept, and once at least
-``min_calls`` of them are in and the failure rate reaches ``failure_rate``
-the breaker opens.  Open: calls fail fast (:class:`~messages.CircuitOpen`,
-carrying the time left) until ``cooldown`` has passed; then the next call
-is let through as the one half-open probe.  Other callers in half-open
-wait for the probe's verdict (:meth:`CircuitBreaker.wait_for_verdict`)
-rather than failing fast and burning their attempts: the probe's success
-closes the breaker (and clears the window), and they go ahead; its failure
-opens it again for another cooldown, and they fail fast.  Outcomes of calls admitted before a
-transition are stale and ignored.  Defaults follow the reference's docs:
-50 % failures, 30 s cooldown, a test call after the cooldown; the rate is
-taken over the last 50 outcomes once 20 are in.  (A window of 20 tripped on
-bursts of 30 s timeouts reporting together while a 429 held every other
-call back: a window that short measures the gate, not the provider.)
+Closed: calls pass, and their outcomes are kept for ``window`` seconds.
+When a call arrives and, among the outcomes reported *before that
+instant*, there are at least ``min_calls`` with a failure rate of at least
+``failure_rate``, the breaker opens.  Open: calls fail fast
+(:class:`~messages.CircuitOpen`, carrying the time left) until ``cooldown``
+has passed; then the next call is let through as the half-open probe
+(every call arriving in that same instant is a probe too, so which calls
+probe does not depend on trio's order).  Later callers in half-open wait
+for the probes' verdict
+(:meth:`CircuitBreaker.wait_for_verdict`) rather than failing fast and
+burning their attempts: the first probe outcome decides - a success closes
+the breaker (and clears the window), and they go ahead; a failure opens it
+again for another cooldown, and they fail fast.  Outcomes of calls admitted before a
+transition are stale and ignored.
+
+Deciding to open when a call *arrives*, from a time window that excludes
+the current instant, makes the breaker's state a function of virtual time
+alone: outcomes reported in the same instant (a tie trio may order either
+way) are all counted or none, so the same seed opens the breaker at the
+same moments whatever the scheduling order.
+
+Defaults follow the reference's docs - 50 % failures, 30 s cooldown, a test
+call after the cooldown - over a 60 s window once 20 outcomes are in.  (A
+window of the last 20 outcomes tripped on bursts of 30 s timeouts reporting
+together while a 429 held every other call back: it measured the gate,
+not the provider.)
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ State = Literal["closed", "open", "half_open"]
 @attrs.frozen(kw_only=True, slots=True)
 class BreakerPolicy:
     failure_rate: float = attrs.field(default=0.5)
-    window: int = 50
+    window: float = 60.0  # seconds of outcomes considered
     min_calls: int = 20
     cooldown: float = 30.0
     probe_wait: float = 1.0  # hint to callers refused while a probe is out
@@ -41,8 +53,8 @@ class BreakerPolicy:
             raise ValueError(f"failure_rate must be within (0, 1], got {value!r}")
 
     def __attrs_post_init__(self) -> None:
-        if self.window < 1 or not 1 <= self.min_calls <= self.window:
-            raise ValueError(f"need 1 <= min_calls <= window, got {self.min_calls} and {self.window}")
+        if self.window <= 0 or self.min_calls < 1:
+            raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window} and {self.min_calls}")
         if self.cooldown < 0 or self.probe_wait < 0:
             raise ValueError("cooldown and probe_wait must be >= 0")
 
@@ -62,8 +74,9 @@ class CircuitBreaker:
         self.state: State = "closed"
         self.generation = 0
         self.opened_at = 0.0
-        self.probe_out = False
-        self._outcomes: collections.deque[bool] = collections.deque(maxlen=self.policy.window)
+        self.probe_instant: float | None = None  # when the half-open probes went out
+        self.probes_out = 0
+        self._outcomes: collections.deque[tuple[float, bool]] = collections.deque()
         self._failures = 0
         self.transitions: list[tuple[float, State]] = []  # (trio time, new state)
         self.rejected = 0
@@ -83,16 +96,31 @@ class CircuitBreaker:
         self.transitions.append((now, state))
         if state == "open":
             self.opened_at = now
-        if state != "half_open":
-            self.probe_out = False
+        self.probe_instant = None
+        self.probes_out = 0
         if state == "closed":
             self._outcomes.clear()
             self._failures = 0
         self._wake()
 
+    def _should_open(self, now: float) -> bool:
+        outcomes = self._outcomes
+        horizon = now - self.policy.window
+        while outcomes and outcomes[0][0] < horizon:
+            self._failures -= outcomes.popleft()[1]
+        total, failures = len(outcomes), self._failures
+        for at, failed in reversed(outcomes):  # this instant's outcomes are not in yet
+            if at < now:
+                break
+            total -= 1
+            failures -= failed
+        return total >= self.policy.min_calls and failures >= self.policy.failure_rate * total
+
     def acquire(self, now: float) -> Ticket | float:
         """Admit a call (a :class:`Ticket`) or refuse it: the float is how
         long until trying again makes sense."""
+        if self.state == "closed" and self._should_open(now):
+            self._move(now, "open")
         if self.state == "open":
             left = self.opened_at + self.policy.cooldown - now
             if left > 0:
@@ -100,11 +128,13 @@ class CircuitBreaker:
                 return left
             self._move(now, "half_open")
         if self.state == "half_open":
-            if self.probe_out:
-                self.rejected += 1
-                return self.policy.probe_wait
-            self.probe_out = True
-            return Ticket(self.generation, probe=True)
+            if self.probes_out == 0 and (self.probe_instant is None or now > self.probe_instant):
+                self.probe_instant = now  # no probe out: this instant probes
+            if now == self.probe_instant:
+                self.probes_out += 1
+                return Ticket(self.generation, probe=True)
+            self.rejected += 1
+            return self.policy.probe_wait
         return Ticket(self.generation, probe=False)
 
     def record(self, ticket: Ticket, now: float, *, failure: bool) -> None:
@@ -113,19 +143,15 @@ class CircuitBreaker:
         if ticket.probe:
             self._move(now, "open" if failure else "closed")
             return
-        if len(self._outcomes) == self._outcomes.maxlen and self._outcomes[0]:
-            self._failures -= 1
-        self._outcomes.append(failure)
+        self._outcomes.append((now, failure))
         self._failures += failure
-        count = len(self._outcomes)
-        if count >= self.policy.min_calls and self._failures >= self.policy.failure_rate * count:
-            self._move(now, "open")
 
     def release(self, ticket: Ticket) -> None:
         """The call was abandoned (cancelled): free the probe slot."""
         if ticket.probe and ticket.generation == self.generation:
-            self.probe_out = False
-            self._wake()
+            self.probes_out -= 1
+            if self.probes_out == 0:
+                self._wake()
 
     @property
     def failure_ratio(self) -> float:

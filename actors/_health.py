@@ -73,7 +73,7 @@ class ProviderHealth:
     def report(self, permit: Permit, error: ProviderError | None) -> None:
         now = trio.current_time()
         if isinstance(error, RateLimited) and error.retry_after is not None:
-            self.gate.close_until(now + error.retry_after)
+            self.gate.close_until(now + error.retry_after, now)
             self.rate_limits.append((now, now + error.retry_after))
         failure = error is not None and classify(error).unhealthy
         self.breaker.record(permit.ticket, now, failure=failure)

@@ -5,6 +5,11 @@ trio's clock, and every call to the provider - real or an injected fault
 standing in for one - waits at the gate instead of hammering the provider
 on its own schedule.  A later 429 can only push the reset time further out.
 
+The gate is a function of virtual time: a 429 reported at instant ``t``
+closes it for callers arriving *after* ``t``; one arriving in the same
+instant passes (it was simultaneous with the 429, whichever trio ran
+first), so the same seed gates the same calls in every run.
+
 Waiters are not all released in the instant the window ends (a thundering
 herd the provider would answer with another 429): each is released within
 ``spread`` seconds after the reset, at a point drawn from its identity, so
@@ -23,18 +28,28 @@ class RateLimitGate:
         if spread < 0:
             raise ValueError(f"spread must be >= 0, got {spread}")
         self.spread = spread
-        self.reset_at = -math.inf
+        self.reset_at = -math.inf  # in force for callers after the closing instant
+        self._before = -math.inf  # the reset time as it stood before that instant
+        self._closed_at = -math.inf
         self.closures = 0  # how many 429s closed (or extended) the gate
         self.waits = 0  # how many calls had to wait
 
-    def close_until(self, deadline: float) -> None:
-        """Keep the gate closed until ``deadline`` (trio clock)."""
+    def close_until(self, deadline: float, now: float | None = None) -> None:
+        """Keep the gate closed until ``deadline`` (trio clock) for callers
+        arriving after ``now`` (default: the current time)."""
+        now = trio.current_time() if now is None else now
         self.closures += 1
+        if now > self._closed_at:
+            self._before = self.reset_at
+            self._closed_at = now
         if deadline > self.reset_at:
             self.reset_at = deadline
 
+    def _reset_for(self, now: float) -> float:
+        return self._before if now == self._closed_at else self.reset_at
+
     def is_open(self, now: float) -> bool:
-        return now >= self.reset_at
+        return now >= self._reset_for(now)
 
     async def wait(self, unit: float = 0.0) -> float:
         """Return once the gate is open (at once, without a checkpoint, if
@@ -42,10 +57,12 @@ class RateLimitGate:
         wait is released ``unit * spread`` seconds after the reset
         (``unit`` in [0, 1), from its identity).  Cancellable."""
         start = trio.current_time()
-        if start >= self.reset_at:
+        if self.is_open(start):
             return 0.0
         self.waits += 1
-        while trio.current_time() < self.reset_at:
+        now = start
+        while not self.is_open(now):
             # The deadline may move on while we sleep: check again.
-            await trio.sleep_until(self.reset_at + unit * self.spread)
-        return trio.current_time() - start
+            await trio.sleep_until(self._reset_for(now) + unit * self.spread)
+            now = trio.current_time()
+        return now - start

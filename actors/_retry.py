@@ -21,7 +21,7 @@ from ._rng import derive_unit
 class RetryPolicy:
     """``max_attempts`` calls at most; the delay before attempt n+1 is
     ``min(cap, initial * multiplier**(n-1))`` less up to ``jitter`` of it,
-    or the provider's reset hint when it gave one (never less)."""
+    or, after a reset hint, the hint plus up to ``jitter`` of that base."""
 
     max_attempts: int = attrs.field(default=3)
     initial: float = 0.5
@@ -41,11 +41,16 @@ class RetryPolicy:
         (0 for agents: the provider has already refreshed and retried once)."""
         return attempt < self.max_attempts and classify(error, auth_retries_left=auth_retries_left).retryable
 
-    def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int) -> float:
+    def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int, *, spec_id: str = "") -> float:
+        """The pause before attempt ``attempt + 1``.  Jitter comes from
+        (seed, spec, stage, agent, attempt): never from run or branch ids,
+        which are random, so the same seed retries at the same moments."""
         base = min(self.cap, self.initial * self.multiplier ** (attempt - 1))
-        unit = derive_unit(seed, "backoff", key.run_id, key.branch_id, key.stage, key.agent, attempt)
+        unit = derive_unit(seed, "backoff", spec_id, key.stage, key.agent, attempt)
         backoff = base * (1.0 - self.jitter * unit)
         hint = classify(error).retry_after
         if hint is not None:
-            return max(backoff, hint)
+            # Never before the hint; spread past it by identity, so callers
+            # told the same moment do not all come back in the same instant.
+            return max(backoff, hint + base * self.jitter * unit)
         return backoff

@@ -42,7 +42,9 @@ from messages import (
 )
 from store import RetryableStoreError, Store
 
-POLICY = BreakerPolicy(failure_rate=0.5, window=4, min_calls=4, cooldown=30.0)
+from actors._breaker import Ticket
+
+POLICY = BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=4, cooldown=30.0)
 
 
 def call(agent: str = "a", attempt: int = 1, provider: str = "p") -> CompletionRequest:
@@ -75,62 +77,95 @@ async def test_breaker_closed_open_half_open_closed(autojump_clock: trio.testing
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gateway.run, rx)
         t0 = trio.current_time()
-        for i in range(3):
+        for i in range(4):
             result = await ask(tx, call(attempt=i + 1))
             assert isinstance(result.error, ProviderUnavailable)
-            assert breaker.state == "closed", "below min_calls the breaker stays closed"
-        result = await ask(tx, call(attempt=4))
-        assert breaker.state == "open" and len(calls) == 4
-        # Open: fail fast, nothing reaches the provider, nothing is billed.
+            assert breaker.state == "closed", "the breaker decides when the next call arrives"
+        assert len(calls) == 4
+        # t=14: four failures in the window, 100 % >= 50 %: the call that
+        # arrives opens the breaker and fails fast; nothing reaches the
+        # provider, nothing is billed.
         await trio.sleep(10)
         fast = await ask(tx, call(attempt=5))
+        assert breaker.state == "open"
         assert isinstance(fast.error, CircuitOpen) and fast.usage == TokenUsage()
-        assert fast.error.retry_after == pytest.approx(20.0)
+        assert fast.error.retry_after == pytest.approx(30.0)
+        await trio.sleep(10)
+        again = await ask(tx, call(attempt=6))
+        assert isinstance(again.error, CircuitOpen) and again.error.retry_after == pytest.approx(20.0)
         assert len(calls) == 4
-        # After the cooldown: one half-open probe; it fails, so open again.
+        # t=44, after the cooldown: one half-open probe; it fails, so open again.
         await trio.sleep(20)
-        probe = await ask(tx, call(attempt=6))
+        probe = await ask(tx, call(attempt=7))
         assert isinstance(probe.error, ProviderUnavailable) and breaker.state == "open"
         assert len(calls) == 5
         await trio.sleep(30)
         failing = False
-        # Two callers at once in half-open: one is the probe; the other waits
-        # for its verdict (instead of burning an attempt) and then goes ahead.
+        # In half-open: the call at t=75 probes; one arriving later (t=75.5)
+        # waits for the verdict instead of burning an attempt, then goes ahead.
         results: list[tuple[str, float, CompletionResult]] = []
 
-        async def caller(agent: str) -> None:
+        async def caller(agent: str, delay: float) -> None:
+            await trio.sleep(delay)
             result = await ask(tx, call(agent=agent))
             results.append((agent, trio.current_time() - t0, result))
 
         async with trio.open_nursery() as inner:
-            inner.start_soon(caller, "x")
-            inner.start_soon(caller, "y")
+            inner.start_soon(caller, "x", 0)
+            inner.start_soon(caller, "y", 0.5)
         assert all(r.completion is not None for _, _, r in results)
-        assert sorted(round(t, 6) for _, t, _ in results) == [66.0, 67.0]
+        assert sorted((a, round(t, 6)) for a, t, _ in results) == [("x", 76.0), ("y", 77.0)]
         assert breaker.state == "closed" and len(calls) == 7
-        assert [round(t - t0, 6) for t in calls[-2:]] == [65.0, 66.0]
+        assert [round(t - t0, 6) for t in calls[-2:]] == [75.0, 76.0]
         tx.close()
     states = [state for _, state in breaker.transitions]
     assert states == ["open", "half_open", "open", "half_open", "closed"]
     times = [round(t - t0, 6) for t, _ in breaker.transitions]
-    # opened when the 4th failure came back (t=4); half-open 30 s later; the
-    # failed probe (1 s) re-opens; 30 s on, a good probe closes it.
-    assert times == [4.0, 34.0, 35.0, 65.0, 66.0]
+    # opened when a call came after the failures (t=14); half-open 30 s
+    # later; the failed probe (1 s) re-opens; 30 s on, a good probe closes it.
+    assert times == [14.0, 44.0, 45.0, 75.0, 76.0]
 
 
 def test_breaker_ignores_stale_outcomes_and_releases_abandoned_probes() -> None:
-    breaker = CircuitBreaker(BreakerPolicy(window=2, min_calls=2, cooldown=5))
+    breaker = CircuitBreaker(BreakerPolicy(window=60, min_calls=2, cooldown=5))
     early = breaker.acquire(0.0)
     tickets = [breaker.acquire(0.0) for _ in range(2)]
     for t in tickets:
         breaker.record(t, 1.0, failure=True)  # type: ignore[arg-type]
-    assert breaker.state == "open"
-    breaker.record(early, 2.0, failure=False)  # type: ignore[arg-type]
+    assert not isinstance(breaker.acquire(1.0), float), "outcomes of this very instant are not counted yet"
+    assert breaker.acquire(2.0) == 5.0 and breaker.state == "open"
+    breaker.record(early, 2.5, failure=False)  # type: ignore[arg-type]
     assert breaker.state == "open", "an outcome admitted before the transition is stale"
-    probe = breaker.acquire(6.0)
-    assert breaker.state == "half_open" and breaker.acquire(6.0) == 1.0
+    probe = breaker.acquire(7.0)
+    assert breaker.state == "half_open" and isinstance(probe, Ticket) and probe.probe
+    also = breaker.acquire(7.0)
+    assert isinstance(also, Ticket) and also.probe, "a call in the probes' own instant probes too"
+    assert breaker.acquire(7.5) == 1.0, "later callers wait for the verdict"
     breaker.release(probe)  # type: ignore[arg-type]
-    assert not isinstance(breaker.acquire(6.0), float), "an abandoned probe frees the slot"
+    assert breaker.acquire(7.6) == 1.0
+    breaker.release(also)  # type: ignore[arg-type]
+    again = breaker.acquire(8.0)
+    assert isinstance(again, Ticket) and again.probe, "abandoned probes free the slot"
+
+
+def test_breaker_window_is_time_and_order_independent() -> None:
+    """Same outcomes in the same instants, reported in any order: the same
+    verdict.  Outcomes older than the window no longer count."""
+    import itertools
+
+    verdicts = set()
+    outcomes = [(1.0, True), (1.0, False), (1.0, True), (2.0, True), (2.0, False)]
+    for order in itertools.permutations(outcomes):
+        breaker = CircuitBreaker(BreakerPolicy(window=10, min_calls=5, failure_rate=0.6))
+        tickets = [breaker.acquire(0.0) for _ in order]
+        for ticket, (at, failed) in zip(tickets, sorted(order, key=lambda o: o[0])):
+            breaker.record(ticket, at, failure=failed)  # type: ignore[arg-type]
+        verdicts.add((isinstance(breaker.acquire(2.0), float), isinstance(breaker.acquire(3.0), float)))
+    assert verdicts == {(False, True)}
+    late = CircuitBreaker(BreakerPolicy(window=10, min_calls=2))
+    for ticket in [late.acquire(0.0), late.acquire(0.0)]:
+        late.record(ticket, 1.0, failure=True)  # type: ignore[arg-type]
+    assert not isinstance(late.acquire(11.5), float), "failures older than the window are forgotten"
 
 
 async def test_one_429_pauses_every_caller_until_reset(autojump_clock: trio.testing.MockClock) -> None:
@@ -190,6 +225,7 @@ async def test_injected_429_closes_the_gate_for_real_calls(tmp_path: object, aut
         assert isinstance(first.error, RateLimited) and first.error.retry_after == 8.0
         assert str(first.error) == "rate limit exceeded: retry after 8 seconds (fault injected)"
         assert first.usage is None, "usage of a faulted call is unknown"
+        await trio.sleep(1)  # a call in the 429's own instant was simultaneous with it
         second = await ask(tx, call(agent="b"))
         assert second.completion is not None
         tx.close()
@@ -255,8 +291,16 @@ def test_backoff_is_capped_jittered_seeded_and_honours_hints() -> None:
         assert 0.75 * base <= d <= base
     assert delays == [policy.delay(Disconnected("x"), key, n, seed=1) for n in range(1, 7)]
     assert delays != [policy.delay(Disconnected("x"), key, n, seed=2) for n in range(1, 7)]
-    assert policy.delay(RateLimited("429", retry_after=360.0), key, 1, seed=1) == 360.0
-    assert policy.delay(CircuitOpen("open", retry_after=20.0), key, 1, seed=1) == 20.0
+    # Never before a hint, and spread past it by identity (up to jitter x base).
+    assert 360.0 <= policy.delay(RateLimited("429", retry_after=360.0), key, 1, seed=1) <= 360.25
+    assert 20.0 <= policy.delay(CircuitOpen("open", retry_after=20.0), key, 1, seed=1) <= 20.25
+    other = AgentKey(run_id="r", branch_id="b", stage="plan", agent="b")
+    assert policy.delay(Disconnected("x"), key, 2, seed=1) == policy.delay(
+        Disconnected("x"), attrs.evolve(key, run_id="other-run", branch_id="other-branch"), 2, seed=1
+    ), "random run and branch ids do not move the jitter"
+    assert policy.delay(CircuitOpen("o", retry_after=20.0), key, 1, seed=1) != policy.delay(
+        CircuitOpen("o", retry_after=20.0), other, 1, seed=1
+    )
 
 
 async def test_agent_does_not_retry_authentication(tmp_path: object, autojump_clock: trio.testing.MockClock) -> None:
@@ -284,12 +328,14 @@ async def test_agent_does_not_retry_authentication(tmp_path: object, autojump_cl
 
 
 async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testing.MockClock) -> None:
-    health = HealthRegistry(BreakerPolicy(window=1, min_calls=1, cooldown=5))
+    health = HealthRegistry(BreakerPolicy(window=60, min_calls=1, cooldown=5))
     p = health["p"]
     permit, _ = await p.admit()
     assert permit is not None
     p.report(permit, Disconnected("x"))
-    assert p.breaker.state == "open"
+    await trio.sleep(1)
+    refused, error = await p.admit()
+    assert refused is None and isinstance(error, CircuitOpen) and p.breaker.state == "open"
     await trio.sleep(5)
     probe, _ = await p.admit()
     assert probe is not None and probe.ticket.probe
@@ -299,9 +345,10 @@ async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testin
         outcomes.append(await p.admit())
 
     async with trio.open_nursery() as nursery:
+        await trio.sleep(0.5)
         nursery.start_soon(waiter)
         await trio.sleep(2)
         assert outcomes == [], "a caller in half-open waits for the probe's verdict"
         p.report(probe, ProviderTimeout("t"))
-    [(permit2, error)] = outcomes
-    assert permit2 is None and isinstance(error, CircuitOpen) and error.retry_after == pytest.approx(5.0)
+    [(permit2, error2)] = outcomes
+    assert permit2 is None and isinstance(error2, CircuitOpen) and error2.retry_after == pytest.approx(5.0)

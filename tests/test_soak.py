@@ -117,3 +117,17 @@ def test_a_breaker_that_never_refuses_fails_the_soak(monkeypatch: pytest.MonkeyP
     )
     assert report.breaker_trips > 0
     assert any("while its breaker was open" in b for b in report.breaches)
+
+
+def test_determinism_holds_when_the_breaker_trips() -> None:
+    """Sixteen runs each opening with the reference plan make the provider
+    fail most calls at once: the breaker opens, callers fail fast, probe and
+    wait.  Its decisions depend on virtual time alone (and retry jitter on
+    identity, not on the random branch ids), so two soaks - each with trio's
+    own random scheduling - agree."""
+    config = SoakConfig(seed=1, runs=24, faults=default_soak_plan("disconnect:3,429:1,timeout:2"))
+    first, second = run_soak(config), run_soak(config)
+    assert first.ok, first.breaches
+    assert first.breaker_trips > 0
+    assert (first.digest, first.fault_digest) == (second.digest, second.fault_digest)
+    assert first.breaker_trips == second.breaker_trips
