@@ -34,7 +34,7 @@ def test_hundred_runs_with_ten_percent_faults_hold_every_invariant() -> None:
 
 
 def test_same_seed_same_digest_in_three_processes(tmp_path: Path) -> None:
-    digests, placements = set(), set()
+    digests, placements, tripped = set(), set(), set()
     for hashseed in ("0", "1", "4242"):
         proc = run_cli(["soak", "--seed", "11", "--runs", "25", "--json"], env={"PYTHONHASHSEED": hashseed})
         assert proc.returncode == 0, proc.stderr
@@ -42,7 +42,13 @@ def test_same_seed_same_digest_in_three_processes(tmp_path: Path) -> None:
         assert data["ok"] and data["seed"] == 11 and data["lost"] == 0
         digests.add(data["digest"])
         placements.add(data["fault_digest"])
+        # The reference plan in every run at once trips the breaker: still one digest.
+        heavy = run_cli(["soak", "--seed", "11", "--runs", "20", "--json", "--faults", "disconnect:3,429:1,timeout:2"],
+                        env={"PYTHONHASHSEED": hashseed})
+        assert heavy.returncode == 0, heavy.stderr
+        tripped.add((json.loads(heavy.stdout)["digest"], json.loads(heavy.stdout)["breaker_trips"]))
     assert len(digests) == 1 and len(placements) == 1
+    assert len(tripped) == 1 and next(iter(tripped))[1] > 0
     other = run_cli(["soak", "--seed", "12", "--runs", "25", "--json"])
     assert other.returncode == 0, other.stderr
     assert json.loads(other.stdout)["fault_digest"] not in placements, "a different seed places faults differently"
