@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from messages import (
+    FAULT_KINDS,
     AgentFinished,
     FaultPlan,
     FaultPlanError,
@@ -229,6 +230,12 @@ async def _run_pipeline(
                 result = await orch.run(args.spec_id, goal=args.goal, run_id=args.run_id)
             finally:
                 nursery.cancel_scope.cancel()
+        if printer is not None and orch.faults is not None:
+            injected = ", ".join(f"{k} {orch.faults.injected.get(k, 0)}" for k in FAULT_KINDS)
+            left = orch.faults.remaining(result.run_id)
+            counted = set(plan.counts) if plan is not None else set()
+            budget = ", ".join(f"{k} {n}" for k, n in left.items() if k in counted)
+            print(f"\nFaults injected: {injected}" + (f" (left in this run's budget: {budget})" if budget else ""))
     return result, trio.current_time() - started
 
 
