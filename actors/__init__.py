@@ -13,10 +13,13 @@ and talk only through the typed channels of :mod:`messages`.
 from . import _auth_api, _providers_api
 from ._agent import Agent, build_prompt
 from ._auth_api import *  # noqa: F403  (device-code login and tokens, listed there)
+from ._breaker import BreakerPolicy, CircuitBreaker
+from ._classify import Classification, classify
 from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
 from ._coordinator import Coordinator, DecisionNotDurable, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
+from ._health import HealthRegistry, Permit, ProviderHealth
 from ._ids import new_branch_id, new_run_id, short_branch_id
 from ._budget import BudgetExceeded, parse_budget
 from ._context_window import context_window
@@ -42,6 +45,7 @@ from ._pipeline import (
 from ._provider import BaseProvider, MockProvider
 from ._providers_api import *  # noqa: F403  (the provider layer's names, listed there)
 from ._resume import ResumeError
+from ._ratelimit import RateLimitGate
 from ._retry import RetryPolicy
 from ._runtime import (
     EDGES,
@@ -67,6 +71,14 @@ __all__ = [
     "SessionMetrics",
     "context_window",
     "parse_budget",
+    "BreakerPolicy",
+    "CircuitBreaker",
+    "Classification",
+    "classify",
+    "HealthRegistry",
+    "Permit",
+    "ProviderHealth",
+    "RateLimitGate",
     "ADVANCING",
     "EDGES",
     "KNOWN_AGENTS",

@@ -90,6 +90,7 @@ class Agent:
                 response_fields=stage.required_fields,
                 decision_field=stage.decision_field,
                 aggregate=aggregate,
+                panel=stage.agents,
             )
             started = trio.current_time()
             result = await self._call(call)
@@ -133,9 +134,11 @@ class Agent:
             )
             # Failed attempts are history, not input to consensus: fire and forget.
             await self.store.send(PersistOutput(output=failed))
+            # Authentication is permanent here: the provider has already
+            # refreshed its token once and retried (the 401-refresh-once rule).
             if not self.retry.should_retry(error, attempt):
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
-            delay = self.retry.delay(error, key, attempt, self.seed)
+            delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
             await self.store.send(
                 PersistEvent(
                     run_id=key.run_id,

@@ -20,7 +20,18 @@ from typing import Any, TextIO, TypeVar
 import trio
 import trio.testing
 
-from messages import AgentFinished, AuthError, BudgetAlert, ProgressEvent, RunStarted, StageDecided, StageStarted
+from messages import (
+    FAULT_KINDS,
+    AgentFinished,
+    AuthError,
+    BudgetAlert,
+    FaultPlan,
+    FaultPlanError,
+    ProgressEvent,
+    RunStarted,
+    StageDecided,
+    StageStarted,
+)
 from store import Store, StoreError
 
 from ._budget import usd
@@ -160,6 +171,32 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def fault_plan(args: argparse.Namespace) -> FaultPlan:
+    """The fault plan of ``--faults``/``--fault-seed`` over the CODEX_FAULTS*
+    environment; a malformed value raises :class:`UsageError` (exit 2)."""
+    try:
+        return FaultPlan.from_env(os.environ, faults=args.faults, seed=args.fault_seed)
+    except FaultPlanError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def fault_banner(plan: FaultPlan, seed: int) -> None:
+    """Say on stderr that faults are active (stdout stays clean for --json)."""
+    if plan.enabled:
+        note = "" if plan.seed is not None else f"; fault seed {seed} (from --seed)"
+        print(f"conclave: {plan.describe()}{note}", file=sys.stderr)
+
+
+def add_fault_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--faults",
+        metavar="SPEC",
+        help="inject provider faults, e.g. 'disconnect:3,429:1,timeout:2' or 'disconnect:5%%' "
+        "(overrides CODEX_FAULTS; see also CODEX_FAULTS_429_RESET, CODEX_FAULTS_TIMEOUT_MS)",
+    )
+    p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)")
+
+
 async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run ``fn(*args)``, turning Ctrl-C into a clean cancellation.
 
@@ -193,6 +230,7 @@ async def _run_pipeline(
     pipeline: Pipeline,
     virtual: bool,
     configs: dict[str, ProviderConfig],
+    plan: FaultPlan | None = None,
 ) -> tuple[RunResult, float]:
     providers = {name: config.build() for name, config in configs.items()}
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
@@ -207,6 +245,7 @@ async def _run_pipeline(
         seed=args.seed,
         limits=limits,
         prices=args.price_table,
+        faults=plan,
     ) as orch:
         async with trio.open_nursery() as nursery:
             if display is not None:
@@ -231,6 +270,12 @@ async def _run_pipeline(
                 nursery.cancel_scope.cancel()
                 if isinstance(display, LiveFooter):
                     display.clear()
+        if printer is not None and orch.faults is not None:
+            injected = ", ".join(f"{k} {orch.faults.injected.get(k, 0)}" for k in FAULT_KINDS)
+            left = orch.faults.remaining(result.run_id)
+            counted = set(plan.counts) if plan is not None else set()
+            budget = ", ".join(f"{k} {n}" for k, n in left.items() if k in counted)
+            print(f"\nFaults injected: {injected}" + (f" (left in this run's budget: {budget})" if budget else ""))
     return result, trio.current_time() - started
 
 
@@ -239,6 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
     except PipelineError as exc:
         return _fail(str(exc))
+    plan = fault_plan(args)
     # Every provider is validated before the store opens or any agent starts.
     try:
         pipeline = pipeline_from_args(args, pipeline)
@@ -269,8 +315,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
+            fault_banner(plan, args.seed)
             result, elapsed = trio.run(
-                interruptible, _run_pipeline, args, store, pipeline, virtual, configs, clock=clock
+                interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, clock=clock
             )
         except ConfigError as exc:
             return _fail(str(exc))
@@ -462,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         "real: wall-clock time (default, and required, with real providers)",
     )
     add_run_metrics_args(run)
+    add_fault_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     add_provider_arguments(run)
     add_run_auth_option(run)
@@ -492,6 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 EXTRA_COMMANDS.append(add_metrics_command)  # conclave metrics (issue 4)
 EXTRA_COMMANDS.append(add_auth_commands)  # login, logout, auth status (issue 6)
+
+
+def _register_soak(sub: Any) -> None:
+    from ._cli_soak import register
+
+    register(sub)
+
+
+EXTRA_COMMANDS.append(_register_soak)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,11 @@
 """The provider gateway: the one place model calls leave the process.
 
-It owns the providers and a concurrency limit per provider.  Each request
+It owns the providers, a concurrency limit per provider, and (through
+:class:`~actors._health.HealthRegistry`) each provider's rate-limit gate and
+circuit breaker: a call is admitted (waiting out a 429's reset time, or
+failing fast with :class:`~messages.CircuitOpen`), made, and its outcome
+reported.  The fault interceptor admits and reports injected faults on the
+same registry, so both kinds of fault take one path.  Each request
 is served in a task of its own (so a slow provider never delays another's
 calls) and answered exactly once through its reply slot - with the
 completion, or with a typed :class:`~messages.ProviderError`.
@@ -13,6 +18,7 @@ from collections.abc import Mapping
 import trio
 
 from messages import (
+    ZERO_USAGE,
     BadRequest,
     CompletionRequest,
     CompletionResult,
@@ -20,14 +26,22 @@ from messages import (
     fail_pending,
 )
 
+from ._health import HealthRegistry
 from ._provider import BaseProvider
 
 
 class Gateway:
-    def __init__(self, providers: Mapping[str, BaseProvider], *, max_concurrency: int = 64) -> None:
+    def __init__(
+        self,
+        providers: Mapping[str, BaseProvider],
+        *,
+        max_concurrency: int = 64,
+        health: HealthRegistry | None = None,
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.providers = dict(providers)
+        self.health = health if health is not None else HealthRegistry()
         self._limits = {name: trio.CapacityLimiter(max_concurrency) for name in self.providers}
 
     async def run(self, inbox: trio.MemoryReceiveChannel[CompletionRequest]) -> None:
@@ -60,22 +74,32 @@ class Gateway:
                 attempt=request.attempt,
                 error=BadRequest(f"no provider named {request.provider!r} is configured"),
             )
-        try:
-            async with self._limits[request.provider]:
+        health = self.health[request.provider]
+        async with self._limits[request.provider]:
+            permit, blocked = await health.admit(request)
+            if permit is None:
+                # Failed fast: nothing reached the provider, nothing was billed.
+                return CompletionResult(
+                    key=request.key, attempt=request.attempt, error=blocked, usage=ZERO_USAGE
+                )
+            try:
                 completion = await provider.complete(request)
-        except ProviderError as error:
-            return CompletionResult(
-                key=request.key,
-                attempt=request.attempt,
-                error=error,
-                usage=getattr(error, "usage", None),
-            )
-        except Exception as exc:  # a bug in the provider: fail this call, loudly
-            return CompletionResult(
-                key=request.key,
-                attempt=request.attempt,
-                error=ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}"),
-            )
+            except ProviderError as error:
+                health.report(permit, error)
+                return CompletionResult(
+                    key=request.key,
+                    attempt=request.attempt,
+                    error=error,
+                    usage=getattr(error, "usage", None),
+                )
+            except Exception as exc:  # a bug in the provider: fail this call, loudly
+                bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
+                health.report(permit, bug)
+                return CompletionResult(key=request.key, attempt=request.attempt, error=bug)
+            except BaseException:
+                health.abandon(permit)
+                raise
+        health.report(permit, None)
         return CompletionResult(key=request.key, attempt=request.attempt, completion=completion)
 
     async def aclose(self) -> None:

@@ -1,15 +1,19 @@
 """Retry policy: capped exponential backoff with seeded jitter.
 
+What is retryable is the classifier's call (:mod:`actors._classify`).
 Jitter is drawn from (seed, call identity, attempt), so the same seed gives
-the same schedule however trio interleaves the agents.
+the same schedule however trio interleaves the agents.  A reset hint (a
+429's ``retry_after``, an open breaker's time left) is honoured: the delay
+is never shorter than the hint.
 """
 
 from __future__ import annotations
 
 import attrs
 
-from messages import AgentKey, ProviderError, RateLimited, is_retryable
+from messages import AgentKey, ProviderError
 
+from ._classify import classify
 from ._rng import derive_unit
 
 
@@ -17,7 +21,7 @@ from ._rng import derive_unit
 class RetryPolicy:
     """``max_attempts`` calls at most; the delay before attempt n+1 is
     ``min(cap, initial * multiplier**(n-1))`` less up to ``jitter`` of it,
-    or the provider's reset hint when it gave one (never less)."""
+    or, after a reset hint, the hint plus up to ``jitter`` of that base."""
 
     max_attempts: int = attrs.field(default=3)
     initial: float = 0.5
@@ -31,13 +35,22 @@ class RetryPolicy:
         if value < 1:
             raise ValueError(f"max_attempts must be at least 1, got {value}")
 
-    def should_retry(self, error: ProviderError, attempt: int) -> bool:
-        return is_retryable(error) and attempt < self.max_attempts
+    def should_retry(self, error: ProviderError, attempt: int, *, auth_retries_left: int = 0) -> bool:
+        """Whether to make attempt ``attempt + 1`` after ``error``.  An
+        authentication failure is retried only while ``auth_retries_left``
+        (0 for agents: the provider has already refreshed and retried once)."""
+        return attempt < self.max_attempts and classify(error, auth_retries_left=auth_retries_left).retryable
 
-    def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int) -> float:
+    def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int, *, spec_id: str = "") -> float:
+        """The pause before attempt ``attempt + 1``.  Jitter comes from
+        (seed, spec, stage, agent, attempt): never from run or branch ids,
+        which are random, so the same seed retries at the same moments."""
         base = min(self.cap, self.initial * self.multiplier ** (attempt - 1))
-        unit = derive_unit(seed, "backoff", key.run_id, key.branch_id, key.stage, key.agent, attempt)
+        unit = derive_unit(seed, "backoff", spec_id, key.stage, key.agent, attempt)
         backoff = base * (1.0 - self.jitter * unit)
-        if isinstance(error, RateLimited) and error.retry_after is not None:
-            return max(backoff, error.retry_after)
+        hint = classify(error).retry_after
+        if hint is not None:
+            # Never before the hint; spread past it by identity, so callers
+            # told the same moment do not all come back in the same instant.
+            return max(backoff, hint + base * self.jitter * unit)
         return backoff

@@ -47,6 +47,8 @@ from messages import (
     AgentRequest,
     ConclaveError,
     Decision,
+    FaultInterceptor,
+    FaultPlan,
     Interceptor,
     MetricsQuery,
     Outbox,
@@ -73,10 +75,12 @@ from store import Store
 from ._agent import Agent
 from ._budget import HALT_REASON as BUDGET_HALT
 from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget
+from ._breaker import BreakerPolicy
 from ._consensus import ADVANCING
 from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
+from ._health import HealthRegistry
 from ._ids import new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
 from ._metrics_report import totals_json, usd_number
@@ -229,6 +233,8 @@ class Orchestrator:
         self.retry = retry
         self._interceptors = interceptors
         self._limits = limits
+        self.health: HealthRegistry | None = None  # the gateway's gates and breakers
+        self.faults: FaultInterceptor | None = None  # diagnostics of injected faults
         self._subscribers: list[trio.MemorySendChannel[ProgressEvent]] = []
         self._metrics_hub = metrics_hub or MetricsHub()
 
@@ -610,11 +616,13 @@ async def open_orchestrator(
     provider: BaseProvider | Mapping[str, BaseProvider] | None = None,
     pipeline: Pipeline | None = None,
     seed: int = 0,
-    faults: Interceptor[Any] | None = None,
+    faults: FaultPlan | Interceptor[Any] | None = None,
     interceptors: Mapping[str, Sequence[Interceptor[Any]]] | None = None,
     retry: RetryPolicy | None = None,
     limits: Limits | None = None,
     prices: PriceTable | None = None,
+    breaker: BreakerPolicy | None = None,
+    health: HealthRegistry | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Start the gateway, metrics accumulator and store writer, yield an
     :class:`Orchestrator`, and shut them down when the block exits.
@@ -622,10 +630,15 @@ async def open_orchestrator(
     ``store`` is a path (opened, migrated, and closed on exit) or an open
     :class:`~store.Store` (left open).  ``provider`` defaults to the
     embedded :class:`SimulatedProvider` seeded with ``seed``; a mapping
-    routes agents by their pipeline ``provider`` name.  ``faults`` is an
-    interceptor installed on the gateway's inbox, after any in
+    routes agents by their pipeline ``provider`` name.  ``faults`` is a
+    :class:`~messages.FaultPlan` (wrapped in a
+    :class:`~messages.FaultInterceptor`, seeded with ``seed`` unless the plan
+    has its own) or any interceptor; a fault interceptor is attached to the
+    gateway's provider health (``health``, or a fresh
+    :class:`HealthRegistry` with ``breaker`` as its policy) and to the event
+    log.  It is installed on the gateway's inbox, after any in
     ``interceptors["gateway"]``.  ``prices`` is the price table (default:
-    the vendored LiteLLM one, :meth:`PriceTable.load` adds an override file).
+    the vendored LiteLLM one; :meth:`PriceTable.load` adds an override file).
 
     On normal exit the actors drain their inboxes (every queued write is
     committed) before the block returns; on cancellation or error they are
@@ -643,6 +656,9 @@ async def open_orchestrator(
             f"unknown channel(s) for interceptors: {', '.join(sorted(unknown_edges))}; "
             f"known: {', '.join(sorted(EDGES))}"
         )
+    health = health if health is not None else HealthRegistry(breaker)
+    if isinstance(faults, FaultPlan):
+        faults = FaultInterceptor(faults, seed=seed) if faults.enabled else None
     if faults is not None:
         interceptors["gateway"] = [*interceptors.get("gateway", ()), faults]
     if provider is None:
@@ -661,7 +677,7 @@ async def open_orchestrator(
 
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
-    gateway = Gateway(providers, max_concurrency=limits.max_concurrency)
+    gateway = Gateway(providers, max_concurrency=limits.max_concurrency, health=health)
     hub = MetricsHub()
     writer = StoreWriter(db)
     store_tx, store_rx = open_channel(
@@ -678,6 +694,9 @@ async def open_orchestrator(
     metrics_tx, metrics_rx = open_channel(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())
     )
+    for interceptor in interceptors.get("gateway", ()):
+        if isinstance(interceptor, FaultInterceptor):
+            interceptor.attach(seed=seed, health=health, events=store_tx)
     try:
         with collapse_single():
             async with trio.open_nursery() as nursery:
@@ -703,6 +722,8 @@ async def open_orchestrator(
                 # records its runs as interrupted.  It never waits on anyone
                 # but its inbox (and a bounded busy-retry loop).
                 nursery.start_soon(_shielded, writer.run, store_rx)
+                orchestrator.health = health
+                orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                 try:
                     yield orchestrator
                 finally:

@@ -32,6 +32,16 @@ from ._errors import (
     RateLimited,
     is_retryable,
 )
+from ._faultplan import (
+    FAULT_KINDS,
+    FaultKind,
+    FaultPlan,
+    FaultPlanError,
+    ResetHint,
+    parse_reset_hint,
+    parse_scope,
+)
+from ._faults import DISCONNECT_MESSAGE, FaultInterceptor, HealthPort, InjectedFault
 from ._identity import AgentKey, StageKey
 from ._messages import (
     AgentOutput,
@@ -88,6 +98,17 @@ __all__ = [
     "SetBudget",
     "StageTokens",
     "TokenMetrics",
+    "DISCONNECT_MESSAGE",
+    "FAULT_KINDS",
+    "FaultInterceptor",
+    "FaultKind",
+    "FaultPlan",
+    "FaultPlanError",
+    "HealthPort",
+    "InjectedFault",
+    "ResetHint",
+    "parse_reset_hint",
+    "parse_scope",
     "StageStarted",
     "StageDecided",
     "RunStarted",

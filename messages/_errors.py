@@ -77,10 +77,15 @@ class ProviderUnavailable(ProviderError):
 
 
 class CircuitOpen(ProviderError):
-    """The provider's circuit breaker is open: the call failed fast."""
+    """The provider's circuit breaker is open: the call failed fast.
+    ``retry_after`` is how long until the breaker lets a probe through."""
 
     kind = "circuit_open"
     retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class AuthenticationFailed(ProviderError):

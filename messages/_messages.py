@@ -117,6 +117,9 @@ class CompletionRequest:
     response_fields: tuple[str, ...] = ()
     decision_field: str | None = None
     aggregate: bool = False
+    # The stage's panel in roster order: with ``key.agent`` it gives the
+    # call's seat, part of its identity for deterministic fault placement.
+    panel: tuple[str, ...] = ()
     reply_to: Reply[CompletionResult] | None = attrs.field(default=None, eq=False, repr=False)
 
 

@@ -127,10 +127,6 @@ async def test_429_pauses_the_agent_until_its_reset_and_the_run_completes(
     assert retry_events[0].detail["error"] == "rate_limit" and retry_events[0].detail["delay_s"] >= 45
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the gateway-wide rate-limit gate (issue 5): today each agent honours the reset on its own",
-)
 async def test_429_pauses_every_caller_of_the_provider(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     # In one parallel stage: a is told 429 (reset 30 s) while b gets a 500 and
     # would retry after ~0.5 s.  A provider-wide gate holds b's retry too.

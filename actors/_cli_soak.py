@@ -1,0 +1,136 @@
+"""``conclave soak``: the deterministic fault soak from the command line.
+
+Exit 0 when every invariant held, 1 on a breach (naming the seed, so the
+failure can be replayed with ``--seed``), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from messages import FaultPlan, FaultPlanError
+
+from ._soak import DEFAULT_SOAK_FAULTS, SoakConfig, SoakReport, run_soak, with_soak_reset
+
+
+class _BadInput(Exception):
+    pass
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "soak",
+        help="run many pipelines with injected faults on a virtual clock and check invariants",
+        description=(
+            "Run R pipelines on the simulated provider under a virtual clock with faults "
+            "injected, and check that every agent call ends exactly once, retries stay within "
+            "their limit, no call reaches a provider inside a 429 window or through an open "
+            "breaker, every stage is decided exactly once and usage adds up. Exit 1 and the "
+            "seed on any breach."
+        ),
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
+    p.add_argument("--runs", type=_positive, default=100, help="pipelines to run (default: 100)")
+    p.add_argument("--agents", type=_positive, metavar="N", help="agents per stage (default: the default pipeline's roster)")
+    p.add_argument(
+        "--faults",
+        metavar="SPEC",
+        help=f"faults to inject (default: CODEX_FAULTS, else {DEFAULT_SOAK_FAULTS}); "
+        "a 429 gets a 5 s reset hint unless CODEX_FAULTS_429_RESET says otherwise",
+    )
+    p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: --seed)")
+    p.add_argument("--concurrency", type=_positive, default=16, help="runs in flight at once (default: 16)")
+    p.add_argument("--max-attempts", type=_positive, default=3, help="attempts per agent call (default: 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--check-determinism", action="store_true", help="run twice and fail if the digests differ")
+    p.set_defaults(handler=cmd_soak)
+
+
+def soak_config(args: argparse.Namespace) -> SoakConfig:
+    from ._retry import RetryPolicy
+
+    env = dict(os.environ)
+    spec = args.faults
+    if spec is None and not env.get("CODEX_FAULTS", "").strip():
+        spec = DEFAULT_SOAK_FAULTS
+    try:
+        plan = FaultPlan.from_env(env, faults=spec, seed=args.fault_seed)
+    except FaultPlanError as exc:
+        raise _BadInput(str(exc)) from None
+    return SoakConfig(
+        seed=args.seed,
+        runs=args.runs,
+        agents=args.agents,
+        faults=with_soak_reset(plan),
+        concurrency=args.concurrency,
+        retry=RetryPolicy(max_attempts=args.max_attempts),
+    )
+
+
+def _human(report: SoakReport) -> str:
+    faults = ", ".join(f"{k} {v}" for k, v in report.faults.items())
+    recovered = ", ".join(f"{k} {v}" for k, v in report.recovered.items())
+    lines = [
+        f"soak seed {report.seed}: {report.runs} run(s), {report.agent_turns} agent turns "
+        f"({report.completed} completed, {report.halted} halted)",
+        f"  faults injected: {faults}; recovered: {recovered}",
+        f"  retries {report.retries} | lost {report.lost} | duplicate decisions {report.duplicate_decisions} "
+        f"| breaker trips {report.breaker_trips} | gate waits {report.gate_waits}",
+        f"  digest {report.digest}",
+        f"  wall {report.wall_seconds:.2f}s | virtual {report.virtual_seconds:.1f}s "
+        f"| {report.agent_turns / max(report.wall_seconds, 1e-9):,.0f} turns/s",
+    ]
+    lines.append("  invariants: all held" if report.ok else "  invariants: BROKEN")
+    return "\n".join(lines)
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    try:
+        config = soak_config(args)
+    except _BadInput as exc:
+        print(f"conclave: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.json:
+        note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
+        print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
+    reports = [run_soak(config)]
+    if args.check_determinism and reports[0].ok:
+        reports.append(run_soak(config))
+    report = reports[0]
+    deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
+    if args.json:
+        data = report.to_json()
+        if args.check_determinism:
+            data["determinism"] = {"runs": len(reports), "digests": [r.digest for r in reports], "same": deterministic}
+        print(json.dumps(data, indent=2))
+    else:
+        print(_human(report))
+        if len(reports) > 1:
+            print(f"  determinism: second run digest {reports[1].digest} - {'same' if deterministic else 'DIFFERENT'}")
+    if not report.ok:
+        for breach in report.breaches:
+            print(f"conclave: soak seed {report.seed}: {breach}", file=sys.stderr)
+        print(f"conclave: error: soak FAILED (seed {report.seed}); replay with --seed {report.seed}", file=sys.stderr)
+        return 1
+    if not deterministic:
+        print(
+            f"conclave: error: soak seed {report.seed} is not deterministic: digests "
+            f"{', '.join(r.digest for r in reports)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,121 @@
+"""Provider health: the rate-limit gate and circuit breaker of each provider,
+shared by the gateway and the fault interceptor.
+
+Why shared: the fault interceptor sits on the gateway's *inbox*, before the
+gateway, and answers for the provider.  For an injected fault to take
+exactly the path of a real one, it must be admitted the way a real call
+is, and its outcome must count the way a real outcome does.  So both the
+gateway (around ``provider.complete``) and the interceptor (around an
+injected fault) do ``admit`` -> call (or inject) -> ``report``, on the same
+:class:`ProviderHealth`.  Invariant, for both: nothing reaches a provider
+before its rate-limit reset time or while its breaker is open.
+
+``admit`` waits at the gate, then asks the breaker (open: fail fast;
+half-open: wait for the one probe's verdict); there is no checkpoint
+between the last check and the caller's first step of the call.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from messages import CircuitOpen, CompletionRequest, ProviderError, RateLimited
+
+from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
+from ._classify import classify
+from ._ratelimit import RateLimitGate
+from ._rng import derive_unit
+
+
+def _spread_unit(request: CompletionRequest | None) -> float:
+    """Where in the release spread this call goes: from its identity only."""
+    if request is None:
+        return 0.0
+    key = request.key
+    return derive_unit(0, "gate", request.spec_id, key.stage, key.agent, request.attempt)
+
+
+@attrs.frozen(slots=True)
+class Permit:
+    provider: str
+    ticket: Ticket
+    at: float  # trio time the call was admitted
+
+
+class ProviderHealth:
+    def __init__(self, name: str, policy: BreakerPolicy | None = None) -> None:
+        self.name = name
+        self.gate = RateLimitGate()
+        self.breaker = CircuitBreaker(policy)
+        self.calls = 0
+        self.rate_limits: list[tuple[float, float]] = []  # (at, reset_at) per 429 with a hint
+
+    async def admit(self, request: CompletionRequest | None = None) -> tuple[Permit | None, ProviderError | None]:
+        """Wait at the gate, then ask the breaker: a permit, or CircuitOpen
+        while it is open.  In half-open, wait for the probe's verdict.
+        ``request`` spreads the callers the gate releases (see
+        :class:`RateLimitGate`)."""
+        while True:
+            await self.gate.wait(_spread_unit(request))
+            now = trio.current_time()
+            ticket = self.breaker.acquire(now)
+            if isinstance(ticket, Ticket):
+                self.calls += 1
+                return Permit(self.name, ticket, now), None
+            if self.breaker.state != "half_open":
+                return None, CircuitOpen(
+                    f"circuit breaker for provider {self.name!r} is open; retry in {ticket:.1f}s",
+                    retry_after=ticket,
+                )
+            await self.breaker.wait_for_verdict()
+
+    def report(self, permit: Permit, error: ProviderError | None) -> None:
+        now = trio.current_time()
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            self.gate.close_until(now + error.retry_after, now)
+            self.rate_limits.append((now, now + error.retry_after))
+        failure = error is not None and classify(error).unhealthy
+        self.breaker.record(permit.ticket, now, failure=failure)
+
+    def abandon(self, permit: Permit) -> None:
+        self.breaker.release(permit.ticket)
+
+
+class HealthRegistry:
+    """The :class:`ProviderHealth` of every provider, created on first use.
+    Implements ``messages.HealthPort`` for the fault interceptor."""
+
+    def __init__(
+        self,
+        policy: BreakerPolicy | None = None,
+        *,
+        policies: dict[str, BreakerPolicy] | None = None,
+    ) -> None:
+        self.policy = policy or BreakerPolicy()
+        self._policies = dict(policies or {})
+        self._providers: dict[str, ProviderHealth] = {}
+
+    def __getitem__(self, provider: str) -> ProviderHealth:
+        health = self._providers.get(provider)
+        if health is None:
+            health = self._providers[provider] = ProviderHealth(
+                provider, self._policies.get(provider, self.policy)
+            )
+        return health
+
+    def providers(self) -> dict[str, ProviderHealth]:
+        return dict(self._providers)
+
+    async def admit(
+        self, provider: str, request: CompletionRequest | None = None
+    ) -> tuple[Permit | None, ProviderError | None]:
+        return await self[provider].admit(request)
+
+    def report(self, permit: Permit, error: ProviderError | None) -> None:
+        self[permit.provider].report(permit, error)
+
+    def abandon(self, permit: Permit | None) -> None:
+        if permit is not None:
+            self[permit.provider].abandon(permit)
+

@@ -1,0 +1,68 @@
+"""The rate-limit gate: one 429 pauses every caller of that provider.
+
+After a 429 with a reset hint the gate stays closed until the reset time on
+trio's clock, and every call to the provider - real or an injected fault
+standing in for one - waits at the gate instead of hammering the provider
+on its own schedule.  A later 429 can only push the reset time further out.
+
+The gate is a function of virtual time: a 429 reported at instant ``t``
+closes it for callers arriving *after* ``t``; one arriving in the same
+instant passes (it was simultaneous with the 429, whichever trio ran
+first), so the same seed gates the same calls in every run.
+
+Waiters are not all released in the instant the window ends (a thundering
+herd the provider would answer with another 429): each is released within
+``spread`` seconds after the reset, at a point drawn from its identity, so
+the release order is the same in every run and no two callers tie.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+
+class RateLimitGate:
+    def __init__(self, *, spread: float = 1.0) -> None:
+        if spread < 0:
+            raise ValueError(f"spread must be >= 0, got {spread}")
+        self.spread = spread
+        self.reset_at = -math.inf  # in force for callers after the closing instant
+        self._before = -math.inf  # the reset time as it stood before that instant
+        self._closed_at = -math.inf
+        self.closures = 0  # how many 429s closed (or extended) the gate
+        self.waits = 0  # how many calls had to wait
+
+    def close_until(self, deadline: float, now: float | None = None) -> None:
+        """Keep the gate closed until ``deadline`` (trio clock) for callers
+        arriving after ``now`` (default: the current time)."""
+        now = trio.current_time() if now is None else now
+        self.closures += 1
+        if now > self._closed_at:
+            self._before = self.reset_at
+            self._closed_at = now
+        if deadline > self.reset_at:
+            self.reset_at = deadline
+
+    def _reset_for(self, now: float) -> float:
+        return self._before if now == self._closed_at else self.reset_at
+
+    def is_open(self, now: float) -> bool:
+        return now >= self._reset_for(now)
+
+    async def wait(self, unit: float = 0.0) -> float:
+        """Return once the gate is open (at once, without a checkpoint, if
+        it already is); returns how long it waited.  A caller that had to
+        wait is released ``unit * spread`` seconds after the reset
+        (``unit`` in [0, 1), from its identity).  Cancellable."""
+        start = trio.current_time()
+        if self.is_open(start):
+            return 0.0
+        self.waits += 1
+        now = start
+        while not self.is_open(now):
+            # The deadline may move on while we sleep: check again.
+            await trio.sleep_until(self._reset_for(now) + unit * self.spread)
+            now = trio.current_time()
+        return now - start

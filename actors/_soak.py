@@ -1,0 +1,453 @@
+"""The deterministic fault soak: many pipelines on the simulator, under a
+virtual clock, with faults injected, and the invariants checked.
+
+Everything runs in-process under ``trio.testing.MockClock`` with autojump,
+so simulated latencies, 30 s timeout faults and 429 reset windows cost no
+wall time.  Placement of every fault and every simulated answer is derived
+from (seed, identity), so the same seed gives the same digest in any
+process whatever trio's scheduling order.
+
+Invariants (any breach fails the soak, naming the seed):
+
+* every agent call (an ``AgentRequest``) ends in exactly one terminal
+  state (one ``AgentReply``); none lost, none doubled;
+* no call makes more attempts than the retry policy allows;
+* no call reaches a provider - a real call or an injected fault standing in
+  for one - inside a 429's reset window or while its breaker is open
+  (checked online, from records taken at the provider and at injection, not
+  from the gate's own state);
+* exactly one decision per (run, branch, stage), and as many as the run
+  reports;
+* a run's usage totals equal the sum of its per-attempt usage in the store,
+  with unknown usage counted apart and never as zero;
+* no task is left running once the orchestrator has closed;
+* every configured fault kind was injected, and recovered from (the agent
+  later answered), at least once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from messages import (
+    FAULT_KINDS,
+    AgentKey,
+    AgentReply,
+    AgentRequest,
+    Completion,
+    CompletionRequest,
+    FaultInterceptor,
+    FaultPlan,
+    Forward,
+    InjectedFault,
+    Interceptor,
+    RateLimited,
+    ResetHint,
+    TokenUsage,
+    ZERO_USAGE,
+)
+from store import Store
+
+from ._breaker import BreakerPolicy
+from ._health import HealthRegistry
+from ._pipeline import Pipeline, default_pipeline, pipeline_from_dict
+from ._provider import BaseProvider
+from ._retry import RetryPolicy
+from ._runtime import Limits, open_orchestrator
+from ._simulator import Latency, SimulatedProvider
+
+DEFAULT_SOAK_FAULTS = "disconnect:4%,429:3%,timeout:3%"
+DEFAULT_SOAK_RESET = ResetHint(mode="relative", seconds=5.0, text="5")
+
+
+def default_soak_plan(spec: str | None = None, *, seed: int | None = None) -> FaultPlan:
+    """The soak's plan: ``spec`` (default: 10 % mixed faults); a 429 without
+    a configured reset hint gets a 5 s one, so the gate is exercised."""
+    plan = FaultPlan.parse(spec if spec is not None else DEFAULT_SOAK_FAULTS, seed=seed)
+    return with_soak_reset(plan)
+
+
+def with_soak_reset(plan: FaultPlan) -> FaultPlan:
+    if plan.reset is None and "rate_limit" in plan.kinds:
+        return attrs.evolve(plan, reset=DEFAULT_SOAK_RESET)
+    return plan
+
+
+def panel_pipeline(agents: int) -> Pipeline:
+    """The default six stages, each answered by ``agents`` agents."""
+    names = [f"a{i:02d}" for i in range(1, agents + 1)]
+    modes = ("sequential",) * 3 + ("parallel",) * 3
+    stages = ("plan", "tasks", "implement", "validate", "audit", "unlock")
+    return pipeline_from_dict(
+        {
+            "agents": {n: {"provider": "sim", "model": "sim-model"} for n in names},
+            "stages": [
+                {"name": s, "agents": names, "mode": m, "aggregator": ""} for s, m in zip(stages, modes)
+            ],
+        },
+        source=f"soak panel of {agents}",
+    )
+
+
+@attrs.frozen(kw_only=True)
+class SoakConfig:
+    seed: int = 0
+    runs: int = 100
+    agents: int | None = None  # panel size per stage; None: the default pipeline
+    faults: FaultPlan = attrs.field(factory=default_soak_plan)
+    concurrency: int = 16  # runs in flight at once
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    latency: Latency = Latency()
+    disagreement_rate: float = 0.0
+    db: str | None = None  # default: a temporary file, removed afterwards
+
+    def __attrs_post_init__(self) -> None:
+        if self.runs < 1:
+            raise ValueError(f"runs must be at least 1, got {self.runs}")
+        if self.agents is not None and self.agents < 1:
+            raise ValueError(f"agents must be at least 1, got {self.agents}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+
+
+@attrs.frozen(kw_only=True)
+class SoakReport:
+    seed: int
+    runs: int
+    agent_turns: int
+    faults: dict[str, int]
+    recovered: dict[str, int]
+    retries: int
+    lost: int
+    duplicate_decisions: int
+    completed: int
+    halted: int
+    breaker_trips: int
+    gate_waits: int
+    digest: str
+    fault_digest: str
+    wall_seconds: float
+    virtual_seconds: float
+    breaches: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaches
+
+    def to_json(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        data["breaches"] = list(self.breaches)
+        data["ok"] = self.ok
+        data["wall_seconds"] = round(self.wall_seconds, 3)
+        data["virtual_seconds"] = round(self.virtual_seconds, 3)
+        return data
+
+
+class _RecordingProvider(BaseProvider):
+    """Wraps the simulator and tells the checker of every call that really
+    reaches it (and of any real 429 it answers)."""
+
+    def __init__(self, inner: BaseProvider, checker: _Checker) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._checker = checker
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self._checker.on_call(self.name, trio.current_time())
+        try:
+            return await self.inner.complete(request)
+        except RateLimited as error:
+            if error.retry_after is not None:
+                now = trio.current_time()
+                self._checker.on_rate_limit(self.name, now, now + error.retry_after)
+            raise
+
+
+class _Tap(Interceptor[Any]):
+    """Pass-through interceptor that shows every item to a callback."""
+
+    def __init__(self, seen: Any) -> None:
+        self._seen = seen
+
+    async def send(self, item: Any, forward: Forward[Any]) -> None:
+        self._seen(item)
+        await forward(item)
+
+
+class _Checker:
+    def __init__(self, config: SoakConfig, health: HealthRegistry) -> None:
+        self.config = config
+        self.health = health
+        self.breaches: list[str] = []
+        # gate / breaker, checked online: calls arrive in time order.
+        self._windows: dict[str, collections.deque[tuple[float, float]]] = collections.defaultdict(collections.deque)
+        self._closed_until: dict[str, float] = collections.defaultdict(lambda: float("-inf"))
+        self._transition_index: dict[str, int] = collections.defaultdict(int)
+        self._breaker_state: dict[str, str] = collections.defaultdict(lambda: "closed")
+        # per run, forgotten once the run is checked
+        self.requests: dict[str, collections.Counter[AgentKey]] = collections.defaultdict(collections.Counter)
+        self.replies: dict[str, list[AgentReply]] = collections.defaultdict(list)
+        self.faulted: dict[AgentKey, set[str]] = collections.defaultdict(set)
+        # totals
+        self.injected: collections.Counter[str] = collections.Counter()
+        self.recovered: collections.Counter[str] = collections.Counter()
+        self.placements = hashlib.sha256()
+        self._placement_rows: list[tuple[str, str, str, int, str]] = []
+
+    def breach(self, text: str) -> None:
+        if len(self.breaches) < 50:
+            self.breaches.append(text)
+
+    # -- provider-side records --
+
+    def on_rate_limit(self, provider: str, start: float, end: float) -> None:
+        self._windows[provider].append((start, end))
+
+    def on_call(self, provider: str, now: float) -> None:
+        windows = self._windows[provider]
+        while windows and windows[0][0] < now:  # windows opened strictly before now
+            start, end = windows.popleft()
+            if end > self._closed_until[provider]:
+                self._closed_until[provider] = end
+        if self._closed_until[provider] > now:
+            self.breach(
+                f"a call reached provider {provider!r} at t={now:.3f}s, inside a 429 reset "
+                f"window that ends at t={self._closed_until[provider]:.3f}s"
+            )
+        transitions = self.health[provider].breaker.transitions
+        index = self._transition_index[provider]
+        while index < len(transitions) and transitions[index][0] < now:
+            self._breaker_state[provider] = transitions[index][1]
+            index += 1
+        self._transition_index[provider] = index
+        # A transition at this very instant: the half-open probe is admitted
+        # in the instant the cooldown ends (an opening at this instant may
+        # come after the call, so it is not held against it).
+        same_instant = any(
+            state != "open" for at, state in transitions[index:] if at == now
+        )
+        if self._breaker_state[provider] == "open" and not same_instant:
+            self.breach(f"a call reached provider {provider!r} at t={now:.3f}s while its breaker was open")
+
+    def on_fault(self, fault: InjectedFault) -> None:
+        request = fault.request
+        self.on_call(request.provider, fault.at)
+        if fault.retry_after is not None:
+            self.on_rate_limit(request.provider, fault.at, fault.at + fault.retry_after)
+        self.injected[fault.kind] += 1
+        self.faulted[request.key].add(fault.kind)
+        key = request.key
+        self._placement_rows.append((request.spec_id, key.stage, key.agent, request.attempt, fault.kind))
+
+    # -- agent-side records --
+
+    def on_request(self, item: Any) -> None:
+        if isinstance(item, AgentRequest):
+            self.requests[item.key.run_id][item.key] += 1
+
+    def on_reply(self, item: Any) -> None:
+        if isinstance(item, AgentReply):
+            self.replies[item.key.run_id].append(item)
+            kinds = self.faulted.pop(item.key, ())
+            if item.output is not None:
+                for kind in kinds:
+                    self.recovered[kind] += 1
+
+    def placement_digest(self) -> str:
+        rows = sorted(self._placement_rows)
+        return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+@attrs.define
+class _RunOutcome:
+    index: int
+    digest: str
+    status: str
+    turns: int
+    retries: int
+    lost: int
+    duplicate_decisions: int
+
+
+def _check_run(
+    checker: _Checker, store: Store, config: SoakConfig, run_id: str, result: Any
+) -> _RunOutcome:
+    """Check one finished run against the store and the taps; forget it."""
+    seed = config.seed
+    requests = checker.requests.pop(run_id, collections.Counter())
+    replies = checker.replies.pop(run_id, [])
+    got = collections.Counter(r.key for r in replies)
+    lost = sum(1 for key in requests if got[key] == 0)
+    for key, n in requests.items():
+        if n != 1:
+            checker.breach(f"{key.agent} in {run_id}/{key.stage} was asked {n} times")
+        if got[key] != 1:
+            checker.breach(f"{key.agent} in {run_id}/{key.stage} ended in {got[key]} terminal states")
+    for key in got.keys() - requests.keys():
+        checker.breach(f"a reply for {key.agent} in {run_id}/{key.stage} that nobody asked for")
+    limit = config.retry.max_attempts
+    retries = 0
+    for reply in replies:
+        retries += reply.attempts - 1
+        if reply.attempts > limit:
+            checker.breach(f"{reply.key.agent} in {run_id}/{reply.key.stage} made {reply.attempts} attempts (limit {limit})")
+
+    decisions = store.decisions(run_id)
+    per_key = collections.Counter((d.branch_id, d.stage) for d in decisions)
+    duplicates = sum(n - 1 for n in per_key.values())
+    if duplicates or len(per_key) != len(result.stages):
+        checker.breach(
+            f"{run_id} has {len(decisions)} decision(s) over {len(per_key)} stage key(s), "
+            f"the run reports {len(result.stages)}"
+        )
+
+    usage = ZERO_USAGE
+    unknown = 0
+    rows = store.outputs(run_id)
+    for row in rows:
+        if row.attempt > limit:
+            checker.breach(f"stored attempt {row.attempt} of {row.agent} in {run_id} exceeds {limit}")
+        if row.usage is None:
+            unknown += 1
+        else:
+            usage = usage + row.usage
+    if usage != result.usage or unknown != result.unknown_usage_calls:
+        checker.breach(
+            f"{run_id} usage totals {result.usage.as_dict()} (+{result.unknown_usage_calls} unknown) "
+            f"!= per-attempt sum {usage.as_dict()} (+{unknown} unknown)"
+        )
+    if len(rows) != result.turns:
+        checker.breach(f"{run_id} stored {len(rows)} attempts but counted {result.turns} turns")
+    return _RunOutcome(
+        index=-1,
+        digest=result.digest,
+        status=result.status,
+        turns=result.turns,
+        retries=retries,
+        lost=lost,
+        duplicate_decisions=duplicates,
+    )
+
+
+@contextmanager
+def _database(config: SoakConfig) -> Iterator[str]:
+    if config.db is not None:
+        yield config.db
+        return
+    with tempfile.TemporaryDirectory(prefix="conclave-soak-") as tmp:
+        yield os.path.join(tmp, "soak.db")
+
+
+async def soak(config: SoakConfig) -> SoakReport:
+    """Run the soak in the current trio run (which should use a MockClock
+    with autojump; :func:`run_soak` arranges that)."""
+    started_wall = time.perf_counter()  # reporting only; never feeds a decision
+    started = trio.current_time()
+    tasks_before = trio.lowlevel.current_statistics().tasks_living
+    pipeline = panel_pipeline(config.agents) if config.agents else default_pipeline()
+    health = HealthRegistry(config.breaker)
+    checker = _Checker(config, health)
+    sim = SimulatedProvider(seed=config.seed, disagreement_rate=config.disagreement_rate, latency=config.latency)
+    provider = _RecordingProvider(sim, checker)
+    faults = FaultInterceptor(config.faults, seed=config.seed, observer=checker.on_fault)
+    outcomes: dict[int, _RunOutcome] = {}
+
+    with _database(config) as path:
+        store = Store.open(path, durability="normal")
+        try:
+            async with open_orchestrator(
+                store=store,
+                provider=provider,
+                pipeline=pipeline,
+                seed=config.seed,
+                faults=faults if config.faults.enabled else None,
+                interceptors={"agent": [_Tap(checker.on_request)], "coordinator": [_Tap(checker.on_reply)]},
+                retry=config.retry,
+                health=health,
+                limits=Limits(max_concurrency=10_000),
+            ) as orch:
+                indices = iter(range(config.runs))
+
+                async def worker() -> None:
+                    for index in indices:
+                        run_id = f"soak-{config.seed}-{index:06d}"
+                        try:
+                            result = await orch.run(f"SOAK-{index:06d}", run_id=run_id)
+                        except Exception as exc:  # a breach to report with the seed, not a crash
+                            checker.breach(f"{run_id} raised {type(exc).__name__}: {exc}")
+                            continue
+                        outcome = _check_run(checker, store, config, run_id, result)
+                        outcome.index = index
+                        outcomes[index] = outcome
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(min(config.concurrency, config.runs)):
+                        nursery.start_soon(worker)
+        finally:
+            store.close()
+
+    tasks_after = trio.lowlevel.current_statistics().tasks_living
+    if tasks_after != tasks_before:
+        checker.breach(f"{tasks_after - tasks_before} task(s) left running after the soak")
+    for kind in config.faults.kinds:
+        if not checker.injected[kind]:
+            checker.breach(f"fault kind {kind} was configured but never injected")
+        elif not checker.recovered[kind]:
+            checker.breach(f"no agent ever recovered from a {kind} fault")
+    if len(outcomes) != config.runs:
+        checker.breach(f"{config.runs - len(outcomes)} run(s) never finished")
+
+    ordered = [outcomes[i] for i in sorted(outcomes)]
+    faults_by_kind: dict[str, int] = {k: checker.injected.get(k, 0) for k in FAULT_KINDS}
+    retries = sum(o.retries for o in ordered)
+    turns = sum(o.turns for o in ordered)
+    document = {
+        "seed": config.seed,
+        "runs": [[o.index, o.status, o.digest] for o in ordered],
+        "turns": turns,
+        "retries": retries,
+        "faults": faults_by_kind,
+    }
+    digest = hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    trips = sum(
+        sum(1 for _, state in h.breaker.transitions if state == "open") for h in health.providers().values()
+    )
+    return SoakReport(
+        seed=config.seed,
+        runs=len(ordered),
+        agent_turns=turns,
+        faults=faults_by_kind,
+        recovered={k: checker.recovered.get(k, 0) for k in FAULT_KINDS},
+        retries=retries,
+        lost=sum(o.lost for o in ordered),
+        duplicate_decisions=sum(o.duplicate_decisions for o in ordered),
+        completed=sum(1 for o in ordered if o.status == "completed"),
+        halted=sum(1 for o in ordered if o.status != "completed"),
+        breaker_trips=trips,
+        gate_waits=sum(h.gate.waits for h in health.providers().values()),
+        digest=digest,
+        fault_digest=checker.placement_digest(),
+        wall_seconds=time.perf_counter() - started_wall,
+        virtual_seconds=trio.current_time() - started,
+        breaches=tuple(checker.breaches),
+    )
+
+
+def run_soak(config: SoakConfig) -> SoakReport:
+    """Run the soak in a fresh trio run on a virtual clock (autojump)."""
+    return trio.run(soak, config, clock=trio.testing.MockClock(autojump_threshold=0))
+
+

@@ -1,0 +1,299 @@
+"""The fault plan: what to inject, parsed from the reference's environment
+variables, the CLI's ``--faults`` or built as an object.  Off unless
+configured; a malformed value is a :class:`FaultPlanError` naming the bad
+entry.  Injection itself is :mod:`messages._faults`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ._errors import ConclaveError
+
+FaultKind = Literal["disconnect", "rate_limit", "timeout"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("disconnect", "rate_limit", "timeout")  # priority order
+_LABELS: dict[str, FaultKind] = {
+    "disconnect": "disconnect",
+    "429": "rate_limit",
+    "rate_limit": "rate_limit",
+    "timeout": "timeout",
+}
+_SCOPE_ALIASES = frozenset({"spec_kit", "speckit", "auto_drive", "gateway"})
+DEFAULT_TIMEOUT_MS = 30_000
+CHANNEL = "gateway"
+
+
+class FaultPlanError(ConclaveError, ValueError):
+    """A fault setting is malformed; the message names the bad entry."""
+
+
+# -- reset hints ---------------------------------------------------------------
+
+_NUMBER = r"\d+(?:\.\d+)?"
+_GO_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class ResetHint:
+    """When a 429's rate limit resets.
+
+    ``relative``: ``seconds`` after each injected 429 (``120``, ``90s``,
+    ``1500ms``, ``6m0s``).  ``anchored``: a fixed moment ``seconds`` after
+    the run's first call on trio's clock (``now+90s``, or an RFC 3339 time,
+    converted against the wall clock once at start-up; a past time is 0),
+    so later 429s carry shorter hints, as in the reference.
+    """
+
+    mode: Literal["relative", "anchored"]
+    seconds: float
+    text: str
+
+
+def _duration(text: str) -> float | None:
+    """Seconds from ``120``, ``1.5``, ``90s``, ``1500ms``, ``6m0s``, ``1h2m``."""
+    if re.fullmatch(_NUMBER, text):
+        return float(text)
+    match = _GO_DURATION.fullmatch(text)
+    if match is None or not any(match.groups()):
+        return None
+    h, m, s, ms = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + s + ms / 1000
+
+
+def parse_reset_hint(text: str, *, now: Callable[[], float] = time.time, source: str = "CODEX_FAULTS_429_RESET") -> ResetHint:
+    """Parse a 429 reset hint: seconds (``120``), a duration (``90s``,
+    ``1500ms``, ``6m0s``), ``now+90s`` / ``now+90``, or an RFC 3339 time.
+    ``now`` is the wall clock, read only for RFC 3339 times."""
+    raw = text.strip()
+    if raw.lower().startswith("now+"):
+        seconds = _duration(raw[4:].strip())
+        if seconds is None:
+            raise FaultPlanError(f"{source}: cannot read {text!r}: expected now+SECONDS, as in now+90s")
+        return ResetHint(mode="anchored", seconds=seconds, text=raw)
+    seconds = _duration(raw)
+    if seconds is not None:
+        return ResetHint(mode="relative", seconds=seconds, text=raw)
+    try:
+        moment = _dt.datetime.fromisoformat(raw.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or "T" not in raw.upper() or moment.tzinfo is None:
+        raise FaultPlanError(
+            f"{source}: cannot read {text!r} as a reset hint; expected seconds (120), "
+            "now+90s, a duration (90s, 1500ms, 6m0s) or an RFC 3339 time with a zone "
+            "(2026-11-29T17:00:00Z)"
+        )
+    return ResetHint(mode="anchored", seconds=max(0.0, moment.timestamp() - now()), text=raw)
+
+
+# -- the plan -------------------------------------------------------------------
+
+
+def _kind_mapping(value: Mapping[Any, Any] | None) -> Mapping[FaultKind, Any]:
+    return dict(value or {})
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class FaultPlan:
+    """What to inject.  Off unless some count or rate is set.
+
+    ``counts``: exactly that many faults of each kind per run (see the
+    module docstring for placement).  ``rates``: the probability that a
+    call gets that fault, drawn from its identity.  ``provider`` limits
+    injection to one provider's calls (``None``: every provider).
+    ``seed``: ``None`` means the orchestrator's seed.
+    """
+
+    counts: Mapping[FaultKind, int] = attrs.field(factory=dict, converter=_kind_mapping)
+    rates: Mapping[FaultKind, float] = attrs.field(factory=dict, converter=_kind_mapping)
+    provider: str | None = None
+    seed: int | None = None
+    reset: ResetHint | None = None
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+
+    def __attrs_post_init__(self) -> None:
+        for kind, count in self.counts.items():
+            if kind not in FAULT_KINDS:
+                raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise FaultPlanError(f"fault count for {kind} must be a whole number >= 0, got {count!r}")
+        for kind, rate in self.rates.items():
+            if kind not in FAULT_KINDS:
+                raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+            if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0 or math.isnan(rate):
+                raise FaultPlanError(f"fault rate for {kind} must be within [0, 1], got {rate!r}")
+        if sum(self.rates.values()) > 1.0 + 1e-12:
+            raise FaultPlanError(f"fault rates add up to more than 100%: {self.describe_kinds()}")
+        if not isinstance(self.timeout_ms, int) or self.timeout_ms <= 0:
+            raise FaultPlanError(f"fault timeout must be a whole number of ms > 0, got {self.timeout_ms!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return any(self.counts.values()) or any(self.rates.values())
+
+    @property
+    def kinds(self) -> tuple[FaultKind, ...]:
+        """The kinds that can fire, in priority order."""
+        return tuple(k for k in FAULT_KINDS if self.counts.get(k) or self.rates.get(k))
+
+    @property
+    def sequence(self) -> tuple[FaultKind, ...]:
+        """The per-run count budget in firing order."""
+        return tuple(k for k in FAULT_KINDS for _ in range(self.counts.get(k, 0)))
+
+    def describe_kinds(self) -> str:
+        parts = []
+        for kind in FAULT_KINDS:
+            label = "429" if kind == "rate_limit" else kind
+            if self.counts.get(kind):
+                parts.append(f"{label}:{self.counts[kind]}")
+            if self.rates.get(kind):
+                parts.append(f"{label}:{self.rates[kind] * 100:g}%")
+        return ",".join(parts)
+
+    def describe(self) -> str:
+        """One line for the CLI banner."""
+        if not self.enabled:
+            return "fault injection off"
+        text = f"FAULT INJECTION ACTIVE: {self.describe_kinds()} on the {CHANNEL} channel"
+        text += f" (provider {self.provider})" if self.provider else " (every provider)"
+        if self.counts.get("rate_limit") or self.rates.get("rate_limit"):
+            text += f"; 429 reset {self.reset.text if self.reset else 'none'}"
+        if self.counts.get("timeout") or self.rates.get("timeout"):
+            text += f"; timeout {self.timeout_ms}ms"
+        if self.seed is not None:
+            text += f"; fault seed {self.seed}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "faults": self.describe_kinds(),
+            "provider": self.provider,
+            "seed": self.seed,
+            "reset": self.reset.text if self.reset else None,
+            "timeout_ms": self.timeout_ms,
+        }
+
+    @classmethod
+    def parse(
+        cls,
+        spec: str,
+        *,
+        seed: int | None = None,
+        scope: str | None = None,
+        reset: str | ResetHint | None = None,
+        timeout_ms: int | str | None = None,
+        now: Callable[[], float] = time.time,
+        source: str = "CODEX_FAULTS",
+    ) -> FaultPlan:
+        """Build a plan from the reference's syntax (``disconnect:3,429:1``)
+        plus rates (``timeout:2.5%``).  Raises :class:`FaultPlanError` naming
+        the bad entry."""
+        counts: dict[FaultKind, int] = {}
+        rates: dict[FaultKind, float] = {}
+        for raw in spec.split(","):
+            entry = raw.strip()
+            if not entry:
+                continue
+            label, sep, value = entry.partition(":")
+            kind = _LABELS.get(label.strip().lower())
+            if kind is None:
+                raise FaultPlanError(
+                    f"{source}: unknown fault kind {label.strip()!r} in {entry!r}; "
+                    "known: disconnect, 429 (or rate_limit), timeout"
+                )
+            value = value.strip()
+            if not sep or not value:
+                raise FaultPlanError(
+                    f"{source}: bad count in {entry!r}: expected a whole number or a percentage, "
+                    f"as in {label.strip()}:3 or {label.strip()}:5%"
+                )
+            # A repeated kind: the last entry wins, as in the reference.
+            counts.pop(kind, None)
+            rates.pop(kind, None)
+            if re.fullmatch(r"\d+", value):
+                counts[kind] = int(value)
+            elif re.fullmatch(_NUMBER + "%", value) and float(value[:-1]) <= 100:
+                rates[kind] = float(value[:-1]) / 100
+            else:
+                raise FaultPlanError(
+                    f"{source}: bad count in {entry!r}: expected a whole number or a percentage "
+                    "between 0% and 100%"
+                )
+        if sum(rates.values()) > 1.0 + 1e-12:
+            raise FaultPlanError(f"{source}: fault rates in {spec!r} add up to more than 100%")
+        provider = parse_scope(scope)
+        hint = parse_reset_hint(reset, now=now) if isinstance(reset, str) and reset.strip() else (
+            reset if isinstance(reset, ResetHint) else None
+        )
+        if timeout_ms is None or (isinstance(timeout_ms, str) and not timeout_ms.strip()):
+            timeout = DEFAULT_TIMEOUT_MS
+        elif isinstance(timeout_ms, int):
+            timeout = timeout_ms
+        elif re.fullmatch(r"\s*\d+\s*", timeout_ms):
+            timeout = int(timeout_ms)
+        else:
+            raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: expected a whole number of milliseconds, got {timeout_ms!r}")
+        if timeout <= 0:
+            raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: must be greater than 0, got {timeout}")
+        return cls(counts=counts, rates=rates, provider=provider, seed=seed, reset=hint, timeout_ms=timeout)
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        faults: str | None = None,
+        seed: int | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> FaultPlan:
+        """The plan the environment describes, compatible with the reference:
+        ``CODEX_FAULTS_SCOPE`` (default ``spec_kit``), ``CODEX_FAULTS``,
+        ``CODEX_FAULTS_429_RESET``, ``CODEX_FAULTS_TIMEOUT_MS``, plus
+        ``CODEX_FAULTS_SEED``.  ``faults``/``seed`` (the CLI's ``--faults``
+        and ``--fault-seed``) override their variables.  Malformed values
+        raise :class:`FaultPlanError`; nothing is silently ignored."""
+        env = os.environ if env is None else env
+        spec = faults if faults is not None else env.get("CODEX_FAULTS", "")
+        if seed is None:
+            raw_seed = env.get("CODEX_FAULTS_SEED", "").strip()
+            if raw_seed:
+                try:
+                    seed = int(raw_seed)
+                except ValueError:
+                    raise FaultPlanError(f"CODEX_FAULTS_SEED: expected a whole number, got {raw_seed!r}") from None
+        return cls.parse(
+            spec,
+            seed=seed,
+            scope=env.get("CODEX_FAULTS_SCOPE"),
+            reset=env.get("CODEX_FAULTS_429_RESET"),
+            timeout_ms=env.get("CODEX_FAULTS_TIMEOUT_MS"),
+            now=now,
+            source="--faults" if faults is not None else "CODEX_FAULTS",
+        )
+
+
+def parse_scope(scope: str | None) -> str | None:
+    """``spec_kit``, ``speckit``, legacy ``auto_drive`` or the channel name
+    ``gateway`` select every provider call (returns ``None``);
+    ``gateway:NAME`` selects one provider's calls (returns ``NAME``)."""
+    if scope is None or not scope.strip():
+        return None
+    text = scope.strip().lower()
+    if text in _SCOPE_ALIASES:
+        return None
+    if text.startswith(f"{CHANNEL}:") and text[len(CHANNEL) + 1 :].strip():
+        return scope.strip()[len(CHANNEL) + 1 :].strip()
+    raise FaultPlanError(
+        f"CODEX_FAULTS_SCOPE: unknown scope {scope!r}; use spec_kit (or speckit, auto_drive), "
+        f"the channel name {CHANNEL!r}, or {CHANNEL}:PROVIDER for one provider's calls"
+    )

@@ -1,0 +1,305 @@
+"""Fault injection: :class:`FaultPlan` (what to inject) and
+:class:`FaultInterceptor` (injecting it on the provider gateway's inbox).
+
+The interceptor sits on the send side of the gateway channel, so it runs in
+the agent's task and installs through the ordinary interceptor seam; no
+actor knows it is there.  Instead of forwarding a request it *answers* it
+through the request's ``reply_to`` with the same typed errors a real
+provider produces (:class:`~messages.Disconnected`,
+:class:`~messages.RateLimited`, :class:`~messages.ProviderTimeout`), so an
+injected fault takes exactly the path a real one does.
+
+Placement is deterministic: it depends only on (seed, channel, message
+identity), never on arrival order.  The identity of a call is
+(spec, stage, agent, attempt) plus, for counts, the agent's seat in its
+stage's panel; run and branch ids are random identifiers and never feed a
+placement (they only scope the count budget, see below).
+
+* **Rates** (``disconnect:5%``): a call faults when a uniform draw from
+  SHA-256(seed, channel, spec, stage, agent, attempt) falls in the kind's
+  slice of [0, 1); slices are laid out disconnect, 429, timeout.
+* **Counts** (``disconnect:3,429:1,timeout:2``): the budget is *per run*
+  (per run and branch), as the reference's was per process, which ran one
+  pipeline.  The budget is laid out as a sequence in priority order
+  (disconnect, then 429, then timeout).  Stages of a run never overlap, so
+  when a stage's first call arrives the budget left (``R``) and the index
+  of the next fault (``base``) are fixed.  Within the stage the calls are
+  numbered ``p = (attempt - 1) * panel_size + seat``: every first attempt
+  before any second attempt, seats in roster order.  The call numbered
+  ``p`` gets fault ``base + p`` of the sequence if ``p < R``.  This is a
+  pure function of identity, so the same calls get the same faults however
+  trio interleaves a parallel stage; and a stage spreads its faults over
+  its agents instead of burning one agent's every attempt.  "In order"
+  therefore means this canonical order, which is the arrival order whenever
+  calls cannot race (one agent at a time).
+
+With a health port attached (the runtime attaches the gateway's), an
+injected fault stands in for a provider call, so it is admitted exactly
+like one: it waits at the provider's rate-limit gate, fails fast with
+:class:`~messages.CircuitOpen` while the breaker is open, and reports its
+outcome, so an injected 429 closes the gate for everyone and injected
+disconnects count against the breaker.  A fault placed on a call that the
+open breaker refuses is not injected (the call fails fast with
+``CircuitOpen``, as a real one would); its slot in the budget is spent.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ._channel import Forward, Interceptor, Outbox
+from ._errors import ConclaveError, Disconnected, ProviderError, ProviderTimeout, RateLimited
+from ._faultplan import CHANNEL, FAULT_KINDS, FaultKind, FaultPlan
+from ._messages import CompletionRequest, CompletionResult, PersistEvent
+from ._usage import ZERO_USAGE
+
+DISCONNECT_MESSAGE = "model stream error: stream disconnected before completion"
+
+
+# -- the interceptor ----------------------------------------------------------------
+
+
+class HealthPort(Protocol):
+    """Admission control shared with the gateway (implemented in
+    ``actors``): the rate-limit gate and the circuit breaker of each
+    provider.  ``admit`` waits at the gate, then returns ``(permit, None)``
+    or ``(None, CircuitOpen)``; every permit is then reported or abandoned."""
+
+    async def admit(
+        self, provider: str, request: CompletionRequest | None = None
+    ) -> tuple[Any, ProviderError | None]: ...
+
+    def report(self, permit: Any, error: ProviderError | None) -> None: ...
+
+    def abandon(self, permit: Any) -> None: ...
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class InjectedFault:
+    """What the interceptor injected, for observers (the soak's checker)."""
+
+    at: float  # trio clock, when the fault reached the (stand-in) provider
+    request: CompletionRequest
+    kind: FaultKind
+    error: ProviderError
+    retry_after: float | None
+
+
+def _unit(*parts: object) -> float:
+    text = "\x1f".join(map(str, parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+@attrs.define(slots=True)
+class _Stage:
+    base: int
+    budget: int
+    panel: tuple[str, ...]
+
+
+@attrs.define(slots=True)
+class _Bucket:
+    anchor: float
+    decided: int = 0
+    stages: dict[tuple[str, ...], _Stage] = attrs.field(factory=dict)
+    by_kind: collections.Counter[FaultKind] = attrs.field(factory=collections.Counter)
+
+
+class FaultInterceptor(Interceptor[Any]):
+    """Injects a :class:`FaultPlan` on the provider gateway's inbox.
+
+    Decide first, then answer or forward: the decision is synchronous, and
+    ``forward`` (or the answer, which never blocks) comes last, so a
+    cancelled send sent nothing.  ``events`` (attached by the runtime) gets
+    a ``fault`` event per injected fault; ``health`` (attached by the
+    runtime) is the gateway's gate and breaker; ``observer`` sees every
+    injected fault.
+    """
+
+    def __init__(
+        self,
+        plan: FaultPlan,
+        *,
+        seed: int | None = None,
+        health: HealthPort | None = None,
+        events: Outbox[Any] | None = None,
+        observer: Callable[[InjectedFault], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.seed = plan.seed if plan.seed is not None else (seed or 0)
+        self.health = health
+        self.events = events
+        self.observer = observer
+        self._sequence = plan.sequence
+        self._rates = [(k, plan.rates[k]) for k in FAULT_KINDS if plan.rates.get(k)]
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self.injected: collections.Counter[str] = collections.Counter()
+        self.decided: collections.Counter[str] = collections.Counter()
+
+    # -- configuration and diagnostics --
+
+    def attach(self, *, seed: int | None = None, health: HealthPort | None = None, events: Outbox[Any] | None = None) -> None:
+        """Fill in what the runtime knows; settings given explicitly win."""
+        if self.plan.seed is None and seed is not None:
+            self.seed = seed
+        self.health = self.health or health
+        self.events = self.events or events
+
+    @property
+    def enabled(self) -> bool:
+        return self.plan.enabled
+
+    def remaining(self, run_id: str | None = None, branch_id: str | None = None) -> dict[str, int]:
+        """Count faults not yet placed, per kind, in one run's budget (every
+        branch of the run when ``branch_id`` is omitted; a run not seen yet
+        has its whole budget left)."""
+        left: dict[str, int] = {k: self.plan.counts.get(k, 0) for k in FAULT_KINDS}
+        for (run, branch), bucket in self._buckets.items():
+            if run == run_id and branch_id in (None, branch):
+                for kind, used in bucket.by_kind.items():
+                    left[kind] -= used
+        return left
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {
+            **self.plan.to_json(),
+            "seed": self.seed,
+            "injected": {k: self.injected.get(k, 0) for k in FAULT_KINDS},
+            "budget_per_run": {k: self.plan.counts.get(k, 0) for k in FAULT_KINDS},
+        }
+
+    # -- the seam --
+
+    async def send(self, item: Any, forward: Forward[Any]) -> None:
+        if (
+            not isinstance(item, CompletionRequest)
+            or item.reply_to is None
+            or (self.plan.provider is not None and item.provider != self.plan.provider)
+        ):
+            await forward(item)
+            return
+        decision = self.decide(item)
+        if decision is None:
+            await forward(item)
+            return
+        kind, anchor = decision
+        await self._inject(item, kind, anchor)
+
+    def decide(self, request: CompletionRequest) -> tuple[FaultKind, float] | None:
+        """Which fault ``request`` gets, if any; records count placements.
+        Synchronous: no checkpoint between deciding and acting."""
+        key = request.key
+        bucket_key = (key.run_id, key.branch_id)
+        bucket = self._buckets.get(bucket_key)
+        if bucket is None:
+            bucket = self._buckets[bucket_key] = _Bucket(anchor=trio.current_time())
+        if self._sequence:
+            # Without a panel naming the agent, the agent is a stage of its own.
+            panel = request.panel if key.agent in request.panel else (key.agent,)
+            stage_key = (key.stage, *panel)
+            stage = bucket.stages.get(stage_key)
+            if stage is None:
+                # Every earlier stage of this run is over: its placements are final.
+                stage = bucket.stages[stage_key] = _Stage(
+                    base=bucket.decided, budget=len(self._sequence) - bucket.decided, panel=panel
+                )
+            size = len(panel)
+            seat = panel.index(key.agent)
+            position = (request.attempt - 1) * size + seat
+            if position < stage.budget:
+                kind = self._sequence[stage.base + position]
+                bucket.decided += 1
+                bucket.by_kind[kind] += 1
+                self.decided[kind] += 1
+                return kind, bucket.anchor
+        if self._rates:
+            draw = _unit(self.seed, "fault", CHANNEL, request.spec_id, key.stage, key.agent, request.attempt)
+            edge = 0.0
+            for kind, rate in self._rates:
+                edge += rate
+                if draw < edge:
+                    self.decided[kind] += 1
+                    return kind, bucket.anchor
+        return None
+
+    def _retry_after(self, anchor: float, now: float) -> float | None:
+        hint = self.plan.reset
+        if hint is None:
+            return None
+        if hint.mode == "relative":
+            return hint.seconds
+        return max(0.0, anchor + hint.seconds - now)
+
+    def _error(self, kind: FaultKind, retry_after: float | None) -> ProviderError:
+        if kind == "disconnect":
+            return Disconnected(DISCONNECT_MESSAGE)
+        if kind == "timeout":
+            return ProviderTimeout(f"operation timed out after {self.plan.timeout_ms}ms (fault injected)")
+        if retry_after is None:
+            return RateLimited("rate limit exceeded: 429 Too Many Requests (fault injected)")
+        return RateLimited(
+            f"rate limit exceeded: retry after {_seconds(retry_after)} seconds (fault injected)",
+            retry_after=retry_after,
+        )
+
+    async def _inject(self, request: CompletionRequest, kind: FaultKind, anchor: float) -> None:
+        reply = request.reply_to
+        assert reply is not None
+        permit = None
+        if self.health is not None:
+            # The injected fault stands in for a provider call: admitted
+            # through the same gate and breaker as a real one.
+            permit, blocked = await self.health.admit(request.provider, request)
+            if blocked is not None:
+                reply.send(
+                    CompletionResult(key=request.key, attempt=request.attempt, error=blocked, usage=ZERO_USAGE)
+                )
+                return
+        at = trio.current_time()
+        retry_after = self._retry_after(anchor, at) if kind == "rate_limit" else None
+        error = self._error(kind, retry_after)
+        if self.observer is not None:
+            self.observer(InjectedFault(at=at, request=request, kind=kind, error=error, retry_after=retry_after))
+        try:
+            if kind == "timeout":
+                await trio.sleep(self.plan.timeout_ms / 1000)
+        except BaseException:
+            if self.health is not None:
+                self.health.abandon(permit)
+            raise
+        if self.health is not None:
+            self.health.report(permit, error)
+        self.injected[kind] += 1
+        if self.events is not None:
+            key = request.key
+            detail: dict[str, Any] = {"fault": kind, "message": str(error), "provider": request.provider}
+            if retry_after is not None:
+                detail["retry_after_s"] = round(retry_after, 3)
+            try:
+                await self.events.send(
+                    PersistEvent(
+                        run_id=key.run_id,
+                        branch_id=key.branch_id,
+                        kind="fault",
+                        stage=key.stage,
+                        agent=key.agent,
+                        attempt=request.attempt,
+                        detail=detail,
+                    )
+                )
+            except ConclaveError:
+                pass  # the store has stopped: the fault still happens
+        # Usage of a faulted call is unknown: it may have been billed.
+        reply.send(CompletionResult(key=request.key, attempt=request.attempt, error=error, usage=None))
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3f}".rstrip("0").rstrip(".")
+
+

@@ -1,0 +1,210 @@
+"""Acceptance 1: parsing the fault plan - every format, the priority order,
+count exhaustion, scope selection, and a clear error per malformed value."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import trio
+
+from messages import (
+    AgentKey,
+    CompletionRequest,
+    FaultInterceptor,
+    FaultPlan,
+    FaultPlanError,
+    parse_reset_hint,
+)
+
+from .conftest import run_cli
+
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: a fixed wall clock for RFC 3339 hints
+
+
+def env(**values: str) -> dict[str, str]:
+    return {f"CODEX_FAULTS{'_' + k if k else ''}": v for k, v in values.items()}
+
+
+def request(agent: str = "gemini", attempt: int = 1, *, stage: str = "plan", panel: tuple[str, ...] = (),
+            provider: str = "sim", spec: str = "SPEC-1", run: str = "r1") -> CompletionRequest:
+    key = AgentKey(run_id=run, branch_id="b1", stage=stage, agent=agent)
+    return CompletionRequest(key=key, attempt=attempt, spec_id=spec, provider=provider, model="m", prompt="p",
+                             panel=panel or (agent,))
+
+
+def test_off_unless_configured() -> None:
+    assert not FaultPlan.from_env({}).enabled
+    assert not FaultPlan().enabled
+    assert not FaultPlan.from_env(env(SCOPE="spec_kit")).enabled
+    assert not FaultPlan.from_env({"CODEX_FAULTS": " , "}).enabled
+
+
+def test_reference_syntax_counts_and_alias() -> None:
+    plan = FaultPlan.from_env({"CODEX_FAULTS": " disconnect:3, 429:1 ,timeout:2,"})
+    assert plan.enabled and dict(plan.counts) == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    assert plan.sequence == ("disconnect",) * 3 + ("rate_limit",) + ("timeout",) * 2
+    assert dict(FaultPlan.parse("rate_limit:4").counts) == {"rate_limit": 4}
+    # A repeated kind: the last wins, as in the reference (429 and rate_limit are one kind).
+    assert dict(FaultPlan.parse("429:1,rate_limit:5").counts) == {"rate_limit": 5}
+
+
+def test_rates_and_mixed() -> None:
+    plan = FaultPlan.parse("disconnect:5%,429:2.5%,timeout:1")
+    assert dict(plan.rates) == {"disconnect": 0.05, "rate_limit": 0.025}
+    assert dict(plan.counts) == {"timeout": 1}
+    assert plan.kinds == ("disconnect", "rate_limit", "timeout")
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "seconds"),
+    [
+        ("120", "relative", 120.0),
+        ("1.5", "relative", 1.5),
+        ("90s", "relative", 90.0),
+        ("1500ms", "relative", 1.5),
+        ("6m0s", "relative", 360.0),
+        ("now+90s", "anchored", 90.0),
+        ("now+90", "anchored", 90.0),
+        ("2027-01-15T08:00:30Z", "anchored", 30.0),  # T0 + 30 s
+        ("2027-01-15T09:00:30+01:00", "anchored", 30.0),
+        ("2020-01-01T00:00:00Z", "anchored", 0.0),  # past: 0
+    ],
+)
+def test_reset_hint_formats(text: str, mode: str, seconds: float) -> None:
+    hint = parse_reset_hint(text, now=lambda: T0)
+    assert (hint.mode, hint.seconds) == (mode, pytest.approx(seconds))
+
+
+def test_env_knobs() -> None:
+    plan = FaultPlan.from_env(
+        env(**{"": "timeout:1,429:1", "429_RESET": "now+30s", "TIMEOUT_MS": "2500", "SEED": "42", "SCOPE": "speckit"})
+    )
+    assert plan.timeout_ms == 2500 and plan.seed == 42 and plan.provider is None
+    assert plan.reset is not None and (plan.reset.mode, plan.reset.seconds) == ("anchored", 30.0)
+    assert FaultPlan.from_env({"CODEX_FAULTS": "timeout:1"}).timeout_ms == 30_000
+    # The CLI's --faults and --fault-seed override their variables.
+    over = FaultPlan.from_env(env(**{"": "timeout:1", "SEED": "1"}), faults="disconnect:2", seed=9)
+    assert dict(over.counts) == {"disconnect": 2} and over.seed == 9
+
+
+@pytest.mark.parametrize("scope", ["spec_kit", "speckit", "auto_drive", "gateway", "SPEC_KIT", ""])
+def test_scopes_selecting_every_provider(scope: str) -> None:
+    assert FaultPlan.from_env(env(**{"": "disconnect:1", "SCOPE": scope})).provider is None
+
+
+MALFORMED = {
+    "unknown kind": (env(**{"": "disconnect:1,explode:2"}), "unknown fault kind 'explode' in 'explode:2'"),
+    "bad count (word)": (env(**{"": "disconnect:three"}), "bad count in 'disconnect:three'"),
+    "bad count (negative)": (env(**{"": "timeout:-1"}), "bad count in 'timeout:-1'"),
+    "bad count (missing)": (env(**{"": "429"}), "bad count in '429'"),
+    "bad count (over 100%)": (env(**{"": "disconnect:150%"}), "bad count in 'disconnect:150%'"),
+    "rates over 100%": (env(**{"": "disconnect:60%,timeout:50%"}), "more than 100%"),
+    "bad reset hint": (env(**{"": "429:1", "429_RESET": "soon"}), "CODEX_FAULTS_429_RESET: cannot read 'soon'"),
+    "bad reset hint (now+)": (env(**{"": "429:1", "429_RESET": "now+later"}), "cannot read 'now+later'"),
+    "unknown scope": (env(**{"": "disconnect:1", "SCOPE": "tui"}), "unknown scope 'tui'"),
+    "bad timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "30s"}), "CODEX_FAULTS_TIMEOUT_MS"),
+    "zero timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "0"}), "CODEX_FAULTS_TIMEOUT_MS"),
+    "bad seed": (env(**{"": "timeout:1", "SEED": "x"}), "CODEX_FAULTS_SEED"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_values_name_the_entry(case: str) -> None:
+    values, needle = MALFORMED[case]
+    with pytest.raises(FaultPlanError) as info:
+        FaultPlan.from_env(values)
+    assert needle in str(info.value)
+
+
+def test_cli_refuses_a_malformed_plan_with_exit_2(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    proc = run_cli(["run", "--db", str(db)], env={"CODEX_FAULTS": "disconnect:1,boom:1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "conclave: error: CODEX_FAULTS: unknown fault kind 'boom' in 'boom:1'; "
+        "known: disconnect, 429 (or rate_limit), timeout"
+    )
+    assert not db.exists() and proc.stdout == ""
+    flag = run_cli(["run", "--db", str(db), "--faults", "timeout:soon"])
+    assert flag.returncode == 2 and "--faults: bad count in 'timeout:soon'" in flag.stderr
+
+
+async def test_priority_order_and_exhaustion() -> None:
+    plan = FaultPlan.parse("timeout:2,429:1,disconnect:3")
+    faults = FaultInterceptor(plan)
+    # One agent: its attempts are the only calls, in order.
+    kinds = [faults.decide(request(attempt=a)) for a in range(1, 9)]
+    assert [k[0] if k else None for k in kinds] == [
+        "disconnect", "disconnect", "disconnect", "rate_limit", "timeout", "timeout", None, None,
+    ]
+    assert faults.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    assert faults.remaining("another-run") == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    # A later stage of the same run gets nothing: the budget is spent.
+    assert faults.decide(request(stage="tasks")) is None
+
+
+async def test_counts_spread_over_a_stage_whatever_the_arrival_order() -> None:
+    panel = ("gemini", "claude", "gpt_pro")
+    calls = [(agent, attempt) for attempt in (1, 2, 3) for agent in panel]
+    placements = set()
+    for order in itertools.islice(itertools.permutations(calls), 0, 720, 60):
+        faults = FaultInterceptor(FaultPlan.parse("disconnect:3,429:1,timeout:2"))
+        got = {}
+        for agent, attempt in order:
+            decision = faults.decide(request(agent, attempt, panel=panel))
+            got[(agent, attempt)] = decision[0] if decision else None
+        placements.add(tuple(sorted(got.items(), key=str)))
+    assert len(placements) == 1, "placement must not depend on arrival order"
+    (placement,) = placements
+    got = dict(placement)
+    # Every first attempt, in roster order, then second attempts: no agent
+    # loses all three of its attempts.
+    assert [got[(a, 1)] for a in panel] == ["disconnect"] * 3
+    assert [got[(a, 2)] for a in panel] == ["rate_limit", "timeout", "timeout"]
+    assert all(got[(a, 3)] is None for a in panel)
+
+
+async def test_rates_depend_on_seed_and_identity_only() -> None:
+    plan = FaultPlan.parse("disconnect:30%")
+    calls = [request(f"a{i}", attempt, spec=f"S{i % 7}") for i in range(60) for attempt in (1, 2)]
+
+    def placement(seed: int, order: list[CompletionRequest]) -> set[tuple[str, str, int]]:
+        faults = FaultInterceptor(plan, seed=seed)
+        return {(r.spec_id, r.key.agent, r.attempt) for r in order if faults.decide(r)}
+
+    first = placement(1, calls)
+    assert first == placement(1, list(reversed(calls)))
+    assert 15 < len(first) < 60
+    assert first != placement(2, calls), "a different seed places faults differently"
+    # The plan's own seed wins over the orchestrator's.
+    seeded = FaultInterceptor(FaultPlan.parse("disconnect:30%", seed=1), seed=99)
+    assert {(r.spec_id, r.key.agent, r.attempt) for r in calls if seeded.decide(r)} == first
+
+
+async def test_scope_selects_one_providers_calls(autojump_clock: trio.testing.MockClock) -> None:
+    plan = FaultPlan.from_env(env(**{"": "disconnect:5", "SCOPE": "gateway:sim"}))
+    assert plan.provider == "sim"
+    faults = FaultInterceptor(plan)
+    forwarded = []
+
+    async def forward(item: object) -> None:
+        forwarded.append(item)
+
+    from messages import reply_pair
+
+    for provider in ("openai", "sim"):
+        reply, pending = reply_pair("x")
+        await faults.send(attrs_evolve(request(provider=provider), reply), forward)
+        if provider == "sim":
+            result = await pending.receive()
+            assert result.error is not None and result.error.kind == "disconnect"
+    assert [r.provider for r in forwarded] == ["openai"]
+    assert faults.injected["disconnect"] == 1
+
+
+def attrs_evolve(req: CompletionRequest, reply: object) -> CompletionRequest:
+    import attrs
+
+    return attrs.evolve(req, reply_to=reply)

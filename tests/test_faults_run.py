@@ -1,0 +1,102 @@
+"""Acceptance 2: the reference's fault plan on a normal run.  The run
+completes with the same decisions as without faults, the event log shows
+the 6 injected faults and their retries, and no call reaches the provider
+inside the 429's 30 s reset window (virtual time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from actors import BaseProvider, SimulatedProvider, open_orchestrator
+from messages import Completion, CompletionRequest, FaultPlan
+from store import Store
+
+from .conftest import run_cli
+
+FAULT_ENV = {"CODEX_FAULTS": "disconnect:3,429:1,timeout:2", "CODEX_FAULTS_429_RESET": "now+30s"}
+
+
+def decisions(db: str, run_id: str) -> list[dict[str, Any]]:
+    with Store.open(db) as s:
+        return [
+            {k: d.verdict.get(k) for k in ("stage", "status", "agreements", "conflicts", "missing_agents", "outputs")}
+            for d in s.decisions(run_id)
+        ]
+
+
+def test_cli_run_survives_the_reference_plan(tmp_path: Path) -> None:
+    clean_db, faulty_db = str(tmp_path / "clean.db"), str(tmp_path / "faulty.db")
+    clean = run_cli(["run", "--db", clean_db, "--seed", "4", "--json", "--run-id", "R"])
+    faulty = run_cli(["run", "--db", faulty_db, "--seed", "4", "--json", "--run-id", "R"], env=FAULT_ENV)
+    assert clean.returncode == 0 and faulty.returncode == 0, faulty.stderr
+    assert "FAULT INJECTION ACTIVE: disconnect:3,429:3" not in faulty.stderr
+    assert "FAULT INJECTION ACTIVE: disconnect:3,429:1,timeout:2" in faulty.stderr
+    assert "FAULT INJECTION" not in clean.stderr
+    a, b = json.loads(clean.stdout), json.loads(faulty.stdout)
+    assert a["status"] == b["status"] == "completed"
+    assert a["stages"] == b["stages"]
+    assert decisions(clean_db, "R") == decisions(faulty_db, "R")
+    assert b["unknown_usage_calls"] == 6 and a["unknown_usage_calls"] == 0
+    assert b["turns"] == a["turns"] + 6
+
+    with Store.open(faulty_db) as s:
+        events = s.events("R")
+    faults = [e for e in events if e.kind == "fault"]
+    retries = [e for e in events if e.kind == "retry"]
+    assert sorted(e.detail["fault"] for e in faults) == ["disconnect"] * 3 + ["rate_limit"] + ["timeout"] * 2
+    # Every injected fault was retried: the same (stage, agent, attempt).
+    assert {(e.stage, e.agent, e.attempt) for e in faults} == {(e.stage, e.agent, e.attempt) for e in retries}
+    assert len(retries) == 6
+    limited = next(e for e in faults if e.detail["fault"] == "rate_limit")
+    assert "(fault injected)" in limited.detail["message"] and limited.detail["retry_after_s"] > 25
+    timeout = next(e for e in faults if e.detail["fault"] == "timeout")
+    assert timeout.detail["message"] == "operation timed out after 30000ms (fault injected)"
+    disconnect = next(e for e in faults if e.detail["fault"] == "disconnect")
+    assert disconnect.detail["message"] == "model stream error: stream disconnected before completion"
+
+
+class Recording(BaseProvider):
+    name = "sim"
+
+    def __init__(self, inner: SimulatedProvider) -> None:
+        self.inner = inner
+        self.calls: list[tuple[float, str, str, int]] = []
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.calls.append((trio.current_time(), request.key.stage, request.key.agent, request.attempt))
+        return await self.inner.complete(request)
+
+
+async def test_no_call_inside_the_reset_window(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    results = {}
+    for name, env in (("clean", {}), ("faulty", FAULT_ENV)):
+        plan = FaultPlan.from_env(env)
+        provider = Recording(SimulatedProvider(seed=4))
+        start = trio.current_time()
+        async with open_orchestrator(store=str(tmp_path / f"{name}.db"), provider=provider, seed=4, faults=plan) as orch:
+            result = await orch.run("SPEC-DEMO", run_id="R")
+            injected = dict(orch.faults.injected) if orch.faults else {}
+            windows = [
+                (at - start, until - start)
+                for health in (orch.health.providers().values() if orch.health else ())
+                for at, until in health.rate_limits
+            ]
+        results[name] = (result, provider.calls, injected, windows, start)
+
+    clean, faulty = results["clean"][0], results["faulty"][0]
+    assert faulty.completed and [s.to_json() for s in faulty.stages] == [s.to_json() for s in clean.stages]
+    _, calls, injected, windows, start = results["faulty"]
+    assert injected == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    # now+30s: the window closes 30 s after the run's first call.
+    assert len(windows) == 1
+    opened, closes = windows[0]
+    assert closes == pytest.approx(30.0) and 0 < opened < 30
+    inside = [c for c in calls if opened < c[0] - start < closes]
+    assert inside == [], f"calls inside the rate-limit window: {inside}"
+    assert any(c[0] - start >= closes for c in calls)

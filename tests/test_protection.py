@@ -1,0 +1,354 @@
+"""Acceptance 4 and the retry path: the circuit breaker on the virtual clock,
+the rate-limit gate shared by real and injected 429s, the classifier, and
+the agent's retries."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from actors import (
+    BreakerPolicy,
+    CircuitBreaker,
+    Gateway,
+    HealthRegistry,
+    MockProvider,
+    RetryPolicy,
+    SimulatedProvider,
+    classify,
+    open_orchestrator,
+)
+from messages import (
+    AgentKey,
+    AuthenticationFailed,
+    BadRequest,
+    CircuitOpen,
+    Completion,
+    CompletionRequest,
+    CompletionResult,
+    Disconnected,
+    FaultInterceptor,
+    FaultPlan,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    TokenUsage,
+    open_channel,
+    reply_pair,
+)
+from store import RetryableStoreError, Store
+
+from actors._breaker import Ticket
+
+POLICY = BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=4, cooldown=30.0)
+
+
+def call(agent: str = "a", attempt: int = 1, provider: str = "p") -> CompletionRequest:
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent=agent)
+    return CompletionRequest(key=key, attempt=attempt, spec_id="S", provider=provider, model="m", prompt="x", panel=(agent,))
+
+
+async def ask(gateway_tx: object, request: CompletionRequest) -> CompletionResult:
+    reply, pending = reply_pair("test")
+    await gateway_tx.send(attrs.evolve(request, reply_to=reply))  # type: ignore[attr-defined]
+    result: CompletionResult = await pending.receive()
+    return result
+
+
+async def test_breaker_closed_open_half_open_closed(autojump_clock: trio.testing.MockClock) -> None:
+    failing = True
+    calls: list[float] = []
+
+    async def handler(request: CompletionRequest) -> Completion:
+        calls.append(trio.current_time())
+        await trio.sleep(1)  # each call takes a second of virtual time
+        if failing:
+            raise ProviderUnavailable("503 Service Unavailable")
+        return Completion(content="{}", usage=TokenUsage.of(input_tokens=1), model="m")
+
+    health = HealthRegistry(POLICY)
+    gateway = Gateway({"p": MockProvider(handler, name="p")}, health=health)
+    tx, rx = open_channel(8, name="gateway")
+    breaker = health["p"].breaker
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        t0 = trio.current_time()
+        for i in range(4):
+            result = await ask(tx, call(attempt=i + 1))
+            assert isinstance(result.error, ProviderUnavailable)
+            assert breaker.state == "closed", "the breaker decides when the next call arrives"
+        assert len(calls) == 4
+        # t=14: four failures in the window, 100 % >= 50 %: the call that
+        # arrives opens the breaker and fails fast; nothing reaches the
+        # provider, nothing is billed.
+        await trio.sleep(10)
+        fast = await ask(tx, call(attempt=5))
+        assert breaker.state == "open"
+        assert isinstance(fast.error, CircuitOpen) and fast.usage == TokenUsage()
+        assert fast.error.retry_after == pytest.approx(30.0)
+        await trio.sleep(10)
+        again = await ask(tx, call(attempt=6))
+        assert isinstance(again.error, CircuitOpen) and again.error.retry_after == pytest.approx(20.0)
+        assert len(calls) == 4
+        # t=44, after the cooldown: one half-open probe; it fails, so open again.
+        await trio.sleep(20)
+        probe = await ask(tx, call(attempt=7))
+        assert isinstance(probe.error, ProviderUnavailable) and breaker.state == "open"
+        assert len(calls) == 5
+        await trio.sleep(30)
+        failing = False
+        # In half-open: the call at t=75 probes; one arriving later (t=75.5)
+        # waits for the verdict instead of burning an attempt, then goes ahead.
+        results: list[tuple[str, float, CompletionResult]] = []
+
+        async def caller(agent: str, delay: float) -> None:
+            await trio.sleep(delay)
+            result = await ask(tx, call(agent=agent))
+            results.append((agent, trio.current_time() - t0, result))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(caller, "x", 0)
+            inner.start_soon(caller, "y", 0.5)
+        assert all(r.completion is not None for _, _, r in results)
+        assert sorted((a, round(t, 6)) for a, t, _ in results) == [("x", 76.0), ("y", 77.0)]
+        assert breaker.state == "closed" and len(calls) == 7
+        assert [round(t - t0, 6) for t in calls[-2:]] == [75.0, 76.0]
+        tx.close()
+    states = [state for _, state in breaker.transitions]
+    assert states == ["open", "half_open", "open", "half_open", "closed"]
+    times = [round(t - t0, 6) for t, _ in breaker.transitions]
+    # opened when a call came after the failures (t=14); half-open 30 s
+    # later; the failed probe (1 s) re-opens; 30 s on, a good probe closes it.
+    assert times == [14.0, 44.0, 45.0, 75.0, 76.0]
+
+
+def test_breaker_ignores_stale_outcomes_and_releases_abandoned_probes() -> None:
+    breaker = CircuitBreaker(BreakerPolicy(window=60, min_calls=2, cooldown=5))
+    early = breaker.acquire(0.0)
+    tickets = [breaker.acquire(0.0) for _ in range(2)]
+    for t in tickets:
+        breaker.record(t, 1.0, failure=True)  # type: ignore[arg-type]
+    assert not isinstance(breaker.acquire(1.0), float), "outcomes of this very instant are not counted yet"
+    assert breaker.acquire(2.0) == 5.0 and breaker.state == "open"
+    breaker.record(early, 2.5, failure=False)  # type: ignore[arg-type]
+    assert breaker.state == "open", "an outcome admitted before the transition is stale"
+    probe = breaker.acquire(7.0)
+    assert breaker.state == "half_open" and isinstance(probe, Ticket) and probe.probe
+    also = breaker.acquire(7.0)
+    assert isinstance(also, Ticket) and also.probe, "a call in the probes' own instant probes too"
+    assert breaker.acquire(7.5) == 1.0, "later callers wait for the verdict"
+    breaker.release(probe)  # type: ignore[arg-type]
+    assert breaker.acquire(7.6) == 1.0
+    breaker.release(also)  # type: ignore[arg-type]
+    again = breaker.acquire(8.0)
+    assert isinstance(again, Ticket) and again.probe, "abandoned probes free the slot"
+
+
+def test_breaker_window_is_time_and_order_independent() -> None:
+    """Same outcomes in the same instants, reported in any order: the same
+    verdict.  Outcomes older than the window no longer count."""
+    import itertools
+
+    verdicts = set()
+    outcomes = [(1.0, True), (1.0, False), (1.0, True), (2.0, True), (2.0, False)]
+    for order in itertools.permutations(outcomes):
+        breaker = CircuitBreaker(BreakerPolicy(window=10, min_calls=5, failure_rate=0.6))
+        tickets = [breaker.acquire(0.0) for _ in order]
+        for ticket, (at, failed) in zip(tickets, sorted(order, key=lambda o: o[0])):
+            breaker.record(ticket, at, failure=failed)  # type: ignore[arg-type]
+        verdicts.add((isinstance(breaker.acquire(2.0), float), isinstance(breaker.acquire(3.0), float)))
+    assert verdicts == {(False, True)}
+    late = CircuitBreaker(BreakerPolicy(window=10, min_calls=2))
+    for ticket in [late.acquire(0.0), late.acquire(0.0)]:
+        late.record(ticket, 1.0, failure=True)  # type: ignore[arg-type]
+    assert not isinstance(late.acquire(11.5), float), "failures older than the window are forgotten"
+
+
+async def test_one_429_pauses_every_caller_until_reset(autojump_clock: trio.testing.MockClock) -> None:
+    """The gate: after a real 429, no caller reaches the provider before the
+    reset time - the gate, not each agent's own backoff, holds them."""
+    calls: list[tuple[float, str]] = []
+
+    def handler(request: CompletionRequest) -> Completion:
+        calls.append((trio.current_time(), request.key.agent))
+        if request.key.agent == "first":
+            raise RateLimited("429 Too Many Requests", retry_after=12.0)
+        return Completion(content="{}", usage=None, model="m")
+
+    health = HealthRegistry()
+    gateway = Gateway({"p": MockProvider(handler, name="p")}, health=health)
+    tx, rx = open_channel(8, name="gateway")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        start = trio.current_time()
+        limited = await ask(tx, call(agent="first"))
+        assert isinstance(limited.error, RateLimited)
+        await trio.sleep(1)
+        results = []
+
+        async def caller(agent: str) -> None:
+            results.append(await ask(tx, call(agent=agent)))
+
+        async with trio.open_nursery() as inner:
+            for agent in ("b", "c", "d"):
+                inner.start_soon(caller, agent)
+        tx.close()
+    assert all(r.completion is not None for r in results)
+    released = [t - start for t, a in calls if a != "first"]
+    assert len(released) == 3 and all(12.0 <= t < 13.0 for t in released)
+    assert len(set(released)) == 3, "the herd is spread over a second after the reset"
+    assert health["p"].gate.waits == 3
+
+
+async def test_injected_429_closes_the_gate_for_real_calls(tmp_path: object, autojump_clock: trio.testing.MockClock) -> None:
+    """Injected and real faults take one path: the interceptor's 429 closes
+    the same gate the gateway's real calls wait at."""
+    seen: list[tuple[float, str, int]] = []
+
+    def handler(request: CompletionRequest) -> Completion:
+        seen.append((trio.current_time(), request.key.agent, request.attempt))
+        return Completion(content="{}", usage=None, model="m")
+
+    health = HealthRegistry()
+    plan = FaultPlan.parse("429:1", reset="8")
+    faults = FaultInterceptor(plan, health=health)
+    gateway = Gateway({"p": MockProvider(handler, name="p")}, health=health)
+    tx, rx = open_channel(8, name="gateway", interceptors=[faults])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        start = trio.current_time()
+        first = await ask(tx, call(agent="a"))
+        assert isinstance(first.error, RateLimited) and first.error.retry_after == 8.0
+        assert str(first.error) == "rate limit exceeded: retry after 8 seconds (fault injected)"
+        assert first.usage is None, "usage of a faulted call is unknown"
+        await trio.sleep(1)  # a call in the 429's own instant was simultaneous with it
+        second = await ask(tx, call(agent="b"))
+        assert second.completion is not None
+        tx.close()
+    [(at, agent, _)] = seen
+    assert agent == "b" and 8.0 <= at - start < 9.0
+
+
+async def test_timeout_fault_takes_its_time(autojump_clock: trio.testing.MockClock) -> None:
+    faults = FaultInterceptor(FaultPlan.parse("timeout:1", timeout_ms=2500))
+    reply, pending = reply_pair("t")
+    start = trio.current_time()
+
+    async def never(item: object) -> None:
+        raise AssertionError("an injected fault is not forwarded")
+
+    await faults.send(attrs.evolve(call(), reply_to=reply), never)
+    result = await pending.receive()
+    assert trio.current_time() - start == pytest.approx(2.5)
+    assert isinstance(result.error, ProviderTimeout)
+    assert str(result.error) == "operation timed out after 2500ms (fault injected)"
+
+
+async def test_cancelled_timeout_fault_sent_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    health = HealthRegistry(BreakerPolicy(window=1, min_calls=1))
+    faults = FaultInterceptor(FaultPlan.parse("timeout:1"), health=health)
+    reply, pending = reply_pair("t")
+    with trio.move_on_after(1):
+        await faults.send(attrs.evolve(call(provider="p"), reply_to=reply), lambda item: trio.sleep(0))
+    assert faults.injected["timeout"] == 0 and health["p"].breaker.state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "retryable"),
+    [
+        (Disconnected("model stream error: stream disconnected before completion"), "disconnect", True),
+        (ProviderTimeout("timed out"), "timeout", True),
+        (RateLimited("429", retry_after=3), "rate_limit", True),
+        (ProviderUnavailable("529 overloaded"), "unavailable", True),
+        (CircuitOpen("open", retry_after=2), "circuit_open", True),
+        (RetryableStoreError("database is locked"), "database_busy", True),
+        (AuthenticationFailed("401"), "authentication", False),
+        (BadRequest("404 model not found"), "bad_request", False),
+        (QuotaExceeded("insufficient quota"), "quota", False),
+        (ProviderError("provider 'x' failed: KeyError"), "permanent", False),
+        (ValueError("bug"), "permanent", False),
+    ],
+)
+def test_classifier(error: BaseException, kind: str, retryable: bool) -> None:
+    c = classify(error)
+    assert (c.kind, c.retryable) == (kind, retryable)
+    assert c.unhealthy == (kind in {"disconnect", "timeout", "unavailable"})
+    if isinstance(error, (RateLimited, CircuitOpen)):
+        assert c.retry_after == error.retry_after
+    assert classify(AuthenticationFailed("401"), auth_retries_left=1).retryable
+
+
+def test_backoff_is_capped_jittered_seeded_and_honours_hints() -> None:
+    policy = RetryPolicy(initial=1.0, multiplier=2.0, cap=8.0, jitter=0.25)
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="a")
+    delays = [policy.delay(Disconnected("x"), key, n, seed=1) for n in range(1, 7)]
+    for n, d in enumerate(delays, start=1):
+        base = min(8.0, 2.0 ** (n - 1))
+        assert 0.75 * base <= d <= base
+    assert delays == [policy.delay(Disconnected("x"), key, n, seed=1) for n in range(1, 7)]
+    assert delays != [policy.delay(Disconnected("x"), key, n, seed=2) for n in range(1, 7)]
+    # Never before a hint, and spread past it by identity (up to jitter x base).
+    assert 360.0 <= policy.delay(RateLimited("429", retry_after=360.0), key, 1, seed=1) <= 360.25
+    assert 20.0 <= policy.delay(CircuitOpen("open", retry_after=20.0), key, 1, seed=1) <= 20.25
+    other = AgentKey(run_id="r", branch_id="b", stage="plan", agent="b")
+    assert policy.delay(Disconnected("x"), key, 2, seed=1) == policy.delay(
+        Disconnected("x"), attrs.evolve(key, run_id="other-run", branch_id="other-branch"), 2, seed=1
+    ), "random run and branch ids do not move the jitter"
+    assert policy.delay(CircuitOpen("o", retry_after=20.0), key, 1, seed=1) != policy.delay(
+        CircuitOpen("o", retry_after=20.0), other, 1, seed=1
+    )
+
+
+async def test_agent_does_not_retry_authentication(tmp_path: object, autojump_clock: trio.testing.MockClock) -> None:
+    """The provider refreshes and retries a 401 once itself; by the time the
+    agent sees AuthenticationFailed it is permanent: one attempt, no backoff."""
+    attempts: list[tuple[str, int]] = []
+    sim = SimulatedProvider(seed=0)
+
+    def handler(request: CompletionRequest) -> Completion:
+        attempts.append((request.key.agent, request.attempt))
+        if request.key.agent == "claude":
+            raise AuthenticationFailed("401 Unauthorized")
+        if request.key.agent == "gemini" and request.attempt == 1:
+            raise ProviderUnavailable("503")
+        return sim.answer(request)
+
+    async with open_orchestrator(store=f"{tmp_path}/a.db", provider=MockProvider(handler, name="sim"),
+                                 retry=RetryPolicy(max_attempts=5)) as orch:
+        result = await orch.run("S", run_id="auth")
+    plan_calls = [a for a in attempts if a[0] in ("gemini", "claude")][:3]
+    assert plan_calls == [("gemini", 1), ("gemini", 2), ("claude", 1)]
+    assert result.stages[0].missing_agents == ("claude",)
+    with Store.open(f"{tmp_path}/a.db") as s:
+        assert [o.attempt for o in s.outputs("auth", stage="plan") if o.agent == "claude"] == [1]
+
+
+async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testing.MockClock) -> None:
+    health = HealthRegistry(BreakerPolicy(window=60, min_calls=1, cooldown=5))
+    p = health["p"]
+    permit, _ = await p.admit()
+    assert permit is not None
+    p.report(permit, Disconnected("x"))
+    await trio.sleep(1)
+    refused, error = await p.admit()
+    assert refused is None and isinstance(error, CircuitOpen) and p.breaker.state == "open"
+    await trio.sleep(5)
+    probe, _ = await p.admit()
+    assert probe is not None and probe.ticket.probe
+    outcomes: list[object] = []
+
+    async def waiter() -> None:
+        outcomes.append(await p.admit())
+
+    async with trio.open_nursery() as nursery:
+        await trio.sleep(0.5)
+        nursery.start_soon(waiter)
+        await trio.sleep(2)
+        assert outcomes == [], "a caller in half-open waits for the probe's verdict"
+        p.report(probe, ProviderTimeout("t"))
+    [(permit2, error2)] = outcomes
+    assert permit2 is None and isinstance(error2, CircuitOpen) and error2.retry_after == pytest.approx(5.0)
