@@ -218,6 +218,10 @@ class PendingReply(Generic[R]):
             await trio.lowlevel.wait_task_rescheduled(self._abort)
         else:
             await trio.lowlevel.checkpoint()
+        return self._take()
+
+    def _take(self) -> R:
+        # After the wait (``receive`` and ``request`` share this).
         if self._state == _VALUE:
             value: R = self._value
             self._value = None

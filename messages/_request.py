@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import trio
 
-from ._channel import Outbox, PendingReply
+from ._channel import _EMPTY, Outbox, PendingReply
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,4 +35,12 @@ async def request(outbox: Outbox[T], item: T, pending: PendingReply[R]) -> R:
             outbox.send_nowait(item)
         except trio.WouldBlock:
             await outbox.send(item)
-    return await pending.receive()
+    # pending.receive(), inlined: one coroutine object fewer per request,
+    # and it stays alive for the whole wait (the store writer's acked writes
+    # are the hot path; fewer live objects, fewer garbage-collector passes).
+    if pending._state == _EMPTY:
+        pending._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(pending._abort)
+    else:
+        await trio.lowlevel.checkpoint()
+    return pending._take()
