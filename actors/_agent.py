@@ -26,6 +26,7 @@ from messages import (
     StoreWrite,
     UsageRecorded,
     fail_pending,
+    PendingReply,
     reply_pair,
     request,
 )
@@ -80,6 +81,7 @@ class Agent:
         attempt = request.first_attempt - 1  # > 0 on resume: earlier attempts are durable
         while True:
             attempt += 1
+            reply, pending = reply_pair("model call")
             call = CompletionRequest(
                 key=key,
                 attempt=attempt,
@@ -91,9 +93,10 @@ class Agent:
                 decision_field=stage.decision_field,
                 aggregate=aggregate,
                 panel=stage.agents,
+                reply_to=reply,
             )
             started = trio.current_time()
-            result = await self._call(call)
+            result = await self._call(call, pending)
             finished = trio.current_time()
             completion = result.completion
             usage = completion.usage if completion is not None else result.usage
@@ -152,13 +155,15 @@ class Agent:
             )
             await trio.sleep(delay)
 
-    async def _call(self, call: CompletionRequest) -> CompletionResult:
-        reply, pending = reply_pair(f"{call.key.agent} attempt {call.attempt}")
+    async def _call(
+        self, call: CompletionRequest, pending: PendingReply[CompletionResult]
+    ) -> CompletionResult:
         with trio.move_on_after(self.retry.call_timeout) as scope:
             try:
-                await self.gateway.send(attrs.evolve(call, reply_to=reply))
+                await self.gateway.send(call)
             except BaseException:
-                reply.close()
+                assert call.reply_to is not None
+                call.reply_to.close()
                 raise
             return await pending.receive()
         assert scope.cancelled_caught
@@ -169,7 +174,7 @@ class Agent:
         )
 
     async def _persist(self, output: AgentOutput) -> None:
-        reply, pending = reply_pair(f"persisting {output.key.agent}'s output")
+        reply, pending = reply_pair("persisting an output")
         ack = await request(self.store, PersistOutput(output=output, reply_to=reply), pending)
         if not ack.ok and not ack.duplicate:
             raise ActorStopped(f"store writer could not persist {output.key.agent}'s output: {ack.error}")

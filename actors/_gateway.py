@@ -75,7 +75,13 @@ class Gateway:
                 error=BadRequest(f"no provider named {request.provider!r} is configured"),
             )
         health = self.health[request.provider]
-        async with self._limits[request.provider]:
+        limiter = self._limits[request.provider]
+        try:
+            # A free slot costs no scheduling round; only a full limit waits.
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await limiter.acquire()
+        try:
             permit, blocked = await health.admit(request)
             if permit is None:
                 # Failed fast: nothing reached the provider, nothing was billed.
@@ -99,6 +105,8 @@ class Gateway:
             except BaseException:
                 health.abandon(permit)
                 raise
+        finally:
+            limiter.release()
         health.report(permit, None)
         return CompletionResult(key=request.key, attempt=request.attempt, completion=completion)
 
