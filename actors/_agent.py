@@ -69,7 +69,13 @@ class Agent:
             async for request in inbox:
                 reply = await self.handle(request)
                 if request.reply_to is not None:
-                    await request.reply_to.send(reply)
+                    try:
+                        # The coordinator's inbox holds a reply per panel seat.
+                        await request.reply_to.send_eager(reply)
+                    except ActorStopped:
+                        # The run is over (or being cancelled): a late reply
+                        # has nobody to go to; its output is already durable.
+                        pass
         finally:
             fail_pending(inbox)
 
@@ -101,7 +107,7 @@ class Agent:
             completion = result.completion
             usage = completion.usage if completion is not None else result.usage
             model = completion.model if completion is not None else self.spec.model
-            await self.metrics.send(
+            await self.metrics.send_eager(  # the accumulator never waits on us
                 UsageRecorded(key=key, attempt=attempt, model=model, provider=self.spec.provider, usage=usage)
             )
             if completion is not None:
@@ -136,7 +142,7 @@ class Agent:
                 finished_at=finished,
             )
             # Failed attempts are history, not input to consensus: fire and forget.
-            await self.store.send(PersistOutput(output=failed))
+            await self.store.send_eager(PersistOutput(output=failed))
             # Authentication is permanent here: the provider has already
             # refreshed its token once and retried (the 401-refresh-once rule).
             if not self.retry.should_retry(error, attempt):

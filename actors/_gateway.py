@@ -50,6 +50,13 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 async for request in inbox:
                     nursery.start_soon(self._serve, request)
+                    # Spawn for everything already queued in the same step.
+                    while True:
+                        try:
+                            request = inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        nursery.start_soon(self._serve, request)
         finally:
             fail_pending(inbox)
 

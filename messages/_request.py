@@ -28,11 +28,5 @@ async def request(outbox: Outbox[T], item: T, pending: PendingReply[R]) -> R:
     """Send ``item`` (which carries ``pending``'s reply slot) and wait for
     the reply."""
     await trio.lowlevel.checkpoint_if_cancelled()
-    if outbox.intercepted:
-        await outbox.send(item)
-    else:
-        try:
-            outbox.send_nowait(item)
-        except trio.WouldBlock:
-            await outbox.send(item)
+    await outbox.send_eager(item)
     return await pending.receive()
