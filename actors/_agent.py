@@ -166,7 +166,7 @@ class Agent:
     ) -> CompletionResult:
         with trio.move_on_after(self.retry.call_timeout) as scope:
             try:
-                await self.gateway.send(call)
+                await self.gateway.send_eager(call)
             except BaseException:
                 assert call.reply_to is not None
                 call.reply_to.close()
