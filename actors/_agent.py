@@ -26,6 +26,7 @@ from messages import (
     StoreWrite,
     UsageRecorded,
     fail_pending,
+    PendingReply,
     reply_pair,
     request,
 )
@@ -68,7 +69,13 @@ class Agent:
             async for request in inbox:
                 reply = await self.handle(request)
                 if request.reply_to is not None:
-                    await request.reply_to.send(reply)
+                    try:
+                        # The coordinator's inbox holds a reply per panel seat.
+                        await request.reply_to.send_eager(reply)
+                    except ActorStopped:
+                        # The run is over (or being cancelled): a late reply
+                        # has nobody to go to; its output is already durable.
+                        pass
         finally:
             fail_pending(inbox)
 
@@ -80,6 +87,7 @@ class Agent:
         attempt = request.first_attempt - 1  # > 0 on resume: earlier attempts are durable
         while True:
             attempt += 1
+            reply, pending = reply_pair("model call")
             call = CompletionRequest(
                 key=key,
                 attempt=attempt,
@@ -91,14 +99,15 @@ class Agent:
                 decision_field=stage.decision_field,
                 aggregate=aggregate,
                 panel=stage.agents,
+                reply_to=reply,
             )
             started = trio.current_time()
-            result = await self._call(call)
+            result = await self._call(call, pending)
             finished = trio.current_time()
             completion = result.completion
             usage = completion.usage if completion is not None else result.usage
             model = completion.model if completion is not None else self.spec.model
-            await self.metrics.send(
+            await self.metrics.send_eager(  # the accumulator never waits on us
                 UsageRecorded(key=key, attempt=attempt, model=model, provider=self.spec.provider, usage=usage)
             )
             if completion is not None:
@@ -133,7 +142,7 @@ class Agent:
                 finished_at=finished,
             )
             # Failed attempts are history, not input to consensus: fire and forget.
-            await self.store.send(PersistOutput(output=failed))
+            await self.store.send_eager(PersistOutput(output=failed))
             # Authentication is permanent here: the provider has already
             # refreshed its token once and retried (the 401-refresh-once rule).
             if not self.retry.should_retry(error, attempt):
@@ -152,13 +161,15 @@ class Agent:
             )
             await trio.sleep(delay)
 
-    async def _call(self, call: CompletionRequest) -> CompletionResult:
-        reply, pending = reply_pair(f"{call.key.agent} attempt {call.attempt}")
+    async def _call(
+        self, call: CompletionRequest, pending: PendingReply[CompletionResult]
+    ) -> CompletionResult:
         with trio.move_on_after(self.retry.call_timeout) as scope:
             try:
-                await self.gateway.send(attrs.evolve(call, reply_to=reply))
+                await self.gateway.send_eager(call)
             except BaseException:
-                reply.close()
+                assert call.reply_to is not None
+                call.reply_to.close()
                 raise
             return await pending.receive()
         assert scope.cancelled_caught
@@ -169,7 +180,7 @@ class Agent:
         )
 
     async def _persist(self, output: AgentOutput) -> None:
-        reply, pending = reply_pair(f"persisting {output.key.agent}'s output")
+        reply, pending = reply_pair("persisting an output")
         ack = await request(self.store, PersistOutput(output=output, reply_to=reply), pending)
         if not ack.ok and not ack.duplicate:
             raise ActorStopped(f"store writer could not persist {output.key.agent}'s output: {ack.error}")

@@ -5,9 +5,12 @@ Lower-cased prefix/contains match, first rule wins; 128,000 otherwise.
 
 from __future__ import annotations
 
+import functools
+
 DEFAULT_CONTEXT_WINDOW = 128_000
 
 
+@functools.lru_cache(maxsize=1024)  # few distinct models; snapshots ask per agent
 def context_window(model: str) -> int:
     m = model.strip().lower()
     if m.startswith(("gpt-5", "gpt5")) or "codex" in m:

@@ -153,8 +153,9 @@ class Coordinator:
             reply_to=self.replies_to,
         )
         # Each agent holds at most one request of ours, so its inbox (buffer
-        # 1) always has room: this send never blocks.
-        await self.agents[agent].send(request)
+        # 1) always has room: this send never blocks, and needs no
+        # scheduling round of its own.
+        await self.agents[agent].send_eager(request)
 
     async def _await_replies(
         self, key: StageKey, waiting: set[str], outputs: dict[str, AgentOutput]

@@ -50,6 +50,13 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 async for request in inbox:
                     nursery.start_soon(self._serve, request)
+                    # Spawn for everything already queued in the same step.
+                    while True:
+                        try:
+                            request = inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        nursery.start_soon(self._serve, request)
         finally:
             fail_pending(inbox)
 
@@ -75,7 +82,13 @@ class Gateway:
                 error=BadRequest(f"no provider named {request.provider!r} is configured"),
             )
         health = self.health[request.provider]
-        async with self._limits[request.provider]:
+        limiter = self._limits[request.provider]
+        try:
+            # A free slot costs no scheduling round; only a full limit waits.
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await limiter.acquire()
+        try:
             permit, blocked = await health.admit(request)
             if permit is None:
                 # Failed fast: nothing reached the provider, nothing was billed.
@@ -99,6 +112,8 @@ class Gateway:
             except BaseException:
                 health.abandon(permit)
                 raise
+        finally:
+            limiter.release()
         health.report(permit, None)
         return CompletionResult(key=request.key, attempt=request.attempt, completion=completion)
 

@@ -296,6 +296,14 @@ class MetricsAccumulator:
                     nursery.start_soon(self._publisher)
                 async for message in inbox:
                     self.handle(message)
+                    # Whatever else is queued is handled in the same step:
+                    # each receive() would cost a scheduling round.
+                    while True:
+                        try:
+                            message = inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self.handle(message)
                 nursery.cancel_scope.cancel()
         finally:
             fail_pending(inbox)

@@ -263,7 +263,7 @@ class CallLog(Interceptor[CompletionRequest]):
 
     async def send(self, item: CompletionRequest, forward: Forward[CompletionRequest]) -> None:
         key = item.key
-        await self._store.send(
+        await self._store.send_eager(
             PersistEvent(
                 run_id=key.run_id,
                 branch_id=key.branch_id,

@@ -75,7 +75,7 @@ class Outbox(trio.abc.SendChannel[T]):
     generic errors: the actor behind it is gone.
     """
 
-    __slots__ = ("_inner", "_interceptors", "_send", "name")
+    __slots__ = ("_inner", "_interceptors", "_send", "_send_eager", "name")
 
     def __init__(
         self,
@@ -90,6 +90,11 @@ class Outbox(trio.abc.SendChannel[T]):
         self._send: Forward[T] = (
             _chain(self._deliver, self._interceptors) if self._interceptors else self._deliver
         )
+        self._send_eager: Forward[T] = (
+            _chain(self._deliver_eager, self._interceptors)
+            if self._interceptors
+            else self._deliver_eager
+        )
 
     @property
     def intercepted(self) -> bool:
@@ -98,6 +103,15 @@ class Outbox(trio.abc.SendChannel[T]):
     async def _deliver(self, item: T) -> None:
         try:
             await self._inner.send(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ActorStopped(f"the {self.name} actor has stopped") from exc
+
+    async def _deliver_eager(self, item: T) -> None:
+        try:
+            try:
+                self._inner.send_nowait(item)
+            except trio.WouldBlock:
+                await self._inner.send(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ActorStopped(f"the {self.name} actor has stopped") from exc
 
@@ -113,6 +127,14 @@ class Outbox(trio.abc.SendChannel[T]):
             self._inner.send_nowait(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ActorStopped(f"the {self.name} actor has stopped") from exc
+
+    async def send_eager(self, item: T) -> None:
+        """Like ``send``, but the item enters the buffer without a
+        scheduling round when there is room: *not* a checkpoint then
+        (interceptors still run, and may await).  For hot paths whose buffer
+        argument says the send rarely waits.  Cancellation: as ``send`` - if
+        it raises ``trio.Cancelled``, nothing was delivered."""
+        await self._send_eager(item)
 
     def clone(self) -> Outbox[T]:
         return Outbox(self._inner.clone(), self._interceptors, name=self.name)

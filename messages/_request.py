@@ -9,7 +9,7 @@ every acked write - the store writer's hot path.
 Semantics are those of the two awaits: it is a checkpoint; if it is
 cancelled before the item is enqueued, nothing was sent; once enqueued, a
 cancellation while waiting abandons only the reply.  Channels with
-interceptors, or a full buffer, fall back to ``await outbox.send``.
+interceptors go through ``send_eager``; a full buffer falls back to ``await outbox.send``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ async def request(outbox: Outbox[T], item: T, pending: PendingReply[R]) -> R:
     the reply."""
     await trio.lowlevel.checkpoint_if_cancelled()
     if outbox.intercepted:
-        await outbox.send(item)
-    else:
+        await outbox.send_eager(item)
+    else:  # the same, without two coroutine objects per request
         try:
             outbox.send_nowait(item)
         except trio.WouldBlock:
