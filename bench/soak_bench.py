@@ -13,8 +13,8 @@ seconds per wall second for both, and the ratio.
 
 The soak ends simulated latencies on a 1 s grid (``Latency(quantum=1.0)``,
 its default), so completions that share a tick share a scheduler batch; the
-baseline keeps continuous sleeps, one batch per sleep - trio's floor, which
-is what a quantised baseline would only raise.
+baseline keeps continuous sleeps (one batch per sleep), so it is, if
+anything, a slightly low estimate of trio's floor.
 """
 
 from __future__ import annotations
