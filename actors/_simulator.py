@@ -27,11 +27,26 @@ _REASONING_MODELS = ("gpt-5", "o3", "o4", "gemini-2.5-pro")
 @attrs.frozen(kw_only=True, slots=True)
 class Latency:
     """Log-normal latency in seconds: ``median`` scaled, capped at ``cap``.
-    ``median=0`` makes every call a bare checkpoint."""
+    ``median=0`` makes every call a bare checkpoint.
+
+    ``quantum`` (seconds, 0 = off) ends each call on the next tick of a
+    global grid of that spacing (``deadline``) instead of exactly ``draw``
+    seconds after it started.  Continuous draws give every completion its
+    own virtual deadline, and under ``MockClock(autojump_threshold=0)`` each
+    distinct deadline is one trip round trio's run loop; on a grid, calls
+    that end in the same tick wake in one batch.  The draw is unchanged
+    (same seed, same unit) and content never depends on it; only timings
+    do.  Off by default so ``conclave run`` keeps its digests; the soak
+    turns it on."""
 
     median: float = 2.0
     sigma: float = 0.5
     cap: float = 30.0
+    quantum: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.quantum >= 0.0 or math.isinf(self.quantum):
+            raise ValueError(f"latency quantum must be a finite number >= 0, got {self.quantum!r}")
 
     def draw(self, unit: float) -> float:
         if self.median <= 0:
@@ -39,6 +54,18 @@ class Latency:
         # Inverse-CDF of a log-normal from a uniform draw via the probit.
         z = _probit(min(max(unit, 1e-12), 1 - 1e-12))
         return min(self.cap, self.median * math.exp(self.sigma * z))
+
+    def deadline(self, now: float, delay: float) -> float:
+        """When a call started at ``now`` that takes ``delay`` ends: ``now +
+        delay``, or with a quantum the first grid tick at or after it (a
+        whole multiple of the quantum, so calls started at different times
+        share ticks; never earlier than the drawn latency)."""
+        end = now + delay
+        q = self.quantum
+        if q <= 0:
+            return end
+        tick = math.ceil(end / q) * q
+        return tick if tick >= end else tick + q  # float rounding: never early
 
 
 def _probit(p: float) -> float:
@@ -134,7 +161,10 @@ class SimulatedProvider(BaseProvider):
             derive_unit(self.seed, "latency", request.spec_id, key.stage, key.agent, request.attempt)
         )
         if delay > 0:
-            await trio.sleep(delay)
+            if self.latency.quantum > 0:
+                await trio.sleep_until(self.latency.deadline(trio.current_time(), delay))
+            else:
+                await trio.sleep(delay)
         else:
             await trio.lowlevel.checkpoint()
         return self.answer(request)

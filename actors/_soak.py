@@ -110,7 +110,11 @@ class SoakConfig:
     concurrency: int = 16  # runs in flight at once
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
-    latency: Latency = Latency()
+    # Latencies end on a 1 s grid (see ``Latency.quantum``): completions that
+    # share a tick wake in one trio batch, so the soak needs about half the
+    # run-loop iterations per agent turn (18 -> 8.5).  Draws, content and
+    # fault placement are unchanged; only timing is coarser.
+    latency: Latency = Latency(quantum=1.0)
     disagreement_rate: float = 0.0
     db: str | None = None  # default: a temporary file, removed afterwards
 

@@ -12,7 +12,12 @@ inserts the same agent-output rows twice:
   committed.
 
 Runs alternate (writer, raw, raw, writer, ...) to spread noise, and the
-medians are compared.  Target: writer >= 0.5x raw.
+medians are compared.  Each timed run starts from a collected heap
+(``gc.collect()`` before it, on both sides): otherwise a full collection of
+garbage left by building the rows and by earlier runs lands inside whichever
+run crosses the collector's threshold - always the writer, which allocates
+per message - and the ratio measures the previous run.  Target: writer >=
+0.5x raw.
 
     python bench/store_bench.py [--rows 20000] [--repeats 5] [--producers 1024] [--window 1]
                                  [--max-batch 4096] [--durability full|normal] [--content-bytes 300]
@@ -21,6 +26,7 @@ medians are compared.  Target: writer >= 0.5x raw.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import statistics
 import sys
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             order = ("writer", "raw") if r % 2 == 0 else ("raw", "writer")
             for kind in order:
                 name = f"{kind}-{r}.db"
+                gc.collect()
                 if kind == "writer":
                     writer_times.append(through_writer(
                             directory, name, outputs, args.producers, args.window, args.max_batch, args.durability

@@ -9,7 +9,7 @@ every acked write - the store writer's hot path.
 Semantics are those of the two awaits: it is a checkpoint; if it is
 cancelled before the item is enqueued, nothing was sent; once enqueued, a
 cancellation while waiting abandons only the reply.  Channels with
-interceptors, or a full buffer, fall back to ``await outbox.send``.
+interceptors go through ``send_eager``; a full buffer falls back to ``await outbox.send``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import trio
 
-from ._channel import Outbox, PendingReply
+from ._channel import _EMPTY, Outbox, PendingReply
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -28,5 +28,19 @@ async def request(outbox: Outbox[T], item: T, pending: PendingReply[R]) -> R:
     """Send ``item`` (which carries ``pending``'s reply slot) and wait for
     the reply."""
     await trio.lowlevel.checkpoint_if_cancelled()
-    await outbox.send_eager(item)
-    return await pending.receive()
+    if outbox.intercepted:
+        await outbox.send_eager(item)
+    else:  # the same, without two coroutine objects per request
+        try:
+            outbox.send_nowait(item)
+        except trio.WouldBlock:
+            await outbox.send(item)
+    # pending.receive(), inlined: one coroutine object fewer per request,
+    # and it stays alive for the whole wait (the store writer's acked writes
+    # are the hot path; fewer live objects, fewer garbage-collector passes).
+    if pending._state == _EMPTY:
+        pending._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(pending._abort)
+    else:
+        await trio.lowlevel.checkpoint()
+    return pending._take()

@@ -137,3 +137,20 @@ def test_determinism_holds_when_the_breaker_trips() -> None:
     assert first.breaker_trips > 0
     assert (first.digest, first.fault_digest) == (second.digest, second.fault_digest)
     assert first.breaker_trips == second.breaker_trips
+
+
+def test_latency_quantum_ends_calls_on_a_shared_grid_never_early() -> None:
+    from actors._simulator import Latency
+
+    plain, grid = Latency(), Latency(quantum=0.5)
+    assert plain.deadline(1.23, 0.4) == pytest.approx(1.63)  # off by default: exact
+    for now, unit in [(0.0, 0.1), (1.23, 0.5), (7.9, 0.97), (123.456, 0.3)]:
+        delay = grid.draw(unit)
+        assert delay == plain.draw(unit), "the draw itself is unchanged"
+        end = grid.deadline(now, delay)
+        assert end >= now + delay and end - (now + delay) <= 0.5 + 1e-9
+        assert round(end / 0.5) * 0.5 == pytest.approx(end), "ends on the grid"
+    # Calls started at different times that end in the same tick share a deadline.
+    assert grid.deadline(0.1, 0.3) == grid.deadline(0.2, 0.25) == 0.5
+    with pytest.raises(ValueError, match="quantum"):
+        Latency(quantum=-1.0)

@@ -86,6 +86,33 @@ def test_bad_item_does_not_undo_its_batch(tmp_path: Path) -> None:
         assert unknown.usage is None
 
 
+def test_mixed_batch_bad_item_fails_alone_and_replay_stays_idempotent(tmp_path: Path) -> None:
+    # The optimistic path (no savepoint per item) must fall back item by
+    # item: a duplicate decision in the middle of a mixed batch fails only
+    # its own ack, and an identical replay in the same batch is a success.
+    with Store.open(str(tmp_path / "a.db")) as s:
+        new_run(s)
+        key = StageKey(run_id="r", branch_id="b", stage="plan")
+        d1 = Decision(key=key, seq=1, status="ok", verdict={"v": 1})
+        clash = Decision(key=key, seq=2, status="conflict", verdict={})
+        acks = s.apply(
+            [
+                PersistOutput(output=output("gemini")),
+                PersistDecision(decision=d1),
+                PersistDecision(decision=d1),
+                PersistDecision(decision=clash),
+                PersistOutput(output=output("claude")),
+                PersistOutput(output=output("codex")),
+            ]
+        )
+        assert [(a.ok, a.duplicate) for a in acks] == [
+            (True, False), (True, False), (True, True), (False, True), (True, False), (True, False)
+        ]
+        assert {o.agent for o in s.outputs("r")} == {"gemini", "claude", "codex"}
+        assert [(d.stage, d.seq) for d in s.decisions("r")] == [("plan", 1)]
+        assert len(s.events("r", "decision")) == 1, "never a decision without its event, nor two events"
+
+
 def test_output_needs_its_run(tmp_path: Path) -> None:
     with Store.open(str(tmp_path / "a.db")) as s:
         [ack] = s.apply([PersistOutput(output=output())])
