@@ -325,6 +325,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             if _is_interrupt(exc):
                 return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
             raise
+    return report_result(args, result, virtual, elapsed)
+
+
+def report_result(args: argparse.Namespace, result: RunResult, virtual: bool, elapsed: float) -> int:
+    """Print a finished run (``--json`` object or summary); its exit code."""
     if args.json:
         _json_out(result.to_json())
     else:

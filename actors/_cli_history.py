@@ -22,7 +22,6 @@ from messages import AuthError, ProgressEvent, StageDecided, StageStarted
 from store import BranchRow, RunPreview, RunRow, Store, StoreError, preview_run
 
 from ._cli import (
-    EXIT_HALTED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXTRA_COMMANDS,
@@ -31,10 +30,11 @@ from ._cli import (
     _fail,
     _is_interrupt,
     _json_out,
+    _leaves,
     _non_negative,
-    _summary,
     _unit_interval,
     interruptible,
+    report_result,
 )
 from ._consensus import ADVANCING
 from ._ids import short_branch_id
@@ -225,19 +225,9 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             if isinstance(exc, BaseExceptionGroup):
                 bad, _ = exc.split((ConfigError, ResumeError))
                 if bad is not None:
-                    return _fail(str(_first_leaf(bad)))
+                    return _fail(str(_leaves(bad)[0]))
             raise
-    if args.json:
-        _json_out(result.to_json())
-    else:
-        print(_summary(result, args.db, virtual, elapsed))
-    return EXIT_OK if result.completed else EXIT_HALTED
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+    return report_result(args, result, virtual, elapsed)
 
 
 def _preview(args: argparse.Namespace) -> RunPreview | int:
