@@ -19,3 +19,25 @@ def test_metrics_bench_runs_tiny() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ratio") == 3
     assert "events/s" in proc.stdout and "never reads" in proc.stdout
+
+
+def _bench(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_turns_bench_runs_tiny() -> None:
+    # The script asserts each run completed with one turn per agent.
+    out = _bench("turns_bench.py", "--agents", "20,50", "--runs", "1")
+    assert out.count("ratio") == 2 and "turns/s" in out
+
+
+def test_memory_bench_runs_tiny() -> None:
+    out = _bench("memory_bench.py", "--agents", "2000", "--runs", "1")
+    assert "KiB/agent" in out and "ratio" in out
