@@ -7,12 +7,13 @@ from ._auth_profiles import PROVIDERS as AUTH_PROVIDERS
 from ._auth_profiles import AuthProfile, build_profile
 from ._auth_profiles import discover as discover_auth_server
 from ._cli_auth import add_auth_commands
-from ._token_source import AuthActor, TokenManager, TokenSource
+from ._token_source import AuthActor, AuthService, TokenManager, TokenSource
 from ._token_store import TokenEntry, TokenStatus, TokenStore, default_home
 
 __all__ = [
     "AUTH_PROVIDERS",
     "AuthActor",
+    "AuthService",
     "AuthProfile",
     "DeviceAuthorization",
     "DeviceFlow",

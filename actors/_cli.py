@@ -35,7 +35,8 @@ from messages import (
 from store import Store, StoreError
 
 from ._budget import usd
-from ._cli_auth import add_auth_commands, add_run_auth_option, login_token_sources
+from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
+from ._token_source import AuthService
 from ._cli_metrics import (
     MetricsUsageError,
     add_metrics_command,
@@ -231,6 +232,7 @@ async def _run_pipeline(
     virtual: bool,
     configs: dict[str, ProviderConfig],
     plan: FaultPlan | None = None,
+    auth: AuthService | None = None,
 ) -> tuple[RunResult, float]:
     providers = {name: config.build() for name, config in configs.items()}
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
@@ -246,6 +248,7 @@ async def _run_pipeline(
         limits=limits,
         prices=args.price_table,
         faults=plan,
+        auth=auth,
     ) as orch:
         async with trio.open_nursery() as nursery:
             if display is not None:
@@ -288,8 +291,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Every provider is validated before the store opens or any agent starts.
     try:
         pipeline = pipeline_from_args(args, pipeline)
-        tokens = login_token_sources(args, {spec.provider for spec in pipeline.agents.values()})
-        configs = provider_configs_from_args(args, pipeline, token_sources=tokens)
+        auth = login_auth(args, {spec.provider for spec in pipeline.agents.values()})
+        configs = provider_configs_from_args(
+            args, pipeline, token_sources=auth.sources if auth is not None else None
+        )
     except (ProviderConfigError, PipelineError, AuthError) as exc:
         return _fail(str(exc))
     remote = sorted(name for name, config in configs.items() if config.remote)
@@ -317,7 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             fault_banner(plan, args.seed)
             result, elapsed = trio.run(
-                interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, clock=clock
+                interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, auth, clock=clock
             )
         except ConfigError as exc:
             return _fail(str(exc))

@@ -33,7 +33,7 @@ from messages._auth_errors import AuthConfigError, AuthError, TokenStoreError
 from ._auth_flow import DeviceAuthorization
 from ._auth_login import device_login, logout
 from ._auth_profiles import PROVIDERS, build_profile
-from ._token_source import TokenManager, TokenSource
+from ._token_source import AuthService, TokenManager
 from ._token_store import TokenStatus, TokenStore, default_home
 
 EXIT_OK = 0
@@ -220,12 +220,14 @@ def add_run_auth_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def login_token_sources(
+def login_auth(
     args: argparse.Namespace, providers: Iterable[str], env: Mapping[str, str] | None = None
-) -> dict[str, TokenSource] | None:
-    """With ``--auth login``: a token source for each remote provider in
-    ``providers`` (``None`` otherwise).  Raises :class:`AuthError` naming
-    the ``conclave login`` to run when a provider has no stored tokens."""
+) -> AuthService | None:
+    """With ``--auth login``: an :class:`AuthService` whose ``sources`` give
+    each remote provider in ``providers`` its tokens through the auth actor
+    (``None`` otherwise; run it with ``open_orchestrator(auth=...)``).
+    Raises :class:`AuthError` naming the ``conclave login`` to run when a
+    provider has no stored tokens."""
     if getattr(args, "auth", "key") != "login":
         return None
     store = _store(os.environ if env is None else env)
@@ -238,7 +240,7 @@ def login_token_sources(
             hint="; ".join(f"run 'conclave login {name}'" for name in missing),
         )
     manager = TokenManager(store)  # one short-lived HTTP client per refresh
-    return {name: manager.source(name) for name in remote}
+    return AuthService(manager, remote)
 
 
 # -- registration -----------------------------------------------------------------

@@ -40,7 +40,8 @@ from ._consensus import ADVANCING
 from ._ids import short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
 from ._resume import ResumeError, resolve_branch
-from ._cli_auth import add_run_auth_option, login_token_sources
+from ._cli_auth import add_run_auth_option, login_auth
+from ._token_source import AuthService
 from ._cli_metrics import MetricsUsageError, add_run_metrics_args, load_prices
 from ._cli_providers import add_provider_arguments, provider_configs_from_args
 from ._pipeline import Pipeline
@@ -119,12 +120,13 @@ async def _drive(
     seed: int,
     stages: int,
     action: Action,
+    auth: AuthService | None = None,
 ) -> tuple[RunResult, float]:
     printer = None if args.json else HistoryPrinter(sys.stdout, stages)
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     started = trio.current_time()
     async with open_orchestrator(
-        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table
+        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table, auth=auth
     ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
@@ -167,7 +169,8 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         return _fail("resume and rerun use the run's stored pipeline; --provider and --model cannot change it")
     try:
         pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
-        tokens = login_token_sources(args, {spec.provider for spec in pipeline.agents.values()})
+        auth = login_auth(args, {spec.provider for spec in pipeline.agents.values()})
+        tokens = auth.sources if auth is not None else None
         configs = _configs(args, pipeline, 0, {}, tokens)  # validated before anything writes
         args.price_table = load_prices(args.prices)
     except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
@@ -215,7 +218,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         stages = len(preview.pipeline.get("stages", ()))
         try:
             result, elapsed = trio.run(
-                interruptible, _drive, args, store, providers, seed, stages, action, clock=clock
+                interruptible, _drive, args, store, providers, seed, stages, action, auth, clock=clock
             )
         except (ConfigError, ResumeError) as exc:
             return _fail(str(exc))

@@ -93,6 +93,7 @@ from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
 from ._snapshots import MetricsHub, MetricsSubscription
 from ._store_writer import StoreWriter
+from ._token_source import AuthService
 
 EDGES = frozenset({"gateway", "metrics", "store", "agent", "coordinator"})
 
@@ -623,6 +624,7 @@ async def open_orchestrator(
     prices: PriceTable | None = None,
     breaker: BreakerPolicy | None = None,
     health: HealthRegistry | None = None,
+    auth: AuthService | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Start the gateway, metrics accumulator and store writer, yield an
     :class:`Orchestrator`, and shut them down when the block exits.
@@ -639,6 +641,9 @@ async def open_orchestrator(
     log.  It is installed on the gateway's inbox, after any in
     ``interceptors["gateway"]``.  ``prices`` is the price table (default:
     the vendored LiteLLM one; :meth:`PriceTable.load` adds an override file).
+    ``auth`` is an :class:`AuthService` whose token sources the providers
+    were built with: its auth actor runs here, beside the gateway, and
+    answers their ``GetToken`` requests.
 
     On normal exit the actors drain their inboxes (every queued write is
     committed) before the block returns; on cancellation or error they are
@@ -722,6 +727,8 @@ async def open_orchestrator(
                 # records its runs as interrupted.  It never waits on anyone
                 # but its inbox (and a bounded busy-retry loop).
                 nursery.start_soon(_shielded, writer.run, store_rx)
+                if auth is not None:
+                    nursery.start_soon(auth.run)
                 orchestrator.health = health
                 orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                 try:
@@ -732,6 +739,8 @@ async def open_orchestrator(
                     gateway_tx.close()
                     metrics_tx.close()
                     store_tx.close()
+                    if auth is not None:
+                        auth.close()
                     for send in orchestrator._subscribers:
                         send.close()
                     hub.close()

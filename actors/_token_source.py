@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import httpx
 import trio
 
-from messages import Outbox, fail_pending, reply_pair
+from messages import Outbox, fail_pending, open_channel, reply_pair
 from messages import ProviderError
 from messages._auth_errors import AuthError, CredentialsUnavailable, LoginRequired, RefreshUnavailable
 from messages._auth_messages import AuthEvent, AuthEventKind, GetToken, Secret, TokenReply
@@ -315,3 +315,26 @@ class AuthActor:
             raise
         if reply is not None:
             reply.send(TokenReply(provider=request.provider, token=token))
+
+
+class AuthService:
+    """An :class:`AuthActor` with its inbox, ready for
+    ``open_orchestrator(auth=...)``: the design's gateway --GetToken--> auth
+    poller edge.  ``sources`` are the providers' token sources; each asks
+    the actor by message, so refreshes are single-flight through one actor
+    however many calls need a token."""
+
+    def __init__(self, manager: TokenManager, providers: Iterable[str], *, buffer: int = 64) -> None:
+        self.actor = AuthActor(manager)
+        self.inbox, self._receive = open_channel(buffer, name="auth")
+        self.sources: dict[str, TokenSource] = {
+            name: TokenSource.from_inbox(name, self.inbox) for name in providers
+        }
+
+    async def run(self) -> None:
+        """Serve until :meth:`close` (or cancellation)."""
+        await self.actor.run(self._receive)
+
+    def close(self) -> None:
+        self.inbox.close()
+
