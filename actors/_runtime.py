@@ -41,6 +41,7 @@ import attrs
 import trio
 
 from messages import (
+    Broadcast,
     ActorStopped,
     AgentOutput,
     AgentReply,
@@ -236,7 +237,7 @@ class Orchestrator:
         self._limits = limits
         self.health: HealthRegistry | None = None  # the gateway's gates and breakers
         self.faults: FaultInterceptor | None = None  # diagnostics of injected faults
-        self._subscribers: list[trio.MemorySendChannel[ProgressEvent]] = []
+        self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
 
     def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:
@@ -249,20 +250,10 @@ class Orchestrator:
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[ProgressEvent]:
         """A channel of progress events.  Best effort: when the buffer is
         full, events are dropped rather than slowing any run."""
-        send, receive = trio.open_memory_channel[ProgressEvent](
-            max_buffer if max_buffer is not None else self._limits.progress_buffer
-        )
-        self._subscribers.append(send)
-        return receive
+        return self._progress.subscribe(max_buffer)
 
     def _publish(self, event: ProgressEvent) -> None:
-        for send in list(self._subscribers):
-            try:
-                send.send_nowait(event)
-            except trio.WouldBlock:
-                pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers.remove(send)
+        self._progress.publish(event)
 
     async def _write(self, item: StoreWrite) -> StoreAck:
         reply, pending = reply_pair(type(item).__name__)
@@ -741,8 +732,7 @@ async def open_orchestrator(
                     store_tx.close()
                     if auth is not None:
                         auth.close()
-                    for send in orchestrator._subscribers:
-                        send.close()
+                    orchestrator._progress.close()
                     hub.close()
     finally:
         with trio.CancelScope(shield=True):

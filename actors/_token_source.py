@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import httpx
 import trio
 
-from messages import Outbox, fail_pending, open_channel, reply_pair
+from messages import Broadcast, Outbox, fail_pending, open_channel, reply_pair
 from messages import ProviderError
 from messages._auth_errors import AuthError, CredentialsUnavailable, LoginRequired, RefreshUnavailable
 from messages._auth_messages import AuthEvent, AuthEventKind, GetToken, Secret, TokenReply
@@ -265,28 +265,17 @@ class AuthActor:
 
     def __init__(self, manager: TokenManager, *, event_buffer: int = 64) -> None:
         self.manager = manager
-        self._event_buffer = event_buffer
-        self._subscribers: list[trio.MemorySendChannel[AuthEvent]] = []
+        self._events: Broadcast[AuthEvent] = Broadcast(event_buffer)
         manager.add_listener(self._publish)
 
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[AuthEvent]:
         """A channel of :class:`AuthEvent` (refreshed, refresh_failed,
         dropped).  Best effort: a full subscriber misses events rather than
         slowing anyone's token request."""
-        send, receive = trio.open_memory_channel[AuthEvent](
-            max_buffer if max_buffer is not None else self._event_buffer
-        )
-        self._subscribers.append(send)
-        return receive
+        return self._events.subscribe(max_buffer)
 
     def _publish(self, event: AuthEvent) -> None:
-        for send in list(self._subscribers):
-            try:
-                send.send_nowait(event)
-            except trio.WouldBlock:
-                pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers.remove(send)
+        self._events.publish(event)
 
     async def run(self, inbox: trio.MemoryReceiveChannel[GetToken]) -> None:
         try:
@@ -295,9 +284,7 @@ class AuthActor:
                     nursery.start_soon(self._serve, request)
         finally:
             fail_pending(inbox)
-            for send in self._subscribers:
-                send.close()
-            self._subscribers.clear()
+            self._events.close()
 
     async def _serve(self, request: GetToken) -> None:
         reply = request.reply_to

@@ -8,6 +8,7 @@ send side, and one-shot :class:`Reply` slots for request-reply.
 from . import _auth_api
 from ._auth_api import *  # noqa: F403  (auth messages and errors, listed there)
 from ._channel import (
+    Broadcast,
     Forward,
     FunctionInterceptor,
     Interceptor,
@@ -90,6 +91,7 @@ from ._token_metrics import (
 from ._usage import ZERO_USAGE, TokenUsage
 
 __all__ = [
+    "Broadcast",
     "BUDGET_THRESHOLDS",
     "BudgetAlert",
     "BudgetCheck",

@@ -274,3 +274,41 @@ def fail_pending(inbox: trio.MemoryReceiveChannel[Any]) -> int:
             failed += 1
     inbox.close()
     return failed
+
+
+class Broadcast(Generic[T]):
+    """Best-effort fan-out to subscribers (progress and auth events).
+
+    ``publish`` is not a checkpoint and never waits: a subscriber whose
+    buffer is full misses the event, and one that closed its channel is
+    dropped, so a slow or gone subscriber can never slow the publisher.
+    """
+
+    __slots__ = ("_buffer", "_subscribers")
+
+    def __init__(self, buffer: int) -> None:
+        self._buffer = buffer
+        self._subscribers: list[trio.MemorySendChannel[T]] = []
+
+    def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[T]:
+        send, receive = trio.open_memory_channel[T](
+            max_buffer if max_buffer is not None else self._buffer
+        )
+        self._subscribers.append(send)
+        return receive
+
+    def publish(self, event: T) -> None:
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(send)
+
+    def close(self) -> None:
+        """End every subscription (their ``async for`` loops finish)."""
+        for send in self._subscribers:
+            send.close()
+        self._subscribers.clear()
+

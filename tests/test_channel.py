@@ -147,3 +147,18 @@ async def test_receive_is_a_checkpoint_even_with_a_value_ready() -> None:
         scope.cancel()
         await pending.receive()
     assert scope.cancelled_caught
+
+
+async def test_broadcast_never_waits_on_subscribers() -> None:
+    from messages import Broadcast
+
+    hub: Broadcast[int] = Broadcast(2)
+    slow = hub.subscribe()
+    gone = hub.subscribe()
+    gone.close()
+    for i in range(5):
+        hub.publish(i)  # not a checkpoint, never blocks
+    assert [slow.receive_nowait(), slow.receive_nowait()] == [0, 1], "a full subscriber misses the rest"
+    hub.close()
+    with pytest.raises(trio.EndOfChannel):
+        await slow.receive()
