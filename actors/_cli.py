@@ -225,6 +225,14 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return result
 
 
+async def print_progress(
+    events: trio.MemoryReceiveChannel[ProgressEvent], printer: Callable[[ProgressEvent], None]
+) -> None:
+    """Feed ``printer`` every progress event until cancelled."""
+    async for event in events:
+        printer(event)
+
+
 async def _run_pipeline(
     args: argparse.Namespace,
     store: Store,
@@ -254,13 +262,7 @@ async def _run_pipeline(
             if display is not None:
                 nursery.start_soon(show_metrics, orch.subscribe_metrics(), display)
             if printer is not None:
-                events = orch.subscribe()
-
-                async def show() -> None:
-                    async for event in events:
-                        printer(event)
-
-                nursery.start_soon(show)
+                nursery.start_soon(print_progress, orch.subscribe(), printer)
             try:
                 result = await orch.run(
                     args.spec_id,

@@ -34,6 +34,7 @@ from ._cli import (
     _non_negative,
     _unit_interval,
     interruptible,
+    print_progress,
     report_result,
 )
 from ._consensus import ADVANCING
@@ -130,13 +131,7 @@ async def _drive(
     ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
-                events = orch.subscribe()
-
-                async def show() -> None:
-                    async for event in events:
-                        printer(event)
-
-                nursery.start_soon(show)
+                nursery.start_soon(print_progress, orch.subscribe(), printer)
             try:
                 result = await action(orch)
             finally:
