@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -84,6 +85,8 @@ def main() -> None:
                 lambda: trio.run(conclave_stage, n, os.path.join(tmp, f"b{next(counter)}.db")),
             )
             report(f"N={n:>6}", "turns/s", base, subj)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+            print(f"          one stage of {n:,} agents completed; peak RSS so far {peak:.2f} GiB")
 
 
 if __name__ == "__main__":
