@@ -32,7 +32,7 @@ from messages import (
     StageDecided,
     StageStarted,
 )
-from store import Store, StoreError
+from store import RunRow, Store, StoreError
 
 from ._budget import usd
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
@@ -351,6 +351,21 @@ def _open_readonly(path: str) -> Store:
     return Store.open(path, readonly=True)
 
 
+def open_run(db: str, run_id: str) -> tuple[Store, RunRow]:
+    """Open ``db`` read-only and find ``run_id``; the caller closes the
+    store.  Raises :class:`UsageError` (one line, exit 2) naming the file or
+    the run that is missing."""
+    try:
+        store = _open_readonly(db)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    run = store.get_run(run_id)
+    if run is None:
+        store.close()
+        raise UsageError(f"no run {run_id!r} in {db}")
+    return store, run
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         store = _open_readonly(args.db)
@@ -425,14 +440,8 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
-    try:
-        store = _open_readonly(args.db)
-    except StoreError as exc:
-        return _fail(str(exc))
+    store, run = open_run(args.db, args.run_id)
     with store:
-        run = store.get_run(args.run_id)
-        if run is None:
-            return _fail(f"no run {args.run_id!r} in {args.db}")
         try:
             branch = _history.branch_of(store, run, args.branch)
         except _history.ResumeError as exc:

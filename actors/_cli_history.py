@@ -34,6 +34,7 @@ from ._cli import (
     _non_negative,
     _unit_interval,
     interruptible,
+    open_run,
     print_progress,
     report_result,
 )
@@ -285,14 +286,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_branches(args: argparse.Namespace) -> int:
-    try:
-        store = Store.open(args.db, readonly=True)
-    except StoreError as exc:
-        return _fail(str(exc))
+    store, run = open_run(args.db, args.run_id)
     with store:
-        run = store.get_run(args.run_id)
-        if run is None:
-            return _fail(f"no run {args.run_id!r} in {args.db}")
         rows: list[dict[str, Any]] = []
         for b in store.branches(run.run_id):
             own = store.decisions(run.run_id, b.branch_id)

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from messages import UsageRecorded
-from store import Store, StoreError
+from store import Store
 
 from ._budget import parse_budget, usd
 from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
@@ -135,20 +135,14 @@ def _table(report: dict[str, Any], by: str) -> list[str]:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from ._cli import _fail, _json_out  # late: _cli imports this module
+    from ._cli import _fail, _json_out, open_run  # late: _cli imports this module
 
     try:
         prices = load_prices(args.prices) if (args.prices or os.environ.get(PRICES_ENV)) else None
     except MetricsUsageError as exc:
         return _fail(str(exc))
-    try:
-        store = Store.open(args.db, readonly=True)
-    except StoreError as exc:
-        return _fail(str(exc))
+    store, run = open_run(args.db, args.run_id)
     with store:
-        run = store.get_run(args.run_id)
-        if run is None:
-            return _fail(f"no run {args.run_id!r} in {args.db}")
         report = {"run_id": run.run_id, "status": run.status, **run_metrics(store, run.run_id, prices)}
     if args.json:
         _json_out(report)
