@@ -1,0 +1,117 @@
+"""The gateway's per-provider worker pools: the concurrency limit holds,
+queued calls are served in arrival order, one provider's queue never delays
+another's calls, and a stopped gateway fails what it still holds."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from actors import Gateway, MockProvider
+from messages import (
+    ActorStopped,
+    AgentKey,
+    BadRequest,
+    Completion,
+    CompletionRequest,
+    CompletionResult,
+    TokenUsage,
+    open_channel,
+    reply_pair,
+)
+
+
+def call(agent: str, provider: str = "slow") -> CompletionRequest:
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent=agent)
+    return CompletionRequest(key=key, attempt=1, spec_id="S", provider=provider, model="m", prompt="x", panel=(agent,))
+
+
+class Recorder:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.in_flight = 0
+        self.peak = 0
+        self.started: list[tuple[str, float]] = []
+
+    async def __call__(self, request: CompletionRequest) -> Completion:
+        self.started.append((request.key.agent, trio.current_time()))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await trio.sleep(self.seconds)
+        finally:
+            self.in_flight -= 1
+        return Completion(content="{}", usage=TokenUsage.of(input_tokens=1), model="m")
+
+
+async def ask(tx: object, request: CompletionRequest, into: dict[str, object]) -> None:
+    reply, pending = reply_pair("test")
+    await tx.send(attrs.evolve(request, reply_to=reply))  # type: ignore[attr-defined]
+    try:
+        into[request.key.agent] = (await pending.receive(), trio.current_time())
+    except ActorStopped as exc:
+        into[request.key.agent] = exc
+
+
+async def test_limit_holds_and_queue_is_fifo(autojump_clock: trio.testing.MockClock) -> None:
+    slow, fast = Recorder(10.0), Recorder(1.0)
+    gateway = Gateway(
+        {"slow": MockProvider(slow, name="slow"), "fast": MockProvider(fast, name="fast")}, max_concurrency=3
+    )
+    tx, rx = open_channel(64, name="gateway")
+    results: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        async with trio.open_nursery() as callers:
+            for i in range(10):
+                callers.start_soon(ask, tx, call(f"s{i}"), results)
+                await trio.sleep(0.001)  # a known arrival order
+            callers.start_soon(ask, tx, call("f0", provider="fast"), results)
+        tx.close()  # the gateway then finishes and its workers leave
+    assert slow.peak == 3, "never more than max_concurrency calls in flight per provider"
+    assert [agent for agent, _ in slow.started] == [f"s{i}" for i in range(10)], "served in arrival order"
+    assert len(results) == 11 and all(isinstance(r, tuple) for r in results.values())
+    # Ten 10 s calls, three at a time: four waves.
+    finished = max(at for result, at in results.values() if isinstance(result, CompletionResult))  # type: ignore[misc]
+    assert finished == pytest.approx(40.0, abs=0.1)
+    # The fast provider's call is not queued behind the slow provider's.
+    _, fast_done = results["f0"]  # type: ignore[misc]
+    assert fast_done == pytest.approx(1.0, abs=0.1)
+
+
+async def test_unknown_provider_is_a_bad_request(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = Gateway({"slow": MockProvider(Recorder(1.0), name="slow")})
+    tx, rx = open_channel(4, name="gateway")
+    results: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        await ask(tx, call("x", provider="nope"), results)
+        tx.close()
+    result, _ = results["x"]  # type: ignore[misc]
+    assert isinstance(result.error, BadRequest) and "nope" in str(result.error)
+
+
+async def test_cancelled_gateway_fails_calls_in_flight_and_queued(autojump_clock: trio.testing.MockClock) -> None:
+    slow = Recorder(100.0)
+    gateway = Gateway({"slow": MockProvider(slow, name="slow")}, max_concurrency=2)
+    tx, rx = open_channel(64, name="gateway")
+    results: dict[str, object] = {}
+    with trio.fail_after(500):  # a caller left waiting would hang the test
+        await _cancel_with_calls_queued(gateway, rx, tx, results)
+    assert len(slow.started) == 2
+    assert sorted(results) == [f"s{i}" for i in range(5)]
+    assert all(isinstance(r, ActorStopped) for r in results.values()), results
+
+
+async def _cancel_with_calls_queued(
+    gateway: Gateway, rx: trio.MemoryReceiveChannel[CompletionRequest], tx: object, results: dict[str, object]
+) -> None:
+    async with trio.open_nursery() as callers:
+        async with trio.open_nursery() as served:
+            served.start_soon(gateway.run, rx)
+            for i in range(5):
+                callers.start_soon(ask, tx, call(f"s{i}"), results)
+            await trio.sleep(5)
+            served.cancel_scope.cancel()  # two calls in flight, three queued
