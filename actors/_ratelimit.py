@@ -14,10 +14,20 @@ Waiters are not all released in the instant the window ends (a thundering
 herd the provider would answer with another 429): each is released within
 ``spread`` seconds after the reset, at a point drawn from its identity, so
 the release order is the same in every run and no two callers tie.
+
+Waiting costs one sleep per waiter, not one per extension: waiters queue in
+release order and only the head sleeps (on the reset time as it stands);
+the others park until the head is released and hands the lead on.  When a
+429 pushes the reset time out during a release wave, only the head wakes
+and sleeps again - the release times are the same as if every waiter slept
+on its own, but the cost no longer grows with waiters times 429s (it was
+quadratic: 24 sleeps per agent turn in a 256-run soak).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 
 import trio
@@ -33,6 +43,8 @@ class RateLimitGate:
         self._closed_at = -math.inf
         self.closures = 0  # how many 429s closed (or extended) the gate
         self.waits = 0  # how many calls had to wait
+        self._queue: list[_Waiter] = []  # a heap in release order
+        self._order = itertools.count()  # ties (practically impossible) by arrival
 
     def close_until(self, deadline: float, now: float | None = None) -> None:
         """Keep the gate closed until ``deadline`` (trio clock) for callers
@@ -55,14 +67,47 @@ class RateLimitGate:
         """Return once the gate is open (at once, without a checkpoint, if
         it already is); returns how long it waited.  A caller that had to
         wait is released ``unit * spread`` seconds after the reset
-        (``unit`` in [0, 1), from its identity).  Cancellable."""
+        (``unit`` in [0, 1), from its identity).  Cancellable: a cancelled
+        waiter leaves the queue and hands the lead on if it held it."""
         start = trio.current_time()
         if self.is_open(start):
             return 0.0
         self.waits += 1
-        now = start
-        while not self.is_open(now):
-            # The deadline may move on while we sleep: check again.
-            await trio.sleep_until(self._reset_for(now) + unit * self.spread)
-            now = trio.current_time()
-        return now - start
+        me = _Waiter(unit, next(self._order))
+        heapq.heappush(self._queue, me)
+        try:
+            while True:
+                if self._head() is me:
+                    now = trio.current_time()
+                    # The reset time may move on while we sleep: check again.
+                    await trio.sleep_until(self._reset_for(now) + unit * self.spread)
+                    now = trio.current_time()
+                    if self.is_open(now):
+                        return now - start
+                else:
+                    await me.lead.wait()
+                    me.lead = trio.Event()
+        finally:
+            me.gone = True
+            head = self._head()
+            if head is not None:
+                head.lead.set()
+
+    def _head(self) -> _Waiter | None:
+        queue = self._queue
+        while queue and queue[0].gone:
+            heapq.heappop(queue)
+        return queue[0] if queue else None
+
+
+class _Waiter:
+    __slots__ = ("unit", "order", "lead", "gone")
+
+    def __init__(self, unit: float, order: int) -> None:
+        self.unit = unit
+        self.order = order
+        self.lead = trio.Event()  # set: you are (or may be) the head now
+        self.gone = False
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return (self.unit, self.order) < (other.unit, other.order)

@@ -1,0 +1,77 @@
+"""The rate-limit gate's waiting: release times follow the reset time and
+each waiter's unit, and a 429 that pushes the reset out wakes only the head
+of the queue, not every waiter."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from actors import RateLimitGate
+
+
+async def test_release_order_and_cost_under_repeated_extensions(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps = 0
+    real_sleep_until = trio.sleep_until
+
+    async def counting_sleep_until(deadline: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await real_sleep_until(deadline)
+
+    monkeypatch.setattr(trio, "sleep_until", counting_sleep_until)
+    gate = RateLimitGate(spread=1.0)
+    gate.close_until(10.0)
+    await trio.sleep(0.5)  # callers in the 429's own instant would pass
+    released: dict[int, float] = {}
+    waiters = 200
+    # Units spread over [0.5, 1): nobody is due before the extensions below.
+    units = {i: 0.5 + (i * 7919 % waiters) / (2 * waiters) for i in range(waiters)}
+
+    async def waiter(i: int) -> None:
+        await gate.wait(units[i])
+        released[i] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(waiters):
+            nursery.start_soon(waiter, i)
+        await trio.sleep(1.0)
+        # Fifty more 429s while they wait, each pushing the reset out.
+        for k in range(50):
+            gate.close_until(10.0 + 0.1 * (k + 1))
+            await trio.sleep(0.1)
+    final_reset = 15.0
+    assert sorted(released, key=lambda i: released[i]) == sorted(units, key=lambda i: units[i])
+    for i, at in released.items():
+        assert at == pytest.approx(final_reset + units[i]), (i, at)
+    assert gate.waits == waiters
+    # One sleep per waiter plus a few per extension: not waiters x extensions
+    # (that was 200 x 50 = 10,000 here).
+    assert sleeps <= 2 * waiters + 2 * 50, sleeps
+
+
+async def test_a_cancelled_head_hands_the_lead_on(autojump_clock: trio.testing.MockClock) -> None:
+    gate = RateLimitGate(spread=1.0)
+    gate.close_until(5.0)
+    await trio.sleep(0.5)
+    released: dict[str, float] = {}
+
+    async def waiter(name: str, unit: float) -> None:
+        await gate.wait(unit)
+        released[name] = trio.current_time()
+
+    head_scope = trio.CancelScope()
+
+    async def cancellable_head() -> None:
+        with head_scope:
+            await waiter("head", 0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancellable_head)
+        nursery.start_soon(waiter, "next", 0.2)
+        await trio.sleep(1.0)
+        head_scope.cancel()
+    assert released == {"next": pytest.approx(5.2)}
