@@ -28,8 +28,8 @@ async def test_release_order_and_cost_under_repeated_extensions(
     await trio.sleep(0.5)  # callers in the 429's own instant would pass
     released: dict[int, float] = {}
     waiters = 200
-    # Units spread over [0.5, 1): nobody is due before the extensions below.
-    units = {i: 0.5 + (i * 7919 % waiters) / (2 * waiters) for i in range(waiters)}
+    # Units in [0.1, 1): every waiter is due after the 429s below.
+    units = {i: 0.1 + 0.9 * (i * 7919 % waiters) / waiters for i in range(waiters)}
 
     async def waiter(i: int) -> None:
         await gate.wait(units[i])
@@ -38,18 +38,19 @@ async def test_release_order_and_cost_under_repeated_extensions(
     async with trio.open_nursery() as nursery:
         for i in range(waiters):
             nursery.start_soon(waiter, i)
-        await trio.sleep(1.0)
-        # Fifty more 429s while they wait, each pushing the reset out.
-        for k in range(50):
-            gate.close_until(10.0 + 0.1 * (k + 1))
-            await trio.sleep(0.1)
-    final_reset = 15.0
+        # Fifty more 429s, each just after the reset time, each pushing it
+        # out again: every waiter's own deadline passes once per 429.
+        for _ in range(50):
+            await trio.sleep_until(gate.reset_at + 0.05)
+            gate.close_until(trio.current_time() + 1.0)
+        final_reset = gate.reset_at
+    assert final_reset == pytest.approx(10.0 + 50 * 1.05)
     assert sorted(released, key=lambda i: released[i]) == sorted(units, key=lambda i: units[i])
     for i, at in released.items():
         assert at == pytest.approx(final_reset + units[i]), (i, at)
     assert gate.waits == waiters
-    # One sleep per waiter plus a few per extension: not waiters x extensions
-    # (that was 200 x 50 = 10,000 here).
+    # One sleep per waiter plus a few per 429, not waiters x 429s (the
+    # gate that let every waiter sleep on its own made about 10,000 here).
     assert sleeps <= 2 * waiters + 2 * 50, sleeps
 
 
