@@ -161,14 +161,25 @@ class Coordinator:
         self, key: StageKey, waiting: set[str], outputs: dict[str, AgentOutput]
     ) -> None:
         while waiting:
-            reply = await self.replies.receive()
-            agent = reply.key.agent
-            if reply.key.stage_key != key:
-                self.late_replies += 1  # a reply for a stage already decided
-                continue
-            if agent not in waiting:
-                self.duplicate_replies += 1
-                continue
+            self._take(await self.replies.receive(), key, waiting, outputs)
+            # Replies already queued are taken in the same step: a receive()
+            # each would cost a scheduling round per agent.
+            while waiting:
+                try:
+                    reply = self.replies.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._take(reply, key, waiting, outputs)
+
+    def _take(
+        self, reply: AgentReply, key: StageKey, waiting: set[str], outputs: dict[str, AgentOutput]
+    ) -> None:
+        agent = reply.key.agent
+        if reply.key.stage_key != key:
+            self.late_replies += 1  # a reply for a stage already decided
+        elif agent not in waiting:
+            self.duplicate_replies += 1
+        else:
             waiting.discard(agent)
             self._accept(reply, outputs)
 
