@@ -117,9 +117,13 @@ class MetricsAccumulator:
         publish: PublishMetrics | None = None,
         alert: PublishAlert | None = None,
         interval: float = 0.25,
+        listening: Callable[[], bool] | None = None,
     ) -> None:
         self.prices = prices if prices is not None else PriceTable.vendored()
         self._publish = publish
+        # Snapshots nobody would receive are not built ("is anyone
+        # subscribed?"; None: always assume so).
+        self._listening = listening
         self._alert = alert
         self._interval = interval
         self._runs: dict[str, _RunMetrics] = {}
@@ -155,7 +159,7 @@ class MetricsAccumulator:
             group.add(event, cost)
         if cost:
             self._check_budget(event.key.run_id, run)
-        if self._publish is not None:
+        if self._publish is not None and (self._listening is None or self._listening()):
             self._dirty[event.key.run_id] = None
             self._wake.set()
 
@@ -255,7 +259,8 @@ class MetricsAccumulator:
     def forget(self, run_id: str) -> None:
         if self._publish is not None and run_id in self._runs:
             self._dirty.pop(run_id, None)
-            self._publish(self.snapshot(run_id, final=True))
+            if self._listening is None or self._listening():
+                self._publish(self.snapshot(run_id, final=True))
         self._runs.pop(run_id, None)
 
     def handle(self, message: MetricsMessage) -> None:

@@ -709,7 +709,11 @@ async def open_orchestrator(
                     db=db,
                 )
                 metrics = MetricsAccumulator(
-                    prices, publish=hub.publish, alert=orchestrator._publish, interval=limits.metrics_interval
+                    prices,
+                    publish=hub.publish,
+                    alert=orchestrator._publish,
+                    interval=limits.metrics_interval,
+                    listening=hub.listening,
                 )
                 nursery.start_soon(gateway.run, gateway_rx)
                 nursery.start_soon(metrics.run, metrics_rx)

@@ -42,6 +42,10 @@ class MetricsSubscription:
         self._closed = True
         self._event.set()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def latest(self, run_id: str) -> TokenMetrics | None:
         """The pending snapshot of ``run_id``, if any (does not consume it)."""
         return self._pending.get(run_id)
@@ -75,6 +79,10 @@ class MetricsHub:
         sub = MetricsSubscription(run_id)
         self._subscriptions.append(sub)
         return sub
+
+    def listening(self) -> bool:
+        """Whether any subscription is open (else snapshots need not be built)."""
+        return any(not sub.closed for sub in self._subscriptions)
 
     def publish(self, snapshot: TokenMetrics) -> None:
         for sub in self._subscriptions:

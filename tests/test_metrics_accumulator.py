@@ -295,3 +295,27 @@ def test_snapshot_reports_context_utilisation_and_stage_breakdown() -> None:
     assert m.by_stage[1].input_tokens == 136_000 and m.turns == 2
     assert m.budget_usd == Decimal("10") and m.budget_fraction is not None
     assert m.estimated_next_prompt_tokens == (50_000 + 136_000) // 2
+
+
+async def test_no_snapshots_are_built_while_nobody_listens(autojump_clock: trio.testing.MockClock) -> None:
+    hub = MetricsHub()
+    published: list[TokenMetrics] = []
+
+    def publish(m: TokenMetrics) -> None:
+        published.append(m)
+        hub.publish(m)
+
+    acc = MetricsAccumulator(publish=publish, interval=1.0, listening=hub.listening)
+    tx, rx = open_channel(1_000, name="metrics")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acc.run, rx)
+        for n in range(1, 101):
+            await tx.send(ev(attempt=n, usage=u(10, 1)))
+        await trio.sleep(5)
+        assert published == [], "nobody subscribed: nothing built"
+        sub = hub.subscribe(RUN)
+        await tx.send(ev(attempt=101, usage=u(10, 1)))
+        first = await sub.receive()
+        assert first.turns == 101, "a subscriber sees the latest figures from the next change on"
+        tx.close()
+        hub.close()
