@@ -31,6 +31,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', got {text!r}")
+    return value
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "soak",
@@ -40,7 +52,8 @@ def register(sub: Any) -> None:
             "injected, and check that every agent call ends exactly once, retries stay within "
             "their limit, no call reaches a provider inside a 429 window or through an open "
             "breaker, every stage is decided exactly once and usage adds up. Exit 1 and the "
-            "seed on any breach."
+            "seed on any breach. The digest is the same for the same seed, fault plan, --runs, "
+            "--concurrency and --workers, in any process."
         ),
     )
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
@@ -54,6 +67,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: --seed)")
     p.add_argument("--concurrency", type=_positive, default=16, help="runs in flight at once (default: 16)")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="processes to split the runs over (run i goes to worker i %% N, each with its own "
+        "store, virtual clock and ceil(concurrency / N) runs in flight; auto: one per core; "
+        "default: 1). Runs in one process share a rate-limit gate and breaker, so the digest "
+        "depends on --workers as on --concurrency",
+    )
     p.add_argument("--max-attempts", type=_positive, default=3, help="attempts per agent call (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--check-determinism", action="store_true", help="run twice and fail if the digests differ")
@@ -77,6 +100,7 @@ def soak_config(args: argparse.Namespace) -> SoakConfig:
         agents=args.agents,
         faults=with_soak_reset(plan),
         concurrency=args.concurrency,
+        workers=args.workers,
         retry=RetryPolicy(max_attempts=args.max_attempts),
     )
 
@@ -94,6 +118,14 @@ def _human(report: SoakReport) -> str:
         f"  wall {report.wall_seconds:.2f}s | virtual {report.virtual_seconds:.1f}s "
         f"| {report.agent_turns / max(report.wall_seconds, 1e-9):,.0f} turns/s",
     ]
+    if report.workers > 1:
+        lines.append(
+            f"  {report.workers} workers: "
+            + "; ".join(
+                f"shard {s.shard} {s.runs} run(s), {s.agent_turns} turns, wall {s.wall_seconds:.2f}s"
+                for s in report.shards
+            )
+        )
     lines.append("  invariants: all held" if report.ok else "  invariants: BROKEN")
     return "\n".join(lines)
 
@@ -124,7 +156,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
     if not report.ok:
         for breach in report.breaches:
             print(f"conclave: soak seed {report.seed}: {breach}", file=sys.stderr)
-        print(f"conclave: error: soak FAILED (seed {report.seed}); replay with --seed {report.seed}", file=sys.stderr)
+        replay = f"--seed {report.seed}" + (f" --workers {config.workers}" if config.workers > 1 else "")
+        print(f"conclave: error: soak FAILED (seed {report.seed}); replay with {replay}", file=sys.stderr)
         return 1
     if not deterministic:
         print(

@@ -23,6 +23,14 @@ Invariants (any breach fails the soak, naming the seed):
 * no task is left running once the orchestrator has closed;
 * every configured fault kind was injected, and recovered from (the agent
   later answered), at least once.
+
+With ``workers`` W > 1 the runs are split into W shards (run ``i`` goes to
+shard ``i % W``), each run in its own process with its own orchestrator,
+store file and virtual clock (see ``_soak_shards``); every shard reports a
+:class:`ShardReport` and :func:`merge_shards` checks the global invariants
+(every kind injected and recovered, every run finished) on the merged
+totals.  W = 1 runs the single shard in this process through the same two
+functions, so its digest is what it always was.
 """
 
 from __future__ import annotations
@@ -117,6 +125,9 @@ class SoakConfig:
     latency: Latency = Latency(quantum=1.0)
     disagreement_rate: float = 0.0
     db: str | None = None  # default: a temporary file, removed afterwards
+    # Processes to split the runs over (see ``_soak_shards``).  Part of the
+    # digest's inputs: runs in one process share a breaker and a gate.
+    workers: int = 1
 
     def __attrs_post_init__(self) -> None:
         if self.runs < 1:
@@ -125,6 +136,34 @@ class SoakConfig:
             raise ValueError(f"agents must be at least 1, got {self.agents}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+
+    @property
+    def shards(self) -> int:
+        """Shards actually used: never more than there are runs."""
+        return min(self.workers, self.runs)
+
+    @property
+    def shard_concurrency(self) -> int:
+        """Runs in flight per shard, so the total stays about ``concurrency``."""
+        return -(-self.concurrency // self.shards)
+
+    def shard_indices(self, shard: int) -> range:
+        """The run indices of ``shard``: every ``shards``-th, from ``shard``."""
+        return range(shard, self.runs, self.shards)
+
+
+@attrs.frozen(kw_only=True)
+class ShardSummary:
+    """One shard's share, as the merged report shows it."""
+
+    shard: int
+    runs: int
+    agent_turns: int
+    concurrency: int
+    wall_seconds: float  # inside the shard's process, trio run only
+    virtual_seconds: float
 
 
 @attrs.frozen(kw_only=True)
@@ -144,8 +183,10 @@ class SoakReport:
     digest: str
     fault_digest: str
     wall_seconds: float
-    virtual_seconds: float
+    virtual_seconds: float  # W > 1: the longest shard's (each has its own clock)
     breaches: tuple[str, ...]
+    workers: int = 1
+    shards: tuple[ShardSummary, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -157,6 +198,9 @@ class SoakReport:
         data["ok"] = self.ok
         data["wall_seconds"] = round(self.wall_seconds, 3)
         data["virtual_seconds"] = round(self.virtual_seconds, 3)
+        for shard in data["shards"]:
+            shard["wall_seconds"] = round(shard["wall_seconds"], 3)
+            shard["virtual_seconds"] = round(shard["virtual_seconds"], 3)
         return data
 
 
@@ -208,8 +252,7 @@ class _Checker:
         # totals
         self.injected: collections.Counter[str] = collections.Counter()
         self.recovered: collections.Counter[str] = collections.Counter()
-        self.placements = hashlib.sha256()
-        self._placement_rows: list[tuple[str, str, str, int, str]] = []
+        self.placement_rows: list[tuple[str, str, str, int, str]] = []
 
     def breach(self, text: str) -> None:
         if len(self.breaches) < 50:
@@ -254,7 +297,7 @@ class _Checker:
         self.injected[fault.kind] += 1
         self.faulted[request.key].add(fault.kind)
         key = request.key
-        self._placement_rows.append((request.spec_id, key.stage, key.agent, request.attempt, fault.kind))
+        self.placement_rows.append((request.spec_id, key.stage, key.agent, request.attempt, fault.kind))
 
     # -- agent-side records --
 
@@ -270,9 +313,10 @@ class _Checker:
                 for kind in kinds:
                     self.recovered[kind] += 1
 
-    def placement_digest(self) -> str:
-        rows = sorted(self._placement_rows)
-        return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def _placement_digest(rows: list[tuple[str, str, str, int, str]]) -> str:
+    return hashlib.sha256(json.dumps(sorted(rows), separators=(",", ":")).encode()).hexdigest()
 
 
 @attrs.define
@@ -347,17 +391,41 @@ def _check_run(
 
 
 @contextmanager
-def _database(config: SoakConfig) -> Iterator[str]:
+def _database(config: SoakConfig, shard: int = 0) -> Iterator[str]:
     if config.db is not None:
-        yield config.db
+        if config.shards == 1:
+            yield config.db
+        else:
+            root, ext = os.path.splitext(config.db)
+            yield f"{root}-shard{shard}{ext}"
         return
     with tempfile.TemporaryDirectory(prefix="conclave-soak-") as tmp:
         yield os.path.join(tmp, "soak.db")
 
 
-async def soak(config: SoakConfig) -> SoakReport:
-    """Run the soak in the current trio run (which should use a MockClock
-    with autojump; :func:`run_soak` arranges that)."""
+@attrs.frozen(kw_only=True)
+class ShardReport:
+    """What one shard hands the merge (pickled back from its process):
+    everything the merged report and its digests are built from."""
+
+    shard: int
+    shards: int
+    concurrency: int
+    outcomes: tuple[_RunOutcome, ...]  # index order
+    injected: dict[str, int]
+    recovered: dict[str, int]
+    placement_rows: tuple[tuple[str, str, str, int, str], ...]
+    breaches: tuple[str, ...]  # this shard's own: per-run checks, tasks left
+    breaker_trips: int
+    gate_waits: int
+    wall_seconds: float
+    virtual_seconds: float
+
+
+async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
+    """Run shard ``shard`` of ``config.shards`` (its runs:
+    ``config.shard_indices(shard)``, ``config.shard_concurrency`` at a time)
+    in the current trio run, which should use a MockClock with autojump."""
     started_wall = time.perf_counter()  # reporting only; never feeds a decision
     started = trio.current_time()
     tasks_before = trio.lowlevel.current_statistics().tasks_living
@@ -368,8 +436,10 @@ async def soak(config: SoakConfig) -> SoakReport:
     provider = _RecordingProvider(sim, checker)
     faults = FaultInterceptor(config.faults, seed=config.seed, observer=checker.on_fault)
     outcomes: dict[int, _RunOutcome] = {}
+    assigned = config.shard_indices(shard)
+    concurrency = config.shard_concurrency
 
-    with _database(config) as path:
+    with _database(config, shard) as path:
         store = Store.open(path, durability="normal")
         try:
             async with open_orchestrator(
@@ -383,7 +453,7 @@ async def soak(config: SoakConfig) -> SoakReport:
                 health=health,
                 limits=Limits(max_concurrency=10_000),
             ) as orch:
-                indices = iter(range(config.runs))
+                indices = iter(assigned)
 
                 async def worker() -> None:
                     for index in indices:
@@ -398,7 +468,7 @@ async def soak(config: SoakConfig) -> SoakReport:
                         outcomes[index] = outcome
 
                 async with trio.open_nursery() as nursery:
-                    for _ in range(min(config.concurrency, config.runs)):
+                    for _ in range(min(concurrency, len(assigned))):
                         nursery.start_soon(worker)
         finally:
             store.close()
@@ -406,16 +476,50 @@ async def soak(config: SoakConfig) -> SoakReport:
     tasks_after = trio.lowlevel.current_statistics().tasks_living
     if tasks_after != tasks_before:
         checker.breach(f"{tasks_after - tasks_before} task(s) left running after the soak")
-    for kind in config.faults.kinds:
-        if not checker.injected[kind]:
-            checker.breach(f"fault kind {kind} was configured but never injected")
-        elif not checker.recovered[kind]:
-            checker.breach(f"no agent ever recovered from a {kind} fault")
-    if len(outcomes) != config.runs:
-        checker.breach(f"{config.runs - len(outcomes)} run(s) never finished")
+    trips = sum(
+        sum(1 for _, state in h.breaker.transitions if state == "open") for h in health.providers().values()
+    )
+    return ShardReport(
+        shard=shard,
+        shards=config.shards,
+        concurrency=concurrency,
+        outcomes=tuple(outcomes[i] for i in sorted(outcomes)),
+        injected=dict(checker.injected),
+        recovered=dict(checker.recovered),
+        placement_rows=tuple(checker.placement_rows),
+        breaches=tuple(checker.breaches),
+        breaker_trips=trips,
+        gate_waits=sum(h.gate.waits for h in health.providers().values()),
+        wall_seconds=time.perf_counter() - started_wall,
+        virtual_seconds=trio.current_time() - started,
+    )
 
-    ordered = [outcomes[i] for i in sorted(outcomes)]
-    faults_by_kind: dict[str, int] = {k: checker.injected.get(k, 0) for k in FAULT_KINDS}
+
+def merge_shards(
+    config: SoakConfig, parts: list[ShardReport], failures: list[str], *, wall_seconds: float
+) -> SoakReport:
+    """One report from the shards' reports (``failures``: shards that never
+    reported, already described).  The global invariants are checked here,
+    on the merged totals; the digest is built as for one process: the runs
+    in index order and the totals."""
+    parts = sorted(parts, key=lambda p: p.shard)
+    prefix = (lambda p: f"shard {p.shard} of {p.shards}: ") if config.shards > 1 else (lambda p: "")
+    breaches = [prefix(p) + b for p in parts for b in p.breaches] + list(failures)
+    injected: collections.Counter[str] = collections.Counter()
+    recovered: collections.Counter[str] = collections.Counter()
+    for p in parts:
+        injected.update(p.injected)
+        recovered.update(p.recovered)
+    for kind in config.faults.kinds:
+        if not injected[kind]:
+            breaches.append(f"fault kind {kind} was configured but never injected")
+        elif not recovered[kind]:
+            breaches.append(f"no agent ever recovered from a {kind} fault")
+    ordered = sorted((o for p in parts for o in p.outcomes), key=lambda o: o.index)
+    if len(ordered) != config.runs:
+        breaches.append(f"{config.runs - len(ordered)} run(s) never finished")
+
+    faults_by_kind: dict[str, int] = {k: injected.get(k, 0) for k in FAULT_KINDS}
     retries = sum(o.retries for o in ordered)
     turns = sum(o.turns for o in ordered)
     document = {
@@ -426,32 +530,56 @@ async def soak(config: SoakConfig) -> SoakReport:
         "faults": faults_by_kind,
     }
     digest = hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    trips = sum(
-        sum(1 for _, state in h.breaker.transitions if state == "open") for h in health.providers().values()
-    )
     return SoakReport(
         seed=config.seed,
         runs=len(ordered),
         agent_turns=turns,
         faults=faults_by_kind,
-        recovered={k: checker.recovered.get(k, 0) for k in FAULT_KINDS},
+        recovered={k: recovered.get(k, 0) for k in FAULT_KINDS},
         retries=retries,
         lost=sum(o.lost for o in ordered),
         duplicate_decisions=sum(o.duplicate_decisions for o in ordered),
         completed=sum(1 for o in ordered if o.status == "completed"),
         halted=sum(1 for o in ordered if o.status != "completed"),
-        breaker_trips=trips,
-        gate_waits=sum(h.gate.waits for h in health.providers().values()),
+        breaker_trips=sum(p.breaker_trips for p in parts),
+        gate_waits=sum(p.gate_waits for p in parts),
         digest=digest,
-        fault_digest=checker.placement_digest(),
-        wall_seconds=time.perf_counter() - started_wall,
-        virtual_seconds=trio.current_time() - started,
-        breaches=tuple(checker.breaches),
+        fault_digest=_placement_digest([row for p in parts for row in p.placement_rows]),
+        wall_seconds=wall_seconds,
+        virtual_seconds=max((p.virtual_seconds for p in parts), default=0.0),
+        breaches=tuple(breaches),
+        workers=config.shards,
+        shards=tuple(
+            ShardSummary(
+                shard=p.shard,
+                runs=len(p.outcomes),
+                agent_turns=sum(o.turns for o in p.outcomes),
+                concurrency=p.concurrency,
+                wall_seconds=p.wall_seconds,
+                virtual_seconds=p.virtual_seconds,
+            )
+            for p in parts
+        ),
     )
 
 
+async def soak(config: SoakConfig) -> SoakReport:
+    """Run the soak from a trio run.  One worker: in the current run (which
+    should use a MockClock with autojump; :func:`run_soak` arranges that).
+    Several: in worker processes, waited for in a thread."""
+    if config.shards > 1:
+        from ._soak_shards import run_sharded
+
+        return await trio.to_thread.run_sync(run_sharded, config, "spawn")
+    part = await soak_shard(config)
+    return merge_shards(config, [part], [], wall_seconds=part.wall_seconds)
+
+
 def run_soak(config: SoakConfig) -> SoakReport:
-    """Run the soak in a fresh trio run on a virtual clock (autojump)."""
+    """Run the soak: one worker in a fresh trio run on a virtual clock
+    (autojump), several in as many processes, each with its own."""
+    if config.shards > 1:
+        from ._soak_shards import run_sharded
+
+        return run_sharded(config)
     return trio.run(soak, config, clock=trio.testing.MockClock(autojump_threshold=0))
-
-

@@ -1,6 +1,6 @@
 """Soak throughput with 10 % mixed faults, against a raw-trio baseline.
 
-    python bench/soak_bench.py [--runs 2000] [--turns N] [--concurrency 64] [--repeat 3]
+    python bench/soak_bench.py [--runs 2000] [--turns N] [--concurrency 64] [--repeat 3] [--workers W]
 
 Conclave's side is the real soak (``actors._soak``): full pipelines through
 agents, the fault interceptor, gate and breaker, the simulator, metrics and
@@ -15,15 +15,23 @@ The soak ends simulated latencies on a 1 s grid (``Latency(quantum=1.0)``,
 its default), so completions that share a tick share a scheduler batch; the
 baseline keeps continuous sleeps (one batch per sleep), so it is, if
 anything, a slightly low estimate of trio's floor.
+
+With ``--workers W`` > 1 each repeat also runs both sides in W processes
+with the soak's split (run i in process i % W, ceil(concurrency / W) in
+flight in each), timed from the parent including process start, and prints
+the single-process and the W-process figures and medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
+import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import trio
 import trio.testing
@@ -31,6 +39,7 @@ import trio.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors._soak import SoakConfig, default_soak_plan, run_soak  # noqa: E402
+from actors._soak_shards import DEFAULT_START_METHOD  # noqa: E402
 from bench._common import machine  # noqa: E402
 
 TURNS_PER_RUN = 19  # the default pipeline: 3 + 3 + 4 + 3 + 3 + 3 agents
@@ -70,20 +79,39 @@ async def raw_soak(runs: int, concurrency: int) -> tuple[int, float]:
     return turns[0], trio.current_time()
 
 
-def baseline(runs: int, concurrency: int) -> tuple[float, float, int]:
+def _raw_shard(runs: int, concurrency: int) -> tuple[int, float]:
+    return trio.run(raw_soak, runs, concurrency, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def baseline(runs: int, concurrency: int, workers: int = 1) -> tuple[float, float, int]:
     start = time.perf_counter()
-    turns, virtual = trio.run(raw_soak, runs, concurrency, clock=trio.testing.MockClock(autojump_threshold=0))
+    shards = min(workers, runs)
+    if shards == 1:
+        turns, virtual = _raw_shard(runs, concurrency)
+    else:  # the soak's split: run i in shard i % W, ceil(concurrency / W) each
+        per = -(-concurrency // shards)
+        context = multiprocessing.get_context(DEFAULT_START_METHOD)
+        with ProcessPoolExecutor(max_workers=shards, mp_context=context) as pool:
+            futures = [pool.submit(_raw_shard, len(range(k, runs, shards)), per) for k in range(shards)]
+            results = [f.result() for f in futures]
+        turns, virtual = sum(t for t, _ in results), max(v for _, v in results)
     wall = time.perf_counter() - start
     return turns / wall, virtual / wall, turns
 
 
-def conclave(runs: int, concurrency: int, seed: int) -> tuple[float, float, int, bool]:
+def conclave(runs: int, concurrency: int, seed: int, workers: int = 1) -> tuple[float, float, int, bool]:
     report = run_soak(
-        SoakConfig(seed=seed, runs=runs, concurrency=concurrency, faults=default_soak_plan("disconnect:4%,429:3%,timeout:3%"))
+        SoakConfig(
+            seed=seed,
+            runs=runs,
+            concurrency=concurrency,
+            workers=workers,
+            faults=default_soak_plan("disconnect:4%,429:3%,timeout:3%"),
+        )
     )
     if not report.ok:
         print(f"  soak seed {seed} broke an invariant: {report.breaches[0]}")
-    wall = report.wall_seconds
+    wall = report.wall_seconds  # W > 1: the parent's, process start included
     return report.agent_turns / wall, report.virtual_seconds / wall, report.agent_turns, report.ok
 
 
@@ -93,21 +121,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, help="aim for about this many agent turns (overrides --runs)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="also measure both sides in this many processes")
     args = parser.parse_args(argv)
     runs = max(1, args.turns // TURNS_PER_RUN) if args.turns else args.runs
     print(f"soak throughput on {machine()}: {runs} runs, concurrency {args.concurrency}, 10% mixed faults")
+    counts = [1] if args.workers <= 1 else [1, args.workers]
+    rates: dict[int, tuple[list[float], list[float]]] = {w: ([], []) for w in counts}
     ok = True
     for i in range(args.repeat):
-        b_rate, b_virtual, b_turns = baseline(runs, args.concurrency)
-        c_rate, c_virtual, c_turns, c_ok = conclave(runs, args.concurrency, seed=i)
-        ok = ok and c_ok
-        print(
-            f"  #{i + 1}: raw trio {b_rate:,.0f} turns/s ({b_virtual:,.0f} virtual s/s, {b_turns} turns) | "
-            f"conclave {c_rate:,.0f} turns/s ({c_virtual:,.0f} virtual s/s, {c_turns} turns) | "
-            f"ratio {c_rate / b_rate:.3f}x"
-        )
-        projected = 1_000_000 / c_rate
-        print(f"      one million agent turns at this rate: {projected:,.0f} s wall (target < 60 s; target rate 20,000 turns/s)")
+        for workers in counts:
+            b_rate, b_virtual, b_turns = baseline(runs, args.concurrency, workers)
+            c_rate, c_virtual, c_turns, c_ok = conclave(runs, args.concurrency, seed=i, workers=workers)
+            ok = ok and c_ok
+            rates[workers][0].append(b_rate)
+            rates[workers][1].append(c_rate)
+            label = "1 process" if workers == 1 else f"{workers} processes"
+            print(
+                f"  #{i + 1} {label}: raw trio {b_rate:,.0f} turns/s ({b_virtual:,.0f} virtual s/s, {b_turns} turns) | "
+                f"conclave {c_rate:,.0f} turns/s ({c_virtual:,.0f} virtual s/s, {c_turns} turns) | "
+                f"ratio {c_rate / b_rate:.3f}x"
+            )
+            projected = 1_000_000 / c_rate
+            print(f"      one million agent turns at this rate: {projected:,.0f} s wall (target < 60 s; target rate 20,000 turns/s)")
+    if args.repeat > 1 or len(counts) > 1:
+        print(f"medians of {args.repeat}:")
+        for workers in counts:
+            b, c = statistics.median(rates[workers][0]), statistics.median(rates[workers][1])
+            label = "1 process" if workers == 1 else f"{workers} processes"
+            print(
+                f"  {label}: raw trio {b:,.0f} turns/s | conclave {c:,.0f} turns/s | ratio {c / b:.3f}x | "
+                f"one million agent turns: {1_000_000 / c:,.0f} s wall"
+            )
+        if len(counts) > 1:
+            one, many = (statistics.median(rates[w][1]) for w in counts)
+            print(f"  conclave speed-up with {args.workers} processes: {many / one:.2f}x")
     return 0 if ok else 1
 
 
