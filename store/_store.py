@@ -85,6 +85,24 @@ def output_params(out: AgentOutput, now: int) -> tuple[Any, ...]:
     )
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (run_id, branch_id, kind, stage, agent, attempt, detail, at)"
+    " VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+def event_params(item: PersistEvent, now: int) -> tuple[Any, ...]:
+    return (
+        item.run_id,
+        item.branch_id,
+        item.kind,
+        item.stage,
+        item.agent,
+        item.attempt,
+        _json(dict(item.detail)),
+        now,
+    )
+
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunRow:
@@ -182,8 +200,14 @@ def _usage_from(row: Sequence[Any]) -> TokenUsage | None:
     )
 
 
+# Built once: json.dumps with keyword arguments builds a new encoder per call.
+# Same options, so the same bytes as json.dumps(value, sort_keys=True,
+# separators=(",", ":")).
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _ENCODE(value)
 
 
 class Store:
@@ -232,27 +256,19 @@ class Store:
         busy or locked; other SQLite errors fail only their own item.
         """
         now = self._clock()
-        acks: list[StoreAck] = []
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except BUSY_ERRORS as exc:
             raise RetryableStoreError(str(exc)) from exc
         try:
-            i = 0
-            while i < len(batch):
-                # Fast path: a run of outputs goes in with one executemany in
-                # one savepoint; only if that fails are they redone one by
-                # one, so a bad row still fails only its own ack.
-                j = i
-                while j < len(batch) and isinstance(batch[j], PersistOutput):
-                    j += 1
-                if j - i > 1 and self._apply_outputs(batch[i:j], now):
-                    acks.extend([_OK] * (j - i))
-                    i = j
-                    continue
-                acks.append(self._apply_guarded(batch[i], now))
-                i += 1
+            # Optimistic path: the whole batch in one savepoint.  Only if an
+            # item fails is that undone and the batch redone item by item,
+            # each in a savepoint of its own, so a bad item still fails only
+            # its own ack.
+            acks = self._apply_batch(batch, now)
+            if acks is None:
+                acks = [self._apply_guarded(item, now) for item in batch]
             if self.commit_hook is not None:
                 self.commit_hook("before_commit", len(batch))
             conn.execute("COMMIT")
@@ -266,16 +282,47 @@ class Store:
             self.commit_hook("after_commit", len(batch))
         return acks
 
-    def _apply_outputs(self, items: Sequence[StoreWrite], now: int) -> bool:
-        rows = [output_params(item.output, now) for item in items if isinstance(item, PersistOutput)]
+    def _apply_batch(self, batch: Sequence[StoreWrite], now: int) -> list[StoreAck] | None:
+        """Apply ``batch`` in one savepoint and return its acks, or roll the
+        savepoint back and return None if any item failed.
+
+        Runs of consecutive outputs, or of consecutive events, go in with one
+        ``executemany`` each; order is kept, so event ids are as item by
+        item.  Without a savepoint per item, a failing statement is undone
+        by SQLite itself (a constraint aborts only its statement), and an
+        item whose later statement fails is undone with the whole savepoint.
+        """
+        conn = self._conn
+        acks: list[StoreAck] = []
+        n = len(batch)
         try:
-            with self._conn:  # one savepoint for the run of outputs
-                self._conn.executemany(_INSERT_OUTPUT, rows)
+            with conn:  # one savepoint for the whole batch
+                i = 0
+                while i < n:
+                    item = batch[i]
+                    j = i + 1
+                    if isinstance(item, PersistOutput):
+                        rows = [output_params(item.output, now)]
+                        while j < n and isinstance(nxt := batch[j], PersistOutput):
+                            rows.append(output_params(nxt.output, now))
+                            j += 1
+                        conn.executemany(_INSERT_OUTPUT, rows)
+                        acks.extend([_OK] * (j - i))
+                    elif isinstance(item, PersistEvent):
+                        rows = [event_params(item, now)]
+                        while j < n and isinstance(nxt := batch[j], PersistEvent):
+                            rows.append(event_params(nxt, now))
+                            j += 1
+                        conn.executemany(_INSERT_EVENT, rows)
+                        acks.extend([_OK] * (j - i))
+                    else:
+                        acks.append(self._apply_one(item, now) or _OK)
+                    i = j
         except BUSY_ERRORS:
             raise
         except apsw.Error:
-            return False
-        return True
+            return None
+        return acks
 
     def _apply_guarded(self, item: StoreWrite, now: int) -> StoreAck:
         try:
@@ -325,20 +372,7 @@ class Store:
                     return StoreAck(ok=True, duplicate=True)
                 raise
         elif isinstance(item, PersistEvent):
-            conn.execute(
-                "INSERT INTO events (run_id, branch_id, kind, stage, agent, attempt, detail, at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    item.run_id,
-                    item.branch_id,
-                    item.kind,
-                    item.stage,
-                    item.agent,
-                    item.attempt,
-                    _json(dict(item.detail)),
-                    now,
-                ),
-            )
+            conn.execute(_INSERT_EVENT, event_params(item, now))
         elif isinstance(item, RunUpdate):
             usage = _usage_columns(item.usage) if item.usage is not None else None
             if usage is None:
