@@ -220,6 +220,11 @@ class Store:
         self.path = path
         self._clock = clock
         self.commit_hook: CommitHook | None = None
+        # Facts that never change once written (a branch's parent, a run's
+        # pipeline), remembered for the lineage fast path.  Bounded: cleared
+        # when full.
+        self._roots: dict[tuple[str, str], bool] = {}
+        self._stages: dict[str, frozenset[str]] = {}
 
     @classmethod
     def open(
@@ -562,18 +567,14 @@ class Store:
             # Fast path (every stage read of a run that was never forked):
             # a root branch owns every stage of its pipeline, so the lineage
             # CTE reduces to "this branch, if the stage is in the pipeline" -
-            # same rows, same order, about 6x cheaper than the recursive
-            # query (which resume runs once per stage of every run).
-            args["stage"] = stage
-            sql = (
-                self._OUTPUT_COLUMNS
-                + " FROM agent_outputs o WHERE o.run_id = :run AND o.branch_id = :branch"
-                " AND o.stage = :stage AND EXISTS (SELECT 1 FROM runs r, json_each(r.pipeline, '$.stages') j"
-                " WHERE r.run_id = :run AND json_extract(j.value, '$.name') = :stage)"
-            )
-            if accepted_only:
-                sql += " AND o.status = 'accepted'"
-            return [_output_row(r) for r in self._rows(sql + " ORDER BY o.agent, o.attempt", args)]
+            # same rows, same order, much cheaper than the recursive query
+            # (which resume runs once per stage of every run).  Root-ness and
+            # the pipeline's stages never change once written, so both are
+            # remembered: the read is one indexed query.
+            if stage not in self._pipeline_stages(run_id):
+                return []
+            sql = _ROOT_STAGE_ACCEPTED if accepted_only else _ROOT_STAGE
+            return [_output_row(r) for r in self._rows(sql, (run_id, branch_id, stage))]
         sql = (
             LINEAGE_CTE
             + self._OUTPUT_COLUMNS
@@ -588,11 +589,38 @@ class Store:
         return [_output_row(r) for r in self._rows(sql + " ORDER BY l.idx, o.agent, o.attempt", args)]
 
     def _is_root_branch(self, run_id: str, branch_id: str) -> bool:
-        rows = self._rows(
-            "SELECT parent_branch_id IS NULL FROM branches WHERE branch_id = ? AND run_id = ?",
-            (branch_id, run_id),
-        )
-        return bool(rows) and bool(rows[0][0])
+        key = (run_id, branch_id)
+        root = self._roots.get(key)
+        if root is None:
+            rows = self._rows(
+                "SELECT parent_branch_id IS NULL FROM branches WHERE branch_id = ? AND run_id = ?",
+                (branch_id, run_id),
+            )
+            if not rows:
+                return False  # not (yet) a branch: nothing to remember
+            root = bool(rows[0][0])
+            if len(self._roots) >= _CACHE_LIMIT:
+                self._roots.clear()
+            self._roots[key] = root
+        return root
+
+    def _pipeline_stages(self, run_id: str) -> frozenset[str]:
+        """The stage names of ``run_id``'s stored pipeline (read by SQLite's
+        JSON functions, as the lineage CTE reads them)."""
+        stages = self._stages.get(run_id)
+        if stages is None:
+            rows = self._rows(
+                "SELECT json_extract(j.value, '$.name') FROM runs r LEFT JOIN"
+                " json_each(r.pipeline, '$.stages') j WHERE r.run_id = ?",
+                (run_id,),
+            )
+            stages = frozenset(r[0] for r in rows if isinstance(r[0], str))
+            if not rows:
+                return stages  # no such run (yet): nothing to remember
+            if len(self._stages) >= _CACHE_LIMIT:
+                self._stages.clear()
+            self._stages[run_id] = stages
+        return stages
 
     def events(self, run_id: str, kind: str | None = None) -> list[EventRow]:
         sql = (
@@ -623,6 +651,20 @@ class Store:
 
     def foreign_key_violations(self) -> int:
         return len(self._rows("PRAGMA foreign_key_check"))
+
+
+_CACHE_LIMIT = 4096
+
+_ROOT_STAGE = (
+    Store._OUTPUT_COLUMNS
+    + " FROM agent_outputs o WHERE o.run_id = ? AND o.branch_id = ? AND o.stage = ?"
+    " ORDER BY o.agent, o.attempt"
+)
+_ROOT_STAGE_ACCEPTED = (
+    Store._OUTPUT_COLUMNS
+    + " FROM agent_outputs o WHERE o.run_id = ? AND o.branch_id = ? AND o.stage = ?"
+    " AND o.status = 'accepted' ORDER BY o.agent, o.attempt"
+)
 
 
 def _branch_row(r: Sequence[Any]) -> BranchRow:
