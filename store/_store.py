@@ -99,7 +99,7 @@ def event_params(item: PersistEvent, now: int) -> tuple[Any, ...]:
         item.stage,
         item.agent,
         item.attempt,
-        _json(dict(item.detail)),
+        _json(detail if type(detail := item.detail) is dict else dict(detail)),
         now,
     )
 
@@ -200,14 +200,38 @@ def _usage_from(row: Sequence[Any]) -> TokenUsage | None:
     )
 
 
-# Built once: json.dumps with keyword arguments builds a new encoder per call.
-# Same options, so the same bytes as json.dumps(value, sort_keys=True,
-# separators=(",", ":")).
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+def _make_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"))``, the
+    canonical form every JSON column is stored in, without building a new
+    encoder per call (json.dumps with keyword arguments does, and this runs
+    for every event and decision).  Same bytes; only the circular-reference
+    check is skipped (our values are trees; a cycle still fails, with
+    RecursionError instead of ValueError)."""
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # pragma: no cover - CPython has the C encoder
+        return encoder.encode
+    iterencode = c_make_encoder(
+        None,
+        encoder.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        encoder.key_separator,
+        encoder.item_separator,
+        True,
+        False,
+        True,
+    )
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return encoder.encode(value)
+        return "".join(iterencode(value, 0))
+
+    return encode
 
 
-def _json(value: Any) -> str:
-    return _ENCODE(value)
+_json = _make_encoder()
 
 
 class Store:

@@ -4,9 +4,12 @@ every item on its own."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from messages import (
     AgentKey,
@@ -138,3 +141,25 @@ def test_clean_batch_takes_one_savepoint(tmp_path: Path) -> None:
         s._conn.setprofile(None)
         assert sum(sql.startswith("SAVEPOINT") for sql in seen) == 1
         assert [e.kind for e in s.events("r")] == ["e"] * 5 + ["decision", "done"]
+
+
+def test_json_columns_keep_their_canonical_bytes() -> None:
+    from store._store import _json
+
+    values: list[Any] = [
+        {},
+        {"b": 1, "a": [1, 2.5, None, True, False], "c": {"z": "é\n\"", "y": []}},
+        {"seq": 3, "status": "ok"},
+        [1, "x", {"k": -0.0}],
+        "plain",
+        12345678901234567890,
+        1e300,
+        None,
+        {"nan": float("nan"), "inf": float("inf")},
+        {2: "int keys", 1: "sort as ints", 10: ""},
+        ({"t": (1, 2)}),
+    ]
+    for value in values:
+        assert _json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(TypeError):
+        _json({"x": object()})
