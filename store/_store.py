@@ -85,6 +85,24 @@ def output_params(out: AgentOutput, now: int) -> tuple[Any, ...]:
     )
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (run_id, branch_id, kind, stage, agent, attempt, detail, at)"
+    " VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+def event_params(item: PersistEvent, now: int) -> tuple[Any, ...]:
+    return (
+        item.run_id,
+        item.branch_id,
+        item.kind,
+        item.stage,
+        item.agent,
+        item.attempt,
+        _json(detail if type(detail := item.detail) is dict else dict(detail)),
+        now,
+    )
+
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunRow:
@@ -182,8 +200,38 @@ def _usage_from(row: Sequence[Any]) -> TokenUsage | None:
     )
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def _make_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"))``, the
+    canonical form every JSON column is stored in, without building a new
+    encoder per call (json.dumps with keyword arguments does, and this runs
+    for every event and decision).  Same bytes; only the circular-reference
+    check is skipped (our values are trees; a cycle still fails, with
+    RecursionError instead of ValueError)."""
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # pragma: no cover - CPython has the C encoder
+        return encoder.encode
+    iterencode = c_make_encoder(
+        None,
+        encoder.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        encoder.key_separator,
+        encoder.item_separator,
+        True,
+        False,
+        True,
+    )
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return encoder.encode(value)
+        return "".join(iterencode(value, 0))
+
+    return encode
+
+
+_json = _make_encoder()
 
 
 class Store:
@@ -196,6 +244,11 @@ class Store:
         self.path = path
         self._clock = clock
         self.commit_hook: CommitHook | None = None
+        # Facts that never change once written (a branch's parent, a run's
+        # pipeline), remembered for the lineage fast path.  Bounded: cleared
+        # when full.
+        self._roots: dict[tuple[str, str], bool] = {}
+        self._stages: dict[str, frozenset[str]] = {}
 
     @classmethod
     def open(
@@ -232,27 +285,19 @@ class Store:
         busy or locked; other SQLite errors fail only their own item.
         """
         now = self._clock()
-        acks: list[StoreAck] = []
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except BUSY_ERRORS as exc:
             raise RetryableStoreError(str(exc)) from exc
         try:
-            i = 0
-            while i < len(batch):
-                # Fast path: a run of outputs goes in with one executemany in
-                # one savepoint; only if that fails are they redone one by
-                # one, so a bad row still fails only its own ack.
-                j = i
-                while j < len(batch) and isinstance(batch[j], PersistOutput):
-                    j += 1
-                if j - i > 1 and self._apply_outputs(batch[i:j], now):
-                    acks.extend([_OK] * (j - i))
-                    i = j
-                    continue
-                acks.append(self._apply_guarded(batch[i], now))
-                i += 1
+            # Optimistic path: the whole batch in one savepoint.  Only if an
+            # item fails is that undone and the batch redone item by item,
+            # each in a savepoint of its own, so a bad item still fails only
+            # its own ack.
+            acks = self._apply_batch(batch, now)
+            if acks is None:
+                acks = [self._apply_guarded(item, now) for item in batch]
             if self.commit_hook is not None:
                 self.commit_hook("before_commit", len(batch))
             conn.execute("COMMIT")
@@ -266,16 +311,47 @@ class Store:
             self.commit_hook("after_commit", len(batch))
         return acks
 
-    def _apply_outputs(self, items: Sequence[StoreWrite], now: int) -> bool:
-        rows = [output_params(item.output, now) for item in items if isinstance(item, PersistOutput)]
+    def _apply_batch(self, batch: Sequence[StoreWrite], now: int) -> list[StoreAck] | None:
+        """Apply ``batch`` in one savepoint and return its acks, or roll the
+        savepoint back and return None if any item failed.
+
+        Runs of consecutive outputs, or of consecutive events, go in with one
+        ``executemany`` each; order is kept, so event ids are as item by
+        item.  Without a savepoint per item, a failing statement is undone
+        by SQLite itself (a constraint aborts only its statement), and an
+        item whose later statement fails is undone with the whole savepoint.
+        """
+        conn = self._conn
+        acks: list[StoreAck] = []
+        n = len(batch)
         try:
-            with self._conn:  # one savepoint for the run of outputs
-                self._conn.executemany(_INSERT_OUTPUT, rows)
+            with conn:  # one savepoint for the whole batch
+                i = 0
+                while i < n:
+                    item = batch[i]
+                    j = i + 1
+                    if isinstance(item, PersistOutput):
+                        rows = [output_params(item.output, now)]
+                        while j < n and isinstance(nxt := batch[j], PersistOutput):
+                            rows.append(output_params(nxt.output, now))
+                            j += 1
+                        conn.executemany(_INSERT_OUTPUT, rows)
+                        acks.extend([_OK] * (j - i))
+                    elif isinstance(item, PersistEvent):
+                        rows = [event_params(item, now)]
+                        while j < n and isinstance(nxt := batch[j], PersistEvent):
+                            rows.append(event_params(nxt, now))
+                            j += 1
+                        conn.executemany(_INSERT_EVENT, rows)
+                        acks.extend([_OK] * (j - i))
+                    else:
+                        acks.append(self._apply_one(item, now) or _OK)
+                    i = j
         except BUSY_ERRORS:
             raise
         except apsw.Error:
-            return False
-        return True
+            return None
+        return acks
 
     def _apply_guarded(self, item: StoreWrite, now: int) -> StoreAck:
         try:
@@ -325,20 +401,7 @@ class Store:
                     return StoreAck(ok=True, duplicate=True)
                 raise
         elif isinstance(item, PersistEvent):
-            conn.execute(
-                "INSERT INTO events (run_id, branch_id, kind, stage, agent, attempt, detail, at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    item.run_id,
-                    item.branch_id,
-                    item.kind,
-                    item.stage,
-                    item.agent,
-                    item.attempt,
-                    _json(dict(item.detail)),
-                    now,
-                ),
-            )
+            conn.execute(_INSERT_EVENT, event_params(item, now))
         elif isinstance(item, RunUpdate):
             usage = _usage_columns(item.usage) if item.usage is not None else None
             if usage is None:
@@ -528,18 +591,14 @@ class Store:
             # Fast path (every stage read of a run that was never forked):
             # a root branch owns every stage of its pipeline, so the lineage
             # CTE reduces to "this branch, if the stage is in the pipeline" -
-            # same rows, same order, about 6x cheaper than the recursive
-            # query (which resume runs once per stage of every run).
-            args["stage"] = stage
-            sql = (
-                self._OUTPUT_COLUMNS
-                + " FROM agent_outputs o WHERE o.run_id = :run AND o.branch_id = :branch"
-                " AND o.stage = :stage AND EXISTS (SELECT 1 FROM runs r, json_each(r.pipeline, '$.stages') j"
-                " WHERE r.run_id = :run AND json_extract(j.value, '$.name') = :stage)"
-            )
-            if accepted_only:
-                sql += " AND o.status = 'accepted'"
-            return [_output_row(r) for r in self._rows(sql + " ORDER BY o.agent, o.attempt", args)]
+            # same rows, same order, much cheaper than the recursive query
+            # (which resume runs once per stage of every run).  Root-ness and
+            # the pipeline's stages never change once written, so both are
+            # remembered: the read is one indexed query.
+            if stage not in self._pipeline_stages(run_id):
+                return []
+            sql = _ROOT_STAGE_ACCEPTED if accepted_only else _ROOT_STAGE
+            return [_output_row(r) for r in self._rows(sql, (run_id, branch_id, stage))]
         sql = (
             LINEAGE_CTE
             + self._OUTPUT_COLUMNS
@@ -554,11 +613,38 @@ class Store:
         return [_output_row(r) for r in self._rows(sql + " ORDER BY l.idx, o.agent, o.attempt", args)]
 
     def _is_root_branch(self, run_id: str, branch_id: str) -> bool:
-        rows = self._rows(
-            "SELECT parent_branch_id IS NULL FROM branches WHERE branch_id = ? AND run_id = ?",
-            (branch_id, run_id),
-        )
-        return bool(rows) and bool(rows[0][0])
+        key = (run_id, branch_id)
+        root = self._roots.get(key)
+        if root is None:
+            rows = self._rows(
+                "SELECT parent_branch_id IS NULL FROM branches WHERE branch_id = ? AND run_id = ?",
+                (branch_id, run_id),
+            )
+            if not rows:
+                return False  # not (yet) a branch: nothing to remember
+            root = bool(rows[0][0])
+            if len(self._roots) >= _CACHE_LIMIT:
+                self._roots.clear()
+            self._roots[key] = root
+        return root
+
+    def _pipeline_stages(self, run_id: str) -> frozenset[str]:
+        """The stage names of ``run_id``'s stored pipeline (read by SQLite's
+        JSON functions, as the lineage CTE reads them)."""
+        stages = self._stages.get(run_id)
+        if stages is None:
+            rows = self._rows(
+                "SELECT json_extract(j.value, '$.name') FROM runs r LEFT JOIN"
+                " json_each(r.pipeline, '$.stages') j WHERE r.run_id = ?",
+                (run_id,),
+            )
+            stages = frozenset(r[0] for r in rows if isinstance(r[0], str))
+            if not rows:
+                return stages  # no such run (yet): nothing to remember
+            if len(self._stages) >= _CACHE_LIMIT:
+                self._stages.clear()
+            self._stages[run_id] = stages
+        return stages
 
     def events(self, run_id: str, kind: str | None = None) -> list[EventRow]:
         sql = (
@@ -589,6 +675,20 @@ class Store:
 
     def foreign_key_violations(self) -> int:
         return len(self._rows("PRAGMA foreign_key_check"))
+
+
+_CACHE_LIMIT = 4096
+
+_ROOT_STAGE = (
+    Store._OUTPUT_COLUMNS
+    + " FROM agent_outputs o WHERE o.run_id = ? AND o.branch_id = ? AND o.stage = ?"
+    " ORDER BY o.agent, o.attempt"
+)
+_ROOT_STAGE_ACCEPTED = (
+    Store._OUTPUT_COLUMNS
+    + " FROM agent_outputs o WHERE o.run_id = ? AND o.branch_id = ? AND o.stage = ?"
+    " AND o.status = 'accepted' ORDER BY o.agent, o.attempt"
+)
 
 
 def _branch_row(r: Sequence[Any]) -> BranchRow:
