@@ -42,6 +42,7 @@ from ._pipeline import (
     pipeline_from_dict,
     pipeline_with_panel,
 )
+from ._gc import THROUGHPUT_THRESHOLDS, throughput_gc
 from ._provider import BaseProvider, MockProvider
 from ._providers_api import *  # noqa: F403  (the provider layer's names, listed there)
 from ._resume import ResumeError
@@ -62,6 +63,8 @@ from ._simulator import Latency, SimulatedProvider
 from ._store_writer import StoreWriter
 
 __all__ = [
+    "THROUGHPUT_THRESHOLDS",
+    "throughput_gc",
     "BudgetExceeded",
     "MetricsHub",
     "MetricsSubscription",

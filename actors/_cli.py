@@ -34,6 +34,7 @@ from messages import (
 )
 from store import RunRow, Store, StoreError
 
+from ._gc import throughput_gc
 from ._budget import usd
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
@@ -576,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.handler(args)
+        with throughput_gc():  # the process is ours: see actors/_gc.py
+            code: int = args.handler(args)
     except UsageError as exc:
         return _fail(str(exc))
     except BrokenPipeError:

@@ -36,6 +36,7 @@ from contextlib import ExitStack
 import trio
 import trio.testing
 
+from ._gc import throughput_gc
 from ._soak import ShardReport, SoakConfig, SoakReport, merge_shards, soak_shard
 
 # Test hook, read only in the worker process: "K" makes shard K raise,
@@ -52,7 +53,8 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
         if crash.endswith(":exit"):
             os._exit(3)
         raise RuntimeError(f"{CRASH_ENV} asked shard {shard} to fail")
-    return trio.run(soak_shard, config, shard, clock=trio.testing.MockClock(autojump_threshold=0))
+    with throughput_gc():  # this process is the shard's alone
+        return trio.run(soak_shard, config, shard, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def run_sharded(config: SoakConfig, start_method: str | None = None) -> SoakReport:

@@ -11,7 +11,12 @@ from collections.abc import Callable
 def machine() -> str:
     import os
 
-    return f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {platform.machine()}"
+    import gc
+
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, "
+        f"{platform.machine()}, gc thresholds {gc.get_threshold()} on both sides"
+    )
 
 
 def alternate(

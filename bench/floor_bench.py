@@ -394,4 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the CLI runs (actors/_gc.py), for the baseline and Conclave alike.
+    from actors import throughput_gc
+
+    with throughput_gc():
+        sys.exit(main())

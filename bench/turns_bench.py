@@ -90,4 +90,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # As the CLI runs (actors/_gc.py), for the baseline and Conclave alike.
+    from actors import throughput_gc
+
+    with throughput_gc():
+        main()
