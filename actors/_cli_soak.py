@@ -35,12 +35,9 @@ def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return os.cpu_count() or 1
     try:
-        value = int(text)
-    except ValueError:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', got {text!r}")
-    return value
 
 
 def register(sub: Any) -> None:
