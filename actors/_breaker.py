@@ -31,6 +31,7 @@ not the provider.)
 from __future__ import annotations
 
 import collections
+import math
 from typing import Literal
 
 import attrs
@@ -78,6 +79,13 @@ class CircuitBreaker:
         self.probes_out = 0
         self._outcomes: collections.deque[tuple[float, bool]] = collections.deque()
         self._failures = 0
+        # Outcomes reported at the latest instant (the deque's tail), kept
+        # apart so that deciding at that instant need not scan them: under
+        # a virtual clock a whole stage can report in one instant, and a
+        # scan per call was quadratic in the stage's size.
+        self._tail_at = -math.inf
+        self._tail_total = 0
+        self._tail_failures = 0
         self.transitions: list[tuple[float, State]] = []  # (trio time, new state)
         self.rejected = 0
         self._changed = trio.Event()  # set (and replaced) when the probe slot may be free
@@ -101,6 +109,7 @@ class CircuitBreaker:
         if state == "closed":
             self._outcomes.clear()
             self._failures = 0
+            self._tail_total = self._tail_failures = 0
         self._wake()
 
     def _should_open(self, now: float) -> bool:
@@ -109,11 +118,9 @@ class CircuitBreaker:
         while outcomes and outcomes[0][0] < horizon:
             self._failures -= outcomes.popleft()[1]
         total, failures = len(outcomes), self._failures
-        for at, failed in reversed(outcomes):  # this instant's outcomes are not in yet
-            if at < now:
-                break
-            total -= 1
-            failures -= failed
+        if self._tail_at >= now:  # this instant's outcomes are not in yet
+            total -= self._tail_total
+            failures -= self._tail_failures
         return total >= self.policy.min_calls and failures >= self.policy.failure_rate * total
 
     def acquire(self, now: float) -> Ticket | float:
@@ -145,6 +152,10 @@ class CircuitBreaker:
             return
         self._outcomes.append((now, failure))
         self._failures += failure
+        if now != self._tail_at:
+            self._tail_at, self._tail_total, self._tail_failures = now, 0, 0
+        self._tail_total += 1
+        self._tail_failures += failure
 
     def release(self, ticket: Ticket) -> None:
         """The call was abandoned (cancelled): free the probe slot."""
