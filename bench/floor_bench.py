@@ -32,7 +32,10 @@ Left out, though Conclave needs them: metrics, pricing, interceptors,
 consensus, fault classification, breaker, gate, logging, per-identity RNGs,
 the agent's wait for a durable ack.  Sends are send_nowait wherever a buffer
 bound proves room.  So this is an upper bound.  "hops only" drops attrs, JSON
-and SQLite to split trio's cost from the data's.  --soak runs the same flow on
+and SQLite to split trio's cost from the data's.  "floor + features" adds
+the barest form of each feature the other issues require (event row, identity
+SHA-256, usage tallies priced in Decimal, breaker window, consensus parse;
+see featured_round): how much of a target's headroom they leave.  --soak runs the same flow on
 MockClock(autojump_threshold=0): log-normal latency ending on a 1 s grid
 (Latency(quantum=1.0)), 10 % of calls fail and retry after 0.5 s, six stages
 (3 sequential, 3 parallel; panels 3,3,4,3,3,3), 64 pipelines at once; its
@@ -44,6 +47,8 @@ baseline, Conclave its real soak.
 from __future__ import annotations
 
 import argparse
+import collections
+import hashlib
 import json
 import math
 import os
@@ -53,6 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import apsw
@@ -283,6 +289,139 @@ async def floor_round(n: int, path: str | None, spawn: bool) -> float:
     return n / elapsed
 
 
+# -- the floor plus the cheapest form of each feature the other issues require --
+#
+# Every turn of the real thing must also: log the call in the event log
+# (issue 3: "which model calls a run bought"; issue 5: faults and retries),
+# draw the simulated answer from (seed, identity) (DESIGN.md, Determinism),
+# account usage per run, stage, agent and model and price it exactly (issue 4),
+# keep the breaker's outcome window (issue 5) and decide consensus on the
+# outputs' decision field (issue 2).  Here each is the barest version that
+# still does the job: one event row, one SHA-256, one Decimal
+# multiply-add and four tallies, one deque append, one json.loads.
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Usage(Identity):
+    model: str
+    tokens: tuple[int, int]
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class Event(Identity):
+    kind: str
+    detail: str
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class ContentReply(Identity):
+    content: str
+
+
+PRICE_IN, PRICE_OUT = Decimal("0.00000125"), Decimal("0.00001")
+
+
+async def featured_metrics(inbox: Recv) -> None:
+    tallies: dict[tuple[str, ...], list[int]] = {}
+    cost: dict[str, Decimal] = {}
+    async for first in inbox:
+        for u in drain(first, inbox):
+            for group in ((u.run_id,), (u.run_id, "stage", str(u.stage)), (u.run_id, "agent", u.agent), (u.run_id, "model", u.model)):
+                t = tallies.setdefault(group, [0, 0, 0])
+                t[0] += u.tokens[0]
+                t[1] += u.tokens[1]
+                t[2] += 1
+            cost[u.run_id] = cost.get(u.run_id, Decimal(0)) + u.tokens[0] * PRICE_IN + u.tokens[1] * PRICE_OUT
+
+
+async def featured_store(inbox: Recv, path: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    conn = apsw.Connection(path)
+    conn.execute(SCHEMA + "CREATE TABLE events (run_id TEXT, branch_id TEXT, stage INT, agent TEXT, attempt INT,"
+                 " kind TEXT, detail TEXT);").fetchall()
+    task_status.started()
+    async for first in inbox:
+        batch = drain(first, inbox)
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", [
+            (m.run_id, m.branch_id, m.stage, m.agent, m.attempt, m.kind, m.detail) for m in batch if type(m) is Event])
+        conn.executemany("INSERT INTO outputs VALUES (?,?,?,?,?,?)", [
+            (m.run_id, m.branch_id, m.stage, m.agent, m.attempt, m.content) for m in batch if type(m) is PersistOutput])
+        for m in batch:
+            if type(m) is tuple and m[0] is not None:
+                conn.execute("INSERT INTO decisions VALUES (?,?,?,?,?)", m[0])
+        conn.execute("COMMIT")
+        for m in batch:
+            if type(m) is tuple:
+                m[1].send(True)
+
+
+async def featured_gateway(inbox: Recv) -> None:
+    window: collections.deque[tuple[float, bool]] = collections.deque()
+    async for first in inbox:
+        for req in drain(first, inbox):
+            ident = f"1\x1f{req.run_id}\x1f{req.stage}\x1f{req.agent}\x1f{req.attempt}".encode()
+            digest = hashlib.sha256(ident).digest()
+            now = trio.current_time()
+            while window and window[0][0] < now - 60.0:
+                window.popleft()
+            window.append((now, True))
+            req.reply_to.send(CompletionResult(
+                run_id=req.run_id, branch_id=req.branch_id, stage=req.stage, agent=req.agent, attempt=req.attempt,
+                ok=True, text=digest[:4].hex(), tokens=(200 + digest[4] * 4, 100 + digest[5] * 3)))
+
+
+async def featured_agent(inbox: Recv, gw: Send, store: Send, metrics: Send) -> None:
+    async for req, replies in inbox:
+        run_id, branch_id, stage, name, attempt = req.run_id, req.branch_id, req.stage, req.agent, req.attempt
+        store.send_nowait(Event(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
+                                kind="agent_call", detail='{"model":"m","provider":"sim"}'))
+        slot = Slot()
+        gw.send_nowait(CompletionRequest(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
+                                         prompt=req.prompt, reply_to=slot))
+        result = await slot.receive()
+        metrics.send_nowait(Usage(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
+                                  model="m", tokens=result.tokens))
+        content = json.dumps({"agent": name, "stage": stage, "verdict": f"verdict-{result.text}",
+                              "summary": "the plan is sound and the tasks follow from it",
+                              "notes": ["no blocking issues", "tests cover the change"]})
+        store.send_nowait(PersistOutput(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
+                                        attempt=attempt, content=content))
+        replies.send_nowait(ContentReply(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
+                                         attempt=attempt, content=content))
+
+
+async def featured_round(n: int, path: str) -> float:
+    """The floor (no spawn) plus the cheapest form of each required feature."""
+    gw_tx, gw_rx = trio.open_memory_channel[Any](n)
+    st_tx, st_rx = trio.open_memory_channel[Any](2 * n + 2)  # n events, n outputs, barrier, decision
+    me_tx, me_rx = trio.open_memory_channel[Any](n)
+    rep_tx, rep_rx = trio.open_memory_channel[Any](n)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(featured_gateway, gw_rx)
+        nursery.start_soon(featured_metrics, me_rx)
+        await nursery.start(featured_store, st_rx, path)
+        agents = []
+        for i in range(n):
+            tx, rx = trio.open_memory_channel[Any](1)
+            agents.append((f"a{i:05d}", tx))
+            nursery.start_soon(featured_agent, rx, gw_tx, st_tx, me_tx)
+        start = time.perf_counter()
+        for name, inbox in agents:
+            inbox.send_nowait((AgentRequest(run_id="run-1", branch_id="main", stage=0, agent=name, attempt=1,
+                                            prompt="review"), rep_tx))
+        votes: collections.Counter[str] = collections.Counter()
+        for _ in agents:
+            votes[json.loads((await rep_rx.receive()).content)["verdict"]] += 1
+        for row in (None, ("run-1", "main", 0, 0, json.dumps({"support": votes.most_common(1)[0][1]}))):
+            slot = Slot()
+            st_tx.send_nowait((row, slot))
+            await slot.receive()
+        elapsed = time.perf_counter() - start
+        nursery.cancel_scope.cancel()
+    check(path, n, 1)
+    return n / elapsed
+
+
 PANELS = ((3, False), (3, False), (4, False), (3, True), (3, True), (3, True))  # soak_bench's raw_pipeline
 
 
@@ -386,10 +525,14 @@ def main(argv: list[str] | None = None) -> int:
                 "floor hops only": lambda: trio.run(floor_round, n, None, False),
                 "floor (spawn per call)": lambda: trio.run(floor_round, n, db(), True),
                 "floor (no spawn)": lambda: trio.run(floor_round, n, db(), False),
+                "floor + features": lambda: trio.run(featured_round, n, db()),
                 "conclave": lambda: trio.run(conclave_stage, n, db()),
             })
-            print(f"  conclave / floor (no spawn) = {meds['conclave'] / meds['floor (no spawn)']:.3f}x")
-            verdict("floor (no spawn) / raw", meds["floor (no spawn)"] / meds["raw trio round trips"], 0.5, "x")
+            raw = meds["raw trio round trips"]
+            print(f"  conclave / floor (no spawn) = {meds['conclave'] / meds['floor (no spawn)']:.3f}x;"
+                  f" conclave / floor + features = {meds['conclave'] / meds['floor + features']:.3f}x")
+            verdict("floor (no spawn) / raw", meds["floor (no spawn)"] / raw, 0.5, "x")
+            verdict("floor + features / raw", meds["floor + features"] / raw, 0.5, "x")
     return 0
 
 
