@@ -112,9 +112,9 @@ class Gateway:
             pool.idle.unpark()
         elif pool.workers < self.max_concurrency:
             pool.workers += 1
-            nursery.start_soon(self._work, request.provider, pool)
+            nursery.start_soon(self._work, pool)
 
-    async def _work(self, provider: str, pool: _Pool) -> None:
+    async def _work(self, pool: _Pool) -> None:
         try:
             while True:
                 if pool.queue:
