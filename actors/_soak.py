@@ -314,7 +314,6 @@ class _Checker:
                     self.recovered[kind] += 1
 
 
-
 def _placement_digest(rows: list[tuple[str, str, str, int, str]]) -> str:
     return hashlib.sha256(json.dumps(sorted(rows), separators=(",", ":")).encode()).hexdigest()
 
