@@ -149,14 +149,11 @@ class Agent:
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
             delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
             await self.store.send(
-                PersistEvent(
-                    run_id=key.run_id,
-                    branch_id=key.branch_id,
-                    kind="retry",
-                    stage=key.stage,
-                    agent=key.agent,
-                    attempt=attempt,
-                    detail={"error": error.kind, "message": str(error), "delay_s": round(delay, 3)},
+                PersistEvent.of_attempt(
+                    key,
+                    attempt,
+                    "retry",
+                    {"error": error.kind, "message": str(error), "delay_s": round(delay, 3)},
                 )
             )
             await trio.sleep(delay)

@@ -262,16 +262,9 @@ class CallLog(Interceptor[CompletionRequest]):
         self._store = store
 
     async def send(self, item: CompletionRequest, forward: Forward[CompletionRequest]) -> None:
-        key = item.key
         await self._store.send_eager(
-            PersistEvent(
-                run_id=key.run_id,
-                branch_id=key.branch_id,
-                kind="agent_call",
-                stage=key.stage,
-                agent=key.agent,
-                attempt=item.attempt,
-                detail={"provider": item.provider, "model": item.model},
+            PersistEvent.of_attempt(
+                item.key, item.attempt, "agent_call", {"provider": item.provider, "model": item.model}
             )
         )
         await forward(item)

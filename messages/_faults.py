@@ -277,22 +277,11 @@ class FaultInterceptor(Interceptor[Any]):
             self.health.report(permit, error)
         self.injected[kind] += 1
         if self.events is not None:
-            key = request.key
             detail: dict[str, Any] = {"fault": kind, "message": str(error), "provider": request.provider}
             if retry_after is not None:
                 detail["retry_after_s"] = round(retry_after, 3)
             try:
-                await self.events.send(
-                    PersistEvent(
-                        run_id=key.run_id,
-                        branch_id=key.branch_id,
-                        kind="fault",
-                        stage=key.stage,
-                        agent=key.agent,
-                        attempt=request.attempt,
-                        detail=detail,
-                    )
-                )
+                await self.events.send(PersistEvent.of_attempt(request.key, request.attempt, "fault", detail))
             except ConclaveError:
                 pass  # the store has stopped: the fault still happens
         # Usage of a faulted call is unknown: it may have been billed.

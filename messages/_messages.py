@@ -246,6 +246,20 @@ class PersistEvent:
     detail: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
+    @classmethod
+    def of_attempt(cls, key: AgentKey, attempt: int, kind: str, detail: Mapping[str, Any]) -> PersistEvent:
+        """The event of one agent attempt (a call, a fault, a retry): its
+        identity comes from the attempt's key."""
+        return cls(
+            run_id=key.run_id,
+            branch_id=key.branch_id,
+            kind=kind,
+            stage=key.stage,
+            agent=key.agent,
+            attempt=attempt,
+            detail=detail,
+        )
+
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunUpdate:

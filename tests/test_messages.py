@@ -78,3 +78,14 @@ def test_error_classes() -> None:
     assert not is_retryable(ValueError("not ours"))
     assert RateLimited("slow down", retry_after=-5).retry_after == 0.0
     assert Disconnected("a") == Disconnected("a") != Disconnected("b")
+
+
+def test_an_attempts_event_takes_its_identity_from_the_key() -> None:
+    from messages import AgentKey, PersistEvent
+
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="claude")
+    event = PersistEvent.of_attempt(key, 3, "retry", {"delay_s": 1.5})
+    assert (event.run_id, event.branch_id, event.stage, event.agent, event.attempt, event.kind) == (
+        "r", "b", "plan", "claude", 3, "retry"
+    )
+    assert dict(event.detail) == {"delay_s": 1.5} and event.reply_to is None
