@@ -15,7 +15,13 @@ from ._busy import retry_busy
 from ._errors import NotADatabase, StoreError
 from ._schema import SCHEMA_VERSION, check_version, migrate
 
-Durability = Literal["full", "normal"]
+# "full": every commit is on disk when acknowledged (the default).
+# "normal": WAL's NORMAL - a commit can be lost in a power cut, never in a
+# crash of the process.  "scratch": synchronous=OFF and an exclusive lock for
+# the connection's life - for a throwaway file only one process ever opens
+# (the soak's temporary database), where durability buys nothing and every
+# transaction's locking and syncing is pure cost.
+Durability = Literal["full", "normal", "scratch"]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 # Short on purpose: SQLite's busy handler blocks the calling thread (the trio
@@ -64,6 +70,8 @@ def open_connection(
     Read-only connections never migrate: a file that needs migrating is
     refused with a hint instead.
     """
+    if durability not in ("full", "normal", "scratch"):
+        raise ValueError(f"durability must be 'full', 'normal' or 'scratch', got {durability!r}")
     memory = path == ":memory:"
     existed = True if memory else _check_file(path, readonly)
     flags = (
@@ -91,8 +99,10 @@ def open_connection(
         else:
             # Another process may be creating or migrating the same file:
             # busy here is retried with backoff, not reported.
+            if durability == "scratch":
+                conn.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
             retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall(), what=path)
-            conn.execute(f"PRAGMA synchronous = {durability.upper()}")
+            conn.execute(f"PRAGMA synchronous = {'OFF' if durability == 'scratch' else durability.upper()}")
             retry_busy(lambda: migrate(conn, path), what=path)
         conn.execute("PRAGMA foreign_keys = ON")
     except apsw.Error as exc:
