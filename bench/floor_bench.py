@@ -149,16 +149,27 @@ def drain(first: Any, inbox: Recv) -> list[Any]:
             return batch
 
 
-async def store_writer(inbox: Recv, path: str | None, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Group commit: drain, one transaction, then ack barriers/decisions."""
+EVENTS = ("CREATE TABLE events (run_id TEXT, branch_id TEXT, stage INT, agent TEXT, attempt INT,"
+          " kind TEXT, detail TEXT);")
+
+
+async def store_writer(
+    inbox: Recv, path: str | None, events: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Group commit: drain, one transaction, then ack barriers/decisions.
+    ``events``: also keep the event log ("floor + features")."""
     conn = apsw.Connection(path) if path else None
     if conn:
-        conn.execute(SCHEMA).fetchall()  # run every statement
+        conn.execute(SCHEMA + (EVENTS if events else "")).fetchall()  # run every statement
     task_status.started()  # the store is open before the clock starts, as in open_orchestrator
     async for first in inbox:  # cancelled when the bench is done, parked here
         batch = drain(first, inbox)
         if conn:
             conn.execute("BEGIN")
+            if events:
+                conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", [
+                    (m.run_id, m.branch_id, m.stage, m.agent, m.attempt, m.kind, m.detail)
+                    for m in batch if type(m) is Event])
             conn.executemany(
                 "INSERT INTO outputs VALUES (?,?,?,?,?,?)",
                 [(m.run_id, m.branch_id, m.stage, m.agent, m.attempt, m.content) for m in batch if type(m) is PersistOutput],
@@ -334,27 +345,6 @@ async def featured_metrics(inbox: Recv) -> None:
             cost[u.run_id] = cost.get(u.run_id, Decimal(0)) + u.tokens[0] * PRICE_IN + u.tokens[1] * PRICE_OUT
 
 
-async def featured_store(inbox: Recv, path: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    conn = apsw.Connection(path)
-    conn.execute(SCHEMA + "CREATE TABLE events (run_id TEXT, branch_id TEXT, stage INT, agent TEXT, attempt INT,"
-                 " kind TEXT, detail TEXT);").fetchall()
-    task_status.started()
-    async for first in inbox:
-        batch = drain(first, inbox)
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", [
-            (m.run_id, m.branch_id, m.stage, m.agent, m.attempt, m.kind, m.detail) for m in batch if type(m) is Event])
-        conn.executemany("INSERT INTO outputs VALUES (?,?,?,?,?,?)", [
-            (m.run_id, m.branch_id, m.stage, m.agent, m.attempt, m.content) for m in batch if type(m) is PersistOutput])
-        for m in batch:
-            if type(m) is tuple and m[0] is not None:
-                conn.execute("INSERT INTO decisions VALUES (?,?,?,?,?)", m[0])
-        conn.execute("COMMIT")
-        for m in batch:
-            if type(m) is tuple:
-                m[1].send(True)
-
-
 async def featured_gateway(inbox: Recv) -> None:
     window: collections.deque[tuple[float, bool]] = collections.deque()
     async for first in inbox:
@@ -399,7 +389,7 @@ async def featured_round(n: int, path: str) -> float:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(featured_gateway, gw_rx)
         nursery.start_soon(featured_metrics, me_rx)
-        await nursery.start(featured_store, st_rx, path)
+        await nursery.start(store_writer, st_rx, path, True)
         agents = []
         for i in range(n):
             tx, rx = trio.open_memory_channel[Any](1)
