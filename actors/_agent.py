@@ -66,7 +66,20 @@ class Agent:
         """Serve requests until the inbox closes.  Requests still queued
         when the agent stops are failed (their repliers see ActorStopped)."""
         try:
-            async for request in inbox:
+            while True:
+                # A request that is already queued (the coordinator
+                # dispatches before a new agent first runs) is taken without
+                # the schedule point trio's receive() makes even then; the
+                # turn's first await on the gateway is its checkpoint.
+                try:
+                    request = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    try:
+                        request = await inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
+                    break
                 reply = await self.handle(request)
                 if request.reply_to is not None:
                     try:

@@ -92,7 +92,9 @@ class Coordinator:
         again, and where the others' attempt numbering continues."""
         key = self.stage_key(stage.name)
         self.publish(StageStarted(key=key, agents=stage.agents, mode=stage.mode))
-        await self.store.send(
+        # Eager: no schedule point between starting the agents and handing
+        # them their requests, so each finds its request on its first step.
+        await self.store.send_eager(
             PersistEvent(
                 run_id=key.run_id,
                 branch_id=key.branch_id,

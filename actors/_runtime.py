@@ -123,7 +123,10 @@ class RunExists(ConclaveError, ValueError):
 
 @attrs.frozen(kw_only=True, slots=True)
 class Limits:
-    gateway_buffer: int = 256
+    # The gateway moves its inbox into per-provider queues at every step, so
+    # this buffer bounds nothing for long; a small one only makes a burst of
+    # agents (a parallel stage's panel) wait a schedule point each to enter.
+    gateway_buffer: int = 4096
     metrics_buffer: int = 4096
     store_buffer: int = 4096
     max_concurrency: int = 64
