@@ -22,6 +22,9 @@ from ._rng import derive_rng, derive_token, derive_unit
 
 _LIST_FIELDS = frozenset({"work_breakdown", "acceptance_mapping", "tasks", "issues", "requirements"})
 _REASONING_MODELS = ("gpt-5", "o3", "o4", "gemini-2.5-pro")
+# json.dumps(..., sort_keys=True) builds an encoder per call; the bytes are
+# the same from one built once.
+_encode_sorted = json.JSONEncoder(sort_keys=True).encode
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -115,19 +118,33 @@ class SimulatedProvider(BaseProvider):
         self.disagreement_rate = disagreement_rate
         self.latency = latency
         self.calls = 0
+        self._consensus: dict[tuple[str, str, str], str] = {}
+
+    def _consensus_token(self, spec_id: str, stage: str, field: str) -> str:
+        # One per (spec, stage, field), the same for every agreeing agent of
+        # a panel: derive it once per panel rather than once per agent.
+        ident = (spec_id, stage, field)
+        token = self._consensus.get(ident)
+        if token is None:
+            if len(self._consensus) >= 4096:
+                self._consensus.clear()
+            token = self._consensus[ident] = derive_token(self.seed, "consensus", *ident)
+        return token
 
     def answer(self, request: CompletionRequest) -> Completion:
         """The completion for ``request``, without the latency."""
         seed, key = self.seed, request.key
         ident = (request.spec_id, key.stage, key.agent)
         rng = derive_rng(seed, "content", *ident)
-        dissent = derive_unit(seed, "dissent", *ident) < self.disagreement_rate
+        rate = self.disagreement_rate
+        # No draw can fall below a rate of 0; skipping it changes nothing.
+        dissent = rate > 0.0 and derive_unit(seed, "dissent", *ident) < rate
         body: dict[str, object] = {"stage": key.stage, "agent": key.agent}
         for field in request.response_fields:
             if field in body:
                 continue
             if field == request.decision_field and not dissent:
-                token = derive_token(seed, "consensus", request.spec_id, key.stage, field)
+                token = self._consensus_token(request.spec_id, key.stage, field)
             else:
                 token = derive_token(seed, "own", *ident, field)
             if field in _LIST_FIELDS:
@@ -138,7 +155,7 @@ class SimulatedProvider(BaseProvider):
         if request.aggregate:
             agreements = [f"{request.decision_field or 'stage'}: panel converges"]
             body["consensus"] = {"agreements": agreements, "conflicts": []}
-        content = json.dumps(body, sort_keys=True)
+        content = _encode_sorted(body)
 
         input_tokens = len(request.prompt) // 4 + 200 + rng.randrange(1000)
         cached = (input_tokens * rng.randrange(0, 60)) // 100
@@ -159,8 +176,11 @@ class SimulatedProvider(BaseProvider):
     async def complete(self, request: CompletionRequest) -> Completion:
         self.calls += 1
         key = request.key
-        delay = self.latency.draw(
-            derive_unit(self.seed, "latency", request.spec_id, key.stage, key.agent, request.attempt)
+        latency = self.latency
+        delay = (
+            latency.draw(derive_unit(self.seed, "latency", request.spec_id, key.stage, key.agent, request.attempt))
+            if latency.median > 0
+            else 0.0  # what draw() gives for any unit: skip deriving one
         )
         if delay > 0:
             if self.latency.quantum > 0:
