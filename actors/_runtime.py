@@ -31,6 +31,7 @@ agents in one stage to keep that argument honest.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -132,6 +133,13 @@ class Limits:
     max_concurrency: int = 64
     progress_buffer: int = 1024
     metrics_interval: float = 0.25  # seconds (trio clock) between snapshots of a run
+    # Seconds (trio clock) the store writer may hold writes nobody awaits
+    # (events, failed attempts) for the next acknowledged one; 0: never.
+    store_hold: float = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.store_hold >= 0 or math.isinf(self.store_hold):
+            raise ValueError(f"store_hold must be a finite number of seconds >= 0, got {self.store_hold!r}")
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -678,7 +686,7 @@ async def open_orchestrator(
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
     gateway = Gateway(providers, max_concurrency=limits.max_concurrency, health=health)
     hub = MetricsHub()
-    writer = StoreWriter(db)
+    writer = StoreWriter(db, hold=limits.store_hold)
     store_tx, store_rx = open_channel(
         limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
     )

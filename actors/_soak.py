@@ -453,7 +453,10 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
             interceptors={"agent": [_Tap(checker.on_request)], "coordinator": [_Tap(checker.on_reply)]},
             retry=config.retry,
             health=health,
-            limits=Limits(max_concurrency=10_000),
+            # Events wait for the next acked write rather than commit alone;
+            # longer than the latency grid's tick, so a tick's outputs
+            # (not the hold's deadline, due on that tick) end the hold.
+            limits=Limits(max_concurrency=10_000, store_hold=10.0),
         ) as orch:
             indices = iter(assigned)
 
