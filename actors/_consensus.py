@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -51,12 +51,7 @@ def parse_output(content: str) -> dict[str, Any] | None:
     Tries the whole text, then a fenced ```json block, then the outermost
     ``{...}`` span.  Only a JSON *object* counts.
     """
-    candidates = [content]
-    candidates.extend(m.group(1) for m in _FENCE.finditer(content))
-    start, end = content.find("{"), content.rfind("}")
-    if 0 <= start < end:
-        candidates.append(content[start : end + 1])
-    for text in candidates:
+    for text in _candidates(content):
         try:
             value = json.loads(text)
         except ValueError:
@@ -64,6 +59,17 @@ def parse_output(content: str) -> dict[str, Any] | None:
         if isinstance(value, dict):
             return value
     return None
+
+
+def _candidates(content: str) -> Iterator[str]:
+    # Lazily, in order: an answer that is one JSON object (every agent's
+    # and the simulator's, and read twice per turn) costs no regex scan.
+    yield content
+    for m in _FENCE.finditer(content):
+        yield m.group(1)
+    start, end = content.find("{"), content.rfind("}")
+    if 0 <= start < end:
+        yield content[start : end + 1]
 
 
 def _canonical(value: Any) -> str:
