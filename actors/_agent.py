@@ -71,15 +71,20 @@ class Agent:
                 # dispatches before a new agent first runs) is taken without
                 # the schedule point trio's receive() makes even then; the
                 # turn's first await on the gateway is its checkpoint.
+                request: AgentRequest | None
                 try:
                     request = inbox.receive_nowait()
                 except trio.WouldBlock:
+                    request = None
+                except trio.EndOfChannel:
+                    break
+                if request is None:
+                    # Parked outside the except block: an idle agent must
+                    # not keep a caught WouldBlock (and its traceback) alive.
                     try:
                         request = await inbox.receive()
                     except trio.EndOfChannel:
                         break
-                except trio.EndOfChannel:
-                    break
                 reply = await self.handle(request)
                 if request.reply_to is not None:
                     try:

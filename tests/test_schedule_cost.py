@@ -11,6 +11,7 @@ accumulator, store writer and coordinator work in batches.
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import attrs
 import trio
@@ -27,12 +28,12 @@ class StepCounter(trio.abc.Instrument):
         self.steps[task.name.split(" ")[0]] += 1
 
 
-async def test_a_parallel_turn_costs_about_four_task_steps(tmp_path: object) -> None:
+async def test_a_parallel_turn_costs_about_four_task_steps(tmp_path: Path) -> None:
     n = 400
     agents = [f"a{i:03d}" for i in range(n)]
     counter = StepCounter()
     async with open_orchestrator(
-        store=str(tmp_path) + "/steps.db",  # type: ignore[operator]
+        store=tmp_path / "steps.db",
         provider=SimulatedProvider(seed=1, disagreement_rate=0.0, latency=Latency(median=0)),
         pipeline=pipeline_with_panel("validate", agents),
         interceptors={"gateway": [Interceptor()]},
