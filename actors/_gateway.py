@@ -72,6 +72,8 @@ class Gateway:
         self.max_concurrency = max_concurrency
         self._pools = {name: _Pool() for name in self.providers}
         self._stopping = False
+        # Calls dropped unmade because their caller had stopped waiting.
+        self.abandoned = 0
 
     async def run(self, inbox: trio.MemoryReceiveChannel[CompletionRequest]) -> None:
         """Serve until the inbox closes and every queued call is done.
@@ -142,6 +144,12 @@ class Gateway:
 
     async def _serve(self, request: CompletionRequest) -> None:
         reply = request.reply_to
+        if reply is not None and reply.abandoned:
+            # Its caller gave up (its call timed out) while the call was
+            # queued, and has retried or failed since: a model call now
+            # would be paid for and never read.
+            self.abandoned += 1
+            return
         try:
             result = await self._complete(request)
         except BaseException:
@@ -150,13 +158,21 @@ class Gateway:
             if reply is not None:
                 reply.close()
             raise
-        if reply is not None:
+        if reply is not None and result is not None:
             reply.send(result)
 
-    async def _complete(self, request: CompletionRequest) -> CompletionResult:
+    async def _complete(self, request: CompletionRequest) -> CompletionResult | None:
+        """The call's result, or None if its caller had stopped waiting
+        before it could be made (nothing was sent to the provider)."""
         provider = self.providers[request.provider]
         health = self.health[request.provider]
         permit, blocked = await health.admit(request)
+        reply = request.reply_to
+        if permit is not None and reply is not None and reply.abandoned:
+            # Given up on while it waited at the rate-limit gate.
+            health.abandon(permit)
+            self.abandoned += 1
+            return None
         if permit is None:
             # Failed fast: nothing reached the provider, nothing was billed.
             return CompletionResult(

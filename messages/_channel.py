@@ -193,6 +193,12 @@ class Reply(Generic[R]):
         """Give up without answering (a no-op after ``send``)."""
         self._pending._settle(_CLOSED)
 
+    @property
+    def abandoned(self) -> bool:
+        """The requester stopped waiting (its receive was cancelled, e.g. by
+        its own timeout): a reply would reach nobody.  Not a checkpoint."""
+        return self._pending._state == _GONE
+
     def __repr__(self) -> str:
         return f"<Reply for {self._pending._what}>"
 

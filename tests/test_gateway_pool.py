@@ -115,3 +115,54 @@ async def _cancel_with_calls_queued(
                 callers.start_soon(ask, tx, call(f"s{i}"), results)
             await trio.sleep(5)
             served.cancel_scope.cancel()  # two calls in flight, three queued
+
+
+async def _ask_with_timeout(tx: object, request: CompletionRequest, timeout: float, into: dict[str, object]) -> None:
+    reply, pending = reply_pair("test")
+    await tx.send(attrs.evolve(request, reply_to=reply))  # type: ignore[attr-defined]
+    with trio.move_on_after(timeout):
+        into[request.key.agent] = await pending.receive()
+        return
+    into[request.key.agent] = "gave up"
+
+
+async def test_a_queued_call_whose_caller_gave_up_is_never_made(autojump_clock: trio.testing.MockClock) -> None:
+    """An agent's call timeout leaves its request queued; making it later
+    would buy an answer nobody reads (the agent has retried or failed)."""
+    slow = Recorder(10.0)
+    gateway = Gateway({"slow": MockProvider(slow, name="slow")}, max_concurrency=1)
+    tx, rx = open_channel(8, name="gateway")
+    results: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(ask, tx, call("busy"), results)
+            await trio.sleep(0.001)
+            callers.start_soon(_ask_with_timeout, tx, call("impatient"), 1.0, results)
+            await trio.sleep(0.001)
+            callers.start_soon(ask, tx, call("patient"), results)
+        tx.close()
+    assert results["impatient"] == "gave up"
+    assert [agent for agent, _ in slow.started] == ["busy", "patient"], "the abandoned call was not made"
+    assert gateway.abandoned == 1
+    _, patient_done = results["patient"]  # type: ignore[misc]
+    assert patient_done == pytest.approx(20.0, abs=0.1), "and it did not hold up the queue"
+
+
+async def test_a_call_given_up_at_the_rate_limit_gate_is_never_made(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fast = Recorder(1.0)
+    gateway = Gateway({"p": MockProvider(fast, name="p")})
+    gateway.health["p"].gate.close_until(trio.current_time() + 60.0)  # a 429's reset hint
+    tx, rx = open_channel(8, name="gateway")
+    results: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gateway.run, rx)
+        await trio.sleep(0.001)  # the gate holds callers arriving after the 429
+        await _ask_with_timeout(tx, call("a", provider="p"), 30.0, results)
+        await ask(tx, call("b", provider="p"), results)
+        tx.close()
+    assert results["a"] == "gave up"
+    assert [agent for agent, _ in fast.started] == ["b"]
+    assert gateway.abandoned == 1
