@@ -4,6 +4,8 @@ loses them: not at the inbox's end, not on cancellation."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import trio
 import trio.testing
 
 from actors import Limits, StoreWriter
-from messages import PersistEvent, PersistOutput, open_channel, reply_pair
+from messages import Outbox, PersistEvent, PersistOutput, StoreWrite, open_channel, reply_pair
 from store import Store
 
 from .test_store import new_run, output
@@ -26,77 +28,67 @@ def committed_events(path: str) -> int:
         return len(reader.events("r", kind="retry"))
 
 
+@asynccontextmanager
+async def writing(path: str, **kwargs: float) -> AsyncIterator[tuple[StoreWriter, Outbox[StoreWrite]]]:
+    """A store with one run and its writer serving; the inbox is closed
+    (so the writer finishes) when the block ends."""
+    with Store.open(path) as s:
+        new_run(s)
+        writer = StoreWriter(s, **kwargs)
+        send, receive = open_channel(100, name="store")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, receive)
+            yield writer, send
+            send.close()
+
+
 async def test_unacked_writes_ride_with_the_next_acked_one(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     path = str(tmp_path / "h.db")
-    with Store.open(path) as s:
-        new_run(s)
-        writer = StoreWriter(s, hold=5.0)
-        send, receive = open_channel(100, name="store")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, receive)
-            for n in range(3):
-                send.send_nowait(event(n))
-                await trio.sleep(1.0)  # far apart: each would have been a commit of its own
-            assert committed_events(path) == 0, "held, not yet committed"
-            reply, pending = reply_pair("output")
-            send.send_nowait(PersistOutput(output=output(), reply_to=reply))
-            assert (await pending.receive()).ok
-            # Acked means durable - and so is everything sent before it.
-            assert committed_events(path) == 3
-            send.close()
-        assert writer.batches == 1 and writer.items == 4 and writer.holds == 1
+    async with writing(path, hold=5.0) as (writer, send):
+        for n in range(3):
+            send.send_nowait(event(n))
+            await trio.sleep(1.0)  # far apart: each would have been a commit of its own
+        assert committed_events(path) == 0, "held, not yet committed"
+        reply, pending = reply_pair("output")
+        send.send_nowait(PersistOutput(output=output(), reply_to=reply))
+        assert (await pending.receive()).ok
+        # Acked means durable - and so is everything sent before it.
+        assert committed_events(path) == 3
+    assert writer.batches == 1 and writer.items == 4 and writer.holds == 1
 
 
 async def test_a_hold_ends_after_its_bound(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     path = str(tmp_path / "h.db")
-    with Store.open(path) as s:
-        new_run(s)
-        writer = StoreWriter(s, hold=2.0)
-        send, receive = open_channel(100, name="store")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, receive)
-            send.send_nowait(event(0))
-            await trio.sleep(1.9)
-            assert committed_events(path) == 0
-            await trio.sleep(0.2)
-            assert committed_events(path) == 1, "visible within the hold bound"
-            send.close()
+    async with writing(path, hold=2.0) as (_, send):
+        send.send_nowait(event(0))
+        await trio.sleep(1.9)
+        assert committed_events(path) == 0
+        await trio.sleep(0.2)
+        assert committed_events(path) == 1, "visible within the hold bound"
 
 
 async def test_no_hold_commits_at_once(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     path = str(tmp_path / "h.db")
-    with Store.open(path) as s:
-        new_run(s)
-        writer = StoreWriter(s)  # hold=0, the default
-        send, receive = open_channel(100, name="store")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, receive)
-            send.send_nowait(event(0))
-            await trio.testing.wait_all_tasks_blocked()
-            assert committed_events(path) == 1
-            send.close()
-        assert writer.holds == 0
+    async with writing(path) as (writer, send):  # hold=0, the default
+        send.send_nowait(event(0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert committed_events(path) == 1
+    assert writer.holds == 0
 
 
 async def test_held_writes_are_committed_when_the_inbox_ends(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     path = str(tmp_path / "h.db")
-    with Store.open(path) as s:
-        new_run(s)
-        writer = StoreWriter(s, hold=60.0)
-        send, receive = open_channel(100, name="store")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, receive)
-            send.send_nowait(event(0))
-            send.send_nowait(event(1))
-            await trio.testing.wait_all_tasks_blocked()
-            start = trio.current_time()
-            send.close()
-        assert trio.current_time() == start, "the end of the inbox ends the hold at once"
-        assert committed_events(path) == 2
+    async with writing(path, hold=60.0) as (_, send):
+        send.send_nowait(event(0))
+        send.send_nowait(event(1))
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+    assert trio.current_time() == start, "the end of the inbox ends the hold at once"
+    assert committed_events(path) == 2
 
 
 async def test_held_writes_are_committed_on_cancellation(
