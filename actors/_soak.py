@@ -569,11 +569,12 @@ def merge_shards(
 async def soak(config: SoakConfig) -> SoakReport:
     """Run the soak from a trio run.  One worker: in the current run (which
     should use a MockClock with autojump; :func:`run_soak` arranges that).
-    Several: in worker processes, waited for in a thread."""
+    Several: in worker processes, waited for in a thread; cancelling the
+    call kills them."""
     if config.shards > 1:
-        from ._soak_shards import run_sharded
+        from ._soak_shards import run_sharded_in_trio
 
-        return await trio.to_thread.run_sync(run_sharded, config, "spawn")
+        return await run_sharded_in_trio(config)
     part = await soak_shard(config)
     return merge_shards(config, [part], [], wall_seconds=part.wall_seconds)
 

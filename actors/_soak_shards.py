@@ -29,6 +29,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
@@ -57,9 +58,55 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
         return trio.run(soak_shard, config, shard, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def run_sharded(config: SoakConfig, start_method: str | None = None) -> SoakReport:
+class Stopper:
+    """Stops a sharded soak from another thread: kills its worker processes,
+    whose futures then fail, so :func:`run_sharded` returns at once.
+    Thread-safe; stopping before the workers exist kills each as it starts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: list[ProcessPoolExecutor] = []
+        self._stopped = False
+        self.killed: list[multiprocessing.process.BaseProcess] = []
+        self.started = threading.Event()  # every shard's worker is running
+
+    def add(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            self._pools.append(pool)
+            if self._stopped:
+                self._kill(pool)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for pool in self._pools:
+                self._kill(pool)
+
+    def _kill(self, pool: ProcessPoolExecutor) -> None:
+        # No public way to stop a running worker before Python 3.14's
+        # kill_workers(); the pool's process table is the only handle.
+        processes = getattr(pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            process.kill()
+            self.killed.append(process)
+
+
+async def run_sharded_in_trio(config: SoakConfig, stopper: Stopper | None = None) -> SoakReport:
+    """:func:`run_sharded` from inside a trio run: spawned workers, waited
+    for in a thread.  Cancellation kills the workers and returns at once
+    (the thread, left to finish, exits as soon as their futures fail)."""
+    stopper = stopper if stopper is not None else Stopper()
+    try:
+        return await trio.to_thread.run_sync(run_sharded, config, "spawn", stopper, abandon_on_cancel=True)
+    except BaseException:
+        stopper.stop()
+        raise
+
+
+def run_sharded(config: SoakConfig, start_method: str | None = None, stopper: Stopper | None = None) -> SoakReport:
     """Run ``config`` in ``config.shards`` processes and merge the reports.
-    Call it outside any trio run (or with ``start_method="spawn"``)."""
+    Call it outside any trio run (or with ``start_method="spawn"``).
+    ``stopper`` lets another thread stop it (see :class:`Stopper`)."""
     started = time.perf_counter()  # reporting only
     shards = config.shards
     context = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
@@ -70,6 +117,10 @@ def run_sharded(config: SoakConfig, start_method: str | None = None) -> SoakRepo
         for shard in range(shards):
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=1, mp_context=context))
             futures.append(pool.submit(_run_shard, config, shard))
+            if stopper is not None:
+                stopper.add(pool)  # after submit: its worker process exists
+        if stopper is not None:
+            stopper.started.set()
         for shard, future in enumerate(futures):
             try:
                 parts.append(future.result())

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
+import trio
 
 from actors._cli_soak import _workers
 from actors._soak import ShardReport, SoakConfig, default_soak_plan, merge_shards, run_soak, soak
-from actors._soak_shards import CRASH_ENV
+from actors._soak_shards import CRASH_ENV, Stopper, run_sharded_in_trio
 
 from .conftest import run_cli
 
@@ -45,6 +47,22 @@ async def test_soak_from_inside_a_trio_run_spawns_its_workers() -> None:
     report = await soak(SoakConfig(seed=4, runs=6, workers=2, faults=default_soak_plan("disconnect:20%")))
     assert report.ok, report.breaches
     assert report.workers == 2 and report.runs == 6
+
+
+async def test_cancelling_a_sharded_soak_kills_its_workers() -> None:
+    """A soak embedded in a trio app must stop when cancelled: its workers
+    are killed, not left running to the end of a long soak."""
+    stopper = Stopper()
+    config = SoakConfig(seed=5, runs=100_000, workers=2)  # minutes of work
+    with trio.fail_after(60):  # the cancellation must not wait for the soak
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_sharded_in_trio, config, stopper)
+            await trio.to_thread.run_sync(stopper.started.wait)  # both workers exist
+            nursery.cancel_scope.cancel()
+        assert len(stopper.killed) == 2
+        for process in stopper.killed:
+            await trio.to_thread.run_sync(process.join)
+            assert process.exitcode == -signal.SIGKILL
 
 
 def _part(shard: int, injected: dict[str, int], recovered: dict[str, int]) -> ShardReport:
