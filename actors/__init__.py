@@ -60,6 +60,7 @@ from ._runtime import (
 )
 from ._sequencer import AlreadyDecided, DecisionSequencer, SequencerBusy, Ticket
 from ._simulator import Latency, SimulatedProvider
+from ._soak import SoakConfig, SoakReport, default_soak_plan, run_soak, soak
 from ._store_writer import StoreWriter
 
 __all__ = [
@@ -109,6 +110,8 @@ __all__ = [
     "RunResult",
     "SequencerBusy",
     "SimulatedProvider",
+    "SoakConfig",
+    "SoakReport",
     "StageResult",
     "StageSpec",
     "StoreWriter",
@@ -120,6 +123,7 @@ __all__ = [
     "compute_digest",
     "compute_verdict",
     "default_pipeline",
+    "default_soak_plan",
     "load_pipeline",
     "new_branch_id",
     "new_run_id",
@@ -128,7 +132,9 @@ __all__ = [
     "parse_pipeline",
     "pipeline_from_dict",
     "pipeline_with_panel",
+    "run_soak",
     "short_branch_id",
+    "soak",
     *_auth_api.__all__,
     *_providers_api.__all__,
 ]

@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from actors._cli_soak import _workers
-from actors._soak import ShardReport, SoakConfig, default_soak_plan, merge_shards, run_soak, soak
+from actors import SoakConfig, default_soak_plan, run_soak, soak
+from actors._soak import ShardReport, merge_shards
 from actors._soak_shards import CRASH_ENV, Stopper, run_sharded_in_trio
 
 from .conftest import run_cli
