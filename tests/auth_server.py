@@ -243,6 +243,13 @@ class FakeIdP:
         with self._lock:
             self.grants[user_code] = (user, True)
 
+    async def approve_first_code(self) -> None:
+        """The user, on trio's clock: once a device code has been issued
+        (checked each second), approve it."""
+        while not self.devices:
+            await trio.sleep(1)
+        self.approve(next(iter(self.devices.values()))["user_code"])
+
     def deny(self, user_code: str) -> None:
         with self._lock:
             self.grants[user_code] = ("alice", False)

@@ -192,13 +192,8 @@ async def test_issuer_metadata_names_the_endpoints(autojump_clock: trio.abc.Cloc
     client, transport = asgi_client(idp)
     profile = build_profile("generic", issuer=idp.base_url, client_id=CLIENT_ID)
 
-    async def approve_first_code() -> None:
-        while not idp.devices:
-            await trio.sleep(1)
-        idp.approve(next(iter(idp.devices.values()))["user_code"])
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(approve_first_code)
+        nursery.start_soon(idp.approve_first_code)
         entry = await device_login(profile, client, TokenStore(tmp_path), clock=lambda: 1e9 + trio.current_time())
     assert entry.token_url == idp.base_url + TOKEN_PATH
     assert transport.log[0][1] == "/.well-known/oauth-authorization-server"

@@ -76,13 +76,8 @@ async def login(idp: FakeIdP, client: httpx.AsyncClient, store: TokenStore, even
     profile = build_profile("openai", device_url=idp.base_url + DEVICE_PATH,
                             token_url=idp.base_url + TOKEN_PATH, client_id=CLIENT_ID, scope="model")
 
-    async def approve() -> None:
-        while not idp.devices:
-            await trio.sleep(1)
-        idp.approve(next(iter(idp.devices.values()))["user_code"])
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(approve)
+        nursery.start_soon(idp.approve_first_code)
         await device_login(profile, client, store, clock=wall, on_event=events.append)
 
 

@@ -33,13 +33,8 @@ async def logged_in(tmp_path: Path, **idp_kwargs: object):
                             token_url=idp.base_url + TOKEN_PATH, client_id=CLIENT_ID, scope="read")
     store = TokenStore(tmp_path / "home")
 
-    async def approve() -> None:
-        while not idp.devices:
-            await trio.sleep(1)
-        idp.approve(next(iter(idp.devices.values()))["user_code"])
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(approve)
+        nursery.start_soon(idp.approve_first_code)
         entry = await device_login(profile, client, store, clock=wall)
     events: list[AuthEvent] = []
     manager = TokenManager(store, client, clock=wall, on_event=events.append)
@@ -150,13 +145,8 @@ async def test_without_refresh_token_expiry_needs_a_new_login(tmp_path: Path, au
                             token_url=idp.base_url + TOKEN_PATH, client_id=CLIENT_ID)
     store = TokenStore(tmp_path)
 
-    async def approve() -> None:
-        while not idp.devices:
-            await trio.sleep(1)
-        idp.approve(next(iter(idp.devices.values()))["user_code"])
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(approve)
+        nursery.start_soon(idp.approve_first_code)
         entry = await device_login(profile, client, store, clock=wall)
     assert entry.refresh_token is None
     manager = TokenManager(store, client, clock=wall)
