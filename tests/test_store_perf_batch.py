@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 
 from messages import (
-    AgentKey,
-    AgentOutput,
     Decision,
     PersistBranch,
     PersistDecision,
@@ -23,24 +21,14 @@ from messages import (
     RunUpdate,
     StageKey,
     StoreWrite,
-    TokenUsage,
 )
 from store import Store
 
+from .test_store import output
 
-def _output(agent: str, attempt: int = 1, status: str = "accepted", run: str = "r") -> PersistOutput:
-    return PersistOutput(
-        output=AgentOutput(
-            key=AgentKey(run_id=run, branch_id="b", stage="plan", agent=agent),
-            attempt=attempt,
-            status=status,  # type: ignore[arg-type]
-            content="{}",
-            format="json",
-            usage=TokenUsage.of(input_tokens=3, output_tokens=2) if status == "accepted" else None,
-            model="m",
-            provider="sim",
-        )
-    )
+
+def _output(agent: str, attempt: int = 1, status: str = "accepted") -> PersistOutput:
+    return PersistOutput(output=output(agent, attempt, status))
 
 
 def _event(kind: str, run: str = "r", **detail: Any) -> PersistEvent:
