@@ -41,3 +41,16 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_bench(script: str, *args: str, timeout: float = 120) -> str:
+    """Run ``bench/<script>`` in a fresh interpreter; assert it succeeded
+    (the scripts check their own results) and return what it printed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
