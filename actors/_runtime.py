@@ -31,7 +31,6 @@ agents in one stage to keep that argument honest.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -78,6 +77,7 @@ from ._agent import Agent
 from ._budget import HALT_REASON as BUDGET_HALT
 from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget
 from ._breaker import BreakerPolicy
+from ._checks import check_seconds
 from ._consensus import ADVANCING
 from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
@@ -138,8 +138,7 @@ class Limits:
     store_hold: float = 1.0
 
     def __attrs_post_init__(self) -> None:
-        if not self.store_hold >= 0 or math.isinf(self.store_hold):
-            raise ValueError(f"store_hold must be a finite number of seconds >= 0, got {self.store_hold!r}")
+        check_seconds(self.store_hold, "store_hold")
 
 
 @attrs.frozen(kw_only=True, slots=True)

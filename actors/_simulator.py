@@ -17,6 +17,7 @@ import trio
 
 from messages import Completion, CompletionRequest, TokenUsage
 
+from ._checks import check_seconds
 from ._provider import BaseProvider
 from ._rng import derive_rng, derive_token, derive_unit
 
@@ -50,8 +51,7 @@ class Latency:
     quantum: float = 0.0
 
     def __attrs_post_init__(self) -> None:
-        if not self.quantum >= 0.0 or math.isinf(self.quantum):
-            raise ValueError(f"latency quantum must be a finite number >= 0, got {self.quantum!r}")
+        check_seconds(self.quantum, "latency quantum")
 
     def draw(self, unit: float) -> float:
         if self.median <= 0:

@@ -17,12 +17,12 @@ a durable write is durable too.
 
 from __future__ import annotations
 
-import math
-
 import trio
 
 from messages import StoreAck, StoreWrite, fail_pending
 from store import RetryableStoreError, Store
+
+from ._checks import check_seconds
 
 
 class StoreWriter:
@@ -39,9 +39,7 @@ class StoreWriter:
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        if not hold >= 0 or math.isinf(hold):
-            raise ValueError(f"hold must be a finite number of seconds >= 0, got {hold!r}")
-        self.hold = hold
+        self.hold = check_seconds(hold, "hold")
         self.store = store
         self.max_batch = max_batch
         self.busy_retries = busy_retries

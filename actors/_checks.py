@@ -1,0 +1,13 @@
+"""Checks of configuration values, shared so that each is made and worded once."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_seconds(value: float, name: str) -> float:
+    """``value`` if it is a finite number of seconds >= 0 (NaN is not);
+    otherwise a ValueError naming ``name`` and the bad value."""
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return value
