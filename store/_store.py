@@ -384,9 +384,9 @@ class Store:
                 # The event log records the decision in the same transaction:
                 # never a decision without its event, nor the reverse.
                 conn.execute(
-                    "INSERT INTO events (run_id, branch_id, kind, stage, detail, at)"
-                    " VALUES (?,?, 'decision', ?,?,?)",
-                    (d.key.run_id, d.key.branch_id, d.key.stage, _json({"seq": d.seq, "status": d.status}), now),
+                    _INSERT_EVENT,
+                    (d.key.run_id, d.key.branch_id, "decision", d.key.stage, None, None,
+                     _json({"seq": d.seq, "status": d.status}), now),
                 )
             except apsw.ConstraintError:
                 # Idempotent replay of the *same* decision (a coordinator
