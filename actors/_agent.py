@@ -166,15 +166,17 @@ class Agent:
             if not self.retry.should_retry(error, attempt):
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
             delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
+            now = trio.current_time()
+            resume_at = self.retry.resume_at(now, delay)
             await self.store.send(
                 PersistEvent.of_attempt(
                     key,
                     attempt,
                     "retry",
-                    {"error": error.kind, "message": str(error), "delay_s": round(delay, 3)},
+                    {"error": error.kind, "message": str(error), "delay_s": round(resume_at - now, 3)},
                 )
             )
-            await trio.sleep(delay)
+            await trio.sleep_until(resume_at)
 
     async def _call(
         self, call: CompletionRequest, pending: PendingReply[CompletionResult]

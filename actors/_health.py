@@ -23,6 +23,7 @@ import trio
 from messages import CircuitOpen, CompletionRequest, ProviderError, RateLimited
 
 from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
+from ._checks import check_seconds
 from ._classify import classify
 from ._ratelimit import RateLimitGate
 from ._rng import derive_unit
@@ -44,9 +45,9 @@ class Permit:
 
 
 class ProviderHealth:
-    def __init__(self, name: str, policy: BreakerPolicy | None = None) -> None:
+    def __init__(self, name: str, policy: BreakerPolicy | None = None, *, gate_quantum: float = 0.0) -> None:
         self.name = name
-        self.gate = RateLimitGate()
+        self.gate = RateLimitGate(quantum=gate_quantum)
         self.breaker = CircuitBreaker(policy)
         self.calls = 0
         self.rate_limits: list[tuple[float, float]] = []  # (at, reset_at) per 429 with a hint
@@ -89,23 +90,27 @@ class ProviderHealth:
 
 class HealthRegistry:
     """The :class:`ProviderHealth` of every provider, created on first use.
-    Implements ``messages.HealthPort`` for the fault interceptor."""
+    Implements ``messages.HealthPort`` for the fault interceptor.
+    ``gate_quantum``: the rate-limit gates release onto a grid of that
+    spacing (see :class:`RateLimitGate`; 0, the default, is off)."""
 
     def __init__(
         self,
         policy: BreakerPolicy | None = None,
         *,
         policies: dict[str, BreakerPolicy] | None = None,
+        gate_quantum: float = 0.0,
     ) -> None:
         self.policy = policy or BreakerPolicy()
         self._policies = dict(policies or {})
+        self._gate_quantum = check_seconds(gate_quantum, "gate quantum")
         self._providers: dict[str, ProviderHealth] = {}
 
     def __getitem__(self, provider: str) -> ProviderHealth:
         health = self._providers.get(provider)
         if health is None:
             health = self._providers[provider] = ProviderHealth(
-                provider, self._policies.get(provider, self.policy)
+                provider, self._policies.get(provider, self.policy), gate_quantum=self._gate_quantum
             )
         return health
 

@@ -22,6 +22,11 @@ the others park until the head is released and hands the lead on.  When a
 and sleeps again - the release times are the same as if every waiter slept
 on its own, but the cost no longer grows with waiters times 429s (it was
 quadratic: 24 sleeps per agent turn in a 256-run soak).
+
+With a ``quantum`` (the soak's timing grid, see :mod:`actors._grid`)
+release points are rounded up onto the grid, so several waiters share one;
+the head then releases, in the same step, every waiter whose point has come
+instead of handing the lead down the queue one scheduling round at a time.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ import math
 
 import trio
 
+from ._checks import check_seconds
+from ._grid import on_grid
+
 
 class RateLimitGate:
-    def __init__(self, *, spread: float = 1.0) -> None:
+    def __init__(self, *, spread: float = 1.0, quantum: float = 0.0) -> None:
         if spread < 0:
             raise ValueError(f"spread must be >= 0, got {spread}")
         self.spread = spread
+        self.quantum = check_seconds(quantum, "gate quantum")
         self.reset_at = -math.inf  # in force for callers after the closing instant
         self._before = -math.inf  # the reset time as it stood before that instant
         self._closed_at = -math.inf
@@ -67,7 +76,8 @@ class RateLimitGate:
         """Return once the gate is open (at once, without a checkpoint, if
         it already is); returns how long it waited.  A caller that had to
         wait is released ``unit * spread`` seconds after the reset
-        (``unit`` in [0, 1), from its identity).  Cancellable: a cancelled
+        (``unit`` in [0, 1), from its identity; rounded up onto the grid
+        with a ``quantum``).  Cancellable: a cancelled
         waiter leaves the queue and hands the lead on if it held it."""
         start = trio.current_time()
         if self.is_open(start):
@@ -80,18 +90,44 @@ class RateLimitGate:
                 if self._head() is me:
                     now = trio.current_time()
                     # The reset time may move on while we sleep: check again.
-                    await trio.sleep_until(self._reset_for(now) + unit * self.spread)
+                    await trio.sleep_until(self._release_at(now, unit))
                     now = trio.current_time()
                     if self.is_open(now):
+                        me.gone = True  # leaving; the finally hands the lead on
+                        self._release_due(now)
                         return now - start
                 else:
                     await me.lead.wait()
+                    if me.released:
+                        return trio.current_time() - start
                     me.lead = trio.Event()
         finally:
-            me.gone = True
-            head = self._head()
-            if head is not None:
-                head.lead.set()
+            # A waiter released by the head is already off the queue and
+            # the head hands the lead on: waking the new head again would
+            # only cost it a round.
+            if not me.released:
+                me.gone = True
+                head = self._head()
+                if head is not None:
+                    head.lead.set()
+
+    def _release_at(self, now: float, unit: float) -> float:
+        return on_grid(self._reset_for(now) + unit * self.spread, self.quantum)
+
+    def _release_due(self, now: float) -> None:
+        """Release, without a round each, every other waiter whose release
+        point is ``now`` or earlier (they share a grid tick with the head;
+        off the grid, points practically never tie).  The queue is in unit
+        order and points grow with the unit, so they are at its front."""
+        queue = self._queue
+        while queue:
+            waiter = queue[0]
+            if not (waiter.gone or self._release_at(now, waiter.unit) <= now):
+                return
+            heapq.heappop(queue)
+            if not waiter.gone:
+                waiter.gone = waiter.released = True
+                waiter.lead.set()
 
     def _head(self) -> _Waiter | None:
         queue = self._queue
@@ -101,13 +137,14 @@ class RateLimitGate:
 
 
 class _Waiter:
-    __slots__ = ("unit", "order", "lead", "gone")
+    __slots__ = ("unit", "order", "lead", "gone", "released")
 
     def __init__(self, unit: float, order: int) -> None:
         self.unit = unit
         self.order = order
-        self.lead = trio.Event()  # set: you are (or may be) the head now
-        self.gone = False
+        self.lead = trio.Event()  # set: you are (or may be) the head now, or released
+        self.gone = False  # off the queue, or to be dropped from it
+        self.released = False  # let through by the head, in its step
 
     def __lt__(self, other: _Waiter) -> bool:
         return (self.unit, self.order) < (other.unit, other.order)

@@ -13,7 +13,9 @@ import attrs
 
 from messages import AgentKey, ProviderError
 
+from ._checks import check_seconds
 from ._classify import classify
+from ._grid import on_grid
 from ._rng import derive_unit
 
 
@@ -29,6 +31,9 @@ class RetryPolicy:
     cap: float = 8.0
     jitter: float = 0.25
     call_timeout: float = 600.0
+    # Seconds; 0 = off.  Attempts resume on the next tick of a grid of this
+    # spacing (see actors._grid): the soak's, never a real run's.
+    quantum: float = attrs.field(default=0.0, validator=lambda _, __, v: check_seconds(v, "retry quantum"))
 
     @max_attempts.validator
     def _check(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -54,3 +59,9 @@ class RetryPolicy:
             # told the same moment do not all come back in the same instant.
             return max(backoff, hint + base * self.jitter * unit)
         return backoff
+
+    def resume_at(self, now: float, delay: float) -> float:
+        """When to make the next attempt after pausing ``delay`` from
+        ``now``: ``now + delay``, or with a ``quantum`` the first grid tick
+        at or after it (never earlier, so a reset hint still holds)."""
+        return on_grid(now + delay, self.quantum)

@@ -18,6 +18,7 @@ import trio
 from messages import Completion, CompletionRequest, TokenUsage
 
 from ._checks import check_seconds
+from ._grid import on_grid
 from ._provider import BaseProvider
 from ._rng import derive_rng, derive_token, derive_unit
 
@@ -65,12 +66,7 @@ class Latency:
         delay``, or with a quantum the first grid tick at or after it (a
         whole multiple of the quantum, so calls started at different times
         share ticks; never earlier than the drawn latency)."""
-        end = now + delay
-        q = self.quantum
-        if q <= 0:
-            return end
-        tick = math.ceil(end / q) * q
-        return tick if tick >= end else tick + q  # float rounding: never early
+        return on_grid(now + delay, self.quantum)
 
 
 def _probit(p: float) -> float:

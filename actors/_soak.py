@@ -121,7 +121,10 @@ class SoakConfig:
     # Latencies end on a 1 s grid (see ``Latency.quantum``): completions that
     # share a tick wake in one trio batch, so the soak needs about half the
     # run-loop iterations per agent turn (18 -> 8.5).  Draws, content and
-    # fault placement are unchanged; only timing is coarser.
+    # fault placement are unchanged; only timing is coarser.  Retry pauses
+    # and rate-limit releases end on the same grid (unless ``retry`` has a
+    # quantum of its own): off it, each had an instant of its own, 63 % of
+    # the run loop's iterations.
     latency: Latency = Latency(quantum=1.0)
     disagreement_rate: float = 0.0
     db: str | None = None  # default: a temporary file, removed afterwards
@@ -434,7 +437,8 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
     started = trio.current_time()
     tasks_before = trio.lowlevel.current_statistics().tasks_living
     pipeline = panel_pipeline(config.agents) if config.agents else default_pipeline()
-    health = HealthRegistry(config.breaker)
+    health = HealthRegistry(config.breaker, gate_quantum=config.latency.quantum)
+    retry = config.retry if config.retry.quantum else attrs.evolve(config.retry, quantum=config.latency.quantum)
     checker = _Checker(config, health)
     sim = SimulatedProvider(seed=config.seed, disagreement_rate=config.disagreement_rate, latency=config.latency)
     provider = _RecordingProvider(sim, checker)
@@ -451,7 +455,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
             seed=config.seed,
             faults=faults if config.faults.enabled else None,
             interceptors={"agent": [_Tap(checker.on_request)], "coordinator": [_Tap(checker.on_reply)]},
-            retry=config.retry,
+            retry=retry,
             health=health,
             # Events wait for the next acked write rather than commit alone;
             # longer than the latency grid's tick, so a tick's outputs

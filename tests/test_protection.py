@@ -303,6 +303,16 @@ def test_backoff_is_capped_jittered_seeded_and_honours_hints() -> None:
     )
 
 
+def test_retry_quantum_resumes_on_the_grid_never_early() -> None:
+    assert RetryPolicy().resume_at(3.2, 0.45) == pytest.approx(3.65)  # off by default: exact
+    grid = RetryPolicy(quantum=1.0)
+    assert grid.resume_at(3.2, 0.45) == 4.0
+    assert grid.resume_at(3.0, 1.0) == 4.0  # already on a tick: not pushed on
+    assert grid.resume_at(0.1, 360.0) == 361.0  # a reset hint still holds
+    with pytest.raises(ValueError, match="retry quantum.*nan"):
+        RetryPolicy(quantum=float("nan"))
+
+
 async def test_agent_does_not_retry_authentication(tmp_path: object, autojump_clock: trio.testing.MockClock) -> None:
     """The provider refreshes and retries a 401 once itself; by the time the
     agent sees AuthenticationFailed it is permanent: one attempt, no backoff."""

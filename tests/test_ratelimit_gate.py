@@ -76,3 +76,51 @@ async def test_a_cancelled_head_hands_the_lead_on(autojump_clock: trio.testing.M
         await trio.sleep(1.0)
         head_scope.cancel()
     assert released == {"next": pytest.approx(5.2)}
+
+
+async def test_on_a_grid_the_head_releases_a_whole_tick_in_one_step(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps = 0
+    real_sleep_until = trio.sleep_until
+
+    async def counting_sleep_until(deadline: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await real_sleep_until(deadline)
+
+    monkeypatch.setattr(trio, "sleep_until", counting_sleep_until)
+    gate = RateLimitGate(spread=1.0, quantum=0.5)
+    gate.close_until(10.0)
+    await trio.sleep(0.5)
+    waiters = 100
+    units = {i: (i * 37 % waiters) / waiters for i in range(waiters)}  # 0.00 .. 0.99
+    released: dict[int, float] = {}
+    late = trio.CancelScope()
+
+    async def waiter(i: int) -> None:
+        with late if i == 1 else trio.CancelScope():
+            await gate.wait(units[i])
+            released[i] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        # In unit order, so the first stays the head: a later arrival that
+        # sorts first would sleep as head too (trio shuffles start order).
+        for i in sorted(units, key=units.__getitem__):
+            nursery.start_soon(waiter, i)
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(5.0)
+        late.cancel()  # a waiter that gives up leaves the others' ticks alone
+    assert set(released) == set(units) - {1}
+    for i, at in released.items():
+        # The first tick of the grid at or after its point, never before it.
+        assert at >= 10.0 + units[i] and at - (10.0 + units[i]) < 0.5, (i, at)
+        assert at in (10.0, 10.5, 11.0), (i, at)
+    # One sleep per tick, not one per waiter: the head lets the whole tick
+    # through in its own step.
+    assert sleeps == 3, sleeps
+
+
+def test_gate_quantum_is_checked() -> None:
+    with pytest.raises(ValueError, match="gate quantum.*-1"):
+        RateLimitGate(quantum=-1.0)

@@ -154,3 +154,24 @@ def test_latency_quantum_ends_calls_on_a_shared_grid_never_early() -> None:
     assert grid.deadline(0.1, 0.3) == grid.deadline(0.2, 0.25) == 0.5
     with pytest.raises(ValueError, match="quantum"):
         Latency(quantum=-1.0)
+
+
+def test_every_soak_wake_is_on_its_timing_grid() -> None:
+    """Latencies, retry pauses and rate-limit releases all end on the 1 s
+    grid, so concurrent runs wake together: off it, each retry and gate
+    release had an instant (and a run-loop trip) of its own."""
+    from actors._soak import soak_shard
+
+    wakes: set[float] = set()
+
+    class Wakes(trio.abc.Instrument):
+        def before_io_wait(self, timeout: float) -> None:
+            wakes.add(trio.current_time())
+
+    config = SoakConfig(seed=3, runs=40, concurrency=16)
+    report = trio.run(
+        soak_shard, config, clock=trio.testing.MockClock(autojump_threshold=0), instruments=[Wakes()]
+    )
+    assert not report.breaches
+    assert report.gate_waits > 0 and sum(o.retries for o in report.outcomes) > 0, "both were exercised"
+    assert {t for t in wakes if t != round(t)} == set()
