@@ -175,3 +175,25 @@ def test_every_soak_wake_is_on_its_timing_grid() -> None:
     assert not report.breaches
     assert report.gate_waits > 0 and sum(o.retries for o in report.outcomes) > 0, "both were exercised"
     assert {t for t in wakes if t != round(t)} == set()
+
+
+def test_scratch_store_is_in_memory_unless_the_shard_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import _soak
+    from store import Store
+
+    opened: list[str] = []
+    real_open = Store.open.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Store], path: str, **kwargs: object) -> Store:
+        opened.append(path)
+        return real_open(cls, path, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Store, "open", classmethod(spy))
+    config = SoakConfig(seed=5, runs=12)  # 12 runs x 19 agent slots
+    in_memory = run_soak(config)
+    monkeypatch.setattr(_soak, "MEMORY_STORE_SLOTS", 12 * 19 - 1)
+    on_file = run_soak(config)
+    assert opened[0] == ":memory:"
+    assert opened[1].endswith("soak.db") and not Path(opened[1]).exists(), "a temporary file, removed"
+    assert in_memory.ok and on_file.ok, (in_memory.breaches, on_file.breaches)
+    assert in_memory.digest == on_file.digest
