@@ -48,6 +48,7 @@ from messages import (
     AgentRequest,
     ConclaveError,
     Decision,
+    DropRun,
     FaultInterceptor,
     FaultPlan,
     Interceptor,
@@ -269,6 +270,11 @@ class Orchestrator:
         reply, pending = reply_pair(type(item).__name__)
         ack: StoreAck = await request(self._store, attrs.evolve(item, reply_to=reply), pending)
         return ack
+
+    async def _drop_run(self, run_id: str) -> StoreAck:
+        """Delete a finished run from the store, after whatever the writer
+        still holds for it (the soak's scratch store; see DropRun)."""
+        return await self._write(DropRun(run_id=run_id))
 
     async def totals(self, run_id: str, *, forget: bool = False) -> UsageTotals:
         reply, pending = reply_pair("usage totals")

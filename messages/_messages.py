@@ -301,4 +301,15 @@ class PersistBranch:
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
 
 
-StoreWrite = PersistRun | PersistBranch | PersistOutput | PersistDecision | PersistEvent | RunUpdate
+@attrs.frozen(kw_only=True, slots=True)
+class DropRun:
+    """Owner -> store writer: delete a finished run and everything stored
+    for it (branches, outputs, decisions, events).  The soak drops each run
+    from its scratch store once checked, so that store only ever holds the
+    runs in flight; nothing in a real run drops anything."""
+
+    run_id: str
+    reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+
+
+StoreWrite = PersistRun | PersistBranch | PersistOutput | PersistDecision | PersistEvent | RunUpdate | DropRun

@@ -19,6 +19,7 @@ import attrs
 
 from messages import (
     AgentOutput,
+    DropRun,
     PersistBranch,
     PersistDecision,
     PersistEvent,
@@ -466,6 +467,17 @@ class Store:
                 " digest = NULL, updated_at = ? WHERE run_id = ?",
                 (item.branch_id, now, item.run_id),
             )
+        elif isinstance(item, DropRun):
+            branches = conn.execute("SELECT branch_id FROM branches WHERE run_id = ?", (item.run_id,)).fetchall()
+            # Branches, outputs, decisions and events go with it (ON DELETE CASCADE).
+            conn.execute("DELETE FROM runs WHERE run_id = ?", (item.run_id,))
+            if conn.changes() != 1:
+                raise apsw.ConstraintError(f"no run {item.run_id!r} to drop")
+            # What was remembered of it no longer holds (a rolled-back drop
+            # only costs a re-read).
+            self._stages.pop(item.run_id, None)
+            for (branch_id,) in branches:
+                self._roots.pop((item.run_id, str(branch_id)), None)
         else:  # pragma: no cover - the type says this cannot happen
             raise TypeError(f"not a store write: {item!r}")
         return None

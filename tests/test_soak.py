@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -177,23 +179,34 @@ def test_every_soak_wake_is_on_its_timing_grid() -> None:
     assert {t for t in wakes if t != round(t)} == set()
 
 
-def test_scratch_store_is_in_memory_unless_the_shard_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scratch_store_is_in_memory_and_holds_only_runs_in_flight(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from actors import _soak
     from store import Store
 
     opened: list[str] = []
-    real_open = Store.open.__func__  # type: ignore[attr-defined]
+    held: list[int] = []
+    real_open, real_check = Store.open.__func__, _soak._check_run  # type: ignore[attr-defined]
 
-    def spy(cls: type[Store], path: str, **kwargs: object) -> Store:
+    def spy_open(cls: type[Store], path: str, **kwargs: object) -> Store:
         opened.append(path)
         return real_open(cls, path, **kwargs)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(Store, "open", classmethod(spy))
-    config = SoakConfig(seed=5, runs=12)  # 12 runs x 19 agent slots
-    in_memory = run_soak(config)
-    monkeypatch.setattr(_soak, "MEMORY_STORE_SLOTS", 12 * 19 - 1)
-    on_file = run_soak(config)
-    assert opened[0] == ":memory:"
-    assert opened[1].endswith("soak.db") and not Path(opened[1]).exists(), "a temporary file, removed"
-    assert in_memory.ok and on_file.ok, (in_memory.breaches, on_file.breaches)
-    assert in_memory.digest == on_file.digest
+    def spy_check(checker: Any, store: Store, *args: Any) -> Any:
+        held.append(len(store.list_runs(limit=10_000)))
+        return real_check(checker, store, *args)
+
+    monkeypatch.setattr(Store, "open", classmethod(spy_open))
+    monkeypatch.setattr(_soak, "_check_run", spy_check)
+    config = SoakConfig(seed=5, runs=60, concurrency=8)
+    scratch = run_soak(config)
+    assert opened == [":memory:"]
+    assert scratch.ok, scratch.breaches
+    # Each checked run is dropped: never more than the runs in flight.
+    assert len(held) == 60 and max(held) <= 8, held
+    # A kept file keeps every run, and the soak's outcome is the same.
+    kept = run_soak(attrs.evolve(config, db=str(tmp_path / "kept.db")))
+    assert kept.ok and kept.digest == scratch.digest
+    with Store.open(str(tmp_path / "kept.db"), readonly=True) as store:
+        assert len(store.list_runs(limit=10_000)) == 60
