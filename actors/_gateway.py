@@ -20,6 +20,15 @@ there is work or the gateway stops.  A provider need not checkpoint (the
 zero-latency simulator does not): a worker then serves queued calls back
 to back, yielding every ``_CHECKPOINT_EVERY`` calls, so a burst of N
 answers costs N/64 schedule points instead of N.
+
+A call whose caller has stopped waiting (its call timeout fired while the
+call was queued or at the rate-limit gate) is dropped unmade.  It was
+logged as an ``agent_call`` when it reached the gateway, so the gateway
+logs a ``call_dropped`` event for it on ``events``: agent_call events less
+call_dropped ones are the calls handed to providers (save calls still
+queued when the gateway is cancelled).  ``events`` is the gateway's own
+clone of the store's inbox, closed when it stops, so the store writer
+outlives the gateway's last drop.
 """
 
 from __future__ import annotations
@@ -31,10 +40,14 @@ import trio
 
 from messages import (
     ZERO_USAGE,
+    ActorStopped,
     BadRequest,
     CompletionRequest,
     CompletionResult,
+    Outbox,
+    PersistEvent,
     ProviderError,
+    StoreWrite,
     fail_pending,
 )
 
@@ -64,6 +77,7 @@ class Gateway:
         *,
         max_concurrency: int = 64,
         health: HealthRegistry | None = None,
+        events: Outbox[StoreWrite] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -74,6 +88,7 @@ class Gateway:
         self._stopping = False
         # Calls dropped unmade because their caller had stopped waiting.
         self.abandoned = 0
+        self._events = events
 
     async def run(self, inbox: trio.MemoryReceiveChannel[CompletionRequest]) -> None:
         """Serve until the inbox closes and every queued call is done.
@@ -103,6 +118,8 @@ class Gateway:
                     if reply is not None:
                         reply.close()
             fail_pending(inbox)
+            if self._events is not None:
+                self._events.close()
 
     def _enqueue(self, nursery: trio.Nursery, request: CompletionRequest) -> None:
         pool = self._pools.get(request.provider)
@@ -148,7 +165,7 @@ class Gateway:
             # Its caller gave up (its call timed out) while the call was
             # queued, and has retried or failed since: a model call now
             # would be paid for and never read.
-            self.abandoned += 1
+            await self._dropped(request)
             return
         try:
             result = await self._complete(request)
@@ -171,7 +188,7 @@ class Gateway:
         if permit is not None and reply is not None and reply.abandoned:
             # Given up on while it waited at the rate-limit gate.
             health.abandon(permit)
-            self.abandoned += 1
+            await self._dropped(request)
             return None
         if permit is None:
             # Failed fast: nothing reached the provider, nothing was billed.
@@ -197,6 +214,22 @@ class Gateway:
             raise
         health.report(permit, None)
         return CompletionResult(key=request.key, attempt=request.attempt, completion=completion)
+
+    async def _dropped(self, request: CompletionRequest) -> None:
+        self.abandoned += 1
+        if self._events is None:
+            return
+        try:
+            await self._events.send_eager(
+                PersistEvent.of_attempt(
+                    request.key,
+                    request.attempt,
+                    "call_dropped",
+                    {"provider": request.provider, "model": request.model, "reason": "caller stopped waiting"},
+                )
+            )
+        except ActorStopped:
+            pass  # the store writer has stopped: the orchestrator is closing
 
     async def aclose(self) -> None:
         for provider in self.providers.values():

@@ -14,11 +14,13 @@ Per run (started by ``Orchestrator.run``)::
     coordinator     buffer = largest panel        (interceptors: "coordinator")
 
 Every reply to a request travels in a one-shot :class:`~messages.Reply`
-slot, which holds its one value and therefore *never blocks*; the gateway,
-metrics accumulator and store writer only ever block on their own inboxes.
-So each request-reply cycle (agent <-> gateway, agent <-> store,
-coordinator <-> store, anyone <-> metrics) has a reply edge that cannot
-block, and none of these actors can wait on its callers.
+slot, which holds its one value and therefore *never blocks*; the metrics
+accumulator and store writer only ever block on their own inboxes, and the
+gateway on its own inbox or, logging a call it drops, on the store's inbox,
+which the writer drains without waiting on anyone.  So each request-reply
+cycle (agent <-> gateway, agent <-> store, coordinator <-> store, anyone <->
+metrics) has a reply edge that cannot block, and none of these actors can
+wait on its callers.
 
 The one cycle without a Reply slot is coordinator -> agent -> coordinator.
 Its request edge cannot block: the coordinator gives each agent at most one
@@ -689,11 +691,16 @@ async def open_orchestrator(
 
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
-    gateway = Gateway(providers, max_concurrency=limits.max_concurrency, health=health)
     hub = MetricsHub()
     writer = StoreWriter(db, hold=limits.store_hold)
     store_tx, store_rx = open_channel(
         limits.store_buffer, name="store", interceptors=interceptors.get("store", ())
+    )
+    # The gateway logs the calls it drops unmade (gateway -> store: the
+    # writer never sends to the gateway, so this edge closes no cycle), on
+    # a clone it closes when it stops: the writer outlives its last drop.
+    gateway = Gateway(
+        providers, max_concurrency=limits.max_concurrency, health=health, events=store_tx.clone()
     )
     # Last on the gateway edge: every call that reaches the gateway is
     # logged as an agent_call event (after faults: an injected fault is not

@@ -4,6 +4,8 @@ another's calls, and a stopped gateway fails what it still holds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import pytest
 import trio
@@ -17,6 +19,8 @@ from messages import (
     Completion,
     CompletionRequest,
     CompletionResult,
+    PersistEvent,
+    StoreWrite,
     TokenUsage,
     open_channel,
     reply_pair,
@@ -130,7 +134,8 @@ async def test_a_queued_call_whose_caller_gave_up_is_never_made(autojump_clock: 
     """An agent's call timeout leaves its request queued; making it later
     would buy an answer nobody reads (the agent has retried or failed)."""
     slow = Recorder(10.0)
-    gateway = Gateway({"slow": MockProvider(slow, name="slow")}, max_concurrency=1)
+    events, logged = open_channel(8, name="store")
+    gateway = Gateway({"slow": MockProvider(slow, name="slow")}, max_concurrency=1, events=events)
     tx, rx = open_channel(8, name="gateway")
     results: dict[str, object] = {}
     async with trio.open_nursery() as nursery:
@@ -145,6 +150,8 @@ async def test_a_queued_call_whose_caller_gave_up_is_never_made(autojump_clock: 
     assert results["impatient"] == "gave up"
     assert [agent for agent, _ in slow.started] == ["busy", "patient"], "the abandoned call was not made"
     assert gateway.abandoned == 1
+    [dropped] = _drain(logged)
+    assert isinstance(dropped, PersistEvent) and (dropped.kind, dropped.agent) == ("call_dropped", "impatient")
     _, patient_done = results["patient"]  # type: ignore[misc]
     assert patient_done == pytest.approx(20.0, abs=0.1), "and it did not hold up the queue"
 
@@ -153,7 +160,8 @@ async def test_a_call_given_up_at_the_rate_limit_gate_is_never_made(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     fast = Recorder(1.0)
-    gateway = Gateway({"p": MockProvider(fast, name="p")})
+    events, logged = open_channel(8, name="store")
+    gateway = Gateway({"p": MockProvider(fast, name="p")}, events=events)
     gateway.health["p"].gate.close_until(trio.current_time() + 60.0)  # a 429's reset hint
     tx, rx = open_channel(8, name="gateway")
     results: dict[str, object] = {}
@@ -166,3 +174,37 @@ async def test_a_call_given_up_at_the_rate_limit_gate_is_never_made(
     assert results["a"] == "gave up"
     assert [agent for agent, _ in fast.started] == ["b"]
     assert gateway.abandoned == 1
+    assert [(e.kind, e.agent) for e in _drain(logged)] == [("call_dropped", "a")]  # type: ignore[union-attr]
+
+
+def _drain(rx: trio.MemoryReceiveChannel[StoreWrite]) -> list[StoreWrite]:
+    items = []
+    while True:
+        try:
+            items.append(rx.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return items
+
+
+async def test_the_event_log_counts_only_calls_made(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """agent_call events less call_dropped events are the calls a provider
+    received: one call at a time, 10 s each, against a 5 s call timeout,
+    so callers give up both in flight (made) and in the queue (dropped)."""
+    from actors import Latency, Limits, RetryPolicy, SimulatedProvider, open_orchestrator, pipeline_with_panel
+    from store import Store
+
+    sim = SimulatedProvider(seed=1, latency=Latency(median=10.0, sigma=0.0))
+    async with open_orchestrator(
+        store=str(tmp_path / "c.db"),
+        provider=sim,
+        pipeline=pipeline_with_panel("validate", ["a", "b", "c"]),
+        retry=RetryPolicy(max_attempts=2, call_timeout=5.0),
+        limits=Limits(max_concurrency=1),
+    ) as orch:
+        result = await orch.run("SPEC-DROP")
+    assert not result.completed
+    with Store.open(str(tmp_path / "c.db"), readonly=True) as store:
+        called = len(store.events(result.run_id, "agent_call"))
+        dropped = len(store.events(result.run_id, "call_dropped"))
+    assert called == 6 and dropped > 0, (called, dropped)  # 3 agents x 2 attempts
+    assert called - dropped == sim.calls
