@@ -35,7 +35,9 @@ bound proves room.  So this is an upper bound.  "hops only" drops attrs, JSON
 and SQLite to split trio's cost from the data's.  "floor + features" adds
 the barest form of each feature the other issues require (event row, identity
 SHA-256, usage tallies priced in Decimal, breaker window, consensus parse;
-see featured_round): how much of a target's headroom they leave.  --soak runs the same flow on
+see featured_round): how much of a target's headroom they leave; "+ a Random
+per answer" also draws the answer from a random.Random seeded by identity,
+as DESIGN.md has every random choice drawn.  --soak runs the same flow on
 MockClock(autojump_threshold=0): log-normal latency ending on a 1 s grid
 (Latency(quantum=1.0)), 10 % of calls fail and retry after 0.5 s, six stages
 (3 sequential, 3 parallel; panels 3,3,4,3,3,3), 64 pipelines at once; its
@@ -345,19 +347,28 @@ async def featured_metrics(inbox: Recv) -> None:
             cost[u.run_id] = cost.get(u.run_id, Decimal(0)) + u.tokens[0] * PRICE_IN + u.tokens[1] * PRICE_OUT
 
 
-async def featured_gateway(inbox: Recv) -> None:
+async def featured_gateway(inbox: Recv, rng: bool = False) -> None:
+    """``rng``: draw the answer's numbers from a ``random.Random`` seeded
+    from the identity's SHA-256, as DESIGN.md has every random choice drawn
+    ("a random.Random derived from (seed, message identity)"), rather than
+    from the digest's bytes."""
     window: collections.deque[tuple[float, bool]] = collections.deque()
     async for first in inbox:
         for req in drain(first, inbox):
             ident = f"1\x1f{req.run_id}\x1f{req.stage}\x1f{req.agent}\x1f{req.attempt}".encode()
             digest = hashlib.sha256(ident).digest()
+            if rng:
+                draw = random.Random(int.from_bytes(digest[:8], "big"))
+                tokens = (200 + draw.randrange(1000), 100 + draw.randrange(700))
+            else:
+                tokens = (200 + digest[4] * 4, 100 + digest[5] * 3)
             now = trio.current_time()
             while window and window[0][0] < now - 60.0:
                 window.popleft()
             window.append((now, True))
             req.reply_to.send(CompletionResult(
                 run_id=req.run_id, branch_id=req.branch_id, stage=req.stage, agent=req.agent, attempt=req.attempt,
-                ok=True, text=digest[:4].hex(), tokens=(200 + digest[4] * 4, 100 + digest[5] * 3)))
+                ok=True, text=digest[:4].hex(), tokens=tokens))
 
 
 async def featured_agent(inbox: Recv, gw: Send, store: Send, metrics: Send) -> None:
@@ -380,14 +391,15 @@ async def featured_agent(inbox: Recv, gw: Send, store: Send, metrics: Send) -> N
                                          attempt=attempt, content=content))
 
 
-async def featured_round(n: int, path: str) -> float:
-    """The floor (no spawn) plus the cheapest form of each required feature."""
+async def featured_round(n: int, path: str, rng: bool = False) -> float:
+    """The floor (no spawn) plus the cheapest form of each required feature
+    (``rng``: see featured_gateway)."""
     gw_tx, gw_rx = trio.open_memory_channel[Any](n)
     st_tx, st_rx = trio.open_memory_channel[Any](2 * n + 2)  # n events, n outputs, barrier, decision
     me_tx, me_rx = trio.open_memory_channel[Any](n)
     rep_tx, rep_rx = trio.open_memory_channel[Any](n)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(featured_gateway, gw_rx)
+        nursery.start_soon(featured_gateway, gw_rx, rng)
         nursery.start_soon(featured_metrics, me_rx)
         await nursery.start(store_writer, st_rx, path, True)
         agents = []
@@ -516,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                 "floor (spawn per call)": lambda: trio.run(floor_round, n, db(), True),
                 "floor (no spawn)": lambda: trio.run(floor_round, n, db(), False),
                 "floor + features": lambda: trio.run(featured_round, n, db()),
+                "  + a Random per answer": lambda: trio.run(featured_round, n, db(), True),
                 "conclave": lambda: trio.run(conclave_stage, n, db()),
             })
             raw = meds["raw trio round trips"]
@@ -523,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                   f" conclave / floor + features = {meds['conclave'] / meds['floor + features']:.3f}x")
             verdict("floor (no spawn) / raw", meds["floor (no spawn)"] / raw, 0.5, "x")
             verdict("floor + features / raw", meds["floor + features"] / raw, 0.5, "x")
+            verdict("floor + features + Random / raw", meds["  + a Random per answer"] / raw, 0.5, "x")
     return 0
 
 

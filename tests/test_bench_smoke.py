@@ -26,8 +26,9 @@ def test_floor_bench_runs_tiny() -> None:
     # Correctness only: the floor checks its rows landed in SQLite, the
     # Conclave side asserts its stage completed; no timing is asserted.
     out = run_bench("floor_bench.py", "--agents", "20", "--runs", "1", timeout=300)
-    assert out.count("x raw  (median") == 6 and "conclave / floor (no spawn) =" in out
+    assert out.count("x raw  (median") == 7 and "conclave / floor (no spawn) =" in out
     assert "floor (no spawn) / raw =" in out and "floor + features / raw =" in out and "0.5x target is" in out
+    assert "floor + features + Random / raw =" in out
     soak = run_bench("floor_bench.py", "--soak", "--pipelines", "8", "--concurrency", "4", "--runs", "1", timeout=300)
     assert soak.count("x raw  (median") == 4 and "conclave / best floor =" in soak
     assert "best floor =" in soak and "20,000 turns/s target is" in soak
