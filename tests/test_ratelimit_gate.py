@@ -4,6 +4,8 @@ of the queue, not every waiter."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 import trio.testing
@@ -103,14 +105,16 @@ async def test_on_a_grid_the_head_releases_a_whole_tick_in_one_step(
             await gate.wait(units[i])
             released[i] = trio.current_time()
 
-    async with trio.open_nursery() as nursery:
-        # In unit order, so the first stays the head: a later arrival that
-        # sorts first would sleep as head too (trio shuffles start order).
-        for i in sorted(units, key=units.__getitem__):
-            nursery.start_soon(waiter, i)
-            await trio.testing.wait_all_tasks_blocked()
-        await trio.sleep(5.0)
-        late.cancel()  # a waiter that gives up leaves the others' ticks alone
+    with trio.fail_after(1_000):  # a waiter left unwoken fails, not hangs
+        async with trio.open_nursery() as nursery:
+            # In unit order, so the first stays the head: a later arrival
+            # that sorts first would sleep as head too (trio shuffles start
+            # order).
+            for i in sorted(units, key=units.__getitem__):
+                nursery.start_soon(waiter, i)
+                await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(5.0)
+            late.cancel()  # a waiter that gives up leaves the others' ticks alone
     assert set(released) == set(units) - {1}
     for i, at in released.items():
         # The first tick of the grid at or after its point, never before it.
@@ -124,3 +128,52 @@ async def test_on_a_grid_the_head_releases_a_whole_tick_in_one_step(
 def test_gate_quantum_is_checked() -> None:
     with pytest.raises(ValueError, match="gate quantum.*-1"):
         RateLimitGate(quantum=-1.0)
+
+
+@pytest.mark.parametrize("quantum", [0.0, 0.25, 1.0])
+def test_random_arrivals_cancellations_and_429s_never_release_early(quantum: float) -> None:
+    """Whatever the interleaving of arrivals, 429s and waiters giving up:
+    every waiter that stays is released, on the grid, with the gate open,
+    and never before the reset in force when it arrived plus its spread."""
+    import random
+
+    for scenario in range(60):
+        rng = random.Random(scenario)
+        released: dict[int, float] = {}
+        floors: dict[int, float] = {}
+        cancelled: set[int] = set()
+        gate = RateLimitGate(spread=1.0, quantum=quantum)
+
+        async def waiter(i: int, unit: float, arrive: float, give_up: float) -> None:
+            await trio.sleep(arrive)
+            now = trio.current_time()
+            floors[i] = now if gate.is_open(now) else gate._reset_for(now) + unit * gate.spread
+            with trio.move_on_after(give_up) as scope:
+                await gate.wait(unit)
+                released[i] = trio.current_time()
+                assert gate.is_open(released[i])
+            if scope.cancelled_caught:
+                cancelled.add(i)
+
+        async def extender() -> None:
+            for _ in range(rng.randrange(4)):
+                await trio.sleep(rng.random() * 6)
+                gate.close_until(trio.current_time() + rng.random() * 4)
+
+        async def main() -> None:
+            gate.close_until(5.0 + rng.random() * 5)
+            # A waiter nobody wakes would hang: on the virtual clock this
+            # deadline comes at once and fails the test instead.
+            with trio.fail_after(10_000):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(extender)
+                    for i in range(30):
+                        give_up = rng.random() * 10 if rng.random() < 0.3 else math.inf
+                        nursery.start_soon(waiter, i, rng.random(), rng.random() * 12, give_up)
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert set(released) | cancelled == set(range(30)), scenario
+        for i, at in released.items():
+            assert at >= floors[i] - 1e-9, (scenario, i, at, floors[i])
+            if quantum and at > floors[i]:  # it waited: released on a tick
+                assert abs(at / quantum - round(at / quantum)) < 1e-9, (scenario, i, at)
