@@ -4,17 +4,18 @@
 
 Conclave's side is the real soak (``actors._soak``): full pipelines through
 agents, the fault interceptor, gate and breaker, the simulator, metrics and
-the store writer (group commit to a temporary SQLite file), with every
-invariant checked.  The baseline is the same shape of work in raw trio -
+the store writer (group commit to the soak's in-memory scratch SQLite
+database, each run dropped once checked), with every invariant checked.  The baseline is the same shape of work in raw trio -
 the same number of turns, each a ``trio.sleep`` of the simulated latency,
 10 % of them failing and retried - on the same virtual clock: the floor of
 what trio itself costs.  Prints agent turns per wall second and virtual
 seconds per wall second for both, and the ratio.
 
-The soak ends simulated latencies on a 1 s grid (``Latency(quantum=1.0)``,
-its default), so completions that share a tick share a scheduler batch; the
-baseline keeps continuous sleeps (one batch per sleep), so it is, if
-anything, a slightly low estimate of trio's floor.
+The soak ends simulated latencies, retry pauses and rate-limit releases on
+a 1 s grid (``Latency(quantum=1.0)``, its default), so what ends in the same
+tick shares a scheduler batch; the baseline keeps continuous sleeps (one
+batch per sleep), so it is, if anything, a slightly low estimate of trio's
+floor.
 
 With ``--workers W`` > 1 each repeat also runs both sides in W processes
 with the soak's split (run i in process i % W, ceil(concurrency / W) in
