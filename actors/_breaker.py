@@ -112,12 +112,16 @@ class CircuitBreaker:
             self._tail_total = self._tail_failures = 0
         self._wake()
 
-    def _should_open(self, now: float) -> bool:
+    def _in_window(self, now: float) -> tuple[int, int]:
+        """Forget outcomes older than the window; (calls, failures) left."""
         outcomes = self._outcomes
         horizon = now - self.policy.window
         while outcomes and outcomes[0][0] < horizon:
             self._failures -= outcomes.popleft()[1]
-        total, failures = len(outcomes), self._failures
+        return len(outcomes), self._failures
+
+    def _should_open(self, now: float) -> bool:
+        total, failures = self._in_window(now)
         if self._tail_at >= now:  # this instant's outcomes are not in yet
             total -= self._tail_total
             failures -= self._tail_failures

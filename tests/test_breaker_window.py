@@ -15,12 +15,8 @@ class ScanningBreaker(CircuitBreaker):
     """The reference: exclude this instant's outcomes by scanning the tail."""
 
     def _should_open(self, now: float) -> bool:
-        outcomes = self._outcomes
-        horizon = now - self.policy.window
-        while outcomes and outcomes[0][0] < horizon:
-            self._failures -= outcomes.popleft()[1]
-        total, failures = len(outcomes), self._failures
-        for at, failed in reversed(outcomes):
+        total, failures = self._in_window(now)
+        for at, failed in reversed(self._outcomes):
             if at < now:
                 break
             total -= 1
