@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from messages import AgentKey, AgentOutput, PersistBranch, PersistOutput, PersistRun, TokenUsage
+import attrs
+
+from messages import AgentKey, PersistBranch, PersistOutput, PersistRun
 from store import Store
+
+from .test_store import output
 
 STAGES = ["plan", "tasks", "impl"]
 PIPELINE = json.dumps({"stages": [{"name": n} for n in STAGES]})
@@ -16,15 +20,11 @@ PIPELINE = json.dumps({"stages": [{"name": n} for n in STAGES]})
 
 def _out(branch: str, stage: str, agent: str, attempt: int = 1, status: str = "accepted") -> PersistOutput:
     return PersistOutput(
-        output=AgentOutput(
+        output=attrs.evolve(
+            output(agent, attempt, status),
             key=AgentKey(run_id="r", branch_id=branch, stage=stage, agent=agent),
-            attempt=attempt,
-            status=status,  # type: ignore[arg-type]
             content=f"{branch}/{stage}/{agent}/{attempt}",
             format="text",
-            usage=TokenUsage.of(input_tokens=1, output_tokens=1) if status == "accepted" else None,
-            model="m",
-            provider="p",
         )
     )
 
