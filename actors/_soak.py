@@ -392,9 +392,9 @@ def _check_run(
 
 
 @contextmanager
-def _database(config: SoakConfig, shard: int = 0) -> Iterator[tuple[Store, bool]]:
-    """The shard's store, and whether it is scratch: the file asked for
-    (durability "normal"), kept; or an in-memory database nobody else
+def _database(config: SoakConfig, shard: int = 0) -> Iterator[Store]:
+    """The shard's store: the file asked for (durability "normal"), kept;
+    or, without ``config.db``, a scratch in-memory database nobody else
     opens and nobody keeps (durability "scratch": no syncs, one exclusive
     lock; no temporary file, whose WAL writes were 12 % of a soak).  The
     soak drops each run from a scratch store once checked, so it only
@@ -405,10 +405,10 @@ def _database(config: SoakConfig, shard: int = 0) -> Iterator[tuple[Store, bool]
             root, ext = os.path.splitext(config.db)
             path = f"{root}-shard{shard}{ext}"
         with Store.open(path, durability="normal") as store:
-            yield store, False
+            yield store
         return
     with Store.open(":memory:", durability="scratch") as store:
-        yield store, True
+        yield store
 
 
 @attrs.frozen(kw_only=True)
@@ -448,7 +448,8 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
     assigned = config.shard_indices(shard)
     concurrency = config.shard_concurrency
 
-    with _database(config, shard) as (store, scratch):
+    scratch = config.db is None  # see _database
+    with _database(config, shard) as store:
         async with open_orchestrator(
             store=store,
             provider=provider,
