@@ -49,6 +49,8 @@ from messages import (
     QuotaExceeded,
     RateLimited,
     TokenUsage,
+    parse_duration,
+    parse_seconds,
 )
 
 WallClock = Callable[[], float]
@@ -92,37 +94,8 @@ def body_excerpt(body: bytes, secrets: Iterable[str] = ()) -> str:
     return text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
 
 
-_GO_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
-
-
-def parse_go_duration(text: str) -> float | None:
-    """Seconds in a Go-style duration (``6m0s``, ``1.5s``, ``20ms``);
-    ``None`` when it is not one.  A bare number is taken as seconds."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _GO_PART.finditer(text):
-        if match.start() != pos:
-            return None
-        total += float(match.group(1)) * _GO_UNIT[match.group(2)]
-        pos = match.end()
-    return total if pos == len(text) and pos > 0 else None
-
-
 def _seconds(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if seconds == seconds and seconds >= 0 else None  # NaN check
+    return None if value is None else parse_seconds(value)
 
 
 def _http_date(value: str, wall_now: float) -> float | None:
@@ -166,7 +139,7 @@ def parse_reset_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.t
     resets: list[tuple[float, str | None]] = []
     for kind in ("requests", "tokens"):
         raw = headers.get(f"x-ratelimit-reset-{kind}")
-        seconds = parse_go_duration(raw) if raw is not None else None
+        seconds = parse_duration(raw) if raw is not None else None
         if seconds is not None:
             resets.append((seconds, headers.get(f"x-ratelimit-remaining-{kind}")))
     if resets:

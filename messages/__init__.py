@@ -19,6 +19,7 @@ from ._channel import (
     open_channel,
     reply_pair,
 )
+from ._duration import parse_duration, parse_seconds
 from ._errors import (
     ActorStopped,
     AuthenticationFailed,
@@ -110,7 +111,9 @@ __all__ = [
     "HealthPort",
     "InjectedFault",
     "ResetHint",
+    "parse_duration",
     "parse_reset_hint",
+    "parse_seconds",
     "parse_scope",
     "StageStarted",
     "StageDecided",

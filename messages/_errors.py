@@ -7,6 +7,7 @@ from a real one: both go through :func:`is_retryable` and the same backoff.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -64,8 +65,13 @@ class RateLimited(ProviderError):
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
-        if retry_after is not None and retry_after < 0:
-            retry_after = 0.0
+        if retry_after is not None:
+            if not math.isfinite(retry_after):
+                # NaN or infinity would close the provider's gate for good
+                # (or never): it is no hint, and the agent backs off instead.
+                retry_after = None
+            elif retry_after < 0:
+                retry_after = 0.0
         self.retry_after = retry_after
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ._duration import parse_duration
 from ._errors import ConclaveError
 
 FaultKind = Literal["disconnect", "rate_limit", "timeout"]
@@ -26,6 +27,7 @@ _LABELS: dict[str, FaultKind] = {
     "rate_limit": "rate_limit",
     "timeout": "timeout",
 }
+_RATE = re.compile(r"\d+(?:\.\d+)?%")  # disconnect:5%
 _SCOPE_ALIASES = frozenset({"spec_kit", "speckit", "auto_drive", "gateway"})
 DEFAULT_TIMEOUT_MS = 30_000
 CHANNEL = "gateway"
@@ -36,9 +38,6 @@ class FaultPlanError(ConclaveError, ValueError):
 
 
 # -- reset hints ---------------------------------------------------------------
-
-_NUMBER = r"\d+(?:\.\d+)?"
-_GO_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -57,28 +56,17 @@ class ResetHint:
     text: str
 
 
-def _duration(text: str) -> float | None:
-    """Seconds from ``120``, ``1.5``, ``90s``, ``1500ms``, ``6m0s``, ``1h2m``."""
-    if re.fullmatch(_NUMBER, text):
-        return float(text)
-    match = _GO_DURATION.fullmatch(text)
-    if match is None or not any(match.groups()):
-        return None
-    h, m, s, ms = (float(g) if g else 0.0 for g in match.groups())
-    return h * 3600 + m * 60 + s + ms / 1000
-
-
 def parse_reset_hint(text: str, *, now: Callable[[], float] = time.time, source: str = "CODEX_FAULTS_429_RESET") -> ResetHint:
     """Parse a 429 reset hint: seconds (``120``), a duration (``90s``,
     ``1500ms``, ``6m0s``), ``now+90s`` / ``now+90``, or an RFC 3339 time.
     ``now`` is the wall clock, read only for RFC 3339 times."""
     raw = text.strip()
     if raw.lower().startswith("now+"):
-        seconds = _duration(raw[4:].strip())
+        seconds = parse_duration(raw[4:])
         if seconds is None:
             raise FaultPlanError(f"{source}: cannot read {text!r}: expected now+SECONDS, as in now+90s")
         return ResetHint(mode="anchored", seconds=seconds, text=raw)
-    seconds = _duration(raw)
+    seconds = parse_duration(raw)
     if seconds is not None:
         return ResetHint(mode="relative", seconds=seconds, text=raw)
     try:
@@ -222,7 +210,7 @@ class FaultPlan:
             rates.pop(kind, None)
             if re.fullmatch(r"\d+", value):
                 counts[kind] = int(value)
-            elif re.fullmatch(_NUMBER + "%", value) and float(value[:-1]) <= 100:
+            elif _RATE.fullmatch(value) and float(value[:-1]) <= 100:
                 rates[kind] = float(value[:-1]) / 100
             else:
                 raise FaultPlanError(

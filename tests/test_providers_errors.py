@@ -11,7 +11,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from actors._http_errors import parse_go_duration, parse_reset_hint, redact
+from actors._http_errors import parse_reset_hint, redact
 from actors._mock_backend import MockBackend
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
@@ -26,6 +26,7 @@ from messages import (
     QuotaExceeded,
     RateLimited,
     is_retryable,
+    parse_duration,
 )
 
 from tests._providers_support import SECRET, fixed, make_request, raising
@@ -191,7 +192,7 @@ def test_past_dates_mean_now() -> None:
     [("6m0s", 360.0), ("1h2m3s", 3723.0), ("1.5s", 1.5), ("250ms", 0.25), ("7", 7.0), ("", None), ("6 minutes", None)],
 )
 def test_go_durations(text: str, seconds: float | None) -> None:
-    assert parse_go_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
 
 
 # -- transport failures ----------------------------------------------------------
