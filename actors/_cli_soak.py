@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--faults",
         metavar="SPEC",
-        help=f"faults to inject (default: CODEX_FAULTS, else {DEFAULT_SOAK_FAULTS}); "
+        # argparse %-formats help: the default's "10%" must reach it as "10%%".
+        help=f"faults to inject (default: CODEX_FAULTS, else {DEFAULT_SOAK_FAULTS.replace('%', '%%')}); "
         "a 429 gets a 5 s reset hint unless CODEX_FAULTS_429_RESET says otherwise",
     )
     p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: --seed)")

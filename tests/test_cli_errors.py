@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -116,3 +117,20 @@ def test_help_explains_commands() -> None:
         assert word in proc.stdout
     run_help = run_cli(["run", "--help"])
     assert "--seed" in run_help.stdout and "--json" in run_help.stdout and "--pipeline" in run_help.stdout
+
+
+def test_every_command_explains_itself() -> None:
+    # `conclave soak --help` once crashed: argparse %-formats help strings,
+    # and the default fault spec's "4%" was not escaped.
+    from actors._cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"run", "soak", "resume", "rerun", "metrics", "login"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert text.startswith(f"usage: conclave {name}"), name
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in text, (name, flag)
+    assert "disconnect:4%,429:3%,timeout:3%" in commands["soak"].format_help()
