@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from messages import FaultPlan, FaultPlanError
 
@@ -103,6 +103,32 @@ def soak_config(args: argparse.Namespace) -> SoakConfig:
     )
 
 
+class SoakProgress:
+    """Shows a soak's progress on ``out``: redrawn in place on a terminal,
+    else a line per tenth of the runs (a log stays short).  Called with the
+    runs checked so far and their agent turns; from another thread when the
+    soak has workers, never from two at once."""
+
+    def __init__(self, out: TextIO, runs: int, label: str = "soak") -> None:
+        self.out = out
+        self.runs = runs
+        self.label = label
+        self.tty = out.isatty()
+        self.shown = -1
+
+    def __call__(self, done: int, turns: int) -> None:
+        step = done * (100 if self.tty else 10) // self.runs
+        if step == self.shown:
+            return
+        self.shown = step
+        line = f"{self.label}: {done:,}/{self.runs:,} runs ({done * 100 // self.runs}%), {turns:,} agent turns"
+        if self.tty:
+            self.out.write(f"\r{line}" + ("\n" if done == self.runs else ""))
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+
 def _human(report: SoakReport) -> str:
     faults = ", ".join(f"{k} {v}" for k, v in report.faults.items())
     recovered = ", ".join(f"{k} {v}" for k, v in report.recovered.items())
@@ -137,9 +163,12 @@ def cmd_soak(args: argparse.Namespace) -> int:
     if not args.json:
         note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
         print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
-    reports = [run_soak(config)]
+    def progress(label: str) -> SoakProgress | None:
+        return None if args.json else SoakProgress(sys.stderr, config.runs, label)
+
+    reports = [run_soak(config, progress("soak"))]
     if args.check_determinism and reports[0].ok:
-        reports.append(run_soak(config))
+        reports.append(run_soak(config, progress("soak, second run")))
     report = reports[0]
     deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
     if args.json:

@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -430,10 +430,33 @@ class ShardReport:
     virtual_seconds: float
 
 
-async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
+# Told (runs checked, agent turns in them) so far; reporting only.
+Progress = Callable[[int, int], None]
+
+
+def guarded(progress: Progress) -> Progress:
+    """``progress``, not called again once it raises: progress is
+    reporting, and a broken display must not fail a soak that holds."""
+    broken = False
+
+    def call(runs: int, turns: int) -> None:
+        nonlocal broken
+        if not broken:
+            try:
+                progress(runs, turns)
+            except Exception:
+                broken = True
+
+    return call
+
+
+async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | None = None) -> ShardReport:
     """Run shard ``shard`` of ``config.shards`` (its runs:
     ``config.shard_indices(shard)``, ``config.shard_concurrency`` at a time)
-    in the current trio run, which should use a MockClock with autojump."""
+    in the current trio run, which should use a MockClock with autojump.
+    ``progress`` is called, synchronously, after each run is checked
+    (see :func:`guarded`)."""
+    report = guarded(progress) if progress is not None else None
     started_wall = time.perf_counter()  # reporting only; never feeds a decision
     started = trio.current_time()
     tasks_before = trio.lowlevel.current_statistics().tasks_living
@@ -445,6 +468,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
     provider = _RecordingProvider(sim, checker)
     faults = FaultInterceptor(config.faults, seed=config.seed, observer=checker.on_fault)
     outcomes: dict[int, _RunOutcome] = {}
+    checked_turns = 0
     assigned = config.shard_indices(shard)
     concurrency = config.shard_concurrency
 
@@ -467,6 +491,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
             indices = iter(assigned)
 
             async def worker() -> None:
+                nonlocal checked_turns
                 for index in indices:
                     run_id = f"soak-{config.seed}-{index:06d}"
                     try:
@@ -477,6 +502,9 @@ async def soak_shard(config: SoakConfig, shard: int = 0) -> ShardReport:
                     outcome = _check_run(checker, store, config, run_id, result)
                     outcome.index = index
                     outcomes[index] = outcome
+                    checked_turns += outcome.turns
+                    if report is not None:
+                        report(len(outcomes), checked_turns)
                     if scratch:
                         # Checked: nothing reads it again.  A store that
                         # keeps every run grew slower as it grew (8,000
@@ -579,24 +607,26 @@ def merge_shards(
     )
 
 
-async def soak(config: SoakConfig) -> SoakReport:
+async def soak(config: SoakConfig, progress: Progress | None = None) -> SoakReport:
     """Run the soak from a trio run.  One worker: in the current run (which
     should use a MockClock with autojump; :func:`run_soak` arranges that).
     Several: in worker processes, waited for in a thread; cancelling the
-    call kills them."""
+    call kills them.  ``progress`` gets the runs checked and their turns,
+    over all workers (from another thread when there are several)."""
     if config.shards > 1:
         from ._soak_shards import run_sharded_in_trio
 
-        return await run_sharded_in_trio(config)
-    part = await soak_shard(config)
+        return await run_sharded_in_trio(config, progress=progress)
+    part = await soak_shard(config, 0, progress)
     return merge_shards(config, [part], [], wall_seconds=part.wall_seconds)
 
 
-def run_soak(config: SoakConfig) -> SoakReport:
+def run_soak(config: SoakConfig, progress: Progress | None = None) -> SoakReport:
     """Run the soak: one worker in a fresh trio run on a virtual clock
-    (autojump), several in as many processes, each with its own."""
+    (autojump), several in as many processes, each with its own.
+    ``progress``: see :func:`soak`."""
     if config.shards > 1:
         from ._soak_shards import run_sharded
 
-        return run_sharded(config)
-    return trio.run(soak, config, clock=trio.testing.MockClock(autojump_threshold=0))
+        return run_sharded(config, progress=progress)
+    return trio.run(soak, config, progress, clock=trio.testing.MockClock(autojump_threshold=0))

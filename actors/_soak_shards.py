@@ -33,18 +33,32 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
+from multiprocessing.connection import Connection, wait
+from typing import cast
 
 import trio
 import trio.testing
 
 from ._gc import throughput_gc
-from ._soak import ShardReport, SoakConfig, SoakReport, merge_shards, soak_shard
+from ._soak import Progress, ShardReport, SoakConfig, SoakReport, guarded, merge_shards, soak_shard
 
 # Test hook, read only in the worker process: "K" makes shard K raise,
 # "K:exit" makes its process die without a word.
 CRASH_ENV = "_CONCLAVE_SOAK_TEST_CRASH_SHARD"
 
 DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+# Progress messages a shard sends: about this many over its whole soak.
+_PROGRESS_STEPS = 200
+
+# In a worker process: the write end of its own progress pipe, if any.
+_progress_out: Connection | None = None
+
+
+def _init_worker(out: Connection | None) -> None:
+    global _progress_out
+    _progress_out = out
 
 
 def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
@@ -54,8 +68,46 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
         if crash.endswith(":exit"):
             os._exit(3)
         raise RuntimeError(f"{CRASH_ENV} asked shard {shard} to fail")
+    progress: Progress | None = None
+    out = _progress_out
+    if out is not None:
+        total = len(config.shard_indices(shard))
+        step = max(1, total // _PROGRESS_STEPS)
+
+        def progress(runs: int, turns: int) -> None:
+            if runs % step == 0 or runs == total:
+                # A few bytes on a pipe of its own: atomic, and it never
+                # fills (the parent reads as they come).
+                out.send((runs, turns))
+
     with throughput_gc():  # this process is the shard's alone
-        return trio.run(soak_shard, config, shard, clock=trio.testing.MockClock(autojump_threshold=0))
+        return trio.run(soak_shard, config, shard, progress, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def _relay(pipes: list[Connection], stop: Connection, progress: Progress) -> None:
+    """Parent thread: sum the shards' latest (runs, turns) and report each
+    change, until ``stop`` is readable; then what the shards sent before it
+    is read and reported too."""
+    latest: dict[Connection, tuple[int, int]] = {conn: (0, 0) for conn in pipes}
+    report = guarded(progress)
+
+    def read(conn: Connection) -> None:
+        try:
+            latest[conn] = conn.recv()
+        except EOFError:  # only once every write end is closed
+            pipes.remove(conn)
+            return
+        report(sum(r for r, _ in latest.values()), sum(t for _, t in latest.values()))
+
+    while True:
+        ready = wait([*pipes, stop])
+        if stop in ready:
+            for conn in list(pipes):
+                while conn in pipes and conn.poll():
+                    read(conn)
+            return
+        for each in ready:
+            read(cast(Connection, each))
 
 
 class Stopper:
@@ -91,22 +143,31 @@ class Stopper:
             self.killed.append(process)
 
 
-async def run_sharded_in_trio(config: SoakConfig, stopper: Stopper | None = None) -> SoakReport:
+async def run_sharded_in_trio(
+    config: SoakConfig, stopper: Stopper | None = None, progress: Progress | None = None
+) -> SoakReport:
     """:func:`run_sharded` from inside a trio run: spawned workers, waited
     for in a thread.  Cancellation kills the workers and returns at once
     (the thread, left to finish, exits as soon as their futures fail)."""
     stopper = stopper if stopper is not None else Stopper()
     try:
-        return await trio.to_thread.run_sync(run_sharded, config, "spawn", stopper, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(run_sharded, config, "spawn", stopper, progress, abandon_on_cancel=True)
     except BaseException:
         stopper.stop()
         raise
 
 
-def run_sharded(config: SoakConfig, start_method: str | None = None, stopper: Stopper | None = None) -> SoakReport:
+def run_sharded(
+    config: SoakConfig,
+    start_method: str | None = None,
+    stopper: Stopper | None = None,
+    progress: Progress | None = None,
+) -> SoakReport:
     """Run ``config`` in ``config.shards`` processes and merge the reports.
     Call it outside any trio run (or with ``start_method="spawn"``).
-    ``stopper`` lets another thread stop it (see :class:`Stopper`)."""
+    ``stopper`` lets another thread stop it (see :class:`Stopper`).
+    ``progress`` gets the runs checked and their turns over all shards,
+    from a thread of this process, as the shards report them."""
     started = time.perf_counter()  # reporting only
     shards = config.shards
     context = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
@@ -114,13 +175,40 @@ def run_sharded(config: SoakConfig, start_method: str | None = None, stopper: St
     failures: list[str] = []
     with ExitStack() as stack:
         futures: list[Future[ShardReport]] = []
+        pipes: list[Connection] = []
         for shard in range(shards):
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=1, mp_context=context))
+            out: Connection | None = None
+            if progress is not None:
+                # A pipe per shard: no lock shared between worker processes
+                # that a killed worker could die holding.
+                into, out = context.Pipe(duplex=False)
+                stack.callback(into.close)
+                stack.callback(out.close)
+                pipes.append(into)
+            pool = stack.enter_context(
+                ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out,))
+            )
             futures.append(pool.submit(_run_shard, config, shard))
             if stopper is not None:
                 stopper.add(pool)  # after submit: its worker process exists
         if stopper is not None:
             stopper.started.set()
+        if progress is not None:
+            # Started once every worker exists: nothing is forked while it runs.
+            stop_out, stop_in = context.Pipe(duplex=False)
+            relay = threading.Thread(target=_relay, args=(pipes, stop_out, progress), name="soak progress", daemon=True)
+            relay.start()
+
+            def stop_relay() -> None:
+                stop_in.send(None)
+                relay.join()
+                stop_out.close()
+                stop_in.close()
+
+            # Runs before the pools shut down and the pipes close (LIFO):
+            # every shard's last report is read first, as it was sent
+            # before its result.
+            stack.callback(stop_relay)
         for shard, future in enumerate(futures):
             try:
                 parts.append(future.result())

@@ -3,6 +3,7 @@ invariants, loud failure of a shard, bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import signal
 import pytest
 import trio
 
-from actors._cli_soak import _workers
+from actors._cli_soak import SoakProgress, _workers
 from actors import SoakConfig, default_soak_plan, run_soak, soak
 from actors._soak import ShardReport, merge_shards
 from actors._soak_shards import CRASH_ENV, Stopper, run_sharded_in_trio
@@ -113,3 +114,53 @@ def test_a_failing_shard_fails_the_soak_with_the_seed_and_the_shard(crash: str) 
     assert "shard 1 of 2 (10 run(s): index % 2 == 1) failed" in proc.stderr
     assert "10 run(s) never finished" in proc.stderr
     assert "soak FAILED (seed 9); replay with --seed 9 --workers 2" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_counts_every_run_and_turn(workers: int) -> None:
+    seen: list[tuple[int, int]] = []
+    config = SoakConfig(seed=3, runs=12, workers=workers, faults=default_soak_plan("disconnect:10%"))
+    report = run_soak(config, lambda runs, turns: seen.append((runs, turns)))
+    assert report.ok, report.breaches
+    assert seen[-1] == (12, report.agent_turns)
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)  # it only ever moves on
+    if workers == 1:
+        assert [runs for runs, _ in seen] == list(range(1, 13))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_progress_that_raises_does_not_stop_the_soak(workers: int) -> None:
+    calls = []
+
+    def broken(runs: int, turns: int) -> None:
+        calls.append(runs)
+        raise RuntimeError("display gone")
+
+    report = run_soak(SoakConfig(seed=3, runs=8, workers=workers, faults=default_soak_plan("disconnect:10%")), broken)
+    assert report.ok and report.runs == 8
+    assert len(calls) == 1  # not called again once it failed
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_cli_shows_progress_but_not_with_json(workers: str) -> None:
+    proc = run_cli(["soak", "--seed", "3", "--runs", "20", "--workers", workers])
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("soak: ")]
+    assert lines[-1].startswith("soak: 20/20 runs (100%), ")
+    assert 2 <= len(lines) <= 11  # a line per tenth when stderr is not a terminal
+    quiet = run_cli(["soak", "--seed", "3", "--runs", "20", "--workers", workers, "--json"])
+    assert quiet.returncode == 0 and "soak: " not in quiet.stderr
+    assert json.loads(quiet.stdout)["agent_turns"] == int(lines[-1].split(", ")[-1].split()[0].replace(",", ""))
+
+
+def test_on_a_terminal_progress_redraws_one_line() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    show = SoakProgress(out, 1000)
+    for runs in range(1, 1001):
+        show(runs, runs * 19)
+    text = out.getvalue()
+    assert text.count("\r") == 101 and text.count("\n") == 1 and text.endswith("1,000/1,000 runs (100%), 19,000 agent turns\n")
