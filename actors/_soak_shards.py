@@ -173,49 +173,57 @@ def run_sharded(
     context = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
     parts: list[ShardReport] = []
     failures: list[str] = []
+    stopper = stopper if stopper is not None else Stopper()
     with ExitStack() as stack:
-        futures: list[Future[ShardReport]] = []
-        pipes: list[Connection] = []
-        for shard in range(shards):
-            out: Connection | None = None
-            if progress is not None:
-                # A pipe per shard: no lock shared between worker processes
-                # that a killed worker could die holding.
-                into, out = context.Pipe(duplex=False)
-                stack.callback(into.close)
-                stack.callback(out.close)
-                pipes.append(into)
-            pool = stack.enter_context(
-                ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out,))
-            )
-            futures.append(pool.submit(_run_shard, config, shard))
-            if stopper is not None:
-                stopper.add(pool)  # after submit: its worker process exists
-        if stopper is not None:
-            stopper.started.set()
-        if progress is not None:
-            # Started once every worker exists: nothing is forked while it runs.
-            stop_out, stop_in = context.Pipe(duplex=False)
-            relay = threading.Thread(target=_relay, args=(pipes, stop_out, progress), name="soak progress", daemon=True)
-            relay.start()
-
-            def stop_relay() -> None:
-                stop_in.send(None)
-                relay.join()
-                stop_out.close()
-                stop_in.close()
-
-            # Runs before the pools shut down and the pipes close (LIFO):
-            # every shard's last report is read first, as it was sent
-            # before its result.
-            stack.callback(stop_relay)
-        for shard, future in enumerate(futures):
-            try:
-                parts.append(future.result())
-            except Exception as exc:
-                runs = len(config.shard_indices(shard))
-                failures.append(
-                    f"shard {shard} of {shards} ({runs} run(s): index % {shards} == {shard}) "
-                    f"failed: {type(exc).__name__}: {exc}"
+        try:
+            futures: list[Future[ShardReport]] = []
+            pipes: list[Connection] = []
+            for shard in range(shards):
+                out: Connection | None = None
+                if progress is not None:
+                    # A pipe per shard: no lock shared between worker processes
+                    # that a killed worker could die holding.
+                    into, out = context.Pipe(duplex=False)
+                    stack.callback(into.close)
+                    stack.callback(out.close)
+                    pipes.append(into)
+                pool = stack.enter_context(
+                    ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out,))
                 )
+                futures.append(pool.submit(_run_shard, config, shard))
+                stopper.add(pool)  # after submit: its worker process exists
+            stopper.started.set()
+            if progress is not None:
+                # Started once every worker exists: nothing is forked while it runs.
+                stop_out, stop_in = context.Pipe(duplex=False)
+                relay = threading.Thread(
+                    target=_relay, args=(pipes, stop_out, progress), name="soak progress", daemon=True
+                )
+                relay.start()
+
+                def stop_relay() -> None:
+                    stop_in.send(None)
+                    relay.join()
+                    stop_out.close()
+                    stop_in.close()
+
+                # Runs before the pools shut down and the pipes close (LIFO):
+                # every shard's last report is read first, as it was sent
+                # before its result.
+                stack.callback(stop_relay)
+            for shard, future in enumerate(futures):
+                try:
+                    parts.append(future.result())
+                except Exception as exc:
+                    runs = len(config.shard_indices(shard))
+                    failures.append(
+                        f"shard {shard} of {shards} ({runs} run(s): index % {shards} == {shard}) "
+                        f"failed: {type(exc).__name__}: {exc}"
+                    )
+        except BaseException:
+            # Interrupted (Ctrl-C, or a signal to this process alone): kill
+            # the workers, or the pools' shutdown would wait for them to run
+            # the whole soak to its end.
+            stopper.stop()
+            raise
     return merge_shards(config, parts, failures, wall_seconds=time.perf_counter() - started)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from store import Store
 
 from .conftest import REPO
@@ -40,6 +42,41 @@ def test_sigint_exits_130_and_keeps_the_store_consistent(tmp_path: Path) -> None
         assert s.integrity_check() == "ok"
         run = s.get_run("INT")
         assert run is not None and run.status == "interrupted"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigint_to_a_sharded_soak_alone_kills_its_workers() -> None:
+    """A signal to the parent alone (a supervisor, ``timeout``), not its
+    process group: the workers must not run the soak on to its end while
+    the parent waits for them."""
+    marker = "424242"  # the workers are forked: they carry the parent's argv
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "soak", "--seed", marker, "--runs", "100000", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the workers report progress: they run
+            if line.startswith("soak: "):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # minutes if it waited for the soak
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    left = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"soak" in argv and marker.encode() in argv:
+            left.append(entry.name)
+    assert not left, f"soak workers still running: {left}"
 
 
 def test_readme_opens_with_the_two_commands() -> None:
