@@ -7,9 +7,12 @@ failure can be replayed with ``--seed``), 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from messages import FaultPlan, FaultPlanError
@@ -154,6 +157,26 @@ def _human(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(workers: bool) -> Iterator[None]:
+    """With worker processes, SIGTERM (``timeout``, a supervisor) stops the
+    soak as Ctrl-C does, killing the workers; by default it would end this
+    process at once and leave them running the soak to its end.  (The
+    parent then waits in plain Python, not in a trio run.)"""
+    if not workers:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     try:
         config = soak_config(args)
@@ -163,12 +186,14 @@ def cmd_soak(args: argparse.Namespace) -> int:
     if not args.json:
         note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
         print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
+
     def progress(label: str) -> SoakProgress | None:
         return None if args.json else SoakProgress(sys.stderr, config.runs, label)
 
-    reports = [run_soak(config, progress("soak"))]
-    if args.check_determinism and reports[0].ok:
-        reports.append(run_soak(config, progress("soak, second run")))
+    with _sigterm_interrupts(config.shards > 1):
+        reports = [run_soak(config, progress("soak"))]
+        if args.check_determinism and reports[0].ok:
+            reports.append(run_soak(config, progress("soak, second run")))
     report = reports[0]
     deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
     if args.json:

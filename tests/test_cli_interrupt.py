@@ -45,11 +45,12 @@ def test_sigint_exits_130_and_keeps_the_store_consistent(tmp_path: Path) -> None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_sigint_to_a_sharded_soak_alone_kills_its_workers() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_a_sharded_soak_alone_kills_its_workers(signum: int) -> None:
     """A signal to the parent alone (a supervisor, ``timeout``), not its
-    process group: the workers must not run the soak on to its end while
-    the parent waits for them."""
-    marker = "424242"  # the workers are forked: they carry the parent's argv
+    process group: the workers must not run the soak on to its end, while
+    the parent waits for them (SIGINT) or after it has died (SIGTERM)."""
+    marker = f"4242{signum}"  # the workers are forked: they carry the parent's argv
     proc = subprocess.Popen(
         [sys.executable, "-m", "actors", "soak", "--seed", marker, "--runs", "100000", "--workers", "2"],
         stdout=subprocess.PIPE,
@@ -61,7 +62,7 @@ def test_sigint_to_a_sharded_soak_alone_kills_its_workers() -> None:
         for line in proc.stderr:  # the workers report progress: they run
             if line.startswith("soak: "):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)  # minutes if it waited for the soak
     finally:
         if proc.poll() is None:
