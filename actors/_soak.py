@@ -108,15 +108,30 @@ def panel_pipeline(agents: int) -> Pipeline:
     )
 
 
+def _plan(value: FaultPlan | str) -> FaultPlan:
+    # A spec string is taken as `conclave soak --faults` takes it.
+    return default_soak_plan(value) if isinstance(value, str) else value
+
+
+_whole = attrs.validators.instance_of(int)
+
+
 @attrs.frozen(kw_only=True)
 class SoakConfig:
-    seed: int = 0
-    runs: int = 100
-    agents: int | None = None  # panel size per stage; None: the default pipeline
-    faults: FaultPlan = attrs.field(factory=default_soak_plan)
-    concurrency: int = 16  # runs in flight at once
-    retry: RetryPolicy = RetryPolicy()
-    breaker: BreakerPolicy = BreakerPolicy()
+    """What a soak runs.  Wrong types are a TypeError and out-of-range
+    values a ValueError, naming the field, when the config is built - not
+    minutes into a soak.  ``faults`` also takes a spec string
+    (``"disconnect:5%,429:2%"``), read as ``conclave soak --faults`` reads it."""
+
+    seed: int = attrs.field(default=0, validator=_whole)
+    runs: int = attrs.field(default=100, validator=_whole)
+    agents: int | None = attrs.field(default=None, validator=attrs.validators.optional(_whole))
+    faults: FaultPlan = attrs.field(
+        factory=default_soak_plan, converter=_plan, validator=attrs.validators.instance_of(FaultPlan)
+    )
+    concurrency: int = attrs.field(default=16, validator=_whole)  # runs in flight at once
+    retry: RetryPolicy = attrs.field(default=RetryPolicy(), validator=attrs.validators.instance_of(RetryPolicy))
+    breaker: BreakerPolicy = attrs.field(default=BreakerPolicy(), validator=attrs.validators.instance_of(BreakerPolicy))
     # Latencies end on a 1 s grid (see ``Latency.quantum``): completions that
     # share a tick wake in one trio batch, so the soak needs about half the
     # run-loop iterations per agent turn (18 -> 8.5).  Draws, content and
@@ -124,14 +139,17 @@ class SoakConfig:
     # and rate-limit releases end on the same grid (unless ``retry`` has a
     # quantum of its own): off it, each had an instant of its own, 63 % of
     # the run loop's iterations.
-    latency: Latency = Latency(quantum=1.0)
-    disagreement_rate: float = 0.0
-    db: str | None = None  # default: a scratch store in memory (see _database)
+    latency: Latency = attrs.field(default=Latency(quantum=1.0), validator=attrs.validators.instance_of(Latency))
+    disagreement_rate: float = attrs.field(default=0.0, validator=attrs.validators.instance_of((int, float)))
+    # default: a scratch store in memory (see _database)
+    db: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     # Processes to split the runs over (see ``_soak_shards``).  Part of the
     # digest's inputs: runs in one process share a breaker and a gate.
-    workers: int = 1
+    workers: int = attrs.field(default=1, validator=_whole)
 
     def __attrs_post_init__(self) -> None:
+        if not 0.0 <= self.disagreement_rate <= 1.0:  # NaN fails too
+            raise ValueError(f"disagreement_rate must be between 0 and 1, got {self.disagreement_rate!r}")
         if self.runs < 1:
             raise ValueError(f"runs must be at least 1, got {self.runs}")
         if self.agents is not None and self.agents < 1:

@@ -5,6 +5,7 @@ an invariant breaks."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from actors import RateLimitGate
+from messages import FaultPlanError
 from actors._soak import SoakConfig, default_soak_plan, run_soak
 
 from .conftest import run_cli
@@ -210,3 +212,31 @@ def test_scratch_store_is_in_memory_and_holds_only_runs_in_flight(
     assert kept.ok and kept.digest == scratch.digest
     with Store.open(str(tmp_path / "kept.db"), readonly=True) as store:
         assert len(store.list_runs(limit=10_000)) == 60
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"seed": "1"}, TypeError, "'seed'"),
+        ({"runs": 2.5}, TypeError, "'runs'"),
+        ({"runs": 0}, ValueError, "runs must be at least 1"),
+        ({"agents": "3"}, TypeError, "'agents'"),
+        ({"concurrency": 0}, ValueError, "concurrency"),
+        ({"workers": 0}, ValueError, "workers"),
+        ({"faults": 5}, TypeError, "'faults'"),
+        ({"faults": "bogus:1"}, FaultPlanError, "unknown fault kind 'bogus'"),
+        ({"retry": 3}, TypeError, "'retry'"),
+        ({"db": 7}, TypeError, "'db'"),
+        ({"disagreement_rate": 1.5}, ValueError, "disagreement_rate"),
+        ({"disagreement_rate": float("nan")}, ValueError, "disagreement_rate"),
+    ],
+)
+def test_a_bad_config_is_refused_when_built(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
+    with pytest.raises(error, match=re.escape(needle)):
+        SoakConfig(**kwargs)
+
+
+def test_a_config_takes_a_fault_spec_as_the_cli_does() -> None:
+    config = SoakConfig(runs=3, faults="disconnect:20%,429:10%")
+    assert config.faults == default_soak_plan("disconnect:20%,429:10%")
+    assert config.faults.reset is not None  # a 429 gets the soak's reset hint, as with --faults
