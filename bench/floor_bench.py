@@ -71,7 +71,7 @@ import trio.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import soak_bench  # noqa: E402
-from bench._common import machine  # noqa: E402
+from bench._common import machine, positive, sizes  # noqa: E402
 from bench.turns_bench import conclave_stage, raw_round  # noqa: E402
 
 
@@ -493,11 +493,11 @@ def verdict(what: str, value: float, target: float, unit: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--agents", default="1000", help="comma-separated stage sizes (default 1000)")
-    parser.add_argument("--runs", type=int, help="repetitions (default 5; 3 with --soak)")
+    parser.add_argument("--agents", type=sizes, default="1000", help="comma-separated stage sizes (default 1000)")
+    parser.add_argument("--runs", type=positive, help="repetitions (default 5; 3 with --soak)")
     parser.add_argument("--soak", action="store_true", help="the fault soak on a virtual clock instead")
-    parser.add_argument("--pipelines", type=int, default=2000, help="soak pipeline runs (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--pipelines", type=positive, default=2000, help="soak pipeline runs (default 2000)")
+    parser.add_argument("--concurrency", type=positive, default=64)
     args = parser.parse_args(argv)
     runs, counter = args.runs or (3 if args.soak else 5), iter(range(10**9))
     with tempfile.TemporaryDirectory() as tmp:
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict("best floor", best, 20_000, " turns/s")
             return 0
         print(f"turn throughput floor on {machine()}: one stage, zero-latency provider")
-        for n in (int(x) for x in args.agents.split(",")):
+        for n in args.agents:
             print(f"N={n:,}")
             meds = compare(runs, {
                 "raw trio round trips": lambda: trio.run(raw_round, n),

@@ -17,6 +17,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench._common import positive, sizes  # noqa: E402
 
 CHILD = r"""
 import gc, resource, sys, trio
@@ -84,10 +87,10 @@ def measure(kind: str, n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--agents", default="10000,100000,1000000")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--agents", type=sizes, default="10000,100000,1000000")
+    parser.add_argument("--runs", type=positive, default=3)
     args = parser.parse_args()
-    for n in (int(x) for x in args.agents.split(",")):
+    for n in args.agents:
         raw, ours = [], []
         for _ in range(args.runs):
             raw.append(measure("raw", n))

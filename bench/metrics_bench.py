@@ -36,6 +36,7 @@ from actors import (  # noqa: E402
     open_orchestrator,
     pipeline_with_panel,
 )
+from bench._common import positive  # noqa: E402
 from store import Store  # noqa: E402
 from messages import (  # noqa: E402
     AgentKey,
@@ -132,9 +133,9 @@ async def one_run(agents: int, db: str, silent_subscriber: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--agents", type=int, default=300)
+    parser.add_argument("--events", type=positive, default=100_000)
+    parser.add_argument("--repeats", type=positive, default=5)
+    parser.add_argument("--agents", type=positive, default=300)
     args = parser.parse_args()
 
     events = make_events(args.events)

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors._soak import SoakConfig, default_soak_plan, run_soak  # noqa: E402
 from actors._soak_shards import DEFAULT_START_METHOD  # noqa: E402
-from bench._common import machine  # noqa: E402
+from bench._common import machine, positive  # noqa: E402
 
 TURNS_PER_RUN = 19  # the default pipeline: 3 + 3 + 4 + 3 + 3 + 3 agents
 
@@ -118,11 +118,11 @@ def conclave(runs: int, concurrency: int, seed: int, workers: int = 1) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--turns", type=int, help="aim for about this many agent turns (overrides --runs)")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1, help="also measure both sides in this many processes")
+    parser.add_argument("--runs", type=positive, default=2000)
+    parser.add_argument("--turns", type=positive, help="aim for about this many agent turns (overrides --runs)")
+    parser.add_argument("--concurrency", type=positive, default=64)
+    parser.add_argument("--repeat", type=positive, default=3)
+    parser.add_argument("--workers", type=positive, default=1, help="also measure both sides in this many processes")
     args = parser.parse_args(argv)
     runs = max(1, args.turns // TURNS_PER_RUN) if args.turns else args.runs
     print(f"soak throughput on {machine()}: {runs} runs, concurrency {args.concurrency}, 10% mixed faults")

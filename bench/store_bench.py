@@ -36,8 +36,11 @@ from pathlib import Path
 
 import trio
 
-from actors import StoreWriter
-from messages import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from actors import StoreWriter  # noqa: E402
+from bench._common import positive  # noqa: E402
+from messages import (  # noqa: E402
     AgentKey,
     AgentOutput,
     PersistOutput,
@@ -47,8 +50,8 @@ from messages import (
     reply_pair,
     request,
 )
-from store import Durability, Store
-from store._store import _INSERT_OUTPUT, output_params
+from store import Durability, Store  # noqa: E402
+from store._store import _INSERT_OUTPUT, output_params  # noqa: E402
 
 RUN, BRANCH = "bench", "bench-branch"
 
@@ -168,12 +171,12 @@ def _check(store: Store, rows: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--producers", type=int, default=1024, help="concurrent writer tasks")
-    parser.add_argument("--window", type=int, default=1, help="writes in flight per producer (1: send, await ack, repeat)")
-    parser.add_argument("--content-bytes", type=int, default=300, help="size of each output's content")
-    parser.add_argument("--max-batch", type=int, default=4096, help="the writer's largest group commit")
+    parser.add_argument("--rows", type=positive, default=20000)
+    parser.add_argument("--repeats", type=positive, default=5)
+    parser.add_argument("--producers", type=positive, default=1024, help="concurrent writer tasks")
+    parser.add_argument("--window", type=positive, default=1, help="writes in flight per producer (1: send, await ack, repeat)")
+    parser.add_argument("--content-bytes", type=positive, default=300, help="size of each output's content")
+    parser.add_argument("--max-batch", type=positive, default=4096, help="the writer's largest group commit")
     parser.add_argument(
         "--durability",
         choices=("full", "normal"),

@@ -23,7 +23,7 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors import Latency, SimulatedProvider, open_orchestrator, pipeline_with_panel  # noqa: E402
-from bench._common import alternate, machine, report  # noqa: E402
+from bench._common import alternate, machine, positive, report, sizes  # noqa: E402
 from messages import Interceptor  # noqa: E402
 
 
@@ -72,13 +72,13 @@ async def conclave_stage(n: int, db: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--agents", default="100,1000,10000")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--agents", type=sizes, default="100,1000,10000")
+    parser.add_argument("--runs", type=positive, default=5)
     args = parser.parse_args()
     print(f"turn throughput on {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(10**9))
-        for n in (int(x) for x in args.agents.split(",")):
+        for n in args.agents:
             base, subj = alternate(
                 args.runs,
                 lambda: trio.run(raw_round, n),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from .conftest import run_bench
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, run_bench
 
 
 def test_metrics_bench_runs_tiny() -> None:
@@ -32,3 +37,21 @@ def test_floor_bench_runs_tiny() -> None:
     soak = run_bench("floor_bench.py", "--soak", "--pipelines", "8", "--concurrency", "4", "--runs", "1", timeout=300)
     assert soak.count("x raw  (median") == 4 and "conclave / best floor =" in soak
     assert "best floor =" in soak and "20,000 turns/s target is" in soak
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needle"),
+    [
+        ("turns_bench.py", ["--agents", "100,abc"], "argument --agents: not a whole number: 'abc'"),
+        ("floor_bench.py", ["--runs", "0"], "argument --runs: must be at least 1, got 0"),
+        ("memory_bench.py", ["--agents", "0"], "argument --agents: must be at least 1, got 0"),
+        ("soak_bench.py", ["--workers", "-2"], "argument --workers: must be at least 1, got -2"),
+        ("store_bench.py", ["--rows", "lots"], "argument --rows: not a whole number: 'lots'"),
+        ("metrics_bench.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    ],
+)
+def test_a_bad_bench_argument_is_a_usage_error_naming_it(script: str, args: list[str], needle: str) -> None:
+    # Before, a traceback (int('abc'), or the median of no runs) after the imports.
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
