@@ -10,14 +10,17 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 from messages import FaultPlan, FaultPlanError
+from messages._faultplan import DEFAULT_TIMEOUT_MS
 
-from ._soak import DEFAULT_SOAK_FAULTS, SoakConfig, SoakReport, run_soak, with_soak_reset
+from ._retry import RetryPolicy
+from ._soak import DEFAULT_SOAK_FAULTS, DEFAULT_SOAK_RESET, SoakConfig, SoakReport, run_soak, with_soak_reset
 
 
 class _BadInput(Exception):
@@ -85,8 +88,6 @@ def register(sub: Any) -> None:
 
 
 def soak_config(args: argparse.Namespace) -> SoakConfig:
-    from ._retry import RetryPolicy
-
     env = dict(os.environ)
     spec = args.faults
     if spec is None and not env.get("CODEX_FAULTS", "").strip():
@@ -157,6 +158,31 @@ def _human(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
+def replay_command(config: SoakConfig) -> str:
+    """The command that runs ``config`` again: every input of the digest the
+    CLI can set, so a failing seed replays as it failed (the seed alone
+    would run the default runs, faults and attempts)."""
+    plan = config.faults
+    env = []
+    if plan.provider is not None:
+        env.append(f"CODEX_FAULTS_SCOPE=gateway:{plan.provider}")
+    if plan.reset is not None and plan.reset != DEFAULT_SOAK_RESET:
+        env.append(f"CODEX_FAULTS_429_RESET={plan.reset.text}")
+    if plan.timeout_ms != DEFAULT_TIMEOUT_MS:
+        env.append(f"CODEX_FAULTS_TIMEOUT_MS={plan.timeout_ms}")
+    argv = ["conclave", "soak", "--seed", str(config.seed), "--runs", str(config.runs)]
+    argv += ["--concurrency", str(config.concurrency), "--faults", plan.describe_kinds()]
+    if plan.seed is not None and plan.seed != config.seed:
+        argv += ["--fault-seed", str(plan.seed)]
+    if config.agents is not None:
+        argv += ["--agents", str(config.agents)]
+    if config.retry.max_attempts != RetryPolicy().max_attempts:
+        argv += ["--max-attempts", str(config.retry.max_attempts)]
+    if config.workers > 1:
+        argv += ["--workers", str(config.workers)]
+    return shlex.join([*env, *argv])
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -208,8 +234,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     if not report.ok:
         for breach in report.breaches:
             print(f"conclave: soak seed {report.seed}: {breach}", file=sys.stderr)
-        replay = f"--seed {report.seed}" + (f" --workers {config.workers}" if config.workers > 1 else "")
-        print(f"conclave: error: soak FAILED (seed {report.seed}); replay with {replay}", file=sys.stderr)
+        print(f"conclave: error: soak FAILED (seed {report.seed}); replay with: {replay_command(config)}", file=sys.stderr)
         return 1
     if not deterministic:
         print(

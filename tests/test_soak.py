@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,22 @@ def test_a_kind_never_recovered_from_is_a_breach() -> None:
     assert any("never recovered" in b or "recovered from a disconnect" in b for b in report.breaches)
 
 
-def test_cli_soak_failure_exits_1_with_the_seed() -> None:
-    proc = run_cli(["soak", "--seed", "77", "--runs", "3", "--faults", "timeout:30%", "--max-attempts", "1"])
+def test_cli_soak_failure_exits_1_with_a_command_that_replays_it() -> None:
+    args = ["soak", "--seed", "77", "--runs", "3", "--faults", "timeout:30%", "--max-attempts", "1", "--json"]
+    proc = run_cli(args, env={"CODEX_FAULTS_TIMEOUT_MS": "2500"})
     assert proc.returncode == 1
-    assert "soak FAILED (seed 77); replay with --seed 77" in proc.stderr
+    replay = proc.stderr.split("soak FAILED (seed 77); replay with: ", 1)[1].splitlines()[0]
+    # The seed alone ran 100 runs of the default faults with 3 attempts:
+    # every input of the digest the CLI can set is in the command.
+    assert replay == (
+        "CODEX_FAULTS_TIMEOUT_MS=2500 conclave soak --seed 77 --runs 3 --concurrency 16 "
+        "--faults timeout:30% --max-attempts 1"
+    )
+    words = shlex.split(replay)
+    env = dict(word.split("=", 1) for word in words[: words.index("conclave")])
+    again = run_cli([*words[words.index("conclave") + 1 :], "--json"], env=env)
+    assert again.returncode == 1
+    assert json.loads(again.stdout)["digest"] == json.loads(proc.stdout)["digest"]
 
 
 def test_cli_soak_bad_input_exits_2() -> None:

@@ -113,7 +113,8 @@ def test_a_failing_shard_fails_the_soak_with_the_seed_and_the_shard(crash: str) 
     assert proc.returncode == 1
     assert "shard 1 of 2 (10 run(s): index % 2 == 1) failed" in proc.stderr
     assert "10 run(s) never finished" in proc.stderr
-    assert "soak FAILED (seed 9); replay with --seed 9 --workers 2" in proc.stderr
+    assert "soak FAILED (seed 9); replay with: conclave soak --seed 9 --runs 20 --concurrency 16 " in proc.stderr
+    assert proc.stderr.rstrip().endswith("--workers 2")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
