@@ -332,6 +332,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except BaseException as exc:
             if _is_interrupt(exc):
                 return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+            if isinstance(exc, BaseExceptionGroup):
+                # Raised inside interruptible()'s nursery: still bad input.
+                bad, _ = exc.split(ConfigError)
+                if bad is not None:
+                    return _fail(str(_leaves(bad)[0]))
             raise
     return report_result(args, result, virtual, elapsed)
 

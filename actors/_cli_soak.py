@@ -96,15 +96,18 @@ def soak_config(args: argparse.Namespace) -> SoakConfig:
         plan = FaultPlan.from_env(env, faults=spec, seed=args.fault_seed)
     except FaultPlanError as exc:
         raise _BadInput(str(exc)) from None
-    return SoakConfig(
-        seed=args.seed,
-        runs=args.runs,
-        agents=args.agents,
-        faults=with_soak_reset(plan),
-        concurrency=args.concurrency,
-        workers=args.workers,
-        retry=RetryPolicy(max_attempts=args.max_attempts),
-    )
+    try:
+        return SoakConfig(
+            seed=args.seed,
+            runs=args.runs,
+            agents=args.agents,
+            faults=with_soak_reset(plan),
+            concurrency=args.concurrency,
+            workers=args.workers,
+            retry=RetryPolicy(max_attempts=args.max_attempts),
+        )
+    except ValueError as exc:  # a fault scope the soak never calls
+        raise _BadInput(str(exc)) from None
 
 
 class SoakProgress:

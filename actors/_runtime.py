@@ -688,6 +688,15 @@ async def open_orchestrator(
     missing = sorted({s.provider for s in pipeline.agents.values()} - set(providers))
     if missing:
         raise ConfigError(f"no provider configured for: {', '.join(missing)}")
+    for interceptor in interceptors.get("gateway", ()):
+        scope = interceptor.plan.provider if isinstance(interceptor, FaultInterceptor) else None
+        if scope is not None and scope not in providers:
+            # Its faults could never fire: the run would pass as if it had
+            # survived them.
+            raise ConfigError(
+                f"faults are scoped to provider {scope!r}, which this orchestrator does not have "
+                f"(its providers: {', '.join(sorted(providers))})"
+            )
 
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store

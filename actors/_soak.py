@@ -158,6 +158,19 @@ class SoakConfig:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        scope = self.faults.provider
+        if scope is not None and scope not in (names := self.provider_names()):
+            raise ValueError(
+                f"faults are scoped to provider {scope!r}, which the soak does not call "
+                f"(it calls: {', '.join(names)}); no fault would ever fire"
+            )
+
+    def pipeline(self) -> Pipeline:
+        return panel_pipeline(self.agents) if self.agents else default_pipeline()
+
+    def provider_names(self) -> tuple[str, ...]:
+        """The provider names the soak's calls carry (all served by the simulator)."""
+        return tuple(sorted({spec.provider for spec in self.pipeline().agents.values()}))
 
     @property
     def shards(self) -> int:
@@ -478,7 +491,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
     started_wall = time.perf_counter()  # reporting only; never feeds a decision
     started = trio.current_time()
     tasks_before = trio.lowlevel.current_statistics().tasks_living
-    pipeline = panel_pipeline(config.agents) if config.agents else default_pipeline()
+    pipeline = config.pipeline()
     health = HealthRegistry(config.breaker, gate_quantum=config.latency.quantum)
     retry = config.retry if config.retry.quantum else attrs.evolve(config.retry, quantum=config.latency.quantum)
     checker = _Checker(config, health)

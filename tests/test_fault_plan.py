@@ -208,3 +208,30 @@ def attrs_evolve(req: CompletionRequest, reply: object) -> CompletionRequest:
     import attrs
 
     return attrs.evolve(req, reply_to=reply)
+
+
+async def test_a_scope_naming_no_provider_of_the_orchestrator_is_refused(tmp_path: Path) -> None:
+    """Its faults could never fire, so a run would pass as if it had
+    survived them: refused before anything starts."""
+    from actors import ConfigError, open_orchestrator
+
+    plan = FaultPlan.from_env(env(**{"": "disconnect:2", "SCOPE": "gateway:nope"}))
+    with pytest.raises(ConfigError, match=r"scoped to provider 'nope', .*\(its providers: sim\)"):
+        async with open_orchestrator(store=str(tmp_path / "c.db"), faults=plan):
+            pass  # pragma: no cover - never reached
+
+
+def test_cli_refuses_a_scope_no_agent_calls(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    scoped = {"CODEX_FAULTS": "disconnect:2", "CODEX_FAULTS_SCOPE": "gateway:nope"}
+    proc = run_cli(["run", "--db", str(db)], env=scoped)
+    assert proc.returncode == 2, proc.stderr
+    assert "conclave: error: faults are scoped to provider 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ConfigError" not in proc.stderr
+    soak = run_cli(["soak", "--runs", "2", "--faults", "disconnect:50%"], env=scoped)
+    assert soak.returncode == 2
+    assert "scoped to provider 'nope', which the soak does not call (it calls: sim)" in soak.stderr
+    from actors import SoakConfig
+
+    with pytest.raises(ValueError, match="no fault would ever fire"):
+        SoakConfig(faults=FaultPlan.parse("disconnect:5%", scope="gateway:nope"))
