@@ -578,6 +578,15 @@ def _register_soak(sub: Any) -> None:
 EXTRA_COMMANDS.append(_register_soak)
 
 
+def _register_events(sub: Any) -> None:
+    from ._cli_events import add_events_command
+
+    add_events_command(sub)
+
+
+EXTRA_COMMANDS.append(_register_events)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

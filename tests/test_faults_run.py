@@ -60,6 +60,32 @@ def test_cli_run_survives_the_reference_plan(tmp_path: Path) -> None:
     disconnect = next(e for e in faults if e.detail["fault"] == "disconnect")
     assert disconnect.detail["message"] == "model stream error: stream disconnected before completion"
 
+    # And a user sees it: `conclave events` lists the same log.
+    shown = run_cli(["events", "R", "--db", faulty_db, "--kind", "fault", "--kind", "retry", "--json"])
+    assert shown.returncode == 0, shown.stderr
+    listed = json.loads(shown.stdout)
+    assert [(e["id"], e["kind"], e["detail"]) for e in listed["events"]] == [
+        (e.id, e.kind, e.detail) for e in events if e.kind in ("fault", "retry")
+    ]
+    assert listed["kinds"]["fault"] == 6 and listed["kinds"]["agent_call"] == b["turns"] - 6
+    human = run_cli(["events", "R", "--db", faulty_db, "--kind", "fault"]).stdout.splitlines()
+    assert human[0].startswith(f"events of R: {len(events)} (agent_call ")
+    assert len(human) == 7 and all(" fault " in line and "fault=" in line for line in human[1:])
+
+
+def test_cli_events_names_a_missing_run_or_branch(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    assert run_cli(["run", "--db", db, "--run-id", "R"]).returncode == 0
+    for args, needle in (
+        (["events", "NOPE", "--db", db], "no run 'NOPE'"),
+        (["events", "R", "--db", db, "--branch", "zzz"], "has no branch 'zzz'"),
+        (["events", "R", "--db", str(tmp_path / "missing.db")], "missing.db"),
+    ):
+        proc = run_cli(args)
+        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+    none = run_cli(["events", "R", "--db", db, "--kind", "fault"])
+    assert none.returncode == 0 and "none of kind fault; this run has: agent_call," in none.stdout
+
 
 class Recording(BaseProvider):
     name = "sim"

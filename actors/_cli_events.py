@@ -1,0 +1,105 @@
+"""``conclave events``: a run's event log, as stored.
+
+The log is where a run's history beyond its outputs and decisions lives:
+each model call handed to a provider (``agent_call``) or dropped unmade
+(``call_dropped``), each injected ``fault`` and the ``retry`` that followed
+it, stage starts, decisions, budget warnings, the final ``metrics``.  Read
+only; the store is opened read-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from typing import Any
+
+from store import EventRow
+
+from ._ids import short_branch_id
+
+# A detail longer than this is cut in the human listing (--json has it all).
+_DETAIL_WIDTH = 100
+
+
+def add_events_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "events",
+        help="show a run's event log (calls, faults, retries, decisions)",
+        description=(
+            "Show a run's event log in order: model calls handed to a provider (agent_call) or "
+            "dropped unmade (call_dropped), injected faults and the retries that followed, "
+            "stage starts, decisions, budget warnings and the final metrics."
+        ),
+    )
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="only events of this kind (repeat for several), e.g. --kind fault --kind retry",
+    )
+    p.add_argument("--branch", help="only this branch's events (full or short id; default: every branch)")
+    p.add_argument("--db", default="conclave.db", metavar="PATH", help="SQLite database file (default: ./conclave.db)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_events)
+
+
+def _detail(detail: dict[str, Any]) -> str:
+    """``key=value ...``; nested values are named, not spelled out."""
+    parts = []
+    for key, value in detail.items():
+        if isinstance(value, dict):
+            text = "{...}"
+        elif isinstance(value, list):
+            text = ",".join(str(v) for v in value) if all(not isinstance(v, (dict, list)) for v in value) else "[...]"
+        else:
+            text = str(value)
+        parts.append(f"{key}={text}")
+    line = " ".join(parts)
+    return line if len(line) <= _DETAIL_WIDTH else line[: _DETAIL_WIDTH - 1] + "…"
+
+
+def _json(event: EventRow) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "branch_id": event.branch_id,
+        "kind": event.kind,
+        "stage": event.stage,
+        "agent": event.agent,
+        "attempt": event.attempt,
+        "detail": event.detail,
+        "at_ms": event.at,
+    }
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from ._cli import _fail, _json_out, open_run  # late: _cli imports this module
+    from ._cli_history import ResumeError, branch_of
+
+    store, run = open_run(args.db, args.run_id)
+    with store:
+        branch_id = None
+        if args.branch is not None:
+            try:
+                branch_id = branch_of(store, run, args.branch).branch_id
+            except ResumeError as exc:
+                return _fail(str(exc))
+        every = [e for e in store.events(run.run_id) if branch_id is None or e.branch_id == branch_id]
+    kinds = collections.Counter(e.kind for e in every)
+    wanted = set(args.kind or ())
+    events = [e for e in every if not wanted or e.kind in wanted]
+    if args.json:
+        _json_out({"run_id": run.run_id, "branch_id": branch_id, "kinds": dict(kinds), "events": [_json(e) for e in events]})
+        return 0
+    scope = f" on branch {short_branch_id(branch_id)}" if branch_id else ""
+    summary = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+    print(f"events of {run.run_id}{scope}: {len(every)} ({summary or 'none'})")
+    if wanted and not events:
+        print(f"  none of kind {', '.join(sorted(wanted))}; this run has: {', '.join(sorted(kinds)) or 'none'}")
+        return 0
+    many_branches = branch_id is None and len({e.branch_id for e in events}) > 1
+    for e in events:
+        where = f"{e.stage or '-':<10} {e.agent or '-':<10} {e.attempt if e.attempt is not None else '-':>3}"
+        branch = f" {short_branch_id(e.branch_id)}" if many_branches else ""
+        print(f"  {e.id:>6}{branch} {where}  {e.kind:<13} {_detail(e.detail)}")
+    return 0
