@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 
@@ -10,4 +11,15 @@ def check_seconds(value: float, name: str) -> float:
     otherwise a ValueError naming ``name`` and the bad value."""
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return value
+
+
+def positive_arg(text: str) -> int:
+    """argparse type: a whole number >= 1, or a usage error naming the text."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from messages import FaultPlan, FaultPlanError
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
+from ._checks import positive_arg
 from ._retry import RetryPolicy
 from ._soak import DEFAULT_SOAK_FAULTS, DEFAULT_SOAK_RESET, SoakConfig, SoakReport, run_soak, with_soak_reset
 
@@ -27,21 +28,11 @@ class _BadInput(Exception):
     pass
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return os.cpu_count() or 1
     try:
-        return _positive(text)
+        return positive_arg(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', got {text!r}") from None
 
@@ -60,8 +51,8 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
-    p.add_argument("--runs", type=_positive, default=100, help="pipelines to run (default: 100)")
-    p.add_argument("--agents", type=_positive, metavar="N", help="agents per stage (default: the default pipeline's roster)")
+    p.add_argument("--runs", type=positive_arg, default=100, help="pipelines to run (default: 100)")
+    p.add_argument("--agents", type=positive_arg, metavar="N", help="agents per stage (default: the default pipeline's roster)")
     p.add_argument(
         "--faults",
         metavar="SPEC",
@@ -70,7 +61,7 @@ def register(sub: Any) -> None:
         "a 429 gets a 5 s reset hint unless CODEX_FAULTS_429_RESET says otherwise",
     )
     p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: --seed)")
-    p.add_argument("--concurrency", type=_positive, default=16, help="runs in flight at once (default: 16)")
+    p.add_argument("--concurrency", type=positive_arg, default=16, help="runs in flight at once (default: 16)")
     p.add_argument(
         "--workers",
         type=_workers,
@@ -81,7 +72,7 @@ def register(sub: Any) -> None:
         "default: 1). Runs in one process share a rate-limit gate and breaker, so the digest "
         "depends on --workers as on --concurrency",
     )
-    p.add_argument("--max-attempts", type=_positive, default=3, help="attempts per agent call (default: 3)")
+    p.add_argument("--max-attempts", type=positive_arg, default=3, help="attempts per agent call (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--check-determinism", action="store_true", help="run twice and fail if the digests differ")
     p.set_defaults(handler=cmd_soak)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
 from collections.abc import Callable
+
+from actors._checks import positive_arg as positive  # argparse type: a whole number >= 1
 
 
 def machine() -> str:
@@ -43,17 +44,6 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def positive(text: str) -> int:
-    """argparse type: a whole number >= 1, or a usage error naming it."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def sizes(text: str) -> list[int]:
