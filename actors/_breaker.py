@@ -37,6 +37,8 @@ from typing import Literal
 import attrs
 import trio
 
+from ._checks import check_seconds
+
 State = Literal["closed", "open", "half_open"]
 
 
@@ -54,10 +56,11 @@ class BreakerPolicy:
             raise ValueError(f"failure_rate must be within (0, 1], got {value!r}")
 
     def __attrs_post_init__(self) -> None:
-        if self.window <= 0 or self.min_calls < 1:
+        # "not x > 0" rather than "x <= 0": NaN fails too.
+        if not 0 < self.window < math.inf or not isinstance(self.min_calls, int) or self.min_calls < 1:
             raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window} and {self.min_calls}")
-        if self.cooldown < 0 or self.probe_wait < 0:
-            raise ValueError("cooldown and probe_wait must be >= 0")
+        check_seconds(self.cooldown, "cooldown")
+        check_seconds(self.probe_wait, "probe_wait")
 
 
 @attrs.frozen(slots=True)

@@ -9,6 +9,8 @@ is never shorter than the hint.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 from messages import AgentKey, ProviderError
@@ -25,20 +27,27 @@ class RetryPolicy:
     ``min(cap, initial * multiplier**(n-1))`` less up to ``jitter`` of it,
     or, after a reset hint, the hint plus up to ``jitter`` of that base."""
 
-    max_attempts: int = attrs.field(default=3)
-    initial: float = 0.5
+    max_attempts: int = attrs.field(default=3, validator=attrs.validators.instance_of(int))
+    initial: float = attrs.field(default=0.5, validator=lambda _, __, v: check_seconds(v, "initial"))
     multiplier: float = 2.0
-    cap: float = 8.0
+    cap: float = attrs.field(default=8.0, validator=lambda _, __, v: check_seconds(v, "cap"))
     jitter: float = 0.25
+    # Seconds a model call may take; math.inf: no limit.
     call_timeout: float = 600.0
     # Seconds; 0 = off.  Attempts resume on the next tick of a grid of this
     # spacing (see actors._grid): the soak's, never a real run's.
     quantum: float = attrs.field(default=0.0, validator=lambda _, __, v: check_seconds(v, "retry quantum"))
 
-    @max_attempts.validator
-    def _check(self, attribute: attrs.Attribute[int], value: int) -> None:
-        if value < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {value}")
+    def __attrs_post_init__(self) -> None:
+        # Checked here, not deep in an agent's first retry or call.
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if not 1.0 <= self.multiplier < math.inf:  # NaN fails too
+            raise ValueError(f"multiplier must be a finite number >= 1, got {self.multiplier!r}")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
+        if not self.call_timeout > 0:
+            raise ValueError(f"call_timeout must be > 0 seconds (math.inf: no limit), got {self.call_timeout!r}")
 
     def should_retry(self, error: ProviderError, attempt: int, *, auth_retries_left: int = 0) -> bool:
         """Whether to make attempt ``attempt + 1`` after ``error``.  An

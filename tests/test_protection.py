@@ -4,6 +4,10 @@ the agent's retries."""
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
 import attrs
 import pytest
 import trio
@@ -362,3 +366,31 @@ async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testin
         p.report(probe, ProviderTimeout("t"))
     [(permit2, error2)] = outcomes
     assert permit2 is None and isinstance(error2, CircuitOpen) and error2.retry_after == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "needle"),
+    [
+        (lambda: RetryPolicy(max_attempts="3"), TypeError, "'max_attempts'"),  # type: ignore[arg-type]
+        (lambda: RetryPolicy(max_attempts=0), ValueError, "max_attempts must be at least 1, got 0"),
+        (lambda: RetryPolicy(initial=-1.0), ValueError, "initial must be a finite number of seconds"),
+        (lambda: RetryPolicy(cap=float("nan")), ValueError, "cap must be"),
+        (lambda: RetryPolicy(multiplier=0.5), ValueError, "multiplier must be a finite number >= 1"),
+        (lambda: RetryPolicy(jitter=1.5), ValueError, "jitter must be between 0 and 1"),
+        (lambda: RetryPolicy(call_timeout=0.0), ValueError, "call_timeout must be > 0"),
+        (lambda: RetryPolicy(call_timeout=float("nan")), ValueError, "call_timeout must be > 0"),
+        (lambda: BreakerPolicy(window=float("nan")), ValueError, "need window > 0"),
+        (lambda: BreakerPolicy(min_calls=2.5), ValueError, "min_calls >= 1"),  # type: ignore[arg-type]
+        (lambda: BreakerPolicy(cooldown=float("nan")), ValueError, "cooldown must be"),
+        (lambda: BreakerPolicy(probe_wait=-1.0), ValueError, "probe_wait must be"),
+    ],
+)
+def test_policies_refuse_bad_values_when_built(build: Any, error: type[Exception], needle: str) -> None:
+    # NaN and friends used to pass and fail later, inside an agent's call or
+    # the breaker's window arithmetic.
+    with pytest.raises(error, match=re.escape(needle)):
+        build()
+
+
+def test_a_call_timeout_may_be_unlimited() -> None:
+    assert RetryPolicy(call_timeout=math.inf).call_timeout == math.inf
