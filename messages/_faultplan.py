@@ -122,6 +122,11 @@ class FaultPlan:
             raise FaultPlanError(f"fault rates add up to more than 100%: {self.describe_kinds()}")
         if not isinstance(self.timeout_ms, int) or self.timeout_ms <= 0:
             raise FaultPlanError(f"fault timeout must be a whole number of ms > 0, got {self.timeout_ms!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            # A str seed hashed "fine" and placed faults unlike the int it spells.
+            raise FaultPlanError(f"fault seed must be a whole number or None, got {self.seed!r}")
+        if self.provider is not None and not (isinstance(self.provider, str) and self.provider):
+            raise FaultPlanError(f"fault provider must be a provider name or None, got {self.provider!r}")
 
     @property
     def enabled(self) -> bool:

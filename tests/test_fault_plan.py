@@ -4,6 +4,7 @@ count exhaustion, scope selection, and a clear error per malformed value."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,21 @@ def test_cli_refuses_a_scope_no_agent_calls(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no fault would ever fire"):
         SoakConfig(faults=FaultPlan.parse("disconnect:5%", scope="gateway:nope"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"seed": "7"}, "fault seed must be a whole number or None, got '7'"),
+        ({"seed": True}, "fault seed must be a whole number"),
+        ({"provider": ""}, "fault provider must be a provider name"),
+        ({"provider": 3}, "fault provider must be a provider name"),
+    ],
+)
+def test_a_plan_object_refuses_a_bad_seed_or_provider(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(FaultPlanError, match=re.escape(needle)):
+        FaultPlan(counts={"timeout": 1}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_kind_given_twice_takes_its_last_entry_as_in_the_reference() -> None:
+    assert dict(FaultPlan.parse("disconnect:2,disconnect:3").counts) == {"disconnect": 3}
