@@ -33,6 +33,7 @@ agents in one stage to keep that argument honest.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -141,6 +142,15 @@ class Limits:
     store_hold: float = 1.0
 
     def __attrs_post_init__(self) -> None:
+        # Here rather than when open_orchestrator opens the channels, half set up.
+        for name in ("gateway_buffer", "metrics_buffer", "store_buffer", "progress_buffer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a whole number >= 1, got {self.max_concurrency!r}")
+        if not 0 < self.metrics_interval < math.inf:
+            raise ValueError(f"metrics_interval must be a finite number of seconds > 0, got {self.metrics_interval!r}")
         check_seconds(self.store_hold, "store_hold")
 
 

@@ -53,6 +53,11 @@ class Latency:
 
     def __attrs_post_init__(self) -> None:
         check_seconds(self.quantum, "latency quantum")
+        check_seconds(self.median, "latency median")
+        if not 0.0 <= self.sigma < math.inf:  # NaN fails too: it would draw NaN sleeps
+            raise ValueError(f"latency sigma must be a finite number >= 0, got {self.sigma!r}")
+        if not self.cap >= 0:
+            raise ValueError(f"latency cap must be a number of seconds >= 0 (math.inf: none), got {self.cap!r}")
 
     def draw(self, unit: float) -> float:
         if self.median <= 0:
@@ -110,6 +115,10 @@ class SimulatedProvider(BaseProvider):
     ) -> None:
         if not 0.0 <= disagreement_rate <= 1.0:
             raise ValueError(f"disagreement_rate must be within [0, 1], got {disagreement_rate!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be a whole number, got {seed!r}")
+        if not isinstance(latency, Latency):
+            raise TypeError(f"latency must be a Latency, got {latency!r}")
         self.seed = seed
         self.disagreement_rate = disagreement_rate
         self.latency = latency

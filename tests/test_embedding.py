@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
-from actors import RunResult, open_orchestrator
+from actors import Latency, Limits, RunResult, SimulatedProvider, open_orchestrator
 from messages import StageDecided
 from store import Store
 
@@ -77,3 +81,24 @@ async def test_cancelling_a_run_marks_it_interrupted(tmp_path: Path, autojump_cl
         run = s.get_run("interrupted")
         assert run is not None and run.status == "interrupted"
     assert_consistent(path, "interrupted")
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "needle"),
+    [
+        (lambda: Limits(max_concurrency=0), ValueError, "max_concurrency must be a whole number >= 1, got 0"),
+        (lambda: Limits(store_buffer=-1), ValueError, "store_buffer must be a whole number >= 0, got -1"),
+        (lambda: Limits(gateway_buffer=1.5), ValueError, "gateway_buffer must be a whole number >= 0, got 1.5"),
+        (lambda: Limits(metrics_interval=0), ValueError, "metrics_interval must be a finite number of seconds > 0"),
+        (lambda: Latency(median=-1), ValueError, "latency median must be a finite number of seconds >= 0"),
+        (lambda: Latency(sigma=math.nan), ValueError, "latency sigma must be a finite number >= 0, got nan"),
+        (lambda: Latency(cap=math.nan), ValueError, "latency cap must be"),
+        (lambda: SimulatedProvider(seed="1"), TypeError, "seed must be a whole number, got '1'"),
+        (lambda: SimulatedProvider(latency=2.0), TypeError, "latency must be a Latency, got 2.0"),
+    ],
+)
+def test_settings_an_embedding_app_passes_are_checked_when_built(build: Any, error: type[Exception], needle: str) -> None:
+    # Each used to be accepted and to fail later - half way through opening
+    # the orchestrator's channels, or as a NaN sleep inside a provider call.
+    with pytest.raises(error, match=re.escape(needle)):
+        build()
