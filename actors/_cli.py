@@ -36,6 +36,7 @@ from store import RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
+from ._checks import positive_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -249,6 +250,7 @@ async def _run_pipeline(
     out = display if isinstance(display, LiveFooter) else sys.stdout
     printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
+    options = _history.run_options(args)
     async with open_orchestrator(
         store=store,
         provider=providers,
@@ -258,6 +260,7 @@ async def _run_pipeline(
         prices=args.price_table,
         faults=plan,
         auth=auth,
+        retry=_history.retry_of(options),
     ) as orch:
         async with trio.open_nursery() as nursery:
             if display is not None:
@@ -270,7 +273,7 @@ async def _run_pipeline(
                     goal=args.goal,
                     run_id=args.run_id,
                     budget=args.budget,
-                    options=_history.simulator_options(args),
+                    options=options,
                 )
             finally:
                 nursery.cancel_scope.cancel()
@@ -528,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", metavar="ID", help="use this run id instead of a generated one")
     run.add_argument("--disagreement-rate", type=_unit_interval, default=0.03, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
     run.add_argument("--sim-latency", type=_non_negative, default=2.0, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")
+    run.add_argument(
+        "--max-attempts", type=positive_arg, default=None, metavar="N",
+        help="attempts per agent call, retries included (default: 3); kept with the run for resume and rerun",
+    )
     run.add_argument(
         "--clock",
         choices=("virtual", "real"),

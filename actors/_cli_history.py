@@ -38,6 +38,7 @@ from ._cli import (
     print_progress,
     report_result,
 )
+from ._checks import positive_arg
 from ._consensus import ADVANCING
 from ._ids import short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
@@ -49,6 +50,7 @@ from ._cli_providers import add_provider_arguments, provider_configs_from_args
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
 from ._provider_factory import ProviderConfig, ProviderConfigError
+from ._retry import RetryPolicy
 from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
 
 KILL_AFTER_WRITES = "CONCLAVE_TEST_KILL_AFTER_WRITES"
@@ -91,6 +93,22 @@ def simulator_options(args: argparse.Namespace) -> dict[str, float]:
     return {"disagreement_rate": args.disagreement_rate, "sim_latency": args.sim_latency}
 
 
+def run_options(args: argparse.Namespace) -> dict[str, float | int]:
+    """What ``run`` keeps with the branch for ``resume`` and ``rerun``: the
+    simulator's settings, and ``--max-attempts`` when given (left out
+    otherwise, so a default run's stored options are as they always were)."""
+    options: dict[str, float | int] = dict(simulator_options(args))
+    if args.max_attempts is not None:
+        options["max_attempts"] = args.max_attempts
+    return options
+
+
+def retry_of(options: Mapping[str, Any]) -> RetryPolicy | None:
+    """The retry policy a branch's stored options ask for (None: the default)."""
+    attempts = options.get("max_attempts")
+    return None if attempts is None else RetryPolicy(max_attempts=int(attempts))
+
+
 Action = Callable[[Orchestrator], Awaitable[RunResult]]
 
 
@@ -123,12 +141,13 @@ async def _drive(
     stages: int,
     action: Action,
     auth: AuthService | None = None,
+    retry: RetryPolicy | None = None,
 ) -> tuple[RunResult, float]:
     printer = None if args.json else HistoryPrinter(sys.stdout, stages)
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     started = trio.current_time()
     async with open_orchestrator(
-        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table, auth=auth
+        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table, auth=auth, retry=retry
     ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
@@ -190,7 +209,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             return _fail(str(exc))
         options = dict(branch.options)  # the branch continued, or forked
         if fork is not None:
-            for name in ("disagreement_rate", "sim_latency"):
+            for name in ("disagreement_rate", "sim_latency", "max_attempts"):
                 value = getattr(args, name)
                 if value is not None:
                     options[name] = value
@@ -214,7 +233,8 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         stages = len(preview.pipeline.get("stages", ()))
         try:
             result, elapsed = trio.run(
-                interruptible, _drive, args, store, providers, seed, stages, action, auth, clock=clock
+                interruptible, _drive, args, store, providers, seed, stages, action, auth, retry_of(options),
+                clock=clock,
             )
         except (ConfigError, ResumeError) as exc:
             return _fail(str(exc))
@@ -369,6 +389,10 @@ def register(sub: Any) -> None:
     rerun.add_argument("--branch", metavar="BRANCH", help="branch to fork (full or short id; default: the current one)")
     rerun.add_argument("--disagreement-rate", type=_unit_interval, default=None, metavar="P", help="simulator: override the parent's dissent chance")
     rerun.add_argument("--sim-latency", type=_non_negative, default=None, metavar="SECONDS", help="simulator: override the parent's median latency")
+    rerun.add_argument(
+        "--max-attempts", type=positive_arg, default=None, metavar="N",
+        help="attempts per agent call, retries included (default: the parent's; 3 if it had none)",
+    )
     _add_common(rerun)
     rerun.set_defaults(handler=cmd_rerun)
 

@@ -126,3 +126,36 @@ async def test_no_call_inside_the_reset_window(tmp_path: Path, autojump_clock: t
     inside = [c for c in calls if opened < c[0] - start < closes]
     assert inside == [], f"calls inside the rate-limit window: {inside}"
     assert any(c[0] - start >= closes for c in calls)
+
+
+def test_max_attempts_is_kept_with_the_run_for_resume_and_rerun(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    faulted = ["run", "--db", db, "--faults", "disconnect:100%", "--json"]
+    once = json.loads(run_cli([*faulted, "--run-id", "ONE", "--max-attempts", "1"]).stdout)
+    thrice = json.loads(run_cli([*faulted, "--run-id", "THREE"]).stdout)
+    assert (once["turns"], thrice["turns"]) == (3, 9)  # the plan stage's 3 agents
+
+    # Killed once the first agent's only attempt (a timeout) is durable: the
+    # resume must judge it by the run's 1 attempt, not the default 3.
+    env = {"CODEX_FAULTS_TIMEOUT_MS": "5000", "CONCLAVE_TEST_KILL_AFTER_WRITES": "3"}
+    killed = run_cli(["run", "--db", db, "--run-id", "K", "--faults", "timeout:100%", "--max-attempts", "1"], env=env)
+    assert killed.returncode == -9
+    with Store.open(db) as s:
+        assert [(o.stage, o.agent, o.attempt, o.status) for o in s.outputs("K")] == [("plan", "gemini", 1, "failed")]
+    resumed = json.loads(run_cli(["resume", "K", "--db", db, "--json"]).stdout)
+    assert resumed["stages"][0]["status"] == "degraded" and resumed["stages"][0]["missing_agents"] == ["gemini"]
+
+    def options(branch_id: str) -> dict[str, Any]:
+        with Store.open(db) as s:
+            branch = s.get_branch("ONE", branch_id)
+            assert branch is not None
+            return dict(branch.options)
+
+    inherited = json.loads(run_cli(["rerun", "ONE", "--from", "plan", "--db", db, "--json"]).stdout)
+    overridden = json.loads(run_cli(["rerun", "ONE", "--from", "plan", "--db", db, "--json", "--max-attempts", "2"]).stdout)
+    assert options(inherited["branch_id"])["max_attempts"] == 1
+    assert options(overridden["branch_id"])["max_attempts"] == 2
+    with Store.open(db) as s:  # a run without the flag stores what it always did
+        three = s.get_run("THREE")
+        assert three is not None and three.current_branch_id is not None
+        assert "max_attempts" not in (s.get_branch("THREE", three.current_branch_id) or pytest.fail()).options
