@@ -243,7 +243,9 @@ async def _run_pipeline(
     configs: dict[str, ProviderConfig],
     plan: FaultPlan | None = None,
     auth: AuthService | None = None,
-) -> tuple[RunResult, float]:
+) -> tuple[RunResult, float, dict[str, Any] | None]:
+    """Run the pipeline; returns the result, the time it took (trio's
+    clock) and, with faults active, what was injected (for ``--json``)."""
     providers = {name: config.build() for name, config in configs.items()}
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     display = None if args.json else metrics_display(sys.stdout)
@@ -279,13 +281,16 @@ async def _run_pipeline(
                 nursery.cancel_scope.cancel()
                 if isinstance(display, LiveFooter):
                     display.clear()
-        if printer is not None and orch.faults is not None:
-            injected = ", ".join(f"{k} {orch.faults.injected.get(k, 0)}" for k in FAULT_KINDS)
+        faults = None
+        if orch.faults is not None:
             left = orch.faults.remaining(result.run_id)
             counted = set(plan.counts) if plan is not None else set()
-            budget = ", ".join(f"{k} {n}" for k, n in left.items() if k in counted)
+            faults = {**orch.faults.diagnostics(), "left_in_run": {k: n for k, n in left.items() if k in counted}}
+        if printer is not None and faults is not None:
+            injected = ", ".join(f"{k} {n}" for k, n in faults["injected"].items())
+            budget = ", ".join(f"{k} {n}" for k, n in faults["left_in_run"].items())
             print(f"\nFaults injected: {injected}" + (f" (left in this run's budget: {budget})" if budget else ""))
-    return result, trio.current_time() - started
+    return result, trio.current_time() - started, faults
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -327,7 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
             fault_banner(plan, args.seed)
-            result, elapsed = trio.run(
+            result, elapsed, faults = trio.run(
                 interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, auth, clock=clock
             )
         except ConfigError as exc:
@@ -341,13 +346,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if bad is not None:
                     return _fail(str(_leaves(bad)[0]))
             raise
-    return report_result(args, result, virtual, elapsed)
+    return report_result(args, result, virtual, elapsed, faults)
 
 
-def report_result(args: argparse.Namespace, result: RunResult, virtual: bool, elapsed: float) -> int:
-    """Print a finished run (``--json`` object or summary); its exit code."""
+def report_result(
+    args: argparse.Namespace, result: RunResult, virtual: bool, elapsed: float, faults: dict[str, Any] | None = None
+) -> int:
+    """Print a finished run (``--json`` object or summary; ``faults``: what
+    was injected, a ``faults`` member of the object); its exit code."""
     if args.json:
-        _json_out(result.to_json())
+        _json_out(result.to_json() | ({"faults": faults} if faults is not None else {}))
     else:
         print(_summary(result, args.db, virtual, elapsed))
     return EXIT_OK if result.completed else EXIT_HALTED

@@ -43,6 +43,11 @@ def test_cli_run_survives_the_reference_plan(tmp_path: Path) -> None:
     assert a["stages"] == b["stages"]
     assert decisions(clean_db, "R") == decisions(faulty_db, "R")
     assert b["unknown_usage_calls"] == 6 and a["unknown_usage_calls"] == 0
+    # --json carries what the banner and the summary line say.
+    assert "faults" not in a
+    assert b["faults"]["faults"] == "disconnect:3,429:1,timeout:2" and b["faults"]["reset"] == "now+30s"
+    assert b["faults"]["injected"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    assert b["faults"]["left_in_run"] == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
     assert b["turns"] == a["turns"] + 6
 
     with Store.open(faulty_db) as s:
