@@ -217,7 +217,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
     report = reports[0]
     deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
     if args.json:
-        data = report.to_json()
+        # What ran, and how to run it again: a script keeps both with the digest.
+        data = report.to_json() | {"plan": config.faults.to_json(), "replay": replay_command(config)}
         if args.check_determinism:
             data["determinism"] = {"runs": len(reports), "digests": [r.digest for r in reports], "same": deterministic}
         print(json.dumps(data, indent=2))

@@ -97,6 +97,8 @@ def test_cli_soak_failure_exits_1_with_a_command_that_replays_it() -> None:
     proc = run_cli(args, env={"CODEX_FAULTS_TIMEOUT_MS": "2500"})
     assert proc.returncode == 1
     replay = proc.stderr.split("soak FAILED (seed 77); replay with: ", 1)[1].splitlines()[0]
+    assert json.loads(proc.stdout)["replay"] == replay  # --json carries it too, failed or not
+    assert json.loads(proc.stdout)["plan"]["faults"] == "timeout:30%"
     # The seed alone ran 100 runs of the default faults with 3 attempts:
     # every input of the digest the CLI can set is in the command.
     assert replay == (
