@@ -47,9 +47,12 @@ def test_two_workers_hold_every_invariant_and_add_up_to_their_shards() -> None:
 
 
 async def test_soak_from_inside_a_trio_run_spawns_its_workers() -> None:
-    report = await soak(SoakConfig(seed=4, runs=6, workers=2, faults=default_soak_plan("disconnect:20%")))
+    seen: list[tuple[int, int]] = []
+    config = SoakConfig(seed=4, runs=6, workers=2, faults=default_soak_plan("disconnect:20%"))
+    report = await soak(config, lambda runs, turns: seen.append((runs, turns)))
     assert report.ok, report.breaches
     assert report.workers == 2 and report.runs == 6
+    assert seen[-1] == (6, report.agent_turns)  # spawned workers report progress too
 
 
 async def test_cancelling_a_sharded_soak_kills_its_workers() -> None:
