@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -187,8 +188,8 @@ def _sigterm_interrupts(workers: bool) -> Iterator[None]:
     soak as Ctrl-C does, killing the workers; by default it would end this
     process at once and leave them running the soak to its end.  (The
     parent then waits in plain Python, not in a trio run.)"""
-    if not workers:
-        yield
+    if not workers or threading.current_thread() is not threading.main_thread():
+        yield  # (only the main thread may set a handler; main() from elsewhere keeps the default)
         return
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
