@@ -557,7 +557,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
     return ShardReport(
         shard=shard,
         shards=config.shards,
-        concurrency=concurrency,
+        concurrency=min(concurrency, len(assigned)),  # runs actually in flight at once
         outcomes=tuple(outcomes[i] for i in sorted(outcomes)),
         injected=dict(checker.injected),
         recovered=dict(checker.recovered),

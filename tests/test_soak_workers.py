@@ -186,3 +186,9 @@ def test_the_cli_soak_runs_from_a_thread_of_an_embedding_app(capsys: pytest.Capt
     thread.join()
     assert codes == [0]
     assert json.loads(capsys.readouterr().out)["runs"] == 4
+
+
+def test_a_shard_reports_the_runs_it_really_had_in_flight() -> None:
+    # 3 runs over 3 shards: one run each, not ceil(1000 / 3) = 334.
+    report = run_soak(SoakConfig(seed=2, runs=3, workers=4, concurrency=1000, faults=default_soak_plan("disconnect:20%")))
+    assert report.workers == 3 and [s.concurrency for s in report.shards] == [1, 1, 1]
