@@ -21,7 +21,6 @@ import trio
 import trio.testing
 
 from messages import (
-    FAULT_KINDS,
     AgentFinished,
     AuthError,
     BudgetAlert,

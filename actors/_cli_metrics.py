@@ -4,7 +4,6 @@ wiring, and ``conclave metrics RUN_ID [--by stage|agent|model] [--json]``."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

@@ -47,7 +47,6 @@ from messages import (
     Broadcast,
     ActorStopped,
     AgentOutput,
-    AgentReply,
     AgentRequest,
     ConclaveError,
     Decision,

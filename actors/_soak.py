@@ -62,7 +62,6 @@ from messages import (
     Interceptor,
     RateLimited,
     ResetHint,
-    TokenUsage,
     ZERO_USAGE,
 )
 from store import Store
@@ -366,7 +365,6 @@ def _check_run(
     checker: _Checker, store: Store, config: SoakConfig, run_id: str, result: Any
 ) -> _RunOutcome:
     """Check one finished run against the store and the taps; forget it."""
-    seed = config.seed
     requests = checker.requests.pop(run_id, collections.Counter())
     replies = checker.replies.pop(run_id, [])
     got = collections.Counter(r.key for r in replies)

@@ -74,11 +74,13 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
         total = len(config.shard_indices(shard))
         step = max(1, total // _PROGRESS_STEPS)
 
-        def progress(runs: int, turns: int) -> None:
+        def send(runs: int, turns: int) -> None:
             if runs % step == 0 or runs == total:
                 # A few bytes on a pipe of its own: atomic, and it never
                 # fills (the parent reads as they come).
                 out.send((runs, turns))
+
+        progress = send
 
     with throughput_gc():  # this process is the shard's alone
         return trio.run(soak_shard, config, shard, progress, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -14,7 +14,7 @@ from actors._auth_flow import DeviceFlow
 from actors._auth_login import device_login
 from actors._auth_profiles import AuthProfile, build_profile
 from actors._token_store import TokenStore
-from tests.auth_server import CLIENT_ID, DEVICE_PATH, HANG, TOKEN_PATH, FakeIdP, ScriptedTransport, asgi_client
+from tests.auth_server import CLIENT_ID, DEVICE_PATH, HANG, TOKEN_PATH, FakeIdP, asgi_client
 from messages._auth_api import AuthConfigError, AuthEvent, AuthProtocolError, LoginDenied, LoginExpired
 
 

@@ -10,13 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
 from actors._mock_backend import FaultRule, MockBackend
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
-from actors._pipeline import default_pipeline, pipeline_with_panel
+from actors._pipeline import pipeline_with_panel
 from actors._runtime import open_orchestrator
 from actors._simulator import Latency, SimulatedProvider
 from store import Store

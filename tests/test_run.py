@@ -22,7 +22,7 @@ def test_run_on_defaults_completes_all_six_stages(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "conclave.db").exists(), "the default database is ./conclave.db"
     for stage in default_pipeline().stage_names:
-        assert f"STAGE" in proc.stdout and f": {stage.upper()} (" in proc.stdout
+        assert "STAGE" in proc.stdout and f": {stage.upper()} (" in proc.stdout
     assert "completed: 6 stage(s) decided" in proc.stdout
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors._token_source import TokenManager
 from actors._token_store import TokenEntry, TokenStatus, TokenStore, default_home
 from tests.auth_server import CLIENT_ID, TOKEN_PATH, FakeIdP, serve_in_thread
 from messages._auth_api import Secret, TokenStoreError
