@@ -405,10 +405,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         run = store.get_run(args.run_id)
         if run is None:
             return _fail(f"no run {args.run_id!r} in {args.db}")
-        try:
-            branch = _history.branch_of(store, run, args.branch)
-        except _history.ResumeError as exc:
-            return _fail(str(exc))
+        branch = _history.branch_of(store, run, args.branch)
         info = _run_json(store, run.run_id, branch.branch_id)
         if args.json:
             _json_out(info)
@@ -458,10 +455,7 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
 def cmd_decisions(args: argparse.Namespace) -> int:
     store, run = open_run(args.db, args.run_id)
     with store:
-        try:
-            branch = _history.branch_of(store, run, args.branch)
-        except _history.ResumeError as exc:
-            return _fail(str(exc))
+        branch = _history.branch_of(store, run, args.branch)
         # What the branch sees: its own decisions and the ones it inherits.
         rows = store.lineage_decisions(run.run_id, branch.branch_id)
         if args.json:

@@ -73,17 +73,12 @@ def _json(event: EventRow) -> dict[str, Any]:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from ._cli import _fail, _json_out, open_run  # late: _cli imports this module
-    from ._cli_history import ResumeError, branch_of
+    from ._cli import _json_out, open_run  # late: _cli imports this module
+    from ._cli_history import branch_of
 
     store, run = open_run(args.db, args.run_id)
     with store:
-        branch_id = None
-        if args.branch is not None:
-            try:
-                branch_id = branch_of(store, run, args.branch).branch_id
-            except ResumeError as exc:
-                return _fail(str(exc))
+        branch_id = None if args.branch is None else branch_of(store, run, args.branch).branch_id
         every = [e for e in store.events(run.run_id) if branch_id is None or e.branch_id == branch_id]
     kinds = collections.Counter(e.kind for e in every)
     wanted = set(args.kind or ())

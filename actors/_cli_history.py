@@ -26,6 +26,7 @@ from ._cli import (
     EXIT_OK,
     EXTRA_COMMANDS,
     ProgressPrinter,
+    UsageError,
     _add_db,
     _fail,
     _is_interrupt,
@@ -85,8 +86,13 @@ def install_test_kill_hook(store: Store, environ: Mapping[str, str]) -> None:
 
 
 def branch_of(store: Store, run: RunRow, branch: str | None) -> BranchRow:
-    """The branch ``--branch`` names (full or short id), or the current one."""
-    return resolve_branch(store, run, branch)
+    """The branch ``--branch`` names (full or short id), or the current one.
+    Raises :class:`UsageError` (one line, exit 2) naming the branch that is
+    missing."""
+    try:
+        return resolve_branch(store, run, branch)
+    except ResumeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def simulator_options(args: argparse.Namespace) -> dict[str, float]:
