@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -71,7 +72,7 @@ from ._health import HealthRegistry
 from ._pipeline import Pipeline, default_pipeline, pipeline_from_dict
 from ._provider import BaseProvider
 from ._retry import RetryPolicy
-from ._runtime import Limits, open_orchestrator
+from ._runtime import ConfigError, Limits, open_orchestrator
 from ._simulator import Latency, SimulatedProvider
 
 DEFAULT_SOAK_FAULTS = "disconnect:4%,429:3%,timeout:3%"
@@ -479,12 +480,26 @@ def guarded(progress: Progress) -> Progress:
     return call
 
 
+def _require_virtual_clock() -> None:
+    clock = trio.lowlevel.current_clock()
+    if isinstance(clock, trio.testing.MockClock) and math.isfinite(clock.autojump_threshold):
+        return
+    what = "a MockClock without autojump" if isinstance(clock, trio.testing.MockClock) else "a real clock"
+    raise ConfigError(
+        f"the soak needs a virtual clock and this trio run has {what}: call run_soak(config), or"
+        " trio.run(soak, config, clock=trio.testing.MockClock(autojump_threshold=0))"
+    )
+
+
 async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | None = None) -> ShardReport:
     """Run shard ``shard`` of ``config.shards`` (its runs:
     ``config.shard_indices(shard)``, ``config.shard_concurrency`` at a time)
-    in the current trio run, which should use a MockClock with autojump.
-    ``progress`` is called, synchronously, after each run is checked
-    (see :func:`guarded`)."""
+    in the current trio run, which must use a MockClock with autojump
+    (:class:`~actors.ConfigError` before anything starts otherwise: on a
+    real clock the soak's simulated hours would take hours).  ``progress``
+    is called, synchronously, after each run is checked (see
+    :func:`guarded`)."""
+    _require_virtual_clock()
     report = guarded(progress) if progress is not None else None
     started_wall = time.perf_counter()  # reporting only; never feeds a decision
     started = trio.current_time()
@@ -637,8 +652,9 @@ def merge_shards(
 
 
 async def soak(config: SoakConfig, progress: Progress | None = None) -> SoakReport:
-    """Run the soak from a trio run.  One worker: in the current run (which
-    should use a MockClock with autojump; :func:`run_soak` arranges that).
+    """Run the soak from a trio run.  One worker: in the current run, which
+    must use a MockClock with autojump (:func:`run_soak` arranges that;
+    :class:`~actors.ConfigError` otherwise, before anything runs).
     Several: in worker processes, waited for in a thread; cancelling the
     call kills them.  ``progress`` gets the runs checked and their turns,
     over all workers (from another thread when there are several)."""

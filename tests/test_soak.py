@@ -4,6 +4,7 @@ an invariant breaks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -255,3 +256,18 @@ def test_a_config_takes_a_fault_spec_as_the_cli_does() -> None:
     config = SoakConfig(runs=3, faults="disconnect:20%,429:10%")
     assert config.faults == default_soak_plan("disconnect:20%,429:10%")
     assert config.faults.reset is not None  # a 429 gets the soak's reset hint, as with --faults
+
+
+@pytest.mark.parametrize("clock", [None, trio.testing.MockClock()], ids=["real", "mock-without-autojump"])
+def test_a_soak_without_a_virtual_clock_is_refused_at_once(clock: trio.abc.Clock | None) -> None:
+    """Embedded in a trio app on the real clock, the soak used to run its
+    simulated hours in real time (a 1-run soak was still going after 5 s);
+    on a MockClock without autojump it would never end."""
+    from actors import ConfigError, soak
+
+    async def main() -> None:
+        with trio.fail_after(5) if clock is None else contextlib.nullcontext():
+            await soak(SoakConfig(seed=1, runs=1))
+
+    with pytest.raises(ConfigError, match="needs a virtual clock.*run_soak"):
+        trio.run(main, clock=clock)
