@@ -698,6 +698,12 @@ async def open_orchestrator(
     if missing:
         raise ConfigError(f"no provider configured for: {', '.join(missing)}")
     for interceptor in interceptors.get("gateway", ()):
+        if isinstance(interceptor, FaultInterceptor) and interceptor.attached:
+            # Sharing it would share its gate, breaker and event log too.
+            raise ConfigError(
+                "this FaultInterceptor is installed in another orchestrator that is still open; "
+                "give each orchestrator its own (or pass the FaultPlan)"
+            )
         scope = interceptor.plan.provider if isinstance(interceptor, FaultInterceptor) else None
         if scope is not None and scope not in providers:
             # Its faults could never fire: the run would pass as if it had
@@ -731,10 +737,10 @@ async def open_orchestrator(
     metrics_tx, metrics_rx = open_channel(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())
     )
-    for interceptor in interceptors.get("gateway", ()):
-        if isinstance(interceptor, FaultInterceptor):
-            interceptor.attach(seed=seed, health=health, events=store_tx)
+    attached = [i for i in interceptors.get("gateway", ()) if isinstance(i, FaultInterceptor)]
     try:
+        for interceptor in attached:
+            interceptor.attach(seed=seed, health=health, events=store_tx)
         with collapse_single():
             async with trio.open_nursery() as nursery:
                 orchestrator = Orchestrator(
@@ -780,6 +786,9 @@ async def open_orchestrator(
                     orchestrator._progress.close()
                     hub.close()
     finally:
+        for interceptor in attached:
+            if interceptor.attached:
+                interceptor.detach()
         with trio.CancelScope(shield=True):
             await gateway.aclose()
         if own_store:

@@ -136,6 +136,11 @@ class FaultInterceptor(Interceptor[Any]):
         self.health = health
         self.events = events
         self.observer = observer
+        # What the caller gave, kept apart from what an orchestrator
+        # attaches, so the next orchestrator does not inherit the last one's
+        # gate, breaker and (closed) event log.
+        self._given = (seed, health, events)
+        self._attached = False
         self._sequence = plan.sequence
         self._rates = [(k, plan.rates[k]) for k in FAULT_KINDS if plan.rates.get(k)]
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -145,11 +150,31 @@ class FaultInterceptor(Interceptor[Any]):
     # -- configuration and diagnostics --
 
     def attach(self, *, seed: int | None = None, health: HealthPort | None = None, events: Outbox[Any] | None = None) -> None:
-        """Fill in what the runtime knows; settings given explicitly win."""
-        if self.plan.seed is None and seed is not None:
-            self.seed = seed
-        self.health = self.health or health
-        self.events = self.events or events
+        """Fill in what the orchestrator installing this interceptor knows;
+        settings given to the constructor (and the plan's seed) win.  Until
+        :meth:`detach`, the interceptor belongs to that orchestrator: a
+        second ``attach`` raises RuntimeError, as two orchestrators at once
+        would share one gate, breaker and event log."""
+        if self._attached:
+            raise RuntimeError("this FaultInterceptor is already attached to an open orchestrator")
+        given_seed, given_health, given_events = self._given
+        if self.plan.seed is None and given_seed is None:
+            self.seed = seed or 0
+        self.health = given_health or health
+        self.events = given_events or events
+        self._attached = True
+
+    def detach(self) -> None:
+        """Forget what :meth:`attach` filled in (the orchestrator has
+        closed); the interceptor can then be installed again, and its
+        per-run budgets and counters carry on."""
+        given_seed, given_health, given_events = self._given
+        self.health, self.events = given_health, given_events
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
 
     @property
     def enabled(self) -> bool:

@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from actors import BaseProvider, SimulatedProvider, open_orchestrator
-from messages import Completion, CompletionRequest, FaultPlan
+from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrator
+from messages import Completion, CompletionRequest, FaultInterceptor, FaultPlan
 from store import Store
 
 from .conftest import run_cli
@@ -164,3 +164,38 @@ def test_max_attempts_is_kept_with_the_run_for_resume_and_rerun(tmp_path: Path) 
         three = s.get_run("THREE")
         assert three is not None and three.current_branch_id is not None
         assert "max_attempts" not in (s.get_branch("THREE", three.current_branch_id) or pytest.fail()).options
+
+
+async def test_a_fault_interceptor_reused_by_a_second_orchestrator_uses_its_gate_and_log(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Sequential reuse (one interceptor for several orchestrators, as a test
+    fixture would): the second orchestrator's faults used to go to the
+    first's closed event log and through the first's gate and breaker."""
+    faults = FaultInterceptor(FaultPlan.from_env(FAULT_ENV))
+    for name in ("first", "second"):
+        db = str(tmp_path / f"{name}.db")
+        async with open_orchestrator(store=db, provider=SimulatedProvider(seed=4), seed=4, faults=faults) as orch:
+            result = await orch.run("SPEC-DEMO", run_id="R")
+            assert orch.health is not None
+            windows = [w for h in orch.health.providers().values() for w in h.rate_limits]
+        assert result.completed
+        assert len(windows) == 1, f"{name}: the 429 closed this orchestrator's gate"
+        with Store.open(db) as s:
+            kinds = sorted(e.detail["fault"] for e in s.events("R") if e.kind == "fault")
+        assert kinds == ["disconnect"] * 3 + ["rate_limit"] + ["timeout"] * 2, name
+    assert not faults.attached and faults.health is None and faults.events is None
+
+
+async def test_a_fault_interceptor_in_two_open_orchestrators_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    faults = FaultInterceptor(FaultPlan.from_env(FAULT_ENV), seed=9)
+    async with open_orchestrator(store=str(tmp_path / "a.db"), faults=faults, seed=1):
+        assert faults.seed == 9  # given to the constructor: wins over the orchestrator's
+        with pytest.raises(ConfigError, match="installed in another orchestrator that is still open"):
+            async with open_orchestrator(store=str(tmp_path / "b.db"), faults=faults):
+                pass  # pragma: no cover
+        assert not (tmp_path / "b.db").exists()  # refused before anything was created
+        assert faults.attached
+    assert not faults.attached
