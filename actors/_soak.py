@@ -480,6 +480,24 @@ def guarded(progress: Progress) -> Progress:
     return call
 
 
+# Virtual seconds (about 31,700 years): beyond any latency, backoff,
+# breaker cooldown or reset hint a soak can be given.
+_STALLED_AFTER = 1e12
+
+
+def _stalled(checker: _Checker, unfinished: int) -> str:
+    unanswered = sorted(
+        f"{key.run_id}/{key.stage}/{key.agent}"
+        for run, asked in checker.requests.items()
+        for key in asked.keys() - {r.key for r in checker.replies.get(run, ())}
+    )
+    shown = ", ".join(unanswered[:5]) + (f" and {len(unanswered) - 5} more" if len(unanswered) > 5 else "")
+    return (
+        f"the soak stalled with {unfinished} run(s) unfinished: nothing was left that could ever "
+        f"happen (a lost reply or a deadlock); asked and never answered: {shown or 'none'}"
+    )
+
+
 def _require_virtual_clock() -> None:
     clock = trio.lowlevel.current_clock()
     if isinstance(clock, trio.testing.MockClock) and math.isfinite(clock.autojump_threshold):
@@ -557,9 +575,16 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
                         if not ack.ok:
                             checker.breach(f"{run_id} could not be dropped from the scratch store: {ack.error}")
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(concurrency, len(assigned))):
-                    nursery.start_soon(worker)
+            # A lost reply (or any deadlock) leaves no task with a deadline,
+            # so autojump has nowhere to jump and the soak would hang rather
+            # than fail.  This is the latest deadline there is: the clock
+            # reaches it only once nothing else can ever happen.
+            with trio.move_on_after(_STALLED_AFTER) as stall:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(min(concurrency, len(assigned))):
+                        nursery.start_soon(worker)
+            if stall.cancelled_caught:
+                checker.breach(_stalled(checker, len(assigned) - len(outcomes)))
 
     tasks_after = trio.lowlevel.current_statistics().tasks_living
     if tasks_after != tasks_before:

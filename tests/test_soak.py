@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import shlex
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -271,3 +272,33 @@ def test_a_soak_without_a_virtual_clock_is_refused_at_once(clock: trio.abc.Clock
 
     with pytest.raises(ConfigError, match="needs a virtual clock.*run_soak"):
         trio.run(main, clock=clock)
+
+
+def test_a_lost_reply_fails_the_soak_instead_of_hanging_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply lost on its way to the coordinator left nothing with a
+    deadline: autojump had nowhere to jump and the soak hung for good."""
+    from actors import _soak
+    from messages import AgentReply
+
+    tap_send = _soak._Tap.send
+    replies = 0
+
+    async def losing_send(self: Any, item: Any, forward: Any) -> None:
+        nonlocal replies
+        if isinstance(item, AgentReply):
+            replies += 1
+            if replies == 7:
+                return  # never delivered
+        await tap_send(self, item, forward)
+
+    monkeypatch.setattr(_soak._Tap, "send", losing_send)
+    reports: list[Any] = []
+    # A thread, so a regression fails this test rather than hanging the suite.
+    worker = threading.Thread(target=lambda: reports.append(run_soak(SoakConfig(seed=1, runs=5))), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert reports, "the soak hung"
+    (report,) = reports
+    assert not report.ok and report.runs == 4
+    (stalled,) = [b for b in report.breaches if "stalled" in b]
+    assert "1 run(s) unfinished" in stalled and "asked and never answered: soak-1-" in stalled
