@@ -302,3 +302,73 @@ def test_a_lost_reply_fails_the_soak_instead_of_hanging_it(monkeypatch: pytest.M
     assert not report.ok and report.runs == 4
     (stalled,) = [b for b in report.breaches if "stalled" in b]
     assert "1 run(s) unfinished" in stalled and "asked and never answered: soak-1-" in stalled
+
+
+def test_retries_past_the_limit_fail_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import RetryPolicy
+    from actors._classify import classify
+
+    def unlimited(self: RetryPolicy, error: Any, attempt: int, *, auth_retries_left: int = 0) -> bool:
+        return classify(error).retryable  # the attempt limit forgotten
+
+    monkeypatch.setattr(RetryPolicy, "should_retry", unlimited)
+    report = run_soak(SoakConfig(seed=3, runs=20, faults=default_soak_plan("disconnect:40%"), retry=RetryPolicy(max_attempts=2)))
+    assert not report.ok
+    assert any(re.search(r"made \d+ attempts \(limit 2\)", b) for b in report.breaches)
+    assert any(re.search(r"stored attempt \d+ of \w+ in soak-3-\d+ exceeds 2", b) for b in report.breaches)
+
+
+def test_usage_the_accumulator_misses_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors._metrics import MetricsAccumulator
+
+    record = MetricsAccumulator.record
+    seen = 0
+
+    def lossy(self: MetricsAccumulator, event: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen % 50:  # every 50th report of usage goes missing
+            record(self, event)
+
+    monkeypatch.setattr(MetricsAccumulator, "record", lossy)
+    report = run_soak(SoakConfig(seed=3, runs=10))
+    assert not report.ok
+    assert any("usage totals" in b and "!= per-attempt sum" in b for b in report.breaches)
+
+
+def test_a_reply_sent_twice_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import _soak
+    from messages import AgentReply
+
+    tap_send = _soak._Tap.send
+    replies = 0
+
+    async def doubling_send(self: Any, item: Any, forward: Any) -> None:
+        nonlocal replies
+        await tap_send(self, item, forward)
+        if isinstance(item, AgentReply):
+            replies += 1
+            if replies == 5:
+                self._seen(item)  # a second terminal state for the same call
+
+    monkeypatch.setattr(_soak._Tap, "send", doubling_send)
+    report = run_soak(SoakConfig(seed=1, runs=3))
+    assert any("ended in 2 terminal states" in b for b in report.breaches)
+
+
+def test_a_task_left_running_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actors import SimulatedProvider
+
+    complete = SimulatedProvider.complete
+    leaked = False
+
+    async def leaking(self: SimulatedProvider, request: Any) -> Any:
+        nonlocal leaked
+        if not leaked:
+            leaked = True
+            trio.lowlevel.spawn_system_task(trio.sleep_forever)
+        return await complete(self, request)
+
+    monkeypatch.setattr(SimulatedProvider, "complete", leaking)
+    report = run_soak(SoakConfig(seed=1, runs=2))
+    assert any("1 task(s) left running after the soak" in b for b in report.breaches)
