@@ -372,3 +372,23 @@ def test_a_task_left_running_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(SimulatedProvider, "complete", leaking)
     report = run_soak(SoakConfig(seed=1, runs=2))
     assert any("1 task(s) left running after the soak" in b for b in report.breaches)
+
+
+def test_a_decision_that_never_reaches_the_store_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from messages import PersistDecision
+    from store import Store
+
+    apply_one = Store._apply_one
+    decisions = 0
+
+    def forgetful(self: Store, item: Any, now: int) -> Any:
+        nonlocal decisions
+        if isinstance(item, PersistDecision):
+            decisions += 1
+            if decisions == 3:
+                return None  # acknowledged, never written
+        return apply_one(self, item, now)
+
+    monkeypatch.setattr(Store, "_apply_one", forgetful)
+    report = run_soak(SoakConfig(seed=1, runs=3))
+    assert any(re.search(r"has 5 decision\(s\) over 5 stage key\(s\), the run reports 6", b) for b in report.breaches)
