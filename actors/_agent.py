@@ -9,6 +9,8 @@ never be made on an output that is not on disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import trio
 
@@ -17,6 +19,7 @@ from messages import (
     AgentOutput,
     AgentReply,
     AgentRequest,
+    AgentRetrying,
     CompletionRequest,
     CompletionResult,
     Outbox,
@@ -61,6 +64,8 @@ class Agent:
     store: Outbox[StoreWrite]
     retry: RetryPolicy
     seed: int
+    # Progress for humans (best effort, never blocks): each retry and its wait.
+    publish: Callable[[AgentRetrying], None] | None = None
 
     async def run(self, inbox: trio.MemoryReceiveChannel[AgentRequest]) -> None:
         """Serve requests until the inbox closes.  Requests still queued
@@ -176,6 +181,10 @@ class Agent:
                     {"error": error.kind, "message": str(error), "delay_s": round(resume_at - now, 3)},
                 )
             )
+            if self.publish is not None:
+                self.publish(
+                    AgentRetrying(key=key, attempt=attempt, error=f"{error.kind}: {error}", delay=resume_at - now)
+                )
             await trio.sleep_until(resume_at)
 
     async def _call(

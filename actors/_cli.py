@@ -22,6 +22,7 @@ import trio.testing
 
 from messages import (
     AgentFinished,
+    AgentRetrying,
     AuthError,
     BudgetAlert,
     FaultPlan,
@@ -52,7 +53,7 @@ from ._cli_providers import (
     provider_configs_from_args,
 )
 from ._footer import LiveFooter, Writer, show_metrics
-from ._format import tokens, usage_line, verdict_line
+from ._format import duration, tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
@@ -142,6 +143,11 @@ class ProgressPrinter:
                 w(f"    {event.key.agent}: answered after {event.attempts} attempt(s){note}\n")
             else:
                 w(f"    {event.key.agent}: FAILED after {event.attempts} attempt(s): {event.error}\n")
+        elif isinstance(event, AgentRetrying):
+            w(
+                f"    {event.key.agent}: attempt {event.attempt} failed ({event.error}); "
+                f"retrying in {duration(event.delay)}\n"
+            )
         elif isinstance(event, StageDecided):
             d = event.decision
             w(verdict_line(d.key.stage, d.seq, d.status, d.verdict) + "\n")

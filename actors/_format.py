@@ -19,6 +19,18 @@ def tokens(n: int) -> str:
     return str(n)
 
 
+def duration(seconds: float) -> str:
+    """0.25s, 30s, 6m0s, 1h2m: as long waits are written in reset hints."""
+    if seconds < 10:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60}s"
+    return f"{whole // 3600}h{whole % 3600 // 60}m"
+
+
 def usage_line(usage: TokenUsage, unknown: int = 0) -> str:
     text = (
         f"{tokens(usage.input_tokens)} in ({tokens(usage.cached_input_tokens)} cached) / "

@@ -478,6 +478,7 @@ class Orchestrator:
                             store=self._store,
                             retry=self.retry,
                             seed=seed,
+                            publish=self._publish,
                         )
                         nursery.start_soon(agent.run, receive)
                     coordinator = Coordinator(

@@ -73,6 +73,7 @@ from ._messages import (
 )
 from ._progress import (
     AgentFinished,
+    AgentRetrying,
     ProgressEvent,
     RunFinished,
     RunStarted,
@@ -121,6 +122,7 @@ __all__ = [
     "RunFinished",
     "ProgressEvent",
     "AgentFinished",
+    "AgentRetrying",
     "ZERO_USAGE",
     "ActorStopped",
     "AgentKey",

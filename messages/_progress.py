@@ -41,6 +41,19 @@ class AgentFinished:
 
 
 @attrs.frozen(kw_only=True, slots=True)
+class AgentRetrying:
+    """Attempt ``attempt`` failed with ``error`` (kind: message) and the
+    agent waits ``delay`` seconds on trio's clock (a reset hint's, or its
+    backoff) before the next: without it a long 429 wait looked like a
+    hang."""
+
+    key: AgentKey
+    attempt: int
+    error: str
+    delay: float
+
+
+@attrs.frozen(kw_only=True, slots=True)
 class StageDecided:
     decision: Decision
 
@@ -52,4 +65,4 @@ class RunFinished:
     halt_reason: str | None = None
 
 
-ProgressEvent = RunStarted | StageStarted | AgentFinished | StageDecided | RunFinished | BudgetAlert
+ProgressEvent = RunStarted | StageStarted | AgentFinished | AgentRetrying | StageDecided | RunFinished | BudgetAlert

@@ -6,6 +6,7 @@ inside the 429's 30 s reset window (virtual time)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrator
-from messages import Completion, CompletionRequest, FaultInterceptor, FaultPlan
+from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan
 from store import Store
 
 from .conftest import run_cli
@@ -199,3 +200,54 @@ async def test_a_fault_interceptor_in_two_open_orchestrators_is_refused(
         assert not (tmp_path / "b.db").exists()  # refused before anything was created
         assert faults.attached
     assert not faults.attached
+
+
+async def test_each_retry_and_its_wait_is_published_as_progress(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A 6-minute 429 wait used to show nothing until the agent answered."""
+    db = str(tmp_path / "p.db")
+    seen: list[AgentRetrying] = []
+    plan = FaultPlan.from_env({**FAULT_ENV, "CODEX_FAULTS_429_RESET": "6m0s"})
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=4), seed=4, faults=plan) as orch:
+        progress = orch.subscribe()
+
+        async def watch() -> None:
+            async for event in progress:
+                if isinstance(event, AgentRetrying):
+                    seen.append(event)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            assert (await orch.run("SPEC-DEMO", run_id="R")).completed
+            nursery.cancel_scope.cancel()
+    with Store.open(db) as s:
+        retries = [e for e in s.events("R") if e.kind == "retry"]
+    assert [(e.key.stage, e.key.agent, e.attempt) for e in seen] == [(e.stage, e.agent, e.attempt) for e in retries]
+    assert [e.delay for e in seen] == pytest.approx([e.detail["delay_s"] for e in retries], abs=1e-3)
+    (limited,) = [e for e in seen if e.error.startswith("rate_limit: ")]
+    assert 360 <= limited.delay < 361
+
+
+def test_the_cli_shows_each_retry_and_its_wait(tmp_path: Path) -> None:
+    env = {**FAULT_ENV, "CODEX_FAULTS_429_RESET": "6m0s"}
+    human = run_cli(["run", "--db", str(tmp_path / "h.db"), "--seed", "4"], env=env)
+    assert human.returncode == 0, human.stderr
+    lines = [line.strip() for line in human.stdout.splitlines() if "retrying in" in line]
+    assert len(lines) == 6
+    assert any(re.fullmatch(r"\w+: attempt \d failed \(rate_limit: rate limit exceeded: retry after 360 seconds "
+                            r"\(fault injected\)\); retrying in 6m0s", line) for line in lines), lines
+    assert sum("(timeout: operation timed out after 30000ms (fault injected)); retrying in" in x for x in lines) == 2
+    quiet = run_cli(["run", "--db", str(tmp_path / "j.db"), "--seed", "4", "--json"], env=env)
+    assert "retrying in" not in quiet.stdout + quiet.stderr
+    json.loads(quiet.stdout)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.25, "0.25s"), (0.5, "0.5s"), (2.0, "2s"), (9.994, "9.99s"), (30.4, "30s"), (360.2, "6m0s"), (3725, "1h2m")],
+)
+def test_waits_are_written_as_reset_hints_are(seconds: float, text: str) -> None:
+    from actors._format import duration
+
+    assert duration(seconds) == text
