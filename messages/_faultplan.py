@@ -85,6 +85,24 @@ def parse_reset_hint(text: str, *, now: Callable[[], float] = time.time, source:
 # -- the plan -------------------------------------------------------------------
 
 
+def reset_hint(value: object, *, now: Callable[[], float] = time.time) -> ResetHint | None:
+    """A reset hint from what a caller may give: a :class:`ResetHint`, a
+    string as ``CODEX_FAULTS_429_RESET`` takes it, a number of seconds, or
+    None/"" for none.  Anything else is a :class:`FaultPlanError` - it used
+    to be dropped (a plan built with ``reset=30`` had no hint) or kept to
+    fail at the first injected 429."""
+    if value is None or isinstance(value, ResetHint):
+        return value
+    if isinstance(value, str):
+        return parse_reset_hint(value, now=now) if value.strip() else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return ResetHint(mode="relative", seconds=float(value), text=str(value))
+    raise FaultPlanError(
+        f"fault reset must be a ResetHint, a reset hint string (120, 90s, now+30s, an RFC 3339 time) "
+        f"or seconds >= 0, got {value!r}"
+    )
+
+
 def _kind_mapping(value: Mapping[Any, Any] | None) -> Mapping[FaultKind, Any]:
     return dict(value or {})
 
@@ -104,7 +122,7 @@ class FaultPlan:
     rates: Mapping[FaultKind, float] = attrs.field(factory=dict, converter=_kind_mapping)
     provider: str | None = None
     seed: int | None = None
-    reset: ResetHint | None = None
+    reset: ResetHint | None = attrs.field(default=None, converter=reset_hint)
     timeout_ms: int = DEFAULT_TIMEOUT_MS
 
     def __attrs_post_init__(self) -> None:
@@ -191,6 +209,8 @@ class FaultPlan:
         """Build a plan from the reference's syntax (``disconnect:3,429:1``)
         plus rates (``timeout:2.5%``).  Raises :class:`FaultPlanError` naming
         the bad entry."""
+        if not isinstance(spec, str):
+            raise FaultPlanError(f"{source}: expected a fault spec such as 'disconnect:3,429:1', got {spec!r}")
         counts: dict[FaultKind, int] = {}
         rates: dict[FaultKind, float] = {}
         for raw in spec.split(","):
@@ -225,9 +245,7 @@ class FaultPlan:
         if sum(rates.values()) > 1.0 + 1e-12:
             raise FaultPlanError(f"{source}: fault rates in {spec!r} add up to more than 100%")
         provider = parse_scope(scope)
-        hint = parse_reset_hint(reset, now=now) if isinstance(reset, str) and reset.strip() else (
-            reset if isinstance(reset, ResetHint) else None
-        )
+        hint = reset_hint(reset, now=now)
         if timeout_ms is None or (isinstance(timeout_ms, str) and not timeout_ms.strip()):
             timeout = DEFAULT_TIMEOUT_MS
         elif isinstance(timeout_ms, int):

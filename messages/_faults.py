@@ -124,13 +124,17 @@ class FaultInterceptor(Interceptor[Any]):
 
     def __init__(
         self,
-        plan: FaultPlan,
+        plan: FaultPlan | str,
         *,
         seed: int | None = None,
         health: HealthPort | None = None,
         events: Outbox[Any] | None = None,
         observer: Callable[[InjectedFault], None] | None = None,
     ) -> None:
+        if isinstance(plan, str):
+            plan = FaultPlan.parse(plan)
+        elif not isinstance(plan, FaultPlan):
+            raise TypeError(f"FaultInterceptor needs a FaultPlan or a spec such as 'disconnect:3', got {plan!r}")
         self.plan = plan
         self.seed = plan.seed if plan.seed is not None else (seed or 0)
         self.health = health

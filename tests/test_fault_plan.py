@@ -16,6 +16,7 @@ from messages import (
     FaultInterceptor,
     FaultPlan,
     FaultPlanError,
+    ResetHint,
     parse_reset_hint,
 )
 
@@ -254,3 +255,43 @@ def test_a_plan_object_refuses_a_bad_seed_or_provider(kwargs: dict[str, object],
 
 def test_a_kind_given_twice_takes_its_last_entry_as_in_the_reference() -> None:
     assert dict(FaultPlan.parse("disconnect:2,disconnect:3").counts) == {"disconnect": 3}
+
+
+@pytest.mark.parametrize(
+    ("reset", "expected"),
+    [
+        (30, ResetHint(mode="relative", seconds=30.0, text="30")),
+        (2.5, ResetHint(mode="relative", seconds=2.5, text="2.5")),
+        ("90s", ResetHint(mode="relative", seconds=90.0, text="90s")),
+        ("now+30s", ResetHint(mode="anchored", seconds=30.0, text="now+30s")),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_a_reset_given_as_a_number_or_string_becomes_a_hint(reset: object, expected: ResetHint | None) -> None:
+    """``parse(..., reset=30)`` used to drop the hint without a word, and
+    ``FaultPlan(reset="30")`` kept a str that failed at the first 429."""
+    assert FaultPlan.parse("429:1", reset=reset).reset == expected  # type: ignore[arg-type]
+    assert FaultPlan(counts={"rate_limit": 1}, reset=reset).reset == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reset", [-1, float("nan"), float("inf"), True, "soon", object()])
+def test_a_bad_reset_is_refused_when_the_plan_is_built(reset: object) -> None:
+    with pytest.raises(FaultPlanError, match="reset"):
+        FaultPlan(counts={"rate_limit": 1}, reset=reset)  # type: ignore[arg-type]
+    with pytest.raises(FaultPlanError, match="reset"):
+        FaultPlan.parse("429:1", reset=reset)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spec", [None, 3, ["disconnect:1"]])
+def test_a_spec_that_is_not_a_string_is_named(spec: object) -> None:
+    with pytest.raises(FaultPlanError, match=re.escape(f"expected a fault spec such as 'disconnect:3,429:1', got {spec!r}")):
+        FaultPlan.parse(spec)  # type: ignore[arg-type]
+
+
+def test_an_interceptor_takes_a_plan_or_a_spec_and_names_anything_else() -> None:
+    assert FaultInterceptor("disconnect:3").plan == FaultPlan.parse("disconnect:3")
+    with pytest.raises(TypeError, match="needs a FaultPlan or a spec such as 'disconnect:3', got 3"):
+        FaultInterceptor(3)  # type: ignore[arg-type]
+    with pytest.raises(FaultPlanError, match="unknown fault kind 'nope'"):
+        FaultInterceptor("nope:1")
