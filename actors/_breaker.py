@@ -52,11 +52,14 @@ class BreakerPolicy:
 
     @failure_rate.validator
     def _check(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"failure_rate must be a number within (0, 1], got {value!r}")
         if not 0.0 < value <= 1.0:
             raise ValueError(f"failure_rate must be within (0, 1], got {value!r}")
 
     def __attrs_post_init__(self) -> None:
         # "not x > 0" rather than "x <= 0": NaN fails too.
+        check_seconds(self.window, "window")
         if not 0 < self.window < math.inf or not isinstance(self.min_calls, int) or self.min_calls < 1:
             raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window} and {self.min_calls}")
         check_seconds(self.cooldown, "cooldown")

@@ -8,7 +8,10 @@ import math
 
 def check_seconds(value: float, name: str) -> float:
     """``value`` if it is a finite number of seconds >= 0 (NaN is not);
-    otherwise a ValueError naming ``name`` and the bad value."""
+    otherwise a TypeError (not a number: a str used to fail inside the
+    comparison, naming nothing) or ValueError naming ``name`` and the value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return value

@@ -101,6 +101,8 @@ class HealthRegistry:
         policies: dict[str, BreakerPolicy] | None = None,
         gate_quantum: float = 0.0,
     ) -> None:
+        if policy is not None and not isinstance(policy, BreakerPolicy):
+            raise TypeError(f"HealthRegistry needs a BreakerPolicy, got {policy!r}")
         self.policy = policy or BreakerPolicy()
         self._policies = dict(policies or {})
         self._gate_quantum = check_seconds(gate_quantum, "gate quantum")

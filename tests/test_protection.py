@@ -379,7 +379,13 @@ async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testin
         (lambda: RetryPolicy(jitter=1.5), ValueError, "jitter must be between 0 and 1"),
         (lambda: RetryPolicy(call_timeout=0.0), ValueError, "call_timeout must be > 0"),
         (lambda: RetryPolicy(call_timeout=float("nan")), ValueError, "call_timeout must be > 0"),
-        (lambda: BreakerPolicy(window=float("nan")), ValueError, "need window > 0"),
+        (lambda: BreakerPolicy(window=float("nan")), ValueError, "window must be a finite number of seconds"),
+        (lambda: BreakerPolicy(window=0.0), ValueError, "need window > 0"),
+        # Not numbers: these failed inside a comparison, naming nothing.
+        (lambda: BreakerPolicy(window="60"), TypeError, "window must be a number of seconds, got '60'"),  # type: ignore[arg-type]
+        (lambda: BreakerPolicy(failure_rate="0.5"), TypeError, "failure_rate must be a number"),  # type: ignore[arg-type]
+        (lambda: RetryPolicy(initial="1"), TypeError, "initial must be a number of seconds, got '1'"),  # type: ignore[arg-type]
+        (lambda: HealthRegistry("strict"), TypeError, "HealthRegistry needs a BreakerPolicy, got 'strict'"),  # type: ignore[arg-type]
         (lambda: BreakerPolicy(min_calls=2.5), ValueError, "min_calls >= 1"),  # type: ignore[arg-type]
         (lambda: BreakerPolicy(cooldown=float("nan")), ValueError, "cooldown must be"),
         (lambda: BreakerPolicy(probe_wait=-1.0), ValueError, "probe_wait must be"),
