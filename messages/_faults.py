@@ -22,16 +22,18 @@ placement (they only scope the count budget, see below).
   (per run and branch), as the reference's was per process, which ran one
   pipeline.  The budget is laid out as a sequence in priority order
   (disconnect, then 429, then timeout).  Stages of a run never overlap, so
-  when a stage's first call arrives the budget left (``R``) and the index
-  of the next fault (``base``) are fixed.  Within the stage the calls are
+  when a stage's first call arrives the faults not yet placed (``left``, in
+  sequence order) are fixed for it.  Within the stage the calls are
   numbered ``p = (attempt - 1) * panel_size + seat``: every first attempt
   before any second attempt, seats in roster order.  The call numbered
-  ``p`` gets fault ``base + p`` of the sequence if ``p < R``.  This is a
-  pure function of identity, so the same calls get the same faults however
-  trio interleaves a parallel stage; and a stage spreads its faults over
-  its agents instead of burning one agent's every attempt.  "In order"
-  therefore means this canonical order, which is the arrival order whenever
-  calls cannot race (one agent at a time).
+  ``p`` gets ``left[p]`` if ``p < len(left)``.  This is a pure function of
+  identity, so the same calls get the same faults however trio interleaves
+  a parallel stage; and a stage spreads its faults over its agents instead
+  of burning one agent's every attempt.  A number no call takes (a seat a
+  resume replays from the store, an attempt never made) leaves its fault
+  to the next stage, so a run gets exactly its counts of each kind.  "In
+  order" therefore means this canonical order, which is the arrival order
+  whenever calls cannot race (one agent at a time).
 
 With a health port attached (the runtime attaches the gateway's), an
 injected fault stands in for a provider call, so it is admitted exactly
@@ -98,15 +100,14 @@ def _unit(*parts: object) -> float:
 
 @attrs.define(slots=True)
 class _Stage:
-    base: int
-    budget: int
+    left: tuple[int, ...]  # indices into the sequence not placed when the stage began
     panel: tuple[str, ...]
 
 
 @attrs.define(slots=True)
 class _Bucket:
     anchor: float
-    decided: int = 0
+    placed: set[int] = attrs.field(factory=set)  # indices into the sequence
     stages: dict[tuple[str, ...], _Stage] = attrs.field(factory=dict)
     by_kind: collections.Counter[FaultKind] = attrs.field(factory=collections.Counter)
 
@@ -235,15 +236,16 @@ class FaultInterceptor(Interceptor[Any]):
             stage = bucket.stages.get(stage_key)
             if stage is None:
                 # Every earlier stage of this run is over: its placements are final.
-                stage = bucket.stages[stage_key] = _Stage(
-                    base=bucket.decided, budget=len(self._sequence) - bucket.decided, panel=panel
-                )
+                left = tuple(i for i in range(len(self._sequence)) if i not in bucket.placed)
+                stage = bucket.stages[stage_key] = _Stage(left=left, panel=panel)
             size = len(panel)
             seat = panel.index(key.agent)
             position = (request.attempt - 1) * size + seat
-            if position < stage.budget:
-                kind = self._sequence[stage.base + position]
-                bucket.decided += 1
+            # Placed once: the same call sent again (the same interceptor
+            # serving a resume of this run) does not spend another fault.
+            if position < len(stage.left) and (index := stage.left[position]) not in bucket.placed:
+                kind = self._sequence[index]
+                bucket.placed.add(index)
                 bucket.by_kind[kind] += 1
                 self.decided[kind] += 1
                 return kind, bucket.anchor

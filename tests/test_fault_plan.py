@@ -3,6 +3,7 @@ count exhaustion, scope selection, and a clear error per malformed value."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import re
 from pathlib import Path
@@ -295,3 +296,23 @@ def test_an_interceptor_takes_a_plan_or_a_spec_and_names_anything_else() -> None
         FaultInterceptor(3)  # type: ignore[arg-type]
     with pytest.raises(FaultPlanError, match="unknown fault kind 'nope'"):
         FaultInterceptor("nope:1")
+
+
+async def test_a_seat_no_call_takes_leaves_its_fault_to_the_next_stage() -> None:
+    """On a resume, replayed seats make no call and attempts continue past
+    1.  The next stage used to start at the count placed so far and give
+    out again faults a later number had taken: the plan's 3/1/2 came out
+    as disconnect 2, timeout 4."""
+    panel = ("gemini", "claude", "gpt_pro")
+    faults = FaultInterceptor(FaultPlan.parse("disconnect:3,429:1,timeout:2"))
+    # plan: gemini replayed (no call); claude and gpt_pro fault, then retry.
+    plan_calls = [("claude", 1), ("gpt_pro", 1), ("claude", 2), ("gpt_pro", 2), ("claude", 3), ("gpt_pro", 3)]
+    got = [faults.decide(request(a, n, panel=panel)) for a, n in plan_calls]
+    assert [d[0] if d else None for d in got] == ["disconnect", "disconnect", "timeout", "timeout", None, None]
+    # tasks: the faults numbers 0 and 3 (disconnect, 429) were never taken.
+    tasks = [faults.decide(request(a, 1, stage="tasks", panel=panel)) for a in panel]
+    assert [d[0] if d else None for d in tasks] == ["disconnect", "rate_limit", None]
+    assert faults.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    assert faults.injected == collections.Counter() and dict(faults.decided) == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    # The same call again (one interceptor serving a resume) spends nothing.
+    assert faults.decide(request("claude", 1, panel=panel)) is None
