@@ -57,7 +57,7 @@ from ._format import duration, tokens, usage_line, verdict_line
 from ._ids import short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
-from ._runtime import ConfigError, Limits, RunResult, open_orchestrator
+from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
 
 T = TypeVar("T")
 
@@ -188,10 +188,10 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
         raise UsageError(str(exc)) from None
 
 
-def fault_banner(plan: FaultPlan, seed: int) -> None:
+def fault_banner(plan: FaultPlan, seed: int, whence: str = "from --seed") -> None:
     """Say on stderr that faults are active (stdout stays clean for --json)."""
     if plan.enabled:
-        note = "" if plan.seed is not None else f"; fault seed {seed} (from --seed)"
+        note = "" if plan.seed is not None else f"; fault seed {seed} ({whence})"
         print(f"conclave: {plan.describe()}{note}", file=sys.stderr)
 
 
@@ -286,16 +286,23 @@ async def _run_pipeline(
                 nursery.cancel_scope.cancel()
                 if isinstance(display, LiveFooter):
                     display.clear()
-        faults = None
-        if orch.faults is not None:
-            left = orch.faults.remaining(result.run_id)
-            counted = set(plan.counts) if plan is not None else set()
-            faults = {**orch.faults.diagnostics(), "left_in_run": {k: n for k, n in left.items() if k in counted}}
-        if printer is not None and faults is not None:
-            injected = ", ".join(f"{k} {n}" for k, n in faults["injected"].items())
-            budget = ", ".join(f"{k} {n}" for k, n in faults["left_in_run"].items())
-            print(f"\nFaults injected: {injected}" + (f" (left in this run's budget: {budget})" if budget else ""))
+        faults = fault_summary(orch, result.run_id, show=printer is not None)
     return result, trio.current_time() - started, faults
+
+
+def fault_summary(orch: Orchestrator, run_id: str, *, show: bool) -> dict[str, Any] | None:
+    """What the orchestrator's fault interceptor injected (None without
+    one), for ``--json``; ``show``: also print it in a line."""
+    if orch.faults is None:
+        return None
+    left = orch.faults.remaining(run_id)
+    counted = set(orch.faults.plan.counts)
+    faults = {**orch.faults.diagnostics(), "left_in_run": {k: n for k, n in left.items() if k in counted}}
+    if show:
+        injected = ", ".join(f"{k} {n}" for k, n in faults["injected"].items())
+        budget = ", ".join(f"{k} {n}" for k, n in faults["left_in_run"].items())
+        print(f"\nFaults injected: {injected}" + (f" (left in this run's budget: {budget})" if budget else ""))
+    return faults
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import trio
 import trio.testing
 
-from messages import AuthError, ProgressEvent, StageDecided, StageStarted
+from messages import AuthError, FaultPlan, ProgressEvent, StageDecided, StageStarted
 from store import BranchRow, RunPreview, RunRow, Store, StoreError, preview_run
 
 from ._cli import (
@@ -34,6 +34,10 @@ from ._cli import (
     _leaves,
     _non_negative,
     _unit_interval,
+    add_fault_options,
+    fault_banner,
+    fault_plan,
+    fault_summary,
     interruptible,
     open_run,
     print_progress,
@@ -148,12 +152,20 @@ async def _drive(
     action: Action,
     auth: AuthService | None = None,
     retry: RetryPolicy | None = None,
-) -> tuple[RunResult, float]:
+    faults: FaultPlan | None = None,
+) -> tuple[RunResult, float, dict[str, Any] | None]:
     printer = None if args.json else HistoryPrinter(sys.stdout, stages)
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
     started = trio.current_time()
     async with open_orchestrator(
-        store=store, provider=providers, seed=seed, limits=limits, prices=args.price_table, auth=auth, retry=retry
+        store=store,
+        provider=providers,
+        seed=seed,
+        limits=limits,
+        prices=args.price_table,
+        auth=auth,
+        retry=retry,
+        faults=faults,
     ) as orch:
         async with trio.open_nursery() as nursery:
             if printer is not None:
@@ -162,7 +174,8 @@ async def _drive(
                 result = await action(orch)
             finally:
                 nursery.cancel_scope.cancel()
-    return result, trio.current_time() - started
+        injected = fault_summary(orch, result.run_id, show=printer is not None)
+    return result, trio.current_time() - started, injected
 
 
 def _configs(
@@ -188,6 +201,9 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
     needed) and resume or rerun."""
     if args.provider is not None or args.model is not None:
         return _fail("resume and rerun use the run's stored pipeline; --provider and --model cannot change it")
+    # CODEX_FAULTS* and --faults apply here as to run: a crash-and-resume
+    # test under faults used to get none after the resume, without a word.
+    plan = fault_plan(args)
     try:
         pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
         auth = login_auth(args, {spec.provider for spec in pipeline.agents.values()})
@@ -238,8 +254,9 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         stages = len(preview.pipeline.get("stages", ()))
         try:
-            result, elapsed = trio.run(
-                interruptible, _drive, args, store, providers, seed, stages, action, auth, retry_of(options),
+            fault_banner(plan, seed, "the run's seed")
+            result, elapsed, faults = trio.run(
+                interruptible, _drive, args, store, providers, seed, stages, action, auth, retry_of(options), plan,
                 clock=clock,
             )
         except (ConfigError, ResumeError) as exc:
@@ -252,7 +269,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
                 if bad is not None:
                     return _fail(str(_leaves(bad)[0]))
             raise
-    return report_result(args, result, virtual, elapsed)
+    return report_result(args, result, virtual, elapsed, faults)
 
 
 def _preview(args: argparse.Namespace) -> RunPreview | int:
@@ -365,6 +382,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     add_provider_arguments(p)
     add_run_auth_option(p)
     add_run_metrics_args(p)  # --budget (replaces the run's) and --prices
+    add_fault_options(p)
 
 
 def register(sub: Any) -> None:

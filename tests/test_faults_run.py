@@ -251,3 +251,37 @@ def test_waits_are_written_as_reset_hints_are(seconds: float, text: str) -> None
     from actors._format import duration
 
     assert duration(seconds) == text
+
+
+def test_resume_and_rerun_inject_faults_as_run_does(tmp_path: Path) -> None:
+    """CODEX_FAULTS and --faults used to be ignored by resume and rerun: a
+    crash-and-resume test under faults got none after the resume."""
+    db = str(tmp_path / "r.db")
+    clean = json.loads(run_cli(["run", "--db", str(tmp_path / "clean.db"), "--seed", "4", "--json", "--run-id", "R"]).stdout)
+    killed = run_cli(["run", "--db", db, "--seed", "4", "--run-id", "R"], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "4"})
+    assert killed.returncode == -9
+
+    bad = run_cli(["resume", "R", "--db", db, "--faults", "bogus:1"])
+    assert bad.returncode == 2 and "unknown fault kind 'bogus'" in bad.stderr
+    with Store.open(db) as s:
+        before = len(s.events("R"))
+        assert not any(e.kind == "resume" for e in s.events("R"))  # refused before anything was written
+
+    resumed = run_cli(["resume", "R", "--db", db, "--json"], env=FAULT_ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "FAULT INJECTION ACTIVE: disconnect:3,429:1,timeout:2" in resumed.stderr
+    assert "fault seed 4 (the run's seed)" in resumed.stderr
+    data = json.loads(resumed.stdout)
+    assert data["faults"]["injected"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    assert data["stages"] == clean["stages"] and data["unknown_usage_calls"] == 6  # survived them
+    with Store.open(db) as s:
+        after = s.events("R")[before:]
+    assert sorted(e.detail["fault"] for e in after if e.kind == "fault") == (
+        ["disconnect"] * 3 + ["rate_limit"] + ["timeout"] * 2
+    )
+
+    forked = run_cli(["rerun", "R", "--from", "audit", "--db", db, "--faults", "timeout:1", "--json"])
+    assert forked.returncode == 0, forked.stderr
+    assert json.loads(forked.stdout)["faults"]["injected"] == {"disconnect": 0, "rate_limit": 0, "timeout": 1}
+    quiet = run_cli(["resume", "R", "--db", db, "--json"])
+    assert "FAULT INJECTION" not in quiet.stderr and "faults" not in json.loads(quiet.stdout)
