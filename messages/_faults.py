@@ -42,7 +42,8 @@ like one: it waits at the provider's rate-limit gate, fails fast with
 outcome, so an injected 429 closes the gate for everyone and injected
 disconnects count against the breaker.  A fault placed on a call that the
 open breaker refuses is not injected (the call fails fast with
-``CircuitOpen``, as a real one would); its slot in the budget is spent.
+``CircuitOpen``, as a real one would); a counted one goes back to the run's
+budget, for the stages after this one.
 """
 
 from __future__ import annotations
@@ -214,16 +215,24 @@ class FaultInterceptor(Interceptor[Any]):
         ):
             await forward(item)
             return
-        decision = self.decide(item)
+        decision = self._decide(item)
         if decision is None:
             await forward(item)
             return
-        kind, anchor = decision
-        await self._inject(item, kind, anchor)
+        kind, anchor, placed = decision
+        await self._inject(item, kind, anchor, placed)
 
     def decide(self, request: CompletionRequest) -> tuple[FaultKind, float] | None:
-        """Which fault ``request`` gets, if any; records count placements.
-        Synchronous: no checkpoint between deciding and acting."""
+        """Which fault ``request`` gets, if any, and the anchor of its reset
+        hint; records count placements.  Synchronous: no checkpoint between
+        deciding and acting."""
+        decision = self._decide(request)
+        return None if decision is None else decision[:2]
+
+    def _decide(self, request: CompletionRequest) -> tuple[FaultKind, float, tuple[_Bucket, int] | None] | None:
+        """As :meth:`decide`, plus where a count fault was placed (None for
+        a rate), so that a fault the breaker keeps from firing can be put
+        back."""
         key = request.key
         bucket_key = (key.run_id, key.branch_id)
         bucket = self._buckets.get(bucket_key)
@@ -248,7 +257,7 @@ class FaultInterceptor(Interceptor[Any]):
                 bucket.placed.add(index)
                 bucket.by_kind[kind] += 1
                 self.decided[kind] += 1
-                return kind, bucket.anchor
+                return kind, bucket.anchor, (bucket, index)
         if self._rates:
             draw = _unit(self.seed, "fault", CHANNEL, request.spec_id, key.stage, key.agent, request.attempt)
             edge = 0.0
@@ -256,7 +265,7 @@ class FaultInterceptor(Interceptor[Any]):
                 edge += rate
                 if draw < edge:
                     self.decided[kind] += 1
-                    return kind, bucket.anchor
+                    return kind, bucket.anchor, None
         return None
 
     def _retry_after(self, anchor: float, now: float) -> float | None:
@@ -279,7 +288,9 @@ class FaultInterceptor(Interceptor[Any]):
             retry_after=retry_after,
         )
 
-    async def _inject(self, request: CompletionRequest, kind: FaultKind, anchor: float) -> None:
+    async def _inject(
+        self, request: CompletionRequest, kind: FaultKind, anchor: float, placed: tuple[_Bucket, int] | None = None
+    ) -> None:
         reply = request.reply_to
         assert reply is not None
         permit = None
@@ -288,6 +299,14 @@ class FaultInterceptor(Interceptor[Any]):
             # through the same gate and breaker as a real one.
             permit, blocked = await self.health.admit(request.provider, request)
             if blocked is not None:
+                # Refused as a real call would be: the fault never fired, so
+                # a counted one goes back to the run's budget (to a later
+                # stage), as the reference consumed a count only by firing.
+                self.decided[kind] -= 1
+                if placed is not None:
+                    bucket, index = placed
+                    bucket.placed.discard(index)
+                    bucket.by_kind[kind] -= 1
                 reply.send(
                     CompletionResult(key=request.key, attempt=request.attempt, error=blocked, usage=ZERO_USAGE)
                 )

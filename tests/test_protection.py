@@ -400,3 +400,31 @@ def test_policies_refuse_bad_values_when_built(build: Any, error: type[Exception
 
 def test_a_call_timeout_may_be_unlimited() -> None:
     assert RetryPolicy(call_timeout=math.inf).call_timeout == math.inf
+
+
+async def test_a_counted_fault_the_breaker_refuses_goes_back_to_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """It never fired (the call failed fast, as a real one would), so it
+    must not be spent: 'disconnect:3' in a soak whose breaker tripped used
+    to inject 50 of 60."""
+    health = HealthRegistry(BreakerPolicy(min_calls=1, cooldown=30))
+    permit, _ = await health["p"].admit()
+    health["p"].report(permit, Disconnected("a real one"))
+    await trio.sleep(1)  # the next call to arrive, in a later instant, trips the breaker
+    faults = FaultInterceptor(FaultPlan.parse("disconnect:1"), health=health)
+
+    async def never(item: object) -> None:
+        raise AssertionError("a placed fault is not forwarded")
+
+    reply, pending = reply_pair("refused")
+    await faults.send(attrs.evolve(call(), reply_to=reply), never)
+    assert isinstance((await pending.receive()).error, CircuitOpen) and health["p"].breaker.state == "open"
+    assert faults.injected["disconnect"] == 0 and faults.remaining("r") == {"disconnect": 1, "rate_limit": 0, "timeout": 0}
+
+    await trio.sleep(31)  # the cooldown is over: the next stage's call is the probe, and gets the fault
+    later = attrs.evolve(call(), key=attrs.evolve(call().key, stage="tasks"))
+    reply, pending = reply_pair("fired")
+    await faults.send(attrs.evolve(later, reply_to=reply), never)
+    assert isinstance((await pending.receive()).error, Disconnected)
+    assert faults.injected["disconnect"] == 1 and faults.remaining("r")["disconnect"] == 0
