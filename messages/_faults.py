@@ -288,6 +288,13 @@ class FaultInterceptor(Interceptor[Any]):
             retry_after=retry_after,
         )
 
+    def _unplace(self, kind: FaultKind, placed: tuple[_Bucket, int] | None) -> None:
+        self.decided[kind] -= 1
+        if placed is not None:
+            bucket, index = placed
+            bucket.placed.discard(index)
+            bucket.by_kind[kind] -= 1
+
     async def _inject(
         self, request: CompletionRequest, kind: FaultKind, anchor: float, placed: tuple[_Bucket, int] | None = None
     ) -> None:
@@ -297,16 +304,16 @@ class FaultInterceptor(Interceptor[Any]):
         if self.health is not None:
             # The injected fault stands in for a provider call: admitted
             # through the same gate and breaker as a real one.
-            permit, blocked = await self.health.admit(request.provider, request)
+            try:
+                permit, blocked = await self.health.admit(request.provider, request)
+            except BaseException:
+                self._unplace(kind, placed)  # cancelled at the gate: nothing fired
+                raise
             if blocked is not None:
                 # Refused as a real call would be: the fault never fired, so
                 # a counted one goes back to the run's budget (to a later
                 # stage), as the reference consumed a count only by firing.
-                self.decided[kind] -= 1
-                if placed is not None:
-                    bucket, index = placed
-                    bucket.placed.discard(index)
-                    bucket.by_kind[kind] -= 1
+                self._unplace(kind, placed)
                 reply.send(
                     CompletionResult(key=request.key, attempt=request.attempt, error=blocked, usage=ZERO_USAGE)
                 )

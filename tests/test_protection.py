@@ -428,3 +428,17 @@ async def test_a_counted_fault_the_breaker_refuses_goes_back_to_the_budget(
     await faults.send(attrs.evolve(later, reply_to=reply), never)
     assert isinstance((await pending.receive()).error, Disconnected)
     assert faults.injected["disconnect"] == 1 and faults.remaining("r")["disconnect"] == 0
+
+
+async def test_a_counted_fault_cancelled_at_the_gate_is_not_spent(autojump_clock: trio.testing.MockClock) -> None:
+    health = HealthRegistry()
+    permit, _ = await health["p"].admit()
+    health["p"].report(permit, RateLimited("429", retry_after=10))  # the gate is shut for 10 s
+    await trio.sleep(0.5)  # a call in the 429's own instant would be simultaneous with it
+    faults = FaultInterceptor(FaultPlan.parse("timeout:1"), health=health)
+    reply, _pending = reply_pair("cancelled")
+    with trio.move_on_after(1) as waited:
+        await faults.send(attrs.evolve(call(), reply_to=reply), lambda item: trio.sleep(0))
+    assert waited.cancelled_caught, "it waited at the gate"
+    assert faults.remaining("r") == {"disconnect": 0, "rate_limit": 0, "timeout": 1}
+    assert faults.injected["timeout"] == 0
