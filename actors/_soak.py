@@ -458,6 +458,9 @@ class ShardReport:
     gate_waits: int
     wall_seconds: float
     virtual_seconds: float
+    # Calls of runs that never finished (a stalled soak) asked and never
+    # answered: lost, though no run check counted them.
+    unanswered: int = 0
 
 
 # Told (runs checked, agent turns in them) so far; reporting only.
@@ -485,12 +488,17 @@ def guarded(progress: Progress) -> Progress:
 _STALLED_AFTER = 1e12
 
 
-def _stalled(checker: _Checker, unfinished: int) -> str:
-    unanswered = sorted(
+def _unanswered(checker: _Checker) -> list[str]:
+    """Calls of the runs not checked yet that were asked and never answered."""
+    return sorted(
         f"{key.run_id}/{key.stage}/{key.agent}"
         for run, asked in checker.requests.items()
         for key in asked.keys() - {r.key for r in checker.replies.get(run, ())}
     )
+
+
+def _stalled(checker: _Checker, unfinished: int) -> str:
+    unanswered = _unanswered(checker)
     shown = ", ".join(unanswered[:5]) + (f" and {len(unanswered) - 5} more" if len(unanswered) > 5 else "")
     return (
         f"the soak stalled with {unfinished} run(s) unfinished: nothing was left that could ever "
@@ -605,6 +613,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
         gate_waits=sum(h.gate.waits for h in health.providers().values()),
         wall_seconds=time.perf_counter() - started_wall,
         virtual_seconds=trio.current_time() - started,
+        unanswered=len(_unanswered(checker)) if stall.cancelled_caught else 0,
     )
 
 
@@ -650,7 +659,7 @@ def merge_shards(
         faults=faults_by_kind,
         recovered={k: recovered.get(k, 0) for k in FAULT_KINDS},
         retries=retries,
-        lost=sum(o.lost for o in ordered),
+        lost=sum(o.lost for o in ordered) + sum(p.unanswered for p in parts),
         duplicate_decisions=sum(o.duplicate_decisions for o in ordered),
         completed=sum(1 for o in ordered if o.status == "completed"),
         halted=sum(1 for o in ordered if o.status != "completed"),
