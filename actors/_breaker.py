@@ -60,7 +60,7 @@ class BreakerPolicy:
     def __attrs_post_init__(self) -> None:
         # "not x > 0" rather than "x <= 0": NaN fails too.
         check_seconds(self.window, "window")
-        if not 0 < self.window < math.inf or not isinstance(self.min_calls, int) or self.min_calls < 1:
+        if not self.window > 0 or not isinstance(self.min_calls, int) or self.min_calls < 1:
             raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window} and {self.min_calls}")
         check_seconds(self.cooldown, "cooldown")
         check_seconds(self.probe_wait, "probe_wait")

@@ -788,8 +788,7 @@ async def open_orchestrator(
                     hub.close()
     finally:
         for interceptor in attached:
-            if interceptor.attached:
-                interceptor.detach()
+            interceptor.detach()
         with trio.CancelScope(shield=True):
             await gateway.aclose()
         if own_store:

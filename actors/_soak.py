@@ -497,8 +497,7 @@ def _unanswered(checker: _Checker) -> list[str]:
     )
 
 
-def _stalled(checker: _Checker, unfinished: int) -> str:
-    unanswered = _unanswered(checker)
+def _stalled(unanswered: list[str], unfinished: int) -> str:
     shown = ", ".join(unanswered[:5]) + (f" and {len(unanswered) - 5} more" if len(unanswered) > 5 else "")
     return (
         f"the soak stalled with {unfinished} run(s) unfinished: nothing was left that could ever "
@@ -591,8 +590,9 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
                 async with trio.open_nursery() as nursery:
                     for _ in range(min(concurrency, len(assigned))):
                         nursery.start_soon(worker)
+            unanswered = _unanswered(checker) if stall.cancelled_caught else []
             if stall.cancelled_caught:
-                checker.breach(_stalled(checker, len(assigned) - len(outcomes)))
+                checker.breach(_stalled(unanswered, len(assigned) - len(outcomes)))
 
     tasks_after = trio.lowlevel.current_statistics().tasks_living
     if tasks_after != tasks_before:
@@ -613,7 +613,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
         gate_waits=sum(h.gate.waits for h in health.providers().values()),
         wall_seconds=time.perf_counter() - started_wall,
         virtual_seconds=trio.current_time() - started,
-        unanswered=len(_unanswered(checker)) if stall.cancelled_caught else 0,
+        unanswered=len(unanswered),
     )
 
 

@@ -110,7 +110,6 @@ class _Bucket:
     anchor: float
     placed: set[int] = attrs.field(factory=set)  # indices into the sequence
     stages: dict[tuple[str, ...], _Stage] = attrs.field(factory=dict)
-    by_kind: collections.Counter[FaultKind] = attrs.field(factory=collections.Counter)
 
 
 class FaultInterceptor(Interceptor[Any]):
@@ -193,8 +192,8 @@ class FaultInterceptor(Interceptor[Any]):
         left: dict[str, int] = {k: self.plan.counts.get(k, 0) for k in FAULT_KINDS}
         for (run, branch), bucket in self._buckets.items():
             if run == run_id and branch_id in (None, branch):
-                for kind, used in bucket.by_kind.items():
-                    left[kind] -= used
+                for index in bucket.placed:
+                    left[self._sequence[index]] -= 1
         return left
 
     def diagnostics(self) -> dict[str, Any]:
@@ -255,7 +254,6 @@ class FaultInterceptor(Interceptor[Any]):
             if position < len(stage.left) and (index := stage.left[position]) not in bucket.placed:
                 kind = self._sequence[index]
                 bucket.placed.add(index)
-                bucket.by_kind[kind] += 1
                 self.decided[kind] += 1
                 return kind, bucket.anchor, (bucket, index)
         if self._rates:
@@ -293,7 +291,6 @@ class FaultInterceptor(Interceptor[Any]):
         if placed is not None:
             bucket, index = placed
             bucket.placed.discard(index)
-            bucket.by_kind[kind] -= 1
 
     async def _inject(
         self, request: CompletionRequest, kind: FaultKind, anchor: float, placed: tuple[_Bucket, int] | None = None
