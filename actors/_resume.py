@@ -204,6 +204,24 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
     )
 
 
+def fired_faults(store: Store, state: ResumeState) -> list[tuple[str, str, int, str]]:
+    """(stage, agent, attempt, kind) of every fault injected on the resumed
+    branch whose attempt is durable, for a fault interceptor to take its
+    count budget up from (``FaultInterceptor.restore``).  A fault whose
+    attempt is not durable is left out: the resume makes that attempt
+    again, and it must get its fault again.  (The fault's event is written
+    before the attempt's output, so a durable attempt's fault is logged.)"""
+    branch = state.branch.branch_id
+    durable = {(o.stage, o.agent, o.attempt) for o in state.outputs if o.branch_id == branch}
+    fired = []
+    for event in store.events(state.run.run_id, "fault"):
+        if event.branch_id != branch or event.stage is None or event.agent is None or event.attempt is None:
+            continue
+        if (event.stage, event.agent, event.attempt) in durable:
+            fired.append((event.stage, event.agent, event.attempt, str(event.detail.get("fault"))))
+    return fired
+
+
 def resolve_branch(store: Store, run: RunRow, branch_id: str | None) -> BranchRow:
     """The branch named by ``branch_id`` (full or short id), or the run's
     current branch."""

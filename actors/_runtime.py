@@ -92,7 +92,15 @@ from ._metrics_report import totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
 from ._pricing import PriceTable
 from ._provider import BaseProvider
-from ._resume import CallLog, ResumeState, fork_stage, load_state, options_json, stage_outputs
+from ._resume import (
+    CallLog,
+    ResumeState,
+    fired_faults,
+    fork_stage,
+    load_state,
+    options_json,
+    stage_outputs,
+)
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
@@ -259,6 +267,9 @@ class Orchestrator:
         self._limits = limits
         self.health: HealthRegistry | None = None  # the gateway's gates and breakers
         self.faults: FaultInterceptor | None = None  # diagnostics of injected faults
+        # Every fault interceptor on the gateway edge: a resume hands each
+        # the faults its run already spent.
+        self._fault_interceptors: tuple[FaultInterceptor, ...] = ()
         self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
 
@@ -347,6 +358,13 @@ class Orchestrator:
         with ``budget_exceeded``); by default the run keeps its own."""
         budget_usd = parse_budget(budget)
         state = load_state(self._require_db(), run_id)
+        if self._fault_interceptors:
+            # A count budget is the run's, not the process's: what fired
+            # before the crash stays spent.
+            fired = fired_faults(self._require_db(), state)
+            stages = [(stage.name, stage.agents) for stage in state.pipeline.stages]
+            for interceptor in self._fault_interceptors:
+                interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=fired)
         await self._write(
             PersistEvent(
                 run_id=run_id,
@@ -774,6 +792,7 @@ async def open_orchestrator(
                     nursery.start_soon(auth.run)
                 orchestrator.health = health
                 orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
+                orchestrator._fault_interceptors = tuple(attached)
                 try:
                     yield orchestrator
                 finally:

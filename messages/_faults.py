@@ -31,7 +31,9 @@ placement (they only scope the count budget, see below).
   a parallel stage; and a stage spreads its faults over its agents instead
   of burning one agent's every attempt.  A number no call takes (a seat a
   resume replays from the store, an attempt never made) leaves its fault
-  to the next stage, so a run gets exactly its counts of each kind.  "In
+  to the next stage, so a run gets exactly its counts of each kind.  A
+  resume in a new process takes the budget up from the faults the branch
+  logged (:meth:`FaultInterceptor.restore`), so a crash does not refill it.  "In
   order" therefore means this canonical order, which is the arrival order
   whenever calls cannot race (one agent at a time).
 
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -195,6 +197,68 @@ class FaultInterceptor(Interceptor[Any]):
                 for index in bucket.placed:
                     left[self._sequence[index]] -= 1
         return left
+
+    def restore(
+        self,
+        run_id: str,
+        branch_id: str,
+        *,
+        stages: Sequence[tuple[str, Sequence[str]]],
+        fired: Iterable[tuple[str, str, int, str]],
+    ) -> bool:
+        """Take up a run's count budget where an earlier process left it
+        (``resume`` after a crash), so a resumed run gets the faults an
+        uninterrupted one would have and no count is spent twice.
+
+        ``fired`` is what the branch logged: (stage, agent, attempt, kind)
+        of each injected fault whose attempt the store holds.  ``stages``
+        is the run's pipeline as (stage, panel) in order.  Each fault is put
+        back where it was placed when it fired, stage after stage, so the
+        interrupted stage goes on placing as it began; a fault that does not
+        fit there (the plan changed, or the breaker had moved placements)
+        takes the first free place of its kind.  Faults of kinds the plan no
+        longer has, or beyond its counts, are ignored.
+
+        Changes nothing and returns False if the plan has no counts or this
+        interceptor already holds the branch's budget (it served the run
+        itself).  Not a checkpoint; call it inside trio (the budget's reset
+        anchor is the current time).
+        """
+        bucket_key = (run_id, branch_id)
+        if not self._sequence or bucket_key in self._buckets:
+            return False
+        bucket = self._buckets[bucket_key] = _Bucket(anchor=trio.current_time())
+        by_stage: dict[str, list[tuple[str, int, str]]] = collections.defaultdict(list)
+        for stage, agent, attempt, kind in fired:
+            by_stage[stage].append((agent, attempt, kind))
+        for name, agents in stages:
+            faults = by_stage.pop(name, None)
+            if not faults:
+                continue
+            panel = tuple(agents)
+            left = tuple(i for i in range(len(self._sequence)) if i not in bucket.placed)
+            bucket.stages[(name, *panel)] = _Stage(left=left, panel=panel)
+            seats = {agent: seat for seat, agent in enumerate(panel)}
+            spill = []
+            for agent, attempt, kind in faults:
+                seat = seats.get(agent)
+                position = -1 if seat is None else (attempt - 1) * len(panel) + seat
+                if 0 <= position < len(left) and self._sequence[left[position]] == kind:
+                    bucket.placed.add(left[position])
+                else:
+                    spill.append(kind)
+            for kind in spill:
+                self._place_first(bucket, kind)
+        for faults in by_stage.values():  # stages the pipeline does not name
+            for _agent, _attempt, kind in faults:
+                self._place_first(bucket, kind)
+        return True
+
+    def _place_first(self, bucket: _Bucket, kind: str) -> None:
+        for index, planned in enumerate(self._sequence):
+            if planned == kind and index not in bucket.placed:
+                bucket.placed.add(index)
+                return
 
     def diagnostics(self) -> dict[str, Any]:
         return {

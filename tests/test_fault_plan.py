@@ -316,3 +316,54 @@ async def test_a_seat_no_call_takes_leaves_its_fault_to_the_next_stage() -> None
     assert faults.injected == collections.Counter() and dict(faults.decided) == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
     # The same call again (one interceptor serving a resume) spends nothing.
     assert faults.decide(request("claude", 1, panel=panel)) is None
+
+
+def _sequential_run(faults: FaultInterceptor, stages: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, str, int, str | None]]:
+    """Every call of a run whose agents answer one after another and retry
+    each fault: (stage, agent, attempt, the fault it got)."""
+    calls = []
+    for stage, panel in stages:
+        for agent in panel:
+            for attempt in (1, 2, 3):
+                decision = faults.decide(request(agent, attempt, stage=stage, panel=panel))
+                calls.append((stage, agent, attempt, decision[0] if decision else None))
+                if decision is None:
+                    break
+    return calls
+
+
+async def test_a_resume_takes_the_count_budget_up_where_the_crash_left_it() -> None:
+    """A resume in a new process used to start the run's budget afresh: a
+    crash after two disconnects gave the run 8 faults instead of 6, and a
+    digest unlike the uninterrupted run's."""
+    spec = "disconnect:3,429:1,timeout:2"
+    panel = ("gemini", "claude", "gpt_pro")
+    stages = [("plan", panel), ("tasks", panel), ("implement", panel)]
+    whole = _sequential_run(FaultInterceptor(FaultPlan.parse(spec)), stages)
+    assert sorted(str(c[3]) for c in whole if c[3]) == sorted(["disconnect"] * 3 + ["rate_limit"] + ["timeout"] * 2)
+    for crash in range(len(whole) + 1):
+        before, after = whole[:crash], whole[crash:]
+        resumed = FaultInterceptor(FaultPlan.parse(spec))
+        fired = [(s, a, n, k) for s, a, n, k in before if k is not None]
+        assert resumed.restore("r1", "b1", stages=stages, fired=fired)
+        got = [resumed.decide(request(a, n, stage=s, panel=dict(stages)[s])) for s, a, n, _ in after]
+        assert [d[0] if d else None for d in got] == [k for *_, k in after], f"crash after call {crash}"
+        assert resumed.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+
+
+async def test_restoring_a_budget_changes_nothing_it_should_not() -> None:
+    stages = [("plan", ("gemini", "claude"))]
+    fired = [("plan", "gemini", 1, "disconnect")]
+    # No counts, nothing to restore; a budget this interceptor holds is its own.
+    assert not FaultInterceptor(FaultPlan.parse("disconnect:50%")).restore("r1", "b1", stages=stages, fired=fired)
+    served = FaultInterceptor(FaultPlan.parse("disconnect:2"))
+    assert served.decide(request("gemini", 1, panel=("gemini", "claude"))) is not None
+    assert not served.restore("r1", "b1", stages=stages, fired=fired)
+    assert served.remaining("r1") == {"disconnect": 1, "rate_limit": 0, "timeout": 0}
+    # The plan changed between the crash and the resume: what the new plan
+    # has is spent by kind, the rest ignored; other branches keep theirs.
+    changed = FaultInterceptor(FaultPlan.parse("429:1,timeout:1"))
+    fired += [("plan", "claude", 1, "timeout"), ("plan", "claude", 2, "timeout"), ("gone", "x", 1, "rate_limit")]
+    assert changed.restore("r1", "b1", stages=stages, fired=fired)
+    assert changed.remaining("r1", "b1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    assert changed.remaining("r1", "b2") == {"disconnect": 0, "rate_limit": 1, "timeout": 1}
