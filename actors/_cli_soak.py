@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from messages import FaultPlan, FaultPlanError
+from messages import FaultPlan, FaultPlanError, ResetHint
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg
@@ -153,6 +153,15 @@ def _human(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
+def _replayable(hint: ResetHint) -> str:
+    # An RFC 3339 time was read against today's wall clock, and the same
+    # moment tomorrow is a shorter wait (a past one none at all): what this
+    # soak ran with is the anchored wait it was read as.
+    if hint.mode == "anchored" and not hint.text.lower().startswith("now+"):
+        return f"now+{hint.seconds!r}"
+    return hint.text
+
+
 def replay_command(config: SoakConfig) -> str:
     """The command that runs ``config`` again: every input of the digest the
     CLI can set, so a failing seed replays as it failed (the seed alone
@@ -162,7 +171,7 @@ def replay_command(config: SoakConfig) -> str:
     if plan.provider is not None:
         env.append(f"CODEX_FAULTS_SCOPE=gateway:{plan.provider}")
     if plan.reset is not None and plan.reset != DEFAULT_SOAK_RESET:
-        env.append(f"CODEX_FAULTS_429_RESET={plan.reset.text}")
+        env.append(f"CODEX_FAULTS_429_RESET={_replayable(plan.reset)}")
     if plan.timeout_ms != DEFAULT_TIMEOUT_MS:
         env.append(f"CODEX_FAULTS_TIMEOUT_MS={plan.timeout_ms}")
     argv = ["conclave", "soak", "--seed", str(config.seed), "--runs", str(config.runs)]

@@ -392,3 +392,25 @@ def test_a_decision_that_never_reaches_the_store_fails_the_soak(monkeypatch: pyt
     monkeypatch.setattr(Store, "_apply_one", forgetful)
     report = run_soak(SoakConfig(seed=1, runs=3))
     assert any(re.search(r"has 5 decision\(s\) over 5 stage key\(s\), the run reports 6", b) for b in report.breaches)
+
+
+def test_a_replay_of_an_rfc3339_reset_waits_as_the_soak_did() -> None:
+    """The replay command carried the RFC 3339 time as given, and a replay
+    read it against a later wall clock: a shorter wait (none once the time
+    had passed), so the replayed soak was not the one that failed."""
+    from actors._cli_soak import replay_command
+    from messages import FaultPlan, parse_reset_hint
+
+    t0 = 1_800_000_000.0
+    hint = parse_reset_hint("2027-01-15T09:00:00.25Z", now=lambda: t0)
+    config = SoakConfig(seed=3, runs=2, faults=attrs.evolve(FaultPlan.parse("429:10%"), reset=hint))
+    words = shlex.split(replay_command(config))
+    env = dict(word.split("=", 1) for word in words[: words.index("conclave")])
+    assert env["CODEX_FAULTS_429_RESET"].startswith("now+")
+    # Read a month later, it is the wait the soak had, to the bit.
+    again = parse_reset_hint(env["CODEX_FAULTS_429_RESET"], now=lambda: t0 + 30 * 86400)
+    assert (again.mode, again.seconds) == ("anchored", 3600.25) == (hint.mode, hint.seconds)
+    # Hints that do not depend on the day are replayed as given.
+    for text in ("now+90s", "120", "6m0s"):
+        plain = attrs.evolve(config, faults=attrs.evolve(config.faults, reset=parse_reset_hint(text)))
+        assert f"CODEX_FAULTS_429_RESET={text} " in replay_command(plain)
