@@ -105,26 +105,59 @@ def soak_config(args: argparse.Namespace) -> SoakConfig:
 class SoakProgress:
     """Shows a soak's progress on ``out``: redrawn in place on a terminal,
     else a line per tenth of the runs (a log stays short).  Called with the
-    runs checked so far and their agent turns; from another thread when the
-    soak has workers, never from two at once."""
+    runs checked so far and their agent turns, and (:meth:`breach`) with
+    each breach found; from another thread when the soak has workers, never
+    from two at once.
 
-    def __init__(self, out: TextIO, runs: int, label: str = "soak") -> None:
+    The first breach is shown at once, with the command that replays it: a
+    long soak that has failed need not be waited for.  The progress line
+    then says so; the report lists them (the first 50 of each worker)."""
+
+    def __init__(self, out: TextIO, runs: int, label: str = "soak", *, seed: int = 0, replay: str = "") -> None:
         self.out = out
         self.runs = runs
         self.label = label
+        self.seed = seed
+        self.replay = replay
         self.tty = out.isatty()
         self.shown = -1
+        self.breaches = 0
+        self._last = (0, 0)
+        self._open_line = False  # a redrawn line the cursor is still on
 
     def __call__(self, done: int, turns: int) -> None:
+        self._last = (done, turns)
         step = done * (100 if self.tty else 10) // self.runs
         if step == self.shown:
             return
         self.shown = step
+        self._show()
+
+    def _show(self) -> None:
+        done, turns = self._last
         line = f"{self.label}: {done:,}/{self.runs:,} runs ({done * 100 // self.runs}%), {turns:,} agent turns"
+        if self.breaches:
+            line += ", breaches found"
         if self.tty:
-            self.out.write(f"\r{line}" + ("\n" if done == self.runs else ""))
+            self._open_line = done != self.runs
+            self.out.write(f"\r{line}" + ("" if self._open_line else "\n"))
         else:
             self.out.write(line + "\n")
+        self.out.flush()
+
+    def breach(self, text: str) -> None:
+        self.breaches += 1
+        if self.breaches > 1:
+            if self.tty:
+                self._show()
+            return
+        if self._open_line:
+            self.out.write("\n")
+            self._open_line = False
+        self.out.write(
+            f"conclave: soak seed {self.seed}: breach found, the soak goes on (Ctrl-C stops it): {text}\n"
+            f"conclave: replay with: {self.replay}\n"
+        )
         self.out.flush()
 
 
@@ -217,13 +250,16 @@ def cmd_soak(args: argparse.Namespace) -> int:
         note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
         print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
 
-    def progress(label: str) -> SoakProgress | None:
-        return None if args.json else SoakProgress(sys.stderr, config.runs, label)
+    def watched(label: str) -> SoakReport:
+        if args.json:
+            return run_soak(config)
+        shown = SoakProgress(sys.stderr, config.runs, label, seed=config.seed, replay=replay_command(config))
+        return run_soak(config, shown, on_breach=shown.breach)
 
     with _sigterm_interrupts(config.shards > 1):
-        reports = [run_soak(config, progress("soak"))]
+        reports = [watched("soak")]
         if args.check_determinism and reports[0].ok:
-            reports.append(run_soak(config, progress("soak, second run")))
+            reports.append(watched("soak, second run"))
     report = reports[0]
     deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
     if args.json:

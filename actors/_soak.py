@@ -36,6 +36,7 @@ functions, so its digest is what it always was.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import attrs
 import trio
@@ -269,10 +270,11 @@ class _Tap(Interceptor[Any]):
 
 
 class _Checker:
-    def __init__(self, config: SoakConfig, health: HealthRegistry) -> None:
+    def __init__(self, config: SoakConfig, health: HealthRegistry, on_breach: OnBreach | None = None) -> None:
         self.config = config
         self.health = health
         self.breaches: list[str] = []
+        self._on_breach = on_breach
         # gate / breaker, checked online: calls arrive in time order.
         self._windows: dict[str, collections.deque[tuple[float, float]]] = collections.defaultdict(collections.deque)
         self._closed_until: dict[str, float] = collections.defaultdict(lambda: float("-inf"))
@@ -290,6 +292,8 @@ class _Checker:
     def breach(self, text: str) -> None:
         if len(self.breaches) < 50:
             self.breaches.append(text)
+            if self._on_breach is not None:
+                self._on_breach(text)
 
     # -- provider-side records --
 
@@ -465,22 +469,28 @@ class ShardReport:
 
 # Told (runs checked, agent turns in them) so far; reporting only.
 Progress = Callable[[int, int], None]
+# Told each breach as it is found (the first 50 of each worker), so a long
+# soak need not run to its end to show that it failed; reporting only.
+OnBreach = Callable[[str], None]
+
+_F = TypeVar("_F", bound=Callable[..., None])
 
 
-def guarded(progress: Progress) -> Progress:
-    """``progress``, not called again once it raises: progress is
-    reporting, and a broken display must not fail a soak that holds."""
+def guarded(callback: _F) -> _F:
+    """``callback`` (a :data:`Progress` or :data:`OnBreach`), not called
+    again once it raises: it is reporting, and a broken display must not
+    fail a soak that holds."""
     broken = False
 
-    def call(runs: int, turns: int) -> None:
+    def call(*args: Any) -> None:
         nonlocal broken
         if not broken:
             try:
-                progress(runs, turns)
+                callback(*args)
             except Exception:
                 broken = True
 
-    return call
+    return cast(_F, call)
 
 
 # Virtual seconds (about 31,700 years): beyond any latency, backoff,
@@ -516,14 +526,16 @@ def _require_virtual_clock() -> None:
     )
 
 
-async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | None = None) -> ShardReport:
+async def soak_shard(
+    config: SoakConfig, shard: int = 0, progress: Progress | None = None, *, on_breach: OnBreach | None = None
+) -> ShardReport:
     """Run shard ``shard`` of ``config.shards`` (its runs:
     ``config.shard_indices(shard)``, ``config.shard_concurrency`` at a time)
     in the current trio run, which must use a MockClock with autojump
     (:class:`~actors.ConfigError` before anything starts otherwise: on a
     real clock the soak's simulated hours would take hours).  ``progress``
-    is called, synchronously, after each run is checked (see
-    :func:`guarded`)."""
+    is called, synchronously, after each run is checked, and ``on_breach``
+    as each breach is found (see :func:`guarded`)."""
     _require_virtual_clock()
     report = guarded(progress) if progress is not None else None
     started_wall = time.perf_counter()  # reporting only; never feeds a decision
@@ -532,7 +544,7 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
     pipeline = config.pipeline()
     health = HealthRegistry(config.breaker, gate_quantum=config.latency.quantum)
     retry = config.retry if config.retry.quantum else attrs.evolve(config.retry, quantum=config.latency.quantum)
-    checker = _Checker(config, health)
+    checker = _Checker(config, health, guarded(on_breach) if on_breach is not None else None)
     sim = SimulatedProvider(seed=config.seed, disagreement_rate=config.disagreement_rate, latency=config.latency)
     provider = _RecordingProvider(sim, checker)
     faults = FaultInterceptor(config.faults, seed=config.seed, observer=checker.on_fault)
@@ -617,6 +629,11 @@ async def soak_shard(config: SoakConfig, shard: int = 0, progress: Progress | No
     )
 
 
+def shard_breach(config: SoakConfig, shard: int, text: str) -> str:
+    """A shard's breach as the merged report (and ``on_breach``) tell it."""
+    return f"shard {shard} of {config.shards}: {text}" if config.shards > 1 else text
+
+
 def merge_shards(
     config: SoakConfig, parts: list[ShardReport], failures: list[str], *, wall_seconds: float
 ) -> SoakReport:
@@ -625,8 +642,7 @@ def merge_shards(
     on the merged totals; the digest is built as for one process: the runs
     in index order and the totals."""
     parts = sorted(parts, key=lambda p: p.shard)
-    prefix = (lambda p: f"shard {p.shard} of {p.shards}: ") if config.shards > 1 else (lambda p: "")
-    breaches = [prefix(p) + b for p in parts for b in p.breaches] + list(failures)
+    breaches = [shard_breach(config, p.shard, b) for p in parts for b in p.breaches] + list(failures)
     injected: collections.Counter[str] = collections.Counter()
     recovered: collections.Counter[str] = collections.Counter()
     for p in parts:
@@ -685,27 +701,35 @@ def merge_shards(
     )
 
 
-async def soak(config: SoakConfig, progress: Progress | None = None) -> SoakReport:
+async def soak(
+    config: SoakConfig, progress: Progress | None = None, *, on_breach: OnBreach | None = None
+) -> SoakReport:
     """Run the soak from a trio run.  One worker: in the current run, which
     must use a MockClock with autojump (:func:`run_soak` arranges that;
     :class:`~actors.ConfigError` otherwise, before anything runs).
     Several: in worker processes, waited for in a thread; cancelling the
     call kills them.  ``progress`` gets the runs checked and their turns,
-    over all workers (from another thread when there are several)."""
+    over all workers, and ``on_breach`` each breach as it is found (the
+    first 50 of each worker), both from another thread when there are
+    several workers.  The report lists the breaches again."""
     if config.shards > 1:
         from ._soak_shards import run_sharded_in_trio
 
-        return await run_sharded_in_trio(config, progress=progress)
-    part = await soak_shard(config, 0, progress)
+        return await run_sharded_in_trio(config, progress=progress, on_breach=on_breach)
+    part = await soak_shard(config, 0, progress, on_breach=on_breach)
     return merge_shards(config, [part], [], wall_seconds=part.wall_seconds)
 
 
-def run_soak(config: SoakConfig, progress: Progress | None = None) -> SoakReport:
+def run_soak(
+    config: SoakConfig, progress: Progress | None = None, *, on_breach: OnBreach | None = None
+) -> SoakReport:
     """Run the soak: one worker in a fresh trio run on a virtual clock
     (autojump), several in as many processes, each with its own.
-    ``progress``: see :func:`soak`."""
+    ``progress`` and ``on_breach``: see :func:`soak`."""
     if config.shards > 1:
         from ._soak_shards import run_sharded
 
-        return run_sharded(config, progress=progress)
-    return trio.run(soak, config, progress, clock=trio.testing.MockClock(autojump_threshold=0))
+        return run_sharded(config, progress=progress, on_breach=on_breach)
+    return trio.run(
+        functools.partial(soak, config, progress, on_breach=on_breach), clock=trio.testing.MockClock(autojump_threshold=0)
+    )

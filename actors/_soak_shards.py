@@ -26,6 +26,7 @@ the workers are spawned.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -40,7 +41,17 @@ import trio
 import trio.testing
 
 from ._gc import throughput_gc
-from ._soak import Progress, ShardReport, SoakConfig, SoakReport, guarded, merge_shards, soak_shard
+from ._soak import (
+    OnBreach,
+    Progress,
+    ShardReport,
+    SoakConfig,
+    SoakReport,
+    guarded,
+    merge_shards,
+    shard_breach,
+    soak_shard,
+)
 
 # Test hook, read only in the worker process: "K" makes shard K raise,
 # "K:exit" makes its process die without a word.
@@ -69,6 +80,7 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
             os._exit(3)
         raise RuntimeError(f"{CRASH_ENV} asked shard {shard} to fail")
     progress: Progress | None = None
+    on_breach: OnBreach | None = None
     out = _progress_out
     if out is not None:
         total = len(config.shard_indices(shard))
@@ -80,26 +92,39 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
                 # fills (the parent reads as they come).
                 out.send((runs, turns))
 
-        progress = send
+        def breach(text: str) -> None:
+            out.send(shard_breach(config, shard, text))  # at most 50 per shard
+
+        progress, on_breach = send, breach
 
     with throughput_gc():  # this process is the shard's alone
-        return trio.run(soak_shard, config, shard, progress, clock=trio.testing.MockClock(autojump_threshold=0))
+        return trio.run(
+            functools.partial(soak_shard, config, shard, progress, on_breach=on_breach),
+            clock=trio.testing.MockClock(autojump_threshold=0),
+        )
 
 
-def _relay(pipes: list[Connection], stop: Connection, progress: Progress) -> None:
-    """Parent thread: sum the shards' latest (runs, turns) and report each
-    change, until ``stop`` is readable; then what the shards sent before it
-    is read and reported too."""
+def _relay(pipes: list[Connection], stop: Connection, progress: Progress | None, on_breach: OnBreach | None) -> None:
+    """Parent thread: pass on each breach a shard finds, and sum the
+    shards' latest (runs, turns) and report each change, until ``stop`` is
+    readable; then what the shards sent before it is read and reported too."""
     latest: dict[Connection, tuple[int, int]] = {conn: (0, 0) for conn in pipes}
-    report = guarded(progress)
+    report = guarded(progress) if progress is not None else None
+    breach = guarded(on_breach) if on_breach is not None else None
 
     def read(conn: Connection) -> None:
         try:
-            latest[conn] = conn.recv()
+            message = conn.recv()
         except EOFError:  # only once every write end is closed
             pipes.remove(conn)
             return
-        report(sum(r for r, _ in latest.values()), sum(t for _, t in latest.values()))
+        if isinstance(message, str):
+            if breach is not None:
+                breach(message)
+            return
+        latest[conn] = message
+        if report is not None:
+            report(sum(r for r, _ in latest.values()), sum(t for _, t in latest.values()))
 
     while True:
         ready = wait([*pipes, stop])
@@ -146,14 +171,19 @@ class Stopper:
 
 
 async def run_sharded_in_trio(
-    config: SoakConfig, stopper: Stopper | None = None, progress: Progress | None = None
+    config: SoakConfig,
+    stopper: Stopper | None = None,
+    progress: Progress | None = None,
+    on_breach: OnBreach | None = None,
 ) -> SoakReport:
     """:func:`run_sharded` from inside a trio run: spawned workers, waited
     for in a thread.  Cancellation kills the workers and returns at once
     (the thread, left to finish, exits as soon as their futures fail)."""
     stopper = stopper if stopper is not None else Stopper()
     try:
-        return await trio.to_thread.run_sync(run_sharded, config, "spawn", stopper, progress, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            run_sharded, config, "spawn", stopper, progress, on_breach, abandon_on_cancel=True
+        )
     except BaseException:
         stopper.stop()
         raise
@@ -164,12 +194,14 @@ def run_sharded(
     start_method: str | None = None,
     stopper: Stopper | None = None,
     progress: Progress | None = None,
+    on_breach: OnBreach | None = None,
 ) -> SoakReport:
     """Run ``config`` in ``config.shards`` processes and merge the reports.
     Call it outside any trio run (or with ``start_method="spawn"``).
     ``stopper`` lets another thread stop it (see :class:`Stopper`).
     ``progress`` gets the runs checked and their turns over all shards,
-    from a thread of this process, as the shards report them."""
+    and ``on_breach`` each breach a shard finds, from a thread of this
+    process, as the shards report them."""
     started = time.perf_counter()  # reporting only
     shards = config.shards
     context = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
@@ -182,7 +214,7 @@ def run_sharded(
             pipes: list[Connection] = []
             for shard in range(shards):
                 out: Connection | None = None
-                if progress is not None:
+                if progress is not None or on_breach is not None:
                     # A pipe per shard: no lock shared between worker processes
                     # that a killed worker could die holding.
                     into, out = context.Pipe(duplex=False)
@@ -195,11 +227,11 @@ def run_sharded(
                 futures.append(pool.submit(_run_shard, config, shard))
                 stopper.add(pool)  # after submit: its worker process exists
             stopper.started.set()
-            if progress is not None:
+            if pipes:
                 # Started once every worker exists: nothing is forked while it runs.
                 stop_out, stop_in = context.Pipe(duplex=False)
                 relay = threading.Thread(
-                    target=_relay, args=(pipes, stop_out, progress), name="soak progress", daemon=True
+                    target=_relay, args=(pipes, stop_out, progress, on_breach), name="soak progress", daemon=True
                 )
                 relay.start()
 

@@ -192,3 +192,78 @@ def test_a_shard_reports_the_runs_it_really_had_in_flight() -> None:
     # 3 runs over 3 shards: one run each, not ceil(1000 / 3) = 334.
     report = run_soak(SoakConfig(seed=2, runs=3, workers=4, concurrency=1000, faults=default_soak_plan("disconnect:20%")))
     assert report.workers == 3 and [s.concurrency for s in report.shards] == [1, 1, 1]
+
+
+def _gate_never_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calls then reach the provider inside 429 windows: a breach the
+    # checker finds while the runs go on.  (Forked workers inherit it.)
+    from actors import RateLimitGate
+
+    async def no_wait(self: RateLimitGate, unit: float = 0.0) -> float:
+        await trio.lowlevel.checkpoint()
+        return 0.0
+
+    monkeypatch.setattr(RateLimitGate, "wait", no_wait)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_breaches_are_told_as_they_are_found(monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """A breach used to surface only in the report: a soak of hours that
+    failed in its first minute said so at its end."""
+    _gate_never_waits(monkeypatch)
+    told: list[tuple[str, object]] = []
+    config = SoakConfig(seed=5, runs=40, workers=workers, faults=default_soak_plan("429:20%"))
+    report = run_soak(config, lambda runs, turns: told.append(("runs", runs)), on_breach=lambda text: told.append(("breach", text)))
+    assert not report.ok
+    breaches = [text for kind, text in told if kind == "breach"]
+    assert breaches and set(breaches) <= set(report.breaches)
+    assert any("inside a 429 reset window" in str(b) for b in breaches)
+    first = next(i for i, (kind, _) in enumerate(told) if kind == "breach")
+    assert ("runs", 40) in told[first:] and told.index(("runs", 40)) > first  # told before the soak ended
+
+
+def test_a_breach_callback_that_raises_does_not_stop_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gate_never_waits(monkeypatch)
+    calls = []
+
+    def broken(text: str) -> None:
+        calls.append(text)
+        raise RuntimeError("display gone")
+
+    report = run_soak(SoakConfig(seed=5, runs=20, faults=default_soak_plan("429:20%")), on_breach=broken)
+    assert report.runs == 20 and not report.ok and len(calls) == 1
+
+
+def test_the_cli_shows_the_first_breach_at_once_with_its_replay(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from actors._cli import main
+
+    _gate_never_waits(monkeypatch)
+    assert main(["soak", "--seed", "5", "--runs", "40", "--faults", "429:20%"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    found = next(i for i, line in enumerate(err) if "breach found, the soak goes on (Ctrl-C stops it)" in line)
+    assert err[found].startswith("conclave: soak seed 5: ")
+    assert err[found + 1] == "conclave: replay with: conclave soak --seed 5 --runs 40 --concurrency 16 --faults 429:20%"
+    later = [line for line in err[found:] if line.startswith("soak: ")]
+    assert later and later[-1].startswith("soak: 40/40 runs (100%)") and later[-1].endswith(", breaches found")
+    assert err[-1].startswith("conclave: error: soak FAILED (seed 5)")
+
+
+def test_on_a_terminal_a_breach_gets_a_line_of_its_own() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    show = SoakProgress(out, 10, seed=4, replay="conclave soak --seed 4 --runs 10")
+    show(1, 19)
+    show.breach("a call reached sim inside a 429 reset window")
+    show(2, 38)
+    show.breach("another")  # no line of its own
+    show(10, 190)
+    lines = out.getvalue().split("\n")
+    assert lines[0] == "\rsoak: 1/10 runs (10%), 19 agent turns"
+    assert lines[1].startswith("conclave: soak seed 4: breach found") and lines[1].endswith("inside a 429 reset window")
+    assert lines[2] == "conclave: replay with: conclave soak --seed 4 --runs 10"
+    assert lines[3].endswith("\rsoak: 10/10 runs (100%), 190 agent turns, breaches found") and lines[4] == ""
