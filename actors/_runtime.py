@@ -654,7 +654,7 @@ async def open_orchestrator(
     provider: BaseProvider | Mapping[str, BaseProvider] | None = None,
     pipeline: Pipeline | None = None,
     seed: int = 0,
-    faults: FaultPlan | Interceptor[Any] | None = None,
+    faults: FaultPlan | str | Interceptor[Any] | None = None,
     interceptors: Mapping[str, Sequence[Interceptor[Any]]] | None = None,
     retry: RetryPolicy | None = None,
     limits: Limits | None = None,
@@ -670,7 +670,8 @@ async def open_orchestrator(
     :class:`~store.Store` (left open).  ``provider`` defaults to the
     embedded :class:`SimulatedProvider` seeded with ``seed``; a mapping
     routes agents by their pipeline ``provider`` name.  ``faults`` is a
-    :class:`~messages.FaultPlan` (wrapped in a
+    :class:`~messages.FaultPlan` or a spec as ``CODEX_FAULTS`` takes it
+    (``"disconnect:3"``; wrapped in a
     :class:`~messages.FaultInterceptor`, seeded with ``seed`` unless the plan
     has its own) or any interceptor; a fault interceptor is attached to the
     gateway's provider health (``health``, or a fresh
@@ -698,9 +699,21 @@ async def open_orchestrator(
             f"unknown channel(s) for interceptors: {', '.join(sorted(unknown_edges))}; "
             f"known: {', '.join(sorted(EDGES))}"
         )
+    for edge, chain in interceptors.items():
+        if isinstance(chain, (str, bytes, Interceptor)) or not isinstance(chain, Sequence):
+            raise ConfigError(f"interceptors[{edge!r}] must be a list of Interceptors, got {chain!r}")
+        for interceptor in chain:
+            if not isinstance(interceptor, Interceptor):
+                raise ConfigError(f"interceptors[{edge!r}] holds {interceptor!r}, which is not an Interceptor")
     health = health if health is not None else HealthRegistry(breaker)
+    if isinstance(faults, str):
+        faults = FaultPlan.parse(faults)  # a FaultPlanError names a bad entry
     if isinstance(faults, FaultPlan):
         faults = FaultInterceptor(faults, seed=seed) if faults.enabled else None
+    elif faults is not None and not isinstance(faults, Interceptor):
+        raise ConfigError(
+            f"faults must be a FaultPlan, a spec such as 'disconnect:3' or an Interceptor, got {faults!r}"
+        )
     if faults is not None:
         interceptors["gateway"] = [*interceptors.get("gateway", ()), faults]
     if provider is None:

@@ -310,3 +310,34 @@ def test_a_crash_and_resume_gets_the_faults_an_uninterrupted_run_gets(tmp_path: 
     assert b["digest"] == a["digest"] and b["unknown_usage_calls"] == a["unknown_usage_calls"] == 6
     assert sum(b["faults"]["injected"].values()) < 6
     assert b["faults"]["left_in_run"] == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+
+
+async def test_an_orchestrator_takes_a_fault_spec_as_the_cli_does(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """faults="disconnect:3" used to be installed as an interceptor and fail
+    at the run's first model call with an AttributeError."""
+    db = str(tmp_path / "s.db")
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=4), seed=4, faults="disconnect:3") as orch:
+        result = await orch.run("SPEC-DEMO", run_id="R")
+        assert orch.faults is not None and dict(orch.faults.injected) == {"disconnect": 3}
+    assert result.completed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"faults": "bogus:1"}, "unknown fault kind 'bogus'"),
+        ({"faults": 3}, "faults must be a FaultPlan, a spec such as 'disconnect:3' or an Interceptor, got 3"),
+        ({"interceptors": {"gateway": ["x"]}}, "interceptors['gateway'] holds 'x', which is not an Interceptor"),
+        ({"interceptors": {"store": "x"}}, "interceptors['store'] must be a list of Interceptors, got 'x'"),
+    ],
+)
+async def test_bad_faults_or_interceptors_are_refused_before_anything_is_created(
+    tmp_path: Path, kwargs: dict[str, Any], needle: str
+) -> None:
+    db = tmp_path / "never.db"
+    with pytest.raises((ConfigError, ValueError), match=re.escape(needle)):
+        async with open_orchestrator(store=str(db), **kwargs):
+            pass  # pragma: no cover
+    assert not db.exists()
