@@ -145,6 +145,16 @@ class SoakProgress:
             self.out.write(line + "\n")
         self.out.flush()
 
+    def interrupted(self) -> None:
+        """Say how far an interrupted soak got, and whether it had failed."""
+        if self._open_line:
+            self.out.write("\n")
+            self._open_line = False
+        done, turns = self._last
+        found = "breaches found (the first is shown above)" if self.breaches else "no breach found so far"
+        self.out.write(f"conclave: soak interrupted after {done:,}/{self.runs:,} runs ({turns:,} agent turns); {found}\n")
+        self.out.flush()
+
     def breach(self, text: str) -> None:
         self.breaches += 1
         if self.breaches > 1:
@@ -254,7 +264,14 @@ def cmd_soak(args: argparse.Namespace) -> int:
         if args.json:
             return run_soak(config)
         shown = SoakProgress(sys.stderr, config.runs, label, seed=config.seed, replay=replay_command(config))
-        return run_soak(config, shown, on_breach=shown.breach)
+        try:
+            return run_soak(config, shown, on_breach=shown.breach)
+        except BaseException as exc:
+            from ._cli import _is_interrupt
+
+            if _is_interrupt(exc):
+                shown.interrupted()
+            raise
 
     with _sigterm_interrupts(config.shards > 1):
         reports = [watched("soak")]

@@ -267,3 +267,24 @@ def test_on_a_terminal_a_breach_gets_a_line_of_its_own() -> None:
     assert lines[1].startswith("conclave: soak seed 4: breach found") and lines[1].endswith("inside a 429 reset window")
     assert lines[2] == "conclave: replay with: conclave soak --seed 4 --runs 10"
     assert lines[3].endswith("\rsoak: 10/10 runs (100%), 190 agent turns, breaches found") and lines[4] == ""
+
+
+def test_an_interrupted_soak_says_how_far_it_got_and_whether_it_had_failed() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    show = SoakProgress(out, 1000)
+    show(7, 133)
+    show.interrupted()
+    assert out.getvalue().endswith(
+        "\rsoak: 7/1,000 runs (0%), 133 agent turns\n"  # the redrawn line is ended first
+        "conclave: soak interrupted after 7/1,000 runs (133 agent turns); no breach found so far\n"
+    )
+    show.breach("something")
+    show(9, 171)
+    show.interrupted()
+    assert out.getvalue().endswith(
+        "conclave: soak interrupted after 9/1,000 runs (171 agent turns); breaches found (the first is shown above)\n"
+    )
