@@ -58,6 +58,7 @@ from messages import (
     Completion,
     CompletionRequest,
     FaultInterceptor,
+    FaultKind,
     FaultPlan,
     Forward,
     InjectedFault,
@@ -629,6 +630,16 @@ async def soak_shard(
     )
 
 
+def _why_never(config: SoakConfig, kind: FaultKind, outcomes: list[_RunOutcome]) -> str:
+    # A small soak can simply draw no fault of a rare kind: say so, so it
+    # is not taken for a broken injector.
+    rate = config.faults.rates.get(kind)
+    if not rate:
+        return ""
+    calls = sum(o.turns for o in outcomes)
+    return f" ({calls:,} agent calls at {rate * 100:g}%: a soak this small may draw none; give it more --runs)"
+
+
 def shard_breach(config: SoakConfig, shard: int, text: str) -> str:
     """A shard's breach as the merged report (and ``on_breach``) tell it."""
     return f"shard {shard} of {config.shards}: {text}" if config.shards > 1 else text
@@ -648,12 +659,13 @@ def merge_shards(
     for p in parts:
         injected.update(p.injected)
         recovered.update(p.recovered)
+    ordered = sorted((o for p in parts for o in p.outcomes), key=lambda o: o.index)
     for kind in config.faults.kinds:
         if not injected[kind]:
-            breaches.append(f"fault kind {kind} was configured but never injected")
+            breaches.append(f"fault kind {kind} was configured but never injected{_why_never(config, kind, ordered)}")
         elif not recovered[kind]:
-            breaches.append(f"no agent ever recovered from a {kind} fault")
-    ordered = sorted((o for p in parts for o in p.outcomes), key=lambda o: o.index)
+            retry = " (with --max-attempts 1 no call is ever retried)" if config.retry.max_attempts == 1 else ""
+            breaches.append(f"no agent ever recovered from a {kind} fault{retry}")
     if len(ordered) != config.runs:
         breaches.append(f"{config.runs - len(ordered)} run(s) never finished")
 

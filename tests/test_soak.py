@@ -91,7 +91,18 @@ def test_a_kind_never_recovered_from_is_a_breach() -> None:
     from actors import RetryPolicy
 
     report = run_soak(SoakConfig(seed=1, runs=5, faults=default_soak_plan("disconnect:20%"), retry=RetryPolicy(max_attempts=1)))
-    assert any("never recovered" in b or "recovered from a disconnect" in b for b in report.breaches)
+    # ... and the breach says why, rather than look like a broken retry.
+    assert report.breaches == (
+        "no agent ever recovered from a disconnect fault (with --max-attempts 1 no call is ever retried)",
+    )
+
+
+def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:
+    report = run_soak(SoakConfig(seed=0, runs=1, faults=default_soak_plan("disconnect:20%,timeout:0.5%")))
+    assert report.breaches == (
+        f"fault kind timeout was configured but never injected ({report.agent_turns:,} agent calls at 0.5%: "
+        "a soak this small may draw none; give it more --runs)",
+    )
 
 
 def test_cli_soak_failure_exits_1_with_a_command_that_replays_it() -> None:

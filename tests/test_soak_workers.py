@@ -90,7 +90,7 @@ def test_fault_kinds_are_checked_on_the_merged_totals() -> None:
     assert not any("disconnect" in b or "timeout" in b for b in breaches), breaches
     assert "4 run(s) never finished" in breaches
     lonely = merge_shards(config, parts[:1], ["shard 1 of 2 failed"], wall_seconds=0.0).breaches
-    assert "fault kind timeout was configured but never injected" in lonely
+    assert any(b.startswith("fault kind timeout was configured but never injected (") for b in lonely)
     assert "shard 1 of 2 failed" in lonely
 
 
