@@ -382,28 +382,41 @@ class FaultInterceptor(Interceptor[Any]):
         at = trio.current_time()
         retry_after = self._retry_after(anchor, at) if kind == "rate_limit" else None
         error = self._error(kind, retry_after)
+        # Fired: counted now, as the observer sees it.
+        self.injected[kind] += 1
         if self.observer is not None:
             self.observer(InjectedFault(at=at, request=request, kind=kind, error=error, retry_after=retry_after))
-        try:
-            if kind == "timeout":
-                await trio.sleep(self.plan.timeout_ms / 1000)
-        except BaseException:
-            if self.health is not None:
-                self.health.abandon(permit)
-            raise
-        if self.health is not None:
-            self.health.report(permit, error)
-        self.injected[kind] += 1
-        if self.events is not None:
-            detail: dict[str, Any] = {"fault": kind, "message": str(error), "provider": request.provider}
-            if retry_after is not None:
-                detail["retry_after_s"] = round(retry_after, 3)
+        if kind == "timeout":
             try:
-                await self.events.send(PersistEvent.of_attempt(request.key, request.attempt, "fault", detail))
-            except ConclaveError:
-                pass  # the store has stopped: the fault still happens
+                # Logged before the wait: a caller whose own call timeout
+                # is shorter gives up during it, and the fault that made
+                # its attempt fail must still be on record (the count it
+                # spent stays spent, and a resume must see it so).
+                await self._log(request, kind, error, retry_after)
+                await trio.sleep(self.plan.timeout_ms / 1000)
+            except BaseException:
+                if self.health is not None:
+                    self.health.abandon(permit)
+                raise
+            if self.health is not None:
+                self.health.report(permit, error)
+        else:
+            if self.health is not None:
+                self.health.report(permit, error)  # a 429 closes the gate before anything awaits
+            await self._log(request, kind, error, retry_after)
         # Usage of a faulted call is unknown: it may have been billed.
         reply.send(CompletionResult(key=request.key, attempt=request.attempt, error=error, usage=None))
+
+    async def _log(self, request: CompletionRequest, kind: FaultKind, error: ProviderError, retry_after: float | None) -> None:
+        if self.events is None:
+            return
+        detail: dict[str, Any] = {"fault": kind, "message": str(error), "provider": request.provider}
+        if retry_after is not None:
+            detail["retry_after_s"] = round(retry_after, 3)
+        try:
+            await self.events.send(PersistEvent.of_attempt(request.key, request.attempt, "fault", detail))
+        except ConclaveError:
+            pass  # the store has stopped: the fault still happens
 
 
 def _seconds(value: float) -> str:

@@ -143,7 +143,7 @@ def test_max_attempts_is_kept_with_the_run_for_resume_and_rerun(tmp_path: Path) 
 
     # Killed once the first agent's only attempt (a timeout) is durable: the
     # resume must judge it by the run's 1 attempt, not the default 3.
-    env = {"CODEX_FAULTS_TIMEOUT_MS": "5000", "CONCLAVE_TEST_KILL_AFTER_WRITES": "3"}
+    env = {"CODEX_FAULTS_TIMEOUT_MS": "5000", "CONCLAVE_TEST_KILL_AFTER_WRITES": "4"}
     killed = run_cli(["run", "--db", db, "--run-id", "K", "--faults", "timeout:100%", "--max-attempts", "1"], env=env)
     assert killed.returncode == -9
     with Store.open(db) as s:
@@ -341,3 +341,29 @@ async def test_bad_faults_or_interceptors_are_refused_before_anything_is_created
         async with open_orchestrator(store=str(db), **kwargs):
             pass  # pragma: no cover
     assert not db.exists()
+
+
+async def test_a_timeout_fault_outlasting_the_call_timeout_is_still_on_record(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With a call timeout shorter than the fault's, the caller gave up
+    during the fault's wait and the fault was neither counted nor logged:
+    'timeout 0 injected, 0 left in the budget' beside an attempt that had
+    timed out, and a resume would have spent the count again."""
+    from actors import RetryPolicy
+
+    db = str(tmp_path / "t.db")
+    plan = FaultPlan.parse("timeout:1", timeout_ms=900_000)
+    retry = RetryPolicy(call_timeout=600.0)
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=4), seed=4, faults=plan, retry=retry) as orch:
+        start = trio.current_time()
+        result = await orch.run("SPEC-DEMO", run_id="R")
+        waited = trio.current_time() - start
+        assert orch.faults is not None and dict(orch.faults.injected) == {"timeout": 1}
+    assert result.completed and 600 <= waited < 900  # the caller's own timeout ended the wait
+    with Store.open(db) as s:
+        faults = s.events("R", "fault")
+        retries = s.events("R", "retry")
+    assert [(e.stage, e.agent, e.attempt, e.detail["fault"]) for e in faults] == [("plan", "gemini", 1, "timeout")]
+    assert [(e.stage, e.agent, e.attempt) for e in retries] == [("plan", "gemini", 1)]
+    assert retries[0].detail["message"] == "operation timed out after 600000ms"
