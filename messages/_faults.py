@@ -31,11 +31,11 @@ placement (they only scope the count budget, see below).
   a parallel stage; and a stage spreads its faults over its agents instead
   of burning one agent's every attempt.  A number no call takes (a seat a
   resume replays from the store, an attempt never made) leaves its fault
-  to the next stage, so a run gets exactly its counts of each kind.  A
-  resume in a new process takes the budget up from the faults the branch
-  logged (:meth:`FaultInterceptor.restore`), so a crash does not refill it.  "In
+  to the next stage, so a run gets exactly its counts of each kind.  "In
   order" therefore means this canonical order, which is the arrival order
-  whenever calls cannot race (one agent at a time).
+  whenever calls cannot race (one agent at a time).  A resume in a new
+  process takes the budget up from the faults the branch logged
+  (:meth:`FaultInterceptor.restore`), so a crash does not refill it.
 
 With a health port attached (the runtime attaches the gateway's), an
 injected fault stands in for a provider call, so it is admitted exactly
