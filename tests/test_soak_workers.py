@@ -20,6 +20,13 @@ from actors._soak_shards import CRASH_ENV, Stopper, run_sharded_in_trio
 from .conftest import run_cli
 
 
+class _Terminal(io.StringIO):
+    """stderr as a terminal: progress is redrawn in place."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_two_workers_same_digest_across_processes_and_hash_seeds() -> None:
     seen = set()
     for hashseed in ("0", "4242"):
@@ -162,11 +169,7 @@ def test_the_cli_shows_progress_but_not_with_json(workers: str) -> None:
 
 
 def test_on_a_terminal_progress_redraws_one_line() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    out = Terminal()
+    out = _Terminal()
     show = SoakProgress(out, 1000)
     for runs in range(1, 1001):
         show(runs, runs * 19)
@@ -251,11 +254,7 @@ def test_the_cli_shows_the_first_breach_at_once_with_its_replay(
 
 
 def test_on_a_terminal_a_breach_gets_a_line_of_its_own() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    out = Terminal()
+    out = _Terminal()
     show = SoakProgress(out, 10, seed=4, replay="conclave soak --seed 4 --runs 10")
     show(1, 19)
     show.breach("a call reached sim inside a 429 reset window")
@@ -270,11 +269,7 @@ def test_on_a_terminal_a_breach_gets_a_line_of_its_own() -> None:
 
 
 def test_an_interrupted_soak_says_how_far_it_got_and_whether_it_had_failed() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    out = Terminal()
+    out = _Terminal()
     show = SoakProgress(out, 1000)
     show(7, 133)
     show.interrupted()
