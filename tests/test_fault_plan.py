@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from messages import (
     AgentKey,
@@ -349,6 +351,29 @@ async def test_a_resume_takes_the_count_budget_up_where_the_crash_left_it() -> N
         got = [resumed.decide(request(a, n, stage=s, panel=dict(stages)[s])) for s, a, n, _ in after]
         assert [d[0] if d else None for d in got] == [k for *_, k in after], f"crash after call {crash}"
         assert resumed.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    counts=st.tuples(*[st.integers(0, 4)] * 3).filter(any),
+    panels=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    crash=st.floats(0, 1),
+)
+def test_any_crash_point_resumes_to_the_uninterrupted_placement(
+    counts: tuple[int, int, int], panels: list[int], crash: float
+) -> None:
+    spec = ",".join(f"{k}:{n}" for k, n in zip(("disconnect", "429", "timeout"), counts) if n)
+    stages = [(f"s{i}", tuple(f"a{j}" for j in range(size))) for i, size in enumerate(panels)]
+
+    async def main() -> None:
+        whole = _sequential_run(FaultInterceptor(FaultPlan.parse(spec)), stages)
+        cut = int(crash * len(whole))
+        resumed = FaultInterceptor(FaultPlan.parse(spec))
+        resumed.restore("r1", "b1", stages=stages, fired=[(s, a, n, k) for s, a, n, k in whole[:cut] if k])
+        got = [resumed.decide(request(a, n, stage=s, panel=dict(stages)[s])) for s, a, n, _ in whole[cut:]]
+        assert [d[0] if d else None for d in got] == [k for *_, k in whole[cut:]]
+
+    trio.run(main)
 
 
 async def test_restoring_a_budget_changes_nothing_it_should_not() -> None:
