@@ -145,11 +145,15 @@ class SoakProgress:
             self.out.write(line + "\n")
         self.out.flush()
 
-    def interrupted(self) -> None:
-        """Say how far an interrupted soak got, and whether it had failed."""
+    def _end_line(self) -> None:
+        # A line of our own must not land on the end of a redrawn one.
         if self._open_line:
             self.out.write("\n")
             self._open_line = False
+
+    def interrupted(self) -> None:
+        """Say how far an interrupted soak got, and whether it had failed."""
+        self._end_line()
         done, turns = self._last
         found = "breaches found (the first is shown above)" if self.breaches else "no breach found so far"
         self.out.write(f"conclave: soak interrupted after {done:,}/{self.runs:,} runs ({turns:,} agent turns); {found}\n")
@@ -161,9 +165,7 @@ class SoakProgress:
             if self.tty:
                 self._show()
             return
-        if self._open_line:
-            self.out.write("\n")
-            self._open_line = False
+        self._end_line()
         self.out.write(
             f"conclave: soak seed {self.seed}: breach found, the soak goes on (Ctrl-C stops it): {text}\n"
             f"conclave: replay with: {self.replay}\n"
