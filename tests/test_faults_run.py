@@ -287,14 +287,25 @@ def test_resume_and_rerun_inject_faults_as_run_does(tmp_path: Path) -> None:
     assert "FAULT INJECTION" not in quiet.stderr and "faults" not in json.loads(quiet.stdout)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The reference plan's run without a crash (once for every kill point)."""
+    db = str(tmp_path_factory.mktemp("clean") / "clean.db")
+    proc = run_cli(["run", "--db", db, "--seed", "4", "--json", "--run-id", "R"], env=FAULT_ENV)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
 @pytest.mark.parametrize(
     ("writes", "phase"), [(6, "after_commit"), (14, "after_commit"), (12, "before_commit"), (20, "before_commit")]
 )
-def test_a_crash_and_resume_gets_the_faults_an_uninterrupted_run_gets(tmp_path: Path, writes: int, phase: str) -> None:
+def test_a_crash_and_resume_gets_the_faults_an_uninterrupted_run_gets(
+    tmp_path: Path, uninterrupted: dict[str, Any], writes: int, phase: str
+) -> None:
     """The count budget is the run's: a resume in a new process used to
     refill it, so a crash after some faults gave the run up to 11 instead of
     6, and a digest unlike the uninterrupted run's (seed and plan the same)."""
-    clean = run_cli(["run", "--db", str(tmp_path / "clean.db"), "--seed", "4", "--json", "--run-id", "R"], env=FAULT_ENV)
     db = str(tmp_path / "k.db")
     killed = run_cli(
         ["run", "--db", db, "--seed", "4", "--run-id", "R"],
@@ -305,7 +316,7 @@ def test_a_crash_and_resume_gets_the_faults_an_uninterrupted_run_gets(tmp_path: 
         fired_before = len(s.events("R", "fault"))
     resumed = run_cli(["resume", "R", "--db", db, "--json"], env=FAULT_ENV)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = json.loads(clean.stdout), json.loads(resumed.stdout)
+    a, b = uninterrupted, json.loads(resumed.stdout)
     assert fired_before > 0  # the crash came after some faults
     assert b["digest"] == a["digest"] and b["unknown_usage_calls"] == a["unknown_usage_calls"] == 6
     assert sum(b["faults"]["injected"].values()) < 6
