@@ -32,7 +32,7 @@ from messages import (
     StageDecided,
     StageStarted,
 )
-from store import RunRow, Store, StoreError
+from store import RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
@@ -347,14 +347,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             result, elapsed, faults = trio.run(
                 interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, auth, clock=clock
             )
-        except ConfigError as exc:
+        except (ConfigError, RunLocked) as exc:
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
                 return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
             if isinstance(exc, BaseExceptionGroup):
                 # Raised inside interruptible()'s nursery: still bad input.
-                bad, _ = exc.split(ConfigError)
+                bad, _ = exc.split((ConfigError, RunLocked))
                 if bad is not None:
                     return _fail(str(_leaves(bad)[0]))
             raise

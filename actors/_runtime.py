@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from decimal import Decimal
 from typing import Any
 
@@ -325,28 +325,33 @@ class Orchestrator:
         Cancellation: leaves the store consistent (every write is one
         transaction; decisions are written only after their outputs) and,
         if the store writer is still alive, marks the run interrupted.
+
+        The run is claimed while it runs (as by :meth:`resume` and
+        :meth:`rerun`): :class:`~store.RunLocked` if another orchestrator,
+        in this process or another, is driving ``run_id``.
         """
         pipeline = pipeline or self.pipeline
         budget_usd = parse_budget(budget)
         run_id = run_id or new_run_id(spec_id)
-        branch_id = new_branch_id(spec_id)
-        ack = await self._write(
-            PersistRun(
-                run_id=run_id,
-                branch_id=branch_id,
-                spec_id=spec_id,
-                goal=goal,
-                seed=self.seed,
-                pipeline=pipeline.canonical_json(),
-                options=options_json(_with_budget(options, budget_usd)),
+        with self._claim(run_id):
+            branch_id = new_branch_id(spec_id)
+            ack = await self._write(
+                PersistRun(
+                    run_id=run_id,
+                    branch_id=branch_id,
+                    spec_id=spec_id,
+                    goal=goal,
+                    seed=self.seed,
+                    pipeline=pipeline.canonical_json(),
+                    options=options_json(_with_budget(options, budget_usd)),
+                )
             )
-        )
-        if not ack.ok:
-            if ack.duplicate:
-                raise RunExists(f"run {run_id!r} already exists in the store")
-            raise ConclaveError(f"could not record run {run_id!r}: {ack.error}")
-        ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
-        return await self._drive(ctx, pipeline, self.seed, None, budget_usd)
+            if not ack.ok:
+                if ack.duplicate:
+                    raise RunExists(f"run {run_id!r} already exists in the store")
+                raise ConclaveError(f"could not record run {run_id!r}: {ack.error}")
+            ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
+            return await self._drive(ctx, pipeline, self.seed, None, budget_usd)
 
     async def resume(self, run_id: str, *, budget: BudgetLike | None = None) -> RunResult:
         """Continue ``run_id``'s current branch after a crash or halt, with
@@ -355,28 +360,31 @@ class Orchestrator:
         (see ``actors._resume``).  The provider should be the one the run
         used (the CLI rebuilds it from the branch's stored options).
         ``budget`` replaces the run's budget (e.g. to finish a run halted
-        with ``budget_exceeded``); by default the run keeps its own."""
+        with ``budget_exceeded``); by default the run keeps its own.
+        Raises :class:`~store.RunLocked`, having written nothing, while
+        another orchestrator drives the run."""
         budget_usd = parse_budget(budget)
-        state = load_state(self._require_db(), run_id)
-        if self._fault_interceptors:
-            # A count budget is the run's, not the process's: what fired
-            # before the crash stays spent.
-            fired = fired_faults(self._require_db(), state)
-            stages = [(stage.name, stage.agents) for stage in state.pipeline.stages]
-            for interceptor in self._fault_interceptors:
-                interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=fired)
-        await self._write(
-            PersistEvent(
-                run_id=run_id,
-                branch_id=state.branch.branch_id,
-                kind="resume",
-                detail={"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)},
+        with self._claim(run_id):
+            state = load_state(self._require_db(), run_id)
+            if self._fault_interceptors:
+                # A count budget is the run's, not the process's: what fired
+                # before the crash stays spent.
+                fired = fired_faults(self._require_db(), state)
+                stages = [(stage.name, stage.agents) for stage in state.pipeline.stages]
+                for interceptor in self._fault_interceptors:
+                    interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=fired)
+            await self._write(
+                PersistEvent(
+                    run_id=run_id,
+                    branch_id=state.branch.branch_id,
+                    kind="resume",
+                    detail={"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)},
+                )
             )
-        )
-        await self._write(RunUpdate(run_id=run_id, status="running"))
-        if budget_usd is None:
-            budget_usd = _budget_of(state)
-        return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
+            await self._write(RunUpdate(run_id=run_id, status="running"))
+            if budget_usd is None:
+                budget_usd = _budget_of(state)
+            return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
 
     async def rerun(
         self,
@@ -391,35 +399,43 @@ class Orchestrator:
         ``from_stage`` and run it: it inherits the parent's decisions before
         that stage and nothing of the parent from it on.  The child becomes
         the run's current branch.  ``options`` default to the parent's, and
-        so does the budget unless ``budget`` is given."""
+        so does the budget unless ``budget`` is given.  Raises
+        :class:`~store.RunLocked`, having written nothing, while another
+        orchestrator drives the run."""
         budget_usd = parse_budget(budget)
-        parent = load_state(self._require_db(), run_id, branch_id)
-        stage = fork_stage(parent, from_stage)
-        child = new_branch_id(parent.run.spec_id)
-        ack = await self._write(
-            PersistBranch(
-                run_id=run_id,
-                branch_id=child,
-                parent_branch_id=parent.branch.branch_id,
-                fork_stage=stage.name,
-                options=options_json(
-                    _with_budget(parent.branch.options if options is None else options, budget_usd)
-                ),
+        with self._claim(run_id):
+            parent = load_state(self._require_db(), run_id, branch_id)
+            stage = fork_stage(parent, from_stage)
+            child = new_branch_id(parent.run.spec_id)
+            ack = await self._write(
+                PersistBranch(
+                    run_id=run_id,
+                    branch_id=child,
+                    parent_branch_id=parent.branch.branch_id,
+                    fork_stage=stage.name,
+                    options=options_json(
+                        _with_budget(parent.branch.options if options is None else options, budget_usd)
+                    ),
+                )
             )
-        )
-        if not ack.ok:
-            raise ConclaveError(f"could not create a branch of run {run_id!r}: {ack.error}")
-        await self._write(
-            PersistEvent(
-                run_id=run_id,
-                branch_id=child,
-                kind="rerun",
-                stage=stage.name,
-                detail={"parent_branch_id": parent.branch.branch_id},
+            if not ack.ok:
+                raise ConclaveError(f"could not create a branch of run {run_id!r}: {ack.error}")
+            await self._write(
+                PersistEvent(
+                    run_id=run_id,
+                    branch_id=child,
+                    kind="rerun",
+                    stage=stage.name,
+                    detail={"parent_branch_id": parent.branch.branch_id},
+                )
             )
-        )
-        state = load_state(self._require_db(), run_id, child)
-        return await self._drive(self._context(state), state.pipeline, state.seed, state, _budget_of(state))
+            state = load_state(self._require_db(), run_id, child)
+            return await self._drive(self._context(state), state.pipeline, state.seed, state, _budget_of(state))
+
+    def _claim(self, run_id: str) -> AbstractContextManager[None]:
+        # Taken before the first write and held to the last: a second
+        # orchestrator on the run would buy every missing output again.
+        return nullcontext() if self._db is None else self._db.claim_run(run_id)
 
     def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
         return stage_outputs(self._require_db(), key)

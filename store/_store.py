@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import apsw
@@ -34,6 +35,7 @@ from messages import (
 from ._busy import BUSY_ERRORS, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability, open_connection
 from ._lineage import LINEAGE_CTE
+from ._runlock import claim_run
 
 
 def wall_clock_ms() -> int:
@@ -270,6 +272,13 @@ class Store:
 
     def close(self) -> None:
         self._conn.close()
+
+    def claim_run(self, run_id: str) -> AbstractContextManager[None]:
+        """Hold ``run_id`` for the block: at most one orchestrator, in any
+        process, drives a run at a time (see ``store._runlock``).  Raises
+        :class:`~store.RunLocked` at once, before anything is written, if
+        another holds it.  Not a checkpoint; released in ``finally``."""
+        return claim_run(self.path, run_id, scope=self)
 
     def __enter__(self) -> Store:
         return self

@@ -1,0 +1,168 @@
+"""At most one orchestrator drives a run: a second run, resume or rerun of
+it is refused before it writes anything, in the same process or another,
+and a process that dies gives the run up at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors import MockProvider, SimulatedProvider, open_orchestrator
+from messages import Completion, CompletionRequest
+from store import RunLocked, Store
+
+from .conftest import REPO, run_cli
+from .test_cli_errors import assert_one_line_error
+
+HOLDER = """
+import sys
+from store import Store
+with Store.open(sys.argv[1]) as store, store.claim_run(sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin (or kills us)
+"""
+
+
+def test_a_run_is_claimed_once_per_process_across_stores(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.db")
+    with Store.open(path) as one, Store.open(path) as two:
+        with one.claim_run("R"):
+            # OS record locks are the process's: only the process's own
+            # registry can refuse this one.
+            with pytest.raises(RunLocked, match="run 'R' in .*c.db is being run by another"):
+                with two.claim_run("R"):
+                    pass
+            with pytest.raises(RunLocked):
+                with one.claim_run("R"):
+                    pass
+            with two.claim_run("S"):  # another run of the same file is free
+                pass
+        with two.claim_run("R"):  # released on exit
+            pass
+
+
+def test_claims_in_memory_are_per_database() -> None:
+    with Store.open(":memory:") as one, Store.open(":memory:") as two:
+        with one.claim_run("R"), two.claim_run("R"):  # two databases, one id each
+            with pytest.raises(RunLocked):
+                with one.claim_run("R"):
+                    pass
+
+
+def test_a_claim_is_released_when_its_block_raises(tmp_path: Path) -> None:
+    with Store.open(str(tmp_path / "c.db")) as store:
+        with pytest.raises(KeyError):
+            with store.claim_run("R"):
+                raise KeyError("R")
+        with store.claim_run("R"):
+            pass
+
+
+def _holder(path: Path, run_id: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), run_id],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_another_process_holds_a_run_until_it_dies(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    Store.open(str(path)).close()
+    holder = _holder(path, "R")
+    try:
+        with Store.open(str(path)) as store:
+            with pytest.raises(RunLocked):
+                with store.claim_run("R"):
+                    pass
+            with store.claim_run("S"):
+                pass
+            holder.send_signal(signal.SIGKILL)  # no finally runs: the kernel lets go
+            holder.wait()
+            with store.claim_run("R"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _counts(path: Path, run_id: str) -> tuple[int, int, int, str | None]:
+    with Store.open(str(path), readonly=True) as store:
+        run = store.get_run(run_id)
+        assert run is not None
+        return (
+            len(store.events(run_id)),
+            len(store.branches(run_id)),
+            len(store.decisions(run_id)),
+            run.current_branch_id,
+        )
+
+
+def test_the_cli_refuses_a_run_another_process_is_driving(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    done = run_cli(["run", "--db", str(db), "--run-id", "R1", "--json"])
+    assert done.returncode == 0, done.stderr
+    before = _counts(db, "R1")
+    holder = _holder(db, "R1")
+    try:
+        for args in (["resume", "R1"], ["rerun", "R1", "--from", "audit"]):
+            proc = run_cli([*args, "--db", str(db)])
+            assert proc.returncode == 2, proc.stdout + proc.stderr
+            assert_one_line_error(proc.stderr, "run 'R1' in")
+            assert "is being run by another process" in proc.stderr
+            assert _counts(db, "R1") == before  # no resume or rerun event, no branch
+        fresh = run_cli(["run", "--db", str(db), "--run-id", "R2"])
+        assert fresh.returncode == 0, fresh.stderr  # other runs are not held up
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+    again = run_cli(["resume", "R1", "--db", str(db), "--json"])
+    assert again.returncode == 0, again.stderr
+
+
+async def test_a_second_orchestrator_cannot_drive_a_running_run(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    path = str(tmp_path / "c.db")
+    sim = SimulatedProvider(seed=3)
+    first_call = trio.Event()
+    release = trio.Event()
+
+    async def answer(request: CompletionRequest) -> Completion:
+        first_call.set()
+        await release.wait()
+        return sim.answer(request)
+
+    provider = MockProvider(answer, name="sim")
+    async with open_orchestrator(store=path, provider=provider, seed=3) as orch:
+        async with open_orchestrator(store=path, seed=3) as other:
+            async with trio.open_nursery() as nursery:
+                results = []
+
+                async def drive() -> None:
+                    results.append(await orch.run("SPEC-C", run_id="C"))
+
+                nursery.start_soon(drive)
+                await first_call.wait()
+                events = len(orch._require_db().events("C"))
+                for attempt in (orch.resume("C"), other.resume("C"), other.rerun("C", "plan"), other.run(run_id="C")):
+                    with pytest.raises(RunLocked):
+                        await attempt
+                assert len(orch._require_db().events("C")) == events
+                assert len(orch._require_db().branches("C")) == 1
+                release.set()
+        assert results[0].completed
+        # Each agent of the pipeline answered each of its stages once.
+        assert len(provider.calls) == sum(len(s.agents) for s in orch.pipeline.stages)
+        again = await orch.resume("C")  # the claim went with the run
+        assert again.completed and again.digest == results[0].digest
