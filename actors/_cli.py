@@ -411,7 +411,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 for r in runs:
                     stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
                     print(
-                        f"{r.run_id}  {r.status:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
+                        f"{r.run_id}  {_shown_status(store, r.run_id, r.status):<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
                         f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"
                     )
             return EXIT_OK
@@ -423,8 +423,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             _json_out(info)
             return EXIT_OK
-        status = branch.status or run.status
+        status = _shown_status(store, run.run_id, branch.status or run.status)
         print(f"run {run.run_id}: {status}" + (f" ({branch.halt_reason})" if branch.halt_reason else ""))
+        if status == STALLED:
+            print(f"  no process is driving it (it was killed): 'conclave resume {run.run_id}' continues it")
         current = " (current)" if branch.branch_id == run.current_branch_id else ""
         print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")
         print(f"  goal: {run.goal or '-'}")
@@ -434,6 +436,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         if run.digest:
             print(f"  digest: {run.digest}")
         return EXIT_OK
+
+
+# Shown for a run stored as running that no process holds: killed before
+# it could record that it stopped.
+STALLED = "stalled"
+
+
+def _shown_status(store: Store, run_id: str, status: str) -> str:
+    if status == "running" and store.run_is_driven(run_id) is False:
+        return STALLED
+    return status
 
 
 def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[str, Any]:
@@ -450,6 +463,8 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
         "seed": run.seed,
         "status": run.status,
         "halt_reason": run.halt_reason,
+        # Whether a process is working on the run now (null: unknowable).
+        "driven": store.run_is_driven(run_id),
         "stages": [
             {
                 "stage": s["name"],

@@ -90,6 +90,46 @@ def claim_run(db_path: str, run_id: str, *, scope: object = None) -> Iterator[No
         _release(key, run_id)
 
 
+def is_claimed(db_path: str, run_id: str) -> bool | None:
+    """Whether some orchestrator holds ``run_id`` of the file database at
+    ``db_path`` now; None if that cannot be known (a database in memory,
+    or no ``fcntl``).  Creates nothing.  The probe takes a shared lock on
+    the run's byte for an instant, so a claim made in that same instant
+    is refused as if the run were held (retrying it succeeds)."""
+    path = lock_path(db_path)
+    if path is None or fcntl is None:
+        return None
+    with _guard:
+        entry = _files.get(path)
+        if entry is not None and run_id in entry.held:
+            return True
+        if entry is not None and entry.fd is not None:
+            return _probe(entry.fd, run_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False  # never claimed
+        except OSError:
+            return None
+        try:
+            return _probe(fd, run_id)
+        finally:
+            # This process holds no lock on the file (it has no entry), so
+            # closing drops nothing but the probe's.
+            os.close(fd)
+
+
+def _probe(fd: int, run_id: str) -> bool | None:
+    assert fcntl is not None
+    offset = _offset(run_id)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, offset, os.SEEK_SET)
+    except OSError as exc:
+        return True if exc.errno in (errno.EACCES, errno.EAGAIN) else None
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset, os.SEEK_SET)
+    return False
+
+
 def _acquire(key: str, path: str | None, run_id: str, db_path: str) -> None:
     with _guard:
         entry = _files.get(key)

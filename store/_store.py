@@ -35,7 +35,7 @@ from messages import (
 from ._busy import BUSY_ERRORS, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability, open_connection
 from ._lineage import LINEAGE_CTE
-from ._runlock import claim_run
+from ._runlock import claim_run, is_claimed
 
 
 def wall_clock_ms() -> int:
@@ -279,6 +279,12 @@ class Store:
         :class:`~store.RunLocked` at once, before anything is written, if
         another holds it.  Not a checkpoint; released in ``finally``."""
         return claim_run(self.path, run_id, scope=self)
+
+    def run_is_driven(self, run_id: str) -> bool | None:
+        """Whether an orchestrator (of any process) holds ``run_id`` now:
+        a run stored as ``running`` that nobody holds was killed.  None if
+        that cannot be known (a database in memory).  Creates nothing."""
+        return is_claimed(self.path, run_id)
 
     def __enter__(self) -> Store:
         return self

@@ -28,6 +28,13 @@ with Store.open(sys.argv[1]) as store, store.claim_run(sys.argv[2]):
     sys.stdin.read()  # until the test closes our stdin (or kills us)
 """
 
+ASK = """
+import sys
+from store import Store
+with Store.open(sys.argv[1]) as store:
+    print(store.run_is_driven(sys.argv[2]))
+"""
+
 
 def test_a_run_is_claimed_once_per_process_across_stores(tmp_path: Path) -> None:
     path = str(tmp_path / "c.db")
@@ -166,3 +173,46 @@ async def test_a_second_orchestrator_cannot_drive_a_running_run(tmp_path: Path, 
         assert len(provider.calls) == sum(len(s.agents) for s in orch.pipeline.stages)
         again = await orch.resume("C")  # the claim went with the run
         assert again.completed and again.digest == results[0].digest
+
+
+def test_status_tells_a_killed_run_from_one_in_progress(tmp_path: Path) -> None:
+    db = tmp_path / "k.db"
+    killed = run_cli(["run", "--db", str(db), "--run-id", "K"], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "5"})
+    assert killed.returncode == -signal.SIGKILL
+
+    def status(*extra: str) -> str:
+        proc = run_cli(["status", *extra, "--db", str(db)])
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert status("K").startswith("run K: stalled\n  no process is driving it (it was killed): 'conclave resume K'")
+    assert status().split()[:2] == ["K", "stalled"]
+    assert '"driven": false' in status("K", "--json") and '"status": "running"' in status("K", "--json")
+    holder = _holder(db, "K")
+    try:
+        assert status("K").startswith("run K: running\n  spec")
+        assert status().split()[:2] == ["K", "running"]
+        assert '"driven": true' in status("K", "--json")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_asking_whether_a_run_is_driven_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    with Store.open(str(path)) as store:
+        assert store.run_is_driven("R") is False
+        assert not os.path.exists(f"{path}-lock")
+        with store.claim_run("R"):
+            assert store.run_is_driven("R") is True
+            assert store.run_is_driven("S") is False
+            with store.claim_run("S"):  # the probe of S above left nothing held
+                pass
+            # ... nor dropped the OS lock on R, as another process sees it.
+            seen = subprocess.run(
+                [sys.executable, "-c", ASK, str(path), "R"], cwd=REPO, capture_output=True, text=True, check=True
+            )
+            assert seen.stdout == "True\n"
+        assert store.run_is_driven("R") is False
+    with Store.open(":memory:") as memory:
+        assert memory.run_is_driven("R") is None
