@@ -204,10 +204,11 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
     )
 
 
-def fired_faults(store: Store, state: ResumeState) -> list[tuple[str, str, int, str]]:
-    """(stage, agent, attempt, kind) of every fault injected on the resumed
-    branch whose attempt is durable, for a fault interceptor to take its
-    count budget up from (``FaultInterceptor.restore``).  A fault whose
+def fired_faults(store: Store, state: ResumeState) -> list[tuple[str, str, int, str, str | None]]:
+    """(stage, agent, attempt, kind, provider) of every fault injected on
+    the resumed branch whose attempt is durable, for fault interceptors to
+    take their count budgets up from (``FaultInterceptor.restore``, each
+    given the faults of the providers it is scoped to).  A fault whose
     attempt is not durable is left out: the resume makes that attempt
     again, and it must get its fault again.  (The fault's event is written
     before the attempt's output, so a durable attempt's fault is logged.)"""
@@ -218,7 +219,11 @@ def fired_faults(store: Store, state: ResumeState) -> list[tuple[str, str, int, 
         if event.branch_id != branch or event.stage is None or event.agent is None or event.attempt is None:
             continue
         if (event.stage, event.agent, event.attempt) in durable:
-            fired.append((event.stage, event.agent, event.attempt, str(event.detail.get("fault"))))
+            provider = event.detail.get("provider")
+            fired.append((
+                event.stage, event.agent, event.attempt, str(event.detail.get("fault")),
+                None if provider is None else str(provider),
+            ))
     return fired
 
 

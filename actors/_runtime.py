@@ -74,6 +74,7 @@ from messages import (
     reply_pair,
     request,
 )
+from messages._faults import scoped_panel
 from store import Store
 
 from ._agent import Agent
@@ -370,9 +371,21 @@ class Orchestrator:
                 # A count budget is the run's, not the process's: what fired
                 # before the crash stays spent.
                 fired = fired_faults(self._require_db(), state)
-                stages = [(stage.name, stage.agents) for stage in state.pipeline.stages]
+                agents = state.pipeline.agents
                 for interceptor in self._fault_interceptors:
-                    interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=fired)
+                    # One scoped to a provider spent only that provider's,
+                    # over that provider's seats.
+                    scope = interceptor.plan.provider
+                    mine = [(s, a, n, k) for s, a, n, k, p in fired if scope is None or p == scope]
+                    stages = [
+                        (
+                            stage.name,
+                            stage.agents if scope is None else
+                            scoped_panel(stage.agents, [agents[a].provider for a in stage.agents], scope),
+                        )
+                        for stage in state.pipeline.stages
+                    ]
+                    interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=mine)
             await self._write(
                 PersistEvent(
                     run_id=run_id,

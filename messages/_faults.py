@@ -114,6 +114,12 @@ class _Bucket:
     stages: dict[tuple[str, ...], _Stage] = attrs.field(factory=dict)
 
 
+def scoped_panel(panel: Sequence[str], providers: Sequence[str], scope: str) -> tuple[str, ...]:
+    """The seats of ``panel`` whose provider is ``scope``: the panel over
+    which a fault plan scoped to that provider places its faults."""
+    return tuple(agent for agent, provider in zip(panel, providers) if provider == scope)
+
+
 class FaultInterceptor(Interceptor[Any]):
     """Injects a :class:`FaultPlan` on the provider gateway's inbox.
 
@@ -304,6 +310,11 @@ class FaultInterceptor(Interceptor[Any]):
         if self._sequence:
             # Without a panel naming the agent, the agent is a stage of its own.
             panel = request.panel if key.agent in request.panel else (key.agent,)
+            scope = self.plan.provider
+            if scope is not None and len(request.panel_providers) == len(panel) and scope in request.panel_providers:
+                # Other providers' seats never reach this interceptor: a
+                # fault placed on one would never fire.
+                panel = scoped_panel(panel, request.panel_providers, scope)
             stage_key = (key.stage, *panel)
             stage = bucket.stages.get(stage_key)
             if stage is None:

@@ -120,6 +120,9 @@ class CompletionRequest:
     # The stage's panel in roster order: with ``key.agent`` it gives the
     # call's seat, part of its identity for deterministic fault placement.
     panel: tuple[str, ...] = ()
+    # Each seat's provider, in the same order (empty: unknown), so that a
+    # fault plan scoped to one provider places faults over its seats only.
+    panel_providers: tuple[str, ...] = ()
     reply_to: Reply[CompletionResult] | None = attrs.field(default=None, eq=False, repr=False)
 
 

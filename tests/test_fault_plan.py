@@ -8,6 +8,7 @@ import itertools
 import re
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from messages import (
     ResetHint,
     parse_reset_hint,
 )
+from messages._faults import scoped_panel
 
 from .conftest import run_cli
 
@@ -392,3 +394,31 @@ async def test_restoring_a_budget_changes_nothing_it_should_not() -> None:
     assert changed.restore("r1", "b1", stages=stages, fired=fired)
     assert changed.remaining("r1", "b1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
     assert changed.remaining("r1", "b2") == {"disconnect": 0, "rate_limit": 1, "timeout": 1}
+
+
+async def test_a_plan_scoped_to_one_provider_places_over_its_seats() -> None:
+    """A plan scoped to provider b used to place its faults over the whole
+    panel: faults placed on a's seats never fired, so claude (b's only
+    seat, seat 1) got a 429 and never the plan's disconnect."""
+    panel, providers = ("gemini", "claude", "gpt_pro"), ("a", "b", "a")
+
+    def call(agent: str, attempt: int, provider: str) -> CompletionRequest:
+        return attrs.evolve(request(agent, attempt, panel=panel, provider=provider), panel_providers=providers)
+
+    b_faults = FaultInterceptor(attrs.evolve(FaultPlan.parse("disconnect:1,429:1"), provider="b"))
+    got = [b_faults.decide(call("claude", n, "b")) for n in (1, 2, 3)]
+    assert [d[0] if d else None for d in got] == ["disconnect", "rate_limit", None]
+
+    # A resume gives a scoped interceptor its own seats (as the runtime does):
+    # gpt_pro's disconnect, durable before the crash, sits at a's seat 1.
+    spec = attrs.evolve(FaultPlan.parse("disconnect:2,timeout:1"), provider="a")
+    whole = FaultInterceptor(spec)
+    calls = [("gpt_pro", 1), ("gemini", 1), ("gemini", 2), ("gpt_pro", 2)]
+    expected = [whole.decide(call(agent, n, "a")) for agent, n in calls]
+    assert [d[0] if d else None for d in expected] == ["disconnect", "disconnect", "timeout", None]
+    resumed = FaultInterceptor(spec)
+    assert resumed.restore(
+        "r1", "b1", stages=[("plan", scoped_panel(panel, providers, "a"))], fired=[("plan", "gpt_pro", 1, "disconnect")]
+    )
+    got = [resumed.decide(call(agent, n, "a")) for agent, n in calls[1:]]
+    assert [d[0] if d else None for d in got] == ["disconnect", "timeout", None]

@@ -10,12 +10,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
-from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrator
-from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan
+from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrator, parse_pipeline
+from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan, FunctionInterceptor
 from store import Store
 
 from .conftest import run_cli
@@ -378,3 +379,89 @@ async def test_a_timeout_fault_outlasting_the_call_timeout_is_still_on_record(
     assert [(e.stage, e.agent, e.attempt, e.detail["fault"]) for e in faults] == [("plan", "gemini", 1, "timeout")]
     assert [(e.stage, e.agent, e.attempt) for e in retries] == [("plan", "gemini", 1)]
     assert retries[0].detail["message"] == "operation timed out after 600000ms"
+
+
+TWO_PROVIDERS = """
+[agents.gemini]
+provider = "a"
+model = "sim-model"
+[agents.claude]
+provider = "b"
+model = "sim-model"
+[agents.gpt_pro]
+provider = "a"
+model = "sim-model"
+[[stages]]
+name = "plan"
+mode = "sequential"
+aggregator = ""
+[[stages]]
+name = "tasks"
+mode = "sequential"
+aggregator = ""
+[[stages]]
+name = "implement"
+mode = "sequential"
+aggregator = ""
+"""
+
+
+def _scoped_faults() -> list[FaultInterceptor]:
+    return [
+        FaultInterceptor(attrs.evolve(FaultPlan.parse("disconnect:3,timeout:1"), provider="a")),
+        FaultInterceptor(attrs.evolve(FaultPlan.parse("disconnect:1,429:1"), provider="b")),
+    ]
+
+
+async def test_faults_scoped_to_two_providers_resume_each_their_own_budget(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each fault interceptor on a resume used to be given every fault of
+    the branch: one scoped to provider a took b's faults as its own, spent
+    its budget on them and injected fewer than an uninterrupted run."""
+    pipeline = parse_pipeline(TWO_PROVIDERS)
+
+    async def run(path: str, cut: int | None) -> Any:
+        sent = 0
+        with trio.CancelScope() as scope:
+
+            async def crash(item: Any, forward: Any) -> None:
+                nonlocal sent
+                sent += 1
+                if sent == cut:
+                    scope.cancel()
+                await forward(item)
+
+            async with open_orchestrator(
+                store=path, provider={"a": SimulatedProvider(seed=5), "b": SimulatedProvider(seed=5)},
+                pipeline=pipeline, seed=5, interceptors={"gateway": _scoped_faults(), "store": [FunctionInterceptor(crash)]},
+            ) as orch:
+                return await orch.run("SPEC-F", run_id="F")
+        return None
+
+    def faults(path: str) -> set[tuple[str | None, str | None, int | None, Any]]:
+        with Store.open(path) as s:  # a set: a lost attempt's fault fires again on resume
+            return {(e.stage, e.agent, e.attempt, e.detail["fault"]) for e in s.events("F", "fault")}
+
+    expected = await run(str(tmp_path / "whole.db"), None)
+    with Store.open(str(tmp_path / "whole.db")) as s:
+        writes = len(s.events("F")) + len(s.outputs("F")) + len(s.decisions("F"))
+        # Every fault of both budgets fires (a plan scoped to b used to place
+        # faults on a's seats, where they never fired).
+        assert len(s.events("F", "fault")) == 6
+    resumed_with_faults_before = 0
+    for cut in range(3, writes):
+        path = str(tmp_path / f"cut{cut}.db")
+        assert await run(path, cut) is None
+        with Store.open(path) as s:
+            before = len(s.events("F", "fault"))
+        async with open_orchestrator(
+            store=path, provider={"a": SimulatedProvider(seed=5), "b": SimulatedProvider(seed=5)},
+            pipeline=pipeline, seed=5, interceptors={"gateway": _scoped_faults()},
+        ) as orch:
+            resumed = await orch.resume("F")
+        resumed_with_faults_before += 0 < before < 6
+        assert resumed.digest == expected.digest, f"cut at write {cut}"
+        assert resumed.unknown_usage_calls == expected.unknown_usage_calls == 6, f"cut at write {cut}"
+        assert faults(path) == faults(str(tmp_path / "whole.db")), f"cut at write {cut}"
+    assert resumed_with_faults_before > 3  # the cuts fell between faults
