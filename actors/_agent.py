@@ -66,8 +66,6 @@ class Agent:
     seed: int
     # Progress for humans (best effort, never blocks): each retry and its wait.
     publish: Callable[[AgentRetrying], None] | None = None
-    # Stage name -> its panel's providers, made once per stage, not per call.
-    _seat_providers: dict[str, tuple[str, ...]] = attrs.field(factory=dict, init=False)
 
     async def run(self, inbox: trio.MemoryReceiveChannel[AgentRequest]) -> None:
         """Serve requests until the inbox closes.  Requests still queued
@@ -110,10 +108,7 @@ class Agent:
         prompt = build_prompt(request, stage.required_fields, aggregate)
         key = request.key
         attempt = request.first_attempt - 1  # > 0 on resume: earlier attempts are durable
-        providers = self._seat_providers.get(stage.name)
-        if providers is None:
-            agents = self.pipeline.agents
-            providers = self._seat_providers[stage.name] = tuple(agents[a].provider for a in stage.agents)
+        providers = self.pipeline.seat_providers(stage.name)
         while True:
             attempt += 1
             reply, pending = reply_pair("model call")

@@ -137,6 +137,20 @@ class StageSpec:
 class Pipeline:
     stages: tuple[StageSpec, ...]
     agents: Mapping[str, AgentSpec] = attrs.field(eq=False)
+    # Stage name -> each seat's provider: derived once (every agent's call
+    # carries its stage's), and again by evolve when the agents change.
+    _seat_providers: Mapping[str, tuple[str, ...]] = attrs.field(init=False, eq=False, repr=False)
+
+    @_seat_providers.default
+    def _providers_by_seat(self) -> Mapping[str, tuple[str, ...]]:
+        agents = self.agents
+        return {
+            s.name: tuple(agents[a].provider if a in agents else "" for a in s.agents) for s in self.stages
+        }
+
+    def seat_providers(self, stage: str) -> tuple[str, ...]:
+        """The provider of each seat of ``stage``'s panel, in panel order."""
+        return self._seat_providers[stage]
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

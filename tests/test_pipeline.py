@@ -1,14 +1,22 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from actors import (
+    AgentSpec,
+    MockProvider,
     PipelineError,
+    SimulatedProvider,
     canonical_agent,
     canonical_stage,
     default_pipeline,
+    open_orchestrator,
     parse_pipeline,
+    pipeline_with_panel,
 )
+from messages import Completion, CompletionRequest
 
 
 def test_default_pipeline_matches_the_reference() -> None:
@@ -93,3 +101,32 @@ def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
         parse_pipeline(text, source="p.toml")
     assert message in str(info.value)
     assert str(info.value).startswith("p.toml")
+
+
+def test_seat_providers_follow_the_agents() -> None:
+    p = parse_pipeline(
+        '[agents.claude]\nprovider = "b"\nmodel = "m"\n'
+        '[[stages]]\nname = "plan"\nagents = ["gemini", "claude"]\n'
+    )
+    assert p.seat_providers("plan") == ("sim", "b")
+    changed = p.with_agents({"gemini": AgentSpec(name="gemini", model="m", provider="c")})
+    assert changed.seat_providers("plan") == ("c", "b") and p.seat_providers("plan") == ("sim", "b")
+    assert changed == p  # derived, not part of the pipeline's identity (as its agents are not)
+
+
+async def test_every_call_of_a_stage_carries_one_seat_provider_tuple(autojump_clock: object, tmp_path: Path) -> None:
+    """Made once per pipeline: an agent deriving its own tuple each call was
+    quadratic in the panel (a 1,000-agent stage built a million entries)."""
+    sim = SimulatedProvider(seed=1)
+    seen: list[tuple[str, ...]] = []
+
+    def answer(request: CompletionRequest) -> Completion:
+        seen.append(request.panel_providers)
+        return sim.answer(request)
+
+    pipeline = pipeline_with_panel("validate", [f"a{i}" for i in range(50)])
+    async with open_orchestrator(store=str(tmp_path / "p.db"), provider=MockProvider(answer, name="sim"),
+                                 pipeline=pipeline) as orch:
+        assert (await orch.run()).completed
+    assert len(seen) == 50 and seen[0] == ("sim",) * 50
+    assert all(providers is seen[0] for providers in seen)
