@@ -22,13 +22,14 @@ to back, yielding every ``_CHECKPOINT_EVERY`` calls, so a burst of N
 answers costs N/64 schedule points instead of N.
 
 A call whose caller has stopped waiting (its call timeout fired while the
-call was queued or at the rate-limit gate) is dropped unmade.  It was
-logged as an ``agent_call`` when it reached the gateway, so the gateway
-logs a ``call_dropped`` event for it on ``events``: agent_call events less
-call_dropped ones are the calls handed to providers (save calls still
-queued when the gateway is cancelled).  ``events`` is the gateway's own
-clone of the store's inbox, closed when it stops, so the store writer
-outlives the gateway's last drop.
+call was queued or at the rate-limit gate) is dropped unmade, and so is
+every call still queued when the gateway is cancelled.  Each was logged as
+an ``agent_call`` when it reached the gateway, so the gateway logs a
+``call_dropped`` event for it on ``events``: agent_call events less
+call_dropped ones are the calls handed to providers (a cancelled gateway
+logs its drops shielded, for at most ``_DROP_LOG_SECONDS``).  ``events`` is
+the gateway's own clone of the store's inbox, closed when it stops, so the
+store writer outlives the gateway's last drop.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from ._provider import BaseProvider
 
 # A worker serves at most this many calls back to back without yielding.
 _CHECKPOINT_EVERY = 64
+# How long a cancelled gateway may spend logging the calls it never made.
+_DROP_LOG_SECONDS = 1.0
 
 
 class _Pool:
@@ -86,7 +89,8 @@ class Gateway:
         self.max_concurrency = max_concurrency
         self._pools = {name: _Pool() for name in self.providers}
         self._stopping = False
-        # Calls dropped unmade because their caller had stopped waiting.
+        # Calls dropped unmade (their caller had stopped waiting, or the
+        # gateway was cancelled with them queued).
         self.abandoned = 0
         self._events = events
 
@@ -112,12 +116,27 @@ class Gateway:
                     for pool in self._pools.values():
                         pool.idle.unpark_all()
         finally:
+            # Calls never handed to a provider: each was logged as an
+            # agent_call on its way in, so each is logged as dropped too.
+            unmade: list[CompletionRequest] = []
             for pool in self._pools.values():
-                while pool.queue:
-                    reply = pool.queue.popleft().reply_to
-                    if reply is not None:
-                        reply.close()
+                unmade.extend(pool.queue)
+                pool.queue.clear()
+            while True:
+                try:
+                    unmade.append(inbox.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            for request in unmade:
+                if request.reply_to is not None:
+                    request.reply_to.close()  # the caller sees ActorStopped
             fail_pending(inbox)
+            if unmade and self._events is not None:
+                # Shielded and bounded: the store writer outlives this
+                # clone, but a stopping orchestrator must not hang on it.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _DROP_LOG_SECONDS):
+                    for request in unmade:
+                        await self._dropped(request, "the gateway stopped before making it")
             if self._events is not None:
                 self._events.close()
 
@@ -215,7 +234,7 @@ class Gateway:
         health.report(permit, None)
         return CompletionResult(key=request.key, attempt=request.attempt, completion=completion)
 
-    async def _dropped(self, request: CompletionRequest) -> None:
+    async def _dropped(self, request: CompletionRequest, reason: str = "caller stopped waiting") -> None:
         self.abandoned += 1
         if self._events is None:
             return
@@ -225,7 +244,7 @@ class Gateway:
                     request.key,
                     request.attempt,
                     "call_dropped",
-                    {"provider": request.provider, "model": request.model, "reason": "caller stopped waiting"},
+                    {"provider": request.provider, "model": request.model, "reason": reason},
                 )
             )
         except ActorStopped:

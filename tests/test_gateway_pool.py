@@ -208,3 +208,40 @@ async def test_the_event_log_counts_only_calls_made(tmp_path: Path, autojump_clo
         dropped = len(store.events(result.run_id, "call_dropped"))
     assert called == 6 and dropped > 0, (called, dropped)  # 3 agents x 2 attempts
     assert called - dropped == sim.calls
+
+
+async def test_calls_queued_when_the_orchestrator_is_cancelled_are_logged_unmade(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """They were logged as agent_call events on their way in and never
+    reached the provider, but nothing said so: an interrupted run's log
+    counted four calls more than the provider received."""
+    from actors import Limits, open_orchestrator, pipeline_with_panel
+    from store import Store
+
+    made: list[str] = []
+
+    async def never(request: CompletionRequest) -> Any:
+        made.append(request.key.agent)
+        await trio.sleep_forever()
+
+    with trio.CancelScope() as scope:
+        async with open_orchestrator(
+            store=str(tmp_path / "c.db"),
+            provider=MockProvider(never, name="sim"),
+            pipeline=pipeline_with_panel("validate", ["a", "b", "c", "d", "e"]),
+            limits=Limits(max_concurrency=1),
+        ) as orch:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(orch.run, "SPEC-CUT")
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+    assert len(made) == 1  # max_concurrency=1: one call in flight, four queued
+    with Store.open(str(tmp_path / "c.db"), readonly=True) as store:
+        [run] = store.list_runs()
+        called = store.events(run.run_id, "agent_call")
+        dropped = store.events(run.run_id, "call_dropped")
+    assert len(called) == 5
+    assert sorted(e.agent for e in dropped) == sorted({"a", "b", "c", "d", "e"} - set(made))
+    assert {e.detail["reason"] for e in dropped} == {"the gateway stopped before making it"}
+    assert len(called) - len(dropped) == len(made)
