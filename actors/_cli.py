@@ -1,7 +1,7 @@
 """The ``conclave`` command line.
 
-Exit codes: 0 completed, 3 halted, 2 bad input or usage, 130 interrupted,
-1 anything else.  ``--json`` prints exactly one JSON object on stdout at
+Exit codes: 0 completed, 3 halted, 2 bad input or usage, 130 interrupted
+(143 for SIGTERM), 1 anything else.  ``--json`` prints exactly one JSON object on stdout at
 the end; human output goes to stdout, errors to stderr as one line
 ``conclave: error: ...``.
 """
@@ -66,6 +66,12 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_HALTED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a supervisor stopping us), handled as Ctrl-C is:
+    the work is cancelled cleanly, then the process exits 143."""
 
 DEFAULT_DB = "conclave.db"
 
@@ -87,6 +93,13 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 def _is_interrupt(exc: BaseException) -> bool:
     return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(exc))
+
+
+def _interrupted(exc: BaseException) -> int:
+    """Report a run, resume or rerun stopped by a signal; its exit code."""
+    if any(isinstance(leaf, Terminated) for leaf in _leaves(exc)):
+        return _fail("terminated; the store is consistent", EXIT_TERMINATED)
+    return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
 
 
 def _json_out(obj: Any) -> None:
@@ -206,28 +219,33 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
 
 
 async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Run ``fn(*args)``, turning Ctrl-C into a clean cancellation.
+    """Run ``fn(*args)``, turning Ctrl-C and SIGTERM into a clean
+    cancellation.
 
     trio's default raises KeyboardInterrupt wherever the signal lands - even
-    inside the store writer between two statements.  Instead, SIGINT cancels
-    the work like any other cancellation (runs are marked interrupted, the
-    store stays consistent) and *then* KeyboardInterrupt is raised here.
+    inside the store writer between two statements - and SIGTERM would end
+    the process with the run still marked running.  Instead, either signal
+    cancels the work like any other cancellation (runs are marked
+    interrupted, the store stays consistent) and *then* KeyboardInterrupt
+    (SIGINT) or :class:`Terminated` (SIGTERM) is raised here.
     """
-    interrupted = False
-    with trio.open_signal_receiver(signal.SIGINT) as signals:
+    received: int | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
-                nonlocal interrupted
-                async for _ in signals:
-                    interrupted = True
+                nonlocal received
+                async for signum in signals:
+                    received = signum
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(watch)
             result = await fn(*args)
             nursery.cancel_scope.cancel()
-    if interrupted:
+    if received == signal.SIGTERM:
+        raise Terminated
+    if received is not None:
         raise KeyboardInterrupt
     return result
 
@@ -351,7 +369,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
-                return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+                return _interrupted(exc)
             if isinstance(exc, BaseExceptionGroup):
                 # Raised inside interruptible()'s nursery: still bad input.
                 bad, _ = exc.split((ConfigError, RunLocked))
@@ -540,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run multi-agent LLM pipelines that must reach consensus. Every stage is "
             "answered by several agents and decided exactly once; state lives in SQLite."
         ),
-        epilog="Exit codes: 0 completed, 3 halted, 2 bad input, 130 interrupted, 1 other error.",
+        epilog="Exit codes: 0 completed, 3 halted, 2 bad input, 130 interrupted (143 for SIGTERM), 1 other error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

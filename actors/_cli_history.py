@@ -22,13 +22,13 @@ from messages import AuthError, FaultPlan, ProgressEvent, StageDecided, StageSta
 from store import BranchRow, RunLocked, RunPreview, RunRow, Store, StoreError, preview_run
 
 from ._cli import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXTRA_COMMANDS,
     ProgressPrinter,
     UsageError,
     _add_db,
     _fail,
+    _interrupted,
     _is_interrupt,
     _json_out,
     _leaves,
@@ -263,7 +263,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
-                return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+                return _interrupted(exc)
             if isinstance(exc, BaseExceptionGroup):
                 bad, _ = exc.split((ConfigError, ResumeError, RunLocked))
                 if bad is not None:
