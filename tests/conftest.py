@@ -7,9 +7,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
+from messages import Forward, FunctionInterceptor
 from store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,3 +57,19 @@ def run_bench(script: str, *args: str, timeout: float = 120) -> str:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
+
+
+def cut_at_write(cut: int | None, scope: trio.CancelScope) -> FunctionInterceptor[Any]:
+    """A store-edge interceptor that cancels ``scope`` as write number
+    ``cut`` arrives (None: never): that write and everything still queued
+    is lost, as in a crash."""
+    sent = 0
+
+    async def crash(item: Any, forward: Forward[Any]) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == cut:
+            scope.cancel()
+        await forward(item)
+
+    return FunctionInterceptor(crash)

@@ -16,10 +16,10 @@ import trio
 import trio.testing
 
 from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrator, parse_pipeline
-from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan, FunctionInterceptor
+from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan
 from store import Store
 
-from .conftest import run_cli
+from .conftest import cut_at_write, run_cli
 
 FAULT_ENV = {"CODEX_FAULTS": "disconnect:3,429:1,timeout:2", "CODEX_FAULTS_429_RESET": "now+30s"}
 
@@ -422,19 +422,10 @@ async def test_faults_scoped_to_two_providers_resume_each_their_own_budget(
     pipeline = parse_pipeline(TWO_PROVIDERS)
 
     async def run(path: str, cut: int | None) -> Any:
-        sent = 0
         with trio.CancelScope() as scope:
-
-            async def crash(item: Any, forward: Any) -> None:
-                nonlocal sent
-                sent += 1
-                if sent == cut:
-                    scope.cancel()
-                await forward(item)
-
             async with open_orchestrator(
                 store=path, provider={"a": SimulatedProvider(seed=5), "b": SimulatedProvider(seed=5)},
-                pipeline=pipeline, seed=5, interceptors={"gateway": _scoped_faults(), "store": [FunctionInterceptor(crash)]},
+                pipeline=pipeline, seed=5, interceptors={"gateway": _scoped_faults(), "store": [cut_at_write(cut, scope)]},
             ) as orch:
                 return await orch.run("SPEC-F", run_id="F")
         return None

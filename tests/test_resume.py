@@ -16,6 +16,8 @@ from actors._resume import ResumeError
 from messages import BadRequest, Completion, CompletionRequest, Disconnected, FunctionInterceptor, RateLimited
 from store import Store
 
+from .conftest import cut_at_write
+
 RETRY = RetryPolicy(max_attempts=3)
 
 
@@ -70,19 +72,10 @@ async def test_cut_at_every_write_then_resume(tmp_path: Path, autojump_clock: tr
     for cut in range(2, total + 1):
         path = str(tmp_path / f"cut{cut}.db")
         calls: list[tuple[str, str, str, int]] = []
-        sent = 0
         with trio.CancelScope() as scope:
-
-            async def crash(item: Any, forward: Any) -> None:
-                nonlocal sent
-                sent += 1
-                if sent == cut:
-                    scope.cancel()  # this write and everything queued is lost
-                await forward(item)
-
             async with open_orchestrator(
                 store=path, provider=faulty_provider(calls), seed=9, retry=RETRY,
-                interceptors={"store": [FunctionInterceptor(crash)]},
+                interceptors={"store": [cut_at_write(cut, scope)]},
             ) as orch:
                 await orch.run("SPEC-R", run_id="R")
         with Store.open(path) as s:
