@@ -162,9 +162,14 @@ async def test_a_second_orchestrator_cannot_drive_a_running_run(tmp_path: Path, 
                 nursery.start_soon(drive)
                 await first_call.wait()
                 events = len(orch._require_db().events("C"))
-                for attempt in (orch.resume("C"), other.resume("C"), other.rerun("C", "plan"), other.run(run_id="C")):
+                for attempt in (
+                    lambda: orch.resume("C"),
+                    lambda: other.resume("C"),
+                    lambda: other.rerun("C", "plan"),
+                    lambda: other.run(run_id="C"),
+                ):
                     with pytest.raises(RunLocked):
-                        await attempt
+                        await attempt()
                 assert len(orch._require_db().events("C")) == events
                 assert len(orch._require_db().branches("C")) == 1
                 release.set()
