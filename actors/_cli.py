@@ -1,9 +1,9 @@
 """The ``conclave`` command line.
 
 Exit codes: 0 completed, 3 halted, 2 bad input or usage, 130 interrupted
-(143 for SIGTERM), 1 anything else.  ``--json`` prints exactly one JSON object on stdout at
-the end; human output goes to stdout, errors to stderr as one line
-``conclave: error: ...``.
+(143 for SIGTERM), 1 anything else.  ``--json`` prints exactly one JSON
+object on stdout at the end; human output goes to stdout, errors to stderr
+as one line ``conclave: error: ...``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a supervisor stopping us), handled as Ctrl-C is:
     the work is cancelled cleanly, then the process exits 143."""
+
 
 DEFAULT_DB = "conclave.db"
 
@@ -428,8 +429,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             else:
                 for r in runs:
                     stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
+                    shown = _shown_status(store, r.run_id, r.status)
                     print(
-                        f"{r.run_id}  {_shown_status(store, r.run_id, r.status):<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
+                        f"{r.run_id}  {shown:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
                         f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"
                     )
             return EXIT_OK
