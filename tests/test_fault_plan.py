@@ -422,3 +422,54 @@ async def test_a_plan_scoped_to_one_provider_places_over_its_seats() -> None:
     )
     got = [resumed.decide(call(agent, n, "a")) for agent, n in calls[1:]]
     assert [d[0] if d else None for d in got] == ["disconnect", "timeout", None]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    counts=st.tuples(*[st.integers(0, 4)] * 3).filter(any),
+    panels=st.lists(st.lists(st.sampled_from("ab"), min_size=1, max_size=4), min_size=1, max_size=5),
+    crash=st.floats(0, 1),
+)
+def test_a_scoped_plan_spends_its_budget_and_resumes_to_its_placement(
+    counts: tuple[int, int, int], panels: list[list[str]], crash: float
+) -> None:
+    """Provider a's plan over panels mixing a's and b's seats: every count
+    fault fires when a has a seat per fault, and any crash point resumes
+    (given a's faults, over a's seats, as the runtime gives them) to the
+    same placement."""
+    spec = attrs.evolve(
+        FaultPlan.parse(",".join(f"{k}:{n}" for k, n in zip(("disconnect", "429", "timeout"), counts) if n)),
+        provider="a",
+    )
+    stages = [(f"s{i}", tuple(f"x{j}" for j in range(len(seats))), tuple(seats)) for i, seats in enumerate(panels)]
+    seats_of = {stage: (panel, providers) for stage, panel, providers in stages}
+
+    def call(stage: str, agent: str, attempt: int) -> CompletionRequest:
+        panel, providers = seats_of[stage]
+        made = request(agent, attempt, stage=stage, panel=panel, provider="a")
+        return attrs.evolve(made, panel_providers=providers)
+
+    async def main() -> None:
+        faults = FaultInterceptor(spec)
+        whole: list[tuple[str, str, int, str | None]] = []  # a's calls, each retried after a fault
+        for stage, panel, providers in stages:
+            for agent in scoped_panel(panel, providers, "a"):
+                for attempt in (1, 2, 3):
+                    decision = faults.decide(call(stage, agent, attempt))
+                    whole.append((stage, agent, attempt, decision[0] if decision else None))
+                    if decision is None:
+                        break
+        # Each stage places a fault on each of a's seats while any are left.
+        if sum(p.count("a") for p in panels) >= sum(counts):
+            assert sorted(k for *_, k in whole if k) == sorted(spec.sequence)
+        cut = int(crash * len(whole))
+        resumed = FaultInterceptor(spec)
+        resumed.restore(
+            "r1", "b1",
+            stages=[(stage, scoped_panel(panel, providers, "a")) for stage, panel, providers in stages],
+            fired=[(s, a, n, k) for s, a, n, k in whole[:cut] if k],
+        )
+        got = [resumed.decide(call(s, a, n)) for s, a, n, _ in whole[cut:]]
+        assert [d[0] if d else None for d in got] == [k for *_, k in whole[cut:]]
+
+    trio.run(main)
