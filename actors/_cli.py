@@ -305,22 +305,40 @@ async def _run_pipeline(
                 nursery.cancel_scope.cancel()
                 if isinstance(display, LiveFooter):
                     display.clear()
-        faults = fault_summary(orch, result.run_id, show=printer is not None)
+        faults = fault_summary(orch, store, result, show=printer is not None)
     return result, trio.current_time() - started, faults
 
 
-def fault_summary(orch: Orchestrator, run_id: str, *, show: bool) -> dict[str, Any] | None:
+def fault_summary(orch: Orchestrator, store: Store, result: RunResult, *, show: bool) -> dict[str, Any] | None:
     """What the orchestrator's fault interceptor injected (None without
-    one), for ``--json``; ``show``: also print it in a line."""
+    one), for ``--json``; ``show``: also print it in a line.  A resume
+    injects only what the run had still to get, so ``injected_in_run``
+    counts the branch's faults from its event log (each call identity
+    once: a fault whose attempt a crash lost fired again on resume)."""
     if orch.faults is None:
         return None
-    left = orch.faults.remaining(run_id)
+    left = orch.faults.remaining(result.run_id, result.branch_id)
     counted = set(orch.faults.plan.counts)
-    faults = {**orch.faults.diagnostics(), "left_in_run": {k: n for k, n in left.items() if k in counted}}
+    logged = {
+        (e.stage, e.agent, e.attempt): str(e.detail.get("fault"))
+        for e in store.events(result.run_id, "fault")
+        if e.branch_id == result.branch_id
+    }
+    in_run = {k: sum(1 for kind in logged.values() if kind == k) for k in orch.faults.diagnostics()["injected"]}
+    faults = {
+        **orch.faults.diagnostics(),
+        "injected_in_run": in_run,
+        "left_in_run": {k: n for k, n in left.items() if k in counted},
+    }
     if show:
         injected = ", ".join(f"{k} {n}" for k, n in faults["injected"].items())
+        notes = []
+        if in_run != faults["injected"]:
+            notes.append("in the whole run: " + ", ".join(f"{k} {n}" for k, n in in_run.items()))
         budget = ", ".join(f"{k} {n}" for k, n in faults["left_in_run"].items())
-        print(f"\nFaults injected: {injected}" + (f" (left in this run's budget: {budget})" if budget else ""))
+        if budget:
+            notes.append(f"left in this run's budget: {budget}")
+        print(f"\nFaults injected: {injected}" + (f" ({'; '.join(notes)})" if notes else ""))
     return faults
 
 

@@ -174,7 +174,7 @@ async def _drive(
                 result = await action(orch)
             finally:
                 nursery.cancel_scope.cancel()
-        injected = fault_summary(orch, result.run_id, show=printer is not None)
+        injected = fault_summary(orch, store, result, show=printer is not None)
     return result, trio.current_time() - started, injected
 
 

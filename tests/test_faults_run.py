@@ -48,7 +48,7 @@ def test_cli_run_survives_the_reference_plan(tmp_path: Path) -> None:
     # --json carries what the banner and the summary line say.
     assert "faults" not in a
     assert b["faults"]["faults"] == "disconnect:3,429:1,timeout:2" and b["faults"]["reset"] == "now+30s"
-    assert b["faults"]["injected"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
+    assert b["faults"]["injected"] == b["faults"]["injected_in_run"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
     assert b["faults"]["left_in_run"] == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
     assert b["turns"] == a["turns"] + 6
 
@@ -322,6 +322,9 @@ def test_a_crash_and_resume_gets_the_faults_an_uninterrupted_run_gets(
     assert b["digest"] == a["digest"] and b["unknown_usage_calls"] == a["unknown_usage_calls"] == 6
     assert sum(b["faults"]["injected"].values()) < 6
     assert b["faults"]["left_in_run"] == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    # The resume injected only what was left; the run got the whole plan
+    # (the summary used to show just this process's share).
+    assert b["faults"]["injected_in_run"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
 
 
 async def test_an_orchestrator_takes_a_fault_spec_as_the_cli_does(
