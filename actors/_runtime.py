@@ -371,7 +371,7 @@ class Orchestrator:
                 # A count budget is the run's, not the process's: what fired
                 # before the crash stays spent.
                 fired = fired_faults(self._require_db(), state)
-                agents = state.pipeline.agents
+                pipeline = state.pipeline
                 for interceptor in self._fault_interceptors:
                     # One scoped to a provider spent only that provider's,
                     # over that provider's seats.
@@ -381,9 +381,9 @@ class Orchestrator:
                         (
                             stage.name,
                             stage.agents if scope is None else
-                            scoped_panel(stage.agents, [agents[a].provider for a in stage.agents], scope),
+                            scoped_panel(stage.agents, pipeline.seat_providers(stage.name), scope),
                         )
-                        for stage in state.pipeline.stages
+                        for stage in pipeline.stages
                     ]
                     interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=mine)
             await self._write(
