@@ -122,15 +122,10 @@ class Gateway:
             for pool in self._pools.values():
                 unmade.extend(pool.queue)
                 pool.queue.clear()
-            while True:
-                try:
-                    unmade.append(inbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
             for request in unmade:
                 if request.reply_to is not None:
                     request.reply_to.close()  # the caller sees ActorStopped
-            fail_pending(inbox)
+            fail_pending(inbox, into=unmade)
             if unmade and self._events is not None:
                 # Shielded and bounded: the store writer outlives this
                 # clone, but a stopping orchestrator must not hang on it.

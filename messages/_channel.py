@@ -263,17 +263,19 @@ def reply_pair(what: str) -> tuple[Reply[Any], PendingReply[Any]]:
     return Reply(pending), pending
 
 
-def fail_pending(inbox: trio.MemoryReceiveChannel[Any]) -> int:
+def fail_pending(inbox: trio.MemoryReceiveChannel[Any], into: list[Any] | None = None) -> int:
     """Stop an actor's inbox: close the reply slot of every request still
     queued, so each requester gets :class:`ActorStopped`, then close the
     inbox so later sends fail at once.  Not a checkpoint.  Returns how many
-    requests were failed."""
+    requests were failed; ``into`` also gets every item taken out."""
     failed = 0
     while True:
         try:
             item = inbox.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
             break
+        if into is not None:
+            into.append(item)
         reply = getattr(item, "reply_to", None)
         if isinstance(reply, Reply):
             reply.close()
