@@ -324,9 +324,10 @@ def fault_summary(orch: Orchestrator, store: Store, result: RunResult, *, show: 
         for e in store.events(result.run_id, "fault")
         if e.branch_id == result.branch_id
     }
-    in_run = {k: sum(1 for kind in logged.values() if kind == k) for k in orch.faults.diagnostics()["injected"]}
+    diagnostics = orch.faults.diagnostics()
+    in_run = {k: sum(1 for kind in logged.values() if kind == k) for k in diagnostics["injected"]}
     faults = {
-        **orch.faults.diagnostics(),
+        **diagnostics,
         "injected_in_run": in_run,
         "left_in_run": {k: n for k, n in left.items() if k in counted},
     }
@@ -447,7 +448,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             else:
                 for r in runs:
                     stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
-                    shown = _shown_status(store, r.run_id, r.status)
+                    shown = _shown_status(r.status, store.run_is_driven(r.run_id))
                     print(
                         f"{r.run_id}  {shown:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
                         f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"
@@ -461,7 +462,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             _json_out(info)
             return EXIT_OK
-        status = _shown_status(store, run.run_id, branch.status or run.status)
+        status = _shown_status(branch.status or run.status, info["driven"])
         print(f"run {run.run_id}: {status}" + (f" ({branch.halt_reason})" if branch.halt_reason else ""))
         if status == STALLED:
             print(f"  no process is driving it (it was killed): 'conclave resume {run.run_id}' continues it")
@@ -481,10 +482,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 STALLED = "stalled"
 
 
-def _shown_status(store: Store, run_id: str, status: str) -> str:
-    if status == "running" and store.run_is_driven(run_id) is False:
-        return STALLED
-    return status
+def _shown_status(status: str, driven: bool | None) -> str:
+    return STALLED if status == "running" and driven is False else status
 
 
 def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[str, Any]:
