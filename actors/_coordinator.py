@@ -128,19 +128,22 @@ class Coordinator:
                     self._accept(replay[agent], outputs)
             await self._await_replies(key, set(live), outputs)
         else:
+            # Each agent is shown its predecessors' answers in panel order.
+            # Outputs arrive in that order (one agent at a time), so the list
+            # grows by one PriorOutput per answer: rebuilding it per agent
+            # made an N-agent stage cost N**2 / 2 messages.
+            priors: list[PriorOutput] = []
             for agent in stage.agents:
                 if agent in replay:
                     self._accept(replay[agent], outputs)
-                    continue
-                context = tuple(
-                    PriorOutput(agent=a, content=outputs[a].content)
-                    for a in stage.agents
-                    if a in outputs
-                )
-                if self.gate is not None:
-                    await self.gate(key, (agent,))
-                await self._dispatch(key, agent, context, first.get(agent, 1))
-                await self._await_replies(key, {agent}, outputs)
+                else:
+                    if self.gate is not None:
+                        await self.gate(key, (agent,))
+                    await self._dispatch(key, agent, tuple(priors), first.get(agent, 1))
+                    await self._await_replies(key, {agent}, outputs)
+                output = outputs.get(agent)
+                if output is not None:
+                    priors.append(PriorOutput(agent=agent, content=output.content))
         return outputs
 
     async def _dispatch(

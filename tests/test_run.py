@@ -88,6 +88,43 @@ async def test_sequential_agents_see_earlier_outputs(tmp_path: Path, autojump_cl
     assert "Earlier answer" not in prompts[("audit", "gpt_pro")]
 
 
+async def test_sequential_context_grows_by_one_message_per_answer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from actors import MockProvider, pipeline_with_panel
+    from messages import AgentRequest, Completion, CompletionRequest, FunctionInterceptor
+
+    panel = [f"a{i}" for i in range(6)]
+    requests: list[AgentRequest] = []
+    sim = SimulatedProvider(seed=0)
+    answers: dict[str, str] = {}
+
+    def answer(request: CompletionRequest) -> Completion:
+        completion = sim.answer(request)
+        answers[request.key.agent] = completion.content
+        return completion
+
+    async def record(item: AgentRequest, forward: Any) -> None:
+        requests.append(item)
+        await forward(item)
+
+    async with open_orchestrator(
+        store=str(tmp_path / "seq.db"),
+        provider=MockProvider(answer, name="sim"),
+        pipeline=pipeline_with_panel("plan", panel, mode="sequential"),
+        interceptors={"agent": [FunctionInterceptor(record)]},
+    ) as orch:
+        result = await orch.run("SPEC-SEQ")
+    assert result.completed
+    assert [r.key.agent for r in requests] == panel
+    for k, req in enumerate(requests):
+        assert [(p.agent, p.content) for p in req.context] == [(a, answers[a]) for a in panel[:k]]
+    # Each answer becomes one PriorOutput, shared by every later request:
+    # rebuilding them per agent made an N-agent stage quadratic.
+    for earlier, later in zip(requests[1:], requests[2:]):
+        assert all(a is b for a, b in zip(earlier.context, later.context))
+
+
 async def test_halting_stage_stops_the_run(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     path = str(tmp_path / "halt.db")
     provider = SimulatedProvider(seed=0, disagreement_rate=1.0)
