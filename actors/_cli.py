@@ -673,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except BaseException as exc:
+        if any(isinstance(leaf, Terminated) for leaf in _leaves(exc)):
+            return _fail("terminated", EXIT_TERMINATED)
         if _is_interrupt(exc):
             return _fail("interrupted", EXIT_INTERRUPTED)
         if not isinstance(exc, Exception):

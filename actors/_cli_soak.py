@@ -1,13 +1,15 @@
 """``conclave soak``: the deterministic fault soak from the command line.
 
 Exit 0 when every invariant held, 1 on a breach (naming the seed, so the
-failure can be replayed with ``--seed``), 2 on bad input.
+failure can be replayed with ``--seed``), 2 on bad input, 130 on Ctrl-C and
+143 on SIGTERM (both after saying how far the soak got).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -17,12 +19,26 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+import trio
+import trio.testing
+
 from messages import FaultPlan, FaultPlanError, ResetHint
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg
+from ._cli import Terminated, _is_interrupt, interruptible
 from ._retry import RetryPolicy
-from ._soak import DEFAULT_SOAK_FAULTS, DEFAULT_SOAK_RESET, SoakConfig, SoakReport, run_soak, with_soak_reset
+from ._soak import (
+    DEFAULT_SOAK_FAULTS,
+    DEFAULT_SOAK_RESET,
+    OnBreach,
+    Progress,
+    SoakConfig,
+    SoakReport,
+    run_soak,
+    soak,
+    with_soak_reset,
+)
 
 
 class _BadInput(Exception):
@@ -232,24 +248,41 @@ def replay_command(config: SoakConfig) -> str:
     return shlex.join([*env, *argv])
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts(workers: bool) -> Iterator[None]:
-    """With worker processes, SIGTERM (``timeout``, a supervisor) stops the
-    soak as Ctrl-C does, killing the workers; by default it would end this
-    process at once and leave them running the soak to its end.  (The
-    parent then waits in plain Python, not in a trio run.)"""
-    if not workers or threading.current_thread() is not threading.main_thread():
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` here, as SIGINT raises
+    KeyboardInterrupt.  Only for the parent of worker processes, which
+    waits in plain Python: inside a trio run a handler that raises could
+    land in trio's own code."""
+    if threading.current_thread() is not threading.main_thread():
         yield  # (only the main thread may set a handler; main() from elsewhere keeps the default)
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _soak_until_signalled(config: SoakConfig, progress: Progress | None, on_breach: OnBreach | None) -> SoakReport:
+    """The soak, stopped as Ctrl-C stops it by SIGTERM (``timeout``, a
+    supervisor) too, so that either says how far it got, and exits 130 or
+    143.  By default SIGTERM would end the process at once, without that
+    summary, and leave any workers running the soak to its end."""
+    if config.shards > 1:
+        with _sigterm_interrupts():
+            return run_soak(config, progress, on_breach=on_breach)
+    # One worker runs in this process's trio run: there the signals are
+    # received by trio and cancel the soak (see interruptible).
+    return trio.run(
+        interruptible,
+        functools.partial(soak, config, progress, on_breach=on_breach),
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -264,21 +297,18 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
     def watched(label: str) -> SoakReport:
         if args.json:
-            return run_soak(config)
+            return _soak_until_signalled(config, None, None)
         shown = SoakProgress(sys.stderr, config.runs, label, seed=config.seed, replay=replay_command(config))
         try:
-            return run_soak(config, shown, on_breach=shown.breach)
+            return _soak_until_signalled(config, shown, shown.breach)
         except BaseException as exc:
-            from ._cli import _is_interrupt
-
             if _is_interrupt(exc):
                 shown.interrupted()
             raise
 
-    with _sigterm_interrupts(config.shards > 1):
-        reports = [watched("soak")]
-        if args.check_determinism and reports[0].ok:
-            reports.append(watched("soak, second run"))
+    reports = [watched("soak")]
+    if args.check_determinism and reports[0].ok:
+        reports.append(watched("soak, second run"))
     report = reports[0]
     deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
     if args.json:
