@@ -516,6 +516,10 @@ def _stalled(unanswered: list[str], unfinished: int) -> str:
     )
 
 
+def _run_id(config: SoakConfig, index: int) -> str:
+    return f"soak-{config.seed}-{index:06d}"
+
+
 def _require_virtual_clock() -> None:
     clock = trio.lowlevel.current_clock()
     if isinstance(clock, trio.testing.MockClock) and math.isfinite(clock.autojump_threshold):
@@ -556,6 +560,15 @@ async def soak_shard(
 
     scratch = config.db is None  # see _database
     with _database(config, shard) as store:
+        if not scratch:
+            # A file kept from an earlier soak of this seed holds its runs:
+            # each would fail as RunExists, reported as a breach.
+            taken = next((r for r in (_run_id(config, i) for i in assigned) if store.get_run(r)), None)
+            if taken is not None:
+                raise ConfigError(
+                    f"the soak's database {store.path} already holds run {taken!r} from an earlier soak "
+                    f"with seed {config.seed}: give this soak a new file or another seed"
+                )
         async with open_orchestrator(
             store=store,
             provider=provider,
@@ -575,7 +588,7 @@ async def soak_shard(
             async def worker() -> None:
                 nonlocal checked_turns
                 for index in indices:
-                    run_id = f"soak-{config.seed}-{index:06d}"
+                    run_id = _run_id(config, index)
                     try:
                         result = await orch.run(f"SOAK-{index:06d}", run_id=run_id)
                     except Exception as exc:  # a breach to report with the seed, not a crash

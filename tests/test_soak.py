@@ -242,6 +242,26 @@ def test_scratch_store_is_in_memory_and_holds_only_runs_in_flight(
         assert len(store.list_runs(limit=10_000)) == 60
 
 
+def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path: Path) -> None:
+    """Soaking the same seed into the same file again used to fail every
+    run as RunExists, reported as invariant breaches: a soak FAILED that
+    had found nothing wrong."""
+    from actors import ConfigError
+    from store import Store
+
+    db = tmp_path / "kept.db"
+    config = SoakConfig(seed=6, runs=4, faults=default_soak_plan("disconnect:20%"), db=str(db))
+    assert run_soak(config).ok
+    before = db.read_bytes()
+    with pytest.raises(ConfigError, match=rf"kept\.db already holds run 'soak-6-000000' .*seed 6"):
+        run_soak(attrs.evolve(config, runs=8))
+    assert db.read_bytes() == before  # refused before anything was written
+    # Another seed has run ids of its own: the same file takes it.
+    assert run_soak(attrs.evolve(config, seed=7)).ok
+    with Store.open(str(db), readonly=True) as store:
+        assert len(store.list_runs(limit=100)) == 8
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "needle"),
     [
