@@ -225,13 +225,19 @@ class FaultInterceptor(Interceptor[Any]):
         takes the first free place of its kind.  Faults of kinds the plan no
         longer has, or beyond its counts, are ignored.
 
-        Changes nothing and returns False if the plan has no counts or this
-        interceptor already holds the branch's budget (it served the run
-        itself).  Not a checkpoint; call it inside trio (the budget's reset
-        anchor is the current time).
+        The log is the budget's truth even when this interceptor served
+        the run itself (an embedding app resuming in the same process):
+        a fault placed on an attempt that never became durable must fire
+        again when the resume makes that attempt again, as it fired in the
+        uninterrupted run, so what this interceptor remembers of the branch
+        is replaced, not kept.
+
+        Changes nothing and returns False if the plan has no counts.  Not a
+        checkpoint; call it inside trio (the budget's reset anchor is the
+        current time).
         """
         bucket_key = (run_id, branch_id)
-        if not self._sequence or bucket_key in self._buckets:
+        if not self._sequence:
             return False
         bucket = self._buckets[bucket_key] = _Bucket(anchor=trio.current_time())
         by_stage: dict[str, list[tuple[str, int, str]]] = collections.defaultdict(list)
@@ -324,8 +330,9 @@ class FaultInterceptor(Interceptor[Any]):
             size = len(panel)
             seat = panel.index(key.agent)
             position = (request.attempt - 1) * size + seat
-            # Placed once: the same call sent again (the same interceptor
-            # serving a resume of this run) does not spend another fault.
+            # Placed once: the same call sent again does not spend another
+            # fault.  (A resume first rebuilds the budget from the log, so
+            # an attempt made again because it was lost gets its fault.)
             if position < len(stage.left) and (index := stage.left[position]) not in bucket.placed:
                 kind = self._sequence[index]
                 bucket.placed.add(index)

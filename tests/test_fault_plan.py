@@ -318,7 +318,7 @@ async def test_a_seat_no_call_takes_leaves_its_fault_to_the_next_stage() -> None
     assert [d[0] if d else None for d in tasks] == ["disconnect", "rate_limit", None]
     assert faults.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
     assert faults.injected == collections.Counter() and dict(faults.decided) == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
-    # The same call again (one interceptor serving a resume) spends nothing.
+    # The same call again spends nothing (a resume restores from the log first).
     assert faults.decide(request("claude", 1, panel=panel)) is None
 
 
@@ -381,12 +381,19 @@ def test_any_crash_point_resumes_to_the_uninterrupted_placement(
 async def test_restoring_a_budget_changes_nothing_it_should_not() -> None:
     stages = [("plan", ("gemini", "claude"))]
     fired = [("plan", "gemini", 1, "disconnect")]
-    # No counts, nothing to restore; a budget this interceptor holds is its own.
+    # No counts, nothing to restore.
     assert not FaultInterceptor(FaultPlan.parse("disconnect:50%")).restore("r1", "b1", stages=stages, fired=fired)
+    # The interceptor that served the run takes the log over its memory:
+    # claude's faulted attempt is not durable, so the resume's claude 1
+    # gets its fault again, as in the uninterrupted run.
     served = FaultInterceptor(FaultPlan.parse("disconnect:2"))
     assert served.decide(request("gemini", 1, panel=("gemini", "claude"))) is not None
-    assert not served.restore("r1", "b1", stages=stages, fired=fired)
+    assert served.decide(request("claude", 1, panel=("gemini", "claude"))) is not None
+    assert served.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    assert served.restore("r1", "b1", stages=stages, fired=fired)
     assert served.remaining("r1") == {"disconnect": 1, "rate_limit": 0, "timeout": 0}
+    again = served.decide(request("claude", 1, panel=("gemini", "claude")))
+    assert again is not None and again[0] == "disconnect"
     # The plan changed between the crash and the resume: what the new plan
     # has is spent by kind, the rest ignored; other branches keep theirs.
     changed = FaultInterceptor(FaultPlan.parse("429:1,timeout:1"))

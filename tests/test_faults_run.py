@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrator, parse_pipeline
-from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan
+from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan, FunctionInterceptor
 from store import Store
 
 from .conftest import cut_at_write, run_cli
@@ -459,3 +459,42 @@ async def test_faults_scoped_to_two_providers_resume_each_their_own_budget(
         assert resumed.unknown_usage_calls == expected.unknown_usage_calls == 6, f"cut at write {cut}"
         assert faults(path) == faults(str(tmp_path / "whole.db")), f"cut at write {cut}"
     assert resumed_with_faults_before > 3  # the cuts fell between faults
+
+
+async def test_the_fault_interceptor_that_served_a_run_resumes_it_as_a_new_one_would(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An embedding app that resumes in the same process passes the same
+    FaultInterceptor again.  It used to keep its own memory of the branch
+    over the fault log: a fault placed on an attempt that never became
+    durable did not fire again when the resume made that attempt again, so
+    the run got fewer faults than an uninterrupted one, and another digest."""
+    spec = "disconnect:2,429:1,timeout:2"
+
+    writes = 0
+
+    async def count(item: Any, forward: Any) -> None:
+        nonlocal writes
+        writes += 1
+        await forward(item)
+
+    async def run(path: str, faults: FaultInterceptor, cut: int | None) -> Any:
+        with trio.CancelScope() as scope:
+            async with open_orchestrator(
+                store=path, seed=3, faults=faults,
+                interceptors={"store": [cut_at_write(cut, scope), FunctionInterceptor(count)]},
+            ) as orch:
+                return await orch.run("SPEC-S", run_id="S")
+        return None
+
+    expected = await run(str(tmp_path / "whole.db"), FaultInterceptor(spec), None)
+    assert expected.unknown_usage_calls == 5  # every fault fired, each call's usage unknown
+    for cut in range(2, writes + 1):
+        path = str(tmp_path / f"cut{cut}.db")
+        faults = FaultInterceptor(spec)
+        assert await run(path, faults, cut) is None
+        async with open_orchestrator(store=path, seed=3, faults=faults) as orch:
+            resumed = await orch.resume("S")
+        assert resumed.unknown_usage_calls == 5, f"cut at write {cut}"
+        assert resumed.digest == expected.digest, f"cut at write {cut}"
+        assert faults.remaining("S") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}, f"cut at write {cut}"
