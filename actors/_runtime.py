@@ -490,6 +490,9 @@ class Orchestrator:
                 except ActorStopped:
                     pass
             raise
+        finally:
+            for interceptor in self._fault_interceptors:
+                interceptor.run_ended(ctx.run_id, ctx.branch_id)
 
     async def _run_stages(
         self,

@@ -193,6 +193,15 @@ class FaultInterceptor(Interceptor[Any]):
     def enabled(self) -> bool:
         return self.plan.enabled
 
+    def run_ended(self, run_id: str, branch_id: str) -> None:
+        """The orchestrator has stopped driving this branch of the run
+        (completed, halted or interrupted).  A plan without counts forgets
+        it: all it kept was the reset anchor, and a long-lived orchestrator
+        would otherwise keep one per run for ever.  A count budget is kept
+        for :meth:`remaining`.  Not a checkpoint."""
+        if not self._sequence:
+            self._buckets.pop((run_id, branch_id), None)
+
     def remaining(self, run_id: str | None = None, branch_id: str | None = None) -> dict[str, int]:
         """Count faults not yet placed, per kind, in one run's budget (every
         branch of the run when ``branch_id`` is omitted; a run not seen yet

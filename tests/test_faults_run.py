@@ -498,3 +498,22 @@ async def test_the_fault_interceptor_that_served_a_run_resumes_it_as_a_new_one_w
         assert resumed.unknown_usage_calls == 5, f"cut at write {cut}"
         assert resumed.digest == expected.digest, f"cut at write {cut}"
         assert faults.remaining("S") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}, f"cut at write {cut}"
+
+
+async def test_a_long_lived_orchestrator_keeps_no_rate_plan_state_per_finished_run(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A fault interceptor kept a reset anchor per run for as long as it
+    lived: an embedding app running a rate plan grew by every run.  A count
+    plan keeps each run's budget, which remaining() reports."""
+    rates, counts = FaultInterceptor("disconnect:30%"), FaultInterceptor("disconnect:1")
+    async with open_orchestrator(store=str(tmp_path / "l.db"), seed=2, faults=rates) as orch:
+        for i in range(5):
+            await orch.run("SPEC-L", run_id=f"L{i}")
+    assert rates.injected["disconnect"] > 0
+    assert not rates._buckets
+    async with open_orchestrator(store=str(tmp_path / "c.db"), seed=2, faults=counts) as orch:
+        for i in range(3):
+            await orch.run("SPEC-C", run_id=f"C{i}")
+    assert [counts.remaining(f"C{i}")["disconnect"] for i in range(3)] == [0, 0, 0]
+    assert counts.remaining("never-ran")["disconnect"] == 1
