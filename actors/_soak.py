@@ -653,6 +653,18 @@ def _why_never(config: SoakConfig, kind: FaultKind, outcomes: list[_RunOutcome])
     return f" ({calls:,} agent calls at {rate * 100:g}%: a soak this small may draw none; give it more --runs)"
 
 
+def _why_unrecovered(config: SoakConfig) -> str:
+    # Configurations in which nobody can recover: say so, so they are not
+    # taken for a broken retry.
+    if config.retry.max_attempts == 1:
+        return " (with --max-attempts 1 no call is ever retried)"
+    rates = config.faults.rates
+    if sum(rates.values()) >= 1.0:
+        spec = ",".join(f"{kind}:{rates[kind] * 100:g}%" for kind in FAULT_KINDS if rates.get(kind))
+        return f" (at {spec} every attempt faults: no call can succeed)"
+    return ""
+
+
 def shard_breach(config: SoakConfig, shard: int, text: str) -> str:
     """A shard's breach as the merged report (and ``on_breach``) tell it."""
     return f"shard {shard} of {config.shards}: {text}" if config.shards > 1 else text
@@ -677,8 +689,7 @@ def merge_shards(
         if not injected[kind]:
             breaches.append(f"fault kind {kind} was configured but never injected{_why_never(config, kind, ordered)}")
         elif not recovered[kind]:
-            retry = " (with --max-attempts 1 no call is ever retried)" if config.retry.max_attempts == 1 else ""
-            breaches.append(f"no agent ever recovered from a {kind} fault{retry}")
+            breaches.append(f"no agent ever recovered from a {kind} fault{_why_unrecovered(config)}")
     if len(ordered) != config.runs:
         breaches.append(f"{config.runs - len(ordered)} run(s) never finished")
 

@@ -97,6 +97,15 @@ def test_a_kind_never_recovered_from_is_a_breach() -> None:
     )
 
 
+def test_rates_that_fault_every_attempt_are_a_breach_that_says_so() -> None:
+    report = run_soak(SoakConfig(seed=0, runs=2, faults=default_soak_plan("disconnect:60%,timeout:40%")))
+    why = "(at disconnect:60%,timeout:40% every attempt faults: no call can succeed)"
+    assert report.breaches == (
+        f"no agent ever recovered from a disconnect fault {why}",
+        f"no agent ever recovered from a timeout fault {why}",
+    )
+
+
 def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:
     report = run_soak(SoakConfig(seed=0, runs=1, faults=default_soak_plan("disconnect:20%,timeout:0.5%")))
     assert report.breaches == (
