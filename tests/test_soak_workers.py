@@ -177,14 +177,16 @@ def test_on_a_terminal_progress_redraws_one_line() -> None:
     assert text.count("\r") == 101 and text.count("\n") == 1 and text.endswith("1,000/1,000 runs (100%), 19,000 agent turns\n")
 
 
-def test_the_cli_soak_runs_from_a_thread_of_an_embedding_app(capsys: pytest.CaptureFixture[str]) -> None:
-    # Only the main thread may set the SIGTERM handler a sharded soak uses.
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_cli_soak_runs_from_a_thread_of_an_embedding_app(capsys: pytest.CaptureFixture[str], workers: str) -> None:
+    # Only the main thread may set the SIGTERM handler a sharded soak uses,
+    # or receive signals in the trio run of a one-process soak.
     import threading
 
     from actors._cli import main
 
     codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(main(["soak", "--runs", "4", "--workers", "2", "--json"])))
+    thread = threading.Thread(target=lambda: codes.append(main(["soak", "--runs", "4", "--workers", workers, "--json"])))
     thread.start()
     thread.join()
     assert codes == [0]
