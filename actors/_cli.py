@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO, TypeVar
 
@@ -229,7 +230,12 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     cancels the work like any other cancellation (runs are marked
     interrupted, the store stays consistent) and *then* KeyboardInterrupt
     (SIGINT) or :class:`Terminated` (SIGTERM) is raised here.
+
+    Signals reach only the main thread: from another (``main()`` called by
+    an embedding app's thread) ``fn`` just runs.
     """
+    if threading.current_thread() is not threading.main_thread():
+        return await fn(*args)
     received: int | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -276,8 +276,6 @@ def _soak_until_signalled(config: SoakConfig, progress: Progress | None, on_brea
     if config.shards > 1:
         with _sigterm_interrupts():
             return run_soak(config, progress, on_breach=on_breach)
-    if threading.current_thread() is not threading.main_thread():
-        return run_soak(config, progress, on_breach=on_breach)  # signals reach the main thread only
     # One worker runs in this process's trio run: there the signals are
     # received by trio and cancel the soak (see interruptible).
     return trio.run(

@@ -102,3 +102,30 @@ def test_settings_an_embedding_app_passes_are_checked_when_built(build: Any, err
     # the orchestrator's channels, or as a NaN sleep inside a provider call.
     with pytest.raises(error, match=re.escape(needle)):
         build()
+
+
+def test_the_cli_runs_resumes_and_reruns_from_a_thread_of_an_embedding_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Signals reach only the main thread, and trio refuses a signal
+    receiver anywhere else: main() from a thread used to fail every run,
+    resume and rerun with RuntimeError (exit 1)."""
+    import json
+    import threading
+
+    from actors._cli import main
+
+    db = str(tmp_path / "t.db")
+    codes: list[int] = []
+    commands = [
+        ["run", "--db", db, "--run-id", "T", "--json"],
+        ["resume", "T", "--db", db, "--json"],
+        ["rerun", "T", "--from", "audit", "--db", db, "--json"],
+    ]
+    for argv in commands:
+        thread = threading.Thread(target=lambda argv=argv: codes.append(main(argv)))
+        thread.start()
+        thread.join()
+    assert codes == [0, 0, 0], capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert json.loads(out[: out.index("\n}\n") + 2])["status"] == "completed"
