@@ -3,7 +3,8 @@
 The metrics accumulator owns the spend and raises the 80/90/100 % alerts
 (once each).  Enforcement is at the coordinator: before it dispatches an
 agent request (before each agent of a sequential stage, before the whole
-batch of a parallel one) it asks the accumulator; the check is queued
+batch of a parallel one, unless a resumed stage's batch went out before
+the crash) it asks the accumulator; the check is queued
 behind every usage report already sent, so it sees all finished calls.  At
 or over the budget nothing more is dispatched, the stage stays undecided
 and the run halts with ``budget_exceeded``; resuming with a higher budget

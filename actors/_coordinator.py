@@ -119,8 +119,12 @@ class Coordinator:
         first = resume.first_attempt if resume is not None else {}
         if stage.mode == "parallel":
             live = [a for a in stage.agents if a not in replay]
-            if self.gate is not None and live:
-                await self.gate(key, tuple(live))  # once: the batch goes out together
+            # Once: the batch goes out together.  A resumed stage with an
+            # attempt on record went out before the crash, past its check:
+            # checking again, against spend that now holds the answers
+            # bought since, would stop what the uninterrupted run sent.
+            if self.gate is not None and live and resume is None:
+                await self.gate(key, tuple(live))
             for agent in live:
                 await self._dispatch(key, agent, (), first.get(agent, 1))
             for agent in stage.agents:

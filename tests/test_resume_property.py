@@ -1,5 +1,5 @@
 """A property of the whole orchestrator: whatever the pipeline, the fault
-plan and where a run is cut off (once, or again during its resume), the
+plan, the budget and where a run is cut off (once, or again during its resume), the
 resumed run is the uninterrupted one - and it does not matter whether the
 resume gets a fresh fault interceptor (a new process) or the one that
 served the run (an embedding app resuming in the same process)."""
@@ -20,6 +20,9 @@ from actors import RetryPolicy, SimulatedProvider, open_orchestrator, pipeline_f
 from messages import FaultInterceptor, FunctionInterceptor
 
 
+MODELS = ("gpt-5", "claude-sonnet-4-5", "gemini-2.5-pro")  # in the price table
+
+
 @attrs.frozen
 class Scenario:
     agents: int
@@ -27,6 +30,7 @@ class Scenario:
     spec: str
     max_attempts: int
     disagreement: float
+    budget: str | None  # USD; the models are priced, so it can run out
     seed: int
     cut: float  # where in the run's writes the first crash falls
     recut: float | None  # where in the resume's the second does (None: no second crash)
@@ -54,6 +58,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         spec=",".join(parts) or "disconnect:1",
         max_attempts=draw(st.integers(1, 4)),
         disagreement=draw(st.sampled_from([0.0, 0.3])),
+        budget=draw(st.sampled_from([None, "0.001", "0.005", "0.02"])),
         seed=draw(st.integers(0, 99)),
         cut=draw(st.floats(0, 1)),
         recut=draw(st.one_of(st.none(), st.floats(0, 1))),
@@ -65,7 +70,7 @@ def _pipeline(s: Scenario) -> Any:
     names = [f"g{i}" for i in range(s.agents)]
     return pipeline_from_dict(
         {
-            "agents": {n: {"provider": "sim", "model": "sim-model"} for n in names},
+            "agents": {n: {"provider": "sim", "model": MODELS[i % len(MODELS)]} for i, n in enumerate(names)},
             "stages": [
                 {
                     "name": f"s{i}",
@@ -116,7 +121,7 @@ async def _drive(s: Scenario, tmp: str) -> None:
     whole = os.path.join(tmp, "whole.db")
     scope, orch, written = orchestrator(whole, FaultInterceptor(s.spec))
     async with orch as o:
-        expected = await o.run("SPEC-P", run_id="P")
+        expected = await o.run("SPEC-P", run_id="P", budget=s.budget)
     total = written()
 
     path = os.path.join(tmp, "cut.db")
@@ -124,7 +129,7 @@ async def _drive(s: Scenario, tmp: str) -> None:
     scope, orch, _ = orchestrator(path, faults, cut=2 + int(s.cut * (total - 2)))
     with scope:
         async with orch as o:
-            await o.run("SPEC-P", run_id="P")
+            await o.run("SPEC-P", run_id="P", budget=s.budget)
     if s.recut is not None:
         faults = faults if s.same[0] else FaultInterceptor(s.spec)
         scope, orch, _ = orchestrator(path, faults, cut=1 + int(s.recut * (total - 1)))
@@ -135,7 +140,7 @@ async def _drive(s: Scenario, tmp: str) -> None:
     scope, orch, _ = orchestrator(path, faults)
     async with orch as o:
         resumed = await o.resume("P")
-    assert resumed.status == expected.status
+    assert (resumed.status, resumed.halt_reason) == (expected.status, expected.halt_reason)
     assert resumed.unknown_usage_calls == expected.unknown_usage_calls
     assert resumed.usage == expected.usage
     assert resumed.digest == expected.digest
