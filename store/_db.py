@@ -13,7 +13,7 @@ import apsw
 
 from ._busy import retry_busy
 from ._errors import NotADatabase, StoreError
-from ._schema import SCHEMA_VERSION, check_version, migrate
+from ._schema import SCHEMA_VERSION, check_version, migrate, unversioned_problem, user_tables
 
 # "full": every commit is on disk when acknowledged (the default).
 # "normal": WAL's NORMAL - a commit can be lost in a power cut, never in a
@@ -89,6 +89,10 @@ def open_connection(
             version = retry_busy(lambda: check_version(conn, path), what=path)
         except apsw.NotADBError as exc:
             raise NotADatabase(f"{path}: not an SQLite database ({exc})") from exc
+        if version == 0 and (readonly or user_tables(conn)):
+            # Before any pragma: WAL mode and a schema version would be
+            # written into another application's database.
+            raise NotADatabase(unversioned_problem(conn, path))
         if readonly:
             if version != SCHEMA_VERSION:
                 raise StoreError(

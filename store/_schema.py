@@ -108,6 +108,31 @@ def schema_version(conn: apsw.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def user_tables(conn: apsw.Connection) -> list[str]:
+    """The file's own tables.  At schema version 0 there are none in a file
+    Conclave created (its first migration creates the tables and sets the
+    version in one transaction): any there belong to another application."""
+    return [
+        str(row[0])
+        for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite^_%' ESCAPE '^'"
+            " ORDER BY name"
+        )
+    ]
+
+
+def unversioned_problem(conn: apsw.Connection, path: str) -> str:
+    """What to say about a file at schema version 0."""
+    tables = user_tables(conn)
+    if tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        return (
+            f"{path}: an SQLite database of something else (tables: {shown}), not a Conclave "
+            "database; give Conclave a file of its own"
+        )
+    return f"{path}: an empty database, with no Conclave runs in it yet"
+
+
 def check_version(conn: apsw.Connection, path: str) -> int:
     """Return the file's schema version; refuse one newer than this code."""
     version = schema_version(conn)

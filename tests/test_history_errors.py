@@ -45,6 +45,18 @@ def make(case: str, tmp_path: Path, good_db: Path) -> tuple[Path, list[str], str
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         conn.close()
         return db, ["resume", "R"], "newer than this Conclave"
+    if case.startswith("foreign_db"):
+        # Another application's SQLite file, given by mistake: a run used to
+        # add Conclave's tables to it, switch it to WAL and set its version.
+        conn = apsw.Connection(str(db))
+        conn.execute("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep me')")
+        conn.close()
+        command = ["run", "--run-id", "X"] if case == "foreign_db_run" else ["resume", "R"]
+        return db, command, "an SQLite database of something else (tables: notes)"
+    if case.startswith("empty_db"):
+        # Left by a first run killed while creating it.
+        db.write_bytes(b"")
+        return db, ["status"] if case == "empty_db_status" else ["resume", "R"], "an empty database"
     shutil.copy(good_db, db)
     if case == "unknown_run":
         return db, ["resume", "NOPE"], "no run 'NOPE'"
@@ -77,6 +89,10 @@ CASES = [
     "read_only",
     "read_only_rerun",
     "unknown_run_in_v1_db",
+    "foreign_db_run",
+    "foreign_db_resume",
+    "empty_db_status",
+    "empty_db_resume",
 ]
 
 

@@ -139,6 +139,24 @@ def test_random_bytes_are_not_a_database(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_an_empty_file_is_set_up_and_another_applications_database_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")  # e.g. left by a first run killed while creating it
+    with pytest.raises(NotADatabase, match="an empty database"):
+        Store.open(str(empty), readonly=True)
+    with Store.open(str(empty)) as s:  # a command that writes sets it up
+        assert s.list_runs() == []
+    other = tmp_path / "other.db"
+    conn = apsw.Connection(str(other))
+    conn.execute("CREATE TABLE t1 (x); CREATE TABLE t2 (x); PRAGMA user_version = 0")
+    conn.close()
+    before = other.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(NotADatabase, match=r"something else \(tables: t1, t2\)"):
+            Store.open(str(other), readonly=readonly)
+    assert other.read_bytes() == before
+
+
 def test_readonly_open_of_missing_file(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no such database file"):
         Store.open(str(tmp_path / "missing.db"), readonly=True)
