@@ -89,10 +89,16 @@ def open_connection(
             version = retry_busy(lambda: check_version(conn, path), what=path)
         except apsw.NotADBError as exc:
             raise NotADatabase(f"{path}: not an SQLite database ({exc})") from exc
-        if version == 0 and (readonly or user_tables(conn)):
-            # Before any pragma: WAL mode and a schema version would be
-            # written into another application's database.
-            raise NotADatabase(unversioned_problem(conn, path))
+        if version == 0:
+            tables = retry_busy(lambda: user_tables(conn), what=path)
+            if tables:
+                # Read again: a first run creating this file at the same
+                # time commits its tables with the version.
+                version = retry_busy(lambda: check_version(conn, path), what=path)
+            if version == 0 and (readonly or tables):
+                # Before any pragma: WAL mode and a schema version would be
+                # written into another application's database.
+                raise NotADatabase(unversioned_problem(path, tables))
         if readonly:
             if version != SCHEMA_VERSION:
                 raise StoreError(

@@ -121,9 +121,8 @@ def user_tables(conn: apsw.Connection) -> list[str]:
     ]
 
 
-def unversioned_problem(conn: apsw.Connection, path: str) -> str:
-    """What to say about a file at schema version 0."""
-    tables = user_tables(conn)
+def unversioned_problem(path: str, tables: list[str]) -> str:
+    """What to say about a file at schema version 0 with these tables."""
     if tables:
         shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
         return (

@@ -157,6 +157,28 @@ def test_an_empty_file_is_set_up_and_another_applications_database_is_refused(tm
     assert other.read_bytes() == before
 
 
+def test_a_file_another_first_run_is_creating_is_not_taken_for_a_foreign_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first runs on a new file: the second can read version 0, then
+    see the tables the first has just committed with version 1."""
+    from store import _db
+
+    path = str(tmp_path / "new.db")
+    Store.open(path).close()  # the first run's migration, committed
+    real = _db.check_version
+    reads: list[int] = []
+
+    def stale_first_read(conn: apsw.Connection, where: str) -> int:
+        reads.append(real(conn, where))
+        return 0 if len(reads) == 1 else reads[-1]
+
+    monkeypatch.setattr(_db, "check_version", stale_first_read)
+    with Store.open(path) as s:
+        assert s.list_runs() == []
+    assert reads == [SCHEMA_VERSION, SCHEMA_VERSION]
+
+
 def test_readonly_open_of_missing_file(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no such database file"):
         Store.open(str(tmp_path / "missing.db"), readonly=True)
