@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
     _add_db(status)
-    status.add_argument("--limit", type=int, default=20, help="runs to list (default: 20)")
+    status.add_argument("--limit", type=positive_arg, default=20, help="runs to list (default: 20)")
     status.add_argument("--branch", metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=cmd_status)

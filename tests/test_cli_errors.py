@@ -89,6 +89,9 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         (["run", "--disagreement-rate", "1.5"], "must be between 0 and 1"),
         (["run", "--sim-latency", "-1"], "must be a finite number >= 0"),
         (["frobnicate"], "invalid choice"),
+        # 0 listed nothing and said "no runs"; a negative limit listed all.
+        (["status", "--limit", "0"], "--limit: must be at least 1, got 0"),
+        (["status", "--limit", "-3"], "--limit: must be at least 1, got -3"),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
