@@ -273,6 +273,7 @@ class Orchestrator:
         self._fault_interceptors: tuple[FaultInterceptor, ...] = ()
         self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
+        self._closed = False  # its open_orchestrator block has ended
 
     def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:
         """Live :class:`~messages.TokenMetrics` snapshots (of every run, or
@@ -300,6 +301,7 @@ class Orchestrator:
         return await self._write(DropRun(run_id=run_id))
 
     async def totals(self, run_id: str, *, forget: bool = False) -> UsageTotals:
+        self._check_open()
         reply, pending = reply_pair("usage totals")
         await self._metrics.send(MetricsQuery(run_id=run_id, forget=forget, reply_to=reply))
         totals: UsageTotals = await pending.receive()
@@ -448,7 +450,16 @@ class Orchestrator:
     def _claim(self, run_id: str) -> AbstractContextManager[None]:
         # Taken before the first write and held to the last: a second
         # orchestrator on the run would buy every missing output again.
+        self._check_open()
         return nullcontext() if self._db is None else self._db.claim_run(run_id)
+
+    def _check_open(self) -> None:
+        # Its actors have stopped and its store may be closed: say so,
+        # rather than fail on whichever of them is asked first.
+        if self._closed:
+            raise ActorStopped(
+                "this orchestrator is closed: its 'async with open_orchestrator(...)' block has ended"
+            )
 
     def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
         return stage_outputs(self._require_db(), key)
@@ -841,6 +852,7 @@ async def open_orchestrator(
                 try:
                     yield orchestrator
                 finally:
+                    orchestrator._closed = True
                     # Closing the inboxes lets each actor drain what is queued
                     # and stop; on cancellation the nursery cancels them anyway.
                     gateway_tx.close()

@@ -129,3 +129,26 @@ def test_the_cli_runs_resumes_and_reruns_from_a_thread_of_an_embedding_app(
     assert codes == [0, 0, 0], capsys.readouterr().err
     out = capsys.readouterr().out
     assert json.loads(out[: out.index("\n}\n") + 2])["status"] == "completed"
+
+
+async def test_an_orchestrator_used_after_its_block_says_it_is_closed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """resume and rerun used to fail with apsw's ConnectionClosedError, run
+    with 'the store actor has stopped'; nothing is written either way."""
+    from messages import ActorStopped
+
+    path = str(tmp_path / "c.db")
+    async with open_orchestrator(store=path) as orch:
+        await orch.run("SPEC-C", run_id="C")
+    calls = [
+        lambda: orch.run("SPEC-C", run_id="D"),
+        lambda: orch.resume("C"),
+        lambda: orch.rerun("C", "plan"),
+        lambda: orch.totals("C"),
+    ]
+    for call in calls:
+        with pytest.raises(ActorStopped, match=r"this orchestrator is closed: .*open_orchestrator"):
+            await call()
+    with Store.open(path) as s:
+        assert [r.run_id for r in s.list_runs()] == ["C"] and len(s.branches("C")) == 1
