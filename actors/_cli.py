@@ -97,9 +97,13 @@ def _is_interrupt(exc: BaseException) -> bool:
     return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(exc))
 
 
+def _is_terminated(exc: BaseException) -> bool:
+    return any(isinstance(leaf, Terminated) for leaf in _leaves(exc))
+
+
 def _interrupted(exc: BaseException) -> int:
     """Report a run, resume or rerun stopped by a signal; its exit code."""
-    if any(isinstance(leaf, Terminated) for leaf in _leaves(exc)):
+    if _is_terminated(exc):
         return _fail("terminated; the store is consistent", EXIT_TERMINATED)
     return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
 
@@ -679,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except BaseException as exc:
-        if any(isinstance(leaf, Terminated) for leaf in _leaves(exc)):
+        if _is_terminated(exc):
             return _fail("terminated", EXIT_TERMINATED)
         if _is_interrupt(exc):
             return _fail("interrupted", EXIT_INTERRUPTED)
