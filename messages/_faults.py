@@ -113,6 +113,13 @@ class _Bucket:
     placed: set[int] = attrs.field(factory=set)  # indices into the sequence
     stages: dict[tuple[str, ...], _Stage] = attrs.field(factory=dict)
 
+    def begin_stage(self, stage_key: tuple[str, ...], panel: tuple[str, ...], size: int) -> _Stage:
+        """A stage's placements start from the faults not placed before it
+        (of a sequence of ``size``): every earlier stage of the run is over."""
+        left = tuple(i for i in range(size) if i not in self.placed)
+        stage = self.stages[stage_key] = _Stage(left=left, panel=panel)
+        return stage
+
 
 def scoped_panel(panel: Sequence[str], providers: Sequence[str], scope: str) -> tuple[str, ...]:
     """The seats of ``panel`` whose provider is ``scope``: the panel over
@@ -245,10 +252,9 @@ class FaultInterceptor(Interceptor[Any]):
         checkpoint; call it inside trio (the budget's reset anchor is the
         current time).
         """
-        bucket_key = (run_id, branch_id)
         if not self._sequence:
             return False
-        bucket = self._buckets[bucket_key] = _Bucket(anchor=trio.current_time())
+        bucket = self._buckets[(run_id, branch_id)] = _Bucket(anchor=trio.current_time())
         by_stage: dict[str, list[tuple[str, int, str]]] = collections.defaultdict(list)
         for stage, agent, attempt, kind in fired:
             by_stage[stage].append((agent, attempt, kind))
@@ -257,8 +263,7 @@ class FaultInterceptor(Interceptor[Any]):
             if not faults:
                 continue
             panel = tuple(agents)
-            left = tuple(i for i in range(len(self._sequence)) if i not in bucket.placed)
-            bucket.stages[(name, *panel)] = _Stage(left=left, panel=panel)
+            left = bucket.begin_stage((name, *panel), panel, len(self._sequence)).left
             seats = {agent: seat for seat, agent in enumerate(panel)}
             spill = []
             for agent, attempt, kind in faults:
@@ -333,9 +338,7 @@ class FaultInterceptor(Interceptor[Any]):
             stage_key = (key.stage, *panel)
             stage = bucket.stages.get(stage_key)
             if stage is None:
-                # Every earlier stage of this run is over: its placements are final.
-                left = tuple(i for i in range(len(self._sequence)) if i not in bucket.placed)
-                stage = bucket.stages[stage_key] = _Stage(left=left, panel=panel)
+                stage = bucket.begin_stage(stage_key, panel, len(self._sequence))
             size = len(panel)
             seat = panel.index(key.agent)
             position = (request.attempt - 1) * size + seat
