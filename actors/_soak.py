@@ -616,8 +616,9 @@ async def soak_shard(
                 async with trio.open_nursery() as nursery:
                     for _ in range(min(concurrency, len(assigned))):
                         nursery.start_soon(worker)
-            unanswered = _unanswered(checker) if stall.cancelled_caught else []
+            unanswered: list[str] = []
             if stall.cancelled_caught:
+                unanswered = _unanswered(checker)
                 checker.breach(_stalled(unanswered, len(assigned) - len(outcomes)))
 
     tasks_after = trio.lowlevel.current_statistics().tasks_living
