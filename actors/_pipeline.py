@@ -241,6 +241,7 @@ def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
 _DEFAULT_PANEL = ("gemini", "claude", "gpt_pro")
 _STAGE_KEYS = {"name", "agents", "mode", "required_fields", "decision_field", "quorum", "aggregator"}
 _TOP_KEYS = {"stages", "agents", "defaults"}
+_DEFAULT_KEYS = {"agents", "mode", "quorum", "aggregator"}
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -257,6 +258,14 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
     defaults = data.get("defaults", {})
     if not isinstance(defaults, Mapping):
         raise PipelineError(f"{source}: [defaults] must be a table")
+    # A misspelt default would otherwise be dropped and every stage run with
+    # the built-in value instead of the one the file asks for.
+    unknown = set(defaults) - _DEFAULT_KEYS
+    if unknown:
+        raise PipelineError(
+            f"{source}: [defaults]: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"known keys are {', '.join(sorted(_DEFAULT_KEYS))}"
+        )
 
     declared: dict[str, AgentSpec] = {}
     agents_table = data.get("agents", {})
@@ -336,10 +345,12 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
         else:
             assert known is not None
             specific = _KNOWN_STAGES[known]
-        required = ALWAYS_REQUIRED + tuple(f for f in specific if f not in ALWAYS_REQUIRED)
         decision_field = raw.get("decision_field", specific[0] if specific else "stage")
         if not isinstance(decision_field, str) or not decision_field:
             raise PipelineError(f"{where}: decision_field must be a field name")
+        # The field consensus compares is required too: agents that all
+        # left it out would otherwise "agree" on nothing and the stage pass.
+        required = tuple(dict.fromkeys(ALWAYS_REQUIRED + specific + (decision_field,)))
 
         quorum = Quorum.parse(raw.get("quorum", defaults.get("quorum", "majority")), where)
         if quorum.required(len(agents)) > len(agents):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,13 @@ from actors import (
     SimulatedProvider,
     canonical_agent,
     canonical_stage,
+    compute_verdict,
     default_pipeline,
     open_orchestrator,
     parse_pipeline,
     pipeline_with_panel,
 )
-from messages import Completion, CompletionRequest
+from messages import AgentKey, AgentOutput, Completion, CompletionRequest
 
 
 def test_default_pipeline_matches_the_reference() -> None:
@@ -94,6 +96,7 @@ def test_toml_pipeline() -> None:
         ('[[stages]]\nname = "plan"\nagents = ["gemini", "gemini"]', "listed twice"),
         ('[[stages]]\nname = "plan"\ncolour = "blue"', "unknown key(s) colour"),
         ('oops = 1\n[[stages]]\nname = "plan"', "unknown key(s) oops"),
+        ('[defaults]\nagent = ["claude"]\n[[stages]]\nname = "plan"', "[defaults]: unknown key(s) agent"),
     ],
 )
 def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
@@ -101,6 +104,30 @@ def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
         parse_pipeline(text, source="p.toml")
     assert message in str(info.value)
     assert str(info.value).startswith("p.toml")
+
+
+def test_the_decision_field_is_required() -> None:
+    p = parse_pipeline(
+        '[[stages]]\nname = "review"\nrequired_fields = ["verdict"]\ndecision_field = "score"'
+    )
+    assert p.stages[0].required_fields == ("stage", "agent", "verdict", "score")
+    # Three agents that all leave it out are invalid, not in agreement.
+    outputs = {
+        a: AgentOutput(
+            key=AgentKey(run_id="r", branch_id="b", stage="audit", agent=a),
+            attempt=1,
+            status="accepted",
+            content=json.dumps({"stage": "audit", "agent": a, "verdict": "pass"}),
+            format="json",
+            usage=None,
+            model="m",
+            provider="sim",
+        )
+        for a in p.stages[0].agents
+    }
+    verdict = compute_verdict(p.stages[0], outputs)
+    assert verdict.status == "no_consensus"
+    assert verdict.invalid_agents == {a: ("score",) for a in p.stages[0].agents}
 
 
 def test_seat_providers_follow_the_agents() -> None:
