@@ -26,7 +26,7 @@ from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
-from ._provider_factory import ProviderConfig, ProviderConfigError, resolve_provider
+from ._provider_factory import PROVIDER_NAMES, ProviderConfig, ProviderConfigError, resolve_provider
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -173,8 +173,17 @@ def provider_configs_from_args(
         raise ProviderConfigError(f"--max-concurrency must be at least 1, got {max_concurrency}")
     names = sorted({spec.provider for spec in pipeline.agents.values()})
     for name in names:
-        if name not in ("anthropic", "openai", "sim"):
-            resolve_provider(name)  # raises the "unknown provider" error
+        if name not in PROVIDER_NAMES:
+            # Name the agents: the bad name may sit in any of several
+            # [agents] tables of the pipeline file.
+            # (--provider names itself.)
+            if getattr(args, "provider", None) == name:
+                resolve_provider(name)  # raises the "unknown provider" error
+            agents = sorted(a for a, spec in pipeline.agents.items() if spec.provider == name)
+            raise ProviderConfigError(
+                f"unknown provider {name!r} (agent{'s' if len(agents) > 1 else ''} {', '.join(agents)}); "
+                f"choose one of: {', '.join(PROVIDER_NAMES)}"
+            )
     remote = [n for n in names if n != "sim"]
     chosen = getattr(args, "provider", None)
     base_url = getattr(args, "base_url", None)

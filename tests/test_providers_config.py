@@ -107,7 +107,7 @@ def test_pipeline_providers_per_agent() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--provider", "gemini"], "unknown provider 'gemini'"),
+        (["--provider", "gemini"], "unknown provider 'gemini'; choose one of"),
         (["--provider", "openai"], "needs an API key: set OPENAI_API_KEY"),
         (["--provider", "anthropic", "--base-url", "http://127.0.0.1:1"], "needs an API key: set ANTHROPIC_API_KEY"),
         (["--provider", "openai", "--base-url", "localhost:8000/v1"], "must start with http:// or https://"),
@@ -141,7 +141,7 @@ def test_cli_unknown_provider_in_pipeline_toml_exits_2(
     db = tmp_path / "c.db"
     code = main(["run", "--db", str(db), "--pipeline", str(toml)])
     _, err = capsys.readouterr()
-    assert code == 2 and "unknown provider 'bedrock'" in err and not db.exists()
+    assert code == 2 and "unknown provider 'bedrock' (agent claude)" in err and not db.exists()
 
 
 def test_cli_refuses_virtual_clock_with_real_providers(
