@@ -678,11 +678,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             code: int = args.handler(args)
     except UsageError as exc:
         return _fail(str(exc))
-    except BrokenPipeError:
-        # stdout closed early (e.g. piped into head): not our error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
     except BaseException as exc:
+        if all(isinstance(leaf, BrokenPipeError) for leaf in _leaves(exc)):
+            # stdout closed early (piped into head): not our error.  From
+            # inside a run it comes wrapped in a group; the run is left
+            # interrupted, as after Ctrl-C, and resumable.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_ERROR
         if _is_terminated(exc):
             return _fail("terminated", EXIT_TERMINATED)
         if _is_interrupt(exc):

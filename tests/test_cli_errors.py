@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,30 @@ def test_every_command_explains_itself() -> None:
             for flag in action.option_strings:
                 assert flag in text, (name, flag)
     assert "disconnect:4%,429:3%,timeout:3%" in commands["soak"].format_help()
+
+
+def test_stdout_closed_during_a_run_leaves_it_resumable(tmp_path: Path) -> None:
+    # `conclave run | head -1`: every write after the reader is gone fails.
+    # The pipe's read end is closed before the run starts, so the first
+    # progress line - written from inside the run's nursery - fails.
+    db = tmp_path / "c.db"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors", "run", "--db", str(db), "--run-id", "r"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert proc.stderr == ""  # the reader chose to stop: not an error of ours
+    status = json.loads(run_cli(["status", "r", "--db", str(db), "--json"]).stdout)
+    assert status["status"] == "interrupted"
+    resumed = run_cli(["resume", "r", "--db", str(db), "--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    alone = run_cli(["run", "--db", str(tmp_path / "alone.db"), "--run-id", "r", "--json"])
+    assert json.loads(resumed.stdout)["digest"] == json.loads(alone.stdout)["digest"]
