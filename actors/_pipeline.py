@@ -279,6 +279,8 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
         if bad:
             raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
         name = str(raw_name)  # declared agents keep their exact name
+        if not name.strip():
+            raise PipelineError(f"{where}: an agent needs a name that is not blank")
         model = cfg.get("model", KNOWN_AGENTS.get(name))
         if not isinstance(model, str) or not model:
             raise PipelineError(f"{where}: needs a model")
@@ -298,6 +300,10 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
                 "(or declare it under [agents])"
             )
         return name
+
+    default_panel = (
+        _str_list(defaults["agents"], f"{source}: [defaults]: agents") if "agents" in defaults else _DEFAULT_PANEL
+    )
 
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
@@ -326,14 +332,20 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
             raise PipelineError(f"{where}: stage listed twice")
         seen.add(name)
 
-        agents = tuple(
-            resolve_agent(a, where)
-            for a in _str_list(raw.get("agents", list(defaults.get("agents", _DEFAULT_PANEL))), f"{where}: agents")
-        )
+        if "agents" in raw:
+            listed = _str_list(raw["agents"], f"{where}: agents")
+        else:
+            listed = default_panel
+        agents = tuple(resolve_agent(a, where) for a in listed)
         if not agents:
             raise PipelineError(f"{where}: needs at least one agent")
-        if len(set(agents)) != len(agents):
-            raise PipelineError(f"{where}: an agent is listed twice in {list(agents)}")
+        for index, agent in enumerate(agents):
+            if agent in agents[:index]:
+                # Spelled differently, the same agent: say which spellings.
+                spellings = [a for a, c in zip(listed, agents) if c == agent]
+                raise PipelineError(
+                    f"{where}: agent {agent!r} is listed twice ({', '.join(map(repr, spellings))})"
+                )
         used.update(agents)
 
         mode = raw.get("mode", defaults.get("mode", "sequential"))
