@@ -127,6 +127,9 @@ def _price(name: str, entry: Mapping[str, Any]) -> ModelPrice:
     )
 
 
+MAX_RATE = 1000
+
+
 def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, Any]) -> None:
     for name, entry in entries.items():
         if name.startswith("_"):
@@ -138,6 +141,12 @@ def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, An
                 if isinstance(value, bool) or not isinstance(value, int | Decimal) or value < 0:
                     raise PriceFileError(
                         f"{where}: {name}.{key} must be a non-negative number (USD per token), got {value!r}"
+                    )
+                if value > MAX_RATE:
+                    # No model costs this; and amounts past ~1e22 USD no
+                    # longer fit the micro-dollar figures reports print.
+                    raise PriceFileError(
+                        f"{where}: {name}.{key} must be at most {MAX_RATE} USD per token, got {value}"
                     )
         merged = {**new_ok.get(name, {}), **entry}
         for required in ("input_cost_per_token", "output_cost_per_token"):

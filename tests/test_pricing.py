@@ -126,6 +126,7 @@ def test_an_override_file_replaces_and_adds_prices(tmp_path: Path) -> None:
         ('{"m": {"input_cost_per_token": -1, "output_cost_per_token": 0}}', "non-negative"),
         ('{"m": {"input_cost_per_token": true, "output_cost_per_token": 0}}', "non-negative"),
         ('{"new-model": {"input_cost_per_token": 1e-06}}', "needs output_cost_per_token"),
+        ('{"m": {"input_cost_per_token": 1e400, "output_cost_per_token": 0}}', "at most 1000 USD per token"),
     ],
 )
 def test_a_bad_override_file_is_refused_naming_it(tmp_path: Path, content: str, message: str) -> None:
