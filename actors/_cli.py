@@ -55,7 +55,7 @@ from ._cli_providers import (
 )
 from ._footer import LiveFooter, Writer, show_metrics
 from ._format import duration, tokens, usage_line, verdict_line
-from ._ids import short_branch_id
+from ._ids import id_problem, short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
 from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
@@ -110,6 +110,20 @@ def _interrupted(exc: BaseException) -> int:
 
 def _json_out(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _spec_id(text: str) -> str:
+    problem = id_problem(text, "a spec id", spaces=True)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _run_id(text: str) -> str:
+    problem = id_problem(text, "a run id", spaces=False)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _unit_interval(text: str) -> float:
@@ -599,12 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
             "ends in conflict or no_consensus halts the run (exit 3)."
         ),
     )
-    run.add_argument("spec_id", nargs="?", default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
+    run.add_argument("spec_id", nargs="?", type=_spec_id, default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
     run.add_argument("--goal", default="", help="what the agents should achieve")
     run.add_argument("--pipeline", metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
     _add_db(run)
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0); same seed, same digest")
-    run.add_argument("--run-id", metavar="ID", help="use this run id instead of a generated one")
+    run.add_argument("--run-id", type=_run_id, metavar="ID", help="use this run id instead of a generated one (no spaces)")
     run.add_argument("--disagreement-rate", type=_unit_interval, default=0.03, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
     run.add_argument("--sim-latency", type=_non_negative, default=2.0, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")
     run.add_argument(

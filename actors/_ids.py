@@ -14,6 +14,30 @@ import time
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+MAX_ID_LENGTH = 200
+
+
+def id_problem(value: object, what: str, *, spaces: bool) -> str | None:
+    """Why ``value`` cannot be a run id (``spaces=False``) or spec id, or
+    ``None``.  Ids are shown on one line, passed back as command-line
+    arguments and put into prompts: no control characters, nothing a
+    shell or argparse would take for something else."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {value!r}"
+    if not value.strip():
+        return f"{what} must not be empty, got {value!r}"
+    rule = f"{what} must be at most {MAX_ID_LENGTH} printable characters{'' if spaces else ' without spaces'}, not starting with '-'"
+    if (
+        len(value) > MAX_ID_LENGTH
+        or value.startswith("-")
+        or not value.isprintable()
+        or (not spaces and any(c.isspace() for c in value))
+    ):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return f"{rule}; got {shown!r}"
+    return None
+
+
 def _stamp() -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime())
 

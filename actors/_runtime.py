@@ -87,7 +87,7 @@ from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._health import HealthRegistry
-from ._ids import new_branch_id, new_run_id
+from ._ids import id_problem, new_branch_id, new_run_id
 from ._metrics import MetricsAccumulator
 from ._metrics_report import totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
@@ -333,6 +333,12 @@ class Orchestrator:
         :meth:`rerun`): :class:`~store.RunLocked` if another orchestrator,
         in this process or another, is driving ``run_id``.
         """
+        for problem in (
+            id_problem(spec_id, "a spec id", spaces=True),
+            None if run_id is None else id_problem(run_id, "a run id", spaces=False),
+        ):
+            if problem is not None:
+                raise ConfigError(problem)
         pipeline = pipeline or self.pipeline
         budget_usd = parse_budget(budget)
         run_id = run_id or new_run_id(spec_id)

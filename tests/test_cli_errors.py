@@ -95,6 +95,10 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         # 0 listed nothing and said "no runs"; a negative limit listed all.
         (["status", "--limit", "0"], "--limit: must be at least 1, got 0"),
         (["status", "--limit", "-3"], "--limit: must be at least 1, got -3"),
+        # Ids are passed back on command lines and shown on one line.
+        (["run", "--run-id", "a b"], "--run-id: a run id must be at most 200 printable characters without spaces"),
+        (["run", "--run-id", " "], "--run-id: a run id must not be empty"),
+        (["run", "SPEC\n1"], "SPEC_ID: a spec id must be at most 200 printable characters"),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors import Latency, Limits, RunResult, SimulatedProvider, open_orchestrator
+from actors import ConfigError, Latency, Limits, RunResult, SimulatedProvider, open_orchestrator
 from messages import StageDecided
 from store import Store
 
@@ -152,3 +152,24 @@ async def test_an_orchestrator_used_after_its_block_says_it_is_closed(
             await call()
     with Store.open(path) as s:
         assert [r.run_id for r in s.list_runs()] == ["C"] and len(s.branches("C")) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"run_id": ""}, "a run id must not be empty"),  # was replaced by a generated id
+        ({"run_id": "two words"}, "without spaces"),
+        ({"run_id": "-x"}, "not starting with '-'"),
+        ({"spec_id": "line\nbreak"}, "a spec id must be at most 200 printable characters"),
+        ({"spec_id": "  "}, "a spec id must not be empty"),
+    ],
+)
+async def test_a_bad_run_or_spec_id_is_refused_before_anything_is_written(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, kwargs: dict[str, str], needle: str
+) -> None:
+    path = str(tmp_path / "c.db")
+    async with open_orchestrator(store=path) as orch:
+        with pytest.raises(ConfigError, match=needle):
+            await orch.run(**kwargs)
+    with Store.open(path) as s:
+        assert s.list_runs() == []
