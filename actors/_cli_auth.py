@@ -162,6 +162,10 @@ def cmd_logout(args: argparse.Namespace) -> int:
     except AuthError as error:
         _error(str(error))
         return EXIT_ERROR
+    if not removed and provider not in PROVIDERS:
+        # A misspelt name must not read as "your tokens are gone".
+        _error(f"unknown provider {args.provider!r}; choose one of: {', '.join(PROVIDERS)}")
+        return EXIT_USAGE
     print(f"{provider}: {'logged out' if removed else 'was not logged in'}")
     return EXIT_OK
 

@@ -321,24 +321,9 @@ class TokenStore:
     # -- reading (no lock needed: writes replace the document atomically) --
 
     def load(self) -> dict[str, TokenEntry]:
-        text = self.backend.read()
-        if text is None:
-            return {}
         where = self.backend.description
-        try:
-            document = json.loads(text)
-        except ValueError:
-            raise TokenStoreError(f"the token {where} is not valid JSON", hint="run 'conclave logout' for each provider, or remove it") from None
-        if not isinstance(document, dict) or not isinstance(document.get("tokens", {}), dict):
-            raise TokenStoreError(f"the token {where} has an unknown layout")
-        version = document.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise TokenStoreError(
-                f"the token {where} has format version {version!r}; this Conclave reads up to {FORMAT_VERSION}",
-                hint="upgrade Conclave",
-            )
         entries: dict[str, TokenEntry] = {}
-        for provider, data in document.get("tokens", {}).items():
+        for provider, data in self._raw_tokens().items():
             try:
                 entries[provider] = TokenEntry.from_json(provider, data)
             except ValueError as exc:
@@ -347,6 +332,28 @@ class TokenStore:
 
     def get(self, provider: str) -> TokenEntry | None:
         return self.load().get(provider)
+
+    def _raw_tokens(self) -> dict[str, Any]:
+        """Provider -> its entry as stored, not yet checked: a damaged entry
+        must not stop ``logout`` from removing it (the hint says to)."""
+        text = self.backend.read()
+        if text is None:
+            return {}
+        where = self.backend.description
+        unreadable = "remove it; every provider then needs 'conclave login' again"
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise TokenStoreError(f"the token {where} is not valid JSON", hint=unreadable) from None
+        if not isinstance(document, dict) or not isinstance(document.get("tokens", {}), dict):
+            raise TokenStoreError(f"the token {where} has an unknown layout", hint=unreadable)
+        version = document.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise TokenStoreError(
+                f"the token {where} has format version {version!r}; this Conclave reads up to {FORMAT_VERSION}",
+                hint="upgrade Conclave",
+            )
+        return dict(document.get("tokens", {}))
 
     # -- writing: only inside ``locked()`` --
 
@@ -388,10 +395,10 @@ class TokenStore:
             delay = min(delay * 2, 0.1)
 
     def _save(self, entries: Mapping[str, TokenEntry]) -> None:
-        document = {
-            "version": FORMAT_VERSION,
-            "tokens": {name: entries[name].to_json() for name in sorted(entries)},
-        }
+        self._save_raw({name: entry.to_json() for name, entry in entries.items()})
+
+    def _save_raw(self, tokens: Mapping[str, Any]) -> None:
+        document = {"version": FORMAT_VERSION, "tokens": {name: tokens[name] for name in sorted(tokens)}}
         self.backend.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
@@ -413,10 +420,13 @@ class LockedTokens:
         self._store._save(entries)
 
     def remove(self, provider: str) -> bool:
-        entries = self._store.load()
-        if entries.pop(provider, None) is None:
+        # The others are kept as stored, damaged or not: removing one entry
+        # is how a damaged one is cleared.
+        tokens = self._store._raw_tokens()
+        if provider not in tokens:
             return False
-        self._store._save(entries)
+        del tokens[provider]
+        self._store._save_raw(tokens)
         return True
 
 

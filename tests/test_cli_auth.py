@@ -203,6 +203,45 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "chmod 600" in captured.err and "SECRET" not in captured.err + captured.out
 
 
+def test_logout_clears_a_damaged_entry_and_refuses_a_misspelt_provider(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    now = time.time()
+    good = TokenEntry(provider="github", access_token=Secret("at-github-SECRET"), refresh_token=None,
+                      expires_at=now + 3600, scope=None, stored_at=now)
+
+    async def fill() -> None:
+        async with TokenStore(tmp_path).locked() as tokens:
+            tokens.put(good)
+
+    trio.run(fill)
+    path = tmp_path / "tokens.json"
+    document = json.loads(path.read_text())
+    document["tokens"]["google"] = {"nonsense": 1}
+    path.write_text(json.dumps(document))
+
+    assert conclave_main(["auth", "status"]) == 1
+    assert "run 'conclave logout google'" in capsys.readouterr().err
+    # The hint works: the damaged entry goes, the good one stays as it was.
+    assert conclave_main(["logout", "google"]) == 0
+    assert "google: logged out" in capsys.readouterr().out
+    assert json.loads(path.read_text())["tokens"] == {"github": good.to_json()}
+    assert conclave_main(["auth", "status"]) == 0
+    capsys.readouterr()
+
+    # "was not logged in" would read as if the github tokens were gone.
+    assert conclave_main(["logout", "githbu"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown provider 'githbu'" in captured.err and captured.out == ""
+    assert TokenStore(tmp_path).get("github") is not None
+
+    path.write_text("{not json")
+    assert conclave_main(["logout", "github"]) == 1
+    assert "remove it; every provider then needs 'conclave login' again" in capsys.readouterr().err
+
+
 def stored_login(idp: FakeIdP, base: str, home: Path, provider: str, expires_in: float) -> dict[str, Any]:
     """A real device-code grant from the server, stored for ``provider``."""
     device = httpx.post(base + DEVICE_PATH, data={"client_id": CLIENT_ID, "scope": "model"}, timeout=TIMEOUT).json()
