@@ -27,6 +27,7 @@ from ._mock_server import serve_mock
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
 from ._provider_factory import PROVIDER_NAMES, ProviderConfig, ProviderConfigError, resolve_provider
+from ._runtime import collapse_single
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -96,13 +97,16 @@ def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None =
     )
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(lambda task_status: serve_mock(
-                backend, host=args.host, port=args.port, task_status=task_status
-            ))
-            if args.host not in ("127.0.0.1", "::1", "localhost"):
-                print(f"conclave serve-mock: warning: bound to {args.host}, not loopback only", file=sys.stderr)
-            print(f"listening on {url}", flush=True)
+        # A failure to bind is the nursery's only exception: unwrapped, so
+        # the OSError handler below names the address.
+        with collapse_single():
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(lambda task_status: serve_mock(
+                    backend, host=args.host, port=args.port, task_status=task_status
+                ))
+                if args.host not in ("127.0.0.1", "::1", "localhost"):
+                    print(f"conclave serve-mock: warning: bound to {args.host}, not loopback only", file=sys.stderr)
+                print(f"listening on {url}", flush=True)
 
     try:
         trio.run(main)

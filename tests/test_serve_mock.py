@@ -207,3 +207,18 @@ async def test_cancelled_call_releases_its_connection() -> None:
         assert completion.usage is not None
         await provider.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_port_in_use_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    from actors._cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve-mock", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    # Not "error: OSError: [Errno 98] ...": the start-up failure came
+    # wrapped in the server's nursery's exception group.
+    assert err.startswith(f"conclave serve-mock: error: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in err
