@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ._rng import seed_problem
+
 
 def check_seconds(value: float, name: str) -> float:
     """``value`` if it is a finite number of seconds >= 0 (NaN is not);
@@ -25,4 +27,16 @@ def positive_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: a seed a run can be stored with (signed 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    problem = seed_problem(value, "the seed")
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return value

@@ -37,7 +37,7 @@ from store import RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
-from ._checks import positive_arg
+from ._checks import positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--goal", default="", help="what the agents should achieve")
     run.add_argument("--pipeline", metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
     _add_db(run)
-    run.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0); same seed, same digest")
+    run.add_argument("--seed", type=seed_arg, default=0, help="seed of every random choice (default: 0); same seed, same digest")
     run.add_argument("--run-id", type=_run_id, metavar="ID", help="use this run id instead of a generated one (no spaces)")
     run.add_argument("--disagreement-rate", type=_unit_interval, default=0.03, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
     run.add_argument("--sim-latency", type=_non_negative, default=2.0, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")

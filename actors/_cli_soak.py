@@ -25,7 +25,7 @@ import trio.testing
 from messages import FaultPlan, FaultPlanError, ResetHint
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
-from ._checks import positive_arg
+from ._checks import positive_arg, seed_arg
 from ._cli import Terminated, _is_interrupt, interruptible
 from ._retry import RetryPolicy
 from ._soak import (
@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
             "--concurrency and --workers, in any process."
         ),
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default: 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of everything (default: 0)")
     p.add_argument("--runs", type=positive_arg, default=100, help="pipelines to run (default: 100)")
     p.add_argument("--agents", type=positive_arg, metavar="N", help="agents per stage (default: the default pipeline's roster)")
     p.add_argument(

@@ -12,6 +12,19 @@ import hashlib
 import random
 
 
+# A run's seed is stored with it, in an SQLite INTEGER: signed 64 bits.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def seed_problem(seed: object, what: str = "seed") -> str | None:
+    """Why ``seed`` cannot seed a run, or ``None``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"{what} must be a whole number, got {seed!r}"
+    if not SEED_MIN <= seed <= SEED_MAX:
+        return f"{what} must fit in 64 bits ({SEED_MIN} .. {SEED_MAX}), got {seed}"
+    return None
+
+
 def derive_int(seed: int, *parts: object) -> int:
     """A 64-bit integer from (seed, parts): stable across processes."""
     text = "\x1f".join([str(seed), *map(str, parts)])

@@ -103,6 +103,7 @@ from ._resume import (
     stage_outputs,
 )
 from ._retry import RetryPolicy
+from ._rng import seed_problem
 from ._sequencer import DecisionSequencer
 from ._simulator import SimulatedProvider
 from ._snapshots import MetricsHub, MetricsSubscription
@@ -738,6 +739,9 @@ async def open_orchestrator(
     :class:`ConfigError` before starting anything if the configuration is
     invalid.
     """
+    problem = seed_problem(seed)
+    if problem is not None:
+        raise ConfigError(problem)  # before anything starts, not in the store writer
     pipeline = pipeline or default_pipeline()
     limits = limits or Limits()
     retry = retry or RetryPolicy()

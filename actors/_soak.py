@@ -74,6 +74,7 @@ from ._health import HealthRegistry
 from ._pipeline import Pipeline, default_pipeline, pipeline_from_dict
 from ._provider import BaseProvider
 from ._retry import RetryPolicy
+from ._rng import seed_problem
 from ._runtime import ConfigError, Limits, open_orchestrator
 from ._simulator import Latency, SimulatedProvider
 
@@ -150,6 +151,9 @@ class SoakConfig:
     workers: int = attrs.field(default=1, validator=_whole)
 
     def __attrs_post_init__(self) -> None:
+        problem = seed_problem(self.seed)
+        if problem is not None:
+            raise ValueError(problem)
         if not 0.0 <= self.disagreement_rate <= 1.0:  # NaN fails too
             raise ValueError(f"disagreement_rate must be between 0 and 1, got {self.disagreement_rate!r}")
         if self.runs < 1:

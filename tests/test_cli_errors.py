@@ -88,7 +88,7 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["run", "--seed", "abc"], "invalid int value"),
+        (["run", "--seed", "abc"], "--seed: not a whole number: 'abc'"),
         (["run", "--disagreement-rate", "1.5"], "must be between 0 and 1"),
         (["run", "--sim-latency", "-1"], "must be a finite number >= 0"),
         (["frobnicate"], "invalid choice"),
@@ -99,6 +99,9 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         (["run", "--run-id", "a b"], "--run-id: a run id must be at most 200 printable characters without spaces"),
         (["run", "--run-id", " "], "--run-id: a run id must not be empty"),
         (["run", "SPEC\n1"], "SPEC_ID: a spec id must be at most 200 printable characters"),
+        # A run's seed is stored in an SQLite INTEGER: it used to fail in the store writer.
+        (["run", "--seed", str(2**63)], "--seed: the seed must fit in 64 bits"),
+        (["soak", "--seed", str(-(2**63) - 1)], "--seed: the seed must fit in 64 bits"),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:

@@ -173,3 +173,27 @@ async def test_a_bad_run_or_spec_id_is_refused_before_anything_is_written(
             await orch.run(**kwargs)
     with Store.open(path) as s:
         assert s.list_runs() == []
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+async def test_a_seed_the_store_cannot_hold_is_refused_at_open(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, seed: int
+) -> None:
+    path = tmp_path / "c.db"
+    with pytest.raises(ConfigError, match="must fit in 64 bits"):
+        async with open_orchestrator(store=str(path), seed=seed) as orch:
+            await orch.run()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+async def test_the_extreme_seeds_run_and_are_stored(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, seed: int
+) -> None:
+    path = str(tmp_path / "c.db")
+    async with open_orchestrator(store=path, seed=seed) as orch:
+        result = await orch.run(run_id="r")
+    assert result.status == "completed"
+    with Store.open(path) as s:
+        run = s.get_run("r")
+        assert run is not None and run.seed == seed

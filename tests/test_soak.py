@@ -275,6 +275,7 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
     ("kwargs", "error", "needle"),
     [
         ({"seed": "1"}, TypeError, "'seed'"),
+        ({"seed": 2**63}, ValueError, "seed must fit in 64 bits"),
         ({"runs": 2.5}, TypeError, "'runs'"),
         ({"runs": 0}, ValueError, "runs must be at least 1"),
         ({"agents": "3"}, TypeError, "'agents'"),
