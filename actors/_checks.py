@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from ._rng import SEED_MAX as INT64_MAX
 from ._rng import seed_problem
 
 
@@ -27,6 +28,9 @@ def positive_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > INT64_MAX:
+        # Counts reach SQLite (a LIMIT, an attempt number): 64 bits there.
+        raise argparse.ArgumentTypeError(f"must be at most {INT64_MAX}, got {value}")
     return value
 
 
