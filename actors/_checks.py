@@ -44,3 +44,24 @@ def seed_arg(text: str) -> int:
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+DEFAULT_DB = "conclave.db"
+
+
+def db_arg(text: str) -> str:
+    """argparse type: a database file to keep."""
+    # Both name a database that is gone when the command exits: a run
+    # would be lost, and its "details: conclave metrics ..." hint useless.
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a database file")
+    if text == ":memory:":
+        raise argparse.ArgumentTypeError("':memory:' keeps nothing once conclave exits; give a database file")
+    return text
+
+
+def add_db_argument(p: argparse.ArgumentParser) -> None:
+    """The ``--db`` option every command that reads or writes runs takes."""
+    p.add_argument(
+        "--db", type=db_arg, default=DEFAULT_DB, metavar="PATH", help=f"SQLite database file (default: ./{DEFAULT_DB})"
+    )

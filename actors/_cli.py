@@ -37,7 +37,7 @@ from store import RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
-from ._checks import positive_arg, seed_arg
+from ._checks import add_db_argument, positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -75,7 +75,6 @@ class Terminated(KeyboardInterrupt):
     the work is cancelled cleanly, then the process exits 143."""
 
 
-DEFAULT_DB = "conclave.db"
 
 
 class UsageError(Exception):
@@ -586,12 +585,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--db",
-        default=DEFAULT_DB,
-        metavar="PATH",
-        help=f"SQLite database file (default: ./{DEFAULT_DB})",
-    )
+    add_db_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from messages import UsageRecorded
 from store import Store
 
 from ._budget import parse_budget, usd
+from ._checks import add_db_argument
 from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
 from ._format import tokens
 from ._metrics import MetricsAccumulator
@@ -166,7 +167,7 @@ def add_metrics_command(sub: Any) -> None:
     )
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--by", choices=("stage", "agent", "model"), default="stage", help="breakdown (default: stage)")
-    p.add_argument("--db", default="conclave.db", metavar="PATH", help="SQLite database file (default: ./conclave.db)")
+    add_db_argument(p)
     _add_prices(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_metrics)

@@ -72,6 +72,10 @@ def open_connection(
     """
     if durability not in ("full", "normal", "scratch"):
         raise ValueError(f"durability must be 'full', 'normal' or 'scratch', got {durability!r}")
+    if not path:
+        # SQLite would open a private temporary file, deleted on close:
+        # everything written would be lost without a word.
+        raise StoreError("an empty database path: give a file name (or ':memory:' for a database in memory)")
     memory = path == ":memory:"
     existed = True if memory else _check_file(path, readonly)
     flags = (

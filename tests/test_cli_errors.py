@@ -96,6 +96,10 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         (["status", "--limit", "0"], "--limit: must be at least 1, got 0"),
         (["status", "--limit", "-3"], "--limit: must be at least 1, got -3"),
         (["status", "--limit", str(2**63)], "--limit: must be at most 9223372036854775807"),
+        # Each opened a database deleted on exit: the run was lost.
+        (["run", "--db", ""], "--db: an empty path"),
+        (["run", "--db", ":memory:"], "--db: ':memory:' keeps nothing"),
+        (["events", "r", "--db", ""], "--db: an empty path"),
         # Ids are passed back on command lines and shown on one line.
         (["run", "--run-id", "a b"], "--run-id: a run id must be at most 200 printable characters without spaces"),
         (["run", "--run-id", " "], "--run-id: a run id must not be empty"),

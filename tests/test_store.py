@@ -229,3 +229,13 @@ async def test_busy_database_is_retried(tmp_path: Path, autojump_clock: trio.tes
     assert len(s.outputs("r")) == 1
     blocker.close()
     s.close()
+
+
+def test_an_empty_path_is_refused_not_opened_as_a_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite opens "" as a private temporary database deleted on close.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match="an empty database path"):
+        Store.open("")
+    assert os.listdir(tmp_path) == []
