@@ -49,12 +49,20 @@ def seed_arg(text: str) -> int:
 DEFAULT_DB = "conclave.db"
 
 
+def file_arg(text: str) -> str:
+    """argparse type: a file path, not empty.  An empty one (``--pipeline
+    "$P"`` with P unset) would otherwise read as "not given" and the
+    default be used instead of the file meant."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a file")
+    return text
+
+
 def db_arg(text: str) -> str:
     """argparse type: a database file to keep."""
-    # Both name a database that is gone when the command exits: a run
-    # would be lost, and its "details: conclave metrics ..." hint useless.
-    if not text:
-        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a database file")
+    file_arg(text)
+    # It names a database that is gone when the command exits: a run would
+    # be lost, and its "details: conclave metrics ..." hint useless.
     if text == ":memory:":
         raise argparse.ArgumentTypeError("':memory:' keeps nothing once conclave exits; give a database file")
     return text

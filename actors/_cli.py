@@ -37,7 +37,7 @@ from store import RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
-from ._checks import add_db_argument, positive_arg, seed_arg
+from ._checks import add_db_argument, file_arg, positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("spec_id", nargs="?", type=_spec_id, default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
     run.add_argument("--goal", default="", help="what the agents should achieve")
-    run.add_argument("--pipeline", metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
+    run.add_argument("--pipeline", type=file_arg, metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
     _add_db(run)
     run.add_argument("--seed", type=seed_arg, default=0, help="seed of every random choice (default: 0); same seed, same digest")
     run.add_argument("--run-id", type=_run_id, metavar="ID", help="use this run id instead of a generated one (no spaces)")

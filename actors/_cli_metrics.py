@@ -14,7 +14,7 @@ from messages import UsageRecorded
 from store import Store
 
 from ._budget import parse_budget, usd
-from ._checks import add_db_argument
+from ._checks import add_db_argument, file_arg
 from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
 from ._format import tokens
 from ._metrics import MetricsAccumulator
@@ -53,6 +53,7 @@ def add_run_metrics_args(p: argparse.ArgumentParser) -> None:
 def _add_prices(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prices",
+        type=file_arg,
         metavar="FILE",
         default=None,
         help=f"price override file (LiteLLM JSON format, USD per token); default ${PRICES_ENV}",

@@ -100,6 +100,9 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         (["run", "--db", ""], "--db: an empty path"),
         (["run", "--db", ":memory:"], "--db: ':memory:' keeps nothing"),
         (["events", "r", "--db", ""], "--db: an empty path"),
+        # Read as "not given": the default pipeline or prices were used.
+        (["run", "--pipeline", ""], "--pipeline: an empty path"),
+        (["metrics", "r", "--prices", ""], "--prices: an empty path"),
         # Ids are passed back on command lines and shown on one line.
         (["run", "--run-id", "a b"], "--run-id: a run id must be at most 200 printable characters without spaces"),
         (["run", "--run-id", " "], "--run-id: a run id must not be empty"),
