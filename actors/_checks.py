@@ -49,6 +49,15 @@ def seed_arg(text: str) -> int:
 DEFAULT_DB = "conclave.db"
 
 
+def nonempty_arg(text: str) -> str:
+    """argparse type: a name that is not blank (a model, a variable, a
+    branch).  Blank, it would be taken as given - an empty model for every
+    agent - or match everything, as a branch prefix does."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
+
+
 def file_arg(text: str) -> str:
     """argparse type: a file path, not empty.  An empty one (``--pipeline
     "$P"`` with P unset) would otherwise read as "not given" and the

@@ -37,7 +37,7 @@ from store import RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
-from ._checks import add_db_argument, file_arg, positive_arg, seed_arg
+from ._checks import add_db_argument, file_arg, nonempty_arg, positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -637,14 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
     _add_db(status)
     status.add_argument("--limit", type=positive_arg, default=20, help="runs to list (default: 20)")
-    status.add_argument("--branch", metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
+    status.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=cmd_status)
 
     decisions = sub.add_parser("decisions", help="show a run's decisions", description="Show every decision of a run with its verdict.")
     decisions.add_argument("run_id", metavar="RUN_ID")
     _add_db(decisions)
-    decisions.add_argument("--branch", metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
+    decisions.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     decisions.add_argument("--json", action="store_true", help="print JSON")
     decisions.set_defaults(handler=cmd_decisions)
 

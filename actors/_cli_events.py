@@ -15,7 +15,7 @@ from typing import Any
 
 from store import EventRow
 
-from ._checks import add_db_argument
+from ._checks import add_db_argument, nonempty_arg
 from ._ids import short_branch_id
 
 # A detail longer than this is cut in the human listing (--json has it all).
@@ -39,7 +39,7 @@ def add_events_command(sub: Any) -> None:
         metavar="KIND",
         help="only events of this kind (repeat for several), e.g. --kind fault --kind retry",
     )
-    p.add_argument("--branch", help="only this branch's events (full or short id; default: every branch)")
+    p.add_argument("--branch", type=nonempty_arg, help="only this branch's events (full or short id; default: every branch)")
     add_db_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_events)

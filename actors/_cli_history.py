@@ -43,7 +43,7 @@ from ._cli import (
     print_progress,
     report_result,
 )
-from ._checks import positive_arg
+from ._checks import nonempty_arg, positive_arg
 from ._consensus import ADVANCING
 from ._ids import short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
@@ -410,7 +410,7 @@ def register(sub: Any) -> None:
     )
     rerun.add_argument("run_id", metavar="RUN_ID")
     rerun.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="first stage to run again")
-    rerun.add_argument("--branch", metavar="BRANCH", help="branch to fork (full or short id; default: the current one)")
+    rerun.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to fork (full or short id; default: the current one)")
     rerun.add_argument("--disagreement-rate", type=_unit_interval, default=None, metavar="P", help="simulator: override the parent's dissent chance")
     rerun.add_argument("--sim-latency", type=_non_negative, default=None, metavar="SECONDS", help="simulator: override the parent's median latency")
     rerun.add_argument(

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._checks import nonempty_arg
 from ._http_provider import BearerSource
 from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
@@ -127,14 +128,14 @@ def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
         "--provider", default=None, metavar="openai|anthropic|sim",
         help="use this provider for every agent (default: each agent's provider in the pipeline, else sim)",
     )
-    group.add_argument("--model", default=None, help="use this model for every agent")
+    group.add_argument("--model", type=nonempty_arg, default=None, help="use this model for every agent")
     group.add_argument(
         "--base-url", default=None,
         help="API base URL including the version path as the official clients take it, "
         "e.g. http://127.0.0.1:8000/v1 (OpenAI) or https://api.anthropic.com (Anthropic)",
     )
     group.add_argument(
-        "--api-key-env", default=None, metavar="VAR",
+        "--api-key-env", type=nonempty_arg, default=None, metavar="VAR",
         help="read the API key from VAR (default: OPENAI_API_KEY / ANTHROPIC_API_KEY)",
     )
     group.add_argument("--no-stream", dest="stream", action="store_false", help="do not stream responses")

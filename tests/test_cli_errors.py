@@ -103,6 +103,9 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         # Read as "not given": the default pipeline or prices were used.
         (["run", "--pipeline", ""], "--pipeline: an empty path"),
         (["metrics", "r", "--prices", ""], "--prices: an empty path"),
+        # Taken as given: an empty model for every agent; a prefix of every branch.
+        (["run", "--model", ""], "--model: must not be empty"),
+        (["status", "r", "--branch", ""], "--branch: must not be empty"),
         # Ids are passed back on command lines and shown on one line.
         (["run", "--run-id", "a b"], "--run-id: a run id must be at most 200 printable characters without spaces"),
         (["run", "--run-id", " "], "--run-id: a run id must not be empty"),
