@@ -366,6 +366,23 @@ def fault_summary(orch: Orchestrator, store: Store, result: RunResult, *, show: 
     return faults
 
 
+def warn_unpriced_budget(args: argparse.Namespace, pipeline: Pipeline) -> None:
+    """A budget counts priced calls only: say so up front for the models
+    the price table does not know, rather than let the run go past its
+    budget with no word until the cost line ("+N calls to unpriced")."""
+    if getattr(args, "budget", None) is None:
+        return
+    unpriced = sorted(
+        {spec.model for spec in pipeline.agents.values() if args.price_table.lookup(spec.model, spec.provider) is None}
+    )
+    if unpriced:
+        print(
+            f"conclave: warning: --budget counts priced calls only, and there is no price for "
+            f"{', '.join(unpriced)}: give one with --prices FILE",
+            file=sys.stderr,
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
@@ -393,6 +410,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.price_table = load_prices(args.prices)
     except MetricsUsageError as exc:
         return _fail(str(exc))
+    warn_unpriced_budget(args, pipeline)
     try:
         store = Store.open(args.db)
     except StoreError as exc:

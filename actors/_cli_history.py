@@ -42,6 +42,7 @@ from ._cli import (
     open_run,
     print_progress,
     report_result,
+    warn_unpriced_budget,
 )
 from ._checks import nonempty_arg, positive_arg
 from ._consensus import ADVANCING
@@ -212,6 +213,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         args.price_table = load_prices(args.prices)
     except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
         return _fail(str(exc))
+    warn_unpriced_budget(args, pipeline)
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:
         args.clock = "real" if remote else "virtual"

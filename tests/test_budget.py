@@ -5,6 +5,7 @@ with a higher budget."""
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import attrs
 import pytest
@@ -148,3 +149,23 @@ async def test_resume_with_a_higher_budget_finishes_the_run(
     assert result.completed
     assert len(mock.calls) == 4, "only the 4 calls never made are bought"
     assert result.cost_usd == Decimal("0.315")
+
+
+def test_the_cli_warns_when_a_budget_cannot_see_some_models(tmp_path: Path) -> None:
+    from .conftest import run_cli
+
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(
+        '[agents.llama]\nmodel = "llama-3-70b"\n'
+        '[[stages]]\nname = "plan"\nagents = ["llama", "claude"]\nquorum = 1\n'
+    )
+    db = str(tmp_path / "c.db")
+    warning = "--budget counts priced calls only, and there is no price for llama-3-70b"
+    proc = run_cli(["run", "--db", db, "--run-id", "r", "--pipeline", str(pipeline), "--budget", "5"])
+    assert proc.returncode == 0 and warning in proc.stderr
+    assert "claude-sonnet-4-5" not in proc.stderr  # priced: not named
+    resumed = run_cli(["resume", "r", "--db", db, "--budget", "6"])
+    assert resumed.returncode == 0 and warning in resumed.stderr
+    # No budget, or every model priced: no warning.
+    assert "warning" not in run_cli(["run", "--db", db, "--pipeline", str(pipeline)]).stderr
+    assert "warning" not in run_cli(["run", "--db", db, "--budget", "5"]).stderr
