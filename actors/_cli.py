@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TextIO, TypeVar
 
 import trio
@@ -220,6 +220,17 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
         raise UsageError(str(exc)) from None
 
 
+def check_fault_scope(plan: FaultPlan, providers: Iterable[str]) -> None:
+    """Refuse a plan scoped to a provider the run does not call - here,
+    before the store is opened, as every usage error is."""
+    names = sorted(providers)
+    if plan.enabled and plan.provider is not None and plan.provider not in names:
+        raise UsageError(
+            f"faults are scoped to provider {plan.provider!r}, which this run does not call "
+            f"(its providers: {', '.join(names)})"
+        )
+
+
 def fault_banner(plan: FaultPlan, seed: int, whence: str = "from --seed") -> None:
     """Say on stderr that faults are active (stdout stays clean for --json)."""
     if plan.enabled:
@@ -398,6 +409,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except (ProviderConfigError, PipelineError, AuthError) as exc:
         return _fail(str(exc))
+    check_fault_scope(plan, configs)
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:
         args.clock = "real" if remote else "virtual"

@@ -35,6 +35,7 @@ from ._cli import (
     _non_negative,
     _unit_interval,
     add_fault_options,
+    check_fault_scope,
     fault_banner,
     fault_plan,
     fault_summary,
@@ -213,6 +214,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         args.price_table = load_prices(args.prices)
     except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
         return _fail(str(exc))
+    check_fault_scope(plan, configs)
     warn_unpriced_budget(args, pipeline)
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:

@@ -235,6 +235,10 @@ def test_cli_refuses_a_scope_no_agent_calls(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "conclave: error: faults are scoped to provider 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr and "ConfigError" not in proc.stderr
+    assert not db.exists()  # refused before the store was opened, as every usage error
+    assert run_cli(["run", "--db", str(db), "--run-id", "r"]).returncode == 0
+    resumed = run_cli(["resume", "r", "--db", str(db)], env=scoped)
+    assert resumed.returncode == 2 and "scoped to provider 'nope'" in resumed.stderr
     soak = run_cli(["soak", "--runs", "2", "--faults", "disconnect:50%"], env=scoped)
     assert soak.returncode == 2
     assert "scoped to provider 'nope', which the soak does not call (it calls: sim)" in soak.stderr
