@@ -745,6 +745,11 @@ async def open_orchestrator(
     pipeline = pipeline or default_pipeline()
     limits = limits or Limits()
     retry = retry or RetryPolicy()
+    if interceptors is not None and not isinstance(interceptors, Mapping):
+        raise ConfigError(
+            f"interceptors must map a channel ({', '.join(sorted(EDGES))}) to a list of Interceptors, "
+            f"got {interceptors!r}"
+        )
     interceptors = dict(interceptors or {})
     unknown_edges = set(interceptors) - EDGES
     if unknown_edges:

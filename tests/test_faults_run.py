@@ -346,6 +346,9 @@ async def test_an_orchestrator_takes_a_fault_spec_as_the_cli_does(
         ({"faults": 3}, "faults must be a FaultPlan, a spec such as 'disconnect:3' or an Interceptor, got 3"),
         ({"interceptors": {"gateway": ["x"]}}, "interceptors['gateway'] holds 'x', which is not an Interceptor"),
         ({"interceptors": {"store": "x"}}, "interceptors['store'] must be a list of Interceptors, got 'x'"),
+        # Not a mapping: a TypeError from dict() used to say nothing useful.
+        ({"interceptors": [object()]}, "interceptors must map a channel (agent, coordinator, gateway, metrics, store)"),
+        ({"interceptors": "gateway"}, "interceptors must map a channel"),
     ],
 )
 async def test_bad_faults_or_interceptors_are_refused_before_anything_is_created(
