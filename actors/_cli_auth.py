@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import httpx
 import trio
 
-from messages._auth_errors import AuthConfigError, AuthError, TokenStoreError
+from messages._auth_errors import AuthConfigError, AuthError
 
 from ._auth_flow import DeviceAuthorization
 from ._auth_login import device_login, logout
@@ -49,7 +49,8 @@ HTTP_TIMEOUT = httpx.Timeout(30.0)
 def _store(env: Mapping[str, str]) -> TokenStore:
     backend = env.get("CONCLAVE_TOKEN_BACKEND", "auto")
     if backend not in ("auto", "file", "keyring"):
-        raise TokenStoreError(f"CONCLAVE_TOKEN_BACKEND must be auto, file or keyring, got {backend!r}")
+        # Bad input, as a bad option is: exit 2 from every command.
+        raise AuthConfigError(f"CONCLAVE_TOKEN_BACKEND must be auto, file or keyring, got {backend!r}")
     return TokenStore(default_home(env), backend=backend)
 
 
@@ -161,7 +162,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
         removed = trio.run(logout, store, provider)
     except AuthError as error:
         _error(str(error))
-        return EXIT_ERROR
+        return error.exit_code
     if not removed and provider not in PROVIDERS:
         # A misspelt name must not read as "your tokens are gone".
         _error(f"unknown provider {args.provider!r}; choose one of: {', '.join(PROVIDERS)}")
@@ -197,7 +198,7 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
         rows = status_rows(store, time.time())
     except AuthError as error:
         _error(str(error))
-        return EXIT_ERROR
+        return error.exit_code
     if args.json:
         _emit_json(sys.stdout, {"store": store.backend.description, "providers": rows})
         return EXIT_OK

@@ -165,6 +165,15 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
     with pytest.raises(SystemExit) as info:
         conclave_main(["login", "myspace"])
     assert info.value.code == 2
+    # A bad CONCLAVE_TOKEN_BACKEND is bad input to every command that reads
+    # tokens, as it already was to 'run --auth login'.
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "bogus")
+    capsys.readouterr()
+    for argv in (["auth", "status"], ["logout", "github"], ["login", "generic", "--device-url", "https://d",
+                                                             "--token-url", "https://t", "--client-id", "x"]):
+        assert conclave_main(argv) == 2, argv
+        assert "CONCLAVE_TOKEN_BACKEND must be auto, file or keyring, got 'bogus'" in capsys.readouterr().err
 
 
 def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
