@@ -742,6 +742,29 @@ async def open_orchestrator(
     problem = seed_problem(seed)
     if problem is not None:
         raise ConfigError(problem)  # before anything starts, not in the store writer
+    # A wrong kind of object fails here, naming the argument - not as an
+    # AttributeError in an actor half way through a run (the auth actor's
+    # even before the inboxes could be closed: the block never returned).
+    for name, value, kinds in (
+        ("store", store, (str, os.PathLike, Store)),
+        ("pipeline", pipeline, (Pipeline, type(None))),
+        ("retry", retry, (RetryPolicy, type(None))),
+        ("limits", limits, (Limits, type(None))),
+        ("prices", prices, (PriceTable, type(None))),
+        ("breaker", breaker, (BreakerPolicy, type(None))),
+        ("health", health, (HealthRegistry, type(None))),
+        ("auth", auth, (AuthService, type(None))),
+    ):
+        if not isinstance(value, kinds):
+            wanted = " or ".join(k.__name__ for k in kinds if k is not type(None))
+            raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
+    if provider is not None and not isinstance(provider, BaseProvider):
+        if not isinstance(provider, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, BaseProvider) for k, v in provider.items()
+        ):
+            raise ConfigError(
+                f"provider must be a BaseProvider or a mapping of provider name to BaseProvider, got {provider!r}"
+            )
     pipeline = pipeline or default_pipeline()
     limits = limits or Limits()
     retry = retry or RetryPolicy()
@@ -833,41 +856,44 @@ async def open_orchestrator(
             interceptor.attach(seed=seed, health=health, events=store_tx)
         with collapse_single():
             async with trio.open_nursery() as nursery:
-                orchestrator = Orchestrator(
-                    gateway=gateway_tx,
-                    metrics=metrics_tx,
-                    store=store_tx,
-                    pipeline=pipeline,
-                    seed=seed,
-                    retry=retry,
-                    interceptors=interceptors,
-                    limits=limits,
-                    metrics_hub=hub,
-                    db=db,
-                )
-                metrics = MetricsAccumulator(
-                    prices,
-                    publish=hub.publish,
-                    alert=orchestrator._publish,
-                    interval=limits.metrics_interval,
-                    listening=hub.listening,
-                )
-                nursery.start_soon(gateway.run, gateway_rx)
-                nursery.start_soon(metrics.run, metrics_rx)
-                # Shielded: the writer stops when its inbox closes, after
-                # committing what is queued, so even a cancelled orchestrator
-                # records its runs as interrupted.  It never waits on anyone
-                # but its inbox (and a bounded busy-retry loop).
-                nursery.start_soon(_shielded, writer.run, store_rx)
-                if auth is not None:
-                    nursery.start_soon(auth.run)
-                orchestrator.health = health
-                orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
-                orchestrator._fault_interceptors = tuple(attached)
+                orchestrator: Orchestrator | None = None
+                # From the first task started, every exit closes the inboxes:
+                # the shielded writer waits on its inbox alone, and a failure
+                # between starting it and the yield left it waiting for ever.
                 try:
+                    orchestrator = Orchestrator(
+                        gateway=gateway_tx,
+                        metrics=metrics_tx,
+                        store=store_tx,
+                        pipeline=pipeline,
+                        seed=seed,
+                        retry=retry,
+                        interceptors=interceptors,
+                        limits=limits,
+                        metrics_hub=hub,
+                        db=db,
+                    )
+                    metrics = MetricsAccumulator(
+                        prices,
+                        publish=hub.publish,
+                        alert=orchestrator._publish,
+                        interval=limits.metrics_interval,
+                        listening=hub.listening,
+                    )
+                    nursery.start_soon(gateway.run, gateway_rx)
+                    nursery.start_soon(metrics.run, metrics_rx)
+                    # Shielded: the writer stops when its inbox closes, after
+                    # committing what is queued, so even a cancelled orchestrator
+                    # records its runs as interrupted.  It never waits on anyone
+                    # but its inbox (and a bounded busy-retry loop).
+                    nursery.start_soon(_shielded, writer.run, store_rx)
+                    if auth is not None:
+                        nursery.start_soon(auth.run)
+                    orchestrator.health = health
+                    orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
+                    orchestrator._fault_interceptors = tuple(attached)
                     yield orchestrator
                 finally:
-                    orchestrator._closed = True
                     # Closing the inboxes lets each actor drain what is queued
                     # and stop; on cancellation the nursery cancels them anyway.
                     gateway_tx.close()
@@ -875,7 +901,9 @@ async def open_orchestrator(
                     store_tx.close()
                     if auth is not None:
                         auth.close()
-                    orchestrator._progress.close()
+                    if orchestrator is not None:
+                        orchestrator._closed = True
+                        orchestrator._progress.close()
                     hub.close()
     finally:
         for interceptor in attached:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,14 @@ import pytest
 import trio
 import trio.testing
 
-from actors import ConfigError, Latency, Limits, RunResult, SimulatedProvider, open_orchestrator
+from actors import (
+    ConfigError,
+    Latency,
+    Limits,
+    RunResult,
+    SimulatedProvider,
+    open_orchestrator,
+)
 from messages import StageDecided
 from store import Store
 
@@ -197,3 +206,65 @@ async def test_the_extreme_seeds_run_and_are_stored(
     with Store.open(path) as s:
         run = s.get_run("r")
         assert run is not None and run.seed == seed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"prices": {}}, "prices: expected PriceTable, got {}"),  # used to crash the metrics actor mid-run
+        ({"retry": 3}, "retry: expected RetryPolicy, got 3"),
+        ({"limits": {}}, "limits: expected Limits, got {}"),
+        ({"pipeline": "plan"}, "pipeline: expected Pipeline, got 'plan'"),
+        ({"provider": {"sim": "x"}}, "provider must be a BaseProvider or a mapping"),
+        ({"provider": "sim"}, "provider must be a BaseProvider or a mapping"),
+    ],
+)
+async def test_a_wrong_kind_of_argument_is_refused_before_anything_starts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, kwargs: dict[str, Any], needle: str
+) -> None:
+    path = tmp_path / "c.db"
+    with trio.fail_after(60):  # virtual: only a hang reaches it
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            async with open_orchestrator(store=str(path), **kwargs):
+                pass  # pragma: no cover
+    assert not path.exists()
+
+
+HANG_SCRIPT = """
+import sys, trio, trio.testing
+from actors import AuthService, ConfigError, TokenManager, TokenStore, open_orchestrator
+
+class Broken(AuthService):
+    def run(self):
+        raise RuntimeError("auth actor cannot start")
+
+async def main(home, db):
+    try:
+        async with open_orchestrator(store=db, auth="x"):
+            pass
+    except ConfigError as exc:
+        assert "auth: expected AuthService, got 'x'" in str(exc), exc
+    try:
+        async with open_orchestrator(store=db, auth=Broken(TokenManager(TokenStore(home)), ["openai"])):
+            pass
+    except RuntimeError as exc:
+        assert "auth actor cannot start" in str(exc), exc
+    print("returned")
+
+trio.run(main, sys.argv[1], sys.argv[2], clock=trio.testing.MockClock(autojump_threshold=0))
+"""
+
+
+def test_a_failure_while_starting_the_actors_does_not_hang(tmp_path: Path) -> None:
+    # The shielded store writer waits on its inbox alone: a failure after it
+    # started and before the block's try/finally (a wrong auth object's
+    # missing run(), say) left it waiting for ever - no cancel scope in the
+    # process could end it, hence a child process and a timeout.
+    proc = subprocess.run(
+        [sys.executable, "-c", HANG_SCRIPT, str(tmp_path / "home"), str(tmp_path / "c.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "returned"
