@@ -43,6 +43,7 @@ from messages import (
     ZERO_USAGE,
     ActorStopped,
     BadRequest,
+    Completion,
     CompletionRequest,
     CompletionResult,
     Outbox,
@@ -226,6 +227,14 @@ class Gateway:
         except BaseException:
             health.abandon(permit)
             raise
+        if not isinstance(completion, Completion):
+            # The same bug as raising: this call fails, not the agent that
+            # would take it apart.
+            bug = ProviderError(
+                f"provider {request.provider!r} returned {type(completion).__name__}, not a Completion"
+            )
+            health.report(permit, bug)
+            return CompletionResult(key=request.key, attempt=request.attempt, error=bug)
         health.report(permit, None)
         return CompletionResult(key=request.key, attempt=request.attempt, completion=completion)
 

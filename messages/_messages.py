@@ -95,11 +95,16 @@ class AgentReply:
 
 @attrs.frozen(kw_only=True, slots=True)
 class Completion:
-    """A provider's answer to one call."""
+    """A provider's answer to one call.  Checked when built: a provider of
+    an embedding app that builds a wrong one fails that call (the gateway
+    reports it as the provider's bug), not the metrics or store actor that
+    would read it later."""
 
-    content: str
-    usage: TokenUsage | None
-    model: str
+    content: str = attrs.field(validator=attrs.validators.instance_of(str))
+    usage: TokenUsage | None = attrs.field(
+        validator=attrs.validators.optional(attrs.validators.instance_of(TokenUsage))
+    )
+    model: str = attrs.field(validator=attrs.validators.instance_of(str))
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -445,3 +445,35 @@ async def test_a_counted_fault_cancelled_at_the_gate_is_not_spent(autojump_clock
     assert waited.cancelled_caught, "it waited at the gate"
     assert faults.remaining("r") == {"disconnect": 0, "rate_limit": 0, "timeout": 1}
     assert faults.injected["timeout"] == 0
+
+
+@pytest.mark.parametrize(
+    ("wrong", "needle"),
+    [
+        (lambda req, ok: ok.content, "returned str, not a Completion"),
+        (lambda req, ok: None, "returned NoneType, not a Completion"),
+        (lambda req, ok: attrs.evolve(ok, model=None), "ValueError|TypeError"),
+        (lambda req, ok: Completion(content=ok.content, usage={"input_tokens": 1}, model="m"), "TypeError"),  # type: ignore[arg-type]
+    ],
+)
+async def test_a_provider_returning_the_wrong_thing_fails_that_call_only(
+    tmp_path: object, autojump_clock: trio.testing.MockClock, wrong: Any, needle: str
+) -> None:
+    """Like a provider that raises: claude's calls fail as the provider's
+    bug and the stage goes on with the others.  They used to crash the
+    agent, metrics or store actor, failing every run of the orchestrator."""
+    sim = SimulatedProvider(seed=0)
+
+    def handler(request: CompletionRequest) -> Any:
+        ok = sim.answer(request)
+        return wrong(request, ok) if request.key.agent == "claude" else ok
+
+    async with open_orchestrator(store=f"{tmp_path}/a.db", provider=MockProvider(handler, name="sim")) as orch:
+        result = await orch.run("S", run_id="wrong")
+        assert result.status == "completed"
+        assert all("claude" in stage.missing_agents for stage in result.stages)
+        again = await orch.run("S", run_id="again")  # the orchestrator still works
+        assert again.status == "completed"
+    with Store.open(f"{tmp_path}/a.db") as s:
+        errors = [o.error for o in s.outputs("wrong", stage="plan") if o.agent == "claude"]
+    assert errors and all(e is not None and re.search(needle, e) for e in errors), errors
