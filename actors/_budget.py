@@ -26,6 +26,9 @@ HALT_REASON = "budget_exceeded"
 BudgetLike = Decimal | int | float | str
 
 
+MAX_BUDGET = Decimal(10**12)
+
+
 def parse_budget(value: BudgetLike | None) -> Decimal | None:
     """A budget in USD as an exact Decimal; ``None`` means unlimited."""
     if value is None:
@@ -36,6 +39,10 @@ def parse_budget(value: BudgetLike | None) -> Decimal | None:
         raise ValueError(f"budget must be a number of USD, got {value!r}") from None
     if not budget.is_finite() or budget < 0:
         raise ValueError(f"budget must be a finite amount of USD >= 0, got {value!r}")
+    if budget > MAX_BUDGET:
+        # Past this, sums and percentages of it overflow Decimal's context
+        # inside the metrics actor, mid-run; no budget needs it.
+        raise ValueError(f"budget must be at most {MAX_BUDGET:,} USD, got {value!r}")
     return budget
 
 

@@ -109,13 +109,19 @@ class Quorum:
         raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a number, got {value!r}")
 
 
+def _a_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise PipelineError(f"{type(instance).__name__}.{attribute.name} must be a non-empty string, got {value!r}")
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class AgentSpec:
-    """How to reach one agent: which provider and model."""
+    """How to reach one agent: which provider and model.  Checked when
+    built: a model of None used to start a run and kill its metrics actor."""
 
-    name: str
-    provider: str = "sim"
-    model: str
+    name: str = attrs.field(validator=_a_name)
+    provider: str = attrs.field(default="sim", validator=_a_name)
+    model: str = attrs.field(validator=_a_name)
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -160,3 +160,12 @@ async def test_every_call_of_a_stage_carries_one_seat_provider_tuple(autojump_cl
         assert (await orch.run()).completed
     assert len(seen) == 50 and seen[0] == ("sim",) * 50
     assert all(providers is seen[0] for providers in seen)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"name": "claude", "model": None}, {"name": "", "model": "m"}, {"name": "a", "model": "m", "provider": 3}]
+)
+def test_an_agent_spec_is_checked_when_built(kwargs: dict[str, object]) -> None:
+    # A model of None used to start a run and kill its metrics actor.
+    with pytest.raises(PipelineError, match="must be a non-empty string"):
+        AgentSpec(**kwargs)  # type: ignore[arg-type]
