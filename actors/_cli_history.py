@@ -234,6 +234,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         except ResumeError as exc:
             return _fail(str(exc))
         options = dict(branch.options)  # the branch continued, or forked
+        options.pop("budget_usd", None)  # the budget is not an option: rerun keeps it unless --budget
         if fork is not None:
             for name in ("disagreement_rate", "sim_latency", "max_attempts"):
                 value = getattr(args, name)

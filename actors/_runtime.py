@@ -340,6 +340,7 @@ class Orchestrator:
         ):
             if problem is not None:
                 raise ConfigError(problem)
+        _check_options(options)
         pipeline = pipeline or self.pipeline
         budget_usd = parse_budget(budget)
         run_id = run_id or new_run_id(spec_id)
@@ -424,20 +425,23 @@ class Orchestrator:
         so does the budget unless ``budget`` is given.  Raises
         :class:`~store.RunLocked`, having written nothing, while another
         orchestrator drives the run."""
+        _check_options(options)
         budget_usd = parse_budget(budget)
         with self._claim(run_id):
             parent = load_state(self._require_db(), run_id, branch_id)
             stage = fork_stage(parent, from_stage)
             child = new_branch_id(parent.run.spec_id)
+            if budget_usd is None:
+                budget_usd = _budget_of(parent)  # kept, whether options are given or not
+            if options is None:
+                options = {k: v for k, v in parent.branch.options.items() if k != "budget_usd"}
             ack = await self._write(
                 PersistBranch(
                     run_id=run_id,
                     branch_id=child,
                     parent_branch_id=parent.branch.branch_id,
                     fork_stage=stage.name,
-                    options=options_json(
-                        _with_budget(parent.branch.options if options is None else options, budget_usd)
-                    ),
+                    options=options_json(_with_budget(options, budget_usd)),
                 )
             )
             if not ack.ok:
@@ -677,6 +681,22 @@ class Orchestrator:
                 run_id=ctx.run_id, branch_id=ctx.branch_id, kind="metrics", detail=totals_json(totals)
             )
         )
+
+
+def _check_options(options: Mapping[str, Any] | None) -> None:
+    """Options are stored as JSON with the branch, beside the budget."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(f"options must be a mapping with string keys, got {options!r}")
+    if "budget_usd" in options:
+        # The budget's own key: a resume would take this value for the
+        # budget (or fail on it) while the run itself had none.
+        raise ConfigError("options may not hold 'budget_usd': pass budget= instead")
+    try:
+        options_json(options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"options must be JSON-ready: {exc}") from None
 
 
 def _with_budget(options: Mapping[str, Any] | None, budget_usd: Decimal | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from actors import (
+    ConfigError,
     MockProvider,
     Orchestrator,
     SimulatedProvider,
@@ -170,3 +171,22 @@ def test_the_cli_warns_when_a_budget_cannot_see_some_models(tmp_path: Path) -> N
     # No budget, or every model priced: no warning.
     assert "warning" not in run_cli(["run", "--db", db, "--pipeline", str(pipeline)]).stderr
     assert "warning" not in run_cli(["run", "--db", db, "--budget", "5"]).stderr
+
+
+async def test_options_are_checked_and_a_rerun_keeps_its_budget(
+    db_path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_orchestrator(store=db_path, provider=provider(), pipeline=pipeline("sequential")) as orch:
+        # The budget's own key: a resume took it for the budget of a run
+        # that had none (or failed on it, after marking the run running).
+        with pytest.raises(ConfigError, match="options may not hold 'budget_usd': pass budget= instead"):
+            await orch.run("SPEC-B", run_id="x", options={"budget_usd": "abc"})
+        with pytest.raises(ConfigError, match="options must be JSON-ready"):
+            await orch.run("SPEC-B", run_id="x", options={"f": object()})
+        result = await orch.run("SPEC-B", run_id="r", budget="10", options={"note": "n"})
+        assert result.budget_usd == Decimal("10")
+        # Options given to rerun used to drop the parent's budget.
+        child = await orch.rerun("r", "tasks", options={"note": "m"})
+    assert child.budget_usd == Decimal("10")
+    with Store.open(db_path) as s:
+        assert s.get_run("x") is None
