@@ -275,6 +275,20 @@ class Orchestrator:
         self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
         self._closed = False  # its open_orchestrator block has ended
+        self.provider_names: frozenset[str] | None = None  # the gateway's; None: not known
+
+    def _check_providers(self, pipeline: Pipeline) -> None:
+        # Every call of an agent without a provider fails: the run would
+        # halt on no_consensus, with the cause only in its stored outputs
+        # (and a resume would store those failures over its good state).
+        if self.provider_names is None:
+            return
+        missing = sorted({spec.provider for spec in pipeline.agents.values()} - self.provider_names)
+        if missing:
+            raise ConfigError(
+                f"no provider configured for: {', '.join(missing)} "
+                f"(this orchestrator has: {', '.join(sorted(self.provider_names))})"
+            )
 
     def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:
         """Live :class:`~messages.TokenMetrics` snapshots (of every run, or
@@ -342,6 +356,7 @@ class Orchestrator:
                 raise ConfigError(problem)
         _check_options(options)
         pipeline = pipeline or self.pipeline
+        self._check_providers(pipeline)
         budget_usd = parse_budget(budget)
         run_id = run_id or new_run_id(spec_id)
         with self._claim(run_id):
@@ -377,6 +392,7 @@ class Orchestrator:
         budget_usd = parse_budget(budget)
         with self._claim(run_id):
             state = load_state(self._require_db(), run_id)
+            self._check_providers(state.pipeline)
             if self._fault_interceptors:
                 # A count budget is the run's, not the process's: what fired
                 # before the crash stays spent.
@@ -429,6 +445,7 @@ class Orchestrator:
         budget_usd = parse_budget(budget)
         with self._claim(run_id):
             parent = load_state(self._require_db(), run_id, branch_id)
+            self._check_providers(parent.pipeline)
             stage = fork_stage(parent, from_stage)
             child = new_branch_id(parent.run.spec_id)
             if budget_usd is None:
@@ -910,6 +927,7 @@ async def open_orchestrator(
                     if auth is not None:
                         nursery.start_soon(auth.run)
                     orchestrator.health = health
+                    orchestrator.provider_names = frozenset(providers)
                     orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                     orchestrator._fault_interceptors = tuple(attached)
                     yield orchestrator

@@ -20,6 +20,7 @@ from actors import (
     RunResult,
     SimulatedProvider,
     open_orchestrator,
+    parse_pipeline,
 )
 from messages import StageDecided
 from store import Store
@@ -268,3 +269,19 @@ def test_a_failure_while_starting_the_actors_does_not_hang(tmp_path: Path) -> No
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "returned"
+
+
+async def test_a_run_whose_pipeline_names_a_missing_provider_is_refused_unwritten(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Every call of its claude would fail: the run used to be recorded and
+    # halt on no_consensus, the cause only in the stored outputs.
+    pipeline = parse_pipeline(
+        '[agents.claude]\nprovider = "anthropic"\n[[stages]]\nname = "plan"\nagents = ["gemini", "claude"]'
+    )
+    path = str(tmp_path / "c.db")
+    async with open_orchestrator(store=path, provider={"sim": SimulatedProvider(), "openai": SimulatedProvider()}) as orch:
+        with pytest.raises(ConfigError, match=r"no provider configured for: anthropic \(this orchestrator has: openai, sim\)"):
+            await orch.run(run_id="r", pipeline=pipeline)
+    with Store.open(path) as s:
+        assert s.get_run("r") is None
