@@ -287,7 +287,8 @@ class Orchestrator:
         if missing:
             raise ConfigError(
                 f"no provider configured for: {', '.join(missing)} "
-                f"(this orchestrator has: {', '.join(sorted(self.provider_names))})"
+                f"(this orchestrator has: {', '.join(sorted(self.provider_names))}; "
+                "give open_orchestrator this pipeline, or a provider mapping that names them)"
             )
 
     def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:

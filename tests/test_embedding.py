@@ -281,7 +281,7 @@ async def test_a_run_whose_pipeline_names_a_missing_provider_is_refused_unwritte
     )
     path = str(tmp_path / "c.db")
     async with open_orchestrator(store=path, provider={"sim": SimulatedProvider(), "openai": SimulatedProvider()}) as orch:
-        with pytest.raises(ConfigError, match=r"no provider configured for: anthropic \(this orchestrator has: openai, sim\)"):
+        with pytest.raises(ConfigError, match=r"no provider configured for: anthropic \(this orchestrator has: openai, sim; "):
             await orch.run(run_id="r", pipeline=pipeline)
     with Store.open(path) as s:
         assert s.get_run("r") is None
