@@ -107,6 +107,9 @@ def _kind_mapping(value: Mapping[Any, Any] | None) -> Mapping[FaultKind, Any]:
     return dict(value or {})
 
 
+MAX_FAULT_COUNT = 1_000_000
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class FaultPlan:
     """What to inject.  Off unless some count or rate is set.
@@ -131,6 +134,13 @@ class FaultPlan:
                 raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise FaultPlanError(f"fault count for {kind} must be a whole number >= 0, got {count!r}")
+            if count > MAX_FAULT_COUNT:
+                # A count budget is laid out fault by fault, per run: ten
+                # billion of them exhausted memory.
+                raise FaultPlanError(
+                    f"fault count for {kind} must be at most {MAX_FAULT_COUNT:,}, got {count:,} "
+                    "(for more, give a rate such as 5%)"
+                )
         for kind, rate in self.rates.items():
             if kind not in FAULT_KINDS:
                 raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")

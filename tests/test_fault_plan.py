@@ -108,6 +108,8 @@ MALFORMED = {
     "bad count (missing)": (env(**{"": "429"}), "bad count in '429'"),
     "bad count (over 100%)": (env(**{"": "disconnect:150%"}), "bad count in 'disconnect:150%'"),
     "rates over 100%": (env(**{"": "disconnect:60%,timeout:50%"}), "more than 100%"),
+    # Laid out fault by fault: ten billion exhausted memory.
+    "huge count": (env(**{"": "disconnect:10000000000"}), "must be at most 1,000,000, got 10,000,000,000"),
     "bad reset hint": (env(**{"": "429:1", "429_RESET": "soon"}), "CODEX_FAULTS_429_RESET: cannot read 'soon'"),
     "bad reset hint (now+)": (env(**{"": "429:1", "429_RESET": "now+later"}), "cannot read 'now+later'"),
     "unknown scope": (env(**{"": "disconnect:1", "SCOPE": "tui"}), "unknown scope 'tui'"),
