@@ -411,6 +411,9 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
 
 def pipeline_with_panel(stage: str, agents: Sequence[str], *, mode: Mode = "parallel") -> Pipeline:
     """A one-stage pipeline with a custom panel (benchmarks and scale tests)."""
+    if isinstance(agents, str):
+        # Iterated, "claude" made a panel of six agents: c, l, a, u, d, e.
+        raise PipelineError(f"agents must be a sequence of agent names, not the string {agents!r}")
     declared = {a: {"provider": "sim", "model": "sim-model"} for a in agents}
     return pipeline_from_dict(
         {

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -130,6 +131,24 @@ def _price(name: str, entry: Mapping[str, Any]) -> ModelPrice:
 MAX_RATE = 1000
 
 
+def _exact(entries: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Float rates (as a Python caller writes 3e-06) as the Decimals they
+    spell; a price file's are parsed as Decimals already."""
+    if not isinstance(entries, Mapping):
+        return entries  # _validate names it
+    return {
+        name: {
+            key: Decimal(repr(value))
+            if isinstance(value, float) and math.isfinite(value) and (key in _RATE_FIELDS or _TIER.match(key))
+            else value
+            for key, value in entry.items()
+        }
+        if isinstance(entry, Mapping)
+        else entry
+        for name, entry in entries.items()
+    }
+
+
 def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, Any]) -> None:
     for name, entry in entries.items():
         if name.startswith("_"):
@@ -196,6 +215,7 @@ class PriceTable:
         return table.with_overrides(_parse(text, override), source=override)
 
     def with_overrides(self, entries: Mapping[str, Any], *, source: str = "override") -> PriceTable:
+        entries = _exact(entries)
         _validate(entries, source, new_ok=self._entries)
         merged = {name: dict(entry) for name, entry in self._entries.items()}
         for name, entry in entries.items():

@@ -169,3 +169,9 @@ def test_an_agent_spec_is_checked_when_built(kwargs: dict[str, object]) -> None:
     # A model of None used to start a run and kill its metrics actor.
     with pytest.raises(PipelineError, match="must be a non-empty string"):
         AgentSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_panel_given_as_one_string_is_refused() -> None:
+    # Iterated, "claude" was a panel of six agents: c, l, a, u, d, e.
+    with pytest.raises(PipelineError, match="not the string 'claude'"):
+        pipeline_with_panel("plan", "claude")

@@ -4,6 +4,7 @@ overrides, and a run on three priced models plus an unknown one."""
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 from pathlib import Path
 
@@ -213,3 +214,15 @@ async def test_a_run_on_three_priced_models_costs_what_the_table_says(db_path: s
     assert Decimal(by_agent["claude"]["cost_usd_exact"]) == Decimal("0.0984")
     by_stage = totals_event["by"]["stage"]
     assert Decimal(by_stage["plan"]["cost_usd_exact"]) == Decimal(by_stage["tasks"]["cost_usd_exact"]) == Decimal("0.1172")
+
+
+def test_float_rates_from_python_are_taken_exactly() -> None:
+    # "must be a non-negative number, got 3e-06" refused every float.
+    table = PriceTable.vendored().with_overrides(
+        {"m": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05}}
+    )
+    price = table.lookup("m")
+    assert price is not None
+    assert (price.rates.input, price.rates.output) == (Decimal("0.000003"), Decimal("0.000015"))
+    with pytest.raises(PriceFileError, match="non-negative"):
+        PriceTable.vendored().with_overrides({"m": {"input_cost_per_token": math.nan, "output_cost_per_token": 0}})
