@@ -61,7 +61,7 @@ class BreakerPolicy:
         # "not x > 0" rather than "x <= 0": NaN fails too.
         check_seconds(self.window, "window")
         if not self.window > 0 or not isinstance(self.min_calls, int) or self.min_calls < 1:
-            raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window} and {self.min_calls}")
+            raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window!r} and {self.min_calls!r}")
         check_seconds(self.cooldown, "cooldown")
         check_seconds(self.probe_wait, "probe_wait")
 

@@ -40,6 +40,9 @@ class MockProvider(BaseProvider):
     implementation of the seam, for tests."""
 
     def __init__(self, handler: Handler, *, name: str = "mock") -> None:
+        if not callable(handler):
+            # Else every call fails later with "'NoneType' object is not callable".
+            raise TypeError(f"MockProvider needs a function of the request, got {handler!r}")
         self._handler = handler
         self.name = name
         self.calls: list[CompletionRequest] = []

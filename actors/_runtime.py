@@ -352,6 +352,7 @@ class Orchestrator:
         for problem in (
             id_problem(spec_id, "a spec id", spaces=True),
             None if run_id is None else id_problem(run_id, "a run id", spaces=False),
+            None if isinstance(goal, str) else f"goal must be a string, got {goal!r}",
         ):
             if problem is not None:
                 raise ConfigError(problem)
@@ -390,6 +391,7 @@ class Orchestrator:
         with ``budget_exceeded``); by default the run keeps its own.
         Raises :class:`~store.RunLocked`, having written nothing, while
         another orchestrator drives the run."""
+        _check_names(run_id=run_id)
         budget_usd = parse_budget(budget)
         with self._claim(run_id):
             state = load_state(self._require_db(), run_id)
@@ -442,6 +444,7 @@ class Orchestrator:
         so does the budget unless ``budget`` is given.  Raises
         :class:`~store.RunLocked`, having written nothing, while another
         orchestrator drives the run."""
+        _check_names(run_id=run_id, from_stage=from_stage, **({} if branch_id is None else {"branch_id": branch_id}))
         _check_options(options)
         budget_usd = parse_budget(budget)
         with self._claim(run_id):
@@ -699,6 +702,14 @@ class Orchestrator:
                 run_id=ctx.run_id, branch_id=ctx.branch_id, kind="metrics", detail=totals_json(totals)
             )
         )
+
+
+def _check_names(**names: object) -> None:
+    """Names that look a run up: strings, or a ConfigError naming them (not
+    an AttributeError from the run lock)."""
+    for what, value in names.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
 
 
 def _check_options(options: Mapping[str, Any] | None) -> None:

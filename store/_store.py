@@ -517,6 +517,10 @@ class Store:
         return _run_row(rows[0]) if rows else None
 
     def list_runs(self, limit: int = 20) -> list[RunRow]:
+        """The latest ``limit`` runs, newest first."""
+        # SQLite reads LIMIT -1 as "no limit", and 2**70 overflows.
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 2**63 - 1:
+            raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
         rows = self._rows(self._RUN_COLUMNS + " ORDER BY created_at DESC, run_id DESC LIMIT ?", (limit,))
         return [_run_row(r) for r in rows]
 

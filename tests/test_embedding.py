@@ -17,6 +17,7 @@ from actors import (
     ConfigError,
     Latency,
     Limits,
+    MockProvider,
     RunResult,
     SimulatedProvider,
     open_orchestrator,
@@ -285,3 +286,25 @@ async def test_a_run_whose_pipeline_names_a_missing_provider_is_refused_unwritte
             await orch.run(run_id="r", pipeline=pipeline)
     with Store.open(path) as s:
         assert s.get_run("r") is None
+
+
+async def test_misused_calls_name_the_argument(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Each used to fail as an AttributeError from the run lock, or an SQLite
+    # constraint once the run was claimed.
+    async with open_orchestrator(store=str(tmp_path / "c.db")) as orch:
+        await orch.run(run_id="r")
+        for call, needle in (
+            (lambda: orch.run(goal=None), "goal must be a string, got None"),
+            (lambda: orch.resume(None), "run_id must be a non-empty string, got None"),
+            (lambda: orch.rerun("r", None), "from_stage must be a non-empty string, got None"),
+            (lambda: orch.rerun("r", "plan", branch_id=""), "branch_id must be a non-empty string, got ''"),
+        ):
+            with pytest.raises(ConfigError, match=re.escape(needle)):
+                await call()  # type: ignore[no-untyped-call]
+    with Store.open(str(tmp_path / "c.db")) as s:
+        assert [r.run_id for r in s.list_runs()] == ["r"]
+        for limit in (-1, 0, 2**70):  # -1 used to list every run
+            with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
+                s.list_runs(limit=limit)
+    with pytest.raises(TypeError, match="MockProvider needs a function of the request, got None"):
+        MockProvider(None)  # type: ignore[arg-type]
