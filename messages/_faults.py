@@ -151,6 +151,16 @@ class FaultInterceptor(Interceptor[Any]):
             plan = FaultPlan.parse(plan)
         elif not isinstance(plan, FaultPlan):
             raise TypeError(f"FaultInterceptor needs a FaultPlan or a spec such as 'disconnect:3', got {plan!r}")
+        # Checked here, not at the first injected fault mid-run; a str seed
+        # would place faults unlike the number it spells.
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"FaultInterceptor seed must be a whole number or None, got {seed!r}")
+        if health is not None and not all(callable(getattr(health, m, None)) for m in ("admit", "report", "abandon")):
+            raise TypeError(f"FaultInterceptor health must have admit, report and abandon (a HealthPort), got {health!r}")
+        if events is not None and not isinstance(events, trio.abc.SendChannel):
+            raise TypeError(f"FaultInterceptor events must be a send channel, got {events!r}")
+        if observer is not None and not callable(observer):
+            raise TypeError(f"FaultInterceptor observer must be callable, got {observer!r}")
         self.plan = plan
         self.seed = plan.seed if plan.seed is not None else (seed or 0)
         self.health = health

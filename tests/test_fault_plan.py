@@ -7,6 +7,7 @@ import collections
 import itertools
 import re
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -486,3 +487,19 @@ def test_a_scoped_plan_spends_its_budget_and_resumes_to_its_placement(
         assert [d[0] if d else None for d in got] == [k for *_, k in whole[cut:]]
 
     trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"seed": "7"}, "seed must be a whole number or None, got '7'"),  # placed faults unlike 7
+        ({"seed": True}, "seed must be a whole number or None, got True"),
+        ({"health": "gate"}, "health must have admit, report and abandon"),
+        ({"events": "log"}, "events must be a send channel"),
+        ({"observer": 5}, "observer must be callable"),
+    ],
+)
+def test_a_fault_interceptor_checks_its_arguments_when_built(kwargs: dict[str, Any], needle: str) -> None:
+    # Each used to be accepted and fail at the first injected fault, mid-run.
+    with pytest.raises(TypeError, match=re.escape(needle)):
+        FaultInterceptor("disconnect:1", **kwargs)
