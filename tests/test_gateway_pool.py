@@ -5,6 +5,7 @@ another's calls, and a stopped gateway fails what it still holds."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest

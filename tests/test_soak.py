@@ -262,7 +262,7 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
     config = SoakConfig(seed=6, runs=4, faults=default_soak_plan("disconnect:20%"), db=str(db))
     assert run_soak(config).ok
     before = db.read_bytes()
-    with pytest.raises(ConfigError, match=rf"kept\.db already holds run 'soak-6-000000' .*seed 6"):
+    with pytest.raises(ConfigError, match=r"kept\.db already holds run 'soak-6-000000' .*seed 6"):
         run_soak(attrs.evolve(config, runs=8))
     assert db.read_bytes() == before  # refused before anything was written
     # Another seed has run ids of its own: the same file takes it.
