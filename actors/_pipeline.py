@@ -237,6 +237,10 @@ def load_pipeline(path: str) -> Pipeline:
 
 
 def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
+    """Read and validate a pipeline given as TOML text."""
+    if not isinstance(text, str):
+        # tomllib's own message for bytes says the reverse of the truth.
+        raise PipelineError(f"{source}: the pipeline must be TOML text (a str), got {type(text).__name__}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

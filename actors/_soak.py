@@ -162,6 +162,10 @@ class SoakConfig:
             raise ValueError(f"agents must be at least 1, got {self.agents}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.db is not None and self.db.strip() in ("", ":memory:"):
+            # The scratch database is in memory already; '' opened a
+            # temporary file and failed only when the soak started.
+            raise ValueError(f"db must name a file to keep the soak's runs in (or be None), got {self.db!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         scope = self.faults.provider
@@ -767,6 +771,13 @@ def run_soak(
     """Run the soak: one worker in a fresh trio run on a virtual clock
     (autojump), several in as many processes, each with its own.
     ``progress`` and ``on_breach``: see :func:`soak`."""
+    # Checked here: once running, a broken callback is dropped in silence
+    # (see guarded), so a wrong one would never be heard of.
+    if not isinstance(config, SoakConfig):
+        raise TypeError(f"run_soak needs a SoakConfig, got {config!r}")
+    for name, callback in (("progress", progress), ("on_breach", on_breach)):
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{name} must be callable, got {callback!r}")
     if config.shards > 1:
         from ._soak_shards import run_sharded
 

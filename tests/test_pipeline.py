@@ -175,3 +175,9 @@ def test_a_panel_given_as_one_string_is_refused() -> None:
     # Iterated, "claude" was a panel of six agents: c, l, a, u, d, e.
     with pytest.raises(PipelineError, match="not the string 'claude'"):
         pipeline_with_panel("plan", "claude")
+
+
+def test_pipeline_text_must_be_a_str() -> None:
+    # tomllib's message for bytes said "a bytes-like object is required, not 'str'".
+    with pytest.raises(PipelineError, match="must be TOML text"):
+        parse_pipeline(b'[[stages]]\nname = "plan"')  # type: ignore[arg-type]

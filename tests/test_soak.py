@@ -287,6 +287,7 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
         ({"db": 7}, TypeError, "'db'"),
         ({"disagreement_rate": 1.5}, ValueError, "disagreement_rate"),
         ({"disagreement_rate": float("nan")}, ValueError, "disagreement_rate"),
+        ({"db": ""}, ValueError, "db must name a file"),  # failed only when the soak started
     ],
 )
 def test_a_bad_config_is_refused_when_built(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
@@ -455,3 +456,12 @@ def test_a_replay_of_an_rfc3339_reset_waits_as_the_soak_did() -> None:
     for text in ("now+90s", "120", "6m0s"):
         plain = attrs.evolve(config, faults=attrs.evolve(config.faults, reset=parse_reset_hint(text)))
         assert f"CODEX_FAULTS_429_RESET={text} " in replay_command(plain)
+
+
+def test_run_soak_checks_its_callbacks_before_it_starts() -> None:
+    # Once running, a broken callback is dropped in silence: a wrong one
+    # would never have been heard of.
+    with pytest.raises(TypeError, match="progress must be callable, got 5"):
+        run_soak(SoakConfig(runs=1), progress=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="run_soak needs a SoakConfig, got None"):
+        run_soak(None)  # type: ignore[arg-type]
