@@ -37,7 +37,7 @@ from typing import Literal
 import attrs
 import trio
 
-from ._checks import check_seconds
+from ._checks import check_seconds, check_whole
 
 State = Literal["closed", "open", "half_open"]
 
@@ -60,6 +60,7 @@ class BreakerPolicy:
     def __attrs_post_init__(self) -> None:
         # "not x > 0" rather than "x <= 0": NaN fails too.
         check_seconds(self.window, "window")
+        check_whole(self.min_calls, "min_calls")
         if not self.window > 0 or not isinstance(self.min_calls, int) or self.min_calls < 1:
             raise ValueError(f"need window > 0 and min_calls >= 1, got {self.window!r} and {self.min_calls!r}")
         check_seconds(self.cooldown, "cooldown")

@@ -20,6 +20,20 @@ def check_seconds(value: float, name: str) -> float:
     return value
 
 
+def check_number(value: object, name: str) -> None:
+    """A TypeError naming ``name`` unless ``value`` is an int or float (not
+    a bool: True would read as 1 - a one-second call timeout, a 100 %
+    rate).  Range checks are the caller's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def check_whole(value: object, name: str) -> None:
+    """A TypeError naming ``name`` unless ``value`` is an int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+
+
 def positive_arg(text: str) -> int:
     """argparse type: a whole number >= 1, or a usage error naming the text."""
     try:

@@ -15,7 +15,7 @@ import attrs
 
 from messages import AgentKey, ProviderError
 
-from ._checks import check_seconds
+from ._checks import check_number, check_seconds, check_whole
 from ._classify import classify
 from ._grid import on_grid
 from ._rng import derive_unit
@@ -40,6 +40,9 @@ class RetryPolicy:
 
     def __attrs_post_init__(self) -> None:
         # Checked here, not deep in an agent's first retry or call.
+        check_whole(self.max_attempts, "max_attempts")
+        for name in ("multiplier", "jitter", "call_timeout"):
+            check_number(getattr(self, name), name)
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if not 1.0 <= self.multiplier < math.inf:  # NaN fails too

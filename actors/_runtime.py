@@ -81,7 +81,7 @@ from ._agent import Agent
 from ._budget import HALT_REASON as BUDGET_HALT
 from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget
 from ._breaker import BreakerPolicy
-from ._checks import check_seconds
+from ._checks import check_number, check_seconds, check_whole
 from ._consensus import ADVANCING
 from ._coordinator import Coordinator, RunContext
 from ._digest import compute_digest
@@ -156,7 +156,9 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
-        if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
+        check_whole(self.max_concurrency, "max_concurrency")
+        check_number(self.metrics_interval, "metrics_interval")
+        if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be a whole number >= 1, got {self.max_concurrency!r}")
         if not 0 < self.metrics_interval < math.inf:
             raise ValueError(f"metrics_interval must be a finite number of seconds > 0, got {self.metrics_interval!r}")

@@ -17,7 +17,7 @@ import trio
 
 from messages import Completion, CompletionRequest, TokenUsage
 
-from ._checks import check_seconds
+from ._checks import check_number, check_seconds
 from ._grid import on_grid
 from ._provider import BaseProvider
 from ._rng import derive_rng, derive_token, derive_unit
@@ -54,6 +54,8 @@ class Latency:
     def __attrs_post_init__(self) -> None:
         check_seconds(self.quantum, "latency quantum")
         check_seconds(self.median, "latency median")
+        check_number(self.sigma, "latency sigma")
+        check_number(self.cap, "latency cap")
         if not 0.0 <= self.sigma < math.inf:  # NaN fails too: it would draw NaN sleeps
             raise ValueError(f"latency sigma must be a finite number >= 0, got {self.sigma!r}")
         if not self.cap >= 0:
@@ -113,6 +115,7 @@ class SimulatedProvider(BaseProvider):
         disagreement_rate: float = 0.03,
         latency: Latency = Latency(),
     ) -> None:
+        check_number(disagreement_rate, "disagreement_rate")
         if not 0.0 <= disagreement_rate <= 1.0:
             raise ValueError(f"disagreement_rate must be within [0, 1], got {disagreement_rate!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):

@@ -18,6 +18,8 @@ from actors import (
     CircuitBreaker,
     Gateway,
     HealthRegistry,
+    Latency,
+    Limits,
     MockProvider,
     RetryPolicy,
     SimulatedProvider,
@@ -389,7 +391,15 @@ async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testin
         (lambda: BreakerPolicy(failure_rate="0.5"), TypeError, "failure_rate must be a number"),  # type: ignore[arg-type]
         (lambda: RetryPolicy(initial="1"), TypeError, "initial must be a number of seconds, got '1'"),  # type: ignore[arg-type]
         (lambda: HealthRegistry("strict"), TypeError, "HealthRegistry needs a BreakerPolicy, got 'strict'"),  # type: ignore[arg-type]
-        (lambda: BreakerPolicy(min_calls=2.5), ValueError, "min_calls >= 1"),  # type: ignore[arg-type]
+        (lambda: BreakerPolicy(min_calls=2.5), TypeError, "min_calls must be a whole number, got 2.5"),  # type: ignore[arg-type]
+        # Not numbers (or a bool read as 1): a bare "'<=' not supported", or a one-second timeout.
+        (lambda: BreakerPolicy(min_calls="20"), TypeError, "min_calls must be a whole number, got '20'"),  # type: ignore[arg-type]
+        (lambda: RetryPolicy(call_timeout=True), TypeError, "call_timeout must be a number, got True"),
+        (lambda: RetryPolicy(multiplier="2"), TypeError, "multiplier must be a number, got '2'"),  # type: ignore[arg-type]
+        (lambda: RetryPolicy(max_attempts=True), TypeError, "max_attempts must be a whole number, got True"),
+        (lambda: Limits(metrics_interval="1"), TypeError, "metrics_interval must be a number, got '1'"),  # type: ignore[arg-type]
+        (lambda: Latency(sigma=None), TypeError, "latency sigma must be a number, got None"),  # type: ignore[arg-type]
+        (lambda: SimulatedProvider(disagreement_rate="0.1"), TypeError, "disagreement_rate must be a number"),  # type: ignore[arg-type]
         (lambda: BreakerPolicy(cooldown=float("nan")), ValueError, "cooldown must be"),
         (lambda: BreakerPolicy(probe_wait=-1.0), ValueError, "probe_wait must be"),
     ],
