@@ -319,6 +319,13 @@ class Orchestrator:
         return await self._write(DropRun(run_id=run_id))
 
     async def totals(self, run_id: str, *, forget: bool = False) -> UsageTotals:
+        """The metrics accumulator's live totals of ``run_id`` while it runs
+        (``forget``: and drop them).  A run that has ended is forgotten -
+        its totals are in its :class:`RunResult` and in the store - so this
+        is all zeros for it, as for an id the accumulator never saw.
+        A checkpoint: waits for the accumulator's reply."""
+        if not isinstance(run_id, str):
+            raise ConfigError(f"run_id must be a string, got {run_id!r}")
         self._check_open()
         reply, pending = reply_pair("usage totals")
         await self._metrics.send(MetricsQuery(run_id=run_id, forget=forget, reply_to=reply))
