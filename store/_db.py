@@ -72,6 +72,10 @@ def open_connection(
     """
     if durability not in ("full", "normal", "scratch"):
         raise ValueError(f"durability must be 'full', 'normal' or 'scratch', got {durability!r}")
+    if not isinstance(path, str):
+        raise TypeError(f"the database path must be a str, got {path!r}")
+    if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int) or not 0 <= busy_timeout_ms < 2**31:
+        raise ValueError(f"busy_timeout_ms must be a whole number of ms in [0, 2**31), got {busy_timeout_ms!r}")
     if not path:
         # SQLite would open a private temporary file, deleted on close:
         # everything written would be lost without a word.

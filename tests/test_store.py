@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import apsw
@@ -238,4 +239,22 @@ def test_an_empty_path_is_refused_not_opened_as_a_temporary_file(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StoreError, match="an empty database path"):
         Store.open("")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"path": b"c.db"}, TypeError, "the database path must be a str, got b'c.db'"),
+        ({"path": None}, TypeError, "must be a str, got None"),  # was "an empty database path"
+        ({"path": "c.db", "busy_timeout_ms": -5}, ValueError, "busy_timeout_ms must be"),  # was accepted
+        ({"path": "c.db", "busy_timeout_ms": 2**40}, ValueError, "busy_timeout_ms must be"),  # overflowed a C int
+    ],
+)
+def test_open_checks_its_arguments_before_touching_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, object], error: type[Exception], needle: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=re.escape(needle)):
+        Store.open(**kwargs)  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
