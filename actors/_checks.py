@@ -34,12 +34,16 @@ def check_whole(value: object, name: str) -> None:
         raise TypeError(f"{name} must be a whole number, got {value!r}")
 
 
-def positive_arg(text: str) -> int:
-    """argparse type: a whole number >= 1, or a usage error naming the text."""
+def _whole_text(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def positive_arg(text: str) -> int:
+    """argparse type: a whole number >= 1, or a usage error naming the text."""
+    value = _whole_text(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     if value > INT64_MAX:
@@ -50,10 +54,7 @@ def positive_arg(text: str) -> int:
 
 def seed_arg(text: str) -> int:
     """argparse type: a seed a run can be stored with (signed 64 bits)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _whole_text(text)
     problem = seed_problem(value, "the seed")
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
