@@ -60,6 +60,8 @@ def parse_reset_hint(text: str, *, now: Callable[[], float] = time.time, source:
     """Parse a 429 reset hint: seconds (``120``), a duration (``90s``,
     ``1500ms``, ``6m0s``), ``now+90s`` / ``now+90``, or an RFC 3339 time.
     ``now`` is the wall clock, read only for RFC 3339 times."""
+    if not isinstance(text, str):
+        raise FaultPlanError(f"{source}: expected a reset hint such as '120' or 'now+90s', got {text!r}")
     raw = text.strip()
     if raw.lower().startswith("now+"):
         seconds = parse_duration(raw[4:])
@@ -104,6 +106,9 @@ def reset_hint(value: object, *, now: Callable[[], float] = time.time) -> ResetH
 
 
 def _kind_mapping(value: Mapping[Any, Any] | None) -> Mapping[FaultKind, Any]:
+    if value is not None and not isinstance(value, Mapping):
+        # dict("disconnect:3") said "dictionary update sequence element #0".
+        raise FaultPlanError(f"counts and rates map a fault kind to a number, got {value!r} (FaultPlan.parse reads specs)")
     return dict(value or {})
 
 
@@ -258,9 +263,9 @@ class FaultPlan:
         hint = reset_hint(reset, now=now)
         if timeout_ms is None or (isinstance(timeout_ms, str) and not timeout_ms.strip()):
             timeout = DEFAULT_TIMEOUT_MS
-        elif isinstance(timeout_ms, int):
+        elif isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool):
             timeout = timeout_ms
-        elif re.fullmatch(r"\s*\d+\s*", timeout_ms):
+        elif isinstance(timeout_ms, str) and re.fullmatch(r"\s*\d+\s*", timeout_ms):
             timeout = int(timeout_ms)
         else:
             raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: expected a whole number of milliseconds, got {timeout_ms!r}")
@@ -284,6 +289,8 @@ class FaultPlan:
         and ``--fault-seed``) override their variables.  Malformed values
         raise :class:`FaultPlanError`; nothing is silently ignored."""
         env = os.environ if env is None else env
+        if not isinstance(env, Mapping):
+            raise FaultPlanError(f"from_env reads a mapping of environment variables, got {env!r} (FaultPlan.parse reads specs)")
         spec = faults if faults is not None else env.get("CODEX_FAULTS", "")
         if seed is None:
             raw_seed = env.get("CODEX_FAULTS_SEED", "").strip()
@@ -307,6 +314,8 @@ def parse_scope(scope: str | None) -> str | None:
     """``spec_kit``, ``speckit``, legacy ``auto_drive`` or the channel name
     ``gateway`` select every provider call (returns ``None``);
     ``gateway:NAME`` selects one provider's calls (returns ``NAME``)."""
+    if scope is not None and not isinstance(scope, str):
+        raise FaultPlanError(f"CODEX_FAULTS_SCOPE: expected a scope such as 'spec_kit' or 'gateway:NAME', got {scope!r}")
     if scope is None or not scope.strip():
         return None
     text = scope.strip().lower()

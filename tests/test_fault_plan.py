@@ -503,3 +503,19 @@ def test_a_fault_interceptor_checks_its_arguments_when_built(kwargs: dict[str, A
     # Each used to be accepted and fail at the first injected fault, mid-run.
     with pytest.raises(TypeError, match=re.escape(needle)):
         FaultInterceptor("disconnect:1", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("build", "needle"),
+    [
+        # Each failed as an AttributeError or TypeError naming nothing of ours.
+        (lambda: FaultPlan.parse("disconnect:1", scope=123), "CODEX_FAULTS_SCOPE: expected a scope"),
+        (lambda: FaultPlan.parse("timeout:1", timeout_ms=1.5), "CODEX_FAULTS_TIMEOUT_MS: expected a whole number"),
+        (lambda: FaultPlan.parse("429:1", reset=["now+30s"]), "reset"),
+        (lambda: FaultPlan.from_env("disconnect:3"), "from_env reads a mapping of environment variables"),
+        (lambda: FaultPlan(counts="disconnect:3"), "counts and rates map a fault kind to a number"),
+    ],
+)
+def test_fault_plan_helpers_name_a_wrong_argument(build: Any, needle: str) -> None:
+    with pytest.raises((FaultPlanError, TypeError), match=re.escape(needle)):
+        build()
