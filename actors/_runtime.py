@@ -816,6 +816,10 @@ async def open_orchestrator(
         if not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds if k is not type(None))
             raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
+    if isinstance(store, Store) and (store.closed or not store.writable):
+        # Else the store writer fails on its first write, and every run
+        # with "no reply to PersistRun".
+        raise ConfigError(f"store {store.path!r} is {'closed' if store.closed else 'read-only'}: the orchestrator writes to it")
     if provider is not None and not isinstance(provider, BaseProvider):
         if not isinstance(provider, Mapping) or not all(
             isinstance(k, str) and isinstance(v, BaseProvider) for k, v in provider.items()

@@ -252,6 +252,12 @@ class Store:
         # when full.
         self._roots: dict[tuple[str, str], bool] = {}
         self._stages: dict[str, frozenset[str]] = {}
+        self.closed = False
+
+    @property
+    def writable(self) -> bool:
+        """False for a store opened ``readonly`` (or a read-only file)."""
+        return not self._conn.readonly("main")
 
     @classmethod
     def open(
@@ -271,6 +277,7 @@ class Store:
         return cls(conn, path, clock=clock)
 
     def close(self) -> None:
+        self.closed = True
         self._conn.close()
 
     def claim_run(self, run_id: str) -> AbstractContextManager[None]:

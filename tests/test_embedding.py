@@ -308,3 +308,18 @@ async def test_misused_calls_name_the_argument(tmp_path: Path, autojump_clock: t
                 s.list_runs(limit=limit)
     with pytest.raises(TypeError, match="MockProvider needs a function of the request, got None"):
         MockProvider(None)  # type: ignore[arg-type]
+
+
+async def test_a_closed_or_read_only_store_is_refused(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Either used to fail in the store writer, every run then failing with
+    # "no reply to PersistRun: the actor stopped".
+    path = str(tmp_path / "c.db")
+    closed = Store.open(path)
+    closed.close()
+    with pytest.raises(ConfigError, match="is closed: the orchestrator writes to it"):
+        async with open_orchestrator(store=closed):
+            pass  # pragma: no cover
+    with Store.open(path, readonly=True) as read_only:
+        with pytest.raises(ConfigError, match="is read-only: the orchestrator writes to it"):
+            async with open_orchestrator(store=read_only):
+                pass  # pragma: no cover
