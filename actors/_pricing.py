@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -157,7 +158,12 @@ def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, An
             raise PriceFileError(f"{where}: entry {name!r} must be an object")
         for key, value in entry.items():
             if key in _RATE_FIELDS or _TIER.match(key):
-                if isinstance(value, bool) or not isinstance(value, int | Decimal) or value < 0:
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | Decimal)
+                    or (isinstance(value, Decimal) and not value.is_finite())  # NaN: InvalidOperation below
+                    or value < 0
+                ):
                     raise PriceFileError(
                         f"{where}: {name}.{key} must be a non-negative number (USD per token), got {value!r}"
                     )
@@ -207,6 +213,9 @@ class PriceTable:
         table = cls.vendored()
         if override is None:
             return table
+        if not isinstance(override, (str, os.PathLike)):
+            # open() takes an int as a file descriptor: load(0) read stdin and closed it.
+            raise PriceFileError(f"the price override must be a file path, got {override!r}")
         try:
             with open(override, "rb") as f:
                 text = f.read()

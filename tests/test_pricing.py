@@ -226,3 +226,12 @@ def test_float_rates_from_python_are_taken_exactly() -> None:
     assert (price.rates.input, price.rates.output) == (Decimal("0.000003"), Decimal("0.000015"))
     with pytest.raises(PriceFileError, match="non-negative"):
         PriceTable.vendored().with_overrides({"m": {"input_cost_per_token": math.nan, "output_cost_per_token": 0}})
+
+
+def test_an_override_that_is_not_a_path_or_a_number_is_named() -> None:
+    # load(3) read file descriptor 3 and closed it (load(0): stdin); a
+    # Decimal NaN rate failed as a bare InvalidOperation.
+    with pytest.raises(PriceFileError, match="must be a file path, got 3"):
+        PriceTable.load(3)  # type: ignore[arg-type]
+    with pytest.raises(PriceFileError, match="non-negative number"):
+        PriceTable.vendored().with_overrides({"m": {"input_cost_per_token": Decimal("NaN"), "output_cost_per_token": 0}})
