@@ -819,7 +819,8 @@ async def open_orchestrator(
     if isinstance(store, Store) and (store.closed or not store.writable):
         # Else the store writer fails on its first write, and every run
         # with "no reply to PersistRun".
-        raise ConfigError(f"store {store.path!r} is {'closed' if store.closed else 'read-only'}: the orchestrator writes to it")
+        state = "closed" if store.closed else "read-only"
+        raise ConfigError(f"store {store.path!r} is {state}: the orchestrator writes to it")
     if provider is not None and not isinstance(provider, BaseProvider):
         if not isinstance(provider, Mapping) or not all(
             isinstance(k, str) and isinstance(v, BaseProvider) for k, v in provider.items()
