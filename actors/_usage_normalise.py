@@ -16,15 +16,23 @@ spells usage differently:
   ``candidatesTokenCount`` excludes thoughts, which are billed as output.
 
 A payload that is missing or not a mapping gives ``None`` (unknown), never
-zero.  Missing or malformed counters inside a payload count as 0.
+zero.  A counter missing from a payload counts as 0 (providers leave out
+what they have none of); one that is there but not a whole number >= 0
+(``-5``, ``"7"``) makes the whole usage unknown: counted as zero it would
+price the call at nothing and hide it from a budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from messages import TokenUsage
+
+
+class _Malformed(Exception):
+    """A counter is present but unreadable: the usage is unknown."""
 
 
 def _count(payload: Mapping[str, Any] | None, *path: str) -> int:
@@ -33,11 +41,25 @@ def _count(payload: Mapping[str, Any] | None, *path: str) -> int:
         if not isinstance(value, Mapping):
             return 0
         value = value.get(part)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if value is None:
         return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise _Malformed(path)
     return int(value)
 
 
+def _unknown_if_malformed(read: Callable[[Any], TokenUsage | None]) -> Callable[[Any], TokenUsage | None]:
+    @functools.wraps(read)
+    def guarded(payload: Any) -> TokenUsage | None:
+        try:
+            return read(payload)
+        except _Malformed:
+            return None
+
+    return guarded
+
+
+@_unknown_if_malformed
 def usage_from_openai(payload: Any) -> TokenUsage | None:
     """Chat Completions ``usage`` (or Responses API ``usage``)."""
     if not isinstance(payload, Mapping):
@@ -74,6 +96,7 @@ def merge_anthropic_usage(start: Any, delta: Any) -> dict[str, Any] | None:
     return merged
 
 
+@_unknown_if_malformed
 def usage_from_anthropic(payload: Any) -> TokenUsage | None:
     """Messages API ``usage``: input excludes cache reads and writes."""
     if not isinstance(payload, Mapping):
@@ -93,6 +116,7 @@ def usage_from_anthropic(payload: Any) -> TokenUsage | None:
     )
 
 
+@_unknown_if_malformed
 def usage_from_gemini(payload: Any) -> TokenUsage | None:
     """``usageMetadata``: thoughts are output (and reasoning); tool-use
     prompt tokens are input."""

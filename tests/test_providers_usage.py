@@ -47,6 +47,17 @@ def test_openai_usage_with_missing_details_and_nulls() -> None:
     assert usage == TokenUsage.of(input_tokens=7, output_tokens=3)
 
 
+def test_a_malformed_counter_makes_usage_unknown_not_zero() -> None:
+    # Counted as 0, a call reporting -5 or "7" tokens was priced at nothing
+    # and hidden from a budget.  Missing counters still count as 0.
+    assert usage_from_openai({"prompt_tokens": -5, "completion_tokens": 3}) is None
+    assert usage_from_openai({"prompt_tokens": 5, "completion_tokens": "7"}) is None
+    assert usage_from_openai({"prompt_tokens": 5, "completion_tokens": float("nan")}) is None
+    assert usage_from_anthropic({"input_tokens": "n/a", "output_tokens": 3}) is None
+    assert usage_from_gemini({"promptTokenCount": 3, "candidatesTokenCount": -1}) is None
+    assert usage_from_openai({"prompt_tokens": 5}) == TokenUsage.of(input_tokens=5, output_tokens=0)
+
+
 def test_absent_usage_is_unknown_not_zero() -> None:
     assert usage_from_openai(None) is None
     assert usage_from_anthropic(None) is None
