@@ -26,6 +26,10 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 USER_AGENT = "conclave/0.1"
 
 
+# What reading a well-formed JSON document of the wrong shape raises.
+_SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError)
+
+
 @runtime_checkable
 class BearerSource(Protocol):
     """Where a bearer token comes from: anything with this method (the
@@ -201,7 +205,13 @@ class HttpProvider(BaseProvider):
                         raise _Unauthorized(error)
                     raise error
                 if self.stream:
-                    return await self.read_stream(request, response)
+                    try:
+                        return await self.read_stream(request, response)
+                    except _SHAPE_ERRORS:
+                        # A chunk of JSON but not of the expected shape (a
+                        # "delta" that is a string, "choices" a number):
+                        # the provider misbehaved, as with invalid JSON.
+                        raise malformed(self.name, "a stream event of an unexpected shape") from None
                 raw = await response.aread()
         except httpx.TransportError as exc:
             raise error_from_transport(exc, provider=self.name, streaming=self.stream) from None
@@ -211,7 +221,10 @@ class HttpProvider(BaseProvider):
             data = json.loads(raw)
         except ValueError:
             raise malformed(self.name, "body is not JSON") from None
-        return self.parse_body(request, data)
+        try:
+            return self.parse_body(request, data)
+        except _SHAPE_ERRORS:
+            raise malformed(self.name, "JSON of an unexpected shape") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()

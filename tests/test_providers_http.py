@@ -88,6 +88,33 @@ async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage()
     assert getattr(info.value, "usage", "absent") is None
 
 
+@pytest.mark.parametrize(
+    ("provider", "stream", "body"),
+    [
+        ("openai", True, 'data: {"choices": 5}\n\ndata: [DONE]\n\n'),
+        ("openai", False, {"choices": [{"message": "oops"}]}),
+        ("anthropic", True, 'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": "text"}\n\n'),
+        ("anthropic", True, 'event: message_start\ndata: {"type": "message_start", "message": "oops"}\n\n'),
+    ],
+)
+async def test_json_of_the_wrong_shape_is_a_malformed_response(provider: str, stream: bool, body: Any) -> None:
+    """Retryable, usage unknown, like invalid JSON: it used to fail as the
+    provider's bug ("AttributeError: 'str' object has no attribute 'get'"),
+    once, never retried."""
+    if isinstance(body, str):
+        transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
+    else:
+        transport = httpx.MockTransport(lambda r: httpx.Response(200, json=body))
+    p: Any = (
+        OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=stream, transport=transport)
+        if provider == "openai"
+        else AnthropicProvider(api_key=SECRET, stream=stream, transport=transport)
+    )
+    with pytest.raises(ProviderUnavailable, match="malformed response") as info:
+        await p.complete(make_request())
+    assert getattr(info.value, "usage", "absent") is None
+
+
 async def test_openai_azure_deployment_url_and_api_key_header() -> None:
     seen: list[httpx.Request] = []
 
