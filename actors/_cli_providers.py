@@ -139,7 +139,11 @@ def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
         help="read the API key from VAR (default: OPENAI_API_KEY / ANTHROPIC_API_KEY)",
     )
     group.add_argument("--no-stream", dest="stream", action="store_false", help="do not stream responses")
-    group.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS", help="HTTP timeout per call")
+    group.add_argument(
+        "--request-timeout", type=float, default=None, metavar="SECONDS",
+        help="the longest wait for a connection or for the next bytes of an answer; a whole call, however "
+        "steadily it streams, is cut at the agent's call timeout (600 s)",
+    )
     group.add_argument(
         "--max-concurrency", type=int, default=None, metavar="N",
         help="at most N calls in flight per provider (default: the gateway's)",
