@@ -204,7 +204,15 @@ class HttpProvider(BaseProvider):
                     if response.status_code == 401 and may_refresh:
                         raise _Unauthorized(error)
                     raise error
-                if self.stream:
+                kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if self.stream and kind == "text/html":
+                    # A proxy's or portal's page: not a stream that was cut.
+                    # (Other types are read as a stream: sloppy servers send
+                    # events as text/plain.)
+                    raise malformed(self.name, f"expected an event stream, got {kind}")
+                if self.stream and kind != "application/json":
+                    # (A server that ignores "stream": true answers with one
+                    # JSON document: read below, as a plain answer.)
                     try:
                         return await self.read_stream(request, response)
                     except _SHAPE_ERRORS:

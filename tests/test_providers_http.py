@@ -323,3 +323,24 @@ async def test_anthropic_faults_from_serve_mock() -> None:
     overloaded = await fails("529")
     assert type(overloaded) is ProviderUnavailable and "mock fault 529" in str(overloaded)
     assert backend.ledger.usage == TokenUsage()
+
+
+async def test_a_streamed_call_answered_with_one_json_document_is_read_as_a_plain_answer() -> None:
+    # A server that ignores "stream": true; the answer used to be reported as
+    # a dropped connection ("stream cut short"), retried, usage unknown.
+    payload = {
+        "model": "local",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "{}"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+    }
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json=payload)))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=7, output_tokens=3)
+
+
+async def test_an_html_page_for_a_streamed_call_is_named() -> None:
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, headers={"content-type": "text/html"}, text="<html>portal</html>")))
+    with pytest.raises(ProviderUnavailable, match="expected an event stream, got text/html"):
+        await p.complete(make_request())
