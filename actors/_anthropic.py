@@ -70,6 +70,10 @@ class AnthropicProvider(HttpProvider):
         return body
 
     def parse_body(self, request: CompletionRequest, data: Any) -> Completion:
+        if isinstance(data, dict) and data.get("type") == "error":
+            # An error sent with status 200 (some gateways do): its own
+            # words, not "no content blocks".
+            raise self._stream_error(data, where="in a 200 answer")
         blocks = data.get("content") if isinstance(data, dict) else None
         if not isinstance(blocks, list):
             raise malformed(self.name, "no content blocks")
@@ -79,10 +83,10 @@ class AnthropicProvider(HttpProvider):
         model = data["model"] if isinstance(data.get("model"), str) else request.model
         return Completion(content=text, usage=usage_from_anthropic(data.get("usage")), model=model)
 
-    def _stream_error(self, data: dict[str, Any]) -> ProviderError:
+    def _stream_error(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:
         err = data.get("error") if isinstance(data.get("error"), dict) else {}
         kind = err.get("type", "") if isinstance(err, dict) else ""
-        detail = f"{self.name}: error mid-stream ({kind}): {body_excerpt(json.dumps(data).encode(), self._secrets())}"
+        detail = f"{self.name}: error {where} ({kind}): {body_excerpt(json.dumps(data).encode(), self._secrets())}"
         error: ProviderError
         if kind == "rate_limit_error":
             error = RateLimited(detail)

@@ -344,3 +344,12 @@ async def test_an_html_page_for_a_streamed_call_is_named() -> None:
         lambda r: httpx.Response(200, headers={"content-type": "text/html"}, text="<html>portal</html>")))
     with pytest.raises(ProviderUnavailable, match="expected an event stream, got text/html"):
         await p.complete(make_request())
+
+
+async def test_an_anthropic_error_sent_with_status_200_keeps_its_words() -> None:
+    # It was "malformed response (no content blocks)": "Overloaded" was lost.
+    payload = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    p = AnthropicProvider(api_key=SECRET, stream=False, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json=payload)))
+    with pytest.raises(ProviderUnavailable, match=r"error in a 200 answer \(overloaded_error\).*Overloaded"):
+        await p.complete(make_request())
