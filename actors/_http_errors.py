@@ -176,10 +176,14 @@ def error_from_status(
     provider: str,
     secrets: Iterable[str] = (),
     wall_now: WallClock = time.time,
+    url: str | None = None,
 ) -> ProviderError:
-    """The typed error for an HTTP error response (status >= 400)."""
+    """The typed error for an HTTP error response (status >= 400).  ``url``
+    (without its query) is named for a 404: a wrong base URL is its usual
+    cause."""
     excerpt = body_excerpt(body, secrets)
-    detail = f"{provider}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+    where = f" at {url}" if status == 404 and url else ""
+    detail = f"{provider}: HTTP {status}{where}" + (f": {excerpt}" if excerpt else "")
     override = _should_retry(headers)
     error: ProviderError
     if status == 429:

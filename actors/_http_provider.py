@@ -17,9 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import httpx
 
-from messages import AuthenticationFailed, Completion, CompletionRequest, ProviderError
+from messages import ZERO_USAGE, AuthenticationFailed, BadRequest, Completion, CompletionRequest, ProviderError
 
-from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact
+from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact, with_usage
 from ._provider import BaseProvider
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
@@ -200,10 +200,21 @@ class HttpProvider(BaseProvider):
                         provider=self.name,
                         secrets=self._secrets(),
                         wall_now=self._wall_now,
+                        url=str(self.endpoint().copy_with(query=None)),
                     )
                     if response.status_code == 401 and may_refresh:
                         raise _Unauthorized(error)
                     raise error
+                if 300 <= response.status_code < 400:
+                    # httpx does not follow redirects (they would carry the
+                    # key elsewhere): say where, once, rather than "not JSON".
+                    location = response.headers.get("location", "")
+                    shown = str(httpx.URL(location).copy_with(query=None)) if location else "nowhere"
+                    raise with_usage(
+                        BadRequest(f"{self.name}: HTTP {response.status_code}: the server redirects to {shown}; "
+                                   "point --base-url there"),
+                        ZERO_USAGE,
+                    )
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if self.stream and kind == "text/html":
                     # A proxy's or portal's page: not a stream that was cut.
@@ -228,7 +239,7 @@ class HttpProvider(BaseProvider):
         try:
             data = json.loads(raw)
         except ValueError:
-            raise malformed(self.name, "body is not JSON") from None
+            raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
         try:
             return self.parse_body(request, data)
         except _SHAPE_ERRORS:

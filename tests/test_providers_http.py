@@ -14,7 +14,7 @@ from actors._mock_backend import MockBackend, MockRequest
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
-from messages import AuthenticationFailed, Disconnected, ProviderUnavailable, RateLimited, TokenUsage
+from messages import AuthenticationFailed, BadRequest, Disconnected, ProviderUnavailable, RateLimited, TokenUsage
 
 from tests._providers_support import SECRET, make_request
 
@@ -353,3 +353,27 @@ async def test_an_anthropic_error_sent_with_status_200_keeps_its_words() -> None
         lambda r: httpx.Response(200, json=payload)))
     with pytest.raises(ProviderUnavailable, match=r"error in a 200 answer \(overloaded_error\).*Overloaded"):
         await p.complete(make_request())
+
+
+async def test_redirects_404s_and_non_json_bodies_say_what_the_server_did() -> None:
+    # Each was "malformed response (body is not JSON)" (a redirect, retried),
+    # or a 404 without the URL that a wrong --base-url gives.
+    def server(request: httpx.Request) -> httpx.Response:
+        scenario = request.url.path.split("/")[1]
+        if scenario == "moved":
+            return httpx.Response(307, headers={"location": "https://api.example.test/v1/chat/completions?k=1"})
+        if scenario == "missing":
+            return httpx.Response(404, text="not found")
+        return httpx.Response(200, headers={"content-type": "text/html"}, text="<html>login</html>")
+
+    transport = httpx.MockTransport(server)
+
+    def provider(path: str) -> OpenAIProvider:
+        return OpenAIProvider(base_url=f"http://x.test/{path}/v1", api_key=SECRET, stream=False, transport=transport)
+
+    with pytest.raises(BadRequest, match=r"HTTP 307: the server redirects to https://api\.example\.test/v1/chat/completions; point --base-url there"):
+        await provider("moved").complete(make_request())
+    with pytest.raises(BadRequest, match=r"HTTP 404 at http://x\.test/missing/v1/chat/completions: not found"):
+        await provider("missing").complete(make_request())
+    with pytest.raises(ProviderUnavailable, match=r"body is not JSON: text/html, 18 bytes"):
+        await provider("portal").complete(make_request())
