@@ -209,7 +209,7 @@ class HttpProvider(BaseProvider):
                     # httpx does not follow redirects (they would carry the
                     # key elsewhere): say where, once, rather than "not JSON".
                     location = response.headers.get("location", "")
-                    shown = str(httpx.URL(location).copy_with(query=None)) if location else "nowhere"
+                    shown = location.split("?", 1)[0] or "nowhere"  # a query may hold a token
                     raise with_usage(
                         BadRequest(f"{self.name}: HTTP {response.status_code}: the server redirects to {shown}; "
                                    "point --base-url there"),
