@@ -171,6 +171,11 @@ class Agent:
             # Authentication is permanent here: the provider has already
             # refreshed its token once and retried (the 401-refresh-once rule).
             if not self.retry.should_retry(error, attempt):
+                # On the event log beside the retries: why this agent stopped
+                # (it was only in the stored output, and on the terminal).
+                await self.store.send(
+                    PersistEvent.of_attempt(key, attempt, "gave_up", {"error": error.kind, "message": str(error)})
+                )
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
             delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
             now = trio.current_time()

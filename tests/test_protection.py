@@ -487,3 +487,25 @@ async def test_a_provider_returning_the_wrong_thing_fails_that_call_only(
     with Store.open(f"{tmp_path}/a.db") as s:
         errors = [o.error for o in s.outputs("wrong", stage="plan") if o.agent == "claude"]
     assert errors and all(e is not None and re.search(needle, e) for e in errors), errors
+
+
+async def test_an_agent_that_stops_retrying_says_why_in_the_event_log(
+    tmp_path: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Retries were on the event log with their reason; the final failure
+    # was only in the stored output and on the terminal.
+    sim = SimulatedProvider(seed=0)
+
+    def handler(request: CompletionRequest) -> Completion:
+        if request.key.agent == "claude":
+            raise ProviderUnavailable("503 upstream sleeping")
+        return sim.answer(request)
+
+    async with open_orchestrator(store=f"{tmp_path}/a.db", provider=MockProvider(handler, name="sim"),
+                                 retry=RetryPolicy(max_attempts=2)) as orch:
+        await orch.run("S", run_id="g")
+    with Store.open(f"{tmp_path}/a.db") as s:
+        plan = [(e.kind, e.agent, e.attempt) for e in s.events("g") if e.stage == "plan" and e.kind in ("retry", "gave_up")]
+        gave_up = [e for e in s.events("g", kind="gave_up") if e.stage == "plan"]
+    assert plan == [("retry", "claude", 1), ("gave_up", "claude", 2)]
+    assert gave_up[0].detail == {"error": "unavailable", "message": "503 upstream sleeping"}
