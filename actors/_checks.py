@@ -13,19 +13,18 @@ def check_seconds(value: float, name: str) -> float:
     """``value`` if it is a finite number of seconds >= 0 (NaN is not);
     otherwise a TypeError (not a number: a str used to fail inside the
     comparison, naming nothing) or ValueError naming ``name`` and the value."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    check_number(value, name, unit=" of seconds")
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return value
 
 
-def check_number(value: object, name: str) -> None:
+def check_number(value: object, name: str, *, unit: str = "") -> None:
     """A TypeError naming ``name`` unless ``value`` is an int or float (not
     a bool: True would read as 1 - a one-second call timeout, a 100 %
     rate).  Range checks are the caller's."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise TypeError(f"{name} must be a number{unit}, got {value!r}")
 
 
 def check_whole(value: object, name: str) -> None:
