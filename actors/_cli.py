@@ -58,7 +58,7 @@ from ._format import duration, tokens, usage_line, verdict_line
 from ._ids import id_problem, short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
-from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
+from ._runtime import ConfigError, Limits, Orchestrator, RunResult, fault_scope_problem, open_orchestrator
 
 T = TypeVar("T")
 
@@ -221,14 +221,11 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
 
 
 def check_fault_scope(plan: FaultPlan, providers: Iterable[str]) -> None:
-    """Refuse a plan scoped to a provider the run does not call - here,
-    before the store is opened, as every usage error is."""
-    names = sorted(providers)
-    if plan.enabled and plan.provider is not None and plan.provider not in names:
-        raise UsageError(
-            f"faults are scoped to provider {plan.provider!r}, which this run does not call "
-            f"(its providers: {', '.join(names)})"
-        )
+    """The orchestrator's check, made here before the store is opened, as
+    every usage error is."""
+    problem = fault_scope_problem(plan, providers, "this run")
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def fault_banner(plan: FaultPlan, seed: int, whence: str = "from --seed") -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from decimal import Decimal
 from typing import Any
@@ -713,6 +713,19 @@ class Orchestrator:
         )
 
 
+def fault_scope_problem(plan: FaultPlan, providers: Iterable[str], whom: str) -> str | None:
+    """Why ``plan`` cannot serve ``whom``, which calls ``providers``: it is
+    scoped to another provider, so its faults could never fire and a run
+    would pass as if it had survived them.  ``None`` if it can."""
+    names = sorted(providers)
+    if not plan.enabled or plan.provider is None or plan.provider in names:
+        return None
+    return (
+        f"faults are scoped to provider {plan.provider!r}, which {whom} does not call "
+        f"(its providers: {', '.join(names)})"
+    )
+
+
 def _check_names(**names: object) -> None:
     """Names that look a run up: strings, or a ConfigError naming them (not
     an AttributeError from the run lock)."""
@@ -880,14 +893,10 @@ async def open_orchestrator(
                 "this FaultInterceptor is installed in another orchestrator that is still open; "
                 "give each orchestrator its own (or pass the FaultPlan)"
             )
-        scope = interceptor.plan.provider if isinstance(interceptor, FaultInterceptor) else None
-        if scope is not None and scope not in providers:
-            # Its faults could never fire: the run would pass as if it had
-            # survived them.
-            raise ConfigError(
-                f"faults are scoped to provider {scope!r}, which this orchestrator does not have "
-                f"(its providers: {', '.join(sorted(providers))})"
-            )
+        if isinstance(interceptor, FaultInterceptor):
+            problem = fault_scope_problem(interceptor.plan, providers, "this orchestrator")
+            if problem is not None:
+                raise ConfigError(problem)
 
     own_store = not isinstance(store, Store)
     db = Store.open(os.fspath(store)) if not isinstance(store, Store) else store
