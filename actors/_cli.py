@@ -111,18 +111,16 @@ def _json_out(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
 
 
-def _spec_id(text: str) -> str:
-    problem = id_problem(text, "a spec id", spaces=True)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(problem)
-    return text
+def _id_arg(what: str, *, spaces: bool) -> Callable[[str], str]:
+    """argparse type: an id as :func:`id_problem` allows it."""
 
+    def check(text: str) -> str:
+        problem = id_problem(text, what, spaces=spaces)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return text
 
-def _run_id(text: str) -> str:
-    problem = id_problem(text, "a run id", spaces=False)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(problem)
-    return text
+    return check
 
 
 def _unit_interval(text: str) -> float:
@@ -611,10 +609,6 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------
 
 
-def _add_db(p: argparse.ArgumentParser) -> None:
-    add_db_argument(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave",
@@ -634,12 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
             "ends in conflict or no_consensus halts the run (exit 3)."
         ),
     )
-    run.add_argument("spec_id", nargs="?", type=_spec_id, default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
+    run.add_argument("spec_id", nargs="?", type=_id_arg("a spec id", spaces=True), default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
     run.add_argument("--goal", default="", help="what the agents should achieve")
     run.add_argument("--pipeline", type=file_arg, metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
-    _add_db(run)
+    add_db_argument(run)
     run.add_argument("--seed", type=seed_arg, default=0, help="seed of every random choice (default: 0); same seed, same digest")
-    run.add_argument("--run-id", type=_run_id, metavar="ID", help="use this run id instead of a generated one (no spaces)")
+    run.add_argument("--run-id", type=_id_arg("a run id", spaces=False), metavar="ID", help="use this run id instead of a generated one (no spaces)")
     run.add_argument("--disagreement-rate", type=_unit_interval, default=0.03, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
     run.add_argument("--sim-latency", type=_non_negative, default=2.0, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")
     run.add_argument(
@@ -662,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
-    _add_db(status)
+    add_db_argument(status)
     status.add_argument("--limit", type=positive_arg, default=20, help="runs to list (default: 20)")
     status.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -670,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     decisions = sub.add_parser("decisions", help="show a run's decisions", description="Show every decision of a run with its verdict.")
     decisions.add_argument("run_id", metavar="RUN_ID")
-    _add_db(decisions)
+    add_db_argument(decisions)
     decisions.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     decisions.add_argument("--json", action="store_true", help="print JSON")
     decisions.set_defaults(handler=cmd_decisions)

@@ -26,7 +26,6 @@ from ._cli import (
     EXTRA_COMMANDS,
     ProgressPrinter,
     UsageError,
-    _add_db,
     _fail,
     _interrupted,
     _is_interrupt,
@@ -45,7 +44,7 @@ from ._cli import (
     report_result,
     warn_unpriced_budget,
 )
-from ._checks import nonempty_arg, positive_arg
+from ._checks import add_db_argument, nonempty_arg, positive_arg
 from ._consensus import ADVANCING
 from ._ids import short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
@@ -375,7 +374,7 @@ def cmd_branches(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    _add_db(p)
+    add_db_argument(p)
     p.add_argument(
         "--clock",
         choices=("virtual", "real"),
@@ -427,7 +426,7 @@ def register(sub: Any) -> None:
 
     branches = sub.add_parser("branches", help="list a run's branches", description="List every branch of RUN_ID: its parent, fork stage, status and decisions.")
     branches.add_argument("run_id", metavar="RUN_ID")
-    _add_db(branches)
+    add_db_argument(branches)
     branches.add_argument("--json", action="store_true", help="print JSON")
     branches.set_defaults(handler=cmd_branches)
 
