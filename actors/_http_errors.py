@@ -13,6 +13,9 @@ connect refused/reset, stream cut short     Disconnected
 400, 404, 422 (and other 4xx)               BadRequest (short, redacted body)
 ==========================================  ================================
 
+An error object sent with status 200 (mid-stream, or by a lax server) is
+judged by its own kind by the provider that reads it.
+
 ``x-should-retry: true|false`` overrides whether a status is retryable (the
 official SDKs do the same).  Each error carries ``.usage``: zero when the
 server answered with an error status (nothing was generated), ``None``

@@ -21,9 +21,19 @@ from typing import Any
 
 import httpx
 
-from messages import Completion, CompletionRequest, TokenUsage
+from messages import (
+    AuthenticationFailed,
+    BadRequest,
+    Completion,
+    CompletionRequest,
+    ProviderError,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    TokenUsage,
+)
 
-from ._http_errors import error_from_status, malformed, stream_cut, with_usage
+from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
 from ._http_provider import HttpProvider, iter_sse, system_prompt
 from ._usage_normalise import usage_from_openai
 
@@ -62,6 +72,10 @@ class OpenAIProvider(HttpProvider):
         return body
 
     def parse_body(self, request: CompletionRequest, data: Any) -> Completion:
+        if isinstance(data, dict) and data.get("error") is not None and "choices" not in data:
+            # An error sent with status 200 (some compatible servers do):
+            # its own words and kind, not "no choices".
+            raise self._error_object(data, where="in a 200 answer")
         try:
             message = data["choices"][0]["message"]
             content = message.get("content")
@@ -91,10 +105,7 @@ class OpenAIProvider(HttpProvider):
                 raise malformed(self.name, "a stream chunk is not an object")
             if chunk.get("error") is not None:
                 # An error event mid-stream: some tokens may have been billed.
-                error = error_from_status(
-                    500, {}, json.dumps(chunk).encode(), provider=self.name, secrets=self._secrets()
-                )
-                raise with_usage(error, None)
+                raise self._error_object(chunk)
             if isinstance(chunk.get("model"), str):
                 model = chunk["model"]
             for choice in chunk.get("choices") or ():
@@ -108,3 +119,44 @@ class OpenAIProvider(HttpProvider):
             # Usage stays unknown unless its chunk arrived before the cut.
             raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage)
         return Completion(content="".join(parts), usage=usage, model=model)
+
+    def _error_object(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:
+        """The typed error for an error object that came with status 200:
+        judged by its ``code`` and ``type`` as the status would have been
+        (a prompt too long for the model is permanent, not a provider
+        outage to retry).  Usage unknown: some tokens may have been billed."""
+        err = data.get("error")
+        fields = err if isinstance(err, dict) else {}
+        words = {str(fields.get(name) or "") for name in ("code", "type")} - {""}
+        kind = "/".join(sorted(words))
+        detail = f"{self.name}: error {where}" + (f" ({kind})" if kind else "")
+        detail += f": {body_excerpt(json.dumps(data).encode(), self._secrets())}"
+        error: ProviderError
+        if words & _QUOTA:
+            error = QuotaExceeded(detail)
+        elif words & _RATE_LIMITED:
+            error = RateLimited(detail)
+        elif words & _AUTHENTICATION:
+            error = AuthenticationFailed(detail)
+        elif words & _BAD_REQUEST:
+            error = BadRequest(detail)
+        else:  # server_error, or nothing said: the provider's trouble
+            error = ProviderUnavailable(detail)
+        return with_usage(error, None)
+
+
+# OpenAI's error ``code``s and ``type``s, by what they mean for a retry.
+_QUOTA = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+_RATE_LIMITED = frozenset({"rate_limit_exceeded", "rate_limit_error", "requests", "tokens"})
+_AUTHENTICATION = frozenset({"invalid_api_key", "authentication_error", "permission_error"})
+_BAD_REQUEST = frozenset(
+    {
+        "invalid_request_error",
+        "context_length_exceeded",
+        "content_filter",
+        "content_policy_violation",
+        "invalid_prompt",
+        "model_not_found",
+        "not_found_error",
+    }
+)

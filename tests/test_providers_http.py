@@ -14,7 +14,15 @@ from actors._mock_backend import MockBackend, MockRequest
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
-from messages import AuthenticationFailed, BadRequest, Disconnected, ProviderUnavailable, RateLimited, TokenUsage
+from messages import (
+    AuthenticationFailed,
+    BadRequest,
+    Disconnected,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    TokenUsage,
+)
 
 from tests._providers_support import SECRET, make_request
 
@@ -86,6 +94,44 @@ async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage()
     with pytest.raises(ProviderUnavailable) as info:
         await p.complete(make_request())
     assert getattr(info.value, "usage", "absent") is None
+
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # A prompt too long for the model was retried as an outage, three times.
+        ({"message": "maximum context length is 8192 tokens", "type": "invalid_request_error",
+          "code": "context_length_exceeded"}, BadRequest),
+        ({"message": "You exceeded your current quota", "type": "insufficient_quota"}, QuotaExceeded),
+        ({"message": "Rate limit reached", "type": "tokens", "code": "rate_limit_exceeded"}, RateLimited),
+        ({"message": f"Incorrect API key provided: {SECRET}", "code": "invalid_api_key"}, AuthenticationFailed),
+        ({"message": "The server had an error", "type": "server_error"}, ProviderUnavailable),
+        ("something broke", ProviderUnavailable),
+    ],
+)
+async def test_openai_error_event_mid_stream_is_judged_by_its_kind(error: Any, expected: type[Exception]) -> None:
+    chunk = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+    body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({'error': error})}\n\n"
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=transport)
+    with pytest.raises(expected) as info:
+        await p.complete(make_request())
+    assert type(info.value) is expected
+    assert getattr(info.value, "usage", "absent") is None
+    message = str(info.value)
+    assert "mid-stream" in message and "HTTP 500" not in message  # no status was ever sent
+    assert SECRET not in message
+    if isinstance(error, dict):
+        assert error["message"].split(":")[0] in message
+
+
+async def test_openai_error_object_in_a_200_answer_keeps_its_words_and_kind() -> None:
+    body = {"error": {"message": "This model's maximum context length is 8192 tokens", "code": "context_length_exceeded"}}
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=body))
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=False, transport=transport)
+    with pytest.raises(BadRequest, match="in a 200 answer .context_length_exceeded.*maximum context length"):
+        await p.complete(make_request())
 
 
 @pytest.mark.parametrize(
