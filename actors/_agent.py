@@ -34,6 +34,7 @@ from messages import (
     request,
 )
 
+from ._classify import classify
 from ._consensus import parse_output
 from ._pipeline import AgentSpec, Pipeline
 from ._retry import RetryPolicy
@@ -173,10 +174,13 @@ class Agent:
             if not self.retry.should_retry(error, attempt):
                 # On the event log beside the retries: why this agent stopped
                 # (it was only in the stored output, and on the terminal).
-                await self.store.send(
-                    PersistEvent.of_attempt(key, attempt, "gave_up", {"error": error.kind, "message": str(error)})
-                )
-                return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}")
+                detail = {"error": error.kind, "message": str(error)}
+                too_far = self.retry.wait_refused(classify(error).retry_after)
+                if too_far is not None:
+                    detail["reason"] = too_far
+                await self.store.send(PersistEvent.of_attempt(key, attempt, "gave_up", detail))
+                why = f" ({too_far})" if too_far is not None else ""
+                return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}{why}")
             delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
             now = trio.current_time()
             resume_at = self.retry.resume_at(now, delay)

@@ -12,10 +12,16 @@ before its rate-limit reset time or while its breaker is open.
 
 ``admit`` waits at the gate, then asks the breaker (open: fail fast;
 half-open: wait for the one probe's verdict); there is no checkpoint
-between the last check and the caller's first step of the call.
+between the last check and the caller's first step of the call.  A gate
+closed for longer than ``max_wait`` fails fast too, with a
+:class:`~messages.RateLimited` carrying the time left: the caller's retry
+policy would not wait that long, and a call parked at the gate past its
+call timeout would only be retried as a timeout, attempt after attempt.
 """
 
 from __future__ import annotations
+
+import math
 
 import attrs
 import trio
@@ -23,7 +29,7 @@ import trio
 from messages import CircuitOpen, CompletionRequest, ProviderError, RateLimited
 
 from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
-from ._checks import check_seconds
+from ._checks import check_number, check_seconds
 from ._classify import classify
 from ._ratelimit import RateLimitGate
 from ._rng import derive_unit
@@ -45,8 +51,11 @@ class Permit:
 
 
 class ProviderHealth:
-    def __init__(self, name: str, policy: BreakerPolicy | None = None, *, gate_quantum: float = 0.0) -> None:
+    def __init__(
+        self, name: str, policy: BreakerPolicy | None = None, *, gate_quantum: float = 0.0, max_wait: float = math.inf
+    ) -> None:
         self.name = name
+        self.max_wait = max_wait
         self.gate = RateLimitGate(quantum=gate_quantum)
         self.breaker = CircuitBreaker(policy)
         self.calls = 0
@@ -60,6 +69,13 @@ class ProviderHealth:
         while True:
             now = trio.current_time()
             if not self.gate.is_open(now):
+                left = self.gate.reset_for(now) - now
+                if left > self.max_wait:
+                    return None, RateLimited(
+                        f"provider {self.name!r} is rate-limited for {left:.0f}s more, longer than "
+                        f"the {self.max_wait:.0f}s a call waits; the call was not made",
+                        retry_after=left,
+                    )
                 # The spread unit is a SHA-256 of the call's identity: only
                 # worth deriving for a call that has to wait.  An open gate
                 # is passed without a checkpoint, exactly as gate.wait does.
@@ -92,7 +108,9 @@ class HealthRegistry:
     """The :class:`ProviderHealth` of every provider, created on first use.
     Implements ``messages.HealthPort`` for the fault interceptor.
     ``gate_quantum``: the rate-limit gates release onto a grid of that
-    spacing (see :class:`RateLimitGate`; 0, the default, is off)."""
+    spacing (see :class:`RateLimitGate`; 0, the default, is off).
+    ``max_wait``: seconds; a call that would wait longer at a closed gate
+    fails fast instead (math.inf, the default: every call waits)."""
 
     def __init__(
         self,
@@ -100,19 +118,27 @@ class HealthRegistry:
         *,
         policies: dict[str, BreakerPolicy] | None = None,
         gate_quantum: float = 0.0,
+        max_wait: float = math.inf,
     ) -> None:
         if policy is not None and not isinstance(policy, BreakerPolicy):
             raise TypeError(f"HealthRegistry needs a BreakerPolicy, got {policy!r}")
         self.policy = policy or BreakerPolicy()
         self._policies = dict(policies or {})
         self._gate_quantum = check_seconds(gate_quantum, "gate quantum")
+        check_number(max_wait, "max_wait", unit=" of seconds")
+        if not max_wait >= 0:
+            raise ValueError(f"max_wait must be >= 0 seconds (math.inf: no limit), got {max_wait!r}")
+        self._max_wait = max_wait
         self._providers: dict[str, ProviderHealth] = {}
 
     def __getitem__(self, provider: str) -> ProviderHealth:
         health = self._providers.get(provider)
         if health is None:
             health = self._providers[provider] = ProviderHealth(
-                provider, self._policies.get(provider, self.policy), gate_quantum=self._gate_quantum
+                provider,
+                self._policies.get(provider, self.policy),
+                gate_quantum=self._gate_quantum,
+                max_wait=self._max_wait,
             )
         return health
 

@@ -66,11 +66,12 @@ class RateLimitGate:
         if deadline > self.reset_at:
             self.reset_at = deadline
 
-    def _reset_for(self, now: float) -> float:
+    def reset_for(self, now: float) -> float:
+        """The reset time in force for a caller arriving at ``now``."""
         return self._before if now == self._closed_at else self.reset_at
 
     def is_open(self, now: float) -> bool:
-        return now >= self._reset_for(now)
+        return now >= self.reset_for(now)
 
     async def wait(self, unit: float = 0.0) -> float:
         """Return once the gate is open (at once, without a checkpoint, if
@@ -112,7 +113,7 @@ class RateLimitGate:
                     head.lead.set()
 
     def _release_at(self, now: float, unit: float) -> float:
-        return on_grid(self._reset_for(now) + unit * self.spread, self.quantum)
+        return on_grid(self.reset_for(now) + unit * self.spread, self.quantum)
 
     def _release_due(self, now: float) -> None:
         """Release, without a round each, every other waiter whose release

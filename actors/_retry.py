@@ -4,7 +4,11 @@ What is retryable is the classifier's call (:mod:`actors._classify`).
 Jitter is drawn from (seed, call identity, attempt), so the same seed gives
 the same schedule however trio interleaves the agents.  A reset hint (a
 429's ``retry_after``, an open breaker's time left) is honoured: the delay
-is never shorter than the hint.
+is never shorter than the hint - up to ``max_wait``.  A call told to come
+back later than that gives up at once with the hint named: a daily quota's
+"retry after 86400" would otherwise park the run for a day in silence (the
+OpenAI SDK gives up above 120 s; 600 s here, the call timeout, so the
+documented ``6m0s`` token resets are still waited out).
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ class RetryPolicy:
     # Seconds; 0 = off.  Attempts resume on the next tick of a grid of this
     # spacing (see actors._grid): the soak's, never a real run's.
     quantum: float = attrs.field(default=0.0, validator=lambda _, __, v: check_seconds(v, "retry quantum"))
+    # Seconds: the longest reset hint a retry waits out; math.inf: any.
+    max_wait: float = 600.0
 
     def __attrs_post_init__(self) -> None:
         # Checked here, not deep in an agent's first retry or call.
         check_whole(self.max_attempts, "max_attempts")
-        for name in ("multiplier", "jitter", "call_timeout"):
+        for name in ("multiplier", "jitter", "call_timeout", "max_wait"):
             check_number(getattr(self, name), name)
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
@@ -51,12 +57,25 @@ class RetryPolicy:
             raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
         if not self.call_timeout > 0:
             raise ValueError(f"call_timeout must be > 0 seconds (math.inf: no limit), got {self.call_timeout!r}")
+        if not self.max_wait >= 0:
+            raise ValueError(f"max_wait must be >= 0 seconds (math.inf: no limit), got {self.max_wait!r}")
 
     def should_retry(self, error: ProviderError, attempt: int, *, auth_retries_left: int = 0) -> bool:
         """Whether to make attempt ``attempt + 1`` after ``error``.  An
         authentication failure is retried only while ``auth_retries_left``
-        (0 for agents: the provider has already refreshed and retried once)."""
-        return attempt < self.max_attempts and classify(error, auth_retries_left=auth_retries_left).retryable
+        (0 for agents: the provider has already refreshed and retried once),
+        and never after a reset hint beyond ``max_wait``."""
+        if attempt >= self.max_attempts:
+            return False
+        verdict = classify(error, auth_retries_left=auth_retries_left)
+        return verdict.retryable and self.wait_refused(verdict.retry_after) is None
+
+    def wait_refused(self, hint: float | None) -> str | None:
+        """Why a reset ``hint`` (seconds) is too far off to wait out, or
+        None if it is not."""
+        if hint is None or hint <= self.max_wait:
+            return None
+        return f"resets in {hint:.0f}s, later than the {self.max_wait:.0f}s a retry waits (RetryPolicy.max_wait)"
 
     def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int, *, spec_id: str = "") -> float:
         """The pause before attempt ``attempt + 1``.  Jitter comes from

@@ -862,7 +862,7 @@ async def open_orchestrator(
         for interceptor in chain:
             if not isinstance(interceptor, Interceptor):
                 raise ConfigError(f"interceptors[{edge!r}] holds {interceptor!r}, which is not an Interceptor")
-    health = health if health is not None else HealthRegistry(breaker)
+    health = health if health is not None else HealthRegistry(breaker, max_wait=retry.max_wait)
     if isinstance(faults, str):
         faults = FaultPlan.parse(faults)  # a FaultPlanError names a bad entry
     if isinstance(faults, FaultPlan):

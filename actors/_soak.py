@@ -555,7 +555,7 @@ async def soak_shard(
     started = trio.current_time()
     tasks_before = trio.lowlevel.current_statistics().tasks_living
     pipeline = config.pipeline()
-    health = HealthRegistry(config.breaker, gate_quantum=config.latency.quantum)
+    health = HealthRegistry(config.breaker, gate_quantum=config.latency.quantum, max_wait=config.retry.max_wait)
     retry = config.retry if config.retry.quantum else attrs.evolve(config.retry, quantum=config.latency.quantum)
     checker = _Checker(config, health, guarded(on_breach) if on_breach is not None else None)
     sim = SimulatedProvider(seed=config.seed, disagreement_rate=config.disagreement_rate, latency=config.latency)

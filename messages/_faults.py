@@ -74,7 +74,8 @@ class HealthPort(Protocol):
     """Admission control shared with the gateway (implemented in
     ``actors``): the rate-limit gate and the circuit breaker of each
     provider.  ``admit`` waits at the gate, then returns ``(permit, None)``
-    or ``(None, CircuitOpen)``; every permit is then reported or abandoned."""
+    or ``(None, error)`` (an open breaker, a gate closed too long); every
+    permit is then reported or abandoned."""
 
     async def admit(
         self, provider: str, request: CompletionRequest | None = None

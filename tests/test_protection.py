@@ -509,3 +509,69 @@ async def test_an_agent_that_stops_retrying_says_why_in_the_event_log(
         gave_up = [e for e in s.events("g", kind="gave_up") if e.stage == "plan"]
     assert plan == [("retry", "claude", 1), ("gave_up", "claude", 2)]
     assert gave_up[0].detail == {"error": "unavailable", "message": "503 upstream sleeping"}
+
+
+@pytest.mark.parametrize(
+    ("hint", "max_wait", "waits"),
+    [(86400.0, 600.0, False), (300.0, 600.0, True), (86400.0, math.inf, True)],
+)
+async def test_a_reset_further_off_than_max_wait_is_not_waited_out(
+    tmp_path: object, autojump_clock: trio.testing.MockClock, hint: float, max_wait: float, waits: bool
+) -> None:
+    """A daily quota's "retry after 86400" parked the agent for a day, and
+    every other caller waited at the gate until its call timed out, three
+    times over - a silent day for a run that could never finish sooner."""
+    sim = SimulatedProvider(seed=0)
+    calls: list[tuple[float, str]] = []
+
+    async def handler(request: CompletionRequest) -> Completion:
+        calls.append((trio.current_time(), request.key.agent))
+        first = len(calls) == 1
+        await trio.sleep(1)
+        if first:
+            raise RateLimited("429 Too Many Requests", retry_after=hint)
+        return sim.answer(request)
+
+    async with open_orchestrator(
+        store=f"{tmp_path}/a.db", provider=MockProvider(handler, name="sim"), retry=RetryPolicy(max_wait=max_wait)
+    ) as orch:
+        start = trio.current_time()
+        result = await orch.run("S", run_id="q")
+        took = trio.current_time() - start
+    limited_at = start + 1  # the 429 came back after a second
+    late = [at for at, _ in calls if at > limited_at]
+    assert all(at >= limited_at + hint for at in late), "nothing reached the provider inside the window"
+    if waits:
+        assert result.status == "completed" and late
+        return
+    assert result.status == "halted" and not late
+    assert took < 60, f"gave up after {took:.0f} virtual seconds"
+    with Store.open(f"{tmp_path}/a.db") as s:
+        gave_up = [e for e in s.events("q", kind="gave_up")]
+        timeouts = [o for o in s.outputs("q") if o.error and o.error.startswith("timeout")]
+    assert not timeouts
+    first, *others = gave_up
+    assert first.attempt == 1 and first.detail["error"] == "rate_limit"
+    assert first.detail["reason"] == "resets in 86400s, later than the 600s a retry waits (RetryPolicy.max_wait)"
+    assert others, "the rest of the panel was refused at the gate"
+    for event in others:
+        assert event.attempt == 1
+        assert re.search(r"rate-limited for 86\d{3}s more, longer than the 600s a call waits; the call was not made",
+                         event.detail["message"])
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, "600", True])
+def test_max_wait_is_checked(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="max_wait"):
+        RetryPolicy(max_wait=bad)
+    with pytest.raises((TypeError, ValueError), match="max_wait"):
+        HealthRegistry(max_wait=bad)
+
+
+def test_should_retry_stops_at_max_wait() -> None:
+    policy = RetryPolicy()
+    assert policy.should_retry(RateLimited("429", retry_after=600.0), 1)
+    assert not policy.should_retry(RateLimited("429", retry_after=601.0), 1)
+    assert not policy.should_retry(CircuitOpen("open", retry_after=601.0), 1)
+    assert RetryPolicy(max_wait=math.inf).should_retry(RateLimited("429", retry_after=1e9), 1)
+    assert policy.wait_refused(None) is None and policy.wait_refused(600.0) is None

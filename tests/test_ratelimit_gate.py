@@ -143,7 +143,7 @@ def test_random_arrivals_cancellations_and_429s_never_release_early(quantum: flo
         async def waiter(i: int, unit: float, arrive: float, give_up: float) -> None:
             await trio.sleep(arrive)
             now = trio.current_time()
-            floors[i] = now if gate.is_open(now) else gate._reset_for(now) + unit * gate.spread
+            floors[i] = now if gate.is_open(now) else gate.reset_for(now) + unit * gate.spread
             with trio.move_on_after(give_up) as scope:
                 await gate.wait(unit)
                 released[i] = trio.current_time()
