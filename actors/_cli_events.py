@@ -21,6 +21,26 @@ from ._ids import short_branch_id
 # A detail longer than this is cut in the human listing (--json has it all).
 _DETAIL_WIDTH = 100
 
+# Every kind Conclave writes.  A --kind outside these and the run's own
+# (an embedding app may log kinds of its own) is a typo, and a silent empty
+# answer would tell a script "none happened".
+EVENT_KINDS = frozenset(
+    {
+        "agent_call",
+        "budget_warning",
+        "call_dropped",
+        "decision",
+        "fault",
+        "gave_up",
+        "halt",
+        "metrics",
+        "rerun",
+        "resume",
+        "retry",
+        "stage_start",
+    }
+)
+
 
 def add_events_command(sub: Any) -> None:
     p = sub.add_parser(
@@ -74,7 +94,7 @@ def _json(event: EventRow) -> dict[str, Any]:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from ._cli import _json_out, open_run  # late: _cli imports this module
+    from ._cli import UsageError, _json_out, open_run  # late: _cli imports this module
     from ._cli_history import branch_of
 
     store, run = open_run(args.db, args.run_id)
@@ -83,6 +103,12 @@ def cmd_events(args: argparse.Namespace) -> int:
         every = [e for e in store.events(run.run_id) if branch_id is None or e.branch_id == branch_id]
     kinds = collections.Counter(e.kind for e in every)
     wanted = set(args.kind or ())
+    unknown = wanted - EVENT_KINDS - set(kinds)
+    if unknown:
+        raise UsageError(
+            f"unknown event kind {', '.join(repr(k) for k in sorted(unknown))}; "
+            f"kinds: {', '.join(sorted(EVENT_KINDS | set(kinds)))}"
+        )
     events = [e for e in every if not wanted or e.kind in wanted]
     if args.json:
         _json_out({"run_id": run.run_id, "branch_id": branch_id, "kinds": dict(kinds), "events": [_json(e) for e in events]})

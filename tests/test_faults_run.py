@@ -87,11 +87,41 @@ def test_cli_events_names_a_missing_run_or_branch(tmp_path: Path) -> None:
         (["events", "NOPE", "--db", db], "no run 'NOPE'"),
         (["events", "R", "--db", db, "--branch", "zzz"], "has no branch 'zzz'"),
         (["events", "R", "--db", str(tmp_path / "missing.db")], "missing.db"),
+        # A typo answered "none of kind retyr", exit 0: to a script, no retries.
+        (["events", "R", "--db", db, "--kind", "retry", "--kind", "retyr", "--json"],
+         "unknown event kind 'retyr'; kinds: agent_call, budget_warning,"),
     ):
         proc = run_cli(args)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
     none = run_cli(["events", "R", "--db", db, "--kind", "fault"])
     assert none.returncode == 0 and "none of kind fault; this run has: agent_call," in none.stdout
+
+
+def test_every_event_kind_written_is_one_events_knows() -> None:
+    """``events --kind`` refuses kinds outside EVENT_KINDS: a kind written
+    somewhere and missing there would be refused although it happens."""
+    import ast
+
+    from actors._cli_events import EVENT_KINDS
+
+    root = Path(__file__).resolve().parent.parent
+    written: set[str] = {"decision"}  # the store writer logs each decision itself
+    for path in [*root.glob("actors/*.py"), *root.glob("messages/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            kind: ast.expr | None = None
+            if name == "of_attempt" and len(node.args) >= 3:
+                kind = node.args[2]
+            elif name == "PersistEvent":
+                kind = next((k.value for k in node.keywords if k.arg == "kind"), None)
+            if kind is not None:
+                assert isinstance(kind, ast.Constant) and isinstance(kind.value, str), (path.name, ast.dump(kind))
+                written.add(kind.value)
+    assert len(written) > 8, written  # the scan found the writers
+    assert written <= EVENT_KINDS, written - EVENT_KINDS
 
 
 class Recording(BaseProvider):
