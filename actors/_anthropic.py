@@ -81,7 +81,11 @@ class AnthropicProvider(HttpProvider):
             b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         model = data["model"] if isinstance(data.get("model"), str) else request.model
-        return Completion(content=text, usage=usage_from_anthropic(data.get("usage")), model=model)
+        completion = Completion(content=text, usage=usage_from_anthropic(data.get("usage")), model=model)
+        return self.finished(request, completion, data.get("stop_reason"))
+
+    def output_limit(self) -> str:
+        return f"max_tokens is {self.max_tokens} (AnthropicProvider(max_tokens=...))"
 
     def _stream_error(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:
         err = data.get("error") if isinstance(data.get("error"), dict) else {}
@@ -102,6 +106,7 @@ class AnthropicProvider(HttpProvider):
         delta_usage: Any = None
         model = request.model
         done = False
+        stop: object = None
         async for event, data in iter_sse(response):
             try:
                 payload = json.loads(data)
@@ -121,6 +126,7 @@ class AnthropicProvider(HttpProvider):
                     parts.append(delta["text"])
             elif kind == "message_delta":
                 delta_usage = merge_anthropic_usage(delta_usage, payload.get("usage"))
+                stop = (payload.get("delta") or {}).get("stop_reason", stop)
             elif kind == "message_stop":
                 done = True
                 break
@@ -129,4 +135,4 @@ class AnthropicProvider(HttpProvider):
         if not done:
             raise stream_cut(self.name, "no message_stop before the stream ended")
         usage = usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
-        return Completion(content="".join(parts), usage=usage, model=model)
+        return self.finished(request, Completion(content="".join(parts), usage=usage, model=model), stop)

@@ -19,6 +19,7 @@ import httpx
 
 from messages import ZERO_USAGE, AuthenticationFailed, BadRequest, Completion, CompletionRequest, ProviderError
 
+from ._consensus import parse_output
 from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact, with_usage
 from ._provider import BaseProvider
 
@@ -85,6 +86,11 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
             data.append(value)
 
 
+# The stop reasons that mean the model ran into its output token limit
+# (OpenAI's finish_reason, Anthropic's stop_reason).
+_CUT = frozenset({"length", "max_tokens"})
+
+
 class HttpProvider(BaseProvider):
     """Base of the HTTP providers.  Subclasses say where to POST, what to
     send, and how to read a plain or streamed answer."""
@@ -141,6 +147,30 @@ class HttpProvider(BaseProvider):
 
     async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:
         raise NotImplementedError
+
+    def output_limit(self) -> str:
+        """How this provider's output token limit is set, for the error
+        that says an answer hit it ("" when the server's default applies)."""
+        return ""
+
+    def finished(self, request: CompletionRequest, completion: Completion, stop: object) -> Completion:
+        """``completion``, unless the model was stopped by its output token
+        limit (``stop`` is ``length`` or ``max_tokens``) before the JSON
+        object the request asks for was complete.  Such an answer counted
+        as an agent without its fields, and nobody learnt why; a retry
+        would be cut the same way and paid again.  So it is a permanent
+        BadRequest that says so, carrying the usage (the tokens were billed)."""
+        if stop not in _CUT or not request.response_fields or parse_output(completion.content) is not None:
+            return completion
+        limit = self.output_limit()
+        raise with_usage(
+            BadRequest(
+                f"{self.name}: the answer was cut at the output token limit (stop reason {stop!r}) "
+                f"after {len(completion.content)} characters, before its JSON object closed"
+                + (f"; {limit}" if limit else "")
+            ),
+            completion.usage,
+        )
 
     # -- the seam ------------------------------------------------------------
 

@@ -83,16 +83,19 @@ class OpenAIProvider(HttpProvider):
                 content = message.get("refusal") or ""
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
+            stop = data["choices"][0].get("finish_reason")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise malformed(self.name, "no choices[0].message.content") from None
         model = data.get("model") if isinstance(data.get("model"), str) else request.model
-        return Completion(content=content, usage=usage_from_openai(data.get("usage")), model=model)
+        completion = Completion(content=content, usage=usage_from_openai(data.get("usage")), model=model)
+        return self.finished(request, completion, stop)
 
     async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:
         parts: list[str] = []
         usage: TokenUsage | None = None
         model = request.model
         done = False
+        stop: object = None
         async for _event, data in iter_sse(response):
             if data.strip() == "[DONE]":
                 done = True
@@ -113,12 +116,14 @@ class OpenAIProvider(HttpProvider):
                 text = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(text, str):
                     parts.append(text)
+                if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                    stop = choice["finish_reason"]
             if chunk.get("usage") is not None:
                 usage = usage_from_openai(chunk["usage"])
         if not done:
             # Usage stays unknown unless its chunk arrived before the cut.
             raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage)
-        return Completion(content="".join(parts), usage=usage, model=model)
+        return self.finished(request, Completion(content="".join(parts), usage=usage, model=model), stop)
 
     def _error_object(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:
         """The typed error for an error object that came with status 200:

@@ -423,3 +423,66 @@ async def test_redirects_404s_and_non_json_bodies_say_what_the_server_did() -> N
         await provider("missing").complete(make_request())
     with pytest.raises(ProviderUnavailable, match=r"body is not JSON: text/html, 18 bytes"):
         await provider("portal").complete(make_request())
+
+
+def _openai_answer(content: str, stop: str, stream: bool) -> httpx.Response:
+    usage = {"prompt_tokens": 10, "completion_tokens": 4096, "total_tokens": 4106}
+    if not stream:
+        return httpx.Response(200, json={"model": "m", "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": stop}]})
+    chunks = [
+        {"model": "m", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]},
+        {"model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": stop}]},
+        {"model": "m", "choices": [], "usage": usage},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)
+
+
+def _anthropic_answer(content: str, stop: str, stream: bool) -> httpx.Response:
+    if not stream:
+        return httpx.Response(200, json={"type": "message", "model": "claude", "stop_reason": stop,
+                                         "content": [{"type": "text", "text": content}],
+                                         "usage": {"input_tokens": 10, "output_tokens": 8192}})
+    events = [*STREAM_EVENTS[:3],
+              ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": content}}),
+              STREAM_EVENTS[5],
+              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 8192}}),
+              STREAM_EVENTS[7]]
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=anthropic_sse(events))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    ("provider", "stop", "answer"),
+    [("openai", "length", _openai_answer), ("anthropic", "max_tokens", _anthropic_answer)],
+)
+async def test_an_answer_cut_at_the_output_token_limit_says_so(
+    provider: str, stop: str, answer: Any, stream: bool
+) -> None:
+    """A JSON answer cut off by the output token limit counted as an agent
+    that left out its fields - a degraded stage or no consensus, with no
+    word of why - and a retry would be cut the same way."""
+    cut = '{"stage": "plan", "agent": "claude", "work_breakdown": "1. scaffold the'
+
+    def build(content: str, reason: str) -> Any:
+        transport = httpx.MockTransport(lambda r: answer(content, reason, stream))
+        if provider == "openai":
+            return OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=stream, transport=transport)
+        return AnthropicProvider(api_key=SECRET, stream=stream, transport=transport)
+
+    with pytest.raises(BadRequest) as info:
+        await build(cut, stop).complete(make_request())
+    message = str(info.value)
+    assert f"cut at the output token limit (stop reason '{stop}') after {len(cut)} characters" in message
+    if provider == "anthropic":
+        assert "max_tokens is 8192" in message
+    usage = getattr(info.value, "usage", None)
+    assert usage is not None and usage.output_tokens > 0, "the cut answer's tokens were billed"
+    # A complete object before the cut, a plain-text request, a normal stop: answers.
+    whole = '{"stage": "plan", "agent": "claude", "work_breakdown": "x"} and then some'
+    assert (await build(whole, stop).complete(make_request())).content == whole
+    assert (await build(cut, stop).complete(make_request(fields=(), decision_field=None))).content == cut
+    normal = "end_turn" if provider == "anthropic" else "stop"
+    assert (await build(cut, normal).complete(make_request())).content == cut
