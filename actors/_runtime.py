@@ -285,13 +285,11 @@ class Orchestrator:
         # (and a resume would store those failures over its good state).
         if self.provider_names is None:
             return
-        missing = sorted({spec.provider for spec in pipeline.agents.values()} - self.provider_names)
-        if missing:
-            raise ConfigError(
-                f"no provider configured for: {', '.join(missing)} "
-                f"(this orchestrator has: {', '.join(sorted(self.provider_names))}; "
-                "give open_orchestrator this pipeline, or a provider mapping that names them)"
-            )
+        problem = missing_providers(
+            pipeline, self.provider_names, "give open_orchestrator this pipeline, or a provider mapping that names them"
+        )
+        if problem is not None:
+            raise ConfigError(problem)
 
     def subscribe_metrics(self, run_id: str | None = None) -> MetricsSubscription:
         """Live :class:`~messages.TokenMetrics` snapshots (of every run, or
@@ -768,6 +766,16 @@ async def _shielded(fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:
         await fn(arg)
 
 
+def missing_providers(pipeline: Pipeline, names: Iterable[str], hint: str) -> str | None:
+    """What is wrong when ``pipeline`` names providers outside ``names``
+    (every call of such an agent would fail), or None."""
+    have = set(names)
+    missing = sorted({spec.provider for spec in pipeline.agents.values()} - have)
+    if not missing:
+        return None
+    return f"no provider configured for: {', '.join(missing)} (this orchestrator has: {', '.join(sorted(have))}; {hint})"
+
+
 @asynccontextmanager
 async def open_orchestrator(
     *,
@@ -883,9 +891,9 @@ async def open_orchestrator(
         # One provider serves every agent, whatever the pipeline calls it.
         only = next(iter(providers.values()))
         providers = {spec.provider: only for spec in pipeline.agents.values()} | providers
-    missing = sorted({s.provider for s in pipeline.agents.values()} - set(providers))
-    if missing:
-        raise ConfigError(f"no provider configured for: {', '.join(missing)}")
+    problem = missing_providers(pipeline, providers, "give provider a mapping that names them")
+    if problem is not None:
+        raise ConfigError(problem)
     for interceptor in interceptors.get("gateway", ()):
         if isinstance(interceptor, FaultInterceptor) and interceptor.attached:
             # Sharing it would share its gate, breaker and event log too.

@@ -286,6 +286,11 @@ async def test_a_run_whose_pipeline_names_a_missing_provider_is_refused_unwritte
             await orch.run(run_id="r", pipeline=pipeline)
     with Store.open(path) as s:
         assert s.get_run("r") is None
+    # Given at open, the same words (they named only what was missing).
+    with pytest.raises(ConfigError, match=r"for: anthropic \(this orchestrator has: openai, sim; give provider a "):
+        async with open_orchestrator(store=path, pipeline=pipeline,
+                                     provider={"sim": SimulatedProvider(), "openai": SimulatedProvider()}):
+            pass
 
 
 async def test_misused_calls_name_the_argument(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
