@@ -640,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=positive_arg, default=None, metavar="N",
         help="attempts per agent call, retries included (default: 3); kept with the run for resume and rerun",
     )
+    _history.add_max_retry_wait(run, "600; kept with the run for resume and rerun")
     run.add_argument(
         "--clock",
         choices=("virtual", "real"),

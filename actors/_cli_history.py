@@ -106,18 +106,32 @@ def simulator_options(args: argparse.Namespace) -> dict[str, float]:
 
 def run_options(args: argparse.Namespace) -> dict[str, float | int]:
     """What ``run`` keeps with the branch for ``resume`` and ``rerun``: the
-    simulator's settings, and ``--max-attempts`` when given (left out
-    otherwise, so a default run's stored options are as they always were)."""
+    simulator's settings, and ``--max-attempts`` and ``--max-retry-wait``
+    when given (left out otherwise, so a default run's stored options are
+    as they always were)."""
     options: dict[str, float | int] = dict(simulator_options(args))
-    if args.max_attempts is not None:
-        options["max_attempts"] = args.max_attempts
+    for name in RETRY_OPTIONS:
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     return options
+
+
+# Stored option -> RetryPolicy field, for the retry settings a branch keeps.
+RETRY_OPTIONS = {"max_attempts": "max_attempts", "max_retry_wait": "max_wait"}
 
 
 def retry_of(options: Mapping[str, Any]) -> RetryPolicy | None:
     """The retry policy a branch's stored options ask for (None: the default)."""
-    attempts = options.get("max_attempts")
-    return None if attempts is None else RetryPolicy(max_attempts=int(attempts))
+    given = {field: options[name] for name, field in RETRY_OPTIONS.items() if options.get(name) is not None}
+    return RetryPolicy(**given) if given else None
+
+
+def add_max_retry_wait(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--max-retry-wait", type=_non_negative, default=None, metavar="SECONDS",
+        help=(f"longest rate-limit reset an agent waits for before giving up (default: {default}); "
+              "a provider's later reset ends its retries at once, named"),
+    )
 
 
 Action = Callable[[Orchestrator], Awaitable[RunResult]]
@@ -235,7 +249,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         options = dict(branch.options)  # the branch continued, or forked
         options.pop("budget_usd", None)  # the budget is not an option: rerun keeps it unless --budget
         if fork is not None:
-            for name in ("disagreement_rate", "sim_latency", "max_attempts"):
+            for name in ("disagreement_rate", "sim_latency", *RETRY_OPTIONS):
                 value = getattr(args, name)
                 if value is not None:
                     options[name] = value
@@ -421,6 +435,7 @@ def register(sub: Any) -> None:
         "--max-attempts", type=positive_arg, default=None, metavar="N",
         help="attempts per agent call, retries included (default: the parent's; 3 if it had none)",
     )
+    add_max_retry_wait(rerun, "the parent's; 600 if it had none")
     _add_common(rerun)
     rerun.set_defaults(handler=cmd_rerun)
 

@@ -75,7 +75,7 @@ class RetryPolicy:
         None if it is not."""
         if hint is None or hint <= self.max_wait:
             return None
-        return f"resets in {hint:.0f}s, later than the {self.max_wait:.0f}s a retry waits (RetryPolicy.max_wait)"
+        return f"resets in {hint:.0f}s, later than the {self.max_wait:.0f}s a retry waits (max_wait; --max-retry-wait)"
 
     def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int, *, spec_id: str = "") -> float:
         """The pause before attempt ``attempt + 1``.  Jitter comes from

@@ -550,3 +550,24 @@ async def test_a_long_lived_orchestrator_keeps_no_rate_plan_state_per_finished_r
             await orch.run("SPEC-C", run_id=f"C{i}")
     assert [counts.remaining(f"C{i}")["disconnect"] for i in range(3)] == [0, 0, 0]
     assert counts.remaining("never-ran")["disconnect"] == 1
+
+
+def test_max_retry_wait_ends_retries_at_a_later_reset_and_is_kept_with_the_run(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    env = {"CODEX_FAULTS_429_RESET": "now+30s"}
+    limited = ["run", "--db", db, "--faults", "429:1", "--json"]
+    short = json.loads(run_cli([*limited, "--run-id", "SHORT", "--max-retry-wait", "10"], env=env).stdout)
+    assert short["status"] == "halted"
+    events = json.loads(run_cli(["events", "SHORT", "--db", db, "--kind", "gave_up", "--json"]).stdout)["events"]
+    first = events[0]["detail"]
+    assert first["error"] == "rate_limit"
+    assert re.fullmatch(r"resets in (29|30)s, later than the 10s a retry waits \(max_wait; --max-retry-wait\)",
+                        first["reason"]), first
+    # The rest of the panel was refused at the closed gate, not left to time out.
+    assert all("longer than the 10s a call waits; the call was not made" in e["detail"]["message"] for e in events[1:])
+    long = json.loads(run_cli([*limited, "--run-id", "LONG", "--max-retry-wait", "60"], env=env).stdout)
+    assert long["status"] == "completed"
+
+    rerun = json.loads(run_cli(["rerun", "SHORT", "--from", "plan", "--db", db, "--json"]).stdout)
+    with Store.open(db) as s:
+        assert (s.get_branch("SHORT", rerun["branch_id"]) or pytest.fail()).options["max_retry_wait"] == 10
