@@ -168,6 +168,19 @@ class SoakConfig:
             raise ValueError(f"db must name a file to keep the soak's runs in (or be None), got {self.db!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        reset = self.faults.reset
+        if (
+            "rate_limit" in self.faults.kinds
+            and reset is not None
+            and reset.mode == "relative"
+            and self.retry.wait_refused(reset.seconds) is not None
+        ):
+            # Every agent would give up on its 429 and the soak would fail
+            # on "never recovered from a rate_limit fault", naming no cause.
+            raise ValueError(
+                f"a 429 reset of {reset.text} is later than the {self.retry.max_wait:g}s a retry waits "
+                "(RetryPolicy.max_wait): no agent could recover from an injected 429"
+            )
         scope = self.faults.provider
         if scope is not None and scope not in (names := self.provider_names()):
             raise ValueError(

@@ -17,8 +17,8 @@ import attrs
 import pytest
 import trio
 
-from actors import RateLimitGate
-from messages import FaultPlanError
+from actors import RateLimitGate, RetryPolicy
+from messages import FaultPlan, FaultPlanError
 from actors._soak import SoakConfig, default_soak_plan, run_soak
 
 from .conftest import run_cli
@@ -288,11 +288,22 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
         ({"disagreement_rate": 1.5}, ValueError, "disagreement_rate"),
         ({"disagreement_rate": float("nan")}, ValueError, "disagreement_rate"),
         ({"db": ""}, ValueError, "db must name a file"),  # failed only when the soak started
+        # Every 429 given up on: "never recovered from a rate_limit fault", no cause named.
+        ({"faults": FaultPlan.parse("429:10%", reset="15m")}, ValueError,
+         "a 429 reset of 15m is later than the 600s a retry waits (RetryPolicy.max_wait)"),
+        ({"faults": FaultPlan.parse("429:10%", reset="15m"), "retry": RetryPolicy(max_wait=60)}, ValueError,
+         "later than the 60s a retry waits"),
     ],
 )
 def test_a_bad_config_is_refused_when_built(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
     with pytest.raises(error, match=re.escape(needle)):
         SoakConfig(**kwargs)
+
+
+def test_a_reset_a_retry_waits_out_is_accepted() -> None:
+    assert SoakConfig(faults=FaultPlan.parse("429:10%", reset="10m")).faults.reset is not None
+    assert SoakConfig(faults=FaultPlan.parse("429:10%", reset="15m"), retry=RetryPolicy(max_wait=900)).runs
+    assert SoakConfig(faults=FaultPlan.parse("disconnect:10%", reset="15m")).runs  # no 429s to recover from
 
 
 def test_a_config_takes_a_fault_spec_as_the_cli_does() -> None:
