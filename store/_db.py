@@ -13,7 +13,7 @@ import apsw
 
 from ._busy import retry_busy
 from ._errors import NotADatabase, StoreError
-from ._schema import SCHEMA_VERSION, check_version, migrate, unversioned_problem, user_tables
+from ._schema import SCHEMA_VERSION, check_version, foreign_problem, migrate, unversioned_problem, user_tables
 
 # "full": every commit is on disk when acknowledged (the default).
 # "normal": WAL's NORMAL - a commit can be lost in a power cut, never in a
@@ -34,6 +34,10 @@ def _check_file(path: str, readonly: bool) -> bool:
     """Return whether the file exists; raise StoreError if it can't be used."""
     if os.path.isdir(path):
         raise StoreError(f"{path}: is a directory, not a database file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A FIFO would block the header read below for ever; a device
+        # (/dev/null) would get a -journal file created beside it.
+        raise StoreError(f"{path}: not a regular file (a pipe, socket or device), not a database file")
     if os.path.exists(path):
         try:
             with open(path, "rb") as fh:
@@ -107,6 +111,9 @@ def open_connection(
                 # Before any pragma: WAL mode and a schema version would be
                 # written into another application's database.
                 raise NotADatabase(unversioned_problem(path, tables))
+        foreign = retry_busy(lambda: foreign_problem(conn, path, version), what=path)
+        if foreign is not None:
+            raise NotADatabase(foreign)
         if readonly:
             if version != SCHEMA_VERSION:
                 raise StoreError(

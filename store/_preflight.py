@@ -22,7 +22,7 @@ from ._busy import retry_busy
 from ._db import _check_file
 from ._errors import NotADatabase, StoreError
 from ._lineage import LINEAGE_CTE
-from ._schema import check_version, unversioned_problem, user_tables
+from ._schema import check_version, foreign_problem, unversioned_problem, user_tables
 
 
 class UnknownRun(StoreError):
@@ -55,6 +55,9 @@ def preview_run(path: str, run_id: str, *, for_writing: bool = True) -> RunPrevi
             version = retry_busy(lambda: check_version(conn, path), what=path)
             if version < 1:
                 raise NotADatabase(unversioned_problem(path, retry_busy(lambda: user_tables(conn), what=path)))
+            foreign = retry_busy(lambda: foreign_problem(conn, path, version), what=path)
+            if foreign is not None:
+                raise NotADatabase(foreign)
             row = retry_busy(
                 lambda: conn.execute(
                     "SELECT pipeline, current_branch_id FROM runs WHERE run_id = ?", (run_id,)

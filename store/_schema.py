@@ -132,6 +132,19 @@ def unversioned_problem(path: str, tables: list[str]) -> str:
     return f"{path}: an empty database, with no Conclave runs in it yet"
 
 
+def foreign_problem(conn: apsw.Connection, path: str, version: int) -> str | None:
+    """What to say about a file that claims schema ``version`` >= 1 but
+    lacks Conclave's ``runs`` table (another application sets
+    ``user_version`` too), or None.  Before any pragma: WAL mode would be
+    written into that application's file."""
+    tables = user_tables(conn)
+    if version < 1 or "runs" in tables:
+        return None
+    if tables:
+        return unversioned_problem(path, tables)
+    return f"{path}: schema version {version} but none of Conclave's tables; not a Conclave database"
+
+
 def check_version(conn: apsw.Connection, path: str) -> int:
     """Return the file's schema version; refuse one newer than this code."""
     version = schema_version(conn)

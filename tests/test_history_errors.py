@@ -53,6 +53,19 @@ def make(case: str, tmp_path: Path, good_db: Path) -> tuple[Path, list[str], str
         conn.close()
         command = ["run", "--run-id", "X"] if case == "foreign_db_run" else ["resume", "R"]
         return db, command, "an SQLite database of something else (tables: notes)"
+    if case.startswith("versioned_foreign_db"):
+        # One that sets user_version too: taken for Conclave's, it was
+        # switched to WAL for good and failed on "no such table: runs".
+        conn = apsw.Connection(str(db))
+        conn.execute("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep me'); PRAGMA user_version = 2")
+        conn.close()
+        command = {"run": ["run", "--run-id", "X"], "resume": ["resume", "R"], "status": ["status"]}[case.rsplit("_", 1)[1]]
+        return db, command, "an SQLite database of something else (tables: notes)"
+    if case == "versioned_without_tables_run":
+        conn = apsw.Connection(str(db))
+        conn.execute("PRAGMA user_version = 1")
+        conn.close()
+        return db, ["run", "--run-id", "X"], "schema version 1 but none of Conclave's tables"
     if case.startswith("empty_db"):
         # Left by a first run killed while creating it.
         db.write_bytes(b"")
@@ -93,6 +106,10 @@ CASES = [
     "foreign_db_resume",
     "empty_db_status",
     "empty_db_resume",
+    "versioned_foreign_db_run",
+    "versioned_foreign_db_resume",
+    "versioned_foreign_db_status",
+    "versioned_without_tables_run",
 ]
 
 
@@ -129,3 +146,16 @@ def test_rerun_past_a_halted_stage_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "the earlier stage 'plan' ended in conflict")
     assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["status"], ["run", "--run-id", "X"], ["resume", "R"], ["events", "R"]])
+def test_a_pipe_or_device_is_refused_not_waited_on(tmp_path: Path, command: list[str]) -> None:
+    """A FIFO given as --db blocked every command for ever (reading its
+    header waits for a writer); /dev/null got a -journal file beside it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for db in (str(fifo), os.devnull):
+        proc = run_cli([*command, "--db", db], timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_line_error(proc.stderr, f"{db}: not a regular file (a pipe, socket or device)")
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]
