@@ -722,10 +722,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, Exception):
             raise  # SystemExit and friends
         # Anything else: one line per failure, exit 1, no traceback.
+        db = getattr(args, "db", None)
         for leaf in _leaves(exc):
-            _fail(f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
+            _fail(_database_trouble(leaf, db) or f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
         return EXIT_ERROR
     return code
+
+
+def _database_trouble(exc: BaseException, db: str | None) -> str | None:
+    """Words for SQLite finding the file itself at fault (met only once a
+    damaged page is read, so after opening), naming the file; else None."""
+    import apsw
+
+    cause = exc
+    while not isinstance(cause, apsw.Error) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    where = db or "the database"
+    if isinstance(cause, apsw.FullError):
+        return f"{where}: the disk is full ({cause}); free some space, then resume the run"
+    if isinstance(cause, (apsw.CorruptError, apsw.IOError, apsw.NotADBError)):
+        return (
+            f"{where}: the database file is damaged or unreadable ({cause}); "
+            "restore a copy, or give --db a new file (sqlite3's .recover may save what is left)"
+        )
+    return None
 
 
 def console_main() -> None:

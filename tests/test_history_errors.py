@@ -159,3 +159,20 @@ def test_a_pipe_or_device_is_refused_not_waited_on(tmp_path: Path, command: list
         assert proc.returncode == 2, proc.stderr
         assert_one_line_error(proc.stderr, f"{db}: not a regular file (a pipe, socket or device)")
     assert sorted(os.listdir(tmp_path)) == ["fifo"]
+
+
+@pytest.mark.parametrize("command", [["events", "R"], ["metrics", "R"]])
+def test_a_file_damaged_past_its_header_is_named(tmp_path: Path, good_db: Path, command: list[str]) -> None:
+    """A database cut short (a copy interrupted, a full disk) opens fine and
+    fails where a read meets the missing pages: that was 'error: IOError:
+    disk I/O error', naming neither the file nor what to do."""
+    db = tmp_path / "cut.db"
+    whole = good_db.read_bytes()
+    db.write_bytes(whole[: len(whole) - 592])
+    before = db.read_bytes()
+    proc = run_cli([*command, "--db", str(db)])
+    assert proc.returncode == 1, proc.stderr
+    assert_one_line_error(proc.stderr, f"{db}: the database file is damaged or unreadable (")
+    assert "restore a copy, or give --db a new file" in proc.stderr
+    assert "IOError:" not in proc.stderr
+    assert db.read_bytes() == before
