@@ -12,6 +12,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import sys
 import threading
@@ -37,7 +39,7 @@ from store import RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
-from ._checks import add_db_argument, file_arg, nonempty_arg, positive_arg, seed_arg
+from ._checks import DEFAULT_DB, add_db_argument, file_arg, nonempty_arg, positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -190,6 +192,28 @@ class ProgressPrinter:
         self.out.flush()
 
 
+_HINT = re.compile(r"'(conclave [^']*)'")
+
+
+def db_option(db: str) -> str:
+    """`` --db DB`` for a suggested command, or "" for the default file."""
+    if os.path.abspath(db) == os.path.abspath(DEFAULT_DB):
+        return ""
+    if shlex.quote(db) == db:
+        return f" --db {db}"
+    # Double quotes: the hints themselves sit in single quotes.
+    escaped = "".join("\\" + c if c in '\\"$`' else c for c in db)
+    return f' --db "{escaped}"'
+
+
+def with_db(text: str, db: str) -> str:
+    """``text`` with ``--db DB`` added to each quoted ``'conclave ...'``
+    command it suggests: a hint copied as printed must find the run (it
+    said "no run 'h1' in conclave.db" for a run kept elsewhere)."""
+    option = db_option(db)
+    return _HINT.sub(lambda m: f"'{m.group(1)}{option}'", text) if option else text
+
+
 def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     decided = len(result.stages)
     clock = "simulated" if virtual else "wall"
@@ -197,14 +221,14 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     if result.completed:
         lines.append(f"Run {result.run_id} completed: {decided} stage(s) decided.")
     else:
-        lines.append(f"Run {result.run_id} HALTED: {result.halt_message}")
+        lines.append(f"Run {result.run_id} HALTED: {with_db(result.halt_message or '', db)}")
     lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
     cost = f"  cost: {usd(result.cost_usd, 4)}"
     if result.budget_usd is not None:
         cost += f" of a {usd(result.budget_usd)} budget"
     if result.unpriced_calls:
         cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
-    lines.append(cost + f" | details: conclave metrics {result.run_id}")
+    lines.append(cost + f" | details: conclave metrics {result.run_id}{db_option(db)}")
     lines.append(f"  {clock} time: {elapsed:.1f}s | digest: {result.digest[:16]}… | db: {db}")
     return "\n".join(lines)
 
@@ -511,9 +535,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             _json_out(info)
             return EXIT_OK
         status = _shown_status(branch.status or run.status, info["driven"])
-        print(f"run {run.run_id}: {status}" + (f" ({branch.halt_reason})" if branch.halt_reason else ""))
+        reason = f" ({with_db(branch.halt_reason, args.db)})" if branch.halt_reason else ""
+        print(f"run {run.run_id}: {status}{reason}")
         if status == STALLED:
-            print(f"  no process is driving it (it was killed): 'conclave resume {run.run_id}' continues it")
+            hint = with_db(f"'conclave resume {run.run_id}'", args.db)
+            print(f"  no process is driving it (it was killed): {hint} continues it")
         current = " (current)" if branch.branch_id == run.current_branch_id else ""
         print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")
         print(f"  goal: {run.goal or '-'}")

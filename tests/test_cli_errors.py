@@ -185,3 +185,25 @@ def test_stdout_closed_during_a_run_leaves_it_resumable(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     alone = run_cli(["run", "--db", str(tmp_path / "alone.db"), "--run-id", "r", "--json"])
     assert json.loads(resumed.stdout)["digest"] == json.loads(alone.stdout)["digest"]
+
+
+def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -> None:
+    """A halted run kept in another file said to run 'conclave rerun h1
+    --from plan', which, copied as printed, answered "no run 'h1' in
+    conclave.db"."""
+    import re
+    import shlex
+
+    db = str(tmp_path / "my runs.db")
+    proc = run_cli(["run", "--db", db, "--run-id", "h1", "--disagreement-rate", "1"], cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    hints = re.findall(r"'(conclave [^']*)'", proc.stdout)
+    assert [h.split()[1] for h in hints] == ["decisions", "rerun"], proc.stdout
+    assert f"details: conclave metrics h1 --db {shlex.quote(db).replace(chr(39), chr(34))}" in proc.stdout
+    for hint in hints:
+        argv = shlex.split(hint)[1:]
+        assert argv[-2:] == ["--db", db]
+        follow = run_cli(argv, cwd=tmp_path)
+        assert follow.returncode in (0, 3), follow.stderr
+    default = run_cli(["run", "--run-id", "h2", "--disagreement-rate", "1"], cwd=tmp_path)
+    assert "--db" not in default.stdout  # the default file needs no option
