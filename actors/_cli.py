@@ -24,6 +24,7 @@ import trio
 import trio.testing
 
 from messages import (
+    ZERO_USAGE,
     AgentFinished,
     AgentRetrying,
     AuthError,
@@ -34,6 +35,7 @@ from messages import (
     RunStarted,
     StageDecided,
     StageStarted,
+    TokenUsage,
 )
 from store import RunLocked, RunRow, Store, StoreError
 
@@ -521,9 +523,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 for r in runs:
                     stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
                     shown = _shown_status(r.status, store.run_is_driven(r.run_id))
+                    used = _usage(store, r)
                     print(
                         f"{r.run_id}  {shown:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
-                        f"stages  {tokens(r.usage.input_tokens)} in / {tokens(r.usage.output_tokens)} out"
+                        f"stages  {tokens(used.input_tokens)} in / {tokens(used.output_tokens)} out"
                     )
             return EXIT_OK
         run = store.get_run(args.run_id)
@@ -545,10 +548,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  goal: {run.goal or '-'}")
         for s in info["stages"]:
             print(f"  {s['stage']:<10} {s['status'] or 'pending'}")
-        print(f"  usage: {usage_line(run.usage)}")
+        finished = run.status in ("completed", "halted")
+        print(f"  usage: {usage_line(_usage(store, run))}" + ("" if finished else " so far (its stored attempts)"))
         if run.digest:
             print(f"  digest: {run.digest}")
         return EXIT_OK
+
+
+def _usage(store: Store, run: RunRow) -> TokenUsage:
+    """The run's usage: as recorded when it finished, or - running,
+    interrupted or killed, when nothing was recorded yet - the sum of its
+    stored attempts (status said "0 in / 0 out" while metrics showed the
+    thousands of tokens already paid for)."""
+    if run.status in ("completed", "halted"):
+        return run.usage
+    total = ZERO_USAGE
+    for row in store.outputs(run.run_id):
+        if row.usage is not None:
+            total = total + row.usage
+    return total
 
 
 # Shown for a run stored as running that no process holds: killed before
@@ -584,7 +602,7 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
             }
             for s in run.pipeline["stages"]
         ],
-        "usage": run.usage.as_dict(),
+        "usage": _usage(store, run).as_dict(),
         "digest": run.digest,
         "created_at": run.created_at,
         "updated_at": run.updated_at,

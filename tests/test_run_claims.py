@@ -4,6 +4,7 @@ and a process that dies gives the run up at once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from actors import MockProvider, SimulatedProvider, open_orchestrator
+from actors._format import tokens
 from messages import Completion, CompletionRequest
 from store import RunLocked, Store
 
@@ -190,8 +192,16 @@ def test_status_tells_a_killed_run_from_one_in_progress(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    assert status("K").startswith("run K: stalled\n  no process is driving it (it was killed): 'conclave resume K'")
+    assert status("K").startswith(
+        f"run K: stalled\n  no process is driving it (it was killed): 'conclave resume K --db {db}' continues it"
+    )
     assert status().split()[:2] == ["K", "stalled"]
+    # What it spent before it was killed: status said "0 in / 0 out".
+    metrics = json.loads(run_cli(["metrics", "K", "--db", str(db), "--json"]).stdout)
+    spent = json.loads(status("K", "--json"))["usage"]
+    assert spent["input_tokens"] == metrics["usage"]["input_tokens"] > 0
+    assert "so far (its stored attempts)" in status("K")
+    assert f"{tokens(spent['input_tokens'])} in" in status().splitlines()[0]
     assert '"driven": false' in status("K", "--json") and '"status": "running"' in status("K", "--json")
     holder = _holder(db, "K")
     try:
