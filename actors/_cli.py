@@ -266,7 +266,7 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
         help="inject provider faults, e.g. 'disconnect:3,429:1,timeout:2' or 'disconnect:5%%' "
         "(overrides CODEX_FAULTS; see also CODEX_FAULTS_429_RESET, CODEX_FAULTS_TIMEOUT_MS)",
     )
-    p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)")
+    p.add_argument("--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)")
 
 
 async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -77,7 +77,7 @@ def register(sub: Any) -> None:
         help=f"faults to inject (default: CODEX_FAULTS, else {DEFAULT_SOAK_FAULTS.replace('%', '%%')}); "
         "a 429 gets a 5 s reset hint unless CODEX_FAULTS_429_RESET says otherwise",
     )
-    p.add_argument("--fault-seed", type=int, metavar="N", help="seed of fault placement (default: --seed)")
+    p.add_argument("--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: --seed)")
     p.add_argument("--concurrency", type=positive_arg, default=16, help="runs in flight at once (default: 16)")
     p.add_argument(
         "--workers",

@@ -172,14 +172,15 @@ class SoakConfig:
         if (
             "rate_limit" in self.faults.kinds
             and reset is not None
-            and reset.mode == "relative"
             and self.retry.wait_refused(reset.seconds) is not None
         ):
             # Every agent would give up on its 429 and the soak would fail
             # on "never recovered from a rate_limit fault", naming no cause.
+            # (An anchored reset's first 429s carry its whole distance.)
             raise ValueError(
                 f"a 429 reset of {reset.text} is later than the {self.retry.max_wait:g}s a retry waits "
-                "(RetryPolicy.max_wait): no agent could recover from an injected 429"
+                "(RetryPolicy.max_wait): no agent could recover from an injected 429; "
+                "give a shorter CODEX_FAULTS_429_RESET"
             )
         scope = self.faults.provider
         if scope is not None and scope not in (names := self.provider_names()):

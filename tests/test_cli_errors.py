@@ -113,6 +113,10 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
         # A run's seed is stored in an SQLite INTEGER: it used to fail in the store writer.
         (["run", "--seed", str(2**63)], "--seed: the seed must fit in 64 bits"),
         (["soak", "--seed", str(-(2**63) - 1)], "--seed: the seed must fit in 64 bits"),
+        # --fault-seed took any int, with argparse's own words for a bad one.
+        (["run", "--fault-seed", str(2**70)], "--fault-seed: the seed must fit in 64 bits"),
+        (["soak", "--fault-seed", "x"], "--fault-seed: not a whole number: 'x'"),
+        (["run", "--max-retry-wait", "soon"], "--max-retry-wait: not a number: 'soon'"),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:

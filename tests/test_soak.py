@@ -293,6 +293,8 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
          "a 429 reset of 15m is later than the 600s a retry waits (RetryPolicy.max_wait)"),
         ({"faults": FaultPlan.parse("429:10%", reset="15m"), "retry": RetryPolicy(max_wait=60)}, ValueError,
          "later than the 60s a retry waits"),
+        ({"faults": FaultPlan.parse("429:10%", reset="now+1000")}, ValueError, "give a shorter CODEX_FAULTS_429_RESET"),
+        ({"faults": FaultPlan.parse("429:10%", reset="2999-01-01T00:00:00Z")}, ValueError, "no agent could recover"),
     ],
 )
 def test_a_bad_config_is_refused_when_built(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
@@ -456,7 +458,8 @@ def test_a_replay_of_an_rfc3339_reset_waits_as_the_soak_did() -> None:
 
     t0 = 1_800_000_000.0
     hint = parse_reset_hint("2027-01-15T09:00:00.25Z", now=lambda: t0)
-    config = SoakConfig(seed=3, runs=2, faults=attrs.evolve(FaultPlan.parse("429:10%"), reset=hint))
+    config = SoakConfig(seed=3, runs=2, faults=attrs.evolve(FaultPlan.parse("429:10%"), reset=hint),
+                        retry=RetryPolicy(max_wait=4000))  # an hour's reset is waited out
     words = shlex.split(replay_command(config))
     env = dict(word.split("=", 1) for word in words[: words.index("conclave")])
     assert env["CODEX_FAULTS_429_RESET"].startswith("now+")
