@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 
 from messages import BudgetCheck, BudgetStatus, ConclaveError, Outbox, StageKey, reply_pair
+from store import BranchRow, Store
 
 HALT_REASON = "budget_exceeded"
 
@@ -88,3 +89,13 @@ def budget_halt_message(run_id: str, exc: BudgetExceeded) -> str:
         f"halted at stage {exc.stage!r}: {exc}. Nothing more was dispatched; resume with a "
         f"higher budget: 'conclave resume {run_id} --budget USD'."
     )
+
+
+def stored_budget(store: Store, branch: BranchRow) -> Decimal | None:
+    """The budget ``branch`` runs under: the last one a resume replaced it
+    with (kept on that resume's event), else the one it was started with."""
+    raw = branch.options.get("budget_usd")
+    for event in store.events(branch.run_id, kind="resume"):
+        if event.branch_id == branch.branch_id and event.detail.get("budget_usd") is not None:
+            raw = event.detail["budget_usd"]
+    return None if raw is None else Decimal(str(raw))

@@ -13,7 +13,7 @@ from typing import Any
 from messages import UsageRecorded
 from store import Store
 
-from ._budget import parse_budget, usd
+from ._budget import parse_budget, stored_budget, usd
 from ._checks import add_db_argument, file_arg
 from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
 from ._format import tokens
@@ -83,9 +83,16 @@ def metrics_display(out: Writer, *, isatty: bool | None = None) -> LiveFooter | 
 
 
 def _recompute(store: Store, run_id: str, prices: PriceTable) -> dict[str, Any]:
-    """Totals from the stored attempts (each once), priced with ``prices``."""
+    """Totals from the stored attempts (each once), priced with ``prices``,
+    against the budget the run's current branch runs under (it was left
+    out: "budget_usd": null for a run halted by its budget)."""
     acc = MetricsAccumulator(prices)
     from messages import AgentKey
+
+    run = store.get_run(run_id)
+    branch = store.get_branch(run_id, run.current_branch_id) if run and run.current_branch_id else None
+    if branch is not None:
+        acc.set_budget(run_id, stored_budget(store, branch))
 
     for row in store.outputs(run_id):
         acc.record(

@@ -79,7 +79,7 @@ from store import Store
 
 from ._agent import Agent
 from ._budget import HALT_REASON as BUDGET_HALT
-from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget
+from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_message, parse_budget, stored_budget
 from ._breaker import BreakerPolicy
 from ._checks import check_number, check_seconds, check_whole
 from ._consensus import ADVANCING
@@ -422,17 +422,18 @@ class Orchestrator:
                         for stage in pipeline.stages
                     ]
                     interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=mine)
+            detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
+            if budget_usd is not None:
+                # Kept with the branch: the next plain resume (after this
+                # one halts or is interrupted) must not fall back to the
+                # budget this one replaced.
+                detail["budget_usd"] = str(budget_usd)
             await self._write(
-                PersistEvent(
-                    run_id=run_id,
-                    branch_id=state.branch.branch_id,
-                    kind="resume",
-                    detail={"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)},
-                )
+                PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
             )
             await self._write(RunUpdate(run_id=run_id, status="running"))
             if budget_usd is None:
-                budget_usd = _budget_of(state)
+                budget_usd = _budget_of(self._require_db(), state)
             return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
 
     async def rerun(
@@ -460,7 +461,7 @@ class Orchestrator:
             stage = fork_stage(parent, from_stage)
             child = new_branch_id(parent.run.spec_id)
             if budget_usd is None:
-                budget_usd = _budget_of(parent)  # kept, whether options are given or not
+                budget_usd = _budget_of(self._require_db(), parent)  # kept, whether options are given or not
             if options is None:
                 options = {k: v for k, v in parent.branch.options.items() if k != "budget_usd"}
             ack = await self._write(
@@ -484,7 +485,9 @@ class Orchestrator:
                 )
             )
             state = load_state(self._require_db(), run_id, child)
-            return await self._drive(self._context(state), state.pipeline, state.seed, state, _budget_of(state))
+            return await self._drive(
+                self._context(state), state.pipeline, state.seed, state, _budget_of(self._require_db(), state)
+            )
 
     def _claim(self, run_id: str) -> AbstractContextManager[None]:
         # Taken before the first write and held to the last: a second
@@ -755,10 +758,9 @@ def _with_budget(options: Mapping[str, Any] | None, budget_usd: Decimal | None) 
     return merged
 
 
-def _budget_of(state: ResumeState) -> Decimal | None:
-    """A resumed or rerun branch keeps the budget its run was given."""
-    raw = state.branch.options.get("budget_usd")
-    return None if raw is None else Decimal(str(raw))
+def _budget_of(db: Store, state: ResumeState) -> Decimal | None:
+    """A resumed or rerun branch keeps its budget (see :func:`stored_budget`)."""
+    return stored_budget(db, state.branch)
 
 
 async def _shielded(fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:

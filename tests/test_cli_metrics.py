@@ -132,3 +132,29 @@ def test_resume_with_a_higher_budget_finishes_what_the_budget_stopped(tmp_path: 
     assert resumed["status"] == "completed"
     assert resumed["cost_usd"] == whole["cost_usd"] and resumed["usage"] == whole["usage"]
     assert resumed["digest"] == whole["digest"]
+
+
+def test_a_budget_a_resume_raised_is_kept_and_metrics_shows_it(tmp_path: Path) -> None:
+    """A plain resume after 'resume --budget 0.08' fell back to the run's
+    first budget (halting at once against $0.05), and metrics recomputed
+    with --prices (or for an unfinished run) showed no budget at all."""
+    db = str(tmp_path / "b.db")
+
+    def cli(*args: str) -> dict:  # type: ignore[type-arg]
+        proc = run_cli([*args, "--db", db, "--json"])
+        assert proc.returncode in (0, 3), proc.stderr
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    first = cli("run", "--run-id", "b1", "--budget", "0.05")
+    assert (first["status"], first["budget_usd"]) == ("halted", "0.05")
+    raised = cli("resume", "b1", "--budget", "0.08")
+    assert (raised["status"], raised["budget_usd"]) == ("halted", "0.08")
+    again = cli("resume", "b1")
+    assert again["budget_usd"] == "0.08"
+    assert again["cost_usd"] == raised["cost_usd"], "nothing was bought past the raised budget"
+    prices = str(Path(__file__).resolve().parent.parent / "actors" / "_model_prices.json")
+    recomputed = cli("metrics", "b1", "--prices", prices)
+    assert recomputed["source"] == "recomputed"
+    assert (recomputed["budget_usd"], recomputed["budget_alerts"]) == ("0.08", [80, 90, 100])
+    fork = cli("rerun", "b1", "--from", "implement")  # a rerun takes the branch's budget as it stands
+    assert fork["budget_usd"] == "0.08"
