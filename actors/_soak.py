@@ -306,7 +306,9 @@ class _Checker:
         # per run, forgotten once the run is checked
         self.requests: dict[str, collections.Counter[AgentKey]] = collections.defaultdict(collections.Counter)
         self.replies: dict[str, list[AgentReply]] = collections.defaultdict(list)
-        self.faulted: dict[AgentKey, set[str]] = collections.defaultdict(set)
+        # Faults per agent call, by kind: each one the call outlived counts
+        # as recovered (a set counted two timeouts of one call as one).
+        self.faulted: dict[AgentKey, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         # totals
         self.injected: collections.Counter[str] = collections.Counter()
         self.recovered: collections.Counter[str] = collections.Counter()
@@ -355,7 +357,7 @@ class _Checker:
         if fault.retry_after is not None:
             self.on_rate_limit(request.provider, fault.at, fault.at + fault.retry_after)
         self.injected[fault.kind] += 1
-        self.faulted[request.key].add(fault.kind)
+        self.faulted[request.key][fault.kind] += 1
         key = request.key
         self.placement_rows.append((request.spec_id, key.stage, key.agent, request.attempt, fault.kind))
 
@@ -368,10 +370,9 @@ class _Checker:
     def on_reply(self, item: Any) -> None:
         if isinstance(item, AgentReply):
             self.replies[item.key.run_id].append(item)
-            kinds = self.faulted.pop(item.key, ())
-            if item.output is not None:
-                for kind in kinds:
-                    self.recovered[kind] += 1
+            kinds = self.faulted.pop(item.key, None)
+            if item.output is not None and kinds:
+                self.recovered.update(kinds)
 
 
 def _placement_digest(rows: list[tuple[str, str, str, int, str]]) -> str:
@@ -685,6 +686,15 @@ def _why_unrecovered(config: SoakConfig) -> str:
     if sum(rates.values()) >= 1.0:
         spec = ",".join(f"{kind}:{rates[kind] * 100:g}%" for kind in FAULT_KINDS if rates.get(kind))
         return f" (at {spec} every attempt faults: no call can succeed)"
+    counted = sum(config.faults.counts.values())
+    first = config.pipeline().stages[0]
+    seats = len(first.agents) * config.retry.max_attempts
+    if counted >= seats:
+        return (
+            f" ({counted} counted faults per run fire on its first calls: enough for every attempt "
+            f"of stage {first.name!r} ({len(first.agents)} agents x {config.retry.max_attempts} attempts), "
+            "so no call that met one is ever answered)"
+        )
     return ""
 
 

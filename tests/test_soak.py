@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from actors import RateLimitGate, RetryPolicy
-from messages import FaultPlan, FaultPlanError
+from messages import FAULT_KINDS, FaultPlan, FaultPlanError
 from actors._soak import SoakConfig, default_soak_plan, run_soak
 
 from .conftest import run_cli
@@ -104,6 +104,17 @@ def test_rates_that_fault_every_attempt_are_a_breach_that_says_so() -> None:
         f"no agent ever recovered from a disconnect fault {why}",
         f"no agent ever recovered from a timeout fault {why}",
     )
+
+
+def test_counts_that_fill_every_first_attempt_are_a_breach_that_says_so() -> None:
+    report = run_soak(SoakConfig(seed=0, runs=2, faults=default_soak_plan("disconnect:3,429:3,timeout:3")))
+    why = (
+        "(9 counted faults per run fire on its first calls: enough for every attempt of stage 'plan' "
+        "(3 agents x 3 attempts), so no call that met one is ever answered)"
+    )
+    assert report.breaches == tuple(f"no agent ever recovered from a {k} fault {why}" for k in FAULT_KINDS)
+    # The reference plan's six leave attempts free: recovered from, no breach.
+    assert run_soak(SoakConfig(seed=0, runs=2, faults=default_soak_plan("disconnect:3,429:1,timeout:2"))).ok
 
 
 def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:
@@ -479,3 +490,13 @@ def test_run_soak_checks_its_callbacks_before_it_starts() -> None:
         run_soak(SoakConfig(runs=1), progress=5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="run_soak needs a SoakConfig, got None"):
         run_soak(None)  # type: ignore[arg-type]
+
+
+def test_recovered_counts_each_fault_a_call_outlived() -> None:
+    """One agent timed out on attempts 1 and 2 and answered on attempt 3:
+    recovered said timeout 1 of 2 injected, with nothing lost - read as a
+    fault the soak had lost track of."""
+    report = run_soak(SoakConfig(seed=-1, runs=2))
+    assert report.ok and report.lost == 0
+    assert report.faults["timeout"] == 2
+    assert report.recovered == report.faults, "every call that met a fault answered in the end"
