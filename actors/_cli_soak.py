@@ -129,8 +129,13 @@ class SoakProgress:
     long soak that has failed need not be waited for.  The progress line
     then says so; the report lists them (the first 50 of each worker)."""
 
-    def __init__(self, out: TextIO, runs: int, label: str = "soak", *, seed: int = 0, replay: str = "") -> None:
+    def __init__(
+        self, out: TextIO, runs: int, label: str = "soak", *, seed: int = 0, replay: str = "", quiet: bool = False
+    ) -> None:
         self.out = out
+        # --json: nothing while it runs, but an interrupted soak still says
+        # how far it got (it said only "interrupted").
+        self.quiet = quiet
         self.runs = runs
         self.label = label
         self.seed = seed
@@ -143,6 +148,8 @@ class SoakProgress:
 
     def __call__(self, done: int, turns: int) -> None:
         self._last = (done, turns)
+        if self.quiet:
+            return
         step = done * (100 if self.tty else 10) // self.runs
         if step == self.shown:
             return
@@ -171,12 +178,15 @@ class SoakProgress:
         """Say how far an interrupted soak got, and whether it had failed."""
         self._end_line()
         done, turns = self._last
-        found = "breaches found (the first is shown above)" if self.breaches else "no breach found so far"
+        shown = "" if self.quiet else " (the first is shown above)"
+        found = f"breaches found{shown}" if self.breaches else "no breach found so far"
         self.out.write(f"conclave: soak interrupted after {done:,}/{self.runs:,} runs ({turns:,} agent turns); {found}\n")
         self.out.flush()
 
     def breach(self, text: str) -> None:
         self.breaches += 1
+        if self.quiet:
+            return
         if self.breaches > 1:
             if self.tty:
                 self._show()
@@ -296,9 +306,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
         print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
 
     def watched(label: str) -> SoakReport:
-        if args.json:
-            return _soak_until_signalled(config, None, None)
-        shown = SoakProgress(sys.stderr, config.runs, label, seed=config.seed, replay=replay_command(config))
+        shown = SoakProgress(
+            sys.stderr, config.runs, label, seed=config.seed, replay=replay_command(config), quiet=args.json
+        )
         try:
             return _soak_until_signalled(config, shown, shown.breach)
         except BaseException as exc:

@@ -285,3 +285,16 @@ def test_an_interrupted_soak_says_how_far_it_got_and_whether_it_had_failed() -> 
     assert out.getvalue().endswith(
         "conclave: soak interrupted after 9/1,000 runs (171 agent turns); breaches found (the first is shown above)\n"
     )
+
+
+def test_with_json_an_interrupted_soak_still_says_how_far_it_got() -> None:
+    """--json ran without a progress tracker: Ctrl-C left only
+    "conclave: error: interrupted" and an empty stdout."""
+    out = _Terminal()
+    show = SoakProgress(out, 1000, quiet=True)
+    show(7, 133)
+    show.breach("something")  # --json lists breaches in its document, not as they come
+    show(9, 171)
+    assert out.getvalue() == ""
+    show.interrupted()
+    assert out.getvalue() == "conclave: soak interrupted after 9/1,000 runs (171 agent turns); breaches found\n"
