@@ -37,7 +37,7 @@ from messages import (
     StageStarted,
     TokenUsage,
 )
-from store import RunLocked, RunRow, Store, StoreError
+from store import LockFileError, RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
@@ -459,14 +459,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             result, elapsed, faults = trio.run(
                 interruptible, _run_pipeline, args, store, pipeline, virtual, configs, plan, auth, clock=clock
             )
-        except (ConfigError, RunLocked) as exc:
+        except (ConfigError, RunLocked, LockFileError) as exc:
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
                 return _interrupted(exc)
             if isinstance(exc, BaseExceptionGroup):
                 # Raised inside interruptible()'s nursery: still bad input.
-                bad, _ = exc.split((ConfigError, RunLocked))
+                bad, _ = exc.split((ConfigError, RunLocked, LockFileError))
                 if bad is not None:
                     return _fail(str(_leaves(bad)[0]))
             raise

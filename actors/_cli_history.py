@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from messages import AuthError, FaultPlan, ProgressEvent, StageDecided, StageStarted
-from store import BranchRow, RunLocked, RunPreview, RunRow, Store, StoreError, preview_run
+from store import BranchRow, LockFileError, RunLocked, RunPreview, RunRow, Store, StoreError, preview_run
 
 from ._cli import (
     EXIT_OK,
@@ -277,13 +277,13 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
                 interruptible, _drive, args, store, providers, seed, stages, action, auth, retry_of(options), plan,
                 clock=clock,
             )
-        except (ConfigError, ResumeError, RunLocked) as exc:
+        except (ConfigError, ResumeError, RunLocked, LockFileError) as exc:
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
                 return _interrupted(exc)
             if isinstance(exc, BaseExceptionGroup):
-                bad, _ = exc.split((ConfigError, ResumeError, RunLocked))
+                bad, _ = exc.split((ConfigError, ResumeError, RunLocked, LockFileError))
                 if bad is not None:
                     return _fail(str(_leaves(bad)[0]))
             raise

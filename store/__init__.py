@@ -8,7 +8,7 @@ from ._busy import StoreBusy, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability
 from ._errors import NotADatabase, SchemaTooNew, StoreError
 from ._preflight import RunPreview, UnknownRun, preview_run
-from ._runlock import RunLocked
+from ._runlock import LockFileError, RunLocked
 from ._schema import SCHEMA_VERSION
 from ._store import (
     BranchRow,
@@ -38,6 +38,7 @@ __all__ = [
     "NotADatabase",
     "OutputRow",
     "RetryableStoreError",
+    "LockFileError",
     "RunLocked",
     "RunRow",
     "SchemaTooNew",

@@ -49,6 +49,11 @@ class RunLocked(StoreError):
     another); nothing was written."""
 
 
+class LockFileError(StoreError):
+    """The run lock file beside the database cannot be opened (a directory
+    or an unwritable file in its place); nothing was written."""
+
+
 class _LockFile:
     __slots__ = ("fd", "held")
 
@@ -141,7 +146,7 @@ def _acquire(key: str, path: str | None, run_id: str, db_path: str) -> None:
                 try:
                     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
                 except OSError as exc:
-                    raise StoreError(f"{path}: cannot open the run lock file: {exc.strerror}") from exc
+                    raise LockFileError(f"{path}: cannot open the run lock file: {exc.strerror}") from exc
             entry = _LockFile(fd)
         if entry.fd is not None and fcntl is not None:
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from store import SCHEMA_VERSION
+from store import SCHEMA_VERSION, Store
 from store._schema import MIGRATIONS
 
 from .conftest import run_cli
@@ -176,3 +176,17 @@ def test_a_file_damaged_past_its_header_is_named(tmp_path: Path, good_db: Path, 
     assert "restore a copy, or give --db a new file" in proc.stderr
     assert "IOError:" not in proc.stderr
     assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["run", "--run-id", "X"], ["resume", "R"], ["rerun", "R", "--from", "plan"]])
+def test_a_lock_file_that_cannot_be_opened_is_bad_input(tmp_path: Path, good_db: Path, command: list[str]) -> None:
+    # It was "error: StoreError: ...-lock: cannot open the run lock file", exit 1.
+    db = tmp_path / "case.db"
+    shutil.copy(good_db, db)
+    (tmp_path / "case.db-lock").mkdir()
+    proc = run_cli([*command, "--db", str(db)])
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line_error(proc.stderr, f"{db}-lock: cannot open the run lock file: Is a directory")
+    assert "StoreError" not in proc.stderr
+    with Store.open(str(db), readonly=True) as s:
+        assert s.get_run("X") is None and len(s.branches("R")) == 1, "nothing was written"
