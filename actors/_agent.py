@@ -171,7 +171,7 @@ class Agent:
             await self.store.send_eager(PersistOutput(output=failed))
             # Authentication is permanent here: the provider has already
             # refreshed its token once and retried (the 401-refresh-once rule).
-            if not self.retry.should_retry(error, attempt):
+            if not self.retry.should_retry(error, self.retry.round_attempt(attempt)):
                 # On the event log beside the retries: why this agent stopped
                 # (it was only in the stored output, and on the terminal).
                 detail = {"error": error.kind, "message": str(error)}

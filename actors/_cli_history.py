@@ -263,7 +263,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
 
         async def action(orch: Orchestrator) -> RunResult:
             if fork is None:
-                return await orch.resume(args.run_id, budget=args.budget)
+                return await orch.resume(args.run_id, budget=args.budget, retry_failed=args.retry_failed)
             return await orch.rerun(
                 args.run_id, fork, branch_id=branch.branch_id, options=options, budget=args.budget
             )
@@ -414,6 +414,11 @@ def register(sub: Any) -> None:
         ),
     )
     resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument(
+        "--retry-failed", action="store_true",
+        help=("a run halted for want of answers (agents_failed: a provider outage, rate limits or "
+              "timeouts outlasted their retries): ask those agents again, with a new round of attempts"),
+    )
     _add_common(resume)
     resume.set_defaults(handler=cmd_resume)
 

@@ -35,8 +35,10 @@ from messages import (
     request,
 )
 
-from ._consensus import Verdict, compute_verdict
+from ._classify import classify
+from ._consensus import ADVANCING, Verdict, compute_verdict
 from ._pipeline import StageSpec
+from ._resume import stored_error
 from ._sequencer import DecisionSequencer
 
 if TYPE_CHECKING:
@@ -45,6 +47,20 @@ if TYPE_CHECKING:
 
 class DecisionNotDurable(ConclaveError):
     """The store refused a decision: the stage cannot advance."""
+
+
+class StageUnanswered(ConclaveError):
+    """A stage could not be decided because agents failed on errors that
+    may pass (a provider down, rate limits, timeouts) after their retries.
+    Deciding "no consensus" on their silence would be final - a resume
+    could not ask them again - so the stage stays undecided and the run
+    halts resumable, as with a spent budget."""
+
+    def __init__(self, stage: str, failures: Mapping[str, str]) -> None:
+        self.stage = stage
+        self.failures = dict(failures)
+        shown = "; ".join(f"{agent}: {error}" for agent, error in self.failures.items())
+        super().__init__(f"{len(self.failures)} agent(s) failed after their retries ({shown})")
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -79,6 +95,8 @@ class Coordinator:
     durable_outputs: Callable[[StageKey], Mapping[str, AgentOutput]] | None = None
     late_replies: int = 0
     duplicate_replies: int = 0
+    # The current stage's agents that gave up, with their errors.
+    _failures: dict[str, str] = attrs.field(factory=dict, init=False)
 
     def stage_key(self, stage: str) -> StageKey:
         return StageKey(run_id=self.ctx.run_id, branch_id=self.ctx.branch_id, stage=stage)
@@ -103,12 +121,21 @@ class Coordinator:
                 detail={"agents": list(stage.agents), "mode": stage.mode},
             )
         )
+        self._failures = {}
         outputs = await self.collect(stage, key, resume)
         if self.durable_outputs is not None:
             # Consensus reads what is durable on this branch's lineage (every
             # reply's output was acked durable before it was sent).
             outputs = dict(self.durable_outputs(key))
         verdict = compute_verdict(stage, outputs)
+        if verdict.status not in ADVANCING:
+            passing = {
+                agent: error
+                for agent, error in self._failures.items()
+                if agent not in outputs and classify(stored_error(error)).retryable
+            }
+            if passing:
+                raise StageUnanswered(stage.name, passing)
         return await self.decide(key, verdict), outputs
 
     async def collect(
@@ -195,6 +222,8 @@ class Coordinator:
     def _accept(self, reply: AgentReply, outputs: dict[str, AgentOutput]) -> None:
         if reply.output is not None:
             outputs[reply.key.agent] = reply.output
+        elif reply.error is not None:
+            self._failures[reply.key.agent] = reply.error
         self.publish(
             AgentFinished(
                 key=reply.key,

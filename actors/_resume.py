@@ -25,6 +25,7 @@ attempts.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -53,6 +54,11 @@ from ._consensus import ADVANCING
 from ._pipeline import Pipeline, PipelineError, StageSpec, pipeline_from_dict
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
+
+
+# The halt reason of a stage left undecided for want of answers (see
+# actors._coordinator.StageUnanswered).
+UNANSWERED = "agents_failed"
 
 
 class ResumeError(ConclaveError, ValueError):
@@ -92,6 +98,9 @@ class ResumeState:
     decisions: Mapping[str, DecisionRow]  # stage -> decision on the lineage
     outputs: tuple[OutputRow, ...]  # every attempt on the lineage
     max_seq: int
+    # stage -> how often this branch halted on it for want of answers: each
+    # such halt grants its failed agents one more round of attempts.
+    rounds: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def seed(self) -> int:
@@ -128,6 +137,18 @@ class ResumeState:
             for o in self.outputs
         ]
 
+    def unanswered_stage(self) -> str | None:
+        """The stage this branch halted on for want of answers, if that is
+        how it ended (its first undecided stage), else None."""
+        if self.branch.status != "halted" or self.branch.halt_reason != UNANSWERED:
+            return None
+        return next((s.name for s in self.pipeline.stages if s.name not in self.decisions), None)
+
+    def with_new_round(self, stage: str) -> ResumeState:
+        rounds = dict(self.rounds)
+        rounds[stage] = rounds.get(stage, 0) + 1
+        return attrs.evolve(self, rounds=rounds)
+
     def stage_resume(self, stage: StageSpec, retry: RetryPolicy) -> StageResume | None:
         rows = [o for o in self.outputs if o.stage == stage.name]
         if not rows:
@@ -146,7 +167,11 @@ class ResumeState:
                 )
                 continue
             error = stored_error(last.error)
-            if retry.should_retry(error, last.attempt):
+            in_round = retry.round_attempt(last.attempt)
+            granted = retry.max_attempts * (1 + self.rounds.get(stage.name, 0))
+            if in_round == retry.max_attempts and last.attempt < granted:
+                in_round = 0  # its round was spent, and a halt for want of answers granted another
+            if retry.should_retry(error, in_round):
                 first[agent] = last.attempt + 1
             else:  # it had given up: report that again, call nobody
                 replay[agent] = AgentReply(
@@ -194,6 +219,14 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         raise ResumeError(str(exc)) from exc
     decisions = {d.stage: d for d in store.lineage_decisions(run_id, branch.branch_id)}
     outputs = tuple(store.lineage_outputs(run_id, branch.branch_id))
+    # Rounds are granted by the resumes that began at such a halt (their
+    # event names the stage): a halt event alone may be a crash's torn
+    # end, which the uninterrupted run would have completed as a halt.
+    rounds: collections.Counter[str] = collections.Counter(
+        str(e.detail["new_round"])
+        for e in store.events(run_id, "resume")
+        if e.branch_id == branch.branch_id and e.detail.get("new_round") is not None
+    )
     return ResumeState(
         run=run,
         branch=branch,
@@ -201,6 +234,7 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         decisions=decisions,
         outputs=outputs,
         max_seq=store.max_seq(run_id),
+        rounds=dict(rounds),
     )
 
 

@@ -70,6 +70,12 @@ class RetryPolicy:
         verdict = classify(error, auth_retries_left=auth_retries_left)
         return verdict.retryable and self.wait_refused(verdict.retry_after) is None
 
+    def round_attempt(self, attempt: int) -> int:
+        """Which attempt of its round ``attempt`` is: rounds of
+        ``max_attempts`` (a resume after a halt for want of answers grants
+        a failed agent another round, its numbering continued)."""
+        return (attempt - 1) % self.max_attempts + 1
+
     def wait_refused(self, hint: float | None) -> str | None:
         """Why a reset ``hint`` (seconds) is too far off to wait out, or
         None if it is not."""

@@ -83,7 +83,7 @@ from ._budget import BudgetExceeded, BudgetLike, budget_gate, budget_halt_messag
 from ._breaker import BreakerPolicy
 from ._checks import check_number, check_seconds, check_whole
 from ._consensus import ADVANCING
-from ._coordinator import Coordinator, RunContext
+from ._coordinator import Coordinator, RunContext, StageUnanswered
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._health import HealthRegistry
@@ -94,6 +94,7 @@ from ._pipeline import Pipeline, default_pipeline
 from ._pricing import PriceTable
 from ._provider import BaseProvider
 from ._resume import (
+    UNANSWERED,
     CallLog,
     ResumeState,
     fired_faults,
@@ -388,7 +389,7 @@ class Orchestrator:
             ctx = RunContext(run_id=run_id, branch_id=branch_id, spec_id=spec_id, goal=goal)
             return await self._drive(ctx, pipeline, self.seed, None, budget_usd)
 
-    async def resume(self, run_id: str, *, budget: BudgetLike | None = None) -> RunResult:
+    async def resume(self, run_id: str, *, budget: BudgetLike | None = None, retry_failed: bool = False) -> RunResult:
         """Continue ``run_id``'s current branch after a crash or halt, with
         the run's stored pipeline, seed, spec and goal: decided stages are
         not decided again and durable agent outputs are not bought again
@@ -396,10 +397,17 @@ class Orchestrator:
         used (the CLI rebuilds it from the branch's stored options).
         ``budget`` replaces the run's budget (e.g. to finish a run halted
         with ``budget_exceeded``); by default the run keeps its own.
+        ``retry_failed``: a run that halted for want of answers (agents
+        failed on a provider outage, rate limits or timeouts after their
+        retries: halt reason ``agents_failed``) gives those agents a new
+        round of attempts; without it - or for a run that halted otherwise -
+        a halted stage stays as it was, as a plain resume after a budget halt.
         Raises :class:`~store.RunLocked`, having written nothing, while
         another orchestrator drives the run."""
         _check_names(run_id=run_id)
         budget_usd = parse_budget(budget)
+        if not isinstance(retry_failed, bool):
+            raise ConfigError(f"retry_failed must be True or False, got {retry_failed!r}")
         with self._claim(run_id):
             state = load_state(self._require_db(), run_id)
             self._check_providers(state.pipeline)
@@ -423,6 +431,12 @@ class Orchestrator:
                     ]
                     interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=mine)
             detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
+            fresh = state.unanswered_stage() if retry_failed else None
+            if fresh is not None:
+                # Its failed agents get a new round of attempts: kept here,
+                # so a crash during this resume does not lose the grant.
+                detail["new_round"] = fresh
+                state = state.with_new_round(fresh)
             if budget_usd is not None:
                 # Kept with the branch: the next plain resume (after this
                 # one halts or is interrupted) must not fall back to the
@@ -565,6 +579,7 @@ class Orchestrator:
         decisions: list[Decision] = []
         halted: Decision | None = None
         over_budget: BudgetExceeded | None = None
+        unanswered: StageUnanswered | None = None
         with collapse_single():
             async with trio.open_nursery() as nursery:
                 try:
@@ -614,6 +629,9 @@ class Orchestrator:
                         except BudgetExceeded as exc:
                             over_budget = exc  # the stage stays undecided
                             break
+                        except StageUnanswered as exc:
+                            unanswered = exc  # undecided too: a resume asks the failed agents again
+                            break
                         decisions.append(decision)
                         if decision.status not in ADVANCING:
                             halted = decision
@@ -627,10 +645,26 @@ class Orchestrator:
         digest = compute_digest(
             (d.verdict for d in decisions), totals.usage, totals.unknown_calls, totals.by_stage
         )
-        status = "completed" if halted is None and over_budget is None else "halted"
+        status = "completed" if halted is None and over_budget is None and unanswered is None else "halted"
         halt_reason: str | None = None if halted is None else halted.status
         message = None if halted is None else halt_message(ctx.run_id, halted)
         await self._persist_metrics(ctx, totals)
+        if unanswered is not None:
+            halt_reason = UNANSWERED
+            message = (
+                f"halted at stage {unanswered.stage!r}: too few answers to decide: {unanswered}. "
+                "The stage is left undecided; once the cause has passed, "
+                f"'conclave resume {ctx.run_id} --retry-failed' asks the failed agents again."
+            )
+            await self._store.send(
+                PersistEvent(
+                    run_id=ctx.run_id,
+                    branch_id=ctx.branch_id,
+                    kind="halt",
+                    stage=unanswered.stage,
+                    detail={"reason": UNANSWERED, "failed": unanswered.failures},
+                )
+            )
         if over_budget is not None:
             halt_reason = BUDGET_HALT
             message = budget_halt_message(ctx.run_id, over_budget)

@@ -571,3 +571,28 @@ def test_max_retry_wait_ends_retries_at_a_later_reset_and_is_kept_with_the_run(t
     rerun = json.loads(run_cli(["rerun", "SHORT", "--from", "plan", "--db", db, "--json"]).stdout)
     with Store.open(db) as s:
         assert (s.get_branch("SHORT", rerun["branch_id"]) or pytest.fail()).options["max_retry_wait"] == 10
+
+
+def test_a_stage_nobody_could_answer_is_left_undecided_for_resume_retry_failed(tmp_path: Path) -> None:
+    """Every agent of a stage failing on a provider outage was decided
+    'no_consensus': final, so a resume after the outage called nobody and
+    only a rerun could recover; the halt never named the outage."""
+    db = str(tmp_path / "o.db")
+    down = run_cli(["run", "--db", db, "--run-id", "O", "--faults", "disconnect:100%", "--json"])
+    assert down.returncode == 3, down.stderr
+    halted = json.loads(down.stdout)
+    assert (halted["status"], halted["halt_reason"]) == ("halted", "agents_failed")
+    assert halted["stages"] == [], "nothing decided on the agents' silence"
+    assert "3 agent(s) failed after their retries (gemini: disconnect: " in halted["halt_message"]
+    assert "'conclave resume O --retry-failed" in halted["halt_message"]
+    # A plain resume changes nothing (as after a budget halt), and buys nothing.
+    plain = json.loads(run_cli(["resume", "O", "--db", db, "--json"]).stdout)
+    assert (plain["halt_reason"], plain["turns"]) == ("agents_failed", 0)
+    # Once the outage is over: a new round of attempts, numbered on.
+    again = run_cli(["resume", "O", "--db", db, "--retry-failed", "--json"])
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["status"] == "completed"
+    with Store.open(db) as s:
+        attempts = sorted(o.attempt for o in s.outputs("O", stage="plan") if o.agent == "gemini")
+        assert attempts == [1, 2, 3, 4]
+        assert [d.status for d in s.decisions("O")][:1] == ["ok"]

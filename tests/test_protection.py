@@ -23,6 +23,7 @@ from actors import (
     MockProvider,
     RetryPolicy,
     SimulatedProvider,
+    ConfigError,
     classify,
     open_orchestrator,
 )
@@ -575,3 +576,43 @@ def test_should_retry_stops_at_max_wait() -> None:
     assert not policy.should_retry(CircuitOpen("open", retry_after=601.0), 1)
     assert RetryPolicy(max_wait=math.inf).should_retry(RateLimited("429", retry_after=1e9), 1)
     assert policy.wait_refused(None) is None and policy.wait_refused(600.0) is None
+
+
+async def test_each_retry_failed_resume_grants_one_more_round(
+    tmp_path: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    sim = SimulatedProvider(seed=0)
+    down = True
+    calls: list[tuple[str, str, int]] = []
+
+    def handler(request: CompletionRequest) -> Completion:
+        calls.append((request.key.stage, request.key.agent, request.attempt))
+        if down and request.key.stage == "implement":
+            raise ProviderUnavailable("503 upstream down")
+        return sim.answer(request)
+
+    path = f"{tmp_path}/a.db"
+    async with open_orchestrator(store=path, provider=MockProvider(handler, name="sim")) as orch:
+        first = await orch.run("S", run_id="u")
+        assert (first.status, first.halt_reason) == ("halted", "agents_failed")
+        assert [s.stage for s in first.stages] == ["plan", "tasks"]
+        plain = await orch.resume("u")  # nothing granted: nobody is called
+        assert plain.halt_reason == "agents_failed" and plain.turns == 0
+        still = await orch.resume("u", retry_failed=True)  # one round more, still down
+        assert still.halt_reason == "agents_failed"
+        down = False
+        done = await orch.resume("u", retry_failed=True)
+        with pytest.raises(ConfigError, match="retry_failed must be True or False"):
+            await orch.resume("u", retry_failed="yes")  # type: ignore[arg-type]
+    assert done.completed
+    implement = [(agent, attempt) for stage, agent, attempt in calls if stage == "implement"]
+    first_agent = implement[0][0]
+    # Rounds of 3, numbered on: the run's, the first retry-failed resume's,
+    # then one that answers (the breaker, opened by the outage, may refuse
+    # some attempts without a call).
+    mine = [a for agent, a in implement if agent == first_agent]
+    assert mine[:3] == [1, 2, 3] and mine == sorted(set(mine))
+    assert any(4 <= a <= 6 for a in mine) and 7 <= mine[-1] <= 9
+    async with open_orchestrator(store=f"{tmp_path}/b.db", provider=SimulatedProvider(seed=0)) as orch:
+        never_down = await orch.run("S", run_id="u")
+    assert [(s.stage, s.status) for s in done.stages] == [(s.stage, s.status) for s in never_down.stages]
