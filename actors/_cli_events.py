@@ -28,6 +28,7 @@ EVENT_KINDS = frozenset(
     {
         "agent_call",
         "budget_warning",
+        "call_cancelled",
         "call_dropped",
         "decision",
         "fault",

@@ -21,6 +21,9 @@ zero-latency simulator does not): a worker then serves queued calls back
 to back, yielding every ``_CHECKPOINT_EVERY`` calls, so a burst of N
 answers costs N/64 schedule points instead of N.
 
+A call whose caller stops waiting while the provider is working on it is
+cancelled there (``call_cancelled`` event, ``Gateway.cancelled``): a hung
+provider no longer holds a worker, and no answer is bought for nobody.
 A call whose caller has stopped waiting (its call timeout fired while the
 call was queued or at the rate-limit gate) is dropped unmade, and so is
 every call still queued when the gateway is cancelled.  Each was logged as
@@ -93,6 +96,8 @@ class Gateway:
         # Calls dropped unmade (their caller had stopped waiting, or the
         # gateway was cancelled with them queued).
         self.abandoned = 0
+        # Calls cancelled at the provider because their caller stopped waiting.
+        self.cancelled = 0
         self._events = events
 
     async def run(self, inbox: trio.MemoryReceiveChannel[CompletionRequest]) -> None:
@@ -210,23 +215,43 @@ class Gateway:
             return CompletionResult(
                 key=request.key, attempt=request.attempt, error=blocked, usage=ZERO_USAGE
             )
-        try:
-            completion = await provider.complete(request)
-        except ProviderError as error:
-            health.report(permit, error)
-            return CompletionResult(
-                key=request.key,
-                attempt=request.attempt,
-                error=error,
-                usage=getattr(error, "usage", None),
+        # Cancelled when its caller stops waiting (its call timeout, or its
+        # run cancelled): a call left running held a worker for as long as
+        # a hung provider liked, and its answer, paid for, reached nobody -
+        # a resume then bought the same attempt again.
+        call = trio.CancelScope()
+        if reply is not None:
+            reply.on_abandoned(call.cancel)
+        with call:
+            try:
+                completion = await provider.complete(request)
+            except ProviderError as error:
+                health.report(permit, error)
+                return CompletionResult(
+                    key=request.key,
+                    attempt=request.attempt,
+                    error=error,
+                    usage=getattr(error, "usage", None),
+                )
+            except Exception as exc:  # a bug in the provider: fail this call, loudly
+                bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
+                health.report(permit, bug)
+                return CompletionResult(key=request.key, attempt=request.attempt, error=bug)
+            except BaseException:
+                health.abandon(permit)
+                raise
+        if call.cancelled_caught:
+            # Handed to the provider, so not a call_dropped: what it cost is unknown.
+            self.cancelled += 1
+            await self._log(
+                PersistEvent.of_attempt(
+                    request.key,
+                    request.attempt,
+                    "call_cancelled",
+                    {"provider": request.provider, "model": request.model, "reason": "caller stopped waiting"},
+                )
             )
-        except Exception as exc:  # a bug in the provider: fail this call, loudly
-            bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
-            health.report(permit, bug)
-            return CompletionResult(key=request.key, attempt=request.attempt, error=bug)
-        except BaseException:
-            health.abandon(permit)
-            raise
+            return None
         if not isinstance(completion, Completion):
             # The same bug as raising: this call fails, not the agent that
             # would take it apart.
@@ -240,17 +265,20 @@ class Gateway:
 
     async def _dropped(self, request: CompletionRequest, reason: str = "caller stopped waiting") -> None:
         self.abandoned += 1
+        await self._log(
+            PersistEvent.of_attempt(
+                request.key,
+                request.attempt,
+                "call_dropped",
+                {"provider": request.provider, "model": request.model, "reason": reason},
+            )
+        )
+
+    async def _log(self, event: PersistEvent) -> None:
         if self._events is None:
             return
         try:
-            await self._events.send_eager(
-                PersistEvent.of_attempt(
-                    request.key,
-                    request.attempt,
-                    "call_dropped",
-                    {"provider": request.provider, "model": request.model, "reason": reason},
-                )
-            )
+            await self._events.send_eager(event)
         except ActorStopped:
             pass  # the store writer has stopped: the orchestrator is closing
 

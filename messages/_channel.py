@@ -199,6 +199,16 @@ class Reply(Generic[R]):
         its own timeout): a reply would reach nobody.  Not a checkpoint."""
         return self._pending._state == _GONE
 
+    def on_abandoned(self, callback: Callable[[], object]) -> None:
+        """Have ``callback`` called, from trio's run loop, once the requester
+        stops waiting (at once if it already has): e.g. cancel the work the
+        reply is for.  Not a checkpoint; one callback per slot (the last
+        given).  Never called once the slot is settled."""
+        pending = self._pending
+        pending._on_gone = callback
+        if pending._state == _GONE:
+            trio.lowlevel.current_trio_token().run_sync_soon(callback)
+
     def __repr__(self) -> str:
         return f"<Reply for {self._pending._what}>"
 
@@ -213,13 +223,14 @@ class PendingReply(Generic[R]):
     allocations mean fewer garbage-collector passes on that hot path.)
     """
 
-    __slots__ = ("_state", "_value", "_task", "_what")
+    __slots__ = ("_state", "_value", "_task", "_what", "_on_gone")
 
     def __init__(self, what: str) -> None:
         self._state = _EMPTY
         self._value: Any = None
         self._task: trio.lowlevel.Task | None = None
         self._what = what
+        self._on_gone: Callable[[], object] | None = None
 
     def _settle(self, state: int, value: Any = None) -> bool:
         if self._state != _EMPTY:
@@ -235,6 +246,10 @@ class PendingReply(Generic[R]):
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
         self._task = None
         self._state = _GONE
+        if self._on_gone is not None:
+            # Not from inside this abort callback: cancelling another task's
+            # scope here would re-enter trio's cancellation delivery.
+            trio.lowlevel.current_trio_token().run_sync_soon(self._on_gone)
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def receive(self) -> R:

@@ -4,6 +4,7 @@ the agent's retries."""
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 from typing import Any
@@ -616,3 +617,53 @@ async def test_each_retry_failed_resume_grants_one_more_round(
     async with open_orchestrator(store=f"{tmp_path}/b.db", provider=SimulatedProvider(seed=0)) as orch:
         never_down = await orch.run("S", run_id="u")
     assert [(s.stage, s.status) for s in done.stages] == [(s.stage, s.status) for s in never_down.stages]
+
+
+async def test_a_call_its_caller_gave_up_on_is_cancelled_at_the_provider(
+    tmp_path: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A hung provider call outlived its caller's call timeout: it held a
+    gateway worker for ever, so leaving the orchestrator hung."""
+    sim = SimulatedProvider(seed=0)
+    hung: list[str] = []
+
+    async def handler(request: CompletionRequest) -> Completion:
+        if (request.key.stage, request.key.agent, request.attempt) == ("plan", "claude", 1):
+            try:
+                await trio.sleep_forever()
+            finally:
+                hung.append("cancelled")
+        return sim.answer(request)
+
+    path = f"{tmp_path}/a.db"
+    with trio.fail_after(3600):  # the old code never left the block
+        async with open_orchestrator(store=path, provider=MockProvider(handler, name="sim"),
+                                     retry=RetryPolicy(call_timeout=10)) as orch:
+            result = await orch.run("S", run_id="h")
+    assert result.completed and hung == ["cancelled"]
+    with Store.open(path) as s:
+        cancelled = s.events("h", kind="call_cancelled")
+    assert [(e.stage, e.agent, e.attempt) for e in cancelled] == [("plan", "claude", 1)]
+
+
+async def test_a_cancelled_run_buys_nothing_its_resume_buys_again(
+    tmp_path: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Cancelling a run left its in-flight provider calls running: each
+    answer was paid for, dropped, and bought again by the resume."""
+    sim = SimulatedProvider(seed=7)
+    answered: collections.Counter[tuple[str, str, int]] = collections.Counter()
+
+    async def handler(request: CompletionRequest) -> Completion:
+        await trio.sleep(2)
+        completion = sim.answer(request)
+        answered[request.key.stage, request.key.agent, request.attempt] += 1
+        return completion
+
+    path = f"{tmp_path}/a.db"
+    async with open_orchestrator(store=path, seed=7, provider=MockProvider(handler, name="sim")) as orch:
+        with trio.move_on_after(5):  # mid-call: the third plan agent is being answered
+            await orch.run("S", run_id="x")
+        resumed = await orch.resume("x")
+    assert resumed.completed
+    assert [k for k, n in answered.items() if n > 1] == []
