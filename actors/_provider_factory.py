@@ -15,6 +15,7 @@ official clients do, ``OPENAI_BASE_URL`` / ``ANTHROPIC_BASE_URL``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,7 +73,32 @@ def validate_base_url(url: str, *, provider: str) -> str:
         )
     if parsed.fragment:
         raise ProviderConfigError(f"{where} must not have a #fragment")
+    try:
+        port = parsed.port
+    except Exception:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        # httpx takes any number: 99999 failed only as a ConnectError, per call.
+        raise ProviderConfigError(f"{where} has a port outside 1-65535")
     return url.strip()
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def key_problem(key: str, variable: str) -> str | None:
+    """What is wrong with an API key (read from ``variable``), never quoting
+    it; None if it can go in an HTTP header.  A newline, spaces only or a
+    non-ASCII letter failed every call as an opaque protocol error (one of
+    its letters quoted in the error and stored)."""
+    if not key.strip():
+        return f"{variable} holds only white space, not an API key"
+    if not key.isascii() or not key.isprintable() or key != key.strip():
+        return (
+            f"{variable} is not a usable API key: it holds a line break, leading or trailing "
+            "space, or a non-ASCII letter (its value is not shown)"
+        )
+    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -148,6 +174,13 @@ def resolve_provider(
     environ: Mapping[str, str] = os.environ if env is None else env
     url = base_url if base_url is not None else environ.get(BASE_URL_ENV[name]) or DEFAULT_BASE_URL[name]
     url = validate_base_url(url, provider=name)
+    if api_key_env is not None and not _ENV_NAME.fullmatch(api_key_env):
+        # Never echoed: a key given here by mistake would be printed.
+        raise ProviderConfigError(
+            f"provider {name!r}: --api-key-env takes the name of an environment variable "
+            "(letters, digits and _), not the key itself"
+        )
+    variable = "the API key"
     if token_source is None and not api_key:
         variable = api_key_env or KEY_ENV[name]
         api_key = environ.get(variable) or None
@@ -156,6 +189,10 @@ def resolve_provider(
                 f"provider {name!r} needs an API key: set {variable} "
                 f"(any non-empty value for a local server such as serve-mock)"
             )
+    if token_source is None and api_key is not None:
+        problem = key_problem(api_key, variable)
+        if problem is not None:
+            raise ProviderConfigError(f"provider {name!r}: {problem}")
     return ProviderConfig(
         name=name,
         base_url=url,

@@ -54,6 +54,27 @@ def test_bad_configuration_is_named(kwargs: dict[str, object], message: str) -> 
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # Each failed every call as a protocol error (a non-ASCII letter of the
+        # key was quoted in the error, and stored) or a ConnectError per call.
+        ({"env": {"OPENAI_API_KEY": f"{SECRET}\nX"}}, "OPENAI_API_KEY is not a usable API key"),
+        ({"env": {"OPENAI_API_KEY": f"{SECRET}\u00dc"}}, "OPENAI_API_KEY is not a usable API key"),
+        ({"env": {"OPENAI_API_KEY": f" {SECRET}"}}, "leading or trailing space"),
+        ({"env": {"OPENAI_API_KEY": "   "}}, "OPENAI_API_KEY holds only white space"),
+        ({"env": {"OPENAI_API_KEY": "k"}, "base_url": "http://127.0.0.1:99999/v1"}, "has a port outside 1-65535"),
+        # A key given where the variable's name goes was echoed in "set sk-...".
+        ({"env": {"OPENAI_API_KEY": "k"}, "api_key_env": SECRET}, "takes the name of an environment variable"),
+    ],
+)
+def test_unusable_keys_and_ports_are_refused_without_showing_the_key(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ProviderConfigError) as info:
+        build_provider("openai", **kwargs)  # type: ignore[arg-type]
+    assert message in str(info.value)
+    assert SECRET not in str(info.value)
+
+
 def test_credentials_in_the_base_url_are_refused_and_not_echoed() -> None:
     with pytest.raises(ProviderConfigError) as info:
         build_provider("openai", base_url=f"https://user:{SECRET}@api.test/v1", env={"OPENAI_API_KEY": "k"})
