@@ -13,6 +13,7 @@ Runnable on its own: ``python -m actors._cli_providers serve-mock --port 0``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -78,8 +79,10 @@ def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None =
             raise MockConfigError(f"--disagreement-rate must be within [0, 1], got {args.disagreement_rate}")
         if not 0 <= args.port <= 65535:
             raise MockConfigError(f"--port must be within 0..65535, got {args.port}")
-        if args.reset_seconds < 0 or args.slow_seconds < 0:
-            raise MockConfigError("--reset-seconds and --slow-seconds must not be negative")
+        for flag, value in (("--reset-seconds", args.reset_seconds), ("--slow-seconds", args.slow_seconds)):
+            # NaN and inf passed "not negative" and crashed the server at its first fault.
+            if not 0 <= value < math.inf:
+                raise MockConfigError(f"{flag} must be a finite number of seconds >= 0, got {value}")
         key = None
         if args.require_key_env:
             key = environ.get(args.require_key_env)

@@ -179,6 +179,16 @@ def test_serve_mock_rejects_bad_faults(capsys: pytest.CaptureFixture[str]) -> No
     assert "unknown fault 'teapot'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+@pytest.mark.parametrize("flag", ["--reset-seconds", "--slow-seconds"])
+def test_serve_mock_rejects_seconds_that_are_not_finite(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # NaN and inf were taken, and the server died at its first 429.
+    assert main(["serve-mock", flag, value]) == 2
+    assert f"{flag} must be a finite number of seconds >= 0, got" in capsys.readouterr().err
+
+
 def test_cli_max_concurrency_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "c.db"
     assert main(["run", "--db", str(db), "--max-concurrency", "0"]) == 2
