@@ -479,7 +479,10 @@ def report_result(
     """Print a finished run (``--json`` object or summary; ``faults``: what
     was injected, a ``faults`` member of the object); its exit code."""
     if args.json:
-        _json_out(result.to_json() | ({"faults": faults} if faults is not None else {}))
+        data = result.to_json() | ({"faults": faults} if faults is not None else {})
+        if data.get("halt_message"):
+            data["halt_message"] = with_db(data["halt_message"], args.db)  # as the summary says it
+        _json_out(data)
     else:
         print(_summary(result, args.db, virtual, elapsed))
     return EXIT_OK if result.completed else EXIT_HALTED

@@ -209,5 +209,9 @@ def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -
         assert argv[-2:] == ["--db", db]
         follow = run_cli(argv, cwd=tmp_path)
         assert follow.returncode in (0, 3), follow.stderr
+    again = run_cli(["run", "--db", db, "--run-id", "h3", "--disagreement-rate", "1", "--json"], cwd=tmp_path)
+    message = json.loads(again.stdout)["halt_message"]
+    hints = re.findall(r"'(conclave [^']*)'", message)
+    assert len(hints) == 2 and all(shlex.split(h)[-2:] == ["--db", db] for h in hints), message
     default = run_cli(["run", "--run-id", "h2", "--disagreement-rate", "1"], cwd=tmp_path)
     assert "--db" not in default.stdout  # the default file needs no option
