@@ -207,19 +207,48 @@ def error_from_status(
     return with_usage(error, ZERO_USAGE)
 
 
-def error_from_transport(exc: httpx.TransportError, *, provider: str, streaming: bool = False) -> ProviderError:
+# What went wrong, in words: the class names (ConnectError, ...) meant
+# nothing to a user, and "stream cut short" was said of a server never reached.
+_TRANSPORT_WORDS: tuple[tuple[type[httpx.TransportError], str], ...] = (
+    (httpx.ConnectTimeout, "timed out connecting to"),
+    (httpx.PoolTimeout, "timed out waiting for a free connection to"),
+    (httpx.WriteTimeout, "timed out sending the request to"),
+    (httpx.ReadTimeout, "timed out waiting for the reply from"),
+    (httpx.ConnectError, "cannot connect to"),
+    (httpx.LocalProtocolError, "could not send the request (a header value it cannot carry?) to"),
+    (httpx.RemoteProtocolError, "the connection broke off (the server broke the HTTP exchange) with"),
+    (httpx.ReadError, "the connection failed while reading the reply from"),
+    (httpx.WriteError, "the connection failed while sending the request to"),
+)
+
+
+def _where(exc: httpx.TransportError) -> str:
+    try:
+        url = exc.request.url
+    except RuntimeError:  # raised without a request
+        return "the server"
+    port = f":{url.port}" if url.port is not None else ""
+    return f"{url.host}{port}"
+
+
+def error_from_transport(
+    exc: httpx.TransportError, *, provider: str, streaming: bool = False, secrets: Iterable[str] = ()
+) -> ProviderError:
     """The typed error for an httpx transport failure.  Failures before the
     request was sent cost nothing (usage zero); after it, usage is unknown."""
-    name = type(exc).__name__
     before_send = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     usage = ZERO_USAGE if before_send else None
+    words = next((w for cls, w in _TRANSPORT_WORDS if isinstance(exc, cls)), "the connection failed with")
+    # Our own request's fault quotes the offending header value: the key.
+    detail = "" if isinstance(exc, httpx.LocalProtocolError) else redact(str(exc), secrets).strip()
+    text = f"{provider}: {words} {_where(exc)}" + (f" ({detail[:200]})" if detail else "")
+    if streaming and not before_send and not isinstance(exc, httpx.TimeoutException):
+        text += "; the stream was cut short"
     error: ProviderError
     if isinstance(exc, httpx.TimeoutException):
-        error = ProviderTimeout(f"{provider}: {name} ({'connecting' if before_send else 'waiting for the reply'})")
-    elif streaming:
-        error = Disconnected(f"{provider}: stream cut short ({name})")
+        error = ProviderTimeout(text)
     else:
-        error = Disconnected(f"{provider}: connection failed ({name})")
+        error = Disconnected(text)
     return with_usage(error, usage)
 
 

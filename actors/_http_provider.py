@@ -263,7 +263,7 @@ class HttpProvider(BaseProvider):
                         raise malformed(self.name, "a stream event of an unexpected shape") from None
                 raw = await response.aread()
         except httpx.TransportError as exc:
-            raise error_from_transport(exc, provider=self.name, streaming=self.stream) from None
+            raise error_from_transport(exc, provider=self.name, streaming=self.stream, secrets=self._secrets()) from None
         except httpx.DecodingError:
             raise malformed(self.name, "undecodable body") from None
         try:

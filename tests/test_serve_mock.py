@@ -222,3 +222,19 @@ def test_a_port_in_use_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     # wrapped in the server's nursery's exception group.
     assert err.startswith(f"conclave serve-mock: error: cannot listen on 127.0.0.1:{port}: ")
     assert "in use" in err
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_refused_connection_names_the_server_in_words(stream: bool) -> None:
+    # It said "stream cut short (ConnectError)" of a server it never reached.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    provider = OpenAIProvider(base_url=f"http://127.0.0.1:{port}/v1", api_key=SECRET, stream=stream)
+    with pytest.raises(Disconnected) as info:
+        await provider.complete(make_request())
+    await provider.aclose()
+    message = str(info.value)
+    assert message.startswith(f"openai: cannot connect to 127.0.0.1:{port}")
+    assert "cut short" not in message and "Error" not in message.split("(")[0]
+    assert "ConnectError" not in message
