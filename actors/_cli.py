@@ -331,7 +331,7 @@ async def _run_pipeline(
     out = display if isinstance(display, LiveFooter) else sys.stdout
     printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
-    options = _history.run_options(args)
+    options = _history.run_options(args) | _history.base_url_options(configs)
     async with open_orchestrator(
         store=store,
         provider=providers,

@@ -55,6 +55,7 @@ from ._cli_metrics import MetricsUsageError, add_run_metrics_args, load_prices
 from ._cli_providers import add_provider_arguments, provider_configs_from_args
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
+from ._http_errors import redact
 from ._provider_factory import ProviderConfig, ProviderConfigError
 from ._retry import RetryPolicy
 from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
@@ -114,6 +115,20 @@ def run_options(args: argparse.Namespace) -> dict[str, float | int]:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     return options
+
+
+def base_url_options(configs: Mapping[str, ProviderConfig]) -> dict[str, Any]:
+    """The real providers' base URLs, kept with the run: a resume without
+    --base-url went to the provider's public endpoint (with the key meant
+    for the local server) and stored its failures as decisions.  A URL
+    whose query looks like it holds a key is not stored (the resume must
+    then be told again)."""
+    urls = {
+        name: config.base_url
+        for name, config in sorted(configs.items())
+        if config.remote and config.base_url is not None and redact(config.base_url) == config.base_url
+    }
+    return {"base_urls": urls} if urls else {}
 
 
 # Stored option -> RetryPolicy field, for the retry settings a branch keeps.
@@ -208,7 +223,9 @@ def _configs(
         "disagreement_rate": float(merged["disagreement_rate"]),
         "sim_latency": float(merged["sim_latency"]),
     })
-    return provider_configs_from_args(view, pipeline, token_sources=tokens)
+    stored = options.get("base_urls")
+    kept = {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
+    return provider_configs_from_args(view, pipeline, token_sources=tokens, base_urls=kept)
 
 
 def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -> int:

@@ -176,9 +176,11 @@ def provider_configs_from_args(
     *,
     env: Mapping[str, str] | None = None,
     token_sources: Mapping[str, BearerSource] | None = None,
+    base_urls: Mapping[str, str] | None = None,
 ) -> dict[str, ProviderConfig]:
     """Validate the configuration of every provider the (overridden)
-    pipeline uses; build nothing."""
+    pipeline uses; build nothing.  ``base_urls``: per provider, the URL to
+    use when --base-url is not given (a resumed run's own)."""
     pipeline = pipeline_from_args(args, pipeline)
     max_concurrency = getattr(args, "max_concurrency", None)
     if max_concurrency is not None and max_concurrency < 1:
@@ -210,7 +212,8 @@ def provider_configs_from_args(
     for name in names:
         configs[name] = resolve_provider(
             name,
-            base_url=base_url if name in remote else None,
+            # --base-url, else the one the run was made with (resume, rerun).
+            base_url=(base_url if base_url is not None else (base_urls or {}).get(name)) if name in remote else None,
             api_key_env=getattr(args, "api_key_env", None),
             token_source=(token_sources or {}).get(name),
             env=env,

@@ -152,3 +152,25 @@ def test_anthropic_run_against_serve_mock_matches_the_simulator(tmp_path: Path) 
     assert result["digest"] == sim["digest"]
     assert result["usage"] == sent["usage"] == sim["usage"]
     assert SECRET not in run.stdout + run.stderr + "".join(printed)
+
+
+def test_a_resume_reaches_the_server_its_run_used(tmp_path: Path) -> None:
+    """Resumed without --base-url, a run made against a local server went to
+    api.openai.com with the local key, and stored the failures as decisions."""
+    db = tmp_path / "c.db"
+    with serve_mock("--seed", str(SEED)) as (url, _):
+        killed = conclave("run", SPEC, "--provider", "openai", "--base-url", url, "--seed", str(SEED), "--db", str(db),
+                          "--run-id", "K", env={"OPENAI_API_KEY": SECRET, "CONCLAVE_TEST_KILL_AFTER_WRITES": "8"})
+        assert killed.returncode == -9
+        before = ledger(url)["completions"]
+        resumed = conclave("resume", "K", "--db", str(db), "--json", env={"OPENAI_API_KEY": SECRET})
+        after = ledger(url)["completions"]
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["status"] == "completed" and result["unknown_usage_calls"] == 0
+    assert result["turns"] > 0 and after - before == result["turns"], "the resume's calls went to the local server"
+    with Store.open(str(db), readonly=True) as store:
+        run = store.get_run("K")
+        assert run is not None and run.current_branch_id is not None
+        branch = store.get_branch("K", run.current_branch_id)
+        assert branch is not None and branch.options["base_urls"] == {"openai": url}
