@@ -278,6 +278,8 @@ class Orchestrator:
         self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
         self._closed = False  # its open_orchestrator block has ended
+        # The trio run its actors live in (None: not made by open_orchestrator).
+        self._token: trio.lowlevel.TrioToken | None = None
         self.provider_names: frozenset[str] | None = None  # the gateway's; None: not known
 
     def _check_providers(self, pipeline: Pipeline) -> None:
@@ -296,12 +298,18 @@ class Orchestrator:
         """Live :class:`~messages.TokenMetrics` snapshots (of every run, or
         of ``run_id``), at most one per ``limits.metrics_interval`` per run.
         Latest value, not a backlog: a subscriber that never reads costs
-        the runs nothing."""
+        the runs nothing.  Not a checkpoint.  Raises ActorStopped once the
+        orchestrator has closed (a subscription made then never ended)."""
+        self._check_open()
+        if run_id is not None:
+            _check_names(run_id=run_id)
         return self._metrics_hub.subscribe(run_id)
 
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[ProgressEvent]:
         """A channel of progress events.  Best effort: when the buffer is
-        full, events are dropped rather than slowing any run."""
+        full, events are dropped rather than slowing any run.  Not a
+        checkpoint.  Raises ActorStopped once the orchestrator has closed."""
+        self._check_open()
         return self._progress.subscribe(max_buffer)
 
     def _publish(self, event: ProgressEvent) -> None:
@@ -365,6 +373,8 @@ class Orchestrator:
             if problem is not None:
                 raise ConfigError(problem)
         _check_options(options)
+        if pipeline is not None and not isinstance(pipeline, Pipeline):
+            raise ConfigError(f"pipeline must be a Pipeline (see parse_pipeline, pipeline_from_dict), got {pipeline!r}")
         pipeline = pipeline or self.pipeline
         self._check_providers(pipeline)
         budget_usd = parse_budget(budget)
@@ -516,6 +526,18 @@ class Orchestrator:
             raise ActorStopped(
                 "this orchestrator is closed: its 'async with open_orchestrator(...)' block has ended"
             )
+        if self._token is not None:
+            try:
+                here = trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                here = None
+            if here is not self._token:
+                # Its actors are tasks of that run: used from another, trio
+                # failed an internal assertion and the owner's block hung.
+                raise ConfigError(
+                    "this orchestrator belongs to the trio run that opened it; "
+                    "use it from that run (open one per trio.run)"
+                )
 
     def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
         return stage_outputs(self._require_db(), key)
@@ -1009,6 +1031,7 @@ async def open_orchestrator(
                     orchestrator.provider_names = frozenset(providers)
                     orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                     orchestrator._fault_interceptors = tuple(attached)
+                    orchestrator._token = trio.lowlevel.current_trio_token()
                     yield orchestrator
                 finally:
                     # Closing the inboxes lets each actor drain what is queued

@@ -328,3 +328,51 @@ async def test_a_closed_or_read_only_store_is_refused(tmp_path: Path, autojump_c
         with pytest.raises(ConfigError, match="is read-only: the orchestrator writes to it"):
             async with open_orchestrator(store=read_only):
                 pass  # pragma: no cover
+
+
+async def test_misuse_after_close_or_from_another_trio_run_is_a_typed_error(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from messages import ActorStopped
+
+    async with open_orchestrator(store=str(tmp_path / "c.db")) as orch:
+        # A dict for a pipeline was an AttributeError; a number for a run id
+        # made a subscription that never delivered.
+        with pytest.raises(ConfigError, match="pipeline must be a Pipeline"):
+            await orch.run(pipeline={"stages": []})  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="run_id must be a non-empty string, got 5"):
+            orch.subscribe_metrics(5)  # type: ignore[arg-type]
+
+        # From another trio run: trio failed an internal assertion, and this
+        # block never exited.
+        def elsewhere() -> str:
+            async def use() -> None:
+                await orch.run("S")
+
+            try:
+                trio.run(use)
+            except ConfigError as exc:
+                return str(exc)
+            return "no error"
+
+        said = await trio.to_thread.run_sync(elsewhere)
+        assert said.startswith("this orchestrator belongs to the trio run that opened it")
+        assert (await orch.run("S")).completed  # the owner is unharmed
+    # After the block: these returned channels that never ended.
+    with pytest.raises(ActorStopped, match="this orchestrator is closed"):
+        orch.subscribe()
+    with pytest.raises(ActorStopped, match="this orchestrator is closed"):
+        orch.subscribe_metrics()
+
+
+def test_closed_metrics_subscriptions_are_let_go() -> None:
+    from actors._snapshots import MetricsHub
+
+    hub = MetricsHub()
+    for _ in range(1000):
+        hub.subscribe().close()
+    kept = hub.subscribe()
+    assert hub.listening()
+    assert hub._subscriptions == [kept]  # each snapshot went through all 1,001
+    kept.close()
+    assert not hub.listening()
