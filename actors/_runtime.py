@@ -119,13 +119,27 @@ def collapse_single() -> Iterator[None]:
     """Re-raise a lone exception from one of our internal nurseries as
     itself.  Those nurseries are implementation details: callers should see
     the typed error (or the KeyboardInterrupt, or trio.Cancelled), not a
-    group around it.  Groups of several exceptions stay groups."""
+    group around it.  ActorStopped beside another failure is its consequence
+    (the actors stopped because of it): a KeyboardInterrupt raised by a
+    provider came out as a group of groups with an ActorStopped in it, so
+    ``except KeyboardInterrupt`` missed it.  Groups of several failures of
+    their own stay groups."""
     try:
         yield
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        leaves = _leaves(group)
+        causes = [leaf for leaf in leaves if not isinstance(leaf, ActorStopped)]
+        if len(causes) == 1:
+            raise causes[0] from None
+        if len(leaves) == 1:
+            raise leaves[0] from None
         raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 class ConfigError(ConclaveError, ValueError):

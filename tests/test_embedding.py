@@ -376,3 +376,26 @@ def test_closed_metrics_subscriptions_are_let_go() -> None:
     assert hub._subscriptions == [kept]  # each snapshot went through all 1,001
     kept.close()
     assert not hub.listening()
+
+
+class _Halt(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, _Halt])
+async def test_a_base_exception_from_a_provider_comes_out_bare(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, raised: type[BaseException]
+) -> None:
+    # It came out as a group of groups beside an ActorStopped (the agents
+    # stopping because of it), so 'except KeyboardInterrupt' missed it.
+    sim = SimulatedProvider(seed=0)
+
+    def handler(request: Any) -> Any:
+        if request.key.stage == "tasks":
+            raise raised()
+        return sim.answer(request)
+
+    with pytest.raises(raised) as info:
+        async with open_orchestrator(store=str(tmp_path / "c.db"), provider=MockProvider(handler, name="sim")) as orch:
+            await orch.run("S")
+    assert type(info.value) is raised
