@@ -116,6 +116,10 @@ class HttpProvider(BaseProvider):
         if api_key is not None and not api_key:
             raise ValueError("api_key must not be empty")
         self.base_url = httpx.URL(base_url)
+        if self.base_url.userinfo:
+            # It would ride along in reprs, errors, progress events and the
+            # database (a 404 names its URL).
+            raise ValueError("base_url must not carry credentials (user:password@); give api_key or token_source")
         self.stream = stream
         self.model = model  # when set, every call uses this model, whatever the agent asked
         if name is not None:
@@ -129,7 +133,8 @@ class HttpProvider(BaseProvider):
 
     def __repr__(self) -> str:
         cred = "api_key=<hidden>" if self._api_key is not None else "token_source=<hidden>"
-        return f"{type(self).__name__}(name={self.name!r}, base_url={str(self.base_url)!r}, {cred})"
+        shown = str(self.base_url.copy_with(query=None))  # a query may hold a key
+        return f"{type(self).__name__}(name={self.name!r}, base_url={shown!r}, {cred})"
 
     # -- subclass hooks ------------------------------------------------------
 

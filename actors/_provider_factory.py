@@ -107,7 +107,8 @@ class ProviderConfig:
     Secrets are kept out of the repr."""
 
     name: str
-    base_url: str | None = None
+    # Shown without userinfo or query: either may hold a secret.
+    base_url: str | None = attrs.field(default=None, repr=lambda url: repr(url if url is None else _shown(url)))
     api_key: str | None = attrs.field(default=None, repr=False)
     token_source: BearerSource | None = attrs.field(default=None, repr=False)
     model: str | None = None

@@ -13,7 +13,7 @@ from actors._cli import main
 from actors._cli_providers import add_provider_arguments, pipeline_from_args, providers_from_args
 from actors._openai import OpenAIProvider
 from actors._pipeline import default_pipeline, parse_pipeline
-from actors._provider_factory import ProviderConfigError, build_provider
+from actors._provider_factory import ProviderConfig, ProviderConfigError, build_provider
 from actors._simulator import SimulatedProvider
 
 from tests._providers_support import SECRET
@@ -193,3 +193,14 @@ def test_cli_max_concurrency_must_be_positive(tmp_path: Path, capsys: pytest.Cap
     db = tmp_path / "c.db"
     assert main(["run", "--db", str(db), "--max-concurrency", "0"]) == 2
     assert "--max-concurrency must be at least 1" in capsys.readouterr().err and not db.exists()
+
+
+def test_reprs_and_constructors_keep_url_credentials_out() -> None:
+    # build_provider refused them, but the public constructors took a
+    # user:password@ URL and every repr, 404 error and stored error showed it.
+    with pytest.raises(ValueError, match="base_url must not carry credentials"):
+        OpenAIProvider(api_key=SECRET, base_url=f"https://user:{SECRET}@api.test/v1")
+    provider = OpenAIProvider(api_key="k", base_url=f"https://api.test/v1?api-key={SECRET}")
+    config = ProviderConfig(name="openai", base_url=f"https://user:{SECRET}@api.test/v1?api-key={SECRET}")
+    for shown in (repr(provider), repr(config)):
+        assert SECRET not in shown and "https://api.test/v1" in shown
