@@ -183,6 +183,7 @@ async def _drive(
     auth: AuthService | None = None,
     retry: RetryPolicy | None = None,
     faults: FaultPlan | None = None,
+    pipeline: Pipeline | None = None,
 ) -> tuple[RunResult, float, dict[str, Any] | None]:
     printer = None if args.json else HistoryPrinter(sys.stdout, stages)
     limits = Limits() if args.max_concurrency is None else Limits(max_concurrency=args.max_concurrency)
@@ -190,6 +191,7 @@ async def _drive(
     async with open_orchestrator(
         store=store,
         provider=providers,
+        pipeline=pipeline,  # the stored one: the providers were built for it
         seed=seed,
         limits=limits,
         prices=args.price_table,
@@ -292,7 +294,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             fault_banner(plan, seed, "the run's seed")
             result, elapsed, faults = trio.run(
                 interruptible, _drive, args, store, providers, seed, stages, action, auth, retry_of(options), plan,
-                clock=clock,
+                pipeline, clock=clock,
             )
         except (ConfigError, ResumeError, RunLocked, LockFileError) as exc:
             return _fail(str(exc))

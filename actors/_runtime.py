@@ -869,8 +869,11 @@ async def open_orchestrator(
 
     ``store`` is a path (opened, migrated, and closed on exit) or an open
     :class:`~store.Store` (left open).  ``provider`` defaults to the
-    embedded :class:`SimulatedProvider` seeded with ``seed``; a mapping
-    routes agents by their pipeline ``provider`` name.  ``faults`` is a
+    embedded :class:`SimulatedProvider` seeded with ``seed``; one provider
+    serves every agent, whatever provider its pipeline names; a mapping
+    routes agents by their pipeline ``provider`` name (even a mapping of
+    one: a name it lacks is a ConfigError).  Bound to the trio run that
+    opens it: use it from that run only.  ``faults`` is a
     :class:`~messages.FaultPlan` or a spec as ``CODEX_FAULTS`` takes it
     (``"disconnect:3"``; wrapped in a
     :class:`~messages.FaultInterceptor`, seeded with ``seed`` unless the plan
@@ -953,16 +956,15 @@ async def open_orchestrator(
         )
     if faults is not None:
         interceptors["gateway"] = [*interceptors.get("gateway", ()), faults]
-    if provider is None:
-        providers: dict[str, BaseProvider] = {"sim": SimulatedProvider(seed=seed)}
-    elif isinstance(provider, BaseProvider):
-        providers = {provider.name: provider}
-    else:
-        providers = dict(provider)
-    if len(providers) == 1:
+    if provider is None or isinstance(provider, BaseProvider):
         # One provider serves every agent, whatever the pipeline calls it.
-        only = next(iter(providers.values()))
-        providers = {spec.provider: only for spec in pipeline.agents.values()} | providers
+        only = provider if provider is not None else SimulatedProvider(seed=seed)
+        providers: dict[str, BaseProvider] = {spec.provider: only for spec in pipeline.agents.values()}
+        providers[only.name] = only
+    else:
+        # A mapping routes by name, even with one entry: it used to serve
+        # an agent the pipeline puts on another provider without a word.
+        providers = dict(provider)
     problem = missing_providers(pipeline, providers, "give provider a mapping that names them")
     if problem is not None:
         raise ConfigError(problem)

@@ -399,3 +399,15 @@ async def test_a_base_exception_from_a_provider_comes_out_bare(
         async with open_orchestrator(store=str(tmp_path / "c.db"), provider=MockProvider(handler, name="sim")) as orch:
             await orch.run("S")
     assert type(info.value) is raised
+
+
+async def test_a_mapping_of_one_provider_routes_by_name_too(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # Its one provider served an agent the pipeline put on another, silently;
+    # with two entries the same pipeline was refused.
+    pipeline = parse_pipeline('[agents.gemini]\nprovider = "openai"\n[[stages]]\nname = "plan"\nagents = ["gemini", "claude", "gpt_pro"]')
+    with pytest.raises(ConfigError, match=r"no provider configured for: openai \(this orchestrator has: sim;"):
+        async with open_orchestrator(store=str(tmp_path / "c.db"), pipeline=pipeline, provider={"sim": SimulatedProvider()}):
+            pass
+    # A bare provider still serves every agent, whatever it is called.
+    async with open_orchestrator(store=str(tmp_path / "d.db"), pipeline=pipeline, provider=SimulatedProvider()) as orch:
+        assert (await orch.run("S")).completed
