@@ -32,7 +32,10 @@ class Interceptor(Generic[T]):
     ``send`` may forward the item (``await forward(item)``), forward another
     item, or answer the item itself instead of forwarding it (the fault
     interceptor does this through the item's ``reply_to``).  It must do one of
-    those, and ``forward`` must be its last await.
+    those, and ``forward`` must be its last await.  One that returns having
+    done neither fails an item's reply slot (its requester gets
+    :class:`ActorStopped` naming the interceptor); an item without one is
+    dropped, as a filter drops it.
     """
 
     async def send(self, item: T, forward: Forward[T]) -> None:
@@ -49,6 +52,9 @@ class FunctionInterceptor(Interceptor[T]):
     async def send(self, item: T, forward: Forward[T]) -> None:
         await self._handler(item, forward)
 
+    def __repr__(self) -> str:
+        return f"FunctionInterceptor({getattr(self._handler, '__qualname__', self._handler)!s})"
+
 
 def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]]) -> Forward[T]:
     forward = sink
@@ -60,7 +66,21 @@ def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]]) -> Forward[
 
 def _bind(interceptor: Interceptor[T], forward: Forward[T]) -> Forward[T]:
     async def send(item: T) -> None:
-        await interceptor.send(item, forward)
+        forwarded = False
+
+        async def onward(passed: T) -> None:
+            nonlocal forwarded
+            forwarded = True
+            await forward(passed)
+
+        await interceptor.send(item, onward)
+        if not forwarded:
+            # Neither forwarded nor answered: its requester would wait for
+            # ever (a run hung on a swallowed PersistDecision).  It gets
+            # ActorStopped naming the interceptor instead.
+            reply = getattr(item, "reply_to", None)
+            if isinstance(reply, Reply):
+                reply.close(f"interceptor {interceptor!r} neither forwarded nor answered it")
 
     return send
 
@@ -189,9 +209,10 @@ class Reply(Generic[R]):
         a reply was already sent (extra replies are dropped)."""
         return self._pending._settle(_VALUE, value)
 
-    def close(self) -> None:
-        """Give up without answering (a no-op after ``send``)."""
-        self._pending._settle(_CLOSED)
+    def close(self, why: str = "the actor stopped") -> None:
+        """Give up without answering (a no-op after ``send``); the
+        requester's ActorStopped says ``why``."""
+        self._pending._settle(_CLOSED, why)
 
     @property
     def abandoned(self) -> bool:
@@ -269,7 +290,8 @@ class PendingReply(Generic[R]):
             value: R = self._value
             self._value = None
             return value
-        raise ActorStopped(f"no reply to {self._what}: the actor stopped")
+        why = self._value if isinstance(self._value, str) else "the actor stopped"
+        raise ActorStopped(f"no reply to {self._what}: {why}")
 
 
 def reply_pair(what: str) -> tuple[Reply[Any], PendingReply[Any]]:

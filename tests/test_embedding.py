@@ -411,3 +411,21 @@ async def test_a_mapping_of_one_provider_routes_by_name_too(tmp_path: Path, auto
     # A bare provider still serves every agent, whatever it is called.
     async with open_orchestrator(store=str(tmp_path / "d.db"), pipeline=pipeline, provider=SimulatedProvider()) as orch:
         assert (await orch.run("S")).completed
+
+
+async def test_an_interceptor_that_swallows_a_request_fails_it_loudly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Returning without forwarding or answering hung the run for ever.
+    from messages import ActorStopped, FunctionInterceptor
+
+    async def swallow_decisions(item: Any, forward: Any) -> None:
+        if type(item).__name__ != "PersistDecision":
+            await forward(item)
+
+    with pytest.raises(ActorStopped, match=r"interceptor FunctionInterceptor\(.*swallow_decisions\) neither forwarded nor answered it"):
+        with trio.fail_after(600):
+            async with open_orchestrator(
+                store=str(tmp_path / "c.db"), interceptors={"store": [FunctionInterceptor(swallow_decisions)]}
+            ) as orch:
+                await orch.run("S")
