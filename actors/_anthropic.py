@@ -39,6 +39,12 @@ ANTHROPIC_VERSION = "2023-06-01"
 
 
 class AnthropicProvider(HttpProvider):
+    """The Anthropic Messages API over httpx (see the module docstring).
+    ``complete`` is a checkpoint and may be cancelled at any of its awaits
+    (the call is then abandoned, usage unknown); failures are the typed
+    errors of :mod:`actors._http_errors`.  The key never appears in its
+    repr or errors."""
+
     name = "anthropic"
 
     def __init__(

@@ -44,6 +44,12 @@ State = Literal["closed", "open", "half_open"]
 
 @attrs.frozen(kw_only=True, slots=True)
 class BreakerPolicy:
+    """When a provider's circuit breaker opens: a call arriving when, of the
+    outcomes in the last ``window`` seconds (at least ``min_calls`` of
+    them), ``failure_rate`` or more failed (disconnects, timeouts, 5xx); it
+    stays open ``cooldown`` seconds on trio's clock, then lets probes
+    through.  Checked when built."""
+
     failure_rate: float = attrs.field(default=0.5)
     window: float = 60.0  # seconds of outcomes considered
     min_calls: int = 20

@@ -41,6 +41,11 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAIProvider(HttpProvider):
+    """Chat Completions over httpx (see the module docstring).  ``complete``
+    is a checkpoint and may be cancelled at any of its awaits (the call is
+    then abandoned, usage unknown); failures are the typed errors of
+    :mod:`actors._http_errors`.  The key never appears in its repr or errors."""
+
     name = "openai"
 
     def __init__(self, *, base_url: str = DEFAULT_OPENAI_BASE_URL, json_mode: bool = True, **kwargs: Any) -> None:

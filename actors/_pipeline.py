@@ -141,6 +141,12 @@ class StageSpec:
 
 @attrs.frozen(kw_only=True, slots=True)
 class Pipeline:
+    """A validated pipeline: its stages in order (panel, mode, quorum,
+    aggregator, required and decision fields) and its agents (provider
+    and model).  Build it with :func:`parse_pipeline` (TOML) or
+    :func:`pipeline_from_dict`; immutable, so one pipeline can serve any
+    number of concurrent runs."""
+
     stages: tuple[StageSpec, ...]
     agents: Mapping[str, AgentSpec] = attrs.field(eq=False)
     # Stage name -> each seat's provider: derived once (every agent's call

@@ -152,6 +152,12 @@ class RunExists(ConclaveError, ValueError):
 
 @attrs.frozen(kw_only=True, slots=True)
 class Limits:
+    """Sizes and pacing of an orchestrator's actors: channel buffers, the
+    gateway's concurrent calls per provider, the progress buffer, how
+    often (trio clock) a run's metrics are snapshotted, and how long the
+    store writer may hold unawaited writes for a group commit.  Checked
+    when built (a ValueError names the field)."""
+
     # The gateway moves its inbox into per-provider queues at every step, so
     # this buffer bounds nothing for long; a small one only makes a burst of
     # agents (a parallel stage's panel) wait a schedule point each to enter.
@@ -203,6 +209,13 @@ class StageResult:
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunResult:
+    """What a run, resume or rerun ended with: its status (``completed`` or
+    ``halted``, with ``halt_reason`` and a ``halt_message`` saying how to go
+    on), the decisions of this drive, usage and cost (unknown usage counted
+    apart), turns, budget and alerts, and the digest that names the
+    outcome (same seed and inputs, same digest).  ``to_json()`` is the
+    CLI's ``--json`` object.  Immutable."""
+
     run_id: str
     branch_id: str
     spec_id: str

@@ -39,6 +39,8 @@ class MetricsSubscription:
         self._event.set()
 
     def close(self) -> None:
+        """Stop receiving: pending snapshots are still returned, then
+        ``receive`` raises EndOfChannel.  Not a checkpoint; idempotent."""
         self._closed = True
         self._event.set()
 
@@ -51,6 +53,9 @@ class MetricsSubscription:
         return self._pending.get(run_id)
 
     async def receive(self) -> TokenMetrics:
+        """The oldest-changed pending snapshot, waiting for one if none is
+        pending.  A checkpoint when it waits; cancelling it loses nothing
+        (the snapshot stays pending).  EndOfChannel once closed and empty."""
         while not self._pending:
             if self._closed:
                 raise trio.EndOfChannel
