@@ -24,6 +24,10 @@ class BaseProvider:
     """
 
     name: str = "provider"
+    # True only if complete() never awaits (answers in the step it is
+    # called): nothing in it could be cancelled, so the gateway spends no
+    # cancel scope on its calls.  A provider that awaits must leave it False.
+    answers_at_once: bool = False
 
     async def complete(self, request: CompletionRequest) -> Completion:
         raise NotImplementedError

@@ -181,6 +181,11 @@ class SimulatedProvider(BaseProvider):
         )
         return Completion(content=content, usage=usage, model=request.model)
 
+    @property
+    def answers_at_once(self) -> bool:  # type: ignore[override]
+        """Without latency it never awaits (see BaseProvider)."""
+        return self.latency.median <= 0
+
     async def complete(self, request: CompletionRequest) -> Completion:
         self.calls += 1
         key = request.key
