@@ -566,6 +566,11 @@ class Orchestrator:
                     "use it from that run (open one per trio.run)"
                 )
 
+    async def _log_halt(self, ctx: RunContext, stage: str, detail: dict[str, Any]) -> None:
+        await self._store.send(
+            PersistEvent(run_id=ctx.run_id, branch_id=ctx.branch_id, kind="halt", stage=stage, detail=detail)
+        )
+
     def _durable_outputs(self, key: StageKey) -> dict[str, AgentOutput]:
         return stage_outputs(self._require_db(), key)
 
@@ -705,38 +710,17 @@ class Orchestrator:
                 "The stage is left undecided; once the cause has passed, "
                 f"'conclave resume {ctx.run_id} --retry-failed' asks the failed agents again."
             )
-            await self._store.send(
-                PersistEvent(
-                    run_id=ctx.run_id,
-                    branch_id=ctx.branch_id,
-                    kind="halt",
-                    stage=unanswered.stage,
-                    detail={"reason": UNANSWERED, "failed": unanswered.failures},
-                )
-            )
+            await self._log_halt(ctx, unanswered.stage, {"reason": UNANSWERED, "failed": unanswered.failures})
         if over_budget is not None:
             halt_reason = BUDGET_HALT
             message = budget_halt_message(ctx.run_id, over_budget)
-            await self._store.send(
-                PersistEvent(
-                    run_id=ctx.run_id,
-                    branch_id=ctx.branch_id,
-                    kind="halt",
-                    stage=over_budget.stage,
-                    detail={"reason": BUDGET_HALT, "spent_usd": str(over_budget.status.spent_usd),
-                            "budget_usd": str(over_budget.status.budget_usd)},
-                )
-            )
+            await self._log_halt(ctx, over_budget.stage, {
+                "reason": BUDGET_HALT,
+                "spent_usd": str(over_budget.status.spent_usd),
+                "budget_usd": str(over_budget.status.budget_usd),
+            })
         if halted is not None:
-            await self._store.send(
-                PersistEvent(
-                    run_id=ctx.run_id,
-                    branch_id=ctx.branch_id,
-                    kind="halt",
-                    stage=halted.key.stage,
-                    detail={"reason": halted.status},
-                )
-            )
+            await self._log_halt(ctx, halted.key.stage, {"reason": halted.status})
         ack = await self._write(
             RunUpdate(
                 run_id=ctx.run_id,
