@@ -19,6 +19,15 @@ def check_seconds(value: float, name: str) -> float:
     return value
 
 
+def check_wait(value: float, name: str) -> float:
+    """``value`` if it is a number of seconds >= 0, math.inf meaning no
+    limit (NaN is not); otherwise a TypeError or ValueError naming ``name``."""
+    check_number(value, name, unit=" of seconds")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0 seconds (math.inf: no limit), got {value!r}")
+    return value
+
+
 def check_number(value: object, name: str, *, unit: str = "") -> None:
     """A TypeError naming ``name`` unless ``value`` is an int or float (not
     a bool: True would read as 1 - a one-second call timeout, a 100 %

@@ -13,7 +13,6 @@ Runnable on its own: ``python -m actors._cli_providers serve-mock --port 0``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._checks import nonempty_arg
+from ._checks import check_seconds, nonempty_arg
 from ._http_provider import BearerSource
 from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
@@ -81,8 +80,10 @@ def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None =
             raise MockConfigError(f"--port must be within 0..65535, got {args.port}")
         for flag, value in (("--reset-seconds", args.reset_seconds), ("--slow-seconds", args.slow_seconds)):
             # NaN and inf passed "not negative" and crashed the server at its first fault.
-            if not 0 <= value < math.inf:
-                raise MockConfigError(f"{flag} must be a finite number of seconds >= 0, got {value}")
+            try:
+                check_seconds(value, flag)
+            except ValueError as exc:
+                raise MockConfigError(str(exc)) from None
         key = None
         if args.require_key_env:
             key = environ.get(args.require_key_env)

@@ -29,7 +29,7 @@ import trio
 from messages import CircuitOpen, CompletionRequest, ProviderError, RateLimited
 
 from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
-from ._checks import check_number, check_seconds
+from ._checks import check_seconds, check_wait
 from ._classify import classify
 from ._ratelimit import RateLimitGate
 from ._rng import derive_unit
@@ -125,10 +125,7 @@ class HealthRegistry:
         self.policy = policy or BreakerPolicy()
         self._policies = dict(policies or {})
         self._gate_quantum = check_seconds(gate_quantum, "gate quantum")
-        check_number(max_wait, "max_wait", unit=" of seconds")
-        if not max_wait >= 0:
-            raise ValueError(f"max_wait must be >= 0 seconds (math.inf: no limit), got {max_wait!r}")
-        self._max_wait = max_wait
+        self._max_wait = check_wait(max_wait, "max_wait")
         self._providers: dict[str, ProviderHealth] = {}
 
     def __getitem__(self, provider: str) -> ProviderHealth:

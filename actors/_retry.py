@@ -19,7 +19,7 @@ import attrs
 
 from messages import AgentKey, ProviderError
 
-from ._checks import check_number, check_seconds, check_whole
+from ._checks import check_number, check_seconds, check_wait, check_whole
 from ._classify import classify
 from ._grid import on_grid
 from ._rng import derive_unit
@@ -47,7 +47,7 @@ class RetryPolicy:
     def __attrs_post_init__(self) -> None:
         # Checked here, not deep in an agent's first retry or call.
         check_whole(self.max_attempts, "max_attempts")
-        for name in ("multiplier", "jitter", "call_timeout", "max_wait"):
+        for name in ("multiplier", "jitter", "call_timeout"):
             check_number(getattr(self, name), name)
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
@@ -57,8 +57,7 @@ class RetryPolicy:
             raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
         if not self.call_timeout > 0:
             raise ValueError(f"call_timeout must be > 0 seconds (math.inf: no limit), got {self.call_timeout!r}")
-        if not self.max_wait >= 0:
-            raise ValueError(f"max_wait must be >= 0 seconds (math.inf: no limit), got {self.max_wait!r}")
+        check_wait(self.max_wait, "max_wait")
 
     def should_retry(self, error: ProviderError, attempt: int, *, auth_retries_left: int = 0) -> bool:
         """Whether to make attempt ``attempt + 1`` after ``error``.  An

@@ -484,7 +484,7 @@ class Orchestrator:
             )
             await self._write(RunUpdate(run_id=run_id, status="running"))
             if budget_usd is None:
-                budget_usd = _budget_of(self._require_db(), state)
+                budget_usd = stored_budget(self._require_db(), state.branch)
             return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
 
     async def rerun(
@@ -512,7 +512,7 @@ class Orchestrator:
             stage = fork_stage(parent, from_stage)
             child = new_branch_id(parent.run.spec_id)
             if budget_usd is None:
-                budget_usd = _budget_of(self._require_db(), parent)  # kept, whether options are given or not
+                budget_usd = stored_budget(self._require_db(), parent.branch)  # kept, whether options are given or not
             if options is None:
                 options = {k: v for k, v in parent.branch.options.items() if k != "budget_usd"}
             ack = await self._write(
@@ -537,7 +537,7 @@ class Orchestrator:
             )
             state = load_state(self._require_db(), run_id, child)
             return await self._drive(
-                self._context(state), state.pipeline, state.seed, state, _budget_of(self._require_db(), state)
+                self._context(state), state.pipeline, state.seed, state, stored_budget(self._require_db(), state.branch)
             )
 
     def _claim(self, run_id: str) -> AbstractContextManager[None]:
@@ -823,11 +823,6 @@ def _with_budget(options: Mapping[str, Any] | None, budget_usd: Decimal | None) 
     if budget_usd is not None:
         merged["budget_usd"] = str(budget_usd)
     return merged
-
-
-def _budget_of(db: Store, state: ResumeState) -> Decimal | None:
-    """A resumed or rerun branch keeps its budget (see :func:`stored_budget`)."""
-    return stored_budget(db, state.branch)
 
 
 async def _shielded(fn: Callable[[Any], Awaitable[None]], arg: Any) -> None:

@@ -137,8 +137,10 @@ def foreign_problem(conn: apsw.Connection, path: str, version: int) -> str | Non
     lacks Conclave's ``runs`` table (another application sets
     ``user_version`` too), or None.  Before any pragma: WAL mode would be
     written into that application's file."""
+    if version < 1:
+        return None
     tables = user_tables(conn)
-    if version < 1 or "runs" in tables:
+    if "runs" in tables:
         return None
     if tables:
         return unversioned_problem(path, tables)
