@@ -59,7 +59,7 @@ from ._cli_providers import (
 )
 from ._footer import LiveFooter, Writer, show_metrics
 from ._format import duration, tokens, usage_line, verdict_line
-from ._ids import id_problem, short_branch_id
+from ._ids import id_problem, new_run_id, short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
 from ._runtime import ConfigError, Limits, Orchestrator, RunResult, fault_scope_problem, open_orchestrator
@@ -104,11 +104,17 @@ def _is_terminated(exc: BaseException) -> bool:
     return any(isinstance(leaf, Terminated) for leaf in _leaves(exc))
 
 
-def _interrupted(exc: BaseException) -> int:
-    """Report a run, resume or rerun stopped by a signal; its exit code."""
-    if _is_terminated(exc):
-        return _fail("terminated; the store is consistent", EXIT_TERMINATED)
-    return _fail("interrupted; the store is consistent", EXIT_INTERRUPTED)
+def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) -> int:
+    """Report a run, resume or rerun stopped by a signal; its exit code.
+
+    Names the command that continues the run when the run was stored
+    before the signal (a user stopping a long run wants to know how to go
+    on; the run id scrolled away with the progress)."""
+    word, code = ("terminated", EXIT_TERMINATED) if _is_terminated(exc) else ("interrupted", EXIT_INTERRUPTED)
+    message = f"{word}; the store is consistent"
+    if run_id is not None and store.get_run(run_id) is not None:
+        message += "; " + with_db(f"'conclave resume {run_id}'", db) + " continues it"
+    return _fail(message, code)
 
 
 def _json_out(obj: Any) -> None:
@@ -452,6 +458,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.run_id is not None and store.get_run(args.run_id) is not None:
             return _fail(f"run id {args.run_id!r} already exists in {args.db}")
         _history.install_test_kill_hook(store, os.environ)
+        # Chosen here, not by the orchestrator, so that an interrupted run
+        # can be named in the message that says how to continue it.
+        args.run_id = args.run_id or new_run_id(args.spec_id)
         virtual = args.clock == "virtual"
         clock = trio.testing.MockClock(autojump_threshold=0) if virtual else None
         try:
@@ -463,7 +472,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
-                return _interrupted(exc)
+                return _interrupted(exc, store, args.run_id, args.db)
             if isinstance(exc, BaseExceptionGroup):
                 # Raised inside interruptible()'s nursery: still bad input.
                 bad, _ = exc.split((ConfigError, RunLocked, LockFileError))

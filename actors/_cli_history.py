@@ -300,7 +300,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             return _fail(str(exc))
         except BaseException as exc:
             if _is_interrupt(exc):
-                return _interrupted(exc)
+                return _interrupted(exc, store, args.run_id, args.db)
             if isinstance(exc, BaseExceptionGroup):
                 bad, _ = exc.split((ConfigError, ResumeError, RunLocked, LockFileError))
                 if bad is not None:

@@ -17,14 +17,11 @@ from store import Store
 from .conftest import REPO
 
 
-@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_a_signal_exits_cleanly_and_keeps_the_store_consistent(tmp_path: Path, signum: int, code: int, word: str) -> None:
-    """SIGTERM (kill, a supervisor) used to end the process at once: the run
-    stayed marked running and its queued writes were lost."""
-    db = tmp_path / "c.db"
+def _signal_at_first_stage(argv: list[str], signum: int) -> tuple[int, str, str]:
+    """Start ``conclave argv``, send ``signum`` once its first stage has
+    started; (exit code, stderr, the run id its progress named)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "actors", "run", "--db", str(db), "--run-id", "INT",
-         "--clock", "real", "--sim-latency", "60"],
+        [sys.executable, "-m", "actors", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -32,7 +29,10 @@ def test_a_signal_exits_cleanly_and_keeps_the_store_consistent(tmp_path: Path, s
     )
     try:
         assert proc.stdout is not None
+        run_id = ""
         for line in proc.stdout:  # wait for an event, not for time
+            if line.startswith("Run "):
+                run_id = line.split()[1]
             if line.startswith("STAGE 1/6"):
                 break
         proc.send_signal(signum)
@@ -40,12 +40,38 @@ def test_a_signal_exits_cleanly_and_keeps_the_store_consistent(tmp_path: Path, s
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == code, err
-    assert err.strip().endswith(f"conclave: error: {word}; the store is consistent")
+    return proc.returncode, err, run_id
+
+
+@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_exits_cleanly_and_keeps_the_store_consistent(tmp_path: Path, signum: int, code: int, word: str) -> None:
+    """SIGTERM (kill, a supervisor) used to end the process at once: the run
+    stayed marked running and its queued writes were lost.  The message
+    names the command that continues the run (its generated id had
+    scrolled away with the progress)."""
+    db = tmp_path / "c.db"
+    rc, err, run_id = _signal_at_first_stage(
+        ["run", "--db", str(db), "--clock", "real", "--sim-latency", "60"], signum
+    )
+    assert rc == code, err
+    assert run_id.startswith("run-SPEC-DEMO-"), run_id
+    assert err.strip().endswith(
+        f"conclave: error: {word}; the store is consistent; 'conclave resume {run_id} --db {db}' continues it"
+    )
     with Store.open(str(db)) as s:
         assert s.integrity_check() == "ok"
-        run = s.get_run("INT")
+        run = s.get_run(run_id)
         assert run is not None and run.status == "interrupted"
+
+
+def test_an_interrupted_resume_names_the_resume_again(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    common = ["--db", str(db), "--clock", "real"]
+    rc, err, _ = _signal_at_first_stage(["run", "--run-id", "R1", "--sim-latency", "60", *common], signal.SIGINT)
+    assert rc == 130, err
+    rc, err, _ = _signal_at_first_stage(["resume", "R1", *common], signal.SIGINT)
+    assert rc == 130, err
+    assert err.strip().endswith(f"interrupted; the store is consistent; 'conclave resume R1 --db {db}' continues it")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
