@@ -48,9 +48,11 @@ def parse_budget(value: BudgetLike | None) -> Decimal | None:
 
 
 def usd(amount: Decimal, places: int = 2) -> str:
-    """``$0.12``; amounts below a cent get more places (``$0.0042``)."""
-    if amount != 0 and abs(amount) < Decimal("0.01") and places == 2:
-        return f"${amount:.4f}"
+    """``$0.12``; amounts below a cent get more places (``$0.0042``), as
+    many as show two significant digits (``$0.000012``: a budget of
+    $0.00001 read "$0.0000" in the very message that it was spent)."""
+    if amount != 0 and abs(amount) < Decimal("0.01"):
+        places = max(places, min(max(4, 1 - amount.adjusted()), 12))
     return f"${amount:.{places}f}"
 
 

@@ -190,3 +190,25 @@ async def test_options_are_checked_and_a_rerun_keeps_its_budget(
     assert child.budget_usd == Decimal("10")
     with Store.open(db_path) as s:
         assert s.get_run("x") is None
+
+
+def test_a_budget_below_a_hundredth_of_a_cent_is_shown_as_given(tmp_path: Path) -> None:
+    """A budget of $0.00001 read "$0.0065 spent of $0.0000" in the very
+    message that it was spent."""
+    from .conftest import run_cli
+
+    proc = run_cli(["run", "--db", str(tmp_path / "c.db"), "--budget", "0.00001"])
+    assert proc.returncode == 3, proc.stderr
+    assert "spent of $0.000010 before dispatching" in proc.stdout
+    assert "of a $0.000010 budget" in proc.stdout
+    assert "$0.0000 " not in proc.stdout
+
+
+def test_sub_cent_amounts_keep_two_significant_digits() -> None:
+    from actors._budget import usd
+
+    assert usd(Decimal("0.0042")) == "$0.0042"
+    assert usd(Decimal("0.000012")) == "$0.000012"
+    assert usd(Decimal("0.5")) == "$0.50"
+    assert usd(Decimal("0")) == "$0.00"
+    assert usd(Decimal("-0.00003")) == "$-0.000030"
