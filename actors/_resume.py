@@ -137,6 +137,20 @@ class ResumeState:
             for o in self.outputs
         ]
 
+    def settled(self) -> bool:
+        """Whether the branch ended (completed, or halted on a decision)
+        and stored every decision a resume would reach: a resume can then
+        only replay what is stored."""
+        if self.branch.status not in ("completed", "halted"):
+            return False  # it stopped before recording its end: a resume records it
+        for stage in self.pipeline.stages:
+            row = self.decisions.get(stage.name)
+            if row is None:
+                return False
+            if row.status not in ADVANCING:
+                return True
+        return True
+
     def unanswered_stage(self) -> str | None:
         """The stage this branch halted on for want of answers, if that is
         how it ended (its first undecided stage), else None."""

@@ -467,6 +467,15 @@ class Orchestrator:
                         for stage in pipeline.stages
                     ]
                     interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=mine)
+            if state.settled():
+                # Nothing left to decide: replay the outcome and write
+                # nothing (its metrics event was rewritten with 0 calls, and
+                # a Ctrl-C during the replay marked a completed run
+                # interrupted).
+                if budget_usd is None:
+                    budget_usd = stored_budget(self._require_db(), state.branch)
+                ctx = self._context(state)
+                return await self._drive(ctx, state.pipeline, state.seed, state, budget_usd, record=False)
             detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
             fresh = state.unanswered_stage() if retry_failed else None
             if fresh is not None:
@@ -595,15 +604,21 @@ class Orchestrator:
         seed: int,
         state: ResumeState | None,
         budget_usd: Decimal | None,
+        *,
+        record: bool = True,
     ) -> RunResult:
+        """Run ``pipeline``'s stages (see :meth:`_run_stages`).  ``record``
+        False: a replay of a settled branch, which writes nothing."""
         if budget_usd is not None:
             await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
         self._publish(
             RunStarted(run_id=ctx.run_id, branch_id=ctx.branch_id, spec_id=ctx.spec_id, stages=pipeline.stage_names)
         )
         try:
-            return await self._run_stages(ctx, pipeline, budget_usd, seed=seed, state=state)
+            return await self._run_stages(ctx, pipeline, budget_usd, seed=seed, state=state, record=record)
         except BaseException:
+            if not record:
+                raise
             with trio.move_on_after(1.0) as cleanup:
                 cleanup.shield = True
                 try:
@@ -623,6 +638,7 @@ class Orchestrator:
         *,
         seed: int | None = None,
         state: ResumeState | None = None,
+        record: bool = True,
     ) -> RunResult:
         seed = self.seed if seed is None else seed
         panel = max(len(s.agents) for s in pipeline.stages)
@@ -702,7 +718,10 @@ class Orchestrator:
         status = "completed" if halted is None and over_budget is None and unanswered is None else "halted"
         halt_reason: str | None = None if halted is None else halted.status
         message = None if halted is None else halt_message(ctx.run_id, halted)
-        await self._persist_metrics(ctx, totals)
+        if record:
+            await self._persist_metrics(ctx, totals)
+        # A settled branch (record False) has every stage decided: neither
+        # of the next two halts can happen in its replay.
         if unanswered is not None:
             halt_reason = UNANSWERED
             message = (
@@ -719,19 +738,20 @@ class Orchestrator:
                 "spent_usd": str(over_budget.status.spent_usd),
                 "budget_usd": str(over_budget.status.budget_usd),
             })
-        if halted is not None:
-            await self._log_halt(ctx, halted.key.stage, {"reason": halted.status})
-        ack = await self._write(
-            RunUpdate(
-                run_id=ctx.run_id,
-                status=status,
-                halt_reason=halt_reason,
-                usage=totals.usage,
-                digest=digest,
+        if record:
+            if halted is not None:
+                await self._log_halt(ctx, halted.key.stage, {"reason": halted.status})
+            ack = await self._write(
+                RunUpdate(
+                    run_id=ctx.run_id,
+                    status=status,
+                    halt_reason=halt_reason,
+                    usage=totals.usage,
+                    digest=digest,
+                )
             )
-        )
-        if not ack.ok:
-            raise ConclaveError(f"could not record the end of run {ctx.run_id!r}: {ack.error}")
+            if not ack.ok:
+                raise ConclaveError(f"could not record the end of run {ctx.run_id!r}: {ack.error}")
         self._publish(RunFinished(run_id=ctx.run_id, status=status, halt_reason=halt_reason))
         return RunResult(
             run_id=ctx.run_id,

@@ -96,17 +96,43 @@ async def test_cut_at_every_write_then_resume(tmp_path: Path, autojump_clock: tr
         assert made | durable == {(s, a, n) for _, s, a, n in base_calls}, where
 
 
-async def test_resume_of_a_finished_run_changes_nothing_but_the_log(
+def stored(path: str) -> tuple[Any, ...]:
+    with Store.open(path) as s:
+        return s.get_run("R"), s.branches("R"), s.events("R"), s.decisions("R")
+
+
+async def test_resume_of_a_finished_run_changes_nothing(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """It used to log a resume and rewrite the run's metrics event with 0
+    calls (so `conclave metrics` showed no calls made), and mark the run
+    running until the replay ended."""
     path = str(tmp_path / "done.db")
     expected, _, _ = await full_run(path)
+    before = stored(path)
     calls: list[tuple[str, str, str, int]] = []
     async with open_orchestrator(store=path, provider=faulty_provider(calls), seed=9, retry=RETRY) as orch:
         again = await orch.resume("R")
     assert calls == []
     assert again.digest == expected.digest and again.turns == 0
+    assert again.status == expected.status and again.usage == expected.usage
     assert [s.seq for s in again.stages] == [s.seq for s in expected.stages]
+    assert stored(path) == before
+
+
+async def test_a_run_halted_on_its_decision_resumes_to_the_same_halt_writing_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = str(tmp_path / "halt.db")
+    async with open_orchestrator(store=path, provider=SimulatedProvider(seed=1, disagreement_rate=1.0)) as orch:
+        halted = await orch.run("SPEC-H", run_id="R")
+    assert halted.halt_reason in ("conflict", "no_consensus"), halted
+    before = stored(path)
+    async with open_orchestrator(store=path, provider=SimulatedProvider(seed=1, disagreement_rate=1.0)) as orch:
+        again = await orch.resume("R")
+    assert (again.status, again.halt_reason, again.halt_message) == (halted.status, halted.halt_reason, halted.halt_message)
+    assert again.digest == halted.digest
+    assert stored(path) == before
 
 
 async def test_resume_errors(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
