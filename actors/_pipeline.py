@@ -232,14 +232,19 @@ def load_pipeline(path: str) -> Pipeline:
     """Read and validate a pipeline TOML file."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such pipeline file") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read pipeline file: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PipelineError(f"{path}: invalid TOML: {exc}") from None
-    return pipeline_from_dict(data, source=path)
+    try:
+        # utf-8-sig: an editor's byte-order mark is not a TOML error.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(
+            f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); TOML files are UTF-8"
+        ) from None
+    return parse_pipeline(text, source=path)
 
 
 def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:

@@ -13,8 +13,10 @@ import pytest
 
 from .conftest import run_cli
 
-PIPELINES = {
+PIPELINES: dict[str, tuple[str | bytes, str]] = {
     "invalid_toml": ("[[stages]\nname = 'plan'", "invalid TOML"),
+    # It exited 1 with a bare UnicodeDecodeError naming no file.
+    "not_utf8": (b'[[stages]]\nname = "pl\xe9an"\n', "not UTF-8 text (byte 0xe9 at offset 21)"),
     "unknown_stage": ('[[stages]]\nname = "deploy"', "unknown stage"),
     "unknown_agent": ('[[stages]]\nname = "plan"\nagents = ["gemini", "hal9000"]', "unknown agent 'hal9000'"),
     "quorum_too_large": ('[[stages]]\nname = "plan"\nquorum = 5', "quorum 5 is larger than the panel of 3"),
@@ -32,7 +34,7 @@ def assert_one_line_error(stderr: str, needle: str) -> None:
 def test_bad_pipeline(tmp_path: Path, case: str) -> None:
     text, needle = PIPELINES[case]
     pipeline = tmp_path / "pipeline.toml"
-    pipeline.write_text(text)
+    pipeline.write_bytes(text if isinstance(text, bytes) else text.encode())
     db = tmp_path / "new.db"
     proc = run_cli(["run", "--pipeline", str(pipeline), "--db", str(db)])
     assert proc.returncode == 2

@@ -181,3 +181,11 @@ def test_pipeline_text_must_be_a_str() -> None:
     # tomllib's message for bytes said "a bytes-like object is required, not 'str'".
     with pytest.raises(PipelineError, match="must be TOML text"):
         parse_pipeline(b'[[stages]]\nname = "plan"')  # type: ignore[arg-type]
+
+
+def test_a_pipeline_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    from actors._pipeline import load_pipeline
+
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[[stages]]\nname = "plan"\n')
+    assert load_pipeline(str(path)).stage_names == ("plan",)
