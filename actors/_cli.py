@@ -37,7 +37,7 @@ from messages import (
     StageStarted,
     TokenUsage,
 )
-from store import LockFileError, RunLocked, RunRow, Store, StoreError
+from store import BranchRow, LockFileError, RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd
@@ -549,7 +549,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             _json_out(info)
             return EXIT_OK
-        status = _shown_status(branch.status or run.status, info["driven"])
+        status = _shown_status(info["status"], info["driven"])
         reason = f" ({with_db(branch.halt_reason, args.db)})" if branch.halt_reason else ""
         print(f"run {run.run_id}: {status}{reason}")
         if status == STALLED:
@@ -560,22 +560,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  goal: {run.goal or '-'}")
         for s in info["stages"]:
             print(f"  {s['stage']:<10} {s['status'] or 'pending'}")
-        finished = run.status in ("completed", "halted")
-        print(f"  usage: {usage_line(_usage(store, run))}" + ("" if finished else " so far (its stored attempts)"))
-        if run.digest:
-            print(f"  digest: {run.digest}")
+        finished = info["status"] in ("completed", "halted")
+        shown_usage = usage_line(_usage(store, run, branch))
+        print(f"  usage: {shown_usage}" + ("" if finished else " so far (its stored attempts)"))
+        if info["digest"]:
+            print(f"  digest: {info['digest']}")
         return EXIT_OK
 
 
-def _usage(store: Store, run: RunRow) -> TokenUsage:
-    """The run's usage: as recorded when it finished, or - running,
-    interrupted or killed, when nothing was recorded yet - the sum of its
-    stored attempts (status said "0 in / 0 out" while metrics showed the
-    thousands of tokens already paid for)."""
-    if run.status in ("completed", "halted"):
+def _usage(store: Store, run: RunRow, branch: BranchRow | None = None) -> TokenUsage:
+    """What ``branch`` (default: the current one) has used over its whole
+    lineage: as recorded when the run finished on it, or - another branch,
+    or a run still running, interrupted or killed - the sum of the
+    attempts its lineage stored (status said "0 in / 0 out" while metrics
+    showed the thousands of tokens already paid for).  Never the sum over
+    every branch: a rerun's abandoned parent stages are not its usage."""
+    branch_id = run.current_branch_id if branch is None else branch.branch_id
+    if branch_id == run.current_branch_id and run.status in ("completed", "halted"):
         return run.usage
+    if not branch_id:
+        return ZERO_USAGE
     total = ZERO_USAGE
-    for row in store.outputs(run.run_id):
+    for row in store.lineage_outputs(run.run_id, branch_id):
         if row.usage is not None:
             total = total + row.usage
     return total
@@ -591,9 +597,13 @@ def _shown_status(status: str, driven: bool | None) -> str:
 
 
 def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[str, Any]:
+    """``status --json``: the run as seen from ``branch_id`` (default: its
+    current branch) - that branch's outcome, usage and digest."""
     run = store.get_run(run_id)
     assert run is not None
     branch_id = branch_id or run.current_branch_id or ""
+    branch = store.get_branch(run_id, branch_id) if branch_id else None
+    current = branch is None or branch_id == run.current_branch_id
     decided = {d.stage: d for d in store.lineage_decisions(run_id, branch_id)}
     return {
         "run_id": run.run_id,
@@ -602,8 +612,8 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
         "spec_id": run.spec_id,
         "goal": run.goal,
         "seed": run.seed,
-        "status": run.status,
-        "halt_reason": run.halt_reason,
+        "status": run.status if current or branch is None else branch.status,
+        "halt_reason": run.halt_reason if current or branch is None else branch.halt_reason,
         # Whether a process is working on the run now (null: unknowable).
         "driven": store.run_is_driven(run_id),
         "stages": [
@@ -614,8 +624,8 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
             }
             for s in run.pipeline["stages"]
         ],
-        "usage": _usage(store, run).as_dict(),
-        "digest": run.digest,
+        "usage": _usage(store, run, branch).as_dict(),
+        "digest": run.digest if current or branch is None else branch.digest,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
     }

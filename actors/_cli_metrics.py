@@ -94,7 +94,10 @@ def _recompute(store: Store, run_id: str, prices: PriceTable) -> dict[str, Any]:
     if branch is not None:
         acc.set_budget(run_id, stored_budget(store, branch))
 
-    for row in store.outputs(run_id):
+    # The current branch's lineage: a rerun's abandoned parent stages (and
+    # its siblings) are not what it used (they were summed in).
+    rows = store.lineage_outputs(run_id, branch.branch_id) if branch is not None else []
+    for row in rows:
         acc.record(
             UsageRecorded(
                 key=AgentKey(run_id=run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent),
@@ -108,11 +111,13 @@ def _recompute(store: Store, run_id: str, prices: PriceTable) -> dict[str, Any]:
 
 
 def run_metrics(store: Store, run_id: str, prices: PriceTable | None) -> dict[str, Any]:
-    """The run's persisted metrics (the last ``metrics`` event), or - for a
-    run that has not finished, or when ``prices`` is given - recomputed
-    from its stored attempts."""
-    if prices is None:
-        recorded = [e for e in store.events(run_id) if e.kind == "metrics"]
+    """The run's persisted metrics (the last ``metrics`` event of its
+    current branch), or - for a run that has not finished, or when
+    ``prices`` is given - recomputed from its current lineage's stored
+    attempts.  (An interrupted rerun showed its parent's recorded table.)"""
+    run = store.get_run(run_id)
+    if prices is None and run is not None and run.status in ("completed", "halted"):
+        recorded = [e for e in store.events(run_id, "metrics") if e.branch_id == run.current_branch_id]
         if recorded:
             return {"source": "recorded", **recorded[-1].detail}
     return {"source": "recomputed", **_recompute(store, run_id, prices or PriceTable.vendored())}
