@@ -94,6 +94,10 @@ def read_body(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+# Ten years: beyond any real access token's lifetime.
+MAX_TOKEN_LIFETIME = 10 * 365 * 86400.0
+
+
 def _number(value: Any, default: float | None) -> float | None:
     if isinstance(value, bool):
         return default
@@ -123,10 +127,16 @@ def parse_grant(body: Mapping[str, Any], provider: str) -> TokenGrant:
     scope = body.get("scope")
     token_type = body.get("token_type")
     expires_in = _number(body.get("expires_in"), None)
+    if expires_in is not None:
+        # A negative lifetime is taken at its word (expired: refresh before
+        # use), not as "never expires"; an absurd one is cut to what a date
+        # can show (1e20 stored the tokens, then failed the login and every
+        # later 'auth status' with OverflowError).
+        expires_in = min(max(expires_in, 0.0), MAX_TOKEN_LIFETIME)
     return TokenGrant(
         access_token=Secret(access),
         refresh_token=Secret(refresh) if isinstance(refresh, str) and refresh else None,
-        expires_in=expires_in if expires_in is not None and expires_in >= 0 else None,
+        expires_in=expires_in,
         scope=scope if isinstance(scope, str) else None,
         token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
     )

@@ -21,6 +21,7 @@ import contextlib
 import enum
 import errno
 import json
+import math
 import os
 import stat
 import sys
@@ -120,26 +121,42 @@ class TokenEntry:
         access = _secret(data.get("access_token"))
         if access is None:
             raise ValueError(f"entry {provider!r} has no access_token")
-        expires_at = data.get("expires_at")
-        stored_at = data.get("stored_at")
-        if expires_at is not None and not isinstance(expires_at, (int, float)):
+        expires_at = None if data.get("expires_at") is None else _timestamp(data["expires_at"])
+        stored_at = _timestamp(data.get("stored_at"))
+        if expires_at is None and data.get("expires_at") is not None:
             raise ValueError(f"entry {provider!r} has a bad expires_at")
-        if not isinstance(stored_at, (int, float)):
+        if stored_at is None:
             raise ValueError(f"entry {provider!r} has a bad stored_at")
         text = {k: data.get(k) if isinstance(data.get(k), str) else None for k in ("scope", "token_url", "client_id")}
         return cls(
             provider=provider,
             access_token=access,
             refresh_token=_secret(data.get("refresh_token")),
-            expires_at=float(expires_at) if expires_at is not None else None,
+            expires_at=expires_at,
             scope=text["scope"],
-            stored_at=float(stored_at),
+            stored_at=stored_at,
             token_type=data.get("token_type") or "Bearer",
             token_url=text["token_url"],
             client_id=text["client_id"],
             client_secret=_secret(data.get("client_secret")),
             accept_json=bool(data.get("accept_json", True)),
         )
+
+
+# 9999-12-31T23:59:59Z: the last moment a date can show (a stored 1e300
+# made every 'auth status' fail with OverflowError).
+_LAST_TIMESTAMP = 253402300799.0
+
+
+def _timestamp(value: Any) -> float | None:
+    """``value`` as a stored time, or None if Conclave cannot use and show it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and 0 <= value <= _LAST_TIMESTAMP else None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 class Backend(Protocol):
@@ -193,7 +210,14 @@ class FileBackend:
                     f"(mode {stat.S_IMODE(info.st_mode):04o})",
                     hint=f"run 'chmod 600 {self.path}'",
                 )
-            return handle.read().decode("utf-8")
+            raw = handle.read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TokenStoreError(
+                f"the token {self.description} is not UTF-8 text",
+                hint="remove it; every provider then needs 'conclave login' again",
+            ) from None
 
     def write(self, text: str) -> None:
         _ensure_private_dir(self.home)
@@ -342,8 +366,8 @@ class TokenStore:
         where = self.backend.description
         unreadable = "remove it; every provider then needs 'conclave login' again"
         try:
-            document = json.loads(text)
-        except ValueError:
+            document = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             raise TokenStoreError(f"the token {where} is not valid JSON", hint=unreadable) from None
         if not isinstance(document, dict) or not isinstance(document.get("tokens", {}), dict):
             raise TokenStoreError(f"the token {where} has an unknown layout", hint=unreadable)

@@ -239,3 +239,14 @@ async def test_cancelling_mid_poll_stops_requests_at_once_and_stores_nothing(
     assert transport.token_polls() == [5, 10, 15]
     assert store.load() == {}
     assert not (tmp_path / "home" / "tokens.json").exists()
+
+
+@pytest.mark.parametrize(("given", "kept"), [(1e20, 10 * 365 * 86400.0), (-5, 0.0), (3600, 3600.0), (None, None)])
+def test_a_grant_lifetime_is_kept_within_what_a_date_can_show(given: float | None, kept: float | None) -> None:
+    """expires_in 1e20 stored the tokens, then failed the login and every
+    later 'auth status' with OverflowError; a negative one was stored as
+    "never expires"."""
+    from actors._auth_flow import parse_grant
+
+    body = {"access_token": "at", "token_type": "Bearer"} | ({} if given is None else {"expires_in": given})
+    assert parse_grant(body, "generic").expires_in == kept

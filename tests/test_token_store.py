@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -103,6 +104,36 @@ async def test_newer_format_and_garbage_are_refused(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(TokenStoreError, match="not valid JSON"):
         store.load()
+
+
+def _with_expiry(document: str, value: str) -> bytes:
+    return document.replace('"expires_at": 2000000000.0', f'"expires_at": {value}').encode()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda doc: b"\xff\xfe{",  # UnicodeDecodeError
+        lambda doc: _with_expiry(doc, "NaN"),  # ValueError: Invalid value NaN
+        lambda doc: _with_expiry(doc, "Infinity"),  # OverflowError
+        lambda doc: _with_expiry(doc, "1e300"),  # OverflowError when shown
+        lambda doc: b"[" * 100_000,  # RecursionError
+    ],
+    ids=["not-utf8", "nan", "infinity", "huge", "deep"],
+)
+async def test_a_damaged_file_is_a_token_store_error_not_a_crash(tmp_path: Path, damage: Any) -> None:
+    """Each of these escaped as a raw Python error from 'auth status'; the
+    others already said the file is damaged and how to recover."""
+    home = tmp_path / "h"
+    store = TokenStore(home)
+    await put(store, entry())
+    path = home / "tokens.json"
+    document = path.read_text()
+    assert '"expires_at": 2000000000.0' in document
+    path.write_bytes(damage(document))
+    with pytest.raises(TokenStoreError) as caught:
+        store.load()
+    assert "conclave log" in str(caught.value)  # it says how to recover
 
 
 CRASH_SCRIPT = textwrap.dedent("""
