@@ -94,6 +94,17 @@ def read_body(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+# The fastest polling a server can ask for: 0.001 s made thousands of
+# token requests a minute.
+MIN_INTERVAL = 1.0
+
+
+def clamp_interval(interval: float, lifetime: float) -> float:
+    """A polling interval between :data:`MIN_INTERVAL` and the code's
+    ``lifetime`` (a longer one would never poll before the code expires)."""
+    return min(max(interval, MIN_INTERVAL), max(lifetime, MIN_INTERVAL))
+
+
 # Ten years: beyond any real access token's lifetime.
 MAX_TOKEN_LIFETIME = 10 * 365 * 86400.0
 
@@ -227,7 +238,7 @@ class DeviceFlow:
             verification_uri=uri,
             verification_uri_complete=complete if isinstance(complete, str) and complete else None,
             expires_in=expires_in,
-            interval=interval if interval is not None and interval > 0 else DEFAULT_INTERVAL,
+            interval=clamp_interval(interval if interval is not None and interval > 0 else DEFAULT_INTERVAL, expires_in),
             message=message if isinstance(message, str) else None,
         )
         self._emit(
@@ -293,8 +304,9 @@ class DeviceFlow:
             if canonical == "slow_down":
                 # RFC 8628 §3.5: +5 s for this and every later poll; GitHub
                 # sends the new interval itself, which we take if larger.
+                # At least +5 s, whatever smaller interval the server names.
                 offered = _number(body.get("interval") if body else None, None)
-                interval = offered if offered is not None and offered > interval else interval + SLOW_DOWN_STEP
+                interval = clamp_interval(max(interval + SLOW_DOWN_STEP, offered or 0.0), auth.expires_in)
                 self._emit("slow_down", f"polling every {interval:g} s", interval=interval)
                 continue
             if canonical == "access_denied":

@@ -129,6 +129,7 @@ class FakeIdP:
         self.tokens: dict[str, _Token] = {}  # access token -> token
         self.refresh_tokens: dict[str, _Token] = {}
         self.force_slow_down = 0  # answer slow_down to the next N pending polls
+        self.github_slow_down_interval = 12  # the interval GitHub's slow_down names
         self.expire_early: float | None = None  # real device-code lifetime, if shorter
         self.refresh_count = 0
         self.refresh_gate: threading.Event | None = None  # hold refreshes until set
@@ -347,7 +348,7 @@ class FakeIdP:
         if self.dialect == "microsoft" and isinstance(payload, dict) and payload.get("error") == "access_denied":
             payload = {**payload, "error": "authorization_declined"}
         if self.dialect == "github" and isinstance(payload, dict) and payload.get("error") == "slow_down":
-            payload = {**payload, "interval": 12}
+            payload = {**payload, "interval": self.github_slow_down_interval}
         if self.dialect == "github" and "json" not in req_headers.get("accept", ""):
             # GitHub answers form-encoded unless asked for JSON.
             out.append(("content-type", "application/x-www-form-urlencoded"))

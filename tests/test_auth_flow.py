@@ -97,6 +97,26 @@ async def test_slow_down_takes_a_larger_server_interval_github(autojump_clock: t
     assert idp.access_token_valid(grant.access_token.reveal())
 
 
+async def test_slow_down_adds_five_seconds_even_when_the_server_names_less(autojump_clock: trio.abc.Clock) -> None:
+    """RFC 8628 §3.5: +5 s for this and every later poll.  A slow_down
+    naming 6 s after 5 s polls was taken as is (a 1 s slowdown)."""
+    idp, client, transport, profile = make({"dialect": "github"}, provider="github")
+    profile = attrs.evolve(profile, accept_json=False)
+    idp.github_slow_down_interval = 6
+    idp.force_slow_down = 1
+    await run_flow(idp, client, profile, decide_at=20)
+    assert gaps(transport.token_polls()) == [5, 10, 10]
+
+
+@pytest.mark.parametrize(("issued", "expected"), [(0.001, 1.0), (1e300, 1800.0)])
+def test_an_issued_interval_is_kept_between_a_second_and_the_codes_lifetime(issued: float, expected: float) -> None:
+    """0.001 s made thousands of polls a minute against the server; 1e300
+    meant never polling at all until the code expired."""
+    from actors._auth_flow import clamp_interval
+
+    assert clamp_interval(issued, 1800.0) == expected
+
+
 async def test_denied(autojump_clock: trio.abc.Clock) -> None:
     idp, client, transport, profile = make()
     with pytest.raises(LoginDenied) as info:
