@@ -99,15 +99,21 @@ class ModelPrice:
         )
 
 
-def _rates(fields: Mapping[str, Decimal], base: Rates | None = None) -> Rates:
-    inp = fields.get("input_cost_per_token", base.input if base else None)
-    out = fields.get("output_cost_per_token", base.output if base else None)
+def _rates(fields: Mapping[str, Decimal], base: Mapping[str, Decimal] | None = None) -> Rates:
+    """The rates of ``fields``; a tier's fields fall back to its ``base``
+    entry's *given* fields.  A rate neither gives is derived within the
+    tier: cache reads as its input, reasoning as its output (they were
+    taken from the base tier, under-charging reasoning and cached tokens
+    above 200k)."""
+    given = {**(base or {}), **fields}
+    inp = given.get("input_cost_per_token")
+    out = given.get("output_cost_per_token")
     assert inp is not None and out is not None
     return Rates(
         input=inp,
         output=out,
-        cache_read=fields.get("cache_read_input_token_cost", base.cache_read if base else inp),
-        reasoning=fields.get("output_cost_per_reasoning_token", base.reasoning if base else out),
+        cache_read=given.get("cache_read_input_token_cost", inp),
+        reasoning=given.get("output_cost_per_reasoning_token", out),
     )
 
 
@@ -119,7 +125,7 @@ def _price(name: str, entry: Mapping[str, Any]) -> ModelPrice:
         m = _TIER.match(key)
         if m:
             by_threshold.setdefault(int(m["k"]) * 1000, {})[m["field"]] = value
-    tiers = tuple((t, _rates(by_threshold[t], base)) for t in sorted(by_threshold))
+    tiers = tuple((t, _rates(by_threshold[t], base_fields)) for t in sorted(by_threshold))
     max_in = entry.get("max_input_tokens")
     return ModelPrice(
         name=name,

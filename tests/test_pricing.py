@@ -93,6 +93,33 @@ def test_a_long_prompt_is_priced_at_the_tier_above_200k() -> None:
     )
 
 
+def test_a_tier_derives_missing_rates_from_its_own_input_and_output(tmp_path: Path) -> None:
+    """Above 200k, reasoning tokens were charged at the *base* output rate
+    and cache reads at the *base* input rate when neither had a rate of its
+    own: a long prompt's reasoning and cached tokens cost less than plain
+    ones."""
+    path = tmp_path / "tiers.json"
+    path.write_text(json.dumps({"tiered-9": {
+        "input_cost_per_token": 1e-06, "output_cost_per_token": 4e-06,
+        "input_cost_per_token_above_200k_tokens": 2e-06, "output_cost_per_token_above_200k_tokens": 8e-06,
+    }}))
+    table = PriceTable.load(str(path))
+    plain = table.cost(usage(250_000, 1_000), "tiered-9")
+    assert plain == Decimal("0.5") + Decimal("0.008")
+    assert table.cost(usage(250_000, 1_000, reasoning=500), "tiered-9") == plain
+    assert table.cost(usage(250_000, 1_000, cached=50_000), "tiered-9") == plain
+    # Given rates still apply, the tier's own or else the base's.
+    path.write_text(json.dumps({"tiered-9": {
+        "input_cost_per_token": 1e-06, "output_cost_per_token": 4e-06, "cache_read_input_token_cost": 1e-07,
+        "output_cost_per_reasoning_token": 3e-06,
+        "input_cost_per_token_above_200k_tokens": 2e-06, "output_cost_per_token_above_200k_tokens": 8e-06,
+    }}))
+    table = PriceTable.load(str(path))
+    assert table.cost(usage(250_000, 1_000, cached=50_000, reasoning=500), "tiered-9") == (
+        200_000 * Decimal("2e-06") + 50_000 * Decimal("1e-07") + 500 * Decimal("8e-06") + 500 * Decimal("3e-06")
+    )
+
+
 def test_costs_are_exact() -> None:
     table = PriceTable.vendored()
     one = table.cost(usage(1, 0), "gpt-4o")
