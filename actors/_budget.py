@@ -47,13 +47,24 @@ def parse_budget(value: BudgetLike | None) -> Decimal | None:
     return budget
 
 
+def _places(amount: Decimal, places: int = 2) -> int:
+    if amount != 0 and abs(amount) < Decimal("0.01"):
+        return max(places, min(max(4, 1 - amount.adjusted()), 12))
+    return places
+
+
 def usd(amount: Decimal, places: int = 2) -> str:
     """``$0.12``; amounts below a cent get more places (``$0.0042``), as
     many as show two significant digits (``$0.000012``: a budget of
     $0.00001 read "$0.0000" in the very message that it was spent)."""
-    if amount != 0 and abs(amount) < Decimal("0.01"):
-        places = max(places, min(max(4, 1 - amount.adjusted()), 12))
-    return f"${amount:.{places}f}"
+    return f"${amount:.{_places(amount, places)}f}"
+
+
+def usd_of(spent: Decimal, budget: Decimal, places: int = 2, *, joint: str = " of ") -> str:
+    """``spent`` and ``budget`` to the same places: "$0.01 of $0.0050"
+    read as twice the budget when it was just over it."""
+    shown = max(_places(spent, places), _places(budget, places))
+    return f"${spent:.{shown}f}{joint}${budget:.{shown}f}"
 
 
 class BudgetExceeded(ConclaveError):
@@ -65,7 +76,7 @@ class BudgetExceeded(ConclaveError):
         self.agents = agents
         budget = status.budget_usd if status.budget_usd is not None else Decimal(0)
         super().__init__(
-            f"budget exceeded: {usd(status.spent_usd, 4)} spent of {usd(budget, 4)} before dispatching "
+            f"budget exceeded: {usd_of(status.spent_usd, budget, 4, joint=' spent of ')} before dispatching "
             f"{', '.join(agents)} in stage {stage!r}"
         )
 

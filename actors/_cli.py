@@ -40,7 +40,7 @@ from messages import (
 from store import BranchRow, LockFileError, RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
-from ._budget import usd
+from ._budget import usd, usd_of
 from ._checks import DEFAULT_DB, add_db_argument, file_arg, nonempty_arg, positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
@@ -192,7 +192,7 @@ class ProgressPrinter:
             d = event.decision
             w(verdict_line(d.key.stage, d.seq, d.status, d.verdict) + "\n")
         elif isinstance(event, BudgetAlert):
-            spent = f"{usd(event.spent_usd)} of {usd(event.budget_usd)}"
+            spent = usd_of(event.spent_usd, event.budget_usd)
             if event.threshold >= 100:
                 w(f"  ✗ budget EXCEEDED: {spent}; no further agent calls will be dispatched\n")
             else:
@@ -233,7 +233,7 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
     cost = f"  cost: {usd(result.cost_usd, 4)}"
     if result.budget_usd is not None:
-        cost += f" of a {usd(result.budget_usd)} budget"
+        cost = f"  cost: {usd_of(result.cost_usd, result.budget_usd, 4, joint=' of a ')} budget"
     if result.unpriced_calls:
         cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
     lines.append(cost + f" | details: conclave metrics {result.run_id}{db_option(db)}")

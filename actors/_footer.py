@@ -27,7 +27,7 @@ import trio
 
 from messages import TokenMetrics
 
-from ._budget import usd
+from ._budget import usd, usd_of
 from ._format import tokens
 from ._snapshots import MetricsSubscription
 
@@ -67,9 +67,7 @@ def _pct(value: float) -> str:
 
 
 def _cost(m: TokenMetrics) -> str:
-    text = usd(m.cost_usd)
-    if m.budget_usd is not None:
-        text += f" of {usd(m.budget_usd)}"
+    text = usd(m.cost_usd) if m.budget_usd is None else usd_of(m.cost_usd, m.budget_usd)
     if m.unpriced_calls:
         text += f" (+{m.unpriced_calls} unpriced)"
     return text

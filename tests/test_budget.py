@@ -212,3 +212,15 @@ def test_sub_cent_amounts_keep_two_significant_digits() -> None:
     assert usd(Decimal("0.5")) == "$0.50"
     assert usd(Decimal("0")) == "$0.00"
     assert usd(Decimal("-0.00003")) == "$-0.000030"
+
+
+def test_spend_and_budget_are_shown_to_the_same_places(tmp_path: Path) -> None:
+    """A spend over a cent beside a budget under one read "$0.02 of
+    $0.0090": as if it were twice the budget, or rounded to a whole cent."""
+    from .conftest import run_cli
+
+    proc = run_cli(["run", "--db", str(tmp_path / "c.db"), "--budget", "0.009"])
+    assert proc.returncode == 3, proc.stderr
+    assert "budget warning: 80% used ($0.0163 of $0.0090)" in proc.stdout
+    assert "budget EXCEEDED: $0.0163 of $0.0090;" in proc.stdout
+    assert "cost: $0.0163 of a $0.0090 budget" in proc.stdout
