@@ -48,7 +48,8 @@ from ._cli_metrics import (
     MetricsUsageError,
     add_metrics_command,
     add_run_metrics_args,
-    load_prices,
+    PRICES_OPTION,
+    load_kept_prices,
     metrics_display,
 )
 from ._cli_providers import (
@@ -338,6 +339,8 @@ async def _run_pipeline(
     printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
     options = _history.run_options(args) | _history.base_url_options(configs)
+    if args.price_kept is not None:
+        options[PRICES_OPTION] = args.price_kept
     async with open_orchestrator(
         store=store,
         provider=providers,
@@ -446,7 +449,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "(real sockets on a virtual clock time out falsely); use --clock real"
         )
     try:
-        args.price_table = load_prices(args.prices)
+        args.price_table, args.price_kept = load_kept_prices(args.prices)
     except MetricsUsageError as exc:
         return _fail(str(exc))
     warn_unpriced_budget(args, pipeline)

@@ -51,7 +51,15 @@ from ._pipeline import PipelineError, pipeline_from_dict
 from ._resume import ResumeError, resolve_branch
 from ._cli_auth import add_run_auth_option, login_auth
 from ._token_source import AuthService
-from ._cli_metrics import MetricsUsageError, add_run_metrics_args, load_prices
+from ._cli_metrics import (
+    PRICES_OPTION,
+    MetricsUsageError,
+    add_run_metrics_args,
+    given_prices,
+    kept_prices,
+    load_kept_prices,
+)
+from ._pricing import PriceTable
 from ._cli_providers import add_provider_arguments, provider_configs_from_args
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
@@ -243,11 +251,12 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         auth = login_auth(args, {spec.provider for spec in pipeline.agents.values()})
         tokens = auth.sources if auth is not None else None
         configs = _configs(args, pipeline, 0, {}, tokens)  # validated before anything writes
-        args.price_table = load_prices(args.prices)
+        # Given: this session's prices (and a rerun's branch keeps them);
+        # else the ones the branch keeps, read below.
+        given, kept = load_kept_prices(args.prices) if given_prices(args.prices) else (None, None)
     except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
         return _fail(str(exc))
     check_fault_scope(plan, configs)
-    warn_unpriced_budget(args, pipeline)
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:
         args.clock = "real" if remote else "virtual"
@@ -267,6 +276,13 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             return _fail(str(exc))
         options = dict(branch.options)  # the branch continued, or forked
         options.pop("budget_usd", None)  # the budget is not an option: rerun keeps it unless --budget
+        try:
+            args.price_table = given or kept_prices(options) or PriceTable.vendored()
+        except MetricsUsageError as exc:
+            return _fail(str(exc))
+        if fork is not None and kept is not None:
+            options[PRICES_OPTION] = kept
+        warn_unpriced_budget(args, pipeline)
         if fork is not None:
             for name in ("disagreement_rate", "sim_latency", *RETRY_OPTIONS):
                 value = getattr(args, name)

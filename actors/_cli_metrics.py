@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from decimal import Decimal
+from collections.abc import Mapping
 from typing import Any
 
 from messages import UsageRecorded
@@ -62,11 +63,42 @@ def _add_prices(p: argparse.ArgumentParser) -> None:
 
 def load_prices(path: str | None) -> PriceTable:
     """The vendored table with the override from ``path`` or ``$CONCLAVE_PRICES``."""
-    path = path or os.environ.get(PRICES_ENV) or None
+    return load_kept_prices(path)[0]
+
+
+# The branch option that keeps a run's price override: resume, rerun and
+# metrics used the vendored prices again (a resumed run then spent past
+# its budget at the user's prices, unwarned).
+PRICES_OPTION = "prices"
+
+
+def load_kept_prices(path: str | None) -> tuple[PriceTable, dict[str, str] | None]:
+    """:func:`load_prices`, and what a run keeps of the override in its
+    options (``None`` without one)."""
+    named = path or os.environ.get(PRICES_ENV) or None
     try:
-        return PriceTable.load(path)
+        table, text = PriceTable.load_kept(named)
     except PriceFileError as exc:
-        raise MetricsUsageError(str(exc)) from None
+        where = f" (from ${PRICES_ENV})" if named is not None and not path else ""
+        raise MetricsUsageError(f"{exc}{where}") from None
+    return table, None if text is None or named is None else {"source": str(named), "text": text}
+
+
+def kept_prices(options: Mapping[str, Any]) -> PriceTable | None:
+    """The price table a branch's options keep, or None (vendored)."""
+    kept = options.get(PRICES_OPTION)
+    if not isinstance(kept, Mapping) or not isinstance(kept.get("text"), str):
+        return None
+    source = str(kept.get("source", "kept prices"))
+    try:
+        return PriceTable.from_kept(source, kept["text"])
+    except PriceFileError as exc:  # the table itself changed under it
+        raise MetricsUsageError(f"the run's kept price override no longer applies: {exc}") from None
+
+
+def given_prices(path: str | None) -> bool:
+    """Whether ``--prices`` or ``$CONCLAVE_PRICES`` names an override."""
+    return bool(path or os.environ.get(PRICES_ENV))
 
 
 def metrics_display(out: Writer, *, isatty: bool | None = None) -> LiveFooter | PlainMetrics:
@@ -120,6 +152,9 @@ def run_metrics(store: Store, run_id: str, prices: PriceTable | None) -> dict[st
         recorded = [e for e in store.events(run_id, "metrics") if e.branch_id == run.current_branch_id]
         if recorded:
             return {"source": "recorded", **recorded[-1].detail}
+    if prices is None and run is not None and run.current_branch_id:
+        branch = store.get_branch(run_id, run.current_branch_id)
+        prices = kept_prices(branch.options) if branch is not None else None
     return {"source": "recomputed", **_recompute(store, run_id, prices or PriceTable.vendored())}
 
 
@@ -151,12 +186,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from ._cli import _fail, _json_out, open_run  # late: _cli imports this module
 
     try:
-        prices = load_prices(args.prices) if (args.prices or os.environ.get(PRICES_ENV)) else None
+        prices = load_prices(args.prices) if given_prices(args.prices) else None
     except MetricsUsageError as exc:
         return _fail(str(exc))
     store, run = open_run(args.db, args.run_id)
     with store:
-        report = {"run_id": run.run_id, "status": run.status, **run_metrics(store, run.run_id, prices)}
+        try:
+            report = {"run_id": run.run_id, "status": run.status, **run_metrics(store, run.run_id, prices)}
+        except MetricsUsageError as exc:
+            return _fail(str(exc))
     if args.json:
         _json_out(report)
         return 0

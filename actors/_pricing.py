@@ -216,18 +216,31 @@ class PriceTable:
     @classmethod
     def load(cls, override: str | None = None) -> PriceTable:
         """The vendored table, with ``override`` (a JSON file) applied."""
+        return cls.load_kept(override)[0]
+
+    @classmethod
+    def load_kept(cls, override: str | None = None) -> tuple[PriceTable, str | None]:
+        """:meth:`load`, and the override file's text (``None`` without
+        one), for a run to keep: :meth:`from_kept` rebuilds the same table
+        after the file has changed or gone."""
         table = cls.vendored()
         if override is None:
-            return table
+            return table, None
         if not isinstance(override, (str, os.PathLike)):
             # open() takes an int as a file descriptor: load(0) read stdin and closed it.
             raise PriceFileError(f"the price override must be a file path, got {override!r}")
         try:
             with open(override, "rb") as f:
-                text = f.read()
+                raw = f.read()
         except OSError as exc:
             raise PriceFileError(f"{override}: cannot read price file: {exc.strerror or exc}") from None
-        return table.with_overrides(_parse(text, override), source=override)
+        table = table.with_overrides(_parse(raw, override), source=str(override))
+        return table, raw.decode(json.detect_encoding(raw))
+
+    @classmethod
+    def from_kept(cls, source: str, text: str) -> PriceTable:
+        """The table :meth:`load_kept` gave for ``source`` and its ``text``."""
+        return cls.vendored().with_overrides(_parse(text, source), source=source)
 
     def with_overrides(self, entries: Mapping[str, Any], *, source: str = "override") -> PriceTable:
         entries = _exact(entries)

@@ -4,6 +4,7 @@ with a higher budget."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -224,3 +225,32 @@ def test_spend_and_budget_are_shown_to_the_same_places(tmp_path: Path) -> None:
     assert "budget warning: 80% used ($0.0163 of $0.0090)" in proc.stdout
     assert "budget EXCEEDED: $0.0163 of $0.0090;" in proc.stdout
     assert "cost: $0.0163 of a $0.0090 budget" in proc.stdout
+
+
+def test_a_runs_price_override_is_kept_for_resume_rerun_and_metrics(tmp_path: Path) -> None:
+    """resume, rerun and metrics went back to the vendored prices: a run
+    halted at its budget at the user's prices resumed with a higher budget
+    at the vendored ones and spent past it, unwarned."""
+    from .conftest import run_cli
+
+    db = str(tmp_path / "c.db")
+    prices = tmp_path / "pricey.json"
+    prices.write_text(json.dumps({"gpt-5": {"input_cost_per_token": 1e-3, "output_cost_per_token": 1e-3}}))
+    first = run_cli(["run", "--db", db, "--run-id", "P", "--prices", str(prices), "--budget", "2", "--json"])
+    assert first.returncode == 3 and json.loads(first.stdout)["halt_reason"] == "budget_exceeded", first.stderr
+    prices.unlink()  # kept with the run: the file is not needed again
+
+    resumed = run_cli(["resume", "P", "--db", db, "--budget", "3", "--json"])
+    result = json.loads(resumed.stdout)
+    assert resumed.returncode == 3 and result["halt_reason"] == "budget_exceeded", resumed.stderr
+    assert Decimal(str(result["cost_usd"])) > 3
+
+    rerun = run_cli(["rerun", "P", "--from", "plan", "--db", db, "--budget", "100", "--json"])
+    assert rerun.returncode == 0, rerun.stderr
+    recorded = json.loads(run_cli(["metrics", "P", "--db", db, "--json"]).stdout)
+    assert Decimal(recorded["cost_usd_exact"]) > 3 and "pricey.json" in recorded["price_table"]
+
+    env_prices = tmp_path / "cheap.json"
+    env_prices.write_text("{}")
+    explicit = json.loads(run_cli(["metrics", "P", "--db", db, "--json", "--prices", str(env_prices)]).stdout)
+    assert Decimal(explicit["cost_usd_exact"]) < 1  # the vendored prices, as asked
