@@ -254,3 +254,12 @@ def test_a_runs_price_override_is_kept_for_resume_rerun_and_metrics(tmp_path: Pa
     env_prices.write_text("{}")
     explicit = json.loads(run_cli(["metrics", "P", "--db", db, "--json", "--prices", str(env_prices)]).stdout)
     assert Decimal(explicit["cost_usd_exact"]) < 1  # the vendored prices, as asked
+
+
+def test_a_bad_price_file_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    from .conftest import run_cli
+
+    proc = run_cli(["run", "--db", str(tmp_path / "c.db")], env={"CONCLAVE_PRICES": str(tmp_path / "nope.json")})
+    assert proc.returncode == 2
+    assert "nope.json: cannot read price file" in proc.stderr and "(from $CONCLAVE_PRICES)" in proc.stderr
+    assert not (tmp_path / "c.db").exists()
