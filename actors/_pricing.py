@@ -179,7 +179,7 @@ def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, An
                     raise PriceFileError(
                         f"{where}: {name}.{key} must be at most {MAX_RATE} USD per token, got {value}"
                     )
-        merged = {**new_ok.get(name, {}), **entry}
+        merged = {**new_ok.get(name.lower(), {}), **entry}  # names match case-insensitively
         for required in ("input_cost_per_token", "output_cost_per_token"):
             if required not in merged:
                 raise PriceFileError(f"{where}: entry {name!r} needs {required}")

@@ -120,6 +120,15 @@ def test_a_tier_derives_missing_rates_from_its_own_input_and_output(tmp_path: Pa
     )
 
 
+def test_an_override_names_a_model_in_any_case(tmp_path: Path) -> None:
+    """'GPT-5' with one rate was refused as a new model needing both, while
+    'gpt-5' was merged; lookups ignore case, so validation does too."""
+    path = tmp_path / "upper.json"
+    path.write_text(json.dumps({"GPT-5": {"input_cost_per_token": 1e-03}}))
+    table = PriceTable.load(str(path))
+    assert table.cost(usage(1_000, 0), "gpt-5") == Decimal("1")
+
+
 def test_costs_are_exact() -> None:
     table = PriceTable.vendored()
     one = table.cost(usage(1, 0), "gpt-4o")
