@@ -420,6 +420,19 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
             )
         )
 
+    unused = sorted(set(declared) - used)
+    if unused:
+        # A typo ([agents.gemnii]) or another spelling ([agents.Gemini])
+        # was dropped without a word, and the agent kept its model.
+        meant = [
+            f"[agents.{known}] sets {known}'s model"
+            for known in dict.fromkeys(canonical_agent(name) for name in unused)
+            if known is not None and known in used
+        ]
+        raise PipelineError(
+            f"{source}: {', '.join(map(repr, unused))} declared under [agents] but listed by no stage"
+            + (f" ({'; '.join(meant)})" if meant else "")
+        )
     specs = {
         name: declared.get(name) or AgentSpec(name=name, model=KNOWN_AGENTS[name])
         for name in sorted(used)

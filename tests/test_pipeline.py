@@ -98,6 +98,11 @@ def test_toml_pipeline() -> None:
         ('[defaults]\nagents = "claude"\n[[stages]]\nname = "plan"', "[defaults]: agents: must be a list"),
         ('[agents." "]\nmodel = "m"\n[[stages]]\nname = "plan"\nagents = [" "]', "not blank"),
         ('[[stages]]\nname = "plan"\ncolour = "blue"', "unknown key(s) colour"),
+        (
+            '[agents.Gemini]\nmodel = "gemini-2.5-flash"\n[[stages]]\nname = "plan"',
+            "'Gemini' declared under [agents] but listed by no stage ([agents.gemini] sets gemini's model)",
+        ),
+        ('[agents.gemnii]\nmodel = "m"\n[[stages]]\nname = "plan"', "'gemnii' declared under [agents] but listed by no stage"),
         ('oops = 1\n[[stages]]\nname = "plan"', "unknown key(s) oops"),
         ('[defaults]\nagent = ["claude"]\n[[stages]]\nname = "plan"', "[defaults]: unknown key(s) agent"),
     ],
