@@ -22,6 +22,8 @@ from decimal import Decimal, InvalidOperation
 from messages import BudgetCheck, BudgetStatus, ConclaveError, Outbox, StageKey, reply_pair
 from store import BranchRow, Store
 
+from ._ids import shell_word
+
 HALT_REASON = "budget_exceeded"
 
 BudgetLike = Decimal | int | float | str
@@ -100,7 +102,7 @@ def budget_gate(metrics: Outbox[BudgetCheck]) -> Gate:
 def budget_halt_message(run_id: str, exc: BudgetExceeded) -> str:
     return (
         f"halted at stage {exc.stage!r}: {exc}. Nothing more was dispatched; resume with a "
-        f"higher budget: 'conclave resume {run_id} --budget USD'."
+        f"higher budget: 'conclave resume {shell_word(run_id)} --budget USD'."
     )
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shlex
 import signal
 import sys
 import threading
@@ -60,7 +59,7 @@ from ._cli_providers import (
 )
 from ._footer import LiveFooter, Writer, show_metrics
 from ._format import duration, tokens, usage_line, verdict_line
-from ._ids import id_problem, new_run_id, short_branch_id
+from ._ids import id_problem, new_run_id, shell_word, short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
 from ._runtime import ConfigError, Limits, Orchestrator, RunResult, fault_scope_problem, open_orchestrator
@@ -114,7 +113,7 @@ def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) 
     word, code = ("terminated", EXIT_TERMINATED) if _is_terminated(exc) else ("interrupted", EXIT_INTERRUPTED)
     message = f"{word}; the store is consistent"
     if run_id is not None and store.get_run(run_id) is not None:
-        message += "; " + with_db(f"'conclave resume {run_id}'", db) + " continues it"
+        message += "; " + with_db(f"'conclave resume {shell_word(run_id)}'", db) + " continues it"
     return _fail(message, code)
 
 
@@ -208,11 +207,7 @@ def db_option(db: str) -> str:
     """`` --db DB`` for a suggested command, or "" for the default file."""
     if os.path.abspath(db) == os.path.abspath(DEFAULT_DB):
         return ""
-    if shlex.quote(db) == db:
-        return f" --db {db}"
-    # Double quotes: the hints themselves sit in single quotes.
-    escaped = "".join("\\" + c if c in '\\"$`' else c for c in db)
-    return f' --db "{escaped}"'
+    return f" --db {shell_word(db)}"
 
 
 def with_db(text: str, db: str) -> str:
@@ -237,7 +232,7 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
         cost = f"  cost: {usd_of(result.cost_usd, result.budget_usd, 4, joint=' of a ')} budget"
     if result.unpriced_calls:
         cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
-    lines.append(cost + f" | details: conclave metrics {result.run_id}{db_option(db)}")
+    lines.append(cost + f" | details: conclave metrics {shell_word(result.run_id)}{db_option(db)}")
     lines.append(f"  {clock} time: {elapsed:.1f}s | digest: {result.digest[:16]}… | db: {db}")
     return "\n".join(lines)
 
@@ -556,7 +551,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         reason = f" ({with_db(branch.halt_reason, args.db)})" if branch.halt_reason else ""
         print(f"run {run.run_id}: {status}{reason}")
         if status == STALLED:
-            hint = with_db(f"'conclave resume {run.run_id}'", args.db)
+            hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
             print(f"  no process is driving it (it was killed): {hint} continues it")
         current = " (current)" if branch.branch_id == run.current_branch_id else ""
         print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")

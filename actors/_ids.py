@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shlex
 import time
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -55,3 +56,13 @@ def short_branch_id(branch_id: str) -> str:
     """The first 8 hex digits of the random suffix, for display."""
     suffix = branch_id.rsplit("-", 1)[-1]
     return suffix[:8] if re.fullmatch(r"[0-9a-f]{8,}", suffix) else branch_id[:12]
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one word of a command a hint suggests: as it is when the
+    shell reads it so, else in double quotes (the hints sit in single
+    quotes).  A run id 'x;y' made the hint run two commands when pasted."""
+    if shlex.quote(text) == text:
+        return text
+    escaped = "".join("\\" + c if c in '\\"$`' else c for c in text)
+    return f'"{escaped}"'

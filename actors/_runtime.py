@@ -87,7 +87,7 @@ from ._coordinator import Coordinator, RunContext, StageUnanswered
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._health import HealthRegistry
-from ._ids import id_problem, new_branch_id, new_run_id
+from ._ids import id_problem, new_branch_id, new_run_id, shell_word
 from ._metrics import MetricsAccumulator
 from ._metrics_report import totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
@@ -264,8 +264,8 @@ def halt_message(run_id: str, decision: Decision) -> str:
     )
     return (
         f"halted at stage {decision.key.stage!r}: {decision.status} ({detail}). "
-        f"Inspect with 'conclave decisions {run_id}'; once fixed, re-run from that stage "
-        f"with 'conclave rerun {run_id} --from {decision.key.stage}'."
+        f"Inspect with 'conclave decisions {shell_word(run_id)}'; once fixed, re-run from that stage "
+        f"with 'conclave rerun {shell_word(run_id)} --from {decision.key.stage}'."
     )
 
 
@@ -727,7 +727,7 @@ class Orchestrator:
             message = (
                 f"halted at stage {unanswered.stage!r}: too few answers to decide: {unanswered}. "
                 "The stage is left undecided; once the cause has passed, "
-                f"'conclave resume {ctx.run_id} --retry-failed' asks the failed agents again."
+                f"'conclave resume {shell_word(ctx.run_id)} --retry-failed' asks the failed agents again."
             )
             await self._log_halt(ctx, unanswered.stage, {"reason": UNANSWERED, "failed": unanswered.failures})
         if over_budget is not None:

@@ -217,3 +217,24 @@ def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -
     assert len(hints) == 2 and all(shlex.split(h)[-2:] == ["--db", db] for h in hints), message
     default = run_cli(["run", "--run-id", "h2", "--disagreement-rate", "1"], cwd=tmp_path)
     assert "--db" not in default.stdout  # the default file needs no option
+
+
+def test_suggested_commands_can_be_pasted_into_a_shell(tmp_path: Path) -> None:
+    """A run id 'x;y' made the halt's hints run two commands when pasted;
+    a database path with a space was quoted already.  Every hint must run
+    as printed."""
+    import re
+    import shlex
+
+    db = str(tmp_path / "my db.db")
+    proc = run_cli(["run", "--db", db, "--run-id", "x;y", "--disagreement-rate", "1"])
+    assert proc.returncode == 3, proc.stderr
+    hints = re.findall(r"'(conclave (?:decisions|rerun) [^']*)'", proc.stdout)
+    assert len(hints) == 2, proc.stdout
+    for hint in hints:
+        lexer = shlex.shlex(hint, posix=True, punctuation_chars=True)  # as a shell reads it
+        lexer.whitespace_split = True
+        argv = list(lexer)
+        assert argv[2] == "x;y" and argv[argv.index("--db") + 1] == db, hint
+    shown = run_cli(shlex.split(hints[0])[1:])
+    assert shown.returncode == 0 and "decisions of x;y" in shown.stdout, shown.stderr
