@@ -518,6 +518,9 @@ def open_run(db: str, run_id: str) -> tuple[Store, RunRow]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.run_id is None and args.branch is not None:
+        # It listed the runs and ignored the branch asked for.
+        return _fail(f"--branch {args.branch} needs a RUN_ID (the run whose branch to show)")
     try:
         store = _open_readonly(args.db)
     except StoreError as exc:

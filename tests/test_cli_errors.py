@@ -238,3 +238,10 @@ def test_suggested_commands_can_be_pasted_into_a_shell(tmp_path: Path) -> None:
         assert argv[2] == "x;y" and argv[argv.index("--db") + 1] == db, hint
     shown = run_cli(shlex.split(hints[0])[1:])
     assert shown.returncode == 0 and "decisions of x;y" in shown.stdout, shown.stderr
+
+
+def test_status_with_a_branch_but_no_run_is_refused(tmp_path: Path) -> None:
+    proc = run_cli(["status", "--db", str(tmp_path / "x.db"), "--branch", "abc"])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "--branch abc needs a RUN_ID")
+    assert not (tmp_path / "x.db").exists()
