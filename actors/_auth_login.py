@@ -31,8 +31,13 @@ async def device_login(
     :class:`~messages.AuthConfigError`.  If cancelled - at any await,
     including while the user has not approved yet - nothing is stored: the
     only write happens after the grant arrived, with no await before it
-    that could be cancelled halfway.
+    that could be cancelled halfway.  A store it could not write to
+    (damaged, unsafe, an unusable directory) raises
+    :class:`~messages.TokenStoreError` *before* the code is asked for: it
+    used to fail only after the user had approved, wasting the approval.
     """
+    async with store.locked() as tokens:
+        tokens.load()
     profile = await discover(profile, client)
     flow = DeviceFlow(profile, client, on_event=on_event)
     auth = await flow.start()

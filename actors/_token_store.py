@@ -388,8 +388,16 @@ class TokenStore:
         Waiting is a polling loop on a non-blocking ``flock`` (cancellable at
         every step, never blocks the trio thread); the lock is released in
         ``finally`` on every exit path, cancellation included."""
-        _ensure_private_dir(self.home)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+        try:
+            _ensure_private_dir(self.home)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o600)
+        except OSError as exc:
+            # Raw FileNotFoundError / FileExistsError / ELOOP before.
+            why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+            raise TokenStoreError(
+                f"cannot use the token store in {self.home}: {why}",
+                hint="set CONCLAVE_HOME to a private directory Conclave can write",
+            ) from None
         try:
             await self._acquire(fd)
             try:

@@ -270,3 +270,30 @@ def test_a_grant_lifetime_is_kept_within_what_a_date_can_show(given: float | Non
 
     body = {"access_token": "at", "token_type": "Bearer"} | ({} if given is None else {"expires_in": given})
     assert parse_grant(body, "generic").expires_in == kept
+
+
+@pytest.mark.parametrize("problem", ["damaged", "group_readable", "home_is_a_file", "lock_is_a_symlink"])
+async def test_a_store_that_cannot_take_the_tokens_fails_before_the_code(
+    problem: str, autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    """Each of these failed only after the user had approved the code (the
+    approval wasted), some as raw FileExistsError or OSError."""
+    from messages._auth_api import TokenStoreError
+
+    home = tmp_path / "h"
+    home.mkdir(mode=0o700)
+    if problem == "damaged":
+        (home / "tokens.json").write_text('{"version": 1, "tokens": {"github": {"access_token": ""}}}')
+        (home / "tokens.json").chmod(0o600)
+    elif problem == "group_readable":
+        (home / "tokens.json").write_text('{"version": 1, "tokens": {}}')
+        (home / "tokens.json").chmod(0o644)
+    elif problem == "home_is_a_file":
+        home.rmdir()
+        home.write_text("not a directory")
+    else:
+        (home / "tokens.lock").symlink_to(tmp_path / "elsewhere")
+    idp, client, transport, profile = make()
+    with pytest.raises(TokenStoreError):
+        await device_login(profile, client, TokenStore(home / "sub" if problem == "home_is_a_file" else home))
+    assert transport.log == [], "no device code may be asked for"
