@@ -202,7 +202,7 @@ class DeviceFlow:
         name = self.profile.name
         try:
             response = await self._client.post(self.device_url, data=form, headers=_headers(self.profile))
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # a garbled body (DecodingError) too
             raise AuthProtocolError(
                 f"could not reach the device authorization endpoint {self.device_url}: {type(exc).__name__}",
                 provider=name,
@@ -272,7 +272,7 @@ class DeviceFlow:
                 raise LoginExpired("the device code expired before it was approved", provider=name, hint=expired_hint)
             try:
                 response = await self._client.post(self.token_url, data=form, headers=_headers(self.profile))
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # a garbled body (DecodingError) too
                 failures += 1
                 self._emit("backoff", f"network error ({type(exc).__name__}); retrying", interval=interval)
                 continue
@@ -346,7 +346,7 @@ async def refresh_grant(
     headers = {"Accept": "application/json"} if accept_json else {}
     try:
         response = await client.post(token_url, data=form, headers=headers)
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:  # a garbled body (DecodingError) too
         raise RefreshUnavailable(
             f"could not reach {token_url} to refresh the {provider} token: {type(exc).__name__}", provider=provider
         ) from None

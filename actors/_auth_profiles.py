@@ -196,7 +196,7 @@ async def discover(profile: AuthProfile, client: httpx.AsyncClient) -> AuthProfi
     for url in candidates:
         try:
             response = await client.get(url, headers={"Accept": "application/json"})
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # a garbled body (DecodingError) too
             raise AuthProtocolError(
                 f"could not fetch metadata from {url}: {type(exc).__name__}", provider=profile.name
             ) from None

@@ -167,6 +167,17 @@ async def test_503_and_network_error_in_the_middle_back_off_and_survive(autojump
     assert idp.access_token_valid(grant.access_token.reveal())
 
 
+async def test_a_body_that_cannot_be_decoded_is_backed_off_like_a_network_error(autojump_clock: trio.abc.Clock) -> None:
+    """A token reply claiming gzip that was not ended the login with a raw
+    DecodingError (and `login --json` with no result line)."""
+    idp, client, transport, profile = make()
+    transport.faults = {2: httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))}
+    events: list[AuthEvent] = []
+    _, grant = await run_flow(idp, client, profile, decide_at=12, events=events)
+    assert [e.kind for e in events if e.kind == "backoff"] == ["backoff"]
+    assert idp.access_token_valid(grant.access_token.reveal())
+
+
 @pytest.mark.parametrize("status", [200, 400])
 async def test_garbage_body_ends_with_a_clear_error(autojump_clock: trio.abc.Clock, status: int) -> None:
     idp, client, transport, profile = make()
