@@ -211,15 +211,30 @@ async def discover(profile: AuthProfile, client: httpx.AsyncClient) -> AuthProfi
         if not isinstance(metadata, dict):
             last = f"{url} is not a JSON object"
             continue
-        device_url = profile.device_url or metadata.get("device_authorization_endpoint")
-        token_url = profile.token_url or metadata.get("token_endpoint")
-        if not isinstance(device_url, str) or not isinstance(token_url, str):
+        named = metadata.get("issuer")
+        if isinstance(named, str) and named.rstrip("/") != issuer:
+            # RFC 8414 §3.3: metadata for another issuer must not be used
+            # (a mix-up: this issuer's users would log in elsewhere).
             raise AuthConfigError(
-                f"the metadata at {url} names no device authorization endpoint",
-                provider=profile.name,
-                hint="pass --device-url and --token-url",
+                f"the metadata at {url} is for issuer {named!r}, not {issuer!r}", provider=profile.name
             )
-        return attrs.evolve(profile, device_url=device_url, token_url=token_url)
+        found = {
+            "device_authorization_endpoint": profile.device_url or metadata.get("device_authorization_endpoint"),
+            "token_endpoint": profile.token_url or metadata.get("token_endpoint"),
+        }
+        for field, value in found.items():
+            # It said "no device authorization endpoint" when the token
+            # endpoint was the one missing, and a relative or file: URL
+            # failed later as "could not reach".
+            if not isinstance(value, str) or not _is_http_url(value):
+                raise AuthConfigError(
+                    f"the metadata at {url} names no usable {field} (got {value!r})",
+                    provider=profile.name,
+                    hint="pass --device-url and --token-url",
+                )
+        return attrs.evolve(
+            profile, device_url=found["device_authorization_endpoint"], token_url=found["token_endpoint"]
+        )
     raise AuthConfigError(
         f"no authorization server metadata for issuer {issuer} ({last})", provider=profile.name
     )

@@ -12,7 +12,7 @@ import trio
 
 from actors._auth_flow import DeviceFlow
 from actors._auth_login import device_login
-from actors._auth_profiles import AuthProfile, build_profile
+from actors._auth_profiles import AuthProfile, build_profile, discover
 from actors._token_store import TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, HANG, TOKEN_PATH, FakeIdP, asgi_client
 from messages._auth_api import AuthConfigError, AuthEvent, AuthProtocolError, LoginDenied, LoginExpired
@@ -308,3 +308,35 @@ async def test_a_store_that_cannot_take_the_tokens_fails_before_the_code(
     with pytest.raises(TokenStoreError):
         await device_login(profile, client, TokenStore(home / "sub" if problem == "home_is_a_file" else home))
     assert transport.log == [], "no device code may be asked for"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        # It said "names no device authorization endpoint".
+        ({"issuer": "https://idp.test", "device_authorization_endpoint": "https://idp.test/dev"},
+         "names no usable token_endpoint (got None)"),
+        # These failed later as "could not reach ... UnsupportedProtocol", exit 1.
+        ({"issuer": "https://idp.test", "device_authorization_endpoint": "relative/dev",
+          "token_endpoint": "https://idp.test/tok"}, "names no usable device_authorization_endpoint (got 'relative/dev')"),
+        ({"issuer": "https://idp.test", "device_authorization_endpoint": "https://idp.test/dev",
+          "token_endpoint": "file:///etc/passwd"}, "names no usable token_endpoint (got 'file:///etc/passwd')"),
+        # RFC 8414 3.3: it was used silently.
+        ({"issuer": "https://evil.example", "device_authorization_endpoint": "https://evil.example/dev",
+          "token_endpoint": "https://evil.example/tok"}, "is for issuer 'https://evil.example', not 'https://idp.test'"),
+    ],
+)
+async def test_issuer_metadata_that_cannot_be_used_is_refused_naming_why(metadata: dict, message: str) -> None:
+
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(200, json=metadata)
+
+    profile = build_profile("generic", issuer="https://idp.test", client_id=CLIENT_ID)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(AuthConfigError) as caught:
+            await discover(profile, client)
+    assert message in str(caught.value)
+    assert asked == ["/.well-known/oauth-authorization-server"]
