@@ -256,7 +256,24 @@ def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{source}: invalid TOML: {exc}") from None
-    return pipeline_from_dict(data, source=source)
+    pipeline = pipeline_from_dict(data, source=source)
+    # In a file, an [agents] entry no stage lists is a typo ([agents.gemnii])
+    # or another spelling ([agents.Gemini]): it was dropped without a word
+    # and the agent kept its model.  (A dict built in code may declare a
+    # pool and use part of it.)
+    declared = data.get("agents", {})
+    unused = sorted(name for name in declared if name not in pipeline.agents)
+    if unused:
+        meant = [
+            f"[agents.{known}] sets {known}'s model"
+            for known in dict.fromkeys(canonical_agent(name) for name in unused)
+            if known is not None and known in pipeline.agents
+        ]
+        raise PipelineError(
+            f"{source}: {', '.join(map(repr, unused))} declared under [agents] but listed by no stage"
+            + (f" ({'; '.join(meant)})" if meant else "")
+        )
+    return pipeline
 
 
 _DEFAULT_PANEL = ("gemini", "claude", "gpt_pro")
@@ -420,19 +437,6 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
             )
         )
 
-    unused = sorted(set(declared) - used)
-    if unused:
-        # A typo ([agents.gemnii]) or another spelling ([agents.Gemini])
-        # was dropped without a word, and the agent kept its model.
-        meant = [
-            f"[agents.{known}] sets {known}'s model"
-            for known in dict.fromkeys(canonical_agent(name) for name in unused)
-            if known is not None and known in used
-        ]
-        raise PipelineError(
-            f"{source}: {', '.join(map(repr, unused))} declared under [agents] but listed by no stage"
-            + (f" ({'; '.join(meant)})" if meant else "")
-        )
     specs = {
         name: declared.get(name) or AgentSpec(name=name, model=KNOWN_AGENTS[name])
         for name in sorted(used)
