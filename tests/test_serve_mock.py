@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 
 from actors._mock_backend import MockBackend
 from actors._mock_server import serve_mock
@@ -199,8 +200,19 @@ async def test_cancelled_call_releases_its_connection() -> None:
             base_url=url, api_key=SECRET, timeout=httpx.Timeout(10.0),
             transport=httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1)),
         )
-        with trio.move_on_after(0.2) as scope:
-            await provider.complete(make_request())
+        # Cancel once the server holds the call, not after a fixed 0.2 s: on
+        # a loaded machine the call had not reached it yet, the slow fault
+        # went to the next call, and that one timed out.
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+
+                async def cancel_once_held() -> None:
+                    while not backend.ledger.faults.get("slow"):
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                    scope.cancel()
+
+                inner.start_soon(cancel_once_held)
+                await provider.complete(make_request())
         assert scope.cancelled_caught
         with trio.fail_after(5):
             completion = await provider.complete(make_request())
