@@ -303,8 +303,8 @@ class DeviceFlow:
                 continue
             if canonical == "slow_down":
                 # RFC 8628 §3.5: +5 s for this and every later poll; GitHub
-                # sends the new interval itself, which we take if larger.
-                # At least +5 s, whatever smaller interval the server names.
+                # sends the new interval itself, which we take if larger
+                # than that (never less than +5 s).
                 offered = _number(body.get("interval") if body else None, None)
                 interval = clamp_interval(max(interval + SLOW_DOWN_STEP, offered or 0.0), auth.expires_in)
                 self._emit("slow_down", f"polling every {interval:g} s", interval=interval)

@@ -604,7 +604,8 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
     assert run is not None
     branch_id = branch_id or run.current_branch_id or ""
     branch = store.get_branch(run_id, branch_id) if branch_id else None
-    current = branch is None or branch_id == run.current_branch_id
+    # The run row keeps the current branch's outcome; a branch row its own.
+    owner: RunRow | BranchRow = run if branch is None or branch_id == run.current_branch_id else branch
     decided = {d.stage: d for d in store.lineage_decisions(run_id, branch_id)}
     return {
         "run_id": run.run_id,
@@ -613,8 +614,8 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
         "spec_id": run.spec_id,
         "goal": run.goal,
         "seed": run.seed,
-        "status": run.status if current or branch is None else branch.status,
-        "halt_reason": run.halt_reason if current or branch is None else branch.halt_reason,
+        "status": owner.status,
+        "halt_reason": owner.halt_reason,
         # Whether a process is working on the run now (null: unknowable).
         "driven": store.run_is_driven(run_id),
         "stages": [
@@ -626,7 +627,7 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
             for s in run.pipeline["stages"]
         ],
         "usage": _usage(store, run, branch).as_dict(),
-        "digest": run.digest if current or branch is None else branch.digest,
+        "digest": owner.digest,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
     }

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from messages import UsageRecorded
-from store import Store
+from store import BranchRow, Store
 
 from ._budget import parse_budget, stored_budget, usd
 from ._checks import add_db_argument, file_arg
@@ -114,15 +114,13 @@ def metrics_display(out: Writer, *, isatty: bool | None = None) -> LiveFooter | 
 # -- conclave metrics ----------------------------------------------------------
 
 
-def _recompute(store: Store, run_id: str, prices: PriceTable) -> dict[str, Any]:
+def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: PriceTable) -> dict[str, Any]:
     """Totals from the stored attempts (each once), priced with ``prices``,
-    against the budget the run's current branch runs under (it was left
+    against the budget the run's current ``branch`` runs under (it was left
     out: "budget_usd": null for a run halted by its budget)."""
     acc = MetricsAccumulator(prices)
     from messages import AgentKey
 
-    run = store.get_run(run_id)
-    branch = store.get_branch(run_id, run.current_branch_id) if run and run.current_branch_id else None
     if branch is not None:
         acc.set_budget(run_id, stored_budget(store, branch))
 
@@ -152,10 +150,10 @@ def run_metrics(store: Store, run_id: str, prices: PriceTable | None) -> dict[st
         recorded = [e for e in store.events(run_id, "metrics") if e.branch_id == run.current_branch_id]
         if recorded:
             return {"source": "recorded", **recorded[-1].detail}
-    if prices is None and run is not None and run.current_branch_id:
-        branch = store.get_branch(run_id, run.current_branch_id)
-        prices = kept_prices(branch.options) if branch is not None else None
-    return {"source": "recomputed", **_recompute(store, run_id, prices or PriceTable.vendored())}
+    branch = store.get_branch(run_id, run.current_branch_id) if run is not None and run.current_branch_id else None
+    if prices is None and branch is not None:
+        prices = kept_prices(branch.options)
+    return {"source": "recomputed", **_recompute(store, run_id, branch, prices or PriceTable.vendored())}
 
 
 def _table(report: dict[str, Any], by: str) -> list[str]:

@@ -467,34 +467,32 @@ class Orchestrator:
                         for stage in pipeline.stages
                     ]
                     interceptor.restore(run_id, state.branch.branch_id, stages=stages, fired=mine)
-            if state.settled():
-                # Nothing left to decide: replay the outcome and write
-                # nothing (its metrics event was rewritten with 0 calls, and
-                # a Ctrl-C during the replay marked a completed run
-                # interrupted).
-                if budget_usd is None:
-                    budget_usd = stored_budget(self._require_db(), state.branch)
-                ctx = self._context(state)
-                return await self._drive(ctx, state.pipeline, state.seed, state, budget_usd, record=False)
-            detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
-            fresh = state.unanswered_stage() if retry_failed else None
-            if fresh is not None:
-                # Its failed agents get a new round of attempts: kept here,
-                # so a crash during this resume does not lose the grant.
-                detail["new_round"] = fresh
-                state = state.with_new_round(fresh)
-            if budget_usd is not None:
-                # Kept with the branch: the next plain resume (after this
-                # one halts or is interrupted) must not fall back to the
-                # budget this one replaced.
-                detail["budget_usd"] = str(budget_usd)
-            await self._write(
-                PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
-            )
-            await self._write(RunUpdate(run_id=run_id, status="running"))
+            # Nothing left to decide: the resume replays the outcome and
+            # writes nothing (it rewrote the metrics event with 0 calls, and
+            # a Ctrl-C during the replay marked a completed run interrupted).
+            settled = state.settled()
+            if not settled:
+                detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
+                fresh = state.unanswered_stage() if retry_failed else None
+                if fresh is not None:
+                    # Its failed agents get a new round of attempts: kept here,
+                    # so a crash during this resume does not lose the grant.
+                    detail["new_round"] = fresh
+                    state = state.with_new_round(fresh)
+                if budget_usd is not None:
+                    # Kept with the branch: the next plain resume (after this
+                    # one halts or is interrupted) must not fall back to the
+                    # budget this one replaced.
+                    detail["budget_usd"] = str(budget_usd)
+                await self._write(
+                    PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
+                )
+                await self._write(RunUpdate(run_id=run_id, status="running"))
             if budget_usd is None:
                 budget_usd = stored_budget(self._require_db(), state.branch)
-            return await self._drive(self._context(state), state.pipeline, state.seed, state, budget_usd)
+            return await self._drive(
+                self._context(state), state.pipeline, state.seed, state, budget_usd, record=not settled
+            )
 
     async def rerun(
         self,

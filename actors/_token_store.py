@@ -121,9 +121,10 @@ class TokenEntry:
         access = _secret(data.get("access_token"))
         if access is None:
             raise ValueError(f"entry {provider!r} has no access_token")
-        expires_at = None if data.get("expires_at") is None else _timestamp(data["expires_at"])
+        given_expiry = data.get("expires_at")
+        expires_at = None if given_expiry is None else _timestamp(given_expiry)
         stored_at = _timestamp(data.get("stored_at"))
-        if expires_at is None and data.get("expires_at") is not None:
+        if expires_at is None and given_expiry is not None:
             raise ValueError(f"entry {provider!r} has a bad expires_at")
         if stored_at is None:
             raise ValueError(f"entry {provider!r} has a bad stored_at")
