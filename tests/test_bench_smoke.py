@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import apsw
 import pytest
+import trio
+import trio.testing
 
 from .conftest import REPO, run_bench
 
@@ -35,8 +39,27 @@ def test_floor_bench_runs_tiny() -> None:
     assert "floor (no spawn) / raw =" in out and "floor + features / raw =" in out and "0.5x target is" in out
     assert "floor + features + Random / raw =" in out
     soak = run_bench("floor_bench.py", "--soak", "--pipelines", "8", "--concurrency", "4", "--runs", "1", timeout=300)
-    assert soak.count("x raw  (median") == 4 and "conclave / best floor =" in soak
-    assert "best floor =" in soak and "20,000 turns/s target is" in soak
+    assert soak.count("x raw  (median") == 5 and "conclave / best floor =" in soak
+    assert "best floor =" in soak and "floor + soak features =" in soak and "20,000 turns/s target is" in soak
+    split = run_bench("floor_bench.py", "--soak", "--pipelines", "8", "--concurrency", "4", "--runs", "1",
+                      "--workers", "2", timeout=300)
+    assert "2 processes" in split and split.count("x raw  (median") == 5
+
+
+def test_the_featured_soak_floor_does_the_feature_work(tmp_path: Path) -> None:
+    # Its figure stands for "the barest soak turn issue 5 allows" only if it
+    # really injects and retries each fault kind and logs them.
+    sys.path.insert(0, str(REPO))
+    from bench.floor_bench import featured_soak
+
+    path = str(tmp_path / "floor.db")
+    turns = trio.run(featured_soak, 40, 8, path, clock=trio.testing.MockClock(autojump_threshold=0))
+    conn = apsw.Connection(path)
+    kinds = dict(conn.execute("SELECT detail, count(*) FROM events WHERE kind = 'fault_injected' GROUP BY detail"))
+    retries = conn.execute("SELECT count(*) FROM events WHERE kind = 'retry'").fetchall()[0][0]
+    calls = conn.execute("SELECT count(*) FROM events WHERE kind = 'agent_call'").fetchall()[0][0]
+    assert set(kinds) == {"disconnect", "429", "timeout"}
+    assert turns == calls == 40 * 19 + retries and retries == sum(kinds.values())
 
 
 @pytest.mark.parametrize(
