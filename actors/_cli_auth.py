@@ -232,7 +232,8 @@ def login_auth(
     each remote provider in ``providers`` its tokens through the auth actor
     (``None`` otherwise; run it with ``open_orchestrator(auth=...)``).
     Raises :class:`AuthError` naming the ``conclave login`` to run when a
-    provider has no stored tokens."""
+    provider has no stored tokens, or only expired ones that cannot be
+    refreshed: every call would fail, so the run is not started."""
     if getattr(args, "auth", "key") != "login":
         return None
     store = _store(os.environ if env is None else env)
@@ -243,6 +244,13 @@ def login_auth(
         raise AuthConfigError(
             f"--auth login: not logged in to {', '.join(missing)}",
             hint="; ".join(f"run 'conclave login {name}'" for name in missing),
+        )
+    now = time.time()  # token expiry times are wall-clock Unix seconds
+    expired = [name for name in remote if stored[name].status(now, margin=0) is TokenStatus.EXPIRED]
+    if expired:
+        raise AuthConfigError(
+            f"--auth login: the tokens for {', '.join(expired)} have expired and hold no refresh token",
+            hint="; ".join(f"run 'conclave login {name}'" for name in expired),
         )
     manager = TokenManager(store)  # one short-lived HTTP client per refresh
     return AuthService(manager, remote)

@@ -4,6 +4,8 @@ subprocess.  No sleeps: the test waits on the subprocess's output lines."""
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import queue
@@ -297,6 +299,36 @@ def test_run_with_auth_login_uses_and_refreshes_the_stored_token(tmp_path: Path)
     database = (tmp_path / "run.db").read_bytes()
     for secret in idp.all_secrets():
         assert secret not in proc.stdout and secret not in proc.stderr and secret.encode() not in database
+
+
+def test_run_with_auth_login_and_only_dead_tokens_is_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Expired with no refresh token: every call would fail.  It used to start
+    # the run, which halted "no_consensus" after the first stage.
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    now = time.time()
+
+    async def fill() -> None:
+        async with TokenStore(tmp_path / "home").locked() as tokens:
+            tokens.put(TokenEntry(provider="openai", access_token=Secret("at-openai-SECRET"), refresh_token=None,
+                                  expires_at=now - 60, scope=None, stored_at=now - 3600))
+            tokens.put(TokenEntry(provider="anthropic", access_token=Secret("at-anthropic-SECRET"),
+                                  refresh_token=Secret("rt-anthropic-SECRET"), expires_at=now - 60, scope=None,
+                                  stored_at=now - 3600))
+
+    trio.run(fill)
+    code = conclave_main(["run", "--provider", "openai", "--auth", "login", "--db", str(tmp_path / "x.db")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "tokens for openai have expired" in err and "conclave login openai" in err and "SECRET" not in err
+    assert not (tmp_path / "x.db").exists()
+    # Expired but refreshable is not refused here: the run refreshes first.
+    from actors._cli_auth import login_auth
+
+    args = argparse.Namespace(auth="login")
+    assert login_auth(args, {"anthropic"}) is not None
 
 
 def test_run_with_auth_login_but_no_login_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
