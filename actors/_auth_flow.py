@@ -123,11 +123,17 @@ def _number(value: Any, default: float | None) -> float | None:
     return default
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """A server's words as safe to print: an ESC or newline from the
+    network must not drive the user's terminal or forge a line of output."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _describe(body: Mapping[str, Any], code: str) -> str:
     description = body.get("error_description")
     if isinstance(description, str) and description:
-        return f"{code}: {description[:200]}"
-    return code
+        return f"{_shown(code)}: {_shown(description)}"
+    return _shown(code)
 
 
 def parse_grant(body: Mapping[str, Any], provider: str) -> TokenGrant:
@@ -228,6 +234,15 @@ class DeviceFlow:
             raise AuthProtocolError("the device authorization response lacks device_code or user_code", provider=name)
         if not isinstance(uri, str) or not uri:
             raise AuthProtocolError("the device authorization response has no verification URI", provider=name)
+        # Both are shown for the user to type: a control character in them
+        # (an ESC sequence) would drive the terminal instead.
+        if not user_code.isprintable():
+            raise AuthProtocolError("the device authorization response's user_code has control characters", provider=name)
+        for field, value in (("verification_uri", uri), ("verification_uri_complete", complete)):
+            if isinstance(value, str) and not (value.isprintable() and value.split() == [value]):
+                raise AuthProtocolError(
+                    f"the device authorization response's {field} has spaces or control characters", provider=name
+                )
         if expires_in is None or expires_in <= 0:
             raise AuthProtocolError("the device authorization response has no valid expires_in", provider=name)
         interval = _number(body.get("interval"), DEFAULT_INTERVAL)
@@ -239,7 +254,7 @@ class DeviceFlow:
             verification_uri_complete=complete if isinstance(complete, str) and complete else None,
             expires_in=expires_in,
             interval=clamp_interval(interval if interval is not None and interval > 0 else DEFAULT_INTERVAL, expires_in),
-            message=message if isinstance(message, str) else None,
+            message=_shown(message, 500) if isinstance(message, str) else None,
         )
         self._emit(
             "code_issued",
@@ -295,7 +310,7 @@ class DeviceFlow:
             canonical = self.profile.canonical_error(code)
             if canonical in TRANSIENT_ERRORS:
                 failures += 1
-                self._emit("backoff", f"{code}; retrying", interval=interval)
+                self._emit("backoff", f"{_shown(code)}; retrying", interval=interval)
                 continue
             failures = 0
             if canonical == "authorization_pending":

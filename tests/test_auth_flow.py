@@ -340,3 +340,59 @@ async def test_issuer_metadata_that_cannot_be_used_is_refused_naming_why(metadat
             await discover(profile, client)
     assert message in str(caught.value)
     assert asked == ["/.well-known/oauth-authorization-server"]
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J"
+
+
+def _device_answer(body: dict, token_body: dict | None = None):
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == DEVICE_PATH:
+            return httpx.Response(200 if "error" not in body else 400, json=body)
+        return httpx.Response(400, json=token_body or {"error": "authorization_pending"})
+
+    return answer
+
+
+def _profile() -> AuthProfile:
+    return build_profile("generic", device_url="https://idp.test" + DEVICE_PATH,
+                         token_url="https://idp.test" + TOKEN_PATH, client_id=CLIENT_ID)
+
+
+async def test_a_servers_error_text_cannot_drive_the_terminal() -> None:
+    """The refusal's error and error_description were printed as sent: an
+    ESC sequence retitled or cleared the user's terminal, a newline forged
+    a line of output."""
+    answer = _device_answer({"error": "invalid_client" + ESCAPES, "error_description": ESCAPES + "\nlogged in: ok"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(AuthProtocolError) as caught:
+            await DeviceFlow(_profile(), client).start()
+    text = str(caught.value)
+    assert "refused: invalid_client?" in text and "\x1b" not in text and "\x07" not in text and "\n" not in text
+
+
+async def test_a_denial_reason_is_shown_without_control_characters(autojump_clock: trio.abc.Clock) -> None:
+    good = {"device_code": "dc", "user_code": "ABCD-EFGH", "verification_uri": "https://idp.test/device",
+            "expires_in": 600, "interval": 5}
+    answer = _device_answer(good, {"error": "access_denied", "error_description": "no" + ESCAPES})
+    events: list[AuthEvent] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        flow = DeviceFlow(_profile(), client, on_event=events.append)
+        with pytest.raises(LoginDenied):
+            await flow.poll(await flow.start())
+    denied = [e.detail for e in events if e.kind == "denied"]
+    assert denied and denied[0].startswith("access_denied: no?") and "\x1b" not in denied[0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("user_code", "AB" + ESCAPES), ("verification_uri", "https://idp.test/device" + ESCAPES),
+     ("verification_uri", "https://idp.test/device please-visit-evil.example"),
+     ("verification_uri_complete", "https://idp.test/device?code=\x1b[8m")],
+)
+async def test_a_code_or_uri_to_show_with_control_characters_is_refused(field: str, value: str) -> None:
+    body = {"device_code": "dc", "user_code": "ABCD-EFGH", "verification_uri": "https://idp.test/device",
+            "expires_in": 600, field: value}
+    async with httpx.AsyncClient(transport=httpx.MockTransport(_device_answer(body))) as client:
+        with pytest.raises(AuthProtocolError, match=field):
+            await DeviceFlow(_profile(), client).start()
