@@ -410,6 +410,12 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
             raise PipelineError(
                 f"{where}: quorum {quorum.k} is larger than the panel of {len(agents)} agent(s)"
             )
+        if decision_field == "agent" and quorum.required(len(agents)) > 1:
+            # Each agent answers with its own name there: no two ever agree.
+            raise PipelineError(
+                f"{where}: decision_field 'agent' differs for every agent, so a quorum of"
+                f" {quorum.required(len(agents))} can never agree; name the field the agents decide on"
+            )
 
         aggregator_raw = raw.get("aggregator", defaults.get("aggregator", "gpt_pro"))
         aggregator: str | None

@@ -89,6 +89,7 @@ def test_toml_pipeline() -> None:
         ('[[stages]]\nname = "plan"\nagents = ["llama"]', "unknown agent 'llama'"),
         ('[[stages]]\nname = "plan"\nquorum = 4', "quorum 4 is larger than the panel of 3"),
         ('[[stages]]\nname = "plan"\nquorum = 0', "at least 1"),
+        ('[[stages]]\nname = "plan"\ndecision_field = "agent"', "decision_field 'agent' differs for every agent"),
         ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
         ('[[stages]]\nname = "plan"\nmode = "async"', "mode must be"),
         ('[[stages]]\nname = "plan"\naggregator = "gpt_codex"', "not in the stage's agents"),
