@@ -556,6 +556,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if status == STALLED:
             hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
             print(f"  no process is driving it (it was killed): {hint} continues it")
+        elif status == "abandoned":
+            print(f"  left unfinished when the run was rerun; the run goes on on branch"
+                  f" {short_branch_id(run.current_branch_id or '')}")
         current = " (current)" if branch.branch_id == run.current_branch_id else ""
         print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")
         print(f"  goal: {run.goal or '-'}")
@@ -614,7 +617,7 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
         "spec_id": run.spec_id,
         "goal": run.goal,
         "seed": run.seed,
-        "status": owner.status,
+        "status": _history.shown_branch_status(owner.status, owner is run),
         "halt_reason": owner.halt_reason,
         # Whether a process is working on the run now (null: unknowable).
         "driven": store.run_is_driven(run_id),

@@ -109,6 +109,13 @@ def branch_of(store: Store, run: RunRow, branch: str | None) -> BranchRow:
         raise UsageError(str(exc)) from None
 
 
+def shown_branch_status(status: str | None, current: bool) -> str | None:
+    """Only the current branch is ever resumed: another one left unfinished
+    (a rerun forked the run away from it) is ``abandoned``, not running -
+    its 'stalled' and 'resume' hint would have continued the wrong branch."""
+    return "abandoned" if status in ("running", "interrupted") and not current else status
+
+
 def simulator_options(args: argparse.Namespace) -> dict[str, float]:
     return {"disagreement_rate": args.disagreement_rate, "sim_latency": args.sim_latency}
 
@@ -395,7 +402,7 @@ def cmd_branches(args: argparse.Namespace) -> int:
                     "parent_branch_id": b.parent_branch_id,
                     "fork_stage": b.fork_stage,
                     "current": b.branch_id == run.current_branch_id,
-                    "status": b.status,
+                    "status": shown_branch_status(b.status, b.branch_id == run.current_branch_id),
                     "halt_reason": b.halt_reason,
                     "decided": [d.stage for d in seen],
                     "own_decisions": len(own),

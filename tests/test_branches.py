@@ -215,3 +215,46 @@ async def test_consensus_reads_the_durable_lineage_not_the_message(
             import hashlib
 
             assert stage.verdict["outputs"] == {a: hashlib.sha256(c.encode()).hexdigest() for a, c in durable.items()}
+
+
+def test_a_parent_left_unfinished_by_a_rerun_is_abandoned_not_stalled(tmp_path: Path) -> None:
+    """Its status said "stalled ... 'conclave resume R' continues it", but a
+    resume continues the current branch - the rerun's child, not it."""
+    db = str(tmp_path / "a.db")
+
+    async def interrupted() -> str:
+        from messages import AgentFinished
+
+        with trio.CancelScope() as scope:
+            async with open_orchestrator(store=db, seed=3) as orch:
+                events = orch.subscribe()
+
+                async def cut() -> None:
+                    async for e in events:
+                        if isinstance(e, AgentFinished) and e.key.stage == "tasks":
+                            scope.cancel()
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(cut)
+                    await orch.run("SPEC-A", run_id="A")
+        with Store.open(db) as s:
+            run = s.get_run("A")
+            assert run is not None and run.current_branch_id is not None
+            return run.current_branch_id
+
+    parent = trio.run(interrupted, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert json.loads(run_cli(["status", "A", "--db", db, "--json"]).stdout)["status"] in ("running", "interrupted")
+    rerun = run_cli(["rerun", "A", "--from", "plan", "--db", db, "--json"])
+    assert rerun.returncode in (0, 3), rerun.stderr
+    child = json.loads(rerun.stdout)["branch_id"]
+
+    listing = json.loads(run_cli(["branches", "A", "--db", db, "--json"]).stdout)
+    assert {b["branch_id"]: b["status"] for b in listing["branches"]}[parent] == "abandoned"
+    shorts = {b["branch_id"]: b["short_id"] for b in listing["branches"]}
+    short = shorts[parent]
+    shown = json.loads(run_cli(["status", "A", "--db", db, "--branch", short, "--json"]).stdout)
+    assert shown["status"] == "abandoned" and shown["branch_id"] == parent
+    text = run_cli(["status", "A", "--db", db, "--branch", short]).stdout
+    assert "run A: abandoned" in text and "resume" not in text and "stalled" not in text
+    assert f"goes on on branch {shorts[child]}" in text
+    assert json.loads(run_cli(["status", "A", "--db", db, "--json"]).stdout)["status"] in ("completed", "halted")
