@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import trio
 
 from messages._auth_messages import AuthEvent
 
@@ -63,6 +64,12 @@ async def device_login(
 
 
 async def logout(store: TokenStore, provider: str) -> bool:
-    """Forget ``provider``'s tokens; False if there were none."""
+    """Forget ``provider``'s tokens; False if there were none.
+
+    Nothing to forget writes nothing: no home directory or lock file is
+    made for it (reads need no lock; the locked step checks again)."""
+    if not store.holds(provider):
+        await trio.lowlevel.checkpoint()
+        return False
     async with store.locked() as tokens:
         return tokens.remove(provider)

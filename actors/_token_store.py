@@ -358,6 +358,10 @@ class TokenStore:
     def get(self, provider: str) -> TokenEntry | None:
         return self.load().get(provider)
 
+    def holds(self, provider: str) -> bool:
+        """Whether an entry for ``provider`` is stored, damaged or not."""
+        return provider in self._raw_tokens()
+
     def _raw_tokens(self) -> dict[str, Any]:
         """Provider -> its entry as stored, not yet checked: a damaged entry
         must not stop ``logout`` from removing it (the hint says to)."""

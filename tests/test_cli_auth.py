@@ -253,6 +253,18 @@ def test_logout_clears_a_damaged_entry_and_refuses_a_misspelt_provider(
     assert "remove it; every provider then needs 'conclave login' again" in capsys.readouterr().err
 
 
+def test_logout_when_not_logged_in_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to create $CONCLAVE_HOME and its lock file to say so.
+    home = tmp_path / "home"
+    monkeypatch.setenv("CONCLAVE_HOME", str(home))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    assert conclave_main(["logout", "github"]) == 0
+    assert "github: was not logged in" in capsys.readouterr().out
+    assert not home.exists()
+
+
 def stored_login(idp: FakeIdP, base: str, home: Path, provider: str, expires_in: float) -> dict[str, Any]:
     """A real device-code grant from the server, stored for ``provider``."""
     device = httpx.post(base + DEVICE_PATH, data={"client_id": CLIENT_ID, "scope": "model"}, timeout=TIMEOUT).json()
