@@ -1,28 +1,34 @@
 """A circuit breaker on trio's clock: closed, open, half-open.
 
-Closed: calls pass, and their outcomes are kept for ``window`` seconds.
-When a call arrives and, among the outcomes reported *before that
-instant*, there are at least ``min_calls`` with a failure rate of at least
-``failure_rate``, the breaker opens.  Open: calls fail fast
+Closed: the breaker keeps, for ``window`` seconds, when calls were admitted
+and when they failed.  When a call arrives and, of the calls admitted
+*before that instant* (at least ``min_calls`` of them), the failures
+reported before it reach ``failure_rate``, the breaker opens.  Calls still
+out count as not failed: failures come back at once while answers take
+seconds, so a share of *finished* calls read a burst of 20 instant
+disconnects among 200 calls as 100 % failures (a 10 % fault rate opened the
+breaker and failed whole runs).  Open: calls fail fast
 (:class:`~messages.CircuitOpen`, carrying the time left) until ``cooldown``
-has passed; then the next call is let through as the half-open probe
-(every call arriving in that same instant is a probe too, so which calls
-probe does not depend on trio's order).  Later callers in half-open wait
-for the probes' verdict
-(:meth:`CircuitBreaker.wait_for_verdict`) rather than failing fast and
-burning their attempts: the first probe outcome decides - a success closes
-the breaker (and clears the window), and they go ahead; a failure opens it
-again for another cooldown, and they fail fast.  Outcomes of calls admitted before a
-transition are stale and ignored.
+has passed; then the next call is let through as a half-open probe (every
+call arriving in that same instant is a probe too, so which calls probe
+does not depend on trio's order).  Later callers in half-open wait for the
+probes' verdict (:meth:`CircuitBreaker.wait_for_verdict`) rather than
+failing fast and burning their attempts.  The verdict is the probes'
+failure share, given as soon as the outcomes still out cannot change it: a
+share of ``failure_rate`` or more opens the breaker again for another
+cooldown (they fail fast), less closes it (and clears the window; they go
+ahead).  One probe therefore decides alone, as in the reference.  Outcomes
+of calls admitted before a transition are stale and ignored.
 
 Deciding to open when a call *arrives*, from a time window that excludes
 the current instant, makes the breaker's state a function of virtual time
-alone: outcomes reported in the same instant (a tie trio may order either
-way) are all counted or none, so the same seed opens the breaker at the
-same moments whatever the scheduling order.
+alone: admissions and outcomes in the same instant (a tie trio may order
+either way) are all counted or none, so the same seed opens the breaker at
+the same moments whatever the scheduling order; and a half-open verdict
+reached mid-instant cannot be reversed by the outcomes that follow it.
 
 Defaults follow the reference's docs - 50 % failures, 30 s cooldown, a test
-call after the cooldown - over a 60 s window once 20 outcomes are in.  (A
+call after the cooldown - over a 60 s window once 20 calls are in.  (A
 window of the last 20 outcomes tripped on bursts of 30 s timeouts reporting
 together while a 429 held every other call back: it measured the gate,
 not the provider.)
@@ -82,6 +88,37 @@ class Ticket:
     probe: bool
 
 
+class _Tally:
+    """Counts per instant, oldest first, over a sliding time window."""
+
+    __slots__ = ("_counts", "total")
+
+    def __init__(self) -> None:
+        self._counts: collections.deque[list[float]] = collections.deque()  # [instant, count]
+        self.total = 0
+
+    def add(self, now: float) -> None:
+        counts = self._counts
+        if counts and counts[-1][0] == now:
+            counts[-1][1] += 1
+        else:
+            counts.append([now, 1])
+        self.total += 1
+
+    def before(self, now: float, horizon: float) -> int:
+        """Forget instants older than ``horizon``; the count strictly before ``now``."""
+        counts = self._counts
+        while counts and counts[0][0] < horizon:
+            self.total -= int(counts.popleft()[1])
+        if counts and counts[-1][0] >= now:  # this instant's are not in yet
+            return self.total - int(counts[-1][1])
+        return self.total
+
+    def clear(self) -> None:
+        self._counts.clear()
+        self.total = 0
+
+
 class CircuitBreaker:
     def __init__(self, policy: BreakerPolicy | None = None) -> None:
         self.policy = policy or BreakerPolicy()
@@ -89,16 +126,14 @@ class CircuitBreaker:
         self.generation = 0
         self.opened_at = 0.0
         self.probe_instant: float | None = None  # when the half-open probes went out
-        self.probes_out = 0
-        self._outcomes: collections.deque[tuple[float, bool]] = collections.deque()
-        self._failures = 0
-        # Outcomes reported at the latest instant (the deque's tail), kept
-        # apart so that deciding at that instant need not scan them: under
-        # a virtual clock a whole stage can report in one instant, and a
-        # scan per call was quadratic in the stage's size.
-        self._tail_at = -math.inf
-        self._tail_total = 0
-        self._tail_failures = 0
+        self.probes_out = 0  # probes admitted and not yet reported or released
+        self._probes = 0  # probes admitted and not released
+        self._probe_failures = 0
+        self._probe_successes = 0
+        # Per instant, not per call: a whole stage can be admitted in one
+        # virtual instant, and deciding must not scan it.
+        self._admitted = _Tally()
+        self._failed = _Tally()
         self.transitions: list[tuple[float, State]] = []  # (trio time, new state)
         self.rejected = 0
         self._changed = trio.Event()  # set (and replaced) when the probe slot may be free
@@ -108,7 +143,7 @@ class CircuitBreaker:
         self._changed = trio.Event()
 
     async def wait_for_verdict(self) -> None:
-        """Wait until the half-open probe has finished (or was abandoned)."""
+        """Wait until the half-open probes have a verdict (or were abandoned)."""
         await self._changed.wait()
 
     def _move(self, now: float, state: State) -> None:
@@ -118,69 +153,78 @@ class CircuitBreaker:
         if state == "open":
             self.opened_at = now
         self.probe_instant = None
-        self.probes_out = 0
+        self.probes_out = self._probes = self._probe_failures = self._probe_successes = 0
         if state == "closed":
-            self._outcomes.clear()
-            self._failures = 0
-            self._tail_total = self._tail_failures = 0
+            self._admitted.clear()
+            self._failed.clear()
         self._wake()
 
-    def _in_window(self, now: float) -> tuple[int, int]:
-        """Forget outcomes older than the window; (calls, failures) left."""
-        outcomes = self._outcomes
-        horizon = now - self.policy.window
-        while outcomes and outcomes[0][0] < horizon:
-            self._failures -= outcomes.popleft()[1]
-        return len(outcomes), self._failures
-
     def _should_open(self, now: float) -> bool:
-        total, failures = self._in_window(now)
-        if self._tail_at >= now:  # this instant's outcomes are not in yet
-            total -= self._tail_total
-            failures -= self._tail_failures
+        horizon = now - self.policy.window
+        total = self._admitted.before(now, horizon)
+        failures = self._failed.before(now, horizon)
         return total >= self.policy.min_calls and failures >= self.policy.failure_rate * total
 
     def acquire(self, now: float) -> Ticket | float:
         """Admit a call (a :class:`Ticket`) or refuse it: the float is how
         long until trying again makes sense."""
-        if self.state == "closed" and self._should_open(now):
-            self._move(now, "open")
+        if self.state == "closed":
+            if self._should_open(now):
+                self._move(now, "open")
+            else:
+                self._admitted.add(now)
+                return Ticket(self.generation, probe=False)
         if self.state == "open":
             left = self.opened_at + self.policy.cooldown - now
             if left > 0:
                 self.rejected += 1
                 return left
             self._move(now, "half_open")
-        if self.state == "half_open":
-            if self.probes_out == 0 and (self.probe_instant is None or now > self.probe_instant):
-                self.probe_instant = now  # no probe out: this instant probes
-            if now == self.probe_instant:
-                self.probes_out += 1
-                return Ticket(self.generation, probe=True)
-            self.rejected += 1
-            return self.policy.probe_wait
-        return Ticket(self.generation, probe=False)
+        if self.probes_out == 0 and (self.probe_instant is None or now > self.probe_instant):
+            # No probe out: this instant probes afresh.
+            self.probe_instant = now
+            self._probes = self._probe_failures = self._probe_successes = 0
+        if now == self.probe_instant:
+            self.probes_out += 1
+            self._probes += 1
+            return Ticket(self.generation, probe=True)
+        self.rejected += 1
+        return self.policy.probe_wait
+
+    def _judge(self, now: float | None) -> None:
+        """Give the probes' verdict once the outcomes still out cannot change it."""
+        rate, probes = self.policy.failure_rate, self._probes
+        if probes and self._probe_failures >= rate * probes:
+            self._move(trio.current_time() if now is None else now, "open")
+        elif probes and self._probe_successes > (1.0 - rate) * probes:
+            self._move(trio.current_time() if now is None else now, "closed")
 
     def record(self, ticket: Ticket, now: float, *, failure: bool) -> None:
         if ticket.generation != self.generation:
             return  # admitted before the last transition: stale
         if ticket.probe:
-            self._move(now, "open" if failure else "closed")
-            return
-        self._outcomes.append((now, failure))
-        self._failures += failure
-        if now != self._tail_at:
-            self._tail_at, self._tail_total, self._tail_failures = now, 0, 0
-        self._tail_total += 1
-        self._tail_failures += failure
+            self.probes_out -= 1
+            if failure:
+                self._probe_failures += 1
+            else:
+                self._probe_successes += 1
+            self._judge(now)
+        elif failure:
+            self._failed.add(now)
 
-    def release(self, ticket: Ticket) -> None:
-        """The call was abandoned (cancelled): free the probe slot."""
+    def release(self, ticket: Ticket, now: float | None = None) -> None:
+        """The call was abandoned (cancelled).  A probe frees its slot and
+        no longer counts towards the verdict; another call stays counted as
+        admitted and not failed."""
         if ticket.probe and ticket.generation == self.generation:
             self.probes_out -= 1
-            if self.probes_out == 0:
+            self._probes -= 1
+            if self._probes == 0:
                 self._wake()
+            else:
+                self._judge(now)
 
     @property
     def failure_ratio(self) -> float:
-        return self._failures / len(self._outcomes) if self._outcomes else 0.0
+        """Failures per admitted call in the window (calls still out count as not failed)."""
+        return self._failed.total / self._admitted.total if self._admitted.total else 0.0

@@ -9,18 +9,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors import BreakerPolicy, CircuitBreaker
+from actors._breaker import State, Ticket
 
 
 class ScanningBreaker(CircuitBreaker):
-    """The reference: exclude this instant's outcomes by scanning the tail."""
+    """The reference: every admission and failure kept as its own time, and
+    the window and this instant filtered out by a scan."""
+
+    def __init__(self, policy: BreakerPolicy) -> None:
+        super().__init__(policy)
+        self.admitted: list[float] = []
+        self.failed: list[float] = []
+
+    def acquire(self, now: float) -> Ticket | float:
+        if self.state == "closed" and not self._should_open(now):
+            self.admitted.append(now)
+        return super().acquire(now)
+
+    def record(self, ticket: Ticket, now: float, *, failure: bool) -> None:
+        if failure and not ticket.probe and ticket.generation == self.generation:
+            self.failed.append(now)
+        super().record(ticket, now, failure=failure)
+
+    def _move(self, now: float, state: State) -> None:
+        if state == "closed":
+            self.admitted, self.failed = [], []
+        super()._move(now, state)
 
     def _should_open(self, now: float) -> bool:
-        total, failures = self._in_window(now)
-        for at, failed in reversed(self._outcomes):
-            if at < now:
-                break
-            total -= 1
-            failures -= failed
+        horizon = now - self.policy.window
+        total = sum(1 for t in self.admitted if horizon <= t < now)
+        failures = sum(1 for t in self.failed if horizon <= t < now)
         return total >= self.policy.min_calls and failures >= self.policy.failure_rate * total
 
 
@@ -60,3 +79,50 @@ def test_one_instant_of_many_outcomes_is_not_counted_at_that_instant() -> None:
         breaker.record(ticket, 10.0, failure=True)
     assert breaker.state == "closed", "outcomes of this instant are not in yet"
     assert isinstance(breaker.acquire(10.5), float) and breaker.state == "open"
+
+
+def test_a_burst_of_quick_failures_among_slow_calls_does_not_open_it() -> None:
+    """200 calls go out at once; 20 disconnect at once, the rest answer two
+    seconds later.  Counting finished calls only, the retries at 0.5 s saw
+    100 % failures and opened the breaker: a 10 % fault rate failed whole
+    runs (0 of 200 soak runs completed at disconnect:10%, concurrency 200)."""
+    breaker = CircuitBreaker(BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=20, cooldown=30.0))
+    tickets = [breaker.acquire(0.0) for _ in range(200)]
+    for ticket in tickets[:20]:
+        breaker.record(ticket, 0.0, failure=True)  # type: ignore[arg-type]
+    retries = [breaker.acquire(0.5) for _ in range(20)]
+    assert breaker.state == "closed" and all(isinstance(t, Ticket) for t in retries)
+    # A provider that fails everything still opens it.
+    dead = CircuitBreaker(BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=20, cooldown=30.0))
+    for ticket in [dead.acquire(0.0) for _ in range(20)]:
+        dead.record(ticket, 0.0, failure=True)  # type: ignore[arg-type]
+    assert isinstance(dead.acquire(0.5), float) and dead.state == "open"
+
+
+def test_half_open_probes_decide_by_their_failure_share() -> None:
+    """Every call of the probe instant probes; the first outcome used to
+    decide, and a quick failure always comes first: one disconnect among 50
+    probes reopened the breaker for another cooldown."""
+    breaker = CircuitBreaker(BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=4, cooldown=30.0))
+    for ticket in [breaker.acquire(0.0) for _ in range(4)]:
+        breaker.record(ticket, 1.0, failure=True)  # type: ignore[arg-type]
+    assert isinstance(breaker.acquire(2.0), float) and breaker.state == "open"
+    probes = [breaker.acquire(32.0) for _ in range(50)]
+    assert breaker.state == "half_open" and all(isinstance(p, Ticket) and p.probe for p in probes)
+    for probe in probes[:5]:
+        breaker.record(probe, 32.0, failure=True)  # type: ignore[arg-type]
+    assert breaker.state == "half_open", "45 probes are still out"
+    for probe in probes[5:30]:
+        breaker.record(probe, 34.0, failure=False)  # type: ignore[arg-type]
+    assert breaker.state == "half_open", "25 successes of 50 cannot yet rule out 50 % failures"
+    breaker.record(probes[30], 34.0, failure=False)  # type: ignore[arg-type]
+    assert breaker.state == "closed" and [s for _, s in breaker.transitions] == ["open", "half_open", "closed"]
+    # ...and a failing majority reopens it as soon as it is one.
+    again = CircuitBreaker(BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=1, cooldown=30.0))
+    first = again.acquire(0.0)
+    again.record(first, 0.0, failure=True)  # type: ignore[arg-type]
+    assert isinstance(again.acquire(1.0), float)
+    probes = [again.acquire(31.0) for _ in range(4)]
+    for probe in probes[:2]:
+        again.record(probe, 31.0, failure=True)  # type: ignore[arg-type]
+    assert again.state == "open" and again.opened_at == 31.0

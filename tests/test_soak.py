@@ -500,3 +500,12 @@ def test_recovered_counts_each_fault_a_call_outlived() -> None:
     assert report.ok and report.lost == 0
     assert report.faults["timeout"] == 2
     assert report.recovered == report.faults, "every call that met a fault answered in the end"
+
+
+def test_a_ten_percent_fault_rate_does_not_trip_the_breaker_into_failing_runs() -> None:
+    """Disconnects come back at once and answers seconds later: the breaker
+    read the first burst as 100 % failures, kept reopening, and at
+    concurrency 200 no run of 200 completed."""
+    report = run_soak(SoakConfig(seed=1, runs=100, concurrency=100, faults=default_soak_plan("disconnect:10%")))
+    assert report.ok, report.breaches[:3]
+    assert report.completed == 100 and report.halted == 0
