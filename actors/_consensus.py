@@ -54,7 +54,7 @@ def parse_output(content: str) -> dict[str, Any] | None:
     for text in _candidates(content):
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the parser's depth: text, not a crash
             continue
         if isinstance(value, dict):
             return value

@@ -54,6 +54,7 @@ from messages import (
     PersistEvent,
     ProviderError,
     StoreWrite,
+    TokenUsage,
     fail_pending,
 )
 
@@ -235,7 +236,7 @@ class Gateway:
                     key=request.key,
                     attempt=request.attempt,
                     error=error,
-                    usage=getattr(error, "usage", None),
+                    usage=_usage_of(error),
                 )
             except Exception as exc:  # a bug in the provider: fail this call, loudly
                 bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
@@ -289,3 +290,11 @@ class Gateway:
     async def aclose(self) -> None:
         for provider in self.providers.values():
             await provider.aclose()
+
+
+def _usage_of(error: ProviderError) -> TokenUsage | None:
+    """What a failed call consumed, if the error says so in the one form the
+    metrics can count; anything else (a provider's own dict) is unknown, not
+    an AttributeError in the accumulator that stops every run."""
+    usage = getattr(error, "usage", None)
+    return usage if isinstance(usage, TokenUsage) else None

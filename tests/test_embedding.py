@@ -429,3 +429,43 @@ async def test_an_interceptor_that_swallows_a_request_fails_it_loudly(
                 store=str(tmp_path / "c.db"), interceptors={"store": [FunctionInterceptor(swallow_decisions)]}
             ) as orch:
                 await orch.run("S")
+
+
+async def test_a_deeply_nested_answer_is_text_not_a_crash(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # json.loads raised RecursionError, which the parser did not catch: the
+    # agent died and the orchestrator with it, every run in it too.
+    from messages import Completion, TokenUsage
+
+    def handler(request: Any) -> Any:
+        return Completion(content="[" * 5000 + "]" * 5000, usage=TokenUsage.of(input_tokens=3), model="m")
+
+    path = str(tmp_path / "deep.db")
+    async with open_orchestrator(store=path, provider=MockProvider(handler, name="sim")) as orch:
+        result = await orch.run("S", run_id="deep")
+    assert not result.completed
+    with Store.open(path) as s:
+        outputs = s.outputs("deep")
+        assert outputs and all(o.format == "text" for o in outputs)
+
+
+async def test_a_provider_errors_own_usage_attribute_is_unknown_usage(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A dict in ProviderError.usage reached the accumulator, whose
+    # AttributeError stopped the orchestrator.
+    from messages import Disconnected
+
+    sim = SimulatedProvider(seed=0)
+    failed: list[str] = []
+
+    def handler(request: Any) -> Any:
+        if request.attempt == 1 and request.key.stage == "plan":
+            failed.append(request.key.agent)
+            error = Disconnected("stream broke")
+            error.usage = {"input_tokens": 5}  # type: ignore[attr-defined]
+            raise error
+        return sim.answer(request)
+
+    async with open_orchestrator(store=str(tmp_path / "u.db"), provider=MockProvider(handler, name="sim")) as orch:
+        result = await orch.run("S", run_id="u")
+    assert failed and result.completed
