@@ -101,7 +101,7 @@ class ProviderHealth:
         self.breaker.record(permit.ticket, now, failure=failure)
 
     def abandon(self, permit: Permit) -> None:
-        self.breaker.release(permit.ticket)
+        self.breaker.release(permit.ticket, trio.current_time())
 
 
 class HealthRegistry:

@@ -125,4 +125,25 @@ def test_half_open_probes_decide_by_their_failure_share() -> None:
     probes = [again.acquire(31.0) for _ in range(4)]
     for probe in probes[:2]:
         again.record(probe, 31.0, failure=True)  # type: ignore[arg-type]
-    assert again.state == "open" and again.opened_at == 31.0
+    assert again.acquire(31.5) == 29.5 and again.state == "open" and again.opened_at == 31.0
+
+
+def test_a_probe_failing_at_once_does_not_refuse_the_rest_of_its_instant() -> None:
+    """Which of one instant's calls came after a disconnected probe was
+    trio's choice: refusing them made 'conclave soak --faults
+    disconnect:100%' give different digests run to run."""
+    import itertools
+
+    seen = set()
+    for order in itertools.permutations(range(3)):
+        breaker = CircuitBreaker(BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=1, cooldown=30.0))
+        breaker.record(breaker.acquire(0.0), 0.0, failure=True)  # type: ignore[arg-type]
+        assert isinstance(breaker.acquire(1.0), float)
+        admitted = []
+        for call in order:  # three calls at 31.0; each that gets through fails at once
+            ticket = breaker.acquire(31.0)
+            if isinstance(ticket, Ticket):
+                admitted.append(call)
+                breaker.record(ticket, 31.0, failure=True)
+        seen.add((tuple(sorted(admitted)), breaker.acquire(32.0), tuple(breaker.transitions)))
+    assert seen == {((0, 1, 2), 29.0, ((1.0, "open"), (31.0, "half_open"), (31.0, "open")))}

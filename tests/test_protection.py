@@ -149,9 +149,9 @@ def test_breaker_ignores_stale_outcomes_and_releases_abandoned_probes() -> None:
     also = breaker.acquire(7.0)
     assert isinstance(also, Ticket) and also.probe, "a call in the probes' own instant probes too"
     assert breaker.acquire(7.5) == 1.0, "later callers wait for the verdict"
-    breaker.release(probe)  # type: ignore[arg-type]
+    breaker.release(probe, 7.55)  # type: ignore[arg-type]
     assert breaker.acquire(7.6) == 1.0
-    breaker.release(also)  # type: ignore[arg-type]
+    breaker.release(also, 7.7)  # type: ignore[arg-type]
     again = breaker.acquire(8.0)
     assert isinstance(again, Ticket) and again.probe, "abandoned probes free the slot"
 

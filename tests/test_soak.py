@@ -72,6 +72,16 @@ def test_check_determinism_and_the_human_report() -> None:
     assert "determinism: second run digest" in proc.stdout and "- same" in proc.stdout
 
 
+def test_check_determinism_replays_a_failing_seed_too() -> None:
+    # It was skipped when the first run failed, and --json still said
+    # {"runs": 1, "same": true}: a claim made from one run.
+    proc = run_cli(["soak", "--runs", "4", "--faults", "disconnect:100%", "--check-determinism", "--json"])
+    assert proc.returncode == 1
+    determinism = json.loads(proc.stdout)["determinism"]
+    assert determinism["runs"] == 2 and len(determinism["digests"]) == 2 and determinism["same"] is True
+    assert "soak FAILED" in proc.stderr
+
+
 def test_a_broken_gate_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker can fail: with a gate that never waits, calls reach the
     provider inside 429 windows and the soak says so."""
