@@ -7,6 +7,7 @@ entry.  Injection itself is :mod:`messages._faults`.
 from __future__ import annotations
 
 import datetime as _dt
+import decimal
 import math
 import os
 import re
@@ -115,6 +116,14 @@ def _kind_mapping(value: Mapping[Any, Any] | None) -> Mapping[FaultKind, Any]:
 MAX_FAULT_COUNT = 1_000_000
 
 
+def _percent(rate: float) -> str:
+    """A rate as the percentage a plan is written with, read back exactly:
+    ``%g`` gave ``1e-05`` (refused by the parser) and cut ``99.99999`` to
+    ``100`` in the replay command."""
+    text = format(decimal.Decimal(repr(round(rate * 100, 12))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class FaultPlan:
     """What to inject.  Off unless some count or rate is set.
@@ -158,6 +167,9 @@ class FaultPlan:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             # A str seed hashed "fine" and placed faults unlike the int it spells.
             raise FaultPlanError(f"fault seed must be a whole number or None, got {self.seed!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            # A run stores its seeds in SQLite INTEGERs, and --fault-seed refuses them.
+            raise FaultPlanError(f"fault seed must fit in 64 bits, got {self.seed}")
         if self.provider is not None and not (isinstance(self.provider, str) and self.provider):
             raise FaultPlanError(f"fault provider must be a provider name or None, got {self.provider!r}")
 
@@ -182,7 +194,7 @@ class FaultPlan:
             if self.counts.get(kind):
                 parts.append(f"{label}:{self.counts[kind]}")
             if self.rates.get(kind):
-                parts.append(f"{label}:{self.rates[kind] * 100:g}%")
+                parts.append(f"{label}:{_percent(self.rates[kind])}%")
         return ",".join(parts)
 
     def describe(self) -> str:

@@ -258,6 +258,8 @@ def test_cli_refuses_a_scope_no_agent_calls(tmp_path: Path) -> None:
         ({"seed": True}, "fault seed must be a whole number"),
         ({"provider": ""}, "fault provider must be a provider name"),
         ({"provider": 3}, "fault provider must be a provider name"),
+        # Accepted, then the printed replay's --fault-seed was refused.
+        ({"seed": 2**63}, "fault seed must fit in 64 bits, got 9223372036854775808"),
     ],
 )
 def test_a_plan_object_refuses_a_bad_seed_or_provider(kwargs: dict[str, object], needle: str) -> None:
@@ -519,3 +521,13 @@ def test_a_fault_interceptor_checks_its_arguments_when_built(kwargs: dict[str, A
 def test_fault_plan_helpers_name_a_wrong_argument(build: Any, needle: str) -> None:
     with pytest.raises((FaultPlanError, TypeError), match=re.escape(needle)):
         build()
+
+
+@pytest.mark.parametrize("text", ["disconnect:0.00001%", "disconnect:99.99999%", "429:12.5%,timeout:0.3%", "timeout:100%"])
+def test_a_plans_description_parses_back_to_the_same_plan(text: str) -> None:
+    # %g printed 1e-05 (which the parser refuses) and cut 99.99999 to 100:
+    # the banner, --json's plan and the soak's replay command showed a
+    # different plan, or one that could not be run.
+    plan = FaultPlan.parse(text)
+    assert plan.describe_kinds() == text
+    assert FaultPlan.parse(plan.describe_kinds()).rates == plan.rates
