@@ -31,7 +31,7 @@ from messages import (
 )
 
 from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
-from ._http_provider import HttpProvider, iter_sse, system_prompt
+from ._http_provider import HttpProvider, iter_sse, model_answer, system_prompt
 from ._usage_normalise import merge_anthropic_usage, usage_from_anthropic
 
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com"
@@ -87,7 +87,7 @@ class AnthropicProvider(HttpProvider):
             b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         model = data["model"] if isinstance(data.get("model"), str) else request.model
-        completion = Completion(content=text, usage=usage_from_anthropic(data.get("usage")), model=model)
+        completion = model_answer(content=text, usage=usage_from_anthropic(data.get("usage")), model=model)
         return self.finished(request, completion, data.get("stop_reason"))
 
     def output_limit(self) -> str:
@@ -141,4 +141,4 @@ class AnthropicProvider(HttpProvider):
         if not done:
             raise stream_cut(self.name, "no message_stop before the stream ended")
         usage = usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
-        return self.finished(request, Completion(content="".join(parts), usage=usage, model=model), stop)
+        return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)

@@ -17,7 +17,16 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import httpx
 
-from messages import ZERO_USAGE, AuthenticationFailed, BadRequest, Completion, CompletionRequest, ProviderError
+from messages import (
+    ZERO_USAGE,
+    AuthenticationFailed,
+    BadRequest,
+    Completion,
+    CompletionRequest,
+    ProviderError,
+    TokenUsage,
+    storable_text,
+)
 
 from ._consensus import parse_output
 from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact, with_usage
@@ -45,6 +54,13 @@ class _Unauthorized(Exception):
 
     def __init__(self, error: ProviderError) -> None:
         self.error = error
+
+
+def model_answer(*, content: str, usage: TokenUsage | None, model: str) -> Completion:
+    """The :class:`Completion` of a model's reply.  Models do split a
+    surrogate pair across JSON escapes ("\\ud83d" alone); such a half is
+    shown as U+FFFD rather than failing the call, or the store later."""
+    return Completion(content=storable_text(content), usage=usage, model=storable_text(model))
 
 
 def system_prompt(request: CompletionRequest) -> str:

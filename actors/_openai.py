@@ -34,7 +34,7 @@ from messages import (
 )
 
 from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
-from ._http_provider import HttpProvider, iter_sse, system_prompt
+from ._http_provider import HttpProvider, iter_sse, model_answer, system_prompt
 from ._usage_normalise import usage_from_openai
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -92,7 +92,7 @@ class OpenAIProvider(HttpProvider):
         except (KeyError, IndexError, TypeError, AttributeError):
             raise malformed(self.name, "no choices[0].message.content") from None
         model = data.get("model") if isinstance(data.get("model"), str) else request.model
-        completion = Completion(content=content, usage=usage_from_openai(data.get("usage")), model=model)
+        completion = model_answer(content=content, usage=usage_from_openai(data.get("usage")), model=model)
         return self.finished(request, completion, stop)
 
     async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:
@@ -128,7 +128,7 @@ class OpenAIProvider(HttpProvider):
         if not done:
             # Usage stays unknown unless its chunk arrived before the cut.
             raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage)
-        return self.finished(request, Completion(content="".join(parts), usage=usage, model=model), stop)
+        return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)
 
     def _error_object(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:
         """The typed error for an error object that came with status 200:

@@ -73,6 +73,7 @@ from messages import (
     open_channel,
     reply_pair,
     request,
+    storable_text,
 )
 from messages._faults import scoped_panel
 from store import Store
@@ -396,6 +397,8 @@ class Orchestrator:
             id_problem(spec_id, "a spec id", spaces=True),
             None if run_id is None else id_problem(run_id, "a run id", spaces=False),
             None if isinstance(goal, str) else f"goal must be a string, got {goal!r}",
+            None if not isinstance(goal, str) or storable_text(goal) == goal
+            else "goal is not valid Unicode (it has a lone surrogate; was it decoded with the wrong encoding?)",
         ):
             if problem is not None:
                 raise ConfigError(problem)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from messages import TokenUsage
+from messages._messages import MAX_CALL_TOKENS
 
 
 class _Malformed(Exception):
@@ -43,8 +44,8 @@ def _count(payload: Mapping[str, Any] | None, *path: str) -> int:
         value = value.get(part)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        raise _Malformed(path)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_CALL_TOKENS:
+        raise _Malformed(path)  # beyond any real call, and past what SQLite's totals can hold
     return int(value)
 
 

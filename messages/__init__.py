@@ -70,6 +70,7 @@ from ._messages import (
     StoreWrite,
     UsageRecorded,
     UsageTotals,
+    storable_text,
 )
 from ._progress import (
     AgentFinished,
@@ -173,5 +174,6 @@ __all__ = [
     "open_channel",
     "reply_pair",
     "request",
+    "storable_text",
     *_auth_api.__all__,
 ]

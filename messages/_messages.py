@@ -93,6 +93,38 @@ class AgentReply:
     replayed: bool = False
 
 
+# More tokens than any one call has used: a count above it is a provider's
+# bug, and a few of them would overflow SQLite's 64-bit totals.
+MAX_CALL_TOKENS = 10**12
+
+
+def storable_text(text: str) -> str:
+    """``text`` with lone surrogates (half of a split pair, or an undecodable
+    byte smuggled through ``surrogateescape``) replaced by U+FFFD: SQLite
+    holds UTF-8, which has no spelling for them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _storable(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{attribute.name} is not valid Unicode: a lone surrogate at index {exc.start}"
+            " (repair it with messages.storable_text)"
+        ) from None
+
+
+def _plausible_usage(instance: object, attribute: attrs.Attribute[TokenUsage], value: TokenUsage) -> None:
+    for name, count in value.as_dict().items():
+        if isinstance(count, int) and count > MAX_CALL_TOKENS:
+            raise ValueError(f"usage {name} of {count} is more than one call can use ({MAX_CALL_TOKENS})")
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class Completion:
     """A provider's answer to one call.  Checked when built: a provider of
@@ -100,11 +132,11 @@ class Completion:
     reports it as the provider's bug), not the metrics or store actor that
     would read it later."""
 
-    content: str = attrs.field(validator=attrs.validators.instance_of(str))
+    content: str = attrs.field(validator=[attrs.validators.instance_of(str), _storable])
     usage: TokenUsage | None = attrs.field(
-        validator=attrs.validators.optional(attrs.validators.instance_of(TokenUsage))
+        validator=attrs.validators.optional([attrs.validators.instance_of(TokenUsage), _plausible_usage])
     )
-    model: str = attrs.field(validator=attrs.validators.instance_of(str))
+    model: str = attrs.field(validator=[attrs.validators.instance_of(str), _storable])
 
 
 @attrs.frozen(kw_only=True, slots=True)

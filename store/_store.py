@@ -30,6 +30,7 @@ from messages import (
     StoreAck,
     StoreWrite,
     TokenUsage,
+    storable_text,
 )
 
 from ._busy import BUSY_ERRORS, retry_busy
@@ -237,6 +238,26 @@ def _make_encoder() -> Callable[[Any], str]:
 _json = _make_encoder()
 
 
+# Python values SQLite cannot hold: text with lone surrogates (not UTF-8),
+# integers beyond 64 bits.
+_UNSTORABLE = (UnicodeEncodeError, OverflowError)
+
+
+def _repaired(item: StoreWrite) -> StoreWrite | None:
+    """An output with its text made storable, if that changes anything."""
+    if not isinstance(item, PersistOutput):
+        return None
+    out = item.output
+    fixed = attrs.evolve(
+        out,
+        content=storable_text(out.content),
+        model=storable_text(out.model),
+        provider=storable_text(out.provider),
+        error=None if out.error is None else storable_text(out.error),
+    )
+    return None if fixed == out else attrs.evolve(item, output=fixed)
+
+
 class Store:
     """One SQLite database.  Not thread-safe; not a checkpoint anywhere."""
 
@@ -372,7 +393,7 @@ class Store:
                     i = j
         except BUSY_ERRORS:
             raise
-        except apsw.Error:
+        except (apsw.Error, *_UNSTORABLE):
             return None
         return acks
 
@@ -386,6 +407,16 @@ class Store:
             raise
         except apsw.Error as exc:
             return StoreAck(ok=False, error=f"{type(exc).__name__}: {exc}")
+        except _UNSTORABLE as exc:
+            # A value SQLite cannot hold fails its own item, never the
+            # writer (and with it every run of the orchestrator).  An
+            # output's text is what a provider sent: kept, its lone
+            # surrogates shown as U+FFFD, rather than lose the answer.
+            repaired = _repaired(item)
+            if repaired is not None and isinstance(exc, UnicodeEncodeError):
+                return self._apply_guarded(repaired, now)
+            what = "text with a lone surrogate" if isinstance(exc, UnicodeEncodeError) else "a number beyond 64 bits"
+            return StoreAck(ok=False, error=f"cannot store {type(item).__name__}: it holds {what}")
         return ack or _OK
 
     def _rollback(self) -> None:
