@@ -288,23 +288,32 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     if threading.current_thread() is not threading.main_thread():
         return await fn(*args)
     received: int | None = None
+    failure: BaseException | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def watch() -> None:
-                nonlocal received
-                async for signum in signals:
-                    received = signum
-                    nursery.cancel_scope.cancel()
-                    return
+                async def watch() -> None:
+                    nonlocal received
+                    async for signum in signals:
+                        received = signum
+                        nursery.cancel_scope.cancel()
+                        return
 
-            nursery.start_soon(watch)
-            result = await fn(*args)
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(watch)
+                result = await fn(*args)
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            # Work that failed while the signal was cancelling it failed
+            # *because* of the signal: the user asked to stop, and that is
+            # what they are told (a stray ActorStopped exited 1 instead).
+            if received is None:
+                raise
+            failure = exc
     if received == signal.SIGTERM:
-        raise Terminated
+        raise Terminated from failure
     if received is not None:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt from failure
     return result
 
 

@@ -133,6 +133,10 @@ class Outbox(trio.abc.SendChannel[T]):
             except trio.WouldBlock:
                 await self._inner.send(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # send_nowait checks no cancellation: when the actor is gone
+            # because our own scope is being cancelled, the cancellation is
+            # the news, not ActorStopped (nothing was sent either way).
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise ActorStopped(f"the {self.name} actor has stopped") from exc
 
     async def send(self, item: T) -> None:

@@ -77,6 +77,39 @@ async def test_closed_channel_raises_actor_stopped() -> None:
         send.send_nowait(1)
 
 
+async def test_an_eager_send_in_a_cancelled_scope_to_a_gone_actor_is_cancelled() -> None:
+    # The actor's inbox was closed because the same cancellation stopped it:
+    # send_eager raised ActorStopped, and a Ctrl-C'd soak exited 1 printing
+    # "ActorStopped: the agent gemini actor has stopped" now and then.
+    send, receive = open_channel(1, name="agent")
+    receive.close()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send.send_eager(1)
+        pytest.fail("not cancelled")
+    assert scope.cancelled_caught
+    with pytest.raises(ActorStopped, match="agent"):  # not cancelled: the actor is simply gone
+        await send.send_eager(1)
+
+
+def test_work_failing_under_a_signal_is_reported_as_the_signal() -> None:
+    import os
+    import signal
+
+    from messages import ActorStopped as Stopped
+    from actors._cli import interruptible
+
+    async def work() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise Stopped("the agent gemini actor has stopped")  # stopping, because of the signal
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(interruptible, work)
+
+
 async def test_send_nowait_refused_with_interceptors() -> None:
     send, _ = open_channel(1, interceptors=[Interceptor()])
     with pytest.raises(TypeError):
