@@ -309,6 +309,20 @@ class Orchestrator:
         # The trio run its actors live in (None: not made by open_orchestrator).
         self._token: trio.lowlevel.TrioToken | None = None
         self.provider_names: frozenset[str] | None = None  # the gateway's; None: not known
+        # Whether answers or faults are drawn from ``seed`` (the embedded
+        # simulator, a fault plan without its own seed): then only a run of
+        # the same seed can be continued here.
+        self.seed_draws = False
+
+    def _check_seed(self, run_id: str, run_seed: int | None) -> None:
+        # Resumed with another seed, the embedded simulator answered the
+        # remaining stages as another run would: a digest and usage that
+        # neither run would have, without a word.
+        if self.seed_draws and run_seed is not None and run_seed != self.seed:
+            raise ConfigError(
+                f"run {run_id!r} was made with seed {run_seed}, and this orchestrator draws answers or faults from"
+                f" seed {self.seed}; open_orchestrator(seed={run_seed}, ...) to continue it"
+            )
 
     def _check_providers(self, pipeline: Pipeline) -> None:
         # Every call of an agent without a provider fails: the run would
@@ -450,6 +464,7 @@ class Orchestrator:
             raise ConfigError(f"retry_failed must be True or False, got {retry_failed!r}")
         with self._claim(run_id):
             state = load_state(self._require_db(), run_id)
+            self._check_seed(run_id, state.seed)
             self._check_providers(state.pipeline)
             if self._fault_interceptors:
                 # A count budget is the run's, not the process's: what fired
@@ -518,6 +533,7 @@ class Orchestrator:
         budget_usd = parse_budget(budget)
         with self._claim(run_id):
             parent = load_state(self._require_db(), run_id, branch_id)
+            self._check_seed(run_id, parent.seed)
             self._check_providers(parent.pipeline)
             stage = fork_stage(parent, from_stage)
             child = new_branch_id(parent.run.spec_id)
@@ -1060,6 +1076,7 @@ async def open_orchestrator(
                     orchestrator.provider_names = frozenset(providers)
                     orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                     orchestrator._fault_interceptors = tuple(attached)
+                    orchestrator.seed_draws = provider is None or any(f.plan.seed is None for f in attached)
                     orchestrator._token = trio.lowlevel.current_trio_token()
                     yield orchestrator
                 finally:

@@ -469,3 +469,22 @@ async def test_a_provider_errors_own_usage_attribute_is_unknown_usage(
     async with open_orchestrator(store=str(tmp_path / "u.db"), provider=MockProvider(handler, name="sim")) as orch:
         result = await orch.run("S", run_id="u")
     assert failed and result.completed
+
+
+async def test_resuming_with_another_seed_is_refused_when_the_seed_draws_the_answers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The embedded simulator answers from the orchestrator's seed: resumed
+    # under seed 0, a seed-7 run got stages from two seeds - a digest and
+    # usage neither run has - without a word.
+    path = str(tmp_path / "s.db")
+    with trio.move_on_after(20):
+        async with open_orchestrator(store=path, seed=7) as orch:
+            await orch.run("S", run_id="x")
+    async with open_orchestrator(store=path) as orch:
+        with pytest.raises(ConfigError, match=r"made with seed 7.*open_orchestrator\(seed=7"):
+            await orch.resume("x")
+        with pytest.raises(ConfigError, match="made with seed 7"):
+            await orch.rerun("x", "plan")
+    async with open_orchestrator(store=path, seed=7) as orch:
+        assert (await orch.resume("x")).completed
