@@ -1085,6 +1085,7 @@ async def open_orchestrator(
                     gateway_tx.close()
                     metrics_tx.close()
                     store_tx.close()
+                    writer.close_soon()
                     if auth is not None:
                         auth.close()
                     if orchestrator is not None:

@@ -50,6 +50,18 @@ class StoreWriter:
         self.items = 0
         self.busy_waits = 0
         self.holds = 0
+        # Once the orchestrator closes, a busy database is waited out this
+        # long, not through every retry: a cancelled app waited 40 s on
+        # another connection's lock, its loop stalled by each attempt.
+        self.closing_grace = 1.0
+        self._closing_at: float | None = None
+
+    def close_soon(self) -> None:
+        """The orchestrator is closing: writes still queued get
+        ``closing_grace`` seconds (trio clock) of a busy database, then fail
+        their acks.  Not a checkpoint."""
+        if self._closing_at is None:
+            self._closing_at = trio.current_time()
 
     # KI-protected: a Ctrl-C must never land inside a transaction here (it
     # would kill the writer, and with it the write that marks the run
@@ -129,14 +141,17 @@ class StoreWriter:
 
     async def _write(self, batch: list[StoreWrite]) -> list[StoreAck]:
         delay = self.busy_backoff
+        error = f"database {self.store.path} stayed busy through {self.busy_retries} retries"
         for _ in range(self.busy_retries):
             try:
                 return self.store.apply(batch)
             except RetryableStoreError:
                 self.busy_waits += 1
+                if self._closing_at is not None and trio.current_time() - self._closing_at >= self.closing_grace:
+                    error = f"database {self.store.path} stayed busy while the orchestrator closed"
+                    break
                 await trio.sleep(delay)  # outside the (rolled back) transaction
                 delay = min(delay * 2, self.busy_backoff_cap)
-        error = f"database {self.store.path} stayed busy through {self.busy_retries} retries"
         return [StoreAck(ok=False, error=error) for _ in batch]
 
 

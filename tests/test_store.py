@@ -232,6 +232,28 @@ async def test_busy_database_is_retried(tmp_path: Path, autojump_clock: trio.tes
     s.close()
 
 
+async def test_an_orchestrator_closing_on_a_locked_database_gives_up_within_its_grace(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Cancelled while another connection held the write lock, an app waited
+    # 42 s for its 'async with open_orchestrator' to end: the writer ran
+    # every one of its 60 busy retries for the writes still queued.
+    from actors import open_orchestrator
+
+    path = str(tmp_path / "locked.db")
+    async with open_orchestrator(store=path, seed=1) as orch:
+        await orch.run("S", run_id="first")
+    blocker = apsw.Connection(path)
+    blocker.execute("BEGIN EXCLUSIVE")
+    start = trio.current_time()
+    with trio.move_on_after(3):
+        async with open_orchestrator(store=path, seed=1) as orch:
+            await orch.run("S", run_id="second")
+    assert trio.current_time() - start < 6, "the close waited out the busy database"
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+
 def test_an_empty_path_is_refused_not_opened_as_a_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
