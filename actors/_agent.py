@@ -27,6 +27,7 @@ from messages import (
     PersistOutput,
     ProviderTimeout,
     StoreWrite,
+    Undelivered,
     UsageRecorded,
     fail_pending,
     PendingReply,
@@ -96,6 +97,8 @@ class Agent:
                     try:
                         # The coordinator's inbox holds a reply per panel seat.
                         await request.reply_to.send_eager(reply)
+                    except Undelivered:
+                        raise  # an interceptor swallowed it: the coordinator would wait for ever
                     except ActorStopped:
                         # The run is over (or being cancelled): a late reply
                         # has nobody to go to; its output is already durable.

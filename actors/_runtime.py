@@ -660,7 +660,7 @@ class Orchestrator:
         seed = self.seed if seed is None else seed
         panel = max(len(s.agents) for s in pipeline.stages)
         replies_to, replies = open_channel(
-            panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ())
+            panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ()), awaited=True
         )
         agent_inboxes: dict[str, Outbox[AgentRequest]] = {}
         decisions: list[Decision] = []
@@ -672,7 +672,7 @@ class Orchestrator:
                 try:
                     for name, spec in pipeline.agents.items():
                         inbox, receive = open_channel(
-                            1, name=f"agent {name}", interceptors=self._interceptors.get("agent", ())
+                            1, name=f"agent {name}", interceptors=self._interceptors.get("agent", ()), awaited=True
                         )
                         agent_inboxes[name] = inbox
                         agent = Agent(

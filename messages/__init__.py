@@ -32,6 +32,7 @@ from ._errors import (
     ProviderUnavailable,
     QuotaExceeded,
     RateLimited,
+    Undelivered,
     is_retryable,
 )
 from ._faultplan import (
@@ -167,6 +168,7 @@ __all__ = [
     "StoreAck",
     "StoreWrite",
     "TokenUsage",
+    "Undelivered",
     "UsageRecorded",
     "UsageTotals",
     "fail_pending",

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from ._errors import ActorStopped
+from ._errors import ActorStopped, Undelivered
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,7 +35,10 @@ class Interceptor(Generic[T]):
     those, and ``forward`` must be its last await.  One that returns having
     done neither fails an item's reply slot (its requester gets
     :class:`ActorStopped` naming the interceptor); an item without one is
-    dropped, as a filter drops it.
+    dropped, as a filter drops it - except on an edge opened with
+    ``awaited=True``, whose every item someone waits for (an agent's
+    request, its reply to the coordinator): there the sender gets
+    :class:`Undelivered`, an ActorStopped.
     """
 
     async def send(self, item: T, forward: Forward[T]) -> None:
@@ -56,15 +59,15 @@ class FunctionInterceptor(Interceptor[T]):
         return f"FunctionInterceptor({getattr(self._handler, '__qualname__', self._handler)!s})"
 
 
-def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]]) -> Forward[T]:
+def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]], awaited: bool = False) -> Forward[T]:
     forward = sink
     # The first interceptor in the list sees the item first.
     for interceptor in reversed(interceptors):
-        forward = _bind(interceptor, forward)
+        forward = _bind(interceptor, forward, awaited)
     return forward
 
 
-def _bind(interceptor: Interceptor[T], forward: Forward[T]) -> Forward[T]:
+def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Forward[T]:
     async def send(item: T) -> None:
         forwarded = False
 
@@ -78,9 +81,14 @@ def _bind(interceptor: Interceptor[T], forward: Forward[T]) -> Forward[T]:
             # Neither forwarded nor answered: its requester would wait for
             # ever (a run hung on a swallowed PersistDecision).  It gets
             # ActorStopped naming the interceptor instead.
+            why = f"interceptor {interceptor!r} neither forwarded nor answered it"
             reply = getattr(item, "reply_to", None)
             if isinstance(reply, Reply):
-                reply.close(f"interceptor {interceptor!r} neither forwarded nor answered it")
+                reply.close(why)
+            elif awaited:
+                # Its receiver waits for it, with no slot to fail: the run
+                # hung for ever on a swallowed AgentRequest.
+                raise Undelivered(f"{why} ({type(item).__name__}, which its receiver waits for)")
 
     return send
 
@@ -95,7 +103,7 @@ class Outbox(trio.abc.SendChannel[T]):
     generic errors: the actor behind it is gone.
     """
 
-    __slots__ = ("_inner", "_interceptors", "_send", "_send_eager", "name")
+    __slots__ = ("_awaited", "_inner", "_interceptors", "_send", "_send_eager", "name")
 
     def __init__(
         self,
@@ -103,15 +111,17 @@ class Outbox(trio.abc.SendChannel[T]):
         interceptors: Sequence[Interceptor[T]] = (),
         *,
         name: str = "channel",
+        awaited: bool = False,
     ) -> None:
         self._inner = inner
         self._interceptors = tuple(interceptors)
+        self._awaited = awaited
         self.name = name
         self._send: Forward[T] = (
-            _chain(self._deliver, self._interceptors) if self._interceptors else self._deliver
+            _chain(self._deliver, self._interceptors, awaited) if self._interceptors else self._deliver
         )
         self._send_eager: Forward[T] = (
-            _chain(self._deliver_eager, self._interceptors)
+            _chain(self._deliver_eager, self._interceptors, awaited)
             if self._interceptors
             else self._deliver_eager
         )
@@ -161,7 +171,7 @@ class Outbox(trio.abc.SendChannel[T]):
         await self._send_eager(item)
 
     def clone(self) -> Outbox[T]:
-        return Outbox(self._inner.clone(), self._interceptors, name=self.name)
+        return Outbox(self._inner.clone(), self._interceptors, name=self.name, awaited=self._awaited)
 
     def close(self) -> None:
         self._inner.close()
@@ -176,18 +186,21 @@ def open_channel(
     *,
     name: str = "channel",
     interceptors: Sequence[Interceptor[Any]] = (),
+    awaited: bool = False,
 ) -> tuple[Outbox[Any], trio.MemoryReceiveChannel[Any]]:
     """Open a memory channel whose send side goes through ``interceptors``.
 
     Every edge in Conclave is opened here, so every edge has a name, a chosen
-    buffer size and an interceptor seam.
+    buffer size and an interceptor seam.  ``awaited``: someone waits for
+    every item, so one an interceptor swallows raises in the sender (see
+    :class:`Interceptor`).
     """
     if max_buffer_size != math.inf and (
         not isinstance(max_buffer_size, int) or max_buffer_size < 0
     ):
         raise ValueError(f"max_buffer_size must be an int >= 0 or math.inf, got {max_buffer_size!r}")
     send, receive = trio.open_memory_channel[Any](max_buffer_size)
-    return Outbox(send, interceptors, name=name), receive
+    return Outbox(send, interceptors, name=name, awaited=awaited), receive
 
 
 _EMPTY, _VALUE, _CLOSED, _GONE = range(4)

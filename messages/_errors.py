@@ -20,6 +20,12 @@ class ActorStopped(ConclaveError):
     before answering.  Work that can no longer be done fails loudly."""
 
 
+class Undelivered(ActorStopped):
+    """An interceptor neither forwarded nor answered an item that its
+    receiver waits for and that has no reply slot to fail (an agent's
+    request, its reply to the coordinator): the run would hang for ever."""
+
+
 class ProviderError(ConclaveError):
     """A model call failed.  ``kind`` names the failure class for logs,
     events and the soak's counters; ``retryable`` says whether an agent may

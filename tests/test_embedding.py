@@ -488,3 +488,20 @@ async def test_resuming_with_another_seed_is_refused_when_the_seed_draws_the_ans
             await orch.rerun("x", "plan")
     async with open_orchestrator(store=path, seed=7) as orch:
         assert (await orch.resume("x")).completed
+
+
+@pytest.mark.parametrize(("edge", "swallowed"), [("agent", "AgentRequest"), ("coordinator", "AgentReply")])
+async def test_an_interceptor_swallowing_what_a_receiver_waits_for_fails_loudly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, edge: str, swallowed: str
+) -> None:
+    # These items carry no reply slot to fail: the run hung for ever.
+    from messages import ActorStopped, FunctionInterceptor
+
+    async def drop(item: Any, forward: Any) -> None:
+        if type(item).__name__ != swallowed:
+            await forward(item)
+
+    with pytest.raises(ActorStopped, match=rf"neither forwarded nor answered it \({swallowed}, which its receiver waits for\)"):
+        with trio.fail_after(600):
+            async with open_orchestrator(store=str(tmp_path / "c.db"), interceptors={edge: [FunctionInterceptor(drop)]}) as orch:
+                await orch.run("S")
