@@ -62,6 +62,15 @@ class ProviderTimeout(ProviderError):
     retryable = True
 
 
+def _hint(retry_after: float | None) -> float | None:
+    """A reset hint in seconds, or None.  NaN or infinity would close a
+    gate for good (or never), and NaN read "resets in nans": no hint, and
+    the agent backs off instead; a negative one means now."""
+    if retry_after is None or not math.isfinite(retry_after):
+        return None
+    return max(retry_after, 0.0)
+
+
 class RateLimited(ProviderError):
     """HTTP 429.  ``retry_after`` is the provider's reset hint in seconds
     from now (``None`` when it gave none)."""
@@ -71,14 +80,7 @@ class RateLimited(ProviderError):
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
-        if retry_after is not None:
-            if not math.isfinite(retry_after):
-                # NaN or infinity would close the provider's gate for good
-                # (or never): it is no hint, and the agent backs off instead.
-                retry_after = None
-            elif retry_after < 0:
-                retry_after = 0.0
-        self.retry_after = retry_after
+        self.retry_after = _hint(retry_after)
 
 
 class ProviderUnavailable(ProviderError):
@@ -97,7 +99,7 @@ class CircuitOpen(ProviderError):
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after = _hint(retry_after)
 
 
 class AuthenticationFailed(ProviderError):

@@ -669,3 +669,11 @@ async def test_a_cancelled_run_buys_nothing_its_resume_buys_again(
         resumed = await orch.resume("x")
     assert resumed.completed
     assert [k for k, n in answered.items() if n > 1] == []
+
+
+@pytest.mark.parametrize("error", [RateLimited, CircuitOpen])
+@pytest.mark.parametrize(("given", "kept"), [(float("nan"), None), (float("inf"), None), (-3.0, 0.0), (7.5, 7.5)])
+def test_a_reset_hint_that_is_no_time_is_no_hint(error: type, given: float, kept: float | None) -> None:
+    # CircuitOpen kept NaN: the agent gave up at once, "resets in nans".
+    assert error("x", retry_after=given).retry_after == kept
+    assert RetryPolicy().should_retry(error("x", retry_after=given), 1)
