@@ -34,7 +34,7 @@ from messages._auth_errors import (
     LoginRequired,
     RefreshUnavailable,
 )
-from messages._auth_messages import AuthEvent, AuthEventKind, Secret
+from messages._auth_messages import AuthEvent, AuthEventKind, Secret, optional_secret, secret
 
 from ._auth_profiles import AuthProfile
 
@@ -52,7 +52,7 @@ EventSink = Callable[[AuthEvent], None]
 class DeviceAuthorization:
     """The device authorization response (RFC 8628 §3.2)."""
 
-    device_code: Secret = attrs.field(repr=False)
+    device_code: Secret = attrs.field(repr=False, converter=secret)
     user_code: str
     verification_uri: str
     verification_uri_complete: str | None = None
@@ -69,8 +69,8 @@ class DeviceAuthorization:
 class TokenGrant:
     """A successful token response (RFC 6749 §5.1)."""
 
-    access_token: Secret
-    refresh_token: Secret | None = None
+    access_token: Secret = attrs.field(converter=secret)
+    refresh_token: Secret | None = attrs.field(default=None, converter=optional_secret)
     expires_in: float | None = None
     scope: str | None = None
     token_type: str = "Bearer"

@@ -20,7 +20,7 @@ import attrs
 import httpx
 
 from messages._auth_errors import AuthConfigError, AuthProtocolError
-from messages._auth_messages import Secret
+from messages._auth_messages import Secret, optional_secret
 
 PROVIDERS = ("generic", "github", "microsoft", "google", "openai", "anthropic")
 
@@ -40,7 +40,7 @@ class AuthProfile:
     token_url: str | None = None
     client_id: str | None = None
     scope: str | None = None
-    client_secret: Secret | None = attrs.field(default=None, repr=False)
+    client_secret: Secret | None = attrs.field(default=None, repr=False, converter=optional_secret)
     issuer: str | None = None
     experimental: bool = False
     #: Send ``Accept: application/json`` (GitHub replies form-encoded otherwise).

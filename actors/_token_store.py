@@ -45,7 +45,7 @@ _WINDOWS = sys.platform == "win32"
 # protects the file there), so the group/other check is POSIX-only.
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-from messages._auth_messages import Secret
+from messages._auth_messages import Secret, optional_secret, secret
 
 FORMAT_VERSION = 1
 TOKEN_FILE = "tokens.json"
@@ -84,15 +84,15 @@ class TokenEntry:
     """
 
     provider: str
-    access_token: Secret
-    refresh_token: Secret | None = None
+    access_token: Secret = attrs.field(converter=secret)
+    refresh_token: Secret | None = attrs.field(default=None, converter=optional_secret)
     expires_at: float | None = None
     scope: str | None = None
     stored_at: float
     token_type: str = "Bearer"
     token_url: str | None = None
     client_id: str | None = None
-    client_secret: Secret | None = None
+    client_secret: Secret | None = attrs.field(default=None, converter=optional_secret)
     accept_json: bool = True
 
     def status(self, now: float, margin: float = EXPIRY_MARGIN) -> TokenStatus:

@@ -62,6 +62,17 @@ class Secret:
         raise TypeError("secrets cannot be pickled")
 
 
+def secret(value: Secret | str) -> Secret:
+    """attrs converter for a secret field: a plain ``str`` given by mistake
+    is wrapped, so it never shows in a repr (``Secret`` itself checks it)."""
+    return value if isinstance(value, Secret) else Secret(value)
+
+
+def optional_secret(value: Secret | str | None) -> Secret | None:
+    """:func:`secret` for a field that may be ``None``."""
+    return None if value is None else secret(value)
+
+
 AuthEventKind = Literal[
     "code_issued",
     "pending",
@@ -84,7 +95,7 @@ class TokenReply:
     Exactly one of ``token`` and ``error`` is set."""
 
     provider: str
-    token: Secret | None = None
+    token: Secret | None = attrs.field(default=None, converter=optional_secret)
     error: AuthError | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -104,7 +115,7 @@ class GetToken:
     force_refresh: bool = False
     #: The token the provider rejected, if known: a forced refresh is
     #: skipped when the stored token is already a different, valid one.
-    stale: Secret | None = attrs.field(default=None, repr=False)
+    stale: Secret | None = attrs.field(default=None, repr=False, converter=optional_secret)
     reply_to: Reply[TokenReply] | None = attrs.field(default=None, eq=False, repr=False)
 
 
