@@ -16,9 +16,9 @@ import re
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"  # no sign, exponent, NaN or infinity
-_SECONDS = re.compile(_NUMBER)
+_SECONDS = re.compile(_NUMBER, re.ASCII)  # ASCII: int("٣") is 3, but no header or plan spells it so
 # "ms" before "m": alternation takes the first unit that matches.
-_PART = re.compile(rf"({_NUMBER})(ms|us|µs|μs|ns|h|m|s)")
+_PART = re.compile(rf"({_NUMBER})(ms|us|µs|μs|ns|h|m|s)", re.ASCII)
 
 
 def parse_seconds(text: str) -> float | None:

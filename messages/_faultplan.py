@@ -28,7 +28,7 @@ _LABELS: dict[str, FaultKind] = {
     "rate_limit": "rate_limit",
     "timeout": "timeout",
 }
-_RATE = re.compile(r"\d+(?:\.\d+)?%")  # disconnect:5%
+_RATE = re.compile(r"\d+(?:\.\d+)?%", re.ASCII)  # disconnect:5%
 _SCOPE_ALIASES = frozenset({"spec_kit", "speckit", "auto_drive", "gateway"})
 DEFAULT_TIMEOUT_MS = 30_000
 CHANNEL = "gateway"
@@ -260,7 +260,7 @@ class FaultPlan:
             # A repeated kind: the last entry wins, as in the reference.
             counts.pop(kind, None)
             rates.pop(kind, None)
-            if re.fullmatch(r"\d+", value):
+            if re.fullmatch(r"\d+", value, re.ASCII):  # "٣" echoed raw in the banner
                 counts[kind] = int(value)
             elif _RATE.fullmatch(value) and float(value[:-1]) <= 100:
                 rates[kind] = float(value[:-1]) / 100
@@ -277,7 +277,7 @@ class FaultPlan:
             timeout = DEFAULT_TIMEOUT_MS
         elif isinstance(timeout_ms, int) and not isinstance(timeout_ms, bool):
             timeout = timeout_ms
-        elif isinstance(timeout_ms, str) and re.fullmatch(r"\s*\d+\s*", timeout_ms):
+        elif isinstance(timeout_ms, str) and re.fullmatch(r"\s*\d+\s*", timeout_ms, re.ASCII):
             timeout = int(timeout_ms)
         else:
             raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: expected a whole number of milliseconds, got {timeout_ms!r}")
@@ -308,6 +308,8 @@ class FaultPlan:
             raw_seed = env.get("CODEX_FAULTS_SEED", "").strip()
             if raw_seed:
                 try:
+                    if not raw_seed.isascii():
+                        raise ValueError(raw_seed)
                     seed = int(raw_seed)
                 except ValueError:
                     raise FaultPlanError(f"CODEX_FAULTS_SEED: expected a whole number, got {raw_seed!r}") from None

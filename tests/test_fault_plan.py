@@ -117,6 +117,12 @@ MALFORMED = {
     "bad timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "30s"}), "CODEX_FAULTS_TIMEOUT_MS"),
     "zero timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "0"}), "CODEX_FAULTS_TIMEOUT_MS"),
     "bad seed": (env(**{"": "timeout:1", "SEED": "x"}), "CODEX_FAULTS_SEED"),
+    # int() reads other scripts' digits; they were taken, then echoed raw in the banner.
+    "non-ASCII count": (env(**{"": "disconnect:\u0663"}), "bad count in 'disconnect:\u0663'"),
+    "non-ASCII rate": (env(**{"": "disconnect:\uff15%"}), "bad count"),
+    "non-ASCII reset": (env(**{"": "429:1", "429_RESET": "\u0661s"}), "CODEX_FAULTS_429_RESET"),
+    "non-ASCII timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "\u0663"}), "CODEX_FAULTS_TIMEOUT_MS"),
+    "non-ASCII seed": (env(**{"": "timeout:1", "SEED": "\u0663"}), "CODEX_FAULTS_SEED"),
 }
 
 
