@@ -266,7 +266,7 @@ def halt_message(run_id: str, decision: Decision) -> str:
     return (
         f"halted at stage {decision.key.stage!r}: {decision.status} ({detail}). "
         f"Inspect with 'conclave decisions {shell_word(run_id)}'; once fixed, re-run from that stage "
-        f"with 'conclave rerun {shell_word(run_id)} --from {decision.key.stage}'."
+        f"with 'conclave rerun {shell_word(run_id)} --from {shell_word(decision.key.stage)}'."
     )
 
 

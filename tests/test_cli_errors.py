@@ -219,6 +219,20 @@ def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -
     assert "--db" not in default.stdout  # the default file needs no option
 
 
+def test_the_rerun_hint_quotes_a_stage_name_the_shell_would_split() -> None:
+    # '--from x y' ran 'conclave rerun R --from x' with a stray 'y'.
+    import re
+    import shlex
+
+    from actors._runtime import halt_message
+    from messages import Decision, StageKey
+
+    decision = Decision(key=StageKey(run_id="R", branch_id="b", stage="x y"), seq=1,
+                        status="conflict", verdict={"conflicts": ["a vs b"]})
+    hints = re.findall(r"'(conclave [^']*)'", halt_message("R", decision))
+    assert shlex.split(hints[-1]) == ["conclave", "rerun", "R", "--from", "x y"]
+
+
 def test_suggested_commands_can_be_pasted_into_a_shell(tmp_path: Path) -> None:
     """A run id 'x;y' made the halt's hints run two commands when pasted;
     a database path with a space was quoted already.  Every hint must run
