@@ -202,8 +202,24 @@ def provider_configs_from_args(
     remote = [n for n in names if n != "sim"]
     chosen = getattr(args, "provider", None)
     base_url = getattr(args, "base_url", None)
-    if base_url is not None and not remote:
-        raise ProviderConfigError("--base-url needs a real provider (--provider openai or anthropic), not the simulator")
+    if not remote:
+        # Silently ignored, they let a user believe a real API was called.
+        given = [
+            option
+            for option, used in (
+                ("--base-url", base_url is not None),
+                ("--api-key-env", getattr(args, "api_key_env", None) is not None),
+                ("--no-stream", getattr(args, "stream", True) is False),
+                ("--auth login", getattr(args, "auth", "key") == "login"),
+                ("--request-timeout", getattr(args, "request_timeout", None) is not None),
+            )
+            if used
+        ]
+        if given:
+            raise ProviderConfigError(
+                f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} a real provider"
+                " (--provider openai or anthropic), not the simulator"
+            )
     if base_url is not None and chosen is None and len(remote) > 1:
         raise ProviderConfigError(
             f"--base-url is ambiguous: the pipeline uses {' and '.join(remote)}; add --provider"

@@ -134,6 +134,10 @@ def test_pipeline_providers_per_agent() -> None:
         (["--provider", "openai", "--base-url", "localhost:8000/v1"], "must start with http:// or https://"),
         (["--provider", "openai", "--api-key-env", "NOPE_KEY"], "set NOPE_KEY"),
         (["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs a real provider"),
+        # Ignored without a word, they let a user believe a real API was called.
+        (["--api-key-env", "MY_KEY"], "--api-key-env needs a real provider"),
+        (["--no-stream", "--request-timeout", "5"], "--no-stream, --request-timeout need a real provider"),
+        (["--auth", "login"], "--auth login needs a real provider"),
     ],
 )
 def test_cli_bad_configuration_exits_2_before_anything_runs(
