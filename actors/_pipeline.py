@@ -342,6 +342,21 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
     default_panel = (
         _str_list(defaults["agents"], f"{source}: [defaults]: agents") if "agents" in defaults else _DEFAULT_PANEL
     )
+    # Checked even when every stage overrides them: a bad default used to
+    # pass until a stage came to use it.
+    at_defaults = f"{source}: [defaults]"
+    if "agents" in defaults:
+        for raw_agent in default_panel:
+            resolve_agent(raw_agent, at_defaults)
+    if defaults.get("mode", "sequential") not in ("sequential", "parallel"):
+        raise PipelineError(f"{at_defaults}: mode must be 'sequential' or 'parallel', got {defaults['mode']!r}")
+    if "quorum" in defaults:
+        Quorum.parse(defaults["quorum"], at_defaults)
+    default_aggregator = defaults.get("aggregator")
+    if default_aggregator not in (None, "", False):
+        if not isinstance(default_aggregator, str):
+            raise PipelineError(f"{at_defaults}: aggregator must be an agent name")
+        resolve_agent(default_aggregator, at_defaults)
 
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:

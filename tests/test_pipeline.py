@@ -106,6 +106,13 @@ def test_toml_pipeline() -> None:
         ('[agents.gemnii]\nmodel = "m"\n[[stages]]\nname = "plan"', "'gemnii' declared under [agents] but listed by no stage"),
         ('oops = 1\n[[stages]]\nname = "plan"', "unknown key(s) oops"),
         ('[defaults]\nagent = ["claude"]\n[[stages]]\nname = "plan"', "[defaults]: unknown key(s) agent"),
+        # Checked even when every stage overrides them (they used to pass).
+        ('[defaults]\nmode = "async"\n[[stages]]\nname = "plan"\nmode = "parallel"', "[defaults]: mode must be"),
+        ('[defaults]\nquorum = "most"\n[[stages]]\nname = "plan"\nquorum = 2', "[defaults]: quorum must be"),
+        ('[defaults]\naggregator = "llama"\n[[stages]]\nname = "plan"\naggregator = "claude"',
+         "[defaults]: unknown agent 'llama'"),
+        ('[defaults]\nagents = ["llama"]\n[[stages]]\nname = "plan"\nagents = ["claude"]',
+         "[defaults]: unknown agent 'llama'"),
     ],
 )
 def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
