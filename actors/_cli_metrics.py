@@ -15,7 +15,7 @@ from messages import UsageRecorded
 from store import BranchRow, Store
 
 from ._budget import parse_budget, stored_budget, usd
-from ._checks import add_db_argument, file_arg
+from ._checks import add_db_argument, file_arg, nonempty_arg
 from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
 from ._format import tokens
 from ._metrics import MetricsAccumulator
@@ -140,17 +140,24 @@ def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: Pric
     return totals_json(acc.totals(run_id))
 
 
-def run_metrics(store: Store, run_id: str, prices: PriceTable | None) -> dict[str, Any]:
-    """The run's persisted metrics (the last ``metrics`` event of its
-    current branch), or - for a run that has not finished, or when
-    ``prices`` is given - recomputed from its current lineage's stored
-    attempts.  (An interrupted rerun showed its parent's recorded table.)"""
+def run_metrics(
+    store: Store, run_id: str, prices: PriceTable | None, branch_id: str | None = None
+) -> dict[str, Any]:
+    """The metrics of ``branch_id`` (default: the run's current branch): as
+    persisted (its last ``metrics`` event) when the branch finished, or -
+    for one that has not, or when ``prices`` is given - recomputed from its
+    lineage's stored attempts.  (An interrupted rerun showed its parent's
+    recorded table.)"""
     run = store.get_run(run_id)
-    if prices is None and run is not None and run.status in ("completed", "halted"):
-        recorded = [e for e in store.events(run_id, "metrics") if e.branch_id == run.current_branch_id]
+    branch_id = branch_id or (run.current_branch_id if run is not None else None)
+    branch = store.get_branch(run_id, branch_id) if branch_id else None
+    # The run row keeps the current branch's outcome, a branch row its own.
+    current = run is not None and branch_id == run.current_branch_id
+    status = run.status if current and run is not None else (branch.status if branch is not None else None)
+    if prices is None and status in ("completed", "halted"):
+        recorded = [e for e in store.events(run_id, "metrics") if e.branch_id == branch_id]
         if recorded:
             return {"source": "recorded", **recorded[-1].detail}
-    branch = store.get_branch(run_id, run.current_branch_id) if run is not None and run.current_branch_id else None
     if prices is None and branch is not None:
         prices = kept_prices(branch.options)
     return {"source": "recomputed", **_recompute(store, run_id, branch, prices or PriceTable.vendored())}
@@ -181,7 +188,9 @@ def _table(report: dict[str, Any], by: str) -> list[str]:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    from . import _cli_history as _history
     from ._cli import _fail, _json_out, open_run  # late: _cli imports this module
+    from ._ids import short_branch_id
 
     try:
         prices = load_prices(args.prices) if given_prices(args.prices) else None
@@ -189,14 +198,23 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     store, run = open_run(args.db, args.run_id)
     with store:
+        branch = _history.branch_of(store, run, args.branch)
+        current = branch.branch_id == run.current_branch_id
+        status = _history.shown_branch_status(run.status if current else branch.status, current)
         try:
-            report = {"run_id": run.run_id, "status": run.status, **run_metrics(store, run.run_id, prices)}
+            report = {
+                "run_id": run.run_id,
+                "branch_id": branch.branch_id,
+                "status": status,
+                **run_metrics(store, run.run_id, prices, branch.branch_id),
+            }
         except MetricsUsageError as exc:
             return _fail(str(exc))
     if args.json:
         _json_out(report)
         return 0
-    print(f"metrics of {run.run_id} ({run.status}; {report['source']}; prices: {report['price_table']}), by {args.by}:")
+    which = "" if current else f" branch {short_branch_id(branch.branch_id)}"
+    print(f"metrics of {run.run_id}{which} ({status}; {report['source']}; prices: {report['price_table']}), by {args.by}:")
     print("\n".join(_table(report, args.by)))
     if report["unpriced_models"]:
         print(f"  unpriced (not in the price table, not counted): {', '.join(report['unpriced_models'])}")
@@ -216,6 +234,7 @@ def add_metrics_command(sub: Any) -> None:
     )
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--by", choices=("stage", "agent", "model"), default="stage", help="breakdown (default: stage)")
+    p.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="a branch (full or short id; default: the current one)")
     add_db_argument(p)
     _add_prices(p)
     p.add_argument("--json", action="store_true", help="print JSON")

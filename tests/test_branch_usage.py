@@ -66,6 +66,16 @@ def test_a_rerun_is_measured_over_its_own_lineage(tmp_path: Path, capsys: pytest
     text = capsys.readouterr().out
     assert f"digest: {branch.digest}" in text and f"digest: {current['digest']}" not in text
 
+    # metrics --branch: the older branch's own recorded table (it had none).
+    mine = cli_json(capsys, "metrics", "B", "--db", db, "--branch", old)
+    assert (mine["branch_id"], mine["status"], mine["source"]) == (old, "halted", "recorded")
+    assert mine["usage"]["input_tokens"] == lineage_input_tokens(db, "B", old) != recorded["usage"]["input_tokens"]
+    assert cli_json(capsys, "metrics", "B", "--db", db)["branch_id"] == new
+    from actors._ids import short_branch_id
+
+    assert main(["metrics", "B", "--db", db, "--branch", short_branch_id(old)]) == 0
+    assert f"metrics of B branch {short_branch_id(old)} (halted; recorded" in capsys.readouterr().out
+
 
 async def test_an_interrupted_rerun_is_recomputed_not_its_parents_record(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
