@@ -392,6 +392,7 @@ def cmd_branches(args: argparse.Namespace) -> int:
     store, run = open_run(args.db, args.run_id)
     with store:
         rows: list[dict[str, Any]] = []
+        driven = store.run_is_driven(run.run_id)  # only the current branch is ever driven
         for b in store.branches(run.run_id):
             own = store.decisions(run.run_id, b.branch_id)
             seen = store.lineage_decisions(run.run_id, b.branch_id)
@@ -403,6 +404,7 @@ def cmd_branches(args: argparse.Namespace) -> int:
                     "fork_stage": b.fork_stage,
                     "current": b.branch_id == run.current_branch_id,
                     "status": shown_branch_status(b.status, b.branch_id == run.current_branch_id),
+                    "driven": driven if b.branch_id == run.current_branch_id else False,
                     "halt_reason": b.halt_reason,
                     "decided": [d.stage for d in seen],
                     "own_decisions": len(own),

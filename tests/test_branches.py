@@ -250,6 +250,7 @@ def test_a_parent_left_unfinished_by_a_rerun_is_abandoned_not_stalled(tmp_path: 
 
     listing = json.loads(run_cli(["branches", "A", "--db", db, "--json"]).stdout)
     assert {b["branch_id"]: b["status"] for b in listing["branches"]}[parent] == "abandoned"
+    assert [b["driven"] for b in listing["branches"]] == [False, False], "as status --json says, per branch"
     shorts = {b["branch_id"]: b["short_id"] for b in listing["branches"]}
     short = shorts[parent]
     shown = json.loads(run_cli(["status", "A", "--db", db, "--branch", short, "--json"]).stdout)
