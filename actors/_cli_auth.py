@@ -249,7 +249,7 @@ def login_auth(
     expired = [name for name in remote if stored[name].status(now, margin=0) is TokenStatus.EXPIRED]
     if expired:
         raise AuthConfigError(
-            f"--auth login: the tokens for {', '.join(expired)} have expired and hold no refresh token",
+            f"--auth login: the tokens for {', '.join(expired)} have expired and cannot be refreshed",
             hint="; ".join(f"run 'conclave login {name}'" for name in expired),
         )
     manager = TokenManager(store)  # one short-lived HTTP client per refresh

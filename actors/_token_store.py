@@ -95,10 +95,15 @@ class TokenEntry:
     client_secret: Secret | None = attrs.field(default=None, converter=optional_secret)
     accept_json: bool = True
 
+    @property
+    def refreshable(self) -> bool:
+        """A refresh needs both the refresh token and where to send it."""
+        return self.refresh_token is not None and self.token_url is not None
+
     def status(self, now: float, margin: float = EXPIRY_MARGIN) -> TokenStatus:
         if self.expires_at is None or now < self.expires_at - margin:
             return TokenStatus.VALID
-        return TokenStatus.NEEDS_REFRESH if self.refresh_token is not None else TokenStatus.EXPIRED
+        return TokenStatus.NEEDS_REFRESH if self.refreshable else TokenStatus.EXPIRED
 
     def to_json(self) -> dict[str, Any]:
         return {

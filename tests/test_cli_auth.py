@@ -25,7 +25,7 @@ import trio
 from actors._cli import main as conclave_main
 from actors._token_store import TokenEntry, TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, serve_in_thread
-from messages._auth_api import Secret
+from messages._auth_api import AuthError, Secret
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 30
@@ -186,7 +186,7 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def e(provider: str, expires_in: float, refresh: bool) -> TokenEntry:
         return TokenEntry(provider=provider, access_token=Secret(f"at-{provider}-SECRET"),
                           refresh_token=Secret(f"rt-{provider}-SECRET") if refresh else None,
-                          expires_at=now + expires_in, scope=None, stored_at=now)
+                          expires_at=now + expires_in, scope=None, stored_at=now, token_url="https://idp.test/token")
 
     async def fill() -> None:
         async with TokenStore(tmp_path).locked() as tokens:
@@ -328,6 +328,10 @@ def test_run_with_auth_login_and_only_dead_tokens_is_bad_input(
                                   expires_at=now - 60, scope=None, stored_at=now - 3600))
             tokens.put(TokenEntry(provider="anthropic", access_token=Secret("at-anthropic-SECRET"),
                                   refresh_token=Secret("rt-anthropic-SECRET"), expires_at=now - 60, scope=None,
+                                  stored_at=now - 3600, token_url="https://idp.test/token"))
+            # A refresh token with nowhere to send it cannot refresh either.
+            tokens.put(TokenEntry(provider="github", access_token=Secret("at-github-SECRET"),
+                                  refresh_token=Secret("rt-github-SECRET"), expires_at=now - 60, scope=None,
                                   stored_at=now - 3600))
 
     trio.run(fill)
@@ -341,6 +345,8 @@ def test_run_with_auth_login_and_only_dead_tokens_is_bad_input(
 
     args = argparse.Namespace(auth="login")
     assert login_auth(args, {"anthropic"}) is not None
+    with pytest.raises(AuthError, match="tokens for github have expired"):
+        login_auth(args, {"github"})
 
 
 def test_run_with_auth_login_but_no_login_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

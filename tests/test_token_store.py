@@ -178,8 +178,10 @@ async def test_crash_between_write_and_replace_leaves_the_previous_file(tmp_path
 def test_status_thresholds() -> None:
     now = 1_000_000.0
     assert entry(expires_at=now + 301).status(now) is TokenStatus.VALID
-    assert entry(expires_at=now + 299).status(now) is TokenStatus.NEEDS_REFRESH
-    assert entry(expires_at=now + 299, refresh=None).status(now) is TokenStatus.EXPIRED
+    assert entry(expires_at=now + 299, token_url="https://t").status(now) is TokenStatus.NEEDS_REFRESH
+    assert entry(expires_at=now + 299, refresh=None, token_url="https://t").status(now) is TokenStatus.EXPIRED
+    # Nowhere to send the refresh token: 'needs refresh' promised a refresh that every call then failed.
+    assert entry(expires_at=now + 299).status(now) is TokenStatus.EXPIRED
     assert entry(expires_at=None, refresh=None).status(now) is TokenStatus.VALID
     assert [s.symbol for s in TokenStatus] == ["✓", "⚡", "✗", "·"]
 
