@@ -43,7 +43,7 @@ not the provider.)
 from __future__ import annotations
 
 import collections
-import math
+from fractions import Fraction
 from typing import Literal
 
 import attrs
@@ -136,7 +136,7 @@ class CircuitBreaker:
         self._probes = 0  # probes admitted and not released
         self._probe_failures = 0
         self._probe_successes = 0
-        self._probe_outcome_at = 0.0  # when the latest probe outcome came
+        self._changed_at = 0.0  # when the probes' tallies last changed
         # Per instant, not per call: a whole stage can be admitted in one
         # virtual instant, and deciding must not scan it.
         self._admitted = _Tally()
@@ -175,8 +175,7 @@ class CircuitBreaker:
     def acquire(self, now: float) -> Ticket | float:
         """Admit a call (a :class:`Ticket`) or refuse it: the float is how
         long until trying again makes sense."""
-        if self.state == "half_open" and self.probe_instant is not None and now > self.probe_instant:
-            self._judge()  # the probe instant is over: its verdict, if reached
+        self._catch_up(now)
         if self.state == "closed":
             if self._should_open(now):
                 self._move(now, "open")
@@ -191,7 +190,7 @@ class CircuitBreaker:
             self._move(now, "half_open")
         if self.probes_out == 0 and (self.probe_instant is None or now > self.probe_instant):
             # No probe out: this instant probes afresh.
-            self.probe_instant = now
+            self.probe_instant = self._changed_at = now
             self._probes = self._probe_failures = self._probe_successes = 0
         if now == self.probe_instant:
             self.probes_out += 1
@@ -200,26 +199,48 @@ class CircuitBreaker:
         self.rejected += 1
         return self.policy.probe_wait
 
-    def _judge(self) -> None:
-        """The probes' verdict, once the outcomes still out cannot change it."""
-        rate, probes = self.policy.failure_rate, self._probes
-        if probes and self._probe_failures >= rate * probes:
-            self._move(self._probe_outcome_at, "open")
-        elif probes and self._probe_successes > (1.0 - rate) * probes:
-            self._move(self._probe_outcome_at, "closed")
+    def _verdict(self) -> State | None:
+        """What the probes' outcomes so far decide, if the ones still out
+        cannot change it.  Exact: in floats, 7 failures of 25 probes at a
+        rate of 0.28 satisfied neither side, and the breaker stayed
+        half-open with its waiters asleep."""
+        probes = self._probes
+        if not probes:
+            return None
+        threshold = Fraction(self.policy.failure_rate) * probes
+        if self._probe_failures >= threshold:
+            return "open"
+        if self._probe_successes > probes - threshold:
+            return "closed"
+        return None
+
+    def _judge(self, at: float) -> None:
+        verdict = self._verdict()
+        if verdict is not None:
+            self._move(at, verdict)
+
+    def _catch_up(self, now: float) -> None:
+        """At the first event after the probe instant: the verdict its
+        outcomes already reached, dated when they reached it - never by
+        which event of a later instant trio ran first."""
+        if self.state == "half_open" and self.probe_instant is not None and now > self.probe_instant:
+            self._judge(self._changed_at)
 
     def record(self, ticket: Ticket, now: float, *, failure: bool) -> None:
         if ticket.generation != self.generation:
             return  # admitted before the last transition: stale
         if ticket.probe:
+            self._catch_up(now)
+            if ticket.generation != self.generation:
+                return  # the verdict came before this outcome
             self.probes_out -= 1
             if failure:
                 self._probe_failures += 1
             else:
                 self._probe_successes += 1
-            self._probe_outcome_at = now
+            self._changed_at = now
             if self.probe_instant is not None and now > self.probe_instant:
-                self._judge()
+                self._judge(now)
         elif failure:
             self._failed.add(now)
 
@@ -227,13 +248,18 @@ class CircuitBreaker:
         """The call was abandoned (cancelled).  A probe frees its slot and
         no longer counts towards the verdict; another call stays counted as
         admitted and not failed."""
-        if ticket.probe and ticket.generation == self.generation:
-            self.probes_out -= 1
-            self._probes -= 1
-            if self._probes == 0:
-                self._wake()
-            elif self.probe_instant is not None and now > self.probe_instant:
-                self._judge()
+        if not (ticket.probe and ticket.generation == self.generation):
+            return
+        self._catch_up(now)
+        if ticket.generation != self.generation:
+            return
+        self.probes_out -= 1
+        self._probes -= 1
+        self._changed_at = now
+        if self._probes == 0:
+            self._wake()
+        elif self.probe_instant is not None and now > self.probe_instant:
+            self._judge(now)
 
     @property
     def failure_ratio(self) -> float:

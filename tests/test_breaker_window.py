@@ -5,6 +5,7 @@ scan on random histories."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -147,3 +148,39 @@ def test_a_probe_failing_at_once_does_not_refuse_the_rest_of_its_instant() -> No
                 breaker.record(ticket, 31.0, failure=True)
         seen.add((tuple(sorted(admitted)), breaker.acquire(32.0), tuple(breaker.transitions)))
     assert seen == {((0, 1, 2), 29.0, ((1.0, "open"), (31.0, "half_open"), (31.0, "open")))}
+
+
+def test_a_verdict_is_dated_when_the_probes_reached_it_whatever_runs_first() -> None:
+    """The probe failing at 31 decides it (1 of 2 at 50 %); at 40 a new
+    call and the other probe's success come in one instant.  The reopening
+    was dated 40 or 31 by which of them trio ran first, and with it the
+    next cooldown."""
+    def setup() -> tuple[CircuitBreaker, Ticket]:
+        b = CircuitBreaker(BreakerPolicy(failure_rate=0.5, window=60, min_calls=1, cooldown=30))
+        b.record(b.acquire(0.0), 0.0, failure=True)  # type: ignore[arg-type]
+        assert isinstance(b.acquire(1.0), float)
+        first, second = b.acquire(31.0), b.acquire(31.0)
+        b.record(first, 31.0, failure=True)  # type: ignore[arg-type]
+        return b, second  # type: ignore[return-value]
+
+    b, second = setup()
+    call_first = b.acquire(40.0)
+    b.record(second, 40.0, failure=False)
+    c, second = setup()
+    c.record(second, 40.0, failure=False)
+    outcome_first = c.acquire(40.0)
+    assert call_first == outcome_first == 21.0
+    assert b.transitions == c.transitions == [(1.0, "open"), (31.0, "half_open"), (31.0, "open")]
+
+
+@pytest.mark.parametrize(("rate", "probes", "failures"), [(0.28, 25, 7), (0.07, 100, 7), (0.14, 50, 7)])
+def test_every_probe_reported_always_gives_a_verdict(rate: float, probes: int, failures: int) -> None:
+    # In floats neither 'failures >= rate * probes' nor 'successes >
+    # (1 - rate) * probes' held: half-open for good, its waiters asleep.
+    b = CircuitBreaker(BreakerPolicy(failure_rate=rate, window=60, min_calls=1, cooldown=30))
+    b.record(b.acquire(0.0), 0.0, failure=True)  # type: ignore[arg-type]
+    assert isinstance(b.acquire(1.0), float)
+    tickets = [b.acquire(31.0) for _ in range(probes)]
+    for i, ticket in enumerate(tickets):
+        b.record(ticket, 32.0, failure=i < failures)  # type: ignore[arg-type]
+    assert b.state in ("open", "closed")
