@@ -11,6 +11,7 @@ never does that.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -38,7 +39,9 @@ class Interceptor(Generic[T]):
     dropped, as a filter drops it - except on an edge opened with
     ``awaited=True``, whose every item someone waits for (an agent's
     request, its reply to the coordinator): there the sender gets
-    :class:`Undelivered`, an ActorStopped.
+    :class:`Undelivered`, an ActorStopped.  Answering an item whose
+    ``reply_to`` is an :class:`Outbox` means sending on that outbox from
+    ``send`` itself (in the sender's task).
     """
 
     async def send(self, item: T, forward: Forward[T]) -> None:
@@ -76,7 +79,21 @@ def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Fo
             forwarded = True
             await forward(passed)
 
-        await interceptor.send(item, onward)
+        answer_to = getattr(item, "reply_to", None) if awaited else None
+        if isinstance(answer_to, Outbox):
+            # An interceptor may answer an agent's request itself, on the
+            # request's reply channel: that is no swallow.  Watched in this
+            # task only, so another agent's reply cannot pass for it.
+            answered = [False]
+            token = _ANSWER_WATCH.set((answer_to, answered))
+            try:
+                await interceptor.send(item, onward)
+            finally:
+                _ANSWER_WATCH.reset(token)
+            if answered[0]:
+                return
+        else:
+            await interceptor.send(item, onward)
         if not forwarded:
             # Neither forwarded nor answered: its requester would wait for
             # ever (a run hung on a swallowed PersistDecision).  It gets
@@ -91,6 +108,19 @@ def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Fo
                 raise Undelivered(f"{why} ({type(item).__name__}, which its receiver waits for)")
 
     return send
+
+
+# (outbox, [answered]) while an interceptor on an awaited edge handles an
+# item whose reply goes to that outbox; see _bind.
+_ANSWER_WATCH: contextvars.ContextVar[tuple[Any, list[bool]] | None] = contextvars.ContextVar(
+    "conclave_answer_watch", default=None
+)
+
+
+def _note_answer(outbox: Any) -> None:
+    watch = _ANSWER_WATCH.get()
+    if watch is not None and watch[0] is outbox:
+        watch[1][0] = True
 
 
 class Outbox(trio.abc.SendChannel[T]):
@@ -150,6 +180,7 @@ class Outbox(trio.abc.SendChannel[T]):
             raise ActorStopped(f"the {self.name} actor has stopped") from exc
 
     async def send(self, item: T) -> None:
+        _note_answer(self)
         await self._send(item)
 
     def send_nowait(self, item: T) -> None:
@@ -157,6 +188,7 @@ class Outbox(trio.abc.SendChannel[T]):
         (interceptors are async).  Raises ``trio.WouldBlock`` when full."""
         if self._interceptors:
             raise TypeError(f"the {self.name} channel has interceptors; use 'await send()'")
+        _note_answer(self)
         try:
             self._inner.send_nowait(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -168,6 +200,7 @@ class Outbox(trio.abc.SendChannel[T]):
         (interceptors still run, and may await).  For hot paths whose buffer
         argument says the send rarely waits.  Cancellation: as ``send`` - if
         it raises ``trio.Cancelled``, nothing was delivered."""
+        _note_answer(self)
         await self._send_eager(item)
 
     def clone(self) -> Outbox[T]:

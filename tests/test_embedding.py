@@ -505,3 +505,23 @@ async def test_an_interceptor_swallowing_what_a_receiver_waits_for_fails_loudly(
         with trio.fail_after(600):
             async with open_orchestrator(store=str(tmp_path / "c.db"), interceptors={edge: [FunctionInterceptor(drop)]}) as orch:
                 await orch.run("S")
+
+
+async def test_an_agent_edge_interceptor_may_still_answer_a_request_itself(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Answering through the request's reply channel is no swallow; the
+    # Undelivered check (a927e5a) took it for one and failed the run.
+    from messages import AgentReply, FunctionInterceptor
+
+    async def vacate(request: Any, forward: Any) -> None:
+        if request.key.agent == "gemini":
+            await request.reply_to.send(AgentReply(key=request.key, attempts=0, output=None, error="seat vacated"))
+            return
+        await forward(request)
+
+    with trio.fail_after(600):
+        async with open_orchestrator(store=str(tmp_path / "v.db"), seed=1,
+                                     interceptors={"agent": [FunctionInterceptor(vacate)]}) as orch:
+            result = await orch.run("S")
+    assert result.completed and {s.status for s in result.stages} == {"degraded"}
