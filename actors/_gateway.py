@@ -57,6 +57,7 @@ from messages import (
     TokenUsage,
     fail_pending,
 )
+from messages._messages import implausible_usage
 
 from ._health import HealthRegistry
 from ._provider import BaseProvider
@@ -294,7 +295,8 @@ class Gateway:
 
 def _usage_of(error: ProviderError) -> TokenUsage | None:
     """What a failed call consumed, if the error says so in the one form the
-    metrics can count; anything else (a provider's own dict) is unknown, not
-    an AttributeError in the accumulator that stops every run."""
+    metrics can count; anything else (a provider's own dict, or more tokens
+    than any call uses, which overflowed the run's stored totals) is
+    unknown, not an error in the accumulator or store that stops the run."""
     usage = getattr(error, "usage", None)
-    return usage if isinstance(usage, TokenUsage) else None
+    return usage if isinstance(usage, TokenUsage) and implausible_usage(usage) is None else None

@@ -119,10 +119,18 @@ def _storable(instance: object, attribute: attrs.Attribute[str], value: str) -> 
         ) from None
 
 
+def implausible_usage(usage: TokenUsage) -> str | None:
+    """Why ``usage`` cannot be one call's, or None."""
+    for name, count in usage.as_dict().items():
+        if count > MAX_CALL_TOKENS:
+            return f"usage {name} of {count} is more than one call can use ({MAX_CALL_TOKENS})"
+    return None
+
+
 def _plausible_usage(instance: object, attribute: attrs.Attribute[TokenUsage], value: TokenUsage) -> None:
-    for name, count in value.as_dict().items():
-        if isinstance(count, int) and count > MAX_CALL_TOKENS:
-            raise ValueError(f"usage {name} of {count} is more than one call can use ({MAX_CALL_TOKENS})")
+    problem = implausible_usage(value)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 @attrs.frozen(kw_only=True, slots=True)

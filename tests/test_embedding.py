@@ -453,7 +453,7 @@ async def test_a_provider_errors_own_usage_attribute_is_unknown_usage(
 ) -> None:
     # A dict in ProviderError.usage reached the accumulator, whose
     # AttributeError stopped the orchestrator.
-    from messages import Disconnected
+    from messages import Disconnected, TokenUsage
 
     sim = SimulatedProvider(seed=0)
     failed: list[str] = []
@@ -462,7 +462,8 @@ async def test_a_provider_errors_own_usage_attribute_is_unknown_usage(
         if request.attempt == 1 and request.key.stage == "plan":
             failed.append(request.key.agent)
             error = Disconnected("stream broke")
-            error.usage = {"input_tokens": 5}  # type: ignore[attr-defined]
+            # A dict; then more tokens than SQLite's totals hold (the run ended 'interrupted').
+            error.usage = {"input_tokens": 5} if request.key.agent == "gemini" else TokenUsage(input_tokens=2**70)  # type: ignore[attr-defined]
             raise error
         return sim.answer(request)
 
