@@ -119,9 +119,17 @@ MAX_FAULT_COUNT = 1_000_000
 def _percent(rate: float) -> str:
     """A rate as the percentage a plan is written with, read back exactly:
     ``%g`` gave ``1e-05`` (refused by the parser) and cut ``99.99999`` to
-    ``100`` in the replay command."""
-    text = format(decimal.Decimal(repr(round(rate * 100, 12))), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    ``100`` in the replay command; rounding to 12 places made
+    ``0.0000000000001%`` read ``0%``, which turns injection off.  The
+    shortest decimal that parses back to the same rate, without exponent."""
+    text = repr(rate * 100)
+    for digits in range(1, 18):
+        candidate = f"{rate * 100:.{digits}g}"
+        if float(candidate) / 100 == rate:
+            text = candidate
+            break
+    plain = format(decimal.Decimal(text), "f")
+    return plain.rstrip("0").rstrip(".") if "." in plain else plain
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -529,7 +529,8 @@ def test_fault_plan_helpers_name_a_wrong_argument(build: Any, needle: str) -> No
         build()
 
 
-@pytest.mark.parametrize("text", ["disconnect:0.00001%", "disconnect:99.99999%", "429:12.5%,timeout:0.3%", "timeout:100%"])
+@pytest.mark.parametrize("text", ["disconnect:0.00001%", "disconnect:99.99999%", "429:12.5%,timeout:0.3%", "timeout:100%",
+                                  "disconnect:0.0000000000001%", "disconnect:12.345678901234567%"])
 def test_a_plans_description_parses_back_to_the_same_plan(text: str) -> None:
     # %g printed 1e-05 (which the parser refuses) and cut 99.99999 to 100:
     # the banner, --json's plan and the soak's replay command showed a
@@ -537,3 +538,12 @@ def test_a_plans_description_parses_back_to_the_same_plan(text: str) -> None:
     plan = FaultPlan.parse(text)
     assert plan.describe_kinds() == text
     assert FaultPlan.parse(plan.describe_kinds()).rates == plan.rates
+
+
+@settings(max_examples=300, deadline=None)
+@given(whole=st.integers(0, 99), fraction=st.text(alphabet="0123456789", max_size=16))
+def test_any_rate_describes_as_itself(whole: int, fraction: str) -> None:
+    text = f"disconnect:{whole}.{fraction}%" if fraction else f"disconnect:{whole}%"
+    plan = FaultPlan.parse(text)
+    firing = {k: r for k, r in plan.rates.items() if r}  # a 0% entry fires nothing and is not described
+    assert {k: r for k, r in FaultPlan.parse(plan.describe_kinds()).rates.items() if r} == firing
