@@ -464,7 +464,8 @@ class Orchestrator:
             raise ConfigError(f"retry_failed must be True or False, got {retry_failed!r}")
         with self._claim(run_id):
             state = load_state(self._require_db(), run_id)
-            self._check_seed(run_id, state.seed)
+            if not state.settled():  # a settled branch only replays its outcome: no answer is drawn
+                self._check_seed(run_id, state.seed)
             self._check_providers(state.pipeline)
             if self._fault_interceptors:
                 # A count budget is the run's, not the process's: what fired

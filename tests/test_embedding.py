@@ -489,6 +489,9 @@ async def test_resuming_with_another_seed_is_refused_when_the_seed_draws_the_ans
             await orch.rerun("x", "plan")
     async with open_orchestrator(store=path, seed=7) as orch:
         assert (await orch.resume("x")).completed
+    async with open_orchestrator(store=path) as orch:
+        # Finished: a resume only replays the outcome and draws nothing.
+        assert (await orch.resume("x")).completed
 
 
 @pytest.mark.parametrize(("edge", "swallowed"), [("agent", "AgentRequest"), ("coordinator", "AgentReply")])
