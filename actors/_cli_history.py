@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TextIO
 
+import httpx
 import trio
 import trio.testing
 
@@ -136,14 +137,33 @@ def base_url_options(configs: Mapping[str, ProviderConfig]) -> dict[str, Any]:
     """The real providers' base URLs, kept with the run: a resume without
     --base-url went to the provider's public endpoint (with the key meant
     for the local server) and stored its failures as decisions.  A URL
-    whose query looks like it holds a key is not stored (the resume must
-    then be told again)."""
+    whose query holds anything but a version is not stored (the resume
+    must then be told again)."""
     urls = {
         name: config.base_url
         for name, config in sorted(configs.items())
-        if config.remote and config.base_url is not None and redact(config.base_url) == config.base_url
+        if config.remote and config.base_url is not None and _storable_url(config.base_url)
     }
     return {"base_urls": urls} if urls else {}
+
+
+# Query parameters that name a version, never a credential.
+_SAFE_QUERY_KEYS = frozenset({"api-version"})
+
+
+def _storable_url(url: str) -> bool:
+    """Whether ``url`` may be kept in the database: its query holds nothing
+    but a version.  Guessing credentials by name missed ``?key=``,
+    ``?token=``, ``?sig=`` and ``?code=``, and those were stored in plain
+    text; a URL with any other query is used, not kept (a resume must be
+    given ``--base-url`` again)."""
+    if redact(url) != url:
+        return False
+    try:
+        params = httpx.URL(url).params
+    except Exception:
+        return False
+    return all(key.lower() in _SAFE_QUERY_KEYS for key in params.keys())
 
 
 # Stored option -> RetryPolicy field, for the retry settings a branch keeps.

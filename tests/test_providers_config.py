@@ -208,3 +208,19 @@ def test_reprs_and_constructors_keep_url_credentials_out() -> None:
     config = ProviderConfig(name="openai", base_url=f"https://user:{SECRET}@api.test/v1?api-key={SECRET}")
     for shown in (repr(provider), repr(config)):
         assert SECRET not in shown and "https://api.test/v1" in shown
+
+
+@pytest.mark.parametrize(
+    ("query", "kept"),
+    [("", True), ("?api-version=2024-10-21", True), ("?key=AIzaSyQUERYSECRET1", False), ("?token=t0k3n", False),
+     ("?sig=abc%2Fdef&se=2030", False), ("?code=xyz", False), ("?api_key=sk-abcdefgh", False)],
+)
+def test_a_base_url_with_a_query_that_may_hold_a_credential_is_not_stored(query: str, kept: bool) -> None:
+    # ?key=, ?token=, ?sig= (an Azure SAS) and ?code= were kept in the
+    # branch options in plain text: only key-shaped names were caught.
+    from actors._cli_history import base_url_options
+    from actors._provider_factory import resolve_provider
+
+    url = "http://127.0.0.1:8000/v1" + query
+    config = resolve_provider("openai", base_url=url, env={"OPENAI_API_KEY": SECRET})
+    assert base_url_options({"openai": config}) == ({"base_urls": {"openai": url}} if kept else {})
