@@ -16,10 +16,12 @@ spells usage differently:
   ``candidatesTokenCount`` excludes thoughts, which are billed as output.
 
 A payload that is missing or not a mapping gives ``None`` (unknown), never
-zero.  A counter missing from a payload counts as 0 (providers leave out
-what they have none of); one that is there but not a whole number >= 0
-(``-5``, ``"7"``) makes the whole usage unknown: counted as zero it would
-price the call at nothing and hide it from a budget.
+zero.  So does one without its input or output count (``{}``, or only
+``total_tokens``; a ``null`` count): every real response has both, and
+counted as zero the call would be priced at nothing and hidden from a
+budget.  A detail counter missing (cached, reasoning, cache writes) counts
+as 0 (providers leave out what they have none of); one that is there but
+not a whole number >= 0 (``-5``, ``"7"``) makes the whole usage unknown.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def _count(payload: Mapping[str, Any] | None, *path: str) -> int:
     return int(value)
 
 
+def _required(payload: Mapping[str, Any], key: str) -> int:
+    if payload.get(key) is None:
+        raise _Malformed((key,))
+    return _count(payload, key)
+
+
 def _unknown_if_malformed(read: Callable[[Any], TokenUsage | None]) -> Callable[[Any], TokenUsage | None]:
     @functools.wraps(read)
     def guarded(payload: Any) -> TokenUsage | None:
@@ -66,14 +74,14 @@ def usage_from_openai(payload: Any) -> TokenUsage | None:
     if not isinstance(payload, Mapping):
         return None
     if "prompt_tokens" in payload or "completion_tokens" in payload:
-        input_tokens = _count(payload, "prompt_tokens")
+        input_tokens = _required(payload, "prompt_tokens")
         cached = _count(payload, "prompt_tokens_details", "cached_tokens")
-        output_tokens = _count(payload, "completion_tokens")
+        output_tokens = _required(payload, "completion_tokens")
         reasoning = _count(payload, "completion_tokens_details", "reasoning_tokens")
     else:
-        input_tokens = _count(payload, "input_tokens")
+        input_tokens = _required(payload, "input_tokens")
         cached = _count(payload, "input_tokens_details", "cached_tokens")
-        output_tokens = _count(payload, "output_tokens")
+        output_tokens = _required(payload, "output_tokens")
         reasoning = _count(payload, "output_tokens_details", "reasoning_tokens")
     total = _count(payload, "total_tokens") or input_tokens + output_tokens
     return TokenUsage(
@@ -102,10 +110,10 @@ def usage_from_anthropic(payload: Any) -> TokenUsage | None:
     """Messages API ``usage``: input excludes cache reads and writes."""
     if not isinstance(payload, Mapping):
         return None
-    fresh = _count(payload, "input_tokens")
+    fresh = _required(payload, "input_tokens")
     cache_read = _count(payload, "cache_read_input_tokens")
     cache_write = _count(payload, "cache_creation_input_tokens")
-    output_tokens = _count(payload, "output_tokens")
+    output_tokens = _required(payload, "output_tokens")
     thinking = _count(payload, "output_tokens_details", "thinking_tokens")
     input_tokens = fresh + cache_read + cache_write
     return TokenUsage(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from actors._usage_normalise import (
     merge_anthropic_usage,
     usage_from_anthropic,
@@ -49,13 +51,24 @@ def test_openai_usage_with_missing_details_and_nulls() -> None:
 
 def test_a_malformed_counter_makes_usage_unknown_not_zero() -> None:
     # Counted as 0, a call reporting -5 or "7" tokens was priced at nothing
-    # and hidden from a budget.  Missing counters still count as 0.
+    # and hidden from a budget.  Missing detail counters still count as 0.
     assert usage_from_openai({"prompt_tokens": -5, "completion_tokens": 3}) is None
     assert usage_from_openai({"prompt_tokens": 5, "completion_tokens": "7"}) is None
     assert usage_from_openai({"prompt_tokens": 5, "completion_tokens": float("nan")}) is None
     assert usage_from_anthropic({"input_tokens": "n/a", "output_tokens": 3}) is None
     assert usage_from_gemini({"promptTokenCount": 3, "candidatesTokenCount": -1}) is None
-    assert usage_from_openai({"prompt_tokens": 5}) == TokenUsage.of(input_tokens=5, output_tokens=0)
+    assert usage_from_openai({"prompt_tokens": 5, "completion_tokens": 2}) == TokenUsage.of(input_tokens=5, output_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "payload", [{}, {"total_tokens": 1500}, {"prompt_tokens": 5}, {"prompt_tokens": 5, "completion_tokens": None},
+                {"input_tokens": 5}, {"output_tokens": 3}],
+)
+def test_usage_without_its_input_or_output_count_is_unknown(payload: dict) -> None:
+    # '{}' and '{"total_tokens": 1500}' were 0 tokens in, 0 out, $0, and not
+    # counted as unknown; a null completion count priced the call's output at nothing.
+    assert usage_from_openai(payload) is None
+    assert usage_from_anthropic(payload) is None
 
 
 def test_absent_usage_is_unknown_not_zero() -> None:
