@@ -22,11 +22,13 @@ from typing import Any
 import httpx
 
 from messages import (
+    AuthenticationFailed,
     BadRequest,
     Completion,
     CompletionRequest,
     ProviderError,
     ProviderUnavailable,
+    QuotaExceeded,
     RateLimited,
 )
 
@@ -98,12 +100,20 @@ class AnthropicProvider(HttpProvider):
         kind = err.get("type", "") if isinstance(err, dict) else ""
         detail = f"{self.name}: error {where} ({kind}): {body_excerpt(json.dumps(data).encode(), self._secrets())}"
         error: ProviderError
+        # Only what is known to be the request's fault is permanent; any
+        # other type (internal_server_error, a new one) may pass, as the
+        # README says and the OpenAI path does: it used to be a bad
+        # request, decided durably as no_consensus with no retry.
         if kind == "rate_limit_error":
             error = RateLimited(detail)
-        elif kind in ("overloaded_error", "api_error", "timeout_error"):
-            error = ProviderUnavailable(detail)
-        else:
+        elif kind in ("invalid_request_error", "not_found_error", "request_too_large"):
             error = BadRequest(detail)
+        elif kind in ("authentication_error", "permission_error"):
+            error = AuthenticationFailed(detail)
+        elif kind == "billing_error":
+            error = QuotaExceeded(detail)
+        else:
+            error = ProviderUnavailable(detail)
         return with_usage(error, None)
 
     async def read_stream(self, request: CompletionRequest, response: httpx.Response) -> Completion:

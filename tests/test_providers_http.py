@@ -18,6 +18,7 @@ from messages import (
     AuthenticationFailed,
     BadRequest,
     Disconnected,
+    ProviderError,
     ProviderUnavailable,
     QuotaExceeded,
     RateLimited,
@@ -486,3 +487,23 @@ async def test_an_answer_cut_at_the_output_token_limit_says_so(
     assert (await build(cut, stop).complete(make_request(fields=(), decision_field=None))).content == cut
     normal = "end_turn" if provider == "anthropic" else "stop"
     assert (await build(cut, normal).complete(make_request())).content == cut
+
+
+@pytest.mark.parametrize(
+    ("error_type", "expected"),
+    [("internal_server_error", ProviderUnavailable), ("some_new_error", ProviderUnavailable),
+     ("overloaded_error", ProviderUnavailable), ("rate_limit_error", RateLimited),
+     ("invalid_request_error", BadRequest), ("authentication_error", AuthenticationFailed)],
+)
+async def test_anthropic_error_mid_stream_is_permanent_only_when_known_to_be(error_type: str, expected: type) -> None:
+    # An unknown type was a bad request: the stage was decided no_consensus
+    # for good, with no retry (the README says "else unavailable").
+    events = [STREAM_EVENTS[0], ("error", {"type": "error", "error": {"type": error_type, "message": "boom"}})]
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=anthropic_sse(events))
+
+    p = AnthropicProvider(api_key=SECRET, transport=httpx.MockTransport(answer))
+    with pytest.raises(ProviderError) as caught:
+        await p.complete(make_request(model="claude-sonnet-4-5"))
+    assert type(caught.value) is expected
