@@ -81,11 +81,45 @@ def system_prompt(request: CompletionRequest) -> str:
     )
 
 
+# No model answer comes near this (an output token limit of 128k tokens is
+# about half a MiB); a server sending more is misbehaving, and reading it all
+# took gigabytes of memory and stored them (300 MB: 4.4 GB RSS).
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+# An error body is read for a 200-character excerpt.
+MAX_ERROR_BYTES = 64 * 1024
+
+
+class _TooLarge(Exception):
+    """The response outgrew :data:`MAX_ANSWER_BYTES`."""
+
+
+async def _read_capped(response: httpx.Response, limit: int, *, cut: bool = False) -> bytes:
+    """The body, up to ``limit`` bytes: past it, the first ``limit`` bytes
+    if ``cut``, else :class:`_TooLarge`.  Undecodable (a false gzip):
+    httpx.DecodingError, as ``aread`` raises it."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            if cut:
+                chunks.append(chunk[: limit - (size - len(chunk))])
+                break
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """``(event, data)`` for each complete server-sent event.  An event the
-    stream ended in the middle of is dropped, never half-delivered."""
+    stream ended in the middle of is dropped, never half-delivered.  A
+    stream past :data:`MAX_ANSWER_BYTES` raises :class:`_TooLarge`."""
     event, data = "message", list[str]()
+    size = 0
     async for line in response.aiter_lines():
+        size += len(line) + 1
+        if size > MAX_ANSWER_BYTES:
+            raise _TooLarge
         if not line:
             if data:
                 yield event, "\n".join(data)
@@ -243,7 +277,12 @@ class HttpProvider(BaseProvider):
         try:
             async with self._client.stream("POST", self.endpoint(), json=body, headers=headers) as response:
                 if response.status_code >= 400:
-                    raw = await response.aread()
+                    try:
+                        raw = await _read_capped(response, MAX_ERROR_BYTES, cut=True)
+                    except httpx.DecodingError:
+                        # The status still says what happened: a 429 with a
+                        # false gzip was retried at once as "malformed".
+                        raw = b""
                     error = error_from_status(
                         response.status_code,
                         response.headers,
@@ -282,13 +321,22 @@ class HttpProvider(BaseProvider):
                         # "delta" that is a string, "choices" a number):
                         # the provider misbehaved, as with invalid JSON.
                         raise malformed(self.name, "a stream event of an unexpected shape") from None
-                raw = await response.aread()
+                raw = await _read_capped(response, MAX_ANSWER_BYTES)
         except httpx.TransportError as exc:
             raise error_from_transport(exc, provider=self.name, streaming=self.stream, secrets=self._secrets()) from None
         except httpx.DecodingError:
             raise malformed(self.name, "undecodable body") from None
+        except _TooLarge:
+            raise malformed(self.name, f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB") from None
         try:
             data = json.loads(raw)
+        except UnicodeDecodeError:
+            # Streamed, the same bytes were read with U+FFFD; plain, the
+            # whole answer (and its usage) was lost.
+            try:
+                data = json.loads(raw.decode("utf-8", "replace"))
+            except ValueError:
+                raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
         except ValueError:
             raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
         try:

@@ -265,3 +265,62 @@ def test_redact_masks_key_shapes_it_was_not_told_about() -> None:
 def test_provider_repr_hides_the_key() -> None:
     p = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET)
     assert SECRET not in repr(p) and "hidden" in repr(p)
+
+
+# -- what the server sends is read within bounds ------------------------------------
+
+
+async def test_an_error_whose_body_cannot_be_decoded_keeps_its_status() -> None:
+    # A 429 with a false gzip and 'retry-after: 5' was retried at once as
+    # a malformed response, usage unknown; a 401 so sent became retryable.
+    async def body():  # type: ignore[no-untyped-def]
+        yield b"not gzip at all"  # streamed, as from a socket: decoded only when read
+
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(429, headers={"content-encoding": "gzip", "retry-after": "5"}, content=body())
+    )
+    error = await failure(transport, stream=False)
+    assert isinstance(error, RateLimited) and error.retry_after == 5.0
+
+
+async def test_only_the_head_of_a_huge_error_body_is_read() -> None:
+    # A 300 MB error body was read whole (1.3 GB RSS, 59 s) to quote 200 characters.
+    sent = [0]
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10_000):
+            sent[0] += 1
+            yield b"x" * 4096
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(500, content=chunks()))
+    error = await failure(transport, stream=False)
+    assert error.kind == "unavailable" and sent[0] <= 20
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_answer_past_the_size_limit_is_malformed_not_stored(monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    # 300 MB of streamed content was taken as the answer: 4.4 GB RSS, a 5.7 GB database.
+    import actors._http_provider as http
+
+    monkeypatch.setattr(http, "MAX_ANSWER_BYTES", 10_000)
+    if stream:
+        delta = json.dumps({"choices": [{"delta": {"content": "y" * 1000}}]})
+        body = ("".join(f"data: {delta}\n\n" for _ in range(50)) + "data: [DONE]\n\n").encode()
+        headers = {"content-type": "text/event-stream"}
+    else:
+        body = json.dumps({"choices": [{"message": {"content": "y" * 50_000}}]}).encode()
+        headers = {"content-type": "application/json"}
+    error = await failure(fixed(200, headers=headers, body=body), stream=stream)
+    assert "larger than" in str(error) and error.retryable
+
+
+async def test_a_plain_answer_with_invalid_utf8_is_read_with_replacements() -> None:
+    # Streamed, such bytes became U+FFFD; plain, the answer and its usage were lost.
+    body = b'{"model": "m", "choices": [{"message": {"content": "caf\xe9"}, "finish_reason": "stop"}],' \
+           b' "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+    p = provider(fixed(200, headers={"content-type": "application/json"}, body=body), stream=False)
+    try:
+        completion = await p.complete(make_request())
+    finally:
+        await p.aclose()
+    assert completion.content == "caf\ufffd" and completion.usage is not None
