@@ -126,9 +126,11 @@ def _pick(resets: list[tuple[float, str | None]]) -> float | None:
     return max(exhausted) if exhausted else max(s for s, _ in resets)
 
 
-def parse_reset_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.time) -> float | None:
-    """Seconds until the provider's rate limit resets, from whichever hint
-    the response carries; ``None`` when it carries none."""
+def retry_after_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.time) -> float | None:
+    """``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), in
+    seconds; ``None`` without either.  (Not the ``x-ratelimit-reset-*``
+    headers: those come on every answer and time the rate limit, not an
+    outage.)"""
     ms = _seconds(headers.get("retry-after-ms"))
     if ms is not None:
         return ms / 1000.0
@@ -137,8 +139,16 @@ def parse_reset_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.t
         seconds = _seconds(retry_after)
         if seconds is None:
             seconds = _http_date(retry_after, wall_now())
-        if seconds is not None:
-            return seconds
+        return seconds
+    return None
+
+
+def parse_reset_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.time) -> float | None:
+    """Seconds until the provider's rate limit resets, from whichever hint
+    the response carries; ``None`` when it carries none."""
+    seconds = retry_after_hint(headers, wall_now=wall_now)
+    if seconds is not None:
+        return seconds
     resets: list[tuple[float, str | None]] = []
     for kind in ("requests", "tokens"):
         raw = headers.get(f"x-ratelimit-reset-{kind}")
@@ -199,7 +209,9 @@ def error_from_status(
     elif status == 408:
         error = ProviderTimeout(detail) if override is not False else BadRequest(detail)
     elif status == 409 or 500 <= status <= 599:
-        error = ProviderUnavailable(detail) if override is not False else ProviderError(detail)
+        # A 503 or 529 may say when to come back, as the official SDKs honour.
+        hint = retry_after_hint(headers, wall_now=wall_now)
+        error = ProviderUnavailable(detail, retry_after=hint) if override is not False else ProviderError(detail)
     elif override is True:
         error = ProviderUnavailable(detail)
     else:

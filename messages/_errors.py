@@ -84,10 +84,15 @@ class RateLimited(ProviderError):
 
 
 class ProviderUnavailable(ProviderError):
-    """5xx, 529 or "overloaded": the provider may recover."""
+    """5xx, 529 or "overloaded": the provider may recover.  ``retry_after``:
+    the server's ``Retry-After``, if it sent one (seconds from now)."""
 
     kind = "unavailable"
     retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = _hint(retry_after)
 
 
 class CircuitOpen(ProviderError):

@@ -324,3 +324,20 @@ async def test_a_plain_answer_with_invalid_utf8_is_read_with_replacements() -> N
     finally:
         await p.aclose()
     assert completion.content == "caf\ufffd" and completion.usage is not None
+
+
+@pytest.mark.parametrize(
+    ("headers", "hint"),
+    [({"retry-after": "4"}, 4.0), ({"retry-after-ms": "1500"}, 1.5),
+     ({"x-ratelimit-reset-tokens": "6m0s"}, None), ({}, None)],
+)
+async def test_a_5xx_retry_after_is_honoured(headers: dict[str, str], hint: float | None) -> None:
+    # A 503 asking for 4 s was retried 0.4 s later.  (The rate limit's own
+    # reset headers come on every answer: they time no outage.)
+    from actors import RetryPolicy
+    from messages import AgentKey
+
+    error = await failure(fixed(503, headers=headers), stream=False)
+    assert isinstance(error, ProviderUnavailable) and error.retry_after == hint
+    delay = RetryPolicy().delay(error, AgentKey(run_id="r", branch_id="b", stage="plan", agent="claude"), 1, 0)
+    assert delay >= (hint or 0.0)
