@@ -481,7 +481,8 @@ def register(sub: Any) -> None:
     resume.add_argument(
         "--retry-failed", action="store_true",
         help=("a run halted for want of answers (agents_failed: a provider outage, rate limits or "
-              "timeouts outlasted their retries): ask those agents again, with a new round of attempts"),
+              "timeouts outlasted their retries, or a wrong key or spent quota): ask those agents again, "
+              "with a new round of attempts"),
     )
     _add_common(resume)
     resume.set_defaults(handler=cmd_resume)

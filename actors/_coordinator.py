@@ -27,6 +27,7 @@ from messages import (
     PersistEvent,
     PriorOutput,
     ProgressEvent,
+    ProviderError,
     StageDecided,
     StageKey,
     StageStarted,
@@ -38,7 +39,7 @@ from messages import (
 from ._classify import classify
 from ._consensus import ADVANCING, Verdict, compute_verdict
 from ._pipeline import StageSpec
-from ._resume import stored_error
+from ._resume import USER_FIXABLE, stored_error
 from ._sequencer import DecisionSequencer
 
 if TYPE_CHECKING:
@@ -51,16 +52,26 @@ class DecisionNotDurable(ConclaveError):
 
 class StageUnanswered(ConclaveError):
     """A stage could not be decided because agents failed on errors that
-    may pass (a provider down, rate limits, timeouts) after their retries.
-    Deciding "no consensus" on their silence would be final - a resume
-    could not ask them again - so the stage stays undecided and the run
-    halts resumable, as with a spent budget."""
+    may pass (a provider down, rate limits, timeouts) after their retries,
+    or that the user can fix (a wrong key, a spent quota).  Deciding "no
+    consensus" on their silence would be final - a resume could not ask
+    them again - so the stage stays undecided and the run halts resumable,
+    as with a spent budget."""
 
     def __init__(self, stage: str, failures: Mapping[str, str]) -> None:
         self.stage = stage
         self.failures = dict(failures)
         shown = "; ".join(f"{agent}: {error}" for agent, error in self.failures.items())
         super().__init__(f"{len(self.failures)} agent(s) failed after their retries ({shown})")
+
+
+def _not_the_answers_fault(error: ProviderError) -> bool:
+    """Whether a failed agent may answer once asked again: the error may
+    pass, or the user can fix it outside the run.  A wrong API key was
+    decided durably as no_consensus ("only 0 agent(s) agree"), naming no
+    cause, and fixing the key could not resume the run."""
+    verdict = classify(error)
+    return verdict.retryable or verdict.kind in USER_FIXABLE
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -132,7 +143,7 @@ class Coordinator:
             passing = {
                 agent: error
                 for agent, error in self._failures.items()
-                if agent not in outputs and classify(stored_error(error)).retryable
+                if agent not in outputs and _not_the_answers_fault(stored_error(error))
             }
             if passing:
                 raise StageUnanswered(stage.name, passing)

@@ -50,6 +50,7 @@ from messages import (
 )
 from store import BranchRow, DecisionRow, OutputRow, RunRow, Store
 
+from ._classify import classify
 from ._consensus import ADVANCING
 from ._pipeline import Pipeline, PipelineError, StageSpec, pipeline_from_dict
 from ._retry import RetryPolicy
@@ -59,6 +60,9 @@ from ._sequencer import DecisionSequencer
 # The halt reason of a stage left undecided for want of answers (see
 # actors._coordinator.StageUnanswered).
 UNANSWERED = "agents_failed"
+# Errors no retry mends but the user can, outside the run: they leave a
+# stage undecided too, for 'resume --retry-failed' once fixed.
+USER_FIXABLE = frozenset({"authentication", "quota"})
 
 
 class ResumeError(ConclaveError, ValueError):
@@ -181,6 +185,16 @@ class ResumeState:
                 )
                 continue
             error = stored_error(last.error)
+            if classify(error).kind in USER_FIXABLE:
+                # It gave up at once (a wrong key, a spent quota), so rounds
+                # of attempts do not measure it: each halt it caused and
+                # each round granted since ('--retry-failed') is one ask.
+                gave_up = sum(
+                    1 for o in mine if o.status != "accepted" and classify(stored_error(o.error)).kind in USER_FIXABLE
+                )
+                if gave_up <= self.rounds.get(stage.name, 0):
+                    first[agent] = last.attempt + 1
+                    continue
             in_round = retry.round_attempt(last.attempt)
             granted = retry.max_attempts * (1 + self.rounds.get(stage.name, 0))
             if in_round == retry.max_attempts and last.attempt < granted:

@@ -159,3 +159,31 @@ async def test_a_run_without_login_fails_fast_with_a_clear_error(
     with Store.open(str(tmp_path / "run.db")) as db:
         errors = {o.error for o in db.outputs("no-auth")}
     assert errors and all(e and "not logged in to openai" in e and "conclave login openai" in e for e in errors)
+
+
+async def test_a_wrong_api_key_halts_resumable_naming_the_cause(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # It was decided durably as no_consensus ("only 0 agent(s) agree"),
+    # naming no cause, and fixing the key could not resume the run.
+    from actors import OpenAIProvider
+    from actors._mock_backend import MockBackend
+    from actors._mock_server import mock_transport
+
+    backend = MockBackend(seed=1, disagreement_rate=0.0, required_key="sk-right-key-0000")
+    path = str(tmp_path / "k.db")
+
+    def provider(key: str) -> OpenAIProvider:
+        return OpenAIProvider(base_url="https://api.test/v1", api_key=key, transport=mock_transport(backend),
+                              stream=False, name="openai")
+
+    async with open_orchestrator(store=path, provider={"openai": provider("sk-wrong-key-0000")},
+                                 pipeline=openai_pipeline(), seed=1) as orch:
+        halted = await orch.run("SPEC-KEY", run_id="key")
+    assert (halted.status, halted.halt_reason) == ("halted", "agents_failed")
+    assert "authentication" in (halted.halt_message or "") and "wrong-key" not in (halted.halt_message or "")
+    asked = backend.ledger.requests
+    async with open_orchestrator(store=path, provider={"openai": provider("sk-right-key-0000")},
+                                 pipeline=openai_pipeline(), seed=1) as orch:
+        plain = await orch.resume("key")  # without --retry-failed a halted stage stays as it was
+        assert (plain.halt_reason, backend.ledger.requests) == ("agents_failed", asked)
+        resumed = await orch.resume("key", retry_failed=True)
+    assert resumed.completed
