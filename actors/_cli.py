@@ -317,6 +317,17 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return result
 
 
+def drain_progress(events: trio.MemoryReceiveChannel[ProgressEvent], printer: Callable[[ProgressEvent], None]) -> None:
+    """Print what the run published but :func:`print_progress` had not
+    reached when it was cancelled: a resume replaying a finished run
+    published its six stages at once, and four or five were shown."""
+    while True:
+        try:
+            printer(events.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return
+
+
 async def print_progress(
     events: trio.MemoryReceiveChannel[ProgressEvent], printer: Callable[[ProgressEvent], None]
 ) -> None:
@@ -356,11 +367,12 @@ async def _run_pipeline(
         auth=auth,
         retry=_history.retry_of(options),
     ) as orch:
+        progress = orch.subscribe() if printer is not None else None
         async with trio.open_nursery() as nursery:
             if display is not None:
                 nursery.start_soon(show_metrics, orch.subscribe_metrics(), display)
-            if printer is not None:
-                nursery.start_soon(print_progress, orch.subscribe(), printer)
+            if progress is not None and printer is not None:
+                nursery.start_soon(print_progress, progress, printer)
             try:
                 result = await orch.run(
                     args.spec_id,
@@ -373,6 +385,8 @@ async def _run_pipeline(
                 nursery.cancel_scope.cancel()
                 if isinstance(display, LiveFooter):
                     display.clear()
+        if progress is not None and printer is not None:
+            drain_progress(progress, printer)
         faults = fault_summary(orch, store, result, show=printer is not None)
     return result, trio.current_time() - started, faults
 

@@ -41,6 +41,7 @@ from ._cli import (
     fault_summary,
     interruptible,
     open_run,
+    drain_progress,
     print_progress,
     report_result,
     warn_unpriced_budget,
@@ -234,13 +235,16 @@ async def _drive(
         retry=retry,
         faults=faults,
     ) as orch:
+        progress = orch.subscribe() if printer is not None else None
         async with trio.open_nursery() as nursery:
-            if printer is not None:
-                nursery.start_soon(print_progress, orch.subscribe(), printer)
+            if progress is not None and printer is not None:
+                nursery.start_soon(print_progress, progress, printer)
             try:
                 result = await action(orch)
             finally:
                 nursery.cancel_scope.cancel()
+        if progress is not None and printer is not None:
+            drain_progress(progress, printer)
         injected = fault_summary(orch, store, result, show=printer is not None)
     return result, trio.current_time() - started, injected
 

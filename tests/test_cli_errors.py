@@ -259,3 +259,14 @@ def test_status_with_a_branch_but_no_run_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "--branch abc needs a RUN_ID")
     assert not (tmp_path / "x.db").exists()
+
+
+def test_a_resume_that_replays_a_finished_run_shows_every_stage(tmp_path: Path) -> None:
+    # The printer was cancelled as soon as the replay returned: four or
+    # five of the six stage banners were shown, under "6 stage(s) decided".
+    db = str(tmp_path / "f.db")
+    assert run_cli(["run", "--db", db, "--run-id", "F", "--sim-latency", "0"]).returncode == 0
+    for _ in range(2):
+        resumed = run_cli(["resume", "F", "--db", db])
+        assert resumed.returncode == 0, resumed.stderr
+        assert (resumed.stdout + resumed.stderr).count("STAGE ") == 6
