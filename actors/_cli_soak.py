@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
         help="processes to split the runs over (run i goes to worker i %% N, each with its own "
         "store, virtual clock and ceil(concurrency / N) runs in flight; auto: one per core; "
         "default: 1). Runs in one process share a rate-limit gate and breaker, so the digest "
-        "depends on --workers as on --concurrency",
+        "may depend on --workers as on --concurrency",
     )
     p.add_argument("--max-attempts", type=positive_arg, default=3, help="attempts per agent call (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
