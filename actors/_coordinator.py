@@ -104,6 +104,9 @@ class Coordinator:
     # The lineage-aware read of a stage's accepted outputs (the runtime
     # passes the store's); None: decide on the replies as received.
     durable_outputs: Callable[[StageKey], Mapping[str, AgentOutput]] | None = None
+    # False: a replay that must write nothing (a resume that can only halt
+    # again the way the branch halted).
+    record: bool = True
     late_replies: int = 0
     duplicate_replies: int = 0
     # The current stage's agents that gave up, with their errors.
@@ -123,15 +126,16 @@ class Coordinator:
         self.publish(StageStarted(key=key, agents=stage.agents, mode=stage.mode))
         # Eager: no schedule point between starting the agents and handing
         # them their requests, so each finds its request on its first step.
-        await self.store.send_eager(
-            PersistEvent(
-                run_id=key.run_id,
-                branch_id=key.branch_id,
-                kind="stage_start",
-                stage=stage.name,
-                detail={"agents": list(stage.agents), "mode": stage.mode},
+        if self.record:
+            await self.store.send_eager(
+                PersistEvent(
+                    run_id=key.run_id,
+                    branch_id=key.branch_id,
+                    kind="stage_start",
+                    stage=stage.name,
+                    detail={"agents": list(stage.agents), "mode": stage.mode},
+                )
             )
-        )
         self._failures = {}
         outputs = await self.collect(stage, key, resume)
         if self.durable_outputs is not None:

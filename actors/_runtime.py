@@ -489,7 +489,15 @@ class Orchestrator:
             # Nothing left to decide: the resume replays the outcome and
             # writes nothing (it rewrote the metrics event with 0 calls, and
             # a Ctrl-C during the replay marked a completed run interrupted).
-            settled = state.settled()
+            # So does one halted in a way only a new grant can change: a
+            # spent budget resumed without a new one, agents_failed without
+            # --retry-failed.  They would halt the same way again, and each
+            # plain resume wrote a second set of budget warnings, a metrics
+            # event and a halt for nothing.
+            halted = state.branch.halt_reason if state.branch.status == "halted" else None
+            settled = state.settled() or (
+                (halted == "budget_exceeded" and budget_usd is None) or (halted == UNANSWERED and not retry_failed)
+            )
             if not settled:
                 detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
                 fresh = state.unanswered_stage() if retry_failed else None
@@ -697,6 +705,7 @@ class Orchestrator:
                         publish=self._publish,
                         gate=None if budget_usd is None else budget_gate(self._metrics),
                         durable_outputs=self._durable_outputs,
+                        record=record,
                     )
                     if state is not None:
                         # Durable attempts count once, as replays, never as turns.
@@ -738,8 +747,7 @@ class Orchestrator:
         message = None if halted is None else halt_message(ctx.run_id, halted)
         if record:
             await self._persist_metrics(ctx, totals)
-        # A settled branch (record False) has every stage decided: neither
-        # of the next two halts can happen in its replay.
+        # A replay (record False) halts as its branch did, writing nothing.
         if unanswered is not None:
             halt_reason = UNANSWERED
             message = (
@@ -747,15 +755,17 @@ class Orchestrator:
                 "The stage is left undecided; once the cause has passed, "
                 f"'conclave resume {shell_word(ctx.run_id)} --retry-failed' asks the failed agents again."
             )
-            await self._log_halt(ctx, unanswered.stage, {"reason": UNANSWERED, "failed": unanswered.failures})
+            if record:
+                await self._log_halt(ctx, unanswered.stage, {"reason": UNANSWERED, "failed": unanswered.failures})
         if over_budget is not None:
             halt_reason = BUDGET_HALT
             message = budget_halt_message(ctx.run_id, over_budget)
-            await self._log_halt(ctx, over_budget.stage, {
-                "reason": BUDGET_HALT,
-                "spent_usd": str(over_budget.status.spent_usd),
-                "budget_usd": str(over_budget.status.budget_usd),
-            })
+            if record:
+                await self._log_halt(ctx, over_budget.stage, {
+                    "reason": BUDGET_HALT,
+                    "spent_usd": str(over_budget.status.spent_usd),
+                    "budget_usd": str(over_budget.status.budget_usd),
+                })
         if record:
             if halted is not None:
                 await self._log_halt(ctx, halted.key.stage, {"reason": halted.status})

@@ -158,3 +158,21 @@ def test_a_budget_a_resume_raised_is_kept_and_metrics_shows_it(tmp_path: Path) -
     assert (recomputed["budget_usd"], recomputed["budget_alerts"]) == ("0.08", [80, 90, 100])
     fork = cli("rerun", "b1", "--from", "implement")  # a rerun takes the branch's budget as it stands
     assert fork["budget_usd"] == "0.08"
+
+
+def test_a_plain_resume_of_a_budget_halt_halts_again_writing_nothing(tmp_path: Path) -> None:
+    # Each plain resume wrote a second set of budget warnings (6 listed for
+    # 3 thresholds), a stage_start, a metrics event and a halt for nothing.
+    import hashlib
+
+    db = tmp_path / "b.db"
+    first = run_cli(["run", "--db", str(db), "--run-id", "B", "--budget", "0.05", "--sim-latency", "0", "--json"])
+    assert first.returncode == 3 and json.loads(first.stdout)["halt_reason"] == "budget_exceeded"
+    before = run_cli(["events", "B", "--db", str(db), "--json"]).stdout
+    again = run_cli(["resume", "B", "--db", str(db), "--json"])
+    assert again.returncode == 3
+    halted = json.loads(again.stdout)
+    assert (halted["halt_reason"], halted["halt_message"]) == ("budget_exceeded", json.loads(first.stdout)["halt_message"])
+    assert hashlib.sha256(run_cli(["events", "B", "--db", str(db), "--json"]).stdout.encode()).hexdigest() == \
+        hashlib.sha256(before.encode()).hexdigest()
+    assert run_cli(["resume", "B", "--db", str(db), "--budget", "5"]).returncode == 0
