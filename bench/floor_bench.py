@@ -5,7 +5,7 @@ real Conclave in the same process.
     python bench/floor_bench.py [--agents 100,1000,10000] [--runs 5]
     python bench/floor_bench.py --soak [--pipelines 2000] [--concurrency 64] [--runs 3]
 
-The floor keeps what DESIGN.md mandates for a turn and takes every shortcut it allows:
+The floor keeps what the design document (DESIGN.md, kept beside this repository, not in it) mandates for a turn and takes every shortcut it allows:
 - a coordinator sends one request to each agent, each agent a trio task
   owning its inbox ("Actors are trio tasks ... An actor owns its inbox");
 - the agent asks ONE gateway task through a memory channel, carrying a
