@@ -374,6 +374,21 @@ async def featured_gateway(inbox: Recv, rng: bool = False) -> None:
                 ok=True, text=digest[:4].hex(), tokens=tokens))
 
 
+def answered(req: Any, attempt: int, tokens: tuple[int, int], verdict: str, store: Send, metrics: Send,
+             replies: Send) -> None:
+    """The end of a featured turn: its usage, its output, its reply."""
+    run_id, branch_id, stage, name = req.run_id, req.branch_id, req.stage, req.agent
+    metrics.send_nowait(Usage(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
+                              model="m", tokens=tokens))
+    content = json.dumps({"agent": name, "stage": stage, "verdict": verdict,
+                          "summary": "the plan is sound and the tasks follow from it",
+                          "notes": ["no blocking issues", "tests cover the change"]})
+    store.send_nowait(PersistOutput(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
+                                    attempt=attempt, content=content))
+    replies.send_nowait(ContentReply(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
+                                     attempt=attempt, content=content))
+
+
 async def featured_agent(inbox: Recv, gw: Send, store: Send, metrics: Send) -> None:
     async for req, replies in inbox:
         run_id, branch_id, stage, name, attempt = req.run_id, req.branch_id, req.stage, req.agent, req.attempt
@@ -383,15 +398,7 @@ async def featured_agent(inbox: Recv, gw: Send, store: Send, metrics: Send) -> N
         gw.send_nowait(CompletionRequest(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
                                          prompt=req.prompt, reply_to=slot))
         result = await slot.receive()
-        metrics.send_nowait(Usage(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
-                                  model="m", tokens=result.tokens))
-        content = json.dumps({"agent": name, "stage": stage, "verdict": f"verdict-{result.text}",
-                              "summary": "the plan is sound and the tasks follow from it",
-                              "notes": ["no blocking issues", "tests cover the change"]})
-        store.send_nowait(PersistOutput(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
-                                        attempt=attempt, content=content))
-        replies.send_nowait(ContentReply(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
-                                         attempt=attempt, content=content))
+        answered(req, attempt, result.tokens, f"verdict-{result.text}", store, metrics, replies)
 
 
 async def featured_round(n: int, path: str, rng: bool = False) -> float:
@@ -544,17 +551,9 @@ async def featured_soak_agent(inbox: Recv, gw: Send, store: Send, metrics: Send,
             store.send_nowait(Event(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
                                     kind="retry", detail="0.5"))
             await trio.sleep_until(math.ceil(trio.current_time() + 0.5 + 0.5 * result.jitter))
-        metrics.send_nowait(Usage(run_id=run_id, branch_id=branch_id, stage=stage, agent=name, attempt=attempt,
-                                  model="m", tokens=result.tokens))
-        content = json.dumps({"agent": name, "stage": stage, "verdict": f"verdict-{result.text[:1]}",
-                              "summary": "the plan is sound and the tasks follow from it",
-                              "notes": ["no blocking issues", "tests cover the change"]})
-        store.send_nowait(PersistOutput(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
-                                        attempt=attempt, content=content))
         terminal = checker["terminal"]
         terminal[run_id] = terminal.get(run_id, 0) + 1
-        replies.send_nowait(ContentReply(run_id=run_id, branch_id=branch_id, stage=stage, agent=name,
-                                         attempt=attempt, content=content))
+        answered(req, attempt, result.tokens, f"verdict-{result.text[:1]}", store, metrics, replies)
 
 
 async def featured_soak(pipelines: int, concurrency: int, path: str) -> int:
