@@ -34,6 +34,25 @@ def branch_marking_provider(calls: list[tuple[str, str, str]]) -> MockProvider:
     return MockProvider(answer, name="sim")
 
 
+async def run_cut(path: str, spec_id: str, run_id: str, when: Any, provider: Any = None) -> None:
+    """Run ``run_id`` and cancel it once an agent whose key ``when`` picks
+    has finished: a run interrupted mid-way, some answers durable."""
+    from messages import AgentFinished
+
+    with trio.CancelScope() as scope:
+        async with open_orchestrator(store=path, provider=provider, seed=3) as orch:
+            events = orch.subscribe()
+
+            async def cut() -> None:
+                async for e in events:
+                    if isinstance(e, AgentFinished) and when(e.key):
+                        scope.cancel()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(cut)
+                await orch.run(spec_id, run_id=run_id)
+
+
 def history(path: str, run_id: str, branch_id: str) -> tuple[Any, ...]:
     with Store.open(path) as s:
         return (
@@ -95,20 +114,7 @@ async def test_rerun_after_interrupted_stage_ignores_abandoned_outputs(
     path = str(tmp_path / "i.db")
     calls: list[tuple[str, str, str]] = []
     provider = branch_marking_provider(calls)
-    with trio.CancelScope() as scope:
-        async with open_orchestrator(store=path, provider=provider, seed=3) as orch:
-            events = orch.subscribe()
-
-            async def cut() -> None:
-                from messages import AgentFinished
-
-                async for e in events:
-                    if isinstance(e, AgentFinished) and e.key.stage == "implement" and e.key.agent == "claude":
-                        scope.cancel()
-
-            async with trio.open_nursery() as n:
-                n.start_soon(cut)
-                await orch.run("SPEC-I", run_id="I")
+    await run_cut(path, "SPEC-I", "I", lambda key: key.stage == "implement" and key.agent == "claude", provider)
     with Store.open(path) as s:
         run = s.get_run("I")
         assert run is not None and run.status in ("running", "interrupted")
@@ -223,20 +229,7 @@ def test_a_parent_left_unfinished_by_a_rerun_is_abandoned_not_stalled(tmp_path: 
     db = str(tmp_path / "a.db")
 
     async def interrupted() -> str:
-        from messages import AgentFinished
-
-        with trio.CancelScope() as scope:
-            async with open_orchestrator(store=db, seed=3) as orch:
-                events = orch.subscribe()
-
-                async def cut() -> None:
-                    async for e in events:
-                        if isinstance(e, AgentFinished) and e.key.stage == "tasks":
-                            scope.cancel()
-
-                async with trio.open_nursery() as n:
-                    n.start_soon(cut)
-                    await orch.run("SPEC-A", run_id="A")
+        await run_cut(db, "SPEC-A", "A", lambda key: key.stage == "tasks")
         with Store.open(db) as s:
             run = s.get_run("A")
             assert run is not None and run.current_branch_id is not None
