@@ -211,15 +211,20 @@ async def gateway(inbox: Recv, spawn: bool, provider: Callable[[Any], Any] | Non
                     slot.send(result)
 
 
+def release_due(due: dict[float, list[tuple[Slot, Any]]], now: float) -> None:
+    """Answer every call whose tick has come (the timer gateways' step)."""
+    for tick in [t for t in due if t <= now]:
+        for slot, result in due.pop(tick):
+            slot.send(result)
+
+
 async def timer_gateway(inbox: Recv, draw: Callable[[], tuple[float, bool]]) -> None:
     """No task per call even with latency: answers wait in per-tick lists and
     one task sleeps to the next tick (legal only for a simulated provider)."""
     due: dict[float, list[tuple[Slot, Any]]] = {}
     while True:
         now = trio.current_time()
-        for tick in [t for t in due if t <= now]:
-            for slot, result in due.pop(tick):
-                slot.send(result)
+        release_due(due, now)
         with trio.move_on_at(min(due) if due else math.inf):
             try:
                 first = await inbox.receive()
@@ -504,9 +509,7 @@ async def featured_soak_gateway(inbox: Recv, checker: dict[str, Any]) -> None:
     reset = 0.0
     while True:
         now = trio.current_time()
-        for tick in [t for t in due if t <= now]:
-            for slot, result in due.pop(tick):
-                slot.send(result)
+        release_due(due, now)
         with trio.move_on_at(min(due) if due else math.inf):
             first = await inbox.receive()
             for req in drain(first, inbox):
