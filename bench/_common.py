@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
 
 from actors._checks import positive_arg as positive  # argparse type: a whole number >= 1
+from actors._soak_shards import DEFAULT_START_METHOD
+
+T = TypeVar("T")
 
 
 def machine() -> str:
@@ -49,3 +55,18 @@ def timed(fn: Callable[[], object]) -> float:
 def sizes(text: str) -> list[int]:
     """argparse type: comma-separated whole numbers >= 1 (``100,1000``)."""
     return [positive(part.strip()) for part in text.split(",")]
+
+
+def in_shards(shard: Callable[..., T], runs: int, concurrency: int, workers: int, *args: Any) -> list[T]:
+    """``shard(runs_of_k, concurrency_of_k, *args)`` for each of ``workers``
+    processes, split as ``conclave soak --workers`` splits: run i in process
+    i % W, ceil(concurrency / W) in flight in each; in this process when
+    there is one shard."""
+    shards = min(workers, runs)
+    if shards == 1:
+        return [shard(runs, concurrency, *args)]
+    per = -(-concurrency // shards)
+    context = multiprocessing.get_context(DEFAULT_START_METHOD)
+    with ProcessPoolExecutor(max_workers=shards, mp_context=context) as pool:
+        futures = [pool.submit(shard, len(range(k, runs, shards)), per, *args) for k in range(shards)]
+        return [f.result() for f in futures]

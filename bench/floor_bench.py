@@ -53,7 +53,6 @@ import collections
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import random
 import statistics
@@ -61,7 +60,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -72,9 +70,8 @@ import trio.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actors._soak_shards import DEFAULT_START_METHOD  # noqa: E402
 from bench import soak_bench  # noqa: E402
-from bench._common import machine, positive, sizes  # noqa: E402
+from bench._common import in_shards, machine, positive, sizes  # noqa: E402
 from bench.turns_bench import conclave_stage, raw_round  # noqa: E402
 
 
@@ -624,16 +621,7 @@ def floor_soak_rate(pipelines: int, concurrency: int, timer: bool, featured: boo
     """Turns per wall second; ``workers`` > 1 splits the pipelines as the
     soak does and times from the parent, process start included."""
     start = time.perf_counter()
-    shards = min(workers, pipelines)
-    if shards == 1:
-        turns = _floor_soak_shard(pipelines, concurrency, timer, featured)
-    else:
-        per = -(-concurrency // shards)
-        context = multiprocessing.get_context(DEFAULT_START_METHOD)
-        with ProcessPoolExecutor(max_workers=shards, mp_context=context) as pool:
-            futures = [pool.submit(_floor_soak_shard, len(range(k, pipelines, shards)), per, timer, featured)
-                       for k in range(shards)]
-            turns = sum(f.result() for f in futures)
+    turns = sum(in_shards(_floor_soak_shard, pipelines, concurrency, workers, timer, featured))
     return turns / (time.perf_counter() - start)
 
 

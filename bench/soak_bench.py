@@ -26,13 +26,11 @@ the single-process and the W-process figures and medians.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import random
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import trio
 import trio.testing
@@ -40,8 +38,7 @@ import trio.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors._soak import SoakConfig, default_soak_plan, run_soak  # noqa: E402
-from actors._soak_shards import DEFAULT_START_METHOD  # noqa: E402
-from bench._common import machine, positive  # noqa: E402
+from bench._common import in_shards, machine, positive  # noqa: E402
 
 TURNS_PER_RUN = 19  # the default pipeline: 3 + 3 + 4 + 3 + 3 + 3 agents
 
@@ -86,16 +83,8 @@ def _raw_shard(runs: int, concurrency: int) -> tuple[int, float]:
 
 def baseline(runs: int, concurrency: int, workers: int = 1) -> tuple[float, float, int]:
     start = time.perf_counter()
-    shards = min(workers, runs)
-    if shards == 1:
-        turns, virtual = _raw_shard(runs, concurrency)
-    else:  # the soak's split: run i in shard i % W, ceil(concurrency / W) each
-        per = -(-concurrency // shards)
-        context = multiprocessing.get_context(DEFAULT_START_METHOD)
-        with ProcessPoolExecutor(max_workers=shards, mp_context=context) as pool:
-            futures = [pool.submit(_raw_shard, len(range(k, runs, shards)), per) for k in range(shards)]
-            results = [f.result() for f in futures]
-        turns, virtual = sum(t for t, _ in results), max(v for _, v in results)
+    results = in_shards(_raw_shard, runs, concurrency, workers)  # the soak's split
+    turns, virtual = sum(t for t, _ in results), max(v for _, v in results)
     wall = time.perf_counter() - start
     return turns / wall, virtual / wall, turns
 
