@@ -464,7 +464,8 @@ class Orchestrator:
             raise ConfigError(f"retry_failed must be True or False, got {retry_failed!r}")
         with self._claim(run_id):
             state = load_state(self._require_db(), run_id)
-            if not state.settled():  # a settled branch only replays its outcome: no answer is drawn
+            ended = state.settled()
+            if not ended:  # a settled branch only replays its outcome: no answer is drawn
                 self._check_seed(run_id, state.seed)
             self._check_providers(state.pipeline)
             if self._fault_interceptors:
@@ -495,7 +496,7 @@ class Orchestrator:
             # plain resume wrote a second set of budget warnings, a metrics
             # event and a halt for nothing.
             halted = state.branch.halt_reason if state.branch.status == "halted" else None
-            settled = state.settled() or (
+            settled = ended or (
                 (halted == "budget_exceeded" and budget_usd is None) or (halted == UNANSWERED and not retry_failed)
             )
             if not settled:
