@@ -232,6 +232,11 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
         cost = f"  cost: {usd_of(result.cost_usd, result.budget_usd, 4, joint=' of a ')} budget"
     if result.unpriced_calls:
         cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
+    if result.unknown_usage_calls:
+        # Their cost is unknown, so a budget could not count them: "$0.00
+        # of a $0.01 budget" alone read as if the budget held.
+        counted = "counted in neither cost nor budget" if result.budget_usd is not None else "not costed"
+        cost += f" (+{result.unknown_usage_calls} call(s) of unknown usage, {counted})"
     lines.append(cost + f" | details: conclave metrics {shell_word(result.run_id)}{db_option(db)}")
     lines.append(f"  {clock} time: {elapsed:.1f}s | digest: {result.digest[:16]}… | db: {db}")
     return "\n".join(lines)

@@ -263,3 +263,23 @@ def test_a_bad_price_file_from_the_environment_names_the_variable(tmp_path: Path
     assert proc.returncode == 2
     assert "nope.json: cannot read price file" in proc.stderr and "(from $CONCLAVE_PRICES)" in proc.stderr
     assert not (tmp_path / "c.db").exists()
+
+
+def test_the_cost_line_says_calls_of_unknown_usage_escaped_the_budget() -> None:
+    """A server that never reports usage left "$0.00 of a $0.01 budget",
+    as if the budget held, with no word that its calls went uncounted."""
+    from actors._cli import _summary
+    from actors._runtime import RunResult
+
+    def summary(budget: Decimal | None) -> str:
+        result = RunResult(
+            run_id="r", branch_id="b", spec_id="S", status="completed", halt_reason=None, halt_message=None,
+            stages=(), usage=TokenUsage.of(), unknown_usage_calls=4, turns=4, digest="0" * 64,
+            budget_usd=budget,
+        )
+        return _summary(result, "conclave.db", True, 1.0)
+
+    assert "cost: $0.0000 of a $0.0100 budget (+4 call(s) of unknown usage, counted in neither cost nor budget)" in summary(
+        Decimal("0.01")
+    )
+    assert "cost: $0.0000 (+4 call(s) of unknown usage, not costed)" in summary(None)
