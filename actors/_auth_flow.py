@@ -154,8 +154,10 @@ def parse_grant(body: Mapping[str, Any], provider: str) -> TokenGrant:
         access_token=Secret(access),
         refresh_token=Secret(refresh) if isinstance(refresh, str) and refresh else None,
         expires_in=expires_in,
-        scope=scope if isinstance(scope, str) else None,
-        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+        # Both are stored and shown by 'auth status': cleaned here, once,
+        # as the server's error text is.
+        scope=_shown(scope, 2000) if isinstance(scope, str) else None,
+        token_type=_shown(token_type, 40) if isinstance(token_type, str) and token_type else "Bearer",
     )
 
 

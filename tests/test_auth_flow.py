@@ -283,6 +283,17 @@ def test_a_grant_lifetime_is_kept_within_what_a_date_can_show(given: float | Non
     assert parse_grant(body, "generic").expires_in == kept
 
 
+def test_a_grants_scope_and_token_type_cannot_drive_the_terminal() -> None:
+    """'auth status' printed the server's scope and token_type as sent: an
+    ESC sequence in either drove the user's terminal every time."""
+    from actors._auth_flow import parse_grant
+
+    body = {"access_token": "at", "token_type": "Bearer\x1b[2J", "scope": "openid\n\x1b]0;owned\x07 email"}
+    grant = parse_grant(body, "generic")
+    assert grant.scope == "openid??]0;owned? email"
+    assert grant.token_type == "Bearer?[2J"
+
+
 @pytest.mark.parametrize("problem", ["damaged", "group_readable", "home_is_a_file", "lock_is_a_symlink"])
 async def test_a_store_that_cannot_take_the_tokens_fails_before_the_code(
     problem: str, autojump_clock: trio.abc.Clock, tmp_path: Path
