@@ -311,17 +311,28 @@ class HttpProvider(BaseProvider):
                     # (Other types are read as a stream: sloppy servers send
                     # events as text/plain.)
                     raise malformed(self.name, f"expected an event stream, got {kind}")
+                whole: bytes | None = None
                 if self.stream and kind != "application/json":
                     # (A server that ignores "stream": true answers with one
                     # JSON document: read below, as a plain answer.)
-                    try:
-                        return await self.read_stream(request, response)
-                    except _SHAPE_ERRORS:
-                        # A chunk of JSON but not of the expected shape (a
-                        # "delta" that is a string, "choices" a number):
-                        # the provider misbehaved, as with invalid JSON.
-                        raise malformed(self.name, "a stream event of an unexpected shape") from None
-                raw = await _read_capped(response, MAX_ANSWER_BYTES)
+                    events = response
+                    if kind != "text/event-stream":
+                        # Sloppy servers label both events and a plain JSON
+                        # answer text/plain (or nothing); the answer was
+                        # read as a stream without events, "cut", retried
+                        # and paid again.  Read it whole to tell them apart.
+                        whole = await _read_capped(response, MAX_ANSWER_BYTES)
+                        events = httpx.Response(response.status_code, content=whole, request=response.request)
+                    if whole is None or not whole.lstrip().startswith(b"{"):
+                        try:
+                            return await self.read_stream(request, events)
+                        except _SHAPE_ERRORS:
+                            # A chunk of JSON but not of the expected shape
+                            # (a "delta" that is a string, "choices" a
+                            # number): the provider misbehaved, as with
+                            # invalid JSON.
+                            raise malformed(self.name, "a stream event of an unexpected shape") from None
+                raw = whole if whole is not None else await _read_capped(response, MAX_ANSWER_BYTES)
         except httpx.TransportError as exc:
             raise error_from_transport(exc, provider=self.name, streaming=self.stream, secrets=self._secrets()) from None
         except httpx.DecodingError:

@@ -25,7 +25,7 @@ from messages import (
     TokenUsage,
 )
 
-from tests._providers_support import SECRET, make_request
+from tests._providers_support import SECRET, fixed, make_request
 
 
 def recording(handler: Any, seen: list[httpx.Request]) -> httpx.MockTransport:
@@ -384,6 +384,35 @@ async def test_a_streamed_call_answered_with_one_json_document_is_read_as_a_plai
         lambda r: httpx.Response(200, json=payload)))
     completion = await p.complete(make_request())
     assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=7, output_tokens=3)
+
+
+@pytest.mark.parametrize("kind", ["text/plain", None])
+async def test_a_streamed_call_answered_with_json_labelled_text_is_read_as_a_plain_answer(kind: str | None) -> None:
+    # The answer was read as a stream without events: "cut short", retried
+    # and paid again, its usage unknown.
+    payload = {
+        "model": "local",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "{}"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+    }
+    headers = {} if kind is None else {"content-type": kind}
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=fixed(
+        200, headers=headers, body="\n " + json.dumps(payload)))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=7, output_tokens=3)
+
+
+async def test_events_labelled_text_plain_are_still_read_as_a_stream() -> None:
+    chunks = [
+        {"model": "local", "choices": [{"index": 0, "delta": {"content": "{"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "}"}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 2, "completion_tokens": 1}},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=fixed(
+        200, headers={"content-type": "text/plain; charset=utf-8"}, body=body))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=2, output_tokens=1)
 
 
 async def test_an_html_page_for_a_streamed_call_is_named() -> None:
