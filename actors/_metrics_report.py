@@ -18,7 +18,9 @@ def usd_number(amount: Decimal) -> float:
     return float(amount.quantize(MICRO, rounding=ROUND_HALF_EVEN))
 
 
-def _exact(amount: Decimal) -> str:
+def exact_usd(amount: Decimal) -> str:
+    """An amount as its shortest exact decimal string: the budget "1.50"
+    and "1.5" are one amount and read alike in every report."""
     return format(amount.normalize(), "f") if amount else "0"
 
 
@@ -30,7 +32,7 @@ def group_json(g: GroupTotals) -> dict[str, Any]:
         "unknown_usage_calls": g.unknown_calls,
         "unpriced_calls": g.unpriced_calls,
         "cost_usd": usd_number(g.cost_usd),
-        "cost_usd_exact": _exact(g.cost_usd),
+        "cost_usd_exact": exact_usd(g.cost_usd),
         "estimated_next_prompt_tokens": g.estimated_next_prompt_tokens,
     }
 
@@ -46,8 +48,8 @@ def totals_json(t: UsageTotals) -> dict[str, Any]:
         "unpriced_calls": t.unpriced_calls,
         "unpriced_models": list(t.unpriced_models),
         "cost_usd": usd_number(t.cost_usd),
-        "cost_usd_exact": _exact(t.cost_usd),
-        "budget_usd": None if t.budget_usd is None else _exact(t.budget_usd),
+        "cost_usd_exact": exact_usd(t.cost_usd),
+        "budget_usd": None if t.budget_usd is None else exact_usd(t.budget_usd),
         "budget_alerts": list(t.alerts),
         "estimated_next_prompt_tokens": t.estimated_next_prompt_tokens,
         "price_table": t.price_table,

@@ -90,7 +90,7 @@ from ._gateway import Gateway
 from ._health import HealthRegistry
 from ._ids import id_problem, new_branch_id, new_run_id, shell_word
 from ._metrics import MetricsAccumulator
-from ._metrics_report import totals_json, usd_number
+from ._metrics_report import exact_usd, totals_json, usd_number
 from ._pipeline import Pipeline, default_pipeline
 from ._pricing import PriceTable
 from ._provider import BaseProvider
@@ -251,7 +251,7 @@ class RunResult:
             "turns": self.turns,
             "cost_usd": usd_number(self.cost_usd),
             "unpriced_calls": self.unpriced_calls,
-            "budget_usd": None if self.budget_usd is None else str(self.budget_usd),
+            "budget_usd": None if self.budget_usd is None else exact_usd(self.budget_usd),
             "budget_alerts": list(self.budget_alerts),
             "digest": self.digest,
         }

@@ -74,6 +74,15 @@ def test_budget_halts_with_exit_3(tmp_path: Path) -> None:
     assert "--budget" in data["halt_message"]
 
 
+def test_a_budget_reads_the_same_in_run_metrics_and_events(tmp_path: Path) -> None:
+    """'run --json' said "1.50" where 'metrics --json' and the events said
+    "1.5": one amount, two spellings, for scripts to compare."""
+    code, data = _run_json(tmp_path, "--budget", "1.50")
+    assert code == 0 and data["budget_usd"] == "1.5"
+    proc = run_cli(["metrics", data["run_id"], "--db", str(tmp_path / "c.db"), "--json"])
+    assert json.loads(proc.stdout)["budget_usd"] == "1.5"
+
+
 def test_budget_warnings_are_printed_once_each(tmp_path: Path) -> None:
     proc = run_cli(["run", "--db", str(tmp_path / "c.db"), "--seed", "2", "--budget", "0.05"])
     assert proc.returncode == 3, proc.stderr
