@@ -1088,7 +1088,7 @@ async def open_orchestrator(
                     orchestrator.provider_names = frozenset(providers)
                     orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                     orchestrator._fault_interceptors = tuple(attached)
-                    orchestrator.seed_draws = provider is None or any(f.plan.seed is None for f in attached)
+                    orchestrator.seed_draws = provider is None or any(f.follows_attached_seed for f in attached)
                     orchestrator._token = trio.lowlevel.current_trio_token()
                     yield orchestrator
                 finally:

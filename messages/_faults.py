@@ -208,6 +208,12 @@ class FaultInterceptor(Interceptor[Any]):
         return self._attached
 
     @property
+    def follows_attached_seed(self) -> bool:
+        """Whether placement is drawn from the seed :meth:`attach` gives
+        (neither the plan nor the constructor named one of its own)."""
+        return self.plan.seed is None and self._given[0] is None
+
+    @property
     def enabled(self) -> bool:
         return self.plan.enabled
 

@@ -23,7 +23,7 @@ from actors import (
     open_orchestrator,
     parse_pipeline,
 )
-from messages import StageDecided
+from messages import FaultInterceptor, StageDecided
 from store import Store
 
 
@@ -492,6 +492,27 @@ async def test_resuming_with_another_seed_is_refused_when_the_seed_draws_the_ans
     async with open_orchestrator(store=path) as orch:
         # Finished: a resume only replays the outcome and draws nothing.
         assert (await orch.resume("x")).completed
+
+
+async def test_a_fault_interceptor_with_a_seed_of_its_own_lets_any_seed_resume(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Faults placed by the interceptor's own seed=5 draw nothing from the
+    # orchestrator's; such a resume was refused all the same.
+    path = str(tmp_path / "f.db")
+    sim = SimulatedProvider(seed=3, disagreement_rate=0.0)
+    with trio.move_on_after(20):
+        async with open_orchestrator(
+            store=path, seed=7, provider=sim, interceptors={"gateway": [FaultInterceptor("disconnect:20%", seed=5)]}
+        ) as orch:
+            await orch.run("S", run_id="x")
+    for interceptor, refused in ((FaultInterceptor("disconnect:20%"), True), (FaultInterceptor("disconnect:20%", seed=5), False)):
+        async with open_orchestrator(store=path, provider=sim, interceptors={"gateway": [interceptor]}) as orch:
+            if refused:
+                with pytest.raises(ConfigError, match="made with seed 7"):
+                    await orch.resume("x")
+            else:
+                assert (await orch.resume("x")).completed
 
 
 @pytest.mark.parametrize(("edge", "swallowed"), [("agent", "AgentRequest"), ("coordinator", "AgentReply")])
