@@ -142,6 +142,11 @@ def cmd_login(args: argparse.Namespace) -> int:
         outcomes = {EXIT_USAGE: "bad_input", EXIT_DENIED: "denied", EXIT_EXPIRED: "expired"}
         code = error.exit_code if error.exit_code in outcomes else EXIT_ERROR
         return finish(outcomes.get(code, "error"), code, str(error))
+    except Exception as error:
+        if not as_json:
+            raise  # main() prints it as one line, exit 1
+        # A script reading --json waits for its result line, whatever failed.
+        return finish("error", EXIT_ERROR, f"{type(error).__name__}: {error}")
     return finish(
         "logged_in",
         EXIT_OK,

@@ -178,6 +178,28 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
         assert "CONCLAVE_TOKEN_BACKEND must be auto, file or keyring, got 'bogus'" in capsys.readouterr().err
 
 
+def test_login_json_ends_with_a_result_line_whatever_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception nobody foresaw (here a disk error while storing the
+    tokens) left a --json reader with no result line: it waits for one."""
+    import actors._cli_auth as cli_auth
+
+    async def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
+    monkeypatch.setattr(cli_auth, "device_login", failing)
+    argv = ["login", "generic", "--device-url", "https://d", "--token-url", "https://t", "--client-id", "x"]
+    assert conclave_main([*argv, "--json"]) == 1
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (result["event"], result["outcome"], result["exit_code"]) == ("result", "error", 1)
+    assert result["message"] == "OSError: [Errno 5] Input/output error"
+    assert conclave_main(argv) == 1
+    assert "Input/output error" in capsys.readouterr().err
+
+
 def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CONCLAVE_HOME", str(tmp_path))
     monkeypatch.setenv("CONCLAVE_TOKEN_BACKEND", "file")
