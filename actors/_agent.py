@@ -137,7 +137,14 @@ class Agent:
             usage = completion.usage if completion is not None else result.usage
             model = completion.model if completion is not None else self.spec.model
             await self.metrics.send_eager(  # the accumulator never waits on us
-                UsageRecorded(key=key, attempt=attempt, model=model, provider=self.spec.provider, usage=usage)
+                UsageRecorded(
+                    key=key,
+                    attempt=attempt,
+                    model=model,
+                    provider=self.spec.provider,
+                    usage=usage,
+                    requested_model=self.spec.model,
+                )
             )
             if completion is not None:
                 output = AgentOutput(

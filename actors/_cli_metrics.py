@@ -127,7 +127,10 @@ def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: Pric
     # The current branch's lineage: a rerun's abandoned parent stages (and
     # its siblings) are not what it used (they were summed in).
     rows = store.lineage_outputs(run_id, branch.branch_id) if branch is not None else []
+    run = store.get_run(run_id)
+    agents: dict[str, Any] = (run.pipeline.get("agents") or {}) if run is not None else {}
     for row in rows:
+        spec = agents.get(row.agent)
         acc.record(
             UsageRecorded(
                 key=AgentKey(run_id=run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent),
@@ -135,6 +138,7 @@ def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: Pric
                 model=row.model,
                 provider=row.provider,
                 usage=row.usage,
+                requested_model=spec.get("model") if isinstance(spec, dict) else None,
             )
         )
     return totals_json(acc.totals(run_id))

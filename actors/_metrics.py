@@ -145,6 +145,10 @@ class MetricsAccumulator:
         cost: Decimal | None = None
         if event.usage is not None:
             cost = self.prices.cost(event.usage, event.model, event.provider)
+            if cost is None and event.requested_model not in (None, event.model):
+                # A local server's own name for the model ("my-vllm-model")
+                # left a known model's calls unpriced and outside the budget.
+                cost = self.prices.cost(event.usage, event.requested_model, event.provider)
             if cost is None:
                 run.unpriced_models.add(event.model)
             if not event.replay:

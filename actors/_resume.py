@@ -128,6 +128,10 @@ class ResumeState:
             decided=[(self.stage_key(stage), row.seq) for stage, row in self.decisions.items()],
         )
 
+    def _requested_model(self, agent: str) -> str | None:
+        spec = self.pipeline.agents.get(agent)
+        return spec.model if spec is not None else None
+
     def usage_replays(self) -> list[UsageRecorded]:
         return [
             UsageRecorded(
@@ -137,6 +141,7 @@ class ResumeState:
                 provider=o.provider,
                 usage=o.usage,
                 replay=True,
+                requested_model=self._requested_model(o.agent),
             )
             for o in self.outputs
         ]

@@ -194,7 +194,10 @@ class CompletionResult:
 class UsageRecorded:
     """Agent -> metrics accumulator: one attempt's usage, charged once by
     (key, attempt).  ``usage`` is ``None`` when unknown; ``replay`` marks an
-    output reused from the store (counted, not charged as a new turn)."""
+    output reused from the store (counted, not charged as a new turn).
+    ``model`` is the model that answered (as the server names it);
+    ``requested_model`` the one asked for, priced when the price table does
+    not know the server's name for it."""
 
     key: AgentKey
     attempt: int
@@ -202,6 +205,7 @@ class UsageRecorded:
     provider: str
     usage: TokenUsage | None
     replay: bool = False
+    requested_model: str | None = None
 
 
 @attrs.frozen(kw_only=True, slots=True)

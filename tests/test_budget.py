@@ -283,3 +283,30 @@ def test_the_cost_line_says_calls_of_unknown_usage_escaped_the_budget() -> None:
         Decimal("0.01")
     )
     assert "cost: $0.0000 (+4 call(s) of unknown usage, not costed)" in summary(None)
+
+
+async def test_a_model_the_server_renames_is_priced_as_the_one_asked_for(
+    db_path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A local server naming gpt-4o "my-vllm-model" left every call unpriced:
+    the run "cost" $0 and the budget never stopped it."""
+    from actors._cli_metrics import run_metrics
+    from actors._pricing import PriceTable
+
+    sim = SimulatedProvider(seed=5, disagreement_rate=0.0)
+
+    async def answer(request: CompletionRequest) -> Completion:
+        await trio.sleep(1.0)
+        return attrs.evolve(sim.answer(request), usage=CALL, model="my-vllm-model")
+
+    mock = MockProvider(answer, name="sim")
+    async with open_orchestrator(store=db_path, provider=mock, pipeline=pipeline()) as orch:
+        result = await orch.run("SPEC-B", budget="0.16")
+    assert result.halt_reason == "budget_exceeded" and len(mock.calls) == 5
+    assert result.cost_usd == Decimal("0.175") and result.unpriced_calls == 0
+    with Store.open(db_path) as s:
+        recomputed = run_metrics(s, result.run_id, PriceTable.vendored())
+    assert recomputed["source"] == "recomputed" and Decimal(recomputed["cost_usd_exact"]) == Decimal("0.175") and recomputed["unpriced_calls"] == 0
+    async with open_orchestrator(store=db_path, provider=mock, pipeline=pipeline()) as orch:
+        resumed = await orch.resume(result.run_id, budget="10")
+    assert resumed.completed and resumed.cost_usd == Decimal("0.315")  # 9 calls, the 5 replayed priced alike
