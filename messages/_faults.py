@@ -451,8 +451,11 @@ class FaultInterceptor(Interceptor[Any]):
             if self.health is not None:
                 self.health.report(permit, error)  # a 429 closes the gate before anything awaits
             await self._log(request, kind, error, retry_after)
-        # Usage of a faulted call is unknown: it may have been billed.
-        reply.send(CompletionResult(key=request.key, attempt=request.attempt, error=error, usage=None))
+        # As the real error it stands for: a 429 is refused before the model
+        # runs, so it costs nothing; a cut stream or a timeout may have been
+        # billed, so its usage is unknown.
+        usage = ZERO_USAGE if kind == "rate_limit" else None
+        reply.send(CompletionResult(key=request.key, attempt=request.attempt, error=error, usage=usage))
 
     async def _log(self, request: CompletionRequest, kind: FaultKind, error: ProviderError, retry_after: float | None) -> None:
         if self.events is None:

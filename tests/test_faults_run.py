@@ -44,7 +44,7 @@ def test_cli_run_survives_the_reference_plan(tmp_path: Path) -> None:
     assert a["status"] == b["status"] == "completed"
     assert a["stages"] == b["stages"]
     assert decisions(clean_db, "R") == decisions(faulty_db, "R")
-    assert b["unknown_usage_calls"] == 6 and a["unknown_usage_calls"] == 0
+    assert b["unknown_usage_calls"] == 5 and a["unknown_usage_calls"] == 0
     # --json carries what the banner and the summary line say.
     assert "faults" not in a
     assert b["faults"]["faults"] == "disconnect:3,429:1,timeout:2" and b["faults"]["reset"] == "now+30s"
@@ -304,7 +304,7 @@ def test_resume_and_rerun_inject_faults_as_run_does(tmp_path: Path) -> None:
     assert "fault seed 4 (the run's seed)" in resumed.stderr
     data = json.loads(resumed.stdout)
     assert data["faults"]["injected"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
-    assert data["stages"] == clean["stages"] and data["unknown_usage_calls"] == 6  # survived them
+    assert data["stages"] == clean["stages"] and data["unknown_usage_calls"] == 5  # survived them
     with Store.open(db) as s:
         after = s.events("R")[before:]
     assert sorted(e.detail["fault"] for e in after if e.kind == "fault") == (
@@ -349,7 +349,7 @@ def test_a_crash_and_resume_gets_the_faults_an_uninterrupted_run_gets(
     assert resumed.returncode == 0, resumed.stderr
     a, b = uninterrupted, json.loads(resumed.stdout)
     assert fired_before > 0  # the crash came after some faults
-    assert b["digest"] == a["digest"] and b["unknown_usage_calls"] == a["unknown_usage_calls"] == 6
+    assert b["digest"] == a["digest"] and b["unknown_usage_calls"] == a["unknown_usage_calls"] == 5
     assert sum(b["faults"]["injected"].values()) < 6
     assert b["faults"]["left_in_run"] == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
     # The resume injected only what was left; the run got the whole plan
@@ -489,7 +489,7 @@ async def test_faults_scoped_to_two_providers_resume_each_their_own_budget(
             resumed = await orch.resume("F")
         resumed_with_faults_before += 0 < before < 6
         assert resumed.digest == expected.digest, f"cut at write {cut}"
-        assert resumed.unknown_usage_calls == expected.unknown_usage_calls == 6, f"cut at write {cut}"
+        assert resumed.unknown_usage_calls == expected.unknown_usage_calls == 5, f"cut at write {cut}"
         assert faults(path) == faults(str(tmp_path / "whole.db")), f"cut at write {cut}"
     assert resumed_with_faults_before > 3  # the cuts fell between faults
 
@@ -521,14 +521,14 @@ async def test_the_fault_interceptor_that_served_a_run_resumes_it_as_a_new_one_w
         return None
 
     expected = await run(str(tmp_path / "whole.db"), FaultInterceptor(spec), None)
-    assert expected.unknown_usage_calls == 5  # every fault fired, each call's usage unknown
+    assert expected.unknown_usage_calls == 4  # every fault fired; each cut or timed-out call's usage unknown (a 429 costs nothing)
     for cut in range(2, writes + 1):
         path = str(tmp_path / f"cut{cut}.db")
         faults = FaultInterceptor(spec)
         assert await run(path, faults, cut) is None
         async with open_orchestrator(store=path, seed=3, faults=faults) as orch:
             resumed = await orch.resume("S")
-        assert resumed.unknown_usage_calls == 5, f"cut at write {cut}"
+        assert resumed.unknown_usage_calls == 4, f"cut at write {cut}"
         assert resumed.digest == expected.digest, f"cut at write {cut}"
         assert faults.remaining("S") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}, f"cut at write {cut}"
 

@@ -234,7 +234,7 @@ async def test_injected_429_closes_the_gate_for_real_calls(tmp_path: object, aut
         first = await ask(tx, call(agent="a"))
         assert isinstance(first.error, RateLimited) and first.error.retry_after == 8.0
         assert str(first.error) == "rate limit exceeded: retry after 8 seconds (fault injected)"
-        assert first.usage is None, "usage of a faulted call is unknown"
+        assert first.usage == TokenUsage(), "a 429 is refused before the model runs: it costs nothing, as a real one"
         await trio.sleep(1)  # a call in the 429's own instant was simultaneous with it
         second = await ask(tx, call(agent="b"))
         assert second.completion is not None
