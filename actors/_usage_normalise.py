@@ -48,6 +48,8 @@ def _count(payload: Mapping[str, Any] | None, *path: str) -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_CALL_TOKENS:
         raise _Malformed(path)  # beyond any real call, and past what SQLite's totals can hold
+    if isinstance(value, float) and not value.is_integer():
+        raise _Malformed(path)  # 10.7 tokens is no count: it was cut to 10 without a word
     return int(value)
 
 

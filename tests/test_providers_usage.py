@@ -58,6 +58,9 @@ def test_a_malformed_counter_makes_usage_unknown_not_zero() -> None:
     assert usage_from_anthropic({"input_tokens": "n/a", "output_tokens": 3}) is None
     assert usage_from_gemini({"promptTokenCount": 3, "candidatesTokenCount": -1}) is None
     assert usage_from_openai({"prompt_tokens": 5, "completion_tokens": 2}) == TokenUsage.of(input_tokens=5, output_tokens=2)
+    # 10.7 tokens was cut to 10 without a word; 10.0 is a count written as a float.
+    assert usage_from_openai({"prompt_tokens": 10.7, "completion_tokens": 2}) is None
+    assert usage_from_openai({"prompt_tokens": 10.0, "completion_tokens": 2}) == TokenUsage.of(input_tokens=10, output_tokens=2)
 
 
 @pytest.mark.parametrize(
