@@ -149,6 +149,11 @@ class AnthropicProvider(HttpProvider):
             elif kind == "error":
                 raise self._stream_error(payload)
         if not done:
-            raise stream_cut(self.name, "no message_stop before the stream ended")
+            # message_delta carries the final counts: cut after it, the
+            # call's usage is known (as an OpenAI stream's usage chunk).
+            cut_usage = (
+                None if delta_usage is None else usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
+            )
+            raise with_usage(stream_cut(self.name, "no message_stop before the stream ended"), cut_usage)
         usage = usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
         return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)

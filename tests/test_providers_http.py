@@ -311,6 +311,19 @@ async def test_anthropic_stream_cut_before_message_stop() -> None:
     assert getattr(info.value, "usage", "absent") is None
 
 
+async def test_anthropic_stream_cut_after_message_delta_keeps_its_usage() -> None:
+    # message_delta carries the final counts; cut after it, they were thrown
+    # away and the call counted as unknown (an OpenAI stream keeps its usage chunk).
+    body = anthropic_sse(STREAM_EVENTS[:-1])
+    p = AnthropicProvider(api_key=SECRET, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)))
+    with pytest.raises(Disconnected) as info:
+        await p.complete(make_request())
+    assert getattr(info.value, "usage", "absent") == TokenUsage(
+        input_tokens=542, cached_input_tokens=500, output_tokens=40, reasoning_output_tokens=0, total_tokens=582
+    )
+
+
 @pytest.mark.parametrize(("kind", "error"), [("overloaded_error", ProviderUnavailable), ("rate_limit_error", RateLimited)])
 async def test_anthropic_error_event_mid_stream(kind: str, error: type[Exception]) -> None:
     body = anthropic_sse([STREAM_EVENTS[0], ("error", {"type": "error", "error": {"type": kind, "message": "Overloaded"}})])
