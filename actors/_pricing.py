@@ -185,9 +185,32 @@ def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, An
                 raise PriceFileError(f"{where}: entry {name!r} needs {required}")
 
 
+MAX_PRICE_FILE = 16 * 2**20  # the whole of LiteLLM's table is 3.3 MiB
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Names match case-insensitively: "GPT-4o" after "gpt-4o" silently
+    # replaced it, last one winning.
+    seen: dict[str, str] = {}
+    for key, _ in pairs:
+        first = seen.get(key.lower())
+        if first is not None:
+            raise _Duplicate(f"{key!r} is given twice" + ("" if first == key else f" (as {first!r})"))
+        seen[key.lower()] = key
+    return dict(pairs)
+
+
 def _parse(text: str | bytes, where: str) -> dict[str, Any]:
     try:
-        data = json.loads(text, parse_float=Decimal)
+        data = json.loads(text, parse_float=Decimal, object_pairs_hook=_unique)
+    except _Duplicate as exc:
+        raise PriceFileError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise PriceFileError(f"{where}: not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise PriceFileError(f"{where}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -231,9 +254,11 @@ class PriceTable:
             raise PriceFileError(f"the price override must be a file path, got {override!r}")
         try:
             with open(override, "rb") as f:
-                raw = f.read()
+                raw = f.read(MAX_PRICE_FILE + 1)  # /dev/zero read until MemoryError
         except OSError as exc:
             raise PriceFileError(f"{override}: cannot read price file: {exc.strerror or exc}") from None
+        if len(raw) > MAX_PRICE_FILE:
+            raise PriceFileError(f"{override}: a price file must be at most {MAX_PRICE_FILE // 2**20} MiB")
         table = table.with_overrides(_parse(raw, override), source=str(override))
         return table, raw.decode(json.detect_encoding(raw))
 

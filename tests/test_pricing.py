@@ -164,6 +164,14 @@ def test_an_override_file_replaces_and_adds_prices(tmp_path: Path) -> None:
         ('{"m": {"input_cost_per_token": true, "output_cost_per_token": 0}}', "non-negative"),
         ('{"new-model": {"input_cost_per_token": 1e-06}}', "needs output_cost_per_token"),
         ('{"m": {"input_cost_per_token": 1e400, "output_cost_per_token": 0}}', "at most 1000 USD per token"),
+        # The last of two silently won; a RecursionError and /dev/zero's
+        # MemoryError ended the command without naming the file.
+        ('{"m": {"input_cost_per_token": 1, "output_cost_per_token": 0}, "M": {"input_cost_per_token": 2}}',
+         "'M' is given twice \\(as 'm'\\)"),
+        ('{"m": {"input_cost_per_token": 1, "input_cost_per_token": 2, "output_cost_per_token": 0}}',
+         "'input_cost_per_token' is given twice"),
+        ('{"m": ' * 100_000, "nested too deeply"),
+        (" " * (16 * 2**20 + 1), "at most 16 MiB"),
     ],
 )
 def test_a_bad_override_file_is_refused_naming_it(tmp_path: Path, content: str, message: str) -> None:
