@@ -496,8 +496,11 @@ class Orchestrator:
             # plain resume wrote a second set of budget warnings, a metrics
             # event and a halt for nothing.
             halted = state.branch.halt_reason if state.branch.status == "halted" else None
+            kept_budget = stored_budget(self._require_db(), state.branch)
             settled = ended or (
-                (halted == "budget_exceeded" and budget_usd is None) or (halted == UNANSWERED and not retry_failed)
+                # (The budget it halted on, given again, is no new grant.)
+                (halted == "budget_exceeded" and budget_usd in (None, kept_budget))
+                or (halted == UNANSWERED and not retry_failed)
             )
             if not settled:
                 detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
@@ -517,7 +520,7 @@ class Orchestrator:
                 )
                 await self._write(RunUpdate(run_id=run_id, status="running"))
             if budget_usd is None:
-                budget_usd = stored_budget(self._require_db(), state.branch)
+                budget_usd = kept_budget
             return await self._drive(
                 self._context(state), state.pipeline, state.seed, state, budget_usd, record=not settled
             )

@@ -178,10 +178,12 @@ def test_a_plain_resume_of_a_budget_halt_halts_again_writing_nothing(tmp_path: P
     first = run_cli(["run", "--db", str(db), "--run-id", "B", "--budget", "0.05", "--sim-latency", "0", "--json"])
     assert first.returncode == 3 and json.loads(first.stdout)["halt_reason"] == "budget_exceeded"
     before = run_cli(["events", "B", "--db", str(db), "--json"]).stdout
-    again = run_cli(["resume", "B", "--db", str(db), "--json"])
-    assert again.returncode == 3
-    halted = json.loads(again.stdout)
-    assert (halted["halt_reason"], halted["halt_message"]) == ("budget_exceeded", json.loads(first.stdout)["halt_message"])
-    assert hashlib.sha256(run_cli(["events", "B", "--db", str(db), "--json"]).stdout.encode()).hexdigest() == \
-        hashlib.sha256(before.encode()).hexdigest()
+    # The budget it halted on, given again ("0.050" is "0.05"), grants nothing either.
+    for extra in ([], ["--budget", "0.050"]):
+        again = run_cli(["resume", "B", "--db", str(db), "--json", *extra])
+        assert again.returncode == 3
+        halted = json.loads(again.stdout)
+        assert (halted["halt_reason"], halted["halt_message"]) == ("budget_exceeded", json.loads(first.stdout)["halt_message"])
+        assert hashlib.sha256(run_cli(["events", "B", "--db", str(db), "--json"]).stdout.encode()).hexdigest() == \
+            hashlib.sha256(before.encode()).hexdigest(), extra
     assert run_cli(["resume", "B", "--db", str(db), "--budget", "5"]).returncode == 0
