@@ -431,6 +431,15 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
                 f"{where}: decision_field 'agent' differs for every agent, so a quorum of"
                 f" {quorum.required(len(agents))} can never agree; name the field the agents decide on"
             )
+        if decision_field == "stage" and quorum.required(len(agents)) > 1:
+            # Every agent answers with the stage's name there: they always
+            # "agree", whatever they decided (a stage with no fields of its
+            # own compared it by default, and passed at any disagreement).
+            given = "decision_field 'stage'" if "decision_field" in raw else "with no required_fields, the stage"
+            raise PipelineError(
+                f"{where}: {given} is the same for every agent, so its agents would always agree;"
+                " name the field the agents decide on (decision_field, and required_fields)"
+            )
 
         aggregator_raw = raw.get("aggregator", defaults.get("aggregator", "gpt_pro"))
         aggregator: str | None

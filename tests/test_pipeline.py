@@ -90,6 +90,9 @@ def test_toml_pipeline() -> None:
         ('[[stages]]\nname = "plan"\nquorum = 4', "quorum 4 is larger than the panel of 3"),
         ('[[stages]]\nname = "plan"\nquorum = 0', "at least 1"),
         ('[[stages]]\nname = "plan"\ndecision_field = "agent"', "decision_field 'agent' differs for every agent"),
+        # The stage's own name: every agent "agreed", at any disagreement.
+        ('[[stages]]\nname = "plan"\ndecision_field = "stage"', "decision_field 'stage' is the same for every agent"),
+        ('[[stages]]\nname = "deploy"\nrequired_fields = []', "with no required_fields, the stage is the same"),
         ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
         ('[[stages]]\nname = "plan"\nmode = "async"', "mode must be"),
         ('[[stages]]\nname = "plan"\naggregator = "gpt_codex"', "not in the stage's agents"),
