@@ -77,8 +77,12 @@ def _canonical(value: Any) -> str:
 
 
 def _str_list(value: Any) -> list[str]:
-    if not isinstance(value, list):
+    if value is None or value == "" or value == []:
         return []
+    if not isinstance(value, list):
+        # "conflicts": "big disagreement" is one conflict, not none: read
+        # as an empty list, the stage passed as "ok".
+        value = [value]
     return [item if isinstance(item, str) else _canonical(item) for item in value]
 
 
@@ -137,7 +141,10 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
         if body is None:
             invalid[agent] = stage.required_fields
             continue
-        lacking = tuple(f for f in stage.required_fields if f not in body)
+        # A null decision is none: agents all answering null "agreed".
+        lacking = tuple(
+            f for f in stage.required_fields if f not in body or (f == stage.decision_field and body[f] is None)
+        )
         if lacking:
             invalid[agent] = lacking
         parsed[agent] = body
@@ -172,11 +179,14 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
                 f"{', '.join(sorted(top))}"
             )
     dissent = len(ranked) > 1
+    # Two answers each with the quorum behind it (a quorum of half the
+    # panel or less): neither is the decision, whatever the agents' names.
+    contested = dissent and len(ranked[1]) >= required
 
     status: DecisionStatus
     if not missing and not invalid and not dissent and not reported_conflicts and aggregator_ok:
         status = "ok"
-    elif reported_conflicts or (dissent and support < required):
+    elif reported_conflicts or contested or (dissent and support < required):
         status = "conflict"
     elif support >= required:
         status = "degraded"

@@ -119,6 +119,40 @@ def test_quorum_all_turns_any_dissent_into_conflict() -> None:
     assert v.status == "conflict"
 
 
+def test_two_answers_each_with_a_quorum_are_a_conflict_not_a_pick_by_name() -> None:
+    """4 agents, quorum 2, answers A A B B: both groups reached the quorum
+    and the one with the alphabetically first agents was "the" decision."""
+    stage = parse_pipeline(
+        '[[stages]]\nname = "audit"\nagents = ["gemini", "claude", "gpt_pro", "gpt_codex"]\nquorum = 2\naggregator = ""'
+    ).stage("audit")
+    for first, second in (("pass", "fail"), ("fail", "pass")):
+        v = compute_verdict(stage, {
+            "claude": answer("claude", first), "gemini": answer("gemini", first),
+            "gpt_codex": answer("gpt_codex", second), "gpt_pro": answer("gpt_pro", second),
+        })
+        assert v.status == "conflict", (first, second)
+    # One answer short of a tie, the larger group decides as before.
+    v = compute_verdict(stage, {
+        "claude": answer("claude"), "gemini": answer("gemini"), "gpt_codex": answer("gpt_codex"),
+        "gpt_pro": answer("gpt_pro", "fail"),
+    })
+    assert v.status == "degraded"
+
+
+def test_a_null_decision_is_no_decision() -> None:
+    # All three answering "audit_verdict": null "agreed": the stage was ok.
+    v = compute_verdict(STAGE, {a: out(a, json.dumps({"stage": "audit", "agent": a, "audit_verdict": None}))
+                                for a in ("gemini", "claude", "gpt_pro")})
+    assert v.status == "no_consensus" and set(v.invalid_agents) == {"gemini", "claude", "gpt_pro"}
+
+
+@pytest.mark.parametrize("conflicts", ["big disagreement", {"scope": "differs"}])
+def test_an_aggregator_conflict_that_is_not_a_list_still_counts(conflicts: Any) -> None:
+    agg = answer("gpt_pro", consensus={"agreements": [], "conflicts": conflicts})
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": agg})
+    assert v.status == "conflict" and len(v.conflicts) == 1
+
+
 def test_verdict_json_is_canonical() -> None:
     v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": aggregator()})
     data = v.to_json()
