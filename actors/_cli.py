@@ -799,9 +799,37 @@ def _register_events(sub: Any) -> None:
 EXTRA_COMMANDS.append(_register_events)
 
 
+def _not_utf8(args: argparse.Namespace, argv: Sequence[str]) -> str | None:
+    """Why an argument cannot be used, if one holds bytes that are not
+    UTF-8 (argv reaches Python surrogate-escaped): run ids, goals and paths
+    go into SQLite, which holds UTF-8 only, and it failed mid-command with
+    a UnicodeEncodeError (exit 1; a refused goal had created the database)."""
+    for dest, value in sorted(vars(args).items()):
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and any("\ud800" <= c <= "\udfff" for c in item):
+                option = f"--{dest.replace('_', '-')}"
+                name = option if any(a.split("=", 1)[0] == option for a in argv) else dest.upper()
+                return f"{name} {item!r} is not valid UTF-8 (nothing was read or written)"
+    return None
+
+
+def _tolerant_output() -> None:
+    # A terminal that cannot show a mark (PYTHONIOENCODING=latin-1 and the
+    # verdict's check mark) killed the run mid-stage, left interrupted.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = _not_utf8(args, sys.argv[1:] if argv is None else argv)
+    if problem is not None:
+        return _fail(problem)
+    _tolerant_output()
     try:
         with throughput_gc():  # the process is ours: see actors/_gc.py
             code: int = args.handler(args)

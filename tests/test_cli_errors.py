@@ -270,3 +270,30 @@ def test_a_resume_that_replays_a_finished_run_shows_every_stage(tmp_path: Path) 
         resumed = run_cli(["resume", "F", "--db", db])
         assert resumed.returncode == 0, resumed.stderr
         assert (resumed.stdout + resumed.stderr).count("STAGE ") == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["status", "R\udcff"], "RUN_ID 'R\\udcff'"),
+        (["events", "R\udcff", "--db", "c.db"], "RUN_ID"),
+        (["run", "--db", "g\udcff.db"], "--db 'g\\udcff.db'"),
+        (["run", "--db", "c.db", "--goal", "bad\udcff"], "--goal"),
+    ],
+)
+def test_arguments_that_are_not_utf8_are_refused_before_anything_is_written(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    """Such bytes failed mid-command with a UnicodeEncodeError (exit 1); a
+    refused goal had already created the database."""
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2 and named in proc.stderr and "not valid UTF-8" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_terminal_that_cannot_show_the_marks_does_not_end_the_run(tmp_path: Path) -> None:
+    # PYTHONIOENCODING=latin-1: the verdict's check mark killed the run after
+    # its first stage, left interrupted.
+    proc = run_cli(["run", "--db", str(tmp_path / "c.db")], env={"PYTHONIOENCODING": "latin-1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "completed: 6 stage(s) decided" in proc.stdout
