@@ -228,15 +228,20 @@ def default_pipeline() -> Pipeline:
     return pipeline_from_dict(data, source="default pipeline")
 
 
+MAX_PIPELINE_FILE = 16 * 2**20  # thousands of stages fit in far less
+
+
 def load_pipeline(path: str) -> Pipeline:
     """Read and validate a pipeline TOML file."""
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_PIPELINE_FILE + 1)  # /dev/zero was read until MemoryError
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such pipeline file") from None
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read pipeline file: {exc.strerror}") from None
+    if len(raw) > MAX_PIPELINE_FILE:
+        raise PipelineError(f"{path}: a pipeline file must be at most {MAX_PIPELINE_FILE // 2**20} MiB")
     try:
         # utf-8-sig: an editor's byte-order mark is not a TOML error.
         text = raw.decode("utf-8-sig")
@@ -256,6 +261,8 @@ def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise PipelineError(f"{source}: invalid TOML: nested too deeply") from None
     pipeline = pipeline_from_dict(data, source=source)
     # In a file, an [agents] entry no stage lists is a typo ([agents.gemnii])
     # or another spelling ([agents.Gemini]): it was dropped without a word

@@ -20,6 +20,9 @@ PIPELINES: dict[str, tuple[str | bytes, str]] = {
     "unknown_stage": ('[[stages]]\nname = "deploy"', "unknown stage"),
     "unknown_agent": ('[[stages]]\nname = "plan"\nagents = ["gemini", "hal9000"]', "unknown agent 'hal9000'"),
     "quorum_too_large": ('[[stages]]\nname = "plan"\nquorum = 5', "quorum 5 is larger than the panel of 3"),
+    # RecursionError and (from /dev/zero) MemoryError: exit 1, no file named.
+    "nested_too_deeply": ("x = " + "[" * 5_000, "nested too deeply"),
+    "endless": (b" " * (16 * 2**20 + 1), "at most 16 MiB"),
 }
 
 
