@@ -200,7 +200,9 @@ class ProgressPrinter:
         self.out.flush()
 
 
-_HINT = re.compile(r"'(conclave [^']*)'")
+# A hint's words may be double-quoted (see shell_word), and a run id "it's"
+# holds the quote that ends the hint: "conclave resume "it --db q.db's"".
+_HINT = re.compile(r"""'(conclave (?:[^'"]|"(?:[^"\\]|\\.)*")*)'""")
 
 
 def db_option(db: str) -> str:

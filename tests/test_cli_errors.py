@@ -300,3 +300,16 @@ def test_a_terminal_that_cannot_show_the_marks_does_not_end_the_run(tmp_path: Pa
     proc = run_cli(["run", "--db", str(tmp_path / "c.db")], env={"PYTHONIOENCODING": "latin-1"})
     assert proc.returncode == 0, proc.stderr
     assert "completed: 6 stage(s) decided" in proc.stdout
+
+
+def test_a_hint_for_a_run_id_with_a_quote_keeps_the_whole_id(tmp_path: Path) -> None:
+    # --db went inside the id: 'conclave resume "it --db q.db's" --budget USD'.
+    import re
+    import shlex
+
+    db = str(tmp_path / "q.db")
+    proc = run_cli(["run", "--db", db, "--run-id", "it's", "--budget", "0", "--json"])
+    assert proc.returncode == 3, proc.stderr
+    message = json.loads(proc.stdout)["halt_message"]
+    [hint] = re.findall(r"""'(conclave (?:[^'"]|"[^"]*")*)'""", message)
+    assert shlex.split(hint) == ["conclave", "resume", "it's", "--budget", "USD", "--db", db], message
