@@ -591,7 +591,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f" {short_branch_id(run.current_branch_id or '')}")
         current = " (current)" if branch.branch_id == run.current_branch_id else ""
         print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")
-        print(f"  goal: {run.goal or '-'}")
+        # A goal may hold anything a user typed; shown, it must not drive
+        # the terminal or forge a line of status.
+        shown = "".join(c if c.isprintable() else ("⏎" if c == "\n" else "?") for c in run.goal)
+        print(f"  goal: {shown or '-'}")
         for s in info["stages"]:
             print(f"  {s['stage']:<10} {s['status'] or 'pending'}")
         finished = info["status"] in ("completed", "halted")

@@ -56,6 +56,13 @@ def canonical_stage(name: str) -> str | None:
     return key if key in _KNOWN_STAGES else None
 
 
+def _check_printable(name: str, where: str, what: str) -> None:
+    # Names are printed in banners and answer lines and put into prompts:
+    # an ESC drove the terminal, a newline split an agent's line in two.
+    if not name.isprintable() or len(name) > 100:
+        raise PipelineError(f"{where}: {what} must be at most 100 printable characters")
+
+
 def canonical_agent(name: str) -> str | None:
     """The reference's normalisation: lowercase, ``-`` and spaces to ``_``,
     trim ``_``, then the first of gemini*, claude*, code*, *codex*, gpt*."""
@@ -326,11 +333,12 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
         name = str(raw_name)  # declared agents keep their exact name
         if not name.strip():
             raise PipelineError(f"{where}: an agent needs a name that is not blank")
+        _check_printable(name, where, "an agent's name")
         model = cfg.get("model", KNOWN_AGENTS.get(name))
-        if not isinstance(model, str) or not model:
+        if not isinstance(model, str) or not model.strip():
             raise PipelineError(f"{where}: needs a model")
         provider = cfg.get("provider", "sim")
-        if not isinstance(provider, str) or not provider:
+        if not isinstance(provider, str) or not provider.strip():
             raise PipelineError(f"{where}: provider must be a non-empty string")
         declared[name] = AgentSpec(name=name, provider=provider, model=model)
 
@@ -378,6 +386,7 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
         if not isinstance(raw_name, str) or not raw_name.strip():
             raise PipelineError(f"{source}: stage #{index} needs a name")
         where = f"{source}: stage {raw_name!r}"
+        _check_printable(raw_name, where, "a stage's name")
         bad = set(raw) - _STAGE_KEYS
         if bad:
             raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")

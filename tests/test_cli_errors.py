@@ -313,3 +313,12 @@ def test_a_hint_for_a_run_id_with_a_quote_keeps_the_whole_id(tmp_path: Path) -> 
     message = json.loads(proc.stdout)["halt_message"]
     [hint] = re.findall(r"""'(conclave (?:[^'"]|"[^"]*")*)'""", message)
     assert shlex.split(hint) == ["conclave", "resume", "it's", "--budget", "USD", "--db", db], message
+
+
+def test_status_shows_a_goal_without_letting_it_drive_the_terminal(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    goal = "ship it\n  status: completed\x1b[2J"
+    assert run_cli(["run", "--db", db, "--run-id", "g", "--goal", goal, "--sim-latency", "0"]).returncode == 0
+    proc = run_cli(["status", "g", "--db", db])
+    assert "  goal: ship it⏎  status: completed?[2J\n" in proc.stdout and "\x1b" not in proc.stdout
+    assert json.loads(run_cli(["status", "g", "--db", db, "--json"]).stdout)["goal"] == goal  # kept as given

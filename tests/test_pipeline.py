@@ -94,6 +94,10 @@ def test_toml_pipeline() -> None:
         ('[[stages]]\nname = "plan"\ndecision_field = "stage"', "decision_field 'stage' is the same for every agent"),
         ('[[stages]]\nname = "deploy"\nrequired_fields = []', "with no required_fields, the stage is the same"),
         ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
+        # Printed in banners and put into prompts: ESC drove the terminal.
+        ('[[stages]]\nname = "de\\u001bploy"\nrequired_fields = ["x"]', "a stage's name must be at most 100 printable"),
+        ('[agents."a\\nb"]\nmodel = "m"\n[[stages]]\nname = "plan"\nagents = ["a\\nb"]', "an agent's name must be"),
+        ('[agents.x]\nmodel = "  "\n[[stages]]\nname = "plan"\nagents = ["x"]', "agent 'x': needs a model"),
         ('[[stages]]\nname = "plan"\nmode = "async"', "mode must be"),
         ('[[stages]]\nname = "plan"\naggregator = "gpt_codex"', "not in the stage's agents"),
         ('[[stages]]\nname = "plan"\n[[stages]]\nname = "Plan"', "listed twice"),
