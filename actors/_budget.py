@@ -42,6 +42,8 @@ def parse_budget(value: BudgetLike | None) -> Decimal | None:
         raise ValueError(f"budget must be a number of USD, got {value!r}") from None
     if not budget.is_finite() or budget < 0:
         raise ValueError(f"budget must be a finite amount of USD >= 0, got {value!r}")
+    if budget == 0:
+        budget = Decimal(0)  # "-0" was kept, and shown as "$-0.0000"
     if budget > MAX_BUDGET:
         # Past this, sums and percentages of it overflow Decimal's context
         # inside the metrics actor, mid-run; no budget needs it.

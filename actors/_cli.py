@@ -551,13 +551,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.run_id is None and args.branch is not None:
         # It listed the runs and ignored the branch asked for.
         return _fail(f"--branch {args.branch} needs a RUN_ID (the run whose branch to show)")
+    if args.run_id is not None and args.limit is not None:
+        return _fail(f"--limit {args.limit} lists the latest runs; it does not go with a RUN_ID")
     try:
         store = _open_readonly(args.db)
     except StoreError as exc:
         return _fail(str(exc))
     with store:
         if args.run_id is None:
-            runs = store.list_runs(args.limit)
+            runs = store.list_runs(20 if args.limit is None else args.limit)
             if args.json:
                 _json_out({"runs": [_run_json(store, r.run_id) for r in runs]})
             elif not runs:
@@ -762,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
     add_db_argument(status)
-    status.add_argument("--limit", type=positive_arg, default=20, help="runs to list (default: 20)")
+    status.add_argument("--limit", type=positive_arg, default=None, help="runs to list (default: 20)")
     status.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=cmd_status)

@@ -134,6 +134,7 @@ def test_bad_budgets_are_refused(bad: str) -> None:
 
 def test_budgets_are_exact() -> None:
     assert parse_budget("0.1") == Decimal("0.1") and parse_budget("$2") == Decimal("2")
+    assert str(parse_budget("-0")) == "0"  # it was kept as -0, shown "$-0.0000"
     assert parse_budget(None) is None
 
 

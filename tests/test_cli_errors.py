@@ -262,6 +262,10 @@ def test_status_with_a_branch_but_no_run_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "--branch abc needs a RUN_ID")
     assert not (tmp_path / "x.db").exists()
+    # And --limit with one: it was ignored without a word.
+    proc = run_cli(["status", "r", "--db", str(tmp_path / "x.db"), "--limit", "3"])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "--limit 3 lists the latest runs; it does not go with a RUN_ID")
 
 
 def test_a_resume_that_replays_a_finished_run_shows_every_stage(tmp_path: Path) -> None:
