@@ -4,6 +4,7 @@ wiring, and ``conclave metrics RUN_ID [--by stage|agent|model] [--json]``."""
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import sys
@@ -167,6 +168,26 @@ def run_metrics(
     return {"source": "recomputed", **_recompute(store, run_id, branch, prices or PriceTable.vendored())}
 
 
+def interrupted_calls(store: Store, run_id: str, branch_id: str) -> int:
+    """Calls ``branch_id`` handed to a provider that neither answered nor
+    failed on record: cut off by an interruption (Ctrl-C, a crash) while
+    the provider worked on them.  They may have been billed, and no usage
+    was ever reported for them, so their cost is unknown.  Counted from the
+    event log (``agent_call`` events less ``call_dropped`` ones) against
+    the stored attempts; a resume numbers its first attempt as the one cut
+    off, so identities are counted with multiplicity."""
+    calls: collections.Counter[tuple[str | None, str | None, int | None]] = collections.Counter()
+    for event in store.events(run_id, kind="agent_call"):
+        if event.branch_id == branch_id:
+            calls[(event.stage, event.agent, event.attempt)] += 1
+    for event in store.events(run_id, kind="call_dropped"):
+        if event.branch_id == branch_id:
+            calls[(event.stage, event.agent, event.attempt)] -= 1
+    for output in store.outputs(run_id, branch_id):
+        calls[(output.stage, output.agent, output.attempt)] -= 1
+    return sum(n for n in calls.values() if n > 0)
+
+
 def _table(report: dict[str, Any], by: str) -> list[str]:
     groups: dict[str, Any] = report["by"].get(by, {})
     header = f"  {by:<20} {'calls':>5} {'reused':>6} {'in':>8} {'cached':>8} {'out':>8} {'reason':>8} {'cost':>12}"
@@ -211,6 +232,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
                 "branch_id": branch.branch_id,
                 "status": status,
                 **run_metrics(store, run.run_id, prices, branch.branch_id),
+                "interrupted_calls": interrupted_calls(store, run.run_id, branch.branch_id),
             }
         except MetricsUsageError as exc:
             return _fail(str(exc))
@@ -224,6 +246,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(f"  unpriced (not in the price table, not counted): {', '.join(report['unpriced_models'])}")
     if report["unknown_usage_calls"]:
         print(f"  {report['unknown_usage_calls']} call(s) with unknown usage (cut off), not counted")
+    if report["interrupted_calls"]:
+        print(
+            f"  {report['interrupted_calls']} call(s) cut off by an interruption while a provider worked on them:"
+            " cost unknown, not counted"
+        )
     if report.get("budget_usd") is not None:
         alerts = ", ".join(f"{a}%" for a in report["budget_alerts"]) or "none"
         print(f"  budget {usd(Decimal(report['budget_usd']))}; warnings: {alerts}")

@@ -311,3 +311,32 @@ async def test_a_model_the_server_renames_is_priced_as_the_one_asked_for(
     async with open_orchestrator(store=db_path, provider=mock, pipeline=pipeline()) as orch:
         resumed = await orch.resume(result.run_id, budget="10")
     assert resumed.completed and resumed.cost_usd == Decimal("0.315")  # 9 calls, the 5 replayed priced alike
+
+
+async def test_a_call_cut_off_by_an_interruption_is_reported_not_lost(
+    db_path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A call handed to the provider when the run was interrupted left no
+    row: 'metrics' accounted 9 calls for the 10 the provider saw."""
+    from actors._cli_metrics import interrupted_calls
+
+    mock = provider()
+    with trio.move_on_after(4.5):  # tasks' claude is in flight (a call takes 1 s)
+        async with open_orchestrator(store=db_path, provider=mock, pipeline=pipeline()) as orch:
+            await orch.run("SPEC-B", run_id="i")
+    assert len(mock.calls) == 5
+    with Store.open(db_path) as s:
+        branch = s.get_run("i").current_branch_id  # type: ignore[union-attr]
+        assert interrupted_calls(s, "i", branch) == 1
+    again = provider()
+    async with open_orchestrator(store=db_path, provider=again, pipeline=pipeline()) as orch:
+        assert (await orch.resume("i")).completed
+    assert len(mock.calls) + len(again.calls) == 10
+    with Store.open(db_path) as s:
+        assert len(s.outputs("i")) == 9
+        assert interrupted_calls(s, "i", branch) == 1, "the 10th call the provider saw"
+    from .conftest import run_cli
+
+    proc = run_cli(["metrics", "i", "--db", db_path, "--json"])
+    assert proc.returncode == 0 and json.loads(proc.stdout)["interrupted_calls"] == 1
+    assert "1 call(s) cut off by an interruption" in run_cli(["metrics", "i", "--db", db_path]).stdout
