@@ -2,7 +2,7 @@
 
 :class:`TokenManager` answers "give me a bearer token for provider P".  A
 valid stored token is returned as is.  One that is within the expiry margin
-(5 min) is refreshed first - ahead of expiry - and a forced refresh (after a
+(5 min, or a tenth of the token's lifetime if less) is refreshed first - ahead of expiry - and a forced refresh (after a
 401) refreshes even a valid-looking one.  Refresh is single-flight twice
 over: a per-provider ``trio.Lock`` within the process, and the token store's
 ``flock`` across processes; whoever gets the lock second re-reads the store

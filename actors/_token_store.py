@@ -52,6 +52,10 @@ TOKEN_FILE = "tokens.json"
 LOCK_FILE = "tokens.lock"
 #: A token is "expired" (needs refresh) within this many seconds of expiry.
 EXPIRY_MARGIN = 300.0
+#: ... or within this fraction of its lifetime, if that is less: a token
+#: issued for 300 s (Keycloak's default) or less was never valid under the
+#: full margin, so every call refreshed it.
+EXPIRY_MARGIN_FRACTION = 0.1
 KEYRING_SERVICE = "conclave"
 KEYRING_USER = "device-tokens"
 
@@ -100,8 +104,20 @@ class TokenEntry:
         """A refresh needs both the refresh token and where to send it."""
         return self.refresh_token is not None and self.token_url is not None
 
+    def margin(self, margin: float = EXPIRY_MARGIN) -> float:
+        """How long before expiry to refresh: ``margin``, but at most
+        :data:`EXPIRY_MARGIN_FRACTION` of the token's lifetime (from
+        ``stored_at``, when it was obtained, to ``expires_at``), so a
+        short-lived token is used for most of its life."""
+        if self.expires_at is None:
+            return margin
+        lifetime = self.expires_at - self.stored_at
+        if lifetime < 0:  # times that disagree (a clock step): no lifetime to go by
+            return margin
+        return min(margin, lifetime * EXPIRY_MARGIN_FRACTION)
+
     def status(self, now: float, margin: float = EXPIRY_MARGIN) -> TokenStatus:
-        if self.expires_at is None or now < self.expires_at - margin:
+        if self.expires_at is None or now < self.expires_at - self.margin(margin):
             return TokenStatus.VALID
         return TokenStatus.NEEDS_REFRESH if self.refreshable else TokenStatus.EXPIRED
 

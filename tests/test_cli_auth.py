@@ -208,7 +208,8 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def e(provider: str, expires_in: float, refresh: bool) -> TokenEntry:
         return TokenEntry(provider=provider, access_token=Secret(f"at-{provider}-SECRET"),
                           refresh_token=Secret(f"rt-{provider}-SECRET") if refresh else None,
-                          expires_at=now + expires_in, scope=None, stored_at=now, token_url="https://idp.test/token")
+                          expires_at=now + expires_in, scope=None, token_url="https://idp.test/token",
+                          stored_at=now + expires_in - 3600)  # hour-long tokens
 
     async def fill() -> None:
         async with TokenStore(tmp_path).locked() as tokens:
@@ -297,7 +298,8 @@ def stored_login(idp: FakeIdP, base: str, home: Path, provider: str, expires_in:
         "device_code": device["device_code"], "client_id": CLIENT_ID}).json()
     entry = TokenEntry(provider=provider, access_token=Secret(grant["access_token"]),
                        refresh_token=Secret(grant["refresh_token"]), expires_at=time.time() + expires_in,
-                       scope="model", stored_at=time.time(), token_url=base + TOKEN_PATH, client_id=CLIENT_ID)
+                       scope="model", token_url=base + TOKEN_PATH, client_id=CLIENT_ID,
+                       stored_at=time.time() + expires_in - 3600)  # an hour-long token, expires_in left
 
     async def put() -> None:
         async with TokenStore(home).locked() as tokens:

@@ -252,3 +252,28 @@ async def test_a_refresh_that_never_answers_times_out_retryably(
         await manager.bearer("generic", force_refresh=True)
     assert trio.current_time() - start == pytest.approx(60)
     assert store.get("generic") == first
+
+
+@pytest.mark.parametrize("lifetime", [300, 120])
+async def test_a_short_lived_token_is_used_for_most_of_its_life(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, lifetime: int
+) -> None:
+    """Keycloak issues 300 s tokens by default: under the full 5-minute
+    margin such a token was never valid, and every call refreshed it."""
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path, token_expires_in=lifetime)
+    start = trio.current_time()
+    tokens = []
+    for _ in range(60):  # a call a second for a minute
+        tokens.append(await manager.bearer("generic"))
+        await trio.sleep(1)
+    assert idp.refresh_count == 0 and set(tokens) == {first.access_token}
+    # Refreshed once, ahead of expiry (within a tenth of its life), then
+    # the new token is used just as long.
+    await trio.sleep_until(start + lifetime * 0.95)
+    second = await manager.bearer("generic")
+    assert second != first.access_token and idp.access_token_valid(first.access_token.reveal())
+    assert idp.refresh_count == 1
+    for _ in range(10):
+        assert await manager.bearer("generic") == second
+        await trio.sleep(lifetime * 0.05)
+    assert idp.refresh_count == 1 and manager.status("generic") is TokenStatus.VALID

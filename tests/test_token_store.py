@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -325,3 +326,14 @@ async def test_file_is_used_without_a_usable_keyring(tmp_path: Path, monkeypatch
     assert "file" in repr(TokenStore(tmp_path, backend="auto"))
     with pytest.raises(TokenStoreError, match="no usable OS keyring"):
         TokenStore(tmp_path, backend="keyring")
+
+
+def test_the_margin_is_at_most_a_tenth_of_the_tokens_lifetime() -> None:
+    stored = 1e9
+    keycloak = attrs.evolve(entry(expires_at=stored + 300, token_url="https://t"), stored_at=stored)
+    assert keycloak.status(stored + 269) is TokenStatus.VALID
+    assert keycloak.status(stored + 271) is TokenStatus.NEEDS_REFRESH
+    # Long-lived tokens keep the full 5 minutes.
+    hour = attrs.evolve(entry(expires_at=stored + 3600, token_url="https://t"), stored_at=stored)
+    assert hour.status(stored + 3299) is TokenStatus.VALID
+    assert hour.status(stored + 3301) is TokenStatus.NEEDS_REFRESH
