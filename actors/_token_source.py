@@ -4,9 +4,12 @@
 valid stored token is returned as is.  One that is within the expiry margin
 (5 min, or a tenth of the token's lifetime if less) is refreshed first - ahead of expiry - and a forced refresh (after a
 401) refreshes even a valid-looking one.  Refresh is single-flight twice
-over: a per-provider ``trio.Lock`` within the process, and the token store's
-``flock`` across processes; whoever gets the lock second re-reads the store
-and uses the token the first one obtained instead of refreshing again (a
+over: within the process, callers that need a refresh while one is under
+way wait for it and share its outcome - the new token, or its error (a
+failed refresh is not repeated by each waiter in turn; those refreshing
+ahead of time keep the old token while it works) - and across processes
+the token store's ``flock``: whoever gets it second re-reads the store and
+uses the token the first one obtained instead of refreshing again (a
 rotated refresh token may be used only once).  The rotated refresh token is
 written to the store *before* the new access token is handed out.
 ``invalid_grant`` drops the provider's tokens and raises
@@ -40,6 +43,21 @@ log = logging.getLogger("conclave.auth")
 REFRESH_HTTP_TIMEOUT = httpx.Timeout(30.0)
 
 
+class _Flight:
+    """One refresh of one provider's token.  Every caller that needs a
+    refresh while it runs waits for ``done`` and shares its ``outcome``:
+    the token, the error, or ``None`` if its owner was cancelled before
+    refreshing (a waiter then starts the next one).  ``entry`` is the
+    stored entry it tried to refresh (the fallback while it still works)."""
+
+    __slots__ = ("done", "entry", "outcome")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.entry: TokenEntry | None = None
+        self.outcome: Secret | AuthError | None = None
+
+
 class TokenManager:
     """Hands out bearer tokens from ``store``, refreshing through ``client``
     (``None``: a short-lived client for each refresh).
@@ -67,7 +85,7 @@ class TokenManager:
         self._margin = margin
         self._refresh_timeout = refresh_timeout
         self._listeners: list[Callable[[AuthEvent], None]] = [on_event] if on_event is not None else []
-        self._locks: dict[str, trio.Lock] = {}
+        self._flights: dict[str, _Flight] = {}  # provider -> the refresh under way
         self.refresh_count = 0  # HTTP refreshes made by this manager
 
     def __repr__(self) -> str:
@@ -126,78 +144,117 @@ class TokenManager:
         if not force_refresh and entry.status(self._clock(), self._margin) is TokenStatus.VALID:
             return entry.access_token
         seen = stale if force_refresh and stale is not None else entry.access_token
-        lock = self._locks.setdefault(provider, trio.Lock())
-        async with lock:
-            async with self.store.locked() as tokens:
-                entry = tokens.get(provider)
-                if entry is None:
-                    raise LoginRequired(
-                        f"not logged in to {provider}", provider=provider, hint=f"run 'conclave login {provider}'"
-                    )
-                now = self._clock()
-                valid = entry.status(now, self._margin) is TokenStatus.VALID
-                if valid and (not force_refresh or entry.access_token != seen):
-                    # Valid, or someone refreshed while we waited for the lock.
-                    return entry.access_token
-                if entry.refresh_token is None or entry.token_url is None:
-                    if not force_refresh and entry.expires_at is not None and now < entry.expires_at:
-                        return entry.access_token  # still works, for a little while
-                    raise LoginRequired(
-                        f"the {provider} token has expired and cannot be refreshed",
-                        provider=provider,
-                        hint=f"run 'conclave login {provider}'",
-                    )
-                try:
-                    # Shielded: once the server may have rotated the refresh
-                    # token, cancelling would lose the only valid one.  The
-                    # deadline bounds how long a cancel can be held up.
-                    with trio.CancelScope(shield=True) as shield:
-                        shield.deadline = trio.current_time() + self._refresh_timeout
-                        grant = await self._refresh(entry, entry.token_url, entry.refresh_token)
-                    if shield.cancelled_caught:
-                        raise RefreshUnavailable(
-                            f"refreshing the {provider} token took longer than {self._refresh_timeout:g} s",
-                            provider=provider,
-                        )
-                except LoginRequired:
-                    tokens.remove(provider)
-                    self._emit(provider, "dropped", "refresh token rejected; tokens dropped, log in again")
-                    raise
-                except AuthError as error:
-                    self._emit(provider, "refresh_failed", error.message)
-                    if (
-                        isinstance(error, RefreshUnavailable)
-                        and not force_refresh
-                        and entry.expires_at is not None
-                        and now < entry.expires_at
-                    ):
-                        return entry.access_token  # refresh ahead of time failed; the old one still works
-                    raise
-                finally:
-                    self.refresh_count += 1
-                # No checkpoint from here to the write: a rotated refresh
-                # token is always persisted once the server has sent it.
-                now = self._clock()
-                refreshed = TokenEntry(
-                    provider=provider,
-                    access_token=grant.access_token,
-                    # Rotation: a new refresh token replaces the old one; a
-                    # server that does not rotate leaves the old one valid.
-                    refresh_token=grant.refresh_token or entry.refresh_token,
-                    expires_at=now + grant.expires_in if grant.expires_in is not None else None,
-                    scope=grant.scope or entry.scope,
-                    stored_at=now,
-                    token_type=grant.token_type,
-                    token_url=entry.token_url,
-                    client_id=entry.client_id,
-                    client_secret=entry.client_secret,
-                    accept_json=entry.accept_json,
-                )
-                # Durable before anyone uses the new access token.
-                tokens.put(refreshed)
-                self._emit(provider, "refreshed", f"new token {refreshed.access_token.fingerprint()}")
-                return refreshed.access_token
+        # Let callers that arrived at the same moment see the same stored
+        # token (``seen``) before any of them refreshes: a refresh may
+        # complete without a checkpoint, and a forced caller that read its
+        # result as "stale" would refresh again.
+        await trio.lowlevel.checkpoint()
+        while (flight := self._flights.get(provider)) is not None:
+            # Someone is refreshing already: share that attempt's outcome
+            # instead of queueing up to make the same request again (50
+            # callers made 50 requests to a server answering 500, and with
+            # a hanging one the last waited 10 refresh timeouts).
+            await flight.done.wait()
+            if flight.outcome is None:
+                continue  # its caller was cancelled before refreshing
+            if isinstance(flight.outcome, Secret):
+                if not force_refresh or flight.outcome != seen:
+                    return flight.outcome
+                continue  # it handed out the very token that was rejected: refresh
+            return self._after_failure(flight, flight.outcome, force_refresh)
+        flight = _Flight()
+        self._flights[provider] = flight
+        try:
+            flight.outcome = await self._refresh_locked(provider, force_refresh, seen, flight)
+        except AuthError as error:
+            flight.outcome = error
+            return self._after_failure(flight, error, force_refresh)
+        finally:
+            del self._flights[provider]
+            flight.done.set()
+        return flight.outcome
 
+    def _after_failure(self, flight: _Flight, error: AuthError, force_refresh: bool) -> Secret:
+        """What a caller of a failed refresh gets: the old token while it
+        still works, if the failure may pass and the caller did not come
+        because that token was rejected; else the error."""
+        entry = flight.entry
+        if (
+            isinstance(error, RefreshUnavailable)
+            and not force_refresh
+            and entry is not None
+            and entry.expires_at is not None
+            and self._clock() < entry.expires_at
+        ):
+            return entry.access_token  # refresh ahead of time failed; the old one still works
+        raise error
+
+    async def _refresh_locked(self, provider: str, force_refresh: bool, seen: Secret, flight: _Flight) -> Secret:
+        """The refresh itself, under the store's cross-process lock; only
+        one task per provider runs it at a time (the ``flight``'s owner)."""
+        async with self.store.locked() as tokens:
+            entry = tokens.get(provider)
+            if entry is None:
+                raise LoginRequired(
+                    f"not logged in to {provider}", provider=provider, hint=f"run 'conclave login {provider}'"
+                )
+            now = self._clock()
+            valid = entry.status(now, self._margin) is TokenStatus.VALID
+            if valid and (not force_refresh or entry.access_token != seen):
+                # Valid, or another process refreshed while we waited for the lock.
+                return entry.access_token
+            if entry.refresh_token is None or entry.token_url is None:
+                if not force_refresh and entry.expires_at is not None and now < entry.expires_at:
+                    return entry.access_token  # still works, for a little while
+                raise LoginRequired(
+                    f"the {provider} token has expired and cannot be refreshed",
+                    provider=provider,
+                    hint=f"run 'conclave login {provider}'",
+                )
+            flight.entry = entry
+            try:
+                # Shielded: once the server may have rotated the refresh
+                # token, cancelling would lose the only valid one.  The
+                # deadline bounds how long a cancel can be held up.
+                with trio.CancelScope(shield=True) as shield:
+                    shield.deadline = trio.current_time() + self._refresh_timeout
+                    grant = await self._refresh(entry, entry.token_url, entry.refresh_token)
+                if shield.cancelled_caught:
+                    raise RefreshUnavailable(
+                        f"refreshing the {provider} token took longer than {self._refresh_timeout:g} s",
+                        provider=provider,
+                    )
+            except LoginRequired:
+                tokens.remove(provider)
+                self._emit(provider, "dropped", "refresh token rejected; tokens dropped, log in again")
+                raise
+            except AuthError as error:
+                self._emit(provider, "refresh_failed", error.message)
+                raise
+            finally:
+                self.refresh_count += 1
+            # No checkpoint from here to the write: a rotated refresh
+            # token is always persisted once the server has sent it.
+            now = self._clock()
+            refreshed = TokenEntry(
+                provider=provider,
+                access_token=grant.access_token,
+                # Rotation: a new refresh token replaces the old one; a
+                # server that does not rotate leaves the old one valid.
+                refresh_token=grant.refresh_token or entry.refresh_token,
+                expires_at=now + grant.expires_in if grant.expires_in is not None else None,
+                scope=grant.scope or entry.scope,
+                stored_at=now,
+                token_type=grant.token_type,
+                token_url=entry.token_url,
+                client_id=entry.client_id,
+                client_secret=entry.client_secret,
+                accept_json=entry.accept_json,
+            )
+            # Durable before anyone uses the new access token.
+            tokens.put(refreshed)
+            self._emit(provider, "refreshed", f"new token {refreshed.access_token.fingerprint()}")
+            return refreshed.access_token
 
     async def _refresh(self, entry: TokenEntry, token_url: str, refresh_token: Secret) -> TokenGrant:
         async with contextlib.AsyncExitStack() as stack:

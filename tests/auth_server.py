@@ -384,10 +384,13 @@ HANG = "hang"
 
 
 class LateReply:
-    """The server handles the request, but its reply arrives ``seconds`` later."""
+    """The server handles the request, but its reply arrives ``seconds``
+    later; or, given a ``response``, that one arrives instead (a server
+    that takes its time to fail)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, response: httpx.Response | None = None) -> None:
         self.seconds = seconds
+        self.response = response
 
 
 Fault = httpx.Response | Exception | str | LateReply
@@ -422,6 +425,9 @@ class ScriptedTransport(httpx.AsyncBaseTransport):
             if isinstance(fault, httpx.Response):
                 return fault
             if isinstance(fault, LateReply):
+                if fault.response is not None:
+                    await trio.sleep(fault.seconds)
+                    return fault.response
                 response = await self.inner.handle_async_request(request)
                 await trio.sleep(fault.seconds)
                 return response

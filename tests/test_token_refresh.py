@@ -277,3 +277,66 @@ async def test_a_short_lived_token_is_used_for_most_of_its_life(
         assert await manager.bearer("generic") == second
         await trio.sleep(lifetime * 0.05)
     assert idp.refresh_count == 1 and manager.status("generic") is TokenStatus.VALID
+
+
+async def test_a_failed_refresh_is_shared_by_everyone_waiting_for_it(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each waiter used to refresh again in turn once the lock was free: 50
+    callers made 50 requests to a server answering 500."""
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None
+    n = transport.token_requests
+    transport.faults = {n + i: LateReply(2, httpx.Response(500, text="down")) for i in range(1, 60)}
+    await trio.sleep_until(first.expires_at - BASE + 1)  # expired: nothing to fall back on
+    outcomes: list[object] = []
+
+    async def ask() -> None:
+        try:
+            outcomes.append(await manager.bearer("generic"))
+        except RefreshUnavailable as error:
+            outcomes.append(type(error))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(ask)
+    assert transport.token_requests - n == 1 and manager.refresh_count == 1
+    assert outcomes == [RefreshUnavailable] * 50
+    assert [e.kind for e in events] == ["refresh_failed"]
+    assert store.get("generic") == first
+    # The outage is over: the next caller tries again, and succeeds.
+    transport.faults = {}
+    assert idp.access_token_valid((await manager.bearer("generic")).reveal())
+
+
+async def test_waiters_of_a_hanging_refresh_ahead_of_expiry_keep_the_old_token_after_one_timeout(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """With a refresh that never answers, the tenth caller waited ten 60 s
+    timeouts (10 minutes) for the token it already had."""
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None
+    n = transport.token_requests
+    transport.faults = {n + i: "hang" for i in range(1, 20)}
+    await trio.sleep_until(first.expires_at - BASE - 200)  # inside the margin, 200 s left
+    start = trio.current_time()
+    sources = [manager.source("generic") for _ in range(10)]
+    done: list[tuple[float, str]] = []
+    failed: list[float] = []
+
+    async def ask(source: TokenSource) -> None:
+        token = await source.bearer()
+        done.append((trio.current_time() - start, token))
+
+    async def after_a_401(source: TokenSource) -> None:
+        with pytest.raises(RefreshUnavailable):
+            await source.bearer(force_refresh=True)
+        failed.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        for source in sources:
+            nursery.start_soon(ask, source)
+        nursery.start_soon(after_a_401, sources[0])
+    assert done == [(60.0, first.access_token.reveal())] * 10
+    assert failed == [60.0]  # the rejected token is no fallback
+    assert transport.token_requests - n == 1 and store.get("generic") == first
