@@ -89,7 +89,7 @@ def read_body(response: httpx.Response) -> dict[str, Any] | None:
         return dict(pairs)
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested: ``[[[[...`` from a hostile server
         return None
     return body if isinstance(body, dict) else None
 

@@ -205,7 +205,7 @@ async def discover(profile: AuthProfile, client: httpx.AsyncClient) -> AuthProfi
             continue
         try:
             metadata: Any = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested ``[[[[...``
             last = f"{url} is not JSON"
             continue
         if not isinstance(metadata, dict):

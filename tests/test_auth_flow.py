@@ -407,3 +407,21 @@ async def test_a_code_or_uri_to_show_with_control_characters_is_refused(field: s
     async with httpx.AsyncClient(transport=httpx.MockTransport(_device_answer(body))) as client:
         with pytest.raises(AuthProtocolError, match=field):
             await DeviceFlow(_profile(), client).start()
+
+
+DEEP = "[" * 100_000  # json.loads raises RecursionError, not ValueError
+
+
+async def test_deeply_nested_json_from_the_server_is_a_protocol_error(autojump_clock: trio.abc.Clock) -> None:
+    """It escaped as an unhandled RecursionError from start, poll and discover."""
+    deep = httpx.Response(200, text=DEEP, headers={"content-type": "application/json"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: deep)) as client:
+        with pytest.raises(AuthProtocolError, match="not valid JSON"):
+            await DeviceFlow(_profile(), client).start()
+        with pytest.raises(AuthConfigError, match="is not JSON"):
+            await discover(build_profile("generic", issuer="https://idp.test", client_id=CLIENT_ID), client)
+
+    idp, client, transport, profile = make()
+    transport.faults = {1: httpx.Response(400, text=DEEP, headers={"content-type": "application/json"})}
+    with pytest.raises(AuthProtocolError, match="400 with a body that is not valid JSON"):
+        await run_flow(idp, client, profile, decide_at=None)

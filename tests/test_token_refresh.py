@@ -340,3 +340,12 @@ async def test_waiters_of_a_hanging_refresh_ahead_of_expiry_keep_the_old_token_a
     assert done == [(60.0, first.access_token.reveal())] * 10
     assert failed == [60.0]  # the rejected token is no fallback
     assert transport.token_requests - n == 1 and store.get("generic") == first
+
+
+async def test_a_deeply_nested_refresh_answer_is_a_typed_error(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    deep = httpx.Response(400, text="[" * 100_000, headers={"content-type": "application/json"})
+    transport.faults = {transport.token_requests + 1: deep}
+    with pytest.raises(CredentialsUnavailable, match="not a valid token response"):
+        await manager.bearer("generic", force_refresh=True)
+    assert store.get("generic") == first
