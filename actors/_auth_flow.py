@@ -179,6 +179,9 @@ class DeviceFlow:
     ``on_event`` is called (synchronously, from the flow's task) with an
     :class:`AuthEvent` for the user code, each poll outcome and the end.
     ``max_backoff`` caps the doubling wait after transient failures.
+    ``start_timeout`` bounds the whole device authorization request, on
+    trio's clock (httpx's timeouts are per read: a server sending a byte
+    every few seconds never trips them).
     """
 
     def __init__(
@@ -188,12 +191,21 @@ class DeviceFlow:
         *,
         on_event: EventSink | None = None,
         max_backoff: float = 60.0,
+        start_timeout: float = 60.0,
     ) -> None:
         self.device_url, self.token_url, _ = profile.require_endpoints()
         self.profile = profile
         self._client = client
         self._on_event = on_event
         self._max_backoff = max_backoff
+        self._start_timeout = start_timeout
+
+    async def _post(self, url: str, form: Mapping[str, str], deadline: float) -> httpx.Response | None:
+        """POST ``form``; ``None`` if the whole exchange, body included, is
+        not over by ``deadline`` (trio's clock)."""
+        with trio.move_on_at(deadline):
+            return await self._client.post(url, data=form, headers=_headers(self.profile))
+        return None
 
     def _emit(self, kind: AuthEventKind, detail: str = "", **fields: Any) -> None:
         log.debug("auth %s: %s %s", self.profile.name, kind, detail)
@@ -209,12 +221,18 @@ class DeviceFlow:
             form["scope"] = self.profile.scope
         name = self.profile.name
         try:
-            response = await self._client.post(self.device_url, data=form, headers=_headers(self.profile))
+            response = await self._post(self.device_url, form, trio.current_time() + self._start_timeout)
         except httpx.RequestError as exc:  # a garbled body (DecodingError) too
             raise AuthProtocolError(
                 f"could not reach the device authorization endpoint {self.device_url}: {type(exc).__name__}",
                 provider=name,
             ) from None
+        if response is None:
+            raise AuthProtocolError(
+                f"the device authorization endpoint {self.device_url} did not answer "
+                f"within {self._start_timeout:g} s",
+                provider=name,
+            )
         body = read_body(response)
         if body is None:
             raise AuthProtocolError(
@@ -284,15 +302,20 @@ class DeviceFlow:
         while True:
             wait = interval if failures == 0 else min(max(self._max_backoff, interval), interval * 2**failures)
             await trio.sleep_until(min(trio.current_time() + wait, deadline))
-            if trio.current_time() >= deadline:
+            response: httpx.Response | None = None
+            if trio.current_time() < deadline:
+                try:
+                    # Bounded by the code's deadline: a server trickling
+                    # its answer a byte at a time kept the login waiting
+                    # long after the code had expired.
+                    response = await self._post(self.token_url, form, deadline)
+                except httpx.RequestError as exc:  # a garbled body (DecodingError) too
+                    failures += 1
+                    self._emit("backoff", f"network error ({type(exc).__name__}); retrying", interval=interval)
+                    continue
+            if response is None:
                 self._emit("expired", "the device code expired before it was approved")
                 raise LoginExpired("the device code expired before it was approved", provider=name, hint=expired_hint)
-            try:
-                response = await self._client.post(self.token_url, data=form, headers=_headers(self.profile))
-            except httpx.RequestError as exc:  # a garbled body (DecodingError) too
-                failures += 1
-                self._emit("backoff", f"network error ({type(exc).__name__}); retrying", interval=interval)
-                continue
             body = read_body(response)
             code = body.get("error") if body is not None else None
             if body is not None and code is None and "access_token" in body:

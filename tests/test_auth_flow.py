@@ -425,3 +425,46 @@ async def test_deeply_nested_json_from_the_server_is_a_protocol_error(autojump_c
     transport.faults = {1: httpx.Response(400, text=DEEP, headers={"content-type": "application/json"})}
     with pytest.raises(AuthProtocolError, match="400 with a body that is not valid JSON"):
         await run_flow(idp, client, profile, decide_at=None)
+
+
+class Trickle(httpx.AsyncByteStream):
+    """A body that never ends: one byte every 5 s (no per-read timeout trips)."""
+
+    async def __aiter__(self):  # type: ignore[override]
+        while True:
+            await trio.sleep(5)
+            yield b" "
+
+
+def trickling(status: int) -> httpx.Response:
+    return httpx.Response(status, headers={"content-type": "application/json", "content-length": "100000"},
+                          stream=Trickle())
+
+
+@pytest.mark.parametrize("fault", ["trickle", HANG])
+async def test_a_server_that_never_finishes_answering_ends_the_login_when_the_code_expires(
+    autojump_clock: trio.abc.Clock, fault: str
+) -> None:
+    """A token endpoint sending a byte every 5 s kept the login waiting
+    past the code's expiry, for as long as the server kept going."""
+    idp, client, transport, profile = make({"expires_in": 60})
+    transport.faults = {2: trickling(400) if fault == "trickle" else HANG}
+    events: list[AuthEvent] = []
+    error: Exception | None = None
+    with trio.move_on_after(3600):  # the old code never returned
+        try:
+            await run_flow(idp, client, profile, decide_at=None, events=events)
+        except LoginExpired as exc:
+            error = exc
+    assert error is not None and trio.current_time() == 60
+    assert transport.token_polls() == [5, 10] and events[-1].kind == "expired"
+
+
+async def test_a_device_authorization_that_never_finishes_answering_fails_in_time(
+    autojump_clock: trio.abc.Clock
+) -> None:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: trickling(200))) as client:
+        with trio.move_on_after(3600):
+            with pytest.raises(AuthProtocolError, match="did not answer within 60 s"):
+                await DeviceFlow(_profile(), client).start()
+    assert trio.current_time() == 60
