@@ -5,10 +5,15 @@ Everything goes through one ``httpx.AsyncClient`` (give it a
 form-encoded, and time is ``trio.current_time()``/``trio.sleep`` only, so
 the whole flow runs on a virtual clock.
 
-Decisions are made on the body's ``error`` field, never on the status: a
-body with ``access_token`` is a grant, a body with ``error`` is an OAuth
-error, and only a body with neither is judged by its status (5xx/429 are
-transient, anything else is a protocol error).
+Decisions are made on the body's ``error`` field, not on the status (a
+pending poll comes with 400, 428 or 200 depending on the server): a body
+with ``access_token`` is a grant, a body with ``error`` is an OAuth error.
+The one exception: a 5xx or 429 is transient whatever its body says (a
+proxy's or gateway's 503 ``{"error": "server_error"}`` or 429
+``{"error": "rate_limited"}`` ended the login and failed the refresh for
+good); while polling, ``authorization_pending`` and ``slow_down`` keep their
+meaning there.  A body with neither is judged by its status alone (5xx/429
+transient, anything else a protocol error).
 
 The poll loop is cancellable at every await and stores nothing: storing is
 the caller's job, after :meth:`DeviceFlow.poll` has returned.
@@ -127,6 +132,12 @@ def _shown(text: str, limit: int = 200) -> str:
     """A server's words as safe to print: an ESC or newline from the
     network must not drive the user's terminal or forge a line of output."""
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def _overloaded(response: httpx.Response) -> bool:
+    """A 5xx or 429: the server (or a proxy in front of it) cannot answer
+    now, whatever error its body names; worth retrying."""
+    return response.status_code >= 500 or response.status_code == 429
 
 
 def _describe(body: Mapping[str, Any], code: str) -> str:
@@ -322,17 +333,17 @@ class DeviceFlow:
                 grant = parse_grant(body, name)
                 self._emit("logged_in", "authorization granted")
                 return grant
+            canonical = self.profile.canonical_error(code) if isinstance(code, str) else None
+            if _overloaded(response) and canonical not in ("authorization_pending", "slow_down"):
+                failures += 1
+                self._emit("backoff", f"server answered {response.status_code}; retrying", interval=interval)
+                continue
             if not isinstance(code, str):
-                if response.status_code >= 500 or response.status_code == 429:
-                    failures += 1
-                    self._emit("backoff", f"server answered {response.status_code}; retrying", interval=interval)
-                    continue
                 what = "a body that is not valid JSON" if body is None else "neither a token nor an error"
                 self._emit("failed", f"the token endpoint answered {response.status_code} with {what}")
                 raise AuthProtocolError(
                     f"the token endpoint answered {response.status_code} with {what}", provider=name
                 )
-            canonical = self.profile.canonical_error(code)
             if canonical in TRANSIENT_ERRORS:
                 failures += 1
                 self._emit("backoff", f"{_shown(code)}; retrying", interval=interval)
@@ -374,9 +385,9 @@ async def refresh_grant(
     """Exchange a refresh token (RFC 6749 §6).
 
     ``invalid_grant`` raises :class:`LoginRequired` (terminal: the caller
-    drops the tokens); network errors, 5xx and ``temporarily_unavailable``
-    raise :class:`RefreshUnavailable`; anything else
-    :class:`AuthProtocolError`.
+    drops the tokens); network errors, 5xx and 429 (whatever the body
+    says) and ``temporarily_unavailable`` raise :class:`RefreshUnavailable`;
+    anything else :class:`AuthProtocolError`.
     """
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()}
     if client_id:
@@ -394,15 +405,15 @@ async def refresh_grant(
     code = body.get("error") if body is not None else None
     if body is not None and code is None and "access_token" in body:
         return parse_grant(body, provider)
+    if _overloaded(response) or code in TRANSIENT_ERRORS:
+        raise RefreshUnavailable(
+            f"refreshing the {provider} token failed with {response.status_code}; will retry", provider=provider
+        )
     if code == "invalid_grant":
         raise LoginRequired(
             f"the {provider} refresh token was rejected (invalid_grant)",
             provider=provider,
             hint=f"run 'conclave login {provider}'",
-        )
-    if code in TRANSIENT_ERRORS or (code is None and (response.status_code >= 500 or response.status_code == 429)):
-        raise RefreshUnavailable(
-            f"refreshing the {provider} token failed with {response.status_code}; will retry", provider=provider
         )
     what = _describe(body, code) if body is not None and isinstance(code, str) else (
         f"{response.status_code} with a body that is not a valid token response"

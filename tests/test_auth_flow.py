@@ -468,3 +468,21 @@ async def test_a_device_authorization_that_never_finishes_answering_fails_in_tim
             with pytest.raises(AuthProtocolError, match="did not answer within 60 s"):
                 await DeviceFlow(_profile(), client).start()
     assert trio.current_time() == 60
+
+
+async def test_a_5xx_or_429_naming_an_error_is_backed_off_not_the_end_of_the_login(
+    autojump_clock: trio.abc.Clock
+) -> None:
+    """A gateway's 503 {"error": "server_error"} or 429 {"error":
+    "rate_limited"} ended the login as a protocol error."""
+    idp, client, transport, profile = make()
+    transport.faults = {
+        2: httpx.Response(503, json={"error": "server_error", "error_description": "try later"}),
+        3: httpx.Response(429, json={"error": "rate_limited"}),
+        4: httpx.Response(502, json={"error": "access_denied"}),  # a proxy's, not the user's, answer
+    }
+    events: list[AuthEvent] = []
+    _, grant = await run_flow(idp, client, profile, decide_at=60, events=events)
+    assert gaps(transport.token_polls()) == [5, 5, 10, 20, 40]
+    assert [e.kind for e in events].count("backoff") == 3
+    assert idp.access_token_valid(grant.access_token.reveal())

@@ -349,3 +349,27 @@ async def test_a_deeply_nested_refresh_answer_is_a_typed_error(tmp_path: Path, a
     with pytest.raises(CredentialsUnavailable, match="not a valid token response"):
         await manager.bearer("generic", force_refresh=True)
     assert store.get("generic") == first
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [httpx.Response(503, json={"error": "server_error"}), httpx.Response(429, json={"error": "rate_limited"}),
+     httpx.Response(500, json={"error": "invalid_grant"})],
+)
+async def test_a_5xx_or_429_naming_an_error_fails_a_refresh_retryably(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, answer: httpx.Response
+) -> None:
+    """These were final: CredentialsUnavailable, never retried (or, for a
+    500 invalid_grant, the tokens dropped), though the same 503 with an
+    HTML body was retried and the still-valid token kept."""
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None
+    n = transport.token_requests
+    transport.faults = {n + 1: answer, n + 2: answer}
+    await trio.sleep_until(first.expires_at - BASE - 100)
+    assert await manager.bearer("generic") == first.access_token  # ahead of expiry: the old one still works
+    with pytest.raises(RefreshUnavailable) as info:
+        await manager.bearer("generic", force_refresh=True)
+    assert is_retryable(info.value) and store.get("generic") == first
+    fresh = await manager.bearer("generic")  # the server is back
+    assert fresh != first.access_token and idp.access_token_valid(fresh.reveal())
