@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -42,6 +42,7 @@ from messages._auth_errors import (
 from messages._auth_messages import AuthEvent, AuthEventKind, Secret, optional_secret, secret
 
 from ._auth_profiles import AuthProfile
+from ._http_errors import redact
 
 log = logging.getLogger("conclave.auth")
 
@@ -140,11 +141,17 @@ def _overloaded(response: httpx.Response) -> bool:
     return response.status_code >= 500 or response.status_code == 429
 
 
-def _describe(body: Mapping[str, Any], code: str) -> str:
+def _describe(body: Mapping[str, Any], code: str, secrets: Iterable[Secret | None] = ()) -> str:
+    """The server's error and its description, safe to show: servers echo
+    what they were sent ("unknown device_code ...", "bad refresh_token ...
+    for client ..."), and this text reaches the terminal, logs and the run
+    database, so every secret of the request (``secrets``) and anything
+    token-shaped is masked first, as the HTTP providers do."""
+    hidden = [value.reveal() for value in secrets if value is not None]
     description = body.get("error_description")
     if isinstance(description, str) and description:
-        return f"{_shown(code)}: {_shown(description)}"
-    return _shown(code)
+        return f"{_shown(redact(code, hidden))}: {_shown(redact(description, hidden))}"
+    return _shown(redact(code, hidden))
 
 
 def parse_grant(body: Mapping[str, Any], provider: str) -> TokenGrant:
@@ -252,7 +259,8 @@ class DeviceFlow:
             )
         if "error" in body:
             raise AuthProtocolError(
-                f"the device authorization request was refused: {_describe(body, str(body['error']))}",
+                "the device authorization request was refused: "
+                f"{_describe(body, str(body['error']), [self.profile.client_secret])}",
                 provider=name,
             )
         device_code = body.get("device_code")
@@ -310,6 +318,7 @@ class DeviceFlow:
         failures = 0  # consecutive transient failures
         form = {"grant_type": DEVICE_CODE_GRANT, "device_code": auth.device_code.reveal(), **_client_auth(self.profile)}
         expired_hint = f"run 'conclave login {name}' again to get a new code"
+        secrets = (auth.device_code, self.profile.client_secret)
         while True:
             wait = interval if failures == 0 else min(max(self._max_backoff, interval), interval * 2**failures)
             await trio.sleep_until(min(trio.current_time() + wait, deadline))
@@ -346,7 +355,7 @@ class DeviceFlow:
                 )
             if canonical in TRANSIENT_ERRORS:
                 failures += 1
-                self._emit("backoff", f"{_shown(code)}; retrying", interval=interval)
+                self._emit("backoff", f"{_describe({}, code, secrets)}; retrying", interval=interval)
                 continue
             failures = 0
             if canonical == "authorization_pending":
@@ -361,14 +370,14 @@ class DeviceFlow:
                 self._emit("slow_down", f"polling every {interval:g} s", interval=interval)
                 continue
             if canonical == "access_denied":
-                self._emit("denied", _describe(body or {}, code))
+                self._emit("denied", _describe(body or {}, code, secrets))
                 raise LoginDenied("the authorization request was denied", provider=name)
             if canonical == "expired_token":
-                self._emit("expired", _describe(body or {}, code))
+                self._emit("expired", _describe(body or {}, code, secrets))
                 raise LoginExpired("the device code expired before it was approved", provider=name, hint=expired_hint)
-            self._emit("failed", _describe(body or {}, code))
+            self._emit("failed", _describe(body or {}, code, secrets))
             raise AuthProtocolError(
-                f"the authorization server ended the login: {_describe(body or {}, code)}", provider=name
+                f"the authorization server ended the login: {_describe(body or {}, code, secrets)}", provider=name
             )
 
 
@@ -381,8 +390,12 @@ async def refresh_grant(
     refresh_token: Secret,
     client_secret: Secret | None = None,
     accept_json: bool = True,
+    also_hide: Iterable[Secret] = (),
 ) -> TokenGrant:
     """Exchange a refresh token (RFC 6749 §6).
+
+    ``also_hide``: more secrets (the access token being replaced) to mask
+    in the server's error text, besides the refresh token and client secret.
 
     ``invalid_grant`` raises :class:`LoginRequired` (terminal: the caller
     drops the tokens); network errors, 5xx and 429 (whatever the body
@@ -415,7 +428,7 @@ async def refresh_grant(
             provider=provider,
             hint=f"run 'conclave login {provider}'",
         )
-    what = _describe(body, code) if body is not None and isinstance(code, str) else (
+    what = _describe(body, code, [refresh_token, client_secret, *also_hide]) if body is not None and isinstance(code, str) else (
         f"{response.status_code} with a body that is not a valid token response"
     )
     raise AuthProtocolError(f"refreshing the {provider} token failed: {what}", provider=provider)

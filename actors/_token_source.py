@@ -269,6 +269,7 @@ class TokenManager:
                 refresh_token=refresh_token,
                 client_secret=entry.client_secret,
                 accept_json=entry.accept_json,
+                also_hide=[entry.access_token],
             )
 
 

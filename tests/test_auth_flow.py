@@ -15,7 +15,7 @@ from actors._auth_login import device_login
 from actors._auth_profiles import AuthProfile, build_profile, discover
 from actors._token_store import TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, HANG, TOKEN_PATH, FakeIdP, asgi_client
-from messages._auth_api import AuthConfigError, AuthEvent, AuthProtocolError, LoginDenied, LoginExpired
+from messages._auth_api import AuthConfigError, AuthEvent, AuthProtocolError, LoginDenied, LoginExpired, Secret
 
 
 def make(idp_kwargs: dict | None = None, provider: str = "generic", **profile_kwargs: object):
@@ -486,3 +486,38 @@ async def test_a_5xx_or_429_naming_an_error_is_backed_off_not_the_end_of_the_log
     assert gaps(transport.token_polls()) == [5, 5, 10, 20, 40]
     assert [e.kind for e in events].count("backoff") == 3
     assert idp.access_token_valid(grant.access_token.reveal())
+
+
+def _shows_none_of(secrets: list[str], *texts: str) -> bool:
+    # A bool, so that a failing assert does not print the secrets.
+    return not any(secret in text for secret in secrets for text in texts)
+
+
+async def test_secrets_a_server_echoes_are_masked_in_errors_and_events(autojump_clock: trio.abc.Clock) -> None:
+    """"invalid_request: unknown device_code DEVCODE-SECRET" reached the
+    terminal and the run database as sent."""
+    secrets = ["DEVCODE-SECRET-42", "CLIENT-SECRET-42"]
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        form = dict(httpx.QueryParams(request.content.decode()))
+        if request.url.path == DEVICE_PATH and "scope" in form:
+            return httpx.Response(400, json={"error": "invalid_scope",
+                                             "error_description": f"no scope for secret {form['client_secret']}"})
+        if request.url.path == DEVICE_PATH:
+            return httpx.Response(200, json={"device_code": secrets[0], "user_code": "ABCD-EFGH",
+                                             "verification_uri": "https://idp.test/device", "expires_in": 600})
+        echoed = f"unknown device_code {form['device_code']} (client {form['client_secret']})"
+        return httpx.Response(400, json={"error": f"invalid_request {form['device_code']}", "error_description": echoed})
+
+    profile = attrs.evolve(_profile(), client_secret=Secret(secrets[1]))
+    events: list[AuthEvent] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(echo)) as client:
+        with pytest.raises(AuthProtocolError) as refused:
+            await DeviceFlow(attrs.evolve(profile, scope="read"), client).start()
+        flow = DeviceFlow(profile, client, on_event=events.append)
+        with pytest.raises(AuthProtocolError) as ended:
+            await flow.poll(await flow.start())
+    shown = [str(refused.value), str(ended.value), *(e.detail for e in events)]
+    assert _shows_none_of(secrets, *shown)
+    assert "unknown device_code [REDACTED] (client [REDACTED])" in str(ended.value)
+    assert "no scope for secret [REDACTED]" in str(refused.value)

@@ -17,7 +17,8 @@ from actors._token_source import AuthActor, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, LateReply, asgi_client
 from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
-from messages._auth_api import AuthEvent, CredentialsUnavailable, LoginRequired, RefreshUnavailable, Secret
+from actors._auth_flow import refresh_grant
+from messages._auth_api import AuthError, AuthEvent, CredentialsUnavailable, LoginRequired, RefreshUnavailable, Secret
 
 BASE = 1_800_000_000.0
 
@@ -373,3 +374,31 @@ async def test_a_5xx_or_429_naming_an_error_fails_a_refresh_retryably(
     assert is_retryable(info.value) and store.get("generic") == first
     fresh = await manager.bearer("generic")  # the server is back
     assert fresh != first.access_token and idp.access_token_valid(fresh.reveal())
+
+
+async def test_secrets_a_server_echoes_on_refresh_are_masked(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """"bad refresh_token RT-SECRET-123 for client CS-SECRET" reached the CLI
+    and the run database as sent."""
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.refresh_token is not None
+    secrets = [first.refresh_token.reveal(), first.access_token.reveal()]
+    echoed = f"bad refresh_token {secrets[0]}, replacing {secrets[1]}"
+    transport.faults = {transport.token_requests + 1: httpx.Response(400, json={
+        "error": "invalid_client", "error_description": echoed})}
+    with pytest.raises(CredentialsUnavailable) as info:
+        await manager.bearer("generic", force_refresh=True)
+    shown = [str(info.value), *(e.detail for e in events)]
+    assert not any(secret in text for secret in secrets for text in shown)
+    assert "bad refresh_token [REDACTED], replacing [REDACTED]" in str(info.value)
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        form = dict(httpx.QueryParams(request.content.decode()))
+        return httpx.Response(400, json={"error": "invalid_client", "error_description": f"client {form['client_secret']}"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(echo)) as echoing:
+        with pytest.raises(AuthError) as direct:
+            await refresh_grant(echoing, provider="generic", token_url="https://idp.test/token", client_id=CLIENT_ID,
+                                refresh_token=Secret("RT-SECRET-123"), client_secret=Secret("CS-SECRET-123"))
+    masked = "CS-SECRET-123" not in str(direct.value)  # a bool: a failure must not print it
+    assert masked
+    assert str(direct.value).endswith("invalid_client: client [REDACTED]")
