@@ -117,6 +117,12 @@ class TokenEntry:
         return min(margin, lifetime * EXPIRY_MARGIN_FRACTION)
 
     def status(self, now: float, margin: float = EXPIRY_MARGIN) -> TokenStatus:
+        """The margin is for refreshing ahead of time; a token that cannot
+        be refreshed is valid until it expires, as a run uses it ('auth
+        status' said "expired" for one with 4 minutes left that a run
+        accepted)."""
+        if not self.refreshable:
+            margin = 0.0
         if self.expires_at is None or now < self.expires_at - self.margin(margin):
             return TokenStatus.VALID
         return TokenStatus.NEEDS_REFRESH if self.refreshable else TokenStatus.EXPIRED

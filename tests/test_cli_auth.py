@@ -215,7 +215,9 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         async with TokenStore(tmp_path).locked() as tokens:
             tokens.put(e("github", 3600, True))
             tokens.put(e("google", 60, True))
-            tokens.put(e("openai", 60, False))
+            tokens.put(e("openai", -60, False))
+            # No refresh token, 239 s left: a run accepts it, so it is valid (it said "expired").
+            tokens.put(e("anthropic", 239, False))
 
     trio.run(fill)
     assert conclave_main(["auth", "status"]) == 0
@@ -224,6 +226,7 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert lines["github"].startswith("✓") and "valid" in lines["github"]
     assert lines["google"].startswith("⚡") and "needs refresh" in lines["google"]
     assert lines["openai"].startswith("✗") and "expired" in lines["openai"]
+    assert lines["anthropic"].startswith("✓") and "valid" in lines["anthropic"]
     assert lines["microsoft"].startswith("·") and "not authenticated" in lines["microsoft"]
     assert "SECRET" not in out
 

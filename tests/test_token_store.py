@@ -180,9 +180,11 @@ def test_status_thresholds() -> None:
     now = 1_000_000.0
     assert entry(expires_at=now + 301).status(now) is TokenStatus.VALID
     assert entry(expires_at=now + 299, token_url="https://t").status(now) is TokenStatus.NEEDS_REFRESH
-    assert entry(expires_at=now + 299, refresh=None, token_url="https://t").status(now) is TokenStatus.EXPIRED
+    # Not refreshable: valid until it expires (there is nothing to do ahead of time), then expired.
+    assert entry(expires_at=now + 299, refresh=None, token_url="https://t").status(now) is TokenStatus.VALID
+    assert entry(expires_at=now - 1, refresh=None, token_url="https://t").status(now) is TokenStatus.EXPIRED
     # Nowhere to send the refresh token: 'needs refresh' promised a refresh that every call then failed.
-    assert entry(expires_at=now + 299).status(now) is TokenStatus.EXPIRED
+    assert entry(expires_at=now - 1).status(now) is TokenStatus.EXPIRED
     assert entry(expires_at=None, refresh=None).status(now) is TokenStatus.VALID
     assert [s.symbol for s in TokenStatus] == ["✓", "⚡", "✗", "·"]
 
