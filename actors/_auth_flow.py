@@ -320,7 +320,9 @@ class DeviceFlow:
         expired_hint = f"run 'conclave login {name}' again to get a new code"
         secrets = (auth.device_code, self.profile.client_secret)
         while True:
-            wait = interval if failures == 0 else min(max(self._max_backoff, interval), interval * 2**failures)
+            # The exponent is capped: 2**1024 does not fit a float, and a
+            # login through a long outage crashed with OverflowError.
+            wait = interval if failures == 0 else min(max(self._max_backoff, interval), interval * 2.0 ** min(failures, 32))
             await trio.sleep_until(min(trio.current_time() + wait, deadline))
             response: httpx.Response | None = None
             if trio.current_time() < deadline:

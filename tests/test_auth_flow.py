@@ -521,3 +521,15 @@ async def test_secrets_a_server_echoes_are_masked_in_errors_and_events(autojump_
     assert _shows_none_of(secrets, *shown)
     assert "unknown device_code [REDACTED] (client [REDACTED])" in str(ended.value)
     assert "no scope for secret [REDACTED]" in str(refused.value)
+
+
+async def test_a_long_outage_backs_off_at_the_cap_without_overflowing(autojump_clock: trio.abc.Clock) -> None:
+    """interval * 2**failures raised OverflowError after 1024 failures in a row."""
+    idp, client, transport, profile = make({"expires_in": 10**6})
+    outage = 1100
+    transport.faults = {i: httpx.Response(503, text="down") for i in range(1, outage + 1)}
+    _, grant = await run_flow(idp, client, profile, decide_at=outage * 60)
+    polls = transport.token_polls()
+    # Doubling from the 5 s interval up to the 60 s cap, and there it stays.
+    assert gaps(polls)[: outage + 1] == [5, 10, 20, 40] + [60] * (outage - 3)
+    assert idp.access_token_valid(grant.access_token.reveal())
