@@ -106,9 +106,13 @@ MIN_INTERVAL = 1.0
 
 
 def clamp_interval(interval: float, lifetime: float) -> float:
-    """A polling interval between :data:`MIN_INTERVAL` and the code's
-    ``lifetime`` (a longer one would never poll before the code expires)."""
-    return min(max(interval, MIN_INTERVAL), max(lifetime, MIN_INTERVAL))
+    """A polling interval between :data:`MIN_INTERVAL` and half the code's
+    ``lifetime``, so at least one poll comes before the code expires (an
+    interval clamped to the lifetime itself put the first poll at the
+    deadline: the code expired without a single poll, approved or not).
+    A code living under two seconds gets polled faster than the minimum,
+    but at most twice."""
+    return min(max(interval, MIN_INTERVAL), lifetime / 2)
 
 
 # Ten years: beyond any real access token's lifetime.

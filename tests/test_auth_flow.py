@@ -108,10 +108,11 @@ async def test_slow_down_adds_five_seconds_even_when_the_server_names_less(autoj
     assert gaps(transport.token_polls()) == [5, 10, 10]
 
 
-@pytest.mark.parametrize(("issued", "expected"), [(0.001, 1.0), (1e300, 1800.0)])
-def test_an_issued_interval_is_kept_between_a_second_and_the_codes_lifetime(issued: float, expected: float) -> None:
+@pytest.mark.parametrize(("issued", "expected"), [(0.001, 1.0), (1e300, 900.0), (1800, 900.0)])
+def test_an_issued_interval_is_kept_between_a_second_and_half_the_codes_lifetime(issued: float, expected: float) -> None:
     """0.001 s made thousands of polls a minute against the server; 1e300
-    meant never polling at all until the code expired."""
+    meant never polling at all until the code expired, and so did the
+    code's lifetime itself (the first poll fell on the deadline)."""
     from actors._auth_flow import clamp_interval
 
     assert clamp_interval(issued, 1800.0) == expected
@@ -533,3 +534,27 @@ async def test_a_long_outage_backs_off_at_the_cap_without_overflowing(autojump_c
     # Doubling from the 5 s interval up to the 60 s cap, and there it stays.
     assert gaps(polls)[: outage + 1] == [5, 10, 20, 40] + [60] * (outage - 3)
     assert idp.access_token_valid(grant.access_token.reveal())
+
+
+@pytest.mark.parametrize("interval", [60, 1e9])
+async def test_an_interval_as_long_as_the_codes_life_still_polls_before_it_expires(
+    autojump_clock: trio.abc.Clock, interval: float
+) -> None:
+    """The interval was clamped to the lifetime: the first poll fell on the
+    deadline and the login expired without a single poll, though approved."""
+    approved_at = 20.0
+    polls: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == DEVICE_PATH:
+            return httpx.Response(200, json={"device_code": "dc", "user_code": "ABCD-EFGH", "expires_in": 60,
+                                             "verification_uri": "https://idp.test/device", "interval": interval})
+        polls.append(trio.current_time())
+        if trio.current_time() < approved_at:
+            return httpx.Response(400, json={"error": "authorization_pending"})
+        return httpx.Response(200, json={"access_token": "at", "expires_in": 3600})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        flow = DeviceFlow(_profile(), client)
+        grant = await flow.poll(await flow.start())
+    assert polls == [30.0] and grant.access_token == Secret("at")
