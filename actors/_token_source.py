@@ -144,11 +144,6 @@ class TokenManager:
         if not force_refresh and entry.status(self._clock(), self._margin) is TokenStatus.VALID:
             return entry.access_token
         seen = stale if force_refresh and stale is not None else entry.access_token
-        # Let callers that arrived at the same moment see the same stored
-        # token (``seen``) before any of them refreshes: a refresh may
-        # complete without a checkpoint, and a forced caller that read its
-        # result as "stale" would refresh again.
-        await trio.lowlevel.checkpoint()
         while (flight := self._flights.get(provider)) is not None:
             # Someone is refreshing already: share that attempt's outcome
             # instead of queueing up to make the same request again (50
@@ -165,6 +160,11 @@ class TokenManager:
         flight = _Flight()
         self._flights[provider] = flight
         try:
+            # Let callers that arrive at the same moment join this flight
+            # before it starts: a refresh can be over without a checkpoint
+            # (an instant 500, an in-process server), and each of them
+            # would then make one of its own.
+            await trio.lowlevel.checkpoint()
             flight.outcome = await self._refresh_locked(provider, force_refresh, seen, flight)
         except AuthError as error:
             flight.outcome = error

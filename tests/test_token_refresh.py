@@ -13,7 +13,7 @@ import trio
 
 from actors._auth_login import device_login, logout
 from actors._auth_profiles import build_profile
-from actors._token_source import AuthActor, TokenManager, TokenSource
+from actors._token_source import AuthActor, AuthService, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, LateReply, asgi_client
 from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
@@ -289,7 +289,7 @@ async def test_a_failed_refresh_is_shared_by_everyone_waiting_for_it(
     idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
     assert first.expires_at is not None
     n = transport.token_requests
-    transport.faults = {n + i: LateReply(2, httpx.Response(500, text="down")) for i in range(1, 60)}
+    transport.faults = {n + i: httpx.Response(500, text="down") for i in range(1, 60)}
     await trio.sleep_until(first.expires_at - BASE + 1)  # expired: nothing to fall back on
     outcomes: list[object] = []
 
@@ -403,3 +403,28 @@ async def test_secrets_a_server_echoes_on_refresh_are_masked(tmp_path: Path, aut
     masked = "CS-SECRET-123" not in str(direct.value)  # a bool: a failure must not print it
     assert masked
     assert str(direct.value).endswith("invalid_client: client [REDACTED]")
+
+
+async def test_requests_through_the_auth_actor_share_a_failed_refresh(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    assert first.expires_at is not None
+    n = transport.token_requests
+    transport.faults = {n + i: LateReply(0.05, httpx.Response(500, text="down")) for i in range(1, 60)}
+    await trio.sleep_until(first.expires_at - BASE + 1)
+    service = AuthService(manager, ["generic"])
+    failed: list[bool] = []
+
+    async def ask() -> None:
+        with pytest.raises(RefreshUnavailable):
+            await service.sources["generic"].bearer()
+        failed.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run)
+        async with trio.open_nursery() as callers:
+            for _ in range(50):
+                callers.start_soon(ask)
+        service.close()
+    assert len(failed) == 50 and transport.token_requests - n == 1
