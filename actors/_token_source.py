@@ -2,18 +2,20 @@
 
 :class:`TokenManager` answers "give me a bearer token for provider P".  A
 valid stored token is returned as is.  One that is within the expiry margin
-(5 min, or a tenth of the token's lifetime if less) is refreshed first - ahead of expiry - and a forced refresh (after a
-401) refreshes even a valid-looking one.  Refresh is single-flight twice
-over: within the process, callers that need a refresh while one is under
-way wait for it and share its outcome - the new token, or its error (a
-failed refresh is not repeated by each waiter in turn; those refreshing
-ahead of time keep the old token while it works) - and across processes
-the token store's ``flock``: whoever gets it second re-reads the store and
-uses the token the first one obtained instead of refreshing again (a
-rotated refresh token may be used only once).  The rotated refresh token is
-written to the store *before* the new access token is handed out.
-``invalid_grant`` drops the provider's tokens and raises
-:class:`~messages.LoginRequired`.
+(5 min, or a tenth of the token's lifetime if less) is refreshed first -
+ahead of expiry - and a forced refresh (after a 401) refreshes even a
+valid-looking one.  Refresh is single-flight twice over.  Within the
+process, callers that need a refresh while one is under way wait for it
+and share its outcome: the new token, or its error (those refreshing
+ahead of time get the old token while it works); a failure that may pass
+is shared with callers in the :data:`OUTAGE_REUSE` second after it too,
+so a failing server is asked once per outage, not once per caller.
+Across processes, the token store's ``flock``: whoever gets it second
+re-reads the store and uses the token the first one obtained instead of
+refreshing again (a rotated refresh token may be used only once).  The
+rotated refresh token is written to the store *before* the new access
+token is handed out.  ``invalid_grant`` drops the provider's tokens and
+raises :class:`~messages.LoginRequired`.
 
 :class:`AuthActor` serves :class:`~messages.GetToken` requests from an inbox
 on top of a manager; :class:`TokenSource` is what a provider holds: one
@@ -41,6 +43,9 @@ from ._token_store import EXPIRY_MARGIN, TokenEntry, TokenStatus, TokenStore
 
 log = logging.getLogger("conclave.auth")
 REFRESH_HTTP_TIMEOUT = httpx.Timeout(30.0)
+#: For this long (trio's clock) after a refresh failed for a reason that may
+#: pass, callers get that failure's outcome instead of refreshing again.
+OUTAGE_REUSE = 1.0
 
 
 class _Flight:
@@ -86,6 +91,7 @@ class TokenManager:
         self._refresh_timeout = refresh_timeout
         self._listeners: list[Callable[[AuthEvent], None]] = [on_event] if on_event is not None else []
         self._flights: dict[str, _Flight] = {}  # provider -> the refresh under way
+        self._outage: dict[str, tuple[float, _Flight]] = {}  # provider -> (when, its last transient failure)
         self.refresh_count = 0  # HTTP refreshes made by this manager
 
     def __repr__(self) -> str:
@@ -157,6 +163,14 @@ class TokenManager:
                     return flight.outcome
                 continue  # it handed out the very token that was rejected: refresh
             return self._after_failure(flight, flight.outcome, force_refresh)
+        failed = self._outage.get(provider)
+        if failed is not None and trio.current_time() < failed[0] + OUTAGE_REUSE:
+            # It failed for a reason that may pass a moment ago: callers
+            # that just missed that attempt share it too, rather than each
+            # asking a struggling server again.
+            await trio.lowlevel.checkpoint()
+            assert isinstance(failed[1].outcome, AuthError)
+            return self._after_failure(failed[1], failed[1].outcome, force_refresh)
         flight = _Flight()
         self._flights[provider] = flight
         try:
@@ -168,10 +182,13 @@ class TokenManager:
             flight.outcome = await self._refresh_locked(provider, force_refresh, seen, flight)
         except AuthError as error:
             flight.outcome = error
+            if isinstance(error, RefreshUnavailable):
+                self._outage[provider] = (trio.current_time(), flight)
             return self._after_failure(flight, error, force_refresh)
         finally:
             del self._flights[provider]
             flight.done.set()
+        self._outage.pop(provider, None)
         return flight.outcome
 
     def _after_failure(self, flight: _Flight, error: AuthError, force_refresh: bool) -> Secret:

@@ -13,7 +13,7 @@ import trio
 
 from actors._auth_login import device_login, logout
 from actors._auth_profiles import build_profile
-from actors._token_source import AuthActor, AuthService, TokenManager, TokenSource
+from actors._token_source import OUTAGE_REUSE, AuthActor, AuthService, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, LateReply, asgi_client
 from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
@@ -129,12 +129,17 @@ async def test_transient_refresh_failure_keeps_the_tokens(tmp_path: Path, autoju
     # Ahead of expiry, a failed refresh still hands out the working token.
     assert await manager.bearer("generic") == first.access_token
     # Forced (after a 401), there is nothing to fall back on: retryable error.
+    # At once, it is the same outage: no new request.
     with pytest.raises(RefreshUnavailable) as info:
         await manager.bearer("generic", force_refresh=True)
-    assert is_retryable(info.value)
+    assert is_retryable(info.value) and transport.token_requests == n + 1
+    await trio.sleep(OUTAGE_REUSE)
+    with pytest.raises(RefreshUnavailable):
+        await manager.bearer("generic", force_refresh=True)
     assert store.get("generic") == first
     assert [e.kind for e in events] == ["refresh_failed", "refresh_failed"]
     # And the next attempt succeeds.
+    await trio.sleep(OUTAGE_REUSE)
     assert await manager.bearer("generic") != first.access_token
 
 
@@ -306,8 +311,13 @@ async def test_a_failed_refresh_is_shared_by_everyone_waiting_for_it(
     assert outcomes == [RefreshUnavailable] * 50
     assert [e.kind for e in events] == ["refresh_failed"]
     assert store.get("generic") == first
-    # The outage is over: the next caller tries again, and succeeds.
+    # A caller that just missed the attempt shares it too ...
+    with pytest.raises(RefreshUnavailable):
+        await manager.bearer("generic")
+    assert transport.token_requests - n == 1
+    # ... but a second later the outage may be over: the next caller tries again, and succeeds.
     transport.faults = {}
+    await trio.sleep(OUTAGE_REUSE)
     assert idp.access_token_valid((await manager.bearer("generic")).reveal())
 
 
@@ -370,9 +380,11 @@ async def test_a_5xx_or_429_naming_an_error_fails_a_refresh_retryably(
     transport.faults = {n + 1: answer, n + 2: answer}
     await trio.sleep_until(first.expires_at - BASE - 100)
     assert await manager.bearer("generic") == first.access_token  # ahead of expiry: the old one still works
+    await trio.sleep(OUTAGE_REUSE)
     with pytest.raises(RefreshUnavailable) as info:
         await manager.bearer("generic", force_refresh=True)
     assert is_retryable(info.value) and store.get("generic") == first
+    await trio.sleep(OUTAGE_REUSE)
     fresh = await manager.bearer("generic")  # the server is back
     assert fresh != first.access_token and idp.access_token_valid(fresh.reveal())
 
@@ -411,7 +423,7 @@ async def test_requests_through_the_auth_actor_share_a_failed_refresh(
     idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
     assert first.expires_at is not None
     n = transport.token_requests
-    transport.faults = {n + i: LateReply(0.05, httpx.Response(500, text="down")) for i in range(1, 60)}
+    transport.faults = {n + i: httpx.Response(500, text="down") for i in range(1, 60)}  # answered at once
     await trio.sleep_until(first.expires_at - BASE + 1)
     service = AuthService(manager, ["generic"])
     failed: list[bool] = []
