@@ -32,6 +32,7 @@ from ._cli import (
     _is_interrupt,
     _json_out,
     _leaves,
+    _shown_status,
     _non_negative,
     _unit_interval,
     add_fault_options,
@@ -448,8 +449,10 @@ def cmd_branches(args: argparse.Namespace) -> int:
                 if r["parent_branch_id"]
                 else "root"
             )
+            # As 'status' shows it (JSON keeps the stored status beside "driven").
+            shown = _shown_status(r["status"], r["driven"]) if r["current"] else r["status"]
             print(
-                f" {mark} {r['short_id']}  {r['status'] or '-':<11} {origin:<28} "
+                f" {mark} {r['short_id']}  {shown or '-':<11} {origin:<28} "
                 f"{len(r['decided'])} decided ({r['inherited_decisions']} inherited)  {r['branch_id']}"
             )
         return EXIT_OK

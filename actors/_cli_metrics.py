@@ -214,7 +214,7 @@ def _table(report: dict[str, Any], by: str) -> list[str]:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from . import _cli_history as _history
-    from ._cli import _fail, _json_out, open_run  # late: _cli imports this module
+    from ._cli import _fail, _json_out, _shown_status, open_run  # late: _cli imports this module
     from ._ids import short_branch_id
 
     try:
@@ -226,6 +226,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         branch = _history.branch_of(store, run, args.branch)
         current = branch.branch_id == run.current_branch_id
         status = _history.shown_branch_status(run.status if current else branch.status, current)
+        driven = store.run_is_driven(run.run_id)
         try:
             report = {
                 "run_id": run.run_id,
@@ -240,6 +241,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         _json_out(report)
         return 0
     which = "" if current else f" branch {short_branch_id(branch.branch_id)}"
+    if current and status is not None:
+        # As 'status' shows it: "running" said someone was at work on it.
+        status = _shown_status(status, driven)
     print(f"metrics of {run.run_id}{which} ({status}; {report['source']}; prices: {report['price_table']}), by {args.by}:")
     print("\n".join(_table(report, args.by)))
     if report["unpriced_models"]:

@@ -151,3 +151,18 @@ def test_resume_uses_the_stored_pipeline_seed_spec_and_goal(tmp_path: Path) -> N
     with Store.open(db) as s:
         run = s.get_run("P")
         assert run is not None and (run.goal, run.seed) == ("ship it", 17)
+
+
+def test_a_killed_run_reads_stalled_in_status_branches_and_metrics(tmp_path: Path) -> None:
+    # 'status' said stalled; 'branches' and 'metrics' said running, as if a
+    # process were at work on it.
+    db = str(tmp_path / "k.db")
+    killed = run_cli(["run", "--run-id", "K", "--db", db], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "9"})
+    assert killed.returncode == -9
+    assert "run K: stalled" in run_cli(["status", "K", "--db", db]).stdout
+    listing = run_cli(["branches", "K", "--db", db]).stdout
+    assert " stalled " in listing and "running" not in listing
+    assert "(stalled; recomputed;" in run_cli(["metrics", "K", "--db", db]).stdout
+    # JSON keeps the stored status beside "driven", as status --json does.
+    [branch] = json.loads(run_cli(["branches", "K", "--db", db, "--json"]).stdout)["branches"]
+    assert (branch["status"], branch["driven"]) == ("running", False)
