@@ -164,7 +164,7 @@ def _acquire(key: str, path: str | None, run_id: str, db_path: str) -> None:
 def _busy(run_id: str, db_path: str) -> RunLocked:
     return RunLocked(
         f"run {run_id!r} in {db_path} is being run by another process or orchestrator; "
-        "wait for it to finish (or stop it), then resume the run"
+        "wait for it to finish (or stop it), then try again"
     )
 
 

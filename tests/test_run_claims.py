@@ -130,6 +130,7 @@ def test_the_cli_refuses_a_run_another_process_is_driving(tmp_path: Path) -> Non
             assert proc.returncode == 2, proc.stdout + proc.stderr
             assert_one_line_error(proc.stderr, "run 'R1' in")
             assert "is being run by another process" in proc.stderr
+            assert proc.stderr.rstrip().endswith("then try again")  # a refused rerun was told to resume
             assert _counts(db, "R1") == before  # no resume or rerun event, no branch
         fresh = run_cli(["run", "--db", str(db), "--run-id", "R2"])
         assert fresh.returncode == 0, fresh.stderr  # other runs are not held up
