@@ -153,7 +153,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         f"Logged in to {profile.display_name}; tokens stored in the {store.backend.description}",
         expires_at=_iso(entry.expires_at),
         scope=entry.scope,
-        refreshable=entry.refresh_token is not None,
+        refreshable=entry.refreshable,
     )
 
 
@@ -192,7 +192,7 @@ def status_rows(store: TokenStore, now: float) -> list[dict[str, Any]]:
             "expires_at": _iso(entry.expires_at) if entry else None,
             "expires_in": round(entry.expires_at - now) if entry and entry.expires_at is not None else None,
             "scope": entry.scope if entry else None,
-            "refreshable": entry.refresh_token is not None if entry else False,
+            "refreshable": entry.refreshable if entry else False,
         })
     return rows
 

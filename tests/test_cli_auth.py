@@ -5,7 +5,6 @@ subprocess.  No sleeps: the test waits on the subprocess's output lines."""
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 import queue
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -229,6 +229,17 @@ def test_status_lines_and_logout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert lines["anthropic"].startswith("✓") and "valid" in lines["anthropic"]
     assert lines["microsoft"].startswith("·") and "not authenticated" in lines["microsoft"]
     assert "SECRET" not in out
+    # A refresh token without the URL to send it to refreshes nothing: it
+    # said "refreshable": true beside "expired".
+    async def no_url() -> None:
+        async with TokenStore(tmp_path).locked() as tokens:
+            tokens.put(attrs.evolve(e("gitlab", -60, True), token_url=None))
+
+    trio.run(no_url)
+    assert conclave_main(["auth", "status", "--json"]) == 0
+    rows = {r["provider"]: r for r in json.loads(capsys.readouterr().out)["providers"]}
+    assert (rows["gitlab"]["status"], rows["gitlab"]["refreshable"]) == ("expired", False)
+    assert rows["github"]["refreshable"] is True
 
     assert conclave_main(["logout", "github"]) == 0
     assert "logged out" in capsys.readouterr().out
