@@ -424,7 +424,9 @@ async def refresh_grant(
     code = body.get("error") if body is not None else None
     if body is not None and code is None and "access_token" in body:
         return parse_grant(body, provider)
-    if _overloaded(response) or code in TRANSIENT_ERRORS:
+    if _overloaded(response) or (isinstance(code, str) and code in TRANSIENT_ERRORS):
+        # (isinstance first: an "error" that is an object or a list is
+        # unhashable, and the TypeError killed the auth actor.)
         raise RefreshUnavailable(
             f"refreshing the {provider} token failed with {response.status_code}; will retry", provider=provider
         )

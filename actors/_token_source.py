@@ -26,6 +26,7 @@ actor's inbox or directly by a manager.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -35,7 +36,13 @@ import trio
 
 from messages import Broadcast, Outbox, fail_pending, open_channel, reply_pair
 from messages import ProviderError
-from messages._auth_errors import AuthError, CredentialsUnavailable, LoginRequired, RefreshUnavailable
+from messages._auth_errors import (
+    AuthError,
+    AuthProtocolError,
+    CredentialsUnavailable,
+    LoginRequired,
+    RefreshUnavailable,
+)
 from messages._auth_messages import AuthEvent, AuthEventKind, GetToken, Secret, TokenReply
 
 from ._auth_flow import TokenGrant, refresh_grant
@@ -61,6 +68,15 @@ class _Flight:
         self.done = trio.Event()
         self.entry: TokenEntry | None = None
         self.outcome: Secret | AuthError | None = None
+
+
+def _unforeseen(provider: str, error: Exception) -> AuthError:
+    """The typed failure for an error no refresh path foresaw."""
+    if isinstance(error, OSError):
+        return CredentialsUnavailable(
+            f"the {provider} token store failed: {error.strerror or type(error).__name__}", provider=provider
+        )
+    return AuthProtocolError(f"refreshing the {provider} token failed: {type(error).__name__}", provider=provider)
 
 
 class TokenManager:
@@ -139,9 +155,7 @@ class TokenManager:
         except AuthError as error:
             raise CredentialsUnavailable(error.message, provider=provider, hint=error.hint) from None
         except OSError as error:
-            raise CredentialsUnavailable(
-                f"the {provider} token store failed: {error.strerror or type(error).__name__}", provider=provider
-            ) from None
+            raise _unforeseen(provider, error) from None
 
     async def _bearer(self, provider: str, *, force_refresh: bool, stale: Secret | None) -> Secret:
         entry = self.store.get(provider)
@@ -185,6 +199,13 @@ class TokenManager:
             if isinstance(error, RefreshUnavailable):
                 self._outage[provider] = (trio.current_time(), flight)
             return self._after_failure(flight, error, force_refresh)
+        except Exception as error:
+            # Unforeseen (a bug, a disk error): still one typed failure, and
+            # shared - left without an outcome, as a cancelled owner's is,
+            # each waiter refreshed again in turn.
+            failure = _unforeseen(provider, error)
+            flight.outcome = failure
+            raise failure from error
         finally:
             del self._flights[provider]
             flight.done.set()
@@ -204,7 +225,9 @@ class TokenManager:
             and self._clock() < entry.expires_at
         ):
             return entry.access_token  # refresh ahead of time failed; the old one still works
-        raise error
+        # A copy per caller: one object raised in every waiter gathered
+        # all their frames in its traceback.
+        raise copy.copy(error)
 
     async def _refresh_locked(self, provider: str, force_refresh: bool, seen: Secret, flight: _Flight) -> Secret:
         """The refresh itself, under the store's cross-process lock; only

@@ -16,7 +16,7 @@ from actors._auth_profiles import build_profile
 from actors._token_source import OUTAGE_REUSE, AuthActor, AuthService, TokenManager, TokenSource
 from actors._token_store import TokenStatus, TokenStore
 from tests.auth_server import CLIENT_ID, DEVICE_PATH, TOKEN_PATH, FakeIdP, LateReply, asgi_client
-from messages import ActorStopped, AuthenticationFailed, is_retryable, open_channel
+from messages import ActorStopped, AuthenticationFailed, ProviderError, is_retryable, open_channel
 from actors._auth_flow import refresh_grant
 from messages._auth_api import AuthError, AuthEvent, CredentialsUnavailable, LoginRequired, RefreshUnavailable, Secret
 
@@ -440,3 +440,70 @@ async def test_requests_through_the_auth_actor_share_a_failed_refresh(
                 callers.start_soon(ask)
         service.close()
     assert len(failed) == 50 and transport.token_requests - n == 1
+
+
+@pytest.mark.parametrize("error", [["weird"], {"code": "x"}])
+async def test_an_error_that_is_not_a_string_is_one_shared_protocol_error(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, error: object
+) -> None:
+    """A 400 whose "error" is a list or an object raised TypeError
+    (unhashable), which killed the auth actor - and each waiter then
+    refreshed again in turn (10 callers, 10 requests)."""
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    n = transport.token_requests
+    transport.faults = {n + i: httpx.Response(400, json={"error": error}) for i in range(1, 20)}
+    await trio.sleep_until(first.expires_at - BASE + 1)  # expired: every caller needs the refresh
+    service = AuthService(manager, ["generic"])
+    failures: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await manager.bearer("generic")
+        except AuthError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as callers:
+        for _ in range(10):
+            callers.start_soon(ask)
+    assert len(failures) == 10 and transport.token_requests - n == 1
+    assert all("refreshing the generic token failed" in str(f) for f in failures)
+    assert len({id(f) for f in failures}) == 10  # each its own copy, its own traceback
+    # Through the auth actor: the caller gets the typed failure, and the
+    # actor lives on to answer the next request.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run)
+        for _ in range(2):
+            with pytest.raises(ProviderError, match="refreshing the generic token failed"):
+                await service.sources["generic"].bearer()
+        service.close()
+
+
+async def test_an_unforeseen_refresh_failure_is_typed_and_shared(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left without an outcome (as a cancelled owner's flight is), each
+    # waiter refreshed again in turn, and the raw error reached the provider.
+    idp, client, transport, store, manager, first, events = await logged_in(tmp_path)
+    calls = 0
+
+    async def broken(*args: object) -> None:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(1)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(manager, "_refresh", broken)
+    await trio.sleep_until(first.expires_at - BASE + 1)
+    failures: list[AuthError] = []
+
+    async def ask() -> None:
+        try:
+            await manager.bearer("generic")
+        except AuthError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as callers:
+        for _ in range(5):
+            callers.start_soon(ask)
+    assert calls == 1 and len(failures) == 5
+    assert {str(f) for f in failures} == {"refreshing the generic token failed: RuntimeError"}
