@@ -179,9 +179,10 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
                 f"{', '.join(sorted(top))}"
             )
     dissent = len(ranked) > 1
-    # Two answers each with the quorum behind it (a quorum of half the
-    # panel or less): neither is the decision, whatever the agents' names.
-    contested = dissent and len(ranked[1]) >= required
+    # Two answers tied at the top, each with the quorum behind it (a quorum
+    # of half the panel or less): neither is the decision, whatever the
+    # agents' names.  A larger group still outvotes a smaller one.
+    contested = dissent and len(ranked[1]) == support >= required
 
     status: DecisionStatus
     if not missing and not invalid and not dissent and not reported_conflicts and aggregator_ok:

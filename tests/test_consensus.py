@@ -131,10 +131,15 @@ def test_two_answers_each_with_a_quorum_are_a_conflict_not_a_pick_by_name() -> N
             "gpt_codex": answer("gpt_codex", second), "gpt_pro": answer("gpt_pro", second),
         })
         assert v.status == "conflict", (first, second)
-    # One answer short of a tie, the larger group decides as before.
-    v = compute_verdict(stage, {
-        "claude": answer("claude"), "gemini": answer("gemini"), "gpt_codex": answer("gpt_codex"),
-        "gpt_pro": answer("gpt_pro", "fail"),
+    # Short of a tie, the larger group decides as before, even where the
+    # smaller one reaches the quorum too (3 against 2 at quorum 2).
+    five = parse_pipeline(
+        '[[stages]]\nname = "audit"\nagents = ["gemini", "claude", "gpt_pro", "gpt_codex", "code"]\n'
+        'quorum = 2\naggregator = ""'
+    ).stage("audit")
+    v = compute_verdict(five, {
+        "claude": answer("claude"), "gemini": answer("gemini"), "code": answer("code"),
+        "gpt_codex": answer("gpt_codex", "fail"), "gpt_pro": answer("gpt_pro", "fail"),
     })
     assert v.status == "degraded"
 
