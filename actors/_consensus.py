@@ -77,8 +77,8 @@ def _canonical(value: Any) -> str:
 
 
 def _str_list(value: Any) -> list[str]:
-    if value is None or value == "" or value == []:
-        return []
+    if not value or (isinstance(value, str) and not value.strip()):
+        return []  # null, false, 0, "", "  ", {} and []: none
     if not isinstance(value, list):
         # "conflicts": "big disagreement" is one conflict, not none: read
         # as an empty list, the stage passed as "ok".
