@@ -279,7 +279,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
     # test under faults used to get none after the resume, without a word.
     plan = fault_plan(args)
     try:
-        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
+        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline", stored=True)
         auth = login_auth(args, {spec.provider for spec in pipeline.agents.values()})
         tokens = auth.sources if auth is not None else None
         configs = _configs(args, pipeline, 0, {}, tokens)  # validated before anything writes
@@ -376,7 +376,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     if isinstance(preview, int):
         return preview
     try:
-        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline")
+        pipeline = pipeline_from_dict(preview.pipeline, source=f"run {args.run_id}'s stored pipeline", stored=True)
         stage = pipeline.resolve_stage(args.from_stage)
     except PipelineError as exc:
         return _fail(f"cannot rerun run {args.run_id!r} from {args.from_stage!r}: {exc}")

@@ -302,8 +302,14 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
-    """Validate a decoded pipeline (TOML or stored JSON)."""
+def pipeline_from_dict(data: Mapping[str, Any], *, source: str, stored: bool = False) -> Pipeline:
+    """Validate a decoded pipeline (TOML or stored JSON).
+
+    ``stored``: a run's own stored pipeline, accepted once by the version
+    that ran it.  The checks that only guard new input (names, and decision
+    fields no agents could disagree on) are left out, so a run started
+    before they existed can still be resumed or rerun."""
+    fresh = not stored
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise PipelineError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -333,12 +339,13 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
         name = str(raw_name)  # declared agents keep their exact name
         if not name.strip():
             raise PipelineError(f"{where}: an agent needs a name that is not blank")
-        _check_printable(name, where, "an agent's name")
+        if fresh:
+            _check_printable(name, where, "an agent's name")
         model = cfg.get("model", KNOWN_AGENTS.get(name))
-        if not isinstance(model, str) or not model.strip():
+        if not isinstance(model, str) or not (model.strip() if fresh else model):
             raise PipelineError(f"{where}: needs a model")
         provider = cfg.get("provider", "sim")
-        if not isinstance(provider, str) or not provider.strip():
+        if not isinstance(provider, str) or not (provider.strip() if fresh else provider):
             raise PipelineError(f"{where}: provider must be a non-empty string")
         declared[name] = AgentSpec(name=name, provider=provider, model=model)
 
@@ -386,7 +393,8 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
         if not isinstance(raw_name, str) or not raw_name.strip():
             raise PipelineError(f"{source}: stage #{index} needs a name")
         where = f"{source}: stage {raw_name!r}"
-        _check_printable(raw_name, where, "a stage's name")
+        if fresh:
+            _check_printable(raw_name, where, "a stage's name")
         bad = set(raw) - _STAGE_KEYS
         if bad:
             raise PipelineError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
@@ -441,13 +449,13 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str) -> Pipeline:
             raise PipelineError(
                 f"{where}: quorum {quorum.k} is larger than the panel of {len(agents)} agent(s)"
             )
-        if decision_field == "agent" and quorum.required(len(agents)) > 1:
+        if fresh and decision_field == "agent" and quorum.required(len(agents)) > 1:
             # Each agent answers with its own name there: no two ever agree.
             raise PipelineError(
                 f"{where}: decision_field 'agent' differs for every agent, so a quorum of"
                 f" {quorum.required(len(agents))} can never agree; name the field the agents decide on"
             )
-        if decision_field == "stage" and quorum.required(len(agents)) > 1:
+        if fresh and decision_field == "stage" and quorum.required(len(agents)) > 1:
             # Every agent answers with the stage's name there: they always
             # "agree", whatever they decided (a stage with no fields of its
             # own compared it by default, and passed at any disagreement).

@@ -247,7 +247,7 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         raise ResumeError(f"no run {run_id!r} in {store.path}")
     branch = resolve_branch(store, run, branch_id)
     try:
-        pipeline = pipeline_from_dict(run.pipeline, source=f"run {run_id}'s stored pipeline")
+        pipeline = pipeline_from_dict(run.pipeline, source=f"run {run_id}'s stored pipeline", stored=True)
     except PipelineError as exc:
         raise ResumeError(str(exc)) from exc
     decisions = {d.stage: d for d in store.lineage_decisions(run_id, branch.branch_id)}

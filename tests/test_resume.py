@@ -145,3 +145,31 @@ async def test_resume_errors(tmp_path: Path, autojump_clock: trio.testing.MockCl
             await orch.rerun("R", "deploy")
         with pytest.raises(ResumeError, match="has no branch 'zzz'"):
             await orch.rerun("R", "plan", branch_id="zzz")
+
+
+def test_a_run_stored_before_a_pipeline_check_existed_can_still_be_resumed(tmp_path: Path) -> None:
+    """Review finding: the stored pipeline was checked again by the rules of
+    the version resuming it, so a run whose stage decided on 'stage' (allowed
+    before) could no longer be resumed or rerun."""
+    import json
+
+    import apsw
+
+    from actors._pipeline import PipelineError, pipeline_from_dict
+
+    from .conftest import run_cli
+
+    db = str(tmp_path / "o.db")
+    halted = run_cli(["run", "--db", db, "--run-id", "o1", "--budget", "0.005", "--json"])
+    assert halted.returncode == 3, halted.stderr
+    connection = apsw.Connection(db)
+    (stored,) = connection.execute("SELECT pipeline FROM runs WHERE run_id = 'o1'").fetchone()
+    pipeline = json.loads(stored)
+    pipeline["stages"][-1]["decision_field"] = "stage"  # as an older version let it be
+    connection.execute("UPDATE runs SET pipeline = ? WHERE run_id = 'o1'", (json.dumps(pipeline),))
+    connection.close()
+    with pytest.raises(PipelineError, match="decision_field 'stage'"):
+        pipeline_from_dict(pipeline, source="a file")
+    resumed = run_cli(["resume", "o1", "--db", db, "--budget", "10", "--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_cli(["rerun", "o1", "--from", "audit", "--db", db]).returncode == 0
