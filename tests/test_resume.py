@@ -151,8 +151,6 @@ def test_a_run_stored_before_a_pipeline_check_existed_can_still_be_resumed(tmp_p
     """Review finding: the stored pipeline was checked again by the rules of
     the version resuming it, so a run whose stage decided on 'stage' (allowed
     before) could no longer be resumed or rerun."""
-    import json
-
     import apsw
 
     from actors._pipeline import PipelineError, pipeline_from_dict
