@@ -136,6 +136,8 @@ class Agent:
             completion = result.completion
             usage = completion.usage if completion is not None else result.usage
             model = completion.model if completion is not None else self.spec.model
+            # Priced when the server's own name for the model is unknown.
+            asked = (completion.requested_model if completion is not None else None) or self.spec.model
             await self.metrics.send_eager(  # the accumulator never waits on us
                 UsageRecorded(
                     key=key,
@@ -143,7 +145,7 @@ class Agent:
                     model=model,
                     provider=self.spec.provider,
                     usage=usage,
-                    requested_model=self.spec.model,
+                    requested_model=asked,
                 )
             )
             if completion is not None:

@@ -251,6 +251,11 @@ class HttpProvider(BaseProvider):
     async def complete(self, request: CompletionRequest) -> Completion:
         if self.model is not None and request.model != self.model:
             request = attrs.evolve(request, model=self.model)
+            completion = await self._complete(request)
+            return attrs.evolve(completion, requested_model=self.model)
+        return await self._complete(request)
+
+    async def _complete(self, request: CompletionRequest) -> Completion:
         body = self.request_body(request)
         secret, is_token = await self._credential(force_refresh=False)
         try:

@@ -145,6 +145,12 @@ class Completion:
         validator=attrs.validators.optional([attrs.validators.instance_of(TokenUsage), _plausible_usage])
     )
     model: str = attrs.field(validator=[attrs.validators.instance_of(str), _storable])
+    # The model the provider asked for, when not the one the agent named (a
+    # provider bound to one model): priced if the server's name for it is
+    # unknown.  None: the agent's own.
+    requested_model: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
+    )
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -139,3 +139,36 @@ async def test_429_pauses_every_caller_of_the_provider(tmp_path: Path, autojump_
     assert result.completed  # type: ignore[attr-defined]
     [t429] = [t for t, _, _, code in recorder.calls if code == 429]
     assert not [c for c in recorder.calls if t429 < c[0] < t429 + 30]
+
+
+class Renamer(httpx.AsyncBaseTransport):
+    """A server that names its model itself ("local-x"), whatever it was asked."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        body = json.loads(await response.aread())
+        body["model"] = "local-x"
+        return httpx.Response(response.status_code, json=body)
+
+
+async def test_a_renamed_model_is_priced_as_the_one_the_provider_sent(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A provider bound to gpt-4o serves every agent; the server calls it
+    'local-x', which the table does not know.  Priced as the agent's own
+    model (gemini-2.5-pro, claude-sonnet-4-5, gpt-5): a price for a model
+    never asked."""
+    from actors._pricing import PriceTable
+
+    backend = MockBackend(seed=SEED)
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, model="gpt-4o", stream=False,
+                          transport=Renamer(mock_transport(backend)))
+    result, store = await run_once(tmp_path, http)
+    assert result.completed and result.unpriced_calls == 0  # type: ignore[attr-defined]
+    table = PriceTable.vendored()
+    expected = sum(table.cost(o.usage, "gpt-4o") for o in store.outputs(result.run_id) if o.usage)  # type: ignore[attr-defined,misc]
+    assert {o.model for o in store.outputs(result.run_id)} == {"local-x"}  # type: ignore[attr-defined]
+    assert result.cost_usd == expected  # type: ignore[attr-defined]
