@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import apsw
 
-from ._errors import SchemaTooNew
+from ._errors import SchemaTooNew, StoreError
 from ._migrations import LATER
 
 _V1 = """
@@ -150,6 +150,10 @@ def foreign_problem(conn: apsw.Connection, path: str, version: int) -> str | Non
 def check_version(conn: apsw.Connection, path: str) -> int:
     """Return the file's schema version; refuse one newer than this code."""
     version = schema_version(conn)
+    if version < 0:
+        # No Conclave ever sets one; read as an index, it ran the last
+        # migration on a newer file ("duplicate column name").
+        raise StoreError(f"{path}: schema version {version} is not one Conclave writes; not a Conclave database")
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"{path}: database schema version {version} is newer than this Conclave "

@@ -131,6 +131,23 @@ def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_a_negative_schema_version_is_refused_untouched(tmp_path: Path) -> None:
+    # Read as an index, -1 ran the newest migration on a current file: WAL
+    # was switched on, then "duplicate column name".
+    path = tmp_path / "neg.db"
+    with Store.open(str(path)):
+        pass
+    conn = apsw.Connection(str(path))
+    conn.execute("PRAGMA journal_mode = DELETE").fetchall()
+    conn.execute("PRAGMA user_version = -1")
+    conn.close()
+    before = path.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="schema version -1 is not one Conclave writes"):
+            Store.open(str(path), readonly=readonly)
+    assert path.read_bytes() == before
+
+
 def test_random_bytes_are_not_a_database(tmp_path: Path) -> None:
     path = tmp_path / "junk.db"
     path.write_bytes(os.urandom(4096))
