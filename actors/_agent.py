@@ -128,6 +128,7 @@ class Agent:
                 aggregate=aggregate,
                 panel=stage.agents,
                 panel_providers=providers,
+                deadline=trio.current_time() + self.retry.call_timeout,
                 reply_to=reply,
             )
             started = trio.current_time()

@@ -76,6 +76,17 @@ class ProviderHealth:
                         f"the {self.max_wait:.0f}s a call waits; the call was not made",
                         retry_after=left,
                     )
+                if request is not None and left > (request.deadline - now) / 2:
+                    # Parked at the gate past most of its call timeout, the
+                    # call went out at the reset only to be cut off by that
+                    # timeout (a paid call, usage unknown), attempt after
+                    # attempt.  Refused now, its retry waits out the reset
+                    # and starts with a whole timeout.
+                    return None, RateLimited(
+                        f"provider {self.name!r} is rate-limited for {left:.0f}s more, over half the "
+                        f"{request.deadline - now:.0f}s this call has left; the call was not made",
+                        retry_after=left,
+                    )
                 # The spread unit is a SHA-256 of the call's identity: only
                 # worth deriving for a call that has to wait.  An open gate
                 # is passed without a checkpoint, exactly as gate.wait does.

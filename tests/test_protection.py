@@ -677,3 +677,42 @@ def test_a_reset_hint_that_is_no_time_is_no_hint(error: type, given: float, kept
     # CircuitOpen kept NaN: the agent gave up at once, "resets in nans".
     assert error("x", retry_after=given).retry_after == kept
     assert RetryPolicy().should_retry(error("x", retry_after=given), 1)
+
+
+async def test_a_call_that_would_wait_out_its_timeout_at_the_gate_fails_fast(
+    tmp_path: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a 429 with "retry after 600", the other agents of the stage
+    retried into the closed gate, were let through at the reset with 5 s of
+    their 600 s call timeout left, and were cut off by it: paid calls of
+    unknown usage, attempt after attempt."""
+    from actors._pipeline import pipeline_with_panel
+
+    sim = SimulatedProvider(seed=0, disagreement_rate=0.0)
+    seen: collections.Counter[str] = collections.Counter()
+
+    async def handler(request: CompletionRequest) -> Completion:
+        agent = request.key.agent
+        seen[agent] += 1
+        if agent == "a" and seen[agent] == 1:
+            await trio.sleep(1)
+            raise RateLimited("429 Too Many Requests", retry_after=600)
+        if seen[agent] == 1:
+            await trio.sleep(4.4)
+            raise ProviderUnavailable("500 boom")  # retried into the closed gate
+        await trio.sleep(5)
+        return sim.answer(request)
+
+    async with open_orchestrator(
+        store=f"{tmp_path}/g.db", provider=MockProvider(handler, name="sim"),
+        pipeline=pipeline_with_panel("validate", ["a", "b", "c", "d"]),
+        retry=RetryPolicy(max_wait=3600),
+    ) as orch:
+        result = await orch.run("S", run_id="g")
+    assert result.completed
+    with Store.open(f"{tmp_path}/g.db") as s:
+        errors = [o.error for o in s.outputs("g") if o.error]
+        assert not [e for e in errors if e.startswith("timeout")], errors
+        assert not s.events("g", kind="call_cancelled")
+        refused = [e for e in errors if "over half the" in e]
+    assert len(refused) == 3, errors  # b, c and d, each once, then answered after the reset
