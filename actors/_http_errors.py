@@ -36,7 +36,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 
 import httpx
@@ -53,6 +53,7 @@ from messages import (
     RateLimited,
     TokenUsage,
     parse_duration,
+    parse_rfc3339,
     parse_seconds,
 )
 
@@ -106,17 +107,17 @@ def _http_date(value: str, wall_now: float) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        # The asctime form and "-0000" come back without a zone; every
+        # HTTP-date is GMT (RFC 9110 5.6.7).  Read as local time, a 30 s
+        # hint was 8 hours under TZ=America/Los_Angeles, or nothing.
+        when = when.replace(tzinfo=timezone.utc)
     return max(0.0, when.timestamp() - wall_now)
 
 
 def _rfc3339(value: str, wall_now: float) -> float | None:
-    try:
-        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - wall_now)
+    when = parse_rfc3339(value)
+    return None if when is None else max(0.0, when.timestamp() - wall_now)
 
 
 def _pick(resets: list[tuple[float, str | None]]) -> float | None:

@@ -19,7 +19,7 @@ from ._channel import (
     open_channel,
     reply_pair,
 )
-from ._duration import parse_duration, parse_seconds
+from ._duration import parse_duration, parse_rfc3339, parse_seconds
 from ._errors import (
     ActorStopped,
     AuthenticationFailed,
@@ -116,6 +116,7 @@ __all__ = [
     "ResetHint",
     "parse_duration",
     "parse_reset_hint",
+    "parse_rfc3339",
     "parse_seconds",
     "parse_scope",
     "StageStarted",

@@ -11,6 +11,7 @@ disagree on what the same hint means.  Both now read it here.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 
@@ -51,3 +52,19 @@ def parse_duration(text: str) -> float | None:
     if pos == 0 or pos != len(text) or not math.isfinite(total):
         return None
     return total
+
+
+def parse_rfc3339(text: str) -> datetime.datetime | None:
+    """An RFC 3339 time with its zone (``2026-11-29T17:00:00Z``; the ``T``
+    and ``Z`` may be lowercase, as RFC 3339 allows), or ``None``: a time
+    without a zone is no time (whose local time would it be?)."""
+    text = text.strip()
+    if "t" not in text.lower():
+        return None
+    if text[-1:] in ("z", "Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None

@@ -6,7 +6,6 @@ entry.  Injection itself is :mod:`messages._faults`.
 
 from __future__ import annotations
 
-import datetime as _dt
 import decimal
 import math
 import os
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ._duration import parse_duration
+from ._duration import parse_duration, parse_rfc3339
 from ._errors import ConclaveError
 
 FaultKind = Literal["disconnect", "rate_limit", "timeout"]
@@ -72,11 +71,8 @@ def parse_reset_hint(text: str, *, now: Callable[[], float] = time.time, source:
     seconds = parse_duration(raw)
     if seconds is not None:
         return ResetHint(mode="relative", seconds=seconds, text=raw)
-    try:
-        moment = _dt.datetime.fromisoformat(raw.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        moment = None
-    if moment is None or "T" not in raw.upper() or moment.tzinfo is None:
+    moment = parse_rfc3339(raw)
+    if moment is None:
         raise FaultPlanError(
             f"{source}: cannot read {text!r} as a reset hint; expected seconds (120), "
             "now+90s, a duration (90s, 1500ms, 6m0s) or an RFC 3339 time with a zone "

@@ -187,6 +187,29 @@ def test_past_dates_mean_now() -> None:
     assert parse_reset_hint({"retry-after": past}, wall_now=lambda: WALL) == 0.0
 
 
+@pytest.mark.parametrize("tz", ["America/Los_Angeles", "Asia/Tokyo", "UTC"])
+def test_an_http_date_without_a_zone_is_gmt(tz: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The asctime form and "-0000" parse without a zone, and were read as
+    local time: a 30 s hint became 8 hours under Los Angeles time, or 0."""
+    import time
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        at = datetime.fromtimestamp(WALL + 30, UTC)
+        for header in (at.strftime("%a %b %d %H:%M:%S %Y"), at.strftime("%a, %d %b %Y %H:%M:%S -0000")):
+            assert parse_reset_hint({"retry-after": header}, wall_now=lambda: WALL) == 30.0, header
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_anthropic_reset_times_may_be_written_in_lowercase() -> None:
+    at = datetime.fromtimestamp(WALL + 30, UTC).strftime("%Y-%m-%dt%H:%M:%Sz")
+    headers = {"anthropic-ratelimit-requests-reset": at, "anthropic-ratelimit-requests-remaining": "0"}
+    assert parse_reset_hint(headers, wall_now=lambda: WALL) == 30.0
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("6m0s", 360.0), ("1h2m3s", 3723.0), ("1.5s", 1.5), ("250ms", 0.25), ("7", 7.0), ("", None), ("6 minutes", None)],
