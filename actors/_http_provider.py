@@ -284,9 +284,11 @@ class HttpProvider(BaseProvider):
                 if response.status_code >= 400:
                     try:
                         raw = await _read_capped(response, MAX_ERROR_BYTES, cut=True)
-                    except httpx.DecodingError:
+                    except (httpx.DecodingError, httpx.TransportError):
                         # The status still says what happened: a 429 with a
-                        # false gzip was retried at once as "malformed".
+                        # false gzip was retried at once as "malformed", and
+                        # one whose body broke off as a disconnect - its
+                        # retry-after lost, the gate left open.
                         raw = b""
                     error = error_from_status(
                         response.status_code,

@@ -306,6 +306,21 @@ async def test_an_error_whose_body_cannot_be_decoded_keeps_its_status() -> None:
     assert isinstance(error, RateLimited) and error.retry_after == 5.0
 
 
+async def test_an_error_whose_body_breaks_off_keeps_its_status() -> None:
+    # The status and retry-after had arrived; the broken body made it a
+    # disconnect: hint lost, gate left open, usage unknown, the breaker told.
+    async def body():  # type: ignore[no-untyped-def]
+        yield b'{"error": {"message": "Rate limit'
+        raise httpx.ReadError("connection reset")
+
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(429, headers={"retry-after": "30"}, content=body())
+    )
+    error = await failure(transport, stream=False)
+    assert isinstance(error, RateLimited) and error.retry_after == 30.0
+    assert getattr(error, "usage", None) == ZERO_USAGE
+
+
 async def test_only_the_head_of_a_huge_error_body_is_read() -> None:
     # A 300 MB error body was read whole (1.3 GB RSS, 59 s) to quote 200 characters.
     sent = [0]
