@@ -206,7 +206,9 @@ def error_from_status(
         else:
             error = RateLimited(detail, retry_after=parse_reset_hint(headers, wall_now=wall_now))
     elif status in (401, 403):
-        error = AuthenticationFailed(detail)
+        # The header overrides the status here too, as the official SDKs
+        # obey it: a gateway's "401, x-should-retry: true" passes.
+        error = ProviderUnavailable(detail) if override is True else AuthenticationFailed(detail)
     elif status == 408:
         error = ProviderTimeout(detail) if override is not False else BadRequest(detail)
     elif status == 409 or 500 <= status <= 599:

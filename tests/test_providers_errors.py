@@ -115,6 +115,14 @@ async def test_should_retry_true_makes_4xx_retryable() -> None:
     assert not is_retryable(plain)
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_should_retry_true_overrides_an_authentication_status_too(status: int) -> None:
+    # It was AuthenticationFailed, permanent, whatever the header said.
+    error = await failure(fixed(status, headers={"x-should-retry": "true"}))
+    assert is_retryable(error)
+    assert type(await failure(fixed(status))) is AuthenticationFailed
+
+
 # -- one test per reset-header form ---------------------------------------------
 
 
