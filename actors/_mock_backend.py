@@ -179,6 +179,18 @@ class MockBackend:
     # -- routing ---------------------------------------------------------------
 
     def handle(self, request: MockRequest) -> MockReply:
+        """The reply to ``request``.  A request the backend cannot read
+        (a field of the wrong type, a fault header that is no number, text
+        it cannot hash) is a 400 for that request alone: raised, it ended
+        serve-mock for every client."""
+        try:
+            return self._route(request)
+        except (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+            anthropic = request.path.split("?", 1)[0].rstrip("/") == "/v1/messages"
+            message = f"cannot serve this request: {type(exc).__name__}: {exc}"[:300]
+            return _error(400, message, "invalid_request_error", anthropic=anthropic)
+
+    def _route(self, request: MockRequest) -> MockReply:
         path = request.path.split("?", 1)[0].rstrip("/")
         if path in ("/v1/chat/completions", "/chat/completions"):
             if request.method != "POST":

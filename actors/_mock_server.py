@@ -88,9 +88,17 @@ async def serve_connection(backend: MockBackend, stream: trio.abc.Stream) -> Non
             request, body = received
             target = request.target.decode("latin-1")
             fields = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-            reply = backend.handle(
-                MockRequest(method=request.method.decode("ascii"), path=target, headers=fields, body=body)
-            )
+            try:
+                reply = backend.handle(
+                    MockRequest(method=request.method.decode("ascii"), path=target, headers=fields, body=body)
+                )
+            except Exception as exc:  # a bug: this request fails, the server serves on
+                message = f"internal error: {type(exc).__name__}"
+                reply = MockReply(
+                    status=500,
+                    headers=(("content-type", "text/plain"), ("connection", "close")),
+                    chunks=(message.encode(),),
+                )
             if reply.delay > 0:
                 await trio.sleep(reply.delay)
             if reply.drop or not await _send_reply(conn, stream, reply):

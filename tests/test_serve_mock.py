@@ -114,6 +114,37 @@ async def test_malformed_http_gets_400(served: tuple[str, MockBackend]) -> None:
     assert reply.startswith(b"HTTP/1.1 400")
 
 
+GOOD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body"),
+    [
+        ("/chat/completions", {"x-mock-fault": "slow", "x-mock-delay": "abc"}, GOOD),
+        ("/chat/completions", {"x-mock-fault": "429", "x-mock-reset": "inf"}, GOOD),
+        ("/chat/completions", {"x-mock-fault": "429", "x-mock-reset": "1e300", "x-mock-reset-style": "retry-after-date"},
+         GOOD),
+        ("/chat/completions", {}, {**GOOD, "stream": True, "stream_options": 1}),
+        ("/chat/completions", {}, {**GOOD, "response_format": "json"}),
+        ("/chat/completions", {}, {"model": "m", "messages": [{"role": "user", "content": [{"text": 5}]}]}),
+        ("/chat/completions", {}, {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]}),
+        ("/messages", {}, {"model": "m", "max_tokens": 9, "system": [{"text": None}],
+                           "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+async def test_a_request_the_backend_cannot_read_fails_alone(
+    served: tuple[str, MockBackend], path: str, headers: dict[str, str], body: dict[str, object]
+) -> None:
+    """Each of these ended serve-mock for every client (exit 1, later
+    connections refused); now each is a 400, and the server serves on."""
+    url, _ = served
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        bad = await client.post(path, headers=headers, content=json.dumps(body).encode())
+        assert bad.status_code == 400, bad.text
+        assert "cannot serve this request" in bad.text
+        assert (await client.post("/chat/completions", json=GOOD)).status_code == 200
+
+
 # -- the official openai client (acceptance 2) -----------------------------------
 
 
