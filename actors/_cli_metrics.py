@@ -102,10 +102,14 @@ def given_prices(path: str | None) -> bool:
     return bool(path or os.environ.get(PRICES_ENV))
 
 
-def metrics_display(out: Writer, *, isatty: bool | None = None) -> LiveFooter | PlainMetrics:
-    """A live footer on a terminal, periodic plain lines elsewhere."""
+def metrics_display(
+    out: Writer, *, isatty: bool | None = None, env: Mapping[str, str] | None = None
+) -> LiveFooter | PlainMetrics:
+    """A live footer on a terminal that can redraw a line, periodic plain
+    lines elsewhere: TERM=dumb (an editor's shell) showed every erase and
+    colour code as literal junk."""
     tty = out.isatty() if isatty is None and hasattr(out, "isatty") else bool(isatty)
-    if tty:
+    if tty and (os.environ if env is None else env).get("TERM") != "dumb":
         return LiveFooter(
             out, colour=colour_allowed(), width=lambda: shutil.get_terminal_size((80, 24)).columns
         )

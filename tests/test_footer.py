@@ -135,3 +135,10 @@ def test_a_narrow_pseudo_terminal_gets_the_compact_form_and_no_color_works(tmp_p
     assert "Tokens: " not in text and " | T" in text
     assert "\x1b[3" not in text, "NO_COLOR: no colour codes"
     assert ERASE in text
+
+
+def test_a_dumb_terminal_gets_plain_lines(tmp_path: Path) -> None:
+    # TERM=dumb (an editor's shell) showed every erase and colour code as junk.
+    text = _run_in_pty(tmp_path, 120, {"TERM": "dumb"})
+    assert ERASE not in text and "\x1b[" not in text
+    assert "completed: 6 stage(s) decided" in text
