@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg, seed_arg
 from ._cli import Terminated, _is_interrupt, interruptible
+from ._footer import ERASE
 from ._retry import RetryPolicy
 from ._soak import (
     DEFAULT_SOAK_FAULTS,
@@ -140,7 +142,7 @@ class SoakProgress:
         self.label = label
         self.seed = seed
         self.replay = replay
-        self.tty = out.isatty()
+        self.tty = out.isatty() and os.environ.get("TERM") != "dumb"
         self.shown = -1
         self.breaches = 0
         self._last = (0, 0)
@@ -163,7 +165,13 @@ class SoakProgress:
             line += ", breaches found"
         if self.tty:
             self._open_line = done != self.runs
-            self.out.write(f"\r{line}" + ("" if self._open_line else "\n"))
+            # Cut to the terminal's width and erased first: a line that
+            # wrapped left a copy per update, as "\r" goes back only to
+            # the start of its last screen line.
+            width = max(2, shutil.get_terminal_size((80, 24)).columns - 1)
+            if len(line) > width:
+                line = line[: width - 1] + "…"
+            self.out.write(f"{ERASE}{line}" + ("" if self._open_line else "\n"))
         else:
             self.out.write(line + "\n")
         self.out.flush()

@@ -27,6 +27,13 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Progress lines are cut to the terminal's width: the one pytest runs
+    # in must not cut the lines these tests compare.
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 def test_two_workers_same_digest_across_processes_and_hash_seeds() -> None:
     seen = set()
     for hashseed in ("0", "4242"):
@@ -177,6 +184,21 @@ def test_on_a_terminal_progress_redraws_one_line() -> None:
     assert text.count("\r") == 101 and text.count("\n") == 1 and text.endswith("1,000/1,000 runs (100%), 19,000 agent turns\n")
 
 
+def test_on_a_narrow_terminal_progress_is_cut_to_its_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wrapped at 30 columns, each redraw left a line behind ("\r" goes back
+    # only to the start of the last screen line).
+    from actors._footer import ERASE
+
+    monkeypatch.setenv("COLUMNS", "30")
+    out = _Terminal()
+    show = SoakProgress(out, 40)
+    for runs in range(1, 41):
+        show(runs, runs * 19)
+    redraws = out.getvalue().split(ERASE)[1:]
+    assert len(redraws) == 40 and all(len(r.rstrip("\n")) <= 29 for r in redraws)
+    assert redraws[0] == "soak: 1/40 runs (2%), 19 age…"
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_cli_soak_runs_from_a_thread_of_an_embedding_app(capsys: pytest.CaptureFixture[str], workers: str) -> None:
     # Only the main thread may set the SIGTERM handler a sharded soak uses,
@@ -264,10 +286,10 @@ def test_on_a_terminal_a_breach_gets_a_line_of_its_own() -> None:
     show.breach("another")  # no line of its own
     show(10, 190)
     lines = out.getvalue().split("\n")
-    assert lines[0] == "\rsoak: 1/10 runs (10%), 19 agent turns"
+    assert lines[0] == "\r\x1b[2Ksoak: 1/10 runs (10%), 19 agent turns"
     assert lines[1].startswith("conclave: soak seed 4: breach found") and lines[1].endswith("inside a 429 reset window")
     assert lines[2] == "conclave: replay with: conclave soak --seed 4 --runs 10"
-    assert lines[3].endswith("\rsoak: 10/10 runs (100%), 190 agent turns, breaches found") and lines[4] == ""
+    assert lines[3].endswith("\r\x1b[2Ksoak: 10/10 runs (100%), 190 agent turns, breaches found") and lines[4] == ""
 
 
 def test_an_interrupted_soak_says_how_far_it_got_and_whether_it_had_failed() -> None:
@@ -276,7 +298,7 @@ def test_an_interrupted_soak_says_how_far_it_got_and_whether_it_had_failed() -> 
     show(7, 133)
     show.interrupted()
     assert out.getvalue().endswith(
-        "\rsoak: 7/1,000 runs (0%), 133 agent turns\n"  # the redrawn line is ended first
+        "\r\x1b[2Ksoak: 7/1,000 runs (0%), 133 agent turns\n"  # the redrawn line is ended first
         "conclave: soak interrupted after 7/1,000 runs (133 agent turns); no breach found so far\n"
     )
     show.breach("something")
