@@ -20,6 +20,7 @@ plus the final one.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -87,15 +88,22 @@ def format_compact(m: TokenMetrics) -> str:
     )
 
 
+def _cells(text: str) -> int:
+    # Screen cells, not characters: ⚡ takes two, and a footer one cell too
+    # wide wraps, leaving a copy behind on every redraw.
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def render(m: TokenMetrics, width: int, *, colour: bool) -> str:
     text = format_full(m) if width >= FULL_MIN_WIDTH else format_compact(m)
     value = level(m)
-    if value > 0.9:
-        text += " ⚠"
-    elif value > 0.8:
-        text += " ⚡"
-    if len(text) > width > 0:
-        text = text[: max(1, width - 1)] + "…"
+    mark = " ⚠" if value > 0.9 else " ⚡" if value > 0.8 else ""
+    if width > 0 and _cells(text + mark) > width:
+        # Cut the figures, not the mark: with NO_COLOR it is the only sign
+        # of a budget running out.
+        room = max(1, width - _cells(mark) - 1)
+        text = text[:room] + "…"
+    text += mark
     if colour:
         text = f"{COLOURS[colour_name(value)]}{text}{RESET}"
     return text

@@ -70,6 +70,19 @@ def test_colour_and_marks_follow_60_80_90(ctx: float, colour: str, mark: str) ->
     assert text.startswith(COLOURS[colour]) and text.endswith(mark + "\x1b[0m")
 
 
+@pytest.mark.parametrize("width", [12, 20, 31, 40])
+def test_a_cut_footer_fits_its_cells_and_keeps_its_mark(width: int) -> None:
+    """⚡ takes two cells: the footer was one cell wider than the terminal
+    (a copy left per redraw), and cutting it dropped the mark - with
+    NO_COLOR the only sign of a budget running out."""
+    import unicodedata
+
+    text = render(metrics(ctx=0.81), width, colour=False)
+    cells = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    assert cells <= width and text.endswith(" ⚡"), text
+    assert render(metrics(ctx=0.95), width, colour=False).endswith(" ⚠")
+
+
 def test_budget_use_also_drives_the_colour() -> None:
     assert render(metrics(ctx=0.1, cost="1.9", budget="2"), 100, colour=True).startswith(COLOURS["red"])
 
