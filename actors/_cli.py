@@ -112,8 +112,15 @@ def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) 
     on; the run id scrolled away with the progress)."""
     word, code = ("terminated", EXIT_TERMINATED) if _is_terminated(exc) else ("interrupted", EXIT_INTERRUPTED)
     message = f"{word}; the store is consistent"
-    if run_id is not None and store.get_run(run_id) is not None:
-        message += "; " + with_db(f"'conclave resume {shell_word(run_id)}'", db) + " continues it"
+    run = store.get_run(run_id) if run_id is not None else None
+    if run is not None and run.status in ("completed", "halted"):
+        # The signal came after the run had recorded its end, before its
+        # summary was printed: "continues it" offered to go on with a
+        # finished run.
+        shown = with_db(f"'conclave status {shell_word(run.run_id)}'", db)
+        message += f"; the run had already {run.status} ({shown} shows it)"
+    elif run is not None:
+        message += "; " + with_db(f"'conclave resume {shell_word(run.run_id)}'", db) + " continues it"
     return _fail(message, code)
 
 

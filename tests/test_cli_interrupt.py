@@ -75,6 +75,23 @@ def test_an_interrupted_resume_names_the_resume_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_signal_after_the_run_finished_does_not_offer_to_continue_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM between the run recording its end and printing its summary
+    said "'conclave resume R' continues it" of a completed run."""
+    from actors._cli import _interrupted
+
+    from .conftest import run_cli
+
+    db = str(tmp_path / "f.db")
+    assert run_cli(["run", "--db", db, "--run-id", "F", "--sim-latency", "0"]).returncode == 0
+    with Store.open(db, readonly=True) as store:
+        code = _interrupted(KeyboardInterrupt(), store, "F", db)
+    err = capsys.readouterr().err
+    assert code == 130 and "the run had already completed ('conclave status F --db" in err and "resume" not in err
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_to_a_soak_alone_stops_it_and_says_how_far_it_got(
