@@ -442,6 +442,22 @@ async def test_requests_through_the_auth_actor_share_a_failed_refresh(
     assert len(failed) == 50 and transport.token_requests - n == 1
 
 
+async def _fail_together(manager: TokenManager, callers: int) -> list[AuthError]:
+    """Ask for the token from ``callers`` tasks at once; the errors raised."""
+    failures: list[AuthError] = []
+
+    async def ask() -> None:
+        try:
+            await manager.bearer("generic")
+        except AuthError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(callers):
+            nursery.start_soon(ask)
+    return failures
+
+
 @pytest.mark.parametrize("error", [["weird"], {"code": "x"}])
 async def test_an_error_that_is_not_a_string_is_one_shared_protocol_error(
     tmp_path: Path, autojump_clock: trio.abc.Clock, error: object
@@ -454,17 +470,7 @@ async def test_an_error_that_is_not_a_string_is_one_shared_protocol_error(
     transport.faults = {n + i: httpx.Response(400, json={"error": error}) for i in range(1, 20)}
     await trio.sleep_until(first.expires_at - BASE + 1)  # expired: every caller needs the refresh
     service = AuthService(manager, ["generic"])
-    failures: list[BaseException] = []
-
-    async def ask() -> None:
-        try:
-            await manager.bearer("generic")
-        except AuthError as exc:
-            failures.append(exc)
-
-    async with trio.open_nursery() as callers:
-        for _ in range(10):
-            callers.start_soon(ask)
+    failures = await _fail_together(manager, 10)
     assert len(failures) == 10 and transport.token_requests - n == 1
     assert all("refreshing the generic token failed" in str(f) for f in failures)
     assert len({id(f) for f in failures}) == 10  # each its own copy, its own traceback
@@ -494,16 +500,6 @@ async def test_an_unforeseen_refresh_failure_is_typed_and_shared(
 
     monkeypatch.setattr(manager, "_refresh", broken)
     await trio.sleep_until(first.expires_at - BASE + 1)
-    failures: list[AuthError] = []
-
-    async def ask() -> None:
-        try:
-            await manager.bearer("generic")
-        except AuthError as exc:
-            failures.append(exc)
-
-    async with trio.open_nursery() as callers:
-        for _ in range(5):
-            callers.start_soon(ask)
+    failures = await _fail_together(manager, 5)
     assert calls == 1 and len(failures) == 5
     assert {str(f) for f in failures} == {"refreshing the generic token failed: RuntimeError"}
