@@ -76,14 +76,16 @@ class ProviderHealth:
                         f"the {self.max_wait:.0f}s a call waits; the call was not made",
                         retry_after=left,
                     )
-                if request is not None and left > (request.deadline - now) / 2:
-                    # Parked at the gate past most of its call timeout, the
-                    # call went out at the reset only to be cut off by that
-                    # timeout (a paid call, usage unknown), attempt after
-                    # attempt.  Refused now, its retry waits out the reset
-                    # and starts with a whole timeout.
+                if request is not None and now + left >= request.deadline:
+                    # Its call timeout would end at the gate: the attempt
+                    # is lost either way, but refused now it says when the
+                    # gate opens, so its retry waits out the reset (and
+                    # starts with a whole timeout) instead of timing out
+                    # at the gate again.  (Refusing earlier, while some of
+                    # the timeout would be left, costs an attempt that
+                    # waiting would not: 6m0s token resets halted runs.)
                     return None, RateLimited(
-                        f"provider {self.name!r} is rate-limited for {left:.0f}s more, over half the "
+                        f"provider {self.name!r} is rate-limited for {left:.0f}s more, past the "
                         f"{request.deadline - now:.0f}s this call has left; the call was not made",
                         retry_after=left,
                     )

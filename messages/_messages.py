@@ -174,9 +174,9 @@ class CompletionRequest:
     # Each seat's provider, in the same order (empty: unknown), so that a
     # fault plan scoped to one provider places faults over its seats only.
     panel_providers: tuple[str, ...] = ()
-    # When (trio time) the caller stops waiting for the answer: a call that
-    # would spend most of what is left at a closed rate-limit gate fails
-    # fast instead (see actors._health).  Not part of the identity.
+    # When (trio time) the caller stops waiting for the answer: a call whose
+    # wait at a closed rate-limit gate would outlast it fails fast instead
+    # (see actors._health).  Not part of the identity.
     deadline: float = attrs.field(default=float("inf"), eq=False)
     reply_to: Reply[CompletionResult] | None = attrs.field(default=None, eq=False, repr=False)
 

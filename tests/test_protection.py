@@ -682,21 +682,23 @@ def test_a_reset_hint_that_is_no_time_is_no_hint(error: type, given: float, kept
 async def test_a_call_that_would_wait_out_its_timeout_at_the_gate_fails_fast(
     tmp_path: object, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """After a 429 with "retry after 600", the other agents of the stage
-    retried into the closed gate, were let through at the reset with 5 s of
-    their 600 s call timeout left, and were cut off by it: paid calls of
-    unknown usage, attempt after attempt."""
+    """After a 429 with "retry after 900" (a --max-retry-wait of an hour
+    allows it), the other agents of the stage retried into the closed gate
+    and timed out there after their 600 s call timeout, then again on their
+    next attempt: the run failed.  Refused at once, their retry waits out
+    the reset."""
     from actors._pipeline import pipeline_with_panel
 
     sim = SimulatedProvider(seed=0, disagreement_rate=0.0)
     seen: collections.Counter[str] = collections.Counter()
+    reset = 900
 
     async def handler(request: CompletionRequest) -> Completion:
         agent = request.key.agent
         seen[agent] += 1
         if agent == "a" and seen[agent] == 1:
             await trio.sleep(1)
-            raise RateLimited("429 Too Many Requests", retry_after=600)
+            raise RateLimited("429 Too Many Requests", retry_after=reset)
         if seen[agent] == 1:
             await trio.sleep(4.4)
             raise ProviderUnavailable("500 boom")  # retried into the closed gate
@@ -709,10 +711,19 @@ async def test_a_call_that_would_wait_out_its_timeout_at_the_gate_fails_fast(
         retry=RetryPolicy(max_wait=3600),
     ) as orch:
         result = await orch.run("S", run_id="g")
+        # A reset the timeout outlasts (6m0s, as OpenAI's token limits
+        # give) is waited out at the gate, costing no attempt: refusing
+        # calls with over half their timeout spent there halted such runs.
+        seen.clear()
+        reset = 360
+        again = await orch.run("S", run_id="h")
+    assert again.completed
     assert result.completed
     with Store.open(f"{tmp_path}/g.db") as s:
         errors = [o.error for o in s.outputs("g") if o.error]
         assert not [e for e in errors if e.startswith("timeout")], errors
         assert not s.events("g", kind="call_cancelled")
-        refused = [e for e in errors if "over half the" in e]
+        refused = [e for e in errors if "past the 600s this call has left" in e]
     assert len(refused) == 3, errors  # b, c and d, each once, then answered after the reset
+    with Store.open(f"{tmp_path}/g.db") as s:
+        assert not [o for o in s.outputs("h") if o.error and "this call has left" in o.error]
