@@ -183,9 +183,13 @@ class MockBackend:
         (a field of the wrong type, a fault header that is no number, text
         it cannot hash) is a 400 for that request alone: raised, it ended
         serve-mock for every client."""
+        fired, left = dict(self.ledger.faults), list(self._fault_left)
         try:
             return self._route(request)
         except (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+            # No fault was served: a counted rule must fire on the next
+            # request, and the ledger must not list it.
+            self.ledger.faults, self._fault_left = fired, left
             anthropic = request.path.split("?", 1)[0].rstrip("/") == "/v1/messages"
             message = f"cannot serve this request: {type(exc).__name__}: {exc}"[:300]
             return _error(400, message, "invalid_request_error", anthropic=anthropic)

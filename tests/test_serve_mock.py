@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import openai
@@ -143,6 +144,23 @@ async def test_a_request_the_backend_cannot_read_fails_alone(
         assert bad.status_code == 400, bad.text
         assert "cannot serve this request" in bad.text
         assert (await client.post("/chat/completions", json=GOOD)).status_code == 200
+
+
+def test_a_request_refused_as_unreadable_spends_no_fault() -> None:
+    """The ledger counted a fault that never fired, and a counted rule was
+    spent on the refused request: the next good one was not cut."""
+    from actors._mock_backend import FaultRule, MockRequest
+
+    backend = MockBackend(seed=7, faults=[FaultRule(kind="disconnect", count=1)])
+
+    def post(body: dict[str, object]) -> Any:
+        return backend.handle(MockRequest(method="POST", path="/v1/chat/completions", headers={},
+                                          body=json.dumps({**body, "stream": True}).encode()))
+
+    bad = post({"model": "m", "messages": [{"role": "user", "content": [{"text": 5}]}]})
+    assert bad.status == 400 and backend.ledger.faults == {}
+    assert post(GOOD).cut_after is not None, "the counted fault cuts the next stream"
+    assert post(GOOD).cut_after is None and backend.ledger.faults == {"disconnect": 1}
 
 
 # -- the official openai client (acceptance 2) -----------------------------------
