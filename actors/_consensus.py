@@ -83,7 +83,11 @@ def _str_list(value: Any) -> list[str]:
         # "conflicts": "big disagreement" is one conflict, not none: read
         # as an empty list, the stage passed as "ok".
         value = [value]
-    return [item if isinstance(item, str) else _canonical(item) for item in value]
+    return [
+        item if isinstance(item, str) else _canonical(item)
+        for item in value
+        if item not in (None, "") and not (isinstance(item, str) and not item.strip())  # [""] or [null]: none
+    ]
 
 
 @attrs.frozen(kw_only=True, slots=True)
