@@ -56,10 +56,11 @@ def parse_duration(text: str) -> float | None:
 
 def parse_rfc3339(text: str) -> datetime.datetime | None:
     """An RFC 3339 time with its zone (``2026-11-29T17:00:00Z``; the ``T``
-    and ``Z`` may be lowercase, as RFC 3339 allows), or ``None``: a time
-    without a zone is no time (whose local time would it be?)."""
+    and ``Z`` may be lowercase, and the ``T`` a space, as RFC 3339 allows),
+    or ``None``: a time without a zone is no time (whose local time would
+    it be?)."""
     text = text.strip()
-    if "t" not in text.lower():
+    if len(text) < 11 or text[10] not in "Tt ":
         return None
     if text[-1:] in ("z", "Z"):
         text = text[:-1] + "+00:00"

@@ -212,8 +212,10 @@ def test_an_http_date_without_a_zone_is_gmt(tz: str, monkeypatch: pytest.MonkeyP
         time.tzset()
 
 
-def test_anthropic_reset_times_may_be_written_in_lowercase() -> None:
-    at = datetime.fromtimestamp(WALL + 30, UTC).strftime("%Y-%m-%dt%H:%M:%Sz")
+@pytest.mark.parametrize("form", ["%Y-%m-%dt%H:%M:%Sz", "%Y-%m-%d %H:%M:%S+00:00", "%Y-%m-%dT%H:%M:%SZ"])
+def test_anthropic_reset_times_in_every_rfc3339_spelling(form: str) -> None:
+    # Lowercase t/z were refused; a space for the T too (RFC 3339 5.6 allows both).
+    at = datetime.fromtimestamp(WALL + 30, UTC).strftime(form)
     headers = {"anthropic-ratelimit-requests-reset": at, "anthropic-ratelimit-requests-remaining": "0"}
     assert parse_reset_hint(headers, wall_now=lambda: WALL) == 30.0
 
