@@ -100,9 +100,14 @@ def render(m: TokenMetrics, width: int, *, colour: bool) -> str:
     mark = " ⚠" if value > 0.9 else " ⚡" if value > 0.8 else ""
     if width > 0 and _cells(text + mark) > width:
         # Cut the figures, not the mark: with NO_COLOR it is the only sign
-        # of a budget running out.
-        room = max(1, width - _cells(mark) - 1)
-        text = text[:room] + "…"
+        # of a budget running out.  Too narrow for any figure, the mark
+        # alone (or an ellipsis) is shown.
+        room = width - _cells(mark) - 1
+        if room >= 1:
+            text = text[:room] + "…"
+        else:
+            bare = mark.strip()
+            text, mark = ("", bare) if bare and _cells(bare) <= width else ("…", "")
     text += mark
     if colour:
         text = f"{COLOURS[colour_name(value)]}{text}{RESET}"

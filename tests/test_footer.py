@@ -83,6 +83,17 @@ def test_a_cut_footer_fits_its_cells_and_keeps_its_mark(width: int) -> None:
     assert render(metrics(ctx=0.95), width, colour=False).endswith(" ⚠")
 
 
+def test_a_footer_too_narrow_for_figures_still_fits() -> None:
+    # Below 5 columns it was "1… ⚡", 5 cells.
+    import unicodedata
+
+    for width in range(1, 6):
+        for ctx in (0.5, 0.81, 0.95):
+            text = render(metrics(ctx=ctx), width, colour=False)
+            assert sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text) <= width, (width, text)
+    assert render(metrics(ctx=0.81), 2, colour=False) == "⚡"
+
+
 def test_budget_use_also_drives_the_colour() -> None:
     assert render(metrics(ctx=0.1, cost="1.9", budget="2"), 100, colour=True).startswith(COLOURS["red"])
 
