@@ -26,7 +26,7 @@ import math
 import attrs
 import trio
 
-from messages import CircuitOpen, CompletionRequest, ProviderError, RateLimited
+from messages import CircuitOpen, CompletionRequest, ProviderError, ProviderUnavailable, RateLimited
 
 from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
 from ._checks import check_seconds, check_wait
@@ -107,7 +107,10 @@ class ProviderHealth:
 
     def report(self, permit: Permit, error: ProviderError | None) -> None:
         now = trio.current_time()
-        if isinstance(error, RateLimited) and error.retry_after is not None:
+        # A 429's reset, or the Retry-After of a 503/529: no call may reach
+        # the provider before a reset time it gave (one agent honoured it
+        # while the next went in a second later).
+        if isinstance(error, (RateLimited, ProviderUnavailable)) and error.retry_after is not None:
             self.gate.close_until(now + error.retry_after, now)
             self.rate_limits.append((now, now + error.retry_after))
         failure = error is not None and classify(error).unhealthy

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -178,7 +179,16 @@ def test_breaker_window_is_time_and_order_independent() -> None:
     assert not isinstance(late.acquire(11.5), float), "failures older than the window are forgotten"
 
 
-async def test_one_429_pauses_every_caller_until_reset(autojump_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize(
+    "refusal",
+    [lambda: RateLimited("429 Too Many Requests", retry_after=12.0),
+     # A 503 or 529 with Retry-After gives a reset time too: only the agent
+     # that got it waited, the next went in a second later.
+     lambda: ProviderUnavailable("529 overloaded", retry_after=12.0)],
+)
+async def test_one_429_pauses_every_caller_until_reset(
+    autojump_clock: trio.testing.MockClock, refusal: Callable[[], ProviderError]
+) -> None:
     """The gate: after a real 429, no caller reaches the provider before the
     reset time - the gate, not each agent's own backoff, holds them."""
     calls: list[tuple[float, str]] = []
@@ -186,7 +196,7 @@ async def test_one_429_pauses_every_caller_until_reset(autojump_clock: trio.test
     def handler(request: CompletionRequest) -> Completion:
         calls.append((trio.current_time(), request.key.agent))
         if request.key.agent == "first":
-            raise RateLimited("429 Too Many Requests", retry_after=12.0)
+            raise refusal()
         return Completion(content="{}", usage=None, model="m")
 
     health = HealthRegistry()
@@ -196,7 +206,7 @@ async def test_one_429_pauses_every_caller_until_reset(autojump_clock: trio.test
         nursery.start_soon(gateway.run, rx)
         start = trio.current_time()
         limited = await ask(tx, call(agent="first"))
-        assert isinstance(limited.error, RateLimited)
+        assert isinstance(limited.error, (RateLimited, ProviderUnavailable))
         await trio.sleep(1)
         results = []
 
