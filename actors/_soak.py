@@ -11,13 +11,15 @@ Invariants (any breach fails the soak, naming the seed):
 
 * every agent call (an ``AgentRequest``) ends in exactly one terminal
   state (one ``AgentReply``); none lost, none doubled;
-* no call makes more attempts than the retry policy allows;
+* no call makes more attempts than the retry policy allows, counted where
+  calls arrive (at the provider and at injection): each attempt arrives
+  once, none beyond what the agent's reply says, and each is stored once;
 * no call reaches a provider - a real call or an injected fault standing in
   for one - inside a 429's reset window or while its breaker is open
   (checked online, from records taken at the provider and at injection, not
   from the gate's own state);
 * exactly one decision per (run, branch, stage), and as many as the run
-  reports;
+  reports; none counts an agent that answered as missing;
 * a run's usage totals equal the sum of its per-attempt usage in the store,
   with unknown usage counted apart and never as zero;
 * no task is left running once the orchestrator has closed;
@@ -271,7 +273,7 @@ class _RecordingProvider(BaseProvider):
         self._checker = checker
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        self._checker.on_call(self.name, trio.current_time())
+        self._checker.on_call(self.name, trio.current_time(), request)
         try:
             return await self.inner.complete(request)
         except RateLimited as error:
@@ -306,6 +308,9 @@ class _Checker:
         # per run, forgotten once the run is checked
         self.requests: dict[str, collections.Counter[AgentKey]] = collections.defaultdict(collections.Counter)
         self.replies: dict[str, list[AgentReply]] = collections.defaultdict(list)
+        self.arrivals: dict[str, collections.Counter[tuple[AgentKey, int]]] = collections.defaultdict(
+            collections.Counter
+        )
         # Faults per agent call, by kind: each one the call outlived counts
         # as recovered (a set counted two timeouts of one call as one).
         self.faulted: dict[AgentKey, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -325,7 +330,12 @@ class _Checker:
     def on_rate_limit(self, provider: str, start: float, end: float) -> None:
         self._windows[provider].append((start, end))
 
-    def on_call(self, provider: str, now: float) -> None:
+    def on_call(self, provider: str, now: float, request: CompletionRequest | None = None) -> None:
+        if request is not None:
+            # Counted where calls arrive, not from what the agent says of
+            # itself: a re-send under one attempt number, or a reply that
+            # understates its attempts, passed every other check.
+            self.arrivals[request.key.run_id][(request.key, request.attempt)] += 1
         windows = self._windows[provider]
         while windows and windows[0][0] < now:  # windows opened strictly before now
             start, end = windows.popleft()
@@ -353,7 +363,7 @@ class _Checker:
 
     def on_fault(self, fault: InjectedFault) -> None:
         request = fault.request
-        self.on_call(request.provider, fault.at)
+        self.on_call(request.provider, fault.at, request)
         if fault.retry_after is not None:
             self.on_rate_limit(request.provider, fault.at, fault.at + fault.retry_after)
         self.injected[fault.kind] += 1
@@ -411,8 +421,20 @@ def _check_run(
         retries += reply.attempts - 1
         if reply.attempts > limit:
             checker.breach(f"{reply.key.agent} in {run_id}/{reply.key.stage} made {reply.attempts} attempts (limit {limit})")
+    said = {reply.key: reply.attempts for reply in replies}
+    for (key, attempt), n in checker.arrivals.pop(run_id, collections.Counter()).items():
+        where = f"{key.agent} in {run_id}/{key.stage}"
+        if n > 1:
+            checker.breach(f"attempt {attempt} of {where} reached the provider {n} times")
+        if attempt > said.get(key, 0):
+            checker.breach(f"attempt {attempt} of {where} reached the provider, but its reply says {said.get(key, 0)}")
 
     decisions = store.decisions(run_id)
+    answered = {(r.key.branch_id, r.key.stage, r.key.agent) for r in replies if r.output is not None}
+    for d in decisions:
+        early = [a for a in d.verdict.get("missing_agents") or () if (d.branch_id, d.stage, a) in answered]
+        if early:
+            checker.breach(f"{run_id}/{d.stage} was decided without {', '.join(early)}, who answered")
     per_key = collections.Counter((d.branch_id, d.stage) for d in decisions)
     duplicates = sum(n - 1 for n in per_key.values())
     if duplicates or len(per_key) != len(result.stages):
@@ -424,6 +446,15 @@ def _check_run(
     usage = ZERO_USAGE
     unknown = 0
     rows = store.outputs(run_id)
+    stored: dict[AgentKey, list[int]] = collections.defaultdict(list)
+    for row in rows:
+        stored[AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent)].append(row.attempt)
+    for key, attempts in said.items():
+        if sorted(stored.get(key, ())) != list(range(1, attempts + 1)):
+            checker.breach(
+                f"{key.agent} in {run_id}/{key.stage} replied after {attempts} attempt(s), "
+                f"stored {sorted(stored.get(key, ()))}"
+            )
     for row in rows:
         if row.attempt > limit:
             checker.breach(f"stored attempt {row.attempt} of {row.agent} in {run_id} exceeds {limit}")

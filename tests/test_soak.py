@@ -543,3 +543,58 @@ def test_a_ten_percent_fault_rate_does_not_trip_the_breaker_into_failing_runs() 
     report = run_soak(SoakConfig(seed=1, runs=100, concurrency=100, faults=default_soak_plan("disconnect:10%")))
     assert report.ok, report.breaches[:3]
     assert report.completed == 100 and report.halted == 0
+
+
+def test_the_checker_counts_attempts_where_they_arrive_not_from_the_agents_word() -> None:
+    """Mutation testing found the soak blind to an agent that re-sent an
+    attempt under the same number, or replied with fewer attempts than it
+    made, and to a stage decided before an agent that answered: each was
+    checked only against what the agent said of itself."""
+    import collections
+    import types
+
+    from actors import HealthRegistry
+    from actors._soak import _Checker, _check_run
+    from messages import AgentKey, AgentReply, CompletionRequest, ZERO_USAGE
+    from store import Store
+
+    config = SoakConfig(runs=1)
+    checker = _Checker(config, HealthRegistry())
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
+    call = CompletionRequest(key=key, attempt=1, spec_id="S", provider="sim", model="m", prompt="p")
+    for request in (call, call, attrs.evolve(call, attempt=2)):  # attempt 1 twice, then 2
+        checker.on_call("sim", 1.0, request)
+    checker.requests["r"][key] += 1
+    checker.replies["r"].append(AgentReply(key=key, attempts=1, output=None, error="unavailable: x"))
+    result = types.SimpleNamespace(stages=(), usage=ZERO_USAGE, unknown_usage_calls=0, turns=0, digest="", status="halted")
+    with Store.open(":memory:", durability="scratch") as store:
+        _check_run(checker, store, config, "r", result)
+    assert "attempt 1 of gemini in r/plan reached the provider 2 times" in checker.breaches
+    assert "attempt 2 of gemini in r/plan reached the provider, but its reply says 1" in checker.breaches
+    assert "gemini in r/plan replied after 1 attempt(s), stored []" in checker.breaches
+    assert not checker.arrivals, "forgotten once the run is checked"
+
+
+def test_the_checker_finds_a_stage_decided_without_an_agent_that_answered() -> None:
+    import types
+
+    from actors import HealthRegistry
+    from actors._soak import _Checker, _check_run
+    from messages import AgentKey, AgentOutput, AgentReply, Decision, PersistDecision, PersistRun, StageKey, ZERO_USAGE
+    from store import Store
+
+    config = SoakConfig(runs=1)
+    checker = _Checker(config, HealthRegistry())
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
+    output = AgentOutput(key=key, attempt=1, status="accepted", content="{}", format="json",
+                         usage=None, model="m", provider="sim")
+    checker.requests["r"][key] += 1
+    checker.replies["r"].append(AgentReply(key=key, attempts=1, output=output))
+    decided = Decision(key=StageKey(run_id="r", branch_id="b", stage="plan"), seq=1, status="degraded",
+                       verdict={"missing_agents": ["gemini"]})
+    result = types.SimpleNamespace(stages=(1,), usage=ZERO_USAGE, unknown_usage_calls=0, turns=0, digest="", status="completed")
+    with Store.open(":memory:", durability="scratch") as store:
+        store.apply([PersistRun(run_id="r", branch_id="b", spec_id="S", goal="", seed=1, pipeline="{}"),
+                     PersistDecision(decision=decided)])
+        _check_run(checker, store, config, "r", result)
+    assert "r/plan was decided without gemini, who answered" in checker.breaches
