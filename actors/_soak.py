@@ -21,7 +21,8 @@ Invariants (any breach fails the soak, naming the seed):
 * exactly one decision per (run, branch, stage), and as many as the run
   reports; none counts an agent that answered as missing;
 * a run's usage totals equal the sum of its per-attempt usage in the store,
-  with unknown usage counted apart and never as zero;
+  with unknown usage counted apart and never as zero, and each stored
+  attempt's usage is what the provider (or the injected fault) reported;
 * no task is left running once the orchestrator has closed;
 * every configured fault kind was injected, and recovered from (the agent
   later answered), at least once.
@@ -67,6 +68,7 @@ from messages import (
     Interceptor,
     RateLimited,
     ResetHint,
+    TokenUsage,
     ZERO_USAGE,
 )
 from store import Store
@@ -275,7 +277,9 @@ class _RecordingProvider(BaseProvider):
     async def complete(self, request: CompletionRequest) -> Completion:
         self._checker.on_call(self.name, trio.current_time(), request)
         try:
-            return await self.inner.complete(request)
+            completion = await self.inner.complete(request)
+            self._checker.on_served(request, completion)
+            return completion
         except RateLimited as error:
             if error.retry_after is not None:
                 now = trio.current_time()
@@ -311,6 +315,10 @@ class _Checker:
         self.arrivals: dict[str, collections.Counter[tuple[AgentKey, int]]] = collections.defaultdict(
             collections.Counter
         )
+        # What each attempt cost, from the provider and the injector, not
+        # from the agent: usage the agent misreported (doubled, or unknown
+        # stored as zero) reached the store and the metrics alike.
+        self.served: dict[str, dict[tuple[AgentKey, int], TokenUsage | None]] = collections.defaultdict(dict)
         # Faults per agent call, by kind: each one the call outlived counts
         # as recovered (a set counted two timeouts of one call as one).
         self.faulted: dict[AgentKey, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -361,9 +369,15 @@ class _Checker:
         if self._breaker_state[provider] == "open" and not same_instant:
             self.breach(f"a call reached provider {provider!r} at t={now:.3f}s while its breaker was open")
 
+    def on_served(self, request: CompletionRequest, completion: Completion) -> None:
+        self.served[request.key.run_id][(request.key, request.attempt)] = completion.usage
+
     def on_fault(self, fault: InjectedFault) -> None:
         request = fault.request
         self.on_call(request.provider, fault.at, request)
+        # As a real one: a 429 costs nothing, a cut or timed-out call is unknown.
+        cost = ZERO_USAGE if fault.kind == "rate_limit" else None
+        self.served[request.key.run_id][(request.key, request.attempt)] = cost
         if fault.retry_after is not None:
             self.on_rate_limit(request.provider, fault.at, fault.at + fault.retry_after)
         self.injected[fault.kind] += 1
@@ -449,6 +463,16 @@ def _check_run(
     stored: dict[AgentKey, list[int]] = collections.defaultdict(list)
     for row in rows:
         stored[AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent)].append(row.attempt)
+    served = checker.served.pop(run_id, {})
+    for row in rows:
+        ident = (AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent), row.attempt)
+        if ident in served and row.usage != served[ident]:
+            cost = served[ident]
+            checker.breach(
+                f"attempt {row.attempt} of {row.agent} in {run_id}/{row.stage} stored usage "
+                f"{None if row.usage is None else row.usage.as_dict()}, but the provider reported "
+                f"{None if cost is None else cost.as_dict()}"
+            )
     for key, attempts in said.items():
         if sorted(stored.get(key, ())) != list(range(1, attempts + 1)):
             checker.breach(

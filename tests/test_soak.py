@@ -598,3 +598,30 @@ def test_the_checker_finds_a_stage_decided_without_an_agent_that_answered() -> N
                      PersistDecision(decision=decided)])
         _check_run(checker, store, config, "r", result)
     assert "r/plan was decided without gemini, who answered" in checker.breaches
+
+
+def test_the_checker_holds_stored_usage_to_what_the_provider_reported() -> None:
+    # An agent that stored an injected disconnect's unknown usage as zero,
+    # or doubled a retry's, passed: store and metrics agreed with each other.
+    import types
+
+    from actors import HealthRegistry
+    from actors._soak import _Checker, _check_run
+    from messages import AgentKey, AgentOutput, AgentReply, PersistOutput, PersistRun, TokenUsage
+    from store import Store
+
+    config = SoakConfig(runs=1)
+    checker = _Checker(config, HealthRegistry())
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
+    checker.served["r"][(key, 1)] = None  # a cut call: its usage is unknown
+    checker.requests["r"][key] += 1
+    stored = AgentOutput(key=key, attempt=1, status="failed", content="", format="text", usage=TokenUsage(),
+                         model="m", provider="sim", error="disconnect: cut")
+    checker.replies["r"].append(AgentReply(key=key, attempts=1, output=None, error="disconnect: cut"))
+    result = types.SimpleNamespace(stages=(), usage=TokenUsage(), unknown_usage_calls=0, turns=1, digest="", status="halted")
+    with Store.open(":memory:", durability="scratch") as store:
+        store.apply([PersistRun(run_id="r", branch_id="b", spec_id="S", goal="", seed=1, pipeline="{}"),
+                     PersistOutput(output=stored)])
+        _check_run(checker, store, config, "r", result)
+    assert any("attempt 1 of gemini in r/plan stored usage" in b and "the provider reported None" in b
+               for b in checker.breaches), checker.breaches
