@@ -23,6 +23,8 @@ Invariants (any breach fails the soak, naming the seed):
 * a run's usage totals equal the sum of its per-attempt usage in the store,
   with unknown usage counted apart and never as zero, and each stored
   attempt's usage is what the provider (or the injected fault) reported;
+* the event log has a retry per failed attempt but the last, and a
+  gave_up per agent that never answered;
 * no task is left running once the orchestrator has closed;
 * every configured fault kind was injected, and recovered from (the agent
   later answered), at least once.
@@ -472,6 +474,22 @@ def _check_run(
                 f"attempt {row.attempt} of {row.agent} in {run_id}/{row.stage} stored usage "
                 f"{None if row.usage is None else row.usage.as_dict()}, but the provider reported "
                 f"{None if cost is None else cost.as_dict()}"
+            )
+    # The event log: each failed attempt but the last is a retry, and an
+    # agent that never answered gave up once (events were never checked:
+    # an agent that wrote none passed).
+    logged: collections.Counter[tuple[str, str, str, str | None]] = collections.Counter(
+        (e.kind, e.branch_id, e.stage or "", e.agent) for e in store.events(run_id) if e.kind in ("retry", "gave_up")
+    )
+    for reply in replies:
+        k = reply.key
+        retried = logged[("retry", k.branch_id, k.stage, k.agent)]
+        gave_up = logged[("gave_up", k.branch_id, k.stage, k.agent)]
+        if retried != reply.attempts - 1 or gave_up != (reply.output is None):
+            checker.breach(
+                f"{k.agent} in {run_id}/{k.stage} made {reply.attempts} attempt(s) and "
+                f"{'gave up' if reply.output is None else 'answered'}, but the log has {retried} retry "
+                f"and {gave_up} gave_up event(s)"
             )
     for key, attempts in said.items():
         if sorted(stored.get(key, ())) != list(range(1, attempts + 1)):

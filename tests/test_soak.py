@@ -625,3 +625,25 @@ def test_the_checker_holds_stored_usage_to_what_the_provider_reported() -> None:
         _check_run(checker, store, config, "r", result)
     assert any("attempt 1 of gemini in r/plan stored usage" in b and "the provider reported None" in b
                for b in checker.breaches), checker.breaches
+
+
+def test_the_checker_wants_a_retry_event_per_failed_attempt_and_a_give_up() -> None:
+    # An agent that wrote no retry or gave_up events passed every check.
+    import types
+
+    from actors import HealthRegistry
+    from actors._soak import _Checker, _check_run
+    from messages import AgentKey, AgentReply, PersistEvent, PersistRun, ZERO_USAGE
+    from store import Store
+
+    config = SoakConfig(runs=1)
+    checker = _Checker(config, HealthRegistry())
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
+    checker.requests["r"][key] += 1
+    checker.replies["r"].append(AgentReply(key=key, attempts=2, output=None, error="unavailable: x"))
+    result = types.SimpleNamespace(stages=(), usage=ZERO_USAGE, unknown_usage_calls=0, turns=0, digest="", status="halted")
+    with Store.open(":memory:", durability="scratch") as store:
+        store.apply([PersistRun(run_id="r", branch_id="b", spec_id="S", goal="", seed=1, pipeline="{}"),
+                     PersistEvent.of_attempt(key, 1, "retry", {})])
+        _check_run(checker, store, config, "r", result)
+    assert "gemini in r/plan made 2 attempt(s) and gave up, but the log has 1 retry and 0 gave_up event(s)" in checker.breaches
