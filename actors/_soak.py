@@ -463,11 +463,11 @@ def _check_run(
     unknown = 0
     rows = store.outputs(run_id)
     stored: dict[AgentKey, list[int]] = collections.defaultdict(list)
-    for row in rows:
-        stored[AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent)].append(row.attempt)
     served = checker.served.pop(run_id, {})
     for row in rows:
-        ident = (AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent), row.attempt)
+        row_key = AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent)
+        stored[row_key].append(row.attempt)
+        ident = (row_key, row.attempt)
         if ident in served and row.usage != served[ident]:
             cost = served[ident]
             checker.breach(
