@@ -320,7 +320,10 @@ class _Checker:
         # What each attempt cost, from the provider and the injector, not
         # from the agent: usage the agent misreported (doubled, or unknown
         # stored as zero) reached the store and the metrics alike.
-        self.served: dict[str, dict[tuple[AgentKey, int], TokenUsage | None]] = collections.defaultdict(dict)
+        # (usage, whether a fault stood in for the provider) per attempt.
+        self.served: dict[str, dict[tuple[AgentKey, int], tuple[TokenUsage | None, bool]]] = collections.defaultdict(
+            dict
+        )
         # Faults per agent call, by kind: each one the call outlived counts
         # as recovered (a set counted two timeouts of one call as one).
         self.faulted: dict[AgentKey, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -372,14 +375,14 @@ class _Checker:
             self.breach(f"a call reached provider {provider!r} at t={now:.3f}s while its breaker was open")
 
     def on_served(self, request: CompletionRequest, completion: Completion) -> None:
-        self.served[request.key.run_id][(request.key, request.attempt)] = completion.usage
+        self.served[request.key.run_id][(request.key, request.attempt)] = (completion.usage, False)
 
     def on_fault(self, fault: InjectedFault) -> None:
         request = fault.request
         self.on_call(request.provider, fault.at, request)
         # As a real one: a 429 costs nothing, a cut or timed-out call is unknown.
         cost = ZERO_USAGE if fault.kind == "rate_limit" else None
-        self.served[request.key.run_id][(request.key, request.attempt)] = cost
+        self.served[request.key.run_id][(request.key, request.attempt)] = (cost, True)
         if fault.retry_after is not None:
             self.on_rate_limit(request.provider, fault.at, fault.at + fault.retry_after)
         self.injected[fault.kind] += 1
@@ -467,9 +470,11 @@ def _check_run(
     for row in rows:
         row_key = AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent)
         stored[row_key].append(row.attempt)
-        ident = (row_key, row.attempt)
-        if ident in served and row.usage != served[ident]:
-            cost = served[ident]
+        cost, injected = served.get((row_key, row.attempt), (None, False))
+        # A completion the agent never received (its call timeout ended in
+        # the same instant) is rightly stored as unknown: only an answer
+        # the agent accepted, or a fault standing in for one, is held to it.
+        if (row.status == "accepted" or injected) and row.usage != cost:
             checker.breach(
                 f"attempt {row.attempt} of {row.agent} in {run_id}/{row.stage} stored usage "
                 f"{None if row.usage is None else row.usage.as_dict()}, but the provider reported "
