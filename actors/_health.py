@@ -76,8 +76,13 @@ class ProviderHealth:
                         f"the {self.max_wait:.0f}s a call waits; the call was not made",
                         retry_after=left,
                     )
-                if request is not None and now + left >= request.deadline:
-                    # Its call timeout would end at the gate: the attempt
+                # The spread unit is a SHA-256 of the call's identity: only
+                # worth deriving for a call that has to wait.  An open gate
+                # is passed without a checkpoint, exactly as gate.wait does.
+                unit = _spread_unit(request)
+                if request is not None and self.gate.release_at(now, unit) >= request.deadline:
+                    # Its call timeout would end at the gate (at its own
+                    # release point, the spread included): the attempt
                     # is lost either way, but refused now it says when the
                     # gate opens, so its retry waits out the reset (and
                     # starts with a whole timeout) instead of timing out
@@ -89,10 +94,7 @@ class ProviderHealth:
                         f"{request.deadline - now:.0f}s this call has left; the call was not made",
                         retry_after=left,
                     )
-                # The spread unit is a SHA-256 of the call's identity: only
-                # worth deriving for a call that has to wait.  An open gate
-                # is passed without a checkpoint, exactly as gate.wait does.
-                await self.gate.wait(_spread_unit(request))
+                await self.gate.wait(unit)
                 now = trio.current_time()
             ticket = self.breaker.acquire(now)
             if isinstance(ticket, Ticket):

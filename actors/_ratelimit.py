@@ -112,6 +112,11 @@ class RateLimitGate:
                 if head is not None:
                     head.lead.set()
 
+    def release_at(self, now: float, unit: float = 0.0) -> float:
+        """When a waiter of spread ``unit`` arriving at ``now`` would be
+        released (``now`` itself while the gate is open)."""
+        return on_grid(self.reset_for(now) + unit * self.spread, self.quantum) if not self.is_open(now) else now
+
     def _release_at(self, now: float, unit: float) -> float:
         return on_grid(self.reset_for(now) + unit * self.spread, self.quantum)
 

@@ -737,3 +737,23 @@ async def test_a_call_that_would_wait_out_its_timeout_at_the_gate_fails_fast(
     assert len(refused) == 3, errors  # b, c and d, each once, then answered after the reset
     with Store.open(f"{tmp_path}/g.db") as s:
         assert not [o for o in s.outputs("h") if o.error and "this call has left" in o.error]
+
+
+async def test_a_call_released_after_its_deadline_is_refused_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """Review finding: the check compared the deadline with the reset, not
+    with this caller's own release point (up to a second later, by its
+    identity): a deadline in between timed out at the gate."""
+    from actors._health import ProviderHealth, _spread_unit
+
+    health = ProviderHealth("p")
+    permit, _ = await health.admit()
+    assert permit is not None
+    health.report(permit, RateLimited("429", retry_after=10.0))
+    await trio.sleep(0.5)  # the closing holds callers after its instant
+    request = next(r for r in (call(agent=f"a{i}") for i in range(50)) if _spread_unit(r) > 0.5)
+    late = attrs.evolve(request, deadline=10.0 + _spread_unit(request) / 2)  # after the reset, before its release
+    granted, refused = await health.admit(late)
+    assert granted is None and isinstance(refused, RateLimited) and trio.current_time() == 0.5
+    in_time = attrs.evolve(request, deadline=12.0)
+    granted, refused = await health.admit(in_time)
+    assert granted is not None and refused is None and 10.0 < trio.current_time() < 11.0
