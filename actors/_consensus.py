@@ -76,18 +76,20 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _none(value: Any) -> bool:
+    # null, false, 0, "", "  ", {} and []: nothing reported
+    return not value or (isinstance(value, str) and not value.strip())
+
+
 def _str_list(value: Any) -> list[str]:
-    if not value or (isinstance(value, str) and not value.strip()):
-        return []  # null, false, 0, "", "  ", {} and []: none
+    if _none(value):
+        return []
     if not isinstance(value, list):
         # "conflicts": "big disagreement" is one conflict, not none: read
         # as an empty list, the stage passed as "ok".
         value = [value]
-    return [
-        item if isinstance(item, str) else _canonical(item)
-        for item in value
-        if item not in (None, "") and not (isinstance(item, str) and not item.strip())  # [""] or [null]: none
-    ]
+    # Items read alike: [""], [null] or [false] is none either.
+    return [item if isinstance(item, str) else _canonical(item) for item in value if not _none(item)]
 
 
 @attrs.frozen(kw_only=True, slots=True)

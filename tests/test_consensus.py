@@ -158,7 +158,7 @@ def test_an_aggregator_conflict_that_is_not_a_list_still_counts(conflicts: Any) 
     assert v.status == "conflict" and len(v.conflicts) == 1
 
 
-@pytest.mark.parametrize("conflicts", [None, False, 0, "", "   ", {}, [], [""], ["  "], [None]])
+@pytest.mark.parametrize("conflicts", [None, False, 0, "", "   ", {}, [], [""], ["  "], [None], [False], [0], [{}], [[]]])
 def test_an_aggregator_saying_none_in_any_spelling_reports_no_conflict(conflicts: Any) -> None:
     agg = answer("gpt_pro", consensus={"agreements": [], "conflicts": conflicts})
     v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": agg})
