@@ -115,7 +115,7 @@ class RateLimitGate:
     def release_at(self, now: float, unit: float = 0.0) -> float:
         """When a waiter of spread ``unit`` arriving at ``now`` would be
         released (``now`` itself while the gate is open)."""
-        return on_grid(self.reset_for(now) + unit * self.spread, self.quantum) if not self.is_open(now) else now
+        return now if self.is_open(now) else self._release_at(now, unit)
 
     def _release_at(self, now: float, unit: float) -> float:
         return on_grid(self.reset_for(now) + unit * self.spread, self.quantum)
