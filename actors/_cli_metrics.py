@@ -17,7 +17,7 @@ from store import BranchRow, Store
 
 from ._budget import parse_budget, stored_budget, usd
 from ._checks import add_db_argument, file_arg, nonempty_arg
-from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed
+from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed, redraws_in_place
 from ._format import tokens
 from ._metrics import MetricsAccumulator
 from ._metrics_report import exact_cost, totals_json
@@ -102,14 +102,11 @@ def given_prices(path: str | None) -> bool:
     return bool(path or os.environ.get(PRICES_ENV))
 
 
-def metrics_display(
-    out: Writer, *, isatty: bool | None = None, env: Mapping[str, str] | None = None
-) -> LiveFooter | PlainMetrics:
+def metrics_display(out: Writer, *, isatty: bool | None = None) -> LiveFooter | PlainMetrics:
     """A live footer on a terminal that can redraw a line, periodic plain
-    lines elsewhere: TERM=dumb (an editor's shell) showed every erase and
-    colour code as literal junk."""
+    lines elsewhere (see ``redraws_in_place``)."""
     tty = out.isatty() if isatty is None and hasattr(out, "isatty") else bool(isatty)
-    if tty and (os.environ if env is None else env).get("TERM") != "dumb":
+    if redraws_in_place(tty):
         return LiveFooter(
             out, colour=colour_allowed(), width=lambda: shutil.get_terminal_size((80, 24)).columns
         )

@@ -28,7 +28,7 @@ from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg, seed_arg
 from ._cli import Terminated, _is_interrupt, interruptible
-from ._footer import ERASE
+from ._footer import ERASE, redraws_in_place
 from ._retry import RetryPolicy
 from ._soak import (
     DEFAULT_SOAK_FAULTS,
@@ -142,7 +142,7 @@ class SoakProgress:
         self.label = label
         self.seed = seed
         self.replay = replay
-        self.tty = out.isatty() and os.environ.get("TERM") != "dumb"
+        self.tty = redraws_in_place(out.isatty())
         self.shown = -1
         self.breaches = 0
         self._last = (0, 0)

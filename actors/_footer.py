@@ -48,6 +48,13 @@ def colour_allowed(env: Mapping[str, str] | None = None) -> bool:
     return not env.get("NO_COLOR")
 
 
+def redraws_in_place(tty: bool, env: Mapping[str, str] | None = None) -> bool:
+    """Whether a line can be redrawn where it stands: on a terminal, but
+    not TERM=dumb (an editor's shell), which shows every erase and colour
+    code as literal junk."""
+    return tty and (os.environ if env is None else env).get("TERM") != "dumb"
+
+
 def level(m: TokenMetrics) -> float:
     fraction = m.budget_fraction
     return max(m.context_utilization, fraction if fraction is not None else 0.0)
