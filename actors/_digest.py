@@ -41,8 +41,8 @@ def compute_digest(
     for verdict in verdicts:
         entry = decision_content(verdict)
         stage_usage = by_stage.get(str(verdict.get("stage")))
-        entry["usage"] = stage_usage.as_dict() if stage_usage is not None else None
+        entry["usage"] = stage_usage.digest_dict() if stage_usage is not None else None
         log.append(entry)
-    document = {"decisions": log, "usage": usage.as_dict(), "unknown_usage_calls": unknown_calls}
+    document = {"decisions": log, "usage": usage.digest_dict(), "unknown_usage_calls": unknown_calls}
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -32,8 +32,9 @@ def duration(seconds: float) -> str:
 
 
 def usage_line(usage: TokenUsage, unknown: int = 0) -> str:
+    writes = f", {tokens(usage.cache_write_input_tokens)} cache writes" if usage.cache_write_input_tokens else ""
     text = (
-        f"{tokens(usage.input_tokens)} in ({tokens(usage.cached_input_tokens)} cached) / "
+        f"{tokens(usage.input_tokens)} in ({tokens(usage.cached_input_tokens)} cached{writes}) / "
         f"{tokens(usage.output_tokens)} out ({tokens(usage.reasoning_output_tokens)} reasoning)"
     )
     if unknown:

@@ -14,14 +14,16 @@ table name that is a prefix of the model followed by ``-``, ``@`` or ``:``
 (``gpt-4o-2024-05-13-ft`` -> ``gpt-4o-2024-05-13``).  Anything else is
 *unpriced*: reported as such, never guessed.
 
-Cost of one call (``TokenUsage.input_tokens`` includes cached input and
-``output_tokens`` includes reasoning)::
+Cost of one call (``TokenUsage.input_tokens`` includes cache reads and
+writes, ``output_tokens`` includes reasoning)::
 
-    (input - cached) * input_rate + cached * cache_read_rate
+    (input - cached - writes) * input_rate + cached * cache_read_rate
+      + (writes - writes_1h) * cache_write_rate + writes_1h * cache_write_1h_rate
       + (output - reasoning) * output_rate + reasoning * reasoning_rate
 
-where a missing cache-read or reasoning rate falls back to the input or
-output rate, as LiteLLM does.  When the call's input exceeds a tier the
+where a missing cache-read, cache-write or reasoning rate falls back to the
+input or output rate, as LiteLLM does, and a missing one-hour write rate to
+the (five-minute) write rate.  When the call's input exceeds a tier the
 table lists (``*_above_200k_tokens``), that tier's rates apply.
 
 A user override file has the same format (``{"model": {"input_cost_per_
@@ -51,6 +53,7 @@ _RATE_FIELDS = (
     "output_cost_per_token",
     "cache_read_input_token_cost",
     "cache_creation_input_token_cost",
+    "cache_creation_input_token_cost_above_1hr",
     "output_cost_per_reasoning_token",
 )
 _TIER = re.compile(r"^(?P<field>" + "|".join(_RATE_FIELDS) + r")_above_(?P<k>\d+)k_tokens$")
@@ -68,6 +71,8 @@ class Rates:
     output: Decimal
     cache_read: Decimal
     reasoning: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -89,14 +94,15 @@ class ModelPrice:
 
     def cost(self, usage: TokenUsage) -> Decimal:
         r = self.rates_for(usage.input_tokens)
+        # Parts never exceed their whole (a caller's TokenUsage may claim so).
         cached = min(usage.cached_input_tokens, usage.input_tokens)
+        writes = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
+        writes_1h = min(usage.cache_write_1h_input_tokens, writes)
         reasoning = min(usage.reasoning_output_tokens, usage.output_tokens)
-        return (
-            (usage.input_tokens - cached) * r.input
-            + cached * r.cache_read
-            + (usage.output_tokens - reasoning) * r.output
-            + reasoning * r.reasoning
-        )
+        cost = (usage.input_tokens - cached - writes) * r.input + cached * r.cache_read
+        if writes:
+            cost += (writes - writes_1h) * r.cache_write + writes_1h * r.cache_write_1h
+        return cost + (usage.output_tokens - reasoning) * r.output + reasoning * r.reasoning
 
 
 def _rates(fields: Mapping[str, Decimal], base: Mapping[str, Decimal] | None = None) -> Rates:
@@ -109,11 +115,14 @@ def _rates(fields: Mapping[str, Decimal], base: Mapping[str, Decimal] | None = N
     inp = given.get("input_cost_per_token")
     out = given.get("output_cost_per_token")
     assert inp is not None and out is not None
+    write = given.get("cache_creation_input_token_cost", inp)
     return Rates(
         input=inp,
         output=out,
         cache_read=given.get("cache_read_input_token_cost", inp),
         reasoning=given.get("output_cost_per_reasoning_token", out),
+        cache_write=write,
+        cache_write_1h=given.get("cache_creation_input_token_cost_above_1hr", write),
     )
 
 

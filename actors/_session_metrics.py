@@ -32,10 +32,11 @@ class Tally:
     """Mutable running sums of :class:`TokenUsage` fields: adding ints is
     much cheaper than building a validated TokenUsage per addition."""
 
-    __slots__ = ("input", "cached", "output", "reasoning", "total")
+    __slots__ = ("input", "cached", "output", "reasoning", "total", "writes", "writes_1h")
 
     def __init__(self) -> None:
         self.input = self.cached = self.output = self.reasoning = self.total = 0
+        self.writes = self.writes_1h = 0
 
     def add(self, u: TokenUsage) -> None:
         self.input += u.input_tokens
@@ -43,10 +44,14 @@ class Tally:
         self.output += u.output_tokens
         self.reasoning += u.reasoning_output_tokens
         self.total += u.total_tokens
+        if u.cache_write_input_tokens:
+            self.writes += u.cache_write_input_tokens
+            self.writes_1h += u.cache_write_1h_input_tokens
 
     def set(self, u: TokenUsage) -> None:
         self.input, self.cached, self.output = u.input_tokens, u.cached_input_tokens, u.output_tokens
         self.reasoning, self.total = u.reasoning_output_tokens, u.total_tokens
+        self.writes, self.writes_1h = u.cache_write_input_tokens, u.cache_write_1h_input_tokens
 
     def usage(self) -> TokenUsage:
         return TokenUsage(
@@ -55,6 +60,8 @@ class Tally:
             output_tokens=self.output,
             reasoning_output_tokens=self.reasoning,
             total_tokens=self.total,
+            cache_write_input_tokens=self.writes,
+            cache_write_1h_input_tokens=self.writes_1h,
         )
 
 

@@ -6,11 +6,14 @@ spells usage differently:
 
 - OpenAI Chat Completions: ``prompt_tokens`` (includes cached),
   ``prompt_tokens_details.cached_tokens``, ``completion_tokens`` (includes
-  reasoning), ``completion_tokens_details.reasoning_tokens``; the Responses
-  API says ``input_tokens``/``output_tokens`` with ``*_details``.
+  reasoning), ``completion_tokens_details.reasoning_tokens``, and (newer)
+  ``prompt_tokens_details.cache_write_tokens``; the Responses API says
+  ``input_tokens``/``output_tokens`` with ``*_details``.
 - Anthropic Messages: ``input_tokens`` *excludes* cache reads and writes, so
   the normalised input is ``input + cache_read + cache_creation``; cache
-  reads are the cached input.  Streaming ``message_delta`` usage is
+  reads are the cached input, ``cache_creation_input_tokens`` the cache
+  writes (``cache_creation.ephemeral_1h_input_tokens`` of them to the
+  one-hour cache, priced higher).  Streaming ``message_delta`` usage is
   cumulative: merge it over ``message_start``'s, never sum.
 - Gemini ``usageMetadata``: ``promptTokenCount`` includes cached content;
   ``candidatesTokenCount`` excludes thoughts, which are billed as output.
@@ -77,21 +80,24 @@ def usage_from_openai(payload: Any) -> TokenUsage | None:
         return None
     if "prompt_tokens" in payload or "completion_tokens" in payload:
         input_tokens = _required(payload, "prompt_tokens")
-        cached = _count(payload, "prompt_tokens_details", "cached_tokens")
+        details = "prompt_tokens_details"
         output_tokens = _required(payload, "completion_tokens")
         reasoning = _count(payload, "completion_tokens_details", "reasoning_tokens")
     else:
         input_tokens = _required(payload, "input_tokens")
-        cached = _count(payload, "input_tokens_details", "cached_tokens")
+        details = "input_tokens_details"
         output_tokens = _required(payload, "output_tokens")
         reasoning = _count(payload, "output_tokens_details", "reasoning_tokens")
+    cached = min(_count(payload, details, "cached_tokens"), input_tokens)
     total = _count(payload, "total_tokens") or input_tokens + output_tokens
     return TokenUsage(
         input_tokens=input_tokens,
-        cached_input_tokens=min(cached, input_tokens),
+        cached_input_tokens=cached,
         output_tokens=output_tokens,
         reasoning_output_tokens=min(reasoning, output_tokens),
         total_tokens=total,
+        # Parts of the input, as cache reads are: never more than is left.
+        cache_write_input_tokens=min(_count(payload, details, "cache_write_tokens"), input_tokens - cached),
     )
 
 
@@ -117,6 +123,10 @@ def usage_from_anthropic(payload: Any) -> TokenUsage | None:
     cache_write = _count(payload, "cache_creation_input_tokens")
     output_tokens = _required(payload, "output_tokens")
     thinking = _count(payload, "output_tokens_details", "thinking_tokens")
+    hour = _count(payload, "cache_creation", "ephemeral_1h_input_tokens")
+    if "cache_creation_input_tokens" not in payload:
+        # Only the breakdown given: its two parts are the writes.
+        cache_write = _count(payload, "cache_creation", "ephemeral_5m_input_tokens") + hour
     input_tokens = fresh + cache_read + cache_write
     return TokenUsage(
         input_tokens=input_tokens,
@@ -124,6 +134,8 @@ def usage_from_anthropic(payload: Any) -> TokenUsage | None:
         output_tokens=output_tokens,
         reasoning_output_tokens=min(thinking, output_tokens),
         total_tokens=input_tokens + output_tokens,
+        cache_write_input_tokens=cache_write,
+        cache_write_1h_input_tokens=min(hour, cache_write),
     )
 
 
@@ -153,7 +165,11 @@ def usage_to_openai(usage: TokenUsage) -> dict[str, Any]:
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens, "audio_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_input_tokens,
+            "audio_tokens": 0,
+        },
         "completion_tokens_details": {
             "reasoning_tokens": usage.reasoning_output_tokens,
             "audio_tokens": 0,

@@ -14,9 +14,12 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
 class TokenUsage:
     """Tokens used by one call, or a sum of calls.
 
-    ``input_tokens`` *includes* cached input (the OpenAI/OTel convention);
-    ``output_tokens`` includes reasoning output.  ``total_tokens`` is what the
-    provider reported, or input + output when it reported nothing.
+    ``input_tokens`` *includes* cached input (the OpenAI/OTel convention):
+    both cache reads (``cached_input_tokens``) and cache writes
+    (``cache_write_input_tokens``, of which ``cache_write_1h_input_tokens``
+    went to Anthropic's one-hour cache) are parts of it, priced at their own
+    rates.  ``output_tokens`` includes reasoning output.  ``total_tokens`` is
+    what the provider reported, or input + output when it reported nothing.
     """
 
     input_tokens: int = attrs.field(default=0, validator=_non_negative)
@@ -24,6 +27,8 @@ class TokenUsage:
     output_tokens: int = attrs.field(default=0, validator=_non_negative)
     reasoning_output_tokens: int = attrs.field(default=0, validator=_non_negative)
     total_tokens: int = attrs.field(default=0, validator=_non_negative)
+    cache_write_input_tokens: int = attrs.field(default=0, validator=_non_negative)
+    cache_write_1h_input_tokens: int = attrs.field(default=0, validator=_non_negative)
 
     @classmethod
     def of(
@@ -33,6 +38,8 @@ class TokenUsage:
         cached_input_tokens: int = 0,
         output_tokens: int = 0,
         reasoning_output_tokens: int = 0,
+        cache_write_input_tokens: int = 0,
+        cache_write_1h_input_tokens: int = 0,
     ) -> TokenUsage:
         """Build a usage whose total is input + output."""
         return cls(
@@ -41,6 +48,8 @@ class TokenUsage:
             output_tokens=output_tokens,
             reasoning_output_tokens=reasoning_output_tokens,
             total_tokens=input_tokens + output_tokens,
+            cache_write_input_tokens=cache_write_input_tokens,
+            cache_write_1h_input_tokens=cache_write_1h_input_tokens,
         )
 
     @property
@@ -56,6 +65,8 @@ class TokenUsage:
             output_tokens=self.output_tokens + other.output_tokens,
             reasoning_output_tokens=self.reasoning_output_tokens + other.reasoning_output_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            cache_write_input_tokens=self.cache_write_input_tokens + other.cache_write_input_tokens,
+            cache_write_1h_input_tokens=self.cache_write_1h_input_tokens + other.cache_write_1h_input_tokens,
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -65,7 +76,19 @@ class TokenUsage:
             "output_tokens": self.output_tokens,
             "reasoning_output_tokens": self.reasoning_output_tokens,
             "total_tokens": self.total_tokens,
+            "cache_write_input_tokens": self.cache_write_input_tokens,
+            "cache_write_1h_input_tokens": self.cache_write_1h_input_tokens,
         }
+
+    def digest_dict(self) -> dict[str, int]:
+        """:meth:`as_dict` for a run's digest: cache writes only when there
+        are any, so a digest taken before they were counted (and every run
+        without them) stays what it was."""
+        counts = self.as_dict()
+        for name in ("cache_write_input_tokens", "cache_write_1h_input_tokens"):
+            if not counts[name]:
+                del counts[name]
+        return counts
 
 
 ZERO_USAGE = TokenUsage()

@@ -13,6 +13,7 @@ import apsw
 
 from ._busy import retry_busy
 from ._errors import NotADatabase, StoreError
+from ._migrations import READ_AS_LATEST
 from ._schema import SCHEMA_VERSION, check_version, foreign_problem, migrate, unversioned_problem, user_tables
 
 # "full": every commit is on disk when acknowledged (the default).
@@ -71,8 +72,9 @@ def open_connection(
 ) -> apsw.Connection:
     """Open ``path``, refuse what we cannot use, then set pragmas and migrate.
 
-    Read-only connections never migrate: a file that needs migrating is
-    refused with a hint instead.
+    Read-only connections never migrate: a file one version behind is read
+    through views that present it as the latest (``READ_AS_LATEST``); an
+    older one is refused with a hint.
     """
     if durability not in ("full", "normal", "scratch"):
         raise ValueError(f"durability must be 'full', 'normal' or 'scratch', got {durability!r}")
@@ -115,7 +117,9 @@ def open_connection(
         if foreign is not None:
             raise NotADatabase(foreign)
         if readonly:
-            if version != SCHEMA_VERSION:
+            if version != SCHEMA_VERSION and version in READ_AS_LATEST:
+                conn.execute(READ_AS_LATEST[version])
+            elif version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{path}: database schema version {version} needs migrating to "
                     f"{SCHEMA_VERSION}; open it once with a command that writes"

@@ -39,4 +39,33 @@ CREATE INDEX decisions_stage ON decisions (run_id, stage, branch_id);
 CREATE INDEX events_kind ON events (run_id, kind, id);
 """
 
-LATER: tuple[str, ...] = (V2,)
+# Version 3: cache writes, priced apart from fresh input (Anthropic's
+# cache_creation_input_tokens, OpenAI's cache_write_tokens).  Parts of the
+# input tokens, as cached_input_tokens are; NULL where the usage is unknown,
+# like the other counts.  Rows written before are taken as having none.
+V3 = """
+ALTER TABLE agent_outputs ADD COLUMN cache_write_input_tokens INTEGER;
+ALTER TABLE agent_outputs ADD COLUMN cache_write_1h_input_tokens INTEGER;
+UPDATE agent_outputs SET cache_write_input_tokens = 0, cache_write_1h_input_tokens = 0 WHERE usage_known = 1;
+ALTER TABLE runs ADD COLUMN cache_write_input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cache_write_1h_input_tokens INTEGER NOT NULL DEFAULT 0;
+"""
+
+LATER: tuple[str, ...] = (V2, V3)
+
+# A read-only connection never migrates, but a database one step behind can
+# still be read as the latest schema: TEMP views of the same names (which
+# unqualified names resolve to first) add the columns it lacks, with the
+# values the migration would give them.  So reading commands keep working
+# on files no writing command has opened since an upgrade.
+READ_AS_LATEST: dict[int, str] = {
+    2: """
+CREATE TEMP VIEW agent_outputs AS SELECT *,
+    CASE WHEN usage_known = 1 THEN 0 END AS cache_write_input_tokens,
+    CASE WHEN usage_known = 1 THEN 0 END AS cache_write_1h_input_tokens
+    FROM main.agent_outputs;
+CREATE TEMP VIEW runs AS SELECT *,
+    0 AS cache_write_input_tokens, 0 AS cache_write_1h_input_tokens
+    FROM main.runs;
+""",
+}

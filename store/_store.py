@@ -60,8 +60,8 @@ _INSERT_OUTPUT = (
     "INSERT INTO agent_outputs (run_id, branch_id, stage, agent, attempt, status,"
     " content, format, input_tokens, cached_input_tokens, output_tokens,"
     " reasoning_output_tokens, total_tokens, usage_known, model, provider, error,"
-    " created_at, started_at, finished_at)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " created_at, started_at, finished_at, cache_write_input_tokens, cache_write_1h_input_tokens)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -86,6 +86,7 @@ def output_params(out: AgentOutput, now: int) -> tuple[Any, ...]:
         now,
         now - span,
         now,
+        *_write_columns(out.usage),
     )
 
 
@@ -192,7 +193,15 @@ def _usage_columns(usage: TokenUsage | None) -> tuple[int | None, ...]:
     )
 
 
-def _usage_from(row: Sequence[Any]) -> TokenUsage | None:
+def _write_columns(usage: TokenUsage | None) -> tuple[int | None, ...]:
+    if usage is None:
+        return (None, None)
+    return (usage.cache_write_input_tokens, usage.cache_write_1h_input_tokens)
+
+
+def _usage_from(row: Sequence[Any], writes: Sequence[Any] = (0, 0)) -> TokenUsage | None:
+    """The usage of ``row``'s five counts (None if unknown) and its two
+    cache-write counts (NULL in rows stored before they were counted)."""
     if row[0] is None:
         return None
     return TokenUsage(
@@ -201,6 +210,8 @@ def _usage_from(row: Sequence[Any]) -> TokenUsage | None:
         output_tokens=row[2],
         reasoning_output_tokens=row[3],
         total_tokens=row[4],
+        cache_write_input_tokens=writes[0] or 0,
+        cache_write_1h_input_tokens=writes[1] or 0,
     )
 
 
@@ -457,7 +468,7 @@ class Store:
         elif isinstance(item, PersistEvent):
             conn.execute(_INSERT_EVENT, event_params(item, now))
         elif isinstance(item, RunUpdate):
-            usage = _usage_columns(item.usage) if item.usage is not None else None
+            usage = (*_usage_columns(item.usage), *_write_columns(item.usage)) if item.usage is not None else None
             if usage is None:
                 conn.execute(
                     "UPDATE runs SET status = ?, halt_reason = ?, digest = COALESCE(?, digest),"
@@ -468,8 +479,8 @@ class Store:
                 conn.execute(
                     "UPDATE runs SET status = ?, halt_reason = ?, digest = COALESCE(?, digest),"
                     " input_tokens = ?, cached_input_tokens = ?, output_tokens = ?,"
-                    " reasoning_output_tokens = ?, total_tokens = ?, updated_at = ?"
-                    " WHERE run_id = ?",
+                    " reasoning_output_tokens = ?, total_tokens = ?, cache_write_input_tokens = ?,"
+                    " cache_write_1h_input_tokens = ?, updated_at = ? WHERE run_id = ?",
                     (item.status, item.halt_reason, item.digest, *usage, now, item.run_id),
                 )
             if conn.changes() != 1:
@@ -547,7 +558,8 @@ class Store:
     _RUN_COLUMNS = (
         "SELECT run_id, spec_id, goal, seed, pipeline, status, halt_reason,"
         " current_branch_id, input_tokens, cached_input_tokens, output_tokens,"
-        " reasoning_output_tokens, total_tokens, digest, created_at, updated_at FROM runs"
+        " reasoning_output_tokens, total_tokens, digest, created_at, updated_at,"
+        " cache_write_input_tokens, cache_write_1h_input_tokens FROM runs"
     )
 
     def get_run(self, run_id: str) -> RunRow | None:
@@ -618,7 +630,8 @@ class Store:
     _OUTPUT_COLUMNS = (
         "SELECT o.run_id, o.branch_id, o.stage, o.agent, o.attempt, o.status, o.content, o.format,"
         " o.input_tokens, o.cached_input_tokens, o.output_tokens, o.reasoning_output_tokens,"
-        " o.total_tokens, o.model, o.provider, o.error, o.created_at, o.started_at, o.finished_at"
+        " o.total_tokens, o.model, o.provider, o.error, o.created_at, o.started_at, o.finished_at,"
+        " o.cache_write_input_tokens, o.cache_write_1h_input_tokens"
     )
 
     def outputs(
@@ -796,7 +809,7 @@ def _output_row(r: Sequence[Any]) -> OutputRow:
         status=r[5],
         content=r[6],
         format=r[7],
-        usage=_usage_from(r[8:13]),
+        usage=_usage_from(r[8:13], r[19:21]),
         model=r[13],
         provider=r[14],
         error=r[15],
@@ -822,6 +835,8 @@ def _run_row(r: Sequence[Any]) -> RunRow:
             output_tokens=r[10],
             reasoning_output_tokens=r[11],
             total_tokens=r[12],
+            cache_write_input_tokens=r[16],
+            cache_write_1h_input_tokens=r[17],
         ),
         digest=r[13],
         created_at=r[14],

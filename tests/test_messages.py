@@ -47,7 +47,15 @@ def test_token_usage_sums_and_validates() -> None:
         "output_tokens": 502,
         "reasoning_output_tokens": 100,
         "total_tokens": 1503,
+        "cache_write_input_tokens": 0,
+        "cache_write_1h_input_tokens": 0,
     }
+    writes = TokenUsage.of(input_tokens=10, cache_write_input_tokens=4, cache_write_1h_input_tokens=1)
+    assert (writes + writes).cache_write_input_tokens == 8
+    assert (writes + writes).cache_write_1h_input_tokens == 2
+    # The digest leaves zero cache writes out: digests taken before they were counted stay valid.
+    assert "cache_write_input_tokens" not in total.digest_dict()
+    assert writes.digest_dict()["cache_write_1h_input_tokens"] == 1
     assert a.non_cached_input_tokens == 700
     with pytest.raises(ValueError, match="output_tokens"):
         TokenUsage(output_tokens=-1)

@@ -94,3 +94,55 @@ def test_migrations_are_append_only() -> None:
     # Version 1 is the skeleton's schema, frozen: databases in the wild have it.
     assert "CREATE TABLE runs" in MIGRATIONS[0] and "started_at" not in MIGRATIONS[0]
     assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def test_a_database_one_version_behind_is_read_without_migrating(tmp_path: Path) -> None:
+    """Version 3 added cache-write counts; reading commands (which never
+    migrate) still read a version-2 file, as if its rows had none."""
+    db = tmp_path / "v2.db"
+    shutil.copy(FIXTURE, db)
+    conn = apsw.Connection(str(db))
+    migrate(conn, str(db), target=2)
+    conn.close()
+    assert user_version(db) == 2 < SCHEMA_VERSION
+    status = run_cli(["status", "V1RUN", "--db", str(db), "--json"])
+    assert status.returncode == 0, status.stderr
+    metrics = run_cli(["metrics", "V1RUN", "--db", str(db), "--json"])
+    assert metrics.returncode == 0, metrics.stderr
+    totals = json.loads(metrics.stdout)["usage"]
+    assert totals["input_tokens"] > 0 and totals["cache_write_input_tokens"] == 0
+    assert user_version(db) == 2, "a read never migrates"
+    with Store.open(str(db), readonly=True) as s:
+        run = s.get_run("V1RUN")
+        assert run is not None and run.usage.cache_write_input_tokens == 0
+        [branch] = s.branches("V1RUN")
+        outputs = s.lineage_outputs("V1RUN", branch.branch_id)
+        assert outputs and all(o.usage is None or o.usage.cache_write_input_tokens == 0 for o in outputs)
+    # The first writing command brings it up to date; rows read the same.
+    resumed = run_cli(["resume", "V1RUN", "--db", str(db), "--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert user_version(db) == SCHEMA_VERSION
+
+
+def test_cache_writes_are_stored_per_attempt_and_in_the_run_totals(tmp_path: Path) -> None:
+    from messages import AgentKey, AgentOutput, PersistOutput, RunUpdate, TokenUsage
+
+    db = tmp_path / "w.db"
+    usage = TokenUsage.of(input_tokens=100, cache_write_input_tokens=40, cache_write_1h_input_tokens=15)
+    fresh = run_cli(["run", "--db", str(db), "--run-id", "R", "--json"])
+    assert fresh.returncode == 0, fresh.stderr
+    with Store.open(str(db)) as s:
+        run = s.get_run("R")
+        assert run is not None and run.current_branch_id is not None
+        key = AgentKey(run_id="R", branch_id=run.current_branch_id, stage="plan", agent="extra")
+        out = AgentOutput(
+            key=key, attempt=1, status="failed", content="", format="text", usage=usage, model="m", provider="p",
+            error="x", started_at=0.0, finished_at=0.0,
+        )
+        assert s.apply([PersistOutput(output=out)])[0].ok
+        assert s.apply([RunUpdate(run_id="R", status="completed", usage=usage)])[0].ok
+    with Store.open(str(db), readonly=True) as s:
+        [row] = [o for o in s.outputs("R", stage="plan") if o.agent == "extra"]
+        assert row.usage == usage
+        run = s.get_run("R")
+        assert run is not None and run.usage == usage

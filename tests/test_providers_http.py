@@ -286,7 +286,12 @@ async def test_anthropic_stream_text_and_cache_usage() -> None:
     completion = await p.complete(make_request(model="claude-sonnet-4-5"))
     assert completion.content == '{"a": 1}'
     assert completion.usage == TokenUsage(
-        input_tokens=542, cached_input_tokens=500, output_tokens=40, reasoning_output_tokens=0, total_tokens=582
+        input_tokens=542,
+        cached_input_tokens=500,
+        output_tokens=40,
+        reasoning_output_tokens=0,
+        total_tokens=582,
+        cache_write_input_tokens=30,
     )
     [sent] = seen
     assert sent.headers["x-api-key"] == SECRET and sent.headers["anthropic-version"] == "2023-06-01"
@@ -320,7 +325,12 @@ async def test_anthropic_stream_cut_after_message_delta_keeps_its_usage() -> Non
     with pytest.raises(Disconnected) as info:
         await p.complete(make_request())
     assert getattr(info.value, "usage", "absent") == TokenUsage(
-        input_tokens=542, cached_input_tokens=500, output_tokens=40, reasoning_output_tokens=0, total_tokens=582
+        input_tokens=542,
+        cached_input_tokens=500,
+        output_tokens=40,
+        reasoning_output_tokens=0,
+        total_tokens=582,
+        cache_write_input_tokens=30,
     )
 
 

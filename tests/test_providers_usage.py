@@ -96,6 +96,7 @@ def test_anthropic_input_adds_cache_reads_and_writes() -> None:
         output_tokens=393,
         reasoning_output_tokens=0,
         total_tokens=21 + 188 + 1000 + 393,
+        cache_write_input_tokens=188,
     )
 
 

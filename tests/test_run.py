@@ -14,7 +14,15 @@ from store import Store
 
 from .conftest import run_cli
 
-USAGE_FIELDS = {"input_tokens", "cached_input_tokens", "output_tokens", "reasoning_output_tokens", "total_tokens"}
+USAGE_FIELDS = {
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_output_tokens",
+    "total_tokens",
+    "cache_write_input_tokens",
+    "cache_write_1h_input_tokens",
+}
 
 
 def test_run_on_defaults_completes_all_six_stages(tmp_path: Path) -> None:

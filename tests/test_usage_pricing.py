@@ -34,10 +34,61 @@ def test_anthropic_input_adds_cache_reads_and_writes_before_pricing() -> None:
     usage = usage_from_anthropic(
         {"input_tokens": 100, "cache_read_input_tokens": 1_000, "cache_creation_input_tokens": 200, "output_tokens": 50}
     )
-    assert usage == TokenUsage.of(input_tokens=1_300, cached_input_tokens=1_000, output_tokens=50)
-    # claude-sonnet-4-5: (100 + 200) x 3e-6 + 1,000 x 3e-7 + 50 x 1.5e-5
-    # (cache writes are priced as fresh input: TokenUsage does not carry them)
-    assert PRICES.cost(usage, "claude-sonnet-4-5") == Decimal("0.0009") + Decimal("0.0003") + Decimal("0.00075")
+    assert usage == TokenUsage.of(
+        input_tokens=1_300, cached_input_tokens=1_000, output_tokens=50, cache_write_input_tokens=200
+    )
+    # claude-sonnet-4-5: 100 x 3e-6 + 1,000 x 3e-7 + 200 x 3.75e-6 (a cache write
+    # costs more than fresh input; it was priced as input) + 50 x 1.5e-5
+    assert PRICES.cost(usage, "claude-sonnet-4-5") == (
+        Decimal("0.0003") + Decimal("0.0003") + Decimal("0.00075") + Decimal("0.00075")
+    )
+
+
+def test_anthropic_one_hour_cache_writes_are_priced_at_their_own_rate() -> None:
+    usage = usage_from_anthropic(
+        {
+            "input_tokens": 10,
+            "cache_creation_input_tokens": 1_000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 400, "ephemeral_1h_input_tokens": 600},
+            "output_tokens": 0,
+        }
+    )
+    assert usage is not None
+    assert (usage.input_tokens, usage.cache_write_input_tokens, usage.cache_write_1h_input_tokens) == (1_010, 1_000, 600)
+    # claude-sonnet-4-5: 10 x 3e-6 + 400 x 3.75e-6 + 600 x 6e-6 (the one-hour rate)
+    assert PRICES.cost(usage, "claude-sonnet-4-5") == Decimal("0.00003") + Decimal("0.0015") + Decimal("0.0036")
+    # Only the breakdown given: its parts are the writes.
+    parts = usage_from_anthropic(
+        {"input_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 4}, "output_tokens": 1}
+    )
+    assert parts is not None and (parts.input_tokens, parts.cache_write_input_tokens, parts.cache_write_1h_input_tokens) == (7, 7, 4)
+
+
+def test_openai_cache_writes_are_part_of_the_input_and_priced_apart() -> None:
+    usage = usage_from_openai(
+        {
+            "prompt_tokens": 2_000,
+            "completion_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 500, "cache_write_tokens": 1_000},
+        }
+    )
+    assert usage is not None and usage.cache_write_input_tokens == 1_000
+    responses = usage_from_openai(
+        {"input_tokens": 100, "output_tokens": 1, "input_tokens_details": {"cached_tokens": 90, "cache_write_tokens": 50}}
+    )
+    # Never more writes than the input left after cache reads.
+    assert responses is not None and responses.cache_write_input_tokens == 10
+    # gpt-5 has no cache-write price: writes cost what fresh input does, never nothing.
+    assert PRICES.cost(usage, "gpt-5") == 1_500 * Decimal("1.25e-6") + 500 * Decimal("1.25e-7")
+
+
+def test_a_price_file_can_give_cache_write_rates() -> None:
+    table = PriceTable.vendored().with_overrides(
+        {"my-model": {"input_cost_per_token": 1, "output_cost_per_token": 2, "cache_creation_input_token_cost": 5}}
+    )
+    usage = TokenUsage.of(input_tokens=10, cache_write_input_tokens=4, cache_write_1h_input_tokens=1)
+    # 6 fresh x 1 + 4 writes x 5 (no one-hour rate given: the write rate)
+    assert table.cost(usage, "my-model") == 26
 
 
 def test_gemini_thoughts_are_output_and_priced_at_the_reasoning_rate() -> None:
@@ -79,3 +130,11 @@ async def test_a_call_cut_off_mid_stream_counts_as_unknown_not_zero(
     assert result.unknown_usage_calls == 3 and result.turns == 6
     assert result.usage == TokenUsage.of(input_tokens=3_000, output_tokens=300)
     assert result.cost_usd == 3 * PRICES.cost(call, "gpt-4o")  # type: ignore[operator]
+
+
+def test_the_usage_line_shows_cache_writes_only_when_there_are_any() -> None:
+    from actors._format import usage_line
+
+    assert "cache writes" not in usage_line(TokenUsage.of(input_tokens=10, cached_input_tokens=5))
+    line = usage_line(TokenUsage.of(input_tokens=5_000, cache_write_input_tokens=1_200))
+    assert "(0 cached, 1.2k cache writes)" in line

@@ -4,7 +4,7 @@ Usage: python tools/trim_prices.py WHEEL_EXTRACTED_JSON LITELLM_VERSION > actors
 
 Keeps chat/responses/completion models of the openai, anthropic, gemini and
 vertex_ai-language-models providers, and only the per-token fields Conclave
-reads (standard tier and the ``_above_<N>k_tokens`` tiers; no batch,
+reads (standard tier, one-hour cache writes and the ``_above_<N>k_tokens`` tiers; no batch,
 priority or flex variants, no audio/image prices).
 """
 
@@ -22,6 +22,7 @@ BASE = (
     "output_cost_per_token",
     "cache_read_input_token_cost",
     "cache_creation_input_token_cost",
+    "cache_creation_input_token_cost_above_1hr",
     "output_cost_per_reasoning_token",
 )
 KEEP = re.compile(r"^(" + "|".join(BASE) + r")(_above_\d+k_tokens)?$")
@@ -41,7 +42,8 @@ def main() -> None:
             "license": "MIT (BerriAI/litellm)",
             "units": "USD per single token",
             "trimmed_by": "tools/trim_prices.py: providers " + ", ".join(sorted(PROVIDERS))
-            + "; modes " + ", ".join(sorted(MODES)) + "; standard and _above_<N>k_tokens prices only",
+            + "; modes " + ", ".join(sorted(MODES))
+            + "; standard, one-hour cache-write and _above_<N>k_tokens prices only",
         }
     }
     for name in sorted(table):
