@@ -123,7 +123,8 @@ class AnthropicProvider(HttpProvider):
         model = request.model
         done = False
         stop: object = None
-        async for event, data in iter_sse(response):
+        events = iter_sse(response)
+        async for event, data in events:
             try:
                 payload = json.loads(data)
             except ValueError:
@@ -155,5 +156,6 @@ class AnthropicProvider(HttpProvider):
                 None if delta_usage is None else usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
             )
             raise with_usage(stream_cut(self.name, "no message_stop before the stream ended"), cut_usage)
+        await events.drain()
         usage = usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
         return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)

@@ -10,12 +10,14 @@ they are quoted (see :mod:`actors._http_errors`).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import httpx
+import trio
 
 from messages import (
     ZERO_USAGE,
@@ -33,6 +35,7 @@ from ._http_errors import WallClock, error_from_status, error_from_transport, ma
 from ._provider import BaseProvider
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
+UNCAPPED = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=5.0)
 USER_AGENT = "conclave/0.1"
 
 
@@ -110,30 +113,96 @@ async def _read_capped(response: httpx.Response, limit: int, *, cut: bool = Fals
     return b"".join(chunks)
 
 
-async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """``(event, data)`` for each complete server-sent event.  An event the
+# SSE ends a line at CRLF, LF or CR, and nowhere else: str.splitlines (and
+# so httpx's aiter_lines) also split at U+2028, form feeds and the like,
+# which a model's text may hold raw inside a data line's JSON.
+_SSE_NEWLINE = re.compile(r"\r\n|\r|\n")
+# After the final event, what is left of a stream (the chunked encoding's
+# last chunk) is read so the connection goes back to the pool: each streamed
+# call opened a new one (a new TLS handshake on a real provider).  Bounded,
+# as a server may send [DONE] and then stall or keep talking.
+DRAIN_SECONDS = 0.5
+DRAIN_BYTES = 64 * 1024
+
+
+class EventStream:
+    """The server-sent events of ``response``: ``async for event, data in
+    stream`` gives ``(event, data)`` for each complete event; an event the
     stream ended in the middle of is dropped, never half-delivered.  A
-    stream past :data:`MAX_ANSWER_BYTES` raises :class:`_TooLarge`."""
-    event, data = "message", list[str]()
-    size = 0
-    async for line in response.aiter_lines():
-        size += len(line) + 1
-        if size > MAX_ANSWER_BYTES:
-            raise _TooLarge
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", list[str]()
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if field == "event":
-            event = value
-        elif field == "data":
-            data.append(value)
+    stream past :data:`MAX_ANSWER_BYTES` raises :class:`_TooLarge` as the
+    bytes arrive (a line without an end is not held whole first: 300 MB
+    without a newline took 660 MB before it was refused).
+
+    A reader that stops at the final event calls :meth:`drain` to hand the
+    connection back for reuse."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._text = response.aiter_text()
+        self._size = 0
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, str]]:
+        return self._events()
+
+    async def _lines(self) -> AsyncIterator[str]:
+        parts: list[str] = []  # the line in progress, unjoined (a long line is not copied per chunk)
+        after_cr = False  # the last chunk ended in CR: a leading LF completes a CRLF
+        async for text in self._text:
+            self._size += len(text)
+            if self._size > MAX_ANSWER_BYTES:
+                raise _TooLarge
+            if after_cr and text.startswith("\n"):
+                text = text[1:]
+            after_cr = False
+            last = max(text.rfind("\n"), text.rfind("\r"))
+            if last < 0:
+                parts.append(text)
+                continue
+            head = "".join(parts) + text[: last + 1]
+            parts = [text[last + 1 :]]
+            if head.endswith("\r"):
+                after_cr = True
+            for line in _SSE_NEWLINE.split(head)[:-1]:
+                yield line
+        rest = "".join(parts)
+        if rest:
+            yield rest
+
+    async def _events(self) -> AsyncIterator[tuple[str, str]]:
+        event, data = "message", list[str]()
+        async for line in self._lines():
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                event, data = "message", list[str]()
+                continue
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+
+    async def drain(self) -> None:
+        """Read the rest of the stream, for at most :data:`DRAIN_SECONDS`
+        and :data:`DRAIN_BYTES`; anything wrong is ignored (the answer is
+        complete; the connection is then closed, not reused)."""
+        with trio.move_on_after(DRAIN_SECONDS):
+            left = DRAIN_BYTES
+            try:
+                async for text in self._text:
+                    left -= len(text)
+                    if left < 0:
+                        return
+            except (httpx.HTTPError, httpx.StreamError):
+                return
+
+
+def iter_sse(response: httpx.Response) -> EventStream:
+    """The events of ``response`` (see :class:`EventStream`)."""
+    return EventStream(response)
 
 
 # The stop reasons that mean the model ran into its output token limit
@@ -160,6 +229,7 @@ class HttpProvider(BaseProvider):
         name: str | None = None,
         model: str | None = None,
         wall_now: WallClock = time.time,
+        limits: httpx.Limits | None = None,
     ) -> None:
         if (api_key is None) == (token_source is None):
             raise ValueError("give exactly one of api_key and token_source")
@@ -179,7 +249,15 @@ class HttpProvider(BaseProvider):
         self._last_token: str | None = None
         self._headers = {"user-agent": USER_AGENT, **(headers or {})}
         self._wall_now = wall_now
-        self._client = httpx.AsyncClient(transport=transport, timeout=timeout)
+        # No connection cap of httpx's own (100, and 20 kept idle): the
+        # gateway bounds the calls in flight (Limits.max_concurrency), and
+        # past httpx's cap the 101st call waited for a connection, timed
+        # out as if the provider had, and opened the breaker.
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            limits=limits if limits is not None else UNCAPPED,
+        )
 
     def __repr__(self) -> str:
         cred = "api_key=<hidden>" if self._api_key is not None else "token_source=<hidden>"

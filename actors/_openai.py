@@ -101,7 +101,8 @@ class OpenAIProvider(HttpProvider):
         model = request.model
         done = False
         stop: object = None
-        async for _event, data in iter_sse(response):
+        events = iter_sse(response)
+        async for _event, data in events:
             if data.strip() == "[DONE]":
                 done = True
                 break
@@ -128,6 +129,7 @@ class OpenAIProvider(HttpProvider):
         if not done:
             # Usage stays unknown unless its chunk arrived before the cut.
             raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage)
+        await events.drain()
         return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)
 
     def _error_object(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:
