@@ -207,7 +207,15 @@ class Gateway:
         before it could be made (nothing was sent to the provider)."""
         provider = self.providers[request.provider]
         health = self.health[request.provider]
-        permit, blocked = await health.admit(request)
+        try:
+            permit, blocked = await health.admit(request)
+        except BaseException:
+            # Cancelled at the gate (or the breaker's half-open wait): the
+            # call never left the process, and the log says so, as for a
+            # call still queued (else `metrics` counted it as possibly billed).
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _DROP_LOG_SECONDS):
+                await self._dropped(request, "the gateway stopped before making it")
+            raise
         reply = request.reply_to
         if permit is not None and reply is not None and reply.abandoned:
             # Given up on while it waited at the rate-limit gate.

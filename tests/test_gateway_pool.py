@@ -246,3 +246,41 @@ async def test_calls_queued_when_the_orchestrator_is_cancelled_are_logged_unmade
     assert sorted(e.agent for e in dropped) == sorted({"a", "b", "c", "d", "e"} - set(made))
     assert {e.detail["reason"] for e in dropped} == {"the gateway stopped before making it"}
     assert len(called) - len(dropped) == len(made)
+
+
+async def test_calls_waiting_at_the_rate_limit_gate_when_cancelled_are_logged_unmade(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Parked at a closed gate, they never left the process, but an
+    interrupted run logged no call_dropped for them: `metrics` counted them
+    as cut off while a provider worked on them, cost unknown."""
+    from actors import HealthRegistry, open_orchestrator, pipeline_with_panel
+    from store import Store
+
+    made: list[str] = []
+
+    async def answer(request: CompletionRequest) -> Any:
+        made.append(request.key.agent)
+        await trio.sleep_forever()
+
+    health = HealthRegistry()
+    health["sim"].gate.close_until(trio.current_time() + 300.0, trio.current_time() - 1.0)
+    with trio.CancelScope() as scope:
+        async with open_orchestrator(
+            store=str(tmp_path / "g.db"),
+            provider=MockProvider(answer, name="sim"),
+            pipeline=pipeline_with_panel("validate", ["a", "b", "c"]),
+            health=health,
+        ) as orch:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(orch.run, "SPEC-GATE")
+                await trio.sleep(10.0)  # all three parked at the gate
+                scope.cancel()
+    assert made == []
+    with Store.open(str(tmp_path / "g.db"), readonly=True) as store:
+        [run] = store.list_runs()
+        called = store.events(run.run_id, "agent_call")
+        dropped = store.events(run.run_id, "call_dropped")
+    assert len(called) == 3
+    assert sorted(e.agent for e in dropped) == ["a", "b", "c"]
+    assert {e.detail["reason"] for e in dropped} == {"the gateway stopped before making it"}
