@@ -282,7 +282,8 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
         help="inject provider faults, e.g. 'disconnect:3,429:1,timeout:2' or 'disconnect:5%%' "
         "(overrides CODEX_FAULTS; see also CODEX_FAULTS_429_RESET, CODEX_FAULTS_TIMEOUT_MS)",
     )
-    p.add_argument("--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)")
+    p.add_argument("--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED; else, for resume and rerun, "
+                   "the run's own fault seed if it had one; else the run's --seed)")
 
 
 async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -367,7 +368,7 @@ async def _run_pipeline(
     out = display if isinstance(display, LiveFooter) else sys.stdout
     printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
-    options = _history.run_options(args) | _history.base_url_options(configs)
+    options = _history.run_options(args, plan) | _history.base_url_options(configs)
     if args.price_kept is not None:
         options[PRICES_OPTION] = args.price_kept
     async with open_orchestrator(

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TextIO
 
+import attrs
 import httpx
 import trio
 import trio.testing
@@ -75,6 +76,7 @@ KILL_AFTER_WRITES = "CONCLAVE_TEST_KILL_AFTER_WRITES"
 KILL_PHASE = "CONCLAVE_TEST_KILL_PHASE"
 
 DEFAULT_OPTIONS: dict[str, float] = {"disagreement_rate": 0.03, "sim_latency": 2.0}
+FAULT_SEED_OPTION = "fault_seed"
 
 
 def install_test_kill_hook(store: Store, environ: Mapping[str, str]) -> None:
@@ -123,15 +125,18 @@ def simulator_options(args: argparse.Namespace) -> dict[str, float]:
     return {"disagreement_rate": args.disagreement_rate, "sim_latency": args.sim_latency}
 
 
-def run_options(args: argparse.Namespace) -> dict[str, float | int]:
+def run_options(args: argparse.Namespace, plan: FaultPlan | None = None) -> dict[str, float | int]:
     """What ``run`` keeps with the branch for ``resume`` and ``rerun``: the
-    simulator's settings, and ``--max-attempts`` and ``--max-retry-wait``
-    when given (left out otherwise, so a default run's stored options are
-    as they always were)."""
+    simulator's settings, ``--max-attempts`` and ``--max-retry-wait`` when
+    given, and the fault seed when faults are active with a seed of their
+    own (each left out otherwise, so a default run's stored options are as
+    they always were)."""
     options: dict[str, float | int] = dict(simulator_options(args))
     for name in RETRY_OPTIONS:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if plan is not None and plan.enabled and plan.seed is not None:
+        options[FAULT_SEED_OPTION] = plan.seed
     return options
 
 
@@ -321,6 +326,12 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
                 if value is not None:
                     options[name] = value
         seed = run.seed if run.seed is not None else 0
+        kept_seed = options.get(FAULT_SEED_OPTION)
+        if plan.enabled and plan.seed is None and isinstance(kept_seed, int):
+            # The run's own fault seed (its --fault-seed or CODEX_FAULTS_SEED):
+            # the run's seed placed the resume's faults elsewhere, so a
+            # crash-and-resume mixed two placements.
+            plan = attrs.evolve(plan, seed=kept_seed)
         try:
             providers = {
                 name: config.build() for name, config in _configs(args, pipeline, seed, options, tokens).items()

@@ -596,3 +596,22 @@ def test_a_stage_nobody_could_answer_is_left_undecided_for_resume_retry_failed(t
         attempts = sorted(o.attempt for o in s.outputs("O", stage="plan") if o.agent == "gemini")
         assert attempts == [1, 2, 3, 4]
         assert [d.status for d in s.decisions("O")][:1] == ["ok"]
+
+
+def test_a_resume_places_faults_with_the_runs_own_fault_seed(tmp_path: Path) -> None:
+    """Without --fault-seed, a resume placed its faults by the run's --seed,
+    not the run's --fault-seed: a halted-and-resumed run mixed the two
+    placements and ended with neither's digest."""
+    from .conftest import run_cli
+
+    env = {"CODEX_FAULTS_TIMEOUT_MS": "200"}
+    faults = ["--faults", "disconnect:15%,429:10%,timeout:5%"]
+    common = ["--run-id", "R", "--seed", "4", *faults, "--fault-seed", "9", "--json"]
+    full = run_cli(["run", "--db", str(tmp_path / "full.db"), *common], env=env)
+    assert full.returncode == 0, full.stderr
+    halted = run_cli(["run", "--db", str(tmp_path / "cut.db"), *common, "--budget", "0.05"], env=env)
+    assert json.loads(halted.stdout)["halt_reason"] == "budget_exceeded"
+    resumed = run_cli(["resume", "R", "--db", str(tmp_path / "cut.db"), *faults, "--budget", "10", "--json"], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fault seed 9" in resumed.stderr or "seed 9" in resumed.stderr
+    assert json.loads(resumed.stdout)["digest"] == json.loads(full.stdout)["digest"]
