@@ -421,21 +421,27 @@ class Orchestrator:
             raise ConfigError(f"pipeline must be a Pipeline (see parse_pipeline, pipeline_from_dict), got {pipeline!r}")
         pipeline = pipeline or self.pipeline
         self._check_providers(pipeline)
-        budget_usd = parse_budget(budget)
+        budget_usd = _budget_of(budget)
         run_id = run_id or new_run_id(spec_id)
         with self._claim(run_id):
             branch_id = new_branch_id(spec_id)
-            ack = await self._write(
-                PersistRun(
-                    run_id=run_id,
-                    branch_id=branch_id,
-                    spec_id=spec_id,
-                    goal=goal,
-                    seed=self.seed,
-                    pipeline=pipeline.canonical_json(),
-                    options=options_json(_with_budget(options, budget_usd)),
+            try:
+                ack = await self._write(
+                    PersistRun(
+                        run_id=run_id,
+                        branch_id=branch_id,
+                        spec_id=spec_id,
+                        goal=goal,
+                        seed=self.seed,
+                        pipeline=pipeline.canonical_json(),
+                        options=options_json(_with_budget(options, budget_usd)),
+                    )
                 )
-            )
+            except BaseException:
+                # Cancelled while the writer committed the run (it is
+                # shielded): the run is there, running, and nobody drives it.
+                await self._mark_interrupted(run_id)
+                raise
             if not ack.ok:
                 if ack.duplicate:
                     raise RunExists(f"run {run_id!r} already exists in the store")
@@ -459,7 +465,7 @@ class Orchestrator:
         Raises :class:`~store.RunLocked`, having written nothing, while
         another orchestrator drives the run."""
         _check_names(run_id=run_id)
-        budget_usd = parse_budget(budget)
+        budget_usd = _budget_of(budget)
         if not isinstance(retry_failed, bool):
             raise ConfigError(f"retry_failed must be True or False, got {retry_failed!r}")
         with self._claim(run_id):
@@ -543,7 +549,7 @@ class Orchestrator:
         orchestrator drives the run."""
         _check_names(run_id=run_id, from_stage=from_stage, **({} if branch_id is None else {"branch_id": branch_id}))
         _check_options(options)
-        budget_usd = parse_budget(budget)
+        budget_usd = _budget_of(budget)
         with self._claim(run_id):
             parent = load_state(self._require_db(), run_id, branch_id)
             self._check_seed(run_id, parent.seed)
@@ -639,26 +645,31 @@ class Orchestrator:
     ) -> RunResult:
         """Run ``pipeline``'s stages (see :meth:`_run_stages`).  ``record``
         False: a replay of a settled branch, which writes nothing."""
-        if budget_usd is not None:
-            await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
-        self._publish(
-            RunStarted(run_id=ctx.run_id, branch_id=ctx.branch_id, spec_id=ctx.spec_id, stages=pipeline.stage_names)
-        )
         try:
+            if budget_usd is not None:
+                await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
+            self._publish(
+                RunStarted(run_id=ctx.run_id, branch_id=ctx.branch_id, spec_id=ctx.spec_id, stages=pipeline.stage_names)
+            )
             return await self._run_stages(ctx, pipeline, budget_usd, seed=seed, state=state, record=record)
         except BaseException:
-            if not record:
-                raise
-            with trio.move_on_after(1.0) as cleanup:
-                cleanup.shield = True
-                try:
-                    await self._write(RunUpdate(run_id=ctx.run_id, status="interrupted"))
-                except ActorStopped:
-                    pass
+            if record:
+                await self._mark_interrupted(ctx.run_id)
             raise
         finally:
             for interceptor in self._fault_interceptors:
                 interceptor.run_ended(ctx.run_id, ctx.branch_id)
+
+    async def _mark_interrupted(self, run_id: str) -> None:
+        """Mark ``run_id`` interrupted if it is still running (the store
+        leaves a run's written end as it is), shielded and bounded: the
+        caller is being cancelled or failing."""
+        with trio.move_on_after(1.0) as cleanup:
+            cleanup.shield = True
+            try:
+                await self._write(RunUpdate(run_id=run_id, status="interrupted"))
+            except ActorStopped:
+                pass
 
     async def _run_stages(
         self,
@@ -868,6 +879,14 @@ def _check_options(options: Mapping[str, Any] | None) -> None:
         options_json(options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"options must be JSON-ready: {exc}") from None
+
+
+def _budget_of(budget: BudgetLike | None) -> Decimal | None:
+    """A ConfigError, as for every other bad argument (it was a bare ValueError)."""
+    try:
+        return parse_budget(budget)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _with_budget(options: Mapping[str, Any] | None, budget_usd: Decimal | None) -> dict[str, Any]:

@@ -469,7 +469,26 @@ class Store:
             conn.execute(_INSERT_EVENT, event_params(item, now))
         elif isinstance(item, RunUpdate):
             usage = (*_usage_columns(item.usage), *_write_columns(item.usage)) if item.usage is not None else None
-            if usage is None:
+            if item.status == "interrupted":
+                # Only a run still running is interrupted: a cancellation
+                # that lands while the run's end is being acknowledged finds
+                # that end already written (or queued before this), and it
+                # stands - it was overwritten, and a resume then re-drove a
+                # completed run.
+                conn.execute(
+                    "UPDATE runs SET status = ?, halt_reason = ?, updated_at = ?"
+                    " WHERE run_id = ? AND status = 'running'",
+                    (item.status, item.halt_reason, now, item.run_id),
+                )
+                if conn.changes() == 1:
+                    conn.execute(
+                        "UPDATE branches SET status = ?, halt_reason = ?"
+                        " WHERE branch_id = (SELECT current_branch_id FROM runs WHERE run_id = ?)",
+                        (item.status, item.halt_reason, item.run_id),
+                    )
+                elif conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (item.run_id,)).fetchone() is None:
+                    raise apsw.ConstraintError(f"no run {item.run_id!r} to update")
+            elif usage is None:
                 conn.execute(
                     "UPDATE runs SET status = ?, halt_reason = ?, digest = COALESCE(?, digest),"
                     " updated_at = ? WHERE run_id = ?",
@@ -483,14 +502,15 @@ class Store:
                     " cache_write_1h_input_tokens = ?, updated_at = ? WHERE run_id = ?",
                     (item.status, item.halt_reason, item.digest, *usage, now, item.run_id),
                 )
-            if conn.changes() != 1:
-                raise apsw.ConstraintError(f"no run {item.run_id!r} to update")
-            # The current branch keeps its own outcome (history per branch).
-            conn.execute(
-                "UPDATE branches SET status = ?, halt_reason = ?, digest = COALESCE(?, digest)"
-                " WHERE branch_id = (SELECT current_branch_id FROM runs WHERE run_id = ?)",
-                (item.status, item.halt_reason, item.digest, item.run_id),
-            )
+            if item.status != "interrupted":
+                if conn.changes() != 1:
+                    raise apsw.ConstraintError(f"no run {item.run_id!r} to update")
+                # The current branch keeps its own outcome (history per branch).
+                conn.execute(
+                    "UPDATE branches SET status = ?, halt_reason = ?, digest = COALESCE(?, digest)"
+                    " WHERE branch_id = (SELECT current_branch_id FROM runs WHERE run_id = ?)",
+                    (item.status, item.halt_reason, item.digest, item.run_id),
+                )
         elif isinstance(item, PersistRun):
             conn.execute(
                 "INSERT INTO runs (run_id, spec_id, goal, seed, pipeline, status,"

@@ -550,3 +550,68 @@ async def test_an_agent_edge_interceptor_may_still_answer_a_request_itself(
                                      interceptors={"agent": [FunctionInterceptor(vacate)]}) as orch:
             result = await orch.run("S")
     assert result.completed and {s.status for s in result.stages} == {"degraded"}
+
+
+async def test_a_cancellation_landing_on_the_runs_last_write_leaves_it_completed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The host's deadline falls while the run's end is being acknowledged:
+    the end is durable, and it used to be overwritten as 'interrupted' -
+    after which a resume re-drove the completed run and wrote a second
+    metrics event counting its 19 turns as 0."""
+    from messages import FunctionInterceptor, RunUpdate
+
+    db = str(tmp_path / "late.db")
+    host = trio.CancelScope()
+
+    async def cancel_after_the_end(item: Any, forward: Any) -> None:
+        await forward(item)
+        if isinstance(item, RunUpdate) and item.status == "completed":
+            host.cancel()
+
+    with host:
+        async with open_orchestrator(
+            store=db, seed=1, interceptors={"store": [FunctionInterceptor(cancel_after_the_end)]}
+        ) as orch:
+            await orch.run("SPEC-LATE", run_id="late")
+    assert host.cancelled_caught
+    with Store.open(db, readonly=True) as store:
+        run = store.get_run("late")
+        assert run is not None and run.status == "completed" and run.digest
+        [branch] = store.branches("late")
+        assert branch.status == "completed"
+        metrics_events = len(store.events("late", "metrics"))
+    async with open_orchestrator(store=db, seed=1) as orch:
+        again = await orch.resume("late")
+    assert again.status == "completed"
+    with Store.open(db, readonly=True) as store:
+        assert len(store.events("late", "metrics")) == metrics_events, "a replay writes nothing"
+        assert not store.events("late", "resume")
+
+
+@pytest.mark.parametrize("checkpoints", range(1, 9))
+async def test_a_run_cancelled_as_it_starts_is_left_interrupted_not_running(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int
+) -> None:
+    """Cancelled while its row was being acknowledged (or its budget set),
+    the run was left 'running': shown as killed, though nothing died."""
+    db = str(tmp_path / f"early{checkpoints}.db")
+    async with trio.open_nursery() as nursery:
+
+        async def cancel_soon() -> None:
+            for _ in range(checkpoints):
+                await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_soon)
+        async with open_orchestrator(store=db, seed=1) as orch:
+            await orch.run("SPEC-EARLY", run_id="early", budget="5")
+    with Store.open(db, readonly=True) as store:
+        run = store.get_run("early")
+        assert run is None or run.status == "interrupted", run.status
+
+
+async def test_a_bad_budget_is_a_config_error(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with open_orchestrator(store=str(tmp_path / "b.db")) as orch:
+        with pytest.raises(ConfigError, match="'abc'"):
+            await orch.run(budget="abc")
