@@ -297,8 +297,21 @@ class Gateway:
             pass  # the store writer has stopped: the orchestrator is closing
 
     async def aclose(self) -> None:
+        """Close each provider once (one provider may serve several names),
+        every one of them even when one fails; the first failure is raised
+        after the rest are closed."""
+        failure: Exception | None = None
+        closed: set[int] = set()
         for provider in self.providers.values():
-            await provider.aclose()
+            if id(provider) in closed:
+                continue
+            closed.add(id(provider))
+            try:
+                await provider.aclose()
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 def _usage_of(error: ProviderError) -> TokenUsage | None:

@@ -881,6 +881,10 @@ def _check_options(options: Mapping[str, Any] | None) -> None:
         raise ConfigError(f"options must be JSON-ready: {exc}") from None
 
 
+# How long closing the providers may take when the orchestrator closes.
+PROVIDER_CLOSE_SECONDS = 5.0
+
+
 def _budget_of(budget: BudgetLike | None) -> Decimal | None:
     """A ConfigError, as for every other bad argument (it was a bare ValueError)."""
     try:
@@ -1127,11 +1131,17 @@ async def open_orchestrator(
                         orchestrator._progress.close()
                     hub.close()
     finally:
-        for interceptor in attached:
-            interceptor.detach()
-        with trio.CancelScope(shield=True):
-            await gateway.aclose()
-        if own_store:
-            db.close()
+        try:
+            for interceptor in attached:
+                interceptor.detach()
+            # Shielded, so providers close even when the caller is cancelled;
+            # bounded, so a provider that hangs in aclose cannot make the
+            # caller's cancellation hang with it.
+            with trio.move_on_after(PROVIDER_CLOSE_SECONDS) as closing:
+                closing.shield = True
+                await gateway.aclose()
+        finally:
+            if own_store:
+                db.close()
 
 

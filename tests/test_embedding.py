@@ -615,3 +615,55 @@ async def test_a_bad_budget_is_a_config_error(tmp_path: Path, autojump_clock: tr
     async with open_orchestrator(store=str(tmp_path / "b.db")) as orch:
         with pytest.raises(ConfigError, match="'abc'"):
             await orch.run(budget="abc")
+
+
+class _Closing(SimulatedProvider):
+    def __init__(self, how: str) -> None:
+        super().__init__(seed=1)
+        self.how = how
+        self.closes = 0
+
+    async def aclose(self) -> None:
+        self.closes += 1
+        if self.how == "raise":
+            raise RuntimeError("provider close failed")
+        if self.how == "hang":
+            await trio.sleep_forever()
+
+
+async def test_a_provider_serving_several_names_is_closed_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    provider = _Closing("ok")
+    pipeline = parse_pipeline(
+        "[agents.a]\nprovider = 'p1'\nmodel = 'm'\n[agents.b]\nprovider = 'p2'\nmodel = 'm'\n"
+        "[[stages]]\nname = 'plan'\nagents = ['a', 'b']\n"
+    )
+    async with open_orchestrator(store=str(tmp_path / "o.db"), provider=provider, pipeline=pipeline) as orch:
+        await orch.run()
+    assert provider.closes == 1
+
+
+async def test_a_provider_failing_to_close_leaves_no_store_open(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    provider = _Closing("raise")
+    opened: list[Store] = []
+    with pytest.raises(RuntimeError, match="provider close failed"):
+        async with open_orchestrator(store=str(tmp_path / "r.db"), provider=provider) as orch:
+            opened.append(orch._require_db())
+    assert opened and opened[0].closed
+
+
+async def test_a_provider_hanging_in_close_cannot_hang_a_cancellation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from actors._runtime import PROVIDER_CLOSE_SECONDS
+
+    provider = _Closing("hang")
+    start = trio.current_time()
+    with trio.move_on_after(10.0):
+        async with open_orchestrator(store=str(tmp_path / "h.db"), provider=provider) as orch:
+            await trio.sleep_forever()
+    assert provider.closes == 1
+    assert trio.current_time() - start == pytest.approx(10.0 + PROVIDER_CLOSE_SECONDS)
