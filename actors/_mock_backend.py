@@ -39,7 +39,7 @@ from typing import Any
 
 import attrs
 
-from messages import AgentKey, CompletionRequest, TokenUsage
+from messages import AgentKey, CompletionRequest, ConclaveError, TokenUsage
 
 from ._rng import derive_token
 from ._simulator import Latency, SimulatedProvider
@@ -54,7 +54,7 @@ _CREATED = 1_700_000_000  # a fixed "created": outputs must not depend on the wa
 _STREAM_PIECE = 24
 
 
-class MockConfigError(ValueError):
+class MockConfigError(ConclaveError, ValueError):
     """A bad ``--fault`` or other serve-mock setting."""
 
 

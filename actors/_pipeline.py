@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import attrs
 
+from messages import ConclaveError
+
 Mode = Literal["sequential", "parallel"]
 
 # Per known stage: the stage-specific required fields (``stage`` and ``agent``
@@ -42,7 +44,7 @@ KNOWN_AGENTS: dict[str, str] = {
 }
 
 
-class PipelineError(ValueError):
+class PipelineError(ConclaveError, ValueError):
     """The pipeline definition is invalid; the message names what and where."""
 
 

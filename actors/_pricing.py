@@ -46,7 +46,7 @@ from typing import Any
 
 import attrs
 
-from messages import TokenUsage
+from messages import ConclaveError, TokenUsage
 
 _RATE_FIELDS = (
     "input_cost_per_token",
@@ -61,7 +61,7 @@ _BOUNDARY = "-@:"
 _DOTTED_CLAUDE = re.compile(r"^(claude-[a-z]+-\d+)\.(\d+)")
 
 
-class PriceFileError(ValueError):
+class PriceFileError(ConclaveError, ValueError):
     """A price file is unreadable or malformed; the message names it."""
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import attrs
 import httpx
 
+from messages import ConclaveError
+
 from ._anthropic import DEFAULT_ANTHROPIC_BASE_URL, AnthropicProvider
 from ._http_provider import DEFAULT_TIMEOUT, BearerSource
 from ._openai import DEFAULT_OPENAI_BASE_URL, OpenAIProvider
@@ -34,7 +36,7 @@ BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 DEFAULT_BASE_URL = {"openai": DEFAULT_OPENAI_BASE_URL, "anthropic": DEFAULT_ANTHROPIC_BASE_URL}
 
 
-class ProviderConfigError(ValueError):
+class ProviderConfigError(ConclaveError, ValueError):
     """The provider configuration is invalid; the message says what to fix."""
 
 

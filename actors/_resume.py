@@ -338,7 +338,7 @@ def fork_stage(state: ResumeState, name: str) -> StageSpec:
 
 
 def options_json(options: Mapping[str, Any] | None) -> str:
-    return json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"))
+    return json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 class CallLog(Interceptor[CompletionRequest]):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from messages import ConclaveError
 
-class StoreError(Exception):
+
+class StoreError(ConclaveError):
     """The database cannot be used as asked.  The message names the file and
     the problem and says what to do; the file was not modified."""
 

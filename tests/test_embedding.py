@@ -667,3 +667,25 @@ async def test_a_provider_hanging_in_close_cannot_hang_a_cancellation(
             await trio.sleep_forever()
     assert provider.closes == 1
     assert trio.current_time() - start == pytest.approx(10.0 + PROVIDER_CLOSE_SECONDS)
+
+
+def test_every_error_conclave_raises_on_purpose_is_a_conclave_error() -> None:
+    """``except ConclaveError`` is documented to catch them (RunLocked,
+    which run and resume raise, was a bare StoreError, and so on)."""
+    from actors import PipelineError, PriceFileError, ProviderConfigError
+    from actors._mock_backend import MockConfigError
+    from messages import ConclaveError
+    from store import NotADatabase, RunLocked, SchemaTooNew, StoreError
+
+    for error in (RunLocked, StoreError, NotADatabase, SchemaTooNew, PipelineError, PriceFileError, ProviderConfigError, MockConfigError):
+        assert issubclass(error, ConclaveError), error
+    # ...and those that were ValueErrors still are.
+    assert issubclass(PipelineError, ValueError) and issubclass(ProviderConfigError, ValueError)
+
+
+async def test_options_that_are_not_json_are_refused(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # NaN and Infinity were stored as NaN / Infinity, which JSON does not have.
+    async with open_orchestrator(store=str(tmp_path / "n.db")) as orch:
+        for value in (math.nan, math.inf):
+            with pytest.raises(ConfigError, match="JSON"):
+                await orch.run(options={"temperature": value})
