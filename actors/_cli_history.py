@@ -479,7 +479,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of progress")
     # How to reach the run's providers (its pipeline says which they are).
-    add_provider_arguments(p)
+    add_provider_arguments(p, stored=True)
     add_run_auth_option(p)
     add_run_metrics_args(p)  # --budget (replaces the run's) and --prices
     add_fault_options(p)

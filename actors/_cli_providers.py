@@ -126,13 +126,23 @@ def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None =
 # -- run: provider flags -------------------------------------------------------
 
 
-def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model providers")
+def add_provider_arguments(parser: argparse.ArgumentParser, *, stored: bool = False) -> None:
+    """The provider flags; ``stored``: for a command that runs a stored
+    pipeline (resume, rerun), whose providers and models it cannot change -
+    there --provider and --model are refused with a word (and not offered
+    in --help)."""
+    group = parser.add_argument_group(
+        "model providers" if not stored else "model providers (the run's own; these say only how to reach them)"
+    )
     group.add_argument(
         "--provider", default=None, metavar="openai|anthropic|sim",
-        help="use this provider for every agent (default: each agent's provider in the pipeline, else sim)",
+        help="use this provider for every agent (default: each agent's provider in the pipeline, else sim)"
+        if not stored else argparse.SUPPRESS,
     )
-    group.add_argument("--model", type=nonempty_arg, default=None, help="use this model for every agent")
+    group.add_argument(
+        "--model", type=nonempty_arg, default=None,
+        help="use this model for every agent" if not stored else argparse.SUPPRESS,
+    )
     group.add_argument(
         "--base-url", default=None,
         help="API base URL including the version path as the official clients take it, "

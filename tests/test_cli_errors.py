@@ -164,9 +164,17 @@ def test_every_command_explains_itself() -> None:
         text = sub.format_help()
         assert text.startswith(f"usage: conclave {name}"), name
         for action in sub._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
             for flag in action.option_strings:
                 assert flag in text, (name, flag)
     assert "disconnect:4%,429:3%,timeout:3%" in commands["soak"].format_help()
+    # resume and rerun run the stored pipeline: offering --provider/--model,
+    # which they always refuse, misled (a README walkthrough tripped on it).
+    assert "--provider" in commands["run"].format_help() and "--model" in commands["run"].format_help()
+    for name in ("resume", "rerun"):
+        text = commands[name].format_help()
+        assert "--provider" not in text and "--model" not in text and "--base-url" in text, name
 
 
 def test_stdout_closed_during_a_run_leaves_it_resumable(tmp_path: Path) -> None:
