@@ -302,9 +302,15 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """
     if threading.current_thread() is not threading.main_thread():
         return await fn(*args)
+    # A signal the process was started ignoring stays ignored: a shell
+    # starts background jobs with SIGINT ignored (so the terminal's Ctrl-C
+    # spares them, as with nohup for SIGHUP), and listening re-enabled it.
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    if not watched:
+        return await fn(*args)
     received: int | None = None
     failure: BaseException | None = None
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*watched) as signals:
         try:
             async with trio.open_nursery() as nursery:
 

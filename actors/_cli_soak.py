@@ -276,8 +276,10 @@ def _sigterm_interrupts() -> Iterator[None]:
     KeyboardInterrupt.  Only for the parent of worker processes, which
     waits in plain Python: inside a trio run a handler that raises could
     land in trio's own code."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # (only the main thread may set a handler; main() from elsewhere keeps the default)
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        # (only the main thread may set a handler; main() from elsewhere
+        # keeps the default; a process started ignoring SIGTERM keeps ignoring it)
+        yield
         return
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -144,3 +144,26 @@ def test_readme_opens_with_the_two_commands() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     assert install_and_test in ci.splitlines(), ".ci/run runs exactly the README's test command"
     json.dumps(lines)  # the file is text
+
+
+def test_a_run_started_ignoring_sigint_keeps_ignoring_it(tmp_path: Path) -> None:
+    """A shell starts background jobs with SIGINT ignored, so the
+    terminal's Ctrl-C spares them; conclave's signal handling re-enabled
+    it, and a background run died with the foreground job."""
+    db = str(tmp_path / "bg.db")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "run", "--db", db, "--clock", "real", "--sim-latency", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("STAGE 1/6"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "completed" in out
