@@ -43,8 +43,9 @@ not the provider.)
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -123,6 +124,16 @@ class _Tally:
     def clear(self) -> None:
         self._counts.clear()
         self.total = 0
+
+    def offsets(self, now: float) -> list[list[float]]:
+        """``[instant - now, count]`` per instant kept."""
+        return [[at - now, count] for at, count in self._counts]
+
+    def restore(self, offsets: list[list[float]], now: float) -> None:
+        self.clear()
+        for at, count in offsets:
+            self._counts.append([now + float(at), int(count)])
+            self.total += int(count)
 
 
 class CircuitBreaker:
@@ -260,6 +271,44 @@ class CircuitBreaker:
             self._wake()
         elif self.probe_instant is not None and now > self.probe_instant:
             self._judge(now)
+
+    def snapshot(self, now: float) -> dict[str, Any] | None:
+        """The state, its times relative to ``now``, for :meth:`restore`
+        (a resume on the virtual clock goes on as if never interrupted);
+        None while a probe is out, whose verdict a restored breaker would
+        wait for in vain."""
+        if self.probes_out:
+            return None
+        return {
+            "state": self.state,
+            "opened_at": self.opened_at - now,
+            "probe_instant": None if self.probe_instant is None else self.probe_instant - now,
+            "probes": [self._probes, self._probe_failures, self._probe_successes],
+            "changed_at": self._changed_at - now,
+            "admitted": self._admitted.offsets(now),
+            "failed": self._failed.offsets(now),
+        }
+
+    def restore(self, snapshot: Mapping[str, Any], now: float) -> None:
+        """Take up ``snapshot`` (from :meth:`snapshot`) as of ``now``.
+        Malformed: ValueError (or TypeError, KeyError), the breaker as it was."""
+        state = snapshot["state"]
+        if state not in ("closed", "open", "half_open"):
+            raise ValueError(f"unknown breaker state {state!r}")
+        probes, failures, successes = (int(n) for n in snapshot["probes"])
+        admitted, failed = _Tally(), _Tally()
+        admitted.restore(snapshot["admitted"], now)
+        failed.restore(snapshot["failed"], now)
+        instant = snapshot["probe_instant"]
+        probe_instant = None if instant is None else now + float(instant)
+        opened_at, changed_at = now + float(snapshot["opened_at"]), now + float(snapshot["changed_at"])
+        self.state = state
+        self.generation += 1
+        self.opened_at, self.probe_instant, self._changed_at = opened_at, probe_instant, changed_at
+        self.probes_out = 0
+        self._probes, self._probe_failures, self._probe_successes = probes, failures, successes
+        self._admitted, self._failed = admitted, failed
+        self._wake()
 
     @property
     def failure_ratio(self) -> float:

@@ -10,7 +10,7 @@ verdict, and makes the decision durable before the stage advances.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -107,6 +107,9 @@ class Coordinator:
     # False: a replay that must write nothing (a resume that can only halt
     # again the way the branch halted).
     record: bool = True
+    # The gates and breakers as a resume or rerun would take them up (see
+    # Orchestrator._health_snapshot), kept with each stage's start.
+    health: Callable[[], dict[str, Any] | None] | None = None
     late_replies: int = 0
     duplicate_replies: int = 0
     # The current stage's agents that gave up, with their errors.
@@ -127,13 +130,17 @@ class Coordinator:
         # Eager: no schedule point between starting the agents and handing
         # them their requests, so each finds its request on its first step.
         if self.record:
+            detail: dict[str, Any] = {"agents": list(stage.agents), "mode": stage.mode}
+            health = self.health() if self.health is not None else None
+            if health is not None:
+                detail["health"] = health
             await self.store.send_eager(
                 PersistEvent(
                     run_id=key.run_id,
                     branch_id=key.branch_id,
                     kind="stage_start",
                     stage=stage.name,
-                    detail={"agents": list(stage.agents), "mode": stage.mode},
+                    detail=detail,
                 )
             )
         self._failures = {}

@@ -22,6 +22,8 @@ call timeout would only be retried as a timeout, attempt after attempt.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import trio
@@ -159,6 +161,38 @@ class HealthRegistry:
 
     def providers(self) -> dict[str, ProviderHealth]:
         return dict(self._providers)
+
+    def snapshot(self, now: float) -> dict[str, Any] | None:
+        """Every provider's breaker and gate, times relative to ``now``
+        (JSON-ready), for :meth:`restore`; None if a breaker has a probe
+        out (it cannot be taken up)."""
+        taken: dict[str, Any] = {}
+        for name, health in self._providers.items():
+            breaker = health.breaker.snapshot(now)
+            if breaker is None:
+                return None
+            taken[name] = {"breaker": breaker, "gate": health.gate.snapshot(now)}
+        return taken
+
+    @property
+    def fresh(self) -> bool:
+        """No call has been admitted yet (nothing a restore would overwrite)."""
+        return all(h.calls == 0 and h.gate.closures == 0 for h in self._providers.values())
+
+    def restore(self, snapshot: Mapping[str, Any], now: float) -> None:
+        """Take up ``snapshot`` (from :meth:`snapshot`) as of ``now``: a run
+        resumed on the virtual clock meets the breakers and gates its
+        uninterrupted self would have.  Malformed parts are skipped."""
+        for name, taken in snapshot.items():
+            if not isinstance(name, str) or not isinstance(taken, Mapping):
+                continue
+            health = self[name]
+            try:
+                health.breaker.restore(taken["breaker"], now)
+                if taken.get("gate") is not None:
+                    health.gate.restore(taken["gate"], now)
+            except (KeyError, TypeError, ValueError):
+                continue
 
     async def admit(
         self, provider: str, request: CompletionRequest | None = None

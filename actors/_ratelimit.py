@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Mapping
 
 import trio
 
@@ -65,6 +66,21 @@ class RateLimitGate:
             self._closed_at = now
         if deadline > self.reset_at:
             self.reset_at = deadline
+
+    def snapshot(self, now: float) -> dict[str, float] | None:
+        """The reset times relative to ``now`` (None: the gate never
+        closed), for :meth:`restore`."""
+        if self._closed_at == -math.inf:
+            return None
+        return {
+            "reset_at": self.reset_at - now,
+            "before": max(self._before - now, -1e9),  # -inf is not JSON
+            "closed_at": self._closed_at - now,
+        }
+
+    def restore(self, snapshot: Mapping[str, float], now: float) -> None:
+        reset_at, before, closed_at = (float(snapshot[k]) for k in ("reset_at", "before", "closed_at"))
+        self.reset_at, self._before, self._closed_at = now + reset_at, now + before, now + closed_at
 
     def reset_for(self, now: float) -> float:
         """The reset time in force for a caller arriving at ``now``."""

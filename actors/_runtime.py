@@ -42,6 +42,7 @@ from typing import Any
 
 import attrs
 import trio
+import trio.testing
 
 from messages import (
     Broadcast,
@@ -76,7 +77,7 @@ from messages import (
     storable_text,
 )
 from messages._faults import scoped_panel
-from store import Store
+from store import BranchRow, Store
 
 from ._agent import Agent
 from ._budget import HALT_REASON as BUDGET_HALT
@@ -306,6 +307,7 @@ class Orchestrator:
         self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
         self._closed = False  # its open_orchestrator block has ended
+        self._driving = 0  # runs being driven now (health snapshots are one run's only alone)
         # The trio run its actors live in (None: not made by open_orchestrator).
         self._token: trio.lowlevel.TrioToken | None = None
         self.provider_names: frozenset[str] | None = None  # the gateway's; None: not known
@@ -524,6 +526,8 @@ class Orchestrator:
                 await self._write(
                     PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
                 )
+                if state.branch.status == "halted":
+                    self._take_up_health(run_id, state.branch, stage=None)
                 await self._write(RunUpdate(run_id=run_id, status="running"))
             if budget_usd is None:
                 budget_usd = kept_budget
@@ -580,6 +584,7 @@ class Orchestrator:
                     detail={"parent_branch_id": parent.branch.branch_id},
                 )
             )
+            self._take_up_health(run_id, parent.branch, stage=stage.name)
             state = load_state(self._require_db(), run_id, child)
             return await self._drive(
                 self._context(state), state.pipeline, state.seed, state, stored_budget(self._require_db(), state.branch)
@@ -611,7 +616,48 @@ class Orchestrator:
                     "use it from that run (open one per trio.run)"
                 )
 
+    def _health_snapshot(self) -> dict[str, Any] | None:
+        """The gates and breakers now, for a resume or a rerun to take up
+        (see :meth:`_take_up_health`); None when they are not this run's
+        alone (the orchestrator drives others too) or cannot be taken up."""
+        if self.health is None or self._driving != 1:
+            return None
+        return self.health.snapshot(trio.current_time())
+
+    def _take_up_health(self, run_id: str, branch: BranchRow, *, stage: str | None) -> None:
+        """Restore the gates and breakers as they stood when ``branch``
+        halted (``stage`` None), or when ``stage`` started on its lineage (a
+        rerun forking there), if that was recorded.  Only on a virtual clock
+        (on the real one time has passed since: a provider's reset or a
+        breaker's cooldown from then means nothing now) and only into gates
+        and breakers this orchestrator has not used: the run then goes on
+        exactly as its uninterrupted self would (a breaker open at a budget
+        halt is still open for the resume)."""
+        if self.health is None or not self.health.fresh:
+            return
+        if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            return
+        store = self._require_db()
+        events = store.events(run_id, "halt" if stage is None else "stage_start")
+        lineage: list[str] = [branch.branch_id]
+        if stage is not None:
+            parents = {b.branch_id: b.parent_branch_id for b in store.branches(run_id)}
+            while (up := parents.get(lineage[-1])) is not None and up not in lineage:
+                lineage.append(up)
+        for branch_id in lineage:
+            mine = [e for e in events if e.branch_id == branch_id and (stage is None or e.stage == stage)]
+            if mine:
+                # A halt: the last one; a stage: its first start (a resumed
+                # stage starts again, later).
+                taken = mine[-1 if stage is None else 0].detail.get("health")
+                if isinstance(taken, dict):
+                    self.health.restore(taken, trio.current_time())
+                return
+
     async def _log_halt(self, ctx: RunContext, stage: str, detail: dict[str, Any]) -> None:
+        health = self._health_snapshot()
+        if health is not None:
+            detail = {**detail, "health": health}
         await self._store.send(
             PersistEvent(run_id=ctx.run_id, branch_id=ctx.branch_id, kind="halt", stage=stage, detail=detail)
         )
@@ -645,6 +691,7 @@ class Orchestrator:
     ) -> RunResult:
         """Run ``pipeline``'s stages (see :meth:`_run_stages`).  ``record``
         False: a replay of a settled branch, which writes nothing."""
+        self._driving += 1
         try:
             if budget_usd is not None:
                 await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
@@ -657,6 +704,7 @@ class Orchestrator:
                 await self._mark_interrupted(ctx.run_id)
             raise
         finally:
+            self._driving -= 1
             for interceptor in self._fault_interceptors:
                 interceptor.run_ended(ctx.run_id, ctx.branch_id)
 
@@ -721,6 +769,7 @@ class Orchestrator:
                         gate=None if budget_usd is None else budget_gate(self._metrics),
                         durable_outputs=self._durable_outputs,
                         record=record,
+                        health=self._health_snapshot,
                     )
                     if state is not None:
                         # Durable attempts count once, as replays, never as turns.

@@ -1,0 +1,98 @@
+"""A resume or a rerun on the virtual clock takes up the rate-limit gates
+and circuit breakers where its uninterrupted self had them, so it ends the
+same way: they lived in memory only, and a breaker opened by failures
+before a budget halt let through, after the resume, calls the uninterrupted
+run had refused (a different digest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from actors import BreakerPolicy, HealthRegistry
+from actors._breaker import CircuitBreaker, Ticket
+
+from .conftest import run_cli
+
+# Seed 4 with these faults opens the breaker in 'validate' (found by a
+# helper's determinism probe); the failures that open it start earlier.
+FAULTS = ["--faults", "disconnect:35%,timeout:15%", "--max-attempts", "6"]
+
+
+def _run(argv: list[str]) -> dict[str, object]:
+    proc = run_cli([*argv, "--json"])
+    assert proc.returncode in (0, 3), proc.stderr
+    data: dict[str, object] = json.loads(proc.stdout)
+    return data
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    db = tmp_path_factory.mktemp("health") / "u.db"
+    return db, _run(["run", "--db", str(db), "--run-id", "B", "--seed", "4", *FAULTS])
+
+
+@pytest.mark.parametrize("budget", ["0.04", "0.06"])
+def test_a_resume_after_a_budget_halt_meets_the_same_breaker(
+    tmp_path: Path, uninterrupted: tuple[Path, dict[str, object]], budget: str
+) -> None:
+    _, full = uninterrupted
+    db = str(tmp_path / "b.db")
+    halted = _run(["run", "--db", db, "--run-id", "B", "--seed", "4", *FAULTS, "--budget", budget])
+    assert halted["halt_reason"] == "budget_exceeded"
+    resumed = _run(["resume", "B", "--db", db, "--budget", "10", "--faults", "disconnect:35%,timeout:15%"])
+    assert resumed["status"] == "completed"
+    assert resumed["digest"] == full["digest"]
+    assert resumed["unknown_usage_calls"] == full["unknown_usage_calls"]
+
+
+@pytest.mark.parametrize("stage", ["implement", "validate"])
+def test_a_rerun_meets_the_breaker_its_fork_stage_started_with(
+    tmp_path: Path, uninterrupted: tuple[Path, dict[str, object]], stage: str
+) -> None:
+    source, full = uninterrupted
+    db = tmp_path / "r.db"
+    db.write_bytes(source.read_bytes())
+    root = full["branch_id"]
+    assert isinstance(root, str)
+    rerun = _run(["rerun", "B", "--from", stage, "--branch", root, "--db", str(db), "--faults", "disconnect:35%,timeout:15%"])
+    assert rerun["digest"] == full["digest"]
+
+
+def test_a_breaker_restored_from_its_snapshot_decides_as_the_original() -> None:
+    policy = BreakerPolicy(min_calls=4, window=60.0, cooldown=30.0)
+    original = CircuitBreaker(policy)
+    for at, failure in ((1.0, True), (2.0, True), (3.0, False), (4.0, True)):
+        ticket = original.acquire(at)
+        assert isinstance(ticket, Ticket)
+        original.record(ticket, at + 0.5, failure=failure)
+    snapshot = original.snapshot(10.0)
+    assert snapshot is not None
+    copy = CircuitBreaker(policy)
+    copy.restore(json.loads(json.dumps(snapshot)), 110.0)  # JSON-ready, and relative to now
+    # 3 of 4 failed: the next call opens both, 100 s apart, and each stays
+    # open for its cooldown.
+    assert not isinstance(original.acquire(11.0), Ticket)
+    assert not isinstance(copy.acquire(111.0), Ticket)
+    assert original.state == copy.state == "open"
+    assert copy.acquire(111.0 + 29.0) == pytest.approx(1.0)
+    assert isinstance(copy.acquire(111.0 + 30.0), Ticket)  # the half-open probe
+
+
+async def test_a_gate_restored_from_its_snapshot_holds_until_the_same_reset(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    health = HealthRegistry()
+    health["sim"].gate.close_until(trio.current_time() + 30.0, trio.current_time() - 1.0)
+    snapshot = health.snapshot(trio.current_time())
+    assert snapshot is not None
+    await trio.sleep(500.0)
+    later = HealthRegistry()
+    assert later.fresh
+    later.restore(json.loads(json.dumps(snapshot)), trio.current_time())
+    now = trio.current_time()
+    assert not later["sim"].gate.is_open(now + 29.0) and later["sim"].gate.is_open(now + 30.0)
