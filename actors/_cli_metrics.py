@@ -12,7 +12,7 @@ from decimal import Decimal
 from collections.abc import Mapping
 from typing import Any
 
-from messages import UsageRecorded
+from messages import ZERO_USAGE, UsageRecorded
 from store import BranchRow, Store
 
 from ._budget import parse_budget, stored_budget, usd
@@ -163,10 +163,23 @@ def run_metrics(
     if prices is None and status in ("completed", "halted"):
         recorded = [e for e in store.events(run_id, "metrics") if e.branch_id == branch_id]
         if recorded:
-            return {"source": "recorded", **recorded[-1].detail}
+            return {"source": "recorded", **_current_usage_keys(recorded[-1].detail)}
     if prices is None and branch is not None:
         prices = kept_prices(branch.options)
     return {"source": "recomputed", **_recompute(store, run_id, branch, prices or PriceTable.vendored())}
+
+
+def _current_usage_keys(value: Any) -> Any:
+    """A report recorded before a usage count existed (cache writes, since
+    schema 3) given every count today's have, as 0: a script reading
+    ``usage["cache_write_input_tokens"]`` failed on older runs only."""
+    if isinstance(value, dict):
+        fixed = {k: _current_usage_keys(v) for k, v in value.items()}
+        usage = fixed.get("usage")
+        if isinstance(usage, dict) and "input_tokens" in usage:
+            fixed["usage"] = {**ZERO_USAGE.as_dict(), **usage}
+        return fixed
+    return value
 
 
 def interrupted_calls(store: Store, run_id: str, branch_id: str) -> int:

@@ -159,8 +159,9 @@ class EventStream:
                 continue
             head = "".join(parts) + text[: last + 1]
             parts = [text[last + 1 :]]
-            if head.endswith("\r"):
-                after_cr = True
+            # Only a CR that ends the chunk may be the first half of a CRLF
+            # (one earlier, with text after it, is a line end of its own).
+            after_cr = last == len(text) - 1 and text[last] == "\r"
             for line in _SSE_NEWLINE.split(head)[:-1]:
                 yield line
         rest = "".join(parts)

@@ -44,7 +44,7 @@ class Tally:
         self.output += u.output_tokens
         self.reasoning += u.reasoning_output_tokens
         self.total += u.total_tokens
-        if u.cache_write_input_tokens:
+        if u.cache_write_input_tokens or u.cache_write_1h_input_tokens:  # (a caller's usage may claim 1h alone)
             self.writes += u.cache_write_input_tokens
             self.writes_1h += u.cache_write_1h_input_tokens
 

@@ -169,3 +169,17 @@ async def test_after_the_final_event_a_stalled_stream_costs_a_bounded_wait(
     completion = await provider.complete(make_request(fields=(), decision_field=None))
     assert completion.content == "{}" and completion.usage is not None
     assert trio.current_time() - start == pytest.approx(DRAIN_SECONDS)
+
+
+async def test_a_bare_cr_inside_a_chunk_does_not_swallow_the_next_chunks_lf() -> None:
+    # SSE lets each line end as it likes; a proxy's "\r"-ended keep-alive
+    # comment mid-chunk made the LF opening the next chunk read as the
+    # second half of a CRLF, gluing two events into one.
+    parts = [b": keep-alive\rdata: 1", b"\n\ndata: 2\n", b"\n"]
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    events = [item async for item in iter_sse(_streaming(body()))]
+    assert events == [("message", "1"), ("message", "2")]

@@ -124,6 +124,23 @@ def test_a_database_one_version_behind_is_read_without_migrating(tmp_path: Path)
     assert user_version(db) == SCHEMA_VERSION
 
 
+def test_a_metrics_report_recorded_before_cache_writes_has_their_keys(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    assert run_cli(["run", "--db", str(db), "--run-id", "R"]).returncode == 0
+    with Store.open(str(db)) as s:
+        # As version 2 recorded it: no cache-write counts anywhere.
+        for event in s.events("R", "metrics"):
+            detail = json.loads(json.dumps(event.detail).replace('"cache_write_1h_input_tokens": 0, ', "").replace('"cache_write_input_tokens": 0, ', ""))
+            s._conn.execute("UPDATE events SET detail = ? WHERE id = ?", (json.dumps(detail), event.id))
+        [event] = s.events("R", "metrics")
+        assert "cache_write_input_tokens" not in json.dumps(event.detail)
+    report = json.loads(run_cli(["metrics", "R", "--db", str(db), "--json"]).stdout)
+    assert report["source"] == "recorded"
+    assert report["usage"]["cache_write_input_tokens"] == 0
+    for group in report["by"]["stage"].values():
+        assert group["usage"]["cache_write_1h_input_tokens"] == 0
+
+
 def test_cache_writes_are_stored_per_attempt_and_in_the_run_totals(tmp_path: Path) -> None:
     from messages import AgentKey, AgentOutput, PersistOutput, RunUpdate, TokenUsage
 

@@ -143,3 +143,15 @@ def test_estimate_lies_within_the_window(turns: list[TokenUsage], window: int) -
         assert min(recent) <= estimate <= max(recent)
     else:
         assert estimate == 4_000
+
+
+def test_the_tally_sums_cache_writes_as_usage_addition_does() -> None:
+    from actors._session_metrics import Tally
+    from messages import TokenUsage
+
+    odd = TokenUsage.of(input_tokens=10, cache_write_1h_input_tokens=5)  # 1h alone: nothing enforces writes >= 1h
+    usual = TokenUsage.of(input_tokens=10, cache_write_input_tokens=4, cache_write_1h_input_tokens=1)
+    tally = Tally()
+    for usage in (odd, usual, odd):
+        tally.add(usage)
+    assert tally.usage() == odd + usual + odd
