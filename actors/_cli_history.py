@@ -332,6 +332,9 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             # the run's seed placed the resume's faults elsewhere, so a
             # crash-and-resume mixed two placements.
             plan = attrs.evolve(plan, seed=kept_seed)
+        if fork is not None and plan.enabled and plan.seed is not None:
+            # The new branch keeps the seed it is run with, for its own resumes.
+            options[FAULT_SEED_OPTION] = plan.seed
         try:
             providers = {
                 name: config.build() for name, config in _configs(args, pipeline, seed, options, tokens).items()

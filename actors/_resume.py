@@ -338,7 +338,10 @@ def fork_stage(state: ResumeState, name: str) -> StageSpec:
 
 
 def options_json(options: Mapping[str, Any] | None) -> str:
-    return json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    # NaN is allowed here: runs stored before options were checked for it
+    # must still rerun (their options are copied).  New options are checked
+    # strictly where they come in (Orchestrator._check_options).
+    return json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"))
 
 
 class CallLog(Interceptor[CompletionRequest]):

@@ -33,6 +33,7 @@ agents in one stage to keep that argument honest.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -523,12 +524,17 @@ class Orchestrator:
                     # one halts or is interrupted) must not fall back to the
                     # budget this one replaced.
                     detail["budget_usd"] = str(budget_usd)
-                await self._write(
-                    PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
-                )
-                if state.branch.status == "halted":
-                    self._take_up_health(run_id, state.branch, stage=None)
-                await self._write(RunUpdate(run_id=run_id, status="running"))
+                try:
+                    await self._write(
+                        PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
+                    )
+                    if state.branch.status == "halted":
+                        self._take_up_health(run_id, state.branch, stage=None)
+                    await self._write(RunUpdate(run_id=run_id, status="running"))
+                except BaseException:
+                    # Cancelled once it may be marked running: nobody drives it now.
+                    await self._mark_interrupted(run_id)
+                    raise
             if budget_usd is None:
                 budget_usd = kept_budget
             return await self._drive(
@@ -564,26 +570,31 @@ class Orchestrator:
                 budget_usd = stored_budget(self._require_db(), parent.branch)  # kept, whether options are given or not
             if options is None:
                 options = {k: v for k, v in parent.branch.options.items() if k != "budget_usd"}
-            ack = await self._write(
-                PersistBranch(
-                    run_id=run_id,
-                    branch_id=child,
-                    parent_branch_id=parent.branch.branch_id,
-                    fork_stage=stage.name,
-                    options=options_json(_with_budget(options, budget_usd)),
+            try:
+                ack = await self._write(
+                    PersistBranch(
+                        run_id=run_id,
+                        branch_id=child,
+                        parent_branch_id=parent.branch.branch_id,
+                        fork_stage=stage.name,
+                        options=options_json(_with_budget(options, budget_usd)),
+                    )
                 )
-            )
-            if not ack.ok:
-                raise ConclaveError(f"could not create a branch of run {run_id!r}: {ack.error}")
-            await self._write(
-                PersistEvent(
-                    run_id=run_id,
-                    branch_id=child,
-                    kind="rerun",
-                    stage=stage.name,
-                    detail={"parent_branch_id": parent.branch.branch_id},
+                if not ack.ok:
+                    raise ConclaveError(f"could not create a branch of run {run_id!r}: {ack.error}")
+                await self._write(
+                    PersistEvent(
+                        run_id=run_id,
+                        branch_id=child,
+                        kind="rerun",
+                        stage=stage.name,
+                        detail={"parent_branch_id": parent.branch.branch_id},
+                    )
                 )
-            )
+            except BaseException:
+                # The new branch may be written, current and running: nobody drives it now.
+                await self._mark_interrupted(run_id)
+                raise
             self._take_up_health(run_id, parent.branch, stage=stage.name)
             state = load_state(self._require_db(), run_id, child)
             return await self._drive(
@@ -925,7 +936,7 @@ def _check_options(options: Mapping[str, Any] | None) -> None:
         # budget (or fail on it) while the run itself had none.
         raise ConfigError("options may not hold 'budget_usd': pass budget= instead")
     try:
-        options_json(options)
+        json.dumps(dict(options), allow_nan=False)  # NaN and Infinity are not JSON
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"options must be JSON-ready: {exc}") from None
 
@@ -1121,6 +1132,7 @@ async def open_orchestrator(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())
     )
     attached = [i for i in interceptors.get("gateway", ()) if isinstance(i, FaultInterceptor)]
+    failing = False
     try:
         for interceptor in attached:
             interceptor.attach(seed=seed, health=health, events=store_tx)
@@ -1179,6 +1191,9 @@ async def open_orchestrator(
                         orchestrator._closed = True
                         orchestrator._progress.close()
                     hub.close()
+    except BaseException:
+        failing = True
+        raise
     finally:
         try:
             for interceptor in attached:
@@ -1188,7 +1203,14 @@ async def open_orchestrator(
             # caller's cancellation hang with it.
             with trio.move_on_after(PROVIDER_CLOSE_SECONDS) as closing:
                 closing.shield = True
-                await gateway.aclose()
+                try:
+                    await gateway.aclose()
+                except Exception:
+                    # Not in place of what is already propagating (a
+                    # cancellation among them: move_on_after would no
+                    # longer catch its own, and Ctrl-C became a traceback).
+                    if not failing:
+                        raise
         finally:
             if own_store:
                 db.close()

@@ -663,7 +663,7 @@ async def test_a_provider_hanging_in_close_cannot_hang_a_cancellation(
     provider = _Closing("hang")
     start = trio.current_time()
     with trio.move_on_after(10.0):
-        async with open_orchestrator(store=str(tmp_path / "h.db"), provider=provider) as orch:
+        async with open_orchestrator(store=str(tmp_path / "h.db"), provider=provider):
             await trio.sleep_forever()
     assert provider.closes == 1
     assert trio.current_time() - start == pytest.approx(10.0 + PROVIDER_CLOSE_SECONDS)
@@ -689,3 +689,73 @@ async def test_options_that_are_not_json_are_refused(tmp_path: Path, autojump_cl
         for value in (math.nan, math.inf):
             with pytest.raises(ConfigError, match="JSON"):
                 await orch.run(options={"temperature": value})
+
+
+async def test_a_run_stored_with_nan_options_still_reruns(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Runs stored before NaN options were refused keep them; rerun copies
+    them, and refusing them there made such runs impossible to rerun."""
+    db = str(tmp_path / "nan.db")
+    async with open_orchestrator(store=db) as orch:
+        await orch.run(run_id="n")
+    with Store.open(db) as store:
+        store._conn.execute("UPDATE branches SET options = '{\"temperature\":NaN}' WHERE run_id = 'n'")
+    async with open_orchestrator(store=db) as orch:
+        result = await orch.rerun("n", "plan")
+    assert result.completed
+
+
+
+async def _halted_run(db: str) -> None:
+    async with open_orchestrator(store=db, seed=1) as orch:
+        r = await orch.run("SPEC-H", run_id="h", budget="0.000001")
+    assert r.status == "halted", r.status
+
+
+@pytest.mark.parametrize("checkpoints", range(1, 12))
+async def test_a_resume_cancelled_as_it_starts_is_left_interrupted(tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int) -> None:
+    db = str(tmp_path / "r.db")
+    await _halted_run(db)
+    async with open_orchestrator(store=db, seed=1) as orch:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_soon() -> None:
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(cancel_soon)
+            await orch.resume("h", budget="100")
+    with Store.open(db, readonly=True) as store:
+        run = store.get_run("h")
+        assert run is not None and run.status in ("halted", "interrupted"), run.status
+
+
+@pytest.mark.parametrize("checkpoints", range(1, 14))
+async def test_a_rerun_cancelled_as_it_starts_is_left_interrupted(tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int) -> None:
+    db = str(tmp_path / "r.db")
+    async with open_orchestrator(store=db, seed=1) as orch:
+        await orch.run("SPEC-H", run_id="h")
+    async with open_orchestrator(store=db, seed=1) as orch:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_soon() -> None:
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(cancel_soon)
+            await orch.rerun("h", "plan")
+    with Store.open(db, readonly=True) as store:
+        run = store.get_run("h")
+        assert run is not None and run.status in ("completed", "interrupted"), run.status
+
+
+async def test_a_provider_failing_to_close_does_not_replace_the_callers_error(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with pytest.raises(KeyError, match="the caller's own"):
+        async with open_orchestrator(store=str(tmp_path / "m.db"), provider=_Closing("raise")):
+            raise KeyError("the caller's own error")
+    # Nor its cancellation: move_on_after must still catch its own.
+    with trio.move_on_after(5.0) as scope:
+        async with open_orchestrator(store=str(tmp_path / "c.db"), provider=_Closing("raise")):
+            await trio.sleep_forever()
+    assert scope.cancelled_caught

@@ -615,3 +615,26 @@ def test_a_resume_places_faults_with_the_runs_own_fault_seed(tmp_path: Path) -> 
     assert resumed.returncode == 0, resumed.stderr
     assert "fault seed 9" in resumed.stderr or "seed 9" in resumed.stderr
     assert json.loads(resumed.stdout)["digest"] == json.loads(full.stdout)["digest"]
+
+
+def test_a_rerun_keeps_its_own_fault_seed_for_its_resumes(tmp_path: Path) -> None:
+    """A rerun given --fault-seed 7 of a run seeded 9 kept 9 with its new
+    branch: halted and resumed, the branch mixed the two placements."""
+    from .conftest import run_cli
+
+    env = {"CODEX_FAULTS_TIMEOUT_MS": "200"}
+    faults = ["--faults", "disconnect:15%,429:10%,timeout:5%"]
+    db = str(tmp_path / "r.db")
+    first = run_cli(["run", "--db", db, "--run-id", "R", "--seed", "4", *faults, "--fault-seed", "9", "--json"], env=env)
+    assert first.returncode == 0, first.stderr
+    whole = str(tmp_path / "whole.db")
+    (tmp_path / "whole.db").write_bytes((tmp_path / "r.db").read_bytes())
+    full = run_cli(["rerun", "R", "--from", "plan", "--db", whole, *faults, "--fault-seed", "7", "--json"], env=env)
+    assert full.returncode == 0, full.stderr
+    cut = run_cli(
+        ["rerun", "R", "--from", "plan", "--db", db, *faults, "--fault-seed", "7", "--budget", "0.05", "--json"], env=env
+    )
+    assert json.loads(cut.stdout)["halt_reason"] == "budget_exceeded"
+    resumed = run_cli(["resume", "R", "--db", db, *faults, "--budget", "10", "--json"], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["digest"] == json.loads(full.stdout)["digest"]
