@@ -282,8 +282,11 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
         help="inject provider faults, e.g. 'disconnect:3,429:1,timeout:2' or 'disconnect:5%%' "
         "(overrides CODEX_FAULTS; see also CODEX_FAULTS_429_RESET, CODEX_FAULTS_TIMEOUT_MS)",
     )
-    p.add_argument("--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED; else, for resume and rerun, "
-                   "the run's own fault seed if it had one; else the run's --seed)")
+    p.add_argument(
+        "--fault-seed", type=seed_arg, metavar="N",
+        help="seed of fault placement (default: CODEX_FAULTS_SEED; else, for resume and rerun, "
+        "the run's own fault seed if it had one; else the run's --seed)",
+    )
 
 
 async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
