@@ -528,7 +528,10 @@ class Orchestrator:
                     await self._write(
                         PersistEvent(run_id=run_id, branch_id=state.branch.branch_id, kind="resume", detail=detail)
                     )
-                    if state.branch.status == "halted":
+                    if halted == BUDGET_HALT:
+                        # Where the run stopped for want of budget, it goes on
+                        # as if it never had.  (Not after agents_failed: the
+                        # new round must not meet the gate that failed them.)
                         self._take_up_health(run_id, state.branch, stage=None)
                     await self._write(RunUpdate(run_id=run_id, status="running"))
                 except BaseException:
@@ -595,7 +598,7 @@ class Orchestrator:
                 # The new branch may be written, current and running: nobody drives it now.
                 await self._mark_interrupted(run_id)
                 raise
-            self._take_up_health(run_id, parent.branch, stage=stage.name)
+            self._take_up_health(run_id, parent.branch, stage=stage.name, order=parent.pipeline.stage_names)
             state = load_state(self._require_db(), run_id, child)
             return await self._drive(
                 self._context(state), state.pipeline, state.seed, state, stored_budget(self._require_db(), state.branch)
@@ -635,10 +638,13 @@ class Orchestrator:
             return None
         return self.health.snapshot(trio.current_time())
 
-    def _take_up_health(self, run_id: str, branch: BranchRow, *, stage: str | None) -> None:
+    def _take_up_health(
+        self, run_id: str, branch: BranchRow, *, stage: str | None, order: Sequence[str] = ()
+    ) -> None:
         """Restore the gates and breakers as they stood when ``branch``
-        halted (``stage`` None), or when ``stage`` started on its lineage (a
-        rerun forking there), if that was recorded.  Only on a virtual clock
+        halted (``stage`` None), or when ``stage`` (of the stages in
+        ``order``) started on the branch of its lineage that ran it (a rerun
+        forking there), if that was recorded.  Only on a virtual clock
         (on the real one time has passed since: a provider's reset or a
         breaker's cooldown from then means nothing now) and only into gates
         and breakers this orchestrator has not used: the run then goes on
@@ -649,21 +655,34 @@ class Orchestrator:
         if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
             return
         store = self._require_db()
-        events = store.events(run_id, "halt" if stage is None else "stage_start")
-        lineage: list[str] = [branch.branch_id]
+        owner = branch.branch_id
         if stage is not None:
-            parents = {b.branch_id: b.parent_branch_id for b in store.branches(run_id)}
-            while (up := parents.get(lineage[-1])) is not None and up not in lineage:
-                lineage.append(up)
-        for branch_id in lineage:
-            mine = [e for e in events if e.branch_id == branch_id and (stage is None or e.stage == stage)]
-            if mine:
-                # A halt: the last one; a stage: its first start (a resumed
-                # stage starts again, later).
-                taken = mine[-1 if stage is None else 0].detail.get("health")
-                if isinstance(taken, dict):
-                    self.health.restore(taken, trio.current_time())
+            # The branch that ran ``stage``: a branch runs the stages from
+            # its fork stage on and inherits the earlier ones.  (Only that
+            # one: if it never started the stage, nothing is taken up.)
+            rows = {b.branch_id: b for b in store.branches(run_id)}
+            at = order.index(stage) if stage in order else -1
+            seen: set[str] = set()
+            row = rows.get(owner)
+            while row is not None and row.fork_stage in order and at < order.index(row.fork_stage):
+                seen.add(row.branch_id)
+                row = rows.get(row.parent_branch_id or "")
+                if row is None or row.branch_id in seen:
+                    return
+            if row is None:
                 return
+            owner = row.branch_id
+        mine = [
+            e
+            for e in store.events(run_id, "halt" if stage is None else "stage_start")
+            if e.branch_id == owner and (stage is None or e.stage == stage)
+        ]
+        if mine:
+            # A halt: the last one; a stage: its first start (a resumed
+            # stage starts again, later).
+            taken = mine[-1 if stage is None else 0].detail.get("health")
+            if isinstance(taken, dict):
+                self.health.restore(taken, trio.current_time())
 
     async def _log_halt(self, ctx: RunContext, stage: str, detail: dict[str, Any]) -> None:
         health = self._health_snapshot()

@@ -96,3 +96,17 @@ async def test_a_gate_restored_from_its_snapshot_holds_until_the_same_reset(
     later.restore(json.loads(json.dumps(snapshot)), trio.current_time())
     now = trio.current_time()
     assert not later["sim"].gate.is_open(now + 29.0) and later["sim"].gate.is_open(now + 30.0)
+
+
+def test_a_retry_failed_round_does_not_meet_the_gate_that_failed_its_agents(tmp_path: Path) -> None:
+    """Only a budget halt's gates and breakers are taken up: after
+    agents_failed on a long 429 reset, taking up the closed gate failed
+    every --retry-failed round the same way (no virtual time passes
+    between the halt and the resume)."""
+    db = str(tmp_path / "f.db")
+    env = {"CODEX_FAULTS_429_RESET": "300"}
+    common = ["--db", db, "--json"]
+    halted = run_cli(["run", "--run-id", "F", "--seed", "1", "--faults", "429:1", "--max-retry-wait", "100", *common], env=env)
+    assert json.loads(halted.stdout)["halt_reason"] == "agents_failed", halted.stdout
+    again = run_cli(["resume", "F", "--retry-failed", "--faults", "429:1", *common], env=env)
+    assert json.loads(again.stdout)["status"] == "completed", again.stdout
