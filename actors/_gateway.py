@@ -50,9 +50,11 @@ from messages import (
     Completion,
     CompletionRequest,
     CompletionResult,
+    Injection,
     Outbox,
     PersistEvent,
     ProviderError,
+    Reply,
     StoreWrite,
     TokenUsage,
     fail_pending,
@@ -136,6 +138,11 @@ class Gateway:
                 if request.reply_to is not None:
                     request.reply_to.close()  # the caller sees ActorStopped
             fail_pending(inbox, into=unmade)
+            for request in unmade:
+                if request.injection is not None:
+                    request.injection.withdraw()
+            # (An injected fault never fired is no call: nothing to log.)
+            unmade = [request for request in unmade if request.injection is None]
             if unmade and self._events is not None:
                 # Shielded and bounded: the store writer outlives this
                 # clone, but a stopping orchestrator must not hang on it.
@@ -185,6 +192,11 @@ class Gateway:
 
     async def _serve(self, request: CompletionRequest) -> None:
         reply = request.reply_to
+        injection = request.injection
+        if injection is not None:
+            # A fault standing in for this call, served in its turn.
+            await self._inject(injection, reply)
+            return
         if reply is not None and reply.abandoned:
             # Its caller gave up (its call timed out) while the call was
             # queued, and has retried or failed since: a model call now
@@ -201,6 +213,22 @@ class Gateway:
             raise
         if reply is not None and result is not None:
             reply.send(result)
+
+    async def _inject(self, injection: Injection, reply: Reply[CompletionResult] | None) -> None:
+        if reply is not None and reply.abandoned:
+            injection.withdraw()  # given up on while queued: it never fires (nor was a provider called)
+            return
+        # Cancelled when its caller stops waiting, as a provider call is.
+        scope = trio.CancelScope()
+        if reply is not None:
+            reply.on_abandoned(scope.cancel)
+        try:
+            with scope:
+                await injection.run()
+        except BaseException:
+            if reply is not None:
+                reply.close()
+            raise
 
     async def _complete(self, request: CompletionRequest) -> CompletionResult | None:
         """The call's result, or None if its caller had stopped waiting

@@ -355,11 +355,12 @@ class CallLog(Interceptor[CompletionRequest]):
         self._store = store
 
     async def send(self, item: CompletionRequest, forward: Forward[CompletionRequest]) -> None:
-        await self._store.send_eager(
-            PersistEvent.of_attempt(
-                item.key, item.attempt, "agent_call", {"provider": item.provider, "model": item.model}
+        if item.injection is None:  # a fault answering for the provider is no provider call
+            await self._store.send_eager(
+                PersistEvent.of_attempt(
+                    item.key, item.attempt, "agent_call", {"provider": item.provider, "model": item.model}
+                )
             )
-        )
         await forward(item)
 
 

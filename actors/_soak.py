@@ -320,8 +320,8 @@ class _Checker:
         # What each attempt cost, from the provider and the injector, not
         # from the agent: usage the agent misreported (doubled, or unknown
         # stored as zero) reached the store and the metrics alike.
-        # (usage, whether a fault stood in for the provider) per attempt.
-        self.served: dict[str, dict[tuple[AgentKey, int], tuple[TokenUsage | None, bool]]] = collections.defaultdict(
+        # (usage, the kind of the fault that stood in for the provider, if one did) per attempt.
+        self.served: dict[str, dict[tuple[AgentKey, int], tuple[TokenUsage | None, str | None]]] = collections.defaultdict(
             dict
         )
         # Faults per agent call, by kind: each one the call outlived counts
@@ -375,14 +375,14 @@ class _Checker:
             self.breach(f"a call reached provider {provider!r} at t={now:.3f}s while its breaker was open")
 
     def on_served(self, request: CompletionRequest, completion: Completion) -> None:
-        self.served[request.key.run_id][(request.key, request.attempt)] = (completion.usage, False)
+        self.served[request.key.run_id][(request.key, request.attempt)] = (completion.usage, None)
 
     def on_fault(self, fault: InjectedFault) -> None:
         request = fault.request
         self.on_call(request.provider, fault.at, request)
         # As a real one: a 429 costs nothing, a cut or timed-out call is unknown.
         cost = ZERO_USAGE if fault.kind == "rate_limit" else None
-        self.served[request.key.run_id][(request.key, request.attempt)] = (cost, True)
+        self.served[request.key.run_id][(request.key, request.attempt)] = (cost, fault.kind)
         if fault.retry_after is not None:
             self.on_rate_limit(request.provider, fault.at, fault.at + fault.retry_after)
         self.injected[fault.kind] += 1
@@ -470,11 +470,12 @@ def _check_run(
     for row in rows:
         row_key = AgentKey(run_id=row.run_id, branch_id=row.branch_id, stage=row.stage, agent=row.agent)
         stored[row_key].append(row.attempt)
-        cost, injected = served.get((row_key, row.attempt), (None, False))
-        # A completion the agent never received (its call timeout ended in
-        # the same instant) is rightly stored as unknown: only an answer
-        # the agent accepted, or a fault standing in for one, is held to it.
-        if (row.status == "accepted" or injected) and row.usage != cost:
+        cost, fault = served.get((row_key, row.attempt), (None, None))
+        # A completion or fault the agent never received (its call timeout
+        # ended in the same instant) is rightly stored as unknown: only an
+        # answer the agent accepted, or a fault it failed with, is held to it.
+        received = row.status == "accepted" or (fault is not None and (row.error or "").startswith(f"{fault}:"))
+        if received and row.usage != cost:
             checker.breach(
                 f"attempt {row.attempt} of {row.agent} in {run_id}/{row.stage} stored usage "
                 f"{None if row.usage is None else row.usage.as_dict()}, but the provider reported "

@@ -51,6 +51,7 @@ budget, for the stages after this one.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -61,7 +62,7 @@ import trio
 from ._channel import Forward, Interceptor, Outbox
 from ._errors import ConclaveError, Disconnected, ProviderError, ProviderTimeout, RateLimited
 from ._faultplan import CHANNEL, FAULT_KINDS, FaultKind, FaultPlan
-from ._messages import CompletionRequest, CompletionResult, PersistEvent
+from ._messages import CompletionRequest, CompletionResult, Injection, PersistEvent
 from ._usage import ZERO_USAGE
 
 DISCONNECT_MESSAGE = "model stream error: stream disconnected before completion"
@@ -172,6 +173,7 @@ class FaultInterceptor(Interceptor[Any]):
         # gate, breaker and (closed) event log.
         self._given = (seed, health, events)
         self._attached = False
+        self._queued = False
         self._sequence = plan.sequence
         self._rates = [(k, plan.rates[k]) for k in FAULT_KINDS if plan.rates.get(k)]
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -180,14 +182,26 @@ class FaultInterceptor(Interceptor[Any]):
 
     # -- configuration and diagnostics --
 
-    def attach(self, *, seed: int | None = None, health: HealthPort | None = None, events: Outbox[Any] | None = None) -> None:
+    def attach(
+        self,
+        *,
+        seed: int | None = None,
+        health: HealthPort | None = None,
+        events: Outbox[Any] | None = None,
+        queued: bool = False,
+    ) -> None:
         """Fill in what the orchestrator installing this interceptor knows;
         settings given to the constructor (and the plan's seed) win.  Until
         :meth:`detach`, the interceptor belongs to that orchestrator: a
         second ``attach`` raises RuntimeError, as two orchestrators at once
-        would share one gate, breaker and event log."""
+        would share one gate, breaker and event log.  ``queued``: the
+        channel leads to a gateway that serves an :class:`Injection` (so a
+        fault waits for a provider worker in turn, as the call it stands
+        for would; fired at once, a burst of instant failures reached the
+        breaker before the calls queued behind the workers, and opened it)."""
         if self._attached:
             raise RuntimeError("this FaultInterceptor is already attached to an open orchestrator")
+        self._queued = queued
         given_seed, given_health, given_events = self._given
         if self.plan.seed is None and given_seed is None:
             self.seed = seed or 0
@@ -202,6 +216,7 @@ class FaultInterceptor(Interceptor[Any]):
         given_seed, given_health, given_events = self._given
         self.health, self.events = given_health, given_events
         self._attached = False
+        self._queued = False
 
     @property
     def attached(self) -> bool:
@@ -326,6 +341,17 @@ class FaultInterceptor(Interceptor[Any]):
             await forward(item)
             return
         kind, anchor, placed = decision
+        if self._queued:
+            injection = Injection(
+                run=functools.partial(self._inject, item, kind, anchor, placed),
+                withdraw=functools.partial(self._unplace, kind, placed),
+            )
+            try:
+                await forward(attrs.evolve(item, injection=injection))
+            except BaseException:
+                self._unplace(kind, placed)  # a cancelled send sent nothing
+                raise
+            return
         await self._inject(item, kind, anchor, placed)
 
     def decide(self, request: CompletionRequest) -> tuple[FaultKind, float] | None:

@@ -14,7 +14,7 @@ is drawn in DESIGN.md:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -179,6 +179,21 @@ class CompletionRequest:
     # (see actors._health).  Not part of the identity.
     deadline: float = attrs.field(default=float("inf"), eq=False)
     reply_to: Reply[CompletionResult] | None = attrs.field(default=None, eq=False, repr=False)
+    # Set by a fault interceptor that answers for the provider: the gateway
+    # serves the call like any other - queued for one of the provider's
+    # workers, in arrival order - but runs this instead of the provider.
+    injection: Injection | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Injection:
+    """An injected fault waiting to stand in for a provider call.  ``run``
+    fires it (admitted at the gate and breaker, answered, reported);
+    ``withdraw`` says it never will (its caller gave up while it was
+    queued, or the gateway stopped), so a counted fault goes back."""
+
+    run: Callable[[], Awaitable[None]]
+    withdraw: Callable[[], None]
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -757,3 +757,29 @@ async def test_a_call_released_after_its_deadline_is_refused_at_once(autojump_cl
     in_time = attrs.evolve(request, deadline=12.0)
     granted, refused = await health.admit(in_time)
     assert granted is not None and refused is None and 10.0 < trio.current_time() < 11.0
+
+
+async def test_injected_faults_wait_for_a_worker_as_the_calls_they_stand_for(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A panel larger than the gateway's workers: injected disconnects
+    failed at the inbox at once, while the calls they stand for queued
+    behind 64 workers, so the breaker saw 64 failures among 128 admitted
+    calls (50 %) at a 30 % fault rate, opened, and failed agents with
+    circuit_open (3,000 agents at 5 %: the run halted)."""
+    from actors import HealthRegistry, open_orchestrator, pipeline_with_panel
+
+    health = HealthRegistry()
+    agents = [f"a{i:03d}" for i in range(200)]
+    async with open_orchestrator(
+        store=str(tmp_path / "wide.db"),
+        pipeline=pipeline_with_panel("validate", agents),
+        faults="disconnect:30%",
+        health=health,
+        retry=RetryPolicy(max_attempts=10),
+    ) as orch:
+        result = await orch.run("SPEC-WIDE")
+    assert result.completed
+    assert health["sim"].breaker.transitions == []
+    # Each agent's calls: its faults, then one answer - no refusals in between.
+    assert orch.faults is not None and result.turns == 200 + sum(orch.faults.injected.values())

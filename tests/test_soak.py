@@ -613,7 +613,7 @@ def test_the_checker_holds_stored_usage_to_what_the_provider_reported() -> None:
     config = SoakConfig(runs=1)
     checker = _Checker(config, HealthRegistry())
     key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
-    checker.served["r"][(key, 1)] = (None, True)  # an injected cut: its usage is unknown
+    checker.served["r"][(key, 1)] = (None, "disconnect")  # an injected cut: its usage is unknown
     checker.requests["r"][key] += 1
     stored = AgentOutput(key=key, attempt=1, status="failed", content="", format="text", usage=TokenUsage(),
                          model="m", provider="sim", error="disconnect: cut")
