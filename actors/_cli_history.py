@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from messages import AuthError, FaultPlan, ProgressEvent, StageDecided, StageStarted
-from store import BranchRow, LockFileError, RunLocked, RunPreview, RunRow, Store, StoreError, preview_run
+from store import BranchRow, LockFileError, RunLocked, RunPreview, RunRow, Store, StoreError, preview_lineage, preview_run
 
 from ._cli import (
     EXIT_OK,
@@ -412,7 +412,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         parent = matches[0]
     # Refuse before anything writes: every earlier stage must have an
     # advancing decision for the child to inherit.
-    seen = preview.lineage.get(parent, {})
+    try:
+        seen = preview_lineage(args.db, args.run_id, parent) if parent else {}
+    except StoreError as exc:
+        return _fail(str(exc))
     for earlier in pipeline.stages:
         if earlier.name == stage.name:
             break

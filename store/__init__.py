@@ -7,7 +7,7 @@ the write connection and drives :meth:`Store.apply` in group commits.
 from ._busy import StoreBusy, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability
 from ._errors import NotADatabase, SchemaTooNew, StoreError
-from ._preflight import RunPreview, UnknownRun, preview_run
+from ._preflight import RunPreview, UnknownRun, preview_lineage, preview_run
 from ._runlock import LockFileError, RunLocked
 from ._schema import SCHEMA_VERSION
 from ._store import (
@@ -28,6 +28,7 @@ __all__ = [
     "RunPreview",
     "StoreBusy",
     "UnknownRun",
+    "preview_lineage",
     "preview_run",
     "retry_busy",
     "SCHEMA_VERSION",
