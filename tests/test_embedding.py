@@ -589,6 +589,12 @@ async def test_a_cancellation_landing_on_the_runs_last_write_leaves_it_completed
         assert not store.events("late", "resume")
 
 
+async def _cancel_after(checkpoints: int, scope: trio.CancelScope) -> None:
+    for _ in range(checkpoints):
+        await trio.lowlevel.checkpoint()
+    scope.cancel()
+
+
 @pytest.mark.parametrize("checkpoints", range(1, 9))
 async def test_a_run_cancelled_as_it_starts_is_left_interrupted_not_running(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int
@@ -597,13 +603,7 @@ async def test_a_run_cancelled_as_it_starts_is_left_interrupted_not_running(
     the run was left 'running': shown as killed, though nothing died."""
     db = str(tmp_path / f"early{checkpoints}.db")
     async with trio.open_nursery() as nursery:
-
-        async def cancel_soon() -> None:
-            for _ in range(checkpoints):
-                await trio.lowlevel.checkpoint()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(cancel_soon)
+        nursery.start_soon(_cancel_after, checkpoints, nursery.cancel_scope)
         async with open_orchestrator(store=db, seed=1) as orch:
             await orch.run("SPEC-EARLY", run_id="early", budget="5")
     with Store.open(db, readonly=True) as store:
@@ -712,17 +712,14 @@ async def _halted_run(db: str) -> None:
 
 
 @pytest.mark.parametrize("checkpoints", range(1, 12))
-async def test_a_resume_cancelled_as_it_starts_is_left_interrupted(tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int) -> None:
+async def test_a_resume_cancelled_as_it_starts_is_left_interrupted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int
+) -> None:
     db = str(tmp_path / "r.db")
     await _halted_run(db)
     async with open_orchestrator(store=db, seed=1) as orch:
         async with trio.open_nursery() as nursery:
-
-            async def cancel_soon() -> None:
-                for _ in range(checkpoints):
-                    await trio.lowlevel.checkpoint()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(cancel_soon)
+            nursery.start_soon(_cancel_after, checkpoints, nursery.cancel_scope)
             await orch.resume("h", budget="100")
     with Store.open(db, readonly=True) as store:
         run = store.get_run("h")
@@ -730,18 +727,15 @@ async def test_a_resume_cancelled_as_it_starts_is_left_interrupted(tmp_path: Pat
 
 
 @pytest.mark.parametrize("checkpoints", range(1, 14))
-async def test_a_rerun_cancelled_as_it_starts_is_left_interrupted(tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int) -> None:
+async def test_a_rerun_cancelled_as_it_starts_is_left_interrupted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, checkpoints: int
+) -> None:
     db = str(tmp_path / "r.db")
     async with open_orchestrator(store=db, seed=1) as orch:
         await orch.run("SPEC-H", run_id="h")
     async with open_orchestrator(store=db, seed=1) as orch:
         async with trio.open_nursery() as nursery:
-
-            async def cancel_soon() -> None:
-                for _ in range(checkpoints):
-                    await trio.lowlevel.checkpoint()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(cancel_soon)
+            nursery.start_soon(_cancel_after, checkpoints, nursery.cancel_scope)
             await orch.rerun("h", "plan")
     with Store.open(db, readonly=True) as store:
         run = store.get_run("h")

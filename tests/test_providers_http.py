@@ -245,6 +245,15 @@ async def test_failing_token_source_is_authentication_error_without_secrets() ->
 # -- Anthropic -----------------------------------------------------------------
 
 ANTHROPIC_USAGE = {"input_tokens": 12, "cache_creation_input_tokens": 30, "cache_read_input_tokens": 500, "output_tokens": 1}
+# What STREAM_EVENTS' usage comes to: Anthropic's input excludes cache reads and writes.
+STREAM_USAGE = TokenUsage(
+    input_tokens=542,
+    cached_input_tokens=500,
+    output_tokens=40,
+    reasoning_output_tokens=0,
+    total_tokens=582,
+    cache_write_input_tokens=30,
+)
 
 
 def anthropic_sse(events: list[tuple[str, dict[str, Any]]]) -> str:
@@ -285,14 +294,7 @@ async def test_anthropic_stream_text_and_cache_usage() -> None:
     p = AnthropicProvider(api_key=SECRET, transport=recording(answer, seen))
     completion = await p.complete(make_request(model="claude-sonnet-4-5"))
     assert completion.content == '{"a": 1}'
-    assert completion.usage == TokenUsage(
-        input_tokens=542,
-        cached_input_tokens=500,
-        output_tokens=40,
-        reasoning_output_tokens=0,
-        total_tokens=582,
-        cache_write_input_tokens=30,
-    )
+    assert completion.usage == STREAM_USAGE
     [sent] = seen
     assert sent.headers["x-api-key"] == SECRET and sent.headers["anthropic-version"] == "2023-06-01"
     body = json.loads(sent.content)
@@ -324,14 +326,7 @@ async def test_anthropic_stream_cut_after_message_delta_keeps_its_usage() -> Non
         lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)))
     with pytest.raises(Disconnected) as info:
         await p.complete(make_request())
-    assert getattr(info.value, "usage", "absent") == TokenUsage(
-        input_tokens=542,
-        cached_input_tokens=500,
-        output_tokens=40,
-        reasoning_output_tokens=0,
-        total_tokens=582,
-        cache_write_input_tokens=30,
-    )
+    assert getattr(info.value, "usage", "absent") == STREAM_USAGE
 
 
 @pytest.mark.parametrize(("kind", "error"), [("overloaded_error", ProviderUnavailable), ("rate_limit_error", RateLimited)])
