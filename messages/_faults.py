@@ -332,6 +332,7 @@ class FaultInterceptor(Interceptor[Any]):
         if (
             not isinstance(item, CompletionRequest)
             or item.reply_to is None
+            or item.injection is not None  # another fault interceptor answers for it already
             or (self.plan.provider is not None and item.provider != self.plan.provider)
         ):
             await forward(item)

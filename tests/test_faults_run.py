@@ -638,3 +638,25 @@ def test_a_rerun_keeps_its_own_fault_seed_for_its_resumes(tmp_path: Path) -> Non
     resumed = run_cli(["resume", "R", "--db", db, *faults, "--budget", "10", "--json"], env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["digest"] == json.loads(full.stdout)["digest"]
+
+
+async def test_two_fault_interceptors_on_one_gateway_each_fire_their_own(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The second interceptor replaced the first one's queued fault: the
+    first's 429 counted as spent, never fired and was never logged."""
+    import collections
+
+    user = FaultInterceptor("429:1", seed=4)
+    db = str(tmp_path / "two.db")
+    async with open_orchestrator(
+        store=db, seed=4, faults="disconnect:1", interceptors={"gateway": [user]}
+    ) as orch:
+        result = await orch.run("SPEC-TWO", run_id="R")
+        assert orch.faults is not None
+        assert dict(orch.faults.injected) == {"disconnect": 1}
+    assert result.completed
+    assert dict(user.injected) == {"rate_limit": 1}
+    with Store.open(db, readonly=True) as store:
+        logged = collections.Counter(e.detail["fault"] for e in store.events("R", "fault"))
+    assert logged == {"disconnect": 1, "rate_limit": 1}
