@@ -61,8 +61,17 @@ class StageUnanswered(ConclaveError):
     def __init__(self, stage: str, failures: Mapping[str, str]) -> None:
         self.stage = stage
         self.failures = dict(failures)
-        shown = "; ".join(f"{agent}: {error}" for agent, error in self.failures.items())
+        # A few named, not all: with a wide panel the one-line message ran to
+        # 45 KB (every agent, each with its error); the halt event and the
+        # gave_up events hold them all.
+        named = list(self.failures.items())
+        shown = "; ".join(f"{agent}: {error}" for agent, error in named[:SHOWN_FAILURES])
+        if len(named) > SHOWN_FAILURES:
+            shown += f"; and {len(named) - SHOWN_FAILURES} more (their gave_up events name them)"
         super().__init__(f"{len(self.failures)} agent(s) failed after their retries ({shown})")
+
+
+SHOWN_FAILURES = 5
 
 
 def _not_the_answers_fault(error: ProviderError) -> bool:

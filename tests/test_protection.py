@@ -783,3 +783,15 @@ async def test_injected_faults_wait_for_a_worker_as_the_calls_they_stand_for(
     assert health["sim"].breaker.transitions == []
     # Each agent's calls: its faults, then one answer - no refusals in between.
     assert orch.faults is not None and result.turns == 200 + sum(orch.faults.injected.values())
+
+
+def test_a_halt_for_want_of_answers_names_a_few_failed_agents_not_all() -> None:
+    from actors._coordinator import SHOWN_FAILURES, StageUnanswered
+
+    few = StageUnanswered("plan", {"a": "timeout: x", "b": "timeout: y"})
+    assert "a: timeout: x; b: timeout: y" in str(few) and "more" not in str(few)
+    many = StageUnanswered("plan", {f"a{i:04d}": "disconnect: cut" for i in range(1000)})
+    assert str(many).startswith("1000 agent(s) failed")
+    assert str(many).count("disconnect: cut") == SHOWN_FAILURES
+    assert f"and {1000 - SHOWN_FAILURES} more" in str(many) and len(str(many)) < 500
+    assert len(many.failures) == 1000  # all kept for the halt event
