@@ -435,9 +435,13 @@ def cmd_branches(args: argparse.Namespace) -> int:
     with store:
         rows: list[dict[str, Any]] = []
         driven = store.run_is_driven(run.run_id)  # only the current branch is ever driven
+        every = store.lineage_decisions_by_branch(run.run_id)
+        made: dict[str, int] = {}
+        for d in store.decisions(run.run_id):
+            made[d.branch_id] = made.get(d.branch_id, 0) + 1
         for b in store.branches(run.run_id):
-            own = store.decisions(run.run_id, b.branch_id)
-            seen = store.lineage_decisions(run.run_id, b.branch_id)
+            own_count = made.get(b.branch_id, 0)
+            seen = every.get(b.branch_id, [])
             rows.append(
                 {
                     "branch_id": b.branch_id,
@@ -449,8 +453,8 @@ def cmd_branches(args: argparse.Namespace) -> int:
                     "driven": driven if b.branch_id == run.current_branch_id else False,
                     "halt_reason": b.halt_reason,
                     "decided": [d.stage for d in seen],
-                    "own_decisions": len(own),
-                    "inherited_decisions": len(seen) - len(own),
+                    "own_decisions": own_count,
+                    "inherited_decisions": len(seen) - own_count,
                     "digest": b.digest,
                     "created_at": b.created_at,
                 }

@@ -252,3 +252,33 @@ def test_a_parent_left_unfinished_by_a_rerun_is_abandoned_not_stalled(tmp_path: 
     assert "run A: abandoned" in text and "resume" not in text and "stalled" not in text
     assert f"goes on on branch {shorts[child]}" in text
     assert json.loads(run_cli(["status", "A", "--db", db, "--json"]).stdout)["status"] in ("completed", "halted")
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_every_branchs_lineage_read_at_once_is_each_ones_lineage(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, seed: int
+) -> None:
+    """`conclave branches` reads all lineages at once (one lineage query
+    per branch, each walking its chain, was quadratic: 3,000 branches took
+    15 s); it must see exactly what the lineage query sees, branch by
+    branch, over a tree of reruns from random stages and branches."""
+    import random
+
+    draw = random.Random(seed)  # explicit seed: the tree's shape only
+    path = str(tmp_path / "tree.db")
+    async with open_orchestrator(store=path, seed=3) as orch:
+        first = await orch.run("SPEC-T", run_id="T")
+        branches = [first.branch_id]
+        for _ in range(8):
+            parent = draw.choice(branches)
+            fork = draw.choice(STAGES)
+            try:
+                child = await orch.rerun("T", fork, branch_id=parent)
+            except Exception:
+                continue  # the parent has no advancing decision before that stage
+            branches.append(child.branch_id)
+    with Store.open(path, readonly=True) as s:
+        every = s.lineage_decisions_by_branch("T")
+        assert set(every) == {b.branch_id for b in s.branches("T")}
+        for branch_id, seen in every.items():
+            assert seen == s.lineage_decisions("T", branch_id), branch_id
