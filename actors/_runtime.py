@@ -598,7 +598,7 @@ class Orchestrator:
                 # The new branch may be written, current and running: nobody drives it now.
                 await self._mark_interrupted(run_id)
                 raise
-            self._take_up_health(run_id, parent.branch, stage=stage.name, order=parent.pipeline.stage_names)
+            self._take_up_health(run_id, parent.branch, stage=stage.name)
             state = load_state(self._require_db(), run_id, child)
             return await self._drive(
                 self._context(state), state.pipeline, state.seed, state, stored_budget(self._require_db(), state.branch)
@@ -638,13 +638,10 @@ class Orchestrator:
             return None
         return self.health.snapshot(trio.current_time())
 
-    def _take_up_health(
-        self, run_id: str, branch: BranchRow, *, stage: str | None, order: Sequence[str] = ()
-    ) -> None:
+    def _take_up_health(self, run_id: str, branch: BranchRow, *, stage: str | None) -> None:
         """Restore the gates and breakers as they stood when ``branch``
-        halted (``stage`` None), or when ``stage`` (of the stages in
-        ``order``) started on the branch of its lineage that ran it (a rerun
-        forking there), if that was recorded.  Only on a virtual clock
+        halted (``stage`` None), or when ``stage`` started on the branch of
+        its lineage that ran it (a rerun forking there), if that was recorded.  Only on a virtual clock
         (on the real one time has passed since: a provider's reset or a
         breaker's cooldown from then means nothing now) and only into gates
         and breakers this orchestrator has not used: the run then goes on
@@ -655,23 +652,11 @@ class Orchestrator:
         if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
             return
         store = self._require_db()
-        owner = branch.branch_id
-        if stage is not None:
-            # The branch that ran ``stage``: a branch runs the stages from
-            # its fork stage on and inherits the earlier ones.  (Only that
-            # one: if it never started the stage, nothing is taken up.)
-            rows = {b.branch_id: b for b in store.branches(run_id)}
-            at = order.index(stage) if stage in order else -1
-            seen: set[str] = set()
-            row = rows.get(owner)
-            while row is not None and row.fork_stage in order and at < order.index(row.fork_stage):
-                seen.add(row.branch_id)
-                row = rows.get(row.parent_branch_id or "")
-                if row is None or row.branch_id in seen:
-                    return
-            if row is None:
-                return
-            owner = row.branch_id
+        # For a stage, only the branch that ran it (if it never started
+        # the stage, nothing is taken up).
+        owner = branch.branch_id if stage is None else store.stage_owner(run_id, branch.branch_id, stage)
+        if owner is None:
+            return
         mine = [
             e
             for e in store.events(run_id, "halt" if stage is None else "stage_start")

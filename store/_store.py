@@ -649,47 +649,62 @@ class Store:
 
     def lineage_decisions_by_branch(self, run_id: str) -> dict[str, list[DecisionRow]]:
         """:meth:`lineage_decisions` of every branch of ``run_id`` at once,
-        from two reads: one lineage query per branch, each walking the
+        from three reads: one lineage query per branch, each walking the
         branch's whole chain, made ``conclave branches`` quadratic (3,000
-        branches: 15 s).  The same rule as :data:`LINEAGE_CTE`: a branch
-        owns the stages from its fork stage on (every stage if it has none,
-        or one the pipeline does not name) and sees the earlier ones as its
-        parent does."""
-        run = self.get_run(run_id)
-        if run is None:
-            return {}
-        named = (s.get("name") for s in run.pipeline.get("stages", ()) if isinstance(s, dict))
-        stages: list[str] = [name for name in named if isinstance(name, str)]
-        index = {name: i for i, name in enumerate(stages)}
-        branches = {b.branch_id: b for b in self.branches(run_id)}
+        branches: 15 s)."""
+        stages, owners = self._stage_owners(run_id)
         made = {(d.branch_id, d.stage): d for d in self.decisions(run_id)}
-        owners: dict[str, list[str | None]] = {}
-
-        def owners_of(branch_id: str, visiting: frozenset[str] = frozenset()) -> list[str | None]:
-            known = owners.get(branch_id)
-            if known is not None:
-                return known
-            row = branches[branch_id]
-            lo = index.get(row.fork_stage or "", 0) if row.fork_stage is not None else 0
-            parent = row.parent_branch_id
-            above: list[str | None] = (
-                owners_of(parent, visiting | {branch_id})
-                if parent in branches and parent not in visiting and parent != branch_id
-                else [None] * len(stages)
-            )
-            mine = [branch_id if i >= lo else above[i] for i in range(len(stages))]
-            owners[branch_id] = mine
-            return mine
-
-        seen: dict[str, list[DecisionRow]] = {}
-        for branch_id in branches:
-            row_owners = owners_of(branch_id)
-            seen[branch_id] = [
+        return {
+            branch_id: [
                 made[(owner, stage)]
                 for owner, stage in zip(row_owners, stages)
                 if owner is not None and (owner, stage) in made
             ]
-        return seen
+            for branch_id, row_owners in owners.items()
+        }
+
+    def stage_owner(self, run_id: str, branch_id: str, stage: str) -> str | None:
+        """The branch of ``branch_id``'s lineage that runs (or ran) ``stage``:
+        itself, or the ancestor it inherits the stage from; None for a stage
+        the run's pipeline does not name, or a branch it does not have."""
+        stages, owners = self._stage_owners(run_id)
+        row_owners = owners.get(branch_id)
+        if row_owners is None or stage not in stages:
+            return None
+        return row_owners[stages.index(stage)]
+
+    def _stage_owners(self, run_id: str) -> tuple[list[str], dict[str, list[str | None]]]:
+        """The run's stages in pipeline order and, per branch, which branch
+        owns each of them.  The rule of :data:`LINEAGE_CTE`: a branch owns
+        the stages from its fork stage on (every stage if it has none, or
+        one the pipeline does not name) and sees the earlier ones as its
+        parent does."""
+        run = self.get_run(run_id)
+        if run is None:
+            return [], {}
+        named = (s.get("name") for s in run.pipeline.get("stages", ()) if isinstance(s, dict))
+        stages: list[str] = [name for name in named if isinstance(name, str)]
+        index = {name: i for i, name in enumerate(stages)}
+        branches = {b.branch_id: b for b in self.branches(run_id)}
+        owners: dict[str, list[str | None]] = {}
+
+        def owners_of(branch_id: str, visiting: frozenset[str]) -> list[str | None]:
+            known = owners.get(branch_id)
+            if known is not None:
+                return known
+            row = branches[branch_id]
+            lo = index.get(row.fork_stage or "", 0)
+            parent = row.parent_branch_id
+            visiting = visiting | {branch_id}
+            above: list[str | None] = (
+                owners_of(parent, visiting) if parent in branches and parent not in visiting else [None] * len(stages)
+            )
+            owners[branch_id] = mine = [branch_id if i >= lo else above[i] for i in range(len(stages))]
+            return mine
+
+        for branch_id in branches:
+            owners_of(branch_id, frozenset())
+        return stages, owners
 
     _OUTPUT_COLUMNS = (
         "SELECT o.run_id, o.branch_id, o.stage, o.agent, o.attempt, o.status, o.content, o.format,"

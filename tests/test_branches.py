@@ -282,3 +282,9 @@ async def test_every_branchs_lineage_read_at_once_is_each_ones_lineage(
         assert set(every) == {b.branch_id for b in s.branches("T")}
         for branch_id, seen in every.items():
             assert seen == s.lineage_decisions("T", branch_id), branch_id
+            # Who owns each stage, as a rerun's health snapshot is looked up.
+            owners = {d.stage: d.branch_id for d in seen}
+            for stage in STAGES:
+                if stage in owners:
+                    assert s.stage_owner("T", branch_id, stage) == owners[stage]
+        assert s.stage_owner("T", first.branch_id, "no-such-stage") is None
