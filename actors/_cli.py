@@ -1,7 +1,7 @@
 """The ``conclave`` command line.
 
 Exit codes: 0 completed, 3 halted, 2 bad input or usage, 130 interrupted
-(143 for SIGTERM), 1 anything else.  ``--json`` prints exactly one JSON
+(143 for SIGTERM, 129 for SIGHUP), 1 anything else.  ``--json`` prints exactly one JSON
 object on stdout at the end; human output goes to stdout, errors to stderr
 as one line ``conclave: error: ...``.
 """
@@ -72,13 +72,23 @@ EXIT_USAGE = 2
 EXIT_HALTED = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
+# How a stop by each signal is reported: what happened, and the exit code a
+# shell gives a process the signal ended (128 + its number).
+_STOPPED_BY: dict[int, tuple[str, int]] = {
+    signal.SIGINT: ("interrupted", EXIT_INTERRUPTED),
+    signal.SIGTERM: ("terminated", EXIT_TERMINATED),
+    signal.SIGHUP: ("hung up", 128 + signal.SIGHUP),
+}
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a supervisor stopping us), handled as Ctrl-C is:
-    the work is cancelled cleanly, then the process exits 143."""
+    """SIGTERM (``kill``, a supervisor stopping us) or SIGHUP (the terminal
+    closed), handled as Ctrl-C is: the work is cancelled cleanly, then the
+    process exits 128 + the signal's number (143, 129)."""
 
-
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class UsageError(Exception):
@@ -86,7 +96,10 @@ class UsageError(Exception):
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"conclave: error: {message}", file=sys.stderr)
+    try:
+        print(f"conclave: error: {message}", file=sys.stderr)
+    except OSError:
+        pass  # stderr gone (its terminal hung up): the exit code still says it
     return code
 
 
@@ -100,8 +113,16 @@ def _is_interrupt(exc: BaseException) -> bool:
     return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(exc))
 
 
-def _is_terminated(exc: BaseException) -> bool:
-    return any(isinstance(leaf, Terminated) for leaf in _leaves(exc))
+def stopped_by(exc: BaseException) -> tuple[str, int] | None:
+    """(what happened, exit code) if ``exc`` is a stop by a signal: Ctrl-C
+    (KeyboardInterrupt) or :class:`Terminated`; None otherwise."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, Terminated):
+            return _STOPPED_BY.get(leaf.signum, ("terminated", 128 + leaf.signum))
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return _STOPPED_BY[signal.SIGINT]
+    return None
 
 
 def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) -> int:
@@ -110,7 +131,7 @@ def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) 
     Names the command that continues the run when the run was stored
     before the signal (a user stopping a long run wants to know how to go
     on; the run id scrolled away with the progress)."""
-    word, code = ("terminated", EXIT_TERMINATED) if _is_terminated(exc) else ("interrupted", EXIT_INTERRUPTED)
+    word, code = stopped_by(exc) or _STOPPED_BY[signal.SIGINT]
     message = f"{word}; the store is consistent"
     run = store.get_run(run_id) if run_id is not None else None
     if run is not None and run.status in ("completed", "halted"):
@@ -290,7 +311,7 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
 
 
 async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Run ``fn(*args)``, turning Ctrl-C and SIGTERM into a clean
+    """Run ``fn(*args)``, turning Ctrl-C, SIGTERM and SIGHUP into a clean
     cancellation.
 
     trio's default raises KeyboardInterrupt wherever the signal lands - even
@@ -298,7 +319,9 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     the process with the run still marked running.  Instead, either signal
     cancels the work like any other cancellation (runs are marked
     interrupted, the store stays consistent) and *then* KeyboardInterrupt
-    (SIGINT) or :class:`Terminated` (SIGTERM) is raised here.
+    (SIGINT) or :class:`Terminated` (SIGTERM, SIGHUP) is raised here.
+    SIGHUP by default ended the process at once: closing the terminal of a
+    long run left it marked running, its queued writes lost.
 
     Signals reach only the main thread: from another (``main()`` called by
     an embedding app's thread) ``fn`` just runs.
@@ -308,7 +331,7 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     # A signal the process was started ignoring stays ignored: a shell
     # starts background jobs with SIGINT ignored (so the terminal's Ctrl-C
     # spares them, as with nohup for SIGHUP), and listening re-enabled it.
-    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    watched = [s for s in _STOPPED_BY if signal.getsignal(s) is not signal.SIG_IGN]
     if not watched:
         return await fn(*args)
     received: int | None = None
@@ -334,8 +357,8 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             if received is None:
                 raise
             failure = exc
-    if received == signal.SIGTERM:
-        raise Terminated from failure
+    if received is not None and received != signal.SIGINT:
+        raise Terminated(received) from failure
     if received is not None:
         raise KeyboardInterrupt from failure
     return result
@@ -739,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run multi-agent LLM pipelines that must reach consensus. Every stage is "
             "answered by several agents and decided exactly once; state lives in SQLite."
         ),
-        epilog="Exit codes: 0 completed, 3 halted, 2 bad input, 130 interrupted (143 for SIGTERM), 1 other error.",
+        epilog="Exit codes: 0 completed, 3 halted, 2 bad input, 130 interrupted (143 for SIGTERM, 129 for SIGHUP), 1 other error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -866,10 +889,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # interrupted, as after Ctrl-C, and resumable.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_ERROR
-        if _is_terminated(exc):
-            return _fail("terminated", EXIT_TERMINATED)
-        if _is_interrupt(exc):
-            return _fail("interrupted", EXIT_INTERRUPTED)
+        stop = stopped_by(exc)
+        if stop is not None:
+            return _fail(*stop)
         if not isinstance(exc, Exception):
             raise  # SystemExit and friends
         # Anything else: one line per failure, exit 1, no traceback.

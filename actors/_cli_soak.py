@@ -2,7 +2,7 @@
 
 Exit 0 when every invariant held, 1 on a breach (naming the seed, so the
 failure can be replayed with ``--seed``), 2 on bad input, 130 on Ctrl-C and
-143 on SIGTERM (both after saying how far the soak got).
+143 on SIGTERM and 129 on SIGHUP (each after saying how far the soak got).
 """
 
 from __future__ import annotations
@@ -267,32 +267,36 @@ def replay_command(config: SoakConfig) -> str:
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` here, as SIGINT raises
+    """SIGTERM and SIGHUP raise :class:`Terminated` here, as SIGINT raises
     KeyboardInterrupt.  Only for the parent of worker processes, which
     waits in plain Python: inside a trio run a handler that raises could
     land in trio's own code."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        # (only the main thread may set a handler; main() from elsewhere
-        # keeps the default; a process started ignoring SIGTERM keeps ignoring it)
+    if threading.current_thread() is not threading.main_thread():
+        # (only the main thread may set a handler: main() from elsewhere
+        # keeps the defaults)
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # A process started ignoring a signal keeps ignoring it (nohup).
+    handled = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, _terminate) for s in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _soak_until_signalled(config: SoakConfig, progress: Progress | None, on_breach: OnBreach | None) -> SoakReport:
     """The soak, stopped as Ctrl-C stops it by SIGTERM (``timeout``, a
-    supervisor) too, so that either says how far it got, and exits 130 or
-    143.  By default SIGTERM would end the process at once, without that
-    summary, and leave any workers running the soak to its end."""
+    supervisor) and SIGHUP (its terminal closed) too, so that each says how
+    far it got, and exits 130, 143 or 129.  By default either would end the
+    process at once, without that summary, and leave any workers running
+    the soak to its end."""
     if config.shards > 1:
         with _sigterm_interrupts():
             return run_soak(config, progress, on_breach=on_breach)

@@ -26,9 +26,11 @@ the workers are spawned.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -67,9 +69,43 @@ _PROGRESS_STEPS = 200
 _progress_out: Connection | None = None
 
 
-def _init_worker(out: Connection | None) -> None:
+def _init_worker(out: Connection | None, parent: int | None) -> None:
     global _progress_out
     _progress_out = out
+    # A forked worker inherits the parent's handlers: SIGTERM and SIGHUP
+    # raised Terminated inside the shard's trio run, and a worker told to
+    # stop went on, idle, for ever.  A signal the parent ignores (nohup)
+    # stays ignored.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(signum, signal.SIG_DFL)
+    if parent is not None:
+        _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when its parent dies.  A parent killed outright
+    (SIGKILL, the OOM killer) cannot kill its workers, and they ran the
+    whole soak to its end for nobody - 100,000 runs took hours."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            # PR_SET_PDEATHSIG: the kernel sends SIGKILL when the thread that
+            # started this process ends (run_sharded's thread, which outlives
+            # the shards).
+            if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # died before the request took
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    # Elsewhere: a daemon thread that notices the parent has gone.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="soak parent watch", daemon=True).start()
 
 
 def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
@@ -208,6 +244,8 @@ def run_sharded(
     parts: list[ShardReport] = []
     failures: list[str] = []
     stopper = stopper if stopper is not None else Stopper()
+    # A forkserver's children are not ours: only the others can watch us.
+    parent = None if context.get_start_method() == "forkserver" else os.getpid()
     with ExitStack() as stack:
         try:
             futures: list[Future[ShardReport]] = []
@@ -222,7 +260,7 @@ def run_sharded(
                     stack.callback(out.close)
                     pipes.append(into)
                 pool = stack.enter_context(
-                    ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out,))
+                    ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out, parent))
                 )
                 futures.append(pool.submit(_run_shard, config, shard))
                 stopper.add(pool)  # after submit: its worker process exists

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -15,6 +17,10 @@ import pytest
 from store import Store
 
 from .conftest import REPO
+
+# SIGHUP (the terminal closed) ended the process at once, the run left
+# marked running and its queued writes lost.
+STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")]
 
 
 def _signal_at_first_stage(argv: list[str], signum: int) -> tuple[int, str, str]:
@@ -43,7 +49,7 @@ def _signal_at_first_stage(argv: list[str], signum: int) -> tuple[int, str, str]
     return proc.returncode, err, run_id
 
 
-@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(("signum", "code", "word"), STOPS)
 def test_a_signal_exits_cleanly_and_keeps_the_store_consistent(tmp_path: Path, signum: int, code: int, word: str) -> None:
     """SIGTERM (kill, a supervisor) used to end the process at once: the run
     stayed marked running and its queued writes were lost.  The message
@@ -93,7 +99,7 @@ def test_a_signal_after_the_run_finished_does_not_offer_to_continue_it(
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize(("signum", "code", "word"), STOPS)
 def test_a_signal_to_a_soak_alone_stops_it_and_says_how_far_it_got(
     signum: int, code: int, word: str, workers: int
 ) -> None:
@@ -146,10 +152,12 @@ def test_readme_opens_with_the_two_commands() -> None:
     json.dumps(lines)  # the file is text
 
 
-def test_a_run_started_ignoring_sigint_keeps_ignoring_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_a_run_started_ignoring_a_signal_keeps_ignoring_it(tmp_path: Path, signum: int) -> None:
     """A shell starts background jobs with SIGINT ignored, so the
     terminal's Ctrl-C spares them; conclave's signal handling re-enabled
-    it, and a background run died with the foreground job."""
+    it, and a background run died with the foreground job.  Likewise
+    SIGHUP under nohup: the run outlives its terminal."""
     db = str(tmp_path / "bg.db")
     proc = subprocess.Popen(
         [sys.executable, "-m", "actors", "run", "--db", db, "--clock", "real", "--sim-latency", "0.2"],
@@ -157,13 +165,27 @@ def test_a_run_started_ignoring_sigint_keeps_ignoring_it(tmp_path: Path) -> None
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN),
     )
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("STAGE 1/6"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "completed" in out
+
+
+def test_a_stop_is_reported_by_its_exit_code_when_stderr_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): the
+    message about the stop must not turn into a traceback and exit 1."""
+    from actors._cli import Terminated, _fail, stopped_by
+
+    class Gone(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    assert stopped_by(BaseExceptionGroup("x", [ValueError(), Terminated(signal.SIGHUP)])) == ("hung up", 129)
+    assert _fail("hung up", 129) == 129

@@ -320,3 +320,87 @@ def test_with_json_an_interrupted_soak_still_says_how_far_it_got() -> None:
     assert out.getvalue() == ""
     show.interrupted()
     assert out.getvalue() == "conclave: soak interrupted after 9/1,000 runs (171 agent turns); breaches found\n"
+
+
+def _workers_of(parent: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(entry))
+    return children
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="waits on pidfds (Linux)")
+def test_workers_die_with_a_parent_killed_outright() -> None:
+    """SIGKILL (or the OOM killer) gives a parent no chance to kill its
+    workers: they ran the whole soak to its end for nobody, and a soak of
+    100,000 runs kept two cores busy for hours."""
+    import select
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "soak", "--seed", "31337", "--runs", "100000", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers: list[int] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the workers report progress: they run
+            if line.startswith("soak: "):
+                break
+        workers = _workers_of(proc.pid)
+        assert len(workers) >= 2, workers  # (the pool's manager may add none)
+        pidfds = [os.pidfd_open(pid) for pid in workers]
+        proc.kill()
+        proc.wait(timeout=60)
+        try:
+            pending = list(pidfds)
+            while pending:  # a pidfd turns readable when its process ends
+                ready, _, _ = select.select(pending, [], [], 30)
+                assert ready, f"workers outlived their parent: {workers}"
+                pending = [fd for fd in pending if fd not in ready]
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:  # never leave a soak running behind the tests
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_forked_worker_does_not_keep_its_parents_signal_handlers() -> None:
+    """Forked from a parent whose SIGTERM and SIGHUP raise Terminated (the
+    CLI's), a worker raised it inside its own trio run when told to stop,
+    and went on, idle, for ever."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from actors._soak_shards import _init_worker
+
+    def raise_(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, raise_) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker, initargs=(None, os.getpid())) as pool:
+            assert pool.submit(_handlers).result(timeout=60) == [signal.SIG_DFL, signal.SIG_DFL]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _handlers() -> list[object]:
+    return [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)]
