@@ -2,8 +2,9 @@
 
 It answers :class:`~messages.AgentRequest`s one at a time: calls the model
 through the gateway (retrying what is retryable), reports every attempt's
-usage to the metrics accumulator, makes the output durable through the
-store writer, and only then replies to the coordinator - so a decision can
+usage to the metrics accumulator, makes each attempt's output durable
+through the store writer (a failed one before it retries: it may have been
+billed), and only then replies to the coordinator - so a decision can
 never be made on an output that is not on disk.
 """
 
@@ -180,8 +181,12 @@ class Agent:
                 started_at=started,
                 finished_at=finished,
             )
-            # Failed attempts are history, not input to consensus: fire and forget.
-            await self.store.send_eager(PersistOutput(output=failed))
+            # Durable before anything else happens to this agent: the attempt
+            # may have been billed, and a crash in the backoff that follows
+            # (the writer holds unacknowledged writes up to a second) erased
+            # it - its usage gone from the metrics, and a resume numbered
+            # its retry as the same attempt.
+            await self._persist(failed)
             # Authentication is permanent here: the provider has already
             # refreshed its token once and retried (the 401-refresh-once rule).
             if not self.retry.should_retry(error, self.retry.round_attempt(attempt)):

@@ -171,7 +171,7 @@ class Limits:
     progress_buffer: int = 1024
     metrics_interval: float = 0.25  # seconds (trio clock) between snapshots of a run
     # Seconds (trio clock) the store writer may hold writes nobody awaits
-    # (events, failed attempts) for the next acknowledged one; 0: never.
+    # (events) for the next acknowledged one; 0: never.
     store_hold: float = 1.0
 
     def __attrs_post_init__(self) -> None:

@@ -6,7 +6,7 @@ writer in the batch.  An ack therefore always means "durable".  The
 transaction itself never awaits; only the backoff between busy retries
 does, and that happens outside any transaction.
 
-A batch of fire-and-forget writes only (events, failed attempts: nobody
+A batch of fire-and-forget writes only (events: nobody
 waits on them) is *held* for up to ``hold`` seconds of trio's clock, until
 an acknowledged write, a full batch or the inbox's end arrives, and goes
 into that transaction: such writes were never promised durable by any

@@ -112,3 +112,48 @@ def test_bad_hold_is_refused_by_name(tmp_path: Path) -> None:
             StoreWriter(s, hold=-1)
     with pytest.raises(ValueError, match="store_hold must be .* got nan"):
         Limits(store_hold=float("nan"))
+
+
+async def test_a_failed_attempt_is_durable_before_its_retry_waits(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A failed attempt may have been billed.  It was sent to the writer
+    unacknowledged, so it was held (up to a second) through the backoff:
+    a crash there lost it - its usage gone from the metrics, and a resume
+    numbered its retry as the same attempt.  Seen from another connection,
+    as a crash would leave the file, it is on disk by the time the agent
+    starts waiting."""
+    from actors import MockProvider, RetryPolicy, SimulatedProvider, open_orchestrator
+    from actors._http_errors import with_usage
+    from messages import AgentRetrying, CompletionRequest, Disconnected, TokenUsage
+
+    sim = SimulatedProvider(seed=0)
+    billed = TokenUsage(input_tokens=700, output_tokens=30)
+
+    def handler(request: CompletionRequest) -> object:
+        if request.key.agent == "claude" and request.attempt == 1:
+            raise with_usage(Disconnected("stream cut after its usage"), billed)
+        return sim.answer(request)
+
+    path = str(tmp_path / "d.db")
+    seen: list[tuple[str, int, TokenUsage | None]] = []
+    async with open_orchestrator(
+        store=path, provider=MockProvider(handler, name="sim"), retry=RetryPolicy(initial=30.0, cap=30.0, jitter=0.0)
+    ) as orch:
+        progress = orch.subscribe()
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for event in progress:
+                    if isinstance(event, AgentRetrying):
+                        with Store.open(path, readonly=True) as reader:
+                            seen.extend(
+                                (o.status, o.attempt, o.usage)
+                                for o in reader.outputs("D", stage="plan")
+                                if o.agent == "claude"
+                            )
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await orch.run("S", run_id="D")
+    assert seen == [("failed", 1, billed)]
