@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from messages import TokenUsage
-from messages._messages import MAX_CALL_TOKENS
+from messages._messages import MAX_CALL_TOKENS, implausible_usage
 
 
 class _Malformed(Exception):
@@ -66,9 +66,13 @@ def _unknown_if_malformed(read: Callable[[Any], TokenUsage | None]) -> Callable[
     @functools.wraps(read)
     def guarded(payload: Any) -> TokenUsage | None:
         try:
-            return read(payload)
+            usage = read(payload)
         except _Malformed:
             return None
+        # Each count within bounds can still sum past them (10**12 input
+        # and 1 output): such an answer stands, its usage unknown - the
+        # Completion refused it, and the run halted on a good answer.
+        return usage if usage is None or implausible_usage(usage) is None else None
 
     return guarded
 
@@ -124,8 +128,9 @@ def usage_from_anthropic(payload: Any) -> TokenUsage | None:
     output_tokens = _required(payload, "output_tokens")
     thinking = _count(payload, "output_tokens_details", "thinking_tokens")
     hour = _count(payload, "cache_creation", "ephemeral_1h_input_tokens")
-    if "cache_creation_input_tokens" not in payload:
-        # Only the breakdown given: its two parts are the writes.
+    if payload.get("cache_creation_input_tokens") is None:
+        # Only the breakdown given (the total absent or null): its two
+        # parts are the writes.
         cache_write = _count(payload, "cache_creation", "ephemeral_5m_input_tokens") + hour
     input_tokens = fresh + cache_read + cache_write
     return TokenUsage(

@@ -100,6 +100,34 @@ def test_anthropic_input_adds_cache_reads_and_writes() -> None:
     )
 
 
+def test_counts_within_bounds_that_sum_past_them_are_unknown_usage() -> None:
+    """10**12 input and 1 output: each count is allowed, their total is
+    not.  The normaliser built that usage and the Completion refused it, so
+    a good answer failed as the provider's bug and the run halted."""
+    big = 10**12
+    assert usage_from_openai({"prompt_tokens": big, "completion_tokens": 1}) is None
+    assert usage_from_anthropic({"input_tokens": big, "cache_read_input_tokens": 5, "output_tokens": 1}) is None
+    assert usage_from_gemini({"promptTokenCount": big, "candidatesTokenCount": 1}) is None
+    assert usage_from_openai({"prompt_tokens": big - 1, "completion_tokens": 1}) == TokenUsage.of(
+        input_tokens=big - 1, output_tokens=1
+    )
+
+
+def test_anthropic_null_cache_write_total_reads_its_breakdown() -> None:
+    # A null total beside the breakdown counted no writes at all: 3,000
+    # one-hour writes went unpriced.
+    usage = usage_from_anthropic(
+        {
+            "input_tokens": 1000,
+            "cache_creation_input_tokens": None,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 3000},
+            "output_tokens": 10,
+        }
+    )
+    assert usage is not None
+    assert (usage.input_tokens, usage.cache_write_input_tokens, usage.cache_write_1h_input_tokens) == (4000, 3000, 3000)
+
+
 def test_anthropic_stream_delta_usage_is_cumulative_not_summed() -> None:
     start = {"input_tokens": 25, "cache_read_input_tokens": 100, "output_tokens": 1}
     delta = merge_anthropic_usage(None, {"output_tokens": 10})
