@@ -137,7 +137,10 @@ class Agent:
             finished = trio.current_time()
             completion = result.completion
             usage = completion.usage if completion is not None else result.usage
-            model = completion.model if completion is not None else self.spec.model
+            # The model that answered, as the server names it: a failed
+            # attempt's usage was priced as the agent's configured model
+            # (an alias was unpriced, a mini model charged 17x).
+            model = completion.model if completion is not None else (result.model or self.spec.model)
             # Priced when the server's own name for the model is unknown.
             asked = (completion.requested_model if completion is not None else None) or self.spec.model
             await self.metrics.send_eager(  # the accumulator never waits on us

@@ -30,6 +30,7 @@ from messages import (
     ProviderUnavailable,
     QuotaExceeded,
     RateLimited,
+    TokenUsage,
 )
 
 from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
@@ -124,38 +125,44 @@ class AnthropicProvider(HttpProvider):
         done = False
         stop: object = None
         events = iter_sse(response)
-        async for event, data in events:
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                raise malformed(self.name, "a stream event is not JSON") from None
-            if not isinstance(payload, dict):
-                raise malformed(self.name, "a stream event is not an object")
-            kind = payload.get("type", event)
-            if kind == "message_start":
-                message = payload.get("message") or {}
-                start_usage = message.get("usage")
-                if isinstance(message.get("model"), str):
-                    model = message["model"]
-            elif kind == "content_block_delta":
-                delta = payload.get("delta") or {}
-                if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
-                    parts.append(delta["text"])
-            elif kind == "message_delta":
-                delta_usage = merge_anthropic_usage(delta_usage, payload.get("usage"))
-                stop = (payload.get("delta") or {}).get("stop_reason", stop)
-            elif kind == "message_stop":
-                done = True
-                break
-            elif kind == "error":
-                raise self._stream_error(payload)
+        try:
+            async for event, data in events:
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    raise malformed(self.name, "a stream event is not JSON") from None
+                if not isinstance(payload, dict):
+                    raise malformed(self.name, "a stream event is not an object")
+                kind = payload.get("type", event)
+                if kind == "message_start":
+                    message = payload.get("message") or {}
+                    start_usage = message.get("usage")
+                    if isinstance(message.get("model"), str):
+                        model = message["model"]
+                elif kind == "content_block_delta":
+                    delta = payload.get("delta") or {}
+                    if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                        parts.append(delta["text"])
+                elif kind == "message_delta":
+                    delta_usage = merge_anthropic_usage(delta_usage, payload.get("usage"))
+                    stop = (payload.get("delta") or {}).get("stop_reason", stop)
+                elif kind == "message_stop":
+                    done = True
+                    break
+                elif kind == "error":
+                    raise self._stream_error(payload)
+        except httpx.TransportError as exc:
+            raise self.cut_mid_stream(exc, _cut_usage(start_usage, delta_usage), model) from None
         if not done:
-            # message_delta carries the final counts: cut after it, the
-            # call's usage is known (as an OpenAI stream's usage chunk).
-            cut_usage = (
-                None if delta_usage is None else usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
-            )
-            raise with_usage(stream_cut(self.name, "no message_stop before the stream ended"), cut_usage)
+            cut = stream_cut(self.name, "no message_stop before the stream ended")
+            raise with_usage(cut, _cut_usage(start_usage, delta_usage), model=model)
         await events.drain()
         usage = usage_from_anthropic(merge_anthropic_usage(start_usage, delta_usage))
         return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)
+
+
+def _cut_usage(start: Any, delta: Any) -> TokenUsage | None:
+    """A stream cut before message_stop: message_delta carries the final
+    counts, so cut after it the call's usage is known (as an OpenAI
+    stream's usage chunk); before it, unknown."""
+    return None if delta is None else usage_from_anthropic(merge_anthropic_usage(start, delta))

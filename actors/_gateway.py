@@ -59,7 +59,7 @@ from messages import (
     TokenUsage,
     fail_pending,
 )
-from messages._messages import implausible_usage
+from messages._messages import implausible_usage, storable_text
 
 from ._health import HealthRegistry
 from ._provider import BaseProvider
@@ -274,6 +274,7 @@ class Gateway:
                     attempt=request.attempt,
                     error=error,
                     usage=_usage_of(error),
+                    model=_model_of(error),
                 )
             except Exception as exc:  # a bug in the provider: fail this call, loudly
                 bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
@@ -340,6 +341,13 @@ class Gateway:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+
+def _model_of(error: ProviderError) -> str | None:
+    """The model a failed call's server named (see ``with_usage``), if any."""
+    model = getattr(error, "model", None)
+    # (Read from a stream's JSON, it may hold a lone surrogate: never stored.)
+    return storable_text(model) if isinstance(model, str) and model else None
 
 
 def _usage_of(error: ProviderError) -> TokenUsage | None:

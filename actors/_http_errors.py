@@ -170,10 +170,13 @@ def parse_reset_hint(headers: Mapping[str, str], *, wall_now: WallClock = time.t
     return _pick(resets)
 
 
-def with_usage(error: ProviderError, usage: TokenUsage | None) -> ProviderError:
-    """Attach what the failed call consumed (``None``: unknown); the
-    gateway reads it with ``getattr(error, "usage", None)``."""
+def with_usage(error: ProviderError, usage: TokenUsage | None, *, model: str | None = None) -> ProviderError:
+    """Attach what the failed call consumed (``None``: unknown) and, when
+    the server named it, the model that answered (its usage is priced as
+    that model's); the gateway reads them with ``getattr``."""
     setattr(error, "usage", usage)  # noqa: B010 - ProviderError declares no slot for it
+    if model is not None:
+        setattr(error, "model", model)  # noqa: B010
     return error
 
 

@@ -304,7 +304,16 @@ class HttpProvider(BaseProvider):
                 + (f"; {limit}" if limit else "")
             ),
             completion.usage,
+            model=completion.model,
         )
+
+    def cut_mid_stream(self, exc: httpx.TransportError, usage: TokenUsage | None, model: str) -> ProviderError:
+        """The error for a connection that failed while a stream was read:
+        what the stream had said (its usage, the model it named) still
+        counts.  A chunked body cut after the usage chunk lost it, while the
+        same cut at a clean end of body kept it."""
+        error = error_from_transport(exc, provider=self.name, streaming=True, secrets=self._secrets())
+        return with_usage(error, usage if usage is not None else getattr(error, "usage", None), model=model)
 
     # -- the seam ------------------------------------------------------------
 

@@ -102,33 +102,36 @@ class OpenAIProvider(HttpProvider):
         done = False
         stop: object = None
         events = iter_sse(response)
-        async for _event, data in events:
-            if data.strip() == "[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise malformed(self.name, "a stream chunk is not JSON") from None
-            if not isinstance(chunk, dict):
-                raise malformed(self.name, "a stream chunk is not an object")
-            if chunk.get("error") is not None:
-                # An error event mid-stream: some tokens may have been billed.
-                raise self._error_object(chunk)
-            if isinstance(chunk.get("model"), str):
-                model = chunk["model"]
-            for choice in chunk.get("choices") or ():
-                delta = (choice.get("delta") or {}) if isinstance(choice, dict) else {}
-                text = delta.get("content") if isinstance(delta, dict) else None
-                if isinstance(text, str):
-                    parts.append(text)
-                if isinstance(choice, dict) and choice.get("finish_reason") is not None:
-                    stop = choice["finish_reason"]
-            if chunk.get("usage") is not None:
-                usage = usage_from_openai(chunk["usage"])
+        try:
+            async for _event, data in events:
+                if data.strip() == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise malformed(self.name, "a stream chunk is not JSON") from None
+                if not isinstance(chunk, dict):
+                    raise malformed(self.name, "a stream chunk is not an object")
+                if chunk.get("error") is not None:
+                    # An error event mid-stream: some tokens may have been billed.
+                    raise self._error_object(chunk)
+                if isinstance(chunk.get("model"), str):
+                    model = chunk["model"]
+                for choice in chunk.get("choices") or ():
+                    delta = (choice.get("delta") or {}) if isinstance(choice, dict) else {}
+                    text = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(text, str):
+                        parts.append(text)
+                    if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                        stop = choice["finish_reason"]
+                if chunk.get("usage") is not None:
+                    usage = usage_from_openai(chunk["usage"])
+        except httpx.TransportError as exc:
+            raise self.cut_mid_stream(exc, usage, model) from None
         if not done:
             # Usage stays unknown unless its chunk arrived before the cut.
-            raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage)
+            raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage, model=model)
         await events.drain()
         return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)
 

@@ -201,7 +201,9 @@ class CompletionResult:
     """Provider gateway (or an interceptor answering for it) -> agent.
 
     Exactly one of ``completion`` and ``error`` is set.  ``usage`` on a
-    failure is what the failed call consumed, ``None`` when unknown.
+    failure is what the failed call consumed, ``None`` when unknown;
+    ``model`` the model that answered it, when the server named one (the
+    usage is priced as that model's, as a completion's is).
     """
 
     key: AgentKey
@@ -209,6 +211,7 @@ class CompletionResult:
     completion: Completion | None = None
     error: ProviderError | None = None
     usage: TokenUsage | None = None
+    model: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.completion is None) == (self.error is None):

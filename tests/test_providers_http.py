@@ -554,3 +554,51 @@ async def test_anthropic_error_mid_stream_is_permanent_only_when_known_to_be(err
     with pytest.raises(ProviderError) as caught:
         await p.complete(make_request(model="claude-sonnet-4-5"))
     assert type(caught.value) is expected
+
+
+class _CutChunked(httpx.AsyncByteStream):
+    """A body that breaks off as an HTTP/1.1 chunked one does when the
+    connection drops: httpx raises "incomplete chunked read"."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def __aiter__(self) -> Any:
+        yield self.text.encode()
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_connection_cut_after_the_usage_keeps_it_and_the_model(provider: str) -> None:
+    """Usage that arrived before the cut counted when the body ended
+    cleanly, and was lost when the same cut broke a chunked body (as real
+    providers send): the billed call became unknown usage.  The model the
+    stream named goes with it, for pricing."""
+    if provider == "openai":
+        body = "".join(
+            f"data: {json.dumps(chunk)}\n\n"
+            for chunk in (
+                {"model": "gpt-4o-mini", "choices": [{"delta": {"content": "{}"}}]},
+                {"model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 200}},
+            )
+        )
+        expected = TokenUsage.of(input_tokens=1000, output_tokens=200)
+        named = "gpt-4o-mini"
+    else:
+        body = anthropic_sse(STREAM_EVENTS[:-1])
+        expected, named = STREAM_USAGE, "claude-sonnet-4-5"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_CutChunked(body))
+
+    transport = httpx.MockTransport(answer)
+    p: Any = (
+        OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=transport)
+        if provider == "openai"
+        else AnthropicProvider(api_key=SECRET, transport=transport)
+    )
+    with pytest.raises(Disconnected) as info:
+        await p.complete(make_request(model="asked-for"))
+    assert getattr(info.value, "usage", "absent") == expected
+    assert getattr(info.value, "model", "absent") == named
+    assert SECRET not in str(info.value)

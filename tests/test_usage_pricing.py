@@ -138,3 +138,36 @@ def test_the_usage_line_shows_cache_writes_only_when_there_are_any() -> None:
     assert "cache writes" not in usage_line(TokenUsage.of(input_tokens=10, cached_input_tokens=5))
     line = usage_line(TokenUsage.of(input_tokens=5_000, cache_write_input_tokens=1_200))
     assert "(0 cached, 1.2k cache writes)" in line
+
+
+async def test_a_failed_attempt_is_priced_as_the_model_that_answered_it(
+    db_path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The server names the model it ran; a completion was priced as that
+    model, a failed attempt that was billed (a stream cut after its usage)
+    as the agent's configured one: a deployment alias went unpriced and out
+    of the budget, a mini model was charged at the full model's rate."""
+    from actors._http_errors import with_usage
+    from store import Store
+
+    sim = SimulatedProvider(seed=3, disagreement_rate=0.0)
+    call = TokenUsage.of(input_tokens=1_000, output_tokens=100)
+
+    def answer(request: CompletionRequest) -> Completion:
+        if request.attempt == 1:
+            raise with_usage(Disconnected("cut after the usage chunk"), call, model="gpt-4o-mini")
+        return attrs.evolve(sim.answer(request), usage=call, model="gpt-4o-mini")
+
+    pipeline = pipeline_from_dict(
+        {
+            "agents": {a: {"provider": "sim", "model": "my-deployment"} for a in ("gemini", "claude")},
+            "stages": [{"name": "plan", "agents": ["gemini", "claude"], "mode": "parallel"}],
+        },
+        source="test",
+    )
+    async with open_orchestrator(store=db_path, provider=MockProvider(answer, name="sim"), pipeline=pipeline) as orch:
+        result = await orch.run("SPEC-MODEL", run_id="M")
+    assert result.completed and result.turns == 4
+    assert result.cost_usd == 4 * PRICES.cost(call, "gpt-4o-mini")  # type: ignore[operator]
+    with Store.open(db_path, readonly=True) as store:
+        assert {(o.status, o.model) for o in store.outputs("M")} == {("failed", "gpt-4o-mini"), ("accepted", "gpt-4o-mini")}
