@@ -78,6 +78,9 @@ def nonempty_arg(text: str) -> str:
     agent - or match everything, as a branch prefix does."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    if not text.isprintable():
+        # (An ESC in a model name drove the terminal wherever it was shown.)
+        raise argparse.ArgumentTypeError(f"must be printable characters, got {text!r}")
     return text
 
 

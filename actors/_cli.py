@@ -58,7 +58,7 @@ from ._cli_providers import (
     provider_configs_from_args,
 )
 from ._footer import LiveFooter, Writer, show_metrics
-from ._format import duration, tokens, usage_line, verdict_line
+from ._format import duration, shown, tokens, usage_line, verdict_line
 from ._ids import id_problem, new_run_id, shell_word, short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
@@ -210,10 +210,10 @@ class ProgressPrinter:
                 note = " (reused)" if event.replayed else ""
                 w(f"    {event.key.agent}: answered after {event.attempts} attempt(s){note}\n")
             else:
-                w(f"    {event.key.agent}: FAILED after {event.attempts} attempt(s): {event.error}\n")
+                w(f"    {event.key.agent}: FAILED after {event.attempts} attempt(s): {shown(event.error)}\n")
         elif isinstance(event, AgentRetrying):
             w(
-                f"    {event.key.agent}: attempt {event.attempt} failed ({event.error}); "
+                f"    {event.key.agent}: attempt {event.attempt} failed ({shown(event.error)}); "
                 f"retrying in {duration(event.delay)}\n"
             )
         elif isinstance(event, StageDecided):
@@ -255,7 +255,7 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     if result.completed:
         lines.append(f"Run {result.run_id} completed: {decided} stage(s) decided.")
     else:
-        lines.append(f"Run {result.run_id} HALTED: {with_db(result.halt_message or '', db)}")
+        lines.append(f"Run {result.run_id} HALTED: {with_db(shown(result.halt_message or ''), db)}")
     lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
     cost = f"  cost: {usd(result.cost_usd, 4)}"
     if result.budget_usd is not None:
@@ -607,10 +607,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             else:
                 for r in runs:
                     stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
-                    shown = _shown_status(r.status, store.run_is_driven(r.run_id))
+                    state = _shown_status(r.status, store.run_is_driven(r.run_id))
                     used = _usage(store, r)
                     print(
-                        f"{r.run_id}  {shown:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
+                        f"{r.run_id}  {state:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
                         f"stages  {tokens(used.input_tokens)} in / {tokens(used.output_tokens)} out"
                     )
             return EXIT_OK
@@ -623,7 +623,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             _json_out(info)
             return EXIT_OK
         status = _shown_status(info["status"], info["driven"])
-        reason = f" ({with_db(branch.halt_reason, args.db)})" if branch.halt_reason else ""
+        reason = f" ({with_db(shown(branch.halt_reason), args.db)})" if branch.halt_reason else ""
         print(f"run {run.run_id}: {status}{reason}")
         if status == STALLED:
             hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
@@ -635,8 +635,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  spec {run.spec_id} | seed {run.seed} | branch {short_branch_id(branch.branch_id)}{current}")
         # A goal may hold anything a user typed; shown, it must not drive
         # the terminal or forge a line of status.
-        shown = "".join(c if c.isprintable() else ("⏎" if c == "\n" else "?") for c in run.goal)
-        print(f"  goal: {shown or '-'}")
+        print(f"  goal: {shown(run.goal) or '-'}")
         for s in info["stages"]:
             print(f"  {s['stage']:<10} {s['status'] or 'pending'}")
         finished = info["status"] in ("completed", "halted")
@@ -748,7 +747,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
                 + (f"  [inherited from {short_branch_id(d.branch_id)}]" if inherited else "")
             )
             for conflict in d.verdict.get("conflicts") or ():
-                print(f"      conflict: {conflict}")
+                print(f"      conflict: {shown(conflict)}")
         return EXIT_OK
 
 

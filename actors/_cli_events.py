@@ -16,6 +16,7 @@ from typing import Any
 from store import EventRow
 
 from ._checks import add_db_argument, nonempty_arg
+from ._format import shown
 from ._ids import short_branch_id
 
 # A detail longer than this is cut in the human listing (--json has it all).
@@ -77,7 +78,7 @@ def _detail(detail: dict[str, Any]) -> str:
         else:
             text = str(value)
         parts.append(f"{key}={text}")
-    line = " ".join(parts)
+    line = shown(" ".join(parts))  # error messages come from providers
     return line if len(line) <= _DETAIL_WIDTH else line[: _DETAIL_WIDTH - 1] + "…"
 
 

@@ -18,7 +18,7 @@ from store import BranchRow, Store
 from ._budget import parse_budget, stored_budget, usd
 from ._checks import add_db_argument, file_arg, nonempty_arg
 from ._footer import LiveFooter, PlainMetrics, Writer, colour_allowed, redraws_in_place
-from ._format import tokens
+from ._format import shown, tokens
 from ._metrics import MetricsAccumulator
 from ._metrics_report import exact_cost, totals_json
 from ._pricing import PriceFileError, PriceTable
@@ -212,7 +212,7 @@ def _table(report: dict[str, Any], by: str) -> list[str]:
             f"{usd(exact_cost(g), 4)}+?" if exact_cost(g) else "unpriced"
         )
         lines.append(
-            f"  {name:<20} {g['turns']:>5} {g['replays']:>6} {tokens(u['input_tokens']):>8} "
+            f"  {shown(name):<20} {g['turns']:>5} {g['replays']:>6} {tokens(u['input_tokens']):>8} "
             f"{tokens(u['cached_input_tokens']):>8} {tokens(u['output_tokens']):>8} "
             f"{tokens(u['reasoning_output_tokens']):>8} {cost:>12}"
         )

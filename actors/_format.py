@@ -10,6 +10,17 @@ from messages import TokenUsage
 STATUS_MARK = {"ok": "✓", "degraded": "~", "conflict": "✗", "no_consensus": "✗"}
 
 
+def shown(text: object) -> str:
+    """``text`` safe to print on a terminal: a newline as ⏎, any other
+    control character as ?.  For what came from a provider, a model or a
+    user (error messages, conflicts, model names, goals): raw, an ESC drove
+    the terminal and a newline forged a line of output ("✓ ... OK")."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else ("⏎" if c == "\n" else "?") for c in value)
+
+
 def tokens(n: int) -> str:
     """12.5k, 1.5M, or the number itself (the reference's footer format)."""
     if n >= 1_000_000:
@@ -43,8 +54,8 @@ def usage_line(usage: TokenUsage, unknown: int = 0) -> str:
 
 
 def verdict_line(stage: str, seq: int, status: str, verdict: Mapping[str, Any]) -> str:
-    missing = ", ".join(verdict.get("missing_agents") or ()) or "-"
-    invalid = ", ".join(sorted(verdict.get("invalid_agents") or {})) or "-"
+    missing = shown(", ".join(verdict.get("missing_agents") or ())) or "-"
+    invalid = shown(", ".join(sorted(verdict.get("invalid_agents") or {}))) or "-"
     return (
         f"  {STATUS_MARK.get(status, '?')} {stage}: {status.upper()} (seq {seq}) | "
         f"support {verdict.get('support')}/{len(verdict.get('expected_agents') or ())} "

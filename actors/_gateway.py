@@ -61,6 +61,7 @@ from messages import (
 )
 from messages._messages import implausible_usage, storable_text
 
+from ._format import shown
 from ._health import HealthRegistry
 from ._provider import BaseProvider
 
@@ -347,7 +348,7 @@ def _model_of(error: ProviderError) -> str | None:
     """The model a failed call's server named (see ``with_usage``), if any."""
     model = getattr(error, "model", None)
     # (Read from a stream's JSON, it may hold a lone surrogate: never stored.)
-    return storable_text(model) if isinstance(model, str) and model else None
+    return storable_text(shown(model)) if isinstance(model, str) and model else None
 
 
 def _usage_of(error: ProviderError) -> TokenUsage | None:

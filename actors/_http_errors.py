@@ -57,6 +57,8 @@ from messages import (
     parse_seconds,
 )
 
+from ._format import shown
+
 WallClock = Callable[[], float]
 
 _EXCERPT = 200
@@ -94,7 +96,9 @@ def body_excerpt(body: bytes, secrets: Iterable[str] = ()) -> str:
             text = err["message"]
         elif isinstance(err, str):
             text = err
-    text = " ".join(redact(text, secrets).split())
+    # One line, and no control character: it is shown on terminals (an
+    # ESC in a server's message drove the user's).
+    text = shown(" ".join(redact(text, secrets).split()))
     return text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
 
 
@@ -258,7 +262,7 @@ def error_from_transport(
     usage = ZERO_USAGE if before_send else None
     words = next((w for cls, w in _TRANSPORT_WORDS if isinstance(exc, cls)), "the connection failed with")
     # Our own request's fault quotes the offending header value: the key.
-    detail = "" if isinstance(exc, httpx.LocalProtocolError) else redact(str(exc), secrets).strip()
+    detail = "" if isinstance(exc, httpx.LocalProtocolError) else shown(" ".join(redact(str(exc), secrets).split()))
     text = f"{provider}: {words} {_where(exc)}" + (f" ({detail[:200]})" if detail else "")
     if streaming and not before_send and not isinstance(exc, httpx.TimeoutException):
         text += "; the stream was cut short"

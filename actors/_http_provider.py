@@ -31,6 +31,7 @@ from messages import (
 )
 
 from ._consensus import parse_output
+from ._format import shown
 from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact, with_usage
 from ._provider import BaseProvider
 
@@ -63,7 +64,8 @@ def model_answer(*, content: str, usage: TokenUsage | None, model: str) -> Compl
     """The :class:`Completion` of a model's reply.  Models do split a
     surrogate pair across JSON escapes ("\\ud83d" alone); such a half is
     shown as U+FFFD rather than failing the call, or the store later."""
-    return Completion(content=storable_text(content), usage=usage, model=storable_text(model))
+    # The model's name is shown on terminals and priced: no control characters.
+    return Completion(content=storable_text(content), usage=usage, model=storable_text(shown(model)))
 
 
 def system_prompt(request: CompletionRequest) -> str:

@@ -121,6 +121,9 @@ class Quorum:
 def _a_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise PipelineError(f"{type(instance).__name__}.{attribute.name} must be a non-empty string, got {value!r}")
+    if not value.isprintable():
+        # Shown in banners and metrics tables: an ESC drove the terminal.
+        raise PipelineError(f"{type(instance).__name__}.{attribute.name} must be printable characters, got {value!r}")
 
 
 @attrs.frozen(kw_only=True, slots=True)

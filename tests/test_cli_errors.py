@@ -334,3 +334,61 @@ def test_status_shows_a_goal_without_letting_it_drive_the_terminal(tmp_path: Pat
     proc = run_cli(["status", "g", "--db", db])
     assert "  goal: ship it⏎  status: completed?[2J\n" in proc.stdout and "\x1b" not in proc.stdout
     assert json.loads(run_cli(["status", "g", "--db", db, "--json"]).stdout)["goal"] == goal  # kept as given
+
+
+def test_text_from_models_and_servers_cannot_drive_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model's reported conflicts, a server's error message and the model
+    name it gives reached the terminal raw: an ESC recoloured it, a BEL
+    rang, and a newline forged a line ("  ✓ FORGED: OK").  Shown, each
+    control character is ? and a newline ⏎; nothing is lost from the store."""
+    import attrs
+    import trio
+    import trio.testing
+
+    from actors import MockProvider, SimulatedProvider, open_orchestrator
+    from actors._cli import main
+    from actors._http_errors import body_excerpt
+    from messages import Completion, CompletionRequest
+
+    evil = "x \x1b[31mRED\x1b[0m\x07\n  ✓ FORGED: OK"
+    sim = SimulatedProvider(seed=0)
+
+    def answer(request: CompletionRequest) -> Completion:
+        done = sim.answer(request)
+        if not request.aggregate:
+            return attrs.evolve(done, model="m\x1b[2J")
+        body = json.loads(done.content)
+        body["consensus"] = {"agreements": [], "conflicts": [evil]}
+        return attrs.evolve(done, content=json.dumps(body))
+
+    db = str(tmp_path / "e.db")
+
+    async def build() -> None:
+        async with open_orchestrator(store=db, provider=MockProvider(answer, name="sim")) as orch:
+            await orch.run("S", run_id="E")
+
+    trio.run(build, clock=trio.testing.MockClock(autojump_threshold=0))
+    capsys.readouterr()
+    for argv in (["decisions", "E"], ["status", "E"], ["metrics", "E", "--by", "model"], ["events", "E"]):
+        main([*argv, "--db", db])
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out, argv
+        assert not any(line.lstrip().startswith("✓ FORGED") for line in out.splitlines()), argv
+    main(["decisions", "E", "--db", db, "--json"])  # the record itself is whole
+    assert json.dumps(evil)[1:-1] in capsys.readouterr().out
+    assert body_excerpt(b'{"error": {"message": "bad\\nFORGED \\u001b[31mRED\\u0007"}}') == "bad FORGED ?[31mRED?"
+
+
+def test_a_model_name_must_be_printable(tmp_path: Path) -> None:
+    from actors import PipelineError, pipeline_from_dict
+
+    bad = run_cli(["run", "--db", str(tmp_path / "m.db"), "--provider", "openai", "--model", "a\x1b[31m"])
+    assert bad.returncode == 2 and "must be printable characters" in bad.stderr
+    assert not (tmp_path / "m.db").exists()
+    with pytest.raises(PipelineError, match="model must be printable"):
+        pipeline_from_dict(
+            {"agents": {"a": {"provider": "sim", "model": "m\x07"}}, "stages": [{"name": "plan", "agents": ["a"]}]},
+            source="test",
+        )
