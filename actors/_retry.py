@@ -86,7 +86,11 @@ class RetryPolicy:
         """The pause before attempt ``attempt + 1``.  Jitter comes from
         (seed, spec, stage, agent, attempt): never from run or branch ids,
         which are random, so the same seed retries at the same moments."""
-        base = min(self.cap, self.initial * self.multiplier ** (attempt - 1))
+        try:
+            grown = self.initial * self.multiplier ** (attempt - 1)
+        except OverflowError:  # 2.0 ** 1024: past any cap (--max-attempts 1100 crashed the run)
+            grown = math.inf if self.initial > 0 else 0.0
+        base = min(self.cap, grown)
         unit = derive_unit(seed, "backoff", spec_id, key.stage, key.agent, attempt)
         backoff = base * (1.0 - self.jitter * unit)
         hint = classify(error).retry_after

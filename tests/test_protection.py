@@ -795,3 +795,13 @@ def test_a_halt_for_want_of_answers_names_a_few_failed_agents_not_all() -> None:
     assert str(many).count("disconnect: cut") == SHOWN_FAILURES
     assert f"and {1000 - SHOWN_FAILURES} more" in str(many) and len(str(many)) < 500
     assert len(many.failures) == 1000  # all kept for the halt event
+
+
+def test_backoff_past_a_float_power_stays_at_its_cap() -> None:
+    """2.0 ** 1024 overflows a float: an agent on its 1,026th attempt
+    (--max-attempts 1100 and a provider that keeps failing) crashed the
+    run with OverflowError, and the soak reported every run a breach."""
+    policy = RetryPolicy(max_attempts=5000, jitter=0.0)
+    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="a")
+    assert policy.delay(Disconnected("cut"), key, 1100, 0) == policy.cap
+    assert RetryPolicy(initial=0.0, jitter=0.0).delay(Disconnected("cut"), key, 1100, 0) == 0.0
