@@ -43,13 +43,23 @@ def _stamp() -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime())
 
 
+def _spec_part(spec_id: str, room: int) -> str:
+    # The spec id as far as it fits: a spec id of 180 characters (allowed)
+    # made a run id past MAX_ID_LENGTH, and the run was refused for an id
+    # the user never gave.
+    return _SAFE.sub("-", spec_id)[:room]
+
+
 def new_run_id(spec_id: str) -> str:
-    return f"run-{_SAFE.sub('-', spec_id)}-{_stamp()}-{secrets.token_hex(4)}"
+    """``run-{spec}-{UTC yyyymmddHHMMSS}-{8 hex}``, the spec cut to fit
+    :data:`MAX_ID_LENGTH`."""
+    return f"run-{_spec_part(spec_id, MAX_ID_LENGTH - 28)}-{_stamp()}-{secrets.token_hex(4)}"
 
 
 def new_branch_id(spec_id: str) -> str:
-    """``{spec}-{UTC yyyymmddHHMMSS}-{32 hex}``; see :func:`short_branch_id`."""
-    return f"{_SAFE.sub('-', spec_id)}-{_stamp()}-{secrets.token_hex(16)}"
+    """``{spec}-{UTC yyyymmddHHMMSS}-{32 hex}``, the spec cut to fit
+    :data:`MAX_ID_LENGTH`; see :func:`short_branch_id`."""
+    return f"{_spec_part(spec_id, MAX_ID_LENGTH - 48)}-{_stamp()}-{secrets.token_hex(16)}"
 
 
 def short_branch_id(branch_id: str) -> str:

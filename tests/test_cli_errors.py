@@ -392,3 +392,16 @@ def test_a_model_name_must_be_printable(tmp_path: Path) -> None:
             {"agents": {"a": {"provider": "sim", "model": "m\x07"}}, "stages": [{"name": "plan", "agents": ["a"]}]},
             source="test",
         )
+
+
+def test_a_long_spec_id_still_gets_a_run_id_it_may_have(tmp_path: Path) -> None:
+    """A spec id of 174 to 200 characters passed its check, then the run
+    was refused for the run id generated from it."""
+    from actors._ids import MAX_ID_LENGTH, id_problem, new_branch_id, new_run_id
+
+    spec = "S" * MAX_ID_LENGTH
+    assert id_problem(new_run_id(spec), "a run id", spaces=False) is None
+    assert len(new_branch_id(spec)) <= MAX_ID_LENGTH
+    done = run_cli(["run", "S" * 180, "--db", str(tmp_path / "l.db"), "--json"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["run_id"].startswith("run-SSS")
