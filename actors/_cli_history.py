@@ -272,7 +272,7 @@ def _configs(
     })
     stored = options.get("base_urls")
     kept = {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
-    return provider_configs_from_args(view, pipeline, token_sources=tokens, base_urls=kept)
+    return provider_configs_from_args(view, pipeline, token_sources=tokens, base_urls=kept, stored=True)
 
 
 def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -> int:

@@ -188,10 +188,12 @@ def provider_configs_from_args(
     env: Mapping[str, str] | None = None,
     token_sources: Mapping[str, BearerSource] | None = None,
     base_urls: Mapping[str, str] | None = None,
+    stored: bool = False,
 ) -> dict[str, ProviderConfig]:
     """Validate the configuration of every provider the (overridden)
     pipeline uses; build nothing.  ``base_urls``: per provider, the URL to
-    use when --base-url is not given (a resumed run's own)."""
+    use when --base-url is not given (a resumed run's own).  ``stored``:
+    the pipeline is a run's own (resume, rerun), which no option changes."""
     pipeline = pipeline_from_args(args, pipeline)
     max_concurrency = getattr(args, "max_concurrency", None)
     if max_concurrency is not None and max_concurrency < 1:
@@ -226,9 +228,15 @@ def provider_configs_from_args(
             if used
         ]
         if given:
+            # (resume and rerun refuse --provider: naming it sent users
+            # from one refusal to the next.)
+            where = (
+                "; this run's stored pipeline uses only the simulator"
+                if stored
+                else " (--provider openai or anthropic), not the simulator"
+            )
             raise ProviderConfigError(
-                f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} a real provider"
-                " (--provider openai or anthropic), not the simulator"
+                f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} a real provider{where}"
             )
     if base_url is not None and chosen is None and len(remote) > 1:
         raise ProviderConfigError(

@@ -405,3 +405,15 @@ def test_a_long_spec_id_still_gets_a_run_id_it_may_have(tmp_path: Path) -> None:
     done = run_cli(["run", "S" * 180, "--db", str(tmp_path / "l.db"), "--json"])
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["run_id"].startswith("run-SSS")
+
+
+def test_resume_does_not_send_users_to_an_option_it_refuses(tmp_path: Path) -> None:
+    """'--no-stream needs a real provider (--provider openai or
+    anthropic)' - and resume then refuses --provider."""
+    db = str(tmp_path / "r.db")
+    assert run_cli(["run", "--db", db, "--run-id", "R", "--json"]).returncode == 0
+    for argv in (["resume", "R", "--no-stream"], ["rerun", "R", "--from", "audit", "--request-timeout", "5"]):
+        refused = run_cli([*argv, "--db", db])
+        assert refused.returncode == 2, refused.stderr
+        assert "this run's stored pipeline uses only the simulator" in refused.stderr
+        assert "--provider" not in refused.stderr
