@@ -870,6 +870,13 @@ def _tolerant_output() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Started with stdout or stderr closed ('conclave run >&-'), Python
+    # gives None: the first print killed the run, left interrupted.  What
+    # would have gone there goes nowhere; the work is done and stored.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = _not_utf8(args, sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._checks import check_seconds, nonempty_arg
+from ._checks import check_seconds, nonempty_arg, positive_arg
 from ._http_provider import BearerSource
 from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
@@ -51,7 +51,9 @@ def add_serve_mock_command(subparsers: Any) -> None:
             "first N chat requests with --fault KIND[:N]."
         ),
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument(
+        "--host", type=nonempty_arg, default="127.0.0.1", help="address to bind (default: loopback only)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the answers and usage (default: 0)")
     parser.add_argument(
@@ -159,7 +161,7 @@ def add_provider_arguments(parser: argparse.ArgumentParser, *, stored: bool = Fa
         "steadily it streams, is cut at the agent's call timeout (600 s)",
     )
     group.add_argument(
-        "--max-concurrency", type=int, default=None, metavar="N",
+        "--max-concurrency", type=positive_arg, default=None, metavar="N",
         help="at most N calls in flight per provider (default: the gateway's)",
     )
 

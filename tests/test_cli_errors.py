@@ -417,3 +417,33 @@ def test_resume_does_not_send_users_to_an_option_it_refuses(tmp_path: Path) -> N
         assert refused.returncode == 2, refused.stderr
         assert "this run's stored pipeline uses only the simulator" in refused.stderr
         assert "--provider" not in refused.stderr
+
+
+def test_a_run_with_stdout_closed_still_completes(tmp_path: Path) -> None:
+    """'conclave run >&-': Python starts with sys.stdout None, and the
+    first line of progress killed the run (AttributeError, exit 1, the run
+    left interrupted)."""
+    from store import Store
+
+    db = str(tmp_path / "c.db")
+    done = subprocess.run(
+        [sys.executable, "-m", "actors", "run", "--db", db, "--run-id", "C"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(1),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with Store.open(db, readonly=True) as store:
+        run = store.get_run("C")
+        assert run is not None and run.status == "completed"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["serve-mock", "--host", ""], ["run", "--max-concurrency", str(2**63)]],
+)
+def test_more_bad_options_are_bad_input(argv: list[str], tmp_path: Path) -> None:
+    bad = run_cli([*argv, "--db", str(tmp_path / "o.db")] if argv[0] == "run" else argv)
+    assert bad.returncode == 2, bad.stderr
+    assert "Traceback" not in bad.stderr
