@@ -404,7 +404,11 @@ class TokenStore:
         if not isinstance(document, dict) or not isinstance(document.get("tokens", {}), dict):
             raise TokenStoreError(f"the token {where} has an unknown layout", hint=unreadable)
         version = document.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            # No version at all ({"github": 5}) is no file of ours, not a
+            # newer one: "upgrade Conclave" sent users the wrong way.
+            raise TokenStoreError(f"the token {where} has an unknown layout", hint=unreadable)
+        if version > FORMAT_VERSION:
             raise TokenStoreError(
                 f"the token {where} has format version {version!r}; this Conclave reads up to {FORMAT_VERSION}",
                 hint="upgrade Conclave",

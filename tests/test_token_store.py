@@ -105,6 +105,13 @@ async def test_newer_format_and_garbage_are_refused(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(TokenStoreError, match="not valid JSON"):
         store.load()
+    # Without a version it is no file of ours: "upgrade Conclave" pointed
+    # the wrong way.
+    for document in ({"github": 5}, {"version": True, "tokens": {}}, {"version": 0, "tokens": {}}):
+        path.write_text(json.dumps(document))
+        with pytest.raises(TokenStoreError, match="unknown layout") as caught:
+            store.load()
+        assert "upgrade" not in str(caught.value)
 
 
 def _with_expiry(document: str, value: str) -> bytes:
