@@ -801,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="show a run, or list recent runs", description="Show a run's status, or list the most recent runs.")
-    status.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run to show (default: list recent runs)")
     add_db_argument(status)
     status.add_argument("--limit", type=positive_arg, default=None, help="runs to list (default: 20)")
     status.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
@@ -809,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
 
     decisions = sub.add_parser("decisions", help="show a run's decisions", description="Show every decision of a run with its verdict.")
-    decisions.add_argument("run_id", metavar="RUN_ID")
+    decisions.add_argument("run_id", metavar="RUN_ID", help="the run, as 'conclave status' lists it")
     add_db_argument(decisions)
     decisions.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to show (full or short id; default: the current one)")
     decisions.add_argument("--json", action="store_true", help="print JSON")

@@ -54,7 +54,7 @@ def add_events_command(sub: Any) -> None:
             "stage starts, decisions, budget warnings and the final metrics."
         ),
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run, as 'conclave status' lists it")
     p.add_argument(
         "--kind",
         action="append",

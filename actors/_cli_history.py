@@ -505,7 +505,7 @@ def register(sub: Any) -> None:
             "are not called again."
         ),
     )
-    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument("run_id", metavar="RUN_ID", help="the run to continue")
     resume.add_argument(
         "--retry-failed", action="store_true",
         help=("a run halted for want of answers (agents_failed: a provider outage, rate limits or "
@@ -524,7 +524,7 @@ def register(sub: Any) -> None:
             "The child becomes the run's current branch; the parent's history is kept."
         ),
     )
-    rerun.add_argument("run_id", metavar="RUN_ID")
+    rerun.add_argument("run_id", metavar="RUN_ID", help="the run to fork")
     rerun.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="first stage to run again")
     rerun.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="branch to fork (full or short id; default: the current one)")
     rerun.add_argument("--disagreement-rate", type=_unit_interval, default=None, metavar="P", help="simulator: override the parent's dissent chance")
@@ -538,7 +538,7 @@ def register(sub: Any) -> None:
     rerun.set_defaults(handler=cmd_rerun)
 
     branches = sub.add_parser("branches", help="list a run's branches", description="List every branch of RUN_ID: its parent, fork stage, status and decisions.")
-    branches.add_argument("run_id", metavar="RUN_ID")
+    branches.add_argument("run_id", metavar="RUN_ID", help="the run, as 'conclave status' lists it")
     add_db_argument(branches)
     branches.add_argument("--json", action="store_true", help="print JSON")
     branches.set_defaults(handler=cmd_branches)

@@ -281,7 +281,7 @@ def add_metrics_command(sub: Any) -> None:
         help="show a run's tokens and cost by stage, agent or model",
         description="Show a run's token usage and cost, broken down by stage, agent or model.",
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run, as 'conclave status' lists it")
     p.add_argument("--by", choices=("stage", "agent", "model"), default="stage", help="breakdown (default: stage)")
     p.add_argument("--branch", type=nonempty_arg, metavar="BRANCH", help="a branch (full or short id; default: the current one)")
     add_db_argument(p)

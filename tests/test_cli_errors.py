@@ -168,6 +168,8 @@ def test_every_command_explains_itself() -> None:
                 continue
             for flag in action.option_strings:
                 assert flag in text, (name, flag)
+            # Every argument says what it is (RUN_ID was a bare name).
+            assert action.help or isinstance(action, argparse._SubParsersAction), (name, action.dest)
     assert "disconnect:4%,429:3%,timeout:3%" in commands["soak"].format_help()
     # resume and rerun run the stored pipeline: offering --provider/--model,
     # which they always refuse, misled (a README walkthrough tripped on it).
@@ -447,3 +449,27 @@ def test_more_bad_options_are_bad_input(argv: list[str], tmp_path: Path) -> None
     bad = run_cli([*argv, "--db", str(tmp_path / "o.db")] if argv[0] == "run" else argv)
     assert bad.returncode == 2, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_readme_names_every_key_of_each_reading_commands_json(tmp_path: Path) -> None:
+    """The reading commands' --json objects were documented nowhere; the
+    README's table must keep up with them."""
+    import re
+
+    from .conftest import REPO
+
+    db = str(tmp_path / "j.db")
+    assert run_cli(["run", "--db", db, "--run-id", "J"]).returncode == 0
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        match = re.match(r"\| `([a-z]+(?: RUN_ID)?)` \| (.*) \|$", line)
+        if match:
+            text = match.group(2)
+            while re.search(r"\([^()]*\)", text):  # nested parts name inner keys
+                text = re.sub(r"\([^()]*\)", "", text)
+            rows[match.group(1)] = set(re.findall(r"`([a-z_]+)`", text))
+    for command in ("status", "status RUN_ID", "decisions", "metrics", "events", "branches"):
+        argv = command.replace(" RUN_ID", "").split() + ([] if command == "status" else ["J"])
+        done = run_cli([*argv, "--db", db, "--json"])
+        assert done.returncode == 0, done.stderr
+        assert set(json.loads(done.stdout)) == rows[command], command
