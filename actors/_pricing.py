@@ -11,7 +11,8 @@ Matching a model name (first hit wins): ``provider/name``; the exact name;
 the name without a ``provider/`` prefix; Claude's dotted versions spelt with
 dashes (``claude-sonnet-4.5`` is ``claude-sonnet-4-5``); then the longest
 table name that is a prefix of the model followed by ``-``, ``@`` or ``:``
-(``gpt-4o-2024-05-13-ft`` -> ``gpt-4o-2024-05-13``).  Anything else is
+(``gpt-4o-2024-05-13-ft`` -> ``gpt-4o-2024-05-13``), unless what follows
+names a size or variant (``o1-mini`` is not ``o1``).  Anything else is
 *unpriced*: reported as such, never guessed.
 
 Cost of one call (``TokenUsage.input_tokens`` includes cache reads and
@@ -58,6 +59,13 @@ _RATE_FIELDS = (
 )
 _TIER = re.compile(r"^(?P<field>" + "|".join(_RATE_FIELDS) + r")_above_(?P<k>\d+)k_tokens$")
 _BOUNDARY = "-@:"
+# A prefix match is another model, not a version of this one, when what
+# follows names a size or variant: "o1-mini" is not "o1" (priced as o1 it
+# cost 13x what it does), "gemini-2.5-flash-lite" not "gemini-2.5-flash".
+_VARIANTS = frozenset(
+    "mini nano micro lite pro max plus turbo flash instruct audio realtime search transcribe tts "
+    "vision image codex deep thinking chat large medium small".split()
+)
 _DOTTED_CLAUDE = re.compile(r"^(claude-[a-z]+-\d+)\.(\d+)")
 
 
@@ -312,6 +320,8 @@ class PriceTable:
         for c in candidates:
             for key in self._by_length:  # longest first
                 if len(key) < len(c) and c.startswith(key) and c[len(key)] in _BOUNDARY:
+                    if _names_a_variant(c[len(key) :]):
+                        break  # a shorter key would be the same wrong guess
                     return self._prices[key]
         return None
 
@@ -333,3 +343,11 @@ def vendored_meta() -> dict[str, Any]:
     text = resources.files("actors").joinpath("_model_prices.json").read_bytes()
     meta = _parse(text, "actors/_model_prices.json").get("_meta", {})
     return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _names_a_variant(rest: str) -> bool:
+    """Whether ``rest`` (what follows a table name in a model name, from
+    its ``-``) starts with a size or variant word (see ``_VARIANTS``)."""
+    if rest[0] != "-":
+        return False  # "@20250929", ":ft-acme": a version or a fine-tune of it
+    return rest[1:].split("-", 1)[0] in _VARIANTS

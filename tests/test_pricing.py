@@ -62,7 +62,12 @@ def test_lookup_by_name_alias_and_prefix(model: str, provider: str | None, entry
     assert price is not None and price.name == entry
 
 
-@pytest.mark.parametrize("model", ["sim-model", "acme-llm-9", "gpt-5.9", "gpt", ""])
+@pytest.mark.parametrize(
+    "model",
+    # o1-mini was priced as o1 (13x its price): a prefix that names a size
+    # or variant is another model, however long the table's name.
+    ["sim-model", "acme-llm-9", "gpt-5.9", "gpt", "", "o1-mini", "o1-mini-2024-09-12", "gpt-4o-realtime-x"],
+)
 def test_unknown_models_are_unpriced_not_guessed(model: str) -> None:
     table = PriceTable.vendored()
     assert table.lookup(model) is None
