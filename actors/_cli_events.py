@@ -10,7 +10,10 @@ only; the store is opened read-only.
 from __future__ import annotations
 
 import argparse
-import collections
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 from store import EventRow
@@ -96,34 +99,50 @@ def _json(event: EventRow) -> dict[str, Any]:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from ._cli import UsageError, _json_out, open_run  # late: _cli imports this module
+    from ._cli import UsageError, open_run  # late: _cli imports this module
     from ._cli_history import branch_of
 
     store, run = open_run(args.db, args.run_id)
     with store:
+        # Read as they are written out, a page at a time: the whole log as
+        # a list held about 5 KB per event.
         branch_id = None if args.branch is None else branch_of(store, run, args.branch).branch_id
-        every = [e for e in store.events(run.run_id) if branch_id is None or e.branch_id == branch_id]
-    kinds = collections.Counter(e.kind for e in every)
-    wanted = set(args.kind or ())
-    unknown = wanted - EVENT_KINDS - set(kinds)
-    if unknown:
-        raise UsageError(
-            f"unknown event kind {', '.join(repr(k) for k in sorted(unknown))}; "
-            f"kinds: {', '.join(sorted(EVENT_KINDS | set(kinds)))}"
-        )
-    events = [e for e in every if not wanted or e.kind in wanted]
-    if args.json:
-        _json_out({"run_id": run.run_id, "branch_id": branch_id, "kinds": dict(kinds), "events": [_json(e) for e in events]})
-        return 0
-    scope = f" on branch {short_branch_id(branch_id)}" if branch_id else ""
-    summary = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-    print(f"events of {run.run_id}{scope}: {len(every)} ({summary or 'none'})")
-    if wanted and not events:
-        print(f"  none of kind {', '.join(sorted(wanted))}; this run has: {', '.join(sorted(kinds)) or 'none'}")
-        return 0
-    many_branches = branch_id is None and len({e.branch_id for e in events}) > 1
-    for e in events:
-        where = f"{e.stage or '-':<10} {e.agent or '-':<10} {e.attempt if e.attempt is not None else '-':>3}"
-        branch = f" {short_branch_id(e.branch_id)}" if many_branches else ""
-        print(f"  {e.id:>6}{branch} {where}  {e.kind:<13} {_detail(e.detail)}")
+        kinds, last = store.event_counts(run.run_id, branch_id)
+        wanted = set(args.kind or ())
+        unknown = wanted - EVENT_KINDS - set(kinds)
+        if unknown:
+            raise UsageError(
+                f"unknown event kind {', '.join(repr(k) for k in sorted(unknown))}; "
+                f"kinds: {', '.join(sorted(EVENT_KINDS | set(kinds)))}"
+            )
+        events = store.iter_events(run.run_id, branch_id=branch_id, kinds=sorted(wanted), up_to=last)
+        if args.json:
+            _json_stream({"run_id": run.run_id, "branch_id": branch_id, "kinds": kinds}, "events", map(_json, events))
+            return 0
+        scope = f" on branch {short_branch_id(branch_id)}" if branch_id else ""
+        summary = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        print(f"events of {run.run_id}{scope}: {sum(kinds.values())} ({summary or 'none'})")
+        if wanted and not any(kinds.get(k) for k in wanted):
+            print(f"  none of kind {', '.join(sorted(wanted))}; this run has: {', '.join(sorted(kinds)) or 'none'}")
+            return 0
+        many_branches = branch_id is None and len(store.branches(run.run_id)) > 1
+        for e in events:
+            where = f"{e.stage or '-':<10} {e.agent or '-':<10} {e.attempt if e.attempt is not None else '-':>3}"
+            branch = f" {short_branch_id(e.branch_id)}" if many_branches else ""
+            print(f"  {e.id:>6}{branch} {where}  {e.kind:<13} {_detail(e.detail)}")
     return 0
+
+
+def _json_stream(head: dict[str, Any], key: str, items: Iterator[dict[str, Any]]) -> None:
+    """Print ``head`` with ``key`` holding ``items``, exactly as
+    ``json.dumps(..., indent=2)`` prints the whole object, one item at a
+    time (never the whole list in memory)."""
+    text = json.dumps({**head, key: []}, indent=2)
+    opening = text[: -len("[]\n}")]  # ends '"events": '
+    out = sys.stdout
+    out.write(opening + "[")
+    first = True
+    for item in items:
+        out.write(("" if first else ",") + "\n" + textwrap.indent(json.dumps(item, indent=2), "    "))
+        first = False
+    out.write(("]" if first else "\n  ]") + "\n}\n")

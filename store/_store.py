@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -816,26 +816,77 @@ class Store:
         if kind is not None:
             sql += " AND kind = ?"
             args += (kind,)
-        return [
-            EventRow(
-                id=r[0],
-                run_id=r[1],
-                branch_id=r[2],
-                kind=r[3],
-                stage=r[4],
-                agent=r[5],
-                attempt=r[6],
-                detail=json.loads(r[7]),
-                at=r[8],
-            )
-            for r in self._rows(sql + " ORDER BY id", args)
-        ]
+        return [_event_row(r) for r in self._rows(sql + " ORDER BY id", args)]
+
+    def event_counts(self, run_id: str, branch_id: str | None = None) -> tuple[dict[str, int], int]:
+        """(events per kind, the last event's id) of a run, or of one of its
+        branches: the bound :meth:`iter_events` reads up to, so the counts
+        and the events read agree while the run goes on writing."""
+        where, args = self._event_scope(run_id, branch_id)
+        [(last,)] = self._rows(f"SELECT coalesce(max(id), 0) FROM events WHERE {where}", args)
+        rows = self._rows(  # kinds in the order they first happened
+            f"SELECT kind, count(*) FROM events WHERE {where} AND id <= ? GROUP BY kind ORDER BY min(id)", (*args, last)
+        )
+        return {str(k): int(n) for k, n in rows}, int(last)
+
+    def iter_events(
+        self,
+        run_id: str,
+        *,
+        branch_id: str | None = None,
+        kinds: Collection[str] = (),
+        up_to: int | None = None,
+        page: int = 1000,
+    ) -> Iterator[EventRow]:
+        """A run's events (of one branch, of some kinds, up to an id) in id
+        order, read ``page`` at a time: a run's whole log as a list took
+        about 5 KB per event (a run of a million events, gigabytes).  Each
+        page is its own read; nothing is held between them."""
+        where, args = self._event_scope(run_id, branch_id)
+        if kinds:
+            where += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            args += tuple(kinds)
+        if up_to is not None:
+            where += " AND id <= ?"
+            args += (up_to,)
+        sql = (
+            "SELECT id, run_id, branch_id, kind, stage, agent, attempt, detail, at"
+            f" FROM events WHERE {where} AND id > ? ORDER BY id LIMIT ?"
+        )
+        after = 0
+        while True:
+            rows = self._rows(sql, (*args, after, page))
+            for row in rows:
+                yield _event_row(row)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    @staticmethod
+    def _event_scope(run_id: str, branch_id: str | None) -> tuple[str, tuple[Any, ...]]:
+        if branch_id is None:
+            return "run_id = ?", (run_id,)
+        return "run_id = ? AND branch_id = ?", (run_id, branch_id)
 
     def integrity_check(self) -> str:
         return "; ".join(str(r[0]) for r in self._rows("PRAGMA integrity_check"))
 
     def foreign_key_violations(self) -> int:
         return len(self._rows("PRAGMA foreign_key_check"))
+
+
+def _event_row(r: Any) -> EventRow:
+    return EventRow(
+        id=r[0],
+        run_id=r[1],
+        branch_id=r[2],
+        kind=r[3],
+        stage=r[4],
+        agent=r[5],
+        attempt=r[6],
+        detail=json.loads(r[7]),
+        at=r[8],
+    )
 
 
 _CACHE_LIMIT = 4096
