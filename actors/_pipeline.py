@@ -31,6 +31,18 @@ _KNOWN_STAGES: dict[str, tuple[str, ...]] = {
     "analyze": ("issues",),
     "checklist": ("requirements",),
 }
+# The reference's roster and mode of each known stage (speckit-facts 1.1,
+# 1.2): a stage a file names without agents or mode gets these.  (Every
+# stage got gemini, claude and gpt_pro, sequential: a file that wrote the
+# default pipeline out by name ran another one - implement without
+# gpt_codex, validate, audit and unlock one agent after another.)
+_KNOWN_PANELS: dict[str, tuple[str, ...]] = {
+    "implement": ("gemini", "claude", "gpt_codex", "gpt_pro"),
+    "clarify": ("gemini", "claude", "code"),
+    "analyze": ("gemini", "claude", "code"),
+    "checklist": ("claude", "code"),
+}
+_PARALLEL_STAGES = frozenset({"validate", "audit", "unlock"})
 _STAGE_ALIASES = {"review": "audit", "spec-review": "audit"}
 ALWAYS_REQUIRED = ("stage", "agent")
 
@@ -222,21 +234,9 @@ class Pipeline:
 
 def default_pipeline() -> Pipeline:
     """plan, tasks, implement (sequential), validate, audit, unlock
-    (parallel); gemini, claude, gpt_pro, plus gpt_codex for implement."""
-    data = {
-        "stages": [
-            {"name": "plan", "mode": "sequential"},
-            {"name": "tasks", "mode": "sequential"},
-            {
-                "name": "implement",
-                "mode": "sequential",
-                "agents": ["gemini", "claude", "gpt_codex", "gpt_pro"],
-            },
-            {"name": "validate", "mode": "parallel"},
-            {"name": "audit", "mode": "parallel"},
-            {"name": "unlock", "mode": "parallel"},
-        ]
-    }
+    (parallel); gemini, claude, gpt_pro, plus gpt_codex for implement: each
+    known stage as the reference runs it."""
+    data = {"stages": [{"name": name} for name in ("plan", "tasks", "implement", "validate", "audit", "unlock")]}
     return pipeline_from_dict(data, source="default pipeline")
 
 
@@ -416,8 +416,10 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str, stored: bool = F
 
         if "agents" in raw:
             listed = _str_list(raw["agents"], f"{where}: agents")
-        else:
+        elif "agents" in defaults or known is None:
             listed = default_panel
+        else:
+            listed = _KNOWN_PANELS.get(known, _DEFAULT_PANEL)
         agents = tuple(resolve_agent(a, where) for a in listed)
         if not agents:
             raise PipelineError(f"{where}: needs at least one agent")
@@ -431,9 +433,23 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str, stored: bool = F
                 raise PipelineError(
                     f"{where}: agent {agent!r} is listed twice ({', '.join(map(repr, spellings))})"
                 )
+        if fresh:
+            # A name declared under [agents] is kept as written, but one
+            # that reads as a known agent ([agents.GPT-5]) beside that very
+            # agent is it twice: two gpt_pro seats, one vote counted twice.
+            # (Two declared variants, claude-opus and claude-haiku, are two
+            # agents of the file's own.)
+            for agent in agents:
+                known_as = canonical_agent(agent) if agent in declared else None
+                if known_as is not None and known_as != agent and known_as in panel:
+                    raise PipelineError(
+                        f"{where}: {agent!r} (declared under [agents]) reads as the known agent "
+                        f"{known_as!r}, which the stage lists too; name one of them differently"
+                    )
         used.update(agents)
 
-        mode = raw.get("mode", defaults.get("mode", "sequential"))
+        reference_mode = "parallel" if known in _PARALLEL_STAGES else "sequential"
+        mode = raw.get("mode", defaults.get("mode", reference_mode))
         if mode not in ("sequential", "parallel"):
             raise PipelineError(f"{where}: mode must be 'sequential' or 'parallel', got {mode!r}")
 

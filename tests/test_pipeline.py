@@ -209,3 +209,34 @@ def test_a_pipeline_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
     path = tmp_path / "bom.toml"
     path.write_bytes(b'\xef\xbb\xbf[[stages]]\nname = "plan"\n')
     assert load_pipeline(str(path)).stage_names == ("plan",)
+
+
+def test_a_file_naming_the_known_stages_runs_the_default_pipeline() -> None:
+    """Every stage a file named without agents or mode got gemini, claude
+    and gpt_pro, sequential: the default pipeline written out by name ran
+    another one (implement without gpt_codex - a quorum of 2 of 3 for 3 of
+    4 - and validate, audit and unlock one agent after another)."""
+    text = "".join(f'[[stages]]\nname = "{s}"\n' for s in ("plan", "tasks", "implement", "validate", "audit", "unlock"))
+    assert parse_pipeline(text).canonical_json() == default_pipeline().canonical_json()
+    quality = parse_pipeline('[[stages]]\nname = "checklist"\n[[stages]]\nname = "clarify"\n')
+    assert quality.stage("checklist").agents == ("claude", "code")
+    assert quality.stage("clarify").agents == ("gemini", "claude", "code")
+    # What the file says still wins: [defaults], or the stage's own keys.
+    chosen = parse_pipeline('[defaults]\nmode = "sequential"\nagents = ["gemini", "claude"]\n[[stages]]\nname = "audit"\n')
+    assert chosen.stage("audit").mode == "sequential" and chosen.stage("audit").agents == ("gemini", "claude")
+
+
+def test_a_declared_name_for_a_known_agent_beside_that_agent_is_refused() -> None:
+    """[agents.GPT-5] beside gpt_pro in one stage: two gpt_pro seats."""
+    text = (
+        '[agents.GPT-5]\nmodel = "gpt-5"\n'
+        '[[stages]]\nname = "plan"\nagents = ["gemini", "gpt_pro", "GPT-5"]\n'
+    )
+    with pytest.raises(PipelineError, match="'GPT-5' .* reads as the known agent 'gpt_pro'"):
+        parse_pipeline(text)
+    # Two declared variants of one model family are two agents of the file's own.
+    two = parse_pipeline(
+        '[agents.claude-opus]\nmodel = "claude-opus-4-1"\n[agents.claude-haiku]\nmodel = "claude-haiku-4-5"\n'
+        '[[stages]]\nname = "plan"\nagents = ["claude-opus", "claude-haiku", "gpt_pro"]\n'
+    )
+    assert two.stage("plan").agents == ("claude-opus", "claude-haiku", "gpt_pro")
