@@ -37,7 +37,7 @@ from messages import (
 )
 
 from ._classify import classify
-from ._consensus import parse_output
+from ._consensus import extract_json_text, parse_output
 from ._pipeline import AgentSpec, Pipeline
 from ._retry import RetryPolicy
 
@@ -54,8 +54,17 @@ def build_prompt(request: AgentRequest, fields: tuple[str, ...], aggregate: bool
             'As the aggregator, add "consensus": {"agreements": [...], "conflicts": [...]}.'
         )
     for prior in request.context:
-        lines.append(f"Earlier answer from {prior.agent}:\n{prior.content[:5000]}")
+        # As the reference passes them: the JSON object an answer holds, in
+        # full; an answer without one, cut at 5,000 characters.  (Every
+        # answer was cut: a long plan reached the aggregator as JSON that
+        # no longer closed.)
+        extracted = extract_json_text(prior.content)
+        shown = extracted if extracted is not None else prior.content[:_RAW_CONTEXT]
+        lines.append(f"Earlier answer from {prior.agent}:\n{shown}")
     return "\n".join(lines)
+
+
+_RAW_CONTEXT = 5000
 
 
 @attrs.define(kw_only=True)

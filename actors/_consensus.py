@@ -51,13 +51,25 @@ def parse_output(content: str) -> dict[str, Any] | None:
     Tries the whole text, then a fenced ```json block, then the outermost
     ``{...}`` span.  Only a JSON *object* counts.
     """
+    found = _extract(content)
+    return found[1] if found is not None else None
+
+
+def extract_json_text(content: str) -> str | None:
+    """The text of the JSON object :func:`parse_output` reads in
+    ``content`` (the whole answer when it is one), or ``None``."""
+    found = _extract(content)
+    return found[0] if found is not None else None
+
+
+def _extract(content: str) -> tuple[str, dict[str, Any]] | None:
     for text in _candidates(content):
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):  # nested past the parser's depth: text, not a crash
             continue
         if isinstance(value, dict):
-            return value
+            return text, value
     return None
 
 

@@ -187,3 +187,26 @@ def test_parse_output_finds_the_object(text: str) -> None:
 @pytest.mark.parametrize("text", ["", "no json", "[1, 2]", "{broken", '"string"'])
 def test_parse_output_rejects_non_objects(text: str) -> None:
     assert parse_output(text) is None
+
+
+def test_later_agents_see_an_earlier_answers_json_in_full_and_raw_text_cut() -> None:
+    """Every earlier answer was cut at 5,000 characters: a long plan reached
+    the aggregator as JSON that no longer closed.  As the reference does,
+    the JSON object an answer holds is passed in full (without the prose
+    around it); only an answer without one is cut."""
+    from actors._agent import build_prompt
+    from messages import AgentRequest, PriorOutput
+
+    plan = {"stage": "plan", "agent": "gemini", "work_breakdown": "W" * 8000, "acceptance_mapping": "m"}
+    long_json = "Here is my plan:\n" + json.dumps(plan) + "\nThanks."
+    prose = "no JSON here " * 1000
+    request = AgentRequest(
+        key=AgentKey(run_id="r", branch_id="b", stage="plan", agent="claude"),
+        spec_id="S",
+        goal="g",
+        context=(PriorOutput(agent="gemini", content=long_json), PriorOutput(agent="code", content=prose)),
+    )
+    prompt = build_prompt(request, ("work_breakdown",), aggregate=False)
+    assert f"Earlier answer from gemini:\n{json.dumps(plan)}\n" in prompt
+    assert "Here is my plan" not in prompt
+    assert f"Earlier answer from code:\n{prose[:5000]}" in prompt and prose[:5001] not in prompt
