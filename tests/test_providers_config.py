@@ -195,8 +195,10 @@ def test_serve_mock_rejects_seconds_that_are_not_finite(
 
 def test_cli_max_concurrency_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "c.db"
-    assert main(["run", "--db", str(db), "--max-concurrency", "0"]) == 2
-    assert "--max-concurrency must be at least 1" in capsys.readouterr().err and not db.exists()
+    with pytest.raises(SystemExit) as exited:  # refused as argparse refuses every count
+        main(["run", "--db", str(db), "--max-concurrency", "0"])
+    assert exited.value.code == 2
+    assert "--max-concurrency: must be at least 1, got 0" in capsys.readouterr().err and not db.exists()
 
 
 def test_reprs_and_constructors_keep_url_credentials_out() -> None:
