@@ -420,6 +420,17 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str, stored: bool = F
             listed = default_panel
         else:
             listed = _KNOWN_PANELS.get(known, _DEFAULT_PANEL)
+            real = sorted({spec.provider for spec in declared.values()} - {"sim"})
+            unset = [a for a in listed if a not in declared]
+            if fresh and real and unset:
+                # The reference's roster brings an agent the file never
+                # set up: it would answer from the simulator beside real
+                # models, without a word.
+                raise PipelineError(
+                    f"{where}: the stage's agents by default are {', '.join(listed)}, and "
+                    f"{', '.join(unset)} {'has' if len(unset) == 1 else 'have'} no [agents] entry while others "
+                    f"use {', '.join(real)}; declare {'it' if len(unset) == 1 else 'them'} or list the stage's agents"
+                )
         agents = tuple(resolve_agent(a, where) for a in listed)
         if not agents:
             raise PipelineError(f"{where}: needs at least one agent")

@@ -418,6 +418,8 @@ async def test_a_timeout_fault_outlasting_the_call_timeout_is_still_on_record(
 
 
 TWO_PROVIDERS = """
+[defaults]
+agents = ["gemini", "claude", "gpt_pro"]
 [agents.gemini]
 provider = "a"
 model = "sim-model"

@@ -240,3 +240,13 @@ def test_a_declared_name_for_a_known_agent_beside_that_agent_is_refused() -> Non
         '[[stages]]\nname = "plan"\nagents = ["claude-opus", "claude-haiku", "gpt_pro"]\n'
     )
     assert two.stage("plan").agents == ("claude-opus", "claude-haiku", "gpt_pro")
+
+
+def test_a_default_roster_agent_the_file_never_set_up_is_not_simulated_beside_real_ones() -> None:
+    """Implement's roster adds gpt_codex: in a file whose agents use a real
+    provider, an undeclared gpt_codex would answer from the simulator."""
+    text = "".join(f'[agents.{a}]\nprovider = "openai"\nmodel = "gpt-4o"\n' for a in ("gemini", "claude", "gpt_pro"))
+    with pytest.raises(PipelineError, match="gpt_codex has no \\[agents\\] entry while others use openai"):
+        parse_pipeline(text + '[[stages]]\nname = "implement"\n')
+    listed = parse_pipeline(text + '[[stages]]\nname = "implement"\nagents = ["gemini", "claude", "gpt_pro"]\n')
+    assert listed.stage("implement").agents == ("gemini", "claude", "gpt_pro")
