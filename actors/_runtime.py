@@ -259,9 +259,20 @@ class RunResult:
         }
 
 
+# A halt message names at most this many conflicts, each cut to this length
+# ('conclave decisions' shows them all): 30,000 conflicts made a 229 KB
+# one-line message, stored with the run and printed in full.
+_SHOWN_CONFLICTS = 5
+_CONFLICT_CHARS = 300
+
+
 def halt_message(run_id: str, decision: Decision) -> str:
     verdict = decision.verdict
-    detail = "; ".join(verdict.get("conflicts") or ()) or (
+    conflicts = [str(c) for c in verdict.get("conflicts") or ()]
+    shown = [c if len(c) <= _CONFLICT_CHARS else c[: _CONFLICT_CHARS - 1] + "…" for c in conflicts[:_SHOWN_CONFLICTS]]
+    if len(conflicts) > _SHOWN_CONFLICTS:
+        shown.append(f"and {len(conflicts) - _SHOWN_CONFLICTS} more")
+    detail = "; ".join(shown) or (
         f"only {verdict.get('support', 0)} agent(s) agree, quorum needs "
         f"{verdict.get('quorum_required')}"
     )

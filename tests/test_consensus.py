@@ -210,3 +210,19 @@ def test_later_agents_see_an_earlier_answers_json_in_full_and_raw_text_cut() -> 
     assert f"Earlier answer from gemini:\n{json.dumps(plan)}\n" in prompt
     assert "Here is my plan" not in prompt
     assert f"Earlier answer from code:\n{prose[:5000]}" in prompt and prose[:5001] not in prompt
+
+
+def test_a_halt_message_names_five_conflicts_each_cut() -> None:
+    """30,000 reported conflicts made a 229 KB one-line halt message,
+    stored with the run and printed whole; 'decisions' shows them all."""
+    from actors._runtime import halt_message
+    from messages import Decision, StageKey
+
+    conflicts = [f"conflict {i} " + "x" * 1000 for i in range(30_000)]
+    decision = Decision(
+        key=StageKey(run_id="r", branch_id="b", stage="plan"), seq=1, status="conflict", verdict={"conflicts": conflicts}
+    )
+    message = halt_message("r", decision)
+    assert len(message) < 2500
+    assert "conflict 0 " in message and "conflict 4 " in message and "conflict 5 " not in message
+    assert "and 29995 more" in message and "conclave rerun r --from plan" in message
