@@ -70,6 +70,32 @@ def _extract(content: str) -> tuple[str, dict[str, Any]] | None:
             continue
         if isinstance(value, dict):
             return text, value
+    return _first_object(content)
+
+
+# How many '{' an answer may open before the object scan gives up: each try
+# reads on from there (an answer of braces alone would be quadratic).
+_OBJECT_STARTS = 32
+_DECODER = json.JSONDecoder()
+
+
+def _first_object(content: str) -> tuple[str, dict[str, Any]] | None:
+    """The first whole JSON object in ``content``, read from each '{' on
+    and ending where the object does: prose, JSON and then a stray brace
+    (a smiley, '{:)}') spoilt the outermost span, and a good answer
+    counted as invalid.  (The reference matches braces by depth.)"""
+    start = content.find("{")
+    for _ in range(_OBJECT_STARTS):
+        if start < 0:
+            return None
+        try:
+            value, end = _DECODER.raw_decode(content, start)
+        except (ValueError, RecursionError):
+            pass
+        else:
+            if isinstance(value, dict):
+                return content[start:end], value
+        start = content.find("{", start + 1)
     return None
 
 

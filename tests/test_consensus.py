@@ -226,3 +226,16 @@ def test_a_halt_message_names_five_conflicts_each_cut() -> None:
     assert len(message) < 2500
     assert "conflict 0 " in message and "conflict 4 " in message and "conflict 5 " not in message
     assert "and 29995 more" in message and "conclave rerun r --from plan" in message
+
+
+def test_an_object_followed_by_a_stray_brace_is_still_read() -> None:
+    """Prose, the JSON object, then '{:)}': the outermost span from the
+    first '{' to the last '}' was no JSON, and a good answer counted as
+    invalid.  The first whole object is read, as the reference matches
+    braces by depth."""
+    body = {"stage": "plan", "agent": "claude", "work_breakdown": "a {b} c", "acceptance_mapping": "m"}
+    answer = "Here it is:\n" + json.dumps(body) + "\nHope that helps {:)}"
+    assert parse_output(answer) == body
+    assert parse_output("{:)} " + json.dumps(body)) == body
+    assert parse_output("no object {:)} here") is None
+    assert parse_output("{" * 100_000) is None  # gives up, without reading it 100,000 times
