@@ -7,8 +7,9 @@ the stage's decision field):
 
 * present agents have an accepted output; missing agents do not;
 * an agent is *valid* when its output parses as a JSON object holding every
-  required field; an unparseable output is kept as text and counts as that
-  agent missing its fields - never a crash;
+  required field, its decision not empty (null, "", [] or {}); an
+  unparseable output is kept as text and counts as that agent missing its
+  fields - never a crash;
 * valid agents are grouped by their value of the decision field; the largest
   group's size is the stage's *support*; quorum needs support >= required;
 * conflicts are the aggregator's reported conflicts plus every dissent from
@@ -17,7 +18,8 @@ the stage's decision field):
 Status, by precedence ok > conflict > degraded > no_consensus:
 
 * ``ok``: every expected agent valid, one group, no reported conflicts, and
-  the aggregator (if the stage has one) valid;
+  the aggregator (if the stage has one) valid, its ``consensus`` (if any)
+  an object;
 * ``conflict``: the aggregator reported conflicts, or agents dissent and the
   largest group falls short of quorum;
 * ``degraded``: quorum is met but something is missing, invalid or outvoted;
@@ -114,9 +116,24 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+# What models write for "nothing" in a list they were asked for: "conflicts":
+# "None" halted a stage as a conflict named "None".
+_NOTHING_WORDS = frozenset({"none", "n/a", "na", "nil", "null", "-", "no conflicts", "nothing"})
+
+
 def _none(value: Any) -> bool:
-    # null, false, 0, "", "  ", {} and []: nothing reported
-    return not value or (isinstance(value, str) and not value.strip())
+    # null, false, 0, "", "  ", {}, [] and "none": nothing reported
+    if isinstance(value, str):
+        return value.strip().lower().rstrip(".") in _NOTHING_WORDS or not value.strip()
+    return not value
+
+
+def _no_decision(value: Any) -> bool:
+    # null, "", "  ", [] and {}: no decision made (agents all answering ""
+    # "agreed" and the stage passed).  false and 0 are decisions.
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, (list, dict)) and not value)
 
 
 def _str_list(value: Any) -> list[str]:
@@ -185,9 +202,9 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
         if body is None:
             invalid[agent] = stage.required_fields
             continue
-        # A null decision is none: agents all answering null "agreed".
+        # An empty decision is none: agents all answering null "agreed".
         lacking = tuple(
-            f for f in stage.required_fields if f not in body or (f == stage.decision_field and body[f] is None)
+            f for f in stage.required_fields if f not in body or (f == stage.decision_field and _no_decision(body[f]))
         )
         if lacking:
             invalid[agent] = lacking
@@ -212,6 +229,11 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
             if isinstance(consensus, Mapping):
                 agreements.extend(_str_list(consensus.get("agreements")))
                 conflicts.extend(_str_list(consensus.get("conflicts")))
+            elif not _none(consensus):
+                # "consensus": "conflict: ..." or a list: not the object
+                # asked for, so nothing it says can be read - ignored, the
+                # stage passed as ok.  The aggregator has not done its part.
+                aggregator_ok = False
     reported_conflicts = bool(conflicts)
     if len(ranked) > 1 or support >= 2:
         top = ranked[0]

@@ -239,3 +239,34 @@ def test_an_object_followed_by_a_stray_brace_is_still_read() -> None:
     assert parse_output("{:)} " + json.dumps(body)) == body
     assert parse_output("no object {:)} here") is None
     assert parse_output("{" * 100_000) is None  # gives up, without reading it 100,000 times
+
+
+@pytest.mark.parametrize("empty", ["", "  ", [], {}])
+def test_an_empty_decision_is_no_decision(empty: Any) -> None:
+    """Agents all answering "" (or [] or {}) "agreed", and the stage passed
+    as ok; only null counted as no decision."""
+    v = compute_verdict(
+        STAGE, {"gemini": answer("gemini", empty), "claude": answer("claude", empty), "gpt_pro": aggregator(empty)}
+    )
+    assert v.status == "no_consensus" and set(v.invalid_agents) == {"gemini", "claude", "gpt_pro"}
+    # false is a decision (an unlock_decision may well be false).
+    no = compute_verdict(
+        STAGE, {"gemini": answer("gemini", False), "claude": answer("claude", False), "gpt_pro": aggregator(False)}
+    )
+    assert no.status == "ok"
+
+
+@pytest.mark.parametrize("nothing", ["none", "None", "N/A", "none."])
+def test_an_aggregator_writing_none_for_its_conflicts_reports_none(nothing: str) -> None:
+    body = {"stage": "audit", "agent": "gpt_pro", "audit_verdict": "pass",
+            "consensus": {"agreements": ["x"], "conflicts": nothing}}
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": out("gpt_pro", json.dumps(body))})
+    assert v.status == "ok" and v.conflicts == ()
+
+
+@pytest.mark.parametrize("consensus", ["conflict: scope differs", ["scope differs"]])
+def test_a_consensus_that_is_not_an_object_does_not_pass_as_ok(consensus: Any) -> None:
+    """Ignored, it let the stage pass as ok whatever it said."""
+    body = {"stage": "audit", "agent": "gpt_pro", "audit_verdict": "pass", "consensus": consensus}
+    v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": out("gpt_pro", json.dumps(body))})
+    assert v.status == "degraded"
