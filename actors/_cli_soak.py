@@ -327,7 +327,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
             return _soak_until_signalled(config, shown, shown.breach)
         except BaseException as exc:
             if _is_interrupt(exc):
-                shown.interrupted()
+                try:
+                    shown.interrupted()
+                except OSError:
+                    pass  # its terminal hung up (SIGHUP): the exit code says it, 129
             raise
 
     reports = [watched("soak")]

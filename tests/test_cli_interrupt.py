@@ -189,3 +189,28 @@ def test_a_stop_is_reported_by_its_exit_code_when_stderr_is_gone(monkeypatch: py
     monkeypatch.setattr(sys, "stderr", Gone())
     assert stopped_by(BaseExceptionGroup("x", [ValueError(), Terminated(signal.SIGHUP)])) == ("hung up", 129)
     assert _fail("hung up", 129) == 129
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal that hangs up")
+@pytest.mark.parametrize("argv", [["soak", "--seed", "4242129", "--runs", "100000"], ["run", "--clock", "real", "--sim-latency", "60"]])
+def test_closing_the_terminal_stops_cleanly_with_129(tmp_path: Path, argv: list[str]) -> None:
+    """The terminal really closing: SIGHUP, and stderr gone (EIO).  The
+    soak's 'interrupted after ...' line then raised OSError, which replaced
+    the stop: exit 1, not 129."""
+    import pty
+    import select
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: conclave on the pseudo-terminal
+        os.chdir(tmp_path)
+        os.execv(sys.executable, [sys.executable, "-m", "actors", *argv])
+    seen = b""
+    try:
+        while b"soak: " not in seen and b"STAGE 1/6" not in seen:  # it runs: the terminal may close
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, seen[-500:]
+            seen += os.read(master, 4096)
+    finally:
+        os.close(master)  # the terminal hangs up: SIGHUP to its foreground job
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129
