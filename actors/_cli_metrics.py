@@ -261,7 +261,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     print(f"metrics of {run.run_id}{which} ({status}; {report['source']}; prices: {report['price_table']}), by {args.by}:")
     print("\n".join(_table(report, args.by)))
     if report["unpriced_models"]:
-        print(f"  unpriced (not in the price table, not counted): {', '.join(report['unpriced_models'])}")
+        print(f"  unpriced (not in the price table, not counted): {shown(', '.join(report['unpriced_models']))}")
     if report["unknown_usage_calls"]:
         print(f"  {report['unknown_usage_calls']} call(s) with unknown usage (cut off), not counted")
     if report["interrupted_calls"]:

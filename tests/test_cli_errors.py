@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -473,3 +474,40 @@ def test_the_readme_names_every_key_of_each_reading_commands_json(tmp_path: Path
         done = run_cli([*argv, "--db", db, "--json"])
         assert done.returncode == 0, done.stderr
         assert set(json.loads(done.stdout)) == rows[command], command
+
+
+def test_the_unpriced_models_line_cannot_drive_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The table's rows were cleaned and the 'unpriced' line under them
+    was not: a server's model name held ESC, BEL and a forged line."""
+    import attrs
+    import trio
+    import trio.testing
+
+    from actors import MockProvider, SimulatedProvider, open_orchestrator, pipeline_from_dict
+    from actors._cli import main
+
+    sim = SimulatedProvider(seed=3, disagreement_rate=0.0)
+
+    def answer(request: Any) -> Any:
+        return attrs.evolve(sim.answer(request), model="evil\x1b[2J\x1b]0;owned\x07\n  ✓ FORGED: OK")
+
+    pipeline = pipeline_from_dict(
+        {
+            "agents": {a: {"provider": "sim", "model": "my-deployment"} for a in ("gemini", "claude")},
+            "stages": [{"name": "plan", "agents": ["gemini", "claude"], "mode": "parallel"}],
+        },
+        source="t",
+    )
+    db = str(tmp_path / "u.db")
+
+    async def build() -> None:
+        async with open_orchestrator(store=db, provider=MockProvider(answer, name="sim"), pipeline=pipeline) as orch:
+            await orch.run("S", run_id="U")
+
+    trio.run(build, clock=trio.testing.MockClock(autojump_threshold=0))
+    capsys.readouterr()
+    assert main(["metrics", "U", "--db", db, "--by", "model"]) == 0
+    out = capsys.readouterr().out
+    assert "unpriced" in out
+    assert "\x1b" not in out and "\x07" not in out
+    assert not any(line.lstrip().startswith("✓ FORGED") for line in out.splitlines())
