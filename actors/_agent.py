@@ -151,7 +151,7 @@ class Agent:
             # (an alias was unpriced, a mini model charged 17x).
             model = completion.model if completion is not None else (result.model or self.spec.model)
             # Priced when the server's own name for the model is unknown.
-            asked = (completion.requested_model if completion is not None else None) or self.spec.model
+            asked = (completion.requested_model if completion is not None else result.requested_model) or self.spec.model
             await self.metrics.send_eager(  # the accumulator never waits on us
                 UsageRecorded(
                     key=key,

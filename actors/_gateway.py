@@ -276,6 +276,7 @@ class Gateway:
                     error=error,
                     usage=_usage_of(error),
                     model=_model_of(error),
+                    requested_model=_model_of(error, "requested_model"),
                 )
             except Exception as exc:  # a bug in the provider: fail this call, loudly
                 bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
@@ -344,9 +345,10 @@ class Gateway:
             raise failure
 
 
-def _model_of(error: ProviderError) -> str | None:
-    """The model a failed call's server named (see ``with_usage``), if any."""
-    model = getattr(error, "model", None)
+def _model_of(error: ProviderError, attribute: str = "model") -> str | None:
+    """The model a failed call's server named (see ``with_usage``), or with
+    ``requested_model`` the one its provider asked for, if any."""
+    model = getattr(error, attribute, None)
     # (Read from a stream's JSON, it may hold a lone surrogate: never stored.)
     return storable_text(shown(model)) if isinstance(model, str) and model else None
 

@@ -341,7 +341,14 @@ class HttpProvider(BaseProvider):
     async def complete(self, request: CompletionRequest) -> Completion:
         if self.model is not None and request.model != self.model:
             request = attrs.evolve(request, model=self.model)
-            completion = await self._complete(request)
+            try:
+                completion = await self._complete(request)
+            except ProviderError as error:
+                # A failed call that was billed is priced as its answer
+                # would be: by the model asked for when the server's name
+                # for it is unknown (it fell back to the agent's).
+                setattr(error, "requested_model", self.model)  # noqa: B010
+                raise
             return attrs.evolve(completion, requested_model=self.model)
         return await self._complete(request)
 

@@ -203,7 +203,9 @@ class CompletionResult:
     Exactly one of ``completion`` and ``error`` is set.  ``usage`` on a
     failure is what the failed call consumed, ``None`` when unknown;
     ``model`` the model that answered it, when the server named one (the
-    usage is priced as that model's, as a completion's is).
+    usage is priced as that model's, as a completion's is), and
+    ``requested_model`` the one a provider bound to a model asked for (see
+    :class:`Completion`).
     """
 
     key: AgentKey
@@ -212,6 +214,7 @@ class CompletionResult:
     error: ProviderError | None = None
     usage: TokenUsage | None = None
     model: str | None = None
+    requested_model: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.completion is None) == (self.error is None):

@@ -171,3 +171,51 @@ async def test_a_failed_attempt_is_priced_as_the_model_that_answered_it(
     assert result.cost_usd == 4 * PRICES.cost(call, "gpt-4o-mini")  # type: ignore[operator]
     with Store.open(db_path, readonly=True) as store:
         assert {(o.status, o.model) for o in store.outputs("M")} == {("failed", "gpt-4o-mini"), ("accepted", "gpt-4o-mini")}
+
+
+async def test_a_failed_call_of_a_bound_provider_is_priced_as_the_model_it_asked_for(
+    db_path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A provider bound to a model (--model) asks for it whatever the agent
+    names; a server calling it by a name the table does not know is priced
+    as that bound model.  A completion was; a failed call that was billed
+    fell back to the agent's model (gpt-4o for a gpt-4o-mini call)."""
+    import json
+
+    import httpx
+
+    from actors import OpenAIProvider
+
+    calls = 0
+
+    def sse(chunks: list[dict[str, object]], done: bool) -> str:
+        return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + ("data: [DONE]\n\n" if done else "")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        body = json.loads(request.content)
+        assert body["model"] == "gpt-4o-mini"
+        content = json.dumps({"stage": "plan", "agent": "x", "work_breakdown": "w", "acceptance_mapping": "m"})
+        chunks: list[dict[str, object]] = [
+            {"model": "my-vllm-model", "choices": [{"delta": {"content": content}}]},
+            {"model": "my-vllm-model", "choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 100}},
+        ]
+        # The first call is cut after its usage (billed), the rest complete.
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=sse(chunks, calls > 1))
+
+    provider = OpenAIProvider(
+        base_url="http://llm.test/v1", api_key="k", model="gpt-4o-mini", transport=httpx.MockTransport(answer)
+    )
+    pipeline = pipeline_from_dict(
+        {
+            "agents": {"gemini": {"provider": "openai", "model": "gpt-4o"}},
+            "stages": [{"name": "plan", "agents": ["gemini"], "mode": "parallel", "quorum": 1, "aggregator": ""}],
+        },
+        source="test",
+    )
+    async with open_orchestrator(store=db_path, provider=provider, pipeline=pipeline) as orch:
+        result = await orch.run("SPEC-BOUND")
+    call = TokenUsage.of(input_tokens=1_000, output_tokens=100)
+    assert result.turns == 2 and result.unpriced_calls == 0
+    assert result.cost_usd == 2 * PRICES.cost(call, "gpt-4o-mini")  # type: ignore[operator]
