@@ -33,7 +33,7 @@ from messages import CircuitOpen, CompletionRequest, ProviderError, ProviderUnav
 from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
 from ._checks import check_seconds, check_wait
 from ._classify import classify
-from ._ratelimit import RateLimitGate
+from ._ratelimit import GateRefused, RateLimitGate
 from ._rng import derive_unit
 
 
@@ -96,7 +96,25 @@ class ProviderHealth:
                         f"{request.deadline - now:.0f}s this call has left; the call was not made",
                         retry_after=left,
                     )
-                await self.gate.wait(unit)
+                # Refused as soon as a later 429 moves its release past
+                # its deadline or its max_wait, as it would have been on
+                # arriving then (it waited out its call timeout at the
+                # gate, an attempt lost, and was refused after all).
+                until = min(request.deadline if request is not None else math.inf, now + self.max_wait)
+                try:
+                    await self.gate.wait(unit, until)
+                except GateRefused as refused:
+                    later = trio.current_time()
+                    past = (
+                        f"past the {request.deadline - later:.0f}s this call has left"
+                        if request is not None and until == request.deadline
+                        else f"longer than the {self.max_wait:.0f}s a call waits"
+                    )
+                    return None, RateLimited(
+                        f"provider {self.name!r} is rate-limited for {refused.left:.0f}s more (a later 429 "
+                        f"moved the reset), {past}; the call was not made",
+                        retry_after=refused.left,
+                    )
                 now = trio.current_time()
             ticket = self.breaker.acquire(now)
             if isinstance(ticket, Ticket):

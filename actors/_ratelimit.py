@@ -23,6 +23,12 @@ and sleeps again - the release times are the same as if every waiter slept
 on its own, but the cost no longer grows with waiters times 429s (it was
 quadratic: 24 sleeps per agent turn in a 256-run soak).
 
+A waiter may say by when it must be released (its call's deadline): when a
+later 429 pushes its release point to or past that, it leaves the gate at
+once with :class:`GateRefused`, as it would have been refused had it
+arrived then - rather than waiting out its call timeout at the gate, an
+attempt lost for nothing, and then being refused.
+
 With a ``quantum`` (the soak's timing grid, see :mod:`actors._grid`)
 release points are rounded up onto the grid, so several waiters share one;
 the head then releases, in the same step, every waiter whose point has come
@@ -40,6 +46,15 @@ import trio
 
 from ._checks import check_seconds
 from ._grid import on_grid
+
+
+class GateRefused(Exception):
+    """A waiter's release point moved past its ``until`` (see
+    :meth:`RateLimitGate.wait`); ``left``: seconds until the reset."""
+
+    def __init__(self, left: float) -> None:
+        super().__init__(f"the gate stays closed {left:.0f}s more")
+        self.left = left
 
 
 class RateLimitGate:
@@ -66,6 +81,20 @@ class RateLimitGate:
             self._closed_at = now
         if deadline > self.reset_at:
             self.reset_at = deadline
+            self._refuse_past(now)
+
+    def _refuse_past(self, now: float) -> None:
+        # Waiters queued before this instant meet the new reset time when
+        # they wake; those it would release at or past their limit leave.
+        for waiter in self._queue:
+            if waiter.gone or waiter.until == math.inf:
+                continue
+            if on_grid(self.reset_at + waiter.unit * self.spread, self.quantum) >= waiter.until:
+                waiter.gone = waiter.refused = True
+                waiter.left = self.reset_at - now
+                waiter.lead.set()
+                if waiter.sleep is not None:
+                    waiter.sleep.cancel()  # the head, asleep on the old reset time
 
     def snapshot(self, now: float) -> dict[str, float] | None:
         """The reset times relative to ``now`` (None: the gate never
@@ -89,25 +118,33 @@ class RateLimitGate:
     def is_open(self, now: float) -> bool:
         return now >= self.reset_for(now)
 
-    async def wait(self, unit: float = 0.0) -> float:
+    async def wait(self, unit: float = 0.0, until: float = math.inf) -> float:
         """Return once the gate is open (at once, without a checkpoint, if
         it already is); returns how long it waited.  A caller that had to
         wait is released ``unit * spread`` seconds after the reset
         (``unit`` in [0, 1), from its identity; rounded up onto the grid
-        with a ``quantum``).  Cancellable: a cancelled
-        waiter leaves the queue and hands the lead on if it held it."""
+        with a ``quantum``).  Raises :class:`GateRefused` as soon as a later
+        429 moves that point to ``until`` (trio time) or past it.
+        Cancellable: a cancelled waiter leaves the queue and hands the
+        lead on if it held it."""
         start = trio.current_time()
         if self.is_open(start):
             return 0.0
         self.waits += 1
-        me = _Waiter(unit, next(self._order))
+        me = _Waiter(unit, next(self._order), until)
         heapq.heappush(self._queue, me)
         try:
             while True:
+                if me.refused:
+                    raise GateRefused(me.left)
                 if self._head() is me:
                     now = trio.current_time()
                     # The reset time may move on while we sleep: check again.
-                    await trio.sleep_until(self._release_at(now, unit))
+                    with trio.CancelScope() as me.sleep:
+                        await trio.sleep_until(self._release_at(now, unit))
+                    me.sleep = None
+                    if me.refused:
+                        raise GateRefused(me.left)
                     now = trio.current_time()
                     if self.is_open(now):
                         me.gone = True  # leaving; the finally hands the lead on
@@ -159,14 +196,18 @@ class RateLimitGate:
 
 
 class _Waiter:
-    __slots__ = ("unit", "order", "lead", "gone", "released")
+    __slots__ = ("unit", "order", "until", "lead", "gone", "released", "refused", "left", "sleep")
 
-    def __init__(self, unit: float, order: int) -> None:
+    def __init__(self, unit: float, order: int, until: float = math.inf) -> None:
         self.unit = unit
         self.order = order
+        self.until = until  # released at or after this, it is refused instead
         self.lead = trio.Event()  # set: you are (or may be) the head now, or released
         self.gone = False  # off the queue, or to be dropped from it
         self.released = False  # let through by the head, in its step
+        self.refused = False  # a later 429 moved its release past ``until``
+        self.left = 0.0  # seconds to the reset, when refused
+        self.sleep: trio.CancelScope | None = None  # the head's sleep, to wake it when refused
 
     def __lt__(self, other: _Waiter) -> bool:
         return (self.unit, self.order) < (other.unit, other.order)

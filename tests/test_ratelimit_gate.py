@@ -173,3 +173,65 @@ def test_random_arrivals_cancellations_and_429s_never_release_early(quantum: flo
             assert at >= floors[i] - 1e-9, (scenario, i, at, floors[i])
             if quantum and at > floors[i]:  # it waited: released on a tick
                 assert abs(at / quantum - round(at / quantum)) < 1e-9, (scenario, i, at)
+
+
+async def test_a_waiter_is_refused_when_a_later_429_moves_its_release_past_its_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Parked at the gate with a call timeout to keep, a waiter was not
+    looked at again when a later 429 pushed the reset past it: it waited
+    out its whole timeout at the gate (an attempt lost), and was refused
+    on its retry.  It now leaves at the 429's instant, saying how long the
+    gate stays closed; the others (the head included) are unaffected."""
+    from actors._ratelimit import GateRefused
+
+    gate = RateLimitGate(spread=1.0)
+    gate.close_until(10.0)
+    await trio.sleep(0.5)  # (a caller in the 429's own instant passes)
+    outcome: dict[str, object] = {}
+
+    async def waiter(name: str, unit: float, until: float) -> None:
+        try:
+            await gate.wait(unit, until)
+            outcome[name] = ("released", trio.current_time())
+        except GateRefused as refused:
+            outcome[name] = ("refused", trio.current_time(), refused.left)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, "head", 0.1, 50.0)  # the head: asleep on the old reset
+        nursery.start_soon(waiter, "short", 0.2, 30.0)
+        nursery.start_soon(waiter, "long", 0.3, math.inf)
+        await trio.sleep(3.0)
+        gate.close_until(40.0)  # past 30 for "short", not 50 for "head"
+        await trio.sleep(1.0)
+        assert outcome == {"short": ("refused", 3.5, 36.5)}
+        gate.close_until(60.0)  # now past the head's limit too
+    assert outcome["head"] == ("refused", 4.5, 55.5)
+    assert outcome["long"] == ("released", pytest.approx(60.3))
+
+
+async def test_admit_refuses_a_parked_call_past_its_deadline_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    import attrs
+
+    from actors import HealthRegistry
+    from messages import RateLimited
+
+    from ._providers_support import make_request
+
+    health = HealthRegistry()["p"]
+    health.gate.close_until(10.0)
+    await trio.sleep(0.5)
+    request = attrs.evolve(make_request(), provider="p", deadline=100.0)
+    result: list[object] = []
+
+    async def call() -> None:
+        result.append(await health.admit(request))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.sleep(2.0)
+        health.gate.close_until(300.0)
+    [(permit, error)] = result
+    assert permit is None and isinstance(error, RateLimited)
+    assert error.retry_after == pytest.approx(297.5) and trio.current_time() == pytest.approx(2.5)
+    assert "past the 98s this call has left" in str(error)

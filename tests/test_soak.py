@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shlex
 import threading
@@ -86,7 +87,7 @@ def test_a_broken_gate_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker can fail: with a gate that never waits, calls reach the
     provider inside 429 windows and the soak says so."""
 
-    async def no_wait(self: RateLimitGate, unit: float = 0.0) -> float:
+    async def no_wait(self: RateLimitGate, unit: float = 0.0, until: float = math.inf) -> float:
         await trio.lowlevel.checkpoint()
         return 0.0
 
