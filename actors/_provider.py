@@ -28,6 +28,11 @@ class BaseProvider:
     # called): nothing in it could be cancelled, so the gateway spends no
     # cancel scope on its calls.  A provider that awaits must leave it False.
     answers_at_once: bool = False
+    # True if a call may cost money (the default: an app's own provider
+    # may): each call is then logged durably before it is made, so a crash
+    # mid-call leaves it counted as possibly billed.  The simulator and
+    # MockProvider, which cost nothing, leave that write to group commit.
+    bills: bool = True
 
     async def complete(self, request: CompletionRequest) -> Completion:
         raise NotImplementedError
@@ -42,6 +47,8 @@ Handler = Callable[[CompletionRequest], "Completion | Awaitable[Completion]"]
 class MockProvider(BaseProvider):
     """A provider from a function (sync or async) of the request: the mock
     implementation of the seam, for tests."""
+
+    bills = False  # (see BaseProvider.bills)
 
     def __init__(self, handler: Handler, *, name: str = "mock") -> None:
         if not callable(handler):

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from messages import (
+    ActorStopped,
     AgentKey,
     AgentOutput,
     AgentReply,
@@ -47,6 +48,8 @@ from messages import (
     StageKey,
     StoreWrite,
     UsageRecorded,
+    reply_pair,
+    request,
 )
 from store import BranchRow, DecisionRow, OutputRow, RunRow, Store
 
@@ -349,18 +352,32 @@ class CallLog(Interceptor[CompletionRequest]):
     gateway, so the event log shows which model calls a run bought (the
     crash tests count re-bought outputs with it).  Installed last on the
     gateway edge: an injected fault answered before the gateway is not a
-    provider call."""
+    provider call.
 
-    def __init__(self, store: Outbox[StoreWrite]) -> None:
+    For a provider in ``billed`` (one whose calls may cost money) the event
+    is durable before the call goes on: held for group commit (up to a
+    second), a crash in that second lost every trace of a call the
+    provider may have charged for, and ``metrics`` could not count it as
+    interrupted.  A checkpoint; cancelled while waiting for the write, the
+    call is not forwarded (its event may stand: counted as possibly
+    billed, never as not)."""
+
+    def __init__(self, store: Outbox[StoreWrite], billed: Collection[str] = ()) -> None:
         self._store = store
+        self._billed = frozenset(billed)
 
     async def send(self, item: CompletionRequest, forward: Forward[CompletionRequest]) -> None:
         if item.injection is None:  # a fault answering for the provider is no provider call
-            await self._store.send_eager(
-                PersistEvent.of_attempt(
-                    item.key, item.attempt, "agent_call", {"provider": item.provider, "model": item.model}
-                )
+            event = PersistEvent.of_attempt(
+                item.key, item.attempt, "agent_call", {"provider": item.provider, "model": item.model}
             )
+            if item.provider in self._billed:
+                reply, pending = reply_pair("logging a model call")
+                ack = await request(self._store, attrs.evolve(event, reply_to=reply), pending)
+                if not ack.ok and not ack.duplicate:
+                    raise ActorStopped(f"the store writer could not log a call before making it: {ack.error}")
+            else:
+                await self._store.send_eager(event)
         await forward(item)
 
 

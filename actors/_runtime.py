@@ -1141,7 +1141,10 @@ async def open_orchestrator(
     gateway_tx, gateway_rx = open_channel(
         limits.gateway_buffer,
         name="gateway",
-        interceptors=[*interceptors.get("gateway", ()), CallLog(store_tx)],
+        interceptors=[
+            *interceptors.get("gateway", ()),
+            CallLog(store_tx, billed=[name for name, p in providers.items() if p.bills]),
+        ],
     )
     metrics_tx, metrics_rx = open_channel(
         limits.metrics_buffer, name="metrics", interceptors=interceptors.get("metrics", ())

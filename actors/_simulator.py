@@ -107,6 +107,7 @@ class SimulatedProvider(BaseProvider):
     decision field differently from the panel."""
 
     name = "sim"
+    bills = False  # (see BaseProvider.bills)
 
     def __init__(
         self,

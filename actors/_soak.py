@@ -274,6 +274,7 @@ class _RecordingProvider(BaseProvider):
     def __init__(self, inner: BaseProvider, checker: _Checker) -> None:
         self.inner = inner
         self.name = inner.name
+        self.bills = inner.bills
         self._checker = checker
 
     async def complete(self, request: CompletionRequest) -> Completion:

@@ -157,3 +157,45 @@ async def test_a_failed_attempt_is_durable_before_its_retry_waits(
             nursery.start_soon(watch)
             await orch.run("S", run_id="D")
     assert seen == [("failed", 1, billed)]
+
+
+async def test_a_billed_call_is_logged_durably_before_it_is_made(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The agent_call event of a provider that may charge was held for group
+    commit up to a second: a crash while the provider worked lost every
+    trace of the call, and 'metrics' could not count it as interrupted.
+    Seen from another connection (as a crash leaves the file), each call is
+    on disk when the provider gets it.  The simulator's calls still wait
+    for group commit."""
+    import json
+
+    import httpx
+
+    from actors import OpenAIProvider, SimulatedProvider, open_orchestrator, pipeline_from_dict
+
+    path = str(tmp_path / "w.db")
+    seen: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        with Store.open(path, readonly=True) as reader:
+            seen.append(len(reader.events("W", kind="agent_call")))
+        content = json.dumps({"stage": "plan", "agent": "x", "work_breakdown": "w", "acceptance_mapping": "m"})
+        return httpx.Response(
+            200,
+            json={"model": "gpt-4o", "choices": [{"message": {"content": content}, "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 10, "completion_tokens": 5}},
+        )
+
+    provider = OpenAIProvider(base_url="http://llm.test/v1", api_key="k", stream=False, transport=httpx.MockTransport(answer))
+    pipeline = pipeline_from_dict(
+        {
+            "agents": {a: {"provider": "openai", "model": "gpt-4o"} for a in ("gemini", "claude")},
+            "stages": [{"name": "plan", "agents": ["gemini", "claude"], "mode": "sequential", "aggregator": ""}],
+        },
+        source="test",
+    )
+    async with open_orchestrator(store=path, provider=provider, pipeline=pipeline) as orch:
+        assert (await orch.run("S", run_id="W")).completed
+    assert seen == [1, 2]
+    assert not SimulatedProvider.bills and OpenAIProvider.bills
