@@ -7,7 +7,7 @@ the stage's decision field):
 
 * present agents have an accepted output; missing agents do not;
 * an agent is *valid* when its output parses as a JSON object holding every
-  required field, its decision not empty (null, "", [] or {}); an
+  required field, its decision not empty (null or ""); an
   unparseable output is kept as text and counts as that agent missing its
   fields - never a crash;
 * valid agents are grouped by their value of the decision field; the largest
@@ -51,7 +51,9 @@ def parse_output(content: str) -> dict[str, Any] | None:
     """The JSON object in an agent's answer, or ``None``.
 
     Tries the whole text, then a fenced ```json block, then the outermost
-    ``{...}`` span.  Only a JSON *object* counts.
+    ``{...}`` span, then the first whole object from each ``{``.  Only a
+    JSON *object* counts, and out of prose (the last two) only one holding
+    ``stage``, as every answer does.
     """
     found = _extract(content)
     return found[1] if found is not None else None
@@ -65,12 +67,14 @@ def extract_json_text(content: str) -> str | None:
 
 
 def _extract(content: str) -> tuple[str, dict[str, Any]] | None:
-    for text in _candidates(content):
+    for text, whole in _candidates(content):
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):  # nested past the parser's depth: text, not a crash
             continue
-        if isinstance(value, dict):
+        # A span cut out of prose is the answer only if it reads as one
+        # (see _first_object): "cfg = {}" made prose a JSON answer.
+        if isinstance(value, dict) and (whole or "stage" in value):
             return text, value
     return _first_object(content)
 
@@ -82,10 +86,13 @@ _DECODER = json.JSONDecoder()
 
 
 def _first_object(content: str) -> tuple[str, dict[str, Any]] | None:
-    """The first whole JSON object in ``content``, read from each '{' on
-    and ending where the object does: prose, JSON and then a stray brace
-    (a smiley, '{:)}') spoilt the outermost span, and a good answer
-    counted as invalid.  (The reference matches braces by depth.)"""
+    """The first whole JSON object in ``content`` that holds a ``stage``
+    (every answer's does), read from each '{' on and ending where the
+    object does: prose, JSON and then a stray brace (a smiley, '{:)}')
+    spoilt the outermost span, and a good answer counted as invalid.  (The
+    reference takes an object starting with ``"stage"``, matched by brace
+    depth.)  Objects without one are parts of something else - an item of
+    an answer cut short, a ``{}`` in prose - and are not the answer."""
     start = content.find("{")
     for _ in range(_OBJECT_STARTS):
         if start < 0:
@@ -95,21 +102,22 @@ def _first_object(content: str) -> tuple[str, dict[str, Any]] | None:
         except (ValueError, RecursionError):
             pass
         else:
-            if isinstance(value, dict):
+            if isinstance(value, dict) and "stage" in value:
                 return content[start:end], value
         start = content.find("{", start + 1)
     return None
 
 
-def _candidates(content: str) -> Iterator[str]:
+def _candidates(content: str) -> Iterator[tuple[str, bool]]:
     # Lazily, in order: an answer that is one JSON object (every agent's
     # and the simulator's, and read twice per turn) costs no regex scan.
-    yield content
+    # (text, whether it is all the answer or a block it marks as JSON)
+    yield content, True
     for m in _FENCE.finditer(content):
-        yield m.group(1)
+        yield m.group(1), True
     start, end = content.find("{"), content.rfind("}")
     if 0 <= start < end:
-        yield content[start : end + 1]
+        yield content[start : end + 1], False
 
 
 def _canonical(value: Any) -> str:
@@ -129,11 +137,12 @@ def _none(value: Any) -> bool:
 
 
 def _no_decision(value: Any) -> bool:
-    # null, "", "  ", [] and {}: no decision made (agents all answering ""
-    # "agreed" and the stage passed).  false and 0 are decisions.
+    # null, "" and "  ": no decision made (agents all answering "" "agreed"
+    # and the stage passed).  false, 0, [] and {} are decisions: "issues":
+    # [] is analyze's "none found".
     if isinstance(value, str):
         return not value.strip()
-    return value is None or (isinstance(value, (list, dict)) and not value)
+    return value is None
 
 
 def _str_list(value: Any) -> list[str]:

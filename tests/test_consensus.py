@@ -177,11 +177,18 @@ def test_verdict_json_is_canonical() -> None:
     [
         '{"a": 1}',
         'Here you go:\n```json\n{"a": 1}\n```\nDone.',
-        'prefix {"a": 1} suffix',
+        'prefix {"stage": "plan", "a": 1} suffix',
     ],
 )
 def test_parse_output_finds_the_object(text: str) -> None:
-    assert parse_output(text) == {"a": 1}
+    body = parse_output(text)
+    assert body is not None and body["a"] == 1
+
+
+def test_an_object_in_prose_is_the_answer_only_if_it_reads_as_one() -> None:
+    # As the reference: a raw object in prose is taken when it holds the
+    # stage every answer names; '{"a": 1}' there is part of the prose.
+    assert parse_output('prefix {"a": 1} suffix') is None
 
 
 @pytest.mark.parametrize("text", ["", "no json", "[1, 2]", "{broken", '"string"'])
@@ -241,19 +248,21 @@ def test_an_object_followed_by_a_stray_brace_is_still_read() -> None:
     assert parse_output("{" * 100_000) is None  # gives up, without reading it 100,000 times
 
 
-@pytest.mark.parametrize("empty", ["", "  ", [], {}])
+@pytest.mark.parametrize("empty", ["", "  "])
 def test_an_empty_decision_is_no_decision(empty: Any) -> None:
-    """Agents all answering "" (or [] or {}) "agreed", and the stage passed
-    as ok; only null counted as no decision."""
+    """Agents all answering "" "agreed", and the stage passed as ok; only
+    null counted as no decision."""
     v = compute_verdict(
         STAGE, {"gemini": answer("gemini", empty), "claude": answer("claude", empty), "gpt_pro": aggregator(empty)}
     )
     assert v.status == "no_consensus" and set(v.invalid_agents) == {"gemini", "claude", "gpt_pro"}
-    # false is a decision (an unlock_decision may well be false).
-    no = compute_verdict(
-        STAGE, {"gemini": answer("gemini", False), "claude": answer("claude", False), "gpt_pro": aggregator(False)}
-    )
-    assert no.status == "ok"
+    # false is a decision (an unlock_decision may well be false), and so is
+    # an empty list ("issues": [] is analyze's "none found").
+    for decided in (False, 0, [], {}):
+        v = compute_verdict(
+            STAGE, {"gemini": answer("gemini", decided), "claude": answer("claude", decided), "gpt_pro": aggregator(decided)}
+        )
+        assert v.status == "ok", decided
 
 
 @pytest.mark.parametrize("nothing", ["none", "None", "N/A", "none."])
@@ -270,3 +279,12 @@ def test_a_consensus_that_is_not_an_object_does_not_pass_as_ok(consensus: Any) -
     body = {"stage": "audit", "agent": "gpt_pro", "audit_verdict": "pass", "consensus": consensus}
     v = compute_verdict(STAGE, {"gemini": answer("gemini"), "claude": answer("claude"), "gpt_pro": out("gpt_pro", json.dumps(body))})
     assert v.status == "degraded"
+
+
+def test_the_object_scan_takes_no_part_of_something_else_for_the_answer() -> None:
+    """The scan for a whole object took any: an item of an answer cut at
+    its token limit ({"id": 1, ...}) made the cut answer look complete, and
+    a '{}' in prose made the prose a JSON answer."""
+    cut = '{"stage": "tasks", "agent": "a", "tasks": [{"id": 1, "title": "scaffold"}, {"id": 2, "title": "wire the'
+    assert parse_output(cut) is None
+    assert parse_output("Set it up with cfg = {} and then run it.") is None
