@@ -491,7 +491,11 @@ def warn_unpriced_budget(args: argparse.Namespace, pipeline: Pipeline) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        pipeline = load_pipeline(args.pipeline) if args.pipeline else default_pipeline()
+        pipeline = (
+            load_pipeline(args.pipeline, one_provider=args.provider is not None)
+            if args.pipeline
+            else default_pipeline()
+        )
     except PipelineError as exc:
         return _fail(str(exc))
     plan = fault_plan(args)

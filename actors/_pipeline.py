@@ -243,8 +243,10 @@ def default_pipeline() -> Pipeline:
 MAX_PIPELINE_FILE = 16 * 2**20  # thousands of stages fit in far less
 
 
-def load_pipeline(path: str) -> Pipeline:
-    """Read and validate a pipeline TOML file."""
+def load_pipeline(path: str, *, one_provider: bool = False) -> Pipeline:
+    """Read and validate a pipeline TOML file.  ``one_provider``: every
+    agent will be put on one provider (``--provider``), so none can be left
+    on the simulator beside real ones."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_PIPELINE_FILE + 1)  # /dev/zero was read until MemoryError
@@ -261,10 +263,10 @@ def load_pipeline(path: str) -> Pipeline:
         raise PipelineError(
             f"{path}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); TOML files are UTF-8"
         ) from None
-    return parse_pipeline(text, source=path)
+    return parse_pipeline(text, source=path, one_provider=one_provider)
 
 
-def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
+def parse_pipeline(text: str, *, source: str = "<pipeline>", one_provider: bool = False) -> Pipeline:
     """Read and validate a pipeline given as TOML text."""
     if not isinstance(text, str):
         # tomllib's own message for bytes says the reverse of the truth.
@@ -275,7 +277,7 @@ def parse_pipeline(text: str, *, source: str = "<pipeline>") -> Pipeline:
         raise PipelineError(f"{source}: invalid TOML: {exc}") from None
     except RecursionError:
         raise PipelineError(f"{source}: invalid TOML: nested too deeply") from None
-    pipeline = pipeline_from_dict(data, source=source)
+    pipeline = pipeline_from_dict(data, source=source, one_provider=one_provider)
     # In a file, an [agents] entry no stage lists is a typo ([agents.gemnii])
     # or another spelling ([agents.Gemini]): it was dropped without a word
     # and the agent kept its model.  (A dict built in code may declare a
@@ -307,11 +309,13 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def pipeline_from_dict(data: Mapping[str, Any], *, source: str, stored: bool = False) -> Pipeline:
+def pipeline_from_dict(
+    data: Mapping[str, Any], *, source: str, stored: bool = False, one_provider: bool = False
+) -> Pipeline:
     """Validate a decoded pipeline (TOML or stored JSON).
 
     ``stored``: a run's own stored pipeline, accepted once by the version
-    that ran it.  The checks that only guard new input (names, and decision
+    that ran it.  ``one_provider``: see :func:`load_pipeline`.  The checks that only guard new input (names, and decision
     fields no agents could disagree on) are left out, so a run started
     before they existed can still be resumed or rerun."""
     fresh = not stored
@@ -422,7 +426,7 @@ def pipeline_from_dict(data: Mapping[str, Any], *, source: str, stored: bool = F
             listed = _KNOWN_PANELS.get(known, _DEFAULT_PANEL)
             real = sorted({spec.provider for spec in declared.values()} - {"sim"})
             unset = [a for a in listed if a not in declared]
-            if fresh and real and unset:
+            if fresh and real and unset and not one_provider:
                 # The reference's roster brings an agent the file never
                 # set up: it would answer from the simulator beside real
                 # models, without a word.

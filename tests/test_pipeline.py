@@ -250,3 +250,18 @@ def test_a_default_roster_agent_the_file_never_set_up_is_not_simulated_beside_re
         parse_pipeline(text + '[[stages]]\nname = "implement"\n')
     listed = parse_pipeline(text + '[[stages]]\nname = "implement"\nagents = ["gemini", "claude", "gpt_pro"]\n')
     assert listed.stage("implement").agents == ("gemini", "claude", "gpt_pro")
+
+
+def test_one_provider_for_every_agent_lifts_the_roster_refusal(tmp_path: Path) -> None:
+    """--provider puts every agent on one provider: no agent can be left
+    on the simulator, and a file the roster check refuses must still run."""
+    from .conftest import run_cli
+
+    text = '[agents.claude]\nprovider = "anthropic"\nmodel = "claude-sonnet-4-5"\n[[stages]]\nname = "plan"\n'
+    with pytest.raises(PipelineError, match="no \\[agents\\] entry"):
+        parse_pipeline(text)
+    assert parse_pipeline(text, one_provider=True).stage("plan").agents == ("gemini", "claude", "gpt_pro")
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    done = run_cli(["run", "--pipeline", str(path), "--provider", "sim", "--db", str(tmp_path / "p.db")])
+    assert done.returncode == 0, done.stderr
