@@ -842,6 +842,8 @@ class Store:
         order, read ``page`` at a time: a run's whole log as a list took
         about 5 KB per event (a run of a million events, gigabytes).  Each
         page is its own read; nothing is held between them."""
+        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+            raise ValueError(f"page must be a whole number >= 1, got {page!r}")
         where, args = self._event_scope(run_id, branch_id)
         if kinds:
             where += f" AND kind IN ({', '.join('?' * len(kinds))})"

@@ -76,3 +76,10 @@ def test_events_are_read_in_pages_in_id_order(logged: str) -> None:
         assert [e.id for e in store.iter_events("E", up_to=every[5].id, page=2)] == [e.id for e in every[:6]]
         faults = [e.id for e in every if e.kind == "fault"]
         assert [e.id for e in store.iter_events("E", kinds=["fault"], page=2)] == faults
+
+
+def test_a_page_size_must_be_a_count(logged: str) -> None:
+    with Store.open(logged, readonly=True) as store:
+        for page in (0, -1, True):
+            with pytest.raises(ValueError, match="page must be a whole number >= 1"):
+                list(store.iter_events("E", page=page))
