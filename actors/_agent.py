@@ -54,17 +54,23 @@ def build_prompt(request: AgentRequest, fields: tuple[str, ...], aggregate: bool
             'As the aggregator, add "consensus": {"agreements": [...], "conflicts": [...]}.'
         )
     for prior in request.context:
-        # As the reference passes them: the JSON object an answer holds, in
-        # full; an answer without one, cut at 5,000 characters.  (Every
-        # answer was cut: a long plan reached the aggregator as JSON that
-        # no longer closed.)
-        extracted = extract_json_text(prior.content)
-        shown = extracted if extracted is not None else prior.content[:_RAW_CONTEXT]
-        lines.append(f"Earlier answer from {prior.agent}:\n{shown}")
+        # (Already cut to what later agents see: see for_later_agents.)
+        lines.append(f"Earlier answer from {prior.agent}:\n{prior.content}")
     return "\n".join(lines)
 
 
 _RAW_CONTEXT = 5000
+
+
+def for_later_agents(content: str) -> str:
+    """What later agents of a sequential stage are shown of an answer, as
+    the reference passes it: the JSON object it holds, in full; an answer
+    without one, cut at 5,000 characters.  (Every answer was cut: a long
+    plan reached the aggregator as JSON that no longer closed.)  Worked
+    out once per answer, by the coordinator: per prompt, a stage of N
+    agents parsed N**2 / 2 answers."""
+    extracted = extract_json_text(content)
+    return extracted if extracted is not None else content[:_RAW_CONTEXT]
 
 
 @attrs.define(kw_only=True)

@@ -36,6 +36,7 @@ from messages import (
     request,
 )
 
+from ._agent import for_later_agents
 from ._classify import classify
 from ._consensus import ADVANCING, Verdict, compute_verdict
 from ._pipeline import StageSpec
@@ -205,7 +206,7 @@ class Coordinator:
                     await self._await_replies(key, {agent}, outputs)
                 output = outputs.get(agent)
                 if output is not None:
-                    priors.append(PriorOutput(agent=agent, content=output.content))
+                    priors.append(PriorOutput(agent=agent, content=for_later_agents(output.content)))
         return outputs
 
     async def _dispatch(

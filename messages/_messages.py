@@ -39,7 +39,9 @@ def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> 
 
 @attrs.frozen(kw_only=True, slots=True)
 class PriorOutput:
-    """An earlier agent's output, shown to later agents of a sequential stage."""
+    """An earlier agent's output as later agents of a sequential stage are
+    shown it (its JSON object, or its text cut: see
+    ``actors._agent.for_later_agents``)."""
 
     agent: str
     content: str

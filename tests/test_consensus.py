@@ -201,7 +201,7 @@ def test_later_agents_see_an_earlier_answers_json_in_full_and_raw_text_cut() -> 
     the aggregator as JSON that no longer closed.  As the reference does,
     the JSON object an answer holds is passed in full (without the prose
     around it); only an answer without one is cut."""
-    from actors._agent import build_prompt
+    from actors._agent import build_prompt, for_later_agents
     from messages import AgentRequest, PriorOutput
 
     plan = {"stage": "plan", "agent": "gemini", "work_breakdown": "W" * 8000, "acceptance_mapping": "m"}
@@ -211,7 +211,9 @@ def test_later_agents_see_an_earlier_answers_json_in_full_and_raw_text_cut() -> 
         key=AgentKey(run_id="r", branch_id="b", stage="plan", agent="claude"),
         spec_id="S",
         goal="g",
-        context=(PriorOutput(agent="gemini", content=long_json), PriorOutput(agent="code", content=prose)),
+        context=tuple(
+            PriorOutput(agent=a, content=for_later_agents(c)) for a, c in (("gemini", long_json), ("code", prose))
+        ),
     )
     prompt = build_prompt(request, ("work_breakdown",), aggregate=False)
     assert f"Earlier answer from gemini:\n{json.dumps(plan)}\n" in prompt
