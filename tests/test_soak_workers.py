@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import multiprocessing.connection
 import os
 import signal
@@ -226,7 +227,7 @@ def _gate_never_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     # checker finds while the runs go on.  (Forked workers inherit it.)
     from actors import RateLimitGate
 
-    async def no_wait(self: RateLimitGate, unit: float = 0.0) -> float:
+    async def no_wait(self: RateLimitGate, unit: float = 0.0, until: float = math.inf) -> float:
         await trio.lowlevel.checkpoint()
         return 0.0
 
