@@ -100,14 +100,14 @@ class ProviderHealth:
                 # its deadline or its max_wait, as it would have been on
                 # arriving then (it waited out its call timeout at the
                 # gate, an attempt lost, and was refused after all).
-                until = min(request.deadline if request is not None else math.inf, now + self.max_wait)
+                until = request.deadline if request is not None else math.inf
                 try:
-                    await self.gate.wait(unit, until)
+                    await self.gate.wait(unit, until, self.max_wait)
                 except GateRefused as refused:
                     later = trio.current_time()
                     past = (
-                        f"past the {request.deadline - later:.0f}s this call has left"
-                        if request is not None and until == request.deadline
+                        f"past the {until - later:.0f}s this call has left"
+                        if refused.past_until
                         else f"longer than the {self.max_wait:.0f}s a call waits"
                     )
                     return None, RateLimited(

@@ -23,11 +23,14 @@ and sleeps again - the release times are the same as if every waiter slept
 on its own, but the cost no longer grows with waiters times 429s (it was
 quadratic: 24 sleeps per agent turn in a 256-run soak).
 
-A waiter may say by when it must be released (its call's deadline): when a
-later 429 pushes its release point to or past that, it leaves the gate at
-once with :class:`GateRefused`, as it would have been refused had it
-arrived then - rather than waiting out its call timeout at the gate, an
-attempt lost for nothing, and then being refused.
+A waiter may give limits (its call's deadline, the longest wait it
+accepts): when a later 429 moves the reset so that a caller arriving at
+that instant would be refused - released at or past the deadline, or the
+gate closed longer than the wait - it leaves at once with
+:class:`GateRefused`, rather than waiting out its call timeout at the
+gate, an attempt lost for nothing, and then being refused.  Like the gate
+itself this is a function of virtual time: a waiter due in the 429's own
+instant is released, and one arriving in it counts as arrived before it.
 
 With a ``quantum`` (the soak's timing grid, see :mod:`actors._grid`)
 release points are rounded up onto the grid, so several waiters share one;
@@ -49,12 +52,15 @@ from ._grid import on_grid
 
 
 class GateRefused(Exception):
-    """A waiter's release point moved past its ``until`` (see
-    :meth:`RateLimitGate.wait`); ``left``: seconds until the reset."""
+    """A later 429 moved the reset past a waiter's limits (see
+    :meth:`RateLimitGate.wait`); ``left``: seconds until the reset;
+    ``past_until``: its release point passed ``until`` (else the gate stays
+    closed longer than its ``max_wait``)."""
 
-    def __init__(self, left: float) -> None:
+    def __init__(self, left: float, past_until: bool) -> None:
         super().__init__(f"the gate stays closed {left:.0f}s more")
         self.left = left
+        self.past_until = past_until
 
 
 class RateLimitGate:
@@ -80,21 +86,40 @@ class RateLimitGate:
             self._before = self.reset_at
             self._closed_at = now
         if deadline > self.reset_at:
+            before = self.reset_at
             self.reset_at = deadline
-            self._refuse_past(now)
+            self._refuse_past(now, before)
 
-    def _refuse_past(self, now: float) -> None:
+    def _refused(self, waiter: _Waiter, now: float) -> bool | None:
+        """Whether a caller of ``waiter``'s limits arriving at ``now`` would
+        be refused under the reset in force after this instant: True past
+        its ``until``, False past its ``max_wait``, None if not."""
+        if on_grid(self.reset_at + waiter.unit * self.spread, self.quantum) >= waiter.until:
+            return True
+        if self.reset_at - now > waiter.max_wait:
+            return False
+        return None
+
+    def _refuse_past(self, now: float, before: float) -> None:
         # Waiters queued before this instant meet the new reset time when
-        # they wake; those it would release at or past their limit leave.
+        # they wake; those it would refuse on arrival leave now.  One due in
+        # this very instant is released, as the 429 is not before it.
         for waiter in self._queue:
-            if waiter.gone or waiter.until == math.inf:
+            if waiter.gone or (waiter.until == math.inf and waiter.max_wait == math.inf):
                 continue
-            if on_grid(self.reset_at + waiter.unit * self.spread, self.quantum) >= waiter.until:
-                waiter.gone = waiter.refused = True
-                waiter.left = self.reset_at - now
-                waiter.lead.set()
-                if waiter.sleep is not None:
-                    waiter.sleep.cancel()  # the head, asleep on the old reset time
+            if on_grid(before + waiter.unit * self.spread, self.quantum) <= now:
+                continue
+            past_until = self._refused(waiter, now)
+            if past_until is not None:
+                self._refuse(waiter, now, past_until)
+
+    def _refuse(self, waiter: _Waiter, now: float, past_until: bool) -> None:
+        waiter.gone = waiter.refused = True
+        waiter.past_until = past_until
+        waiter.left = self.reset_at - now
+        waiter.lead.set()
+        if waiter.sleep is not None:
+            waiter.sleep.cancel()  # the head, asleep on the old reset time
 
     def snapshot(self, now: float) -> dict[str, float] | None:
         """The reset times relative to ``now`` (None: the gate never
@@ -118,25 +143,35 @@ class RateLimitGate:
     def is_open(self, now: float) -> bool:
         return now >= self.reset_for(now)
 
-    async def wait(self, unit: float = 0.0, until: float = math.inf) -> float:
+    async def wait(self, unit: float = 0.0, until: float = math.inf, max_wait: float = math.inf) -> float:
         """Return once the gate is open (at once, without a checkpoint, if
         it already is); returns how long it waited.  A caller that had to
         wait is released ``unit * spread`` seconds after the reset
         (``unit`` in [0, 1), from its identity; rounded up onto the grid
         with a ``quantum``).  Raises :class:`GateRefused` as soon as a later
-        429 moves that point to ``until`` (trio time) or past it.
+        429 moves the reset so that this caller, arriving then, would be
+        refused: its release point at ``until`` (trio time) or past it, or
+        the gate closed more than ``max_wait`` seconds on.  (The caller
+        checks its limits on arrival; this is not a checkpoint then.)
         Cancellable: a cancelled waiter leaves the queue and hands the
         lead on if it held it."""
         start = trio.current_time()
         if self.is_open(start):
             return 0.0
+        me = _Waiter(unit, next(self._order), until, max_wait)
+        if start == self._closed_at and self.reset_at > self._before:
+            # Arriving in the instant a 429 moved the reset: admitted under
+            # the reset before it, it counts as arrived before it - and the
+            # extension refuses it as it would a waiter already queued.
+            past_until = self._refused(me, start)
+            if past_until is not None:
+                raise GateRefused(self.reset_at - start, past_until)
         self.waits += 1
-        me = _Waiter(unit, next(self._order), until)
         heapq.heappush(self._queue, me)
         try:
             while True:
                 if me.refused:
-                    raise GateRefused(me.left)
+                    raise GateRefused(me.left, me.past_until)
                 if self._head() is me:
                     now = trio.current_time()
                     # The reset time may move on while we sleep: check again.
@@ -144,7 +179,7 @@ class RateLimitGate:
                         await trio.sleep_until(self._release_at(now, unit))
                     me.sleep = None
                     if me.refused:
-                        raise GateRefused(me.left)
+                        raise GateRefused(me.left, me.past_until)
                     now = trio.current_time()
                     if self.is_open(now):
                         me.gone = True  # leaving; the finally hands the lead on
@@ -196,16 +231,20 @@ class RateLimitGate:
 
 
 class _Waiter:
-    __slots__ = ("unit", "order", "until", "lead", "gone", "released", "refused", "left", "sleep")
+    __slots__ = (
+        "unit", "order", "until", "max_wait", "lead", "gone", "released", "refused", "past_until", "left", "sleep"
+    )
 
-    def __init__(self, unit: float, order: int, until: float = math.inf) -> None:
+    def __init__(self, unit: float, order: int, until: float = math.inf, max_wait: float = math.inf) -> None:
         self.unit = unit
         self.order = order
         self.until = until  # released at or after this, it is refused instead
+        self.max_wait = max_wait  # the gate closed longer than this from a 429 on: refused
         self.lead = trio.Event()  # set: you are (or may be) the head now, or released
         self.gone = False  # off the queue, or to be dropped from it
         self.released = False  # let through by the head, in its step
-        self.refused = False  # a later 429 moved its release past ``until``
+        self.refused = False  # a later 429 moved the reset past its limits
+        self.past_until = False  # (past ``until``; else past ``max_wait``)
         self.left = 0.0  # seconds to the reset, when refused
         self.sleep: trio.CancelScope | None = None  # the head's sleep, to wake it when refused
 

@@ -235,3 +235,55 @@ async def test_admit_refuses_a_parked_call_past_its_deadline_at_once(autojump_cl
     assert permit is None and isinstance(error, RateLimited)
     assert error.retry_after == pytest.approx(297.5) and trio.current_time() == pytest.approx(2.5)
     assert "past the 98s this call has left" in str(error)
+
+
+def _race(waiter_at: float, unit: float, until: float, max_wait: float, close_at: float, reset: float) -> set[tuple[object, ...]]:
+    """A waiter and a 429 in trio's (randomised) order, 40 times over: the
+    set of outcomes.  The gate is closed until 10 from t=0.5."""
+    from actors._ratelimit import GateRefused
+
+    outcomes: set[tuple[object, ...]] = set()
+    for _ in range(40):
+        got: list[tuple[object, ...]] = []
+
+        async def main() -> None:
+            gate = RateLimitGate(spread=1.0)
+            gate.close_until(10.0)
+            await trio.sleep(0.5)
+
+            async def waiter() -> None:
+                await trio.sleep_until(waiter_at)
+                try:
+                    await gate.wait(unit, until, max_wait)
+                    got.append(("released", trio.current_time()))
+                except GateRefused as refused:
+                    got.append(("refused", trio.current_time(), refused.left))
+
+            async def reporter() -> None:
+                await trio.sleep_until(close_at)
+                gate.close_until(reset)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                nursery.start_soon(reporter)
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        outcomes.add(got[0])
+    return outcomes
+
+
+def test_refusals_do_not_depend_on_trios_order_within_an_instant() -> None:
+    """A reviewer's races, each decided by trio's batch order: a head due
+    in the 429's own instant was refused or released at random; a waiter
+    arriving in that instant was refused or released past its limit; and a
+    wait within max_wait was refused by any extension at all (the spread
+    counted against it, as it is not on arrival)."""
+    # Due at 10, the 429 at 10: released (the 429 is not before it).
+    assert _race(1.0, 0.0, 15.0, math.inf, 10.0, 20.0) == {("released", 10.0)}
+    # Arriving at 3 with the 429 at 3: counts as arrived before it, refused.
+    assert _race(3.0, 0.2, 30.0, math.inf, 3.0, 40.0) == {("refused", 3.0, 37.0)}
+    # Within max_wait (10) before and after a 10 ms extension: released.
+    [(kind, at)] = _race(1.0, 0.9, math.inf, 10.0, 2.0, 10.01)
+    assert kind == "released" and at == pytest.approx(10.9)  # (asleep on 10.9, past the new reset)
+    # An extension past max_wait from its instant: refused.
+    assert _race(1.0, 0.9, math.inf, 10.0, 2.0, 12.5) == {("refused", 2.0, 10.5)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import shlex
 import threading
@@ -87,7 +86,7 @@ def test_a_broken_gate_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker can fail: with a gate that never waits, calls reach the
     provider inside 429 windows and the soak says so."""
 
-    async def no_wait(self: RateLimitGate, unit: float = 0.0, until: float = math.inf) -> float:
+    async def no_wait(self: RateLimitGate, *limits: float) -> float:  # (unit, until, max_wait)
         await trio.lowlevel.checkpoint()
         return 0.0
 
@@ -551,7 +550,6 @@ def test_the_checker_counts_attempts_where_they_arrive_not_from_the_agents_word(
     attempt under the same number, or replied with fewer attempts than it
     made, and to a stage decided before an agent that answered: each was
     checked only against what the agent said of itself."""
-    import collections
     import types
 
     from actors import HealthRegistry

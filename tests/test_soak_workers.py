@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import multiprocessing.connection
 import os
 import signal
@@ -227,7 +226,7 @@ def _gate_never_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     # checker finds while the runs go on.  (Forked workers inherit it.)
     from actors import RateLimitGate
 
-    async def no_wait(self: RateLimitGate, unit: float = 0.0, until: float = math.inf) -> float:
+    async def no_wait(self: RateLimitGate, *limits: float) -> float:  # (unit, until, max_wait)
         await trio.lowlevel.checkpoint()
         return 0.0
 
