@@ -4,7 +4,6 @@ goes: the whole log as a list held about 5 KB per event."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -8,6 +8,7 @@ import collections
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
