@@ -323,6 +323,9 @@ class Orchestrator:
         # The trio run its actors live in (None: not made by open_orchestrator).
         self._token: trio.lowlevel.TrioToken | None = None
         self.provider_names: frozenset[str] | None = None  # the gateway's; None: not known
+        # The providers whose calls may cost money (BaseProvider.bills): their
+        # agents make each failed attempt durable before going on.
+        self.billed: frozenset[str] = frozenset()
         # Whether answers or faults are drawn from ``seed`` (the embedded
         # simulator, a fault plan without its own seed): then only a run of
         # the same seed can be continued here.
@@ -782,6 +785,7 @@ class Orchestrator:
                             retry=self.retry,
                             seed=seed,
                             publish=self._publish,
+                            durable_failures=spec.provider in self.billed,
                         )
                         nursery.start_soon(agent.run, receive)
                     coordinator = Coordinator(
@@ -1135,6 +1139,8 @@ async def open_orchestrator(
     gateway = Gateway(
         providers, max_concurrency=limits.max_concurrency, health=health, events=store_tx.clone()
     )
+    # Providers whose calls may cost money: logged durably before each call.
+    billed = frozenset(name for name, p in providers.items() if p.bills)
     # Last on the gateway edge: every call that reaches the gateway is
     # logged as an agent_call event (after faults: an injected fault is not
     # a provider call).
@@ -1143,7 +1149,7 @@ async def open_orchestrator(
         name="gateway",
         interceptors=[
             *interceptors.get("gateway", ()),
-            CallLog(store_tx, billed=[name for name, p in providers.items() if p.bills]),
+            CallLog(store_tx, billed=billed),
         ],
     )
     metrics_tx, metrics_rx = open_channel(
@@ -1191,6 +1197,7 @@ async def open_orchestrator(
                         nursery.start_soon(auth.run)
                     orchestrator.health = health
                     orchestrator.provider_names = frozenset(providers)
+                    orchestrator.billed = billed
                     orchestrator.faults = faults if isinstance(faults, FaultInterceptor) else None
                     orchestrator._fault_interceptors = tuple(attached)
                     orchestrator.seed_draws = provider is None or any(f.follows_attached_seed for f in attached)

@@ -137,8 +137,10 @@ async def test_a_failed_attempt_is_durable_before_its_retry_waits(
 
     path = str(tmp_path / "d.db")
     seen: list[tuple[str, int, TokenUsage | None]] = []
+    provider = MockProvider(handler, name="sim")
+    provider.bills = True  # as a real provider's: its failed calls may be charged
     async with open_orchestrator(
-        store=path, provider=MockProvider(handler, name="sim"), retry=RetryPolicy(initial=30.0, cap=30.0, jitter=0.0)
+        store=path, provider=provider, retry=RetryPolicy(initial=30.0, cap=30.0, jitter=0.0)
     ) as orch:
         progress = orch.subscribe()
         async with trio.open_nursery() as nursery:
