@@ -86,9 +86,8 @@ class RateLimitGate:
             self._before = self.reset_at
             self._closed_at = now
         if deadline > self.reset_at:
-            before = self.reset_at
             self.reset_at = deadline
-            self._refuse_past(now, before)
+            self._refuse_past(now)
 
     def _refused(self, waiter: _Waiter, now: float) -> bool | None:
         """Whether a caller of ``waiter``'s limits arriving at ``now`` would
@@ -100,14 +99,15 @@ class RateLimitGate:
             return False
         return None
 
-    def _refuse_past(self, now: float, before: float) -> None:
+    def _refuse_past(self, now: float) -> None:
         # Waiters queued before this instant meet the new reset time when
         # they wake; those it would refuse on arrival leave now.  One due in
-        # this very instant is released, as the 429 is not before it.
+        # this very instant (under the reset as it stood before it: several
+        # 429s may share the instant) is released, as no 429 is before it.
         for waiter in self._queue:
             if waiter.gone or (waiter.until == math.inf and waiter.max_wait == math.inf):
                 continue
-            if on_grid(before + waiter.unit * self.spread, self.quantum) <= now:
+            if on_grid(self._before + waiter.unit * self.spread, self.quantum) <= now:
                 continue
             past_until = self._refused(waiter, now)
             if past_until is not None:

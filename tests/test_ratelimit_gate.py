@@ -287,3 +287,38 @@ def test_refusals_do_not_depend_on_trios_order_within_an_instant() -> None:
     assert kind == "released" and at == pytest.approx(10.9)  # (asleep on 10.9, past the new reset)
     # An extension past max_wait from its instant: refused.
     assert _race(1.0, 0.9, math.inf, 10.0, 2.0, 12.5) == {("refused", 2.0, 10.5)}
+
+
+def test_two_429s_in_one_instant_refuse_as_one_would() -> None:
+    """The waiter due at 10 is released whichever of two 429s at 10 comes
+    first: each is measured against the reset before the instant."""
+    from actors._ratelimit import GateRefused
+
+    outcomes = set()
+    for _ in range(40):
+        got: list[tuple[object, ...]] = []
+
+        async def main() -> None:
+            gate = RateLimitGate(spread=1.0)
+            gate.close_until(10.0)
+            await trio.sleep(0.5)
+
+            async def waiter() -> None:
+                try:
+                    await gate.wait(0.0, 15.0)
+                    got.append(("released", trio.current_time()))
+                except GateRefused:
+                    got.append(("refused", trio.current_time()))
+
+            async def reporter(reset: float) -> None:
+                await trio.sleep_until(10.0)
+                gate.close_until(reset)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                nursery.start_soon(reporter, 12.0)
+                nursery.start_soon(reporter, 20.0)
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        outcomes.add(got[0])
+    assert outcomes == {("released", 10.0)}
