@@ -2,10 +2,10 @@
 
 It answers :class:`~messages.AgentRequest`s one at a time: calls the model
 through the gateway (retrying what is retryable), reports every attempt's
-usage to the metrics accumulator, makes each attempt's output durable
-through the store writer (a failed one before it retries: it may have been
-billed), and only then replies to the coordinator - so a decision can
-never be made on an output that is not on disk.
+usage to the metrics accumulator, makes its output durable through the
+store writer (a failed attempt too, before it retries, when its provider
+may have billed it), and only then replies to the coordinator - so a
+decision can never be made on an output that is not on disk.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ class Agent:
     publish: Callable[[AgentRetrying], None] | None = None
     # Make each failed attempt durable before going on: its provider may
     # charge for it (BaseProvider.bills).  The simulator's are left to group
-    # commit (a soak fails a tenth of its attempts: 8 % of its throughput).
+    # commit: a soak fails a tenth of its attempts, and each would force a
+    # commit of its own.
     durable_failures: bool = True
 
     async def run(self, inbox: trio.MemoryReceiveChannel[AgentRequest]) -> None:
