@@ -52,8 +52,8 @@ def parse_output(content: str) -> dict[str, Any] | None:
 
     Tries the whole text, then a fenced ```json block, then the outermost
     ``{...}`` span, then the first whole object from each ``{``.  Only a
-    JSON *object* counts, and out of prose (the last two) only one holding
-    ``stage``, as every answer does.
+    JSON *object* counts, and out of prose (all but the first) only one
+    holding ``stage``, as every answer does.
     """
     found = _extract(content)
     return found[1] if found is not None else None
@@ -72,8 +72,9 @@ def _extract(content: str) -> tuple[str, dict[str, Any]] | None:
             value = json.loads(text)
         except (ValueError, RecursionError):  # nested past the parser's depth: text, not a crash
             continue
-        # A span cut out of prose is the answer only if it reads as one
-        # (see _first_object): "cfg = {}" made prose a JSON answer.
+        # A part of the answer is the answer only if it reads as one (see
+        # _first_object): "cfg = {}" made prose a JSON answer, and a fenced
+        # example ({"debug": true}) an answer cut at its token limit whole.
         if isinstance(value, dict) and (whole or "stage" in value):
             return text, value
     return _first_object(content)
@@ -111,10 +112,11 @@ def _first_object(content: str) -> tuple[str, dict[str, Any]] | None:
 def _candidates(content: str) -> Iterator[tuple[str, bool]]:
     # Lazily, in order: an answer that is one JSON object (every agent's
     # and the simulator's, and read twice per turn) costs no regex scan.
-    # (text, whether it is all the answer or a block it marks as JSON)
+    # (text, whether it is all the answer: a part of one - a fenced block,
+    # a span - is the answer only if it reads as one)
     yield content, True
     for m in _FENCE.finditer(content):
-        yield m.group(1), True
+        yield m.group(1), False
     start, end = content.find("{"), content.rfind("}")
     if 0 <= start < end:
         yield content[start : end + 1], False

@@ -176,7 +176,7 @@ def test_verdict_json_is_canonical() -> None:
     "text",
     [
         '{"a": 1}',
-        'Here you go:\n```json\n{"a": 1}\n```\nDone.',
+        'Here you go:\n```json\n{"stage": "plan", "a": 1}\n```\nDone.',
         'prefix {"stage": "plan", "a": 1} suffix',
     ],
 )
@@ -189,6 +189,10 @@ def test_an_object_in_prose_is_the_answer_only_if_it_reads_as_one() -> None:
     # As the reference: a raw object in prose is taken when it holds the
     # stage every answer names; '{"a": 1}' there is part of the prose.
     assert parse_output('prefix {"a": 1} suffix') is None
+    # Nor a fenced example before an answer cut at its token limit: taken
+    # for the answer, the cut answer looked complete.
+    cut = 'For example:\n```json\n{"debug": true}\n```\n{"stage": "plan", "agent": "a", "work_breakdown": "1. sca'
+    assert parse_output(cut) is None
 
 
 @pytest.mark.parametrize("text", ["", "no json", "[1, 2]", "{broken", '"string"'])
