@@ -671,10 +671,11 @@ class Orchestrator:
         owner = branch.branch_id if stage is None else store.stage_owner(run_id, branch.branch_id, stage)
         if owner is None:
             return
+        kind = "halt" if stage is None else "stage_start"
         mine = [
             e
-            for e in store.events(run_id, "halt" if stage is None else "stage_start")
-            if e.branch_id == owner and (stage is None or e.stage == stage)
+            for e in store.iter_events(run_id, branch_id=owner, kinds=(kind,))
+            if stage is None or e.stage == stage
         ]
         if mine:
             # A halt: the last one; a stage: its first start (a resumed

@@ -808,10 +808,7 @@ class Store:
         return stages
 
     def events(self, run_id: str, kind: str | None = None) -> list[EventRow]:
-        sql = (
-            "SELECT id, run_id, branch_id, kind, stage, agent, attempt, detail, at"
-            " FROM events WHERE run_id = ?"
-        )
+        sql = _EVENT_COLUMNS + " FROM events WHERE run_id = ?"
         args: tuple[Any, ...] = (run_id,)
         if kind is not None:
             sql += " AND kind = ?"
@@ -851,10 +848,7 @@ class Store:
         if up_to is not None:
             where += " AND id <= ?"
             args += (up_to,)
-        sql = (
-            "SELECT id, run_id, branch_id, kind, stage, agent, attempt, detail, at"
-            f" FROM events WHERE {where} AND id > ? ORDER BY id LIMIT ?"
-        )
+        sql = _EVENT_COLUMNS + f" FROM events WHERE {where} AND id > ? ORDER BY id LIMIT ?"
         after = 0
         while True:
             rows = self._rows(sql, (*args, after, page))
@@ -875,6 +869,9 @@ class Store:
 
     def foreign_key_violations(self) -> int:
         return len(self._rows("PRAGMA foreign_key_check"))
+
+
+_EVENT_COLUMNS = "SELECT id, run_id, branch_id, kind, stage, agent, attempt, detail, at"
 
 
 def _event_row(r: Any) -> EventRow:
