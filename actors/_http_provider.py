@@ -115,6 +115,38 @@ async def _read_capped(response: httpx.Response, limit: int, *, cut: bool = Fals
     return b"".join(chunks)
 
 
+async def _read_to_cut(response: httpx.Response, limit: int) -> tuple[bytes, httpx.TransportError | None]:
+    """The body up to ``limit`` bytes (past it :class:`_TooLarge`), and the
+    transport error that cut it short, if one did: the bytes before a cut
+    still say what the server said."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge
+            chunks.append(chunk)
+    except httpx.TransportError as exc:
+        return b"".join(chunks), exc
+    return b"".join(chunks), None
+
+
+class _Replay(httpx.AsyncByteStream):
+    """Bytes already read, then the cut that ended them, as a body: a stream
+    read whole is parsed as it would have been as it arrived."""
+
+    def __init__(self, data: bytes, cut: httpx.TransportError | None) -> None:
+        self._data = data
+        self._cut = cut
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._data:
+            yield self._data
+        if self._cut is not None:
+            raise self._cut
+
+
 # SSE ends a line at CRLF, LF or CR, and nowhere else: str.splitlines (and
 # so httpx's aiter_lines) also split at U+2028, form feeds and the like,
 # which a model's text may hold raw inside a data line's JSON.
@@ -425,8 +457,15 @@ class HttpProvider(BaseProvider):
                         # answer text/plain (or nothing); the answer was
                         # read as a stream without events, "cut", retried
                         # and paid again.  Read it whole to tell them apart.
-                        whole = await _read_capped(response, MAX_ANSWER_BYTES)
-                        events = httpx.Response(response.status_code, content=whole, request=response.request)
+                        whole, cut = await _read_to_cut(response, MAX_ANSWER_BYTES)
+                        if cut is not None and whole.lstrip().startswith(b"{"):
+                            raise cut
+                        # Events cut short are replayed with their cut, so
+                        # the usage read before it counts, as it does for
+                        # an event stream.
+                        events = httpx.Response(
+                            response.status_code, stream=_Replay(whole, cut), request=response.request
+                        )
                     if whole is None or not whole.lstrip().startswith(b"{"):
                         try:
                             return await self.read_stream(request, events)

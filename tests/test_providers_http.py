@@ -433,6 +433,29 @@ async def test_events_labelled_text_plain_are_still_read_as_a_stream() -> None:
     assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=2, output_tokens=1)
 
 
+@pytest.mark.parametrize("kind", ["text/plain", None])
+async def test_text_labelled_events_cut_after_done_are_an_answer_and_cut_json_a_disconnect(kind: str | None) -> None:
+    # Events read whole are parsed as they arrived: a cut after [DONE]
+    # loses nothing, as it does for an event stream.
+    chunks = [
+        {"model": "local", "choices": [{"index": 0, "delta": {"content": "{}"}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 2, "completion_tokens": 1}},
+    ]
+    events = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    headers = {} if kind is None else {"content-type": kind}
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, headers=headers, stream=_CutChunked(events))))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=2, output_tokens=1)
+    # A plain JSON answer cut short is a disconnect, its usage unknown.
+    document = '{"model": "local", "choices": [{"index": 0, "message": {"content": "{}"'
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, headers=headers, stream=_CutChunked(document))))
+    with pytest.raises(Disconnected) as info:
+        await p.complete(make_request())
+    assert getattr(info.value, "usage", "absent") is None
+
+
 async def test_an_html_page_for_a_streamed_call_is_named() -> None:
     p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
         lambda r: httpx.Response(200, headers={"content-type": "text/html"}, text="<html>portal</html>")))
@@ -568,12 +591,14 @@ class _CutChunked(httpx.AsyncByteStream):
         raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
 
 
+@pytest.mark.parametrize("kind", ["text/event-stream", "text/plain", None])
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
-async def test_a_connection_cut_after_the_usage_keeps_it_and_the_model(provider: str) -> None:
+async def test_a_connection_cut_after_the_usage_keeps_it_and_the_model(provider: str, kind: str | None) -> None:
     """Usage that arrived before the cut counted when the body ended
     cleanly, and was lost when the same cut broke a chunked body (as real
     providers send): the billed call became unknown usage.  The model the
-    stream named goes with it, for pricing."""
+    stream named goes with it, for pricing.  Events labelled text/plain (or
+    not at all) are read whole first, and lost it there too."""
     if provider == "openai":
         body = "".join(
             f"data: {json.dumps(chunk)}\n\n"
@@ -589,7 +614,7 @@ async def test_a_connection_cut_after_the_usage_keeps_it_and_the_model(provider:
         expected, named = STREAM_USAGE, "claude-sonnet-4-5"
 
     def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_CutChunked(body))
+        return httpx.Response(200, headers={"content-type": kind} if kind else {}, stream=_CutChunked(body))
 
     transport = httpx.MockTransport(answer)
     p: Any = (
