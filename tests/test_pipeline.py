@@ -80,6 +80,12 @@ def test_toml_pipeline() -> None:
     assert p.resolve_stage("Spec-Plan") is plan
 
 
+def test_a_panel_without_the_default_aggregator_has_none() -> None:
+    # As the README says: its conflicts are only the coordinator's own.
+    p = parse_pipeline('[[stages]]\nname = "plan"\nagents = ["gemini", "claude"]\n')
+    assert p.stage("plan").aggregator is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
