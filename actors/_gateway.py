@@ -62,8 +62,8 @@ from messages import (
 from messages._messages import implausible_usage, storable_text
 
 from ._format import shown
-from ._health import HealthRegistry
-from ._provider import BaseProvider
+from ._health import HealthRegistry, Permit, ProviderHealth
+from ._provider import BaseProvider, _resend_check
 
 
 # A worker serves at most this many calls back to back without yielding.
@@ -71,6 +71,27 @@ _CHECKPOINT_EVERY = 64
 # How long a cancelled gateway may spend logging the calls it never made.
 _DROP_LOG_SECONDS = 1.0
 _NO_SCOPE = contextlib.nullcontext()  # reusable
+
+
+class _Resend:
+    """A call's way through its provider's gate and breaker again, for a
+    request it sends a second time (see ``before_resend``); remembers the
+    refusal it raised, so the gateway can tell it from the provider's own
+    errors."""
+
+    __slots__ = ("health", "permit", "request", "refused")
+
+    def __init__(self, health: ProviderHealth, permit: Permit, request: CompletionRequest) -> None:
+        self.health = health
+        self.permit = permit
+        self.request = request
+        self.refused: ProviderError | None = None
+
+    async def check(self) -> None:
+        refused = await self.health.readmit(self.permit, self.request)
+        if refused is not None:
+            self.refused = refused
+            raise refused
 
 
 class _Pool:
@@ -265,10 +286,19 @@ class Gateway:
         call = None if provider.answers_at_once else trio.CancelScope()
         if call is not None and reply is not None:
             reply.on_abandoned(call.cancel)
+        resend: _Resend | None = None
+        if call is not None:
+            resend = _Resend(health, permit, request)
+            resend_token = _resend_check.set(resend.check)
         with call if call is not None else _NO_SCOPE:
             try:
                 completion = await provider.complete(request)
             except ProviderError as error:
+                if resend is not None and error is resend.refused:
+                    # Its resend was refused at the gate or breaker: only
+                    # its first request went out, and was answered (401).
+                    health.abandon(permit)
+                    return CompletionResult(key=request.key, attempt=request.attempt, error=error, usage=ZERO_USAGE)
                 health.report(permit, error)
                 return CompletionResult(
                     key=request.key,
@@ -285,6 +315,9 @@ class Gateway:
             except BaseException:
                 health.abandon(permit)
                 raise
+            finally:
+                if resend is not None:
+                    _resend_check.reset(resend_token)
         if call is not None and call.cancelled_caught:
             # Handed to the provider, so not a call_dropped: what it cost is unknown.
             self.cancelled += 1

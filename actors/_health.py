@@ -71,50 +71,9 @@ class ProviderHealth:
         while True:
             now = trio.current_time()
             if not self.gate.is_open(now):
-                left = self.gate.reset_for(now) - now
-                if left > self.max_wait:
-                    return None, RateLimited(
-                        f"provider {self.name!r} is rate-limited for {left:.0f}s more, longer than "
-                        f"the {self.max_wait:.0f}s a call waits; the call was not made",
-                        retry_after=left,
-                    )
-                # The spread unit is a SHA-256 of the call's identity: only
-                # worth deriving for a call that has to wait.  An open gate
-                # is passed without a checkpoint, exactly as gate.wait does.
-                unit = _spread_unit(request)
-                if request is not None and self.gate.release_at(now, unit) >= request.deadline:
-                    # Its call timeout would end at the gate (at its own
-                    # release point, the spread included): the attempt
-                    # is lost either way, but refused now it says when the
-                    # gate opens, so its retry waits out the reset (and
-                    # starts with a whole timeout) instead of timing out
-                    # at the gate again.  (Refusing earlier, while some of
-                    # the timeout would be left, costs an attempt that
-                    # waiting would not: 6m0s token resets halted runs.)
-                    return None, RateLimited(
-                        f"provider {self.name!r} is rate-limited for {left:.0f}s more, past the "
-                        f"{request.deadline - now:.0f}s this call has left; the call was not made",
-                        retry_after=left,
-                    )
-                # Refused as soon as a later 429 moves its release past
-                # its deadline or its max_wait, as it would have been on
-                # arriving then (it waited out its call timeout at the
-                # gate, an attempt lost, and was refused after all).
-                until = request.deadline if request is not None else math.inf
-                try:
-                    await self.gate.wait(unit, until, self.max_wait)
-                except GateRefused as refused:
-                    later = trio.current_time()
-                    past = (
-                        f"past the {until - later:.0f}s this call has left"
-                        if refused.past_until
-                        else f"longer than the {self.max_wait:.0f}s a call waits"
-                    )
-                    return None, RateLimited(
-                        f"provider {self.name!r} is rate-limited for {refused.left:.0f}s more (a later 429 "
-                        f"moved the reset), {past}; the call was not made",
-                        retry_after=refused.left,
-                    )
+                refused = await self._wait_at_gate(now, request)
+                if refused is not None:
+                    return None, refused
                 now = trio.current_time()
             ticket = self.breaker.acquire(now)
             if isinstance(ticket, Ticket):
@@ -126,6 +85,76 @@ class ProviderHealth:
                     retry_after=ticket,
                 )
             await self.breaker.wait_for_verdict()
+
+    async def readmit(self, permit: Permit, request: CompletionRequest | None = None) -> ProviderError | None:
+        """For a call that sends its request again under ``permit`` (after
+        a token refresh): wait at the gate as :meth:`admit` does, with its
+        refusals, and refuse while the breaker is not closed if it has
+        moved since the permit was given.  None: send it.  A refused call
+        is given up with :meth:`abandon` (its resend was never made)."""
+        now = trio.current_time()
+        if not self.gate.is_open(now):
+            refused = await self._wait_at_gate(now, request)
+            if refused is not None:
+                return refused
+            now = trio.current_time()
+        breaker = self.breaker
+        if breaker.state != "closed" and breaker.generation != permit.ticket.generation:
+            left = max(breaker.opened_at + breaker.policy.cooldown - now, 0.0)
+            return CircuitOpen(
+                f"circuit breaker for provider {self.name!r} opened during the call; retry in {left:.1f}s",
+                retry_after=left,
+            )
+        return None
+
+    async def _wait_at_gate(self, now: float, request: CompletionRequest | None) -> ProviderError | None:
+        """Wait for the closed gate to release this call: None, or the
+        RateLimited it is refused with instead."""
+        left = self.gate.reset_for(now) - now
+        if left > self.max_wait:
+            return RateLimited(
+                f"provider {self.name!r} is rate-limited for {left:.0f}s more, longer than "
+                f"the {self.max_wait:.0f}s a call waits; the call was not made",
+                retry_after=left,
+            )
+        # The spread unit is a SHA-256 of the call's identity: only
+        # worth deriving for a call that has to wait.  An open gate
+        # is passed without a checkpoint, exactly as gate.wait does.
+        unit = _spread_unit(request)
+        if request is not None and self.gate.release_at(now, unit) >= request.deadline:
+            # Its call timeout would end at the gate (at its own
+            # release point, the spread included): the attempt
+            # is lost either way, but refused now it says when the
+            # gate opens, so its retry waits out the reset (and
+            # starts with a whole timeout) instead of timing out
+            # at the gate again.  (Refusing earlier, while some of
+            # the timeout would be left, costs an attempt that
+            # waiting would not: 6m0s token resets halted runs.)
+            return RateLimited(
+                f"provider {self.name!r} is rate-limited for {left:.0f}s more, past the "
+                f"{request.deadline - now:.0f}s this call has left; the call was not made",
+                retry_after=left,
+            )
+        # Refused as soon as a later 429 moves its release past
+        # its deadline or its max_wait, as it would have been on
+        # arriving then (it waited out its call timeout at the
+        # gate, an attempt lost, and was refused after all).
+        until = request.deadline if request is not None else math.inf
+        try:
+            await self.gate.wait(unit, until, self.max_wait)
+        except GateRefused as refused:
+            later = trio.current_time()
+            past = (
+                f"past the {until - later:.0f}s this call has left"
+                if refused.past_until
+                else f"longer than the {self.max_wait:.0f}s a call waits"
+            )
+            return RateLimited(
+                f"provider {self.name!r} is rate-limited for {refused.left:.0f}s more (a later 429 "
+                f"moved the reset), {past}; the call was not made",
+                retry_after=refused.left,
+            )
+        return None
 
     def report(self, permit: Permit, error: ProviderError | None) -> None:
         now = trio.current_time()

@@ -33,7 +33,7 @@ from messages import (
 from ._consensus import parse_output
 from ._format import shown
 from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact, with_usage
-from ._provider import BaseProvider
+from ._provider import BaseProvider, before_resend
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 UNCAPPED = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=5.0)
@@ -391,8 +391,10 @@ class HttpProvider(BaseProvider):
             return await self._attempt(request, body, secret, is_token, may_refresh=is_token)
         except _Unauthorized:
             pass
-        # One 401 with a token source: refresh once and try once more.
+        # One 401 with a token source: refresh once and try once more,
+        # admitted afresh (the gate may have closed during the refresh).
         secret, is_token = await self._credential(force_refresh=True)
+        await before_resend()
         try:
             return await self._attempt(request, body, secret, is_token, may_refresh=False)
         except _Unauthorized as unauthorized:  # pragma: no cover - may_refresh=False

@@ -10,8 +10,30 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from messages import Completion, CompletionRequest
+
+# Set by the gateway around each call of a provider that awaits: how to pass
+# the provider's gate and breaker again (see before_resend).
+_resend_check: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("_resend_check", default=None)
+
+
+async def before_resend() -> None:
+    """For a provider that sends a call's request a second time within one
+    call (the HTTP providers, after a token refresh): await this first.
+
+    The call's admission covered its first request only.  Under the
+    gateway this waits at the provider's rate-limit gate as a new call
+    would (a 429 that reached another call meanwhile holds the resend back
+    until its reset), and raises the refusal a new call would get
+    (:class:`~messages.RateLimited`, :class:`~messages.CircuitOpen`), which
+    the call then fails with.  A checkpoint only if it waits; outside a
+    gateway it returns at once.
+    """
+    check = _resend_check.get()
+    if check is not None:
+        await check()
 
 
 class BaseProvider:

@@ -388,6 +388,29 @@ async def test_a_failed_probe_fails_the_waiters_fast(autojump_clock: trio.testin
     assert permit2 is None and isinstance(error2, CircuitOpen) and error2.retry_after == pytest.approx(5.0)
 
 
+async def test_a_resend_is_refused_once_the_breaker_opened_during_its_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # (A resend: the request sent again after a token refresh.)
+    health = HealthRegistry(BreakerPolicy(window=60, min_calls=1, cooldown=5))
+    p = health["p"]
+    slow, _ = await p.admit()
+    assert slow is not None
+    assert await p.readmit(slow) is None, "nothing changed: the resend goes"
+    other, _ = await p.admit()
+    assert other is not None
+    p.report(other, Disconnected("x"))
+    await trio.sleep(1)
+    assert (await p.admit())[1] is not None and p.breaker.state == "open"
+    refused = await p.readmit(slow)
+    assert isinstance(refused, CircuitOpen) and refused.retry_after == pytest.approx(5.0)  # opened at 1 s
+    p.abandon(slow)
+    # A permit given while the breaker is half-open (the probe's) resends.
+    await trio.sleep(5)
+    probe, _ = await p.admit()
+    assert probe is not None and await p.readmit(probe) is None
+
+
 @pytest.mark.parametrize(
     ("build", "error", "needle"),
     [

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from actors._mock_backend import FaultRule, MockBackend
@@ -172,3 +173,57 @@ async def test_a_renamed_model_is_priced_as_the_one_the_provider_sent(
     expected = sum(table.cost(o.usage, "gpt-4o") for o in store.outputs(result.run_id) if o.usage)  # type: ignore[attr-defined,misc]
     assert {o.model for o in store.outputs(result.run_id)} == {"local-x"}  # type: ignore[attr-defined]
     assert result.cost_usd == expected  # type: ignore[attr-defined]
+
+
+class RefreshingSource:
+    """Bearer tokens "old", then after a forced refresh (which takes 2 s)
+    "new"."""
+
+    def __init__(self) -> None:
+        self.token = "tok-old"
+
+    async def bearer(self, *, force_refresh: bool = False) -> str:
+        if force_refresh:
+            await trio.sleep(2)
+            self.token = "tok-new"
+        return self.token
+
+
+class RejectsOldTokenOf(httpx.AsyncBaseTransport):
+    """Answers 401 to ``agent``'s requests with the old token."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, agent: str) -> None:
+        self.inner = inner
+        self.agent = agent
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(await request.aread())
+        if f'"agent":"{self.agent}"' in body["messages"][0]["content"] and request.headers["authorization"] == "Bearer tok-old":
+            return httpx.Response(401, json={"error": {"message": "token expired", "type": "invalid_request_error"}})
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.parametrize("reset", [30, 900])
+async def test_the_request_resent_after_a_token_refresh_waits_at_the_gate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, reset: int
+) -> None:
+    # b's token is rejected; while it refreshes (2 s), a is told 429 with a
+    # 30 s reset.  b's request sent again with the new token went straight
+    # out at 2 s, under the permit its first request had been given.  With
+    # a reset longer than a call waits (600 s), its resend is refused as a
+    # new call would be.
+    backend = MockBackend(seed=SEED, reset_seconds=reset)
+    recorder = Recorder(RejectsOldTokenOf(mock_transport(backend), "b"), {("validate", "a", 1): {"x-mock-fault": "429"}})
+    http = OpenAIProvider(base_url="http://mock.test/v1", token_source=RefreshingSource(), transport=recorder)
+    result, _ = await run_once(tmp_path, http, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    [t429] = [t for t, _, _, code in recorder.calls if code == 429]
+    assert not [c for c in recorder.calls if t429 < c[0] < t429 + reset]
+    b_calls = [code for _, _, agent, code in recorder.calls if agent == "b"]
+    if reset == 30:
+        assert result.completed and b_calls == [401, 200]  # type: ignore[attr-defined]
+    else:
+        assert result.halt_reason == "agents_failed" and b_calls == [401]  # type: ignore[attr-defined]
+        assert "the call was not made" in result.halt_message  # type: ignore[attr-defined]
+    # A refused resend cost nothing (its first request was answered 401):
+    # the run's usage is all known.
+    assert result.unknown_usage_calls == 0  # type: ignore[attr-defined]
