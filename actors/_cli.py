@@ -9,6 +9,7 @@ as one line ``conclave: error: ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO, TypeVar
 
 import trio
@@ -362,6 +363,19 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     if received is not None:
         raise KeyboardInterrupt from failure
     return result
+
+
+def run_stoppable(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``trio.run(interruptible, fn, *args)`` for a command that reads its
+    failures by type: one of ``fn``'s own is raised as itself, not in the
+    group of the nursery that :func:`interruptible` runs it in."""
+    try:
+        return trio.run(interruptible, fn, *args)
+    except BaseExceptionGroup as group:
+        [leaf, *more] = group.exceptions
+        if more or isinstance(leaf, BaseExceptionGroup):
+            raise
+        raise leaf from leaf.__cause__
 
 
 def drain_progress(events: trio.MemoryReceiveChannel[ProgressEvent], printer: Callable[[ProgressEvent], None]) -> None:
@@ -888,7 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(problem)
     _tolerant_output()
     try:
-        with throughput_gc():  # the process is ours: see actors/_gc.py
+        with throughput_gc(), _stopping_signals():  # the process is ours: see actors/_gc.py
             code: int = args.handler(args)
     except UsageError as exc:
         return _fail(str(exc))
@@ -910,6 +924,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(_database_trouble(leaf, db) or f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
         return EXIT_ERROR
     return code
+
+
+@contextlib.contextmanager
+def _stopping_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` for the command's
+    whole life, as SIGINT raises KeyboardInterrupt: only trio's loop
+    handled them (:func:`interruptible`), and one that came as a command
+    opened its store or printed its result ended the process by the
+    signal, without a word.  Only signals left at their default action are
+    taken (not an embedding app's handlers, nor ``nohup``'s ignoring), and
+    only in the main thread; they are given back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        if trio.lowlevel.in_trio_run():
+            # trio's machinery is not to be raised into (trio shields it
+            # from SIGINT); the commands hand signals to interruptible()
+            # inside their loop.  Here, the instants before it takes
+            # them or after: the signal's own action, as before.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    taken = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            taken[signum] = signal.signal(signum, terminate)
+    try:
+        yield
+    finally:
+        for signum, previous in taken.items():
+            signal.signal(signum, previous)
 
 
 def _database_trouble(exc: BaseException, db: str | None) -> str | None:

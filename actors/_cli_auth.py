@@ -134,10 +134,13 @@ def cmd_login(args: argparse.Namespace) -> int:
         async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
             return await device_login(profile, client, store, clock=time.time, on_code=show_code)
 
+    from ._cli import run_stoppable, stopped_by  # late: _cli imports this module
+
     try:
-        entry = trio.run(run)
-    except KeyboardInterrupt:
-        return finish("cancelled", EXIT_CANCELLED, "login cancelled; nothing was stored")
+        entry = run_stoppable(run)  # SIGTERM and SIGHUP cancel it as Ctrl-C does
+    except KeyboardInterrupt as stop:
+        _, code = stopped_by(stop) or ("", EXIT_CANCELLED)
+        return finish("cancelled", code, "login cancelled; nothing was stored")
     except AuthError as error:
         outcomes = {EXIT_USAGE: "bad_input", EXIT_DENIED: "denied", EXIT_EXPIRED: "expired"}
         code = error.exit_code if error.exit_code in outcomes else EXIT_ERROR

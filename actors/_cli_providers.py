@@ -115,8 +115,10 @@ def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None =
                     print(f"conclave serve-mock: warning: bound to {args.host}, not loopback only", file=sys.stderr)
                 print(f"listening on {url}", flush=True)
 
+    from ._cli import run_stoppable  # late: _cli imports this module
+
     try:
-        trio.run(main)
+        run_stoppable(main)  # SIGTERM and SIGHUP stop it as Ctrl-C does
     except KeyboardInterrupt:
         return EXIT_OK
     except OSError as exc:

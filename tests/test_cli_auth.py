@@ -142,14 +142,18 @@ def test_login_expired_exits_5(tmp_path: Path) -> None:
     assert "login generic" in result["message"]
 
 
-def test_interrupted_login_exits_130_and_stores_nothing(server: tuple[FakeIdP, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_login_exits_130_and_stores_nothing(
+    server: tuple[FakeIdP, str], tmp_path: Path, signum: int, expected: int
+) -> None:
+    # SIGTERM ended the process at once, without its --json result line.
     idp, base = server
     cli = Cli(login_args(base), tmp_path)
     user_code = cli.next_json()["user_code"]
-    cli.proc.send_signal(signal.SIGINT)
+    cli.proc.send_signal(signum)
     result = cli.next_json()
     code, _, _ = cli.finish()
-    assert (code, result["outcome"]) == (130, "cancelled")
+    assert (code, result["outcome"]) == (expected, "cancelled")
     idp.approve(user_code)  # too late: nothing may be stored
     assert TokenStore(tmp_path).load() == {}
 

@@ -214,3 +214,37 @@ def test_closing_the_terminal_stops_cleanly_with_129(tmp_path: Path, argv: list[
         os.close(master)  # the terminal hangs up: SIGHUP to its foreground job
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 129
+
+
+# Sends the signal from inside `cmd_run`, before its loop starts (its store
+# open) or after it ended (as the result is printed).
+_SIGNAL_AT = """
+import os, sys
+import actors._cli as cli
+where, signum = sys.argv[1], int(sys.argv[2])
+real = getattr(cli, where)
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    return real(*args, **kwargs)
+setattr(cli, where, signalled)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["fault_banner", "report_result"])
+@pytest.mark.parametrize(("signum", "code", "word"), STOPS[1:])
+def test_a_signal_outside_the_run_loop_still_exits_cleanly(
+    tmp_path: Path, signum: int, code: int, word: str, where: str
+) -> None:
+    """Only trio's loop handled SIGTERM and SIGHUP: one that came while a
+    command opened its store, or printed what it had found, ended the
+    process by the signal (-15), with no word said."""
+    db = str(tmp_path / "e.db")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT, where, str(int(signum)), "run", "--db", db, "--run-id", "E"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert word in proc.stderr and "Traceback" not in proc.stderr
+    if where == "fault_banner":
+        assert not os.path.exists(db) or Store.open(db, readonly=True).get_run("E") is None

@@ -174,3 +174,20 @@ def test_a_resume_reaches_the_server_its_run_used(tmp_path: Path) -> None:
         assert run is not None and run.current_branch_id is not None
         branch = store.get_branch("K", run.current_branch_id)
         assert branch is not None and branch.options["base_urls"] == {"openai": url}
+
+
+def test_serve_mock_stopped_by_sigterm_exits_0_as_by_ctrl_c() -> None:
+    # A supervisor's stop ended the server by the signal (-15), while
+    # Ctrl-C closed it cleanly and exited 0.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors", "serve-mock", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("listening on ")
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and err == "", err
