@@ -1,7 +1,8 @@
 """Schema migrations after version 1 (the walking skeleton's schema).
 
-Each entry is one step, applied by :func:`store._schema.migrate` in one
-``BEGIN IMMEDIATE`` transaction together with ``PRAGMA user_version``.
+Each entry is one step; :func:`store._schema.migrate` applies the steps a
+file lacks in one ``BEGIN IMMEDIATE`` transaction, together with ``PRAGMA
+user_version``.
 Steps are forward-only and never edited once released: a database written
 by any earlier Conclave is brought up to date one step at a time.
 """

@@ -163,22 +163,25 @@ def check_version(conn: apsw.Connection, path: str) -> int:
 
 
 def migrate(conn: apsw.Connection, path: str, *, target: int = SCHEMA_VERSION) -> int:
-    """Bring the schema up to ``target`` (default :data:`SCHEMA_VERSION`),
-    one transaction per step.  Returns the number of migrations applied."""
-    applied = 0
-    while True:
+    """Bring the schema up to ``target`` (default :data:`SCHEMA_VERSION`):
+    every step the file lacks, in one transaction, so a crash leaves it at
+    the version it had (a new file killed while it was created was left at
+    version 1, which reading commands refuse).  Returns the number of
+    migrations applied."""
+    version = check_version(conn, path)
+    if version >= target:
+        return 0
+    # IMMEDIATE: take the write lock first, then re-read the version, so
+    # two processes opening an old file at once migrate it only once.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         version = check_version(conn, path)
-        if version >= target:
-            return applied
-        # IMMEDIATE: take the write lock first, then re-read the version, so
-        # two processes opening an old file at once migrate it only once.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if schema_version(conn) == version:
-                conn.execute(MIGRATIONS[version])
-                conn.execute(f"PRAGMA user_version = {version + 1}")
-                applied += 1
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        for step in range(version, target):
+            conn.execute(MIGRATIONS[step])
+        if version < target:
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return max(target - version, 0)

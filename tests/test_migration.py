@@ -90,6 +90,23 @@ def test_each_migration_is_one_transaction(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_a_new_file_is_created_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step had its own transaction: a process killed while it created
+    a new file left it at version 1 (or 2), which reading commands refuse
+    ("needs migrating")."""
+    import store._schema as schema
+
+    # The last step fails (as a kill there would end it): nothing is kept.
+    monkeypatch.setattr(schema, "MIGRATIONS", (*MIGRATIONS[:-1], "CREATE TABLE runs (x)"))
+    path = tmp_path / "new.db"
+    conn = apsw.Connection(str(path))
+    with pytest.raises(apsw.SQLError):
+        migrate(conn, str(path))
+    assert int(conn.execute("PRAGMA user_version").fetchone()[0]) == 0
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    conn.close()
+
+
 def test_migrations_are_append_only() -> None:
     # Version 1 is the skeleton's schema, frozen: databases in the wild have it.
     assert "CREATE TABLE runs" in MIGRATIONS[0] and "started_at" not in MIGRATIONS[0]
