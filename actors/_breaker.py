@@ -210,6 +210,23 @@ class CircuitBreaker:
         self.rejected += 1
         return self.policy.probe_wait
 
+    def refuses_resend(self, ticket: Ticket, now: float) -> float | None:
+        """For a call admitted with ``ticket`` that sends its request a
+        second time: None if it may, else how long until trying again makes
+        sense.  Refused if the breaker has left the state the ticket was
+        given in for one that is not closed - counting a move due by now that
+        no call has made yet (it opens, or takes its probes' verdict, as it
+        would for a call arriving now)."""
+        self._catch_up(now)
+        if self.state == "closed" and self._should_open(now):
+            self._move(now, "open")
+        if self.state == "closed" or ticket.generation == self.generation:
+            return None
+        self.rejected += 1
+        if self.state == "open":
+            return max(self.opened_at + self.policy.cooldown - now, 0.0)
+        return self.policy.probe_wait  # half-open: other calls' probes decide
+
     def _verdict(self) -> State | None:
         """What the probes' outcomes so far decide, if the ones still out
         cannot change it.  Exact: in floats, 7 failures of 25 probes at a

@@ -89,8 +89,8 @@ class ProviderHealth:
     async def readmit(self, permit: Permit, request: CompletionRequest | None = None) -> ProviderError | None:
         """For a call that sends its request again under ``permit`` (after
         a token refresh): wait at the gate as :meth:`admit` does, with its
-        refusals, and refuse while the breaker is not closed if it has
-        moved since the permit was given.  None: send it.  A refused call
+        refusals, and refuse it if the breaker has opened since the permit
+        was given (see ``CircuitBreaker.refuses_resend``).  None: send it.  A refused call
         is given up with :meth:`abandon` (its resend was never made)."""
         now = trio.current_time()
         if not self.gate.is_open(now):
@@ -98,9 +98,8 @@ class ProviderHealth:
             if refused is not None:
                 return refused
             now = trio.current_time()
-        breaker = self.breaker
-        if breaker.state != "closed" and breaker.generation != permit.ticket.generation:
-            left = max(breaker.opened_at + breaker.policy.cooldown - now, 0.0)
+        left = self.breaker.refuses_resend(permit.ticket, now)
+        if left is not None:
             return CircuitOpen(
                 f"circuit breaker for provider {self.name!r} opened during the call; retry in {left:.1f}s",
                 retry_after=left,

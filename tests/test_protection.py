@@ -401,14 +401,22 @@ async def test_a_resend_is_refused_once_the_breaker_opened_during_its_call(
     assert other is not None
     p.report(other, Disconnected("x"))
     await trio.sleep(1)
-    assert (await p.admit())[1] is not None and p.breaker.state == "open"
+    # Due to open now, though no call has arrived to move it: the resend
+    # is refused as a new call would be, whether or not one came first.
+    assert p.breaker.state == "closed"
     refused = await p.readmit(slow)
     assert isinstance(refused, CircuitOpen) and refused.retry_after == pytest.approx(5.0)  # opened at 1 s
+    assert p.breaker.state == "open"
     p.abandon(slow)
-    # A permit given while the breaker is half-open (the probe's) resends.
+    # A permit given while the breaker is half-open (the probe's) resends;
+    # another probe's, once a failed probe has decided it open, does not.
     await trio.sleep(5)
     probe, _ = await p.admit()
-    assert probe is not None and await p.readmit(probe) is None
+    second, _ = await p.admit()
+    assert probe is not None and second is not None and await p.readmit(probe) is None
+    p.report(probe, Disconnected("y"))
+    await trio.sleep(1)
+    assert isinstance(await p.readmit(second), CircuitOpen) and p.breaker.state == "open"
 
 
 @pytest.mark.parametrize(
