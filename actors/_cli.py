@@ -345,6 +345,7 @@ async def interruptible(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
                     nonlocal received
                     async for signum in signals:
                         received = signum
+                        _stop.under_way = True
                         nursery.cancel_scope.cancel()
                         return
 
@@ -943,22 +944,48 @@ def _stopping_signals() -> Iterator[None]:
         if trio.lowlevel.in_trio_run():
             # trio's machinery is not to be raised into (trio shields it
             # from SIGINT); the commands hand signals to interruptible()
-            # inside their loop.  Here, the instants before it takes
-            # them or after: the signal's own action, as before.
+            # inside their loop.  A second signal while it stops the work
+            # (trio sends on what its receiver had not read) changes
+            # nothing; one in the instants before it takes them, or
+            # after, has the signal's own action, as before.
+            if _stop.under_way:
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         raise Terminated(signum)
 
+    ours = {signal.SIGTERM, signal.SIGHUP}
     taken = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            taken[signum] = signal.signal(signum, terminate)
+    _stop.under_way = False
+    # Blocked while handlers change hands: a signal landing between two
+    # changes would leave ours installed after main() returned.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ours)
+    try:
+        for signum in ours:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                taken[signum] = signal.signal(signum, terminate)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         yield
     finally:
-        for signum, previous in taken.items():
-            signal.signal(signum, previous)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, ours)
+        try:
+            for signum, previous in taken.items():
+                signal.signal(signum, previous)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+class _Stop:
+    """Whether :func:`interruptible` has taken a stop signal (see
+    :func:`_stopping_signals`)."""
+
+    under_way = False
+
+
+_stop = _Stop()
 
 
 def _database_trouble(exc: BaseException, db: str | None) -> str | None:

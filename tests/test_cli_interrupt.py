@@ -248,3 +248,37 @@ def test_a_signal_outside_the_run_loop_still_exits_cleanly(
     assert word in proc.stderr and "Traceback" not in proc.stderr
     if where == "fault_banner":
         assert not os.path.exists(db) or Store.open(db, readonly=True).get_run("E") is None
+
+
+# Sends the signal as the run starts, waits (shielded) until it has been
+# taken, and sends it again.
+_SIGNAL_TWICE = """
+import os, sys
+import trio
+import actors._cli as cli
+signum = int(sys.argv[1])
+real = cli._run_pipeline
+async def twice(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    with trio.CancelScope(shield=True):
+        await trio.sleep(0.05)
+    os.kill(os.getpid(), signum)
+    return await real(*args, **kwargs)
+cli._run_pipeline = twice
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("signum", "code", "word"), STOPS[1:])
+def test_a_second_signal_while_the_first_stops_the_run_changes_nothing(
+    tmp_path: Path, signum: int, code: int, word: str
+) -> None:
+    """trio sends on the signals its receiver had not read when it closes:
+    a second SIGTERM ended the process by the signal, without a word."""
+    db = str(tmp_path / "t.db")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_TWICE, str(int(signum)), "run", "--db", db, "--run-id", "T"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == code, proc.stderr
+    assert f"conclave: error: {word}" in proc.stderr and "Traceback" not in proc.stderr
