@@ -37,7 +37,7 @@ from messages import (
     StageStarted,
     TokenUsage,
 )
-from store import BranchRow, LockFileError, RunLocked, RunRow, Store, StoreError
+from store import BranchRow, EmptyDatabase, LockFileError, RunLocked, RunRow, Store, StoreError
 
 from ._gc import throughput_gc
 from ._budget import usd, usd_of
@@ -614,6 +614,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _fail(f"--limit {args.limit} lists the latest runs; it does not go with a RUN_ID")
     try:
         store = _open_readonly(args.db)
+    except EmptyDatabase as exc:
+        if args.run_id is not None:
+            return _fail(str(exc))
+        # A file with nothing in it yet (say, made by 'touch') lists no
+        # runs, as a database Conclave created but never ran in does.
+        if args.json:
+            _json_out({"runs": []})
+        else:
+            print(f"no runs in {args.db}")
+        return EXIT_OK
     except StoreError as exc:
         return _fail(str(exc))
     with store:

@@ -6,7 +6,7 @@ the write connection and drives :meth:`Store.apply` in group commits.
 
 from ._busy import StoreBusy, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability
-from ._errors import NotADatabase, SchemaTooNew, StoreError
+from ._errors import EmptyDatabase, NotADatabase, SchemaTooNew, StoreError
 from ._preflight import RunPreview, UnknownRun, preview_lineage, preview_run
 from ._runlock import LockFileError, RunLocked
 from ._schema import SCHEMA_VERSION
@@ -36,6 +36,7 @@ __all__ = [
     "DecisionRow",
     "Durability",
     "EventRow",
+    "EmptyDatabase",
     "NotADatabase",
     "OutputRow",
     "RetryableStoreError",

@@ -12,7 +12,7 @@ from typing import Literal
 import apsw
 
 from ._busy import retry_busy
-from ._errors import NotADatabase, StoreError
+from ._errors import EmptyDatabase, NotADatabase, StoreError
 from ._migrations import READ_AS_LATEST
 from ._schema import SCHEMA_VERSION, check_version, foreign_problem, migrate, unversioned_problem, user_tables
 
@@ -112,7 +112,7 @@ def open_connection(
             if version == 0 and (readonly or tables):
                 # Before any pragma: WAL mode and a schema version would be
                 # written into another application's database.
-                raise NotADatabase(unversioned_problem(path, tables))
+                raise (NotADatabase if tables else EmptyDatabase)(unversioned_problem(path, tables))
         foreign = retry_busy(lambda: foreign_problem(conn, path, version), what=path)
         if foreign is not None:
             raise NotADatabase(foreign)

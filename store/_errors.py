@@ -16,3 +16,8 @@ class SchemaTooNew(StoreError):
 
 class NotADatabase(StoreError):
     """The file exists but is not an SQLite database."""
+
+
+class EmptyDatabase(NotADatabase):
+    """An SQLite database with nothing in it yet (an empty file, say): no
+    Conclave runs to read."""

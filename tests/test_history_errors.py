@@ -3,6 +3,7 @@ exit 2, and the database file is left byte-for-byte untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -69,7 +70,7 @@ def make(case: str, tmp_path: Path, good_db: Path) -> tuple[Path, list[str], str
     if case.startswith("empty_db"):
         # Left by a first run killed while creating it.
         db.write_bytes(b"")
-        return db, ["status"] if case == "empty_db_status" else ["resume", "R"], "an empty database"
+        return db, ["status", "R"] if case == "empty_db_status" else ["resume", "R"], "an empty database"
     shutil.copy(good_db, db)
     if case == "unknown_run":
         return db, ["resume", "NOPE"], "no run 'NOPE'"
@@ -127,6 +128,19 @@ def test_bad_input_is_refused_untouched(tmp_path: Path, good_db: Path, case: str
     new = set(os.listdir(tmp_path)) - set(listing)
     assert new <= {"case.db-wal", "case.db-shm"}
     assert not (tmp_path / "case.db-wal").exists() or (tmp_path / "case.db-wal").stat().st_size == 0
+
+
+def test_an_empty_file_lists_no_runs_and_is_left_untouched(tmp_path: Path) -> None:
+    # It was refused ("an empty database"), while a database Conclave made
+    # and never ran in listed none: a script reading 'status --json' had
+    # to tell the two apart.
+    db = tmp_path / "empty.db"
+    db.write_bytes(b"")
+    listed = run_cli(["status", "--db", str(db), "--json"])
+    assert listed.returncode == 0 and json.loads(listed.stdout) == {"runs": []}, listed.stderr
+    shown = run_cli(["status", "--db", str(db)])
+    assert shown.returncode == 0 and shown.stdout.strip() == f"no runs in {db}", shown.stderr
+    assert db.read_bytes() == b"" and os.listdir(tmp_path) == ["empty.db"]
 
 
 def test_missing_db_is_not_created(tmp_path: Path) -> None:
