@@ -278,7 +278,7 @@ class _RecordingProvider(BaseProvider):
         self._checker = checker
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        self._checker.on_call(self.name, trio.current_time(), request)
+        self._checker.on_provider_call(self.name, trio.current_time(), request)
         try:
             completion = await self.inner.complete(request)
             self._checker.on_served(request, completion)
@@ -305,6 +305,7 @@ class _Checker:
     def __init__(self, config: SoakConfig, health: HealthRegistry, on_breach: OnBreach | None = None) -> None:
         self.config = config
         self.health = health
+        self.stage_names = config.pipeline().stage_names
         self.breaches: list[str] = []
         self._on_breach = on_breach
         # gate / breaker, checked online: calls arrive in time order.
@@ -343,6 +344,15 @@ class _Checker:
 
     def on_rate_limit(self, provider: str, start: float, end: float) -> None:
         self._windows[provider].append((start, end))
+
+    def on_provider_call(self, provider: str, now: float, request: CompletionRequest) -> None:
+        """A call reaching the provider itself, as it does: no checkpoint
+        lies between its admission and this, so the breaker's state now is
+        the one it was admitted in - which the transitions' times cannot
+        tell within the instant the breaker opened."""
+        if self.health[provider].breaker.state == "open":
+            self.breach(f"a call reached provider {provider!r} at t={now:.3f}s while its breaker was open")
+        self.on_call(provider, now, request)
 
     def on_call(self, provider: str, now: float, request: CompletionRequest | None = None) -> None:
         if request is not None:
@@ -462,6 +472,12 @@ def _check_run(
             f"{run_id} has {len(decisions)} decision(s) over {len(per_key)} stage key(s), "
             f"the run reports {len(result.stages)}"
         )
+    # By name, in order: a stage decided under another name (one missing,
+    # one that does not exist) kept the count.
+    decided = [d.stage for d in sorted(decisions, key=lambda d: d.seq)]
+    stages = checker.stage_names
+    if decided != list(stages[: len(decided)]) or (result.status == "completed" and len(decided) != len(stages)):
+        checker.breach(f"{run_id} decided {decided}, not the pipeline's stages {list(stages)} in order")
 
     usage = ZERO_USAGE
     unknown = 0

@@ -187,6 +187,49 @@ def test_a_breaker_that_never_refuses_fails_the_soak(monkeypatch: pytest.MonkeyP
     assert any("while its breaker was open" in b for b in report.breaches)
 
 
+def test_calls_let_through_in_the_instant_the_breaker_opened_fail_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker dated the breaker's transitions: a call in the very
+    instant it opened might have come before the opening, so it was not
+    held against it, and a breaker leaking calls in that instant passed."""
+    from actors import CircuitBreaker
+    from actors._breaker import Ticket
+
+    original = CircuitBreaker.acquire
+    leaked = 0
+
+    def leaky(self: CircuitBreaker, now: float) -> object:
+        nonlocal leaked
+        got = original(self, now)
+        if isinstance(got, float) and self.state == "open" and now == self.opened_at:
+            leaked += 1
+            return Ticket(self.generation, probe=False)
+        return got
+
+    monkeypatch.setattr(CircuitBreaker, "acquire", leaky)
+    report = run_soak(SoakConfig(seed=2, runs=30, faults=default_soak_plan("disconnect:70%")))
+    assert leaked > 0
+    assert any("while its breaker was open" in b for b in report.breaches), report.breaches
+
+
+def test_a_stage_decided_under_another_name_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check counted decisions per run: one stage missing and one that
+    # does not exist kept the count.
+    from messages import PersistDecision
+    from store import Store
+
+    apply_one = Store._apply_one
+
+    def mislabelling(self: Store, item: Any, now: int) -> Any:
+        if isinstance(item, PersistDecision) and item.decision.key.stage == "unlock":
+            key = attrs.evolve(item.decision.key, stage="unlock_elsewhere")
+            item = attrs.evolve(item, decision=attrs.evolve(item.decision, key=key))
+        return apply_one(self, item, now)
+
+    monkeypatch.setattr(Store, "_apply_one", mislabelling)
+    report = run_soak(SoakConfig(seed=1, runs=3))
+    assert any("not the pipeline's stages" in b for b in report.breaches), report.breaches
+
+
 def test_determinism_holds_when_the_breaker_trips() -> None:
     """Sixteen runs each opening with the reference plan make the provider
     fail most calls at once: the breaker opens, callers fail fast, probe and
