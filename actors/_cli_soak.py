@@ -315,9 +315,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
     except _BadInput as exc:
         print(f"conclave: error: {exc}", file=sys.stderr)
         return 2
-    if not args.json:
-        note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
-        print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
+    # On stderr with --json too, as `run` says it: stdout stays the object.
+    note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
+    print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
 
     def watched(label: str) -> SoakReport:
         shown = SoakProgress(
@@ -344,6 +344,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
         data = report.to_json() | {"plan": config.faults.to_json(), "replay": replay_command(config)}
         if args.check_determinism:
             data["determinism"] = {"runs": len(reports), "digests": [r.digest for r in reports], "same": deterministic}
+            # "ok" is the exit status's word: a script reading it took a
+            # seed that replays differently for a pass.
+            data["ok"] = report.ok and deterministic
         print(json.dumps(data, indent=2))
     else:
         print(_human(report))

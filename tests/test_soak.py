@@ -82,6 +82,31 @@ def test_check_determinism_replays_a_failing_seed_too() -> None:
     assert "soak FAILED" in proc.stderr
 
 
+def test_a_seed_that_replays_differently_is_not_ok_in_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its "ok" said true (the invariants held) while the command exited 1.
+    from actors import _cli_soak
+    from actors._cli import main
+
+    real = _cli_soak._soak_until_signalled
+    runs = 0
+
+    def drifting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        report = real(*args, **kwargs)
+        return report if runs == 1 else attrs.evolve(report, digest="0" * 64)
+
+    monkeypatch.setattr(_cli_soak, "_soak_until_signalled", drifting)
+    assert main(["soak", "--runs", "3", "--check-determinism", "--json"]) == 1
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["determinism"]["same"] is False and data["ok"] is False and not data["breaches"]
+    # The banner is on stderr with --json too, as `run` gives it.
+    assert "FAULT INJECTION ACTIVE" in err and "is not deterministic" in err
+
+
 def test_a_broken_gate_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker can fail: with a gate that never waits, calls reach the
     provider inside 429 windows and the soak says so."""
