@@ -32,8 +32,11 @@ placement (they only scope the count budget, see below).
   of burning one agent's every attempt.  A number no call takes (a seat a
   resume replays from the store, an attempt never made) leaves its fault
   to the next stage, so a run gets exactly its counts of each kind.  "In
-  order" therefore means this canonical order, which is the arrival order
-  whenever calls cannot race (one agent at a time).  A resume in a new
+  order" therefore means this canonical order (round by round of attempts,
+  seats in order), not the order of arrival: in a sequential stage an
+  agent's retries arrive before the next agent's first call, so there a
+  429 placed on the first agent's second attempt fires before the
+  disconnect on the second agent's first.  A resume in a new
   process takes the budget up from the faults the branch logged
   (:meth:`FaultInterceptor.restore`), so a crash does not refill it.
 
