@@ -108,6 +108,10 @@ class ResumeState:
     # stage -> how often this branch halted on it for want of answers: each
     # such halt grants its failed agents one more round of attempts.
     rounds: Mapping[str, int] = attrs.field(factory=dict)
+    # (stage, agent, attempt) -> why, for each attempt this branch's agents
+    # gave up after: a reset hint past max_wait is not in the stored error,
+    # so judged again it read as one to retry.
+    gave_up: Mapping[tuple[str, str, int], str] = attrs.field(factory=dict)
 
     @property
     def seed(self) -> int:
@@ -193,6 +197,22 @@ class ResumeState:
                 )
                 continue
             error = stored_error(last.error)
+            why = self.gave_up.get((stage.name, agent, last.attempt))
+            if why is not None and sum(
+                1 for (st, ag, _) in self.gave_up if st == stage.name and ag == agent
+            ) > self.rounds.get(stage.name, 0):
+                # It gave up there, and no round has been granted since: a
+                # plain resume of its halt asked it again (a 429 reset past
+                # max_wait), paid, and decided stages the run never stored
+                # as decided.
+                replay[agent] = AgentReply(
+                    key=key,
+                    attempts=last.attempt,
+                    output=None,
+                    error=f"{error.kind}: {error}" + (f" ({why})" if why else ""),
+                    replayed=True,
+                )
+                continue
             if classify(error).kind in USER_FIXABLE:
                 # It gave up at once (a wrong key, a spent quota), so rounds
                 # of attempts do not measure it: each halt it caused and
@@ -263,6 +283,11 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         for e in store.events(run_id, "resume")
         if e.branch_id == branch.branch_id and e.detail.get("new_round") is not None
     )
+    gave_up = {
+        (e.stage, e.agent, e.attempt): str(e.detail.get("reason") or "")
+        for e in store.events(run_id, "gave_up")
+        if e.branch_id == branch.branch_id and e.stage is not None and e.agent is not None and e.attempt is not None
+    }
     return ResumeState(
         run=run,
         branch=branch,
@@ -271,6 +296,7 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         outputs=outputs,
         max_seq=store.max_seq(run_id),
         rounds=dict(rounds),
+        gave_up=gave_up,
     )
 
 

@@ -15,6 +15,7 @@ import trio.testing
 
 from actors import BreakerPolicy, HealthRegistry
 from actors._breaker import CircuitBreaker, Ticket
+from store import Store
 
 from .conftest import run_cli
 
@@ -110,3 +111,30 @@ def test_a_retry_failed_round_does_not_meet_the_gate_that_failed_its_agents(tmp_
     assert json.loads(halted.stdout)["halt_reason"] == "agents_failed", halted.stdout
     again = run_cli(["resume", "F", "--retry-failed", "--faults", "429:1", *common], env=env)
     assert json.loads(again.stdout)["status"] == "completed", again.stdout
+
+
+def test_a_plain_resume_of_a_halt_on_a_long_reset_replays_it_and_writes_nothing(tmp_path: Path) -> None:
+    """An agent that gave up on a reset past max_wait had attempts left,
+    and its stored error does not keep the reset: a plain resume judged it
+    one to retry, asked it again (paid, against a real provider), decided
+    all six stages and said "completed", while the run stayed halted."""
+    db = tmp_path / "l.db"
+    env = {"CODEX_FAULTS_429_RESET": "86400"}
+    common = ["--db", str(db), "--json"]
+    halted = run_cli(["run", "--run-id", "L", "--faults", "429:1", *common], env=env)
+    first = json.loads(halted.stdout)
+    assert halted.returncode == 3 and first["halt_reason"] == "agents_failed", halted.stdout
+
+    def stored() -> tuple[int, int, int]:
+        with Store.open(str(db), readonly=True) as s:
+            return len(s.events("L")), len(s.outputs("L")), len(s.decisions("L"))
+
+    before = stored()
+    plain = run_cli(["resume", "L", *common])
+    again = json.loads(plain.stdout)
+    assert plain.returncode == 3 and again["halt_reason"] == "agents_failed", plain.stdout
+    assert again["digest"] == first["digest"] and again["turns"] == 0
+    assert stored() == before, "a plain resume of the halt writes nothing"
+    # Granted a new round, the failed agents are asked again.
+    granted = run_cli(["resume", "L", "--retry-failed", *common])
+    assert granted.returncode == 0 and json.loads(granted.stdout)["status"] == "completed", granted.stdout
