@@ -144,14 +144,21 @@ def base_url_options(configs: Mapping[str, ProviderConfig]) -> dict[str, Any]:
     """The real providers' base URLs, kept with the run: a resume without
     --base-url went to the provider's public endpoint (with the key meant
     for the local server) and stored its failures as decisions.  A URL
-    whose query holds anything but a version is not stored (the resume
-    must then be told again)."""
-    urls = {
+    whose query holds anything but a version is not stored, only that it
+    was given: the resume must then be told again, and is refused without
+    it (it went to the public endpoint, the key with it)."""
+    given = {
         name: config.base_url
         for name, config in sorted(configs.items())
-        if config.remote and config.base_url is not None and _storable_url(config.base_url)
+        if config.remote and config.base_url is not None
     }
-    return {"base_urls": urls} if urls else {}
+    urls = {name: url for name, url in given.items() if _storable_url(url)}
+    withheld = sorted(given.keys() - urls.keys())
+    return ({"base_urls": urls} if urls else {}) | ({WITHHELD_URLS: withheld} if withheld else {})
+
+
+# Branch option: the providers whose --base-url was used but not kept.
+WITHHELD_URLS = "base_urls_withheld"
 
 
 # Query parameters that name a version, never a credential.
@@ -272,6 +279,12 @@ def _configs(
     })
     stored = options.get("base_urls")
     kept = {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
+    withheld = options.get(WITHHELD_URLS)
+    if isinstance(withheld, list) and withheld and getattr(args, "base_url", None) is None:
+        raise ProviderConfigError(
+            f"run {args.run_id} called {', '.join(map(str, withheld))} at a --base-url that was not kept "
+            "(its query may hold a credential); give --base-url again"
+        )
     return provider_configs_from_args(view, pipeline, token_sources=tokens, base_urls=kept, stored=True)
 
 

@@ -225,4 +225,6 @@ def test_a_base_url_with_a_query_that_may_hold_a_credential_is_not_stored(query:
 
     url = "http://127.0.0.1:8000/v1" + query
     config = resolve_provider("openai", base_url=url, env={"OPENAI_API_KEY": SECRET})
-    assert base_url_options({"openai": config}) == ({"base_urls": {"openai": url}} if kept else {})
+    assert base_url_options({"openai": config}) == (
+        {"base_urls": {"openai": url}} if kept else {"base_urls_withheld": ["openai"]}
+    )

@@ -176,6 +176,30 @@ def test_a_resume_reaches_the_server_its_run_used(tmp_path: Path) -> None:
         assert branch is not None and branch.options["base_urls"] == {"openai": url}
 
 
+def test_a_resume_of_a_run_whose_base_url_was_not_kept_needs_it_again(tmp_path: Path) -> None:
+    """A URL whose query may hold a credential is not stored; resumed or
+    rerun without --base-url, the run went to the public endpoint with the
+    key meant for the local server."""
+    db = tmp_path / "q.db"
+    with serve_mock("--seed", str(SEED)) as (url, _):
+        secret_url = url + "?token=local-only"
+        made = conclave("run", SPEC, "--provider", "openai", "--base-url", secret_url, "--seed", str(SEED),
+                        "--db", str(db), "--run-id", "Q", env={"OPENAI_API_KEY": SECRET})
+        assert made.returncode == 0, made.stderr
+        before = ledger(url)["completions"]
+        refused = conclave("rerun", "Q", "--from", "unlock", "--db", str(db), env={"OPENAI_API_KEY": SECRET})
+        assert refused.returncode == 2
+        assert "at a --base-url that was not kept" in refused.stderr and "give --base-url again" in refused.stderr
+        assert "local-only" not in refused.stderr
+        given = conclave("rerun", "Q", "--from", "unlock", "--db", str(db), "--base-url", secret_url, "--json",
+                         env={"OPENAI_API_KEY": SECRET})
+        assert given.returncode == 0, given.stderr
+        assert ledger(url)["completions"] > before
+    with Store.open(str(db), readonly=True) as store:
+        assert len(store.branches("Q")) == 2, "the refused rerun made no branch"
+        assert all("local-only" not in json.dumps(b.options) for b in store.branches("Q"))
+
+
 def test_serve_mock_stopped_by_sigterm_exits_0_as_by_ctrl_c() -> None:
     # A supervisor's stop ended the server by the signal (-15), while
     # Ctrl-C closed it cleanly and exited 0.
