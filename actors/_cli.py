@@ -415,7 +415,7 @@ async def _run_pipeline(
     out = display if isinstance(display, LiveFooter) else sys.stdout
     printer = None if args.json else ProgressPrinter(out, len(pipeline.stages))
     started = trio.current_time()
-    options = _history.run_options(args, plan) | _history.base_url_options(configs)
+    options = _history.run_options(args, plan) | _history.base_url_options(configs) | _history.fault_options(plan)
     if args.price_kept is not None:
         options[PRICES_OPTION] = args.price_kept
     async with open_orchestrator(

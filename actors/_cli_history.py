@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from messages import AuthError, FaultPlan, ProgressEvent, StageDecided, StageStarted
+from messages._faultplan import DEFAULT_TIMEOUT_MS
 from store import BranchRow, LockFileError, RunLocked, RunPreview, RunRow, Store, StoreError, preview_lineage, preview_run
 
 from ._cli import (
@@ -50,7 +51,7 @@ from ._cli import (
 )
 from ._checks import add_db_argument, nonempty_arg, positive_arg
 from ._consensus import ADVANCING
-from ._ids import short_branch_id
+from ._ids import shell_word, short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
 from ._resume import ResumeError, resolve_branch
 from ._cli_auth import add_run_auth_option, login_auth
@@ -138,6 +139,37 @@ def run_options(args: argparse.Namespace, plan: FaultPlan | None = None) -> dict
     if plan is not None and plan.enabled and plan.seed is not None:
         options[FAULT_SEED_OPTION] = plan.seed
     return options
+
+
+# Branch option: the fault plan a run was made with (FaultPlan.to_json), so
+# a resume given none can say what it leaves out.
+FAULTS_OPTION = "faults"
+
+
+def fault_options(plan: FaultPlan | None) -> dict[str, Any]:
+    return {FAULTS_OPTION: plan.to_json()} if plan is not None and plan.enabled else {}
+
+
+def note_faults_left_out(run_id: str, plan: FaultPlan, options: Mapping[str, Any], what: str) -> None:
+    """Say on stderr when the run was made under faults and this resume or
+    rerun is given none: it then gets none, and a crash-and-resume test
+    gets another digest than the uninterrupted run, without a word."""
+    kept = options.get(FAULTS_OPTION)
+    if plan.enabled or not isinstance(kept, dict) or not kept.get("faults"):
+        return
+    env = [
+        f"CODEX_FAULTS_{name}={shell_word(str(kept[key]))}"
+        for name, key in (("429_RESET", "reset"), ("TIMEOUT_MS", "timeout_ms"))
+        if kept.get(key) is not None and (key != "timeout_ms" or kept[key] != DEFAULT_TIMEOUT_MS)
+    ]
+    if kept.get("provider"):
+        env.insert(0, f"CODEX_FAULTS_SCOPE=gateway:{shell_word(str(kept['provider']))}")
+    again = " ".join([*env, f"--faults {shell_word(str(kept['faults']))}"])
+    print(
+        f"conclave: note: run {run_id} was made with faults ({kept['faults']}); this {what} injects none "
+        f"(give {again} to go on under the same plan)",
+        file=sys.stderr,
+    )
 
 
 def base_url_options(configs: Mapping[str, ProviderConfig]) -> dict[str, Any]:
@@ -339,6 +371,9 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
                 if value is not None:
                     options[name] = value
         seed = run.seed if run.seed is not None else 0
+        note_faults_left_out(args.run_id, plan, options, "resume" if fork is None else "rerun")
+        if fork is not None and plan.enabled:
+            options.update(fault_options(plan))
         kept_seed = options.get(FAULT_SEED_OPTION)
         if plan.enabled and plan.seed is None and isinstance(kept_seed, int):
             # The run's own fault seed (its --fault-seed or CODEX_FAULTS_SEED):

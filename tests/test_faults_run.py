@@ -316,6 +316,10 @@ def test_resume_and_rerun_inject_faults_as_run_does(tmp_path: Path) -> None:
     assert json.loads(forked.stdout)["faults"]["injected"] == {"disconnect": 0, "rate_limit": 0, "timeout": 1}
     quiet = run_cli(["resume", "R", "--db", db, "--json"])
     assert "FAULT INJECTION" not in quiet.stderr and "faults" not in json.loads(quiet.stdout)
+    # The branch was made under a plan this resume leaves out: it says so
+    # (a crash-and-resume test given none got another digest, silently).
+    assert "note: run R was made with faults (timeout:1); this resume injects none" in quiet.stderr
+    assert "--faults timeout:1 to go on under the same plan" in quiet.stderr
 
 
 @pytest.fixture(scope="module")
