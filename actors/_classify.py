@@ -21,6 +21,7 @@ from messages import (
     BadRequest,
     CircuitOpen,
     Disconnected,
+    NotFound,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -37,6 +38,7 @@ ErrorClass = Literal[
     "database_busy",
     "authentication",
     "bad_request",
+    "not_found",
     "quota",
     "permanent",
 ]
@@ -76,6 +78,8 @@ def classify(error: BaseException, *, auth_retries_left: int = 0) -> Classificat
         kind = "authentication"
     elif isinstance(error, QuotaExceeded):
         kind = "quota"
+    elif isinstance(error, NotFound):
+        kind = "not_found"
     elif isinstance(error, BadRequest):
         kind = "bad_request"
     elif _is_database_busy(error):

@@ -45,6 +45,7 @@ from messages import (
     ZERO_USAGE,
     AuthenticationFailed,
     BadRequest,
+    NotFound,
     Disconnected,
     ProviderError,
     ProviderTimeout,
@@ -224,6 +225,8 @@ def error_from_status(
         error = ProviderUnavailable(detail, retry_after=hint) if override is not False else ProviderError(detail)
     elif override is True:
         error = ProviderUnavailable(detail)
+    elif status == 404:
+        error = NotFound(detail)
     else:
         error = BadRequest(detail)
     return with_usage(error, ZERO_USAGE)

@@ -24,6 +24,7 @@ import httpx
 from messages import (
     AuthenticationFailed,
     BadRequest,
+    NotFound,
     Completion,
     CompletionRequest,
     ProviderError,
@@ -153,6 +154,8 @@ class OpenAIProvider(HttpProvider):
             error = RateLimited(detail)
         elif words & _AUTHENTICATION:
             error = AuthenticationFailed(detail)
+        elif words & _NOT_FOUND:
+            error = NotFound(detail)
         elif words & _BAD_REQUEST:
             error = BadRequest(detail)
         else:  # server_error, or nothing said: the provider's trouble
@@ -171,7 +174,6 @@ _BAD_REQUEST = frozenset(
         "content_filter",
         "content_policy_violation",
         "invalid_prompt",
-        "model_not_found",
-        "not_found_error",
     }
 )
+_NOT_FOUND = frozenset({"model_not_found", "not_found_error"})

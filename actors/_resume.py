@@ -65,7 +65,7 @@ from ._sequencer import DecisionSequencer
 UNANSWERED = "agents_failed"
 # Errors no retry mends but the user can, outside the run: they leave a
 # stage undecided too, for 'resume --retry-failed' once fixed.
-USER_FIXABLE = frozenset({"authentication", "quota"})
+USER_FIXABLE = frozenset({"authentication", "quota", "not_found"})
 
 
 class ResumeError(ConclaveError, ValueError):

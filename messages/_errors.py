@@ -114,9 +114,17 @@ class AuthenticationFailed(ProviderError):
 
 
 class BadRequest(ProviderError):
-    """400/404/422: the request itself is wrong; retrying cannot help."""
+    """400/422 (404: :class:`NotFound`): the request itself is wrong;
+    retrying cannot help."""
 
     kind = "bad_request"
+
+
+class NotFound(BadRequest):
+    """404, or a model the provider does not know: usually a wrong base URL
+    or model name - fixed outside the run, as a key or a quota is."""
+
+    kind = "not_found"
 
 
 class QuotaExceeded(ProviderError):

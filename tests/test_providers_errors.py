@@ -16,6 +16,7 @@ from actors._mock_backend import MockBackend
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
 from messages import (
+    NotFound,
     ZERO_USAGE,
     AuthenticationFailed,
     BadRequest,
@@ -59,7 +60,7 @@ async def failure(transport: httpx.AsyncBaseTransport, **kwargs: object) -> Prov
         (400, BadRequest),
         (401, AuthenticationFailed),
         (403, AuthenticationFailed),
-        (404, BadRequest),
+        (404, NotFound),  # a BadRequest, fixable outside the run
         (408, ProviderTimeout),
         (409, ProviderUnavailable),
         (422, BadRequest),
@@ -83,7 +84,7 @@ async def test_status_maps_to_typed_error(status: int, kind: type[ProviderError]
 async def test_status_from_serve_mock_fault(status: int) -> None:
     backend = MockBackend(seed=1)
     error = await failure(mock_transport(backend), headers={"x-mock-fault": str(status)})
-    expected = {400: BadRequest, 404: BadRequest, 422: BadRequest, 401: AuthenticationFailed,
+    expected = {400: BadRequest, 404: NotFound, 422: BadRequest, 401: AuthenticationFailed,
                 403: AuthenticationFailed, 429: RateLimited}.get(status, ProviderUnavailable)
     assert type(error) is expected
     assert backend.ledger.faults == {str(status): 1}

@@ -227,3 +227,27 @@ async def test_the_request_resent_after_a_token_refresh_waits_at_the_gate(
     # A refused resend cost nothing (its first request was answered 401):
     # the run's usage is all known.
     assert result.unknown_usage_calls == 0  # type: ignore[attr-defined]
+
+
+async def test_a_wrong_base_url_halts_for_a_retry_once_fixed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A 404 on every call (a wrong base URL, an unknown model) halted the
+    run no_consensus, decided for good: a stage the user could only rerun.
+    It is fixed outside the run, as a key is: the stage is left undecided
+    for 'resume --retry-failed'."""
+    from messages import NotFound
+
+    from actors._classify import classify
+
+    backend = MockBackend(seed=SEED)
+    wrong = OpenAIProvider(base_url="http://mock.test/v2", api_key=SECRET, transport=mock_transport(backend))
+    result, store = await run_once(tmp_path, wrong, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
+    assert "http://mock.test/v2/chat/completions" in result.halt_message  # type: ignore[attr-defined]
+    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
+    assert classify(NotFound("x")).kind == "not_found" and not classify(NotFound("x")).retryable
+    right = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=mock_transport(backend))
+    async with open_orchestrator(store=store, provider=right, seed=SEED) as orch:
+        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
+    assert fixed.completed
