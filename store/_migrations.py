@@ -58,8 +58,30 @@ LATER: tuple[str, ...] = (V2, V3)
 # still be read as the latest schema: TEMP views of the same names (which
 # unqualified names resolve to first) add the columns it lacks, with the
 # values the migration would give them.  So reading commands keep working
-# on files no writing command has opened since an upgrade.
+# on files no writing command has opened since an upgrade (a user could not
+# list the runs of an old file to resume one).
 READ_AS_LATEST: dict[int, str] = {
+    # Version 1, the walking skeleton's: V2's columns as V2 fills them in,
+    # then V3's.
+    1: """
+CREATE TEMP VIEW agent_outputs AS SELECT *,
+    NULL AS started_at, NULL AS finished_at,
+    CASE WHEN usage_known = 1 THEN 0 END AS cache_write_input_tokens,
+    CASE WHEN usage_known = 1 THEN 0 END AS cache_write_1h_input_tokens
+    FROM main.agent_outputs;
+CREATE TEMP VIEW branches AS SELECT b.*, '{}' AS options,
+    (SELECT r.status FROM main.runs r
+     WHERE r.run_id = b.run_id AND r.current_branch_id = b.branch_id) AS status,
+    (SELECT r.halt_reason FROM main.runs r
+     WHERE r.run_id = b.run_id AND r.current_branch_id = b.branch_id) AS halt_reason,
+    (SELECT r.digest FROM main.runs r
+     WHERE r.run_id = b.run_id AND r.current_branch_id = b.branch_id) AS digest,
+    b.rowid AS rowid  -- (a view has none: branches are listed in rowid order)
+    FROM main.branches b;
+CREATE TEMP VIEW runs AS SELECT *,
+    0 AS cache_write_input_tokens, 0 AS cache_write_1h_input_tokens
+    FROM main.runs;
+""",
     2: """
 CREATE TEMP VIEW agent_outputs AS SELECT *,
     CASE WHEN usage_known = 1 THEN 0 END AS cache_write_input_tokens,

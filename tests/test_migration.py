@@ -180,3 +180,21 @@ def test_cache_writes_are_stored_per_attempt_and_in_the_run_totals(tmp_path: Pat
         assert row.usage == usage
         run = s.get_run("R")
         assert run is not None and run.usage == usage
+
+
+def test_a_version_1_database_reads_as_its_migration_would(tmp_path: Path) -> None:
+    """Reading commands refused a version-1 file ("needs migrating"): a
+    user could not list its runs to resume one.  Read in place, each says
+    what it says of the same file migrated, and the file stays version 1."""
+    old, migrated = tmp_path / "old.db", tmp_path / "migrated.db"
+    shutil.copy(FIXTURE, old)
+    shutil.copy(FIXTURE, migrated)
+    Store.open(str(migrated)).close()
+    assert user_version(migrated) == SCHEMA_VERSION
+    for command in (["status"], ["status", "V1RUN"], ["decisions", "V1RUN"], ["metrics", "V1RUN"],
+                    ["events", "V1RUN"], ["branches", "V1RUN"]):
+        before = run_cli([*command, "--db", str(old), "--json"])
+        after = run_cli([*command, "--db", str(migrated), "--json"])
+        assert before.returncode == after.returncode == 0, (command, before.stderr)
+        assert before.stdout == after.stdout, command
+    assert user_version(old) == 1, "a read never migrates"
