@@ -30,6 +30,8 @@ META = ("litellm_provider", "mode", "max_input_tokens", "max_output_tokens")
 
 
 def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tools/trim_prices.py WHEEL_EXTRACTED_JSON LITELLM_VERSION > actors/_model_prices.json")
     path, version = sys.argv[1], sys.argv[2]
     raw = open(path, "rb").read()
     table = json.loads(raw)
