@@ -120,14 +120,14 @@ class Quorum:
     @classmethod
     def parse(cls, value: Any, where: str) -> Quorum:
         if isinstance(value, bool):
-            raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a number, got {value!r}")
+            raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a whole number, got {value!r}")
         if isinstance(value, int):
             if value < 1:
                 raise PipelineError(f"{where}: quorum must be at least 1, got {value}")
             return cls(policy="k", k=value)
         if value in ("all", "majority"):
             return cls(policy=value)
-        raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a number, got {value!r}")
+        raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a whole number, got {value!r}")
 
 
 def _a_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
