@@ -33,6 +33,7 @@ from messages._auth_errors import AuthConfigError, AuthError
 from ._auth_flow import DeviceAuthorization
 from ._auth_login import device_login, logout
 from ._auth_profiles import PROVIDERS, build_profile
+from ._format import duration
 from ._token_source import AuthService, TokenManager
 from ._token_store import TokenStatus, TokenStore, default_home
 
@@ -127,7 +128,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         print(f"and enter the code: {auth.user_code}", file=out)
         if auth.verification_uri_complete:
             print(f"(or open {auth.verification_uri_complete})", file=out)
-        print(f"Waiting for approval (the code expires in {auth.expires_in / 60:.0f} min; Ctrl-C cancels)...",
+        # (In minutes, a 30 s code "expires in 0 min".)
+        print(f"Waiting for approval (the code expires in {duration(auth.expires_in)}; Ctrl-C cancels)...",
               file=out, flush=True)
 
     async def run() -> Any:

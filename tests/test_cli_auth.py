@@ -137,9 +137,10 @@ def test_login_expired_exits_5(tmp_path: Path) -> None:
         cli = Cli(login_args(base), tmp_path)
         cli.next_json()
         result = cli.next_json()
-        code, _, _ = cli.finish()
+        code, out, err = cli.finish()
     assert (code, result["outcome"]) == (5, "expired")
     assert "login generic" in result["message"]
+    assert "the code expires in 2s;" in out + err  # in minutes, "0 min"
 
 
 @pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
