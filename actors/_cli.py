@@ -783,6 +783,17 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------
 
 
+def _version() -> str:
+    """The installed distribution's version (a source tree not installed
+    says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trio-conclave")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave",
@@ -792,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: 0 completed, 3 halted, 2 bad input, 130 interrupted (143 for SIGTERM, 129 for SIGHUP), 1 other error.",
     )
+    parser.add_argument("--version", action="version", version=f"conclave {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser(

@@ -153,6 +153,13 @@ def test_help_explains_commands() -> None:
     assert "--seed" in run_help.stdout and "--json" in run_help.stdout and "--pipeline" in run_help.stdout
 
 
+def test_version_names_the_installed_release() -> None:
+    from importlib.metadata import version
+
+    proc = run_cli(["--version"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"conclave {version('trio-conclave')}"
+
+
 def test_every_command_explains_itself() -> None:
     # `conclave soak --help` once crashed: argparse %-formats help strings,
     # and the default fault spec's "4%" was not escaped.
