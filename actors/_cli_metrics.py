@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 from decimal import Decimal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from messages import ZERO_USAGE, UsageRecorded
@@ -202,8 +202,13 @@ def interrupted_calls(store: Store, run_id: str, branch_id: str) -> int:
     return sum(n for n in calls.values() if n > 0)
 
 
-def _table(report: dict[str, Any], by: str) -> list[str]:
+def _table(report: dict[str, Any], by: str, stages: Sequence[str] = ()) -> list[str]:
+    """The report's groups along ``by``, one row each; stages in the
+    pipeline's order (``stages``), not by name (audit before plan)."""
     groups: dict[str, Any] = report["by"].get(by, {})
+    if by == "stage":
+        order = {name: i for i, name in enumerate(stages)}
+        groups = dict(sorted(groups.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
     header = f"  {by:<20} {'calls':>5} {'reused':>6} {'in':>8} {'cached':>8} {'out':>8} {'reason':>8} {'cost':>12}"
     lines = [header]
     for name, g in groups.items():
@@ -259,7 +264,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         # As 'status' shows it: "running" said someone was at work on it.
         status = _shown_status(status, driven)
     print(f"metrics of {run.run_id}{which} ({status}; {report['source']}; prices: {report['price_table']}), by {args.by}:")
-    print("\n".join(_table(report, args.by)))
+    stages = [s.get("name") for s in run.pipeline.get("stages", ()) if isinstance(s, dict)]
+    print("\n".join(_table(report, args.by, [s for s in stages if isinstance(s, str)])))
     if report["unpriced_models"]:
         print(f"  unpriced (not in the price table, not counted): {shown(', '.join(report['unpriced_models']))}")
     if report["unknown_usage_calls"]:

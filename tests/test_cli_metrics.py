@@ -60,6 +60,15 @@ def test_metrics_by_agent_prints_a_table(tmp_path: Path) -> None:
     assert "litellm 1.110.2" in proc.stdout
 
 
+def test_metrics_by_stage_lists_stages_in_the_pipelines_order(tmp_path: Path) -> None:
+    # By name, audit came first and plan fourth.
+    _, data = _run_json(tmp_path)
+    proc = run_cli(["metrics", data["run_id"], "--db", str(tmp_path / "c.db"), "--by", "stage"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[2:] if line.startswith("  ")]
+    assert rows[:7] == ["plan", "tasks", "implement", "validate", "audit", "unlock", "total"]
+
+
 def test_metrics_of_an_unknown_run_is_a_usage_error(tmp_path: Path) -> None:
     _run_json(tmp_path)
     proc = run_cli(["metrics", "nope", "--db", str(tmp_path / "c.db")])
