@@ -654,9 +654,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = _shown_status(info["status"], info["driven"])
         reason = f" ({with_db(shown(branch.halt_reason), args.db)})" if branch.halt_reason else ""
         print(f"run {run.run_id}: {status}{reason}")
+        current_branch = branch.branch_id == run.current_branch_id
         if status == STALLED:
             hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
             print(f"  no process is driving it (it was killed): {hint} continues it")
+        elif status == "interrupted" and current_branch:
+            hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
+            print(f"  stopped before it finished: {hint} continues it")
+        elif status == "halted" and current_branch and branch.halt_reason == "agents_failed":
+            hint = with_db(f"'conclave resume {shell_word(run.run_id)} --retry-failed'", args.db)
+            print(f"  a stage is left undecided: once the cause has passed, {hint} asks the failed agents again")
         elif status == "abandoned":
             print(f"  left unfinished when the run was rerun; the run goes on on branch"
                   f" {short_branch_id(run.current_branch_id or '')}")

@@ -68,6 +68,10 @@ def test_a_signal_exits_cleanly_and_keeps_the_store_consistent(tmp_path: Path, s
         assert s.integrity_check() == "ok"
         run = s.get_run(run_id)
         assert run is not None and run.status == "interrupted"
+    # status says how to go on (only a stalled run's did).
+    shown = subprocess.run([sys.executable, "-m", "actors", "status", run_id, "--db", str(db)],
+                           capture_output=True, text=True, timeout=60)
+    assert f"stopped before it finished: 'conclave resume {run_id} --db {db}' continues it" in shown.stdout
 
 
 def test_an_interrupted_resume_names_the_resume_again(tmp_path: Path) -> None:

@@ -135,6 +135,9 @@ def test_a_plain_resume_of_a_halt_on_a_long_reset_replays_it_and_writes_nothing(
     assert plain.returncode == 3 and again["halt_reason"] == "agents_failed", plain.stdout
     assert again["digest"] == first["digest"] and again["turns"] == 0
     assert stored() == before, "a plain resume of the halt writes nothing"
+    # status says how to go on (only a stalled run's did).
+    shown = run_cli(["status", "L", "--db", str(db)])
+    assert f"'conclave resume L --retry-failed --db {db}' asks the failed agents again" in shown.stdout
     # Granted a new round, the failed agents are asked again.
     granted = run_cli(["resume", "L", "--retry-failed", *common])
     assert granted.returncode == 0 and json.loads(granted.stdout)["status"] == "completed", granted.stdout
