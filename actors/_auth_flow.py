@@ -145,6 +145,15 @@ def _overloaded(response: httpx.Response) -> bool:
     return response.status_code >= 500 or response.status_code == 429
 
 
+def _network_trouble(exc: httpx.RequestError, secrets: Iterable[Secret | None] = ()) -> str:
+    """What went wrong on the way, safe to show: the exception's kind and
+    its words ("ConnectError: [Errno 111] Connection refused"); the kind
+    alone left the user guessing between a refused port, DNS and TLS."""
+    hidden = [value.reveal() for value in secrets if value is not None]
+    words = _shown(redact(" ".join(str(exc).split()), hidden))[:200]
+    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+
+
 def _describe(body: Mapping[str, Any], code: str, secrets: Iterable[Secret | None] = ()) -> str:
     """The server's error and its description, safe to show: servers echo
     what they were sent ("unknown device_code ...", "bad refresh_token ...
@@ -246,7 +255,8 @@ class DeviceFlow:
             response = await self._post(self.device_url, form, trio.current_time() + self._start_timeout)
         except httpx.RequestError as exc:  # a garbled body (DecodingError) too
             raise AuthProtocolError(
-                f"could not reach the device authorization endpoint {self.device_url}: {type(exc).__name__}",
+                f"could not reach the device authorization endpoint {self.device_url}: "
+                f"{_network_trouble(exc, [self.profile.client_secret])}",
                 provider=name,
             ) from None
         if response is None:
@@ -418,7 +428,9 @@ async def refresh_grant(
         response = await client.post(token_url, data=form, headers=headers)
     except httpx.RequestError as exc:  # a garbled body (DecodingError) too
         raise RefreshUnavailable(
-            f"could not reach {token_url} to refresh the {provider} token: {type(exc).__name__}", provider=provider
+            f"could not reach {token_url} to refresh the {provider} token: "
+            f"{_network_trouble(exc, [refresh_token, client_secret])}",
+            provider=provider,
         ) from None
     body = read_body(response)
     code = body.get("error") if body is not None else None

@@ -471,6 +471,17 @@ async def test_a_device_authorization_that_never_finishes_answering_fails_in_tim
     assert trio.current_time() == 60
 
 
+async def test_a_device_endpoint_out_of_reach_is_named_with_what_went_wrong() -> None:
+    # It said only "ConnectError": a refused port, DNS and TLS read alike.
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(AuthProtocolError) as info:
+            await DeviceFlow(_profile(), client).start()
+    assert str(info.value).endswith(": ConnectError: [Errno 111] Connection refused")
+
+
 async def test_a_5xx_or_429_naming_an_error_is_backed_off_not_the_end_of_the_login(
     autojump_clock: trio.abc.Clock
 ) -> None:
