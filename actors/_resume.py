@@ -112,6 +112,10 @@ class ResumeState:
     # gave up after: a reset hint past max_wait is not in the stored error,
     # so judged again it read as one to retry.
     gave_up: Mapping[tuple[str, str, int], str] = attrs.field(factory=dict)
+    # A plain resume of a halt for want of answers: every agent whose last
+    # attempt failed gave up, whatever rounds its events count (a resume
+    # that granted one may have died before it marked the run running).
+    replay_failures: bool = False
 
     @property
     def seed(self) -> int:
@@ -198,7 +202,7 @@ class ResumeState:
                 continue
             error = stored_error(last.error)
             why = self.gave_up.get((stage.name, agent, last.attempt))
-            if why is not None and sum(
+            if self.replay_failures or why is not None and sum(
                 1 for (st, ag, _) in self.gave_up if st == stage.name and ag == agent
             ) > self.rounds.get(stage.name, 0):
                 # It gave up there, and no round has been granted since: a

@@ -525,6 +525,8 @@ class Orchestrator:
                 (halted == "budget_exceeded" and budget_usd in (None, kept_budget))
                 or (halted == UNANSWERED and not retry_failed)
             )
+            if settled and halted == UNANSWERED:
+                state = attrs.evolve(state, replay_failures=True)
             if not settled:
                 detail: dict[str, Any] = {"decided": sorted(state.decisions), "durable_attempts": len(state.outputs)}
                 fresh = state.unanswered_stage() if retry_failed else None

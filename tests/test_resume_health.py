@@ -135,6 +135,15 @@ def test_a_plain_resume_of_a_halt_on_a_long_reset_replays_it_and_writes_nothing(
     assert plain.returncode == 3 and again["halt_reason"] == "agents_failed", plain.stdout
     assert again["digest"] == first["digest"] and again["turns"] == 0
     assert stored() == before, "a plain resume of the halt writes nothing"
+    # A --retry-failed resume killed after it logged its new round, before
+    # it marked the run running: the round counted, and a plain resume then
+    # asked the failed agents again.
+    killed = run_cli(["resume", "L", "--retry-failed", *common], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "1"})
+    assert killed.returncode == -9
+    before = stored()
+    plain = run_cli(["resume", "L", *common])
+    assert plain.returncode == 3 and json.loads(plain.stdout)["turns"] == 0, plain.stdout
+    assert stored() == before
     # status says how to go on (only a stalled run's did).
     shown = run_cli(["status", "L", "--db", str(db)])
     assert f"'conclave resume L --retry-failed --db {db}' asks the failed agents again" in shown.stdout
