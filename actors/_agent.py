@@ -222,7 +222,14 @@ class Agent:
                 too_far = self.retry.wait_refused(classify(error).retry_after)
                 if too_far is not None:
                     detail["reason"] = too_far
-                await self.store.send(PersistEvent.of_attempt(key, attempt, "gave_up", detail))
+                gave_up = PersistEvent.of_attempt(key, attempt, "gave_up", detail)
+                if self.durable_failures:
+                    # As durable as the failure: a resume after a crash here
+                    # judged the attempt again, without its reset (a 429
+                    # past max_wait read as one to retry), and asked again.
+                    await self._log_durably(gave_up)
+                else:
+                    await self.store.send(gave_up)
                 why = f" ({too_far})" if too_far is not None else ""
                 return AgentReply(key=key, attempts=attempt, output=None, error=f"{error.kind}: {error}{why}")
             delay = self.retry.delay(error, key, attempt, self.seed, spec_id=request.spec_id)
@@ -259,6 +266,12 @@ class Agent:
             attempt=call.attempt,
             error=ProviderTimeout(f"operation timed out after {int(self.retry.call_timeout * 1000)}ms"),
         )
+
+    async def _log_durably(self, event: PersistEvent) -> None:
+        reply, pending = reply_pair("logging an event")
+        ack = await request(self.store, attrs.evolve(event, reply_to=reply), pending)
+        if not ack.ok and not ack.duplicate:
+            raise ActorStopped(f"store writer could not log {self.spec.name}'s {event.kind}: {ack.error}")
 
     async def _persist(self, output: AgentOutput) -> None:
         reply, pending = reply_pair("persisting an output")

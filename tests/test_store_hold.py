@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -201,3 +202,40 @@ async def test_a_billed_call_is_logged_durably_before_it_is_made(
         assert (await orch.run("S", run_id="W")).completed
     assert seen == [1, 2]
     assert not SimulatedProvider.bills and OpenAIProvider.bills
+
+
+async def test_a_give_up_of_a_billed_call_is_durable_before_the_agent_replies(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """For a provider that may charge, the failed attempt was durable but
+    its gave_up event was left to group commit: a crash between them, and
+    the resume judged the attempt again without its reset (a 429 past
+    max_wait read as one to retry) and asked again, paid."""
+    from actors import MockProvider, open_orchestrator
+    from actors._pipeline import pipeline_with_panel
+    from messages import AgentReply, RateLimited
+    from messages._channel import Forward, Interceptor
+
+    class Billed(MockProvider):
+        bills = True
+
+    def refuse(request: Any) -> Any:
+        raise RateLimited("slow down", retry_after=86_400)
+
+    path = str(tmp_path / "g.db")
+    seen: list[int] = []
+
+    class Peek(Interceptor[Any]):
+        async def send(self, item: Any, forward: Forward[Any]) -> None:
+            if isinstance(item, AgentReply) and item.output is None:
+                with Store.open(path, readonly=True) as other:  # sees only what is committed
+                    seen.append(len(other.events(item.key.run_id, "gave_up")))
+            await forward(item)
+
+    async with open_orchestrator(
+        store=path, provider=Billed(refuse), seed=1, interceptors={"coordinator": [Peek()]},
+        pipeline=pipeline_with_panel("validate", ["a"]),
+    ) as orch:
+        result = await orch.run("SPEC", run_id="G")
+    assert result.halt_reason == "agents_failed"
+    assert seen == [1]
