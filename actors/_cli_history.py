@@ -69,7 +69,7 @@ from ._cli_providers import add_provider_arguments, provider_configs_from_args
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
 from ._http_errors import redact
-from ._provider_factory import ProviderConfig, ProviderConfigError
+from ._provider_factory import BASE_URL_ENV, ProviderConfig, ProviderConfigError
 from ._retry import RetryPolicy
 from ._runtime import ConfigError, Limits, Orchestrator, RunResult, open_orchestrator
 
@@ -312,11 +312,15 @@ def _configs(
     stored = options.get("base_urls")
     kept = {k: v for k, v in stored.items() if isinstance(v, str)} if isinstance(stored, dict) else {}
     withheld = options.get(WITHHELD_URLS)
-    if isinstance(withheld, list) and withheld and getattr(args, "base_url", None) is None:
-        raise ProviderConfigError(
-            f"run {args.run_id} called {', '.join(map(str, withheld))} at a --base-url that was not kept "
-            "(its query may hold a credential); give --base-url again"
-        )
+    if isinstance(withheld, list) and getattr(args, "base_url", None) is None:
+        # (Its provider's *_BASE_URL variable, given again, will do too.)
+        missing = [str(n) for n in withheld if not os.environ.get(BASE_URL_ENV.get(str(n), ""), "")]
+        if missing:
+            raise ProviderConfigError(
+                f"run {args.run_id} called {', '.join(missing)} at a base URL that was not kept "
+                "(its query may hold a credential); give --base-url again (or "
+                f"{', '.join(BASE_URL_ENV.get(n, n.upper() + '_BASE_URL') for n in missing)})"
+            )
     return provider_configs_from_args(view, pipeline, token_sources=tokens, base_urls=kept, stored=True)
 
 
@@ -372,8 +376,6 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
                     options[name] = value
         seed = run.seed if run.seed is not None else 0
         note_faults_left_out(args.run_id, plan, options, "resume" if fork is None else "rerun")
-        if fork is not None and plan.enabled:
-            options.update(fault_options(plan))
         kept_seed = options.get(FAULT_SEED_OPTION)
         if plan.enabled and plan.seed is None and isinstance(kept_seed, int):
             # The run's own fault seed (its --fault-seed or CODEX_FAULTS_SEED):
@@ -384,11 +386,17 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
             # The new branch keeps the seed it is run with, for its own resumes.
             options[FAULT_SEED_OPTION] = plan.seed
         try:
-            providers = {
-                name: config.build() for name, config in _configs(args, pipeline, seed, options, tokens).items()
-            }
+            configs = _configs(args, pipeline, seed, options, tokens)
+            providers = {name: config.build() for name, config in configs.items()}
         except ProviderConfigError as exc:
             return _fail(str(exc))
+        if fork is not None:
+            # The new branch keeps what it runs with, not its parent's: its
+            # resume went back to the parent's server, or offered the
+            # parent's faults.
+            for key in ("base_urls", WITHHELD_URLS, FAULTS_OPTION):
+                options.pop(key, None)
+            options.update(base_url_options(configs) | fault_options(plan))
 
         async def action(orch: Orchestrator) -> RunResult:
             if fork is None:

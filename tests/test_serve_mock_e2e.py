@@ -189,15 +189,39 @@ def test_a_resume_of_a_run_whose_base_url_was_not_kept_needs_it_again(tmp_path: 
         before = ledger(url)["completions"]
         refused = conclave("rerun", "Q", "--from", "unlock", "--db", str(db), env={"OPENAI_API_KEY": SECRET})
         assert refused.returncode == 2
-        assert "at a --base-url that was not kept" in refused.stderr and "give --base-url again" in refused.stderr
+        assert "at a base URL that was not kept" in refused.stderr and "give --base-url again" in refused.stderr
         assert "local-only" not in refused.stderr
         given = conclave("rerun", "Q", "--from", "unlock", "--db", str(db), "--base-url", secret_url, "--json",
                          env={"OPENAI_API_KEY": SECRET})
         assert given.returncode == 0, given.stderr
         assert ledger(url)["completions"] > before
+        # The provider's variable given again does as well as --base-url.
+        by_env = conclave("rerun", "Q", "--from", "unlock", "--db", str(db), "--json",
+                          env={"OPENAI_API_KEY": SECRET, "OPENAI_BASE_URL": secret_url})
+        assert by_env.returncode == 0, by_env.stderr
     with Store.open(str(db), readonly=True) as store:
-        assert len(store.branches("Q")) == 2, "the refused rerun made no branch"
+        assert len(store.branches("Q")) == 3, "the refused rerun made no branch"
         assert all("local-only" not in json.dumps(b.options) for b in store.branches("Q"))
+
+
+def test_a_rerun_keeps_the_server_and_faults_it_ran_with_not_its_parents(tmp_path: Path) -> None:
+    """A rerun copied its parent's options: its resume went back to the
+    parent's server, and one made without faults was said to have the
+    parent's plan."""
+    db = tmp_path / "r.db"
+    with serve_mock("--seed", str(SEED)) as (first, _), serve_mock("--seed", str(SEED)) as (second, _):
+        made = conclave("run", SPEC, "--provider", "openai", "--base-url", first, "--seed", str(SEED),
+                        "--db", str(db), "--run-id", "P", "--faults", "disconnect:1", env={"OPENAI_API_KEY": SECRET})
+        assert made.returncode == 0, made.stderr
+        forked = conclave("rerun", "P", "--from", "audit", "--db", str(db), "--base-url", second,
+                          env={"OPENAI_API_KEY": SECRET})
+        assert forked.returncode == 0, forked.stderr
+    with Store.open(str(db), readonly=True) as store:
+        run = store.get_run("P")
+        assert run is not None and run.current_branch_id is not None
+        child = store.get_branch("P", run.current_branch_id)
+        assert child is not None and child.options["base_urls"] == {"openai": second}
+        assert "faults" not in child.options
 
 
 def test_serve_mock_stopped_by_sigterm_exits_0_as_by_ctrl_c() -> None:
