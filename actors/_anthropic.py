@@ -24,7 +24,6 @@ import httpx
 from messages import (
     AuthenticationFailed,
     BadRequest,
-    NotFound,
     Completion,
     CompletionRequest,
     ProviderError,
@@ -108,9 +107,9 @@ class AnthropicProvider(HttpProvider):
         # request, decided durably as no_consensus with no retry.
         if kind == "rate_limit_error":
             error = RateLimited(detail)
-        elif kind == "not_found_error":
-            error = NotFound(detail)
-        elif kind in ("invalid_request_error", "request_too_large"):
+        elif kind in ("invalid_request_error", "not_found_error", "request_too_large"):
+            # (not_found_error mid-stream: a model it does not know, which
+            # the run's pipeline names - no resume mends it.)
             error = BadRequest(detail)
         elif kind in ("authentication_error", "permission_error"):
             error = AuthenticationFailed(detail)

@@ -225,7 +225,10 @@ def error_from_status(
         error = ProviderUnavailable(detail, retry_after=hint) if override is not False else ProviderError(detail)
     elif override is True:
         error = ProviderUnavailable(detail)
-    elif status == 404:
+    elif status == 404 and b"model" not in body.lower():
+        # A wrong base URL: fixed outside the run.  (A model the provider
+        # does not know is a 404 too, but the run's pipeline names it, and
+        # no resume can change it: a bad request, decided.)
         error = NotFound(detail)
     else:
         error = BadRequest(detail)

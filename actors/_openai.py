@@ -24,7 +24,6 @@ import httpx
 from messages import (
     AuthenticationFailed,
     BadRequest,
-    NotFound,
     Completion,
     CompletionRequest,
     ProviderError,
@@ -154,8 +153,6 @@ class OpenAIProvider(HttpProvider):
             error = RateLimited(detail)
         elif words & _AUTHENTICATION:
             error = AuthenticationFailed(detail)
-        elif words & _NOT_FOUND:
-            error = NotFound(detail)
         elif words & _BAD_REQUEST:
             error = BadRequest(detail)
         else:  # server_error, or nothing said: the provider's trouble
@@ -174,6 +171,9 @@ _BAD_REQUEST = frozenset(
         "content_filter",
         "content_policy_violation",
         "invalid_prompt",
+        # A model it does not know: the run's pipeline names it, and no
+        # resume can change it (not a NotFound, which a resume mends).
+        "model_not_found",
+        "not_found_error",
     }
 )
-_NOT_FOUND = frozenset({"model_not_found", "not_found_error"})

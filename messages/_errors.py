@@ -121,8 +121,8 @@ class BadRequest(ProviderError):
 
 
 class NotFound(BadRequest):
-    """404, or a model the provider does not know: usually a wrong base URL
-    or model name - fixed outside the run, as a key or a quota is."""
+    """404 not about a model: a wrong base URL, fixed outside the run (then
+    ``resume --retry-failed --base-url``), as a key or a quota is."""
 
     kind = "not_found"
 

@@ -90,6 +90,14 @@ async def test_status_from_serve_mock_fault(status: int) -> None:
     assert backend.ledger.faults == {str(status): 1}
 
 
+async def test_a_404_for_an_unknown_model_is_a_bad_request_not_a_wrong_url() -> None:
+    # The run's pipeline names the model: no 'resume --retry-failed' mends
+    # it, so it is decided, not left for a retry as a wrong base URL is.
+    body = json.dumps({"error": {"message": "The model `gpt-9` does not exist", "code": "model_not_found"}})
+    error = await failure(fixed(404, body=body))
+    assert type(error) is BadRequest
+
+
 async def test_quota_429_is_permanent() -> None:
     body = json.dumps({"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}})
     error = await failure(fixed(429, headers={"retry-after": "1"}, body=body))
