@@ -962,7 +962,8 @@ def _stopping_signals() -> Iterator[None]:
     whole life, as SIGINT raises KeyboardInterrupt: only trio's loop
     handled them (:func:`interruptible`), and one that came as a command
     opened its store or printed its result ended the process by the
-    signal, without a word.  Only signals left at their default action are
+    signal, without a word.  (A soak's parent waits for its workers in
+    plain Python: this is what stops it.)  Only signals left at their default action are
     taken (not an embedding app's handlers, nor ``nohup``'s ignoring), and
     only in the main thread; they are given back on the way out."""
     if threading.current_thread() is not threading.main_thread():

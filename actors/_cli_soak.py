@@ -8,16 +8,12 @@ failure can be replayed with ``--seed``), 2 on bad input, 130 on Ctrl-C and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
 import shlex
 import shutil
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any, TextIO
 
 import trio
@@ -27,7 +23,7 @@ from messages import FaultPlan, FaultPlanError, ResetHint
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg, seed_arg
-from ._cli import Terminated, _is_interrupt, interruptible
+from ._cli import _is_interrupt, interruptible
 from ._footer import ERASE, redraws_in_place
 from ._retry import RetryPolicy
 from ._soak import (
@@ -266,31 +262,6 @@ def replay_command(config: SoakConfig) -> str:
     return shlex.join([*env, *argv])
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`Terminated` here, as SIGINT raises
-    KeyboardInterrupt.  Only for the parent of worker processes, which
-    waits in plain Python: inside a trio run a handler that raises could
-    land in trio's own code."""
-    if threading.current_thread() is not threading.main_thread():
-        # (only the main thread may set a handler: main() from elsewhere
-        # keeps the defaults)
-        yield
-        return
-    # A process started ignoring a signal keeps ignoring it (nohup).
-    handled = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, _terminate) for s in handled}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def _soak_until_signalled(config: SoakConfig, progress: Progress | None, on_breach: OnBreach | None) -> SoakReport:
     """The soak, stopped as Ctrl-C stops it by SIGTERM (``timeout``, a
     supervisor) and SIGHUP (its terminal closed) too, so that each says how
@@ -298,8 +269,9 @@ def _soak_until_signalled(config: SoakConfig, progress: Progress | None, on_brea
     process at once, without that summary, and leave any workers running
     the soak to its end."""
     if config.shards > 1:
-        with _sigterm_interrupts():
-            return run_soak(config, progress, on_breach=on_breach)
+        # The parent of the workers waits in plain Python, where main()'s
+        # handlers (_stopping_signals) raise Terminated for SIGTERM and SIGHUP.
+        return run_soak(config, progress, on_breach=on_breach)
     # One worker runs in this process's trio run: there the signals are
     # received by trio and cancel the soak (see interruptible).
     return trio.run(
