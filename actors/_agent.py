@@ -33,13 +33,13 @@ from messages import (
     fail_pending,
     PendingReply,
     reply_pair,
-    request,
 )
 
 from ._classify import classify
 from ._consensus import extract_json_text, parse_output
 from ._pipeline import AgentSpec, Pipeline
 from ._retry import RetryPolicy
+from ._store_writer import write_durably
 
 
 def build_prompt(request: AgentRequest, fields: tuple[str, ...], aggregate: bool) -> str:
@@ -227,7 +227,9 @@ class Agent:
                     # As durable as the failure: a resume after a crash here
                     # judged the attempt again, without its reset (a 429
                     # past max_wait read as one to retry), and asked again.
-                    await self._log_durably(gave_up)
+                    await write_durably(
+                        self.store, gave_up, "logging an event", f"store writer could not log {self.spec.name}'s gave_up"
+                    )
                 else:
                     await self.store.send(gave_up)
                 why = f" ({too_far})" if too_far is not None else ""
@@ -267,15 +269,11 @@ class Agent:
             error=ProviderTimeout(f"operation timed out after {int(self.retry.call_timeout * 1000)}ms"),
         )
 
-    async def _log_durably(self, event: PersistEvent) -> None:
-        reply, pending = reply_pair("logging an event")
-        ack = await request(self.store, attrs.evolve(event, reply_to=reply), pending)
-        if not ack.ok and not ack.duplicate:
-            raise ActorStopped(f"store writer could not log {self.spec.name}'s {event.kind}: {ack.error}")
-
     async def _persist(self, output: AgentOutput) -> None:
-        reply, pending = reply_pair("persisting an output")
-        ack = await request(self.store, PersistOutput(output=output, reply_to=reply), pending)
-        if not ack.ok and not ack.duplicate:
-            raise ActorStopped(f"store writer could not persist {output.key.agent}'s output: {ack.error}")
+        await write_durably(
+            self.store,
+            PersistOutput(output=output),
+            "persisting an output",
+            f"store writer could not persist {output.key.agent}'s output",
+        )
 

@@ -33,7 +33,6 @@ from typing import Any
 import attrs
 
 from messages import (
-    ActorStopped,
     AgentKey,
     AgentOutput,
     AgentReply,
@@ -48,8 +47,6 @@ from messages import (
     StageKey,
     StoreWrite,
     UsageRecorded,
-    reply_pair,
-    request,
 )
 from store import BranchRow, DecisionRow, OutputRow, RunRow, Store
 
@@ -58,6 +55,7 @@ from ._consensus import ADVANCING
 from ._pipeline import Pipeline, PipelineError, StageSpec, pipeline_from_dict
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
+from ._store_writer import write_durably
 
 
 # The halt reason of a stage left undecided for want of answers (see
@@ -402,10 +400,9 @@ class CallLog(Interceptor[CompletionRequest]):
                 item.key, item.attempt, "agent_call", {"provider": item.provider, "model": item.model}
             )
             if item.provider in self._billed:
-                reply, pending = reply_pair("logging a model call")
-                ack = await request(self._store, attrs.evolve(event, reply_to=reply), pending)
-                if not ack.ok and not ack.duplicate:
-                    raise ActorStopped(f"the store writer could not log a call before making it: {ack.error}")
+                await write_durably(
+                    self._store, event, "logging a model call", "the store writer could not log a call before making it"
+                )
             else:
                 await self._store.send_eager(event)
         await forward(item)

@@ -17,12 +17,24 @@ a durable write is durable too.
 
 from __future__ import annotations
 
+import attrs
 import trio
 
-from messages import StoreAck, StoreWrite, fail_pending
+from messages import ActorStopped, Outbox, StoreAck, StoreWrite, fail_pending, reply_pair, request
 from store import RetryableStoreError, Store
 
 from ._checks import check_seconds
+
+
+async def write_durably(store: Outbox[StoreWrite], item: StoreWrite, what: str, failure: str) -> None:
+    """Send ``item`` to the store writer and wait until it is committed (a
+    checkpoint; ``what`` names the wait).  A write the writer refused
+    raises :class:`~messages.ActorStopped` (``failure``: the error's
+    start); one it already had (a duplicate) counts as written."""
+    reply, pending = reply_pair(what)
+    ack: StoreAck = await request(store, attrs.evolve(item, reply_to=reply), pending)
+    if not ack.ok and not ack.duplicate:
+        raise ActorStopped(f"{failure}: {ack.error}")
 
 
 class StoreWriter:
