@@ -655,12 +655,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         reason = f" ({with_db(shown(branch.halt_reason), args.db)})" if branch.halt_reason else ""
         print(f"run {run.run_id}: {status}{reason}")
         current_branch = branch.branch_id == run.current_branch_id
+        resume = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
         if status == STALLED:
-            hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
-            print(f"  no process is driving it (it was killed): {hint} continues it")
+            print(f"  no process is driving it (it was killed): {resume} continues it")
         elif status == "interrupted" and current_branch:
-            hint = with_db(f"'conclave resume {shell_word(run.run_id)}'", args.db)
-            print(f"  stopped before it finished: {hint} continues it")
+            print(f"  stopped before it finished: {resume} continues it")
         elif status == "halted" and current_branch and branch.halt_reason == "agents_failed":
             hint = with_db(f"'conclave resume {shell_word(run.run_id)} --retry-failed'", args.db)
             print(f"  a stage is left undecided: once the cause has passed, {hint} asks the failed agents again")
