@@ -119,9 +119,7 @@ class Quorum:
 
     @classmethod
     def parse(cls, value: Any, where: str) -> Quorum:
-        if isinstance(value, bool):
-            raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a whole number, got {value!r}")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):  # (true is no number of agents)
             if value < 1:
                 raise PipelineError(f"{where}: quorum must be at least 1, got {value}")
             return cls(policy="k", k=value)

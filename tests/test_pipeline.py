@@ -101,6 +101,7 @@ def test_a_panel_without_the_default_aggregator_has_none() -> None:
         ('[[stages]]\nname = "deploy"\nrequired_fields = []', "with no required_fields, the stage is the same"),
         ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
         ('[[stages]]\nname = "plan"\nquorum = 2.5', "or a whole number, got 2.5"),
+        ('[[stages]]\nname = "plan"\nquorum = true', "or a whole number, got True"),
         # Printed in banners and put into prompts: ESC drove the terminal.
         ('[[stages]]\nname = "de\\u001bploy"\nrequired_fields = ["x"]', "a stage's name must be at most 100 printable"),
         ('[agents."a\\nb"]\nmodel = "m"\n[[stages]]\nname = "plan"\nagents = ["a\\nb"]', "an agent's name must be"),
