@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from messages import ZERO_USAGE, UsageRecorded
-from store import BranchRow, Store
+from store import BranchRow, OutputRow, Store
 
 from ._budget import parse_budget, stored_budget, usd
 from ._checks import add_db_argument, file_arg, nonempty_arg
@@ -129,6 +129,7 @@ def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: Pric
     # The current branch's lineage: a rerun's abandoned parent stages (and
     # its siblings) are not what it used (they were summed in).
     rows = store.lineage_outputs(run_id, branch.branch_id) if branch is not None else []
+    replayed = _replayed(store, run_id, branch, rows) if branch is not None else set()
     run = store.get_run(run_id)
     agents: dict[str, Any] = (run.pipeline.get("agents") or {}) if run is not None else {}
     for row in rows:
@@ -140,10 +141,24 @@ def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: Pric
                 model=row.model,
                 provider=row.provider,
                 usage=row.usage,
+                replay=row.id in replayed,
                 requested_model=spec.get("model") if isinstance(spec, dict) else None,
             )
         )
     return totals_json(acc.totals(run_id))
+
+
+def _replayed(store: Store, run_id: str, branch: BranchRow, rows: list[OutputRow]) -> set[int]:
+    """The ids of the rows the branch's last session counted as replays,
+    as the run itself counted them: what its last resume found durable
+    (the first ``durable_attempts`` of the lineage: rows are only ever
+    added), else what a rerun inherited.  (Every row counted as a turn:
+    ``--prices`` changed the calls, not just the prices.)"""
+    resumes = [e for e in store.events(run_id, "resume") if e.branch_id == branch.branch_id]
+    durable = resumes[-1].detail.get("durable_attempts") if resumes else None
+    if isinstance(durable, int) and not isinstance(durable, bool):
+        return {row.id for row in sorted(rows, key=lambda r: r.id)[:durable]}
+    return {row.id for row in rows if row.branch_id != branch.branch_id}
 
 
 def run_metrics(

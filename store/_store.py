@@ -166,6 +166,9 @@ class OutputRow:
     created_at: int
     started_at: int | None = None
     finished_at: int | None = None
+    # Rows are only ever added, in id order: which existed when (a resume's
+    # replays are the lineage's first rows).  Not part of a row's value.
+    id: int = attrs.field(default=0, eq=False)
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -710,7 +713,7 @@ class Store:
         "SELECT o.run_id, o.branch_id, o.stage, o.agent, o.attempt, o.status, o.content, o.format,"
         " o.input_tokens, o.cached_input_tokens, o.output_tokens, o.reasoning_output_tokens,"
         " o.total_tokens, o.model, o.provider, o.error, o.created_at, o.started_at, o.finished_at,"
-        " o.cache_write_input_tokens, o.cache_write_1h_input_tokens"
+        " o.cache_write_input_tokens, o.cache_write_1h_input_tokens, o.id"
     )
 
     def outputs(
@@ -945,6 +948,7 @@ def _output_row(r: Sequence[Any]) -> OutputRow:
         created_at=r[16],
         started_at=r[17],
         finished_at=r[18],
+        id=r[21],
     )
 
 

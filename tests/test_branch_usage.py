@@ -48,7 +48,12 @@ def test_a_rerun_is_measured_over_its_own_lineage(tmp_path: Path, capsys: pytest
     recomputed = cli_json(capsys, "metrics", "B", "--db", db, "--prices", str(prices))
     assert recorded["source"] == "recorded" and recomputed["source"] == "recomputed"
     assert recomputed["usage"] == recorded["usage"]
-    assert recomputed["turns"] + recomputed["replays"] == recorded["turns"] + recorded["replays"]
+    # --prices changes prices only: the rerun's inherited stages stay replays.
+    assert (recomputed["turns"], recomputed["replays"]) == (recorded["turns"], recorded["replays"])
+    for by in ("stage", "agent", "model"):
+        for name, group in recorded["by"][by].items():
+            again = recomputed["by"][by][name]
+            assert (again["turns"], again["replays"]) == (group["turns"], group["replays"]), (by, name)
 
     current = cli_json(capsys, "status", "B", "--db", db)
     assert current["usage"]["input_tokens"] == recorded["usage"]["input_tokens"]
@@ -102,3 +107,48 @@ async def test_an_interrupted_rerun_is_recomputed_not_its_parents_record(
     assert report["source"] == "recomputed"
     assert report["turns"] + report["replays"] == len(lineage)
     assert report["usage"]["input_tokens"] == lineage_input_tokens(db, "I", branch)
+
+
+async def test_prices_leave_a_resumed_runs_turns_and_replays_as_recorded(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`metrics --prices` counted every stored attempt as a call: a run
+    resumed after an interruption showed its replays as turns it made."""
+    db = str(tmp_path / "r.db")
+    slow = SimulatedProvider(seed=1, disagreement_rate=0.0, latency=Latency(median=10.0))
+    async with open_orchestrator(store=db, provider=slow) as orch:
+        with trio.move_on_after(45):
+            await orch.run("SPEC-R", run_id="R")
+            pytest.fail("the run should have been cut off")
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=1, disagreement_rate=0.0)) as orch:
+        assert (await orch.resume("R")).completed
+    prices = tmp_path / "p.json"
+    prices.write_text("{}")
+    recorded = cli_json(capsys, "metrics", "R", "--db", db)
+    recomputed = cli_json(capsys, "metrics", "R", "--db", db, "--prices", str(prices))
+    assert recorded["source"] == "recorded" and recomputed["source"] == "recomputed"
+    assert recorded["replays"] > 0 and recorded["turns"] > 0
+    assert (recomputed["turns"], recomputed["replays"]) == (recorded["turns"], recorded["replays"])
+    counts = ("usage", "turns", "replays", "unknown_usage_calls")
+    for name, group in recorded["by"]["stage"].items():
+        assert {k: recomputed["by"]["stage"][name][k] for k in counts} == {k: group[k] for k in counts}, name
+
+
+async def test_prices_leave_a_reruns_inherited_stages_replays(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "f.db")
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=1, disagreement_rate=0.0)) as orch:
+        await orch.run("SPEC-F", run_id="F")
+        assert (await orch.rerun("F", "validate")).completed
+    prices = tmp_path / "p.json"
+    prices.write_text("{}")
+    recorded = cli_json(capsys, "metrics", "F", "--db", db)
+    recomputed = cli_json(capsys, "metrics", "F", "--db", db, "--prices", str(prices))
+    assert recorded["replays"] > 0 and recorded["turns"] > 0
+    assert (recomputed["turns"], recomputed["replays"]) == (recorded["turns"], recorded["replays"])
+    for name, group in recorded["by"]["agent"].items():
+        assert (recomputed["by"]["agent"][name]["turns"], recomputed["by"]["agent"][name]["replays"]) == (
+            group["turns"],
+            group["replays"],
+        ), name
