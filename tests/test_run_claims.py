@@ -232,3 +232,39 @@ def test_asking_whether_a_run_is_driven_creates_nothing(tmp_path: Path) -> None:
         assert store.run_is_driven("R") is False
     with Store.open(":memory:") as memory:
         assert memory.run_is_driven("R") is None
+
+
+POLLER = """
+import sys
+from store import Store
+with Store.open(sys.argv[1]) as store:
+    print("polling", flush=True)
+    while True:  # a dashboard asking as fast as it can, until killed
+        store.run_is_driven(sys.argv[2])
+"""
+
+
+def test_a_process_asking_whether_a_run_is_driven_never_blocks_a_claim(tmp_path: Path) -> None:
+    """Asking takes the run's byte for an instant: a `resume` made in that
+    instant was refused as "being run by another process" (2 in 15 beside
+    a dashboard polling `status`)."""
+    path = str(tmp_path / "p.db")
+    with Store.open(path) as store:
+        with store.claim_run("R"):  # the lock file exists, as after any run
+            pass
+        poller = subprocess.Popen(
+            [sys.executable, "-c", POLLER, path, "R"], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert poller.stdout is not None and poller.stdout.readline() == "polling\n"
+            refused = 0
+            for _ in range(2_000):
+                try:
+                    with store.claim_run("R"):
+                        pass
+                except RunLocked:
+                    refused += 1
+        finally:
+            poller.kill()
+            poller.wait()
+    assert refused == 0
