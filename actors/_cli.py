@@ -634,9 +634,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             elif not runs:
                 print(f"no runs in {args.db}")
             else:
-                for r in runs:
+                for listed in runs:
+                    r, driven = store.run_state(listed.run_id)
+                    if r is None:
+                        continue  # deleted since it was listed
                     stages = len(store.lineage_decisions(r.run_id, r.current_branch_id or ""))
-                    state = _shown_status(r.status, store.run_is_driven(r.run_id))
+                    state = _shown_status(r.status, driven)
                     used = _usage(store, r)
                     print(
                         f"{r.run_id}  {state:<11} {r.spec_id}  {stages}/{len(r.pipeline['stages'])} "
@@ -712,7 +715,7 @@ def _shown_status(status: str, driven: bool | None) -> str:
 def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[str, Any]:
     """``status --json``: the run as seen from ``branch_id`` (default: its
     current branch) - that branch's outcome, usage and digest."""
-    run = store.get_run(run_id)
+    run, driven = store.run_state(run_id)
     assert run is not None
     branch_id = branch_id or run.current_branch_id or ""
     branch = store.get_branch(run_id, branch_id) if branch_id else None
@@ -729,7 +732,7 @@ def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[s
         "status": _history.shown_branch_status(owner.status, owner is run),
         "halt_reason": owner.halt_reason,
         # Whether a process is working on the run now (null: unknowable).
-        "driven": store.run_is_driven(run_id),
+        "driven": driven,
         "stages": [
             {
                 "stage": s["name"],

@@ -490,7 +490,8 @@ def cmd_branches(args: argparse.Namespace) -> int:
     store, run = open_run(args.db, args.run_id)
     with store:
         rows: list[dict[str, Any]] = []
-        driven = store.run_is_driven(run.run_id)  # only the current branch is ever driven
+        fresh, driven = store.run_state(run.run_id)  # only the current branch is ever driven
+        run = fresh or run
         every = store.lineage_decisions_by_branch(run.run_id)
         made: dict[str, int] = {}
         for d in store.decisions(run.run_id):

@@ -257,18 +257,24 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     store, run = open_run(args.db, args.run_id)
     with store:
+        fresh, driven = store.run_state(run.run_id)
+        run = fresh or run
         branch = _history.branch_of(store, run, args.branch)
         current = branch.branch_id == run.current_branch_id
         status = _history.shown_branch_status(run.status if current else branch.status, current)
-        driven = store.run_is_driven(run.run_id)
         try:
             report = {
                 "run_id": run.run_id,
                 "branch_id": branch.branch_id,
                 "status": status,
                 **run_metrics(store, run.run_id, prices, branch.branch_id),
-                "interrupted_calls": interrupted_calls(store, run.run_id, branch.branch_id),
             }
+            # Calls of a branch a process is still driving are at work, not
+            # cut off: they were reported as interrupted mid-run.
+            unsettled = interrupted_calls(store, run.run_id, branch.branch_id)
+            at_work = current and status == "running" and driven is True
+            report["interrupted_calls"] = 0 if at_work else unsettled
+            report["in_flight_calls"] = unsettled if at_work else 0
         except MetricsUsageError as exc:
             return _fail(str(exc))
     if args.json:
@@ -285,6 +291,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(f"  unpriced (not in the price table, not counted): {shown(', '.join(report['unpriced_models']))}")
     if report["unknown_usage_calls"]:
         print(f"  {report['unknown_usage_calls']} call(s) with unknown usage (cut off), not counted")
+    if report["in_flight_calls"]:
+        print(f"  {report['in_flight_calls']} call(s) in flight: cost not known yet")
     if report["interrupted_calls"]:
         print(
             f"  {report['interrupted_calls']} call(s) cut off by an interruption while a provider worked on them:"

@@ -328,6 +328,21 @@ class Store:
         that cannot be known (a database in memory).  Creates nothing."""
         return is_claimed(self.path, run_id)
 
+    def run_state(self, run_id: str) -> tuple[RunRow | None, bool | None]:
+        """The run's row and whether an orchestrator holds it
+        (:meth:`run_is_driven`), read so that a run ending between the two
+        reads is not taken for a killed one: a run records its end before
+        it lets go of its claim, so a row that reads ``running`` with no
+        holder is read again.  (Read the other way round, ``status`` showed
+        runs that had just completed as stalled.)"""
+        run = self.get_run(run_id)
+        if run is None:
+            return None, None
+        driven = self.run_is_driven(run_id)
+        if run.status == "running" and driven is False:
+            run = self.get_run(run_id)
+        return run, driven
+
     def __enter__(self) -> Store:
         return self
 

@@ -268,3 +268,73 @@ def test_a_process_asking_whether_a_run_is_driven_never_blocks_a_claim(tmp_path:
             poller.kill()
             poller.wait()
     assert refused == 0
+
+
+def test_calls_of_a_run_still_driven_are_in_flight_not_interrupted(tmp_path: Path) -> None:
+    """`metrics` of a run in progress said its calls at work were "cut off
+    by an interruption"."""
+    db = tmp_path / "f.db"
+    killed = run_cli(["run", "--db", str(db), "--run-id", "F"], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "5"})
+    assert killed.returncode == -signal.SIGKILL
+
+    def metrics() -> tuple[dict[str, object], str]:
+        as_json = run_cli(["metrics", "F", "--db", str(db), "--json"])
+        text = run_cli(["metrics", "F", "--db", str(db)])
+        assert as_json.returncode == text.returncode == 0, as_json.stderr + text.stderr
+        return json.loads(as_json.stdout), text.stdout
+
+    report, text = metrics()
+    assert (report["interrupted_calls"], report["in_flight_calls"]) == (1, 0)
+    assert "1 call(s) cut off by an interruption" in text and "in flight" not in text
+    holder = _holder(db, "F")  # as if the run were still at work
+    try:
+        report, text = metrics()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (report["interrupted_calls"], report["in_flight_calls"]) == (0, 1)
+    assert "1 call(s) in flight: cost not known yet" in text and "interruption" not in text
+
+
+def test_a_run_ending_while_it_is_asked_about_is_not_taken_for_a_killed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run records its end, then lets go of its claim: `status` read the
+    row (running), then found no holder, and showed a run that had just
+    completed as stalled (6 of 16 beside a fast poller)."""
+    import apsw
+
+    from actors._cli import main
+
+    db = tmp_path / "e.db"
+    killed = run_cli(["run", "--db", str(db), "--run-id", "E"], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "5"})
+    assert killed.returncode == -signal.SIGKILL
+    asked = Store.run_is_driven
+
+    def ends_first(store: Store, run_id: str) -> bool | None:
+        # The run completes and lets go in the instant between the reads.
+        connection = apsw.Connection(str(db))
+        with connection:
+            connection.execute("UPDATE runs SET status = 'completed' WHERE run_id = ?", (run_id,))
+            connection.execute("UPDATE branches SET status = 'completed' WHERE run_id = ?", (run_id,))
+        connection.close()
+        return asked(store, run_id)
+
+    def shown(*argv: str) -> str:
+        with monkeypatch.context() as m:
+            m.setattr(Store, "run_is_driven", ends_first)
+            assert main([*argv, "--db", str(db)]) == 0
+        connection = apsw.Connection(str(db))
+        with connection:
+            connection.execute("UPDATE runs SET status = 'running' WHERE run_id = 'E'")
+            connection.execute("UPDATE branches SET status = 'running' WHERE run_id = 'E'")
+        connection.close()
+        return capsys.readouterr().out
+
+    assert shown("status").split()[:2] == ["E", "completed"]
+    assert shown("status", "E").startswith("run E: completed\n")
+    assert json.loads(shown("status", "--json"))["runs"][0]["status"] == "completed"
+    assert json.loads(shown("status", "E", "--json"))["status"] == "completed"
+    assert "(completed;" in shown("metrics", "E")
+    assert json.loads(shown("metrics", "E", "--json"))["status"] == "completed"
+    assert "stalled" not in shown("branches", "E")
