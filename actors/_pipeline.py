@@ -301,6 +301,12 @@ _TOP_KEYS = {"stages", "agents", "defaults"}
 _DEFAULT_KEYS = {"agents", "mode", "quorum", "aggregator"}
 
 
+def _no_aggregator(value: Any) -> bool:
+    # false or "" say "none" (None: not given).  By identity: 0 == False,
+    # and `aggregator = 0` read as "none" while other numbers were refused.
+    return value is None or value is False or value == ""
+
+
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise PipelineError(f"{where}: must be a list of non-empty strings, got {value!r}")
@@ -349,6 +355,8 @@ def pipeline_from_dict(
         if fresh:
             _check_printable(name, where, "an agent's name")
         model = cfg.get("model", KNOWN_AGENTS.get(name))
+        if model is not None and not isinstance(model, str):
+            raise PipelineError(f"{where}: model must be a string, got {model!r}")
         if not isinstance(model, str) or not (model.strip() if fresh else model):
             raise PipelineError(f"{where}: needs a model")
         provider = cfg.get("provider", "sim")
@@ -382,7 +390,7 @@ def pipeline_from_dict(
     if "quorum" in defaults:
         Quorum.parse(defaults["quorum"], at_defaults)
     default_aggregator = defaults.get("aggregator")
-    if default_aggregator not in (None, "", False):
+    if not _no_aggregator(default_aggregator):
         if not isinstance(default_aggregator, str):
             raise PipelineError(f"{at_defaults}: aggregator must be an agent name")
         resolve_agent(default_aggregator, at_defaults)
@@ -418,10 +426,12 @@ def pipeline_from_dict(
 
         if "agents" in raw:
             listed = _str_list(raw["agents"], f"{where}: agents")
-        elif "agents" in defaults or known is None:
+        elif "agents" in defaults:
             listed = default_panel
         else:
-            listed = _KNOWN_PANELS.get(known, _DEFAULT_PANEL)
+            # (A custom stage gets the default roster: it was let through
+            # here, its undeclared agents answering from the simulator.)
+            listed = _KNOWN_PANELS.get(known, _DEFAULT_PANEL) if known is not None else _DEFAULT_PANEL
             real = sorted({spec.provider for spec in declared.values()} - {"sim"})
             unset = [a for a in listed if a not in declared]
             if fresh and real and unset and not one_provider:
@@ -474,6 +484,10 @@ def pipeline_from_dict(
         decision_field = raw.get("decision_field", specific[0] if specific else "stage")
         if not isinstance(decision_field, str) or not decision_field:
             raise PipelineError(f"{where}: decision_field must be a field name")
+        if fresh:
+            # Field names go into every prompt, as agent names do.
+            for field in (*specific, decision_field):
+                _check_printable(field, where, f"a field's name ({field!r})")
         # The field consensus compares is required too: agents that all
         # left it out would otherwise "agree" on nothing and the stage pass.
         required = tuple(dict.fromkeys(ALWAYS_REQUIRED + specific + (decision_field,)))
@@ -483,11 +497,12 @@ def pipeline_from_dict(
             raise PipelineError(
                 f"{where}: quorum {quorum.k} is larger than the panel of {len(agents)} agent(s)"
             )
-        if fresh and decision_field == "agent" and quorum.required(len(agents)) > 1:
-            # Each agent answers with its own name there: no two ever agree.
+        if fresh and decision_field == "agent" and len(agents) > 1:
+            # Each agent answers with its own name there: no two ever agree,
+            # and at a quorum of 1 every answer ties with every other.
             raise PipelineError(
-                f"{where}: decision_field 'agent' differs for every agent, so a quorum of"
-                f" {quorum.required(len(agents))} can never agree; name the field the agents decide on"
+                f"{where}: decision_field 'agent' differs for every agent, so {len(agents)} agents"
+                " can never agree; name the field the agents decide on"
             )
         if fresh and decision_field == "stage" and quorum.required(len(agents)) > 1:
             # Every agent answers with the stage's name there: they always
@@ -501,7 +516,7 @@ def pipeline_from_dict(
 
         aggregator_raw = raw.get("aggregator", defaults.get("aggregator", "gpt_pro"))
         aggregator: str | None
-        if aggregator_raw in (None, "", False):
+        if _no_aggregator(aggregator_raw):
             aggregator = None
         elif not isinstance(aggregator_raw, str):
             raise PipelineError(f"{where}: aggregator must be an agent name")

@@ -96,6 +96,13 @@ def test_a_panel_without_the_default_aggregator_has_none() -> None:
         ('[[stages]]\nname = "plan"\nquorum = 4', "quorum 4 is larger than the panel of 3"),
         ('[[stages]]\nname = "plan"\nquorum = 0', "at least 1"),
         ('[[stages]]\nname = "plan"\ndecision_field = "agent"', "decision_field 'agent' differs for every agent"),
+        # At a quorum of 1 every answer tied with every other: always a conflict.
+        ('[[stages]]\nname = "d"\nrequired_fields = ["x"]\ndecision_field = "agent"\nquorum = 1', "3 agents can never agree"),
+        ('[[stages]]\nname = "d"\nrequired_fields = ["x"]\naggregator = 0', "aggregator must be an agent name"),
+        ('[defaults]\naggregator = 0\n[[stages]]\nname = "plan"', "[defaults]: aggregator must be an agent name"),
+        ('[agents.x]\nmodel = 5\n[[stages]]\nname = "plan"\nagents = ["x"]', "agent 'x': model must be a string, got 5"),
+        ('[[stages]]\nname = "d"\nrequired_fields = ["t\\u001b[31m"]', "a field's name ('t\\x1b[31m') must be"),
+        ('[[stages]]\nname = "d"\nrequired_fields = ["x"]\ndecision_field = "a\\nb"', "a field's name ('a\\nb') must be"),
         # The stage's own name: every agent "agreed", at any disagreement.
         ('[[stages]]\nname = "plan"\ndecision_field = "stage"', "decision_field 'stage' is the same for every agent"),
         ('[[stages]]\nname = "deploy"\nrequired_fields = []', "with no required_fields, the stage is the same"),
@@ -258,6 +265,18 @@ def test_a_default_roster_agent_the_file_never_set_up_is_not_simulated_beside_re
         parse_pipeline(text + '[[stages]]\nname = "implement"\n')
     listed = parse_pipeline(text + '[[stages]]\nname = "implement"\nagents = ["gemini", "claude", "gpt_pro"]\n')
     assert listed.stage("implement").agents == ("gemini", "claude", "gpt_pro")
+
+
+def test_a_custom_stages_default_roster_is_not_simulated_beside_real_agents() -> None:
+    """A custom stage that names no agents took gemini, claude and gpt_pro
+    without the check a known stage gets: the undeclared two answered from
+    the simulator, priced as real models."""
+    text = '[agents.gemini]\nprovider = "openai"\nmodel = "gpt-4o-mini"\n[[stages]]\nname = "deploy"\nrequired_fields = ["t"]\n'
+    with pytest.raises(PipelineError, match="stage 'deploy': .*claude, gpt_pro have no \\[agents\\] entry while others use openai"):
+        parse_pipeline(text)
+    assert parse_pipeline(text, one_provider=True).stage("deploy").agents == ("gemini", "claude", "gpt_pro")
+    simulated = parse_pipeline('[[stages]]\nname = "deploy"\nrequired_fields = ["t"]\n')
+    assert simulated.stage("deploy").agents == ("gemini", "claude", "gpt_pro")
 
 
 def test_one_provider_for_every_agent_lifts_the_roster_refusal(tmp_path: Path) -> None:
