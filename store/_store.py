@@ -629,13 +629,14 @@ class Store:
 
     def find_branches(self, run_id: str, prefix: str) -> list[BranchRow]:
         """Branches of ``run_id`` whose id, or short id (the first hex digits
-        of the random suffix), starts with ``prefix``."""
+        of the random suffix, in either case: hex digits), starts with
+        ``prefix``."""
         return [
             b
             for b in self.branches(run_id)
             if b.branch_id == prefix
             or b.branch_id.startswith(prefix)
-            or b.branch_id.rsplit("-", 1)[-1].startswith(prefix)
+            or b.branch_id.rsplit("-", 1)[-1].startswith(prefix.lower())
         ]
 
     def max_seq(self, run_id: str) -> int:

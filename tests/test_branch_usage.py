@@ -80,6 +80,9 @@ def test_a_rerun_is_measured_over_its_own_lineage(tmp_path: Path, capsys: pytest
 
     assert main(["metrics", "B", "--db", db, "--branch", short_branch_id(old)]) == 0
     assert f"metrics of B branch {short_branch_id(old)} (halted; recorded" in capsys.readouterr().out
+    # Hex digits, in either case ("no branch" for the upper-case ones).
+    assert main(["metrics", "B", "--db", db, "--branch", short_branch_id(old).upper()]) == 0
+    assert f"metrics of B branch {short_branch_id(old)} (halted; recorded" in capsys.readouterr().out
 
 
 async def test_an_interrupted_rerun_is_recomputed_not_its_parents_record(
