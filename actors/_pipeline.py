@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -68,6 +69,12 @@ def canonical_stage(name: str) -> str | None:
     if key.startswith("spec-"):
         key = key[len("spec-") :]
     return key if key in _KNOWN_STAGES else None
+
+
+def _stage_key(name: str) -> str:
+    # One spelling per name: "café" typed precomposed or decomposed prints
+    # the same, and was two stages (and a --from that missed).
+    return unicodedata.normalize("NFC", name.strip().lower())
 
 
 def _check_printable(name: str, where: str, what: str) -> None:
@@ -196,7 +203,10 @@ class Pipeline:
 
     def resolve_stage(self, name: str) -> StageSpec:
         """Look a stage up by any accepted spelling (``Plan``, ``spec-plan``)."""
-        canonical = canonical_stage(name) or name.strip().lower()
+        canonical = canonical_stage(name)
+        if canonical is None:
+            key = _stage_key(name)
+            canonical = next((s.name for s in self.stages if _stage_key(s.name) == key), name.strip().lower())
         return self.stage(canonical)
 
     @property
@@ -419,7 +429,8 @@ def pipeline_from_dict(
                 f"{where}: unknown stage; known stages are {', '.join(_KNOWN_STAGES)} "
                 "(a custom stage must list its required_fields)"
             )
-        name = known or raw_name.strip().lower()
+        # (Stored names are kept as they were written: decisions are keyed on them.)
+        name = known or (_stage_key(raw_name) if fresh else raw_name.strip().lower())
         if name in seen:
             raise PipelineError(f"{where}: stage listed twice")
         seen.add(name)

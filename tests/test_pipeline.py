@@ -292,3 +292,17 @@ def test_one_provider_for_every_agent_lifts_the_roster_refusal(tmp_path: Path) -
     path.write_text(text)
     done = run_cli(["run", "--pipeline", str(path), "--provider", "sim", "--db", str(tmp_path / "p.db")])
     assert done.returncode == 0, done.stderr
+
+
+def test_a_stage_name_has_one_spelling_whatever_its_unicode_form() -> None:
+    """Precomposed and decomposed "café" print the same and were two
+    stages; a --from in the other form missed the stage."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    with pytest.raises(PipelineError, match="listed twice"):
+        parse_pipeline(
+            f'[[stages]]\nname = "{composed}"\nrequired_fields = ["x"]\n'
+            f'[[stages]]\nname = "{decomposed}"\nrequired_fields = ["x"]\n'
+        )
+    p = parse_pipeline(f'[[stages]]\nname = "{decomposed.upper()}"\nrequired_fields = ["x"]\n')
+    assert p.stage_names == (composed,)
+    assert p.resolve_stage(decomposed).name == p.resolve_stage(composed.upper()).name == composed
