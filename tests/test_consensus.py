@@ -144,6 +144,30 @@ def test_two_answers_each_with_a_quorum_are_a_conflict_not_a_pick_by_name() -> N
     assert v.status == "degraded"
 
 
+def test_two_agents_that_agree_are_recorded_as_agreeing() -> None:
+    stage = parse_pipeline('[[stages]]\nname = "audit"\nagents = ["gemini", "claude"]').stage("audit")
+    v = compute_verdict(stage, {"gemini": answer("gemini"), "claude": answer("claude")})
+    assert v.status == "ok" and v.agreements == ("audit_verdict: agreed by claude, gemini",)
+
+
+def test_a_tie_reads_the_same_whatever_order_the_answers_came_in() -> None:
+    """The verdict (and so the digest) must not depend on the order the
+    panel answered in: tied groups are ranked by their agents' names."""
+    stage = parse_pipeline(
+        '[[stages]]\nname = "audit"\nagents = ["gemini", "claude", "gpt_pro", "gpt_codex"]\nquorum = 2\naggregator = ""'
+    ).stage("audit")
+    answers = {
+        "gpt_codex": answer("gpt_codex", "fail"), "gpt_pro": answer("gpt_pro", "fail"),
+        "claude": answer("claude"), "gemini": answer("gemini"),
+    }
+    forward = compute_verdict(stage, answers)
+    backward = compute_verdict(stage, dict(reversed(list(answers.items()))))
+    assert forward.conflicts == backward.conflicts == (
+        "audit_verdict: gpt_codex, gpt_pro disagree(s) with claude, gemini",
+    )
+    assert forward.to_json() == backward.to_json()
+
+
 def test_a_null_decision_is_no_decision() -> None:
     # All three answering "audit_verdict": null "agreed": the stage was ok.
     v = compute_verdict(STAGE, {a: out(a, json.dumps({"stage": "audit", "agent": a, "audit_verdict": None}))

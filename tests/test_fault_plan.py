@@ -56,6 +56,26 @@ def test_reference_syntax_counts_and_alias() -> None:
     assert dict(FaultPlan.parse("rate_limit:4").counts) == {"rate_limit": 4}
     # A repeated kind: the last wins, as in the reference (429 and rate_limit are one kind).
     assert dict(FaultPlan.parse("429:1,rate_limit:5").counts) == {"rate_limit": 5}
+    # ... whether it was a count or a rate: one kind, one entry.
+    last_rate = FaultPlan.parse("disconnect:3,disconnect:5%")
+    assert (dict(last_rate.counts), dict(last_rate.rates)) == ({}, {"disconnect": 0.05})
+    last_count = FaultPlan.parse("disconnect:5%,disconnect:3")
+    assert (dict(last_count.counts), dict(last_count.rates)) == ({"disconnect": 3}, {})
+
+
+def test_rates_over_a_hundred_percent_are_refused_however_the_plan_is_built() -> None:
+    with pytest.raises(FaultPlanError, match="add up to more than 100%"):
+        FaultPlan.parse("disconnect:60%,timeout:70%")
+    with pytest.raises(FaultPlanError, match="add up to more than 100%"):
+        FaultPlan(rates={"disconnect": 0.6, "timeout": 0.7})
+    assert FaultPlan(rates={"disconnect": 0.5, "timeout": 0.5}).enabled
+
+
+def test_a_providers_scope_keeps_the_providers_own_spelling() -> None:
+    """Provider names are matched as written: a lower-cased scope never
+    matched a provider named 'OpenAI'."""
+    assert FaultPlan.parse("disconnect:1", scope="gateway:OpenAI").provider == "OpenAI"
+    assert FaultPlan.parse("disconnect:1", scope="GATEWAY:OpenAI").provider == "OpenAI"
 
 
 def test_rates_and_mixed() -> None:
@@ -75,6 +95,7 @@ def test_rates_and_mixed() -> None:
         ("6m0s", "relative", 360.0),
         ("now+90s", "anchored", 90.0),
         ("now+90", "anchored", 90.0),
+        ("NOW+90s", "anchored", 90.0),
         ("2027-01-15T08:00:30Z", "anchored", 30.0),  # T0 + 30 s
         ("2027-01-15T09:00:30+01:00", "anchored", 30.0),
         ("2020-01-01T00:00:00Z", "anchored", 0.0),  # past: 0
@@ -282,6 +303,7 @@ def test_a_kind_given_twice_takes_its_last_entry_as_in_the_reference() -> None:
     [
         (30, ResetHint(mode="relative", seconds=30.0, text="30")),
         (2.5, ResetHint(mode="relative", seconds=2.5, text="2.5")),
+        (0, ResetHint(mode="relative", seconds=0.0, text="0")),  # a reset that is already due
         ("90s", ResetHint(mode="relative", seconds=90.0, text="90s")),
         ("now+30s", ResetHint(mode="anchored", seconds=30.0, text="now+30s")),
         ("", None),

@@ -192,6 +192,39 @@ def test_each_threshold_alerts_once_when_crossed_one_by_one() -> None:
     assert acc.totals(RUN).alerts == (80, 90, 100)
 
 
+def test_a_budget_set_below_what_was_already_spent_alerts_at_once() -> None:
+    """A resume replays its spend before its budget arrives: a budget that
+    spend already passed must warn then, not at the next priced call."""
+    alerts: list[int] = []
+    acc = MetricsAccumulator(alert=lambda a: alerts.append(a.threshold))
+    acc.record(ev(usage=u(10_000, 1_000), replay=True))  # $0.035
+    acc.set_budget(RUN, Decimal("0.04"))  # 87.5 %
+    assert alerts == [80]
+    acc.set_budget(RUN, Decimal("0.03"))
+    assert alerts == [80, 90, 100]
+
+
+def test_a_stage_whose_usage_is_all_unknown_has_no_known_usage_breakdown() -> None:
+    """The digest's by_stage lists stages with some known usage: a stage of
+    cut-off calls only is not one with zero tokens."""
+    acc = MetricsAccumulator()
+    acc.record(ev(stage="plan", usage=u(100, 10)))
+    acc.record(ev(stage="tasks", agent="gemini", usage=None))
+    acc.record(ev(stage="tasks", agent="claude", attempt=2, usage=None))
+    assert set(acc.totals(RUN).by_stage) == {"plan"}
+    acc.record(ev(stage="tasks", agent="gpt", usage=u(5, 1)))
+    assert set(acc.totals(RUN).by_stage) == {"plan", "tasks"}
+
+
+def test_a_replay_is_not_the_last_prompt_the_context_gauge_reads() -> None:
+    """Context use is the agents' latest prompts: an output replayed from
+    the store (asked before a crash, with an older, larger prompt) is not."""
+    acc = MetricsAccumulator()
+    acc.record(ev(agent="claude", model="claude-sonnet-4-5", usage=u(50_000, 10)))  # 25 %
+    acc.record(ev(agent="claude", attempt=2, model="claude-sonnet-4-5", usage=u(150_000, 10), replay=True))
+    assert acc.snapshot(RUN).context_utilization == 0.25
+
+
 def test_the_gate_closes_at_the_budget_and_a_higher_budget_reopens_it() -> None:
     alerts: list[int] = []
     acc = MetricsAccumulator(alert=lambda a: alerts.append(a.threshold))

@@ -66,7 +66,19 @@ def test_lookup_by_name_alias_and_prefix(model: str, provider: str | None, entry
     "model",
     # o1-mini was priced as o1 (13x its price): a prefix that names a size
     # or variant is another model, however long the table's name.
-    ["sim-model", "acme-llm-9", "gpt-5.9", "gpt", "", "o1-mini", "o1-mini-2024-09-12", "gpt-4o-realtime-x"],
+    # A variant of the longest name is not the next shorter one either
+    # (gpt-4-0613-mini was never gpt-4).
+    [
+        "sim-model",
+        "acme-llm-9",
+        "gpt-5.9",
+        "gpt",
+        "",
+        "o1-mini",
+        "o1-mini-2024-09-12",
+        "gpt-4o-realtime-x",
+        "gpt-4-0613-mini",
+    ],
 )
 def test_unknown_models_are_unpriced_not_guessed(model: str) -> None:
     table = PriceTable.vendored()
@@ -85,6 +97,33 @@ def test_cached_input_and_reasoning_are_priced_as_the_table_says() -> None:
         + 1_000 * Decimal(str(e["output_cost_per_reasoning_token"]))
     )
     assert got == expected == Decimal("0.0018") + Decimal("0.00012") + Decimal("0.005") + Decimal("0.0025")
+
+
+def test_a_part_claimed_larger_than_its_whole_is_priced_as_the_whole() -> None:
+    """A provider's usage may claim more cached (or written) input than
+    input, or more reasoning than output: each part is capped at its whole,
+    so a cost is never negative nor more than the whole at the part's rate."""
+    table = PriceTable(
+        {
+            "m": {
+                "input_cost_per_token": 1,
+                "output_cost_per_token": 10,
+                "cache_read_input_token_cost": 100,
+                "cache_creation_input_token_cost": 1_000,
+                "cache_creation_input_token_cost_above_1hr": 10_000,
+                "output_cost_per_reasoning_token": 100_000,
+            }
+        }
+    )
+
+    def cost(**fields: int) -> Decimal | None:
+        return table.cost(TokenUsage(**fields), "m")
+
+    assert cost(output_tokens=10, reasoning_output_tokens=50) == cost(output_tokens=10, reasoning_output_tokens=10)
+    assert cost(input_tokens=10, cached_input_tokens=50) == cost(input_tokens=10, cached_input_tokens=10) == 1_000
+    assert cost(input_tokens=10, cached_input_tokens=4, cache_write_input_tokens=50) == 4 * 100 + 6 * 1_000
+    both = cost(input_tokens=10, cache_write_input_tokens=3, cache_write_1h_input_tokens=50)
+    assert both == 7 * 1 + 3 * 10_000
 
 
 def test_a_long_prompt_is_priced_at_the_tier_above_200k() -> None:

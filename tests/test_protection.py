@@ -327,6 +327,13 @@ def test_backoff_is_capped_jittered_seeded_and_honours_hints() -> None:
     )
 
 
+def test_the_retry_defaults_are_the_documented_ones() -> None:
+    # The README promises these; a changed default would change every
+    # run's attempts (and digests) without a word.
+    policy = RetryPolicy()
+    assert (policy.max_attempts, policy.max_wait) == (3, 600.0)
+
+
 def test_retry_quantum_resumes_on_the_grid_never_early() -> None:
     assert RetryPolicy().resume_at(3.2, 0.45) == pytest.approx(3.65)  # off by default: exact
     grid = RetryPolicy(quantum=1.0)
