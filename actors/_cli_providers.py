@@ -211,8 +211,10 @@ def provider_configs_from_args(
             if getattr(args, "provider", None) == name:
                 resolve_provider(name)  # raises the "unknown provider" error
             agents = sorted(a for a, spec in pipeline.agents.items() if spec.provider == name)
+            source = getattr(args, "pipeline", None)
+            where = f"{source}: " if source and not stored else ""
             raise ProviderConfigError(
-                f"unknown provider {name!r} (agent{'s' if len(agents) > 1 else ''} {', '.join(agents)}); "
+                f"{where}unknown provider {name!r} (agent{'s' if len(agents) > 1 else ''} {', '.join(agents)}); "
                 f"choose one of: {', '.join(PROVIDER_NAMES)}"
             )
     remote = [n for n in names if n != "sim"]

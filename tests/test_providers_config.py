@@ -166,7 +166,8 @@ def test_cli_unknown_provider_in_pipeline_toml_exits_2(
     db = tmp_path / "c.db"
     code = main(["run", "--db", str(db), "--pipeline", str(toml)])
     _, err = capsys.readouterr()
-    assert code == 2 and "unknown provider 'bedrock' (agent claude)" in err and not db.exists()
+    # Named with its file, as every other problem in a pipeline file is.
+    assert code == 2 and f"{toml}: unknown provider 'bedrock' (agent claude)" in err and not db.exists()
 
 
 def test_cli_refuses_virtual_clock_with_real_providers(
