@@ -1,0 +1,184 @@
+"""Edges of resume and rerun that the broad crash/resume tests passed over:
+the rounds a user-fixable failure is granted, an attempt budget spent just
+before a crash, forking past a stage that halted, and rounds that belong to
+one branch only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from actors import MockProvider, RetryPolicy, SimulatedProvider, open_orchestrator
+from actors._pipeline import pipeline_with_panel
+from actors._resume import ResumeError, load_state
+from messages import (
+    AuthenticationFailed,
+    Completion,
+    CompletionRequest,
+    FunctionInterceptor,
+    PersistEvent,
+    ProviderUnavailable,
+)
+from store import Store
+
+RETRY = RetryPolicy(max_attempts=3)
+
+
+def recording(calls: list[tuple[str, str, int]], fail: Any, *, seed: int = 0, rate: float = 0.0) -> MockProvider:
+    """The simulator, except where ``fail(request)`` returns an error to raise;
+    every call is recorded as (stage, agent, attempt)."""
+    sim = SimulatedProvider(seed=seed, disagreement_rate=rate)
+
+    def answer(request: CompletionRequest) -> Completion:
+        calls.append((request.key.stage, request.key.agent, request.attempt))
+        error = fail(request)
+        if error is not None:
+            raise error
+        return sim.answer(request)
+
+    return MockProvider(answer, name="sim")
+
+
+async def test_retry_failed_after_a_fixed_key_calls_the_agent_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A 401 is fixed outside the run (a new key); 'resume --retry-failed'
+    then grants one ask per halt.  Counted as ``gave_up < rounds``, the one
+    halt outweighed the one round granted: the resume replayed the 401 and
+    halted again without calling the agent."""
+    path = str(tmp_path / "auth.db")
+    pipeline = pipeline_with_panel("validate", ["a"])
+    broken: list[tuple[str, str, int]] = []
+    async with open_orchestrator(
+        store=path, provider=recording(broken, lambda r: AuthenticationFailed("401 invalid api key")),
+        pipeline=pipeline, retry=RETRY,
+    ) as orch:
+        halted = await orch.run("SPEC", run_id="K")
+    assert (halted.status, halted.halt_reason) == ("halted", "agents_failed")
+    assert broken == [("validate", "a", 1)], "authentication is not retried"
+
+    fixed: list[tuple[str, str, int]] = []
+    async with open_orchestrator(
+        store=path, provider=recording(fixed, lambda r: None), pipeline=pipeline, retry=RETRY
+    ) as orch:
+        resumed = await orch.resume("K", retry_failed=True)
+    assert fixed == [("validate", "a", 2)], "the agent is asked again, its attempts numbered on"
+    assert resumed.completed
+    assert [(s.stage, s.status) for s in resumed.stages] == [("validate", "ok")]
+
+
+def crash_at_gave_up(scope: trio.CancelScope) -> FunctionInterceptor[Any]:
+    """A store-edge interceptor that cancels ``scope`` as the first gave_up
+    event arrives: the crash lands between an agent's last failed attempt
+    and the event that says it gave up."""
+
+    async def crash(item: Any, forward: Any) -> None:
+        if isinstance(item, PersistEvent) and item.kind == "gave_up":
+            scope.cancel()
+            return  # never written
+        await forward(item)
+
+    return FunctionInterceptor(crash)
+
+
+async def test_a_crash_before_gave_up_grants_no_extra_round(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An agent spent its max_attempts on a retryable error; the process died
+    before its gave_up event was written.  Its third attempt is the last of
+    the round it was granted: with ``last.attempt <= granted`` a plain
+    resume read the round as spent-and-regranted and bought three attempts
+    more, though no --retry-failed asked for them."""
+    path = str(tmp_path / "crash.db")
+    pipeline = pipeline_with_panel("validate", ["a"])
+    down = lambda r: ProviderUnavailable("503 upstream down")  # noqa: E731
+    first: list[tuple[str, str, int]] = []
+    with trio.CancelScope() as scope:
+        async with open_orchestrator(
+            store=path, provider=recording(first, down), pipeline=pipeline, retry=RETRY,
+            interceptors={"store": [crash_at_gave_up(scope)]},
+        ) as orch:
+            await orch.run("SPEC", run_id="C")
+    assert scope.cancelled_caught
+    assert first == [("validate", "a", n) for n in (1, 2, 3)]
+    with Store.open(path) as s:
+        assert [(o.attempt, o.status) for o in s.outputs("C")] == [(1, "failed"), (2, "failed"), (3, "failed")]
+        assert s.events("C", "gave_up") == []
+        state = load_state(s, "C")
+    assert state.rounds == {}
+    resume = state.stage_resume(state.pipeline.stage("validate"), RETRY)
+    assert resume is not None
+    assert dict(resume.first_attempt) == {}, "no attempt beyond max_attempts is granted"
+    assert resume.replay["a"].attempts == 3 and resume.replay["a"].error is not None
+
+    again: list[tuple[str, str, int]] = []
+    async with open_orchestrator(store=path, provider=recording(again, down), pipeline=pipeline, retry=RETRY) as orch:
+        resumed = await orch.resume("C")
+    assert again == [], "the failure is replayed, nobody is called"
+    assert (resumed.status, resumed.halt_reason) == ("halted", "agents_failed")
+
+
+def tasks_disagree(calls: list[tuple[str, str, int]]) -> MockProvider:
+    """Agreeing answers everywhere except stage 'tasks', where every agent
+    answers differently: the run halts there with a conflict."""
+    agree = SimulatedProvider(seed=2, disagreement_rate=0.0)
+    differ = SimulatedProvider(seed=2, disagreement_rate=1.0)
+
+    def answer(request: CompletionRequest) -> Completion:
+        calls.append((request.key.stage, request.key.agent, request.attempt))
+        return (differ if request.key.stage == "tasks" else agree).answer(request)
+
+    return MockProvider(answer, name="sim")
+
+
+async def test_rerun_past_a_stage_that_halted_on_a_conflict_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Stage 2 ('tasks') halted with a conflict.  A rerun from stage 3 would
+    inherit that conflict as if it had advanced; it must be refused, naming
+    the stage to rerun from instead, having written nothing."""
+    path = str(tmp_path / "conflict.db")
+    calls: list[tuple[str, str, int]] = []
+    async with open_orchestrator(store=path, provider=tasks_disagree(calls), seed=2) as orch:
+        halted = await orch.run("SPEC", run_id="F")
+        assert (halted.status, halted.halt_reason) == ("halted", "conflict")
+        assert [(s.stage, s.status) for s in halted.stages] == [("plan", "ok"), ("tasks", "conflict")]
+        with Store.open(path) as s:
+            before = (len(s.branches("F")), len(s.events("F")))
+        asked = len(calls)
+        with pytest.raises(ResumeError, match=r"earlier stage 'tasks' ended in conflict.*rerun from 'tasks' instead"):
+            await orch.rerun("F", "implement")
+    assert len(calls) == asked
+    with Store.open(path) as s:
+        assert (len(s.branches("F")), len(s.events("F"))) == before
+
+
+async def test_a_rerun_branch_does_not_inherit_its_parents_retry_rounds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Rounds granted by 'resume --retry-failed' are the branch's own: counted
+    across branches, a rerun's child started with its parent's rounds, and
+    its agents were granted attempts its own halts never earned."""
+    path = str(tmp_path / "rounds.db")
+    calls: list[tuple[str, str, int]] = []
+    down = lambda r: ProviderUnavailable("503") if r.key.stage == "implement" else None  # noqa: E731
+    async with open_orchestrator(store=path, provider=recording(calls, down), retry=RETRY) as orch:
+        halted = await orch.run("SPEC", run_id="N")
+        assert (halted.status, halted.halt_reason) == ("halted", "agents_failed")
+        still = await orch.resume("N", retry_failed=True)
+        assert still.halt_reason == "agents_failed"
+        with Store.open(path) as s:
+            parent = load_state(s, "N")
+        assert parent.rounds == {"implement": 1}
+        child = await orch.rerun("N", "tasks")
+        assert child.halt_reason == "agents_failed"
+    with Store.open(path) as s:
+        kid = load_state(s, "N")
+        assert kid.branch.branch_id != parent.branch.branch_id
+        assert kid.branch.parent_branch_id == parent.branch.branch_id
+        assert kid.rounds == {}
+        assert load_state(s, "N", parent.branch.branch_id).rounds == {"implement": 1}
