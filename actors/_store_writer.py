@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from messages import ActorStopped, Outbox, StoreAck, StoreWrite, fail_pending, reply_pair, request
-from store import RetryableStoreError, Store
+from store import RetryableStoreError, Store, StoreFull
 
 from ._checks import check_seconds
 
@@ -157,6 +157,13 @@ class StoreWriter:
         for _ in range(self.busy_retries):
             try:
                 return self.store.apply(batch)
+            except StoreFull as exc:
+                # Every write fails, saying why, and the writer lives on: a
+                # run whose write is refused stops with the reason (raised,
+                # the error killed every run of the orchestrator as "no
+                # transaction is active").  Writes nobody waits for are lost
+                # with the batch, as after a busy database's last retry.
+                return [StoreAck(ok=False, error=str(exc)) for _ in batch]
             except RetryableStoreError:
                 self.busy_waits += 1
                 if self._closing_at is not None and trio.current_time() - self._closing_at >= self.closing_grace:

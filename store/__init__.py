@@ -6,7 +6,7 @@ the write connection and drives :meth:`Store.apply` in group commits.
 
 from ._busy import StoreBusy, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability
-from ._errors import EmptyDatabase, NotADatabase, SchemaTooNew, StoreError
+from ._errors import EmptyDatabase, NotADatabase, SchemaTooNew, StoreError, StoreFull
 from ._preflight import RunPreview, UnknownRun, preview_lineage, preview_run
 from ._runlock import LockFileError, RunLocked
 from ._schema import SCHEMA_VERSION
@@ -46,5 +46,6 @@ __all__ = [
     "SchemaTooNew",
     "Store",
     "StoreError",
+    "StoreFull",
     "wall_clock_ms",
 ]

@@ -10,6 +10,12 @@ class StoreError(ConclaveError):
     the problem and says what to do; the file was not modified."""
 
 
+class StoreFull(StoreError):
+    """The disk holding the database (or the database's own size limit) is
+    full: nothing of the batch was written, and what was written before
+    stays.  Free space, then resume."""
+
+
 class SchemaTooNew(StoreError):
     """The database was written by a newer Conclave."""
 

@@ -35,6 +35,7 @@ from messages import (
 
 from ._busy import BUSY_ERRORS, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability, open_connection
+from ._errors import StoreFull
 from ._lineage import LINEAGE_CTE
 from ._runlock import claim_run, is_claimed
 
@@ -255,6 +256,23 @@ _json = _make_encoder()
 # Python values SQLite cannot hold: text with lone surrogates (not UTF-8),
 # integers beyond 64 bits.
 _UNSTORABLE = (UnicodeEncodeError, OverflowError)
+# Errors about the database rather than an item: no item of the batch can
+# be written, so none is failed on its own (each ack would blame its item).
+_WHOLE_BATCH = (*BUSY_ERRORS, apsw.FullError)
+
+
+def _full_in(exc: BaseException) -> apsw.FullError | None:
+    """The full-disk error behind ``exc``, if any: the savepoint's own
+    rollback, failing once SQLite has ended the transaction, raises an
+    error of its own over it."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, apsw.FullError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _repaired(item: StoreWrite) -> StoreWrite | None:
@@ -355,7 +373,8 @@ class Store:
         """Apply ``batch`` in one transaction and return one ack per item.
 
         Raises :class:`RetryableStoreError` (nothing applied) when SQLite is
-        busy or locked; other SQLite errors fail only their own item.
+        busy or locked, and :class:`StoreFull` (nothing applied) when the
+        disk is full; other SQLite errors fail only their own item.
         """
         now = self._clock()
         conn = self._conn
@@ -377,6 +396,19 @@ class Store:
         except BUSY_ERRORS as exc:
             self._rollback()
             raise RetryableStoreError(str(exc)) from exc
+        except apsw.Error as exc:
+            full = _full_in(exc)
+            self._rollback()
+            if full is None:
+                raise
+            # SQLite rolls the transaction back itself on a full disk: the
+            # items then "failed" on savepoints that no longer existed, and
+            # COMMIT raised "no transaction is active" - which said nothing
+            # of the disk, and killed the store writer.
+            raise StoreFull(
+                f"cannot write to {self.path}: {full} (the disk, or the database's size limit); "
+                "nothing of this batch was written: free space, then resume the run"
+            ) from exc
         except BaseException:
             self._rollback()
             raise
@@ -420,9 +452,11 @@ class Store:
                     else:
                         acks.append(self._apply_one(item, now) or _OK)
                     i = j
-        except BUSY_ERRORS:
+        except _WHOLE_BATCH:
             raise
         except (apsw.Error, *_UNSTORABLE):
+            if conn.getautocommit():
+                raise  # SQLite ended the transaction itself: no item can be written
             return None
         return acks
 
@@ -432,9 +466,11 @@ class Store:
                 ack = self._apply_one(item, now)
         except apsw.ConstraintError as exc:
             return StoreAck(ok=False, duplicate=_is_unique(exc), error=str(exc))
-        except BUSY_ERRORS:
+        except _WHOLE_BATCH:
             raise
         except apsw.Error as exc:
+            if self._conn.getautocommit():
+                raise  # SQLite ended the transaction itself: no item can be written
             return StoreAck(ok=False, error=f"{type(exc).__name__}: {exc}")
         except _UNSTORABLE as exc:
             # A value SQLite cannot hold fails its own item, never the

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
+import trio.testing
 
 from messages import (
     AgentKey,
@@ -20,7 +22,7 @@ from messages import (
     StageKey,
     TokenUsage,
 )
-from store import Store
+from store import Store, StoreFull
 
 from .test_store import new_run, output
 
@@ -133,3 +135,48 @@ def test_accepted_only_holds_on_a_forked_branch(tmp_path: Path) -> None:
         assert [(o.branch_id, o.attempt, o.status) for o in inherited] == [("root", 2, "accepted")]
         everything = s.lineage_outputs("r", "kid", accepted_only=True)
         assert [(o.branch_id, o.stage, o.attempt) for o in everything] == [("root", "plan", 2)]
+
+
+def _fill(s: Store, pages: int = 0) -> None:
+    # The database's own size limit gives SQLITE_FULL as a full disk does.
+    count = s._conn.execute("PRAGMA page_count").fetchall()[0][0]
+    s._conn.execute(f"PRAGMA max_page_count = {count + pages if pages >= 0 else 1 << 30}")
+
+
+def test_a_full_disk_fails_the_batch_with_a_typed_error_and_the_store_goes_on(tmp_path: Path) -> None:
+    """SQLite rolls the transaction back itself when the disk is full: the
+    items "failed" on savepoints that no longer existed, and COMMIT raised
+    a bare apsw "no transaction is active", which named no cause."""
+    with Store.open(str(tmp_path / "a.db")) as s:
+        new_run(s)
+        _fill(s)
+        big = attrs.evolve(output("gemini"), content="x" * 200_000)
+        with pytest.raises(StoreFull, match=r"a\.db: database or disk is full .* nothing of this batch was written"):
+            s.apply([PersistOutput(output=output("claude")), PersistOutput(output=big)])
+        assert s.outputs("r") == [] and s._conn.getautocommit()
+        _fill(s, -1)  # space again
+        assert all(a.ok for a in s.apply([PersistOutput(output=big)]))
+        assert [o.agent for o in s.outputs("r")] == ["gemini"]
+
+
+async def test_a_run_on_a_full_disk_stops_saying_so_and_resumes_once_there_is_space(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The store writer died on a full disk with a bare apsw error, and
+    with it every run of the orchestrator."""
+    from actors import open_orchestrator
+    from messages import ConclaveError
+
+    async with open_orchestrator(store=str(tmp_path / "ref.db"), seed=7) as orch:
+        expected = await orch.run("SPEC-F", run_id="f")
+    with Store.open(str(tmp_path / "f.db")) as s:
+        _fill(s, 4)
+        # Whichever write met the full disk (an output, a decision), the
+        # run stops with a typed error that says so.
+        with pytest.raises(ConclaveError, match="database or disk is full"):
+            async with open_orchestrator(store=s, seed=7) as orch:
+                await orch.run("SPEC-F", run_id="f")
+        _fill(s, -1)
+        async with open_orchestrator(store=s, seed=7) as orch:
+            resumed = await orch.resume("f")
+    assert resumed.completed and resumed.digest == expected.digest
