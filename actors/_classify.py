@@ -22,6 +22,7 @@ from messages import (
     CircuitOpen,
     Disconnected,
     NotFound,
+    ProviderBug,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -39,6 +40,7 @@ ErrorClass = Literal[
     "authentication",
     "bad_request",
     "not_found",
+    "provider_bug",
     "quota",
     "permanent",
 ]
@@ -82,6 +84,8 @@ def classify(error: BaseException, *, auth_retries_left: int = 0) -> Classificat
         kind = "not_found"
     elif isinstance(error, BadRequest):
         kind = "bad_request"
+    elif isinstance(error, ProviderBug):
+        kind = "provider_bug"
     elif _is_database_busy(error):
         kind = "database_busy"
     elif isinstance(error, ProviderError) and error.retryable:

@@ -53,6 +53,7 @@ from messages import (
     Injection,
     Outbox,
     PersistEvent,
+    ProviderBug,
     ProviderError,
     Reply,
     StoreWrite,
@@ -309,7 +310,8 @@ class Gateway:
                     requested_model=_model_of(error, "requested_model"),
                 )
             except Exception as exc:  # a bug in the provider: fail this call, loudly
-                bug = ProviderError(f"provider {request.provider!r} failed: {type(exc).__name__}: {exc}")
+                said = f": {exc}" if str(exc) else ""  # trio.TooSlowError() says nothing
+                bug = ProviderBug(f"{_named(request, provider)} failed: {type(exc).__name__}{said}")
                 health.report(permit, bug)
                 return CompletionResult(key=request.key, attempt=request.attempt, error=bug)
             except BaseException:
@@ -333,9 +335,7 @@ class Gateway:
         if not isinstance(completion, Completion):
             # The same bug as raising: this call fails, not the agent that
             # would take it apart.
-            bug = ProviderError(
-                f"provider {request.provider!r} returned {type(completion).__name__}, not a Completion"
-            )
+            bug = ProviderBug(f"{_named(request, provider)} returned {type(completion).__name__}, not a Completion")
             health.report(permit, bug)
             return CompletionResult(key=request.key, attempt=request.attempt, error=bug)
         health.report(permit, None)
@@ -376,6 +376,13 @@ class Gateway:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+
+def _named(request: CompletionRequest, provider: object) -> str:
+    # The pipeline's name for it, and what it is: an app's own provider
+    # stands in for "sim" by default, and "provider 'sim' failed" read as if
+    # the simulator had.
+    return f"provider {request.provider!r} ({type(provider).__name__})"
 
 
 def _model_of(error: ProviderError, attribute: str = "model") -> str | None:

@@ -63,7 +63,7 @@ from ._store_writer import write_durably
 UNANSWERED = "agents_failed"
 # Errors no retry mends but the user can, outside the run: they leave a
 # stage undecided too, for 'resume --retry-failed' once fixed.
-USER_FIXABLE = frozenset({"authentication", "quota", "not_found"})
+USER_FIXABLE = frozenset({"authentication", "quota", "not_found", "provider_bug"})
 
 
 class ResumeError(ConclaveError, ValueError):

@@ -127,6 +127,15 @@ class NotFound(BadRequest):
     kind = "not_found"
 
 
+class ProviderBug(ProviderError):
+    """A provider raised something that is no :class:`ProviderError`, or
+    returned something that is no completion: a bug in the provider's code
+    (an app's own, most likely), fixed outside the run, then
+    ``resume --retry-failed``, as a wrong key is."""
+
+    kind = "provider_bug"
+
+
 class QuotaExceeded(ProviderError):
     """The account is out of quota: permanent until a human acts."""
 

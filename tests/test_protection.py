@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from actors import (
+    BaseProvider,
     BreakerPolicy,
     CircuitBreaker,
     Gateway,
@@ -41,6 +42,7 @@ from messages import (
     Disconnected,
     FaultInterceptor,
     FaultPlan,
+    ProviderBug,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -294,6 +296,7 @@ async def test_cancelled_timeout_fault_sent_nothing(autojump_clock: trio.testing
         (BadRequest("404 model not found"), "bad_request", False),
         (QuotaExceeded("insufficient quota"), "quota", False),
         (ProviderError("provider 'x' failed: KeyError"), "permanent", False),
+        (ProviderBug("provider 'x' (Mine) failed: KeyError"), "provider_bug", False),
         (ValueError("bug"), "permanent", False),
     ],
 )
@@ -540,6 +543,31 @@ async def test_a_provider_returning_the_wrong_thing_fails_that_call_only(
     with Store.open(f"{tmp_path}/a.db") as s:
         errors = [o.error for o in s.outputs("wrong", stage="plan") if o.agent == "claude"]
     assert errors and all(e is not None and re.search(needle, e) for e in errors), errors
+
+
+async def test_a_bug_in_an_apps_provider_halts_resumably_naming_it(
+    tmp_path: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A provider raising something that is no ProviderError (its own
+    trio.fail_after, a ValueError) was decided durably as no_consensus,
+    "only 0 agent(s) agree", naming no cause, and fixing the provider could
+    not resume the run.  The error also read "provider 'sim' failed", as if
+    the simulator had."""
+
+    class Broken(BaseProvider):
+        async def complete(self, request: CompletionRequest) -> Completion:
+            raise trio.TooSlowError()
+
+    db = f"{tmp_path}/b.db"
+    async with open_orchestrator(store=db, provider=Broken(), seed=3) as orch:
+        halted = await orch.run("S", run_id="bug")
+    assert (halted.status, halted.halt_reason) == ("halted", "agents_failed")
+    assert "provider_bug: provider 'sim' (Broken) failed: TooSlowError" in (halted.halt_message or "")
+    with Store.open(db) as s:
+        assert s.decisions("bug") == []  # left undecided, for the fixed provider
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=3), seed=3) as orch:
+        fixed = await orch.resume("bug", retry_failed=True)
+    assert fixed.completed
 
 
 async def test_an_agent_that_stops_retrying_says_why_in_the_event_log(
