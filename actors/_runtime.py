@@ -367,8 +367,13 @@ class Orchestrator:
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[ProgressEvent]:
         """A channel of progress events.  Best effort: when the buffer is
         full, events are dropped rather than slowing any run.  Not a
-        checkpoint.  Raises ActorStopped once the orchestrator has closed."""
+        checkpoint.  Raises ActorStopped once the orchestrator has closed,
+        ConfigError for a ``max_buffer`` that is no whole number >= 0."""
         self._check_open()
+        if max_buffer is not None and (isinstance(max_buffer, bool) or not isinstance(max_buffer, int) or max_buffer < 0):
+            # (trio's own refusal named max_buffer_size, and took math.inf:
+            # a backlog without bound for a subscriber that never reads.)
+            raise ConfigError(f"max_buffer must be a whole number >= 0 (or None), got {max_buffer!r}")
         return self._progress.subscribe(max_buffer)
 
     def _publish(self, event: ProgressEvent) -> None:

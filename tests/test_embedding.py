@@ -232,6 +232,19 @@ async def test_a_wrong_kind_of_argument_is_refused_before_anything_starts(
     assert not path.exists()
 
 
+@pytest.mark.parametrize("max_buffer", [-1, "10", 1.5, True, float("inf")])
+async def test_a_bad_progress_buffer_is_refused_naming_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, max_buffer: Any
+) -> None:
+    # trio's own refusal named max_buffer_size, and took inf: an unbounded
+    # backlog for a subscriber that never reads.
+    async with open_orchestrator(store=str(tmp_path / "c.db")) as orch:
+        with pytest.raises(ConfigError, match=re.escape(f"max_buffer must be a whole number >= 0 (or None), got {max_buffer!r}")):
+            orch.subscribe(max_buffer)
+        events = orch.subscribe(0)  # events only while it waits: still allowed
+        events.close()
+
+
 HANG_SCRIPT = """
 import sys, trio, trio.testing
 from actors import AuthService, ConfigError, TokenManager, TokenStore, open_orchestrator
