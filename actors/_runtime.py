@@ -37,7 +37,7 @@ import json
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from decimal import Decimal
 from typing import Any
 
@@ -320,6 +320,10 @@ class Orchestrator:
         self._metrics_hub = metrics_hub or MetricsHub()
         self._closed = False  # its open_orchestrator block has ended
         self._driving = 0  # runs being driven now (health snapshots are one run's only alone)
+        # Their cancel scopes: a block that ends while runs started elsewhere
+        # (an outer nursery) are still being driven stops them first.
+        self._drives: set[trio.CancelScope] = set()
+        self._drives_done = trio.Event()
         # The trio run its actors live in (None: not made by open_orchestrator).
         self._token: trio.lowlevel.TrioToken | None = None
         self.provider_names: frozenset[str] | None = None  # the gateway's; None: not known
@@ -625,11 +629,29 @@ class Orchestrator:
                 self._context(state), state.pipeline, state.seed, state, stored_budget(self._require_db(), state.branch)
             )
 
-    def _claim(self, run_id: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def _claim(self, run_id: str) -> Iterator[None]:
+        """Hold ``run_id`` for the block (a run, resume or rerun of it).
+        Raises ActorStopped at its end if the orchestrator's block ended
+        meanwhile (see :meth:`_stop_drives`)."""
         # Taken before the first write and held to the last: a second
         # orchestrator on the run would buy every missing output again.
         self._check_open()
-        return nullcontext() if self._db is None else self._db.claim_run(run_id)
+        scope = trio.CancelScope()
+        self._drives.add(scope)
+        try:
+            with nullcontext() if self._db is None else self._db.claim_run(run_id), scope:
+                yield
+        finally:
+            self._drives.discard(scope)
+            if not self._drives:
+                self._drives_done.set()
+        if scope.cancelled_caught:  # only _stop_drives cancels it
+            stored = self._db is not None and self._db.get_run(run_id) is not None
+            raise ActorStopped(
+                f"run {run_id!r} was stopped: the 'async with open_orchestrator(...)' block it ran under ended "
+                + ("(it is marked interrupted: resume continues it)" if stored else "before it was recorded")
+            )
 
     def _check_open(self) -> None:
         # Its actors have stopped and its store may be closed: say so,
@@ -744,6 +766,21 @@ class Orchestrator:
             self._driving -= 1
             for interceptor in self._fault_interceptors:
                 interceptor.run_ended(ctx.run_id, ctx.branch_id)
+
+    async def _stop_drives(self) -> None:
+        """The block is ending while runs started outside it are still
+        being driven: stop them, and wait (shielded, bounded) until each has
+        marked itself interrupted - with the store writer still there to
+        write it.  They failed on whichever actor stopped first ("the
+        metrics actor has stopped"), and stayed stored as running."""
+        if not self._drives:
+            return
+        self._drives_done = trio.Event()
+        for scope in list(self._drives):
+            scope.cancel()
+        with trio.move_on_after(_DRIVES_STOP_SECONDS) as waiting:
+            waiting.shield = True
+            await self._drives_done.wait()
 
     async def _mark_interrupted(self, run_id: str) -> None:
         """Mark ``run_id`` interrupted if it is still running (the store
@@ -970,6 +1007,9 @@ def _check_options(options: Mapping[str, Any] | None) -> None:
 
 # How long closing the providers may take when the orchestrator closes.
 PROVIDER_CLOSE_SECONDS = 5.0
+# How long runs still driven when the block ends may take to stop (each
+# marks itself interrupted: one write, itself bounded by a second).
+_DRIVES_STOP_SECONDS = 5.0
 
 
 def _budget_of(budget: BudgetLike | None) -> Decimal | None:
@@ -1042,7 +1082,9 @@ async def open_orchestrator(
     answers their ``GetToken`` requests.
 
     On normal exit the actors drain their inboxes (every queued write is
-    committed) before the block returns; on cancellation or error they are
+    committed) before the block returns; runs still driven then (started
+    from tasks outside the block) are stopped first, marked interrupted,
+    and raise :class:`~messages.ActorStopped`; on cancellation or error they are
     cancelled, and the store is left consistent.  Raises
     :class:`ConfigError` before starting anything if the configuration is
     invalid.
@@ -1212,6 +1254,9 @@ async def open_orchestrator(
                     orchestrator._token = trio.lowlevel.current_trio_token()
                     yield orchestrator
                 finally:
+                    if orchestrator is not None:
+                        orchestrator._closed = True  # no run starts now
+                        await orchestrator._stop_drives()
                     # Closing the inboxes lets each actor drain what is queued
                     # and stop; on cancellation the nursery cancels them anyway.
                     gateway_tx.close()

@@ -245,6 +245,46 @@ async def test_a_bad_progress_buffer_is_refused_naming_it(
         events.close()
 
 
+@pytest.mark.parametrize("after", [0.001, 5.0])  # early, mid-stage
+async def test_runs_started_outside_the_block_are_stopped_and_marked_when_it_ends(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, after: float
+) -> None:
+    """Runs started in a nursery outside the block, still going when it
+    ended, failed on whichever actor stopped first ("the metrics actor has
+    stopped") and stayed stored as running."""
+    from messages import ActorStopped
+
+    path = str(tmp_path / "c.db")
+    async with open_orchestrator(store=str(tmp_path / "ref.db"), seed=7) as orch:
+        expected = await orch.run("SPEC-E", run_id="ref")
+    errors: list[BaseException] = []
+    living = trio.lowlevel.current_statistics().tasks_living
+
+    async def go(orch: Any, run_id: str) -> None:
+        try:
+            await orch.run("SPEC-E", run_id=run_id)
+        except ActorStopped as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as outer:
+        async with open_orchestrator(store=path, seed=7) as orch:
+            for i in range(3):
+                outer.start_soon(go, orch, f"r{i}")
+            await trio.sleep(after)
+    assert trio.lowlevel.current_statistics().tasks_living == living
+    assert sorted(str(e) for e in errors) == [
+        f"run 'r{i}' was stopped: the 'async with open_orchestrator(...)' block it ran under ended "
+        "(it is marked interrupted: resume continues it)"
+        for i in range(3)
+    ]
+    with Store.open(path) as s:
+        assert {r.run_id: r.status for r in s.list_runs()} == {f"r{i}": "interrupted" for i in range(3)}
+    async with open_orchestrator(store=path, seed=7) as orch:
+        for i in range(3):
+            resumed = await orch.resume(f"r{i}")
+            assert resumed.completed and resumed.digest == expected.digest
+
+
 HANG_SCRIPT = """
 import sys, trio, trio.testing
 from actors import AuthService, ConfigError, TokenManager, TokenStore, open_orchestrator
