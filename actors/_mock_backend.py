@@ -121,6 +121,9 @@ class Ledger:
         }
 
 
+_RESET_STYLES = ("all", "retry-after", "retry-after-ms", "retry-after-date", "openai", "anthropic", "none")
+
+
 def _error_body(status: int, message: str, kind: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
@@ -467,6 +470,10 @@ class MockBackend:
         except ValueError:
             reset = self.reset_seconds
         style = headers.get("x-mock-reset-style", "anthropic" if anthropic else "all").strip().lower()
+        if style not in _RESET_STYLES:
+            # A typo ("retry_after") sent no reset at all, as "none" does,
+            # and a test of reset handling passed for the wrong reason.
+            raise ValueError(f"x-mock-reset-style {style!r} is none of {', '.join(_RESET_STYLES)}")
         seconds = _fmt_seconds(reset)
         out: list[tuple[str, str]] = []
         if style in ("all", "retry-after") or (anthropic and style == "anthropic"):

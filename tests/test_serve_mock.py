@@ -123,6 +123,10 @@ GOOD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     [
         ("/chat/completions", {"x-mock-fault": "slow", "x-mock-delay": "abc"}, GOOD),
         ("/chat/completions", {"x-mock-fault": "429", "x-mock-reset": "inf"}, GOOD),
+        # A typo sent no reset at all, as "none" does.
+        ("/chat/completions", {"x-mock-fault": "429", "x-mock-reset-style": "retry_after"}, GOOD),
+        ("/messages", {"x-mock-fault": "429", "x-mock-reset-style": "openia"},
+         {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}),
         ("/chat/completions", {"x-mock-fault": "429", "x-mock-reset": "1e300", "x-mock-reset-style": "retry-after-date"},
          GOOD),
         ("/chat/completions", {}, {**GOOD, "stream": True, "stream_options": 1}),
