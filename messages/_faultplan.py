@@ -235,11 +235,13 @@ class FaultPlan:
         reset: str | ResetHint | None = None,
         timeout_ms: int | str | None = None,
         now: Callable[[], float] = time.time,
-        source: str = "CODEX_FAULTS",
+        source: str = "faults",
     ) -> FaultPlan:
         """Build a plan from the reference's syntax (``disconnect:3,429:1``)
         plus rates (``timeout:2.5%``).  Raises :class:`FaultPlanError` naming
-        the bad entry."""
+        the bad entry, after ``source``: where the spec came from (an
+        embedding app's ``faults=`` read as ``CODEX_FAULTS:``, which it never
+        set; :meth:`from_env` says ``CODEX_FAULTS`` or ``--faults``)."""
         if not isinstance(spec, str):
             raise FaultPlanError(f"{source}: expected a fault spec such as 'disconnect:3,429:1', got {spec!r}")
         counts: dict[FaultKind, int] = {}

@@ -569,3 +569,16 @@ def test_any_rate_describes_as_itself(whole: int, fraction: str) -> None:
     plan = FaultPlan.parse(text)
     firing = {k: r for k, r in plan.rates.items() if r}  # a 0% entry fires nothing and is not described
     assert {k: r for k, r in FaultPlan.parse(plan.describe_kinds()).rates.items() if r} == firing
+
+
+def test_a_bad_spec_given_in_code_is_not_blamed_on_the_environment() -> None:
+    """An app's faults="boom:1" was refused as "CODEX_FAULTS: ...", a
+    variable it never set."""
+    from actors import SoakConfig
+
+    with pytest.raises(FaultPlanError, match=r"^faults: unknown fault kind 'boom'"):
+        SoakConfig(faults="boom:1")
+    with pytest.raises(FaultPlanError, match=r"^faults: unknown fault kind 'boom'"):
+        FaultPlan.parse("boom:1")
+    with pytest.raises(FaultPlanError, match=r"^CODEX_FAULTS: unknown fault kind 'boom'"):
+        FaultPlan.from_env({"CODEX_FAULTS": "boom:1"})
