@@ -1254,21 +1254,25 @@ async def open_orchestrator(
                     orchestrator._token = trio.lowlevel.current_trio_token()
                     yield orchestrator
                 finally:
-                    if orchestrator is not None:
-                        orchestrator._closed = True  # no run starts now
-                        await orchestrator._stop_drives()
-                    # Closing the inboxes lets each actor drain what is queued
-                    # and stop; on cancellation the nursery cancels them anyway.
-                    gateway_tx.close()
-                    metrics_tx.close()
-                    store_tx.close()
-                    writer.close_soon()
-                    if auth is not None:
-                        auth.close()
-                    if orchestrator is not None:
-                        orchestrator._closed = True
-                        orchestrator._progress.close()
-                    hub.close()
+                    try:
+                        if orchestrator is not None:
+                            orchestrator._closed = True  # no run starts now
+                            await orchestrator._stop_drives()
+                    finally:
+                        # Whatever ends the wait above (a Ctrl-C reaches it
+                        # even shielded): skipped, the shielded writer waited
+                        # on its inbox for ever.
+                        # Closing the inboxes lets each actor drain what is queued
+                        # and stop; on cancellation the nursery cancels them anyway.
+                        gateway_tx.close()
+                        metrics_tx.close()
+                        store_tx.close()
+                        writer.close_soon()
+                        if auth is not None:
+                            auth.close()
+                        if orchestrator is not None:
+                            orchestrator._progress.close()
+                        hub.close()
     except BaseException:
         failing = True
         raise

@@ -285,6 +285,40 @@ async def test_runs_started_outside_the_block_are_stopped_and_marked_when_it_end
             assert resumed.completed and resumed.digest == expected.digest
 
 
+KI_AT_BLOCK_END = """
+import sys, trio
+from actors import open_orchestrator
+from actors._runtime import Orchestrator
+
+async def interrupted(self):
+    raise KeyboardInterrupt  # as a Ctrl-C reaches the wait, shielded or not
+
+Orchestrator._stop_drives = interrupted
+
+async def main():
+    async with open_orchestrator(store=sys.argv[1]):
+        pass
+
+try:
+    trio.run(main)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_ctrl_c_while_the_block_stops_its_runs_still_stops_the_actors(tmp_path: Path) -> None:
+    """A Ctrl-C reaching the wait for the runs to stop skipped closing the
+    actors' inboxes: the shielded store writer waited on its inbox for
+    ever, and so did the process."""
+    from .conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-c", KI_AT_BLOCK_END, str(tmp_path / "k.db")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.stdout == "interrupted\n", done.stderr
+
+
 HANG_SCRIPT = """
 import sys, trio, trio.testing
 from actors import AuthService, ConfigError, TokenManager, TokenStore, open_orchestrator
