@@ -647,10 +647,19 @@ class Orchestrator:
             if not self._drives:
                 self._drives_done.set()
         if scope.cancelled_caught:  # only _stop_drives cancels it
-            stored = self._db is not None and self._db.get_run(run_id) is not None
+            # Said as the store has it: a replay marks nothing, an end
+            # written before the ack came back stands, a mark may time out.
+            row = self._db.get_run(run_id) if self._db is not None else None
+            if row is None:
+                where = "before it was recorded"
+            elif row.status == "interrupted":
+                where = "(it is marked interrupted: resume continues it)"
+            elif row.status == "running":
+                where = "(it could not be marked interrupted; resume continues it)"
+            else:
+                where = f"(it is stored as {row.status})"
             raise ActorStopped(
-                f"run {run_id!r} was stopped: the 'async with open_orchestrator(...)' block it ran under ended "
-                + ("(it is marked interrupted: resume continues it)" if stored else "before it was recorded")
+                f"run {run_id!r} was stopped: the 'async with open_orchestrator(...)' block it ran under ended {where}"
             )
 
     def _check_open(self) -> None:
