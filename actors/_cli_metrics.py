@@ -205,16 +205,44 @@ def interrupted_calls(store: Store, run_id: str, branch_id: str) -> int:
     event log (``agent_call`` events less ``call_dropped`` ones) against
     the stored attempts; a resume numbers its first attempt as the one cut
     off, so identities are counted with multiplicity."""
-    calls: collections.Counter[tuple[str | None, str | None, int | None]] = collections.Counter()
+    return unsettled_calls(store, run_id, branch_id)[0]
+
+
+def unsettled_calls(store: Store, run_id: str, branch_id: str, *, at_work: bool = False) -> tuple[int, int]:
+    """(cut off, in flight): the calls of :func:`interrupted_calls`, and -
+    when ``at_work``, a process driving the branch now - those of them its
+    current session made (after the branch's last ``resume`` event), which
+    are at work rather than cut off.  A call cut off before a crash stays
+    cut off while the resume that asks again is at work."""
+    Identity = tuple[str | None, str | None, int | None]
+    resumes = [e.id for e in store.events(run_id, kind="resume") if e.branch_id == branch_id]
+    since = resumes[-1] if resumes else -1
+    calls: collections.Counter[Identity] = collections.Counter()
+    current: collections.Counter[Identity] = collections.Counter()  # this session's, less its drops
     for event in store.events(run_id, kind="agent_call"):
         if event.branch_id == branch_id:
             calls[(event.stage, event.agent, event.attempt)] += 1
+            if event.id > since:
+                current[(event.stage, event.agent, event.attempt)] += 1
     for event in store.events(run_id, kind="call_dropped"):
         if event.branch_id == branch_id:
             calls[(event.stage, event.agent, event.attempt)] -= 1
+            if event.id > since:
+                current[(event.stage, event.agent, event.attempt)] -= 1
+    stored: collections.Counter[Identity] = collections.Counter()
     for output in store.outputs(run_id, branch_id):
-        calls[(output.stage, output.agent, output.attempt)] -= 1
-    return sum(n for n in calls.values() if n > 0)
+        stored[(output.stage, output.agent, output.attempt)] += 1
+    cut_off = in_flight = 0
+    for identity, n in calls.items():
+        unsettled = n - stored[identity]
+        if unsettled <= 0:
+            continue
+        # A stored answer settles this session's call first: a call cut off
+        # before the crash was asked again, and answered, under its number.
+        mine = min(unsettled, max(0, current[identity] - stored[identity])) if at_work else 0
+        in_flight += mine
+        cut_off += unsettled - mine
+    return cut_off, in_flight
 
 
 def _table(report: dict[str, Any], by: str, stages: Sequence[str] = ()) -> list[str]:
@@ -269,12 +297,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
                 "status": status,
                 **run_metrics(store, run.run_id, prices, branch.branch_id),
             }
-            # Calls of a branch a process is still driving are at work, not
-            # cut off: they were reported as interrupted mid-run.
-            unsettled = interrupted_calls(store, run.run_id, branch.branch_id)
+            # Calls a process driving the branch made are at work, not cut
+            # off: they were reported as interrupted mid-run.
             at_work = current and status == "running" and driven is True
-            report["interrupted_calls"] = 0 if at_work else unsettled
-            report["in_flight_calls"] = unsettled if at_work else 0
+            report["interrupted_calls"], report["in_flight_calls"] = unsettled_calls(
+                store, run.run_id, branch.branch_id, at_work=at_work
+            )
         except MetricsUsageError as exc:
             return _fail(str(exc))
     if args.json:

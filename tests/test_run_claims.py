@@ -16,7 +16,7 @@ import trio
 
 from actors import MockProvider, SimulatedProvider, open_orchestrator
 from actors._format import tokens
-from messages import Completion, CompletionRequest
+from messages import Completion, CompletionRequest, PersistEvent
 from store import RunLocked, Store
 
 from .conftest import REPO, run_cli
@@ -289,11 +289,29 @@ def test_calls_of_a_run_still_driven_are_in_flight_not_interrupted(tmp_path: Pat
     holder = _holder(db, "F")  # as if the run were still at work
     try:
         report, text = metrics()
+        assert (report["interrupted_calls"], report["in_flight_calls"]) == (0, 1)
+        assert "1 call(s) in flight: cost not known yet" in text and "interruption" not in text
+        # Now as a resume holds it: the call cut off before the crash stays
+        # cut off (it counted as in flight), and the resume's own call of
+        # that attempt is the one at work.
+        with Store.open(str(db)) as s:
+            run = s.get_run("F")
+            assert run is not None and run.current_branch_id is not None
+            answered = {(o.stage, o.agent, o.attempt) for o in s.outputs("F", run.current_branch_id)}
+            [cut] = [e for e in s.events("F", kind="agent_call") if (e.stage, e.agent, e.attempt) not in answered]
+            resume = PersistEvent(run_id="F", branch_id=cut.branch_id, kind="resume", detail={})
+            assert s.apply([resume])[0].ok
+            assert (metrics()[0]["interrupted_calls"], metrics()[0]["in_flight_calls"]) == (1, 0)
+            again = PersistEvent(
+                run_id="F", branch_id=cut.branch_id, kind="agent_call", stage=cut.stage, agent=cut.agent,
+                attempt=cut.attempt, detail={},
+            )
+            assert s.apply([again])[0].ok
+        report, text = metrics()
+        assert (report["interrupted_calls"], report["in_flight_calls"]) == (1, 1)
     finally:
         holder.kill()
         holder.wait()
-    assert (report["interrupted_calls"], report["in_flight_calls"]) == (0, 1)
-    assert "1 call(s) in flight: cost not known yet" in text and "interruption" not in text
 
 
 def test_a_run_ending_while_it_is_asked_about_is_not_taken_for_a_killed_one(
