@@ -646,11 +646,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                         f"stages  {tokens(used.input_tokens)} in / {tokens(used.output_tokens)} out"
                     )
             return EXIT_OK
-        run = store.get_run(args.run_id)
+        # Read once, after the claim (see Store.run_state): the halt reason,
+        # hint and usage came from rows read before a run's end was.
+        run, driven = store.run_state(args.run_id)
         if run is None:
             return _fail(f"no run {args.run_id!r} in {args.db}")
         branch = _history.branch_of(store, run, args.branch)
-        info = _run_json(store, run.run_id, branch.branch_id)
+        info = _run_json(store, run.run_id, branch.branch_id, state=(run, driven))
         if args.json:
             _json_out(info)
             return EXIT_OK
@@ -712,10 +714,18 @@ def _shown_status(status: str, driven: bool | None) -> str:
     return STALLED if status == "running" and driven is False else status
 
 
-def _run_json(store: Store, run_id: str, branch_id: str | None = None) -> dict[str, Any]:
+def _run_json(
+    store: Store,
+    run_id: str,
+    branch_id: str | None = None,
+    *,
+    state: tuple[RunRow, bool | None] | None = None,
+) -> dict[str, Any]:
     """``status --json``: the run as seen from ``branch_id`` (default: its
-    current branch) - that branch's outcome, usage and digest."""
-    run, driven = store.run_state(run_id)
+    current branch) - that branch's outcome, usage and digest.  ``state``:
+    the run's row and whether it is driven, as already read by
+    :meth:`~store.Store.run_state`."""
+    run, driven = state if state is not None else store.run_state(run_id)
     assert run is not None
     branch_id = branch_id or run.current_branch_id or ""
     branch = store.get_branch(run_id, branch_id) if branch_id else None

@@ -328,13 +328,14 @@ def test_a_run_ending_while_it_is_asked_about_is_not_taken_for_a_killed_one(
     killed = run_cli(["run", "--db", str(db), "--run-id", "E"], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "5"})
     assert killed.returncode == -signal.SIGKILL
     asked = Store.run_is_driven
+    end = ("completed", None)
 
     def ends_first(store: Store, run_id: str) -> bool | None:
-        # The run completes and lets go in the instant between the reads.
+        # The run ends and lets go in the instant between the reads.
         connection = apsw.Connection(str(db))
         with connection:
-            connection.execute("UPDATE runs SET status = 'completed' WHERE run_id = ?", (run_id,))
-            connection.execute("UPDATE branches SET status = 'completed' WHERE run_id = ?", (run_id,))
+            for table in ("runs", "branches"):
+                connection.execute(f"UPDATE {table} SET status = ?, halt_reason = ? WHERE run_id = ?", (*end, run_id))
         connection.close()
         return asked(store, run_id)
 
@@ -344,8 +345,8 @@ def test_a_run_ending_while_it_is_asked_about_is_not_taken_for_a_killed_one(
             assert main([*argv, "--db", str(db)]) == 0
         connection = apsw.Connection(str(db))
         with connection:
-            connection.execute("UPDATE runs SET status = 'running' WHERE run_id = 'E'")
-            connection.execute("UPDATE branches SET status = 'running' WHERE run_id = 'E'")
+            for table in ("runs", "branches"):
+                connection.execute(f"UPDATE {table} SET status = 'running', halt_reason = NULL WHERE run_id = 'E'")
         connection.close()
         return capsys.readouterr().out
 
@@ -356,3 +357,7 @@ def test_a_run_ending_while_it_is_asked_about_is_not_taken_for_a_killed_one(
     assert "(completed;" in shown("metrics", "E")
     assert json.loads(shown("metrics", "E", "--json"))["status"] == "completed"
     assert "stalled" not in shown("branches", "E")
+    # Its halt reason and hint too: they were read from the row read first.
+    end = ("halted", "agents_failed")
+    text = shown("status", "E")
+    assert text.startswith("run E: halted (agents_failed)\n") and "--retry-failed" in text, text
