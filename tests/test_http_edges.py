@@ -1,0 +1,94 @@
+"""Edges of the HTTP provider layer that a mutation pass found unguarded:
+how a 404 naming a model is classified, the usage of a pool timeout, a
+CRLF split across stream chunks, and an empty bearer token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from actors._http_errors import error_from_status, error_from_transport
+from actors._http_provider import iter_sse
+from actors._openai import OpenAIProvider
+from messages import (
+    ZERO_USAGE,
+    AuthenticationFailed,
+    BadRequest,
+    NotFound,
+    ProviderTimeout,
+)
+
+from tests._providers_support import SECRET, make_request
+
+
+def _streaming(chunks: list[bytes]) -> httpx.Response:
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Body())
+
+
+# -- error classification ------------------------------------------------------
+
+
+def test_a_404_naming_the_model_in_any_case_is_a_bad_request() -> None:
+    """A 404 whose body speaks of the model ("The Model x does not exist")
+    is a model the provider does not know - a bad request, decided - not a
+    wrong base URL (NotFound).  The match ignores case."""
+    body = json.dumps({"error": {"message": "The Model x does not exist"}}).encode()
+    error = error_from_status(404, {}, body, provider="openai", url="http://api.test/v1/chat/completions")
+    assert isinstance(error, BadRequest) and not isinstance(error, NotFound)
+    plain = error_from_status(404, {}, b"no such route", provider="openai")
+    assert isinstance(plain, NotFound), "a 404 that names no model is still a wrong URL"
+
+
+def test_a_pool_timeout_happened_before_sending_and_cost_nothing() -> None:
+    """Waiting for a free connection timed out before the request left:
+    the call cost nothing (usage zero), unlike a read timeout (unknown)."""
+    request = httpx.Request("POST", "http://api.test/v1/chat/completions")
+    pool = error_from_transport(httpx.PoolTimeout("pool full", request=request), provider="openai")
+    assert isinstance(pool, ProviderTimeout)
+    assert getattr(pool, "usage", "missing") == ZERO_USAGE
+    assert "waiting for a free connection" in str(pool)
+    read = error_from_transport(httpx.ReadTimeout("slow", request=request), provider="openai")
+    assert getattr(read, "usage", "missing") is None
+
+
+# -- the event stream ----------------------------------------------------------
+
+
+async def test_a_crlf_split_across_chunks_keeps_the_event_type() -> None:
+    """'event: x\\r' ending one chunk and '\\ndata: ...' opening the next is
+    one CRLF line end: read as two, the blank line between them would end
+    the event, dropping its type (the data would come as 'message')."""
+    events = [item async for item in iter_sse(_streaming([b"event: delta\r", b"\ndata: 1\r\n\r\n"]))]
+    assert events == [("delta", "1")]
+
+
+# -- the provider --------------------------------------------------------------
+
+
+async def test_an_empty_bearer_token_fails_before_any_request() -> None:
+    """A token source that gives an empty token is an authentication
+    failure naming it, raised before anything is sent: an empty bearer
+    would reach the provider as 'Bearer ' and come back a confusing 401."""
+    sent: list[httpx.Request] = []
+
+    class Empty:
+        async def bearer(self, *, force_refresh: bool = False) -> str:
+            return ""
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(401, content=b"no")
+
+    p = OpenAIProvider(base_url="http://api.test/v1", token_source=Empty(), stream=False,
+                       transport=httpx.MockTransport(record))
+    with pytest.raises(AuthenticationFailed, match="empty token"):
+        await p.complete(make_request())
+    assert sent == []
