@@ -21,7 +21,7 @@ from messages import (
     ProviderTimeout,
 )
 
-from tests._providers_support import SECRET, make_request
+from ._providers_support import make_request
 
 
 def _streaming(chunks: list[bytes]) -> httpx.Response:
