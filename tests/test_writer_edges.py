@@ -7,8 +7,6 @@ Real SQLite files in tmp_path; trio's MockClock measures every wait."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -25,34 +23,19 @@ from messages import (
     Completion,
     CompletionRequest,
     CompletionResult,
-    Outbox,
     PersistEvent,
     PersistOutput,
-    StoreWrite,
     TokenUsage,
     open_channel,
 )
 from store import Store
 
 from .test_store import new_run, output
+from .test_store_hold import writing  # a store with run "r" and its writer serving
 
 
 def event(n: int) -> PersistEvent:
     return PersistEvent(run_id="r", branch_id="b", kind="retry", stage="plan", agent=f"a{n}", detail={"n": n})
-
-
-@asynccontextmanager
-async def writing(path: str, **kwargs: float) -> AsyncIterator[tuple[StoreWriter, Outbox[StoreWrite]]]:
-    """A store with run "r" and its writer serving; the inbox is closed
-    (so the writer finishes) when the block ends."""
-    with Store.open(path) as s:
-        new_run(s)
-        writer = StoreWriter(s, **kwargs)
-        send, receive = open_channel(100, name="store")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, receive)
-            yield writer, send
-            send.close()
 
 
 # -- write_durably: what an ack means ---------------------------------------
