@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from messages import ZERO_USAGE, UsageRecorded
-from store import BranchRow, OutputRow, Store
+from store import BranchRow, EventRow, OutputRow, Store
 
 from ._budget import parse_budget, stored_budget, usd
 from ._checks import add_db_argument, file_arg, nonempty_arg
@@ -154,11 +154,18 @@ def _replayed(store: Store, run_id: str, branch: BranchRow, rows: list[OutputRow
     (the first ``durable_attempts`` of the lineage: rows are only ever
     added), else what a rerun inherited.  (Every row counted as a turn:
     ``--prices`` changed the calls, not just the prices.)"""
-    resumes = [e for e in store.events(run_id, "resume") if e.branch_id == branch.branch_id]
-    durable = resumes[-1].detail.get("durable_attempts") if resumes else None
+    resume = _last_resume(store, run_id, branch.branch_id)
+    durable = resume.detail.get("durable_attempts") if resume is not None else None
     if isinstance(durable, int) and not isinstance(durable, bool):
         return {row.id for row in sorted(rows, key=lambda r: r.id)[:durable]}
     return {row.id for row in rows if row.branch_id != branch.branch_id}
+
+
+def _last_resume(store: Store, run_id: str, branch_id: str) -> EventRow | None:
+    """Where the branch's last session began, if a resume began it: its
+    replays and its calls at work are counted from there."""
+    resumes = [e for e in store.events(run_id, "resume") if e.branch_id == branch_id]
+    return resumes[-1] if resumes else None
 
 
 def run_metrics(
@@ -215,8 +222,8 @@ def unsettled_calls(store: Store, run_id: str, branch_id: str, *, at_work: bool 
     are at work rather than cut off.  A call cut off before a crash stays
     cut off while the resume that asks again is at work."""
     Identity = tuple[str | None, str | None, int | None]
-    resumes = [e.id for e in store.events(run_id, kind="resume") if e.branch_id == branch_id]
-    since = resumes[-1] if resumes else -1
+    resume = _last_resume(store, run_id, branch_id)
+    since = resume.id if resume is not None else -1
     calls: collections.Counter[Identity] = collections.Counter()
     current: collections.Counter[Identity] = collections.Counter()  # this session's, less its drops
     for event in store.events(run_id, kind="agent_call"):
