@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from actors import MockProvider, SimulatedProvider, default_pipeline, open_orchestrator, pipeline_from_dict
-from actors._pipeline import Pipeline, pipeline_with_panel
+from actors import MockProvider, SimulatedProvider, default_pipeline, open_orchestrator
+from actors._pipeline import pipeline_with_panel
 from messages import (
     AgentFinished,
     AgentReply,
@@ -29,23 +29,11 @@ from messages import (
     ProgressEvent,
     RunUpdate,
     StoreAck,
-    TokenUsage,
 )
 from store import Store
 
-# gpt-4o: 10,000 in x 2.5e-6 + 1,000 out x 1e-5 = $0.035 a call.
-CALL = TokenUsage.of(input_tokens=10_000, output_tokens=1_000)
-AGENTS = ("gemini", "claude", "gpt_pro")
-
-
-def priced_pipeline(mode: str = "sequential") -> Pipeline:
-    return pipeline_from_dict(
-        {
-            "agents": {a: {"provider": "sim", "model": "gpt-4o"} for a in AGENTS},
-            "stages": [{"name": s, "agents": list(AGENTS), "mode": mode} for s in ("plan", "tasks", "implement")],
-        },
-        source="test",
-    )
+from .test_budget import CALL  # gpt-4o: $0.035 a call
+from .test_budget import pipeline as priced_pipeline
 
 
 def priced(latency: dict[str, float] | None = None) -> MockProvider:
