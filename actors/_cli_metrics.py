@@ -273,8 +273,11 @@ def _table(report: dict[str, Any], by: str, stages: Sequence[str] = ()) -> list[
         )
     u = report["usage"]
     total = usd(exact_cost(report), 4) + ("+?" if report["unpriced_calls"] else "")
+    # A stage (or agent) may itself be named "total": the sum row must not
+    # pass for it.
+    label = "(total)" if any(shown(name).strip().casefold() == "total" for name in groups) else "total"
     lines.append(
-        f"  {'total':<20} {report['turns']:>5} {report['replays']:>6} {tokens(u['input_tokens']):>8} "
+        f"  {label:<20} {report['turns']:>5} {report['replays']:>6} {tokens(u['input_tokens']):>8} "
         f"{tokens(u['cached_input_tokens']):>8} {tokens(u['output_tokens']):>8} "
         f"{tokens(u['reasoning_output_tokens']):>8} {total:>12}"
     )

@@ -196,3 +196,15 @@ def test_a_plain_resume_of_a_budget_halt_halts_again_writing_nothing(tmp_path: P
         assert hashlib.sha256(run_cli(["events", "B", "--db", str(db), "--json"]).stdout.encode()).hexdigest() == \
             hashlib.sha256(before.encode()).hexdigest(), extra
     assert run_cli(["resume", "B", "--db", str(db), "--budget", "5"]).returncode == 0
+
+
+def test_a_stage_named_total_is_not_mistaken_for_the_sum_row(tmp_path: Path) -> None:
+    # The table printed two "total" rows, one of them the stage's.
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[[stages]]\nname = "plan"\n\n[[stages]]\nname = "total"\nagents = ["gemini", "claude"]\nrequired_fields = ["sum"]\n')
+    _, data = _run_json(tmp_path, "--pipeline", str(pipeline))
+    proc = run_cli(["metrics", data["run_id"], "--db", str(tmp_path / "c.db"), "--by", "stage"])
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[:2] for line in proc.stdout.splitlines()[2:] if line.startswith("  ")]
+    assert [r[0] for r in rows[:3]] == ["plan", "total", "(total)"]
+    assert rows[1][1] == "2" and rows[2][1] == "5", rows
