@@ -132,7 +132,10 @@ class Quorum:
             return cls(policy="k", k=value)
         if value in ("all", "majority"):
             return cls(policy=value)
-        raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a whole number, got {value!r}")
+        # TOML hands over dates, floats and arrays too: a date's repr read
+        # "datetime.date(1979, 5, 27)".
+        got = repr(value) if isinstance(value, str) else f"{value} ({type(value).__name__})"
+        raise PipelineError(f"{where}: quorum must be 'all', 'majority' or a whole number, got {got}")
 
 
 def _a_name(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
@@ -505,8 +508,9 @@ def pipeline_from_dict(
 
         quorum = Quorum.parse(raw.get("quorum", defaults.get("quorum", "majority")), where)
         if quorum.required(len(agents)) > len(agents):
+            inherited = " (from [defaults])" if "quorum" not in raw else ""
             raise PipelineError(
-                f"{where}: quorum {quorum.k} is larger than the panel of {len(agents)} agent(s)"
+                f"{where}: quorum {quorum.k}{inherited} is larger than the panel of {len(agents)} agent(s)"
             )
         if fresh and decision_field == "agent" and len(agents) > 1:
             # Each agent answers with its own name there: no two ever agree,

@@ -109,6 +109,10 @@ def test_a_panel_without_the_default_aggregator_has_none() -> None:
         ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
         ('[[stages]]\nname = "plan"\nquorum = 2.5', "or a whole number, got 2.5"),
         ('[[stages]]\nname = "plan"\nquorum = true', "or a whole number, got True"),
+        # Printed as "datetime.date(1979, 5, 27)".
+        ('[[stages]]\nname = "plan"\nquorum = 1979-05-27', "or a whole number, got 1979-05-27 (date)"),
+        # Blamed on the stage, which set no quorum of its own.
+        ('[defaults]\nquorum = 4\n[[stages]]\nname = "plan"', "stage 'plan': quorum 4 (from [defaults]) is larger"),
         # Printed in banners and put into prompts: ESC drove the terminal.
         ('[[stages]]\nname = "de\\u001bploy"\nrequired_fields = ["x"]', "a stage's name must be at most 100 printable"),
         ('[agents."a\\nb"]\nmodel = "m"\n[[stages]]\nname = "plan"\nagents = ["a\\nb"]', "an agent's name must be"),
