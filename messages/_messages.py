@@ -94,6 +94,18 @@ class AgentReply:
     error: str | None = None
     replayed: bool = False
 
+    def __attrs_post_init__(self) -> None:
+        # An interceptor may answer an agent's request itself: a wrong reply
+        # fails where it is built, not later inside the coordinator.
+        if not isinstance(self.key, AgentKey):
+            raise ValueError(f"key must be an AgentKey, got {self.key!r}")
+        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool) or self.attempts < 0:
+            raise ValueError(f"attempts must be an int >= 0, got {self.attempts!r}")
+        if self.output is not None and not isinstance(self.output, AgentOutput):
+            raise ValueError(f"output must be an AgentOutput or None, got {type(self.output).__name__}")
+        if self.error is not None and not isinstance(self.error, str):
+            raise ValueError(f"error must be a string or None, got {type(self.error).__name__}")
+
 
 # More tokens than any one call has used: a count above it is a provider's
 # bug, and a few of them would overflow SQLite's 64-bit totals.
@@ -198,6 +210,27 @@ class Injection:
     withdraw: Callable[[], None]
 
 
+def _check_result(result: CompletionResult) -> None:
+    if not isinstance(result.key, AgentKey):
+        raise ValueError(f"key must be an AgentKey, got {result.key!r}")
+    if not isinstance(result.attempt, int) or isinstance(result.attempt, bool) or result.attempt < 1:
+        raise ValueError(f"attempt must be an int >= 1, got {result.attempt!r}")
+    if result.completion is not None and not isinstance(result.completion, Completion):
+        raise ValueError(f"completion must be a Completion, got {type(result.completion).__name__}")
+    if result.error is not None and not isinstance(result.error, ProviderError):
+        raise ValueError(f"error must be a ProviderError, got {type(result.error).__name__}")
+    if result.usage is not None:
+        if not isinstance(result.usage, TokenUsage):
+            raise ValueError(f"usage must be a TokenUsage or None, got {type(result.usage).__name__}")
+        problem = implausible_usage(result.usage)
+        if problem is not None:
+            raise ValueError(problem)
+    for name in ("model", "requested_model"):
+        value = getattr(result, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string or None, got {type(value).__name__}")
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class CompletionResult:
     """Provider gateway (or an interceptor answering for it) -> agent.
@@ -219,8 +252,12 @@ class CompletionResult:
     requested_model: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        # Checked when built, as a Completion is: an interceptor answering
+        # for the gateway with a wrong one crashed the shared store writer
+        # (usage="lots") or billed 10**15 tokens.
         if (self.completion is None) == (self.error is None):
             raise ValueError("exactly one of completion and error must be set")
+        _check_result(self)
 
 
 @attrs.frozen(kw_only=True, slots=True)

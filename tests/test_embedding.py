@@ -859,3 +859,25 @@ async def test_a_provider_failing_to_close_does_not_replace_the_callers_error(
         async with open_orchestrator(store=str(tmp_path / "c.db"), provider=_Closing("raise")):
             await trio.sleep_forever()
     assert scope.cancelled_caught
+
+
+async def test_an_interceptor_answering_with_a_wrong_result_fails_the_run_resumably(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # usage="lots" reached the shared store writer, which died with an
+    # AttributeError: a bare ExceptionGroup, and the run stayed 'running'.
+    from messages import CompletionResult, Disconnected, FunctionInterceptor
+    from store import Store
+
+    async def answer(item: Any, forward: Any) -> None:
+        item.reply_to.send(CompletionResult(key=item.key, attempt=item.attempt, error=Disconnected("cut"), usage="lots"))
+
+    db = str(tmp_path / "w.db")
+    with pytest.raises(ValueError, match="usage must be a TokenUsage or None, got str"):
+        async with open_orchestrator(store=db, interceptors={"gateway": [FunctionInterceptor(answer)]}) as orch:
+            await orch.run("S", run_id="w")
+    with Store.open(db) as store:
+        row = store.get_run("w")
+        assert row is not None and row.status == "interrupted"
+    async with open_orchestrator(store=db) as orch:
+        assert (await orch.resume("w")).completed

@@ -73,6 +73,46 @@ def test_completion_result_has_exactly_one_outcome() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # An interceptor answering for the gateway with usage="lots" crashed
+        # the shared store writer; 10**15 tokens were billed as ~$20 billion.
+        ({"usage": "lots"}, "usage must be a TokenUsage or None, got str"),
+        ({"usage": TokenUsage(input_tokens=10**15)}, "more than one call can use"),
+        ({"error": "quota gone"}, "error must be a ProviderError, got str"),
+        ({"error": Disconnected("x"), "attempt": 0}, "attempt must be an int >= 1, got 0"),
+        ({"error": Disconnected("x"), "attempt": True}, "attempt must be an int >= 1, got True"),
+        ({"error": Disconnected("x"), "key": "k"}, "key must be an AgentKey, got 'k'"),
+        ({"error": Disconnected("x"), "model": 5}, "model must be a string or None, got int"),
+        ({"completion": {"content": "{}"}, "error": None}, "completion must be a Completion, got dict"),
+    ],
+)
+def test_a_completion_result_is_checked_when_built(fields: dict[str, object], message: str) -> None:
+    values: dict[str, object] = {"key": KEY, "attempt": 1, "error": Disconnected("cut"), **fields}
+    with pytest.raises(ValueError, match=message):
+        CompletionResult(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # The coordinator failed on output="<str>" with an AttributeError.
+        ({"output": '{"stage": "plan"}'}, "output must be an AgentOutput or None, got str"),
+        ({"attempts": -1}, "attempts must be an int >= 0, got -1"),
+        ({"error": ValueError("x")}, "error must be a string or None, got ValueError"),
+        ({"key": KEY.stage_key}, "key must be an AgentKey"),
+    ],
+)
+def test_an_agent_reply_is_checked_when_built(fields: dict[str, object], message: str) -> None:
+    from messages import AgentReply
+
+    values: dict[str, object] = {"key": KEY, "attempts": 1, "output": None, "error": "gave up", **fields}
+    with pytest.raises(ValueError, match=message):
+        AgentReply(**values)  # type: ignore[arg-type]
+    assert AgentReply(key=KEY, attempts=0, output=None, error="seat vacated").attempts == 0
+
+
 def test_attempt_and_seq_must_be_positive() -> None:
     with pytest.raises(ValueError, match="attempt"):
         AgentOutput(key=KEY, attempt=0, status="accepted", content="", format="text", usage=None, model="m", provider="sim")
