@@ -134,6 +134,9 @@ class Agent:
         key = request.key
         attempt = request.first_attempt - 1  # > 0 on resume: earlier attempts are durable
         providers = self.pipeline.seat_providers(stage.name)
+        if request.first_wait > 0:
+            # A resume, in the pause its last failed attempt earned.
+            await trio.sleep_until(self.retry.resume_at(trio.current_time(), request.first_wait))
         while True:
             attempt += 1
             reply, pending = reply_pair("model call")

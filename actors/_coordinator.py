@@ -176,6 +176,7 @@ class Coordinator:
         outputs: dict[str, AgentOutput] = {}
         replay = resume.replay if resume is not None else {}
         first = resume.first_attempt if resume is not None else {}
+        waits = resume.first_wait if resume is not None else {}
         if stage.mode == "parallel":
             live = [a for a in stage.agents if a not in replay]
             # Once: the batch goes out together.  A resumed stage with an
@@ -185,7 +186,7 @@ class Coordinator:
             if self.gate is not None and live and resume is None:
                 await self.gate(key, tuple(live))
             for agent in live:
-                await self._dispatch(key, agent, (), first.get(agent, 1))
+                await self._dispatch(key, agent, (), first.get(agent, 1), waits.get(agent, 0.0))
             for agent in stage.agents:
                 if agent in replay:
                     self._accept(replay[agent], outputs)
@@ -202,7 +203,7 @@ class Coordinator:
                 else:
                     if self.gate is not None:
                         await self.gate(key, (agent,))
-                    await self._dispatch(key, agent, tuple(priors), first.get(agent, 1))
+                    await self._dispatch(key, agent, tuple(priors), first.get(agent, 1), waits.get(agent, 0.0))
                     await self._await_replies(key, {agent}, outputs)
                 output = outputs.get(agent)
                 if output is not None:
@@ -210,7 +211,12 @@ class Coordinator:
         return outputs
 
     async def _dispatch(
-        self, key: StageKey, agent: str, context: tuple[PriorOutput, ...], first_attempt: int = 1
+        self,
+        key: StageKey,
+        agent: str,
+        context: tuple[PriorOutput, ...],
+        first_attempt: int = 1,
+        first_wait: float = 0.0,
     ) -> None:
         request = AgentRequest(
             key=key.agent(agent),
@@ -218,6 +224,7 @@ class Coordinator:
             goal=self.ctx.goal,
             context=context,
             first_attempt=first_attempt,
+            first_wait=first_wait,
             reply_to=self.replies_to,
         )
         # Each agent holds at most one request of ours, so its inbox (buffer

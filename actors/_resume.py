@@ -76,6 +76,9 @@ class StageResume:
 
     replay: Mapping[str, AgentReply] = attrs.field(factory=dict)
     first_attempt: Mapping[str, int] = attrs.field(factory=dict)
+    # agent -> the pause its last failed attempt earned (a 429's reset),
+    # waited before the first attempt the resume makes for it.
+    first_wait: Mapping[str, float] = attrs.field(factory=dict)
 
 
 def _error_classes() -> dict[str, type[ProviderError]]:
@@ -110,6 +113,10 @@ class ResumeState:
     # gave up after: a reset hint past max_wait is not in the stored error,
     # so judged again it read as one to retry.
     gave_up: Mapping[tuple[str, str, int], str] = attrs.field(factory=dict)
+    # (stage, agent, attempt) -> the pause its retry event says the agent
+    # took after it: the stored error keeps no reset hint, and a resume that
+    # called at once, inside a 429's window, threw away an attempt.
+    retry_waits: Mapping[tuple[str, str, int], float] = attrs.field(factory=dict)
     # A plain resume of a halt for want of answers: every agent whose last
     # attempt failed gave up, whatever rounds its events count (a resume
     # that granted one may have died before it marked the run running).
@@ -187,6 +194,7 @@ class ResumeState:
             return None
         replay: dict[str, AgentReply] = {}
         first: dict[str, int] = {}
+        waits: dict[str, float] = {}
         for agent in stage.agents:
             mine = sorted((o for o in rows if o.agent == agent), key=lambda o: o.attempt)
             if not mine:
@@ -231,6 +239,13 @@ class ResumeState:
                 in_round = 0  # its round was spent, and a halt for want of answers granted another
             if retry.should_retry(error, in_round):
                 first[agent] = last.attempt + 1
+                # The whole pause again: how much of it passed before the
+                # crash is wall-clock time, which no decision here reads.
+                wait = self.retry_waits.get((stage.name, agent, last.attempt))
+                if wait is None:  # its retry event died with the process
+                    wait = retry.delay(error, key, last.attempt, self.seed, spec_id=self.run.spec_id)
+                if wait > 0:
+                    waits[agent] = wait
             else:  # it had given up: report that again, call nobody
                 replay[agent] = AgentReply(
                     key=key,
@@ -239,7 +254,7 @@ class ResumeState:
                     error=f"{error.kind}: {error}",
                     replayed=True,
                 )
-        return StageResume(replay=replay, first_attempt=first)
+        return StageResume(replay=replay, first_attempt=first, first_wait=waits)
 
 
 def _output(row: OutputRow, key: AgentKey) -> AgentOutput:
@@ -290,6 +305,12 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         for e in store.events(run_id, "gave_up")
         if e.branch_id == branch.branch_id and e.stage is not None and e.agent is not None and e.attempt is not None
     }
+    retry_waits = {
+        (e.stage, e.agent, e.attempt): float(e.detail["delay_s"])
+        for e in store.events(run_id, "retry")
+        if e.branch_id == branch.branch_id and e.stage is not None and e.agent is not None
+        and e.attempt is not None and isinstance(e.detail.get("delay_s"), (int, float))
+    }
     return ResumeState(
         run=run,
         branch=branch,
@@ -299,6 +320,7 @@ def load_state(store: Store, run_id: str, branch_id: str | None = None) -> Resum
         max_seq=store.max_seq(run_id),
         rounds=dict(rounds),
         gave_up=gave_up,
+        retry_waits=retry_waits,
     )
 
 

@@ -14,6 +14,7 @@ is drawn in DESIGN.md:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any, Literal
@@ -47,6 +48,11 @@ class PriorOutput:
     content: str
 
 
+def _a_pause(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class AgentRequest:
     """Coordinator -> agent: answer this stage."""
@@ -58,6 +64,9 @@ class AgentRequest:
     # On resume: attempts below this one are already durable (failed), so
     # the agent continues the numbering instead of re-buying them.
     first_attempt: int = attrs.field(default=1, validator=_positive)
+    # On resume: the pause (seconds) the last durable attempt's failure
+    # earned, taken before the first new attempt, as the run would have.
+    first_wait: float = attrs.field(default=0.0, validator=_a_pause)
     # The coordinator's well-known inbox (not a one-shot slot): a parallel
     # stage collects every agent's reply from one channel.
     reply_to: Outbox[AgentReply] | None = attrs.field(default=None, eq=False, repr=False)

@@ -22,6 +22,7 @@ from messages import (
     FunctionInterceptor,
     PersistEvent,
     ProviderUnavailable,
+    RateLimited,
 )
 from store import Store
 
@@ -182,3 +183,76 @@ async def test_a_rerun_branch_does_not_inherit_its_parents_retry_rounds(
         assert kid.branch.parent_branch_id == parent.branch.branch_id
         assert kid.rounds == {}
         assert load_state(s, "N", parent.branch.branch_id).rounds == {"implement": 1}
+
+
+async def test_a_resume_during_a_rate_limit_backoff_waits_it_out(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The process died 5 s into a 10 s wait for a 429's reset.  The resume
+    made the next attempt at once, inside the window: another 429, one
+    attempt of the agent's budget thrown away, and at two attempts a
+    degraded stage the uninterrupted run did not have."""
+    path = str(tmp_path / "reset.db")
+    pipeline = pipeline_with_panel("validate", ["a"])
+    retry = RetryPolicy(max_attempts=2)
+    limited_until: list[float] = []
+    calls: list[tuple[str, str, int]] = []
+    crash = trio.CancelScope()
+
+    def limit(request: CompletionRequest) -> Exception | None:
+        now = trio.current_time()
+        if not limited_until:
+            limited_until.append(now + 10)
+            crash.deadline = now + 5
+        if now < limited_until[0]:
+            return RateLimited("429 Too Many Requests", retry_after=limited_until[0] - now)
+        return None
+
+    with crash:
+        async with open_orchestrator(
+            store=path, provider=recording(calls, limit), pipeline=pipeline, retry=retry
+        ) as orch:
+            await orch.run("SPEC", run_id="R")
+    assert crash.cancelled_caught and calls == [("validate", "a", 1)]
+
+    async with open_orchestrator(store=path, provider=recording(calls, limit), pipeline=pipeline, retry=retry) as orch:
+        resumed = await orch.resume("R")
+    assert calls == [("validate", "a", 1), ("validate", "a", 2)]
+    assert resumed.completed and [(s.stage, s.status) for s in resumed.stages] == [("validate", "ok")]
+
+    with Store.open(path) as s:
+        state = load_state(s, "R")
+        (retried,) = s.events("R", "retry")
+    assert retried.attempt == 1 and state.retry_waits == {("validate", "a", 1): retried.detail["delay_s"]}
+    assert retried.detail["delay_s"] >= 10
+
+
+async def test_a_resume_whose_retry_event_was_lost_waits_the_backoff_it_can_compute(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The writer holds events up to a second: a crash at once after a
+    failure loses its retry event, not the failed attempt.  The resume then
+    waits the backoff the policy gives that attempt (without the lost hint)."""
+    path = str(tmp_path / "lost.db")
+    pipeline = pipeline_with_panel("validate", ["a"])
+    down = lambda r: ProviderUnavailable("503 upstream down") if r.attempt == 1 else None  # noqa: E731
+    with trio.CancelScope() as crash:
+
+        async def drop_retry(item: Any, forward: Any) -> None:
+            if isinstance(item, PersistEvent) and item.kind == "retry":
+                crash.cancel()
+                return
+            await forward(item)
+
+        async with open_orchestrator(
+            store=path, provider=recording([], down), pipeline=pipeline, retry=RETRY,
+            interceptors={"store": [FunctionInterceptor(drop_retry)]},
+        ) as orch:
+            await orch.run("SPEC", run_id="L")
+    with Store.open(path) as s:
+        assert s.events("L", "retry") == []
+        state = load_state(s, "L")
+    resume = state.stage_resume(state.pipeline.stage("validate"), RETRY)
+    assert resume is not None and dict(resume.first_attempt) == {"a": 2}
+    expected = RETRY.delay(ProviderUnavailable("503 upstream down"), state.stage_key("validate").agent("a"), 1, state.seed, spec_id="SPEC")
+    assert expected > 0 and dict(resume.first_wait) == {"a": expected}
