@@ -43,6 +43,10 @@ from ._store_writer import write_durably
 
 
 def build_prompt(request: AgentRequest, fields: tuple[str, ...], aggregate: bool) -> str:
+    """The prompt of ``request``: who is asked, the goal, the JSON
+    ``fields`` to answer with (plus the consensus block when
+    ``aggregate``) and the earlier answers of the stage.  Pure: the same
+    request gives the same text."""
     key = request.key
     lines = [
         f"You are agent {key.agent} in stage {key.stage} of spec {request.spec_id}.",
@@ -75,6 +79,10 @@ def for_later_agents(content: str) -> str:
 
 @attrs.define(kw_only=True)
 class Agent:
+    """The actor of one agent of a run (see the module docstring): serves
+    its inbox one request at a time, calling its model through the gateway
+    and retrying per ``retry``."""
+
     spec: AgentSpec
     pipeline: Pipeline
     gateway: Outbox[CompletionRequest]
@@ -128,6 +136,19 @@ class Agent:
             fail_pending(inbox)
 
     async def handle(self, request: AgentRequest) -> AgentReply:
+        """Answer one request: attempts until one is accepted or the retry
+        policy gives up (then an ``AgentReply`` with ``error``, not an
+        exception).  An accepted output is durable before it is returned.
+        A resumed request (``first_attempt`` > 1) first sleeps its
+        ``first_wait``, the pause its last durable failure earned.
+
+        A checkpoint.  Cancelled: the model call in flight is abandoned
+        (its reply slot closed or left), and the attempt it was may have
+        been billed with no output stored - a resume asks again under the
+        same attempt number; attempts finished before are stored (failed
+        ones durably when ``durable_failures``).  Raises
+        :class:`~messages.ActorStopped` when the gateway or store writer
+        has stopped or a durable write is refused."""
         stage = self.pipeline.stage(request.key.stage)
         aggregate = stage.aggregator == self.spec.name
         prompt = build_prompt(request, stage.required_fields, aggregate)

@@ -137,6 +137,11 @@ class _Tally:
 
 
 class CircuitBreaker:
+    """One provider's breaker: closed, open, half-open (see the module
+    docstring).  Synchronous except :meth:`wait_for_verdict`; every method
+    takes the time from its caller, so its state is a function of trio's
+    clock alone."""
+
     def __init__(self, policy: BreakerPolicy | None = None) -> None:
         self.policy = policy or BreakerPolicy()
         self.state: State = "closed"
@@ -161,7 +166,14 @@ class CircuitBreaker:
         self._changed = trio.Event()
 
     async def wait_for_verdict(self) -> None:
-        """Wait until the half-open probes have a verdict (or were abandoned)."""
+        """Wait until the half-open probes have a verdict (or were abandoned).
+
+        Always a checkpoint, and always waits for the *next* change: any
+        state transition (not only a verdict), a restore, or the last probe
+        abandoned wakes it - so the caller must look at the state again
+        (the breaker may still be half-open, its probe slot free).  Called
+        while no probe is out it may wait indefinitely.  Cancelling it
+        changes nothing; it raises nothing else."""
         await self._changed.wait()
 
     def _move(self, now: float, state: State) -> None:

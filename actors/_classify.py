@@ -56,6 +56,10 @@ _UNHEALTHY: frozenset[str] = frozenset({"disconnect", "timeout", "unavailable"})
 
 @attrs.frozen(kw_only=True, slots=True)
 class Classification:
+    """What :func:`classify` says of a failure: its kind, whether it may
+    be retried, the provider's wait hint and whether it counts against the
+    provider's circuit breaker."""
+
     kind: ErrorClass
     retryable: bool
     retry_after: float | None = None  # the provider's (or breaker's) hint, seconds

@@ -160,6 +160,11 @@ def _str_list(value: Any) -> list[str]:
 
 @attrs.frozen(kw_only=True, slots=True)
 class Verdict:
+    """What :func:`compute_verdict` found in a stage's accepted outputs:
+    the status, who answered and who did not, agreements and conflicts,
+    and the quorum's support; ``to_json`` is the form stored with the
+    decision (and digested)."""
+
     stage: str
     status: DecisionStatus
     expected_agents: tuple[str, ...]

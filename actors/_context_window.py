@@ -12,6 +12,9 @@ DEFAULT_CONTEXT_WINDOW = 128_000
 
 @functools.lru_cache(maxsize=1024)  # few distinct models; snapshots ask per agent
 def context_window(model: str) -> int:
+    """The context window, in tokens, of ``model`` by the reference's
+    table: a case-insensitive match on its family, 128,000 when none
+    matches (never an error)."""
     m = model.strip().lower()
     if m.startswith(("gpt-5", "gpt5")) or "codex" in m:
         return 272_000

@@ -86,6 +86,9 @@ def _not_the_answers_fault(error: ProviderError) -> bool:
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunContext:
+    """Which run and branch a coordinator decides for, and the spec and
+    goal its agents are asked about."""
+
     run_id: str
     branch_id: str
     spec_id: str
@@ -103,6 +106,10 @@ def _no_progress(event: ProgressEvent) -> None:
 
 @attrs.define(kw_only=True, eq=False)
 class Coordinator:
+    """The consensus coordinator of one run (see the module docstring):
+    one stage at a time, from one task; ``late_replies`` and
+    ``duplicate_replies`` count the replies it dropped by identity."""
+
     ctx: RunContext
     agents: Mapping[str, Outbox[AgentRequest]]
     replies_to: Outbox[AgentReply]
@@ -134,7 +141,14 @@ class Coordinator:
         """Dispatch, collect, decide.  Returns the durable decision and the
         accepted outputs it was made on.  ``resume`` (after a crash) names
         the agents whose durable answers are replayed instead of bought
-        again, and where the others' attempt numbering continues."""
+        again, and where the others' attempt numbering continues.
+
+        A checkpoint.  Raises :class:`StageUnanswered` (nothing decided)
+        when agents failed on errors that may pass, whatever the gate
+        raises (:class:`BudgetExceeded`), :class:`DecisionNotDurable`, and
+        :class:`~messages.ActorStopped` when an agent or the store writer
+        has stopped.  Cancelled: see :meth:`collect` and :meth:`decide`; the
+        stage may be decided durably or not - a retry recognises it."""
         key = self.stage_key(stage.name)
         self.publish(StageStarted(key=key, agents=stage.agents, mode=stage.mode))
         # Eager: no schedule point between starting the agents and handing
@@ -173,6 +187,15 @@ class Coordinator:
     async def collect(
         self, stage: StageSpec, key: StageKey, resume: StageResume | None = None
     ) -> dict[str, AgentOutput]:
+        """Dispatch ``stage``'s agents (through the gate, before each
+        sequential agent or once before a parallel batch) and wait for one
+        reply from each: their accepted outputs, by agent.  Replayed agents
+        of ``resume`` are not asked.
+
+        A checkpoint.  Cancelled: requests already dispatched stay with
+        their agents, which finish them (outputs stored); replies that
+        come later are dropped as late.  Raises what the gate raises, and
+        :class:`~messages.ActorStopped` when an agent has stopped."""
         outputs: dict[str, AgentOutput] = {}
         replay = resume.replay if resume is not None else {}
         first = resume.first_attempt if resume is not None else {}

@@ -37,6 +37,10 @@ def compute_digest(
     unknown_calls: int,
     by_stage: Mapping[str, TokenUsage],
 ) -> str:
+    """The run's digest, as hex: SHA-256 of ``verdicts`` (stored verdict
+    JSON; their order counts) with each stage's usage from ``by_stage``,
+    the run's ``usage`` and its count of calls of unknown usage (see the
+    module docstring for what it leaves out)."""
     log = []
     for verdict in verdicts:
         entry = decision_content(verdict)

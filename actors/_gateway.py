@@ -107,6 +107,11 @@ class _Pool:
 
 
 class Gateway:
+    """The provider gateway actor (see the module docstring): serves
+    each :class:`~messages.CompletionRequest` from its inbox on a pool of
+    at most ``max_concurrency`` workers per provider, through ``health``'s
+    gates and breakers, answering each exactly once."""
+
     def __init__(
         self,
         providers: Mapping[str, BaseProvider],

@@ -47,12 +47,23 @@ def _spread_unit(request: CompletionRequest | None) -> float:
 
 @attrs.frozen(slots=True)
 class Permit:
+    """A call's admission by :meth:`ProviderHealth.admit`: which provider,
+    the breaker's ticket and when.  Hand it back exactly once, with
+    ``report`` (the call's outcome) or ``abandon`` (it was never made or
+    was cancelled)."""
+
     provider: str
     ticket: Ticket
     at: float  # trio time the call was admitted
 
 
 class ProviderHealth:
+    """One provider's rate-limit gate and circuit breaker, and the
+    ``admit`` -> call -> ``report``/``abandon`` protocol around them that
+    the gateway and the fault interceptor both follow (see the module
+    docstring).  ``max_wait``: seconds a call may wait at a closed gate
+    before it is refused instead.  Not thread-safe: one trio run."""
+
     def __init__(
         self, name: str, policy: BreakerPolicy | None = None, *, gate_quantum: float = 0.0, max_wait: float = math.inf
     ) -> None:
@@ -67,7 +78,16 @@ class ProviderHealth:
         """Wait at the gate, then ask the breaker: a permit, or CircuitOpen
         while it is open.  In half-open, wait for the probe's verdict.
         ``request`` spreads the callers the gate releases (see
-        :class:`RateLimitGate`)."""
+        :class:`RateLimitGate`).
+
+        Refusals are returned, not raised: ``(None, CircuitOpen)``, or
+        ``(None, RateLimited)`` when the gate stays closed past
+        ``max_wait`` or past ``request.deadline``; either carries
+        ``retry_after``.  A checkpoint only when it waits (at the gate or
+        for a verdict): an open gate and a closed breaker admit without one,
+        so nothing can run between the admission and the caller's call.
+        Cancelled while waiting: no permit was taken (nothing to report or
+        abandon) and the call has left the gate's queue."""
         while True:
             now = trio.current_time()
             if not self.gate.is_open(now):
@@ -91,7 +111,12 @@ class ProviderHealth:
         a token refresh): wait at the gate as :meth:`admit` does, with its
         refusals, and refuse it if the breaker has opened since the permit
         was given (see ``CircuitBreaker.refuses_resend``).  None: send it.  A refused call
-        is given up with :meth:`abandon` (its resend was never made)."""
+        is given up with :meth:`abandon` (its resend was never made).
+
+        Refusals are returned (``CircuitOpen`` or ``RateLimited``), not
+        raised.  A checkpoint only when it waits at the gate.  ``permit``
+        stays the caller's whatever happens, cancellation included: it
+        must still be reported or abandoned."""
         now = trio.current_time()
         if not self.gate.is_open(now):
             refused = await self._wait_at_gate(now, request)
@@ -243,6 +268,9 @@ class HealthRegistry:
     async def admit(
         self, provider: str, request: CompletionRequest | None = None
     ) -> tuple[Permit | None, ProviderError | None]:
+        """:meth:`ProviderHealth.admit` on ``provider``'s health (created
+        on first use), with the same contract: refusals returned, a
+        checkpoint only when it waits, cancelled: no permit taken."""
         return await self[provider].admit(request)
 
     def report(self, permit: Permit, error: ProviderError | None) -> None:

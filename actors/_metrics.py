@@ -110,6 +110,10 @@ class _RunMetrics:
 
 
 class MetricsAccumulator:
+    """The metrics accumulator actor (see the module docstring): charges
+    attempts by identity, keeps each run's totals, cost and budget, and
+    publishes snapshots at most every ``interval`` seconds per run."""
+
     def __init__(
         self,
         prices: PriceTable | None = None,
@@ -299,6 +303,11 @@ class MetricsAccumulator:
     # the accumulator survives to answer the interrupted run's cleanup.
     @trio.lowlevel.enable_ki_protection
     async def run(self, inbox: trio.MemoryReceiveChannel[MetricsMessage]) -> None:
+        """Handle messages from ``inbox`` until it closes, each in the step
+        it is received (handling never awaits, so a message taken is fully
+        counted).  Protected from KeyboardInterrupt.  Cancelled, or once the
+        inbox closes: queries still queued get a closed reply slot
+        (:class:`~messages.ActorStopped`)."""
         try:
             async with trio.open_nursery() as nursery:
                 if self._publish is not None:

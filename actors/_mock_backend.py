@@ -158,6 +158,11 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 class MockBackend:
+    """serve-mock's backend (see the module docstring): answers each
+    :class:`MockRequest` synchronously, as the simulator of ``seed`` would,
+    injecting the configured faults, and keeps a ledger of the usage it
+    sent in full."""
+
     def __init__(
         self,
         *,

@@ -158,6 +158,11 @@ class AgentSpec:
 
 @attrs.frozen(kw_only=True, slots=True)
 class StageSpec:
+    """One validated stage of a :class:`Pipeline`: its panel of agents, in
+    order, and its ``mode`` (``sequential`` or ``parallel``), the fields each
+    answer must hold, the field the decision is taken on, the quorum and
+    the aggregator (if any).  Immutable."""
+
     name: str
     agents: tuple[str, ...]
     mode: Mode

@@ -57,6 +57,12 @@ class BaseProvider:
     bills: bool = True
 
     async def complete(self, request: CompletionRequest) -> Completion:
+        """Answer ``request``, or raise a :class:`~messages.ProviderError`.
+
+        The contract every override keeps: the gateway calls it from one of
+        its workers, many at once, and cancels it when its caller stops
+        waiting.  Cancelled, it must leave no work behind; what the call
+        cost is then unknown (it was handed to the provider)."""
         raise NotImplementedError
 
     async def aclose(self) -> None:

@@ -64,6 +64,12 @@ class GateRefused(Exception):
 
 
 class RateLimitGate:
+    """One provider's gate: closed until a 429's reset time on trio's
+    clock, then releasing its waiters one by one, spread by identity (see
+    the module docstring).  ``spread``: seconds over which waiters are
+    released after the reset; ``quantum``: the grid release points are
+    rounded onto (0: none)."""
+
     def __init__(self, *, spread: float = 1.0, quantum: float = 0.0) -> None:
         if spread < 0:
             raise ValueError(f"spread must be >= 0, got {spread}")

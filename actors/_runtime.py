@@ -191,6 +191,9 @@ class Limits:
 
 @attrs.frozen(kw_only=True, slots=True)
 class StageResult:
+    """One stage's decision in a :class:`RunResult`: its status and seq,
+    the agents present and missing, and the stored verdict."""
+
     stage: str
     status: str
     seq: int
@@ -489,7 +492,18 @@ class Orchestrator:
         round of attempts; without it - or for a run that halted otherwise -
         a halted stage stays as it was, as a plain resume after a budget halt.
         Raises :class:`~store.RunLocked`, having written nothing, while
-        another orchestrator drives the run."""
+        another orchestrator drives the run.
+
+        Also raises, before writing anything, :class:`ResumeError` for an
+        unknown run or branch and :class:`ConfigError` for bad arguments, a
+        provider the pipeline names but the orchestrator lacks, a seed
+        other than the run's (when anything is left to decide) or an
+        orchestrator without a store.
+        Cancellation: as :meth:`run` - the store stays consistent and the
+        run is marked interrupted (resume continues it) - except for a
+        branch that has nothing left to decide (completed, or halted with
+        nothing new granted), whose replay writes nothing and leaves its
+        stored status as it was."""
         _check_names(run_id=run_id)
         budget_usd = _budget_of(budget)
         if not isinstance(retry_failed, bool):
@@ -584,7 +598,14 @@ class Orchestrator:
         the run's current branch.  ``options`` default to the parent's, and
         so does the budget unless ``budget`` is given.  Raises
         :class:`~store.RunLocked`, having written nothing, while another
-        orchestrator drives the run."""
+        orchestrator drives the run.
+
+        Also raises, before writing anything, :class:`ResumeError` for an
+        unknown run, branch or stage (or one whose predecessors have not
+        advanced) and :class:`ConfigError` as :meth:`resume` does.
+        Cancellation: as :meth:`run`; a child branch already written stays
+        the run's current branch, marked interrupted, and :meth:`resume`
+        continues it."""
         _check_names(run_id=run_id, from_stage=from_stage, **({} if branch_id is None else {"branch_id": branch_id}))
         _check_options(options)
         budget_usd = _budget_of(budget)

@@ -51,6 +51,10 @@ class Ticket:
 
 
 class DecisionSequencer:
+    """Hands out one run's decision seqs and lets each (run, branch,
+    stage) be decided once, one decision at a time (see the module
+    docstring).  Synchronous; owned by one coordinator task."""
+
     def __init__(self, *, start_seq: int = 0, decided: Iterable[tuple[StageKey, int]] = ()) -> None:
         """``start_seq`` and ``decided`` restore a sequencer from the store
         (on resume): seqs continue after ``start_seq`` and decided keys are

@@ -66,6 +66,11 @@ class Tally:
 
 
 class SessionMetrics:
+    """Running token totals of one scope (a run, or one stage, agent or
+    model of it): turn count, last turn, replay and duplicate counters and
+    the next-prompt estimate (see the module docstring).  Plain synchronous
+    state, owned by the metrics accumulator's task."""
+
     __slots__ = (
         "_running_total",
         "_last_turn",

@@ -68,6 +68,8 @@ class MetricsSubscription:
         return self
 
     async def __anext__(self) -> TokenMetrics:
+        """:meth:`receive`, same contract; the iteration ends once the
+        subscription is closed and empty."""
         try:
             return await self.receive()
         except trio.EndOfChannel:

@@ -231,6 +231,11 @@ class ShardSummary:
 
 @attrs.frozen(kw_only=True)
 class SoakReport:
+    """What a fault soak found: runs, turns, faults injected and
+    recovered, outcomes, breaker trips and gate waits, the digests that
+    make it reproducible per seed, and ``breaches`` - the invariants it
+    saw broken (``ok``: none).  ``to_json()`` is ``conclave soak --json``."""
+
     seed: int
     runs: int
     agent_turns: int

@@ -38,6 +38,11 @@ async def write_durably(store: Outbox[StoreWrite], item: StoreWrite, what: str, 
 
 
 class StoreWriter:
+    """The store-writer actor: the only writer of ``store``, committing
+    its inbox in group commits (see the module docstring).  A write acked
+    ``ok`` is durable; a busy database is retried ``busy_retries`` times
+    with backoff, then every write of the batch is acked with the error."""
+
     def __init__(
         self,
         store: Store,
@@ -80,6 +85,15 @@ class StoreWriter:
     # interrupted); trio delivers it to the main task instead.
     @trio.lowlevel.enable_ki_protection
     async def run(self, inbox: trio.MemoryReceiveChannel[StoreWrite]) -> None:
+        """Commit batches from ``inbox`` until it closes.
+
+        Cancelled: a batch in hand is still committed (its gathering rounds
+        and a hold's commit are shielded), unless the cancellation lands in
+        a busy database's backoff: then nothing of it was written and its
+        writers' reply slots are closed (they see
+        :class:`~messages.ActorStopped`).  Writes still queued are failed
+        the same way.  Any other exception from ``Store.apply`` propagates,
+        after closing the batch's reply slots."""
         try:
             async for first in inbox:
                 batch = await self._gather(inbox, first)

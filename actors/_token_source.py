@@ -147,6 +147,15 @@ class TokenManager:
         any provider failure: :class:`LoginRequired`,
         :class:`RefreshUnavailable` (retryable) or
         :class:`CredentialsUnavailable`.
+
+        Not a checkpoint when the stored token is valid and no refresh is
+        forced.  Otherwise a checkpoint; concurrent callers for one
+        provider share one refresh (and its outcome).  Cancelled while
+        waiting for another caller's refresh or for the store's lock:
+        nothing was done.  Once the refresh request is out it is shielded,
+        for at most ``refresh_timeout``: the cancellation waits for the
+        answer, the rotated token is stored first, and the call may then
+        return the new token rather than raise ``trio.Cancelled``.
         """
         try:
             return await self._bearer(provider, force_refresh=force_refresh, stale=stale)
@@ -346,7 +355,13 @@ class TokenSource:
 
     async def bearer(self, *, force_refresh: bool = False) -> str:
         """The bearer token to send.  ``force_refresh=True`` after a 401:
-        the token this source handed out last is treated as rejected."""
+        the token this source handed out last is treated as rejected.
+
+        On a manager: :meth:`TokenManager.bearer`'s contract.  Through the
+        actor: always a checkpoint; cancelled once the request is queued,
+        only the answer is abandoned (the actor may still refresh); raises
+        the :class:`~messages.AuthError` it answers with, or
+        :class:`~messages.ActorStopped` once the actor is gone."""
         secret = await self._fetch(self.provider, force_refresh=force_refresh, stale=self._last if force_refresh else None)
         self._last = secret
         return secret.reveal()
@@ -376,6 +391,12 @@ class AuthActor:
         self._events.publish(event)
 
     async def run(self, inbox: trio.MemoryReceiveChannel[GetToken]) -> None:
+        """Serve ``inbox`` until it closes and every request is answered.
+        Cancelled: queued requests, and those in progress that the
+        cancellation reaches, get a closed slot
+        (:class:`~messages.ActorStopped`); one whose refresh is under way
+        may still be answered (the refresh is shielded, see
+        :meth:`TokenManager.bearer`).  The event subscriptions end."""
         try:
             async with trio.open_nursery() as nursery:
                 async for request in inbox:

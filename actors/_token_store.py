@@ -61,6 +61,10 @@ KEYRING_USER = "device-tokens"
 
 
 class TokenStatus(enum.Enum):
+    """A stored token's state, as ``conclave auth status`` shows it
+    (``label`` and ``symbol``): valid, due for a refresh (within its
+    expiry margin), expired with no way to refresh, or no login."""
+
     VALID = ("valid", "✓")
     NEEDS_REFRESH = ("needs_refresh", "⚡")
     EXPIRED = ("expired", "✗")

@@ -47,6 +47,9 @@ class Interceptor(Generic[T]):
     """
 
     async def send(self, item: T, forward: Forward[T]) -> None:
+        """Handle ``item`` in the sender's task (see the class docstring).
+        Make ``forward`` the last await, so that a cancelled send sent
+        nothing; an exception raised here reaches the sender."""
         await forward(item)
 
 
@@ -191,6 +194,10 @@ class Outbox(trio.abc.SendChannel[T]):
             raise ActorStopped(f"the {self.name} actor has stopped") from exc
 
     async def send(self, item: T) -> None:
+        """Deliver ``item`` through the interceptors.  A checkpoint; if it
+        raises ``trio.Cancelled`` nothing was delivered; raises
+        :class:`ActorStopped` once the receiver is gone (see the class
+        docstring)."""
         _note_answer(self)
         await self._send(item)
 
@@ -221,6 +228,9 @@ class Outbox(trio.abc.SendChannel[T]):
         self._inner.close()
 
     async def aclose(self) -> None:
+        """Close this clone of the send side (the receiver sees the end
+        once every clone is closed), then checkpoint: closed even if
+        cancelled."""
         self._inner.close()
         await trio.lowlevel.checkpoint()
 

@@ -83,7 +83,10 @@ class HealthPort(Protocol):
 
     async def admit(
         self, provider: str, request: CompletionRequest | None = None
-    ) -> tuple[Any, ProviderError | None]: ...
+    ) -> tuple[Any, ProviderError | None]:
+        """A permit, or the refusal (returned, not raised).  A checkpoint
+        only when it waits; cancelled while waiting, no permit was taken."""
+        ...
 
     def report(self, permit: Any, error: ProviderError | None) -> None: ...
 

@@ -18,6 +18,9 @@ from ._token_metrics import BudgetAlert
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunStarted:
+    """A run, resume or rerun started driving ``branch_id`` through
+    ``stages`` (the pipeline's, in order)."""
+
     run_id: str
     branch_id: str
     spec_id: str
@@ -26,6 +29,9 @@ class RunStarted:
 
 @attrs.frozen(kw_only=True, slots=True)
 class StageStarted:
+    """A stage is about to dispatch its ``agents`` (``mode``:
+    ``sequential`` or ``parallel``)."""
+
     key: StageKey
     agents: tuple[str, ...]
     mode: str
@@ -33,6 +39,10 @@ class StageStarted:
 
 @attrs.frozen(kw_only=True, slots=True)
 class AgentFinished:
+    """The coordinator took an agent's reply: ``ok`` with an output after
+    ``attempts`` attempts, or given up with ``error`` (kind: message);
+    ``replayed``: an answer stored before a crash, reused on resume."""
+
     key: AgentKey
     attempts: int
     ok: bool
@@ -55,11 +65,18 @@ class AgentRetrying:
 
 @attrs.frozen(kw_only=True, slots=True)
 class StageDecided:
+    """A stage's decision, durable - or, on resume, one already stored
+    (its ``decision`` is the stored one)."""
+
     decision: Decision
 
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunFinished:
+    """The drive ended with a result: ``status`` ``completed`` or
+    ``halted`` (with ``halt_reason``).  Not published for a drive that was
+    cancelled or failed."""
+
     run_id: str
     status: str
     halt_reason: str | None = None

@@ -26,7 +26,10 @@ R = TypeVar("R")
 
 async def request(outbox: Outbox[T], item: T, pending: PendingReply[R]) -> R:
     """Send ``item`` (which carries ``pending``'s reply slot) and wait for
-    the reply."""
+    the reply.  A checkpoint.  Cancelled before the item was enqueued:
+    nothing was sent; after: only the reply is abandoned - the receiver may
+    still act on the item (in doubt).  Raises :class:`ActorStopped` when
+    the receiver is gone or drops the request unanswered."""
     await trio.lowlevel.checkpoint_if_cancelled()
     if outbox.intercepted:
         await outbox.send_eager(item)

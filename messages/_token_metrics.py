@@ -50,6 +50,11 @@ class SetBudget:
 
 @attrs.frozen(kw_only=True, slots=True)
 class BudgetStatus:
+    """Metrics accumulator -> coordinator, the answer to a
+    :class:`BudgetCheck`: the run's budget (``None``: none), its priced
+    spend so far and its unpriced calls; ``exceeded`` once the spend has
+    reached the budget."""
+
     run_id: str
     budget_usd: Decimal | None
     spent_usd: Decimal
@@ -81,6 +86,10 @@ class BudgetAlert:
 
 @attrs.frozen(kw_only=True, slots=True)
 class StageTokens:
+    """One stage's line in a :class:`TokenMetrics` snapshot: input
+    (cached included) and output tokens, turns (calls made in this
+    process) and priced cost."""
+
     stage: str
     input_tokens: int
     output_tokens: int

@@ -31,6 +31,10 @@ class UnknownRun(StoreError):
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunPreview:
+    """What :func:`preview_run` read of a run, without writing: the
+    database's schema version, the run's stored pipeline, its current
+    branch and every branch id (oldest first)."""
+
     run_id: str
     schema_version: int
     pipeline: dict[str, Any] = attrs.field(eq=False)

@@ -112,6 +112,11 @@ def event_params(item: PersistEvent, now: int) -> tuple[Any, ...]:
 
 @attrs.frozen(kw_only=True, slots=True)
 class RunRow:
+    """One row of ``runs``: a run's identity, goal, seed and pipeline, its
+    status as stored (a run left ``running`` by a killed process stays
+    so), its current branch, usage totals and digest.  Times are epoch
+    milliseconds (:func:`wall_clock_ms`)."""
+
     run_id: str
     spec_id: str
     goal: str
@@ -128,6 +133,10 @@ class RunRow:
 
 @attrs.frozen(kw_only=True, slots=True)
 class BranchRow:
+    """One branch of a run: its parent and fork stage (``None`` for the
+    root), its options (simulator settings, budget, ...) and its own
+    outcome - status, halt reason and digest."""
+
     branch_id: str
     run_id: str
     parent_branch_id: str | None
@@ -141,6 +150,9 @@ class BranchRow:
 
 @attrs.frozen(kw_only=True, slots=True)
 class DecisionRow:
+    """A stage's durable decision on one branch: its seq (unique per
+    run), status and the verdict JSON it was made on."""
+
     run_id: str
     branch_id: str
     stage: str
@@ -152,6 +164,10 @@ class DecisionRow:
 
 @attrs.frozen(kw_only=True, slots=True)
 class OutputRow:
+    """One stored attempt of one agent: accepted (with its content) or
+    failed (with its error), its usage (``None``: unknown) and the model
+    and provider that answered."""
+
     run_id: str
     branch_id: str
     stage: str
@@ -174,6 +190,10 @@ class OutputRow:
 
 @attrs.frozen(kw_only=True, slots=True)
 class EventRow:
+    """One entry of a run's event log (``kind`` such as ``stage_start``,
+    ``retry``, ``agent_call``), with its JSON ``detail``; ``at`` in epoch
+    milliseconds."""
+
     id: int
     run_id: str
     branch_id: str
