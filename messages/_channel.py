@@ -257,7 +257,7 @@ def open_channel(
     return Outbox(send, interceptors, name=name, awaited=awaited), receive
 
 
-_EMPTY, _VALUE, _CLOSED, _GONE = range(4)
+_EMPTY, _VALUE, _CLOSED, _GONE, _TAKEN = range(5)
 
 
 class Reply(Generic[R]):
@@ -349,6 +349,9 @@ class PendingReply(Generic[R]):
         the actor dropped the request without answering.  If cancelled, the
         requester is gone: a later ``Reply.send`` returns False."""
         if self._state == _EMPTY:
+            if self._task is not None:
+                # The first waiter would never be woken.
+                raise trio.BusyResourceError(f"another task is already waiting for the reply to {self._what}")
             self._task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort)
         else:
@@ -360,7 +363,11 @@ class PendingReply(Generic[R]):
         if self._state == _VALUE:
             value: R = self._value
             self._value = None
+            self._state = _TAKEN
             return value
+        if self._state == _TAKEN:
+            # A second receive returned None, as if that were the reply.
+            raise RuntimeError(f"the reply to {self._what} was already received")
         why = self._value if isinstance(self._value, str) else "the actor stopped"
         raise ActorStopped(f"no reply to {self._what}: {why}")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import attrs
 
@@ -34,7 +34,7 @@ DecisionStatus = Literal["ok", "conflict", "degraded", "no_consensus"]
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
 
 
@@ -78,9 +78,9 @@ class AgentOutput:
 
     key: AgentKey
     attempt: int = attrs.field(validator=_positive)
-    status: OutputStatus
+    status: OutputStatus = attrs.field(validator=attrs.validators.in_(get_args(OutputStatus)))
     content: str
-    format: OutputFormat
+    format: OutputFormat = attrs.field(validator=attrs.validators.in_(get_args(OutputFormat)))
     usage: TokenUsage | None  # None: usage unknown (call cut off mid-stream)
     model: str
     provider: str
@@ -180,7 +180,7 @@ class Completion:
 class CompletionRequest:
     """Agent -> provider gateway: make one model call (one attempt)."""
 
-    key: AgentKey
+    key: AgentKey = attrs.field(validator=attrs.validators.instance_of(AgentKey))
     attempt: int = attrs.field(validator=_positive)
     spec_id: str
     provider: str
@@ -351,7 +351,7 @@ class Decision:
 
     key: StageKey
     seq: int = attrs.field(validator=_positive)
-    status: DecisionStatus
+    status: DecisionStatus = attrs.field(validator=attrs.validators.in_(get_args(DecisionStatus)))
     verdict: Mapping[str, Any] = attrs.field(eq=False)
 
 

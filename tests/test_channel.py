@@ -195,3 +195,34 @@ async def test_broadcast_never_waits_on_subscribers() -> None:
     hub.close()
     with pytest.raises(trio.EndOfChannel):
         await slow.receive()
+
+
+async def test_a_reply_is_received_once() -> None:
+    # A second receive returned None, as if that were the reply.
+    reply, pending = reply_pair("the call")
+    assert reply.send(7)
+    assert await pending.receive() == 7
+    with pytest.raises(RuntimeError, match="the reply to the call was already received"):
+        await pending.receive()
+
+
+async def test_a_second_waiter_on_one_reply_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    # It took the first waiter's place, and the first was never woken.
+    reply, pending = reply_pair("the call")
+    got: list[int] = []
+    with trio.fail_after(5):
+        await _two_waiters(reply, pending, got)
+    assert got == [3]
+
+
+async def _two_waiters(reply: object, pending: object, got: list[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _keep(pending, got))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError, match="already waiting for the reply to the call"):
+            await pending.receive()  # type: ignore[attr-defined]
+        reply.send(3)  # type: ignore[attr-defined]
+
+
+async def _keep(pending: object, got: list[int]) -> None:
+    got.append(await pending.receive())  # type: ignore[attr-defined]

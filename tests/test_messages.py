@@ -137,3 +137,25 @@ def test_an_attempts_event_takes_its_identity_from_the_key() -> None:
         "r", "b", "plan", "claude", 3, "retry"
     )
     assert dict(event.detail) == {"delay_s": 1.5} and event.reply_to is None
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Decision(key=KEY.stage_key, seq=1, status="bogus", verdict={}), "'status' must be in"),  # type: ignore[arg-type]
+        (lambda: AgentOutput(key=KEY, attempt=1, status="bogus", content="", format="text", usage=None, model="m", provider="p"), "'status' must be in"),  # type: ignore[arg-type]
+        (lambda: AgentOutput(key=KEY, attempt=1, status="failed", content="", format="xml", usage=None, model="m", provider="p"), "'format' must be in"),  # type: ignore[arg-type]
+        (lambda: Decision(key=KEY.stage_key, seq=True, status="ok", verdict={}), "seq must be an int >= 1, got True"),
+    ],
+)
+def test_message_enums_and_counts_are_checked_when_built(build: object, message: str) -> None:
+    # Each was accepted, and a wrong status went into the store as written.
+    with pytest.raises(ValueError, match=message):
+        build()  # type: ignore[operator]
+
+
+def test_a_completion_request_needs_an_agent_key() -> None:
+    from messages import CompletionRequest
+
+    with pytest.raises(TypeError, match="'key' must be"):
+        CompletionRequest(key="k", attempt=1, spec_id="s", provider="p", model="m", prompt="x")  # type: ignore[arg-type]
