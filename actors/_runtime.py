@@ -234,6 +234,9 @@ class RunResult:
     turns: int
     digest: str
     cost_usd: Decimal = Decimal(0)
+    # Stored answers this drive reused instead of calling (a resume's): with
+    # ``turns``, what the usage beside them covers.
+    replays: int = 0
     unpriced_calls: int = 0
     budget_usd: Decimal | None = None
     budget_alerts: tuple[int, ...] = ()
@@ -254,6 +257,7 @@ class RunResult:
             "usage": self.usage.as_dict(),
             "unknown_usage_calls": self.unknown_usage_calls,
             "turns": self.turns,
+            "replays": self.replays,
             "cost_usd": usd_number(self.cost_usd),
             "unpriced_calls": self.unpriced_calls,
             "budget_usd": None if self.budget_usd is None else exact_usd(self.budget_usd),
@@ -971,6 +975,7 @@ class Orchestrator:
             usage=totals.usage,
             unknown_usage_calls=totals.unknown_calls,
             turns=totals.turns,
+            replays=totals.replays,
             digest=digest,
             cost_usd=totals.cost_usd,
             unpriced_calls=totals.unpriced_calls,

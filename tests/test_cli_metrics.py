@@ -208,3 +208,15 @@ def test_a_stage_named_total_is_not_mistaken_for_the_sum_row(tmp_path: Path) -> 
     rows = [line.split()[:2] for line in proc.stdout.splitlines()[2:] if line.startswith("  ")]
     assert [r[0] for r in rows[:3]] == ["plan", "total", "(total)"]
     assert rows[1][1] == "2" and rows[2][1] == "5", rows
+
+
+def test_resume_json_says_what_its_usage_covers(tmp_path: Path) -> None:
+    # A resume of a completed run printed "turns": 0 beside the whole run's
+    # usage, with nothing saying where that usage came from.
+    _, first = _run_json(tmp_path, "--run-id", "J")
+    assert (first["turns"], first["replays"]) == (19, 0)
+    proc = run_cli(["resume", "J", "--db", str(tmp_path / "c.db"), "--json"])
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert (again["turns"], again["replays"]) == (0, 19)
+    assert again["usage"] == first["usage"] and again["digest"] == first["digest"]
