@@ -27,6 +27,7 @@ from messages import (
     ZERO_USAGE,
     AgentFinished,
     AgentRetrying,
+    CallWaiting,
     AuthError,
     BudgetAlert,
     FaultPlan,
@@ -216,6 +217,11 @@ class ProgressPrinter:
             w(
                 f"    {event.key.agent}: attempt {event.attempt} failed ({shown(event.error)}); "
                 f"retrying in {duration(event.delay)}\n"
+            )
+        elif isinstance(event, CallWaiting):
+            w(
+                f"    {event.key.agent}: attempt {event.attempt} waits {duration(event.delay)} "
+                f"for {event.provider}'s rate-limit reset\n"
             )
         elif isinstance(event, StageDecided):
             d = event.decision

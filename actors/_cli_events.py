@@ -36,6 +36,7 @@ EVENT_KINDS = frozenset(
         "call_dropped",
         "decision",
         "fault",
+        "gate_wait",
         "gave_up",
         "halt",
         "metrics",

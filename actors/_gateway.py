@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -49,10 +49,12 @@ from messages import (
     BadRequest,
     Completion,
     CompletionRequest,
+    CallWaiting,
     CompletionResult,
     Injection,
     Outbox,
     PersistEvent,
+    ProgressEvent,
     ProviderBug,
     ProviderError,
     Reply,
@@ -133,6 +135,9 @@ class Gateway:
         # Calls cancelled at the provider because their caller stopped waiting.
         self.cancelled = 0
         self._events = events
+        # Progress for calls that wait at a closed rate-limit gate (set by
+        # the orchestrator, which owns the subscribers).
+        self.publish: Callable[[ProgressEvent], None] | None = None
 
     async def run(self, inbox: trio.MemoryReceiveChannel[CompletionRequest]) -> None:
         """Serve until the inbox closes and every queued call is done.
@@ -263,6 +268,17 @@ class Gateway:
         before it could be made (nothing was sent to the provider)."""
         provider = self.providers[request.provider]
         health = self.health[request.provider]
+        arrived = trio.current_time()
+        waits = not health.gate.is_open(arrived)
+        if waits and self.publish is not None:
+            self.publish(
+                CallWaiting(
+                    key=request.key,
+                    attempt=request.attempt,
+                    provider=request.provider,
+                    delay=max(0.0, health.gate.reset_for(arrived) - arrived),
+                )
+            )
         try:
             permit, blocked = await health.admit(request)
         except BaseException:
@@ -278,6 +294,15 @@ class Gateway:
             health.abandon(permit)
             await self._dropped(request)
             return None
+        if waits and permit is not None:
+            # On the log beside the agent's retry event, whose delay_s is
+            # only its own backoff: the time the call spent at the gate.
+            waited = {"provider": request.provider, "waited_s": round(trio.current_time() - arrived, 3)}
+            try:
+                await self._log(PersistEvent.of_attempt(request.key, request.attempt, "gate_wait", waited))
+            except BaseException:
+                health.abandon(permit)  # never made: its breaker slot must not stay taken
+                raise
         if permit is None:
             # Failed fast: nothing reached the provider, nothing was billed.
             return CompletionResult(

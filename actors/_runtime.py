@@ -1264,6 +1264,7 @@ async def open_orchestrator(
                         metrics_hub=hub,
                         db=db,
                     )
+                    gateway.publish = orchestrator._publish
                     metrics = MetricsAccumulator(
                         prices,
                         publish=hub.publish,

@@ -79,6 +79,7 @@ from ._messages import (
 from ._progress import (
     AgentFinished,
     AgentRetrying,
+    CallWaiting,
     ProgressEvent,
     RunFinished,
     RunStarted,
@@ -130,6 +131,7 @@ __all__ = [
     "ProgressEvent",
     "AgentFinished",
     "AgentRetrying",
+    "CallWaiting",
     "ZERO_USAGE",
     "ActorStopped",
     "AgentKey",

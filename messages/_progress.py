@@ -64,6 +64,19 @@ class AgentRetrying:
 
 
 @attrs.frozen(kw_only=True, slots=True)
+class CallWaiting:
+    """Attempt ``attempt`` waits at ``provider``'s rate-limit gate, closed
+    by a 429 (this run's or another's), for about ``delay`` seconds on
+    trio's clock before it is made: the agent's own retry line gave only
+    its backoff, and a long reset looked like a hang."""
+
+    key: AgentKey
+    attempt: int
+    provider: str
+    delay: float
+
+
+@attrs.frozen(kw_only=True, slots=True)
 class StageDecided:
     """A stage's decision, durable - or, on resume, one already stored
     (its ``decision`` is the stored one)."""
@@ -82,4 +95,6 @@ class RunFinished:
     halt_reason: str | None = None
 
 
-ProgressEvent = RunStarted | StageStarted | AgentFinished | AgentRetrying | StageDecided | RunFinished | BudgetAlert
+ProgressEvent = (
+    RunStarted | StageStarted | AgentFinished | AgentRetrying | CallWaiting | StageDecided | RunFinished | BudgetAlert
+)

@@ -7,6 +7,8 @@ fires; and a failed call's implausible usage is unknown, not counted."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -252,3 +254,52 @@ async def test_a_failed_calls_implausible_usage_is_unknown(
         tx.close()
     assert isinstance(result, CompletionResult) and isinstance(result.error, Disconnected)
     assert result.usage == kept
+
+
+async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """b's call arrives while a's 429 holds the gate shut for 30 s.  The wait
+    was silent - the CLI showed nothing for 30 s - and the event log had no
+    trace of it (the retry event's delay_s is the agent's own backoff)."""
+    from actors import SimulatedProvider, open_orchestrator
+    from actors._pipeline import pipeline_with_panel
+    from messages import CallWaiting, FunctionInterceptor, RateLimited
+    from store import Store
+
+    sim = SimulatedProvider(seed=1, disagreement_rate=0.0)
+
+    def answer(request: CompletionRequest) -> Any:
+        if request.key.agent == "a" and request.attempt == 1:
+            raise RateLimited("429 Too Many Requests", retry_after=30.0)
+        return sim.answer(request)
+
+    async def b_later(item: Any, forward: Any) -> None:
+        if item.key.agent == "b":
+            await trio.sleep(1)  # decided before forwarding: the seam's rule holds
+        await forward(item)
+
+    path = str(tmp_path / "gate.db")
+    seen: list[CallWaiting] = []
+    async with open_orchestrator(
+        store=path, provider=MockProvider(answer, name="sim"), pipeline=pipeline_with_panel("validate", ["a", "b"]),
+        interceptors={"agent": [FunctionInterceptor(b_later)]},
+    ) as orch:
+        progress = orch.subscribe()
+
+        async def watch() -> None:
+            async for event in progress:
+                if isinstance(event, CallWaiting):
+                    seen.append(event)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            result = await orch.run("SPEC", run_id="G")
+            nursery.cancel_scope.cancel()
+    assert result.completed
+    assert [(e.key.agent, e.attempt, e.provider) for e in seen] == [("b", 1, "sim")]
+    assert seen[0].delay == pytest.approx(29.0)
+    with Store.open(path) as store:
+        (logged,) = store.events("G", "gate_wait")
+    assert (logged.agent, logged.attempt, logged.detail["provider"]) == ("b", 1, "sim")
+    assert 29.0 <= logged.detail["waited_s"] <= 31.0
