@@ -39,9 +39,7 @@ class Interceptor(Generic[T]):
     dropped, as a filter drops it - except on an edge opened with
     ``awaited=True``, whose every item someone waits for (an agent's
     request, its reply to the coordinator): there the sender gets
-    :class:`Undelivered`, an ActorStopped; forwarding such an item a second
-    time (or after answering it) raises Undelivered from ``forward``, as its
-    receiver answers every copy but waits for one.  Answering an item whose
+    :class:`Undelivered`, an ActorStopped.  Answering an item whose
     ``reply_to`` is an :class:`Outbox` means sending on that outbox from
     ``send`` itself (in the sender's task).
     """
@@ -78,19 +76,9 @@ def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]], awaited: bo
 def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Forward[T]:
     async def send(item: T) -> None:
         forwarded = False
-        answered = [False]
 
         async def onward(passed: T) -> None:
             nonlocal forwarded
-            if awaited and (forwarded or answered[0]):
-                # Its receiver waits for one item and answers each: a second
-                # copy of an agent's request is a second, billed model call
-                # whose reply nobody reads, and a third filled the agent's
-                # inbox and hung the run.
-                done = "forwarded it twice" if forwarded else "answered it and then forwarded it"
-                raise Undelivered(
-                    f"interceptor {interceptor!r} {done} ({type(item).__name__}, which its receiver waits for once)"
-                )
             forwarded = True
             await forward(passed)
 
@@ -99,6 +87,7 @@ def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Fo
             # An interceptor may answer an agent's request itself, on the
             # request's reply channel: that is no swallow.  Watched in this
             # task only, so another agent's reply cannot pass for it.
+            answered = [False]
             token = _ANSWER_WATCH.set((answer_to, answered))
             try:
                 await interceptor.send(item, onward)

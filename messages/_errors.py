@@ -23,9 +23,7 @@ class ActorStopped(ConclaveError):
 class Undelivered(ActorStopped):
     """An interceptor neither forwarded nor answered an item that its
     receiver waits for and that has no reply slot to fail (an agent's
-    request, its reply to the coordinator): the run would hang for ever.
-    Also raised, by ``forward``, when an interceptor forwards such an item a
-    second time (or after answering it): the receiver waits for one."""
+    request, its reply to the coordinator): the run would hang for ever."""
 
 
 class ProviderError(ConclaveError):
