@@ -24,6 +24,7 @@ from messages import (
     AuthenticationFailed,
     BadRequest,
     Completion,
+    ConclaveError,
     CompletionRequest,
     ProviderError,
     TokenUsage,
@@ -38,6 +39,86 @@ from ._provider import BaseProvider, before_resend
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 UNCAPPED = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=5.0)
 USER_AGENT = "conclave/0.1"
+
+
+KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
+class ProviderConfigError(ConclaveError, ValueError):
+    """The provider configuration is invalid; the message says what to fix."""
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit to quote in an error: no userinfo, no query (either may
+    hold a secret), and not absurdly long."""
+    try:
+        parsed = httpx.URL(url)
+        text = str(parsed.copy_with(userinfo=b"", query=None, fragment=None))
+    except Exception:
+        text = url.split("?", 1)[0]
+        if "@" in text:
+            text = "<redacted>@" + text.rsplit("@", 1)[1]
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+# What a host name (IDNA-encoded) or an IPv4 address is made of.  httpx
+# percent-encodes anything else ('http://a b' became host 'a%20b'), and
+# every call then failed as a retryable disconnect.
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def validate_base_url(url: str, *, provider: str, key_hint: str | None = None) -> str:
+    """``url`` if it is an absolute http(s) URL with a host, no credentials
+    and no fragment; else :class:`ProviderConfigError`.  ``key_hint`` says
+    where a key found in the URL belongs (default: the provider's variable)."""
+    if not isinstance(url, str):
+        raise ProviderConfigError(f"provider {provider!r}: the base URL must be a string, got {type(url).__name__}")
+    if not url.strip():
+        raise ProviderConfigError(f"provider {provider!r}: the base URL is empty")
+    where = f"provider {provider!r}: base URL {shown_url(url)!r}"
+    try:
+        parsed = httpx.URL(url.strip())
+    except Exception:
+        raise ProviderConfigError(f"{where} is not a valid URL") from None
+    if parsed.scheme not in ("http", "https"):
+        raise ProviderConfigError(
+            f"{where} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)"
+        )
+    if not parsed.host:
+        raise ProviderConfigError(f"{where} has no host")
+    if ":" not in parsed.host and not _HOST.fullmatch(parsed.raw_host.decode("ascii", "replace")):
+        # (An IPv6 address, in brackets, has colons and was checked by httpx.)
+        raise ProviderConfigError(
+            f"{where} has a host name with a character a host name cannot hold (a space, say)"
+        )
+    if parsed.userinfo:
+        hint = key_hint or KEY_ENV.get(provider, "the key variable")
+        raise ProviderConfigError(f"{where} must not carry credentials; put the key in {hint}")
+    if parsed.fragment:
+        raise ProviderConfigError(f"{where} must not have a #fragment")
+    try:
+        port = parsed.port
+    except Exception:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        # httpx takes any number: 99999 failed only as a ConnectError, per call.
+        raise ProviderConfigError(f"{where} has a port outside 1-65535")
+    return url.strip()
+
+
+def key_problem(key: str, variable: str) -> str | None:
+    """What is wrong with an API key (read from ``variable``), never quoting
+    it; None if it can go in an HTTP header.  A newline, spaces only or a
+    non-ASCII letter failed every call as an opaque protocol error (one of
+    its letters quoted in the error and stored)."""
+    if not key.strip():
+        return f"{variable} holds only white space, not an API key"
+    if not key.isascii() or not key.isprintable() or key != key.strip():
+        return (
+            f"{variable} is not a usable API key: it holds a line break, leading or trailing "
+            "space, or a non-ASCII letter (its value is not shown)"
+        )
+    return None
 
 
 # What reading a well-formed JSON document of the wrong shape raises.
@@ -266,15 +347,23 @@ class HttpProvider(BaseProvider):
         wall_now: WallClock = time.time,
         limits: httpx.Limits | None = None,
     ) -> None:
+        # The checks build_provider makes, made here too: a provider built
+        # directly took a key with a non-ASCII letter (every call then
+        # failed naming one of its letters and its position) and a base URL
+        # without a scheme (every call a retryable disconnect).
+        label = name if name is not None else self.name
         if (api_key is None) == (token_source is None):
-            raise ValueError("give exactly one of api_key and token_source")
-        if api_key is not None and not api_key:
-            raise ValueError("api_key must not be empty")
+            raise ProviderConfigError(f"provider {label!r}: give exactly one of api_key and token_source")
+        if api_key is not None:
+            if not isinstance(api_key, str) or not api_key:
+                raise ProviderConfigError(f"provider {label!r}: api_key must be a non-empty string")
+            problem = key_problem(api_key, "api_key")
+            if problem is not None:
+                raise ProviderConfigError(f"provider {label!r}: {problem}")
+        # Credentials in it would ride along in reprs, errors, progress
+        # events and the database (a 404 names its URL).
+        base_url = validate_base_url(base_url, provider=label, key_hint="api_key (or give a token_source)")
         self.base_url = httpx.URL(base_url)
-        if self.base_url.userinfo:
-            # It would ride along in reprs, errors, progress events and the
-            # database (a 404 names its URL).
-            raise ValueError("base_url must not carry credentials (user:password@); give api_key or token_source")
         self.stream = stream
         self.model = model  # when set, every call uses this model, whatever the agent asked
         if name is not None:

@@ -22,85 +22,24 @@ from typing import Any
 import attrs
 import httpx
 
-from messages import ConclaveError
-
 from ._anthropic import DEFAULT_ANTHROPIC_BASE_URL, AnthropicProvider
-from ._http_provider import DEFAULT_TIMEOUT, BearerSource
+from ._http_provider import (
+    DEFAULT_TIMEOUT,
+    KEY_ENV,
+    BearerSource,
+    ProviderConfigError,
+    key_problem,
+    shown_url,
+    validate_base_url,
+)
 from ._openai import DEFAULT_OPENAI_BASE_URL, OpenAIProvider
 from ._provider import BaseProvider
 from ._simulator import Latency, SimulatedProvider
 
 PROVIDER_NAMES = ("anthropic", "openai", "sim")
-KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 DEFAULT_BASE_URL = {"openai": DEFAULT_OPENAI_BASE_URL, "anthropic": DEFAULT_ANTHROPIC_BASE_URL}
-
-
-class ProviderConfigError(ConclaveError, ValueError):
-    """The provider configuration is invalid; the message says what to fix."""
-
-
-def _shown(url: str) -> str:
-    """``url`` fit to quote in an error: no userinfo, no query (either may
-    hold a secret), and not absurdly long."""
-    try:
-        parsed = httpx.URL(url)
-        text = str(parsed.copy_with(userinfo=b"", query=None, fragment=None))
-    except Exception:
-        text = url.split("?", 1)[0]
-        if "@" in text:
-            text = "<redacted>@" + text.rsplit("@", 1)[1]
-    return text if len(text) <= 120 else text[:119] + "…"
-
-
-def validate_base_url(url: str, *, provider: str) -> str:
-    """``url`` if it is an absolute http(s) URL with a host, no credentials
-    and no fragment; else :class:`ProviderConfigError`."""
-    where = f"provider {provider!r}: base URL {_shown(url)!r}"
-    if not isinstance(url, str) or not url.strip():
-        raise ProviderConfigError(f"provider {provider!r}: the base URL is empty")
-    try:
-        parsed = httpx.URL(url.strip())
-    except Exception:
-        raise ProviderConfigError(f"{where} is not a valid URL") from None
-    if parsed.scheme not in ("http", "https"):
-        raise ProviderConfigError(
-            f"{where} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)"
-        )
-    if not parsed.host:
-        raise ProviderConfigError(f"{where} has no host")
-    if parsed.userinfo:
-        raise ProviderConfigError(
-            f"{where} must not carry credentials; put the key in {KEY_ENV.get(provider, 'the key variable')}"
-        )
-    if parsed.fragment:
-        raise ProviderConfigError(f"{where} must not have a #fragment")
-    try:
-        port = parsed.port
-    except Exception:
-        port = -1
-    if port is not None and not 0 < port < 65536:
-        # httpx takes any number: 99999 failed only as a ConnectError, per call.
-        raise ProviderConfigError(f"{where} has a port outside 1-65535")
-    return url.strip()
-
-
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def key_problem(key: str, variable: str) -> str | None:
-    """What is wrong with an API key (read from ``variable``), never quoting
-    it; None if it can go in an HTTP header.  A newline, spaces only or a
-    non-ASCII letter failed every call as an opaque protocol error (one of
-    its letters quoted in the error and stored)."""
-    if not key.strip():
-        return f"{variable} holds only white space, not an API key"
-    if not key.isascii() or not key.isprintable() or key != key.strip():
-        return (
-            f"{variable} is not a usable API key: it holds a line break, leading or trailing "
-            "space, or a non-ASCII letter (its value is not shown)"
-        )
-    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -110,7 +49,7 @@ class ProviderConfig:
 
     name: str
     # Shown without userinfo or query: either may hold a secret.
-    base_url: str | None = attrs.field(default=None, repr=lambda url: repr(url if url is None else _shown(url)))
+    base_url: str | None = attrs.field(default=None, repr=lambda url: repr(url if url is None else shown_url(url)))
     api_key: str | None = attrs.field(default=None, repr=False)
     token_source: BearerSource | None = attrs.field(default=None, repr=False)
     model: str | None = None

@@ -205,7 +205,7 @@ def test_cli_max_concurrency_must_be_positive(tmp_path: Path, capsys: pytest.Cap
 def test_reprs_and_constructors_keep_url_credentials_out() -> None:
     # build_provider refused them, but the public constructors took a
     # user:password@ URL and every repr, 404 error and stored error showed it.
-    with pytest.raises(ValueError, match="base_url must not carry credentials"):
+    with pytest.raises(ProviderConfigError, match="must not carry credentials"):
         OpenAIProvider(api_key=SECRET, base_url=f"https://user:{SECRET}@api.test/v1")
     provider = OpenAIProvider(api_key="k", base_url=f"https://api.test/v1?api-key={SECRET}")
     config = ProviderConfig(name="openai", base_url=f"https://user:{SECRET}@api.test/v1?api-key={SECRET}")
@@ -229,3 +229,53 @@ def test_a_base_url_with_a_query_that_may_hold_a_credential_is_not_stored(query:
     assert base_url_options({"openai": config}) == (
         {"base_urls": {"openai": url}} if kept else {"base_urls_withheld": ["openai"]}
     )
+
+
+@pytest.mark.parametrize("cls", [OpenAIProvider, AnthropicProvider])
+@pytest.mark.parametrize("key", [SECRET[:18] + "é" + SECRET[18:], SECRET + "\n", f" {SECRET}", "   "])
+def test_a_provider_built_directly_refuses_an_unusable_key_without_showing_it(
+    cls: type[OpenAIProvider] | type[AnthropicProvider], key: str
+) -> None:
+    # Only build_provider checked the key: built directly, every call failed
+    # as a provider_bug "'ascii' codec can't encode character '\xe9' in
+    # position 18" - a letter of the key and where it is, stored and shown.
+    with pytest.raises(ProviderConfigError, match="api_key") as info:
+        cls(api_key=key, base_url="http://x.test/v1")
+    message = str(info.value)
+    assert SECRET[:6] not in message and "é" not in message and "position" not in message
+    assert SECRET not in repr(info.value)
+
+
+@pytest.mark.parametrize("cls", [OpenAIProvider, AnthropicProvider])
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("127.0.0.1:8000/v1", "must start with http:// or https://"),
+        ("ftp://x/v1", "must start with http:// or https://"),
+        ("http:///v1", "has no host"),
+        ("http://a b/v1", "a host name cannot hold"),
+        ("http://x.test:99999/v1", "port outside 1-65535"),
+    ],
+)
+def test_a_provider_built_directly_refuses_a_base_url_build_provider_refuses(
+    cls: type[OpenAIProvider] | type[AnthropicProvider], url: str, problem: str
+) -> None:
+    # Each was accepted, and every call then failed as a retryable disconnect.
+    with pytest.raises(ProviderConfigError, match=problem):
+        cls(api_key=SECRET, base_url=url)
+
+
+def test_a_provider_needs_exactly_one_credential_said_as_a_config_error() -> None:
+    with pytest.raises(ProviderConfigError, match="give exactly one of api_key and token_source"):
+        OpenAIProvider(base_url="http://x.test/v1")
+    with pytest.raises(ProviderConfigError, match="api_key must be a non-empty string"):
+        AnthropicProvider(api_key="", base_url="http://x.test")
+
+
+@pytest.mark.parametrize("url", ["http://a b/v1", "http://a%20b/v1", "http://exa mple.com"])
+def test_a_base_url_whose_host_has_a_space_is_refused(url: str) -> None:
+    # httpx percent-encodes it (host 'a%20b'): no server has that name.
+    with pytest.raises(ProviderConfigError, match="a host name cannot hold"):
+        build_provider("openai", base_url=url, env={"OPENAI_API_KEY": SECRET})
+    for fine in ("http://127.0.0.1:8000/v1", "http://[::1]:8000/v1", "http://my_host.internal/v1", "https://münchen.de/v1"):
+        assert isinstance(build_provider("openai", base_url=fine, env={"OPENAI_API_KEY": SECRET}), OpenAIProvider)
