@@ -1016,6 +1016,20 @@ def fault_scope_problem(plan: FaultPlan, providers: Iterable[str], whom: str) ->
     )
 
 
+def fault_edge_problem(interceptor: object, edge: str) -> str | None:
+    """Why ``interceptor`` cannot go on ``edge``: a :class:`FaultInterceptor`
+    fails provider calls, which only the gateway edge carries; elsewhere its
+    faults could never fire and a run would pass as if it had survived
+    them.  ``None`` if it can."""
+    if edge == "gateway" or not isinstance(interceptor, FaultInterceptor):
+        return None
+    return (
+        f"interceptors[{edge!r}] holds a FaultInterceptor: faults are injected only on the 'gateway' "
+        "channel (give it as faults= or in interceptors['gateway']); on "
+        f"{edge!r} its faults could never fire"
+    )
+
+
 def _check_names(**names: object) -> None:
     """Names that look a run up: strings, or a ConfigError naming them (not
     an AttributeError from the run lock)."""
@@ -1176,6 +1190,9 @@ async def open_orchestrator(
         for interceptor in chain:
             if not isinstance(interceptor, Interceptor):
                 raise ConfigError(f"interceptors[{edge!r}] holds {interceptor!r}, which is not an Interceptor")
+            problem = fault_edge_problem(interceptor, edge)
+            if problem is not None:
+                raise ConfigError(problem)
     health = health if health is not None else HealthRegistry(breaker, max_wait=retry.max_wait)
     if isinstance(faults, str):
         faults = FaultPlan.parse(faults)  # a FaultPlanError names a bad entry
@@ -1199,7 +1216,16 @@ async def open_orchestrator(
     problem = missing_providers(pipeline, providers, "give provider a mapping that names them")
     if problem is not None:
         raise ConfigError(problem)
+    seen: set[int] = set()
     for interceptor in interceptors.get("gateway", ()):
+        if isinstance(interceptor, FaultInterceptor) and id(interceptor) in seen:
+            # attach() refused the second with a RuntimeError, after the
+            # database file was created.
+            raise ConfigError(
+                "the same FaultInterceptor is given twice (as faults= and in interceptors['gateway'], "
+                "or twice in that list); give it once"
+            )
+        seen.add(id(interceptor))
         if isinstance(interceptor, FaultInterceptor) and interceptor.attached:
             # Sharing it would share its gate, breaker and event log too.
             raise ConfigError(

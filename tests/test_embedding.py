@@ -232,6 +232,38 @@ async def test_a_wrong_kind_of_argument_is_refused_before_anything_starts(
     assert not path.exists()
 
 
+@pytest.mark.parametrize("edge", ["agent", "coordinator", "metrics", "store"])
+async def test_a_fault_interceptor_off_the_gateway_edge_is_refused_naming_the_edge(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, edge: str
+) -> None:
+    # Accepted, it never fired: the run "survived" faults never injected.
+    path = tmp_path / "c.db"
+    with pytest.raises(ConfigError, match=re.escape(f"interceptors[{edge!r}] holds a FaultInterceptor")) as info:
+        async with open_orchestrator(store=str(path), interceptors={edge: [FaultInterceptor("disconnect:3")]}):
+            pass  # pragma: no cover
+    assert "could never fire" in str(info.value)
+    assert not path.exists()
+
+
+async def test_one_fault_interceptor_given_twice_is_a_config_error_before_anything_starts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # It was a plain RuntimeError from attach(), after the database was created.
+    path = tmp_path / "c.db"
+    faults = FaultInterceptor("disconnect:3")
+    for kwargs in (
+        {"faults": faults, "interceptors": {"gateway": [faults]}},
+        {"interceptors": {"gateway": [faults, faults]}},
+    ):
+        with pytest.raises(ConfigError, match="the same FaultInterceptor is given twice"):
+            async with open_orchestrator(store=str(path), **kwargs):  # type: ignore[arg-type]
+                pass  # pragma: no cover
+        assert not path.exists() and not faults.attached
+    async with open_orchestrator(store=str(path), faults=faults) as orch:  # once is fine
+        assert (await orch.run(run_id="r")).status == "completed"
+    assert sum(faults.injected.values()) == 3
+
+
 @pytest.mark.parametrize("max_buffer", [-1, "10", 1.5, True, float("inf")])
 async def test_a_bad_progress_buffer_is_refused_naming_it(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, max_buffer: Any
