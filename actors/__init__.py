@@ -13,7 +13,7 @@ and talk only through the typed channels of :mod:`messages`.
 from . import _auth_api, _providers_api
 from ._agent import Agent, build_prompt
 from ._auth_api import *  # noqa: F403  (device-code login and tokens, listed there)
-from ._breaker import BreakerPolicy, CircuitBreaker
+from ._breaker import BreakerPolicy, BreakerTicket, CircuitBreaker
 from ._classify import Classification, classify
 from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
 from ._coordinator import Coordinator, DecisionNotDurable, RunContext
@@ -46,7 +46,7 @@ from ._gc import THROUGHPUT_THRESHOLDS, throughput_gc
 from ._provider import BaseProvider, MockProvider
 from ._providers_api import *  # noqa: F403  (the provider layer's names, listed there)
 from ._resume import ResumeError
-from ._ratelimit import RateLimitGate
+from ._ratelimit import GateRefused, RateLimitGate
 from ._retry import RetryPolicy
 from ._runtime import (
     EDGES,
@@ -76,12 +76,14 @@ __all__ = [
     "context_window",
     "parse_budget",
     "BreakerPolicy",
+    "BreakerTicket",
     "CircuitBreaker",
     "Classification",
     "classify",
     "HealthRegistry",
     "Permit",
     "ProviderHealth",
+    "GateRefused",
     "RateLimitGate",
     "ADVANCING",
     "EDGES",

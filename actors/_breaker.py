@@ -87,12 +87,18 @@ class BreakerPolicy:
 
 
 @attrs.frozen(slots=True)
-class Ticket:
+class BreakerTicket:
     """An admitted call: which breaker generation admitted it, and whether
-    it is the half-open probe."""
+    it is the half-open probe.  Not :class:`actors.Ticket`, which is the
+    decision sequencer's."""
 
     generation: int
     probe: bool
+
+
+# Its old name here, kept for the imports that use it; the public name is
+# BreakerTicket (actors.Ticket is the decision sequencer's).
+Ticket = BreakerTicket
 
 
 class _Tally:
@@ -195,8 +201,8 @@ class CircuitBreaker:
         failures = self._failed.before(now, horizon)
         return total >= self.policy.min_calls and failures >= self.policy.failure_rate * total
 
-    def acquire(self, now: float) -> Ticket | float:
-        """Admit a call (a :class:`Ticket`) or refuse it: the float is how
+    def acquire(self, now: float) -> BreakerTicket | float:
+        """Admit a call (a :class:`BreakerTicket`) or refuse it: the float is how
         long until trying again makes sense."""
         self._catch_up(now)
         if self.state == "closed":
@@ -204,7 +210,7 @@ class CircuitBreaker:
                 self._move(now, "open")
             else:
                 self._admitted.add(now)
-                return Ticket(self.generation, probe=False)
+                return BreakerTicket(self.generation, probe=False)
         if self.state == "open":
             left = self.opened_at + self.policy.cooldown - now
             if left > 0:
@@ -218,11 +224,11 @@ class CircuitBreaker:
         if now == self.probe_instant:
             self.probes_out += 1
             self._probes += 1
-            return Ticket(self.generation, probe=True)
+            return BreakerTicket(self.generation, probe=True)
         self.rejected += 1
         return self.policy.probe_wait
 
-    def refuses_resend(self, ticket: Ticket, now: float) -> float | None:
+    def refuses_resend(self, ticket: BreakerTicket, now: float) -> float | None:
         """For a call admitted with ``ticket`` that sends its request a
         second time: None if it may, else how long until trying again makes
         sense.  Refused if the breaker has left the state the ticket was
@@ -266,7 +272,7 @@ class CircuitBreaker:
         if self.state == "half_open" and self.probe_instant is not None and now > self.probe_instant:
             self._judge(self._changed_at)
 
-    def record(self, ticket: Ticket, now: float, *, failure: bool) -> None:
+    def record(self, ticket: BreakerTicket, now: float, *, failure: bool) -> None:
         if ticket.generation != self.generation:
             return  # admitted before the last transition: stale
         if ticket.probe:
@@ -284,7 +290,7 @@ class CircuitBreaker:
         elif failure:
             self._failed.add(now)
 
-    def release(self, ticket: Ticket, now: float) -> None:
+    def release(self, ticket: BreakerTicket, now: float) -> None:
         """The call was abandoned (cancelled).  A probe frees its slot and
         no longer counts towards the verdict; another call stays counted as
         admitted and not failed."""

@@ -30,7 +30,7 @@ import trio
 
 from messages import CircuitOpen, CompletionRequest, ProviderError, ProviderUnavailable, RateLimited
 
-from ._breaker import BreakerPolicy, CircuitBreaker, Ticket
+from ._breaker import BreakerPolicy, BreakerTicket, CircuitBreaker
 from ._checks import check_seconds, check_wait
 from ._classify import classify
 from ._ratelimit import GateRefused, RateLimitGate
@@ -53,7 +53,7 @@ class Permit:
     was cancelled)."""
 
     provider: str
-    ticket: Ticket
+    ticket: BreakerTicket
     at: float  # trio time the call was admitted
 
 
@@ -96,7 +96,7 @@ class ProviderHealth:
                     return None, refused
                 now = trio.current_time()
             ticket = self.breaker.acquire(now)
-            if isinstance(ticket, Ticket):
+            if isinstance(ticket, BreakerTicket):
                 self.calls += 1
                 return Permit(self.name, ticket, now), None
             if self.breaker.state != "half_open":

@@ -47,13 +47,15 @@ from collections.abc import Mapping
 
 import trio
 
+from messages import ConclaveError
+
 from ._checks import check_seconds
 from ._grid import on_grid
 
 
-class GateRefused(Exception):
+class GateRefused(ConclaveError):
     """A later 429 moved the reset past a waiter's limits (see
-    :meth:`RateLimitGate.wait`); ``left``: seconds until the reset;
+    :meth:`RateLimitGate.wait`, which raises it); ``left``: seconds until the reset;
     ``past_until``: its release point passed ``until`` (else the gate stays
     closed longer than its ``max_wait``)."""
 

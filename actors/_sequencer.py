@@ -19,14 +19,14 @@ from contextlib import contextmanager
 
 import attrs
 
-from messages import StageKey
+from messages import ConclaveError, StageKey
 
 
-class SequencerBusy(RuntimeError):
+class SequencerBusy(ConclaveError, RuntimeError):
     """Another decision is pending: decisions of a run are made one at a time."""
 
 
-class AlreadyDecided(Exception):
+class AlreadyDecided(ConclaveError):
     """The key already has a durable decision; carries its seq."""
 
     def __init__(self, key: StageKey, seq: int) -> None:

@@ -802,6 +802,33 @@ def test_every_error_conclave_raises_on_purpose_is_a_conclave_error() -> None:
     assert issubclass(PipelineError, ValueError) and issubclass(ProviderConfigError, ValueError)
 
 
+def test_the_sequencer_and_gate_errors_are_conclave_errors_and_public() -> None:
+    """AlreadyDecided, SequencerBusy and GateRefused (which the public
+    RateLimitGate.wait raises) escaped ``except ConclaveError``, and
+    GateRefused could not be imported from the façade."""
+    import actors
+    from actors import AlreadyDecided, SequencerBusy
+    from messages import ConclaveError
+
+    gate_refused = getattr(actors, "GateRefused", None)
+    assert gate_refused is not None and "GateRefused" in actors.__all__
+    for error in (AlreadyDecided, SequencerBusy, gate_refused):
+        assert issubclass(error, ConclaveError), error
+    assert issubclass(SequencerBusy, RuntimeError)  # and still what it was
+
+
+def test_the_breaker_ticket_is_not_the_sequencer_ticket() -> None:
+    """CircuitBreaker.acquire said it returns a Ticket, and actors.Ticket is
+    the decision sequencer's: the breaker's has a name of its own."""
+    import actors
+
+    admitted = actors.CircuitBreaker(actors.BreakerPolicy()).acquire(0.0)
+    breaker_ticket = getattr(actors, "BreakerTicket", None)
+    assert breaker_ticket is not None and "BreakerTicket" in actors.__all__
+    assert isinstance(admitted, breaker_ticket) and not isinstance(admitted, actors.Ticket)
+    assert breaker_ticket is not actors.Ticket
+
+
 async def test_options_that_are_not_json_are_refused(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     # NaN and Infinity were stored as NaN / Infinity, which JSON does not have.
     async with open_orchestrator(store=str(tmp_path / "n.db")) as orch:
