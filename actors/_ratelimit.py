@@ -73,9 +73,9 @@ class RateLimitGate:
     rounded onto (0: none)."""
 
     def __init__(self, *, spread: float = 1.0, quantum: float = 0.0) -> None:
-        if spread < 0:
-            raise ValueError(f"spread must be >= 0, got {spread}")
-        self.spread = spread
+        # NaN passed "spread < 0" and made every release point NaN; inf
+        # released no waiter, ever.
+        self.spread = check_seconds(spread, "gate spread")
         self.quantum = check_seconds(quantum, "gate quantum")
         self.reset_at = -math.inf  # in force for callers after the closing instant
         self._before = -math.inf  # the reset time as it stood before that instant

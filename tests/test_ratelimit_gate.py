@@ -5,6 +5,7 @@ of the queue, not every waiter."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import trio
@@ -297,3 +298,15 @@ def test_two_429s_in_one_instant_refuse_as_one_would() -> None:
     """The waiter due at 10 is released whichever of two 429s at 10 comes
     first: each is measured against the reset before the instant."""
     assert _race(1.0, 0.0, 15.0, math.inf, 10.0, 12.0, 20.0) == {("released", 10.0)}
+
+
+@pytest.mark.parametrize("spread", [math.nan, math.inf, -1.0])
+def test_a_spread_that_is_not_a_finite_number_of_seconds_is_refused_naming_it(spread: float) -> None:
+    # NaN and inf were accepted: NaN release points, or waiters never released.
+    with pytest.raises(ValueError, match=re.escape(f"gate spread must be a finite number of seconds >= 0, got {spread!r}")):
+        RateLimitGate(spread=spread)
+
+
+def test_a_spread_that_is_not_a_number_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="gate spread must be a number of seconds, got True"):
+        RateLimitGate(spread=True)
