@@ -35,7 +35,7 @@ from messages import (
 
 from ._busy import BUSY_ERRORS, retry_busy
 from ._db import BUSY_TIMEOUT_MS, Durability, open_connection
-from ._errors import StoreFull
+from ._errors import StoreError, StoreFull
 from ._lineage import LINEAGE_CTE
 from ._runlock import claim_run, is_claimed
 
@@ -646,6 +646,8 @@ class Store:
     # writer's transactions on the same connection.
 
     def _rows(self, sql: str, args: Any = ()) -> list[Any]:
+        if self.closed:  # else apsw's ConnectionClosedError, naming no store
+            raise StoreError(f"store {self.path!r} is closed: open it again (Store.open) to read it")
         conn = self._conn
         return retry_busy(lambda: conn.execute(sql, args).fetchall(), what=self.path)
 

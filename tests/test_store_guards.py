@@ -180,3 +180,25 @@ async def test_a_run_on_a_full_disk_stops_saying_so_and_resumes_once_there_is_sp
         async with open_orchestrator(store=s, seed=7) as orch:
             resumed = await orch.resume("f")
     assert resumed.completed and resumed.digest == expected.digest
+
+
+def test_reading_a_closed_store_is_a_store_error_naming_it(tmp_path: Path) -> None:
+    # Store.closed was tracked, yet every read raised apsw's bare
+    # ConnectionClosedError, which names no store and is no ConclaveError.
+    from store import StoreError
+
+    path = str(tmp_path / "c.db")
+    s = Store.open(path)
+    new_run(s)
+    s.close()
+    reads = (
+        lambda: s.get_run("r"),
+        lambda: s.list_runs(),
+        lambda: s.branches("r"),
+        lambda: s.events("r"),
+        lambda: list(s.iter_events("r")),
+        lambda: s.integrity_check(),
+    )
+    for read in reads:
+        with pytest.raises(StoreError, match=f"store {path!r} is closed"):
+            read()
