@@ -76,6 +76,7 @@ from messages import (
 from store import Store
 
 from ._breaker import BreakerPolicy
+from ._checks import check_number, check_whole
 from ._health import HealthRegistry
 from ._pipeline import Pipeline, default_pipeline, pipeline_from_dict
 from ._provider import BaseProvider
@@ -122,7 +123,14 @@ def _plan(value: FaultPlan | str) -> FaultPlan:
     return default_soak_plan(value) if isinstance(value, str) else value
 
 
-_whole = attrs.validators.instance_of(int)
+def _whole(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # Not instance_of(int): True passed it as 1 run, 1 worker, ... (Limits
+    # and open_orchestrator(seed=) refuse a bool).
+    check_whole(value, attribute.name)
+
+
+def _number(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    check_number(value, attribute.name)  # True would read as a 100 % rate
 
 
 @attrs.frozen(kw_only=True)
@@ -149,7 +157,7 @@ class SoakConfig:
     # quantum of its own): off it, each had an instant of its own, 63 % of
     # the run loop's iterations.
     latency: Latency = attrs.field(default=Latency(quantum=1.0), validator=attrs.validators.instance_of(Latency))
-    disagreement_rate: float = attrs.field(default=0.0, validator=attrs.validators.instance_of((int, float)))
+    disagreement_rate: float = attrs.field(default=0.0, validator=_number)
     # default: a scratch store in memory (see _database)
     db: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     # Processes to split the runs over (see ``_soak_shards``).  Part of the

@@ -363,11 +363,11 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
 @pytest.mark.parametrize(
     ("kwargs", "error", "needle"),
     [
-        ({"seed": "1"}, TypeError, "'seed'"),
+        ({"seed": "1"}, TypeError, "seed must be a whole number, got '1'"),
         ({"seed": 2**63}, ValueError, "seed must fit in 64 bits"),
-        ({"runs": 2.5}, TypeError, "'runs'"),
+        ({"runs": 2.5}, TypeError, "runs must be a whole number, got 2.5"),
         ({"runs": 0}, ValueError, "runs must be at least 1"),
-        ({"agents": "3"}, TypeError, "'agents'"),
+        ({"agents": "3"}, TypeError, "agents must be a whole number, got '3'"),
         ({"concurrency": 0}, ValueError, "concurrency"),
         ({"workers": 0}, ValueError, "workers"),
         ({"faults": 5}, TypeError, "'faults'"),
@@ -389,6 +389,19 @@ def test_a_kept_file_of_an_earlier_soak_of_the_seed_is_refused_at_once(tmp_path:
 def test_a_bad_config_is_refused_when_built(kwargs: dict[str, Any], error: type[Exception], needle: str) -> None:
     with pytest.raises(error, match=re.escape(needle)):
         SoakConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["seed", "runs", "agents", "concurrency", "workers"])
+def test_a_bool_is_not_a_count(field: str) -> None:
+    # True passed instance_of(int): one run, one worker; Limits and
+    # open_orchestrator(seed=) refuse it.
+    with pytest.raises(TypeError, match=re.escape(f"{field} must be a whole number, got True")):
+        SoakConfig(**{field: True})
+
+
+def test_a_bool_is_not_a_disagreement_rate() -> None:
+    with pytest.raises(TypeError, match=re.escape("disagreement_rate must be a number, got True")):
+        SoakConfig(disagreement_rate=True)
 
 
 def test_a_reset_a_retry_waits_out_is_accepted() -> None:
