@@ -46,7 +46,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class RetryableStoreError(Exception):
+class RetryableStoreError(StoreError):
     """SQLite was busy or locked; the whole batch may be tried again."""
 
 

@@ -802,6 +802,13 @@ def test_every_error_conclave_raises_on_purpose_is_a_conclave_error() -> None:
     assert issubclass(PipelineError, ValueError) and issubclass(ProviderConfigError, ValueError)
 
 
+def test_a_retryable_store_error_is_a_store_error() -> None:
+    """Raised by the public Store.apply, it escaped ``except ConclaveError``."""
+    from store import RetryableStoreError, StoreError
+
+    assert issubclass(RetryableStoreError, StoreError)
+
+
 def test_the_sequencer_and_gate_errors_are_conclave_errors_and_public() -> None:
     """AlreadyDecided, SequencerBusy and GateRefused (which the public
     RateLimitGate.wait raises) escaped ``except ConclaveError``, and
