@@ -303,3 +303,15 @@ async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(
         (logged,) = store.events("G", "gate_wait")
     assert (logged.agent, logged.attempt, logged.detail["provider"]) == ("b", 1, "sim")
     assert 29.0 <= logged.detail["waited_s"] <= 31.0
+
+
+def test_the_cli_prints_a_call_waiting_at_the_gate() -> None:
+    import io
+
+    from actors._cli import ProgressPrinter
+    from messages import AgentKey, CallWaiting
+
+    out = io.StringIO()
+    key = AgentKey(run_id="r", branch_id="b", stage="validate", agent="claude")
+    ProgressPrinter(out, 6)(CallWaiting(key=key, attempt=2, provider="openai", delay=29.0))
+    assert out.getvalue() == "    claude: attempt 2 waits 29s for openai's rate-limit reset\n"
