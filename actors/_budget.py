@@ -32,6 +32,9 @@ BudgetLike = Decimal | int | float | str
 MAX_BUDGET = Decimal(10**12)
 
 
+MIN_BUDGET = Decimal("1e-12")  # the smallest amount usd() shows
+
+
 def parse_budget(value: BudgetLike | None) -> Decimal | None:
     """A budget in USD as an exact Decimal; ``None`` means unlimited."""
     if value is None:
@@ -44,6 +47,9 @@ def parse_budget(value: BudgetLike | None) -> Decimal | None:
         raise ValueError(f"budget must be a finite amount of USD >= 0, got {value!r}")
     if budget == 0:
         budget = Decimal(0)  # "-0" was kept, and shown as "$-0.0000"
+    if 0 < budget < MIN_BUDGET:
+        # Amounts are shown to 12 places at most: it printed as $0.000000000000.
+        raise ValueError(f"budget must be 0 or at least {MIN_BUDGET:f} USD, got {value!r}")
     if budget > MAX_BUDGET:
         # Past this, sums and percentages of it overflow Decimal's context
         # inside the metrics actor, mid-run; no budget needs it.

@@ -314,3 +314,14 @@ async def test_a_refused_connection_while_streaming_is_not_a_cut_stream() -> Non
     error = await failure(raising(lambda r: httpx.ConnectError("[Errno 111] Connection refused", request=r)))
     assert type(error) is Disconnected
     assert "cut short" not in str(error)
+
+
+def test_a_budget_too_small_to_show_is_refused() -> None:
+    # It was accepted and shown as $0.000000000000, spent "of" nothing.
+    from actors._budget import parse_budget, usd
+
+    with pytest.raises(ValueError, match=r"budget must be 0 or at least 0\.000000000001 USD, got '0\.0000000000001'"):
+        parse_budget("0.0000000000001")
+    smallest = parse_budget("0.000000000001")
+    assert smallest is not None and usd(smallest) == "$0.000000000001"
+    assert parse_budget("0") == 0
