@@ -38,7 +38,7 @@ from messages import (
     StageStarted,
     TokenUsage,
 )
-from store import BranchRow, EmptyDatabase, LockFileError, RunLocked, RunRow, Store, StoreError
+from store import BranchRow, EmptyDatabase, LockFileError, RunLocked, RunRow, Store, StoreError, preview_run
 
 from ._gc import throughput_gc
 from ._budget import usd, usd_of
@@ -543,12 +543,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except MetricsUsageError as exc:
         return _fail(str(exc))
     warn_unpriced_budget(args, pipeline)
+    if args.run_id is not None and _run_exists(args.db, args.run_id):
+        # Looked up without writing: opening for writing migrates an older
+        # file (and switches it to WAL), and the refusal came after that.
+        return _fail(f"run id {args.run_id!r} already exists in {args.db}")
     try:
         store = Store.open(args.db)
     except StoreError as exc:
         return _fail(str(exc))
     with store:
         if args.run_id is not None and store.get_run(args.run_id) is not None:
+            # Made by another process since the look above.
             return _fail(f"run id {args.run_id!r} already exists in {args.db}")
         _history.install_test_kill_hook(store, os.environ)
         # Chosen here, not by the orchestrator, so that an interrupted run
@@ -573,6 +578,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                     return _fail(str(_leaves(bad)[0]))
             raise
     return report_result(args, result, virtual, elapsed, faults)
+
+
+def _run_exists(db: str, run_id: str) -> bool:
+    """Whether ``db`` already holds ``run_id``, read without writing
+    anything (no migration, no pragma).  A file that cannot be read so -
+    none yet, empty, damaged - is left to :meth:`Store.open` to judge."""
+    if not os.path.exists(db):
+        return False
+    try:
+        preview_run(db, run_id, for_writing=False)
+    except StoreError:  # UnknownRun among them
+        return False
+    return True
 
 
 def report_result(

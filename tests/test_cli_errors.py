@@ -91,6 +91,22 @@ def test_existing_run_id_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(proc.stderr, "run id 'R' already exists")
 
 
+def test_existing_run_id_in_an_older_schema_file_is_refused_untouched(tmp_path: Path) -> None:
+    """The refusal came after the file was opened for writing: an older
+    schema's file was migrated to the latest and switched to WAL first."""
+    import hashlib
+    import shutil
+
+    db = tmp_path / "v1.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / "v1_interrupted.db", db)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    proc = run_cli(["run", "--db", str(db), "--run-id", "V1RUN"])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, "run id 'V1RUN' already exists")
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sorted(os.listdir(tmp_path)) == ["v1.db"]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
