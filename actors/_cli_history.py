@@ -115,6 +115,26 @@ def branch_of(store: Store, run: RunRow, branch: str | None) -> BranchRow:
         raise UsageError(str(exc)) from None
 
 
+def previewed_branch(preview: RunPreview, branch: str) -> str:
+    """The id of the branch ``branch`` (full or short id) names among those
+    :func:`~store.preview_run` read, matched as :meth:`Store.find_branches`
+    matches (a short id in either case) and refused in the words of
+    :func:`resolve_branch`: ``rerun`` looks before it opens the store for
+    writing (which may migrate the file), so it cannot ask the store.  Its
+    own matcher took 'EC6B49EB', which 'status --branch' takes, for an
+    unknown branch.  Raises :class:`ResumeError`."""
+    ids = preview.branch_ids
+    if branch in ids:
+        return branch
+    found = [b for b in ids if b.startswith(branch) or b.rsplit("-", 1)[-1].startswith(branch.lower())]
+    if len(found) == 1:
+        return found[0]
+    known = ", ".join(ids)
+    if not found:
+        raise ResumeError(f"run {preview.run_id!r} has no branch {branch!r}; its branches: {known}")
+    raise ResumeError(f"branch {branch!r} of run {preview.run_id!r} is ambiguous: {known}")
+
+
 def shown_branch_status(status: str | None, current: bool) -> str | None:
     """Only the current branch is ever resumed: another one left unfinished
     (a rerun forked the run away from it) is ``abandoned``, not running -
@@ -452,20 +472,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         return _fail(f"cannot rerun run {args.run_id!r} from {args.from_stage!r}: {exc}")
     parent = preview.current_branch_id or ""
     if args.branch is not None:
-        matches = [
-            b
-            for b in preview.branch_ids
-            if b.startswith(args.branch) or b.rsplit("-", 1)[-1].startswith(args.branch)
-        ]
-        if args.branch in preview.branch_ids:
-            matches = [args.branch]
-        if len(matches) != 1:
-            what = "ambiguous" if matches else "unknown"
-            return _fail(
-                f"{what} branch {args.branch!r} of run {args.run_id!r}; its branches: "
-                + ", ".join(preview.branch_ids)
-            )
-        parent = matches[0]
+        try:
+            parent = previewed_branch(preview, args.branch)
+        except ResumeError as exc:
+            return _fail(str(exc))
     # Refuse before anything writes: every earlier stage must have an
     # advancing decision for the child to inherit.
     try:

@@ -189,6 +189,26 @@ def test_cli_rerun_branches_status_decisions(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "no branch 'nope'" in bad.stderr
 
 
+def test_rerun_takes_a_short_branch_id_in_either_case_as_status_does(tmp_path: Path) -> None:
+    """'status --branch EC6B49EB' found the branch; 'rerun --branch
+    EC6B49EB' said "unknown branch" (its own matcher, case-sensitive)."""
+    db = str(tmp_path / "c.db")
+    first = run_cli(["run", "--db", db, "--run-id", "R", "--disagreement-rate", "0", "--json"])
+    assert first.returncode == 0, first.stderr
+    root = json.loads(first.stdout)["branch_id"]
+    short = root.rsplit("-", 1)[-1][:8].upper()
+    shown = run_cli(["status", "R", "--db", db, "--branch", short, "--json"])
+    assert json.loads(shown.stdout)["branch_id"] == root, shown.stderr
+    rerun = run_cli(["rerun", "R", "--from", "tasks", "--branch", short, "--db", db, "--json"])
+    assert rerun.returncode == 0, rerun.stderr
+    [_, kid] = json.loads(run_cli(["branches", "R", "--db", db, "--json"]).stdout)["branches"]
+    assert (kid["parent_branch_id"], kid["fork_stage"]) == (root, "tasks")
+    # A branch that is not there is refused in the words the other commands use.
+    for command in (["status", "R"], ["rerun", "R", "--from", "tasks"]):
+        bad = run_cli([*command, "--db", db, "--branch", "nope"])
+        assert bad.returncode == 2 and "run 'R' has no branch 'nope'; its branches: " in bad.stderr, bad.stderr
+
+
 async def test_consensus_reads_the_durable_lineage_not_the_message(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

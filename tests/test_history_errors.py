@@ -79,7 +79,7 @@ def make(case: str, tmp_path: Path, good_db: Path) -> tuple[Path, list[str], str
     if case == "unknown_stage":
         return db, ["rerun", "R", "--from", "deploy"], "unknown stage 'deploy'"
     if case == "unknown_branch":
-        return db, ["rerun", "R", "--from", "plan", "--branch", "ffffffff"], "unknown branch 'ffffffff'"
+        return db, ["rerun", "R", "--from", "plan", "--branch", "ffffffff"], "run 'R' has no branch 'ffffffff'; its branches: "
     if case == "read_only":
         db.chmod(0o444)
         return db, ["resume", "R"], "read-only"
