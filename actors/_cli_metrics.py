@@ -305,6 +305,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
                 "run_id": run.run_id,
                 "branch_id": branch.branch_id,
                 "status": status,
+                # As status --json and branches --json have it: the stored
+                # status beside whether a process drives the branch now
+                # (null: unknowable); a killed run read "running" alone.
+                # Only the current branch is ever driven.
+                "driven": driven if current else False,
                 **run_metrics(store, run.run_id, prices, branch.branch_id),
             }
             # Calls a process driving the branch made are at work, not cut

@@ -220,3 +220,20 @@ def test_resume_json_says_what_its_usage_covers(tmp_path: Path) -> None:
     again = json.loads(proc.stdout)
     assert (again["turns"], again["replays"]) == (0, 19)
     assert again["usage"] == first["usage"] and again["digest"] == first["digest"]
+
+
+def test_metrics_json_of_a_killed_run_says_it_is_not_driven(tmp_path: Path) -> None:
+    """Its text said stalled, while --json said "status": "running" with
+    nothing to tell it from a run at work (status and branches --json have
+    "driven")."""
+    db = str(tmp_path / "k.db")
+    killed = run_cli(["run", "--run-id", "K", "--db", db], env={"CONCLAVE_TEST_KILL_AFTER_WRITES": "9"})
+    assert killed.returncode == -9
+    status = json.loads(run_cli(["status", "K", "--db", db, "--json"]).stdout)
+    report = json.loads(run_cli(["metrics", "K", "--db", db, "--json"]).stdout)
+    assert (report["status"], report["driven"]) == (status["status"], status["driven"]) == ("running", False)
+    # A run that finished is driven by nobody either.
+    done = run_cli(["run", "--run-id", "D", "--db", db, "--disagreement-rate", "0"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(run_cli(["metrics", "D", "--db", db, "--json"]).stdout)
+    assert (report["status"], report["driven"]) == ("completed", False)
