@@ -510,7 +510,36 @@ def warn_unpriced_budget(args: argparse.Namespace, pipeline: Pipeline) -> None:
         )
 
 
+SIM_OPTIONS = {"--disagreement-rate": "disagreement_rate", "--sim-latency": "sim_latency"}
+
+
+def given_sim_options(args: argparse.Namespace) -> list[str]:
+    """The simulator's options given on the command line (their parsers
+    default to None)."""
+    return [option for option, dest in SIM_OPTIONS.items() if getattr(args, dest, None) is not None]
+
+
+def sim_only_problem(given: Sequence[str], providers: Iterable[str], whose: str) -> str | None:
+    """Why the simulator's options ``given`` cannot be used: no agent of the
+    run uses the simulator (``providers``), so they were ignored without a
+    word, as if they had shaped the run (``--base-url`` and friends on a
+    simulator-only run are refused the same way).  None when none is given
+    or an agent is simulated."""
+    names = sorted(providers)
+    if not given or "sim" in names:
+        return None
+    return (
+        f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to the simulator; "
+        f"{whose} {', '.join(names)}, not the simulator"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    sim_given = given_sim_options(args)
+    # The simulator's settings are kept with the run, given or not (as they always were).
+    for name, value in _history.DEFAULT_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         pipeline = (
             load_pipeline(args.pipeline, one_provider=args.provider is not None)
@@ -529,6 +558,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except (ProviderConfigError, PipelineError, AuthError) as exc:
         return _fail(str(exc))
+    problem = sim_only_problem(sim_given, configs, "this run's agents use")
+    if problem is not None:
+        return _fail(problem)
     check_fault_scope(plan, configs)
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:
@@ -863,8 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_argument(run)
     run.add_argument("--seed", type=seed_arg, default=0, help="seed of every random choice (default: 0); same seed, same digest")
     run.add_argument("--run-id", type=_id_arg("a run id", spaces=False), metavar="ID", help="use this run id instead of a generated one (no spaces)")
-    run.add_argument("--disagreement-rate", type=_unit_interval, default=0.03, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
-    run.add_argument("--sim-latency", type=_non_negative, default=2.0, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")
+    # Default None, filled in by cmd_run: given with no simulator agent, they are refused.
+    run.add_argument("--disagreement-rate", type=_unit_interval, default=None, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
+    run.add_argument("--sim-latency", type=_non_negative, default=None, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")
     run.add_argument(
         "--max-attempts", type=positive_arg, default=None, metavar="N",
         help="attempts per agent call, retries included (default: 3); kept with the run for resume and rerun",

@@ -47,6 +47,8 @@ from ._cli import (
     drain_progress,
     print_progress,
     report_result,
+    given_sim_options,
+    sim_only_problem,
     warn_unpriced_budget,
 )
 from ._checks import add_db_argument, nonempty_arg, positive_arg
@@ -362,6 +364,9 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         given, kept = load_kept_prices(args.prices) if given_prices(args.prices) else (None, None)
     except (PipelineError, ProviderConfigError, AuthError, MetricsUsageError) as exc:
         return _fail(str(exc))
+    problem = sim_only_problem(given_sim_options(args), configs, f"run {args.run_id}'s stored pipeline uses")
+    if problem is not None:
+        return _fail(problem)
     check_fault_scope(plan, configs)
     remote = sorted(name for name, config in configs.items() if config.remote)
     if args.clock is None:

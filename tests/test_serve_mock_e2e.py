@@ -224,6 +224,38 @@ def test_a_rerun_keeps_the_server_and_faults_it_ran_with_not_its_parents(tmp_pat
         assert "faults" not in child.options
 
 
+def test_simulator_options_are_refused_for_a_run_without_the_simulator(tmp_path: Path) -> None:
+    """--disagreement-rate and --sim-latency were accepted, and ignored,
+    by run and rerun with real providers only (--base-url on a simulator
+    run is refused): refused, exit 2, naming the option, nothing written."""
+    db = tmp_path / "c.db"
+    key = {"OPENAI_API_KEY": SECRET}
+    with serve_mock("--seed", str(SEED)) as (url, _):
+        base = ["--provider", "openai", "--base-url", url, "--seed", str(SEED), "--db", str(db)]
+        for extra, named in (
+            (["--disagreement-rate", "0.5", "--sim-latency", "9"], "--disagreement-rate and --sim-latency apply"),
+            (["--sim-latency", "9"], "--sim-latency applies"),
+        ):
+            refused = conclave("run", SPEC, *base, "--run-id", "X", *extra, env=key)
+            assert refused.returncode == 2 and not db.exists(), refused.stderr
+            assert refused.stderr == (
+                f"conclave: error: {named} only to the simulator; "
+                "this run's agents use openai, not the simulator\n"
+            )
+        made = conclave("run", SPEC, *base, "--run-id", "R", env=key)
+        assert made.returncode == 0, made.stderr
+        before = db.read_bytes()
+        refused = conclave("rerun", "R", "--from", "audit", "--db", str(db), "--disagreement-rate", "0.5", env=key)
+        assert refused.returncode == 2
+        assert "--disagreement-rate applies only to the simulator; run R's stored pipeline uses openai" in refused.stderr
+        assert db.read_bytes() == before
+        with Store.open(str(db), readonly=True) as store:
+            assert len(store.branches("R")) == 1, "no branch was made"
+    # With the simulator they are taken, as always.
+    sim = conclave("run", "--db", str(tmp_path / "sim.db"), "--disagreement-rate", "0.5", "--sim-latency", "9")
+    assert sim.returncode in (0, 3), sim.stderr
+
+
 def test_serve_mock_stopped_by_sigterm_exits_0_as_by_ctrl_c() -> None:
     # A supervisor's stop ended the server by the signal (-15), while
     # Ctrl-C closed it cleanly and exited 0.
