@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._checks import check_seconds, nonempty_arg, positive_arg
+from ._checks import check_seconds, nonempty_arg, positive_arg, seed_arg
 from ._http_provider import BearerSource
 from ._mock_backend import FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
@@ -55,7 +56,9 @@ def add_serve_mock_command(subparsers: Any) -> None:
         "--host", type=nonempty_arg, default="127.0.0.1", help="address to bind (default: loopback only)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the answers and usage (default: 0)")
+    # Checked as run's --seed is: a seed past 64 bits cannot be run's, so
+    # no run could match the server's answers.
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the answers and usage (default: 0)")
     parser.add_argument(
         "--disagreement-rate", type=float, default=0.03, help="chance an agent dissents (as conclave run: 0.03)"
     )
@@ -66,10 +69,23 @@ def add_serve_mock_command(subparsers: Any) -> None:
     parser.add_argument("--reset-seconds", type=float, default=1.0, help="reset hint of a 429 (default: 1)")
     parser.add_argument("--slow-seconds", type=float, default=30.0, help="delay of a 'slow' fault (default: 30)")
     parser.add_argument(
-        "--require-key-env", metavar="VAR", default=None,
+        # An empty name was taken as not given: a server requiring no key.
+        "--require-key-env", type=nonempty_arg, metavar="VAR", default=None,
         help="require 'Authorization: Bearer $VAR' (the key is read from the environment, never from argv)",
     )
     parser.set_defaults(handler=serve_mock_main)
+
+
+def _check_host(host: str, port: int) -> None:
+    """Raise :class:`MockConfigError` naming ``host`` unless it resolves to
+    an address to bind: an unknown name exited 1 ("cannot listen on"), or
+    with a bare UnicodeError for one that is not a host name at all."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise MockConfigError(f"--host {host!r}: cannot resolve it to an address ({exc.strerror})") from None
+    except UnicodeError:
+        raise MockConfigError(f"--host {host!r}: not a host name or address") from None
 
 
 def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None = None) -> int:
@@ -86,8 +102,9 @@ def serve_mock_main(args: argparse.Namespace, *, env: Mapping[str, str] | None =
                 check_seconds(value, flag)
             except ValueError as exc:
                 raise MockConfigError(str(exc)) from None
+        _check_host(args.host, args.port)
         key = None
-        if args.require_key_env:
+        if args.require_key_env is not None:
             key = environ.get(args.require_key_env)
             if not key:
                 raise MockConfigError(f"--require-key-env: {args.require_key_env} is not set")

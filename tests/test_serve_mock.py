@@ -303,3 +303,39 @@ async def test_a_refused_connection_names_the_server_in_words(stream: bool) -> N
     assert message.startswith(f"openai: cannot connect to 127.0.0.1:{port}")
     assert "cut short" not in message and "Error" not in message.split("(")[0]
     assert "ConnectError" not in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        # Accepted, though run --seed refuses it: no run could match the answers.
+        (["--seed", str(2**64)], "argument --seed: the seed must fit in 64 bits"),
+        # Taken as not given: a server that required no key.
+        (["--require-key-env", ""], "argument --require-key-env: must not be empty"),
+    ],
+)
+def test_serve_mock_refuses_what_run_would_refuse(
+    capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
+) -> None:
+    from actors._cli import build_parser
+
+    # Parsed only: accepted, the server would start (and serve on).
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve-mock", "--port", "0", *argv])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "needle"),
+    [
+        ("no-such-host.invalid", "--host 'no-such-host.invalid': cannot resolve it to an address"),
+        ("a..b", "--host 'a..b': not a host name or address"),  # a bare UnicodeError, exit 1
+    ],
+)
+def test_an_unresolvable_host_is_bad_input_named(capsys: pytest.CaptureFixture[str], host: str, needle: str) -> None:
+    from actors._cli import main
+
+    assert main(["serve-mock", "--port", "0", "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("conclave serve-mock: error: ") and needle in err and err.count("\n") == 1
