@@ -46,8 +46,13 @@ def _stamp() -> str:
 def _spec_part(spec_id: str, room: int) -> str:
     # The spec id as far as it fits: a spec id of 180 characters (allowed)
     # made a run id past MAX_ID_LENGTH, and the run was refused for an id
-    # the user never gave.
-    return _SAFE.sub("-", spec_id)[:room]
+    # the user never gave.  A spec id that begins with characters an id
+    # does not keep ('ü/..;$(x)') made a branch id starting with '-', which
+    # ids may not (a command line takes it for an option): the dashes that
+    # replaced them are dropped, and a spec id of nothing but such
+    # characters is named "spec".  (A spec id that begins with a letter,
+    # digit, '_' or '.' gives the same ids as ever.)
+    return _SAFE.sub("-", spec_id).lstrip("-")[:room] or "spec"
 
 
 def new_run_id(spec_id: str) -> str:

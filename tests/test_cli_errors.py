@@ -433,6 +433,22 @@ def test_a_long_spec_id_still_gets_a_run_id_it_may_have(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["run_id"].startswith("run-SSS")
 
 
+@pytest.mark.parametrize("spec", ["ü/..;$(x)", "ü", "--x", "/"])
+def test_a_generated_id_never_starts_with_a_dash(tmp_path: Path, spec: str) -> None:
+    """'conclave run "ü/..;$(x)"' made the branch '-..-x--2026...': ids may
+    not start with '-' (a command line takes one for an option)."""
+    from actors._ids import id_problem, new_branch_id, new_run_id
+
+    for made in (new_branch_id(spec), new_run_id(spec)):
+        assert not made.startswith("-") and id_problem(made, "an id", spaces=False) is None, made
+    # An ordinary spec id's ids are as they always were.
+    assert new_branch_id("SPEC-DEMO").startswith("SPEC-DEMO-2") and new_run_id("S.1_x").startswith("run-S.1_x-2")
+    if spec == "ü/..;$(x)":
+        done = run_cli(["run", spec, "--db", str(tmp_path / "d.db"), "--disagreement-rate", "0", "--json"])
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["branch_id"].startswith("..-x-")
+
+
 def test_resume_does_not_send_users_to_an_option_it_refuses(tmp_path: Path) -> None:
     """'--no-stream needs a real provider (--provider openai or
     anthropic)' - and resume then refuses --provider."""
