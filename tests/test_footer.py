@@ -61,6 +61,26 @@ def test_budget_and_unpriced_calls_are_shown() -> None:
     assert text.endswith("| $1.50 of $2.00 (+2 unpriced)")
 
 
+def test_a_budget_nearly_spent_does_not_read_as_all_spent() -> None:
+    """"⚠ budget warning: 90% used ($0.05 of $0.05)" for $0.0451 spent of
+    $0.05: the figures are shown to as many places as tell them apart."""
+    from actors._cli import ProgressPrinter
+    from messages import BudgetAlert
+
+    out = io.StringIO()
+    printer = ProgressPrinter(out, 6)
+    printer(BudgetAlert(run_id="r", threshold=90, spent_usd=Decimal("0.0451"), budget_usd=Decimal("0.05")))
+    printer(BudgetAlert(run_id="r", threshold=100, spent_usd=Decimal("0.05"), budget_usd=Decimal("0.05")))
+    printer(BudgetAlert(run_id="r", threshold=80, spent_usd=Decimal("1.6"), budget_usd=Decimal("2")))
+    assert out.getvalue().splitlines() == [
+        "  ⚠ budget warning: 90% used ($0.045 of $0.050)",
+        "  ✗ budget EXCEEDED: $0.05 of $0.05; no further agent calls will be dispatched",
+        "  ⚠ budget warning: 80% used ($1.60 of $2.00)",
+    ]
+    assert format_full(metrics(cost="0.0451", budget="0.05")).endswith("| $0.045 of $0.050")
+    assert format_full(metrics(cost="0.049999", budget="0.05")).endswith("| $0.049999 of $0.050000")
+
+
 @pytest.mark.parametrize(
     ("ctx", "colour", "mark"),
     [(0.45, "green", ""), (0.61, "cyan", ""), (0.81, "yellow", " ⚡"), (0.95, "red", " ⚠")],
