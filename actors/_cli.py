@@ -889,12 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
             "ends in conflict or no_consensus halts the run (exit 3)."
         ),
     )
-    run.add_argument("spec_id", nargs="?", type=_id_arg("a spec id", spaces=True), default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on (default: SPEC-DEMO)")
+    run.add_argument("spec_id", nargs="?", type=_id_arg("a spec id", spaces=True), default="SPEC-DEMO", metavar="SPEC_ID", help="spec to work on: at most 200 printable characters, not starting with - (default: SPEC-DEMO)")
     run.add_argument("--goal", default="", help="what the agents should achieve")
     run.add_argument("--pipeline", type=file_arg, metavar="FILE", help="pipeline definition (TOML); default: plan -> tasks -> implement -> validate -> audit -> unlock")
     add_db_argument(run)
     run.add_argument("--seed", type=seed_arg, default=0, help="seed of every random choice (default: 0); same seed, same digest")
-    run.add_argument("--run-id", type=_id_arg("a run id", spaces=False), metavar="ID", help="use this run id instead of a generated one (no spaces)")
+    run.add_argument("--run-id", type=_id_arg("a run id", spaces=False), metavar="ID", help="use this run id instead of a generated one (at most 200 printable characters, no spaces, not starting with -)")
     # Default None, filled in by cmd_run: given with no simulator agent, they are refused.
     run.add_argument("--disagreement-rate", type=_unit_interval, default=None, metavar="P", help="simulator: chance that an agent dissents on a stage (default: 0.03)")
     run.add_argument("--sim-latency", type=_non_negative, default=None, metavar="SECONDS", help="simulator: median call latency (default: 2.0)")

@@ -53,9 +53,11 @@ def add_events_command(sub: Any) -> None:
         "events",
         help="show a run's event log (calls, faults, retries, decisions)",
         description=(
-            "Show a run's event log in order: model calls handed to a provider (agent_call) or "
-            "dropped unmade (call_dropped), injected faults and the retries that followed, "
-            "stage starts, decisions, budget warnings and the final metrics."
+            "Show a run's event log in order: model calls handed to a provider (agent_call), "
+            "dropped unmade (call_dropped) or cancelled while a provider worked on it (call_cancelled), "
+            "injected faults and the retries that followed, agents that gave up (gave_up), "
+            "stage starts, decisions, halts, budget warnings, resumes and reruns, and the final "
+            "metrics.  Kinds: " + ", ".join(sorted(EVENT_KINDS)) + "."
         ),
     )
     p.add_argument("run_id", metavar="RUN_ID", help="the run, as 'conclave status' lists it")
@@ -63,7 +65,7 @@ def add_events_command(sub: Any) -> None:
         "--kind",
         action="append",
         metavar="KIND",
-        help="only events of this kind (repeat for several), e.g. --kind fault --kind retry",
+        help="only events of this kind (repeat for several; the kinds are listed above), e.g. --kind fault --kind retry",
     )
     p.add_argument("--branch", type=nonempty_arg, help="only this branch's events (full or short id; default: every branch)")
     add_db_argument(p)

@@ -24,12 +24,12 @@ import trio
 
 from ._checks import check_seconds, nonempty_arg, positive_arg, seed_arg
 from ._http_provider import BearerSource
-from ._mock_backend import FaultRule, MockBackend, MockConfigError
+from ._mock_backend import _RESET_STYLES, FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
 from ._provider_factory import PROVIDER_NAMES, ProviderConfig, ProviderConfigError, resolve_provider
-from ._runtime import collapse_single
+from ._runtime import Limits, collapse_single
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -48,8 +48,11 @@ def add_serve_mock_command(subparsers: Any) -> None:
             "Anthropic Messages at /v1/messages) with "
             "deterministic structured answers and usage from --seed, the same as the embedded "
             "simulator's.  Faults per request with the x-mock-fault header (429, disconnect, slow, "
-            "500, 502, 503, 504, 529, 400, 401, 403, 404, 422; x-mock-reset: SECONDS) or for the "
-            "first N chat requests with --fault KIND[:N]."
+            "500, 502, 503, 504, 529, 400, 401, 403, 404, 422), shaped by x-mock-reset: SECONDS "
+            f"(a 429's reset hint), x-mock-reset-style: {'|'.join(_RESET_STYLES)} (the headers "
+            "that carry it; default all, anthropic on /v1/messages), x-mock-delay: SECONDS (a slow "
+            "answer's wait) and x-mock-should-retry: true|false (sent back on an error status); or "
+            "for the first N chat requests with --fault KIND[:N]."
         ),
     )
     parser.add_argument(
@@ -181,7 +184,7 @@ def add_provider_arguments(parser: argparse.ArgumentParser, *, stored: bool = Fa
     )
     group.add_argument(
         "--max-concurrency", type=positive_arg, default=None, metavar="N",
-        help="at most N calls in flight per provider (default: the gateway's)",
+        help=f"at most N calls in flight per provider (default: {Limits().max_concurrency})",
     )
 
 

@@ -420,6 +420,36 @@ def test_a_model_name_must_be_printable(tmp_path: Path) -> None:
         )
 
 
+def test_help_and_readme_say_the_same_true_things(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-concurrency said "default: the gateway's" (the README: 64);
+    serve-mock --help left out x-mock-reset-style and x-mock-delay; events
+    --help five of the kinds; the README the 200-character limit of ids and
+    the fields of 'auth status --json'."""
+    from actors._cli import build_parser
+    from actors._cli_events import EVENT_KINDS
+    from actors._runtime import Limits
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no word broken across lines
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert Limits().max_concurrency == 64 and "`--max-concurrency` (64)" in readme
+    for name in ("run", "resume", "rerun"):
+        assert "at most N calls in flight per provider (default: 64)" in commands[name].format_help(), name
+    serve_mock = commands["serve-mock"].format_help()
+    for header in ("x-mock-fault", "x-mock-reset:", "x-mock-reset-style: all|retry-after|", "x-mock-delay", "x-mock-should-retry"):
+        assert header in serve_mock and header in readme, header
+    events = commands["events"].format_help()
+    assert all(kind in events for kind in EVENT_KINDS), sorted(k for k in EVENT_KINDS if k not in events)
+    assert "at most 200 printable characters" in commands["run"].format_help()
+    assert "at most 200 printable characters" in readme
+    status = run_cli(["auth", "status", "--json"], env={"CONCLAVE_HOME": str(tmp_path), "CONCLAVE_TOKEN_BACKEND": "file"})
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    section = readme[readme.index("`auth status --json`"):]
+    for key in [*shown, *shown["providers"][0]]:
+        assert f"`{key}`" in section, key
+
+
 def test_a_long_spec_id_still_gets_a_run_id_it_may_have(tmp_path: Path) -> None:
     """A spec id of 174 to 200 characters passed its check, then the run
     was refused for the run id generated from it."""
