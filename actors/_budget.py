@@ -74,6 +74,10 @@ def usd_of(spent: Decimal, budget: Decimal, places: int = 2, *, joint: str = " o
     """``spent`` and ``budget`` to the same places: "$0.01 of $0.0050"
     read as twice the budget when it was just over it."""
     shown = max(_places(spent, places), _places(budget, places))
+    # More places while different amounts read the same: "90% used ($0.05
+    # of $0.05)" was printed for $0.045 spent, as if all of it were.
+    while shown < 12 and spent != budget and f"{spent:.{shown}f}" == f"{budget:.{shown}f}":
+        shown += 1
     return f"${spent:.{shown}f}{joint}${budget:.{shown}f}"
 
 

@@ -41,7 +41,7 @@ from messages import (
 from store import BranchRow, EmptyDatabase, LockFileError, RunLocked, RunRow, Store, StoreError, preview_run
 
 from ._gc import throughput_gc
-from ._budget import usd
+from ._budget import usd, usd_of
 from ._checks import DEFAULT_DB, add_db_argument, file_arg, nonempty_arg, positive_arg, seed_arg
 from ._cli_auth import add_auth_commands, add_run_auth_option, login_auth
 from ._token_source import AuthService
@@ -60,7 +60,7 @@ from ._cli_providers import (
     provider_configs_from_args,
 )
 from ._footer import LiveFooter, Writer, show_metrics
-from ._format import duration, shown, spent_of, tokens, usage_line, verdict_line
+from ._format import duration, shown, tokens, usage_line, verdict_line
 from ._ids import id_problem, new_run_id, shell_word, short_branch_id
 from ._pipeline import Pipeline, PipelineError, default_pipeline, load_pipeline
 from ._provider_factory import ProviderConfig, ProviderConfigError
@@ -227,7 +227,7 @@ class ProgressPrinter:
             d = event.decision
             w(verdict_line(d.key.stage, d.seq, d.status, d.verdict) + "\n")
         elif isinstance(event, BudgetAlert):
-            spent = spent_of(event.spent_usd, event.budget_usd)
+            spent = usd_of(event.spent_usd, event.budget_usd)
             if event.threshold >= 100:
                 w(f"  ✗ budget EXCEEDED: {spent}; no further agent calls will be dispatched\n")
             else:
@@ -266,7 +266,7 @@ def _summary(result: RunResult, db: str, virtual: bool, elapsed: float) -> str:
     lines.append(f"  usage: {usage_line(result.usage, result.unknown_usage_calls)}; {result.turns} turn(s)")
     cost = f"  cost: {usd(result.cost_usd, 4)}"
     if result.budget_usd is not None:
-        cost = f"  cost: {spent_of(result.cost_usd, result.budget_usd, 4, joint=' of a ')} budget"
+        cost = f"  cost: {usd_of(result.cost_usd, result.budget_usd, 4, joint=' of a ')} budget"
     if result.unpriced_calls:
         cost += f" (+{result.unpriced_calls} call(s) to unpriced models)"
     if result.unknown_usage_calls:

@@ -28,8 +28,8 @@ import trio
 
 from messages import TokenMetrics
 
-from ._budget import usd
-from ._format import spent_of, tokens
+from ._budget import usd, usd_of
+from ._format import tokens
 from ._snapshots import MetricsSubscription
 
 RESET = "\x1b[0m"
@@ -75,7 +75,7 @@ def _pct(value: float) -> str:
 
 
 def _cost(m: TokenMetrics) -> str:
-    text = usd(m.cost_usd) if m.budget_usd is None else spent_of(m.cost_usd, m.budget_usd)
+    text = usd(m.cost_usd) if m.budget_usd is None else usd_of(m.cost_usd, m.budget_usd)
     if m.unpriced_calls:
         text += f" (+{m.unpriced_calls} unpriced)"
     return text

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any
 
 from messages import TokenUsage
-
-from ._budget import usd_of
 
 STATUS_MARK = {"ok": "✓", "degraded": "~", "conflict": "✗", "no_consensus": "✗"}
 
@@ -67,15 +64,3 @@ def verdict_line(stage: str, seq: int, status: str, verdict: Mapping[str, Any]) 
         f"conflicts {len(verdict.get('conflicts') or ())} | missing {missing} | invalid {invalid}"
     )
 
-
-def spent_of(spent: Decimal, budget: Decimal, places: int = 2, *, joint: str = " of ") -> str:
-    """:func:`~actors._budget.usd_of` with as many more places as make the
-    two figures differ when the amounts do (up to 12): "90% used ($0.05 of
-    $0.05)" was printed for $0.045 spent of $0.05, as if it were all spent."""
-    text = usd_of(spent, budget, places, joint=joint)
-    for more in range(places + 1, 13):
-        shown_spent, _, shown_budget = text.partition(joint)
-        if spent == budget or shown_spent != shown_budget:
-            break
-        text = usd_of(spent, budget, more, joint=joint)
-    return text
