@@ -15,6 +15,7 @@ is drawn in DESIGN.md:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any, Literal, get_args
@@ -376,6 +377,11 @@ class PersistEvent:
     attempt: int | None = None
     detail: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
     reply_to: Reply[StoreAck] | None = attrs.field(default=None, eq=False, repr=False)
+    # When it happened (epoch ms, wall clock: data for the log, read by no
+    # logic).  Stamped when made: the writer holds events up to a second
+    # before a commit, and a retry logged at its commit read as a second
+    # after the 429 it followed.
+    at_ms: int = attrs.field(factory=lambda: time.time_ns() // 1_000_000, eq=False)
 
     @classmethod
     def of_attempt(cls, key: AgentKey, attempt: int, kind: str, detail: Mapping[str, Any]) -> PersistEvent:

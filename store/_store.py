@@ -97,7 +97,7 @@ _INSERT_EVENT = (
 )
 
 
-def event_params(item: PersistEvent, now: int) -> tuple[Any, ...]:
+def event_params(item: PersistEvent) -> tuple[Any, ...]:
     return (
         item.run_id,
         item.branch_id,
@@ -106,7 +106,7 @@ def event_params(item: PersistEvent, now: int) -> tuple[Any, ...]:
         item.agent,
         item.attempt,
         _json(detail if type(detail := item.detail) is dict else dict(detail)),
-        now,
+        item.at_ms,
     )
 
 
@@ -463,9 +463,9 @@ class Store:
                         conn.executemany(_INSERT_OUTPUT, rows)
                         acks.extend([_OK] * (j - i))
                     elif isinstance(item, PersistEvent):
-                        rows = [event_params(item, now)]
+                        rows = [event_params(item)]
                         while j < n and isinstance(nxt := batch[j], PersistEvent):
-                            rows.append(event_params(nxt, now))
+                            rows.append(event_params(nxt))
                             j += 1
                         conn.executemany(_INSERT_EVENT, rows)
                         acks.extend([_OK] * (j - i))
@@ -540,7 +540,7 @@ class Store:
                     return StoreAck(ok=True, duplicate=True)
                 raise
         elif isinstance(item, PersistEvent):
-            conn.execute(_INSERT_EVENT, event_params(item, now))
+            conn.execute(_INSERT_EVENT, event_params(item))
         elif isinstance(item, RunUpdate):
             usage = (*_usage_columns(item.usage), *_write_columns(item.usage)) if item.usage is not None else None
             if item.status == "interrupted":

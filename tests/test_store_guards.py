@@ -202,3 +202,21 @@ def test_reading_a_closed_store_is_a_store_error_naming_it(tmp_path: Path) -> No
     for read in reads:
         with pytest.raises(StoreError, match=f"store {path!r} is closed"):
             read()
+
+
+def test_an_event_keeps_the_time_it_was_made_not_its_commits(tmp_path: Path) -> None:
+    """The writer holds events up to a second before committing: stamped at
+    the commit, a retry read as a second after the 429 it followed, and a
+    call's retry and its next agent_call as the same instant."""
+    import time
+
+    from messages import PersistEvent
+
+    before = time.time_ns() // 1_000_000
+    made = PersistEvent(run_id="r", branch_id="b", kind="retry")
+    after = time.time_ns() // 1_000_000
+    assert before <= made.at_ms <= after
+    with Store.open(str(tmp_path / "e.db")) as s:
+        new_run(s)
+        s.apply([PersistEvent(run_id="r", branch_id="b", kind="retry", at_ms=1_000), made])
+        assert [e.at for e in s.events("r", "retry")] == [1_000, made.at_ms]
