@@ -11,7 +11,7 @@ Long-lived actors (started by ``open_orchestrator``)::
 Per run (started by ``Orchestrator.run``)::
 
     agent inbox     buffer 1 per agent            (interceptors: "agent")
-    coordinator     buffer = largest panel        (interceptors: "coordinator")
+    coordinator     unbounded                     (interceptors: "coordinator")
 
 Every reply to a request travels in a one-shot :class:`~messages.Reply`
 slot, which holds its one value and therefore *never blocks*; the metrics
@@ -23,12 +23,17 @@ metrics) has a reply edge that cannot block, and none of these actors can
 wait on its callers.
 
 The one cycle without a Reply slot is coordinator -> agent -> coordinator.
-Its request edge cannot block: the coordinator gives each agent at most one
-request at a time and the agent inbox holds one.  Its reply edge may block
-only when the coordinator's inbox is full, and the coordinator is then
-either receiving (draining it) or waiting on the store, which never waits
-on agents.  Hence no load can deadlock; ``tests/test_scale.py`` runs 2,000
-agents in one stage to keep that argument honest.
+Its reply edge cannot block: the coordinator's inbox is unbounded, and what
+it holds is bounded by the requests made (one reply each; replies it no
+longer waits for are dropped as it reads them).  Its request edge blocks
+only when an agent's inbox already holds a request - never with the
+coordinator's one request at a time, but an interceptor duplicating
+requests (the fault model the coordinator's identity checks are built for)
+can - and the agent is then working through its inbox, which never waits on
+the coordinator.  (A bounded inbox, one slot per panel seat, closed that
+cycle: three copies of each request hung the run.)  Hence no load can
+deadlock; ``tests/test_scale.py`` runs 2,000 agents in one stage to keep
+that argument honest.
 """
 
 from __future__ import annotations
@@ -838,9 +843,10 @@ class Orchestrator:
         record: bool = True,
     ) -> RunResult:
         seed = self.seed if seed is None else seed
-        panel = max(len(s.agents) for s in pipeline.stages)
+        # Unbounded: see the module docstring (a duplicating agent-edge
+        # interceptor deadlocked a bounded one at three copies).
         replies_to, replies = open_channel(
-            panel, name="coordinator", interceptors=self._interceptors.get("coordinator", ()), awaited=True
+            math.inf, name="coordinator", interceptors=self._interceptors.get("coordinator", ()), awaited=True
         )
         agent_inboxes: dict[str, Outbox[AgentRequest]] = {}
         decisions: list[Decision] = []

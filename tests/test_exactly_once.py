@@ -231,3 +231,24 @@ async def test_every_exit_path_of_decide_leaves_the_next_stage_decidable(
     with Store.open(path) as s:
         rows = [(r.stage, r.seq, r.status) for r in s.decisions("r")]
     assert rows == [("plan", 1, "ok"), ("tasks", 2, "conflict"), ("implement", 3, "ok"), ("validate", 4, "ok")]
+
+
+@pytest.mark.parametrize("edge", ["agent", "coordinator"])
+async def test_every_item_delivered_three_times_still_decides_once(
+    tmp_path: Any, autojump_clock: trio.testing.MockClock, edge: str
+) -> None:
+    """Two copies were survived; three copies of each request hung the run
+    for good: the coordinator blocked handing an agent its third copy while
+    the agent blocked on the coordinator's full reply inbox."""
+
+    async def thrice(item: Any, forward: Any) -> None:
+        for _ in range(3):
+            await forward(item)
+
+    path = str(tmp_path / "thrice.db")
+    with trio.fail_after(3600):
+        async with open_orchestrator(store=path, seed=7, interceptors={edge: [FunctionInterceptor(thrice)]}) as orch:
+            result = await orch.run("SPEC-X", run_id="thrice")
+    assert result.completed
+    assert decision_counts(path, "thrice") == {s: 1 for s in default_pipeline().stage_names}
+    assert result.digest == await baseline_digest(tmp_path)
