@@ -107,14 +107,22 @@ class AgentReply:
     def __attrs_post_init__(self) -> None:
         # An interceptor may answer an agent's request itself: a wrong reply
         # fails where it is built, not later inside the coordinator.
-        if not isinstance(self.key, AgentKey):
-            raise ValueError(f"key must be an AgentKey, got {self.key!r}")
-        if not isinstance(self.attempts, int) or isinstance(self.attempts, bool) or self.attempts < 0:
-            raise ValueError(f"attempts must be an int >= 0, got {self.attempts!r}")
-        if self.output is not None and not isinstance(self.output, AgentOutput):
-            raise ValueError(f"output must be an AgentOutput or None, got {type(self.output).__name__}")
-        if self.error is not None and not isinstance(self.error, str):
-            raise ValueError(f"error must be a string or None, got {type(self.error).__name__}")
+        _check_answer(self.key, "attempts", self.attempts, 0)
+        _check_optional("output", self.output, AgentOutput, "an AgentOutput")
+        _check_optional("error", self.error, str, "a string")
+
+
+def _check_answer(key: object, name: str, count: object, least: int) -> None:
+    """The identity of an answer built outside the agent (an interceptor's)."""
+    if not isinstance(key, AgentKey):
+        raise ValueError(f"key must be an AgentKey, got {key!r}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {count!r}")
+
+
+def _check_optional(name: str, value: object, cls: type, what: str) -> None:
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be {what} or None, got {type(value).__name__}")
 
 
 # More tokens than any one call has used: a count above it is a provider's
@@ -221,24 +229,16 @@ class Injection:
 
 
 def _check_result(result: CompletionResult) -> None:
-    if not isinstance(result.key, AgentKey):
-        raise ValueError(f"key must be an AgentKey, got {result.key!r}")
-    if not isinstance(result.attempt, int) or isinstance(result.attempt, bool) or result.attempt < 1:
-        raise ValueError(f"attempt must be an int >= 1, got {result.attempt!r}")
-    if result.completion is not None and not isinstance(result.completion, Completion):
-        raise ValueError(f"completion must be a Completion, got {type(result.completion).__name__}")
-    if result.error is not None and not isinstance(result.error, ProviderError):
-        raise ValueError(f"error must be a ProviderError, got {type(result.error).__name__}")
+    _check_answer(result.key, "attempt", result.attempt, 1)
+    _check_optional("completion", result.completion, Completion, "a Completion")
+    _check_optional("error", result.error, ProviderError, "a ProviderError")
+    _check_optional("usage", result.usage, TokenUsage, "a TokenUsage")
     if result.usage is not None:
-        if not isinstance(result.usage, TokenUsage):
-            raise ValueError(f"usage must be a TokenUsage or None, got {type(result.usage).__name__}")
         problem = implausible_usage(result.usage)
         if problem is not None:
             raise ValueError(problem)
-    for name in ("model", "requested_model"):
-        value = getattr(result, name)
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be a string or None, got {type(value).__name__}")
+    _check_optional("model", result.model, str, "a string")
+    _check_optional("requested_model", result.requested_model, str, "a string")
 
 
 @attrs.frozen(kw_only=True, slots=True)

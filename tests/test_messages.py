@@ -80,12 +80,12 @@ def test_completion_result_has_exactly_one_outcome() -> None:
         # the shared store writer; 10**15 tokens were billed as ~$20 billion.
         ({"usage": "lots"}, "usage must be a TokenUsage or None, got str"),
         ({"usage": TokenUsage(input_tokens=10**15)}, "more than one call can use"),
-        ({"error": "quota gone"}, "error must be a ProviderError, got str"),
+        ({"error": "quota gone"}, "error must be a ProviderError or None, got str"),
         ({"error": Disconnected("x"), "attempt": 0}, "attempt must be an int >= 1, got 0"),
         ({"error": Disconnected("x"), "attempt": True}, "attempt must be an int >= 1, got True"),
         ({"error": Disconnected("x"), "key": "k"}, "key must be an AgentKey, got 'k'"),
         ({"error": Disconnected("x"), "model": 5}, "model must be a string or None, got int"),
-        ({"completion": {"content": "{}"}, "error": None}, "completion must be a Completion, got dict"),
+        ({"completion": {"content": "{}"}, "error": None}, "completion must be a Completion or None, got dict"),
     ],
 )
 def test_a_completion_result_is_checked_when_built(fields: dict[str, object], message: str) -> None:
