@@ -7,6 +7,7 @@ so a refused file is left byte-for-byte as it was.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import Literal
 
 import apsw
@@ -88,13 +89,49 @@ def open_connection(
         raise StoreError("an empty database path: give a file name (or ':memory:' for a database in memory)")
     memory = path == ":memory:"
     existed = True if memory else _check_file(path, readonly)
+    if readonly and not memory:
+        try:
+            return _open(path, readonly, durability, busy_timeout_ms, existed, memory, immutable=False)
+        except StoreError as exc:
+            # A WAL database in a directory we cannot write (an archive, a
+            # shared run history): reading needs a -shm file beside it.
+            # With no -wal content, the file alone is the whole database
+            # and can be read as immutable; with some, that would show it
+            # without its last commits.
+            if not isinstance(exc.__cause__, (apsw.ReadOnlyError, apsw.CantOpenError)):
+                raise
+            unwritten = _wal_bytes(path)
+            if unwritten:
+                raise StoreError(
+                    f"{path}: cannot read it: its directory {os.path.dirname(os.path.abspath(path))} is not "
+                    f"writable, and its -wal file holds {unwritten} bytes not yet in the database; "
+                    "copy the database with its -wal file to a writable directory"
+                ) from exc
+            return _open(path, readonly, durability, busy_timeout_ms, existed, memory, immutable=True)
+    return _open(path, readonly, durability, busy_timeout_ms, existed, memory, immutable=False)
+
+
+def _wal_bytes(path: str) -> int:
+    try:
+        return os.path.getsize(path + "-wal")
+    except OSError:
+        return 0
+
+
+def _open(
+    path: str, readonly: bool, durability: Durability, busy_timeout_ms: int, existed: bool, memory: bool, *, immutable: bool
+) -> apsw.Connection:
     flags = (
         apsw.SQLITE_OPEN_READONLY
         if readonly
         else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
     )
+    name = path
+    if immutable:
+        flags |= apsw.SQLITE_OPEN_URI
+        name = f"file:{urllib.parse.quote(os.path.abspath(path))}?immutable=1"
     try:
-        conn = apsw.Connection(path, flags=flags)
+        conn = apsw.Connection(name, flags=flags)
     except apsw.CantOpenError as exc:
         raise StoreError(f"{path}: cannot open database: {exc}") from exc
     try:
