@@ -236,8 +236,9 @@ class Gateway:
             # would be paid for and never read.
             await self._dropped(request)
             return
+        waited: list[float] = []
         try:
-            result = await self._complete(request)
+            result = await self._complete(request, waited)
         except BaseException:
             # Cancelled mid-call: close the slot so the caller sees
             # ActorStopped rather than waiting forever.
@@ -246,6 +247,13 @@ class Gateway:
             raise
         if reply is not None and result is not None:
             reply.send(result)
+        if waited:
+            # On the log beside the agent's retry event, whose delay_s is
+            # only its own backoff: the time the call spent at the gate.
+            # Written once the call is over: nothing may come between its
+            # admission and the call (a cancellation there left no trace).
+            detail = {"provider": request.provider, "waited_s": round(waited[0], 3)}
+            await self._log(PersistEvent.of_attempt(request.key, request.attempt, "gate_wait", detail))
 
     async def _inject(self, injection: Injection, reply: Reply[CompletionResult] | None) -> None:
         if reply is not None and reply.abandoned:
@@ -263,24 +271,26 @@ class Gateway:
                 reply.close()
             raise
 
-    async def _complete(self, request: CompletionRequest) -> CompletionResult | None:
+    async def _complete(self, request: CompletionRequest, waited: list[float]) -> CompletionResult | None:
         """The call's result, or None if its caller had stopped waiting
-        before it could be made (nothing was sent to the provider)."""
+        before it could be made (nothing was sent to the provider).  A call
+        made after waiting at the rate-limit gate appends the wait to
+        ``waited``."""
         provider = self.providers[request.provider]
         health = self.health[request.provider]
         arrived = trio.current_time()
-        waits = not health.gate.is_open(arrived)
-        if waits and self.publish is not None:
-            self.publish(
-                CallWaiting(
-                    key=request.key,
-                    attempt=request.attempt,
-                    provider=request.provider,
-                    delay=max(0.0, health.gate.reset_for(arrived) - arrived),
+        waiting = False
+
+        def on_wait(left: float) -> None:
+            nonlocal waiting
+            waiting = True
+            if self.publish is not None:
+                self.publish(
+                    CallWaiting(key=request.key, attempt=request.attempt, provider=request.provider, delay=left)
                 )
-            )
+
         try:
-            permit, blocked = await health.admit(request)
+            permit, blocked = await health.admit(request, on_wait)
         except BaseException:
             # Cancelled at the gate (or the breaker's half-open wait): the
             # call never left the process, and the log says so, as for a
@@ -294,15 +304,8 @@ class Gateway:
             health.abandon(permit)
             await self._dropped(request)
             return None
-        if waits and permit is not None:
-            # On the log beside the agent's retry event, whose delay_s is
-            # only its own backoff: the time the call spent at the gate.
-            waited = {"provider": request.provider, "waited_s": round(trio.current_time() - arrived, 3)}
-            try:
-                await self._log(PersistEvent.of_attempt(request.key, request.attempt, "gate_wait", waited))
-            except BaseException:
-                health.abandon(permit)  # never made: its breaker slot must not stay taken
-                raise
+        if waiting and permit is not None:
+            waited.append(trio.current_time() - arrived)
         if permit is None:
             # Failed fast: nothing reached the provider, nothing was billed.
             return CompletionResult(

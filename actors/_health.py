@@ -22,7 +22,7 @@ call timeout would only be retried as a timeout, attempt after attempt.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -74,7 +74,9 @@ class ProviderHealth:
         self.calls = 0
         self.rate_limits: list[tuple[float, float]] = []  # (at, reset_at) per 429 with a hint
 
-    async def admit(self, request: CompletionRequest | None = None) -> tuple[Permit | None, ProviderError | None]:
+    async def admit(
+        self, request: CompletionRequest | None = None, on_wait: Callable[[float], object] | None = None
+    ) -> tuple[Permit | None, ProviderError | None]:
         """Wait at the gate, then ask the breaker: a permit, or CircuitOpen
         while it is open.  In half-open, wait for the probe's verdict.
         ``request`` spreads the callers the gate releases (see
@@ -87,11 +89,13 @@ class ProviderHealth:
         for a verdict): an open gate and a closed breaker admit without one,
         so nothing can run between the admission and the caller's call.
         Cancelled while waiting: no permit was taken (nothing to report or
-        abandon) and the call has left the gate's queue."""
+        abandon) and the call has left the gate's queue.  ``on_wait(left)``
+        is called (synchronously) when the call is about to wait at the
+        gate, not when it is refused there at once."""
         while True:
             now = trio.current_time()
             if not self.gate.is_open(now):
-                refused = await self._wait_at_gate(now, request)
+                refused = await self._wait_at_gate(now, request, on_wait)
                 if refused is not None:
                     return None, refused
                 now = trio.current_time()
@@ -131,7 +135,9 @@ class ProviderHealth:
             )
         return None
 
-    async def _wait_at_gate(self, now: float, request: CompletionRequest | None) -> ProviderError | None:
+    async def _wait_at_gate(
+        self, now: float, request: CompletionRequest | None, on_wait: Callable[[float], object] | None = None
+    ) -> ProviderError | None:
         """Wait for the closed gate to release this call: None, or the
         RateLimited it is refused with instead."""
         left = self.gate.reset_for(now) - now
@@ -164,6 +170,8 @@ class ProviderHealth:
         # arriving then (it waited out its call timeout at the
         # gate, an attempt lost, and was refused after all).
         until = request.deadline if request is not None else math.inf
+        if on_wait is not None:
+            on_wait(left)
         try:
             await self.gate.wait(unit, until, self.max_wait)
         except GateRefused as refused:

@@ -315,3 +315,75 @@ def test_the_cli_prints_a_call_waiting_at_the_gate() -> None:
     key = AgentKey(run_id="r", branch_id="b", stage="validate", agent="claude")
     ProgressPrinter(out, 6)(CallWaiting(key=key, attempt=2, provider="openai", delay=29.0))
     assert out.getvalue() == "    claude: attempt 2 waits 29s for openai's rate-limit reset\n"
+
+
+def _a_limits_b_fails_once(retry_after: float, made: list[tuple[str, int, float]]) -> MockProvider:
+    """a's first call gets a 429 closing the gate for ``retry_after``; b's
+    first call fails (503), so its retry meets the closed gate."""
+    from actors import SimulatedProvider
+    from messages import ProviderUnavailable, RateLimited
+
+    sim = SimulatedProvider(seed=0, disagreement_rate=0.0)
+
+    def answer(request: CompletionRequest) -> Any:
+        made.append((request.key.agent, request.attempt, trio.current_time()))
+        if request.key.agent == "a" and request.attempt == 1:
+            raise RateLimited("429", retry_after=retry_after)
+        if request.key.agent == "b" and request.attempt == 1:
+            raise ProviderUnavailable("503")
+        return sim.answer(request)
+
+    return MockProvider(answer, name="sim")
+
+
+async def test_a_call_the_gate_refuses_at_once_is_not_said_to_wait(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # It printed "attempt 2 waits 16m40s" for a call refused in the same
+    # instant (the reset past the 600 s a call may wait).
+    from actors import RetryPolicy, open_orchestrator
+    from actors._pipeline import pipeline_with_panel
+    from messages import AgentFinished, CallWaiting
+
+    seen: list[object] = []
+    async with open_orchestrator(
+        store=str(tmp_path / "w.db"), provider=_a_limits_b_fails_once(1000.0, []),
+        pipeline=pipeline_with_panel("validate", ["a", "b"]), retry=RetryPolicy(max_attempts=2, initial=0.1),
+    ) as orch:
+        progress = orch.subscribe(1000)
+        result = await orch.run("SPEC", run_id="W")
+        while True:
+            try:
+                seen.append(progress.receive_nowait())
+            except trio.WouldBlock:
+                break
+    assert result.halt_reason == "agents_failed"
+    assert [e for e in seen if isinstance(e, CallWaiting)] == []
+    assert any(isinstance(e, AgentFinished) and e.key.agent == "b" and "the call was not made" in (e.error or "") for e in seen)
+
+
+async def test_logging_a_gate_wait_never_holds_up_the_call(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The gate_wait event was written between the call's admission and the
+    call: with the store's inbox slow, the call went out late (or, cancelled
+    there, was never made and left no call_dropped).  It is logged after."""
+    from actors import RetryPolicy, open_orchestrator
+    from actors._pipeline import pipeline_with_panel
+    from messages import FunctionInterceptor, PersistEvent
+
+    async def slow_store(item: Any, forward: Any) -> None:
+        if isinstance(item, PersistEvent) and item.kind == "gate_wait":
+            await trio.sleep(1000)  # an fsync taking for ever
+        await forward(item)
+
+    made: list[tuple[str, int, float]] = []
+    with trio.move_on_after(100):
+        async with open_orchestrator(
+            store=str(tmp_path / "g.db"), provider=_a_limits_b_fails_once(10.0, made),
+            pipeline=pipeline_with_panel("validate", ["a", "b"]), retry=RetryPolicy(max_attempts=3, initial=0.1),
+            interceptors={"store": [FunctionInterceptor(slow_store)]},
+        ) as orch:
+            await orch.run("SPEC", run_id="G")
+    (second,) = [at for agent, attempt, at in made if (agent, attempt) == ("b", 2)]
+    assert 10.0 <= second < 12.0, "made when the gate let it through"
