@@ -157,7 +157,13 @@ class Agent:
         providers = self.pipeline.seat_providers(stage.name)
         if request.first_wait > 0:
             # A resume, in the pause its last failed attempt earned.
-            await trio.sleep_until(self.retry.resume_at(trio.current_time(), request.first_wait))
+            now = trio.current_time()
+            resume_at = self.retry.resume_at(now, request.first_wait)
+            if self.publish is not None:  # else a long reset's wait looked like a hang
+                self.publish(
+                    AgentRetrying(key=key, attempt=attempt, error="before the interruption", delay=resume_at - now)
+                )
+            await trio.sleep_until(resume_at)
         while True:
             attempt += 1
             reply, pending = reply_pair("model call")

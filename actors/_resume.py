@@ -242,9 +242,11 @@ class ResumeState:
                 # The whole pause again: how much of it passed before the
                 # crash is wall-clock time, which no decision here reads.
                 wait = self.retry_waits.get((stage.name, agent, last.attempt))
-                if wait is None:  # its retry event died with the process
+                if wait is None and in_round > 0 and why is None:
+                    # Its retry event died with the process.  (Not a round
+                    # granted since it gave up: that one starts afresh.)
                     wait = retry.delay(error, key, last.attempt, self.seed, spec_id=self.run.spec_id)
-                if wait > 0:
+                if wait:
                     waits[agent] = wait
             else:  # it had given up: report that again, call nobody
                 replay[agent] = AgentReply(

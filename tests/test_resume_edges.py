@@ -29,6 +29,15 @@ from store import Store
 RETRY = RetryPolicy(max_attempts=3)
 
 
+def drain(channel: Any) -> list[Any]:
+    events = []
+    while True:
+        try:
+            events.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return events
+
+
 def recording(calls: list[tuple[str, str, int]], fail: Any, *, seed: int = 0, rate: float = 0.0) -> MockProvider:
     """The simulator, except where ``fail(request)`` returns an error to raise;
     every call is recorded as (stage, agent, attempt)."""
@@ -215,9 +224,16 @@ async def test_a_resume_during_a_rate_limit_backoff_waits_it_out(
             await orch.run("SPEC", run_id="R")
     assert crash.cancelled_caught and calls == [("validate", "a", 1)]
 
+    from messages import AgentRetrying
+
     async with open_orchestrator(store=path, provider=recording(calls, limit), pipeline=pipeline, retry=retry) as orch:
+        progress = orch.subscribe()
         resumed = await orch.resume("R")
+        said = [e for e in drain(progress) if isinstance(e, AgentRetrying)]
     assert calls == [("validate", "a", 1), ("validate", "a", 2)]
+    # The pause is said as it starts: the resume looked hung for its length.
+    assert [(e.key.agent, e.attempt, e.error) for e in said] == [("a", 1, "before the interruption")]
+    assert said[0].delay >= 10
     assert resumed.completed and [(s.stage, s.status) for s in resumed.stages] == [("validate", "ok")]
 
     with Store.open(path) as s:
@@ -256,3 +272,32 @@ async def test_a_resume_whose_retry_event_was_lost_waits_the_backoff_it_can_comp
     assert resume is not None and dict(resume.first_attempt) == {"a": 2}
     expected = RETRY.delay(ProviderUnavailable("503 upstream down"), state.stage_key("validate").agent("a"), 1, state.seed, spec_id="SPEC")
     assert expected > 0 and dict(resume.first_wait) == {"a": expected}
+
+
+async def test_a_round_granted_by_retry_failed_starts_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The agent gave up after a round of 503s (no retry event for its last
+    attempt: a gave_up one).  The round --retry-failed grants starts afresh;
+    it waited the backoff of the attempt that gave up."""
+    path = str(tmp_path / "round.db")
+    pipeline = pipeline_with_panel("validate", ["a"])
+    retry = RetryPolicy(max_attempts=3, initial=2.0, cap=60.0)
+    down = lambda r: ProviderUnavailable("503 upstream down")  # noqa: E731
+    async with open_orchestrator(store=path, provider=recording([], down), pipeline=pipeline, retry=retry) as orch:
+        halted = await orch.run("SPEC", run_id="F")
+    assert halted.halt_reason == "agents_failed"
+    with Store.open(path) as s:
+        state = load_state(s, "F").with_new_round("validate")
+    resume = state.stage_resume(state.pipeline.stage("validate"), retry)
+    assert resume is not None and dict(resume.first_attempt) == {"a": 4} and dict(resume.first_wait) == {}
+
+    times: list[float] = []
+
+    def answered(request: CompletionRequest) -> None:
+        times.append(trio.current_time())
+
+    async with open_orchestrator(store=path, provider=recording([], answered), pipeline=pipeline, retry=retry) as orch:
+        start = trio.current_time()
+        resumed = await orch.resume("F", retry_failed=True)
+    assert resumed.completed and times == [start]
