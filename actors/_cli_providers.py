@@ -24,7 +24,7 @@ import trio
 
 from ._checks import check_seconds, nonempty_arg, positive_arg, seed_arg
 from ._http_provider import BearerSource
-from ._mock_backend import _RESET_STYLES, FaultRule, MockBackend, MockConfigError
+from ._mock_backend import RESET_STYLES, FaultRule, MockBackend, MockConfigError
 from ._mock_server import serve_mock
 from ._pipeline import Pipeline
 from ._provider import BaseProvider
@@ -49,7 +49,7 @@ def add_serve_mock_command(subparsers: Any) -> None:
             "deterministic structured answers and usage from --seed, the same as the embedded "
             "simulator's.  Faults per request with the x-mock-fault header (429, disconnect, slow, "
             "500, 502, 503, 504, 529, 400, 401, 403, 404, 422), shaped by x-mock-reset: SECONDS "
-            f"(a 429's reset hint), x-mock-reset-style: {'|'.join(_RESET_STYLES)} (the headers "
+            f"(a 429's reset hint), x-mock-reset-style: {'|'.join(RESET_STYLES)} (the headers "
             "that carry it; default all, anthropic on /v1/messages), x-mock-delay: SECONDS (a slow "
             "answer's wait) and x-mock-should-retry: true|false (sent back on an error status); or "
             "for the first N chat requests with --fault KIND[:N]."

@@ -48,7 +48,8 @@ from ._usage_normalise import usage_to_openai
 FAULT_KINDS = frozenset(
     {"429", "disconnect", "slow", "500", "502", "503", "504", "529", "400", "401", "403", "404", "422"}
 )
-RESET_STYLES = frozenset({"all", "retry-after", "retry-after-ms", "retry-after-date", "openai", "anthropic", "none"})
+# In the order the help lists them.
+RESET_STYLES = ("all", "retry-after", "retry-after-ms", "retry-after-date", "openai", "anthropic", "none")
 _META = re.compile(r"^conclave-request: (\{.*\})\s*$", re.MULTILINE)
 _CREATED = 1_700_000_000  # a fixed "created": outputs must not depend on the wall clock
 _STREAM_PIECE = 24
@@ -119,9 +120,6 @@ class Ledger:
             "faults": dict(sorted(self.faults.items())),
             "usage": self.usage.as_dict(),
         }
-
-
-_RESET_STYLES = ("all", "retry-after", "retry-after-ms", "retry-after-date", "openai", "anthropic", "none")
 
 
 def _error_body(status: int, message: str, kind: str) -> bytes:
@@ -475,10 +473,10 @@ class MockBackend:
         except ValueError:
             reset = self.reset_seconds
         style = headers.get("x-mock-reset-style", "anthropic" if anthropic else "all").strip().lower()
-        if style not in _RESET_STYLES:
+        if style not in RESET_STYLES:
             # A typo ("retry_after") sent no reset at all, as "none" does,
             # and a test of reset handling passed for the wrong reason.
-            raise ValueError(f"x-mock-reset-style {style!r} is none of {', '.join(_RESET_STYLES)}")
+            raise ValueError(f"x-mock-reset-style {style!r} is none of {', '.join(RESET_STYLES)}")
         seconds = _fmt_seconds(reset)
         out: list[tuple[str, str]] = []
         if style in ("all", "retry-after") or (anthropic and style == "anthropic"):
