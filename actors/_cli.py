@@ -797,8 +797,10 @@ def _run_json(
         "seed": run.seed,
         "status": _history.shown_branch_status(owner.status, owner is run),
         "halt_reason": owner.halt_reason,
-        # Whether a process is working on the run now (null: unknowable).
-        "driven": driven,
+        # Whether a process is working on this branch now (null:
+        # unknowable); only the current branch is ever driven, as
+        # branches --json and metrics --json say.
+        "driven": driven if owner is run else False,
         "stages": [
             {
                 "stage": s["name"],

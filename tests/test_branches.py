@@ -308,3 +308,18 @@ async def test_every_branchs_lineage_read_at_once_is_each_ones_lineage(
                 if stage in owners:
                     assert s.stage_owner("T", branch_id, stage) == owners[stage]
         assert s.stage_owner("T", first.branch_id, "no-such-stage") is None
+
+
+def test_status_of_a_branch_not_current_is_never_driven(tmp_path: Path) -> None:
+    # It reported the run's "driven" for every branch, where branches --json
+    # and metrics --json say false for any but the current one.
+    db = str(tmp_path / "d.db")
+    assert run_cli(["run", "--run-id", "R", "--db", db, "--disagreement-rate", "0"]).returncode == 0
+    rerun = run_cli(["rerun", "R", "--from", "tasks", "--db", db, "--json"])
+    assert rerun.returncode == 0, rerun.stderr
+    listing = json.loads(run_cli(["branches", "R", "--db", db, "--json"]).stdout)["branches"]
+    (old,) = [b["short_id"] for b in listing if not b["current"]]
+    with Store.open(db) as store, store.claim_run("R"):  # as a process driving it would
+        current = json.loads(run_cli(["status", "R", "--db", db, "--json"]).stdout)
+        parent = json.loads(run_cli(["status", "R", "--db", db, "--branch", old, "--json"]).stdout)
+    assert (current["driven"], parent["driven"]) == (True, False)
