@@ -996,8 +996,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the command's own handling begins (building the
+        # parser takes a second on a loaded machine): Python's traceback
+        # was printed.  Nothing has been done yet.
+        print("conclave: interrupted before the command began; nothing was done", file=sys.stderr)
+        return EXIT_INTERRUPTED
     problem = _not_utf8(args, sys.argv[1:] if argv is None else argv)
     if problem is not None:
         return _fail(problem)

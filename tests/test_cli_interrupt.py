@@ -286,3 +286,22 @@ def test_a_second_signal_while_the_first_stops_the_run_changes_nothing(
     )
     assert proc.returncode == code, proc.stderr
     assert f"conclave: error: {word}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_while_the_command_line_is_read_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Building the parser takes a second on a loaded machine, before any
+    # signal handling of the command's: Python printed its traceback.
+    from actors import _cli
+
+    def interrupted() -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cli, "build_parser", interrupted)
+    try:
+        code = _cli.main(["status"])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main(), with its traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "conclave: interrupted before the command began; nothing was done\n"
