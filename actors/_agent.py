@@ -124,7 +124,7 @@ class Agent:
                 reply = await self.handle(request)
                 if request.reply_to is not None:
                     try:
-                        # The coordinator's inbox holds a reply per panel seat.
+                        # The coordinator's inbox is unbounded: this never waits.
                         await request.reply_to.send_eager(reply)
                     except Undelivered:
                         raise  # an interceptor swallowed it: the coordinator would wait for ever

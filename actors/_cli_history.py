@@ -55,7 +55,7 @@ from ._checks import add_db_argument, nonempty_arg, positive_arg
 from ._consensus import ADVANCING
 from ._ids import shell_word, short_branch_id
 from ._pipeline import PipelineError, pipeline_from_dict
-from ._resume import ResumeError, resolve_branch
+from ._resume import ResumeError, pick_branch, resolve_branch
 from ._cli_auth import add_run_auth_option, login_auth
 from ._token_source import AuthService
 from ._cli_metrics import (
@@ -115,26 +115,6 @@ def branch_of(store: Store, run: RunRow, branch: str | None) -> BranchRow:
         return resolve_branch(store, run, branch)
     except ResumeError as exc:
         raise UsageError(str(exc)) from None
-
-
-def previewed_branch(preview: RunPreview, branch: str) -> str:
-    """The id of the branch ``branch`` (full or short id) names among those
-    :func:`~store.preview_run` read, matched as :meth:`Store.find_branches`
-    matches (a short id in either case) and refused in the words of
-    :func:`resolve_branch`: ``rerun`` looks before it opens the store for
-    writing (which may migrate the file), so it cannot ask the store.  Its
-    own matcher took 'EC6B49EB', which 'status --branch' takes, for an
-    unknown branch.  Raises :class:`ResumeError`."""
-    ids = preview.branch_ids
-    if branch in ids:
-        return branch
-    found = [b for b in ids if b.startswith(branch) or b.rsplit("-", 1)[-1].startswith(branch.lower())]
-    if len(found) == 1:
-        return found[0]
-    known = ", ".join(ids)
-    if not found:
-        raise ResumeError(f"run {preview.run_id!r} has no branch {branch!r}; its branches: {known}")
-    raise ResumeError(f"branch {branch!r} of run {preview.run_id!r} is ambiguous: {known}")
 
 
 def shown_branch_status(status: str | None, current: bool) -> str | None:
@@ -478,7 +458,9 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     parent = preview.current_branch_id or ""
     if args.branch is not None:
         try:
-            parent = previewed_branch(preview, args.branch)
+            # Looked up in what preview_run read: rerun looks before it opens
+            # the store for writing (which may migrate the file).
+            parent = pick_branch(preview.run_id, preview.branch_ids, args.branch)
         except ResumeError as exc:
             return _fail(str(exc))
     # Refuse before anything writes: every earlier stage must have an

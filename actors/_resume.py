@@ -48,7 +48,7 @@ from messages import (
     StoreWrite,
     UsageRecorded,
 )
-from store import BranchRow, DecisionRow, OutputRow, RunRow, Store
+from store import BranchRow, DecisionRow, OutputRow, RunRow, Store, branch_named
 
 from ._classify import classify
 from ._consensus import ADVANCING
@@ -359,16 +359,24 @@ def resolve_branch(store: Store, run: RunRow, branch_id: str | None) -> BranchRo
         if branch is None:
             raise ResumeError(f"run {run.run_id!r}: its current branch is missing from {store.path}")
         return branch
-    found = store.find_branches(run.run_id, branch_id)
-    exact = [b for b in found if b.branch_id == branch_id]
-    if exact:
-        return exact[0]
+    branches = store.branches(run.run_id)
+    chosen = pick_branch(run.run_id, [b.branch_id for b in branches], branch_id)
+    return next(b for b in branches if b.branch_id == chosen)
+
+
+def pick_branch(run_id: str, branch_ids: Sequence[str], given: str) -> str:
+    """The one of ``branch_ids`` (``run_id``'s) that ``given`` names, a full
+    or short id (see :func:`~store.branch_named`).  Raises
+    :class:`ResumeError` when none or several match."""
+    if given in branch_ids:
+        return given
+    found = [b for b in branch_ids if branch_named(b, given)]
     if len(found) == 1:
         return found[0]
-    known = ", ".join(b.branch_id for b in store.branches(run.run_id))
+    known = ", ".join(branch_ids)
     if not found:
-        raise ResumeError(f"run {run.run_id!r} has no branch {branch_id!r}; its branches: {known}")
-    raise ResumeError(f"branch {branch_id!r} of run {run.run_id!r} is ambiguous: {known}")
+        raise ResumeError(f"run {run_id!r} has no branch {given!r}; its branches: {known}")
+    raise ResumeError(f"branch {given!r} of run {run_id!r} is ambiguous: {known}")
 
 
 def fork_stage(state: ResumeState, name: str) -> StageSpec:

@@ -19,6 +19,7 @@ from ._store import (
     RetryableStoreError,
     RunRow,
     Store,
+    branch_named,
     wall_clock_ms,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "branch_named",
     "wall_clock_ms",
 ]

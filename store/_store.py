@@ -40,6 +40,13 @@ from ._lineage import LINEAGE_CTE
 from ._runlock import claim_run, is_claimed
 
 
+def branch_named(branch_id: str, prefix: str) -> bool:
+    """Whether ``prefix`` names ``branch_id``: the start of its id, or of
+    its short id (the first hex digits of its random suffix, in either
+    case: hex digits)."""
+    return branch_id.startswith(prefix) or branch_id.rsplit("-", 1)[-1].startswith(prefix.lower())
+
+
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch: the one timestamp unit we store.
     Timestamps are data, never inputs to logic or digests."""
@@ -689,13 +696,7 @@ class Store:
         """Branches of ``run_id`` whose id, or short id (the first hex digits
         of the random suffix, in either case: hex digits), starts with
         ``prefix``."""
-        return [
-            b
-            for b in self.branches(run_id)
-            if b.branch_id == prefix
-            or b.branch_id.startswith(prefix)
-            or b.branch_id.rsplit("-", 1)[-1].startswith(prefix.lower())
-        ]
+        return [b for b in self.branches(run_id) if branch_named(b.branch_id, prefix)]
 
     def max_seq(self, run_id: str) -> int:
         rows = self._rows("SELECT COALESCE(MAX(seq), 0) FROM decisions WHERE run_id = ?", (run_id,))

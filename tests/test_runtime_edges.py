@@ -123,11 +123,11 @@ async def test_late_replies_of_the_last_stage_fail_fast(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A coordinator-edge interceptor delivers each reply of the last stage
-    ten times: once the stage is decided nobody reads them, and they
-    overfill the reply channel (a slot per panel seat).  The run must
-    still end, its agents' late sends failing fast.  Breaks if the runtime
-    stops closing the reply channel when the stages are done: the agents
-    then wait on it for ever and the run hangs."""
+    ten times: once the stage is decided nobody reads them.  The run must
+    still end.  (Written when the reply channel had a slot per panel seat,
+    which the flood overfilled: it broke if the runtime stopped closing
+    that channel.  The channel is unbounded now, so the flood only piles
+    up unread.)"""
     last = default_pipeline().stage_names[-1]
 
     async def flood(reply: AgentReply, forward: Forward[AgentReply]) -> None:
