@@ -139,6 +139,13 @@ class Gateway:
         # the orchestrator, which owns the subscribers).
         self.publish: Callable[[ProgressEvent], None] | None = None
 
+    def relay(self, event: ProgressEvent) -> None:
+        """Pass ``event`` to :attr:`publish` once it is set (the fault
+        interceptor is attached before the orchestrator that owns the
+        subscribers exists).  Not a checkpoint."""
+        if self.publish is not None:
+            self.publish(event)
+
     async def run(self, inbox: trio.MemoryReceiveChannel[CompletionRequest]) -> None:
         """Serve until the inbox closes and every queued call is done.
         Cancelled: the calls in flight and in the queues are failed (their
@@ -284,10 +291,7 @@ class Gateway:
         def on_wait(left: float) -> None:
             nonlocal waiting
             waiting = True
-            if self.publish is not None:
-                self.publish(
-                    CallWaiting(key=request.key, attempt=request.attempt, provider=request.provider, delay=left)
-                )
+            self.relay(CallWaiting(key=request.key, attempt=request.attempt, provider=request.provider, delay=left))
 
         try:
             permit, blocked = await health.admit(request, on_wait)

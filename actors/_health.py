@@ -274,12 +274,15 @@ class HealthRegistry:
                 continue
 
     async def admit(
-        self, provider: str, request: CompletionRequest | None = None
+        self,
+        provider: str,
+        request: CompletionRequest | None = None,
+        on_wait: Callable[[float], object] | None = None,
     ) -> tuple[Permit | None, ProviderError | None]:
         """:meth:`ProviderHealth.admit` on ``provider``'s health (created
         on first use), with the same contract: refusals returned, a
         checkpoint only when it waits, cancelled: no permit taken."""
-        return await self[provider].admit(request)
+        return await self[provider].admit(request, on_wait)
 
     def report(self, permit: Permit, error: ProviderError | None) -> None:
         self[permit.provider].report(permit, error)

@@ -1276,7 +1276,7 @@ async def open_orchestrator(
     failing = False
     try:
         for interceptor in attached:
-            interceptor.attach(seed=seed, health=health, events=store_tx, queued=True)
+            interceptor.attach(seed=seed, health=health, events=store_tx, queued=True, publish=gateway.relay)
         with collapse_single():
             async with trio.open_nursery() as nursery:
                 orchestrator: Orchestrator | None = None

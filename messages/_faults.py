@@ -66,6 +66,7 @@ from ._channel import Forward, Interceptor, Outbox
 from ._errors import ConclaveError, Disconnected, ProviderError, ProviderTimeout, RateLimited
 from ._faultplan import CHANNEL, FAULT_KINDS, FaultKind, FaultPlan
 from ._messages import CompletionRequest, CompletionResult, Injection, PersistEvent
+from ._progress import CallWaiting, ProgressEvent
 from ._usage import ZERO_USAGE
 
 DISCONNECT_MESSAGE = "model stream error: stream disconnected before completion"
@@ -82,10 +83,16 @@ class HealthPort(Protocol):
     permit is then reported or abandoned."""
 
     async def admit(
-        self, provider: str, request: CompletionRequest | None = None
+        self,
+        provider: str,
+        request: CompletionRequest | None = None,
+        on_wait: Callable[[float], object] | None = None,
     ) -> tuple[Any, ProviderError | None]:
         """A permit, or the refusal (returned, not raised).  A checkpoint
-        only when it waits; cancelled while waiting, no permit was taken."""
+        only when it waits; cancelled while waiting, no permit was taken.
+        ``on_wait(seconds)`` is called just before it waits at a closed
+        gate (the interceptor passes it only to the orchestrator's own
+        port, so a port of the caller's need not take it)."""
         ...
 
     def report(self, permit: Any, error: ProviderError | None) -> None: ...
@@ -180,6 +187,7 @@ class FaultInterceptor(Interceptor[Any]):
         self._given = (seed, health, events)
         self._attached = False
         self._queued = False
+        self._publish: Callable[[ProgressEvent], None] | None = None
         self._sequence = plan.sequence
         self._rates = [(k, plan.rates[k]) for k in FAULT_KINDS if plan.rates.get(k)]
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -195,6 +203,7 @@ class FaultInterceptor(Interceptor[Any]):
         health: HealthPort | None = None,
         events: Outbox[Any] | None = None,
         queued: bool = False,
+        publish: Callable[[ProgressEvent], None] | None = None,
     ) -> None:
         """Fill in what the orchestrator installing this interceptor knows;
         settings given to the constructor (and the plan's seed) win.  Until
@@ -204,7 +213,10 @@ class FaultInterceptor(Interceptor[Any]):
         channel leads to a gateway that serves an :class:`Injection` (so a
         fault waits for a provider worker in turn, as the call it stands
         for would; fired at once, a burst of instant failures reached the
-        breaker before the calls queued behind the workers, and opened it)."""
+        breaker before the calls queued behind the workers, and opened it).
+        ``publish``: the orchestrator's progress, told of a fault that waits
+        at its rate-limit gate (:class:`~messages.CallWaiting`), as a real
+        call's wait is; used only with the orchestrator's own ``health``."""
         if self._attached:
             raise RuntimeError("this FaultInterceptor is already attached to an open orchestrator")
         self._queued = queued
@@ -213,6 +225,7 @@ class FaultInterceptor(Interceptor[Any]):
             self.seed = seed or 0
         self.health = given_health or health
         self.events = given_events or events
+        self._publish = publish if given_health is None else None
         self._attached = True
 
     def detach(self) -> None:
@@ -221,6 +234,7 @@ class FaultInterceptor(Interceptor[Any]):
         per-run budgets and counters carry on."""
         given_seed, given_health, given_events = self._given
         self.health, self.events = given_health, given_events
+        self._publish = None
         self._attached = False
         self._queued = False
 
@@ -446,7 +460,15 @@ class FaultInterceptor(Interceptor[Any]):
             # The injected fault stands in for a provider call: admitted
             # through the same gate and breaker as a real one.
             try:
-                permit, blocked = await self.health.admit(request.provider, request)
+                if self._publish is None:
+                    permit, blocked = await self.health.admit(request.provider, request)
+                else:
+                    publish = self._publish
+
+                    def on_wait(left: float) -> None:
+                        publish(CallWaiting(key=request.key, attempt=request.attempt, provider=request.provider, delay=left))
+
+                    permit, blocked = await self.health.admit(request.provider, request, on_wait)
             except BaseException:
                 self._unplace(kind, placed)  # cancelled at the gate: nothing fired
                 raise

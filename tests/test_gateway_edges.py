@@ -305,6 +305,66 @@ async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(
     assert 29.0 <= logged.detail["waited_s"] <= 31.0
 
 
+async def test_an_injected_fault_waiting_at_a_closed_gate_says_so(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Injected faults take the real calls' path through the gate, and now
+    its progress too: b's fault (the second of two counted 429s) arrived
+    while a's held the gate shut for 30 s, and waited there in silence."""
+    from actors import SimulatedProvider, open_orchestrator
+    from actors._pipeline import pipeline_with_panel
+    from messages import CallWaiting, FaultInterceptor, FaultPlan, FunctionInterceptor
+
+    async def b_later(item: Any, forward: Any) -> None:
+        if item.key.agent == "b":
+            await trio.sleep(1)
+        await forward(item)
+
+    seen: list[CallWaiting] = []
+    faults = FaultInterceptor(FaultPlan.parse("429:2", reset="30"))
+    async with open_orchestrator(
+        store=str(tmp_path / "inj.db"), provider=SimulatedProvider(seed=1, disagreement_rate=0.0),
+        pipeline=pipeline_with_panel("validate", ["a", "b"]),
+        interceptors={"agent": [FunctionInterceptor(b_later)], "gateway": [faults]},
+    ) as orch:
+        progress = orch.subscribe()
+
+        async def watch() -> None:
+            async for event in progress:
+                if isinstance(event, CallWaiting):
+                    seen.append(event)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            result = await orch.run("SPEC", run_id="I")
+            nursery.cancel_scope.cancel()
+    assert result.completed
+    assert faults.injected["rate_limit"] == 2
+    assert [(e.key.agent, e.attempt, e.provider) for e in seen] == [("b", 1, "sim")]
+    assert seen[0].delay == pytest.approx(29.0)
+
+
+async def test_an_injected_fault_at_a_gate_of_the_callers_own_is_not_given_a_wait_hook() -> None:
+    """A HealthPort the caller wrote to the old two-argument ``admit`` keeps
+    working: only the orchestrator's own port is given ``on_wait``."""
+    from messages import FaultInterceptor, FaultPlan
+
+    class OldPort:
+        async def admit(self, provider: str, request: Any = None) -> tuple[Any, Any]:
+            return object(), None
+
+        def report(self, permit: Any, error: Any) -> None:
+            pass
+
+        def abandon(self, permit: Any) -> None:
+            pass
+
+    faults = FaultInterceptor(FaultPlan.parse("disconnect:1"), health=OldPort())
+    faults.attach(seed=0, publish=lambda event: None)
+    assert faults._publish is None
+    faults.detach()
+
+
 def test_the_cli_prints_a_call_waiting_at_the_gate() -> None:
     import io
 
