@@ -17,7 +17,7 @@ counted and reported as unpriced.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 
 from messages import BudgetCheck, BudgetStatus, ConclaveError, Outbox, StageKey, reply_pair
 from store import BranchRow, Store
@@ -63,11 +63,22 @@ def _places(amount: Decimal, places: int = 2) -> int:
     return places
 
 
+# Wide enough for any amount a run can reach at 12 places.
+_ROUNDING = Context(prec=60, rounding=ROUND_HALF_UP)
+
+
+def _fixed(amount: Decimal, places: int) -> str:
+    # Half up, as money is read: Decimal's own half-even format showed
+    # $0.045 as "$0.04", and "90% used ($0.04 of $0.05)" read as 80 %.
+    return f"{amount.quantize(Decimal(1).scaleb(-places), context=_ROUNDING):f}"
+
+
 def usd(amount: Decimal, places: int = 2) -> str:
     """``$0.12``; amounts below a cent get more places (``$0.0042``), as
     many as show two significant digits (``$0.000012``: a budget of
-    $0.00001 read "$0.0000" in the very message that it was spent)."""
-    return f"${amount:.{_places(amount, places)}f}"
+    $0.00001 read "$0.0000" in the very message that it was spent).
+    Halves round up."""
+    return f"${_fixed(amount, _places(amount, places))}"
 
 
 def usd_of(spent: Decimal, budget: Decimal, places: int = 2, *, joint: str = " of ") -> str:
@@ -76,9 +87,9 @@ def usd_of(spent: Decimal, budget: Decimal, places: int = 2, *, joint: str = " o
     shown = max(_places(spent, places), _places(budget, places))
     # More places while different amounts read the same: "90% used ($0.05
     # of $0.05)" was printed for $0.045 spent, as if all of it were.
-    while shown < 12 and spent != budget and f"{spent:.{shown}f}" == f"{budget:.{shown}f}":
+    while shown < 12 and spent != budget and _fixed(spent, shown) == _fixed(budget, shown):
         shown += 1
-    return f"${spent:.{shown}f}{joint}${budget:.{shown}f}"
+    return f"${_fixed(spent, shown)}{joint}${_fixed(budget, shown)}"
 
 
 class BudgetExceeded(ConclaveError):

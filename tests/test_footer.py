@@ -81,6 +81,16 @@ def test_a_budget_nearly_spent_does_not_read_as_all_spent() -> None:
     assert format_full(metrics(cost="0.049999", budget="0.05")).endswith("| $0.049999 of $0.050000")
 
 
+def test_money_halves_round_up() -> None:
+    """Exactly $0.045 of $0.05 read "90% used ($0.04 of $0.05)" (Decimal's
+    half-even format): as if 80 % were used."""
+    from actors._budget import usd, usd_of
+
+    assert usd_of(Decimal("0.045"), Decimal("0.05")) == "$0.045 of $0.050"
+    assert (usd(Decimal("0.125")), usd(Decimal("2.5"), 0), usd(Decimal("0.0000125"))) == ("$0.13", "$3", "$0.000013")
+    assert usd(Decimal(10**12)) == "$1000000000000.00"
+
+
 @pytest.mark.parametrize(
     ("ctx", "colour", "mark"),
     [(0.45, "green", ""), (0.61, "cyan", ""), (0.81, "yellow", " ⚡"), (0.95, "red", " ⚠")],
