@@ -524,10 +524,12 @@ def pipeline_from_dict(
                 f"{where}: decision_field 'agent' differs for every agent, so {len(agents)} agents"
                 " can never agree; name the field the agents decide on"
             )
-        if fresh and decision_field == "stage" and quorum.required(len(agents)) > 1:
+        if fresh and decision_field == "stage" and len(agents) > 1:
             # Every agent answers with the stage's name there: they always
             # "agree", whatever they decided (a stage with no fields of its
             # own compared it by default, and passed at any disagreement).
+            # At a quorum of 1 too: the coordinator's own check of the
+            # field then never saw a dissent, and a conflict passed as ok.
             given = "decision_field 'stage'" if "decision_field" in raw else "with no required_fields, the stage"
             raise PipelineError(
                 f"{where}: {given} is the same for every agent, so its agents would always agree;"

@@ -106,6 +106,9 @@ def test_a_panel_without_the_default_aggregator_has_none() -> None:
         # The stage's own name: every agent "agreed", at any disagreement.
         ('[[stages]]\nname = "plan"\ndecision_field = "stage"', "decision_field 'stage' is the same for every agent"),
         ('[[stages]]\nname = "deploy"\nrequired_fields = []', "with no required_fields, the stage is the same"),
+        # At a quorum of 1 as well: a dissent on the field it stands for passed as ok.
+        ('[[stages]]\nname = "plan"\ndecision_field = "stage"\nquorum = 1', "decision_field 'stage' is the same for every agent"),
+        ('[[stages]]\nname = "deploy"\nrequired_fields = []\nquorum = 1', "with no required_fields, the stage is the same"),
         ('[[stages]]\nname = "plan"\nquorum = "most"', "quorum must be"),
         ('[[stages]]\nname = "plan"\nquorum = 2.5', "or a whole number, got 2.5"),
         ('[[stages]]\nname = "plan"\nquorum = true', "or a whole number, got True"),
@@ -146,6 +149,15 @@ def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
         parse_pipeline(text, source="p.toml")
     assert message in str(info.value)
     assert str(info.value).startswith("p.toml")
+
+
+def test_one_agent_may_decide_on_its_stage_or_its_name() -> None:
+    # Nobody to agree with: a custom stage with no fields of its own on one
+    # agent stays valid, as its "stage" and "agent" cannot hide a dissent.
+    p = parse_pipeline('[[stages]]\nname = "deploy"\nrequired_fields = []\nagents = ["claude"]\nquorum = 1')
+    assert p.stages[0].decision_field == "stage"
+    p = parse_pipeline('[[stages]]\nname = "plan"\ndecision_field = "agent"\nagents = ["claude"]')
+    assert p.stages[0].decision_field == "agent"
 
 
 def test_the_decision_field_is_required() -> None:
