@@ -401,8 +401,16 @@ def pipeline_from_dict(
     # pass until a stage came to use it.
     at_defaults = f"{source}: [defaults]"
     if "agents" in defaults:
+        if not default_panel:
+            raise PipelineError(f"{at_defaults}: agents must name at least one agent")
+        resolved: dict[str, list[str]] = {}
         for raw_agent in default_panel:
-            resolve_agent(raw_agent, at_defaults)
+            resolved.setdefault(resolve_agent(raw_agent, at_defaults), []).append(raw_agent)
+        for agent, spellings in resolved.items():
+            if len(spellings) > 1:
+                raise PipelineError(
+                    f"{at_defaults}: agent {agent!r} is listed twice ({', '.join(map(repr, spellings))})"
+                )
     if defaults.get("mode", "sequential") not in ("sequential", "parallel"):
         raise PipelineError(f"{at_defaults}: mode must be 'sequential' or 'parallel', got {defaults['mode']!r}")
     if "quorum" in defaults:

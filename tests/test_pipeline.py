@@ -142,6 +142,10 @@ def test_a_panel_without_the_default_aggregator_has_none() -> None:
          "[defaults]: unknown agent 'llama'"),
         ('[defaults]\nagents = ["llama"]\n[[stages]]\nname = "plan"\nagents = ["claude"]',
          "[defaults]: unknown agent 'llama'"),
+        ('[defaults]\nagents = []\n[[stages]]\nname = "plan"\nagents = ["claude"]',
+         "[defaults]: agents must name at least one agent"),
+        ('[defaults]\nagents = ["gpt", "GPT-5"]\n[[stages]]\nname = "plan"\nagents = ["claude"]',
+         "[defaults]: agent 'gpt_pro' is listed twice ('gpt', 'GPT-5')"),
     ],
 )
 def test_invalid_pipelines_name_the_problem(text: str, message: str) -> None:
