@@ -337,7 +337,12 @@ class Store:
     @property
     def writable(self) -> bool:
         """False for a store opened ``readonly`` (or a read-only file)."""
+        self._check_open("write to it")
         return not self._conn.readonly("main")
+
+    def _check_open(self, to: str) -> None:
+        if self.closed:  # else apsw's ConnectionClosedError, naming no store
+            raise StoreError(f"store {self.path!r} is closed: open it again (Store.open) to {to}")
 
     @classmethod
     def open(
@@ -403,6 +408,7 @@ class Store:
         busy or locked, and :class:`StoreFull` (nothing applied) when the
         disk is full; other SQLite errors fail only their own item.
         """
+        self._check_open("write to it")
         now = self._clock()
         conn = self._conn
         try:
@@ -653,8 +659,7 @@ class Store:
     # writer's transactions on the same connection.
 
     def _rows(self, sql: str, args: Any = ()) -> list[Any]:
-        if self.closed:  # else apsw's ConnectionClosedError, naming no store
-            raise StoreError(f"store {self.path!r} is closed: open it again (Store.open) to read it")
+        self._check_open("read it")
         conn = self._conn
         return retry_busy(lambda: conn.execute(sql, args).fetchall(), what=self.path)
 

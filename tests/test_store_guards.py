@@ -204,6 +204,27 @@ def test_reading_a_closed_store_is_a_store_error_naming_it(tmp_path: Path) -> No
             read()
 
 
+def test_writing_to_a_closed_store_is_a_store_error_naming_it(tmp_path: Path) -> None:
+    # As reads are: apsw's bare ConnectionClosedError names no store and is
+    # no ConclaveError.  The file is left as it was.
+    from store import StoreError
+
+    path = str(tmp_path / "c.db")
+    s = Store.open(path)
+    new_run(s)
+    s.close()
+    writes = (
+        lambda: s.writable,
+        lambda: s.apply([PersistOutput(output=output())]),
+        lambda: s.apply([]),
+    )
+    for write in writes:
+        with pytest.raises(StoreError, match=f"store {path!r} is closed: open it again \\(Store.open\\) to write"):
+            write()
+    with Store.open(path) as again:
+        assert again.lineage_outputs("r", "b", "plan") == []
+
+
 def test_an_event_keeps_the_time_it_was_made_not_its_commits(tmp_path: Path) -> None:
     """The writer holds events up to a second before committing: stamped at
     the commit, a retry read as a second after the 429 it followed, and a
