@@ -1012,6 +1012,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with throughput_gc(), _stopping_signals():  # the process is ours: see actors/_gc.py
             code: int = args.handler(args)
+            # Flushed here, not at exit: a pipe holds the output in its
+            # buffer, and a reader gone by then ('soak --json | head -c 10')
+            # made Python's own flush fail - "Exception ignored ...
+            # BrokenPipeError" and exit 120 - past the handling below.
+            sys.stdout.flush()
     except UsageError as exc:
         return _fail(str(exc))
     except BaseException as exc:

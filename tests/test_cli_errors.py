@@ -580,3 +580,32 @@ def test_the_unpriced_models_line_cannot_drive_the_terminal(tmp_path: Path, caps
     assert "unpriced" in out
     assert "\x1b" not in out and "\x07" not in out
     assert not any(line.lstrip().startswith("✓ FORGED") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_stdout_closed_before_the_output_is_flushed_exits_quietly(as_json: bool) -> None:
+    """'conclave soak --json | head -c 10': the reader is gone when the
+    buffered output is flushed.  That flush came at interpreter exit, past
+    main()'s handling of a broken pipe: "Exception ignored ...
+    BrokenPipeError" on stderr and exit 120.  It is the CLI's broken pipe
+    like any other now: nothing said, exit 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before anything is written
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    try:
+        proc = subprocess.run(
+            # (No faults: a soak this small would fail for want of them, exit 1 too.)
+            [sys.executable, "-m", "actors", "soak", "--runs", "1", "--agents", "1", "--faults", "",
+             *(["--json"] if as_json else [])],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, proc.stderr
+    assert "conclave: error" not in proc.stderr  # the soak itself passed
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "BrokenPipeError" not in proc.stderr
