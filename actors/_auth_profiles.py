@@ -225,8 +225,10 @@ async def discover(profile: AuthProfile, client: httpx.AsyncClient) -> AuthProfi
         for field, value in found.items():
             # It said "no device authorization endpoint" when the token
             # endpoint was the one missing, and a relative or file: URL
-            # failed later as "could not reach".
-            if not isinstance(value, str) or not _is_http_url(value):
+            # failed later as "could not reach".  A control character
+            # (httpx refuses only ASCII ones: a C1 CSI or a bidi override
+            # passed) reached the terminal raw in that message and others.
+            if not isinstance(value, str) or not _is_http_url(value) or not value.isprintable():
                 raise AuthConfigError(
                     f"the metadata at {url} names no usable {field} (got {value!r})",
                     provider=profile.name,

@@ -333,6 +333,14 @@ async def test_a_store_that_cannot_take_the_tokens_fails_before_the_code(
           "token_endpoint": "https://idp.test/tok"}, "names no usable device_authorization_endpoint (got 'relative/dev')"),
         ({"issuer": "https://idp.test", "device_authorization_endpoint": "https://idp.test/dev",
           "token_endpoint": "file:///etc/passwd"}, "names no usable token_endpoint (got 'file:///etc/passwd')"),
+        # The server's words, shown raw: U+009B is a terminal's CSI, U+202E
+        # turns the text around (httpx refuses only ASCII controls).
+        ({"issuer": "https://idp.test", "device_authorization_endpoint": "https://idp.test/\u009b2J",
+          "token_endpoint": "https://idp.test/tok"},
+         "names no usable device_authorization_endpoint (got 'https://idp.test/\\x9b2J')"),
+        ({"issuer": "https://idp.test", "device_authorization_endpoint": "https://idp.test/dev",
+          "token_endpoint": "https://idp.test/\u202etok"},
+         "names no usable token_endpoint (got 'https://idp.test/\\u202etok')"),
         # RFC 8414 3.3: it was used silently.
         ({"issuer": "https://evil.example", "device_authorization_endpoint": "https://evil.example/dev",
           "token_endpoint": "https://evil.example/tok"}, "is for issuer 'https://evil.example', not 'https://idp.test'"),
@@ -350,7 +358,7 @@ async def test_issuer_metadata_that_cannot_be_used_is_refused_naming_why(metadat
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
         with pytest.raises(AuthConfigError) as caught:
             await discover(profile, client)
-    assert message in str(caught.value)
+    assert message in str(caught.value) and str(caught.value).isprintable()
     assert asked == ["/.well-known/oauth-authorization-server"]
 
 
