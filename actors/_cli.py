@@ -1024,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # stdout closed early (piped into head): not our error.  From
             # inside a run it comes wrapped in a group; the run is left
             # interrupted, as after Ctrl-C, and resumable.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _drop_stdout()
             return EXIT_ERROR
         stop = stopped_by(exc)
         if stop is not None:
@@ -1035,8 +1035,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         db = getattr(args, "db", None)
         for leaf in _leaves(exc):
             _fail(_database_trouble(leaf, db) or f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            # stdout cannot take what is left (a full disk: 'status >
+            # /dev/full'): said once above; Python's flush at exit would
+            # say it again as "Exception ignored" and exit 120.
+            _drop_stdout()
         return EXIT_ERROR
     return code
+
+
+def _drop_stdout() -> None:
+    """Send what stdout still holds, and anything later, nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager

@@ -609,3 +609,23 @@ def test_stdout_closed_before_the_output_is_flushed_exits_quietly(as_json: bool)
     assert "conclave: error" not in proc.stderr  # the soak itself passed
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr
     assert "BrokenPipeError" not in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_stdout_that_cannot_be_written_is_said_once(tmp_path: Path) -> None:
+    """'conclave status > /dev/full': the flush in main() failed and was
+    reported, and Python's own flush at exit failed again: "Exception
+    ignored ... No space left on device" and exit 120."""
+    db = str(tmp_path / "f.db")
+    from actors._cli import main
+
+    assert main(["run", "--db", db, "--run-id", "F", "--json"]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors", "status", "F", "--db", db],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("No space left on device") == 1, proc.stderr
+    assert "Exception ignored" not in proc.stderr
