@@ -1005,6 +1005,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # was printed.  Nothing has been done yet.
         print("conclave: interrupted before the command began; nothing was done", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit:
+        # --help, --version, a usage error: argparse has printed.  Into a
+        # pipe whose reader has gone ('conclave --help | head -1' when head
+        # is quick), Python's flush at exit printed "Exception ignored ...
+        # BrokenPipeError" and exited 120.
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _drop_stdout()
+            return EXIT_ERROR
+        raise
     problem = _not_utf8(args, sys.argv[1:] if argv is None else argv)
     if problem is not None:
         return _fail(problem)

@@ -611,6 +611,26 @@ def test_stdout_closed_before_the_output_is_flushed_exits_quietly(as_json: bool)
     assert "BrokenPipeError" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_into_a_pipe_already_closed_exits_quietly(flag: str) -> None:
+    """'conclave --help | head -1' with head gone before the flush: argparse
+    prints and exits while the command line is read, before main()'s
+    handling of a broken pipe, and Python's flush at exit failed: "Exception
+    ignored ... BrokenPipeError", exit 120."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors", flag], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, proc.stderr
+    assert "Exception ignored" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_stdout_that_cannot_be_written_is_said_once(tmp_path: Path) -> None:
     """'conclave status > /dev/full': the flush in main() failed and was
