@@ -26,6 +26,7 @@ the workers are spawned.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import multiprocessing
@@ -35,9 +36,11 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from contextlib import ExitStack
+from types import FrameType
 from multiprocessing.connection import Connection, wait
-from typing import cast
+from typing import Any, cast
 
 import trio
 import trio.testing
@@ -68,6 +71,9 @@ _PROGRESS_STEPS = 200
 # In a worker process: the write end of its own progress pipe, if any.
 _progress_out: Connection | None = None
 
+# Held while the workers start (see _signals_held).
+_STOPPING = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+
 
 def _init_worker(out: Connection | None, parent: int | None) -> None:
     global _progress_out
@@ -79,6 +85,10 @@ def _init_worker(out: Connection | None, parent: int | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL):
             signal.signal(signum, signal.SIG_DFL)
+    # Ctrl-C is the parent's to act on (it kills its workers): a worker
+    # interrupted on its own printed a KeyboardInterrupt traceback from
+    # the pool's queue.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:
         _die_with(parent)
 
@@ -226,6 +236,58 @@ async def run_sharded_in_trio(
         raise
 
 
+class _Held:
+    """The stopping signals received while held (see :func:`_signals_held`)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def hold(self) -> None:
+        for signum in _STOPPING:
+            current = signal.getsignal(signum)
+            # One the process ignores (nohup) stays ignored; one not set
+            # from Python could not be given back.
+            if current is not signal.SIG_IGN and current is not None:
+                self._previous[signum] = signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+
+    def close(self) -> None:
+        """Give the handlers back, then raise what came meanwhile.
+        Idempotent."""
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        received, self.received = self.received, []
+        for signum in dict.fromkeys(received):
+            if signum in previous:
+                signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[_Held]:
+    """Hold SIGINT, SIGTERM and SIGHUP while the workers start, and raise
+    them once every worker has started and is known to the stopper (or on
+    the way out).  Raised inside a pool's start-up (its queue-management
+    thread half started, a worker forked but not yet handed to the
+    stopper), one was lost - the soak ran on to its end - or failed it
+    with "cannot join thread before it is started", or left a worker that
+    the exit then waited on for ever (--workers 40: most signals in the
+    first seconds).  Python handlers run in the main thread whichever
+    thread the signal reaches, so this holds them wherever it lands; off
+    the main thread (the trio path) handlers cannot change, and the
+    stopper covers the start-up instead."""
+    held = _Held()
+    if threading.current_thread() is threading.main_thread():
+        held.hold()
+    try:
+        yield held
+    finally:
+        held.close()
+
+
 def run_sharded(
     config: SoakConfig,
     start_method: str | None = None,
@@ -251,6 +313,7 @@ def run_sharded(
         try:
             futures: list[Future[ShardReport]] = []
             pipes: list[Connection] = []
+            held = stack.enter_context(_signals_held())
             for shard in range(shards):
                 out: Connection | None = None
                 if progress is not None or on_breach is not None:
@@ -284,6 +347,9 @@ def run_sharded(
                 # every shard's last report is read first, as it was sent
                 # before its result.
                 stack.callback(stop_relay)
+            # Every worker started: a signal held meanwhile is raised here,
+            # and stops them all (below).
+            held.close()
             for shard, future in enumerate(futures):
                 try:
                     parts.append(future.result())

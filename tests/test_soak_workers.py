@@ -8,6 +8,7 @@ import json
 import multiprocessing.connection
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import trio
@@ -86,6 +87,66 @@ async def test_cancelling_a_sharded_soak_kills_its_workers() -> None:
             # it too, and whichever thread loses that race sees no exit code.
             await trio.to_thread.run_sync(multiprocessing.connection.wait, [process.sentinel])
             assert process.exitcode in (-signal.SIGKILL, None)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_signal_while_the_workers_start_is_taken_once_all_have_started() -> None:
+    """SIGTERM (or Ctrl-C) landing inside the pools' start-up was lost, or
+    failed the soak with "cannot join thread before it is started", or left
+    a worker that the exit then waited on for ever (--workers 40: most
+    signals in the first seconds).  It is now held off until every worker
+    has started and is known to the stopper, and then stops them all."""
+    from actors._soak_shards import run_sharded
+
+    class SignalAtFirstWorker(Stopper):
+        def __init__(self) -> None:
+            super().__init__()
+            self.added = 0
+
+        def add(self, pool: ProcessPoolExecutor) -> None:
+            super().add(pool)
+            self.added += 1
+            if self.added == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    stopper = SignalAtFirstWorker()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(_Stop):
+            run_sharded(SoakConfig(seed=5, runs=100_000, workers=4), "fork", stopper)  # minutes of work
+        assert signal.getsignal(signal.SIGTERM) is stop  # given back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(stopper.killed) == 4  # all four started, then all four stopped
+    multiprocessing.connection.wait([p.sentinel for p in stopper.killed], timeout=60)
+    assert all(p.exitcode is not None for p in stopper.killed)
+
+
+def test_a_worker_leaves_ctrl_c_to_its_parent() -> None:
+    """A forked worker inherits the parent's Python handlers: Ctrl-C, the
+    parent's to act on (it kills its workers), printed a worker's
+    KeyboardInterrupt traceback from the pool's queue.  Workers ignore it;
+    SIGTERM keeps its default action."""
+    import subprocess
+    import sys
+
+    code = (
+        "import signal\n"
+        "from actors._soak_shards import _init_worker\n"
+        "signal.signal(signal.SIGINT, lambda *a: None)\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "_init_worker(None, None)\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True True"
 
 
 def _part(shard: int, injected: dict[str, int], recovered: dict[str, int]) -> ShardReport:
