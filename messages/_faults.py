@@ -83,21 +83,28 @@ class HealthPort(Protocol):
     permit is then reported or abandoned."""
 
     async def admit(
-        self,
-        provider: str,
-        request: CompletionRequest | None = None,
-        on_wait: Callable[[float], object] | None = None,
+        self, provider: str, request: CompletionRequest | None = None
     ) -> tuple[Any, ProviderError | None]:
         """A permit, or the refusal (returned, not raised).  A checkpoint
-        only when it waits; cancelled while waiting, no permit was taken.
-        ``on_wait(seconds)`` is called just before it waits at a closed
-        gate (the interceptor passes it only to the orchestrator's own
-        port, so a port of the caller's need not take it)."""
+        only when it waits; cancelled while waiting, no permit was taken."""
         ...
 
     def report(self, permit: Any, error: ProviderError | None) -> None: ...
 
     def abandon(self, permit: Any) -> None: ...
+
+
+class _WaitingHealthPort(HealthPort, Protocol):
+    """The orchestrator's own port (``actors.HealthRegistry``): ``admit``
+    also calls ``on_wait(seconds)`` just before it waits at a closed gate.
+    A port of the caller's need not take it."""
+
+    async def admit(
+        self,
+        provider: str,
+        request: CompletionRequest | None = None,
+        on_wait: Callable[[float], object] | None = None,
+    ) -> tuple[Any, ProviderError | None]: ...
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -188,6 +195,7 @@ class FaultInterceptor(Interceptor[Any]):
         self._attached = False
         self._queued = False
         self._publish: Callable[[ProgressEvent], None] | None = None
+        self._announcing: _WaitingHealthPort | None = None
         self._sequence = plan.sequence
         self._rates = [(k, plan.rates[k]) for k in FAULT_KINDS if plan.rates.get(k)]
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -200,7 +208,7 @@ class FaultInterceptor(Interceptor[Any]):
         self,
         *,
         seed: int | None = None,
-        health: HealthPort | None = None,
+        health: _WaitingHealthPort | None = None,
         events: Outbox[Any] | None = None,
         queued: bool = False,
         publish: Callable[[ProgressEvent], None] | None = None,
@@ -225,7 +233,9 @@ class FaultInterceptor(Interceptor[Any]):
             self.seed = seed or 0
         self.health = given_health or health
         self.events = given_events or events
-        self._publish = publish if given_health is None else None
+        # Waits are announced at the orchestrator's own gate only.
+        self._announcing = health if given_health is None and publish is not None else None
+        self._publish = publish
         self._attached = True
 
     def detach(self) -> None:
@@ -234,7 +244,7 @@ class FaultInterceptor(Interceptor[Any]):
         per-run budgets and counters carry on."""
         given_seed, given_health, given_events = self._given
         self.health, self.events = given_health, given_events
-        self._publish = None
+        self._announcing, self._publish = None, None
         self._attached = False
         self._queued = False
 
@@ -460,7 +470,7 @@ class FaultInterceptor(Interceptor[Any]):
             # The injected fault stands in for a provider call: admitted
             # through the same gate and breaker as a real one.
             try:
-                if self._publish is None:
+                if self._announcing is None or self._publish is None:
                     permit, blocked = await self.health.admit(request.provider, request)
                 else:
                     publish = self._publish
@@ -468,7 +478,7 @@ class FaultInterceptor(Interceptor[Any]):
                     def on_wait(left: float) -> None:
                         publish(CallWaiting(key=request.key, attempt=request.attempt, provider=request.provider, delay=left))
 
-                    permit, blocked = await self.health.admit(request.provider, request, on_wait)
+                    permit, blocked = await self._announcing.admit(request.provider, request, on_wait)
             except BaseException:
                 self._unplace(kind, placed)  # cancelled at the gate: nothing fired
                 raise

@@ -344,13 +344,20 @@ async def test_an_injected_fault_waiting_at_a_closed_gate_says_so(
     assert seen[0].delay == pytest.approx(29.0)
 
 
-async def test_an_injected_fault_at_a_gate_of_the_callers_own_is_not_given_a_wait_hook() -> None:
-    """A HealthPort the caller wrote to the old two-argument ``admit`` keeps
+async def test_an_injected_fault_at_a_gate_of_the_callers_own_is_not_given_a_wait_hook(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A HealthPort the caller wrote to the two-argument ``admit`` keeps
     working: only the orchestrator's own port is given ``on_wait``."""
+    from actors import SimulatedProvider, open_orchestrator
+    from actors._pipeline import pipeline_with_panel
     from messages import FaultInterceptor, FaultPlan
+
+    admitted: list[str] = []
 
     class OldPort:
         async def admit(self, provider: str, request: Any = None) -> tuple[Any, Any]:
+            admitted.append(provider)
             return object(), None
 
         def report(self, permit: Any, error: Any) -> None:
@@ -360,9 +367,23 @@ async def test_an_injected_fault_at_a_gate_of_the_callers_own_is_not_given_a_wai
             pass
 
     faults = FaultInterceptor(FaultPlan.parse("disconnect:1"), health=OldPort())
-    faults.attach(seed=0, publish=lambda event: None)
-    assert faults._publish is None
-    faults.detach()
+    async with open_orchestrator(
+        store=str(tmp_path / "old.db"), provider=SimulatedProvider(seed=1, disagreement_rate=0.0),
+        pipeline=pipeline_with_panel("validate", ["a", "b"]), interceptors={"gateway": [faults]},
+    ) as orch:
+        result = await orch.run("SPEC", run_id="O")
+    assert result.completed
+    assert faults.injected["disconnect"] == 1 and admitted == ["sim"]
+
+
+def test_the_public_health_port_keeps_its_two_argument_admit() -> None:
+    """A caller's port typed to HealthPort must still type-check: the wait
+    hook belongs to the orchestrator's own port alone."""
+    import inspect
+
+    from messages import HealthPort
+
+    assert list(inspect.signature(HealthPort.admit).parameters) == ["self", "provider", "request"]
 
 
 def test_the_cli_prints_a_call_waiting_at_the_gate() -> None:
