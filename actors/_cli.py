@@ -1011,10 +1011,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # is quick), Python's flush at exit printed "Exception ignored ...
         # BrokenPipeError" and exited 120.
         try:
-            sys.stdout.flush()
-        except OSError:
+            _flush_stdout()
+        except BrokenPipeError:
             _drop_stdout()
             return EXIT_ERROR
+        except OSError as exc:  # a full disk: said, as for any command
+            _drop_stdout()
+            return _fail(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
         raise
     problem = _not_utf8(args, sys.argv[1:] if argv is None else argv)
     if problem is not None:
@@ -1027,7 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # buffer, and a reader gone by then ('soak --json | head -c 10')
             # made Python's own flush fail - "Exception ignored ...
             # BrokenPipeError" and exit 120 - past the handling below.
-            sys.stdout.flush()
+            _flush_stdout()
     except UsageError as exc:
         return _fail(str(exc))
     except BaseException as exc:
@@ -1047,7 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for leaf in _leaves(exc):
             _fail(_database_trouble(leaf, db) or f"{type(leaf).__name__}: {leaf}", EXIT_ERROR)
         try:
-            sys.stdout.flush()
+            _flush_stdout()
         except OSError:
             # stdout cannot take what is left (a full disk: 'status >
             # /dev/full'): said once above; Python's flush at exit would
@@ -1057,9 +1060,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _flush_stdout() -> None:
+    """Flush stdout, raising OSError if it cannot take the output.  A
+    stdout already closed (an embedding app's) has nothing to flush."""
+    try:
+        sys.stdout.flush()
+    except ValueError:  # I/O operation on closed file
+        pass
+
+
 def _drop_stdout() -> None:
-    """Send what stdout still holds, and anything later, nowhere."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    """Send what stdout still holds, and anything later, nowhere (when it
+    is a file descriptor: an embedding app's object is left as it is)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @contextlib.contextmanager

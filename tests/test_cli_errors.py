@@ -631,6 +631,42 @@ def test_help_into_a_pipe_already_closed_exits_quietly(flag: str) -> None:
     assert "Exception ignored" not in proc.stderr and "BrokenPipeError" not in proc.stderr
 
 
+def test_main_with_a_closed_stdout_keeps_its_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An embedding app whose sys.stdout is closed: the flushes added to
+    main() raised ValueError out of it - a usage error lost its exit 2, and
+    a failed command said a second, spurious error."""
+    import io
+
+    from actors._cli import main
+
+    closed = io.TextIOWrapper(io.BytesIO())
+    closed.close()
+    monkeypatch.setattr("sys.stdout", closed)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--bogus"])
+    assert exit_.value.code == 2
+    assert main(["status", "NOPE", "--db", str(tmp_path / "none.db")]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" not in err and "closed file" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_help_to_a_full_disk_says_so() -> None:
+    """'conclave --help > /dev/full' exited 1 in silence (taken for a
+    reader gone), where any command's output to a full disk says so."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors", "--help"], stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+            timeout=120,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("No space left on device") == 1, proc.stderr
+    assert "Exception ignored" not in proc.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_stdout_that_cannot_be_written_is_said_once(tmp_path: Path) -> None:
     """'conclave status > /dev/full': the flush in main() failed and was
