@@ -70,7 +70,12 @@ _ROUNDING = Context(prec=60, rounding=ROUND_HALF_UP)
 def _fixed(amount: Decimal, places: int) -> str:
     # Half up, as money is read: Decimal's own half-even format showed
     # $0.045 as "$0.04", and "90% used ($0.04 of $0.05)" read as 80 %.
-    return f"{amount.quantize(Decimal(1).scaleb(-places), context=_ROUNDING):f}"
+    try:
+        return f"{amount.quantize(Decimal(1).scaleb(-places), context=_ROUNDING):f}"
+    except InvalidOperation:
+        # Past the context, or not finite (a hand-edited store): shown as
+        # Decimal shows it, rather than failing the command that shows it.
+        return f"{amount:.{places}f}"
 
 
 def usd(amount: Decimal, places: int = 2) -> str:

@@ -89,6 +89,8 @@ def test_money_halves_round_up() -> None:
     assert usd_of(Decimal("0.045"), Decimal("0.05")) == "$0.045 of $0.050"
     assert (usd(Decimal("0.125")), usd(Decimal("2.5"), 0), usd(Decimal("0.0000125"))) == ("$0.13", "$3", "$0.000013")
     assert usd(Decimal(10**12)) == "$1000000000000.00"
+    # Beyond any run, from a hand-edited store: shown, not raised.
+    assert (usd(Decimal("Infinity")), usd(Decimal("1e59"))) == ("$Infinity", f"${Decimal('1e59'):.2f}")
 
 
 @pytest.mark.parametrize(
