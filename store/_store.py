@@ -336,7 +336,8 @@ class Store:
 
     @property
     def writable(self) -> bool:
-        """False for a store opened ``readonly`` (or a read-only file)."""
+        """False for a store opened ``readonly`` (or a read-only file).
+        Raises :class:`StoreError` on a closed store."""
         self._check_open("write to it")
         return not self._conn.readonly("main")
 
