@@ -800,6 +800,7 @@ class Orchestrator:
         except BaseException:
             if record:
                 await self._mark_interrupted(ctx.run_id)
+            await self._forget_metrics(ctx.run_id)
             raise
         finally:
             self._driving -= 1
@@ -820,6 +821,20 @@ class Orchestrator:
         with trio.move_on_after(_DRIVES_STOP_SECONDS) as waiting:
             waiting.shield = True
             await self._drives_done.wait()
+
+    async def _forget_metrics(self, run_id: str) -> None:
+        """Drop the accumulator's state of a drive that failed or was
+        cancelled, as one that ends drops it (:meth:`totals`), shielded and
+        bounded.  Kept, it outlived the drive: a resume by this orchestrator
+        counted each replayed answer as a duplicate and a new turn.  (The
+        drive's agents have stopped: nothing of it reaches the accumulator
+        after this.)"""
+        with trio.move_on_after(1.0) as cleanup:
+            cleanup.shield = True
+            try:
+                await self._metrics.send(MetricsQuery(run_id=run_id, forget=True))
+            except (ActorStopped, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
 
     async def _mark_interrupted(self, run_id: str) -> None:
         """Mark ``run_id`` interrupted if it is still running (the store

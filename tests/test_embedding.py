@@ -928,3 +928,31 @@ async def test_an_interceptor_answering_with_a_wrong_result_fails_the_run_resuma
         assert row is not None and row.status == "interrupted"
     async with open_orchestrator(store=db) as orch:
         assert (await orch.resume("w")).completed
+
+
+async def test_a_cancelled_run_resumed_by_the_same_orchestrator_counts_as_by_another(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The metrics accumulator kept a cancelled run's state: resumed in the
+    same orchestrator, its replays counted as duplicates and as new turns
+    (19 turns, 0 replays, 8 duplicates where a new orchestrator, or the CLI,
+    said 11 turns and 8 replays)."""
+    from store import Store
+
+    async def cancelled_then_resumed(path: str, same: bool) -> tuple[int, int, int]:
+        async with open_orchestrator(store=path, seed=7) as orch:
+            with trio.move_on_after(20):  # simulated seconds: some stages in
+                await orch.run("SPEC-B", run_id="B")
+            if same:
+                result = await orch.resume("B")
+        if not same:
+            async with open_orchestrator(store=path, seed=7) as orch:
+                result = await orch.resume("B")
+        with Store.open(path) as store:
+            (recorded,) = store.events("B", "metrics")[-1:]
+        return result.turns, result.replays, recorded.detail["duplicates"]
+
+    same = await cancelled_then_resumed(str(tmp_path / "same.db"), same=True)
+    other = await cancelled_then_resumed(str(tmp_path / "other.db"), same=False)
+    assert same == other
+    assert other[1] > 0 and other[2] == 0
