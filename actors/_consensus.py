@@ -13,7 +13,8 @@ the stage's decision field):
 * valid agents are grouped by their value of the decision field; the largest
   group's size is the stage's *support*; quorum needs support >= required;
 * conflicts are the aggregator's reported conflicts plus every dissent from
-  the largest group.
+  the largest group (named in full while it has at most
+  ``SPELLED_OUT_TOP`` agents, else by its size: the agreements name it once).
 
 Status, by precedence ok > conflict > degraded > no_consensus:
 
@@ -43,6 +44,12 @@ from messages import AgentOutput, DecisionStatus
 from ._pipeline import StageSpec
 
 ADVANCING: frozenset[str] = frozenset({"ok", "degraded"})
+
+# A conflict line names the largest group's agents only while it is this
+# small: each dissenting group's line spelled it out again, so the text grew
+# as the square of the panel (12,000 agents stored a 37 MB verdict).  Above
+# it the line counts them; the agreements line lists them once.
+SPELLED_OUT_TOP = 8
 
 _FENCE = re.compile(r"```(?:json)?\s*\n(.*?)```", re.DOTALL)
 
@@ -253,13 +260,12 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
     reported_conflicts = bool(conflicts)
     if len(ranked) > 1 or support >= 2:
         top = ranked[0]
+        top_names = ", ".join(sorted(top))
         if len(top) >= 2:
-            agreements.append(f"{stage.decision_field}: agreed by {', '.join(sorted(top))}")
+            agreements.append(f"{stage.decision_field}: agreed by {top_names}")
+        against = top_names if len(top) <= SPELLED_OUT_TOP else f"the {len(top):,} agents agreeing"
         for group in ranked[1:]:
-            conflicts.append(
-                f"{stage.decision_field}: {', '.join(sorted(group))} disagree(s) with "
-                f"{', '.join(sorted(top))}"
-            )
+            conflicts.append(f"{stage.decision_field}: {', '.join(sorted(group))} disagree(s) with {against}")
     dissent = len(ranked) > 1
     # Two answers tied at the top, each with the quorum behind it (a quorum
     # of half the panel or less): neither is the decision, whatever the

@@ -318,3 +318,50 @@ def test_the_object_scan_takes_no_part_of_something_else_for_the_answer() -> Non
     cut = '{"stage": "tasks", "agent": "a", "tasks": [{"id": 1, "title": "scaffold"}, {"id": 2, "title": "wire the'
     assert parse_output(cut) is None
     assert parse_output("Set it up with cfg = {} and then run it.") is None
+
+
+def _panel(names: list[str]) -> Any:
+    from actors._pipeline import pipeline_from_dict
+
+    return pipeline_from_dict(
+        {
+            "agents": {n: {"provider": "sim", "model": "sim-model"} for n in names},
+            "stages": [{"name": "audit", "agents": names, "mode": "parallel", "aggregator": ""}],
+        },
+        source="a test panel",
+    ).stage("audit")
+
+
+def test_a_wide_panels_conflict_text_grows_linearly() -> None:
+    """Every dissenting group's line named the whole top group again: the
+    text grew as the square of the panel (12,000 agents stored a 37 MB
+    verdict).  A large top group is named once, in the agreements."""
+    names = [f"a{i:04d}" for i in range(2_000)]
+    stage = _panel(names)
+    top, lone, crowd = names[:1_100], names[1_100:1_600], names[1_600:]
+    outputs = {a: answer(a, "pass") for a in top}
+    outputs |= {a: answer(a, f"fail {a}") for a in lone}  # 500 groups of one
+    outputs |= {a: answer(a, "maybe") for a in crowd}  # one group of 400
+    v = compute_verdict(stage, outputs)
+    assert v.status == "degraded" and v.support == 1_100
+    assert len(v.conflicts) == 501
+    assert "audit_verdict: a1100 disagree(s) with the 1,100 agents agreeing" in v.conflicts
+    assert f"audit_verdict: {', '.join(crowd)} disagree(s) with the 1,100 agents agreeing" in v.conflicts
+    assert f"audit_verdict: agreed by {', '.join(top)}" in v.agreements
+    # Quadratic text was about 3.3 MB here: 501 lines of 1,100 names.
+    text = sum(map(len, v.conflicts)) + sum(map(len, v.agreements))
+    assert text < 30 * len(names)
+
+
+@pytest.mark.parametrize("agreeing", [2, 8])
+def test_a_small_panels_conflicts_still_name_the_agreeing_agents(agreeing: int) -> None:
+    names = [f"a{i}" for i in range(agreeing)] + ["z"]
+    v = compute_verdict(_panel(names), {a: answer(a, "fail" if a == "z" else "pass") for a in names})
+    assert v.conflicts == (f"audit_verdict: z disagree(s) with {', '.join(names[:-1])}",)
+
+
+def test_nine_agreeing_are_counted_in_a_conflict() -> None:
+    names = [f"a{i}" for i in range(9)] + ["z"]
+    v = compute_verdict(_panel(names), {a: answer(a, "fail" if a == "z" else "pass") for a in names})
+    assert v.conflicts == ("audit_verdict: z disagree(s) with the 9 agents agreeing",)
+    assert v.agreements == (f"audit_verdict: agreed by {', '.join(names[:-1])}",)
