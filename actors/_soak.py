@@ -182,6 +182,21 @@ class SoakConfig:
             raise ValueError(f"db must name a file to keep the soak's runs in (or be None), got {self.db!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        # Settings no soak could pass: every configured kind must be
+        # recovered from at least once.  They ran to the end and failed as
+        # if an invariant had broken; refused here, before any run.
+        if self.faults.enabled and self.retry.max_attempts == 1:
+            raise ValueError(
+                f"max_attempts is 1 (--max-attempts 1) with faults configured ({self.faults.describe_kinds()}): "
+                "no call is ever retried, so no agent could recover from an injected fault and the soak "
+                "could never pass; give max_attempts 2 or more, or no faults"
+            )
+        if sum(self.faults.rates.values()) >= 1.0 - 1e-12:  # FaultPlan's tolerance: 10%+20%+70% is 100%
+            raise ValueError(
+                f"fault rates add up to 100% ({self.faults.describe_kinds()}): every attempt of every call "
+                "would fault, so no agent could recover and the soak could never pass; give rates under "
+                "100% in total"
+            )
         reset = self.faults.reset
         if (
             "rate_limit" in self.faults.kinds
@@ -788,13 +803,8 @@ def _why_never(config: SoakConfig, kind: FaultKind, outcomes: list[_RunOutcome])
 
 def _why_unrecovered(config: SoakConfig) -> str:
     # Configurations in which nobody can recover: say so, so they are not
-    # taken for a broken retry.
-    if config.retry.max_attempts == 1:
-        return " (with --max-attempts 1 no call is ever retried)"
-    rates = config.faults.rates
-    if sum(rates.values()) >= 1.0:
-        spec = ",".join(f"{kind}:{rates[kind] * 100:g}%" for kind in FAULT_KINDS if rates.get(kind))
-        return f" (at {spec} every attempt faults: no call can succeed)"
+    # taken for a broken retry.  (One attempt, or rates adding up to 100%,
+    # SoakConfig refuses.)
     counted = sum(config.faults.counts.values())
     first = config.pipeline().stages[0]
     seats = len(first.agents) * config.retry.max_attempts

@@ -75,7 +75,8 @@ def test_check_determinism_and_the_human_report() -> None:
 def test_check_determinism_replays_a_failing_seed_too() -> None:
     # It was skipped when the first run failed, and --json still said
     # {"runs": 1, "same": true}: a claim made from one run.
-    proc = run_cli(["soak", "--runs", "4", "--faults", "disconnect:100%", "--check-determinism", "--json"])
+    # Counts filling every attempt of the first stage: a soak that fails.
+    proc = run_cli(["soak", "--runs", "4", "--faults", "disconnect:9", "--check-determinism", "--json"])
     assert proc.returncode == 1
     determinism = json.loads(proc.stdout)["determinism"]
     assert determinism["runs"] == 2 and len(determinism["digests"]) == 2 and determinism["same"] is True
@@ -121,24 +122,47 @@ def test_a_broken_gate_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("inside a 429 reset window" in b for b in report.breaches)
 
 
-def test_a_kind_never_recovered_from_is_a_breach() -> None:
-    # One attempt only: nobody recovers from anything.
-    from actors import RetryPolicy
+@pytest.mark.parametrize("faults", ["disconnect:20%", "429:1", "disconnect:2,timeout:0.5%"])
+def test_one_attempt_with_faults_is_refused_before_any_run(faults: str) -> None:
+    """No call is retried, so no kind can be recovered from: the soak ran
+    to the end and failed as an invariant breach, exit 1."""
+    with pytest.raises(ValueError, match=rf"max_attempts is 1 \(--max-attempts 1\) with faults configured \({re.escape(faults)}\)"):
+        SoakConfig(seed=1, runs=5, faults=faults, retry=RetryPolicy(max_attempts=1))
+    # With no faults one attempt is a soak like any other.
+    assert run_soak(SoakConfig(seed=1, runs=2, faults="", retry=RetryPolicy(max_attempts=1))).ok
 
-    report = run_soak(SoakConfig(seed=1, runs=5, faults=default_soak_plan("disconnect:20%"), retry=RetryPolicy(max_attempts=1)))
-    # ... and the breach says why, rather than look like a broken retry.
-    assert report.breaches == (
-        "no agent ever recovered from a disconnect fault (with --max-attempts 1 no call is ever retried)",
-    )
+
+@pytest.mark.parametrize("faults", ["disconnect:100%", "disconnect:60%,timeout:40%", "disconnect:10%,429:20%,timeout:70%"])
+def test_rates_that_fault_every_attempt_are_refused_before_any_run(faults: str) -> None:
+    with pytest.raises(ValueError, match=rf"^fault rates add up to 100% \({re.escape(faults)}\): every attempt"):
+        SoakConfig(seed=0, runs=2, faults=faults)
+    # Just under 100% can recover, however rarely: still a soak.
+    SoakConfig(seed=0, runs=2, faults="disconnect:99.99%")
 
 
-def test_rates_that_fault_every_attempt_are_a_breach_that_says_so() -> None:
-    report = run_soak(SoakConfig(seed=0, runs=2, faults=default_soak_plan("disconnect:60%,timeout:40%")))
-    why = "(at disconnect:60%,timeout:40% every attempt faults: no call can succeed)"
-    assert report.breaches == (
-        f"no agent ever recovered from a disconnect fault {why}",
-        f"no agent ever recovered from a timeout fault {why}",
-    )
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--faults", "timeout:30%", "--max-attempts", "1"], "max_attempts is 1 (--max-attempts 1) with faults configured (timeout:30%)"),
+        (["--faults", "disconnect:100%"], "fault rates add up to 100% (disconnect:100%)"),
+        (["--faults", "disconnect:50%,timeout:50%", "--workers", "2"], "fault rates add up to 100% (disconnect:50%,timeout:50%)"),
+    ],
+)
+def test_cli_soak_refuses_settings_that_can_never_pass(args: list[str], why: str) -> None:
+    proc = run_cli(["soak", "--runs", "3", *args])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"conclave: error: {why}"), proc.stderr
+    assert "could never pass" in proc.stderr
+    assert "FAILED" not in proc.stderr and "FAULT INJECTION ACTIVE" not in proc.stderr and proc.stdout == ""
+    # The same from CODEX_FAULTS.
+    env = run_cli(["soak", "--runs", "3"], env={"CODEX_FAULTS": "disconnect:100%"})
+    assert env.returncode == 2 and "fault rates add up to 100%" in env.stderr
+
+
+def test_cli_soak_with_one_attempt_and_no_faults_still_runs() -> None:
+    proc = run_cli(["soak", "--runs", "3", "--faults", "", "--max-attempts", "1", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
 
 
 def test_counts_that_fill_every_first_attempt_are_a_breach_that_says_so() -> None:
@@ -161,17 +185,18 @@ def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:
 
 
 def test_cli_soak_failure_exits_1_with_a_command_that_replays_it() -> None:
-    args = ["soak", "--seed", "77", "--runs", "3", "--faults", "timeout:30%", "--max-attempts", "1", "--json"]
+    # Six counted timeouts fill both attempts of the first stage's 3 agents.
+    args = ["soak", "--seed", "77", "--runs", "3", "--faults", "timeout:6", "--max-attempts", "2", "--json"]
     proc = run_cli(args, env={"CODEX_FAULTS_TIMEOUT_MS": "2500"})
     assert proc.returncode == 1
     replay = proc.stderr.split("soak FAILED (seed 77); replay with: ", 1)[1].splitlines()[0]
     assert json.loads(proc.stdout)["replay"] == replay  # --json carries it too, failed or not
-    assert json.loads(proc.stdout)["plan"]["faults"] == "timeout:30%"
+    assert json.loads(proc.stdout)["plan"]["faults"] == "timeout:6"
     # The seed alone ran 100 runs of the default faults with 3 attempts:
     # every input of the digest the CLI can set is in the command.
     assert replay == (
         "CODEX_FAULTS_TIMEOUT_MS=2500 conclave soak --seed 77 --runs 3 --concurrency 16 "
-        "--faults timeout:30% --max-attempts 1"
+        "--faults timeout:6 --max-attempts 2"
     )
     words = shlex.split(replay)
     env = dict(word.split("=", 1) for word in words[: words.index("conclave")])
