@@ -837,7 +837,10 @@ def merge_shards(
         injected.update(p.injected)
         recovered.update(p.recovered)
     ordered = sorted((o for p in parts for o in p.outcomes), key=lambda o: o.index)
-    for kind in config.faults.kinds:
+    # No shard reported (each failure says why): no run ever started, and
+    # "never injected" or "give it more --runs" would only mislead.
+    checked = config.faults.kinds if parts or not failures else ()
+    for kind in checked:
         if not injected[kind]:
             breaches.append(f"fault kind {kind} was configured but never injected{_why_never(config, kind, ordered)}")
         elif not recovered[kind]:

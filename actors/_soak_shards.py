@@ -35,11 +35,13 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from types import FrameType
 from multiprocessing.connection import Connection, wait
+from multiprocessing.synchronize import Event
+from types import FrameType
 from typing import Any, cast
 
 import trio
@@ -75,8 +77,10 @@ _progress_out: Connection | None = None
 _STOPPING = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
 
-def _init_worker(out: Connection | None, parent: int | None) -> None:
+def _init_worker(out: Connection | None, parent: int | None, ready: Event | None = None) -> None:
     global _progress_out
+    if ready is not None:
+        ready.set()  # the process started: it got past importing the main module
     _progress_out = out
     # A forked worker inherits the parent's handlers: SIGTERM and SIGHUP
     # raised Terminated inside the shard's trio run, and a worker told to
@@ -288,6 +292,20 @@ def _signals_held() -> Iterator[_Held]:
         held.close()
 
 
+def _why_not_started(method: str) -> str:
+    # A worker that dies before its initializer runs has not run a line of
+    # the soak.  Spawned (or forkserver) workers first import the main
+    # module again: a script that starts the soak at its top level, with no
+    # guard, starts it again in each worker, where multiprocessing refuses.
+    if method == "fork":
+        return " (its worker process died while starting)"
+    return (
+        f" (its worker process died while starting, likely while importing the main module: with the "
+        f"{method!r} start method each worker imports it again, so a script that runs a soak with "
+        "workers > 1 must start it under `if __name__ == \"__main__\":`, as multiprocessing requires)"
+    )
+
+
 def run_sharded(
     config: SoakConfig,
     start_method: str | None = None,
@@ -314,6 +332,7 @@ def run_sharded(
             futures: list[Future[ShardReport]] = []
             pipes: list[Connection] = []
             held = stack.enter_context(_signals_held())
+            ready: list[Event] = []
             for shard in range(shards):
                 out: Connection | None = None
                 if progress is not None or on_breach is not None:
@@ -323,8 +342,11 @@ def run_sharded(
                     stack.callback(into.close)
                     stack.callback(out.close)
                     pipes.append(into)
+                ready.append(context.Event())
                 pool = stack.enter_context(
-                    ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out, parent))
+                    ProcessPoolExecutor(
+                        max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out, parent, ready[-1])
+                    )
                 )
                 futures.append(pool.submit(_run_shard, config, shard))
                 stopper.add(pool)  # after submit: its worker process exists
@@ -355,9 +377,12 @@ def run_sharded(
                     parts.append(future.result())
                 except Exception as exc:
                     runs = len(config.shard_indices(shard))
+                    why = ""
+                    if isinstance(exc, BrokenProcessPool) and not ready[shard].is_set():
+                        why = _why_not_started(context.get_start_method())
                     failures.append(
                         f"shard {shard} of {shards} ({runs} run(s): index % {shards} == {shard}) "
-                        f"failed: {type(exc).__name__}: {exc}"
+                        f"failed: {type(exc).__name__}: {exc}{why}"
                     )
         except BaseException:
             # Interrupted (Ctrl-C, or a signal to this process alone): kill

@@ -3,12 +3,16 @@ invariants, loud failure of a shard, bad input."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import multiprocessing.connection
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import trio
@@ -133,9 +137,6 @@ def test_a_worker_leaves_ctrl_c_to_its_parent() -> None:
     parent's to act on (it kills its workers), printed a worker's
     KeyboardInterrupt traceback from the pool's queue.  Workers ignore it;
     SIGTERM keeps its default action."""
-    import subprocess
-    import sys
-
     code = (
         "import signal\n"
         "from actors._soak_shards import _init_worker\n"
@@ -194,6 +195,7 @@ def test_a_failing_shard_fails_the_soak_with_the_seed_and_the_shard(crash: str) 
     proc = run_cli(["soak", "--seed", "9", "--runs", "20", "--workers", "2"], env={CRASH_ENV: crash})
     assert proc.returncode == 1
     assert "shard 1 of 2 (10 run(s): index % 2 == 1) failed" in proc.stderr
+    assert "died while starting" not in proc.stderr  # it had started: only a shard that had not is blamed on that
     assert "10 run(s) never finished" in proc.stderr
     assert "soak FAILED (seed 9); replay with: conclave soak --seed 9 --runs 20 --concurrency 16 " in proc.stderr
     assert proc.stderr.rstrip().endswith("--workers 2")
@@ -465,3 +467,27 @@ def test_a_forked_worker_does_not_keep_its_parents_signal_handlers() -> None:
 
 def _handlers() -> list[object]:
     return [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)]
+
+
+def test_a_script_with_no_main_guard_is_told_it_needs_one(tmp_path: Path) -> None:
+    """Spawned workers import the main module again: a script starting the
+    soak at its top level starts it again in each, multiprocessing refuses,
+    and the soak failed with BrokenProcessPool and "never injected" lines
+    ("give it more --runs") that pointed everywhere but at the cause."""
+    script = tmp_path / "soak_script.py"
+    script.write_text(
+        "import trio, trio.testing, actors\n"
+        "report = trio.run(actors.soak, actors.SoakConfig(runs=2, workers=2),\n"
+        "                  clock=trio.testing.MockClock(autojump_threshold=0))\n"
+        "print(repr(report.breaches))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    breaches = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    hint = (
+        "(its worker process died while starting, likely while importing the main module: with the 'spawn' "
+        "start method each worker imports it again, so a script that runs a soak with workers > 1 must start "
+        'it under `if __name__ == "__main__":`, as multiprocessing requires)'
+    )
+    assert [b.startswith(f"shard {k} of 2 ") and b.endswith(hint) for k, b in enumerate(breaches[:2])] == [True, True]
+    assert breaches[2:] == ("2 run(s) never finished",)
