@@ -801,7 +801,7 @@ def _why_never(config: SoakConfig, kind: FaultKind, outcomes: list[_RunOutcome])
     return f" ({calls:,} agent calls at {rate * 100:g}%: a soak this small may draw none; give it more --runs)"
 
 
-def _why_unrecovered(config: SoakConfig) -> str:
+def _why_unrecovered(config: SoakConfig, breaker_trips: int) -> str:
     # Configurations in which nobody can recover: say so, so they are not
     # taken for a broken retry.  (One attempt, or rates adding up to 100%,
     # SoakConfig refuses.)
@@ -813,6 +813,15 @@ def _why_unrecovered(config: SoakConfig) -> str:
             f" ({counted} counted faults per run fire on its first calls: enough for every attempt "
             f"of stage {first.name!r} ({len(first.agents)} agents x {config.retry.max_attempts} attempts), "
             "so no call that met one is ever answered)"
+        )
+    in_flight = min(config.concurrency, config.runs)
+    if counted and breaker_trips and in_flight > 1:
+        # The breaker doing its job: every run's counted faults fire on its
+        # first calls, so runs started together fail together.
+        return (
+            f" (the circuit breaker opened {breaker_trips} time(s): counted faults fire on each run's first "
+            f"calls, and {in_flight} runs in flight met theirs at once, so the calls after them were refused; "
+            "with --concurrency 1 each run meets its faults alone)"
         )
     return ""
 
@@ -844,7 +853,8 @@ def merge_shards(
         if not injected[kind]:
             breaches.append(f"fault kind {kind} was configured but never injected{_why_never(config, kind, ordered)}")
         elif not recovered[kind]:
-            breaches.append(f"no agent ever recovered from a {kind} fault{_why_unrecovered(config)}")
+            trips = sum(p.breaker_trips for p in parts)
+            breaches.append(f"no agent ever recovered from a {kind} fault{_why_unrecovered(config, trips)}")
     if len(ordered) != config.runs:
         breaches.append(f"{config.runs - len(ordered)} run(s) never finished")
 

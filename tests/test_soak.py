@@ -176,6 +176,19 @@ def test_counts_that_fill_every_first_attempt_are_a_breach_that_says_so() -> Non
     assert run_soak(SoakConfig(seed=0, runs=2, faults=default_soak_plan("disconnect:3,429:1,timeout:2"))).ok
 
 
+def test_counted_faults_that_trip_the_breaker_in_every_run_at_once_say_so() -> None:
+    """The reference plan over 10 runs in flight together: each run's
+    counted faults fire on its first calls, all at once, the breaker opens
+    and nothing recovers - a breach that read as a broken retry."""
+    plan = default_soak_plan("disconnect:3,429:1,timeout:2")
+    report = run_soak(SoakConfig(seed=0, runs=10, faults=plan))
+    assert not report.ok and report.breaker_trips > 0
+    why = "with --concurrency 1 each run meets its faults alone)"
+    assert report.breaches and all(b.startswith("no agent ever recovered") and b.endswith(why) for b in report.breaches)
+    assert f"the circuit breaker opened {report.breaker_trips} time(s)" in report.breaches[0]
+    assert run_soak(SoakConfig(seed=0, runs=10, concurrency=1, faults=plan)).ok  # as it says
+
+
 def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:
     report = run_soak(SoakConfig(seed=0, runs=1, faults=default_soak_plan("disconnect:20%,timeout:0.5%")))
     assert report.breaches == (
