@@ -204,14 +204,15 @@ class SoakProgress:
 
 
 def _human(report: SoakReport) -> str:
-    faults = ", ".join(f"{k} {v}" for k, v in report.faults.items())
-    recovered = ", ".join(f"{k} {v}" for k, v in report.recovered.items())
+    # Thousands grouped, as the progress line groups them.
+    faults = ", ".join(f"{k} {v:,}" for k, v in report.faults.items())
+    recovered = ", ".join(f"{k} {v:,}" for k, v in report.recovered.items())
     lines = [
-        f"soak seed {report.seed}: {report.runs} run(s), {report.agent_turns} agent turns "
-        f"({report.completed} completed, {report.halted} halted)",
+        f"soak seed {report.seed}: {report.runs:,} run(s), {report.agent_turns:,} agent turns "
+        f"({report.completed:,} completed, {report.halted:,} halted)",
         f"  faults injected: {faults}; recovered: {recovered}",
-        f"  retries {report.retries} | lost {report.lost} | duplicate decisions {report.duplicate_decisions} "
-        f"| breaker trips {report.breaker_trips} | gate waits {report.gate_waits}",
+        f"  retries {report.retries:,} | lost {report.lost:,} | duplicate decisions {report.duplicate_decisions:,} "
+        f"| breaker trips {report.breaker_trips:,} | gate waits {report.gate_waits:,}",
         f"  digest {report.digest}",
         f"  wall {report.wall_seconds:.2f}s | virtual {report.virtual_seconds:.1f}s "
         f"| {report.agent_turns / max(report.wall_seconds, 1e-9):,.0f} turns/s",
@@ -220,7 +221,7 @@ def _human(report: SoakReport) -> str:
         lines.append(
             f"  {report.workers} workers: "
             + "; ".join(
-                f"shard {s.shard} {s.runs} run(s), {s.agent_turns} turns, wall {s.wall_seconds:.2f}s"
+                f"shard {s.shard} {s.runs:,} run(s), {s.agent_turns:,} turns, wall {s.wall_seconds:.2f}s"
                 for s in report.shards
             )
         )

@@ -491,3 +491,13 @@ def test_a_script_with_no_main_guard_is_told_it_needs_one(tmp_path: Path) -> Non
     )
     assert [b.startswith(f"shard {k} of 2 ") and b.endswith(hint) for k, b in enumerate(breaches[:2])] == [True, True]
     assert breaches[2:] == ("2 run(s) never finished",)
+
+
+def test_the_summary_groups_thousands_as_the_progress_does() -> None:
+    """The summary said "6311 agent turns" under a progress line of
+    "6,311 agent turns"."""
+    from actors._cli_soak import _human
+
+    report = run_soak(SoakConfig(seed=3, runs=60, faults=default_soak_plan("disconnect:4%,429:3%,timeout:3%")))
+    assert report.agent_turns >= 1000
+    assert f"60 run(s), {report.agent_turns:,} agent turns (" in _human(report)
