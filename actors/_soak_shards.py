@@ -40,7 +40,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from multiprocessing.connection import Connection, wait
-from multiprocessing.synchronize import Event
 from types import FrameType
 from typing import Any, cast
 
@@ -77,10 +76,15 @@ _progress_out: Connection | None = None
 _STOPPING = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
 
-def _init_worker(out: Connection | None, parent: int | None, ready: Event | None = None) -> None:
+def _init_worker(
+    out: Connection | None, parent: int | None, ready: ctypes.Array[ctypes.c_byte] | None = None, shard: int = 0
+) -> None:
     global _progress_out
     if ready is not None:
-        ready.set()  # the process started: it got past importing the main module
+        # The process started: it got past importing the main module.  A
+        # lock-free flag: a worker killed while setting an Event could die
+        # holding its lock, and the parent then waited on it for ever.
+        ready[shard] = 1
     _progress_out = out
     # A forked worker inherits the parent's handlers: SIGTERM and SIGHUP
     # raised Terminated inside the shard's trio run, and a worker told to
@@ -332,7 +336,7 @@ def run_sharded(
             futures: list[Future[ShardReport]] = []
             pipes: list[Connection] = []
             held = stack.enter_context(_signals_held())
-            ready: list[Event] = []
+            ready = context.RawArray("b", shards)  # see _init_worker
             for shard in range(shards):
                 out: Connection | None = None
                 if progress is not None or on_breach is not None:
@@ -342,10 +346,9 @@ def run_sharded(
                     stack.callback(into.close)
                     stack.callback(out.close)
                     pipes.append(into)
-                ready.append(context.Event())
                 pool = stack.enter_context(
                     ProcessPoolExecutor(
-                        max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out, parent, ready[-1])
+                        max_workers=1, mp_context=context, initializer=_init_worker, initargs=(out, parent, ready, shard)
                     )
                 )
                 futures.append(pool.submit(_run_shard, config, shard))
@@ -378,7 +381,7 @@ def run_sharded(
                 except Exception as exc:
                     runs = len(config.shard_indices(shard))
                     why = ""
-                    if isinstance(exc, BrokenProcessPool) and not ready[shard].is_set():
+                    if isinstance(exc, BrokenProcessPool) and not ready[shard]:
                         why = _why_not_started(context.get_start_method())
                     failures.append(
                         f"shard {shard} of {shards} ({runs} run(s): index % {shards} == {shard}) "

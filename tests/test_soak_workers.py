@@ -501,3 +501,26 @@ def test_the_summary_groups_thousands_as_the_progress_does() -> None:
     report = run_soak(SoakConfig(seed=3, runs=60, faults=default_soak_plan("disconnect:4%,429:3%,timeout:3%")))
     assert report.agent_turns >= 1000
     assert f"60 run(s), {report.agent_turns:,} agent turns (" in _human(report)
+
+
+def test_a_worker_killed_as_it_reports_its_start_cannot_hang_the_soak(tmp_path: Path) -> None:
+    """The start flag was a multiprocessing Event, whose set() takes a lock
+    shared with the parent: a worker killed inside it (by the stopper, the
+    OOM killer) died holding the lock, and the parent, asking whether that
+    worker had started, waited for ever.  Here every Event.set kills its
+    process half-way; the soak must still end."""
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, multiprocessing.synchronize as sync\n"
+        "def dying_set(self):\n"
+        "    self._cond.acquire()\n"  # as Event.set does, then killed before releasing
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sync.Event.set = dying_set\n"
+        "from actors import SoakConfig, run_soak\n"
+        "report = run_soak(SoakConfig(seed=1, runs=4, workers=2))\n"
+        "print('ended', report.ok)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ended"), proc.stdout
