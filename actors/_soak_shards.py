@@ -252,26 +252,46 @@ class _Held:
         self._previous: dict[int, Any] = {}
 
     def hold(self) -> None:
-        for signum in _STOPPING:
-            current = signal.getsignal(signum)
-            # One the process ignores (nohup) stays ignored; one not set
-            # from Python could not be given back.
-            if current is not signal.SIG_IGN and current is not None:
-                self._previous[signum] = signal.signal(signum, self._record)
+        with _blocked():
+            for signum in _STOPPING:
+                current = signal.getsignal(signum)
+                # One the process ignores (nohup) stays ignored; one not set
+                # from Python could not be given back.
+                if current is not signal.SIG_IGN and current is not None:
+                    self._previous[signum] = current
+                    signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
 
     def close(self) -> None:
-        """Give the handlers back, then raise what came meanwhile.
-        Idempotent."""
+        """Give every handler back, then raise what came meanwhile (the
+        first signal whose handler raises ends it there).  Idempotent."""
         previous, self._previous = self._previous, {}
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        with _blocked():
+            # Blocked, a signal cannot land between two of these and leave
+            # the rest of the app's handlers replaced for good.
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         received, self.received = self.received, []
         for signum in dict.fromkeys(received):
             if signum in previous:
                 signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _blocked() -> Iterator[None]:
+    # In the main thread, whose Python handlers these are.  (A signal the
+    # OS hands another thread still runs its handler here, between two
+    # statements: each step above leaves the handlers whole.)
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @contextlib.contextmanager
@@ -288,9 +308,9 @@ def _signals_held() -> Iterator[_Held]:
     the main thread (the trio path) handlers cannot change, and the
     stopper covers the start-up instead."""
     held = _Held()
-    if threading.current_thread() is threading.main_thread():
-        held.hold()
     try:
+        if threading.current_thread() is threading.main_thread():
+            held.hold()
         yield held
     finally:
         held.close()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -524,3 +525,46 @@ def test_a_worker_killed_as_it_reports_its_start_cannot_hang_the_soak(tmp_path: 
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ended"), proc.stdout
+
+
+@pytest.mark.parametrize("when", ["holding", "giving back"])
+def test_a_signal_while_handlers_change_hands_leaves_the_apps_handlers_whole(
+    when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold swaps three handlers in turn, and gives them back in turn: a
+    signal between two swaps, whose handler raised, left the rest of an
+    embedding app's handlers replaced by the hold's recorder for good
+    (every later Ctrl-C or SIGTERM swallowed)."""
+    from actors._soak_shards import _signals_held
+
+    def app_int(signum: int, frame: object) -> None:
+        raise _Stop("int")
+
+    def app_term(signum: int, frame: object) -> None:
+        raise _Stop("term")
+
+    real_signal = signal.signal
+    sent = []
+
+    def swapping(signum: int, handler: Any) -> Any:
+        previous = real_signal(signum, handler)
+        first_swap = when == "holding" and signum == signal.SIGINT and handler is not app_int
+        first_back = when == "giving back" and signum == signal.SIGINT and handler is app_int
+        if (first_swap or first_back) and not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM if when == "holding" else signal.SIGINT)
+        return previous
+
+    previous = real_signal(signal.SIGINT, app_int), real_signal(signal.SIGTERM, app_term)
+    try:
+        monkeypatch.setattr(signal, "signal", swapping)
+        with pytest.raises(_Stop):
+            with _signals_held():
+                pass
+        monkeypatch.undo()
+        assert sent
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (app_int, app_term)
+    finally:
+        monkeypatch.undo()
+        real_signal(signal.SIGINT, previous[0])
+        real_signal(signal.SIGTERM, previous[1])
