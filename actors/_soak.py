@@ -814,14 +814,16 @@ def _why_unrecovered(config: SoakConfig, breaker_trips: int) -> str:
             f"of stage {first.name!r} ({len(first.agents)} agents x {config.retry.max_attempts} attempts), "
             "so no call that met one is ever answered)"
         )
-    in_flight = min(config.concurrency, config.runs)
+    # Each process has its own breaker and shard_concurrency runs in flight.
+    in_flight = min(config.shard_concurrency, len(config.shard_indices(0)))
     if counted and breaker_trips and in_flight > 1:
         # The breaker doing its job: every run's counted faults fire on its
         # first calls, so runs started together fail together.
+        where = " in each worker" if config.shards > 1 else ""
         return (
             f" (the circuit breaker opened {breaker_trips} time(s): counted faults fire on each run's first "
-            f"calls, and {in_flight} runs in flight met theirs at once, so the calls after them were refused; "
-            "with --concurrency 1 each run meets its faults alone)"
+            f"calls, and {in_flight} runs in flight{where} met theirs at once, so the calls after them were "
+            "refused; with --concurrency 1 each run meets its faults alone)"
         )
     return ""
 

@@ -187,6 +187,9 @@ def test_counted_faults_that_trip_the_breaker_in_every_run_at_once_say_so() -> N
     assert report.breaches and all(b.startswith("no agent ever recovered") and b.endswith(why) for b in report.breaches)
     assert f"the circuit breaker opened {report.breaker_trips} time(s)" in report.breaches[0]
     assert run_soak(SoakConfig(seed=0, runs=10, concurrency=1, faults=plan)).ok  # as it says
+    # Each worker has its own breaker and its share of the runs in flight.
+    split = run_soak(SoakConfig(seed=0, runs=30, workers=3, concurrency=30, faults=plan))
+    assert split.breaches and "and 10 runs in flight in each worker met theirs" in split.breaches[0]
 
 
 def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:
