@@ -58,6 +58,8 @@ def parse_budget(value: BudgetLike | None) -> Decimal | None:
 
 
 def _places(amount: Decimal, places: int = 2) -> int:
+    if not amount.is_finite():  # a hand-edited store: see _fixed
+        return places
     if amount != 0 and abs(amount) < Decimal("0.01"):
         return max(places, min(max(4, 1 - amount.adjusted()), 12))
     return places

@@ -91,6 +91,7 @@ def test_money_halves_round_up() -> None:
     assert usd(Decimal(10**12)) == "$1000000000000.00"
     # Beyond any run, from a hand-edited store: shown, not raised.
     assert (usd(Decimal("Infinity")), usd(Decimal("1e59"))) == ("$Infinity", f"${Decimal('1e59'):.2f}")
+    assert (usd(Decimal("NaN")), usd_of(Decimal("NaN"), Decimal("1"))) == ("$NaN", "$NaN of $1.00")
 
 
 @pytest.mark.parametrize(
