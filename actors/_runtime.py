@@ -407,9 +407,10 @@ class Orchestrator:
 
     async def totals(self, run_id: str, *, forget: bool = False) -> UsageTotals:
         """The metrics accumulator's live totals of ``run_id`` while it runs
-        (``forget``: and drop them).  A run that has ended is forgotten -
-        its totals are in its :class:`RunResult` and in the store - so this
-        is all zeros for it, as for an id the accumulator never saw.
+        (``forget``: and drop them).  A run whose drive has ended -
+        completed, halted, cancelled or failed - is forgotten (its totals
+        are in its :class:`RunResult` or in the store), so this is all
+        zeros for it, as for an id the accumulator never saw.
         A checkpoint: waits for the accumulator's reply."""
         if not isinstance(run_id, str):
             raise ConfigError(f"run_id must be a string, got {run_id!r}")
