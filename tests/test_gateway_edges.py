@@ -256,6 +256,31 @@ async def test_a_failed_calls_implausible_usage_is_unknown(
     assert result.usage == kept
 
 
+async def _b_later(item: Any, forward: Any) -> None:
+    if item.key.agent == "b":
+        await trio.sleep(1)  # decided before forwarding: the seam's rule holds
+    await forward(item)
+
+
+async def _run_watching_waits(orch: Any, run_id: str) -> tuple[Any, list[Any]]:
+    """Run ``run_id`` and collect the CallWaiting progress it publishes."""
+    from messages import CallWaiting
+
+    seen: list[CallWaiting] = []
+    progress = orch.subscribe()
+
+    async def watch() -> None:
+        async for event in progress:
+            if isinstance(event, CallWaiting):
+                seen.append(event)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        result = await orch.run("SPEC", run_id=run_id)
+        nursery.cancel_scope.cancel()
+    return result, seen
+
+
 async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -264,7 +289,7 @@ async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(
     trace of it (the retry event's delay_s is the agent's own backoff)."""
     from actors import SimulatedProvider, open_orchestrator
     from actors._pipeline import pipeline_with_panel
-    from messages import CallWaiting, FunctionInterceptor, RateLimited
+    from messages import FunctionInterceptor, RateLimited
     from store import Store
 
     sim = SimulatedProvider(seed=1, disagreement_rate=0.0)
@@ -274,28 +299,12 @@ async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(
             raise RateLimited("429 Too Many Requests", retry_after=30.0)
         return sim.answer(request)
 
-    async def b_later(item: Any, forward: Any) -> None:
-        if item.key.agent == "b":
-            await trio.sleep(1)  # decided before forwarding: the seam's rule holds
-        await forward(item)
-
     path = str(tmp_path / "gate.db")
-    seen: list[CallWaiting] = []
     async with open_orchestrator(
         store=path, provider=MockProvider(answer, name="sim"), pipeline=pipeline_with_panel("validate", ["a", "b"]),
-        interceptors={"agent": [FunctionInterceptor(b_later)]},
+        interceptors={"agent": [FunctionInterceptor(_b_later)]},
     ) as orch:
-        progress = orch.subscribe()
-
-        async def watch() -> None:
-            async for event in progress:
-                if isinstance(event, CallWaiting):
-                    seen.append(event)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            result = await orch.run("SPEC", run_id="G")
-            nursery.cancel_scope.cancel()
+        result, seen = await _run_watching_waits(orch, "G")
     assert result.completed
     assert [(e.key.agent, e.attempt, e.provider) for e in seen] == [("b", 1, "sim")]
     assert seen[0].delay == pytest.approx(29.0)
@@ -313,31 +322,15 @@ async def test_an_injected_fault_waiting_at_a_closed_gate_says_so(
     while a's held the gate shut for 30 s, and waited there in silence."""
     from actors import SimulatedProvider, open_orchestrator
     from actors._pipeline import pipeline_with_panel
-    from messages import CallWaiting, FaultInterceptor, FaultPlan, FunctionInterceptor
+    from messages import FaultInterceptor, FaultPlan, FunctionInterceptor
 
-    async def b_later(item: Any, forward: Any) -> None:
-        if item.key.agent == "b":
-            await trio.sleep(1)
-        await forward(item)
-
-    seen: list[CallWaiting] = []
     faults = FaultInterceptor(FaultPlan.parse("429:2", reset="30"))
     async with open_orchestrator(
         store=str(tmp_path / "inj.db"), provider=SimulatedProvider(seed=1, disagreement_rate=0.0),
         pipeline=pipeline_with_panel("validate", ["a", "b"]),
-        interceptors={"agent": [FunctionInterceptor(b_later)], "gateway": [faults]},
+        interceptors={"agent": [FunctionInterceptor(_b_later)], "gateway": [faults]},
     ) as orch:
-        progress = orch.subscribe()
-
-        async def watch() -> None:
-            async for event in progress:
-                if isinstance(event, CallWaiting):
-                    seen.append(event)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            result = await orch.run("SPEC", run_id="I")
-            nursery.cancel_scope.cancel()
+        result, seen = await _run_watching_waits(orch, "I")
     assert result.completed
     assert faults.injected["rate_limit"] == 2
     assert [(e.key.agent, e.attempt, e.provider) for e in seen] == [("b", 1, "sim")]
