@@ -73,6 +73,7 @@ from messages import (
     TokenUsage,
     ZERO_USAGE,
 )
+from messages._faultplan import RATE_SLACK
 from store import Store
 
 from ._breaker import BreakerPolicy
@@ -191,7 +192,7 @@ class SoakConfig:
                 "no call is ever retried, so no agent could recover from an injected fault and the soak "
                 "could never pass; give max_attempts 2 or more, or no faults"
             )
-        if sum(self.faults.rates.values()) >= 1.0 - 1e-12:  # FaultPlan's tolerance: 10%+20%+70% is 100%
+        if sum(self.faults.rates.values()) >= 1.0 - RATE_SLACK:  # 10%+20%+70% is 100%
             raise ValueError(
                 f"fault rates add up to 100% ({self.faults.describe_kinds()}): every attempt of every call "
                 "would fault, so no agent could recover and the soak could never pass; give rates under "
@@ -851,11 +852,11 @@ def merge_shards(
     # No shard reported (each failure says why): no run ever started, and
     # "never injected" or "give it more --runs" would only mislead.
     checked = config.faults.kinds if parts or not failures else ()
+    trips = sum(p.breaker_trips for p in parts)
     for kind in checked:
         if not injected[kind]:
             breaches.append(f"fault kind {kind} was configured but never injected{_why_never(config, kind, ordered)}")
         elif not recovered[kind]:
-            trips = sum(p.breaker_trips for p in parts)
             breaches.append(f"no agent ever recovered from a {kind} fault{_why_unrecovered(config, trips)}")
     if len(ordered) != config.runs:
         breaches.append(f"{config.runs - len(ordered)} run(s) never finished")
@@ -882,7 +883,7 @@ def merge_shards(
         duplicate_decisions=sum(o.duplicate_decisions for o in ordered),
         completed=sum(1 for o in ordered if o.status == "completed"),
         halted=sum(1 for o in ordered if o.status != "completed"),
-        breaker_trips=sum(p.breaker_trips for p in parts),
+        breaker_trips=trips,
         gate_waits=sum(p.gate_waits for p in parts),
         digest=digest,
         fault_digest=_placement_digest([row for p in parts for row in p.placement_rows]),

@@ -37,6 +37,10 @@ class FaultPlanError(ConclaveError, ValueError):
     """A fault setting is malformed; the message names the bad entry."""
 
 
+# Rates are floats: 10% + 20% + 70% may add up a hair either side of 1.
+RATE_SLACK = 1e-12
+
+
 # -- reset hints ---------------------------------------------------------------
 
 
@@ -164,7 +168,7 @@ class FaultPlan:
                 raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
             if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0 or math.isnan(rate):
                 raise FaultPlanError(f"fault rate for {kind} must be within [0, 1], got {rate!r}")
-        if sum(self.rates.values()) > 1.0 + 1e-12:
+        if sum(self.rates.values()) > 1.0 + RATE_SLACK:
             raise FaultPlanError(f"fault rates add up to more than 100%: {self.describe_kinds()}")
         if not isinstance(self.timeout_ms, int) or self.timeout_ms <= 0:
             raise FaultPlanError(f"fault timeout must be a whole number of ms > 0, got {self.timeout_ms!r}")
@@ -275,7 +279,7 @@ class FaultPlan:
                     f"{source}: bad count in {entry!r}: expected a whole number or a percentage "
                     "between 0% and 100%"
                 )
-        if sum(rates.values()) > 1.0 + 1e-12:
+        if sum(rates.values()) > 1.0 + RATE_SLACK:
             raise FaultPlanError(f"{source}: fault rates in {spec!r} add up to more than 100%")
         provider = parse_scope(scope)
         hint = reset_hint(reset, now=now)
