@@ -394,6 +394,18 @@ def pipeline_from_dict(
             )
         return name
 
+    def resolved_panel(listed: Sequence[str], where: str) -> tuple[str, ...]:
+        """The agents ``listed`` names, resolved; an agent listed twice,
+        in either spelling, is refused naming both spellings."""
+        agents = tuple(resolve_agent(a, where) for a in listed)
+        panel: set[str] = set()  # a set: a slice per agent was quadratic (5 s at 8,000)
+        for agent in agents:
+            if agent in panel:
+                spellings = [a for a, c in zip(listed, agents) if c == agent]
+                raise PipelineError(f"{where}: agent {agent!r} is listed twice ({', '.join(map(repr, spellings))})")
+            panel.add(agent)
+        return agents
+
     default_panel = (
         _str_list(defaults["agents"], f"{source}: [defaults]: agents") if "agents" in defaults else _DEFAULT_PANEL
     )
@@ -403,14 +415,7 @@ def pipeline_from_dict(
     if "agents" in defaults:
         if not default_panel:
             raise PipelineError(f"{at_defaults}: agents must name at least one agent")
-        resolved: dict[str, list[str]] = {}
-        for raw_agent in default_panel:
-            resolved.setdefault(resolve_agent(raw_agent, at_defaults), []).append(raw_agent)
-        for agent, spellings in resolved.items():
-            if len(spellings) > 1:
-                raise PipelineError(
-                    f"{at_defaults}: agent {agent!r} is listed twice ({', '.join(map(repr, spellings))})"
-                )
+        resolved_panel(default_panel, at_defaults)
     if defaults.get("mode", "sequential") not in ("sequential", "parallel"):
         raise PipelineError(f"{at_defaults}: mode must be 'sequential' or 'parallel', got {defaults['mode']!r}")
     if "quorum" in defaults:
@@ -470,19 +475,10 @@ def pipeline_from_dict(
                     f"{', '.join(unset)} {'has' if len(unset) == 1 else 'have'} no [agents] entry while others "
                     f"use {', '.join(real)}; declare {'it' if len(unset) == 1 else 'them'} or list the stage's agents"
                 )
-        agents = tuple(resolve_agent(a, where) for a in listed)
+        agents = resolved_panel(listed, where)
         if not agents:
             raise PipelineError(f"{where}: needs at least one agent")
-        panel: set[str] = set()  # a set: a slice per agent was quadratic (5 s at 8,000)
-        for agent in agents:
-            if agent not in panel:
-                panel.add(agent)
-            else:
-                # Spelled differently, the same agent: say which spellings.
-                spellings = [a for a, c in zip(listed, agents) if c == agent]
-                raise PipelineError(
-                    f"{where}: agent {agent!r} is listed twice ({', '.join(map(repr, spellings))})"
-                )
+        panel = set(agents)
         if fresh:
             # A name declared under [agents] is kept as written, but one
             # that reads as a known agent ([agents.GPT-5]) beside that very
@@ -575,6 +571,7 @@ def pipeline_from_dict(
         for name in sorted(used)
     }
     return Pipeline(stages=tuple(stages), agents=specs)
+
 
 
 def pipeline_with_panel(stage: str, agents: Sequence[str], *, mode: Mode = "parallel") -> Pipeline:
