@@ -127,13 +127,30 @@ def stopped_by(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _is_broken_pipe(exc: BaseException) -> bool:
+    """Whether ``exc`` is stdout's reader going away ('conclave run | head'),
+    alone or in a group (from inside a run it comes wrapped in one)."""
+    return all(isinstance(leaf, BrokenPipeError) for leaf in _leaves(exc))
+
+
 def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) -> int:
-    """Report a run, resume or rerun stopped by a signal; its exit code.
+    """Report a run, resume or rerun stopped by a signal, or by its output
+    pipe closing; its exit code.
 
     Names the command that continues the run when the run was stored
-    before the signal (a user stopping a long run wants to know how to go
+    before the stop (a user stopping a long run wants to know how to go
     on; the run id scrolled away with the progress)."""
-    word, code = stopped_by(exc) or _STOPPED_BY[signal.SIGINT]
+    pipe = _is_broken_pipe(exc)
+    if pipe:
+        # 'conclave run | head -3': the reader stopped reading, and the
+        # run with it.  It was left interrupted without a word (exit 1),
+        # so nothing told the user the run had not finished, nor how to
+        # finish it.  stdout is dropped so nothing more is written there;
+        # the message goes to stderr, which still reaches the terminal.
+        _drop_stdout()
+        word, code = "the output pipe closed (its reader went away)", EXIT_ERROR
+    else:
+        word, code = stopped_by(exc) or _STOPPED_BY[signal.SIGINT]
     message = f"{word}; the store is consistent"
     run = store.get_run(run_id) if run_id is not None else None
     if run is not None and run.status in ("completed", "halted"):
@@ -143,6 +160,8 @@ def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) 
         shown = with_db(f"'conclave status {shell_word(run.run_id)}'", db)
         message += f"; the run had already {run.status} ({shown} shows it)"
     elif run is not None:
+        if pipe:
+            message = f"{word}, so the run stopped before it finished; the store is consistent"
         message += "; " + with_db(f"'conclave resume {shell_word(run.run_id)}'", db) + " continues it"
     return _fail(message, code)
 
@@ -601,7 +620,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (ConfigError, RunLocked, LockFileError) as exc:
             return _fail(str(exc))
         except BaseException as exc:
-            if _is_interrupt(exc):
+            if _is_interrupt(exc) or _is_broken_pipe(exc):
                 return _interrupted(exc, store, args.run_id, args.db)
             if isinstance(exc, BaseExceptionGroup):
                 # Raised inside interruptible()'s nursery: still bad input.
@@ -1034,10 +1053,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(str(exc))
     except BaseException as exc:
-        if all(isinstance(leaf, BrokenPipeError) for leaf in _leaves(exc)):
-            # stdout closed early (piped into head): not our error.  From
-            # inside a run it comes wrapped in a group; the run is left
-            # interrupted, as after Ctrl-C, and resumable.
+        if _is_broken_pipe(exc):
+            # stdout closed early (piped into head): not our error.  (A
+            # run, resume or rerun stopped so says how to resume it: see
+            # _interrupted.)
             _drop_stdout()
             return EXIT_ERROR
         stop = stopped_by(exc)

@@ -31,6 +31,7 @@ from ._cli import (
     UsageError,
     _fail,
     _interrupted,
+    _is_broken_pipe,
     _is_interrupt,
     _json_out,
     _leaves,
@@ -422,7 +423,7 @@ def _continue(args: argparse.Namespace, preview: RunPreview, fork: str | None) -
         except (ConfigError, ResumeError, RunLocked, LockFileError) as exc:
             return _fail(str(exc))
         except BaseException as exc:
-            if _is_interrupt(exc):
+            if _is_interrupt(exc) or _is_broken_pipe(exc):
                 return _interrupted(exc, store, args.run_id, args.db)
             if isinstance(exc, BaseExceptionGroup):
                 bad, _ = exc.split((ConfigError, ResumeError, RunLocked, LockFileError))

@@ -203,16 +203,13 @@ def test_every_command_explains_itself() -> None:
         assert "--provider" not in text and "--model" not in text and "--base-url" in text, name
 
 
-def test_stdout_closed_during_a_run_leaves_it_resumable(tmp_path: Path) -> None:
-    # `conclave run | head -1`: every write after the reader is gone fails.
-    # The pipe's read end is closed before the run starts, so the first
-    # progress line - written from inside the run's nursery - fails.
-    db = tmp_path / "c.db"
+def _into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``conclave ARGV`` with stdout a pipe whose reader has gone."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "actors", "run", "--db", str(db), "--run-id", "r"],
+        return subprocess.run(
+            [sys.executable, "-m", "actors", *argv],
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
@@ -220,14 +217,32 @@ def test_stdout_closed_during_a_run_leaves_it_resumable(tmp_path: Path) -> None:
         )
     finally:
         os.close(write_end)
-    assert proc.returncode == 1
-    assert proc.stderr == ""  # the reader chose to stop: not an error of ours
-    status = json.loads(run_cli(["status", "r", "--db", str(db), "--json"]).stdout)
-    assert status["status"] == "interrupted"
+
+
+def test_stdout_closed_during_a_run_leaves_it_resumable_and_says_so(tmp_path: Path) -> None:
+    """`conclave run | head -3`: every write after the reader is gone fails.
+    The pipe's read end is closed before the run starts, so the first
+    progress line - written from inside the run's nursery - fails.  The
+    run was left interrupted without a word (exit 1): nothing said it had
+    not finished, nor how to finish it, as Ctrl-C's message does."""
+    db = tmp_path / "c.db"
+    for argv in (["run", "--run-id", "r"], ["resume", "r"]):  # resume (and rerun) stop the same way
+        proc = _into_a_closed_pipe([*argv, "--db", str(db)])
+        assert proc.returncode == 1
+        assert_one_line_error(proc.stderr, "the output pipe closed (its reader went away), so the run stopped")
+        assert f"'conclave resume r --db {db}' continues it" in proc.stderr
+        assert "Exception ignored" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+        status = json.loads(run_cli(["status", "r", "--db", str(db), "--json"]).stdout)
+        assert status["status"] == "interrupted"
     resumed = run_cli(["resume", "r", "--db", str(db), "--json"])
     assert resumed.returncode == 0, resumed.stderr
     alone = run_cli(["run", "--db", str(tmp_path / "alone.db"), "--run-id", "r", "--json"])
     assert json.loads(resumed.stdout)["digest"] == json.loads(alone.stdout)["digest"]
+    # A finished run whose summary finds the reader gone is not sent to resume.
+    done = _into_a_closed_pipe(["resume", "r", "--db", str(db)])
+    assert done.returncode == 1
+    assert_one_line_error(done.stderr, "the run had already completed")
+    assert "resume" not in done.stderr
 
 
 def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -> None:
