@@ -890,8 +890,38 @@ def _version() -> str:
         return "(not installed)"
 
 
+class _StdoutFailed(Exception):
+    """Help or a version that stdout could not take (``error``)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that help or a version that stdout cannot
+    take raises :class:`_StdoutFailed` for main() to report.  argparse
+    drops a failed write in silence and exits 0: with stdout buffered the
+    failure still came out at main()'s flush, but unbuffered
+    (PYTHONUNBUFFERED=1) the write itself failed, and 'conclave --help >
+    /dev/full' exited 0 saying nothing."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if file is None or file is not sys.stdout or not message:
+            # stderr (usage errors): if it cannot take them there is
+            # nowhere to say so; the exit code still does.  (None: an
+            # embedding app's closed stdout, which argparse passes over.)
+            super()._print_message(message, file)
+            return
+        try:
+            file.write(message)
+        except OSError as exc:
+            raise _StdoutFailed(exc) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Subcommands' parsers are made with the same class (add_subparsers).
+    parser = _Parser(
         prog="conclave",
         description=(
             "Run multi-agent LLM pipelines that must reach consensus. Every stage is "
@@ -1024,12 +1054,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # was printed.  Nothing has been done yet.
         print("conclave: interrupted before the command began; nothing was done", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SystemExit:
+    except (SystemExit, _StdoutFailed) as ended:
         # --help, --version, a usage error: argparse has printed.  Into a
         # pipe whose reader has gone ('conclave --help | head -1' when head
         # is quick), Python's flush at exit printed "Exception ignored ...
         # BrokenPipeError" and exited 120.
         try:
+            if isinstance(ended, _StdoutFailed):
+                raise ended.error  # unbuffered: the write itself failed
             _flush_stdout()
         except BrokenPipeError:
             _drop_stdout()

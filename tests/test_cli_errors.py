@@ -626,15 +626,22 @@ def test_stdout_closed_before_the_output_is_flushed_exits_quietly(as_json: bool)
     assert "BrokenPipeError" not in proc.stderr
 
 
+def _env(unbuffered: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    return env | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("flag", ["--help", "--version"])
-def test_help_into_a_pipe_already_closed_exits_quietly(flag: str) -> None:
+def test_help_into_a_pipe_already_closed_exits_quietly(flag: str, unbuffered: bool) -> None:
     """'conclave --help | head -1' with head gone before the flush: argparse
     prints and exits while the command line is read, before main()'s
     handling of a broken pipe, and Python's flush at exit failed: "Exception
-    ignored ... BrokenPipeError", exit 120."""
+    ignored ... BrokenPipeError", exit 120.  Unbuffered, argparse dropped
+    the failed write itself and exited 0."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env = _env(unbuffered)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "actors", flag], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
@@ -668,14 +675,17 @@ def test_main_with_a_closed_stdout_keeps_its_exit_codes(
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_help_to_a_full_disk_says_so() -> None:
+@pytest.mark.parametrize("unbuffered", [False, True])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"]])
+def test_help_to_a_full_disk_says_so(argv: list[str], unbuffered: bool) -> None:
     """'conclave --help > /dev/full' exited 1 in silence (taken for a
-    reader gone), where any command's output to a full disk says so."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    reader gone), where any command's output to a full disk says so.  With
+    PYTHONUNBUFFERED=1 the write itself failed, inside argparse, which
+    dropped the error: exit 0, nothing said."""
     with open("/dev/full", "w") as full:
         proc = subprocess.run(
-            [sys.executable, "-m", "actors", "--help"], stdout=full, stderr=subprocess.PIPE, text=True, env=env,
-            timeout=120,
+            [sys.executable, "-m", "actors", *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+            env=_env(unbuffered), timeout=120,
         )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("No space left on device") == 1, proc.stderr
