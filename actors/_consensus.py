@@ -14,7 +14,8 @@ the stage's decision field):
   group's size is the stage's *support*; quorum needs support >= required;
 * conflicts are the aggregator's reported conflicts plus every dissent from
   the largest group (named in full while it has at most
-  ``SPELLED_OUT_TOP`` agents, else by its size: the agreements name it once).
+  ``SPELLED_OUT_TOP`` agents, else by its size and first agent: the
+  agreements name it once).
 
 Status, by precedence ok > conflict > degraded > no_consensus:
 
@@ -263,7 +264,15 @@ def compute_verdict(stage: StageSpec, outputs: Mapping[str, AgentOutput]) -> Ver
         top_names = ", ".join(sorted(top))
         if len(top) >= 2:
             agreements.append(f"{stage.decision_field}: agreed by {top_names}")
-        against = top_names if len(top) <= SPELLED_OUT_TOP else f"the {len(top):,} agents agreeing"
+        # Counted, the group is named by its first agent too: with two
+        # groups of the same size (a tie at the top) "the 9 agents
+        # agreeing" could be either, and `decisions` shows the conflicts
+        # without the agreements that list them.
+        against = (
+            top_names
+            if len(top) <= SPELLED_OUT_TOP
+            else f"the {len(top):,} agents agreeing ({min(top)} and {len(top) - 1:,} more)"
+        )
         for group in ranked[1:]:
             conflicts.append(f"{stage.decision_field}: {', '.join(sorted(group))} disagree(s) with {against}")
     dissent = len(ranked) > 1

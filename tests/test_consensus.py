@@ -345,8 +345,9 @@ def test_a_wide_panels_conflict_text_grows_linearly() -> None:
     v = compute_verdict(stage, outputs)
     assert v.status == "degraded" and v.support == 1_100
     assert len(v.conflicts) == 501
-    assert "audit_verdict: a1100 disagree(s) with the 1,100 agents agreeing" in v.conflicts
-    assert f"audit_verdict: {', '.join(crowd)} disagree(s) with the 1,100 agents agreeing" in v.conflicts
+    against = "the 1,100 agents agreeing (a0000 and 1,099 more)"
+    assert f"audit_verdict: a1100 disagree(s) with {against}" in v.conflicts
+    assert f"audit_verdict: {', '.join(crowd)} disagree(s) with {against}" in v.conflicts
     assert f"audit_verdict: agreed by {', '.join(top)}" in v.agreements
     # Quadratic text was about 3.3 MB here: 501 lines of 1,100 names.
     text = sum(map(len, v.conflicts)) + sum(map(len, v.agreements))
@@ -363,5 +364,21 @@ def test_a_small_panels_conflicts_still_name_the_agreeing_agents(agreeing: int) 
 def test_nine_agreeing_are_counted_in_a_conflict() -> None:
     names = [f"a{i}" for i in range(9)] + ["z"]
     v = compute_verdict(_panel(names), {a: answer(a, "fail" if a == "z" else "pass") for a in names})
-    assert v.conflicts == ("audit_verdict: z disagree(s) with the 9 agents agreeing",)
+    assert v.conflicts == ("audit_verdict: z disagree(s) with the 9 agents agreeing (a0 and 8 more)",)
     assert v.agreements == (f"audit_verdict: agreed by {', '.join(names[:-1])}",)
+
+
+def test_two_large_groups_tied_at_the_top_can_be_told_apart() -> None:
+    """Two groups of nine tied at the top (and a lone dissenter): every
+    line read "... disagree(s) with the 9 agents agreeing", which could be
+    either group - the one listed in the agreements, or the nine the line
+    had just named."""
+    first, second = [f"a{i}" for i in range(9)], [f"b{i}" for i in range(9)]
+    outputs = {a: answer(a, "pass") for a in first} | {b: answer(b, "fail") for b in second}
+    v = compute_verdict(_panel([*first, *second, "z"]), outputs | {"z": answer("z", "maybe")})
+    assert v.status == "conflict"
+    against = "the 9 agents agreeing (a0 and 8 more)"
+    assert v.conflicts == (
+        f"audit_verdict: {', '.join(second)} disagree(s) with {against}",
+        f"audit_verdict: z disagree(s) with {against}",
+    )
