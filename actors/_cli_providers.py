@@ -184,7 +184,11 @@ def add_provider_arguments(parser: argparse.ArgumentParser, *, stored: bool = Fa
     )
     group.add_argument(
         "--max-concurrency", type=positive_arg, default=None, metavar="N",
-        help=f"at most N calls in flight per provider (default: {Limits().max_concurrency})",
+        # Said where the knob is: "same seed, same digest" does not hold
+        # there (the README's Faults section says why).
+        help=f"at most N calls in flight per provider (default: {Limits().max_concurrency}). A stage whose "
+        "panel is wider than N queues its calls, and under timeout faults the digest can then differ "
+        "between runs of the same seed",
     )
 
 

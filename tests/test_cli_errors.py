@@ -450,6 +450,11 @@ def test_help_and_readme_say_the_same_true_things(tmp_path: Path, monkeypatch: p
     assert Limits().max_concurrency == 64 and "`--max-concurrency` (64)" in readme
     for name in ("run", "resume", "rerun"):
         assert "at most N calls in flight per provider (default: 64)" in commands[name].format_help(), name
+        # As the README says: calls queued behind a timeout fault make the digest vary.
+        assert "wider than N queues its calls, and under timeout faults the digest can then differ" in (
+            commands[name].format_help()
+        ), name
+    assert "the digest can vary from run to run" in readme
     serve_mock = commands["serve-mock"].format_help()
     for header in ("x-mock-fault", "x-mock-reset:", "x-mock-reset-style: all|retry-after|", "x-mock-delay", "x-mock-should-retry"):
         assert header in serve_mock and header in readme, header
