@@ -43,9 +43,14 @@ class _BadInput(Exception):
     pass
 
 
-def _workers(text: str) -> int:
-    if text.strip().lower() == "auto":
-        return os.cpu_count() or 1
+AUTO = "auto"
+
+
+def _workers(text: str) -> int | str:
+    """argparse type: a positive whole number, or :data:`AUTO` (resolved
+    once --concurrency is known: see :func:`auto_workers`)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
     try:
         return positive_arg(text)
     except argparse.ArgumentTypeError:
@@ -83,14 +88,22 @@ def register(sub: Any) -> None:
         default=1,
         metavar="N|auto",
         help="processes to split the runs over (run i goes to worker i %% N, each with its own "
-        "store, virtual clock and ceil(concurrency / N) runs in flight; auto: one per core; "
-        "default: 1). Runs in one process share a rate-limit gate and breaker, so the digest "
-        "may depend on --workers as on --concurrency",
+        "store, virtual clock and ceil(concurrency / N) runs in flight; at most --concurrency, as "
+        "each runs at least one; auto: one per core, at most --concurrency; default: 1). More "
+        "than the machine's cores is slower, not faster, and said on stderr, but allowed: runs in "
+        "one process share a rate-limit gate and breaker, so the digest may depend on --workers "
+        "as on --concurrency, and a replay needs the same N",
     )
     p.add_argument("--max-attempts", type=positive_arg, default=3, help="attempts per agent call (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--check-determinism", action="store_true", help="run twice and fail if the digests differ")
     p.set_defaults(handler=cmd_soak)
+
+
+def auto_workers(concurrency: int) -> int:
+    """``--workers auto``: one per core, but no more than there are runs in
+    flight (each worker runs at least one; more is refused)."""
+    return max(1, min(os.cpu_count() or 1, concurrency))
 
 
 def soak_config(args: argparse.Namespace) -> SoakConfig:
@@ -109,7 +122,7 @@ def soak_config(args: argparse.Namespace) -> SoakConfig:
             agents=args.agents,
             faults=with_soak_reset(plan),
             concurrency=args.concurrency,
-            workers=args.workers,
+            workers=auto_workers(args.concurrency) if args.workers == AUTO else args.workers,
             retry=RetryPolicy(max_attempts=args.max_attempts),
         )
     except ValueError as exc:  # a fault scope the soak never calls
@@ -291,6 +304,16 @@ def cmd_soak(args: argparse.Namespace) -> int:
     # On stderr with --json too, as `run` says it: stdout stays the object.
     note = "" if config.faults.seed is not None else f"; fault seed {config.seed} (from --seed)"
     print(f"conclave: {config.faults.describe()}{note}", file=sys.stderr)
+    cores = os.cpu_count() or 1
+    if config.shards > cores:
+        # Said, not refused nor cut down: the digest may depend on the
+        # workers, and a replay of a soak from a larger machine needs its N.
+        print(
+            f"conclave: warning: {config.shards} worker processes (--workers {config.workers}) on this "
+            f"machine's {cores} core(s): they take turns, so the soak is slower, not faster "
+            "(--workers auto: one per core)",
+            file=sys.stderr,
+        )
 
     def watched(label: str) -> SoakReport:
         shown = SoakProgress(

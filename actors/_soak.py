@@ -162,7 +162,9 @@ class SoakConfig:
     # default: a scratch store in memory (see _database)
     db: str | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     # Processes to split the runs over (see ``_soak_shards``).  Part of the
-    # digest's inputs: runs in one process share a breaker and a gate.
+    # digest's inputs: runs in one process share a breaker and a gate.  At
+    # most ``concurrency`` (or ``runs``): each process runs at least one at
+    # a time.
     workers: int = attrs.field(default=1, validator=_whole)
 
     def __attrs_post_init__(self) -> None:
@@ -183,6 +185,18 @@ class SoakConfig:
             raise ValueError(f"db must name a file to keep the soak's runs in (or be None), got {self.db!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.shards > self.concurrency:
+            # Every worker process has at least one run in flight: the
+            # rest of the soak's promise ("concurrency: runs in flight at
+            # once") was broken without a word - 200 workers ran 200 runs
+            # at once under --concurrency 16, which moves the digest of a
+            # plan whose faults meet the breaker.
+            raise ValueError(
+                f"workers is {self.workers} (--workers {self.workers}), more than concurrency "
+                f"{self.concurrency} (--concurrency {self.concurrency}): each worker process has at least one "
+                f"run in flight, so {self.shards} runs would be in flight at once; give workers "
+                f"{self.concurrency} or fewer, or concurrency {self.shards} or more"
+            )
         # Settings no soak could pass: every configured kind must be
         # recovered from at least once.  They ran to the end and failed as
         # if an invariant had broken; refused here, before any run.
@@ -821,10 +835,13 @@ def _why_unrecovered(config: SoakConfig, breaker_trips: int) -> str:
         # The breaker doing its job: every run's counted faults fire on its
         # first calls, so runs started together fail together.
         where = " in each worker" if config.shards > 1 else ""
+        # One run in flight per worker: --concurrency 1 with workers is
+        # refused (each worker runs at least one).
+        alone = config.shards
         return (
             f" (the circuit breaker opened {breaker_trips} time(s): counted faults fire on each run's first "
             f"calls, and {in_flight} runs in flight{where} met theirs at once, so the calls after them were "
-            "refused; with --concurrency 1 each run meets its faults alone)"
+            f"refused; with --concurrency {alone} each run meets its faults alone)"
         )
     return ""
 

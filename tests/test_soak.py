@@ -190,6 +190,9 @@ def test_counted_faults_that_trip_the_breaker_in_every_run_at_once_say_so() -> N
     # Each worker has its own breaker and its share of the runs in flight.
     split = run_soak(SoakConfig(seed=0, runs=30, workers=3, concurrency=30, faults=plan))
     assert split.breaches and "and 10 runs in flight in each worker met theirs" in split.breaches[0]
+    # --concurrency 1 with workers is refused: one run in flight per worker is the advice.
+    assert split.breaches[0].endswith("with --concurrency 3 each run meets its faults alone)")
+    assert run_soak(SoakConfig(seed=0, runs=30, workers=3, concurrency=3, faults=plan)).ok  # as it says
 
 
 def test_a_rate_too_rare_for_a_small_soak_is_a_breach_that_says_so() -> None:

@@ -186,9 +186,49 @@ def test_bad_workers_exit_2_naming_the_value(value: str) -> None:
     assert f"argument --workers: expected a positive whole number or 'auto', got {value!r}" in proc.stderr
 
 
-def test_workers_auto_is_one_per_core() -> None:
-    assert _workers("auto") == (os.cpu_count() or 1)
-    assert _workers("3") == 3
+def test_workers_auto_is_one_per_core_within_the_concurrency() -> None:
+    """auto was one per core whatever --concurrency said: '--concurrency 1
+    --workers auto' ran a run in flight on every core."""
+    from actors._cli_soak import auto_workers
+
+    assert _workers("auto") == "auto" and _workers("3") == 3
+    cores = os.cpu_count() or 1
+    assert auto_workers(10_000) == cores and auto_workers(1) == 1
+    proc = run_cli(["soak", "--runs", "4", "--concurrency", "1", "--workers", "auto", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["workers"] == 1
+
+
+def test_more_workers_than_runs_in_flight_are_refused() -> None:
+    """Each worker process runs at least one run at a time: 200 workers
+    under --concurrency 16 (the default) ran 200 runs at once, without a
+    word - and with a plan whose faults meet the breaker, a digest of its
+    own."""
+    with pytest.raises(ValueError, match=r"workers is 4 \(--workers 4\), more than concurrency 2 "):
+        SoakConfig(workers=4, concurrency=2)
+    assert SoakConfig(runs=2, workers=8, concurrency=2).shards == 2  # only 2 processes: 2 in flight
+    proc = run_cli(["soak", "--runs", "200", "--workers", "200", "--json"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "conclave: error: workers is 200 (--workers 200), more than concurrency 16 (--concurrency 16): each "
+        "worker process has at least one run in flight, so 200 runs would be in flight at once; give workers "
+        "16 or fewer, or concurrency 200 or more\n"
+    )
+
+
+def test_more_workers_than_cores_are_run_but_said(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not refused (a soak replayed from a larger machine needs its
+    --workers: the digest may depend on them), but they only take turns."""
+    from actors._cli import main
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert main(["soak", "--seed", "3", "--runs", "4", "--workers", "2", "--faults", "disconnect:10%", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "conclave: warning: 2 worker processes (--workers 2) on this machine's 1 core(s)" in err
+    assert main(["soak", "--seed", "3", "--runs", "4", "--workers", "auto", "--faults", "disconnect:10%", "--json"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("crash", ["1", "1:exit"])
