@@ -132,7 +132,11 @@ def _recompute(store: Store, run_id: str, branch: BranchRow | None, prices: Pric
     replayed = _replayed(store, run_id, branch, rows) if branch is not None else set()
     run = store.get_run(run_id)
     agents: dict[str, Any] = (run.pipeline.get("agents") or {}) if run is not None else {}
-    for row in rows:
+    # In the order they were stored, which is the order the run counted
+    # them (an agent hands its usage and its output over in one step): the
+    # next-prompt estimate is a mean of the latest turns, and the lineage
+    # read's stage-and-agent order gave a stage of four agents another one.
+    for row in sorted(rows, key=lambda r: r.id):
         spec = agents.get(row.agent)
         acc.record(
             UsageRecorded(
