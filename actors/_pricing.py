@@ -173,6 +173,17 @@ def _exact(entries: Mapping[str, Any]) -> Mapping[str, Any]:
     }
 
 
+def _as_written(value: Any) -> str:
+    """``value`` as the price file spells it: a rate read from JSON is a
+    Decimal, and "got Decimal('-0.000001')" named Python, not the file."""
+    if isinstance(value, Decimal | float):
+        return str(value)
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, Any]) -> None:
     for name, entry in entries.items():
         if name.startswith("_"):
@@ -188,7 +199,8 @@ def _validate(entries: Mapping[str, Any], where: str, *, new_ok: Mapping[str, An
                     or value < 0
                 ):
                     raise PriceFileError(
-                        f"{where}: {name}.{key} must be a non-negative number (USD per token), got {value!r}"
+                        f"{where}: {name}.{key} must be a non-negative number (USD per token), "
+                        f"got {_as_written(value)}"
                     )
                 if value > MAX_RATE:
                     # No model costs this; and amounts past ~1e22 USD no

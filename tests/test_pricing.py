@@ -316,6 +316,17 @@ def test_float_rates_from_python_are_taken_exactly() -> None:
         PriceTable.vendored().with_overrides({"m": {"input_cost_per_token": math.nan, "output_cost_per_token": 0}})
 
 
+def test_a_bad_rate_is_named_as_the_file_writes_it(tmp_path: Path) -> None:
+    # "got Decimal('-0.000001')": Python's spelling of the file's -1e-6.
+    path = tmp_path / "prices.json"
+    for written, shown in (("-0.000001", "got -0.000001"), ('"cheap"', 'got "cheap"'), ("null", "got null")):
+        path.write_text('{"m": {"input_cost_per_token": %s, "output_cost_per_token": 0}}' % written)
+        with pytest.raises(PriceFileError) as caught:
+            PriceTable.load(str(path))
+        message = str(caught.value)
+        assert message.endswith(shown) and "Decimal" not in message, message
+
+
 def test_an_override_that_is_not_a_path_or_a_number_is_named() -> None:
     # load(3) read file descriptor 3 and closed it (load(0): stdin); a
     # Decimal NaN rate failed as a bare InvalidOperation.
