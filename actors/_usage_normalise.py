@@ -105,15 +105,40 @@ def usage_from_openai(payload: Any) -> TokenUsage | None:
     )
 
 
+def _is_count(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and 0 <= value <= MAX_CALL_TOKENS
+        and float(value).is_integer()
+    )
+
+
 def merge_anthropic_usage(start: Any, delta: Any) -> dict[str, Any] | None:
     """Anthropic streaming: ``message_delta`` usage fields are cumulative
-    and override ``message_start``'s; fields absent from the delta keep
-    their start value."""
+    and override ``message_start``'s; fields absent from the delta (or
+    null) keep their start value.
+
+    Being cumulative, a count in the delta never lowers one already given:
+    SGLang sends ``"input_tokens": 0`` in its delta, and the call's input
+    (the bulk of its price) was recorded as nothing.  So where both are
+    counts the larger stands; a delta value that is no count (``-5``,
+    ``"7"``) still replaces, and makes the usage unknown as it would alone.
+    Nested counters (``cache_creation``) merge the same way."""
     if not isinstance(start, Mapping) and not isinstance(delta, Mapping):
         return None
     merged: dict[str, Any] = dict(start) if isinstance(start, Mapping) else {}
     if isinstance(delta, Mapping):
-        merged.update({k: v for k, v in delta.items() if v is not None})
+        for key, value in delta.items():
+            if value is None:
+                continue
+            before = merged.get(key)
+            if isinstance(before, Mapping) and isinstance(value, Mapping):
+                merged[key] = merge_anthropic_usage(before, value)
+            elif _is_count(before) and _is_count(value) and value < before:
+                continue
+            else:
+                merged[key] = value
     return merged
 
 

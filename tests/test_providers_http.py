@@ -14,6 +14,7 @@ from actors._mock_backend import MockBackend, MockRequest
 from actors._mock_server import mock_transport
 from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
+from actors._usage_normalise import merge_anthropic_usage, usage_from_anthropic
 from messages import (
     AuthenticationFailed,
     BadRequest,
@@ -327,6 +328,24 @@ async def test_anthropic_stream_cut_after_message_delta_keeps_its_usage() -> Non
     with pytest.raises(Disconnected) as info:
         await p.complete(make_request())
     assert getattr(info.value, "usage", "absent") == STREAM_USAGE
+
+
+async def test_anthropic_stream_delta_zeros_never_lower_message_start_counts() -> None:
+    # SGLang's message_delta says "input_tokens": 0 (and may zero the cache
+    # counts); the counts are cumulative, but that 0 replaced message_start's
+    # and every call was recorded (and priced) as having had no input.
+    zeroed = {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 40}
+    events = [*STREAM_EVENTS[:-2], ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                                      "usage": zeroed}), STREAM_EVENTS[-1]]
+    p = AnthropicProvider(api_key=SECRET, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=anthropic_sse(events))))
+    completion = await p.complete(make_request())
+    assert completion.usage == STREAM_USAGE
+    # A count the delta raises still wins, and one that is no count still
+    # makes the usage unknown, never a figure.
+    merged = merge_anthropic_usage({"input_tokens": 0, "output_tokens": 1}, {"input_tokens": 900, "output_tokens": 5})
+    assert merged == {"input_tokens": 900, "output_tokens": 5}
+    assert usage_from_anthropic(merge_anthropic_usage(ANTHROPIC_USAGE, {"input_tokens": -5, "output_tokens": 9})) is None
 
 
 @pytest.mark.parametrize(("kind", "error"), [("overloaded_error", ProviderUnavailable), ("rate_limit_error", RateLimited)])
