@@ -10,8 +10,11 @@ Azure OpenAI deployment works as
 Asks for JSON output (``response_format={"type": "json_object"}``) when the
 request names response fields, and streams by default with
 ``stream_options={"include_usage": true}`` so the usage arrives as the
-stream's last chunk.  A stream that ends without ``data: [DONE]`` was cut
-short: :class:`~messages.Disconnected` with usage unknown.
+stream's last chunk.  A stream is complete at ``data: [DONE]``, or at a
+clean end of body after the choice's ``finish_reason`` (llama.cpp builds and
+other compatible servers never send ``[DONE]``).  One that ends before
+either, or breaks off, was cut short: :class:`~messages.Disconnected` with
+usage unknown unless its usage chunk had arrived.
 """
 
 from __future__ import annotations
@@ -129,10 +132,16 @@ class OpenAIProvider(HttpProvider):
                     usage = usage_from_openai(chunk["usage"])
         except httpx.TransportError as exc:
             raise self.cut_mid_stream(exc, usage, model) from None
-        if not done:
+        if not done and stop is None:
             # Usage stays unknown unless its chunk arrived before the cut.
-            raise with_usage(stream_cut(self.name, "no [DONE] before the stream ended"), usage, model=model)
-        await events.drain()
+            raise with_usage(
+                stream_cut(self.name, "neither [DONE] nor a finish_reason before the stream ended"), usage, model=model
+            )
+        if done:
+            await events.drain()
+        # else: the body ended cleanly after the finish_reason, as servers
+        # that never send [DONE] end it; a cut connection raised above.  It
+        # failed every such call as cut short, retried, and billed each try.
         return self.finished(request, model_answer(content="".join(parts), usage=usage, model=model), stop)
 
     def _error_object(self, data: dict[str, Any], *, where: str = "mid-stream") -> ProviderError:

@@ -89,6 +89,27 @@ async def test_openai_stream_without_usage_chunk_reports_unknown_usage() -> None
     assert completion.model == "local"
 
 
+async def test_openai_stream_ending_cleanly_after_finish_reason_without_done_is_an_answer() -> None:
+    # llama.cpp builds and other compatible servers never send "data: [DONE]":
+    # every call failed as "stream cut short", was retried and billed again.
+    chunks = [
+        {"model": "local", "choices": [{"index": 0, "delta": {"content": "{}"}, "finish_reason": None}]},
+        {"model": "local", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"model": "local", "choices": [], "usage": {"prompt_tokens": 1000, "completion_tokens": 100}},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=fixed(
+        200, headers={"content-type": "text/event-stream"}, body=body))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.model == "local"
+    assert completion.usage == TokenUsage.of(input_tokens=1000, output_tokens=100)
+    # The same bytes broken off by the connection are still a cut.
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_CutChunked(body))))
+    with pytest.raises(Disconnected):
+        await p.complete(make_request())
+
+
 async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage() -> None:
     body = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: {"error":{"message":"overloaded"}}\n\n'
     transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
