@@ -89,8 +89,9 @@ class OpenAIProvider(HttpProvider):
             content = message.get("content")
             if content is None:
                 content = message.get("refusal") or ""
-            if not isinstance(content, str):
-                raise TypeError("content is not a string")
+            content = _content_text(content)
+            if content is None:
+                raise TypeError("content is neither a string nor parts with text")
             stop = data["choices"][0].get("finish_reason")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise malformed(self.name, "no choices[0].message.content") from None
@@ -123,8 +124,8 @@ class OpenAIProvider(HttpProvider):
                     model = chunk["model"]
                 for choice in chunk.get("choices") or ():
                     delta = (choice.get("delta") or {}) if isinstance(choice, dict) else {}
-                    text = delta.get("content") if isinstance(delta, dict) else None
-                    if isinstance(text, str):
+                    text = _content_text(delta.get("content")) if isinstance(delta, dict) else None
+                    if text is not None:
                         parts.append(text)
                     if isinstance(choice, dict) and choice.get("finish_reason") is not None:
                         stop = choice["finish_reason"]
@@ -167,6 +168,25 @@ class OpenAIProvider(HttpProvider):
         else:  # server_error, or nothing said: the provider's trouble
             error = ProviderUnavailable(detail)
         return with_usage(error, None)
+
+
+def _content_text(content: Any) -> str | None:
+    """The text of a message's (or a delta's) ``content``: a string, or a
+    list of parts (Mistral's Magistral sends ``[{"type": "thinking", ...},
+    {"type": "text", "text": "..."}]``) whose ``text`` parts are joined and
+    the rest (thinking, images) skipped; such an answer was refused as
+    malformed on every attempt, its usage lost.  ``None`` when it holds no
+    text part at all."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        ]
+        return "".join(texts) if texts else None
+    return None
 
 
 # OpenAI's error ``code``s and ``type``s, by what they mean for a retry.

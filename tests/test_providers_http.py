@@ -110,6 +110,37 @@ async def test_openai_stream_ending_cleanly_after_finish_reason_without_done_is_
         await p.complete(make_request())
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_openai_content_given_as_a_list_of_parts_is_read_for_its_text(stream: bool) -> None:
+    # Mistral's Magistral answers with content parts (thinking, then text):
+    # each attempt failed as malformed and its usage was thrown away.
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+             {"type": "text", "text": "{\"a\": "}, {"type": "text", "text": "1}"}]
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    if stream:
+        chunks = [
+            {"model": "magistral", "choices": [{"index": 0, "delta": {"content": parts[:2]}, "finish_reason": None}]},
+            {"model": "magistral", "choices": [{"index": 0, "delta": {"content": parts[2:]}, "finish_reason": "stop"}]},
+            {"model": "magistral", "choices": [], "usage": usage},
+        ]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        transport = fixed(200, headers={"content-type": "text/event-stream"}, body=body)
+    else:
+        answer = {"model": "magistral", "usage": usage,
+                  "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": parts}}]}
+        transport = fixed(200, headers={"content-type": "application/json"}, body=json.dumps(answer))
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=stream, transport=transport)
+    completion = await p.complete(make_request())
+    assert completion.content == '{"a": 1}'
+    assert completion.usage == TokenUsage.of(input_tokens=1000, output_tokens=100)
+    # Parts without any text are still no answer.
+    answer = {"choices": [{"index": 0, "message": {"content": parts[:1]}}], "usage": usage}
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=False, transport=fixed(
+        200, headers={"content-type": "application/json"}, body=json.dumps(answer)))
+    with pytest.raises(ProviderUnavailable, match="malformed"):
+        await p.complete(make_request())
+
+
 async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage() -> None:
     body = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: {"error":{"message":"overloaded"}}\n\n'
     transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
