@@ -123,6 +123,11 @@ class OpenAIProvider(HttpProvider):
                 if isinstance(chunk.get("model"), str):
                     model = chunk["model"]
                 for choice in chunk.get("choices") or ():
+                    if isinstance(choice, dict) and choice.get("index") not in (0, None):
+                        # Only the first choice is the answer, as choices[0]
+                        # is in a plain one: the texts of every index were
+                        # run together into one answer that parsed as none.
+                        continue
                     delta = (choice.get("delta") or {}) if isinstance(choice, dict) else {}
                     text = _content_text(delta.get("content")) if isinstance(delta, dict) else None
                     if text is not None:

@@ -141,6 +141,23 @@ async def test_openai_content_given_as_a_list_of_parts_is_read_for_its_text(stre
         await p.complete(make_request())
 
 
+async def test_openai_stream_takes_only_the_first_choice_as_the_plain_path_does() -> None:
+    # A server answering with several choices (n > 1, or a proxy fanning
+    # out): their texts were run together into one answer that parsed as none.
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": "{\"a\": "}}, {"index": 1, "delta": {"content": "{\"b\": "}}]},
+        {"choices": [{"index": 1, "delta": {"content": "2}"}, "finish_reason": "stop"}]},
+        {"choices": [{"delta": {"content": "1}"}, "finish_reason": "stop"}]},  # no index: the first
+        {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 8}},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=fixed(
+        200, headers={"content-type": "text/event-stream"}, body=body))
+    completion = await p.complete(make_request())
+    assert completion.content == '{"a": 1}'
+    assert completion.usage == TokenUsage.of(input_tokens=10, output_tokens=8)
+
+
 async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage() -> None:
     body = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: {"error":{"message":"overloaded"}}\n\n'
     transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
