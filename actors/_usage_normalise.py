@@ -62,6 +62,16 @@ def _required(payload: Mapping[str, Any], key: str) -> int:
     return _count(payload, key)
 
 
+def _total(reported: int, parts: int) -> int:
+    """The server's total, unless it is less than input + output: every
+    provider's total holds both (OpenAI's is their sum, Gemini's adds
+    thoughts and tool-use prompts too), so a smaller one (prompt 100,
+    completion 5, total 3) is wrong, and was stored and summed as given.
+    Missing or 0, the sum too.  A larger total is kept: it may count
+    tokens not broken out here."""
+    return max(reported, parts)
+
+
 def _unknown_if_malformed(read: Callable[[Any], TokenUsage | None]) -> Callable[[Any], TokenUsage | None]:
     @functools.wraps(read)
     def guarded(payload: Any) -> TokenUsage | None:
@@ -93,7 +103,7 @@ def usage_from_openai(payload: Any) -> TokenUsage | None:
         output_tokens = _required(payload, "output_tokens")
         reasoning = _count(payload, "output_tokens_details", "reasoning_tokens")
     cached = min(_count(payload, details, "cached_tokens"), input_tokens)
-    total = _count(payload, "total_tokens") or input_tokens + output_tokens
+    total = _total(_count(payload, "total_tokens"), input_tokens + output_tokens)
     return TokenUsage(
         input_tokens=input_tokens,
         cached_input_tokens=cached,
@@ -179,7 +189,7 @@ def usage_from_gemini(payload: Any) -> TokenUsage | None:
     cached = _count(payload, "cachedContentTokenCount")
     thoughts = _count(payload, "thoughtsTokenCount")
     output_tokens = _count(payload, "candidatesTokenCount") + thoughts
-    total = _count(payload, "totalTokenCount") or input_tokens + output_tokens
+    total = _total(_count(payload, "totalTokenCount"), input_tokens + output_tokens)
     return TokenUsage(
         input_tokens=input_tokens,
         cached_input_tokens=min(cached, input_tokens),

@@ -19,7 +19,8 @@ class TokenUsage:
     (``cache_write_input_tokens``, of which ``cache_write_1h_input_tokens``
     went to Anthropic's one-hour cache) are parts of it, priced at their own
     rates.  ``output_tokens`` includes reasoning output.  ``total_tokens`` is
-    what the provider reported, or input + output when it reported nothing.
+    what the provider reported, or input + output when it reported nothing
+    or less than that (no real total is below the sum of its parts).
     """
 
     input_tokens: int = attrs.field(default=0, validator=_non_negative)

@@ -158,6 +158,21 @@ async def test_openai_stream_takes_only_the_first_choice_as_the_plain_path_does(
     assert completion.usage == TokenUsage.of(input_tokens=10, output_tokens=8)
 
 
+@pytest.mark.parametrize(("reported", "total"), [(3, 105), (0, 105), (105, 105), (120, 120)])
+async def test_openai_total_below_input_plus_output_is_their_sum(reported: int, total: int) -> None:
+    # A total smaller than its parts (prompt 100, completion 5, total 3) is
+    # impossible, and was stored and summed into the run's totals as given;
+    # a larger one may count tokens not broken out, and stands.
+    usage = {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": reported}
+    answer = {"choices": [{"index": 0, "message": {"content": "{}"}, "finish_reason": "stop"}], "usage": usage}
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=False, transport=fixed(
+        200, headers={"content-type": "application/json"}, body=json.dumps(answer)))
+    completion = await p.complete(make_request())
+    assert completion.usage is not None
+    assert (completion.usage.input_tokens, completion.usage.output_tokens) == (100, 5)
+    assert completion.usage.total_tokens == total
+
+
 async def test_openai_error_event_mid_stream_is_unavailable_with_unknown_usage() -> None:
     body = 'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: {"error":{"message":"overloaded"}}\n\n'
     transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))

@@ -153,6 +153,12 @@ def test_gemini_thoughts_are_output_and_reasoning() -> None:
     )
 
 
+def test_gemini_total_below_its_parts_is_their_sum() -> None:
+    usage = usage_from_gemini({"promptTokenCount": 900, "candidatesTokenCount": 100, "thoughtsTokenCount": 60,
+                               "totalTokenCount": 1000})
+    assert usage is not None and usage.total_tokens == 1060
+
+
 def test_openai_round_trip_is_exact() -> None:
     usage = TokenUsage.of(input_tokens=812, cached_input_tokens=300, output_tokens=250, reasoning_output_tokens=90)
     assert usage_from_openai(usage_to_openai(usage)) == usage
