@@ -131,7 +131,7 @@ class AnthropicProvider(HttpProvider):
             async for event, data in events:
                 try:
                     payload = json.loads(data)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                     raise malformed(self.name, "a stream event is not JSON") from None
                 if not isinstance(payload, dict):
                     raise malformed(self.name, "a stream event is not an object")

@@ -89,7 +89,10 @@ def body_excerpt(body: bytes, secrets: Iterable[str] = ()) -> str:
     text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Nested past the parser's depth: quoted as text.  Raised, it lost
+        # a 429's reset hint and its zero usage (the call failed as the
+        # provider's own bug).
         data = None
     if isinstance(data, dict):
         err = data.get("error")

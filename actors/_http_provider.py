@@ -573,6 +573,9 @@ class HttpProvider(BaseProvider):
             raise malformed(self.name, "undecodable body") from None
         except _TooLarge:
             raise malformed(self.name, f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB") from None
+        # RecursionError: JSON nested past the parser's depth ("[" * 100000)
+        # is a body we cannot read, as invalid JSON is; it escaped as the
+        # provider's own bug, never retried.
         try:
             data = json.loads(raw)
         except UnicodeDecodeError:
@@ -580,9 +583,9 @@ class HttpProvider(BaseProvider):
             # whole answer (and its usage) was lost.
             try:
                 data = json.loads(raw.decode("utf-8", "replace"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
         try:
             return self.parse_body(request, data)

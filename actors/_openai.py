@@ -113,7 +113,7 @@ class OpenAIProvider(HttpProvider):
                     break
                 try:
                     chunk = json.loads(data)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                     raise malformed(self.name, "a stream chunk is not JSON") from None
                 if not isinstance(chunk, dict):
                     raise malformed(self.name, "a stream chunk is not an object")

@@ -1,6 +1,7 @@
 """Edges of the HTTP provider layer that a mutation pass found unguarded:
 how a 404 naming a model is classified, the usage of a pool timeout, a
-CRLF split across stream chunks, and an empty bearer token."""
+CRLF split across stream chunks, and an empty bearer token; and JSON
+nested past the parser's depth, which escaped as a RecursionError."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from actors._http_errors import error_from_status, error_from_transport
+from actors._anthropic import AnthropicProvider
+from actors._classify import classify
+from actors._http_errors import body_excerpt, error_from_status, error_from_transport
 from actors._http_provider import iter_sse
 from actors._openai import OpenAIProvider
 from messages import (
@@ -19,9 +22,11 @@ from messages import (
     BadRequest,
     NotFound,
     ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
 )
 
-from ._providers_support import make_request
+from ._providers_support import SECRET, fixed, make_request
 
 
 def _streaming(chunks: list[bytes]) -> httpx.Response:
@@ -92,3 +97,51 @@ async def test_an_empty_bearer_token_fails_before_any_request() -> None:
     with pytest.raises(AuthenticationFailed, match="empty token"):
         await p.complete(make_request())
     assert sent == []
+
+
+# -- JSON nested past the parser's depth -----------------------------------------
+
+# '[' * 100000: json.loads raises RecursionError (no ValueError) on it.
+_DEEP = "[" * 100_000
+
+
+def _provider(name: str, *, stream: bool, transport: httpx.MockTransport) -> OpenAIProvider | AnthropicProvider:
+    if name == "openai":
+        return OpenAIProvider(base_url="http://api.test/v1", api_key=SECRET, stream=stream, transport=transport)
+    return AnthropicProvider(base_url="http://api.test", api_key=SECRET, stream=stream, transport=transport)
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("stream", "response"),
+    [
+        (False, httpx.Response(200, headers={"content-type": "application/json"}, text=_DEEP)),
+        (True, httpx.Response(200, headers={"content-type": "text/event-stream"}, text=f"data: {_DEEP}\n\n")),
+    ],
+)
+async def test_an_answer_nested_too_deep_is_a_malformed_response(
+    name: str, stream: bool, response: httpx.Response
+) -> None:
+    """A body (or an event's data) nested past the JSON parser's depth is
+    one we cannot read, as invalid JSON is: malformed, retried, usage
+    unknown.  Its RecursionError escaped the provider and was filed as the
+    provider's own bug (``provider_bug``: never retried, blaming Conclave)."""
+    p = _provider(name, stream=stream, transport=httpx.MockTransport(lambda r: response))
+    with pytest.raises(ProviderUnavailable, match="malformed response") as info:
+        await p.complete(make_request())
+    assert classify(info.value).kind == "unavailable" and classify(info.value).retryable
+    assert getattr(info.value, "usage", "absent") is None
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+async def test_a_429_with_a_body_nested_too_deep_keeps_its_reset_hint(name: str) -> None:
+    """The status and headers say what happened whatever the body holds:
+    a 429 is rate limited with its ``retry-after`` and zero usage.  Its
+    body's RecursionError lost both (provider_bug, usage unknown)."""
+    transport = fixed(429, headers={"retry-after": "5", "content-type": "application/json"}, body=_DEEP)
+    p = _provider(name, stream=True, transport=transport)
+    with pytest.raises(RateLimited) as info:
+        await p.complete(make_request())
+    assert info.value.retry_after == 5.0
+    assert getattr(info.value, "usage", "absent") == ZERO_USAGE
+    assert body_excerpt(_DEEP.encode()).startswith("[[[")
