@@ -10,7 +10,8 @@ agent, so every HTTP failure becomes one of :mod:`messages`' errors:
 connect refused/reset, stream cut short     Disconnected
 409, 500-504, 529                           ProviderUnavailable
 401, 403                                    AuthenticationFailed
-400, 404, 422 (and other 4xx)               BadRequest (short, redacted body)
+404 not naming a model, 3xx (not followed)  NotFound (a wrong base URL)
+400, 422 (and other 4xx)                    BadRequest (short, redacted body)
 ==========================================  ================================
 
 An error object sent with status 200 (mid-stream, or by a lax server) is
@@ -236,6 +237,36 @@ def error_from_status(
     else:
         error = BadRequest(detail)
     return with_usage(error, ZERO_USAGE)
+
+
+def error_from_redirect(
+    status: int, location: str, *, provider: str, base_url: httpx.URL, endpoint: httpx.URL
+) -> ProviderError:
+    """The error for a 3xx answer, which is not followed (it would carry
+    the key elsewhere): a wrong base URL, fixed outside the run as a 404's
+    is (:class:`NotFound`, so the stage is left undecided for ``resume
+    --retry-failed``; as a bad request it was decided no_consensus).
+
+    It names the base URL to use: the target less the path the provider
+    appends to its base (``/chat/completions``).  Told to point
+    --base-url at the target itself, the user got a 404 at
+    ``.../chat/completions/chat/completions``."""
+    where = f"{provider}: HTTP {status}"
+    if not location.strip():
+        return with_usage(NotFound(f"{where}: a redirect that says nowhere to go; check --base-url"), ZERO_USAGE)
+    try:
+        target = endpoint.join(location.strip())  # a relative Location is read against the request's URL
+        shown_target = str(target.copy_with(query=None, fragment=None, userinfo=b""))  # a query may hold a token
+    except Exception:
+        target, shown_target = None, shown(location.split("?", 1)[0])
+    detail = f"{where}: the server redirects to {shown_target}"
+    suffix = endpoint.path[len(base_url.path.rstrip("/")) :]
+    if target is not None and suffix and target.path.endswith(suffix):
+        base = target.copy_with(path=target.path[: -len(suffix)] or "/", query=None, fragment=None, userinfo=b"")
+        detail += f"; point --base-url at {str(base).rstrip('/')}"
+    else:
+        detail += "; fix --base-url"
+    return with_usage(NotFound(shown(detail)), ZERO_USAGE)
 
 
 # What went wrong, in words: the class names (ConnectError, ...) meant

@@ -20,7 +20,6 @@ import httpx
 import trio
 
 from messages import (
-    ZERO_USAGE,
     AuthenticationFailed,
     BadRequest,
     Completion,
@@ -33,7 +32,15 @@ from messages import (
 
 from ._consensus import parse_output
 from ._format import shown
-from ._http_errors import WallClock, error_from_status, error_from_transport, malformed, redact, with_usage
+from ._http_errors import (
+    WallClock,
+    error_from_redirect,
+    error_from_status,
+    error_from_transport,
+    malformed,
+    redact,
+    with_usage,
+)
 from ._provider import BaseProvider, before_resend
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
@@ -525,12 +532,12 @@ class HttpProvider(BaseProvider):
                 if 300 <= response.status_code < 400:
                     # httpx does not follow redirects (they would carry the
                     # key elsewhere): say where, once, rather than "not JSON".
-                    location = response.headers.get("location", "")
-                    shown = location.split("?", 1)[0] or "nowhere"  # a query may hold a token
-                    raise with_usage(
-                        BadRequest(f"{self.name}: HTTP {response.status_code}: the server redirects to {shown}; "
-                                   "point --base-url there"),
-                        ZERO_USAGE,
+                    raise error_from_redirect(
+                        response.status_code,
+                        response.headers.get("location", ""),
+                        provider=self.name,
+                        base_url=self.base_url,
+                        endpoint=self.endpoint(),
                     )
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if self.stream and kind == "text/html":

@@ -121,8 +121,9 @@ class BadRequest(ProviderError):
 
 
 class NotFound(BadRequest):
-    """404 not about a model: a wrong base URL, fixed outside the run (then
-    ``resume --retry-failed --base-url``), as a key or a quota is."""
+    """404 not about a model, or a redirect (not followed): a wrong base
+    URL, fixed outside the run (then ``resume --retry-failed --base-url``),
+    as a key or a quota is."""
 
     kind = "not_found"
 

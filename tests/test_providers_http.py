@@ -19,6 +19,7 @@ from messages import (
     AuthenticationFailed,
     BadRequest,
     Disconnected,
+    NotFound,
     ProviderError,
     ProviderUnavailable,
     QuotaExceeded,
@@ -591,7 +592,11 @@ async def test_redirects_404s_and_non_json_bodies_say_what_the_server_did() -> N
     def provider(path: str) -> OpenAIProvider:
         return OpenAIProvider(base_url=f"http://x.test/{path}/v1", api_key=SECRET, stream=False, transport=transport)
 
-    with pytest.raises(BadRequest, match=r"HTTP 307: the server redirects to https://api\.example\.test/v1/chat/completions; point --base-url there"):
+    # The base URL to use is the target less the endpoint's path: pointed
+    # at the target itself (as it said), every call 404'd at
+    # .../chat/completions/chat/completions.
+    with pytest.raises(NotFound, match=r"HTTP 307: the server redirects to https://api\.example\.test/v1/chat/completions; "
+                       r"point --base-url at https://api\.example\.test/v1$"):
         await provider("moved").complete(make_request())
     with pytest.raises(BadRequest, match=r"HTTP 404 at http://x\.test/missing/v1/chat/completions: not found"):
         await provider("missing").complete(make_request())

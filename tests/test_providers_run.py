@@ -251,3 +251,27 @@ async def test_a_wrong_base_url_halts_for_a_retry_once_fixed(
     async with open_orchestrator(store=store, provider=right, seed=SEED) as orch:
         fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
     assert fixed.completed
+
+
+async def test_a_redirect_halts_for_a_retry_once_fixed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A redirect (http to https, a moved API) is a wrong base URL as a 404
+    is: fixed outside the run, so the stage is left undecided for 'resume
+    --retry-failed'.  As a bad request it was decided no_consensus for good.
+    The advice names a base URL that works: the target less the endpoint's
+    path, which the provider appends again."""
+    backend = MockBackend(seed=SEED)
+
+    def moved(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"location": "https://mock.test/v1/chat/completions"})
+
+    wrong = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=httpx.MockTransport(moved))
+    result, store = await run_once(tmp_path, wrong, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
+    assert "point --base-url at https://mock.test/v1" in result.halt_message  # type: ignore[attr-defined]
+    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
+    right = OpenAIProvider(base_url="https://mock.test/v1", api_key=SECRET, transport=mock_transport(backend))
+    async with open_orchestrator(store=store, provider=right, seed=SEED) as orch:
+        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
+    assert fixed.completed
