@@ -2,7 +2,9 @@
 a provider's health.
 
 One table for every failure, injected or real: disconnect, timeout, 429,
-5xx/overloaded, an open breaker and a busy database are retryable;
+5xx/overloaded, an open breaker and a busy database are retryable (but an
+error that refuses it - a 503 with ``x-should-retry: false`` - keeps its
+kind and is not retried);
 authentication is permanent once a token refresh has been tried (the HTTP
 provider refreshes and retries a 401 once itself; a caller that refreshes
 on its own passes ``auth_retries_left``); bad request, not-found and quota
@@ -96,7 +98,11 @@ def classify(error: BaseException, *, auth_retries_left: int = 0) -> Classificat
         kind = "unavailable"  # a retryable ProviderError subclass we do not know
     else:
         kind = "permanent"
-    retryable = kind in _RETRYABLE or (kind == "authentication" and auth_retries_left > 0)
+    # A ProviderError may refuse the retry its kind allows (a 503 with
+    # "x-should-retry: false"): the kind stays, for the breaker, and for
+    # the coordinator, which leaves such a stage undecided.
+    refused = isinstance(error, ProviderError) and not error.retryable
+    retryable = (kind in _RETRYABLE and not refused) or (kind == "authentication" and auth_retries_left > 0)
     hint = getattr(error, "retry_after", None)
     return Classification(
         kind=kind,

@@ -17,8 +17,10 @@ connect refused/reset, stream cut short     Disconnected
 An error object sent with status 200 (mid-stream, or by a lax server) is
 judged by its own kind by the provider that reads it.
 
-``x-should-retry: true|false`` overrides whether a status is retryable (the
-official SDKs do the same).  Each error carries ``.usage``: zero when the
+``x-should-retry: true`` makes any status retryable, ``false`` stops the
+retries of one that may pass (the official SDKs do the same); ``false`` keeps
+a 408, 429 or 5xx the kind it is (see :func:`not_retried`).  Each error
+carries ``.usage``: zero when the
 server answered with an error status (nothing was generated), ``None``
 (unknown) when the request may have reached the model and the answer was
 lost - a read timeout or a stream cut short.
@@ -211,22 +213,28 @@ def error_from_status(
     where = f" at {url}" if status == 404 and url else ""
     detail = f"{provider}: HTTP {status}{where}" + (f": {excerpt}" if excerpt else "")
     override = _should_retry(headers)
+    # "x-should-retry: false" on a status that may pass (408, 429, 5xx)
+    # stops the retries, as the official SDKs do, but keeps the kind: the
+    # server asks not to be called again at once, not that the request is
+    # wrong.  Filed as a quota, a bad request or a bare ProviderError, it
+    # was decided no_consensus for good, though a maintenance 503 passes
+    # and the run could be resumed (--retry-failed) once it has.
+    transient = detail + ("; not retried: the server sent x-should-retry: false" if override is False else "")
     error: ProviderError
     if status == 429:
-        if override is False or "insufficient_quota" in body.decode("utf-8", "replace"):
+        if "insufficient_quota" in body.decode("utf-8", "replace"):
             error = QuotaExceeded(detail)
         else:
-            error = RateLimited(detail, retry_after=parse_reset_hint(headers, wall_now=wall_now))
+            error = RateLimited(transient, retry_after=parse_reset_hint(headers, wall_now=wall_now))
     elif status in (401, 403):
         # The header overrides the status here too, as the official SDKs
         # obey it: a gateway's "401, x-should-retry: true" passes.
         error = ProviderUnavailable(detail) if override is True else AuthenticationFailed(detail)
     elif status == 408:
-        error = ProviderTimeout(detail) if override is not False else BadRequest(detail)
+        error = ProviderTimeout(transient)
     elif status == 409 or 500 <= status <= 599:
         # A 503 or 529 may say when to come back, as the official SDKs honour.
-        hint = retry_after_hint(headers, wall_now=wall_now)
-        error = ProviderUnavailable(detail, retry_after=hint) if override is not False else ProviderError(detail)
+        error = ProviderUnavailable(transient, retry_after=retry_after_hint(headers, wall_now=wall_now))
     elif override is True:
         error = ProviderUnavailable(detail)
     elif status == 404 and b"model" not in body.lower():
@@ -236,7 +244,19 @@ def error_from_status(
         error = NotFound(detail)
     else:
         error = BadRequest(detail)
+    if override is False and error.retryable:
+        not_retried(error)
     return with_usage(error, ZERO_USAGE)
+
+
+def not_retried(error: ProviderError) -> ProviderError:
+    """``error``, not to be retried although its kind may pass (the
+    classifier reads this).  Its kind is kept, so a stage whose agents
+    failed with it is left undecided, as after any outage, for 'resume
+    --retry-failed' (a resume rebuilds the error from its kind, and asks
+    again only when granted a round)."""
+    setattr(error, "retryable", False)  # noqa: B010 - an instance's answer over its class's
+    return error
 
 
 def error_from_redirect(

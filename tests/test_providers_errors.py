@@ -11,6 +11,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
+from actors._classify import classify
 from actors._http_errors import parse_reset_hint, redact
 from actors._mock_backend import MockBackend
 from actors._mock_server import mock_transport
@@ -107,14 +108,41 @@ async def test_quota_429_is_permanent() -> None:
 # -- x-should-retry ------------------------------------------------------------
 
 
-async def test_should_retry_false_makes_5xx_permanent() -> None:
-    error = await failure(fixed(503, headers={"x-should-retry": "false"}))
-    assert not is_retryable(error)
+@pytest.mark.parametrize(
+    ("status", "expected", "kind"),
+    [(503, ProviderUnavailable, "unavailable"), (500, ProviderUnavailable, "unavailable"),
+     (408, ProviderTimeout, "timeout"), (429, RateLimited, "rate_limit")],
+)
+async def test_should_retry_false_stops_the_retries_but_keeps_the_kind(
+    status: int, expected: type[ProviderError], kind: str
+) -> None:
+    """The server asks not to be called again at once; it does not say the
+    request is wrong.  A 503 was a bare ProviderError, a 408 a bad request
+    and a 429 a spent quota (its body said nothing of one): each was
+    decided no_consensus for good, though it may pass like any outage.  Now
+    it keeps its kind (so the stage halts undecided), is not retried, and
+    says why; a 429 keeps its reset hint."""
+    headers = {"x-should-retry": "false", "retry-after": "7"}
+    error = await failure(fixed(status, headers=headers, body='{"error": {"message": "maintenance"}}'))
+    assert type(error) is expected
+    verdict = classify(error)
+    assert (verdict.kind, verdict.retryable) == (kind, False) and not is_retryable(error)
+    assert str(error).endswith("maintenance; not retried: the server sent x-should-retry: false")
+    assert verdict.retry_after == (7.0 if status != 408 else None)
+    assert getattr(error, "usage", "absent") == ZERO_USAGE
+    # The class is untouched: the same status without the header is retried.
+    assert classify(await failure(fixed(status))).retryable
 
 
-async def test_should_retry_false_on_429_is_quota() -> None:
+async def test_should_retry_false_on_429_from_serve_mock_is_a_rate_limit_not_retried() -> None:
     error = await failure(mock_transport(MockBackend()), headers={"x-mock-fault": "429", "x-mock-should-retry": "false"})
-    assert type(error) is QuotaExceeded
+    assert type(error) is RateLimited and not classify(error).retryable
+
+
+async def test_should_retry_false_on_an_insufficient_quota_429_is_still_quota() -> None:
+    body = json.dumps({"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}})
+    error = await failure(fixed(429, headers={"x-should-retry": "false"}, body=body))
+    assert type(error) is QuotaExceeded and classify(error).kind == "quota"
 
 
 async def test_should_retry_true_makes_4xx_retryable() -> None:

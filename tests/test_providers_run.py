@@ -275,3 +275,31 @@ async def test_a_redirect_halts_for_a_retry_once_fixed(
     async with open_orchestrator(store=store, provider=right, seed=SEED) as orch:
         fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
     assert fixed.completed
+
+
+@pytest.mark.parametrize(("status", "kind"), [(503, "unavailable"), (408, "timeout"), (429, "rate_limit")])
+async def test_a_failure_the_server_says_not_to_retry_halts_undecided(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, status: int, kind: str
+) -> None:
+    """'x-should-retry: false' on a 503 (maintenance), a 408 or a 429: each
+    agent is asked once, as the server wants, but the stage is not decided
+    on their silence - the run halts with agents_failed, and once the
+    outage has passed 'resume --retry-failed' completes it.  They were a
+    bare ProviderError, a bad request and a quota: the first two decided
+    no_consensus for good."""
+    calls: list[httpx.Request] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(status, headers={"x-should-retry": "false"}, json={"error": {"message": "maintenance"}})
+
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=httpx.MockTransport(down))
+    result, store = await run_once(tmp_path, http, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
+    assert f"{kind}: openai: HTTP {status}: maintenance; not retried" in result.halt_message  # type: ignore[attr-defined]
+    assert len(calls) == 2, "each agent was asked once: the server said not to retry"
+    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
+    healthy = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=mock_transport(MockBackend(seed=SEED)))
+    async with open_orchestrator(store=store, provider=healthy, seed=SEED) as orch:
+        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
+    assert fixed.completed

@@ -32,9 +32,9 @@ from actors._usage_normalise import (
 )
 from messages import (
     AgentKey,
-    BadRequest,
     Disconnected,
     ProviderError,
+    ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
     TokenUsage,
@@ -298,9 +298,10 @@ def test_a_past_anthropic_reset_means_now() -> None:
     assert parse_reset_hint({"anthropic-ratelimit-requests-reset": _at(-30)}, wall_now=lambda: WALL) == 0.0
 
 
-async def test_a_408_the_server_says_not_to_retry_is_a_bad_request() -> None:
+async def test_a_408_the_server_says_not_to_retry_is_a_timeout_not_retried() -> None:
+    # A timeout still (a bad request was decided for good), but not retried.
     error = await failure(fixed(408, headers={"x-should-retry": "false"}))
-    assert type(error) is BadRequest and not classify(error).retryable
+    assert type(error) is ProviderTimeout and not classify(error).retryable
 
 
 async def test_x_should_retry_is_read_case_blind() -> None:
