@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timezone
@@ -313,6 +314,26 @@ def _where(exc: httpx.TransportError) -> str:
     return f"{url.host}{port}"
 
 
+# What OpenSSL says when the server answers a TLS handshake in plain HTTP
+# (3.2 renamed it; urllib3 reads both).
+_PLAIN_HTTP_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc``, if one is.  Under trio httpx raises a
+    bare ConnectError('') for it: the SSLError is only in the chain (by way
+    of trio's BrokenResourceError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def error_from_transport(
     exc: httpx.TransportError, *, provider: str, streaming: bool = False, secrets: Iterable[str] = ()
 ) -> ProviderError:
@@ -323,7 +344,15 @@ def error_from_transport(
     words = next((w for cls, w in _TRANSPORT_WORDS if isinstance(exc, cls)), "the connection failed with")
     # Our own request's fault quotes the offending header value: the key.
     detail = "" if isinstance(exc, httpx.LocalProtocolError) else shown(" ".join(redact(str(exc), secrets).split()))
+    tls = _tls_failure(exc) if isinstance(exc, httpx.ConnectError) else None
+    if tls is not None:
+        # "cannot connect to 127.0.0.1:8000" and nothing more, for an
+        # https:// base URL whose server speaks plain http.
+        words = "the TLS handshake failed with"
+        detail = shown(" ".join(_SSL_SOURCE.sub("", redact(str(tls), secrets)).split()))
     text = f"{provider}: {words} {_where(exc)}" + (f" ({detail[:200]})" if detail else "")
+    if tls is not None and getattr(tls, "reason", None) in _PLAIN_HTTP_REASONS:
+        text += "; the server may be speaking plain http: try http:// instead of https:// in the base URL"
     if streaming and not before_send and not isinstance(exc, httpx.TimeoutException):
         text += "; the stream was cut short"
     error: ProviderError

@@ -14,7 +14,7 @@ from actors import AnthropicProvider, OpenAIProvider
 from actors._http_provider import DRAIN_SECONDS, MAX_ANSWER_BYTES, iter_sse
 from actors._mock_backend import MockBackend
 from actors._mock_server import base_url_of, serve_connection
-from messages import ProviderUnavailable
+from messages import ZERO_USAGE, Disconnected, ProviderUnavailable
 
 from ._providers_support import SECRET, make_request
 
@@ -183,3 +183,26 @@ async def test_a_bare_cr_inside_a_chunk_does_not_swallow_the_next_chunks_lf() ->
 
     events = [item async for item in iter_sse(_streaming(body()))]
     assert events == [("message", "1"), ("message", "2")]
+
+
+async def test_https_to_a_plain_http_server_says_the_tls_handshake_failed() -> None:
+    # Under trio httpx raises ConnectError('') for it, and the error said
+    # only "cannot connect to 127.0.0.1:PORT": the SSLError (wrong version
+    # number: the server answered the handshake in plain http) is only in
+    # its chain.
+    server = Server()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        provider = OpenAIProvider(base_url=server.url.replace("http://", "https://"), api_key=SECRET)
+        try:
+            with pytest.raises(Disconnected) as info:
+                await provider.complete(make_request())
+        finally:
+            await provider.aclose()
+        nursery.cancel_scope.cancel()
+    message = str(info.value)
+    assert "the TLS handshake failed with 127.0.0.1:" in message
+    assert "WRONG_VERSION_NUMBER" in message or "RECORD_LAYER_FAILURE" in message
+    assert message.endswith("the server may be speaking plain http: try http:// instead of https:// in the base URL")
+    assert "cannot connect" not in message
+    assert getattr(info.value, "usage", "absent") == ZERO_USAGE
