@@ -114,7 +114,20 @@ def resolve_provider(
             name=name, seed=seed, model=model, disagreement_rate=disagreement_rate, sim_latency=sim_latency
         )
     environ: Mapping[str, str] = os.environ if env is None else env
-    url = base_url if base_url is not None else environ.get(BASE_URL_ENV[name]) or DEFAULT_BASE_URL[name]
+    url = base_url
+    if url is None:
+        variable = BASE_URL_ENV[name]
+        url = environ.get(variable)
+        if url is not None and not url.strip():
+            # Set but empty ('export OPENAI_BASE_URL=' meant for a local
+            # server) fell back to the public API, sending the key and the
+            # prompts there; only white space was refused.
+            raise ProviderConfigError(
+                f"provider {name!r}: {variable} is set but empty; give the server's base URL, "
+                f"or unset it to use {DEFAULT_BASE_URL[name]}"
+            )
+        if url is None:
+            url = DEFAULT_BASE_URL[name]
     url = validate_base_url(url, provider=name)
     if api_key_env is not None and not _ENV_NAME.fullmatch(api_key_env):
         # Never echoed: a key given here by mistake would be printed.

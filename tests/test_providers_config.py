@@ -46,6 +46,15 @@ def test_api_key_env_names_another_variable() -> None:
         ({"name": "openai", "base_url": "http:///v1", "env": {"OPENAI_API_KEY": SECRET}}, "has no host"),
         ({"name": "openai", "base_url": "http://[::1/v1", "env": {"OPENAI_API_KEY": SECRET}}, "not a valid URL"),
         ({"name": "openai", "base_url": "", "env": {"OPENAI_API_KEY": SECRET}}, "base URL is empty"),
+        # Set but empty, the variable was read as unset: the key and the
+        # prompts went to the public API.  (White space alone was refused,
+        # without naming the variable.)
+        ({"name": "openai", "env": {"OPENAI_API_KEY": SECRET, "OPENAI_BASE_URL": ""}},
+         "provider 'openai': OPENAI_BASE_URL is set but empty"),
+        ({"name": "openai", "env": {"OPENAI_API_KEY": SECRET, "OPENAI_BASE_URL": " "}},
+         "provider 'openai': OPENAI_BASE_URL is set but empty"),
+        ({"name": "anthropic", "env": {"ANTHROPIC_API_KEY": SECRET, "ANTHROPIC_BASE_URL": ""}},
+         "provider 'anthropic': ANTHROPIC_BASE_URL is set but empty"),
     ],
 )
 def test_bad_configuration_is_named(kwargs: dict[str, object], message: str) -> None:
