@@ -35,6 +35,7 @@ passes (``wall_now``), since they are meaningless on trio's virtual clock.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import ssl
@@ -74,11 +75,30 @@ _SECRET_PATTERNS = (
 )
 
 
+def _hex_digit(digit: str) -> str:
+    return f"[{digit.upper()}{digit.lower()}]" if digit.isalpha() else digit
+
+
+@functools.lru_cache(maxsize=64)
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    """``secret`` as it is, or percent-encoded in any part (either hex
+    case; a space also as '+'): a server that echoes the key it was sent
+    as a query parameter or form field quotes it URL-encoded, and
+    'Xy9%2Fabc%2BDEF%3Dghij12345' passed for a key 'Xy9/abc+DEF=...'."""
+    parts = []
+    for char in secret:
+        encoded = "".join("%" + "".join(map(_hex_digit, f"{byte:02X}")) for byte in char.encode())
+        spellings = [re.escape(char), encoded] + ([r"\+"] if char == " " else [])
+        parts.append("(?:" + "|".join(spellings) + ")")
+    return re.compile("".join(parts))
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with the given secrets and anything key-shaped masked."""
+    """``text`` with the given secrets (as they are or URL-encoded) and
+    anything key-shaped masked."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "[REDACTED]")
+            text = _secret_pattern(secret).sub("[REDACTED]", text)
     for pattern in _SECRET_PATTERNS:
         if pattern.groups:
             text = pattern.sub(lambda m: m.group(1) + "[REDACTED]", text)

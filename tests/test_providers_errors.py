@@ -5,8 +5,11 @@ serve-mock's backend (the same faults a real socket would carry)."""
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
@@ -325,6 +328,27 @@ async def test_error_bodies_are_excerpted_and_redacted() -> None:
     assert SECRET not in text and SECRET[:12] not in text
     assert "[REDACTED]" in text
     assert len(str(error)) < 300
+
+
+def _lower_hex(key: str) -> str:
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quote(key, safe=""))
+
+
+@pytest.mark.parametrize(
+    "encode", [quote_plus, lambda k: quote(k, safe=""), quote, _lower_hex], ids=["plus", "all", "path", "lower"]
+)
+async def test_a_key_echoed_url_encoded_is_redacted(encode: Callable[[str], str]) -> None:
+    # Only the key as it is was masked: a 401 quoting it URL-encoded (as a
+    # server does that read it from a query or a form) was stored and shown.
+    key = "Xy9/abc+DEF=ghij12345"
+    echoed = encode(key)
+    assert echoed != key
+    body = json.dumps({"error": {"message": f"Incorrect API key provided: {echoed}."}})
+    p = OpenAIProvider(base_url="http://mock.test/v1", api_key=key, transport=fixed(401, body=body))
+    with pytest.raises(AuthenticationFailed) as info:
+        await p.complete(make_request())
+    assert str(info.value) == "openai: HTTP 401: Incorrect API key provided: [REDACTED]."
+    assert redact(f"a {key.replace('/', '%2f')} b {key} c", [key]) == "a [REDACTED] b [REDACTED] c"
 
 
 def test_redact_masks_key_shapes_it_was_not_told_about() -> None:
