@@ -42,6 +42,13 @@ def duration(seconds: float) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60}m"
 
 
+def whole_seconds(seconds: float) -> str:
+    """'42s': a reset hint or a wait in whole seconds; past 10^9 (31 years,
+    only a server's nonsense) in three figures - a 'retry-after' of 10^300
+    was printed in its 301 digits, in messages and in the event log."""
+    return f"{seconds:.0f}s" if seconds < 1e9 else f"{seconds:.3g}s"
+
+
 def usage_line(usage: TokenUsage, unknown: int = 0) -> str:
     writes = f", {tokens(usage.cache_write_input_tokens)} cache writes" if usage.cache_write_input_tokens else ""
     text = (

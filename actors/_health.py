@@ -33,6 +33,7 @@ from messages import CircuitOpen, CompletionRequest, ProviderError, ProviderUnav
 from ._breaker import BreakerPolicy, BreakerTicket, CircuitBreaker
 from ._checks import check_seconds, check_wait
 from ._classify import classify
+from ._format import whole_seconds
 from ._ratelimit import GateRefused, RateLimitGate
 from ._rng import derive_unit
 
@@ -143,7 +144,7 @@ class ProviderHealth:
         left = self.gate.reset_for(now) - now
         if left > self.max_wait:
             return RateLimited(
-                f"provider {self.name!r} is rate-limited for {left:.0f}s more, longer than "
+                f"provider {self.name!r} is rate-limited for {whole_seconds(left)} more, longer than "
                 f"the {self.max_wait:.0f}s a call waits; the call was not made",
                 retry_after=left,
             )
@@ -161,7 +162,7 @@ class ProviderHealth:
             # the timeout would be left, costs an attempt that
             # waiting would not: 6m0s token resets halted runs.)
             return RateLimited(
-                f"provider {self.name!r} is rate-limited for {left:.0f}s more, past the "
+                f"provider {self.name!r} is rate-limited for {whole_seconds(left)} more, past the "
                 f"{request.deadline - now:.0f}s this call has left; the call was not made",
                 retry_after=left,
             )
@@ -182,7 +183,7 @@ class ProviderHealth:
                 else f"longer than the {self.max_wait:.0f}s a call waits"
             )
             return RateLimited(
-                f"provider {self.name!r} is rate-limited for {refused.left:.0f}s more (a later 429 "
+                f"provider {self.name!r} is rate-limited for {whole_seconds(refused.left)} more (a later 429 "
                 f"moved the reset), {past}; the call was not made",
                 retry_after=refused.left,
             )

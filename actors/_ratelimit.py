@@ -50,6 +50,7 @@ import trio
 from messages import ConclaveError
 
 from ._checks import check_seconds
+from ._format import whole_seconds
 from ._grid import on_grid
 
 
@@ -60,7 +61,7 @@ class GateRefused(ConclaveError):
     closed longer than its ``max_wait``)."""
 
     def __init__(self, left: float, past_until: bool) -> None:
-        super().__init__(f"the gate stays closed {left:.0f}s more")
+        super().__init__(f"the gate stays closed {whole_seconds(left)} more")
         self.left = left
         self.past_until = past_until
 

@@ -21,6 +21,7 @@ from messages import AgentKey, ProviderError
 
 from ._checks import check_number, check_seconds, check_wait, check_whole
 from ._classify import classify
+from ._format import whole_seconds
 from ._grid import on_grid
 from ._rng import derive_unit
 
@@ -80,7 +81,7 @@ class RetryPolicy:
         None if it is not."""
         if hint is None or hint <= self.max_wait:
             return None
-        return f"resets in {hint:.0f}s, later than the {self.max_wait:.0f}s a retry waits (max_wait; --max-retry-wait)"
+        return f"resets in {whole_seconds(hint)}, later than the {self.max_wait:.0f}s a retry waits (max_wait; --max-retry-wait)"
 
     def delay(self, error: ProviderError, key: AgentKey, attempt: int, seed: int, *, spec_id: str = "") -> float:
         """The pause before attempt ``attempt + 1``.  Jitter comes from
