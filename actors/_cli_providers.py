@@ -178,6 +178,11 @@ def add_provider_arguments(parser: argparse.ArgumentParser, *, stored: bool = Fa
     )
     group.add_argument("--no-stream", dest="stream", action="store_false", help="do not stream responses")
     group.add_argument(
+        "--no-json-mode", dest="json_mode", action="store_false",
+        help="do not ask OpenAI-compatible servers for JSON output (response_format), for one that "
+        "refuses it with a 400; the prompt still asks for a JSON object, and a stage still needs one",
+    )
+    group.add_argument(
         "--request-timeout", type=float, default=None, metavar="SECONDS",
         help="the longest wait for a connection or for the next bytes of an answer; a whole call, however "
         "steadily it streams, is cut at the agent's call timeout (600 s)",
@@ -252,6 +257,7 @@ def provider_configs_from_args(
                 ("--base-url", base_url is not None),
                 ("--api-key-env", getattr(args, "api_key_env", None) is not None),
                 ("--no-stream", getattr(args, "stream", True) is False),
+                ("--no-json-mode", getattr(args, "json_mode", True) is False),
                 ("--auth login", getattr(args, "auth", "key") == "login"),
                 ("--request-timeout", getattr(args, "request_timeout", None) is not None),
             )
@@ -268,6 +274,11 @@ def provider_configs_from_args(
             raise ProviderConfigError(
                 f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} a real provider{where}"
             )
+    if getattr(args, "json_mode", True) is False and remote and "openai" not in remote:
+        # Said, not ignored: only the OpenAI API has the parameter.
+        raise ProviderConfigError(
+            f"--no-json-mode applies to OpenAI-compatible servers, and this pipeline uses {' and '.join(remote)}"
+        )
     if base_url is not None and chosen is None and len(remote) > 1:
         raise ProviderConfigError(
             f"--base-url is ambiguous: the pipeline uses {' and '.join(remote)}; add --provider"
@@ -283,6 +294,7 @@ def provider_configs_from_args(
             token_source=(token_sources or {}).get(name),
             env=env,
             stream=getattr(args, "stream", True),
+            json_mode=getattr(args, "json_mode", True),
             seed=seed if isinstance(seed, int) else 0,
             timeout=getattr(args, "request_timeout", None),
             disagreement_rate=getattr(args, "disagreement_rate", None),

@@ -54,6 +54,9 @@ class ProviderConfig:
     token_source: BearerSource | None = attrs.field(default=None, repr=False)
     model: str | None = None
     stream: bool = True
+    # OpenAI only: ask for JSON output (response_format) when a stage names
+    # fields.  Off for servers that refuse the parameter with a 400.
+    json_mode: bool = True
     seed: int = 0
     timeout: float | None = None
     disagreement_rate: float | None = None  # sim only; None: the simulator's default
@@ -83,7 +86,7 @@ class ProviderConfig:
         )
         assert self.base_url is not None
         if self.name == "openai":
-            return OpenAIProvider(base_url=self.base_url, **common)  # type: ignore[arg-type]
+            return OpenAIProvider(base_url=self.base_url, json_mode=self.json_mode, **common)
         return AnthropicProvider(base_url=self.base_url, **common)  # type: ignore[arg-type]
 
 
@@ -97,6 +100,7 @@ def resolve_provider(
     token_source: BearerSource | None = None,
     env: Mapping[str, str] | None = None,
     stream: bool = True,
+    json_mode: bool = True,
     seed: int = 0,
     timeout: float | None = None,
     disagreement_rate: float | None = None,
@@ -155,6 +159,7 @@ def resolve_provider(
         token_source=token_source,
         model=model,
         stream=stream,
+        json_mode=json_mode,
         seed=seed,
         timeout=timeout,
     )

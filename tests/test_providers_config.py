@@ -4,19 +4,27 @@ message, exit 2, and no store written."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from actors._anthropic import AnthropicProvider
 from actors._cli import main
-from actors._cli_providers import add_provider_arguments, pipeline_from_args, providers_from_args
+from actors._cli_providers import (
+    add_provider_arguments,
+    pipeline_from_args,
+    provider_configs_from_args,
+    providers_from_args,
+)
 from actors._openai import OpenAIProvider
 from actors._pipeline import default_pipeline, parse_pipeline
 from actors._provider_factory import ProviderConfig, ProviderConfigError, build_provider
 from actors._simulator import SimulatedProvider
+from messages import BadRequest
 
-from tests._providers_support import SECRET
+from tests._providers_support import SECRET, make_request
 
 
 def test_build_provider_reads_the_key_from_the_given_env() -> None:
@@ -147,6 +155,10 @@ def test_pipeline_providers_per_agent() -> None:
         (["--api-key-env", "MY_KEY"], "--api-key-env needs a real provider"),
         (["--no-stream", "--request-timeout", "5"], "--no-stream, --request-timeout need a real provider"),
         (["--auth", "login"], "--auth login needs a real provider"),
+        (["--no-json-mode"], "--no-json-mode needs a real provider"),
+        # Only the OpenAI API has response_format: said, not ignored.
+        (["--provider", "anthropic", "--no-json-mode"],
+         "--no-json-mode applies to OpenAI-compatible servers, and this pipeline uses anthropic"),
     ],
 )
 def test_cli_bad_configuration_exits_2_before_anything_runs(
@@ -288,3 +300,36 @@ def test_a_base_url_whose_host_has_a_space_is_refused(url: str) -> None:
         build_provider("openai", base_url=url, env={"OPENAI_API_KEY": SECRET})
     for fine in ("http://127.0.0.1:8000/v1", "http://[::1]:8000/v1", "http://my_host.internal/v1", "https://münchen.de/v1"):
         assert isinstance(build_provider("openai", base_url=fine, env={"OPENAI_API_KEY": SECRET}), OpenAIProvider)
+
+
+async def test_no_json_mode_leaves_response_format_out_for_a_server_that_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server that refuses the parameter failed every call as a bad
+    # request, and the stage was decided on it: no option let the user on.
+    sent: list[dict[str, object]] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append(body)
+        if "response_format" in body:
+            return httpx.Response(400, json={"error": {"message": "response_format is not supported"}})
+        answer = {"choices": [{"message": {"content": '{"a": 1}'}, "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 10, "completion_tokens": 2}}
+        return httpx.Response(200, json=answer)
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    pipeline = default_pipeline()
+    for given, refused in ((["--provider", "openai"], True), (["--provider", "openai", "--no-json-mode"], False)):
+        configs = provider_configs_from_args(_args(*given, "--no-stream"), pipeline)
+        provider = configs["openai"].build(transport=httpx.MockTransport(server))
+        try:
+            if refused:
+                with pytest.raises(BadRequest, match="response_format is not supported"):
+                    await provider.complete(make_request())
+            else:
+                completion = await provider.complete(make_request())
+                assert completion.content == '{"a": 1}'
+        finally:
+            await provider.aclose()
+    assert ["response_format" in body for body in sent] == [True, False]
