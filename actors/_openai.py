@@ -132,7 +132,7 @@ class OpenAIProvider(HttpProvider):
                     text = _content_text(delta.get("content")) if isinstance(delta, dict) else None
                     if text is not None:
                         parts.append(text)
-                    if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                    if isinstance(choice, dict) and _ended(choice.get("finish_reason")):
                         stop = choice["finish_reason"]
                 if chunk.get("usage") is not None:
                     usage = usage_from_openai(chunk["usage"])
@@ -173,6 +173,16 @@ class OpenAIProvider(HttpProvider):
         else:  # server_error, or nothing said: the provider's trouble
             error = ProviderUnavailable(detail)
         return with_usage(error, None)
+
+
+def _ended(finish_reason: Any) -> bool:
+    """Whether a streamed choice's ``finish_reason`` says it ended: a
+    reason, not a placeholder.  Ollama and SGLang send ``""`` on every
+    chunk, KoboldCpp ``"null"``; taken for an end, a stream its proxy cut
+    halfway through was a complete answer (a stream without ``[DONE]`` is
+    complete at a clean end of body after its finish_reason), stored and
+    decided on."""
+    return isinstance(finish_reason, str) and finish_reason.strip() not in ("", "null")
 
 
 def _content_text(content: Any) -> str | None:

@@ -111,6 +111,20 @@ async def test_openai_stream_ending_cleanly_after_finish_reason_without_done_is_
         await p.complete(make_request())
 
 
+@pytest.mark.parametrize("placeholder", ["", "null", None])
+async def test_openai_stream_cut_after_placeholder_finish_reasons_is_still_cut(placeholder: str | None) -> None:
+    # Ollama and SGLang send finish_reason "" on every chunk, KoboldCpp
+    # "null": taken for an end, a body a proxy closed halfway through an
+    # answer was a complete one, stored and decided no_consensus for good.
+    chunks = [{"model": "local", "choices": [{"index": 0, "delta": {"content": '{"stage": "pl'},
+                                              "finish_reason": placeholder}]}]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=fixed(
+        200, headers={"content-type": "text/event-stream"}, body=body))
+    with pytest.raises(Disconnected, match="neither \\[DONE\\] nor a finish_reason"):
+        await p.complete(make_request())
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_openai_content_given_as_a_list_of_parts_is_read_for_its_text(stream: bool) -> None:
     # Mistral's Magistral answers with content parts (thinking, then text):
