@@ -281,7 +281,13 @@ def not_retried(error: ProviderError) -> ProviderError:
 
 
 def error_from_redirect(
-    status: int, location: str, *, provider: str, base_url: httpx.URL, endpoint: httpx.URL
+    status: int,
+    location: str,
+    *,
+    provider: str,
+    base_url: httpx.URL,
+    endpoint: httpx.URL,
+    secrets: Iterable[str] = (),
 ) -> ProviderError:
     """The error for a 3xx answer, which is not followed (it would carry
     the key elsewhere): a wrong base URL, fixed outside the run as a 404's
@@ -291,7 +297,11 @@ def error_from_redirect(
     It names the base URL to use: the target less the path the provider
     appends to its base (``/chat/completions``).  Told to point
     --base-url at the target itself, the user got a 404 at
-    ``.../chat/completions/chat/completions``."""
+    ``.../chat/completions/chat/completions``.
+
+    Redacted (``secrets``, and anything key-shaped): a server may put the
+    key it was sent into the target's path, and it was printed and stored
+    twice over."""
     where = f"{provider}: HTTP {status}"
     if not location.strip():
         return with_usage(NotFound(f"{where}: a redirect that says nowhere to go; check --base-url"), ZERO_USAGE)
@@ -299,7 +309,8 @@ def error_from_redirect(
         target = endpoint.join(location.strip())  # a relative Location is read against the request's URL
         shown_target = str(target.copy_with(query=None, fragment=None, userinfo=b""))  # a query may hold a token
     except Exception:
-        target, shown_target = None, shown(location.split("?", 1)[0])
+        # Unreadable: shown without its query, fragment or userinfo all the same.
+        target, shown_target = None, re.sub(r"//[^/?#]*@", "//", location.split("?", 1)[0].split("#", 1)[0])
     detail = f"{where}: the server redirects to {shown_target}"
     suffix = endpoint.path[len(base_url.path.rstrip("/")) :]
     if target is not None and suffix and target.path.endswith(suffix):
@@ -307,7 +318,7 @@ def error_from_redirect(
         detail += f"; point --base-url at {str(base).rstrip('/')}"
     else:
         detail += "; fix --base-url"
-    return with_usage(NotFound(shown(detail)), ZERO_USAGE)
+    return with_usage(NotFound(shown(redact(detail, secrets))), ZERO_USAGE)
 
 
 # What went wrong, in words: the class names (ConnectError, ...) meant

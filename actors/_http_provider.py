@@ -538,6 +538,7 @@ class HttpProvider(BaseProvider):
                         provider=self.name,
                         base_url=self.base_url,
                         endpoint=self.endpoint(),
+                        secrets=self._secrets(),
                     )
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if self.stream and kind == "text/html":

@@ -599,6 +599,8 @@ async def test_redirects_404s_and_non_json_bodies_say_what_the_server_did() -> N
             return httpx.Response(307, headers={"location": "https://api.example.test/v1/chat/completions?k=1"})
         if scenario == "missing":
             return httpx.Response(404, text="not found")
+        if scenario == "keyed":  # the key it was sent, put in the target's path
+            return httpx.Response(307, headers={"location": f"https://api.example.test/{SECRET}/v1/chat/completions"})
         return httpx.Response(200, headers={"content-type": "text/html"}, text="<html>login</html>")
 
     transport = httpx.MockTransport(server)
@@ -612,6 +614,11 @@ async def test_redirects_404s_and_non_json_bodies_say_what_the_server_did() -> N
     with pytest.raises(NotFound, match=r"HTTP 307: the server redirects to https://api\.example\.test/v1/chat/completions; "
                        r"point --base-url at https://api\.example\.test/v1$"):
         await provider("moved").complete(make_request())
+    # Never the key, though the server put it in the target (it was shown
+    # twice: in the target and in the base URL to use).
+    with pytest.raises(NotFound) as keyed:
+        await provider("keyed").complete(make_request())
+    assert SECRET not in str(keyed.value) and str(keyed.value).count("[REDACTED]") == 2
     with pytest.raises(BadRequest, match=r"HTTP 404 at http://x\.test/missing/v1/chat/completions: not found"):
         await provider("missing").complete(make_request())
     with pytest.raises(ProviderUnavailable, match=r"body is not JSON: text/html, 18 bytes"):
