@@ -240,7 +240,7 @@ def error_from_status(
     # wrong.  Filed as a quota, a bad request or a bare ProviderError, it
     # was decided no_consensus for good, though a maintenance 503 passes
     # and the run could be resumed (--retry-failed) once it has.
-    transient = detail + ("; not retried: the server sent x-should-retry: false" if override is False else "")
+    transient = detail + (f"; {NOT_RETRIED}" if override is False else "")
     error: ProviderError
     if status == 429:
         if "insufficient_quota" in body.decode("utf-8", "replace"):
@@ -268,6 +268,11 @@ def error_from_status(
     if override is False and error.retryable:
         not_retried(error)
     return with_usage(error, ZERO_USAGE)
+
+
+# In the message of an error the server said not to retry: stored with the
+# failed attempt, it is how a resume knows (see actors._resume).
+NOT_RETRIED = "not retried: the server sent x-should-retry: false"
 
 
 def not_retried(error: ProviderError) -> ProviderError:

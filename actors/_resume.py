@@ -52,6 +52,7 @@ from store import BranchRow, DecisionRow, OutputRow, RunRow, Store, branch_named
 
 from ._classify import classify
 from ._consensus import ADVANCING
+from ._http_errors import NOT_RETRIED
 from ._pipeline import Pipeline, PipelineError, StageSpec, pipeline_from_dict
 from ._retry import RetryPolicy
 from ._sequencer import DecisionSequencer
@@ -208,9 +209,17 @@ class ResumeState:
                 continue
             error = stored_error(last.error)
             why = self.gave_up.get((stage.name, agent, last.attempt))
-            if self.replay_failures or why is not None and sum(
-                1 for (st, ag, _) in self.gave_up if st == stage.name and ag == agent
-            ) > self.rounds.get(stage.name, 0):
+            gave_up_at = {at for (st, ag, at) in self.gave_up if st == stage.name and ag == agent}
+            # The server said not to retry (x-should-retry: false): the
+            # agent gave up there, whether or not its gave_up event, written
+            # after the failure, outlived a crash.  Its kind alone (an
+            # outage) read as one to ask again.
+            refused = NOT_RETRIED in (last.error or "")
+            if refused:
+                gave_up_at.add(last.attempt)
+            if self.replay_failures or (why is not None or refused) and len(gave_up_at) > self.rounds.get(
+                stage.name, 0
+            ):
                 # It gave up there, and no round has been granted since: a
                 # plain resume of its halt asked it again (a 429 reset past
                 # max_wait), paid, and decided stages the run never stored

@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import apsw
 import httpx
 import pytest
 import trio
@@ -303,3 +304,36 @@ async def test_a_failure_the_server_says_not_to_retry_halts_undecided(
     async with open_orchestrator(store=store, provider=healthy, seed=SEED) as orch:
         fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
     assert fixed.completed
+
+
+async def test_a_resume_after_a_crash_keeps_the_servers_word_not_to_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A failed attempt is durable before its gave_up event: a crash
+    between the two left a resume to judge the error by its kind alone,
+    and a 503 the server said not to retry was asked again."""
+    calls: list[httpx.Request] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(503, headers={"x-should-retry": "false"}, json={"error": {"message": "maintenance"}})
+
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=httpx.MockTransport(down))
+    result, store = await run_once(tmp_path, http, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    run_id = result.run_id  # type: ignore[attr-defined]
+    store.close()
+    # The crash: the failures are stored, nothing after them is.
+    conn = apsw.Connection(str(tmp_path / "db.sqlite"))
+    try:
+        first_gave_up = conn.execute("SELECT min(id) FROM events WHERE kind = 'gave_up'").fetchone()[0]
+        conn.execute("DELETE FROM events WHERE id >= ?", (first_gave_up,))
+        conn.execute("UPDATE runs SET status = 'interrupted', halt_reason = NULL")
+        conn.execute("UPDATE branches SET status = 'interrupted', halt_reason = NULL")
+    finally:
+        conn.close()
+    calls.clear()
+    http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=httpx.MockTransport(down))
+    async with open_orchestrator(store=str(tmp_path / "db.sqlite"), provider=http, seed=SEED) as orch:
+        again = await orch.resume(run_id)
+    assert calls == [], "the server said not to retry: nobody is asked again"
+    assert again.halt_reason == "agents_failed", again.halt_message
