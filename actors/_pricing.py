@@ -175,8 +175,11 @@ def _exact(entries: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _as_written(value: Any) -> str:
     """``value`` as the price file spells it: a rate read from JSON is a
-    Decimal, and "got Decimal('-0.000001')" named Python, not the file."""
-    if isinstance(value, Decimal | float):
+    Decimal, and "got Decimal('-0.000001')" named Python, not the file.
+    (Positional: str() writes a rate as small as -0.0000001 as -1E-7.)"""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, float):
         return str(value)
     try:
         return json.dumps(value, default=str)

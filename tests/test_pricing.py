@@ -319,7 +319,9 @@ def test_float_rates_from_python_are_taken_exactly() -> None:
 def test_a_bad_rate_is_named_as_the_file_writes_it(tmp_path: Path) -> None:
     # "got Decimal('-0.000001')": Python's spelling of the file's -1e-6.
     path = tmp_path / "prices.json"
-    for written, shown in (("-0.000001", "got -0.000001"), ('"cheap"', 'got "cheap"'), ("null", "got null")):
+    cases = (("-0.000001", "got -0.000001"), ("-0.00000030", "got -0.00000030"), ('"cheap"', 'got "cheap"'),
+             ("null", "got null"))
+    for written, shown in cases:
         path.write_text('{"m": {"input_cost_per_token": %s, "output_cost_per_token": 0}}' % written)
         with pytest.raises(PriceFileError) as caught:
             PriceTable.load(str(path))
