@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ def whole_seconds(seconds: float) -> str:
     """'42s': a reset hint or a wait in whole seconds; past 10^9 (31 years,
     only a server's nonsense) in three figures - a 'retry-after' of 10^300
     was printed in its 301 digits, in messages and in the event log."""
-    return f"{seconds:.0f}s" if seconds < 1e9 else f"{seconds:.3g}s"
+    return f"{seconds:.0f}s" if math.isfinite(seconds) and round(seconds) < 10**9 else f"{seconds:.3g}s"
 
 
 def usage_line(usage: TokenUsage, unknown: int = 0) -> str:

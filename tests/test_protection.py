@@ -643,6 +643,15 @@ async def test_a_reset_further_off_than_max_wait_is_not_waited_out(
                          event.detail["message"])
 
 
+def test_waits_are_shown_in_whole_seconds_and_nonsense_in_three_figures() -> None:
+    from actors._format import whole_seconds
+
+    assert [whole_seconds(s) for s in (0.4, 86400.0, 999_999_999.4)] == ["0s", "86400s", "999999999s"]
+    # Rounded past the limit it would print ten digits; infinity must not
+    # raise (round() of it does).
+    assert [whole_seconds(s) for s in (999_999_999.6, 1e300, math.inf)] == ["1e+09s", "1e+300s", "infs"]
+
+
 @pytest.mark.parametrize("bad", [-1.0, math.nan, "600", True])
 def test_max_wait_is_checked(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError), match="max_wait"):
