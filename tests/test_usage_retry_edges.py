@@ -10,10 +10,12 @@ it is shown, and what a reset-time header means.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import apsw
+import attrs
 import httpx
 import pytest
 import trio
@@ -135,6 +137,24 @@ def test_serve_mocks_openai_usage_carries_cache_writes_back() -> None:
 def test_token_usage_refuses_a_boolean_count() -> None:
     with pytest.raises(ValueError, match="input_tokens must be a non-negative int"):
         TokenUsage(input_tokens=True)
+
+
+@pytest.mark.parametrize("name", [f.name for f in attrs.fields(TokenUsage)])
+@pytest.mark.parametrize("bad", [-1, True, 1.0, "3", None])
+def test_token_usage_refuses_a_wrong_count_in_every_field(name: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be a non-negative int, got {re.escape(repr(bad))}$"):
+        TokenUsage(**{name: bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        attrs.evolve(TokenUsage(), **{name: bad})
+
+
+def test_token_usage_names_the_first_wrong_count_and_takes_int_subclasses() -> None:
+    class Count(int):
+        pass
+
+    with pytest.raises(ValueError, match="^output_tokens must"):
+        TokenUsage(output_tokens=-1, total_tokens=-2)
+    assert TokenUsage(input_tokens=Count(3), total_tokens=3).input_tokens == 3
 
 
 def test_non_cached_input_is_never_negative() -> None:
