@@ -35,6 +35,8 @@ DecisionStatus = Literal["ok", "conflict", "degraded", "no_consensus"]
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if type(value) is int and value >= 1:
+        return  # the usual case, without two isinstance calls (3 checks per agent turn)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
 

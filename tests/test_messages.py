@@ -37,6 +37,25 @@ def test_identity_is_validated_and_hashable() -> None:
     assert len({KEY, AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")}) == 1
 
 
+@pytest.mark.parametrize("cls", [StageKey, AgentKey])
+@pytest.mark.parametrize("bad", ["", None, 5, b"r"])
+def test_every_part_of_a_key_is_checked_and_named(cls: type, bad: object) -> None:
+    parts = {f.name: "x" for f in attrs.fields(cls)}
+    for name in parts:
+        with pytest.raises(ValueError, match=f"^{name} must be a non-empty string, got {bad!r}$".replace("'", ".")):
+            cls(**{**parts, name: bad})
+
+
+def test_a_key_names_its_first_wrong_part_and_takes_str_subclasses() -> None:
+    class Name(str):
+        pass
+
+    with pytest.raises(ValueError, match="^branch_id must"):
+        AgentKey(run_id="r", branch_id="", stage="", agent="a")
+    key = AgentKey(run_id=Name("r"), branch_id="b", stage="plan", agent="gemini")
+    assert key == KEY and hash(key) == hash(KEY)
+
+
 def test_token_usage_sums_and_validates() -> None:
     a = TokenUsage.of(input_tokens=1000, cached_input_tokens=300, output_tokens=500, reasoning_output_tokens=100)
     b = TokenUsage.of(input_tokens=1, output_tokens=2)
