@@ -167,6 +167,9 @@ class Agent:
         while True:
             attempt += 1
             reply, pending = reply_pair("model call")
+            # One reading of the clock for the call's deadline, its start and
+            # its timeout (no await between them: the same instant).
+            started = trio.current_time()
             call = CompletionRequest(
                 key=key,
                 attempt=attempt,
@@ -179,10 +182,9 @@ class Agent:
                 aggregate=aggregate,
                 panel=stage.agents,
                 panel_providers=providers,
-                deadline=trio.current_time() + self.retry.call_timeout,
+                deadline=started + self.retry.call_timeout,
                 reply_to=reply,
             )
-            started = trio.current_time()
             result = await self._call(call, pending)
             finished = trio.current_time()
             completion = result.completion
@@ -284,7 +286,10 @@ class Agent:
     async def _call(
         self, call: CompletionRequest, pending: PendingReply[CompletionResult]
     ) -> CompletionResult:
-        with trio.move_on_after(self.retry.call_timeout) as scope:
+        # At the call's own deadline: the instant move_on_after(call_timeout)
+        # would compute (the call was built in this step), without reading
+        # the clock again.
+        with trio.move_on_at(call.deadline) as scope:
             try:
                 await self.gateway.send_eager(call)
             except BaseException:
