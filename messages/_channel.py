@@ -89,9 +89,11 @@ def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Fo
             # task only, so another agent's reply cannot pass for it.
             answered = [False]
             token = _ANSWER_WATCH.set((answer_to, answered))
+            answer_to._watches += 1
             try:
                 await interceptor.send(item, onward)
             finally:
+                answer_to._watches -= 1
                 _ANSWER_WATCH.reset(token)
             if answered[0]:
                 return
@@ -136,7 +138,7 @@ class Outbox(trio.abc.SendChannel[T]):
     generic errors: the actor behind it is gone.
     """
 
-    __slots__ = ("_awaited", "_inner", "_interceptors", "_send", "_send_eager", "name")
+    __slots__ = ("_awaited", "_inner", "_interceptors", "_send", "_send_eager", "_watches", "name")
 
     def __init__(
         self,
@@ -150,6 +152,12 @@ class Outbox(trio.abc.SendChannel[T]):
         self._interceptors = tuple(interceptors)
         self._awaited = awaited
         self.name = name
+        # Interceptors (in any task) now watching for an answer sent here:
+        # while there are none, no send here can be one, and sending skips
+        # the context-variable lookup (every send on every edge made one:
+        # 14 calls per agent turn in a soak).  Whose watch it is, the
+        # variable says.
+        self._watches = 0
         self._send: Forward[T] = (
             _chain(self._deliver, self._interceptors, awaited) if self._interceptors else self._deliver
         )
@@ -187,7 +195,8 @@ class Outbox(trio.abc.SendChannel[T]):
         raises ``trio.Cancelled`` nothing was delivered; raises
         :class:`ActorStopped` once the receiver is gone (see the class
         docstring)."""
-        _note_answer(self)
+        if self._watches:
+            _note_answer(self)
         await self._send(item)
 
     def send_nowait(self, item: T) -> None:
@@ -195,7 +204,8 @@ class Outbox(trio.abc.SendChannel[T]):
         (interceptors are async).  Raises ``trio.WouldBlock`` when full."""
         if self._interceptors:
             raise TypeError(f"the {self.name} channel has interceptors; use 'await send()'")
-        _note_answer(self)
+        if self._watches:
+            _note_answer(self)
         try:
             self._inner.send_nowait(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -207,7 +217,8 @@ class Outbox(trio.abc.SendChannel[T]):
         (interceptors still run, and may await).  For hot paths whose buffer
         argument says the send rarely waits.  Cancellation: as ``send`` - if
         it raises ``trio.Cancelled``, nothing was delivered."""
-        _note_answer(self)
+        if self._watches:
+            _note_answer(self)
         await self._send_eager(item)
 
     def clone(self) -> Outbox[T]:
