@@ -18,7 +18,7 @@ import trio
 from messages import Completion, CompletionRequest, TokenUsage
 
 from ._checks import check_number, check_seconds
-from ._grid import on_grid
+from ._grid import on_grid, sleep_until_shared
 from ._provider import BaseProvider
 from ._rng import derive_rng, derive_token, derive_unit
 
@@ -41,7 +41,8 @@ class Latency:
     seconds after it started.  Continuous draws give every completion its
     own virtual deadline, and under ``MockClock(autojump_threshold=0)`` each
     distinct deadline is one trip round trio's run loop; on a grid, calls
-    that end in the same tick wake in one batch.  The draw is unchanged
+    that end in the same tick wake together, on one shared timer (see
+    ``_grid.sleep_until_shared``).  The draw is unchanged
     (same seed, same unit) and content never depends on it; only timings
     do.  Off by default so ``conclave run`` keeps its digests; the soak
     turns it on."""
@@ -198,7 +199,8 @@ class SimulatedProvider(BaseProvider):
         )
         if delay > 0:
             if self.latency.quantum > 0:
-                await trio.sleep_until(self.latency.deadline(trio.current_time(), delay))
+                # On the grid, calls share their end: one timer per tick.
+                await sleep_until_shared(self.latency.deadline(trio.current_time(), delay))
             else:
                 await trio.sleep(delay)
         return self.answer(request)

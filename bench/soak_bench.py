@@ -13,7 +13,7 @@ seconds per wall second for both, and the ratio.
 
 The soak ends simulated latencies, retry pauses and rate-limit releases on
 a 1 s grid (``Latency(quantum=1.0)``, its default), so what ends in the same
-tick shares a scheduler batch; the baseline keeps continuous sleeps (one
+tick wakes together (simulated calls on one shared timer); the baseline keeps continuous sleeps (one
 batch per sleep), so it is, if anything, a slightly low estimate of trio's
 floor.
 
