@@ -107,3 +107,31 @@ def test_hot_reads_reuse_their_compiled_statements(tmp_path: Path) -> None:
             "EXPLAIN QUERY PLAN " + store_module._ROOT_STAGE_ACCEPTED, ("r", "root", "plan")
         ).fetchall()
         assert "USING INDEX agent_outputs_accepted" in str(plan)
+
+
+def test_statements_used_once_a_run_stay_compiled_between_runs(tmp_path: Path) -> None:
+    """apsw's statement cache keeps the last N uses of statements, not the
+    N statements: at its default of 100 a soak evicted the statements each
+    run uses once (its row, its end, its drop...) before the next run came
+    to them.  Here 200 uses of hot statements come between two uses of
+    one, which must still be compiled."""
+    import apsw
+
+    with Store.open(str(tmp_path / "cache.db")) as s:
+        assert s._conn.cache_stats()["size"] >= 512
+        assert s.apply([PersistRun(run_id="r", branch_id="root", spec_id="S", goal="", seed=1, pipeline=PIPELINE)])[0].ok
+        compiled = 0
+
+        def authorizer(*_: object) -> int:
+            nonlocal compiled
+            compiled += 1
+            return apsw.SQLITE_OK
+
+        s._conn.authorizer = authorizer  # (expires every compiled statement: set first)
+        s.get_run("r")
+        for _ in range(50):
+            s.apply([_out("root", "plan", "a", 1, "failed")])  # BEGIN, INSERT, COMMIT
+            s._conn.execute("DELETE FROM agent_outputs")
+        compiled = 0
+        s.get_run("r")
+        assert compiled == 0
