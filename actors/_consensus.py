@@ -130,8 +130,9 @@ def _candidates(content: str) -> Iterator[tuple[str, bool]]:
         yield content[start : end + 1], False
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+# json.dumps with keyword arguments builds a JSONEncoder per call (once per
+# agent per stage here); one built once encodes the same bytes.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
 
 # What models write for "nothing" in a list they were asked for: "conflicts":

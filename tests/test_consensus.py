@@ -382,3 +382,16 @@ def test_two_large_groups_tied_at_the_top_can_be_told_apart() -> None:
         f"audit_verdict: {', '.join(second)} disagree(s) with {against}",
         f"audit_verdict: z disagree(s) with {against}",
     )
+
+
+def test_decision_values_group_by_the_canonical_json_dumps_gives() -> None:
+    # _canonical is a prebuilt encoder now; its bytes must stay json.dumps'.
+    import datetime
+    import decimal
+    import json
+
+    from actors._consensus import _canonical
+
+    for value in (None, "x", "é\u2028", 1, 1.5, [1, {"b": 2, "a": [True, None]}], ("t",),
+                  {"z": decimal.Decimal("1.2"), "a": datetime.date(2020, 1, 1)}, {2: 1, 1: 2}):
+        assert _canonical(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
