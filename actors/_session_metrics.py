@@ -98,7 +98,12 @@ class SessionMetrics:
         self._running_total.add(usage)
         self._last_turn = usage
         self._turn_count += 1
-        self._push(usage.non_cached_input_tokens)
+        # _push(usage.non_cached_input_tokens), inlined: the accumulator
+        # records every turn in four of these (run, stage, agent, model),
+        # and the two calls were a quarter of its work.
+        tokens = usage.input_tokens - usage.cached_input_tokens
+        if tokens > 0:
+            self._recent.append(tokens)  # maxlen evicts the oldest
 
     def _push(self, tokens: int) -> None:
         if tokens > 0:

@@ -155,3 +155,12 @@ def test_the_tally_sums_cache_writes_as_usage_addition_does() -> None:
     for usage in (odd, usual, odd):
         tally.add(usage)
     assert tally.usage() == odd + usual + odd
+
+
+def test_a_turn_claiming_more_cached_than_input_pushes_nothing() -> None:
+    # (record_turn computes the non-cached input itself now.)
+    m = SessionMetrics()
+    m.record_turn(TokenUsage(input_tokens=10, cached_input_tokens=30, total_tokens=10))
+    assert m.recent_prompt_tokens == ()
+    m.record_turn(turn(500, 1, cached=200))
+    assert m.recent_prompt_tokens == (300,)
