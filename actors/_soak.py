@@ -84,7 +84,6 @@ from ._provider import BaseProvider
 from ._retry import RetryPolicy
 from ._rng import seed_problem
 from ._runtime import ConfigError, Limits, open_orchestrator
-from ._session_metrics import Tally
 from ._simulator import Latency, SimulatedProvider
 
 DEFAULT_SOAK_FAULTS = "disconnect:4%,429:3%,timeout:3%"
@@ -523,7 +522,7 @@ def _check_run(
     if decided != list(stages[: len(decided)]) or (result.status == "completed" and len(decided) != len(stages)):
         checker.breach(f"{run_id} decided {decided}, not the pipeline's stages {list(stages)} in order")
 
-    summed = Tally()  # (ints added in place: a TokenUsage built per row was most of this sum)
+    usage = ZERO_USAGE
     unknown = 0
     rows = store.outputs(run_id)
     stored: dict[AgentKey, list[int]] = collections.defaultdict(list)
@@ -572,8 +571,7 @@ def _check_run(
         if row.usage is None:
             unknown += 1
         else:
-            summed.add(row.usage)
-    usage = summed.usage()
+            usage = usage + row.usage
     if usage != result.usage or unknown != result.unknown_usage_calls:
         checker.breach(
             f"{run_id} usage totals {result.usage.as_dict()} (+{result.unknown_usage_calls} unknown) "

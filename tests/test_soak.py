@@ -814,3 +814,19 @@ def test_an_answer_that_lands_as_the_call_times_out_is_no_breach() -> None:
     report = run_soak(SoakConfig(seed=1, runs=60, retry=RetryPolicy(call_timeout=10),
                                  faults="disconnect:30%,429:10%,timeout:10%"))
     assert report.ok, report.breaches[:3]
+
+
+def test_the_usage_check_does_not_share_the_sum_it_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's usage is the metrics accumulator's sum (a Tally); the
+    check adds the stored rows its own way.  Summed with the same Tally, a
+    field the accumulator dropped was dropped on both sides and passed."""
+    from actors._session_metrics import Tally
+
+    real_add = Tally.add
+
+    def lossy(self: Tally, usage: Any) -> None:
+        real_add(self, attrs.evolve(usage, reasoning_output_tokens=0))
+
+    monkeypatch.setattr(Tally, "add", lossy)
+    report = run_soak(SoakConfig(seed=3, runs=5))
+    assert any("!= per-attempt sum" in b for b in report.breaches), report.breaches
