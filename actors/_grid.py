@@ -32,6 +32,10 @@ _SLEEPERS: trio.lowlevel.RunVar[dict[float, dict[trio.lowlevel.Task, list[bool]]
 )
 
 
+# Protected from KeyboardInterrupt, as trio's own primitives are: raised
+# between a hand-over's pop and its reschedule it left the heir parked and
+# off the list, and its abort then failed inside trio (TrioInternalError).
+@trio.lowlevel.enable_ki_protection
 async def sleep_until_shared(deadline: float) -> None:
     """``trio.sleep_until(deadline)`` for deadlines many tasks share (the
     ticks of a grid): one trio timer per distinct deadline instead of one
@@ -57,7 +61,7 @@ async def sleep_until_shared(deadline: float) -> None:
         lead = followers[task] = [False]
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            del followers[task]  # (a task woken is off the list: never aborted)
+            followers.pop(task, None)  # (a task woken is off the list: never aborted)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)

@@ -124,3 +124,37 @@ def test_sleepers_are_kept_per_trio_run() -> None:
 
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         assert seen == [{}]
+
+
+async def test_a_hand_over_is_protected_from_keyboard_interrupt(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C delivered between a cancelled leader's taking its heir off
+    the list and waking it left the heir parked, and its abort then failed
+    inside trio (TrioInternalError).  The hand-over runs protected, as
+    trio's own primitives do, so the signal waits until it is done."""
+    protected: list[bool] = []
+    reschedule = trio.lowlevel.reschedule
+
+    def watched(task: Any, *args: Any) -> None:
+        protected.append(trio.lowlevel.currently_ki_protected())
+        reschedule(task, *args)
+
+    leader_scope = trio.CancelScope()
+
+    async def leader() -> None:
+        with leader_scope:
+            await sleep_until_shared(5.0)
+
+    async def follower() -> None:
+        await sleep_until_shared(5.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leader)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(follower)
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.setattr(trio.lowlevel, "reschedule", watched)
+        leader_scope.cancel()  # the follower inherits the lead, then the timer wakes it
+    assert protected and all(protected), protected
+    assert trio.current_time() == 5.0
