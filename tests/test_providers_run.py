@@ -61,6 +61,20 @@ async def run_once(tmp_path: Path, provider: object, *, pipeline: object = None,
     return result, store
 
 
+async def halts_undecided_then_resumes(tmp_path: Path, failing: object, *, says: str, fixed_at: str) -> None:
+    """A one-stage run against ``failing`` halts with agents_failed, its
+    message saying ``says``, and decides nothing; once the cause is gone
+    (the mock API at ``fixed_at``), 'resume --retry-failed' completes it."""
+    result, store = await run_once(tmp_path, failing, pipeline=pipeline_with_panel("validate", ["a", "b"]))
+    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
+    assert says in result.halt_message  # type: ignore[attr-defined]
+    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
+    healthy = OpenAIProvider(base_url=fixed_at, api_key=SECRET, transport=mock_transport(MockBackend(seed=SEED)))
+    async with open_orchestrator(store=store, provider=healthy, seed=SEED) as orch:
+        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
+    assert fixed.completed
+
+
 async def test_run_against_mock_matches_the_simulator(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     backend = MockBackend(seed=SEED)
     http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=mock_transport(backend))
@@ -241,17 +255,11 @@ async def test_a_wrong_base_url_halts_for_a_retry_once_fixed(
 
     from actors._classify import classify
 
-    backend = MockBackend(seed=SEED)
-    wrong = OpenAIProvider(base_url="http://mock.test/v2", api_key=SECRET, transport=mock_transport(backend))
-    result, store = await run_once(tmp_path, wrong, pipeline=pipeline_with_panel("validate", ["a", "b"]))
-    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
-    assert "http://mock.test/v2/chat/completions" in result.halt_message  # type: ignore[attr-defined]
-    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
     assert classify(NotFound("x")).kind == "not_found" and not classify(NotFound("x")).retryable
-    right = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=mock_transport(backend))
-    async with open_orchestrator(store=store, provider=right, seed=SEED) as orch:
-        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
-    assert fixed.completed
+    wrong = OpenAIProvider(base_url="http://mock.test/v2", api_key=SECRET, transport=mock_transport(MockBackend(seed=SEED)))
+    await halts_undecided_then_resumes(
+        tmp_path, wrong, says="http://mock.test/v2/chat/completions", fixed_at="http://mock.test/v1"
+    )
 
 
 async def test_a_redirect_halts_for_a_retry_once_fixed(
@@ -262,20 +270,14 @@ async def test_a_redirect_halts_for_a_retry_once_fixed(
     --retry-failed'.  As a bad request it was decided no_consensus for good.
     The advice names a base URL that works: the target less the endpoint's
     path, which the provider appends again."""
-    backend = MockBackend(seed=SEED)
 
     def moved(request: httpx.Request) -> httpx.Response:
         return httpx.Response(301, headers={"location": "https://mock.test/v1/chat/completions"})
 
     wrong = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=httpx.MockTransport(moved))
-    result, store = await run_once(tmp_path, wrong, pipeline=pipeline_with_panel("validate", ["a", "b"]))
-    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
-    assert "point --base-url at https://mock.test/v1" in result.halt_message  # type: ignore[attr-defined]
-    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
-    right = OpenAIProvider(base_url="https://mock.test/v1", api_key=SECRET, transport=mock_transport(backend))
-    async with open_orchestrator(store=store, provider=right, seed=SEED) as orch:
-        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
-    assert fixed.completed
+    await halts_undecided_then_resumes(
+        tmp_path, wrong, says="point --base-url at https://mock.test/v1", fixed_at="https://mock.test/v1"
+    )
 
 
 @pytest.mark.parametrize(("status", "kind"), [(503, "unavailable"), (408, "timeout"), (429, "rate_limit")])
@@ -295,15 +297,10 @@ async def test_a_failure_the_server_says_not_to_retry_halts_undecided(
         return httpx.Response(status, headers={"x-should-retry": "false"}, json={"error": {"message": "maintenance"}})
 
     http = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=httpx.MockTransport(down))
-    result, store = await run_once(tmp_path, http, pipeline=pipeline_with_panel("validate", ["a", "b"]))
-    assert result.halt_reason == "agents_failed", result.halt_message  # type: ignore[attr-defined]
-    assert f"{kind}: openai: HTTP {status}: maintenance; not retried" in result.halt_message  # type: ignore[attr-defined]
+    await halts_undecided_then_resumes(
+        tmp_path, http, says=f"{kind}: openai: HTTP {status}: maintenance; not retried", fixed_at="http://mock.test/v1"
+    )
     assert len(calls) == 2, "each agent was asked once: the server said not to retry"
-    assert not store.decisions(result.run_id)  # type: ignore[attr-defined]
-    healthy = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, transport=mock_transport(MockBackend(seed=SEED)))
-    async with open_orchestrator(store=store, provider=healthy, seed=SEED) as orch:
-        fixed = await orch.resume(result.run_id, retry_failed=True)  # type: ignore[attr-defined]
-    assert fixed.completed
 
 
 async def test_a_resume_after_a_crash_keeps_the_servers_word_not_to_retry(

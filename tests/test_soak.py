@@ -751,13 +751,14 @@ def test_the_checker_holds_stored_usage_to_what_the_provider_reported() -> None:
                for b in checker.breaches), checker.breaches
 
 
-def test_the_checker_wants_a_retry_event_per_failed_attempt_and_a_give_up() -> None:
-    # An agent that wrote no retry or gave_up events passed every check.
+def _checked_gave_up_after_two_attempts(*events: Any) -> list[str]:
+    """The run check's breaches for one agent that made two attempts and
+    gave up, its log holding ``events``."""
     import types
 
     from actors import HealthRegistry
     from actors._soak import _Checker, _check_run
-    from messages import AgentKey, AgentReply, PersistEvent, PersistRun, ZERO_USAGE
+    from messages import AgentKey, AgentReply, PersistRun, ZERO_USAGE
     from store import Store
 
     config = SoakConfig(runs=1)
@@ -768,43 +769,34 @@ def test_the_checker_wants_a_retry_event_per_failed_attempt_and_a_give_up() -> N
     result = types.SimpleNamespace(stages=(), usage=ZERO_USAGE, unknown_usage_calls=0, turns=0, digest="", status="halted")
     with Store.open(":memory:", durability="scratch") as store:
         store.apply([PersistRun(run_id="r", branch_id="b", spec_id="S", goal="", seed=1, pipeline="{}"),
-                     PersistEvent.of_attempt(key, 1, "retry", {})])
+                     *(event(key) for event in events)])
         _check_run(checker, store, config, "r", result)
-    assert "gemini in r/plan made 2 attempt(s) and gave up, but the log has 1 retry and 0 gave_up event(s)" in checker.breaches
+    return checker.breaches
+
+
+def _event(attempt: int, kind: str) -> Any:
+    from messages import PersistEvent
+
+    return lambda key: PersistEvent.of_attempt(key, attempt, kind, {})
+
+
+MISSING_GAVE_UP = "gemini in r/plan made 2 attempt(s) and gave up, but the log has 1 retry and 0 gave_up event(s)"
+
+
+def test_the_checker_wants_a_retry_event_per_failed_attempt_and_a_give_up() -> None:
+    # An agent that wrote no retry or gave_up events passed every check.
+    assert MISSING_GAVE_UP in _checked_gave_up_after_two_attempts(_event(1, "retry"))
 
 
 def test_the_checker_counts_retry_and_gave_up_events_among_the_others() -> None:
     # Only these two kinds are read now; both must still be counted, and
     # no other kind mistaken for them.
-    import types
-
-    from actors import HealthRegistry
-    from actors._soak import _Checker, _check_run
-    from messages import AgentKey, AgentReply, PersistEvent, PersistRun, ZERO_USAGE
-    from store import Store
-
-    config = SoakConfig(runs=1)
-    checker = _Checker(config, HealthRegistry())
-    key = AgentKey(run_id="r", branch_id="b", stage="plan", agent="gemini")
-    checker.requests["r"][key] += 1
-    checker.replies["r"].append(AgentReply(key=key, attempts=2, output=None, error="unavailable: x"))
-    result = types.SimpleNamespace(stages=(), usage=ZERO_USAGE, unknown_usage_calls=0, turns=0, digest="", status="halted")
-    with Store.open(":memory:", durability="scratch") as store:
-        store.apply([PersistRun(run_id="r", branch_id="b", spec_id="S", goal="", seed=1, pipeline="{}"),
-                     PersistEvent.of_attempt(key, 1, "agent_call", {}),
-                     PersistEvent.of_attempt(key, 1, "retry", {}),
-                     PersistEvent.of_attempt(key, 2, "agent_call", {}),
-                     PersistEvent.of_attempt(key, 2, "gave_up", {})])
-        _check_run(checker, store, config, "r", result)
-    assert not [b for b in checker.breaches if "the log has" in b], checker.breaches
-    with Store.open(":memory:", durability="scratch") as store:
-        store.apply([PersistRun(run_id="r", branch_id="b", spec_id="S", goal="", seed=1, pipeline="{}"),
-                     PersistEvent.of_attempt(key, 1, "retry", {}),
-                     PersistEvent.of_attempt(key, 2, "call_dropped", {})])
-        checker.requests["r"][key] += 1
-        checker.replies["r"].append(AgentReply(key=key, attempts=2, output=None, error="unavailable: x"))
-        _check_run(checker, store, config, "r", result)
-    assert "gemini in r/plan made 2 attempt(s) and gave up, but the log has 1 retry and 0 gave_up event(s)" in checker.breaches
+    breaches = _checked_gave_up_after_two_attempts(
+        _event(1, "agent_call"), _event(1, "retry"), _event(2, "agent_call"), _event(2, "gave_up")
+    )
+    assert not [b for b in breaches if "the log has" in b], breaches
+    breaches = _checked_gave_up_after_two_attempts(_event(1, "retry"), _event(2, "call_dropped"))
+    assert MISSING_GAVE_UP in breaches
 
 
 def test_an_answer_that_lands_as_the_call_times_out_is_no_breach() -> None:
