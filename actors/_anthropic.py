@@ -85,7 +85,13 @@ class AnthropicProvider(HttpProvider):
             raise self._stream_error(data, where="in a 200 answer")
         blocks = data.get("content") if isinstance(data, dict) else None
         if not isinstance(blocks, list):
-            raise malformed(self.name, "no content blocks")
+            # The call was billed all the same: a usage the answer states
+            # is kept (it was thrown away, counted as unknown).
+            error = malformed(self.name, "no content blocks")
+            if isinstance(data, dict):
+                model = data["model"] if isinstance(data.get("model"), str) else None
+                error = with_usage(error, usage_from_anthropic(data.get("usage")), model=model)
+            raise error
         text = "".join(
             b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )

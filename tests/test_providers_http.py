@@ -262,6 +262,28 @@ async def test_json_of_the_wrong_shape_is_a_malformed_response(provider: str, st
     assert getattr(info.value, "usage", "absent") is None
 
 
+@pytest.mark.parametrize(
+    ("provider", "body"),
+    [
+        ("openai", {"model": "m-1", "choices": [], "usage": {"prompt_tokens": 900, "completion_tokens": 40}}),
+        ("anthropic", {"model": "m-1", "content": None, "usage": {"input_tokens": 900, "output_tokens": 40}}),
+    ],
+)
+async def test_a_malformed_answer_keeps_the_usage_it_states(provider: str, body: Any) -> None:
+    # The call was billed: its stated usage was thrown away and the attempt
+    # counted as unknown usage.  (Without one it stays unknown: above.)
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=body))
+    p: Any = (
+        OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=False, transport=transport)
+        if provider == "openai"
+        else AnthropicProvider(api_key=SECRET, stream=False, transport=transport)
+    )
+    with pytest.raises(ProviderUnavailable, match="malformed response") as info:
+        await p.complete(make_request())
+    assert getattr(info.value, "usage", None) == TokenUsage.of(input_tokens=900, output_tokens=40)
+    assert getattr(info.value, "model", None) == "m-1"
+
+
 async def test_openai_azure_deployment_url_and_api_key_header() -> None:
     seen: list[httpx.Request] = []
 
