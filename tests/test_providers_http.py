@@ -248,18 +248,21 @@ async def test_json_of_the_wrong_shape_is_a_malformed_response(provider: str, st
     """Retryable, usage unknown, like invalid JSON: it used to fail as the
     provider's bug ("AttributeError: 'str' object has no attribute 'get'"),
     once, never retried."""
+    with pytest.raises(ProviderUnavailable, match="malformed response") as info:
+        await _answering(provider, stream, body).complete(make_request())
+    assert getattr(info.value, "usage", "absent") is None
+
+
+def _answering(provider: str, stream: bool, body: Any) -> Any:
+    """``provider`` on a server answering every call 200 with ``body`` (a
+    str: an event stream)."""
     if isinstance(body, str):
         transport = httpx.MockTransport(lambda r: httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body))
     else:
         transport = httpx.MockTransport(lambda r: httpx.Response(200, json=body))
-    p: Any = (
-        OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=stream, transport=transport)
-        if provider == "openai"
-        else AnthropicProvider(api_key=SECRET, stream=stream, transport=transport)
-    )
-    with pytest.raises(ProviderUnavailable, match="malformed response") as info:
-        await p.complete(make_request())
-    assert getattr(info.value, "usage", "absent") is None
+    if provider == "openai":
+        return OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=stream, transport=transport)
+    return AnthropicProvider(api_key=SECRET, stream=stream, transport=transport)
 
 
 @pytest.mark.parametrize(
@@ -272,14 +275,8 @@ async def test_json_of_the_wrong_shape_is_a_malformed_response(provider: str, st
 async def test_a_malformed_answer_keeps_the_usage_it_states(provider: str, body: Any) -> None:
     # The call was billed: its stated usage was thrown away and the attempt
     # counted as unknown usage.  (Without one it stays unknown: above.)
-    transport = httpx.MockTransport(lambda r: httpx.Response(200, json=body))
-    p: Any = (
-        OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=False, transport=transport)
-        if provider == "openai"
-        else AnthropicProvider(api_key=SECRET, stream=False, transport=transport)
-    )
     with pytest.raises(ProviderUnavailable, match="malformed response") as info:
-        await p.complete(make_request())
+        await _answering(provider, False, body).complete(make_request())
     assert getattr(info.value, "usage", None) == TokenUsage.of(input_tokens=900, output_tokens=40)
     assert getattr(info.value, "model", None) == "m-1"
 
