@@ -49,11 +49,20 @@ def _count(payload: Mapping[str, Any] | None, *path: str) -> int:
         value = value.get(part)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_CALL_TOKENS:
-        raise _Malformed(path)  # beyond any real call, and past what SQLite's totals can hold
-    if isinstance(value, float) and not value.is_integer():
-        raise _Malformed(path)  # 10.7 tokens is no count: it was cut to 10 without a word
+    if not _is_count(value):
+        raise _Malformed(path)
     return int(value)
+
+
+def _is_count(value: Any) -> bool:
+    """A whole number of tokens: not past any real call (nor what SQLite's
+    totals can hold), and not 10.7, which was cut to 10 without a word."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and 0 <= value <= MAX_CALL_TOKENS
+        and float(value).is_integer()
+    )
 
 
 def _required(payload: Mapping[str, Any], key: str) -> int:
@@ -112,15 +121,6 @@ def usage_from_openai(payload: Any) -> TokenUsage | None:
         total_tokens=total,
         # Parts of the input, as cache reads are: never more than is left.
         cache_write_input_tokens=min(_count(payload, details, "cache_write_tokens"), input_tokens - cached),
-    )
-
-
-def _is_count(value: Any) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and 0 <= value <= MAX_CALL_TOKENS
-        and float(value).is_integer()
     )
 
 
