@@ -33,7 +33,7 @@ from messages import (
     TokenUsage,
 )
 
-from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
+from ._http_errors import body_excerpt, malformed, stream_cut, with_stated_usage, with_usage
 from ._http_provider import HttpProvider, iter_sse, model_answer, system_prompt
 from ._usage_normalise import merge_anthropic_usage, usage_from_anthropic
 
@@ -85,13 +85,7 @@ class AnthropicProvider(HttpProvider):
             raise self._stream_error(data, where="in a 200 answer")
         blocks = data.get("content") if isinstance(data, dict) else None
         if not isinstance(blocks, list):
-            # The call was billed all the same: a usage the answer states
-            # is kept (it was thrown away, counted as unknown).
-            error = malformed(self.name, "no content blocks")
-            if isinstance(data, dict):
-                model = data["model"] if isinstance(data.get("model"), str) else None
-                error = with_usage(error, usage_from_anthropic(data.get("usage")), model=model)
-            raise error
+            raise with_stated_usage(malformed(self.name, "no content blocks"), data, usage_from_anthropic)
         text = "".join(
             b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timezone
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 
@@ -214,6 +215,19 @@ def with_usage(error: ProviderError, usage: TokenUsage | None, *, model: str | N
     if model is not None:
         setattr(error, "model", model)  # noqa: B010
     return error
+
+
+def with_stated_usage(
+    error: ProviderError, data: Any, read_usage: Callable[[Any], TokenUsage | None]
+) -> ProviderError:
+    """``error`` for an answer ``data`` we could not use, with the usage
+    (read by ``read_usage``) and model it still states: the call was
+    billed all the same, and its usage was thrown away, counted as
+    unknown.  Unknown when it states none."""
+    if not isinstance(data, Mapping):
+        return error
+    model = data.get("model") if isinstance(data.get("model"), str) else None
+    return with_usage(error, read_usage(data.get("usage")), model=model)
 
 
 def _should_retry(headers: Mapping[str, str]) -> bool | None:

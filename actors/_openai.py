@@ -36,7 +36,7 @@ from messages import (
     TokenUsage,
 )
 
-from ._http_errors import body_excerpt, malformed, stream_cut, with_usage
+from ._http_errors import body_excerpt, malformed, stream_cut, with_stated_usage, with_usage
 from ._http_provider import HttpProvider, iter_sse, model_answer, system_prompt
 from ._usage_normalise import usage_from_openai
 
@@ -94,9 +94,9 @@ class OpenAIProvider(HttpProvider):
                 raise TypeError("content is neither a string nor parts with text")
             stop = data["choices"][0].get("finish_reason")
         except (KeyError, IndexError, TypeError, AttributeError):
-            # The call was billed all the same: a usage the answer states
-            # is kept (it was thrown away, counted as unknown).
-            raise _billed(malformed(self.name, "no choices[0].message.content"), data) from None
+            raise with_stated_usage(
+                malformed(self.name, "no choices[0].message.content"), data, usage_from_openai
+            ) from None
         model = data.get("model") if isinstance(data.get("model"), str) else request.model
         completion = model_answer(content=content, usage=usage_from_openai(data.get("usage")), model=model)
         return self.finished(request, completion, stop)
@@ -175,15 +175,6 @@ class OpenAIProvider(HttpProvider):
         else:  # server_error, or nothing said: the provider's trouble
             error = ProviderUnavailable(detail)
         return with_usage(error, None)
-
-
-def _billed(error: ProviderError, data: Any) -> ProviderError:
-    """``error`` with the usage and model a malformed answer ``data`` still
-    states, if it states them."""
-    if not isinstance(data, dict):
-        return error
-    model = data.get("model") if isinstance(data.get("model"), str) else None
-    return with_usage(error, usage_from_openai(data.get("usage")), model=model)
 
 
 def _ended(finish_reason: Any) -> bool:
