@@ -73,3 +73,21 @@ def cut_at_write(cut: int | None, scope: trio.CancelScope) -> FunctionIntercepto
         await forward(item)
 
     return FunctionInterceptor(crash)
+
+
+async def run_watching(orch: Any, spec_id: str, run_id: str, kind: type[Any]) -> tuple[Any, list[Any]]:
+    """Run ``run_id`` of ``orch`` and collect the progress of type ``kind``
+    it publishes meanwhile."""
+    seen: list[Any] = []
+    progress = orch.subscribe()
+
+    async def watch() -> None:
+        async for event in progress:
+            if isinstance(event, kind):
+                seen.append(event)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        result = await orch.run(spec_id, run_id=run_id)
+        nursery.cancel_scope.cancel()
+    return result, seen

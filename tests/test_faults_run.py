@@ -19,7 +19,7 @@ from actors import BaseProvider, ConfigError, SimulatedProvider, open_orchestrat
 from messages import AgentRetrying, Completion, CompletionRequest, FaultInterceptor, FaultPlan, FunctionInterceptor
 from store import Store
 
-from .conftest import cut_at_write, run_cli
+from .conftest import cut_at_write, run_cli, run_watching
 
 FAULT_ENV = {"CODEX_FAULTS": "disconnect:3,429:1,timeout:2", "CODEX_FAULTS_429_RESET": "now+30s"}
 
@@ -238,20 +238,10 @@ async def test_each_retry_and_its_wait_is_published_as_progress(
 ) -> None:
     """A 6-minute 429 wait used to show nothing until the agent answered."""
     db = str(tmp_path / "p.db")
-    seen: list[AgentRetrying] = []
     plan = FaultPlan.from_env({**FAULT_ENV, "CODEX_FAULTS_429_RESET": "6m0s"})
     async with open_orchestrator(store=db, provider=SimulatedProvider(seed=4), seed=4, faults=plan) as orch:
-        progress = orch.subscribe()
-
-        async def watch() -> None:
-            async for event in progress:
-                if isinstance(event, AgentRetrying):
-                    seen.append(event)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            assert (await orch.run("SPEC-DEMO", run_id="R")).completed
-            nursery.cancel_scope.cancel()
+        result, seen = await run_watching(orch, "SPEC-DEMO", "R", AgentRetrying)
+    assert result.completed
     with Store.open(db) as s:
         retries = [e for e in s.events("R") if e.kind == "retry"]
     assert [(e.key.stage, e.key.agent, e.attempt) for e in seen] == [(e.stage, e.agent, e.attempt) for e in retries]

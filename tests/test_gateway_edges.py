@@ -34,6 +34,8 @@ from messages import (
     reply_pair,
 )
 
+from .conftest import run_watching
+
 POLICY = BreakerPolicy(failure_rate=0.5, window=60.0, min_calls=1, cooldown=5.0)
 ANSWER = Completion(content="{}", usage=TokenUsage.of(input_tokens=1), model="m")
 
@@ -266,19 +268,7 @@ async def _run_watching_waits(orch: Any, run_id: str) -> tuple[Any, list[Any]]:
     """Run ``run_id`` and collect the CallWaiting progress it publishes."""
     from messages import CallWaiting
 
-    seen: list[CallWaiting] = []
-    progress = orch.subscribe()
-
-    async def watch() -> None:
-        async for event in progress:
-            if isinstance(event, CallWaiting):
-                seen.append(event)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch)
-        result = await orch.run("SPEC", run_id=run_id)
-        nursery.cancel_scope.cancel()
-    return result, seen
+    return await run_watching(orch, "SPEC", run_id, CallWaiting)
 
 
 async def test_a_call_waiting_at_a_closed_gate_says_so_and_is_logged(

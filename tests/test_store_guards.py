@@ -182,15 +182,21 @@ async def test_a_run_on_a_full_disk_stops_saying_so_and_resumes_once_there_is_sp
     assert resumed.completed and resumed.digest == expected.digest
 
 
+def _closed_store(tmp_path: Path) -> tuple[Store, str]:
+    """A store holding run "r", closed; and its path."""
+    path = str(tmp_path / "c.db")
+    s = Store.open(path)
+    new_run(s)
+    s.close()
+    return s, path
+
+
 def test_reading_a_closed_store_is_a_store_error_naming_it(tmp_path: Path) -> None:
     # Store.closed was tracked, yet every read raised apsw's bare
     # ConnectionClosedError, which names no store and is no ConclaveError.
     from store import StoreError
 
-    path = str(tmp_path / "c.db")
-    s = Store.open(path)
-    new_run(s)
-    s.close()
+    s, path = _closed_store(tmp_path)
     reads = (
         lambda: s.get_run("r"),
         lambda: s.list_runs(),
@@ -209,10 +215,7 @@ def test_writing_to_a_closed_store_is_a_store_error_naming_it(tmp_path: Path) ->
     # no ConclaveError.  The file is left as it was.
     from store import StoreError
 
-    path = str(tmp_path / "c.db")
-    s = Store.open(path)
-    new_run(s)
-    s.close()
+    s, path = _closed_store(tmp_path)
     writes = (
         lambda: s.writable,
         lambda: s.apply([PersistOutput(output=output())]),
