@@ -573,7 +573,6 @@ def pipeline_from_dict(
     return Pipeline(stages=tuple(stages), agents=specs)
 
 
-
 def pipeline_with_panel(stage: str, agents: Sequence[str], *, mode: Mode = "parallel") -> Pipeline:
     """A one-stage pipeline with a custom panel (benchmarks and scale tests)."""
     if isinstance(agents, str):
