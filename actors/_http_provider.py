@@ -547,7 +547,10 @@ class HttpProvider(BaseProvider):
                     # events as text/plain.)
                     raise malformed(self.name, f"expected an event stream, got {kind}")
                 whole: bytes | None = None
-                if self.stream and kind != "application/json":
+                # An event stream answers a plain request too: proxies that
+                # always stream made every --no-stream call malformed, each
+                # one billed, while the converse was already read.
+                if (self.stream and kind != "application/json") or kind == "text/event-stream":
                     # (A server that ignores "stream": true answers with one
                     # JSON document: read below, as a plain answer.)
                     events = response

@@ -593,6 +593,24 @@ async def test_text_labelled_events_cut_after_done_are_an_answer_and_cut_json_a_
     assert getattr(info.value, "usage", "absent") is None
 
 
+async def test_a_plain_call_answered_with_an_event_stream_is_read_as_a_stream() -> None:
+    # A proxy that always streams: every --no-stream call was malformed,
+    # retried and billed again.
+    chunks = [
+        {"model": "local", "choices": [{"index": 0, "delta": {"content": "{}"}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 2, "completion_tokens": 1}},
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, stream=False, transport=fixed(
+        200, headers={"content-type": "text/event-stream"}, body=body))
+    completion = await p.complete(make_request())
+    assert completion.content == "{}" and completion.usage == TokenUsage.of(input_tokens=2, output_tokens=1)
+    a = AnthropicProvider(api_key=SECRET, stream=False, transport=fixed(
+        200, headers={"content-type": "text/event-stream"}, body=anthropic_sse(STREAM_EVENTS)))
+    answer = await a.complete(make_request())
+    assert answer.content == '{"a": 1}' and answer.usage is not None and answer.usage.output_tokens == 40
+
+
 async def test_an_html_page_for_a_streamed_call_is_named() -> None:
     p = OpenAIProvider(base_url="http://x.test/v1", api_key=SECRET, transport=httpx.MockTransport(
         lambda r: httpx.Response(200, headers={"content-type": "text/html"}, text="<html>portal</html>")))
