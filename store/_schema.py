@@ -182,6 +182,10 @@ def migrate(conn: apsw.Connection, path: str, *, target: int = SCHEMA_VERSION) -
             conn.execute(f"PRAGMA user_version = {target}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # A Ctrl-C raised just after COMMIT returned (SIGINT during its
+        # fsync) found no transaction: "cannot rollback" replaced the
+        # KeyboardInterrupt, and the CLI exited 2, not 130.
+        if not conn.getautocommit():
+            conn.execute("ROLLBACK")
         raise
     return max(target - version, 0)

@@ -107,6 +107,33 @@ def test_a_new_file_is_created_whole_or_not_at_all(tmp_path: Path, monkeypatch: 
     conn.close()
 
 
+def test_a_ctrl_c_just_after_the_migration_commits_stays_a_keyboard_interrupt(tmp_path: Path) -> None:
+    """SIGINT during COMMIT's fsync is raised as the C call returns: the
+    rollback then found no transaction, and "cannot rollback" (a
+    StoreError, exit 2) replaced the KeyboardInterrupt (exit 130)."""
+
+    class InterruptedAtCommit:
+        def __init__(self, conn: apsw.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args: object) -> apsw.Cursor:
+            cursor = self.conn.execute(sql, *args)
+            if sql == "COMMIT":
+                raise KeyboardInterrupt
+            return cursor
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.conn, name)
+
+    path = tmp_path / "new.db"
+    conn = apsw.Connection(str(path))
+    with pytest.raises(KeyboardInterrupt):
+        migrate(InterruptedAtCommit(conn), str(path))  # type: ignore[arg-type]
+    # It had committed: the file is whole.
+    assert int(conn.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
+    conn.close()
+
+
 def test_migrations_are_append_only() -> None:
     # Version 1 is the skeleton's schema, frozen: databases in the wild have it.
     assert "CREATE TABLE runs" in MIGRATIONS[0] and "started_at" not in MIGRATIONS[0]
