@@ -38,6 +38,7 @@ that argument honest.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -332,6 +333,7 @@ class Orchestrator:
         self._metrics_hub = metrics_hub or MetricsHub()
         self._closed = False  # its open_orchestrator block has ended
         self._driving = 0  # runs being driven now (health snapshots are one run's only alone)
+        self._driven: collections.Counter[str] = collections.Counter()  # their run ids
         # Their cancel scopes: a block that ends while runs started elsewhere
         # (an outer nursery) are still being driven stops them first.
         self._drives: set[trio.CancelScope] = set()
@@ -411,10 +413,21 @@ class Orchestrator:
         completed, halted, cancelled or failed - is forgotten (its totals
         are in its :class:`RunResult` or in the store), so this is all
         zeros for it, as for an id the accumulator never saw.
-        A checkpoint: waits for the accumulator's reply."""
+        A checkpoint: waits for the accumulator's reply.  Raises
+        ConfigError for ``forget`` while this orchestrator drives the run:
+        a dashboard's forget dropped its budget and half its usage, and
+        the run stored a wrong digest."""
         if not isinstance(run_id, str):
             raise ConfigError(f"run_id must be a string, got {run_id!r}")
+        if forget and run_id in self._driven:
+            raise ConfigError(
+                f"run {run_id!r} is being driven: its totals are forgotten when its drive ends, "
+                "and forgetting them now would lose its usage and budget"
+            )
         self._check_open()
+        return await self._totals(run_id, forget=forget)
+
+    async def _totals(self, run_id: str, *, forget: bool) -> UsageTotals:
         reply, pending = reply_pair("usage totals")
         await self._metrics.send(MetricsQuery(run_id=run_id, forget=forget, reply_to=reply))
         totals: UsageTotals = await pending.receive()
@@ -791,6 +804,7 @@ class Orchestrator:
         """Run ``pipeline``'s stages (see :meth:`_run_stages`).  ``record``
         False: a replay of a settled branch, which writes nothing."""
         self._driving += 1
+        self._driven[ctx.run_id] += 1
         try:
             if budget_usd is not None:
                 await self._metrics.send(SetBudget(run_id=ctx.run_id, budget_usd=budget_usd))
@@ -805,6 +819,9 @@ class Orchestrator:
             raise
         finally:
             self._driving -= 1
+            self._driven[ctx.run_id] -= 1
+            if not self._driven[ctx.run_id]:
+                del self._driven[ctx.run_id]
             for interceptor in self._fault_interceptors:
                 interceptor.run_ended(ctx.run_id, ctx.branch_id)
 
@@ -933,7 +950,7 @@ class Orchestrator:
                         inbox.close()  # agents finish their current request, then stop
                     replies.close()  # late replies now fail fast instead of waiting
 
-        totals = await self.totals(ctx.run_id, forget=True)
+        totals = await self._totals(ctx.run_id, forget=True)
         digest = compute_digest(
             (d.verdict for d in decisions), totals.usage, totals.unknown_calls, totals.by_stage
         )

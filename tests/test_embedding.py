@@ -165,6 +165,33 @@ async def test_an_orchestrator_used_after_its_block_says_it_is_closed(
         assert [r.run_id for r in s.list_runs()] == ["C"] and len(s.branches("C")) == 1
 
 
+async def test_forgetting_the_totals_of_a_run_being_driven_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A dashboard's totals(forget=True) mid-run dropped the run's budget
+    and the usage so far: the run stored a wrong digest and overran its
+    budget."""
+    async with open_orchestrator(store=str(tmp_path / "ref.db"), seed=7) as orch:
+        reference = await orch.run("SPEC-1", run_id="r")
+    refusals: list[str] = []
+    async with open_orchestrator(store=str(tmp_path / "f.db"), seed=7) as orch:
+
+        async def dashboard() -> None:
+            await trio.sleep(20)
+            with pytest.raises(ConfigError, match="'r' is being driven") as info:
+                await orch.totals("r", forget=True)
+            refusals.append(str(info.value))
+            assert (await orch.totals("r")).turns > 0  # reading alone is fine
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dashboard)
+            result = await orch.run("SPEC-1", run_id="r")
+        assert len(refusals) == 1
+        assert (result.digest, result.turns) == (reference.digest, reference.turns)
+        # Once its drive has ended, forgetting is allowed (and finds nothing).
+        assert (await orch.totals("r", forget=True)).turns == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
