@@ -1161,8 +1161,10 @@ async def open_orchestrator(
     :class:`~messages.FaultInterceptor`, seeded with ``seed`` unless the plan
     has its own) or any interceptor; a fault interceptor is attached to the
     gateway's provider health (``health``, or a fresh
-    :class:`HealthRegistry` with ``breaker`` as its policy) and to the event
-    log.  It is installed on the gateway's inbox, after any in
+    :class:`HealthRegistry` with ``breaker`` as its policy and
+    ``retry.max_wait`` as its gates' longest wait; a registry given carries
+    its own of both, so ``breaker`` with it is a ConfigError) and to the
+    event log.  It is installed on the gateway's inbox, after any in
     ``interceptors["gateway"]``.  ``prices`` is the price table (default:
     the vendored LiteLLM one; :meth:`PriceTable.load` adds an override file).
     ``auth`` is an :class:`AuthService` whose token sources the providers
@@ -1196,6 +1198,13 @@ async def open_orchestrator(
         if not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds if k is not type(None))
             raise ConfigError(f"{name}: expected {wanted}, got {value!r}")
+    if health is not None and breaker is not None:
+        # The registry's own policy applied, and the one given was dropped
+        # without a word.
+        raise ConfigError(
+            "give breaker= or health=, not both: a HealthRegistry carries its own BreakerPolicy "
+            "(HealthRegistry(breaker))"
+        )
     if isinstance(store, Store) and (store.closed or not store.writable):
         # Else the store writer fails on its first write, and every run
         # with "no reply to PersistRun".

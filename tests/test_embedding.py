@@ -14,7 +14,9 @@ import trio
 import trio.testing
 
 from actors import (
+    BreakerPolicy,
     ConfigError,
+    HealthRegistry,
     Latency,
     Limits,
     MockProvider,
@@ -246,6 +248,8 @@ async def test_the_extreme_seeds_run_and_are_stored(
         ({"pipeline": "plan"}, "pipeline: expected Pipeline, got 'plan'"),
         ({"provider": {"sim": "x"}}, "provider must be a BaseProvider or a mapping"),
         ({"provider": "sim"}, "provider must be a BaseProvider or a mapping"),
+        # The registry's own breaker applied; the one given was dropped.
+        ({"health": HealthRegistry(), "breaker": BreakerPolicy(min_calls=1)}, "give breaker= or health=, not both"),
     ],
 )
 async def test_a_wrong_kind_of_argument_is_refused_before_anything_starts(
