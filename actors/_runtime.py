@@ -276,6 +276,11 @@ class RunResult:
 # ('conclave decisions' shows them all): 30,000 conflicts made a 229 KB
 # one-line message, stored with the run and printed in full.
 _SHOWN_CONFLICTS = 5
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN_CONFLICTS])
+    return shown + (f" and {len(names) - _SHOWN_CONFLICTS} more" if len(names) > _SHOWN_CONFLICTS else "")
 _CONFLICT_CHARS = 300
 
 
@@ -289,9 +294,21 @@ def halt_message(run_id: str, decision: Decision) -> str:
         f"only {verdict.get('support', 0)} agent(s) agree, quorum needs "
         f"{verdict.get('quorum_required')}"
     )
+    why = ""
+    if not conflicts:
+        # Too few agreeing named nobody: when every agent failed (a bad
+        # request, a provider's own bug) or answered prose, the cause was
+        # only in events and the verdict.
+        missing = [str(a) for a in verdict.get("missing_agents") or ()]
+        invalid = [str(a) for a in verdict.get("invalid_agents") or ()]
+        if missing:
+            detail += f"; no answer from {_some(missing)}"
+            why = f" and why they gave up with 'conclave events {shell_word(run_id)} --kind gave_up'"
+        if invalid:
+            detail += f"; answers without the stage's fields from {_some(invalid)}"
     return (
         f"halted at stage {decision.key.stage!r}: {decision.status} ({detail}). "
-        f"Inspect with 'conclave decisions {shell_word(run_id)}'; once fixed, re-run from that stage "
+        f"Inspect with 'conclave decisions {shell_word(run_id)}'{why}; once fixed, re-run from that stage "
         f"with 'conclave rerun {shell_word(run_id)} --from {shell_word(decision.key.stage)}'."
     )
 

@@ -265,6 +265,27 @@ def test_a_halt_message_names_five_conflicts_each_cut() -> None:
     assert "and 29995 more" in message and "conclave rerun r --from plan" in message
 
 
+def test_a_halt_for_too_few_agreeing_names_who_failed_and_who_answered_without_fields() -> None:
+    """Every agent failing (a bad request) or answering prose read
+    'only 0 agent(s) agree, quorum needs 2', naming no cause."""
+    from actors._runtime import halt_message
+    from messages import Decision, StageKey
+
+    key = StageKey(run_id="r", branch_id="b", stage="plan")
+    failed = Decision(key=key, seq=1, status="no_consensus", verdict={
+        "support": 0, "quorum_required": 2, "missing_agents": [f"a{i}" for i in range(7)],
+    })
+    message = halt_message("r", failed)
+    assert "quorum needs 2; no answer from a0, a1, a2, a3, a4 and 2 more)" in message
+    assert "'conclave events r --kind gave_up'" in message
+    prose = Decision(key=key, seq=1, status="no_consensus", verdict={
+        "support": 1, "quorum_required": 2, "missing_agents": [], "invalid_agents": {"claude": ["stage"]},
+    })
+    message = halt_message("r", prose)
+    assert "quorum needs 2; answers without the stage's fields from claude)" in message
+    assert "gave_up" not in message
+
+
 def test_an_object_followed_by_a_stray_brace_is_still_read() -> None:
     """Prose, the JSON object, then '{:)}': the outermost span from the
     first '{' to the last '}' was no JSON, and a good answer counted as
