@@ -371,6 +371,9 @@ class Store:
         process, drives a run at a time (see ``store._runlock``).  Raises
         :class:`~store.RunLocked` at once, before anything is written, if
         another holds it.  Not a checkpoint; released in ``finally``."""
+        if not isinstance(run_id, str):
+            # (None failed inside the lock table as an AttributeError.)
+            raise TypeError(f"run_id must be a string, got {run_id!r}")
         return claim_run(self.path, run_id, scope=self)
 
     def run_is_driven(self, run_id: str) -> bool | None:
@@ -933,6 +936,10 @@ class Store:
         page is its own read; nothing is held between them."""
         if isinstance(page, bool) or not isinstance(page, int) or page < 1:
             raise ValueError(f"page must be a whole number >= 1, got {page!r}")
+        if isinstance(kinds, (str, bytes)):
+            # Read as its letters: kinds="metrics" found no event at all.
+            raise TypeError(f"kinds must be a collection of event kinds, got the string {kinds!r}; "
+                            f"for one kind, give ({kinds!r},)")
         where, args = self._event_scope(run_id, branch_id)
         if kinds:
             where += f" AND kind IN ({', '.join(['+?'] * len(kinds))})"

@@ -244,3 +244,13 @@ def test_an_event_keeps_the_time_it_was_made_not_its_commits(tmp_path: Path) -> 
         new_run(s)
         s.apply([PersistEvent(run_id="r", branch_id="b", kind="retry", at_ms=1_000), made])
         assert [e.at for e in s.events("r", "retry")] == [1_000, made.at_ms]
+
+
+def test_a_string_for_kinds_or_a_non_string_run_id_is_refused_naming_it(tmp_path: Path) -> None:
+    # kinds="metrics" was read as its letters and found no event, without a
+    # word; claim_run(None) failed as an AttributeError in the lock table.
+    with Store.open(str(tmp_path / "g.db")) as s:
+        with pytest.raises(TypeError, match=r"got the string 'metrics'; for one kind, give \('metrics',\)"):
+            list(s.iter_events("r", kinds="metrics"))
+        with pytest.raises(TypeError, match="run_id must be a string, got None"):
+            s.claim_run(None)  # type: ignore[arg-type]
