@@ -64,6 +64,7 @@ from messages import (
 )
 from messages._messages import implausible_usage, storable_text
 
+from ._checks import check_whole
 from ._format import shown
 from ._health import HealthRegistry, Permit, ProviderHealth
 from ._provider import BaseProvider, _resend_check
@@ -122,6 +123,8 @@ class Gateway:
         health: HealthRegistry | None = None,
         events: Outbox[StoreWrite] | None = None,
     ) -> None:
+        # '2' failed as "'<' not supported", naming nothing; 1.5 was taken.
+        check_whole(max_concurrency, "max_concurrency")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.providers = dict(providers)

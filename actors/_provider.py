@@ -82,6 +82,10 @@ class MockProvider(BaseProvider):
         if not callable(handler):
             # Else every call fails later with "'NoneType' object is not callable".
             raise TypeError(f"MockProvider needs a function of the request, got {handler!r}")
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            # As a pipeline's provider names must be: name=3 or "" was taken,
+            # and no agent could be routed to it.
+            raise TypeError(f"MockProvider's name must be a non-empty printable string, got {name!r}")
         self._handler = handler
         self.name = name
         self.calls: list[CompletionRequest] = []

@@ -463,6 +463,14 @@ async def test_misused_calls_name_the_argument(tmp_path: Path, autojump_clock: t
                 s.list_runs(limit=limit)
     with pytest.raises(TypeError, match="MockProvider needs a function of the request, got None"):
         MockProvider(None)  # type: ignore[arg-type]
+    for name in (3, "", "a\x1bb"):
+        with pytest.raises(TypeError, match=re.escape(f"name must be a non-empty printable string, got {name!r}")):
+            MockProvider(lambda request: None, name=name)  # type: ignore[arg-type]
+    from actors._gateway import Gateway
+
+    for bad in ("2", 1.5):
+        with pytest.raises(TypeError, match=re.escape(f"max_concurrency must be a whole number, got {bad!r}")):
+            Gateway({}, max_concurrency=bad)  # type: ignore[arg-type]
 
 
 async def test_a_closed_or_read_only_store_is_refused(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
