@@ -1169,9 +1169,11 @@ async def open_orchestrator(
     ``store`` is a path (opened, migrated, and closed on exit) or an open
     :class:`~store.Store` (left open).  ``provider`` defaults to the
     embedded :class:`SimulatedProvider` seeded with ``seed``; one provider
-    serves every agent, whatever provider its pipeline names; a mapping
-    routes agents by their pipeline ``provider`` name (even a mapping of
-    one: a name it lacks is a ConfigError).  Bound to the trio run that
+    serves every agent of ``pipeline``, whatever providers it names (a
+    run or resume of another pipeline that names others is a ConfigError
+    naming them: give that pipeline here); a mapping routes agents by
+    their pipeline ``provider`` name (even a mapping of one: a name it
+    lacks is a ConfigError).  Bound to the trio run that
     opens it: use it from that run only.  ``faults`` is a
     :class:`~messages.FaultPlan` or a spec as ``CODEX_FAULTS`` takes it
     (``"disconnect:3"``; wrapped in a
