@@ -995,3 +995,29 @@ async def test_a_cancelled_run_resumed_by_the_same_orchestrator_counts_as_by_ano
     other = await cancelled_then_resumed(str(tmp_path / "other.db"), same=False)
     assert same == other
     assert other[1] > 0 and other[2] == 0
+
+
+async def test_a_cancelled_run_or_block_raises_one_cancelled_not_a_group(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each agent's and actor's Cancelled came out as (nested) groups of
+    Cancelled, which ``except trio.Cancelled`` missed."""
+    seen: list[str] = []
+    async with open_orchestrator(store=str(tmp_path / "a.db"), seed=7) as orch:
+        with trio.move_on_after(3):
+            try:
+                await orch.run("SPEC-1", run_id="r")
+            except trio.Cancelled:
+                seen.append("run")
+                raise
+    with trio.move_on_after(20):
+        try:
+            async with open_orchestrator(store=str(tmp_path / "b.db"), seed=7) as orch:
+                await orch.run("SPEC-1", run_id="r")
+        except trio.Cancelled:
+            seen.append("block")
+            raise
+    assert seen == ["run", "block"]
+    with Store.open(str(tmp_path / "b.db")) as s:
+        run = s.get_run("r")
+        assert run is not None and run.status == "interrupted"
