@@ -16,7 +16,7 @@ from ._auth_api import *  # noqa: F403  (device-code login and tokens, listed th
 from ._breaker import BreakerPolicy, BreakerTicket, CircuitBreaker
 from ._classify import Classification, classify
 from ._consensus import ADVANCING, Verdict, compute_verdict, parse_output
-from ._coordinator import Coordinator, DecisionNotDurable, RunContext
+from ._coordinator import AnswerNotStored, Coordinator, DecisionNotDurable, RunContext
 from ._digest import compute_digest
 from ._gateway import Gateway
 from ._health import HealthRegistry, Permit, ProviderHealth
@@ -91,6 +91,7 @@ __all__ = [
     "Agent",
     "AgentSpec",
     "AlreadyDecided",
+    "AnswerNotStored",
     "BaseProvider",
     "ConfigError",
     "Coordinator",

@@ -9,7 +9,7 @@ verdict, and makes the decision durable before the stage advances.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -50,6 +50,22 @@ if TYPE_CHECKING:
 
 class DecisionNotDurable(ConclaveError):
     """The store refused a decision: the stage cannot advance."""
+
+
+class AnswerNotStored(ConclaveError):
+    """An agent's reply carried an output the store does not hold: an
+    interceptor answered its request (or rewrote its reply) with one.  A
+    decision reads only stored outputs (a resume must decide alike), so
+    deciding without it would contradict what the reply reported."""
+
+    def __init__(self, stage: str, agents: Sequence[str]) -> None:
+        self.stage = stage
+        self.agents = tuple(agents)
+        super().__init__(
+            f"stage {stage!r}: the replies of {', '.join(self.agents)} carry outputs the store does not hold "
+            "(made by an interceptor on the agent or coordinator channel?); a decision reads only stored "
+            "outputs, so an interceptor may answer an agent's request with a failure, not with an output"
+        )
 
 
 class StageUnanswered(ConclaveError):
@@ -182,7 +198,13 @@ class Coordinator:
         if self.durable_outputs is not None:
             # Consensus reads what is durable on this branch's lineage (every
             # reply's output was acked durable before it was sent).
+            heard = outputs
             outputs = dict(self.durable_outputs(key))
+            unstored = [agent for agent in heard if agent not in outputs]
+            if unstored:
+                # An interceptor's answer: the decision counted the agent
+                # missing while progress said it had answered, without a word.
+                raise AnswerNotStored(stage.name, unstored)
         verdict = compute_verdict(stage, outputs)
         if verdict.status not in ADVANCING:
             passing = {

@@ -108,7 +108,9 @@ class AgentReply:
 
     def __attrs_post_init__(self) -> None:
         # An interceptor may answer an agent's request itself: a wrong reply
-        # fails where it is built, not later inside the coordinator.
+        # fails where it is built, not later inside the coordinator.  (With a
+        # failure: decisions read stored outputs, so an output it makes up
+        # fails the run, actors.AnswerNotStored.)
         _check_answer(self.key, "attempts", self.attempts, 0)
         _check_optional("output", self.output, AgentOutput, "an AgentOutput")
         _check_optional("error", self.error, str, "a string")

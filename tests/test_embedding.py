@@ -1021,3 +1021,31 @@ async def test_a_cancelled_run_or_block_raises_one_cancelled_not_a_group(
     with Store.open(str(tmp_path / "b.db")) as s:
         run = s.get_run("r")
         assert run is not None and run.status == "interrupted"
+
+
+async def test_an_interceptor_answering_an_agent_with_an_output_fails_the_run_loudly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An interceptor on the agent channel answered gemini's plan request
+    with the very output the simulator gives: progress said gemini answered,
+    the decision (which reads stored outputs) counted it missing, and the
+    run halted on a conflict without a word."""
+    from actors import AnswerNotStored
+    from messages import AgentOutput, AgentReply, FunctionInterceptor
+
+    async def answer(item: Any, forward: Any) -> None:
+        if item.key.stage == "plan" and item.key.agent == "gemini":
+            output = AgentOutput(key=item.key, attempt=1, status="accepted", content='{"x": 1}', format="json",
+                                 usage=None, model="m", provider="sim")
+            await item.reply_to.send(AgentReply(key=item.key, attempts=1, output=output))
+            return
+        await forward(item)
+
+    path = str(tmp_path / "a.db")
+    with pytest.raises(AnswerNotStored, match="stage 'plan': the replies of gemini carry outputs the store does not"):
+        async with open_orchestrator(store=path, seed=7, interceptors={"agent": [FunctionInterceptor(answer)]}) as orch:
+            await orch.run("SPEC-1", run_id="r")
+    with Store.open(path) as s:
+        run = s.get_run("r")
+        assert run is not None and run.status == "interrupted"
+        assert s.decisions("r") == []  # nothing decided on it
