@@ -282,12 +282,12 @@ class RunResult:
 # ('conclave decisions' shows them all): 30,000 conflicts made a 229 KB
 # one-line message, stored with the run and printed in full.
 _SHOWN_CONFLICTS = 5
+_CONFLICT_CHARS = 300
 
 
 def _some(names: list[str]) -> str:
     shown = ", ".join(names[:_SHOWN_CONFLICTS])
     return shown + (f" and {len(names) - _SHOWN_CONFLICTS} more" if len(names) > _SHOWN_CONFLICTS else "")
-_CONFLICT_CHARS = 300
 
 
 def halt_message(run_id: str, decision: Decision) -> str:
