@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -126,6 +126,46 @@ def key_problem(key: str, variable: str) -> str | None:
             "space, or a non-ASCII letter (its value is not shown)"
         )
     return None
+
+
+# Names of headers and query parameters that carry credentials, as APIs and
+# gateways spell them: authorization, api-key, x-api-key, x-goog-api-key,
+# ocp-apim-subscription-key, x-auth-token, cf-access-client-secret, cookie,
+# an Azure SAS 'sig', a '?key=' or '?access_token='.
+_CREDENTIAL_NAME = re.compile(r"(?i)key|token|auth|secret|sig|passw|pwd|credential|cookie|session")
+# Names whose values are descriptive, never credentials (content-type,
+# anthropic-beta, api-version): masking their echo would hide what a server
+# says was wrong with them.
+_PLAIN_NAME = re.compile(r"(?i)user-agent|accept(-.*)?|content-.*|.*[-_]version|.*[-_]beta")
+# A credential-named value shorter than this is a word or a flag ("true",
+# "1"), and masking every occurrence of it would mangle messages.
+_MIN_NAMED_SECRET = 6
+# A value under any other name is taken for an opaque credential from this
+# length on, without white space (a key under a name we do not know, such
+# as a bypass token): a false positive only masks an echo of the user's own
+# value in an error, while a miss stores a secret.
+_MIN_OPAQUE_SECRET = 20
+
+
+def given_secrets(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """The values among ``pairs`` (header or query parameter name, value)
+    that may be credentials, to redact from error text.  An
+    'authorization: Bearer X' also gives X: a server echoes the token alone."""
+    found: list[str] = []
+    for name, value in pairs:
+        if not isinstance(value, str) or _PLAIN_NAME.fullmatch(name):
+            continue
+        candidates = [value.strip()]
+        credentials = value.strip().partition(" ")[2].strip()  # of "Scheme credentials"
+        if credentials:
+            candidates.append(credentials)
+        named = _CREDENTIAL_NAME.search(name) is not None
+        for candidate in candidates:
+            if named and len(candidate) >= _MIN_NAMED_SECRET:
+                found.append(candidate)
+            elif len(candidate) >= _MIN_OPAQUE_SECRET and not any(c.isspace() for c in candidate):
+                found.append(candidate)
+    return found
 
 
 # What reading a well-formed JSON document of the wrong shape raises.
@@ -379,6 +419,14 @@ class HttpProvider(BaseProvider):
         self._token_source = token_source
         self._last_token: str | None = None
         self._headers = {"user-agent": USER_AGENT, **(headers or {})}
+        # Besides the key and the token: what the user gave in headers
+        # (an Azure 'api-key', an 'authorization') or in the base URL's
+        # query ('?key='), which a server echoing the request quotes in its
+        # error - then shown, and stored with the run.
+        self._given_secrets = given_secrets(
+            [(name, value) for name, value in (headers or {}).items() if isinstance(name, str)]
+            + list(self.base_url.params.multi_items())
+        )
         self._wall_now = wall_now
         # No connection cap of httpx's own (100, and 20 kept idle): the
         # gateway bounds the calls in flight (Limits.max_concurrency), and
@@ -448,7 +496,10 @@ class HttpProvider(BaseProvider):
     # -- the seam ------------------------------------------------------------
 
     def _secrets(self) -> list[str]:
-        return [s for s in (self._api_key, self._last_token) if s]
+        secrets = {s for s in (self._api_key, self._last_token, *self._given_secrets) if s}
+        # Longest first: a secret holding a shorter one is masked whole,
+        # not left in pieces around the shorter one's mask.
+        return sorted(secrets, key=lambda s: (-len(s), s))
 
     async def _credential(self, *, force_refresh: bool) -> tuple[str, bool]:
         if self._api_key is not None:

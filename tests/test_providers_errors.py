@@ -351,6 +351,55 @@ async def test_a_key_echoed_url_encoded_is_redacted(encode: Callable[[str], str]
     assert redact(f"a {key.replace('/', '%2f')} b {key} c", [key]) == "a [REDACTED] b [REDACTED] c"
 
 
+def _echo(request: httpx.Request) -> httpx.Response:
+    """A server that quotes what it was sent, as real ones do on a 401."""
+    standard = {"host", "accept", "accept-encoding", "connection", "content-length", "content-type", "user-agent"}
+    # The values alone, as in "Incorrect API key provided: ...": no name
+    # next to them for the key-shape patterns to catch.
+    sent = [value for name, value in request.headers.items() if name not in standard]
+    message = "rejected: " + " / ".join([*request.url.params.values(), *sent])
+    return httpx.Response(401, json={"error": {"message": message}})
+
+
+GIVEN = "Given0Secret1Value2xyz"  # key-shaped for no pattern: only being told masks it
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({"api-key": GIVEN}, ""),
+        ({"X-Api-Key": GIVEN}, ""),
+        ({"Proxy-Authorization": f"Token {GIVEN}"}, ""),
+        ({"x-portkey-virtual-key": GIVEN}, ""),
+        ({"x-vercel-protection-bypass": GIVEN}, ""),  # no credential name: masked for its length
+        ({}, f"?key={GIVEN}"),
+        ({}, f"?api-version=2024-10-21&sig={GIVEN}"),
+    ],
+    ids=["api-key", "x-api-key", "authorization", "named-key", "opaque", "query-key", "query-sig"],
+)
+async def test_secrets_given_in_headers_or_the_base_url_query_are_redacted(headers: dict[str, str], query: str) -> None:
+    # Only api_key and the token were masked: a key given as a header (an
+    # Azure 'api-key') or in the base URL's query ('?key=') came back in a
+    # server's 401 and was shown, and stored with the run.
+    p = OpenAIProvider(
+        base_url=f"http://mock.test/v1{query}",
+        api_key=SECRET,
+        headers={**headers, "anthropic-beta": "prompt-caching-2024-07-31"},
+        transport=httpx.MockTransport(_echo),
+    )
+    try:
+        with pytest.raises(AuthenticationFailed) as info:
+            await p.complete(make_request())
+    finally:
+        await p.aclose()
+    text = str(info.value) + repr(info.value)
+    assert GIVEN not in text and "[REDACTED]" in text
+    # A value that is no credential is still quoted: it may be what was wrong.
+    assert "prompt-caching-2024-07-31" in text
+    if "api-version" in query:
+        assert "2024-10-21" in text
+
+
 def test_redact_masks_key_shapes_it_was_not_told_about() -> None:
     text = redact('{"api_key": "abc123secret", "auth": "Bearer eyJhbGciOi.JIUzI1"} sk-ant-api03-AAAAAAAA')
     assert "abc123secret" not in text and "eyJhbGciOi" not in text and "sk-ant-api03" not in text
