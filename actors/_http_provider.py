@@ -29,6 +29,7 @@ from messages import (
     TokenUsage,
     storable_text,
 )
+from messages._auth_errors import AuthError
 
 from ._consensus import parse_output
 from ._format import shown
@@ -501,6 +502,22 @@ class HttpProvider(BaseProvider):
         # not left in pieces around the shorter one's mask.
         return sorted(secrets, key=lambda s: (-len(s), s))
 
+    def _source_failure(self, exc: Exception) -> str:
+        """What the token source's ``exc`` may say in an error that is shown
+        and stored.  An :class:`AuthError`'s text never holds a token (its
+        contract), nor does an OS error's reason; any other text is the
+        user's source's own, and may quote the token it failed to refresh
+        or a refresh token, which no known secret masks (only the tokens
+        it handed out are known): "refresh failed for tok-..." was stored
+        with the run.  So of that, only the type is said, as the token
+        manager does for a failure it did not foresee."""
+        name = type(exc).__name__
+        if isinstance(exc, AuthError):
+            return f"{name}: {redact(str(exc), self._secrets())}"
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"{name}: {redact(exc.strerror, self._secrets())}"
+        return f"{name} (its message is not shown: it may hold a credential)"
+
     async def _credential(self, *, force_refresh: bool) -> tuple[str, bool]:
         if self._api_key is not None:
             return self._api_key, False
@@ -510,8 +527,7 @@ class HttpProvider(BaseProvider):
         except ProviderError:
             raise
         except Exception as exc:
-            message = redact(str(exc), self._secrets())
-            raise AuthenticationFailed(f"{self.name}: no token: {type(exc).__name__}: {message}") from None
+            raise AuthenticationFailed(f"{self.name}: no token: {self._source_failure(exc)}") from None
         if not token:
             raise AuthenticationFailed(f"{self.name}: the token source gave an empty token")
         self._last_token = token

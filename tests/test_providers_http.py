@@ -26,6 +26,7 @@ from messages import (
     RateLimited,
     TokenUsage,
 )
+from messages._auth_errors import AuthProtocolError
 
 from tests._providers_support import SECRET, fixed, make_request
 
@@ -359,6 +360,46 @@ async def test_failing_token_source_is_authentication_error_without_secrets() ->
     with pytest.raises(AuthenticationFailed) as info:
         await p.complete(make_request())
     assert SECRET not in str(info.value)
+
+
+async def test_a_token_source_failure_does_not_quote_a_token_nobody_was_told() -> None:
+    # Only the api key and the tokens the source handed out were masked
+    # in its error text: a source failing with "refresh failed for <token>"
+    # (a token it never returned, so unknown) had it shown and stored.
+    token = "tok-SECRET-1234567890"  # no key shape the patterns know
+    sent: list[httpx.Request] = []
+
+    class Broken:
+        async def bearer(self, *, force_refresh: bool = False) -> str:
+            raise RuntimeError(f"refresh failed for {token}")
+
+    p = OpenAIProvider(base_url="http://x.test/v1", token_source=Broken(), transport=fixed(200, record=sent))
+    with pytest.raises(AuthenticationFailed) as info:
+        await p.complete(make_request())
+    await p.aclose()
+    text = str(info.value) + repr(info.value)
+    assert token not in text and "SECRET" not in text
+    assert "no token: RuntimeError" in text and sent == []
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (AuthProtocolError("the token endpoint answered HTTP 500", provider="openai"), "answered HTTP 500"),
+        (ConnectionRefusedError(111, "Connection refused"), "Connection refused"),
+    ],
+)
+async def test_a_token_source_failure_that_holds_no_token_is_quoted(error: Exception, said: str) -> None:
+    # An AuthError never holds token text, nor does an OS error's reason:
+    # they still say what went wrong.
+    class Failing:
+        async def bearer(self, *, force_refresh: bool = False) -> str:
+            raise error
+
+    p = OpenAIProvider(base_url="http://x.test/v1", token_source=Failing(), transport=fixed(200))
+    with pytest.raises(AuthenticationFailed, match=said):
+        await p.complete(make_request())
+    await p.aclose()
 
 
 # -- Anthropic -----------------------------------------------------------------
