@@ -29,7 +29,7 @@ from messages import (
     TokenUsage,
     storable_text,
 )
-from messages._auth_errors import AuthError
+from messages._auth_errors import AuthError, CredentialsUnavailable
 
 from ._consensus import parse_output
 from ._format import shown
@@ -528,8 +528,25 @@ class HttpProvider(BaseProvider):
             raise
         except Exception as exc:
             raise AuthenticationFailed(f"{self.name}: no token: {self._source_failure(exc)}") from None
+        # Checked before anything is sent or kept: bytes or an int went out
+        # as a malformed header, then failed as the provider's own bug
+        # (redact() given a non-str); a non-ASCII letter escaped as a
+        # UnicodeEncodeError naming its position, a line break was sent.
+        # The value is never quoted: it may be a token all the same.
+        if token is not None and not isinstance(token, str):
+            raise CredentialsUnavailable(
+                f"{self.name}: the token source returned {type(token).__name__}, not a str token "
+                "(its value is not shown)",
+                provider=self.name,
+            )
         if not token:
             raise AuthenticationFailed(f"{self.name}: the token source gave an empty token")
+        if not token.isascii() or not token.isprintable() or token != token.strip():
+            raise CredentialsUnavailable(
+                f"{self.name}: the token source returned a token an HTTP header cannot carry: it holds "
+                "a line break, leading or trailing space, or a non-ASCII letter (its value is not shown)",
+                provider=self.name,
+            )
         self._last_token = token
         return token, True
 

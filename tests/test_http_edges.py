@@ -25,6 +25,7 @@ from messages import (
     ProviderUnavailable,
     RateLimited,
 )
+from messages._auth_errors import CredentialsUnavailable
 
 from ._providers_support import SECRET, fixed, make_request
 
@@ -97,6 +98,41 @@ async def test_an_empty_bearer_token_fails_before_any_request() -> None:
     with pytest.raises(AuthenticationFailed, match="empty token"):
         await p.complete(make_request())
     assert sent == []
+
+
+_TOKEN = "tok-SECRET-1234567890"
+
+
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [
+        (_TOKEN.encode(), "returned bytes, not a str"),
+        (1234567890, "returned int, not a str"),
+        ("tok-SECRET\n-1234567890", "an HTTP header cannot carry"),
+        ("tok-SECRET-\u00fc1234567890", "an HTTP header cannot carry"),
+        (f" {_TOKEN} ", "an HTTP header cannot carry"),
+    ],
+    ids=["bytes", "int", "line-break", "non-ascii", "spaces"],
+)
+async def test_a_token_that_is_no_header_value_fails_before_any_request(token: object, said: str) -> None:
+    """A token source returning bytes or an int had it sent as a malformed
+    header, then failed as the provider's own bug ("replace() argument 1
+    must be str, not bytes" from the redaction); a non-ASCII letter escaped
+    as a UnicodeEncodeError.  It is a typed credentials failure raised
+    before anything is sent, naming the type, never the value."""
+    sent: list[httpx.Request] = []
+
+    class Odd:
+        async def bearer(self, *, force_refresh: bool = False) -> object:
+            return token
+
+    p = OpenAIProvider(base_url="http://api.test/v1", token_source=Odd(), stream=False,  # type: ignore[arg-type]
+                       transport=fixed(401, record=sent))
+    with pytest.raises(CredentialsUnavailable, match=said) as info:
+        await p.complete(make_request())
+    await p.aclose()
+    assert sent == [] and classify(info.value).kind == "authentication"
+    assert "1234567890" not in str(info.value) + repr(info.value)
 
 
 # -- JSON nested past the parser's depth -----------------------------------------
