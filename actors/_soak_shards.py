@@ -66,8 +66,15 @@ CRASH_ENV = "_CONCLAVE_SOAK_TEST_CRASH_SHARD"
 DEFAULT_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-# Progress messages a shard sends: about this many over its whole soak.
+# Progress messages a shard sends: about this many over its whole soak...
 _PROGRESS_STEPS = 200
+# ...but at least one per this many runs.  A share of the runs alone grew
+# with the soak: 2,500 runs per message in a 1,000,000-run soak over 2
+# workers, so its progress stood still for the first tens of seconds, and
+# Ctrl-C - which reports the last count told - said "0/1,000,000 runs"
+# checked.  A message is a few bytes on the shard's own pipe, and a run
+# takes milliseconds: ten runs a message costs nothing that shows.
+_PROGRESS_MAX_STEP = 10
 
 # In a worker process: the write end of its own progress pipe, if any.
 _progress_out: Connection | None = None
@@ -139,7 +146,7 @@ def _run_shard(config: SoakConfig, shard: int) -> ShardReport:
     out = _progress_out
     if out is not None:
         total = len(config.shard_indices(shard))
-        step = max(1, total // _PROGRESS_STEPS)
+        step = max(1, min(total // _PROGRESS_STEPS, _PROGRESS_MAX_STEP))
 
         def send(runs: int, turns: int) -> None:
             if runs % step == 0 or runs == total:

@@ -8,6 +8,7 @@ import io
 import json
 import multiprocessing.connection
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import trio
 from actors._cli_soak import SoakProgress, _workers
 from actors import SoakConfig, default_soak_plan, run_soak, soak
 from actors._soak import ShardReport, merge_shards
-from actors._soak_shards import CRASH_ENV, Stopper, run_sharded_in_trio
+from actors._soak_shards import CRASH_ENV, Stopper, run_sharded, run_sharded_in_trio
 
 from .conftest import run_cli
 
@@ -252,6 +253,49 @@ def test_progress_counts_every_run_and_turn(workers: int) -> None:
     assert seen == sorted(seen) and len(set(seen)) == len(seen)  # it only ever moves on
     if workers == 1:
         assert [runs for runs, _ in seen] == list(range(1, 13))
+
+
+def test_a_big_sharded_soak_tells_its_progress_every_few_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard told its progress once per 1/200 of its runs: 2,500 runs a
+    message in a 1,000,000-run soak over 2 workers, so the progress stood
+    still for tens of seconds.  Here one message per whole shard stands
+    for that scale (the workers are forked: they carry the patch)."""
+    from actors import _soak_shards
+
+    monkeypatch.setattr(_soak_shards, "_PROGRESS_STEPS", 1)
+    seen: list[tuple[int, int]] = [(0, 0)]
+    config = SoakConfig(seed=3, runs=50, workers=2, faults=default_soak_plan("disconnect:10%"))
+    report = run_sharded(config, "fork", progress=lambda runs, turns: seen.append((runs, turns)))
+    assert report.ok, report.breaches
+    assert seen[-1] == (50, report.agent_turns)
+    steps = [after - before for (before, _), (after, _) in zip(seen, seen[1:])]
+    assert 0 < max(steps) <= 10, steps  # each message moves one shard on by at most 10 runs
+
+
+def test_an_interrupted_sharded_soak_says_how_many_runs_it_had_checked() -> None:
+    """Ctrl-C on a 1,000,000-run soak over 2 workers said "interrupted
+    after 0/1,000,000 runs": the count is the last one the shards told, and
+    they told it every 2,500 runs.  Here Ctrl-C comes once shard 0 has
+    checked 30 runs (sent by that shard itself: no waiting on the clock)."""
+    script = (
+        "import os, signal, sys\n"
+        "from actors import _cli, _soak_shards\n"
+        "real = _soak_shards.soak_shard\n"
+        "async def soak_shard(config, shard, progress=None, **kw):\n"
+        "    def told(runs, turns):\n"
+        "        progress(runs, turns)\n"
+        "        if shard == 0 and runs == 30:\n"
+        "            os.kill(os.getppid(), signal.SIGINT)\n"
+        "    return await real(config, shard, told, **kw)\n"
+        "_soak_shards.soak_shard = soak_shard  # the workers are forked: they carry it\n"
+        "sys.exit(_cli.main(['soak', '--seed', '42424', '--runs', '1000000', '--workers', '2']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    found = re.search(r"conclave: soak interrupted after ([\d,]+)/1,000,000 runs \(([\d,]+) agent turns\)", proc.stderr)
+    assert found is not None, proc.stderr
+    runs, turns = (int(n.replace(",", "")) for n in found.groups())
+    assert runs >= 30 and turns >= runs, proc.stderr  # shard 0's 30 at least: told before the signal
 
 
 @pytest.mark.parametrize("workers", [1, 2])
