@@ -1,8 +1,10 @@
 """``conclave soak``: the deterministic fault soak from the command line.
 
 Exit 0 when every invariant held, 1 on a breach (naming the seed, so the
-failure can be replayed with ``--seed``), 2 on bad input, 130 on Ctrl-C and
-143 on SIGTERM and 129 on SIGHUP (each after saying how far the soak got).
+failure can be replayed with ``--seed``) or when stdout closed before the
+report was written (saying so, and whether the soak passed), 2 on bad
+input, 130 on Ctrl-C and 143 on SIGTERM and 129 on SIGHUP (each after
+saying how far the soak got).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from messages import FaultPlan, FaultPlanError, ResetHint
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg, seed_arg
-from ._cli import _is_interrupt, interruptible
+from ._cli import EXIT_ERROR, _drop_stdout, _fail, _flush_stdout, _is_interrupt, interruptible
 from ._footer import ERASE, redraws_in_place
 from ._retry import RetryPolicy
 from ._soak import (
@@ -335,19 +337,30 @@ def cmd_soak(args: argparse.Namespace) -> int:
         reports.append(watched("soak, second run"))
     report = reports[0]
     deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
-    if args.json:
-        # What ran, and how to run it again: a script keeps both with the digest.
-        data = report.to_json() | {"plan": config.faults.to_json(), "replay": replay_command(config)}
-        if args.check_determinism:
-            data["determinism"] = {"runs": len(reports), "digests": [r.digest for r in reports], "same": deterministic}
-            # "ok" is the exit status's word: a script reading it took a
-            # seed that replays differently for a pass.
-            data["ok"] = report.ok and deterministic
-        print(json.dumps(data, indent=2))
-    else:
-        print(_human(report))
-        if len(reports) > 1:
-            print(f"  determinism: second run digest {reports[1].digest} - {'same' if deterministic else 'DIFFERENT'}")
+    passed = report.ok and deterministic
+    try:
+        if args.json:
+            # What ran, and how to run it again: a script keeps both with the digest.
+            data = report.to_json() | {"plan": config.faults.to_json(), "replay": replay_command(config)}
+            if args.check_determinism:
+                data["determinism"] = {"runs": len(reports), "digests": [r.digest for r in reports], "same": deterministic}
+                # "ok" is the exit status's word: a script reading it took a
+                # seed that replays differently for a pass.
+                data["ok"] = passed
+            print(json.dumps(data, indent=2))
+        else:
+            print(_human(report))
+            if len(reports) > 1:
+                print(f"  determinism: second run digest {reports[1].digest} - {'same' if deterministic else 'DIFFERENT'}")
+        # Flushed here, not in main(): its reader gone, main() could only
+        # exit 1 - the breach code - without a word.
+        _flush_stdout()
+        closed = False
+    except BrokenPipeError:
+        # 'conclave soak | head -1': the report was cut short.  Nothing
+        # more goes to stdout; what the soak found is said on stderr.
+        _drop_stdout()
+        closed = True
     if not report.ok:
         for breach in report.breaches:
             print(f"conclave: soak seed {report.seed}: {breach}", file=sys.stderr)
@@ -358,4 +371,13 @@ def cmd_soak(args: argparse.Namespace) -> int:
             f"{', '.join(r.digest for r in reports)}",
             file=sys.stderr,
         )
-    return 0 if report.ok and deterministic else 1
+    if closed:
+        # Exit 1, as any command whose output pipe closes, but said, and
+        # with the soak's own outcome: its exit 1 otherwise means a breach.
+        outcome = (
+            f"the soak itself passed: every invariant held (seed {report.seed}, digest {report.digest})"
+            if passed
+            else "the soak itself failed (above)"
+        )
+        return _fail(f"the output pipe closed (its reader went away) before the soak's report was written; {outcome}", EXIT_ERROR)
+    return 0 if passed else 1

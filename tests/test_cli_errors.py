@@ -203,7 +203,7 @@ def test_every_command_explains_itself() -> None:
         assert "--provider" not in text and "--model" not in text and "--base-url" in text, name
 
 
-def _into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
+def _into_a_closed_pipe(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``conclave ARGV`` with stdout a pipe whose reader has gone."""
     read_end, write_end = os.pipe()
     os.close(read_end)
@@ -214,6 +214,7 @@ def _into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
             stderr=subprocess.PIPE,
             text=True,
             timeout=120,
+            env={**os.environ, **(env or {})},
         )
     finally:
         os.close(write_end)
@@ -243,6 +244,34 @@ def test_stdout_closed_during_a_run_leaves_it_resumable_and_says_so(tmp_path: Pa
     assert done.returncode == 1
     assert_one_line_error(done.stderr, "the run had already completed")
     assert "resume" not in done.stderr
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_soak_whose_report_finds_stdout_closed_says_so_and_whether_it_passed(json_flag: list[str]) -> None:
+    """`conclave soak | head -1`: the soak passed, but its report met a
+    closed pipe, and it exited 1 - the soak's breach code - with nothing
+    on stderr to tell the two apart."""
+    proc = _into_a_closed_pipe(["soak", "--seed", "5", "--runs", "4", "--faults", "disconnect:10%", *json_flag])
+    assert proc.returncode == 1
+    digest = json.loads(run_cli(["soak", "--seed", "5", "--runs", "4", "--faults", "disconnect:10%", "--json"]).stdout)["digest"]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("conclave: error: ")]
+    assert errors == [
+        "conclave: error: the output pipe closed (its reader went away) before the soak's report was written; "
+        f"the soak itself passed: every invariant held (seed 5, digest {digest})"
+    ], proc.stderr
+    assert "Exception ignored" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+def test_a_failed_soak_whose_report_finds_stdout_closed_says_it_failed() -> None:
+    from actors._soak_shards import CRASH_ENV
+
+    proc = _into_a_closed_pipe(["soak", "--seed", "5", "--runs", "4", "--workers", "2"], env={CRASH_ENV: "1"})
+    assert proc.returncode == 1
+    assert "conclave: error: soak FAILED (seed 5); replay with: " in proc.stderr
+    assert proc.stderr.rstrip().endswith(
+        "conclave: error: the output pipe closed (its reader went away) before the soak's report was written; "
+        "the soak itself failed (above)"
+    )
 
 
 def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -> None:
@@ -608,7 +637,8 @@ def test_stdout_closed_before_the_output_is_flushed_exits_quietly(as_json: bool)
     buffered output is flushed.  That flush came at interpreter exit, past
     main()'s handling of a broken pipe: "Exception ignored ...
     BrokenPipeError" on stderr and exit 120.  It is the CLI's broken pipe
-    like any other now: nothing said, exit 1."""
+    like any other now: exit 1, saying that the report was not written
+    and that the soak itself passed (1 is also the soak's breach code)."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has gone before anything is written
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
@@ -626,7 +656,8 @@ def test_stdout_closed_before_the_output_is_flushed_exits_quietly(as_json: bool)
     finally:
         os.close(write_end)
     assert proc.returncode == 1, proc.stderr
-    assert "conclave: error" not in proc.stderr  # the soak itself passed
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("conclave: error: ")]
+    assert len(errors) == 1 and "before the soak's report was written; the soak itself passed" in errors[0], proc.stderr
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr
     assert "BrokenPipeError" not in proc.stderr
 
