@@ -80,9 +80,15 @@ def register(sub: Any) -> None:
         metavar="SPEC",
         # argparse %-formats help: the default's "10%" must reach it as "10%%".
         help=f"faults to inject (default: CODEX_FAULTS, else {DEFAULT_SOAK_FAULTS.replace('%', '%%')}); "
-        "a 429 gets a 5 s reset hint unless CODEX_FAULTS_429_RESET says otherwise",
+        "a 429 gets a 5 s reset hint unless CODEX_FAULTS_429_RESET says otherwise (one later than the "
+        f"{RetryPolicy().max_wait:g} s a retry waits, now+SECONDS or an RFC 3339 time included, is refused: "
+        "exit 2); CODEX_FAULTS_SCOPE and CODEX_FAULTS_TIMEOUT_MS apply too, as for run",
     )
-    p.add_argument("--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: --seed)")
+    p.add_argument(
+        # CODEX_FAULTS_SEED is read by FaultPlan.from_env: "default: --seed"
+        # hid it, and the banner then named a seed the help never mentioned.
+        "--fault-seed", type=seed_arg, metavar="N", help="seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)"
+    )
     p.add_argument("--concurrency", type=positive_arg, default=16, help="runs in flight at once (default: 16)")
     p.add_argument(
         "--workers",

@@ -464,6 +464,36 @@ def test_a_model_name_must_be_printable(tmp_path: Path) -> None:
         )
 
 
+def test_soak_help_and_readme_name_the_settings_a_soak_takes_and_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """soak --help said --fault-seed defaults to --seed, but
+    CODEX_FAULTS_SEED=9 placed the faults (the banner said "fault seed 9");
+    --faults named neither CODEX_FAULTS_SCOPE nor CODEX_FAULTS_TIMEOUT_MS;
+    the README listed two settings a soak refuses up front, not the third:
+    a 429 reset later than a retry waits."""
+    from actors._cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no word broken across lines
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    soak = commands["soak"].format_help()
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "seed of fault placement (default: CODEX_FAULTS_SEED, else --seed)" in soak
+    assert "CODEX_FAULTS_SCOPE and CODEX_FAULTS_TIMEOUT_MS apply too" in soak
+    assert "one later than the 600 s a retry waits, now+SECONDS or an RFC 3339 time included, is refused" in soak
+    assert "or 429 faults with a reset later than a retry waits (`RetryPolicy.max_wait`, 600 s" in readme
+    assert "`CODEX_FAULTS_TIMEOUT_MS` and `CODEX_FAULTS_SEED` apply to a soak as to `run`" in readme
+    # What they say is what the soak does.
+    seeded = run_cli(["soak", "--runs", "2", "--faults", "disconnect:10%", "--json"], env={"CODEX_FAULTS_SEED": "9"})
+    assert seeded.returncode == 0, seeded.stderr
+    assert seeded.stderr.splitlines()[0].endswith("; fault seed 9")
+    assert json.loads(seeded.stdout)["plan"]["seed"] == 9
+    overridden = run_cli(["soak", "--runs", "2", "--faults", "disconnect:10%", "--fault-seed", "3", "--json"],
+                         env={"CODEX_FAULTS_SEED": "9"})
+    assert json.loads(overridden.stdout)["plan"]["seed"] == 3
+    refused = run_cli(["soak", "--runs", "2"], env={"CODEX_FAULTS_429_RESET": "now+700s"})
+    assert refused.returncode == 2
+    assert "a 429 reset of now+700s is later than the 600s a retry waits" in refused.stderr
+
+
 def test_help_and_readme_say_the_same_true_things(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-concurrency said "default: the gateway's" (the README: 64);
     serve-mock --help left out x-mock-reset-style and x-mock-delay; events
