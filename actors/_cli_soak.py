@@ -104,7 +104,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--max-attempts", type=positive_arg, default=3, help="attempts per agent call (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--check-determinism", action="store_true", help="run twice and fail if the digests differ")
+    p.add_argument(
+        "--check-determinism", action="store_true", help="run twice and fail if the digests or the fault digests differ"
+    )
     p.set_defaults(handler=cmd_soak)
 
 
@@ -342,14 +344,23 @@ def cmd_soak(args: argparse.Namespace) -> int:
         # A failing seed too: that it replays the same is what makes it worth reporting.
         reports.append(watched("soak, second run"))
     report = reports[0]
-    deterministic = len({r.digest for r in reports}) == 1 and len({r.fault_digest for r in reports}) == 1
+    same_digest = len({r.digest for r in reports}) == 1
+    same_faults = len({r.fault_digest for r in reports}) == 1
+    deterministic = same_digest and same_faults
     passed = report.ok and deterministic
     try:
         if args.json:
             # What ran, and how to run it again: a script keeps both with the digest.
             data = report.to_json() | {"plan": config.faults.to_json(), "replay": replay_command(config)}
             if args.check_determinism:
-                data["determinism"] = {"runs": len(reports), "digests": [r.digest for r in reports], "same": deterministic}
+                # "same" compares both: a script told only the digests saw
+                # two equal ones beside "same": false.
+                data["determinism"] = {
+                    "runs": len(reports),
+                    "digests": [r.digest for r in reports],
+                    "fault_digests": [r.fault_digest for r in reports],
+                    "same": deterministic,
+                }
                 # "ok" is the exit status's word: a script reading it took a
                 # seed that replays differently for a pass.
                 data["ok"] = passed
@@ -357,7 +368,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
         else:
             print(_human(report))
             if len(reports) > 1:
-                print(f"  determinism: second run digest {reports[1].digest} - {'same' if deterministic else 'DIFFERENT'}")
+                verdict = "same" if deterministic else "DIFFERENT" if not same_digest else "same, fault placement DIFFERENT"
+                print(f"  determinism: second run digest {reports[1].digest} - {verdict}")
         # Flushed here, not in main(): its reader gone, main() could only
         # exit 1 - the breach code - without a word.
         _flush_stdout()
@@ -372,11 +384,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
             print(f"conclave: soak seed {report.seed}: {breach}", file=sys.stderr)
         print(f"conclave: error: soak FAILED (seed {report.seed}); replay with: {replay_command(config)}", file=sys.stderr)
     if not deterministic:
-        print(
-            f"conclave: error: soak seed {report.seed} is not deterministic: digests "
-            f"{', '.join(r.digest for r in reports)}",
-            file=sys.stderr,
-        )
+        differ = [] if same_digest else [f"digests {', '.join(r.digest for r in reports)}"]
+        if not same_faults:
+            differ.append(f"fault digests {', '.join(r.fault_digest for r in reports)}")
+        print(f"conclave: error: soak seed {report.seed} is not deterministic: {'; '.join(differ)}", file=sys.stderr)
     if closed:
         # Exit 1, as any command whose output pipe closes, but said, and
         # with the soak's own outcome: its exit 1 otherwise means a breach.

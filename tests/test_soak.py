@@ -108,6 +108,40 @@ def test_a_seed_that_replays_differently_is_not_ok_in_json(
     assert "FAULT INJECTION ACTIVE" in err and "is not deterministic" in err
 
 
+@pytest.mark.parametrize("json_flag", [True, False])
+def test_a_seed_whose_faults_fall_differently_says_which_digest_moved(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json_flag: bool
+) -> None:
+    """"same" compares the fault digests too, but --json showed only the
+    digests - two equal ones beside "same": false - and the error said
+    "not deterministic: digests X, X"."""
+    from actors import _cli_soak
+    from actors._cli import main
+
+    real = _cli_soak._soak_until_signalled
+    runs = 0
+
+    def drifting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        report = real(*args, **kwargs)
+        return report if runs == 1 else attrs.evolve(report, fault_digest="f" * 64)
+
+    monkeypatch.setattr(_cli_soak, "_soak_until_signalled", drifting)
+    argv = ["soak", "--runs", "3", "--faults", "disconnect:10%", "--check-determinism"]
+    assert main(argv + ["--json"] * json_flag) == 1
+    out, err = capsys.readouterr()
+    if json_flag:
+        determinism = json.loads(out)["determinism"]
+        digest, fault_digest = determinism["digests"][0], determinism["fault_digests"][0]
+        assert determinism["digests"] == [digest, digest] and determinism["same"] is False
+        assert determinism["fault_digests"] == [fault_digest, "f" * 64] and fault_digest != "f" * 64
+        assert f"is not deterministic: fault digests {fault_digest}, {'f' * 64}\n" in err
+    else:
+        assert " - same, fault placement DIFFERENT\n" in out
+        assert "is not deterministic: fault digests " in err and "deterministic: digests" not in err
+
+
 def test_a_broken_gate_fails_the_soak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker can fail: with a gate that never waits, calls reach the
     provider inside 429 windows and the soak says so."""
