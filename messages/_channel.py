@@ -12,7 +12,9 @@ never does that.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -405,33 +407,72 @@ class Broadcast(Generic[T]):
     ``publish`` is not a checkpoint and never waits: a subscriber whose
     buffer is full misses the event, and one that closed its channel is
     dropped, so a slow or gone subscriber can never slow the publisher.
+    A subscription dropped without being closed (a ``break`` out of its
+    ``async for``, then the channel let go) is dropped too, as soon as it
+    is garbage: its buffer, and every event in it, go with it.
     """
 
-    __slots__ = ("_buffer", "_subscribers")
+    __slots__ = ("_buffer", "_keys", "_subscribers")
 
     def __init__(self, buffer: int) -> None:
         self._buffer = buffer
-        self._subscribers: list[trio.MemorySendChannel[T]] = []
+        # Keyed, not a list: a subscriber that goes is removed in O(1)
+        # (20,000 leaving one by one would otherwise scan the list each).
+        self._subscribers: dict[int, trio.MemorySendChannel[T]] = {}
+        self._keys = itertools.count()
 
     def subscribe(self, max_buffer: int | None = None) -> trio.MemoryReceiveChannel[T]:
         send, receive = trio.open_memory_channel[T](
             max_buffer if max_buffer is not None else self._buffer
         )
-        self._subscribers.append(send)
+        key = next(self._keys)
+        self._subscribers[key] = send
+        self._watch(receive, key, send, [0])
         return receive
 
+    def _watch(
+        self, receive: trio.MemoryReceiveChannel[T], key: int, send: trio.MemorySendChannel[T], alive: list[int]
+    ) -> None:
+        # The receive side (and its clones) is all a subscriber holds, and
+        # nothing here holds it: once every one is garbage, nobody can read
+        # what we send.  Kept, 20,000 subscribers that broke out of ``async
+        # for`` held 1,300,000 events and made the next run 4.9x slower.
+        # (Closed ones trio tells us of: publish then finds the send side
+        # broken.  Not at interpreter exit: nothing is left to save then.)
+        alive[0] += 1
+        weakref.finalize(receive, self._dropped, key, send, alive).atexit = False
+        # A clone reads on when the original is dropped (trio's fan-out
+        # idiom closes the original and hands out clones), so clones are
+        # counted too.  Weakly referenced here, or the channel would hold
+        # itself alive.
+        original = weakref.ref(receive)
+
+        def clone() -> trio.MemoryReceiveChannel[T]:
+            channel = original()
+            assert channel is not None  # called on it, so it is alive
+            twin = trio.MemoryReceiveChannel.clone(channel)
+            self._watch(twin, key, send, alive)
+            return twin
+
+        receive.clone = clone  # type: ignore[method-assign]
+
+    def _dropped(self, key: int, send: trio.MemorySendChannel[T], alive: list[int]) -> None:
+        alive[0] -= 1
+        if not alive[0]:
+            send.close()
+            self._subscribers.pop(key, None)
+
     def publish(self, event: T) -> None:
-        for send in list(self._subscribers):
+        for key, send in list(self._subscribers.items()):
             try:
                 send.send_nowait(event)
             except trio.WouldBlock:
                 pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._subscribers.remove(send)
+                self._subscribers.pop(key, None)
 
     def close(self) -> None:
         """End every subscription (their ``async for`` loops finish)."""
-        for send in self._subscribers:
+        for send in list(self._subscribers.values()):
             send.close()
         self._subscribers.clear()
-

@@ -197,6 +197,55 @@ async def test_broadcast_never_waits_on_subscribers() -> None:
         await slow.receive()
 
 
+class _Event:
+    """A published item a weak reference can watch."""
+
+
+async def test_broadcast_lets_go_of_a_subscription_dropped_unclosed() -> None:
+    import gc
+    import weakref
+
+    from messages import Broadcast
+
+    hub: Broadcast[_Event] = Broadcast(100)
+    kept = hub.subscribe()
+    cloned = hub.subscribe()
+    clone = cloned.clone()
+    dropped = hub.subscribe()
+    events = [_Event() for _ in range(3)]
+    for event in events:
+        hub.publish(event)
+    async for _ in dropped:
+        break  # the client leaves without closing, and lets go of it
+    del dropped
+    gc.collect()
+    assert len(hub._subscribers) == 2, "the dropped subscription is forgotten"
+    # A clone still reads: dropping the original ends nothing.
+    del cloned
+    gc.collect()
+    assert len(hub._subscribers) == 2
+    assert [clone.receive_nowait() for _ in range(3)] == events
+    twin = clone.clone()
+    clone.close()  # trio's fan-out: close the one you cloned, read the clones
+    del clone
+    gc.collect()
+    assert len(hub._subscribers) == 2
+    hub.publish(events[0])
+    assert twin.receive_nowait() is events[0]
+    del twin
+    gc.collect()
+    assert len(hub._subscribers) == 1, "its last clone went"
+    # Nor are the unread events held: once the kept one read them, they go.
+    watched = [weakref.ref(event) for event in events]
+    del event, events
+    for _ in range(4):
+        kept.receive_nowait()
+    gc.collect()
+    assert [ref() for ref in watched] == [None, None, None]
+    hub.publish(_Event())  # reaches the one left
+    assert isinstance(kept.receive_nowait(), _Event)
+
+
 async def test_a_reply_is_received_once() -> None:
     # A second receive returned None, as if that were the reply.
     reply, pending = reply_pair("the call")

@@ -531,9 +531,63 @@ def test_closed_metrics_subscriptions_are_let_go() -> None:
         hub.subscribe().close()
     kept = hub.subscribe()
     assert hub.listening()
-    assert hub._subscriptions == [kept]  # each snapshot went through all 1,001
+    assert list(hub._subscriptions.values()) == [kept]  # each snapshot went through all 1,001
     kept.close()
     assert not hub.listening()
+
+
+async def test_subscriptions_abandoned_unclosed_are_let_go(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A service's clients subscribe, read one event, then leave without
+    # closing: kept, 20,000 of them held 1,300,000 events and made the next
+    # run 4.9x slower (metrics: 4.5x).
+    import gc
+
+    async def progress_client(orch: Any) -> None:
+        async for _ in orch.subscribe():
+            break
+
+    async def metrics_client(orch: Any) -> None:
+        async for _ in orch.subscribe_metrics():
+            break
+
+    async with open_orchestrator(store=str(tmp_path / "a.db"), seed=7) as orch:
+        kept = orch.subscribe()
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(progress_client, orch)
+                nursery.start_soon(metrics_client, orch)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(orch._progress._subscribers) == 51
+            assert len(orch._metrics_hub._subscriptions) == 50
+            assert (await orch.run("SPEC-1", run_id="wake")).completed  # they read, then leave
+        gc.collect()
+        assert len(orch._progress._subscribers) == 1
+        assert len(orch._metrics_hub._subscriptions) == 0
+        assert not orch._metrics_hub.listening()
+        assert (await orch.run("SPEC-1", run_id="after")).completed
+        # The one still held still hears every run.
+        assert kept.statistics().current_buffer_used > 0
+
+
+async def test_a_metrics_subscription_closes_on_leaving_its_block(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_orchestrator(store=str(tmp_path / "a.db"), seed=7) as orch:
+        with orch.subscribe_metrics() as sub:
+            assert not sub.closed
+        assert sub.closed
+        async with orch.subscribe_metrics() as other:
+            assert not other.closed
+        assert other.closed
+        with orch.subscribe_metrics() as read:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(orch.run, "SPEC-1")
+                async for snapshot in read:
+                    break  # stop early: the block closes it
+        assert read.closed
+        assert not orch._metrics_hub.listening()
 
 
 class _Halt(BaseException):
