@@ -285,6 +285,15 @@ class MetricsAccumulator:
                 self.forget(message.run_id)
             if message.reply_to is not None:
                 message.reply_to.send(totals)
+        else:
+            # Ignored, it hung the run: an interceptor that forwarded a
+            # string in place of a query left the query's requester waiting
+            # for ever.  (The gateway and store writer fail on such an item
+            # too.)
+            raise TypeError(
+                f"the metrics accumulator got a {type(message).__name__}, which is no metrics message"
+                " (UsageRecorded, MetricsQuery, SetBudget or BudgetCheck); did an interceptor forward it?"
+            )
 
     # -- the actor -------------------------------------------------------------
 

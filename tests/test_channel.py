@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -48,6 +49,35 @@ async def test_interceptor_can_answer_instead_of_forwarding() -> None:
     for i in range(6):
         await send.send(i)
     assert [receive.receive_nowait() for _ in range(3)] == [1, 3, 5]
+
+
+async def test_a_replacement_forwarded_without_the_reply_slot_fails_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The requester waited for ever: nobody held its slot any more.
+    from messages import MetricsQuery
+
+    async def rebuild(item: MetricsQuery, forward: Forward[MetricsQuery]) -> None:
+        await forward(MetricsQuery(run_id=item.run_id))
+
+    async def rename(item: MetricsQuery, forward: Forward[MetricsQuery]) -> None:
+        await forward(attrs.evolve(item, run_id="other"))  # keeps the slot
+
+    send, receive = open_channel(2, interceptors=[FunctionInterceptor(rebuild)])
+    reply, pending = reply_pair("totals")
+    await send.send(MetricsQuery(run_id="r", reply_to=reply))
+    assert receive.receive_nowait().reply_to is None
+    with pytest.raises(ActorStopped, match=r"no reply to totals: interceptor FunctionInterceptor\(.*rebuild\) forwarded something else"):
+        with trio.fail_after(60):  # (it waited for ever)
+            await pending.receive()
+
+    send, receive = open_channel(2, interceptors=[FunctionInterceptor(rename)])
+    reply, pending = reply_pair("totals")
+    await send.send(MetricsQuery(run_id="r", reply_to=reply))
+    forwarded = receive.receive_nowait()
+    assert forwarded.run_id == "other"
+    forwarded.reply_to.send("answered")
+    assert await pending.receive() == "answered"
 
 
 async def test_cancelled_send_sent_nothing(autojump_clock: trio.testing.MockClock) -> None:

@@ -643,6 +643,49 @@ async def test_an_interceptor_that_swallows_a_request_fails_it_loudly(
                 await orch.run("S")
 
 
+async def test_a_metrics_query_replaced_without_its_reply_slot_fails_loudly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Rebuilt without reply_to, the query reached the accumulator, which
+    # answered nobody: the run's own query waited for ever.
+    from messages import ActorStopped, FunctionInterceptor, MetricsQuery
+
+    async def rebuild_queries(item: Any, forward: Any) -> None:
+        if isinstance(item, MetricsQuery):
+            await forward(MetricsQuery(run_id=item.run_id, forget=item.forget))  # reply_to forgotten
+        else:
+            await forward(item)
+
+    with pytest.raises(
+        ActorStopped,
+        match=r"no reply to usage totals: interceptor FunctionInterceptor\(.*rebuild_queries\) forwarded something else in its place",
+    ):
+        with trio.fail_after(600):
+            async with open_orchestrator(
+                store=str(tmp_path / "c.db"), interceptors={"metrics": [FunctionInterceptor(rebuild_queries)]}
+            ) as orch:
+                await orch.run("S")
+
+
+async def test_an_item_the_metrics_accumulator_cannot_handle_fails_the_run_loudly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The accumulator ignored what it did not know: the query an
+    # interceptor replaced with a string was never answered, and the run
+    # hung (the gateway and store writer fail on such an item).
+    from messages import FunctionInterceptor
+
+    async def replace(item: Any, forward: Any) -> None:
+        await forward("not a message")
+
+    with pytest.raises(TypeError, match=r"the metrics accumulator got a str, which is no metrics message"):
+        with trio.fail_after(600):
+            async with open_orchestrator(
+                store=str(tmp_path / "c.db"), interceptors={"metrics": [FunctionInterceptor(replace)]}
+            ) as orch:
+                await orch.run("S")
+
+
 async def test_a_deeply_nested_answer_is_text_not_a_crash(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     # json.loads raised RecursionError, which the parser did not catch: the
     # agent died and the orchestrator with it, every run in it too.

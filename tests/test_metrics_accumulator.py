@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from decimal import Decimal
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -267,6 +268,13 @@ async def test_the_actor_answers_checks_after_the_usage_queued_before_them() -> 
         totals: UsageTotals = await pending.receive()
         assert totals.budget_usd == Decimal("0.035") and totals.alerts == (80, 90, 100)
         tx.close()
+
+
+def test_an_item_the_accumulator_cannot_handle_is_a_typed_error() -> None:
+    # Ignored, it left whoever waited on it waiting for ever.
+    acc = MetricsAccumulator()
+    with pytest.raises(TypeError, match=r"got a str, which is no metrics message"):
+        acc.handle("not a message")  # type: ignore[arg-type]
 
 
 # -- snapshots -----------------------------------------------------------------
