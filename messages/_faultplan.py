@@ -44,6 +44,32 @@ RATE_SLACK = 1e-12
 # -- reset hints ---------------------------------------------------------------
 
 
+def _hint_mode(_instance: object, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("relative", "anchored"):
+        raise FaultPlanError(f"fault reset mode must be 'relative' or 'anchored', got {value!r}")
+
+
+def _hint_seconds(_instance: object, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    # What a reset hint string can spell, and nothing else: a NaN or negative
+    # hint built a plan whose injected 429s were read as no hint at all.
+    # Infinity too: no string form reaches it (parse_duration refuses it,
+    # and the farthest RFC 3339 time is finite), and a reset that never
+    # comes is a provider gone for good, not a rate limit.
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise FaultPlanError(f"fault reset seconds must be a finite number >= 0, got {value!r}")
+
+
+def _hint_text(_instance: object, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    # The banner, --json and a soak's replay command print it.
+    if not isinstance(value, str):
+        raise FaultPlanError(f"fault reset text must be a string, got {value!r}")
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class ResetHint:
     """When a 429's rate limit resets.
@@ -53,11 +79,13 @@ class ResetHint:
     the run's first call on trio's clock (``now+90s``, or an RFC 3339 time,
     converted against the wall clock once at start-up; a past time is 0),
     so later 429s carry shorter hints, as in the reference.
+    ``seconds`` is finite and >= 0, ``mode`` one of the two: anything else
+    is a :class:`FaultPlanError` when the hint is built.
     """
 
-    mode: Literal["relative", "anchored"]
-    seconds: float
-    text: str
+    mode: Literal["relative", "anchored"] = attrs.field(validator=_hint_mode)
+    seconds: float = attrs.field(validator=_hint_seconds)
+    text: str = attrs.field(validator=_hint_text)
 
 
 def parse_reset_hint(text: str, *, now: Callable[[], float] = time.time, source: str = "CODEX_FAULTS_429_RESET") -> ResetHint:

@@ -325,6 +325,32 @@ def test_a_bad_reset_is_refused_when_the_plan_is_built(reset: object) -> None:
         FaultPlan.parse("429:1", reset=reset)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"seconds": float("nan")}, "fault reset seconds must be a finite number >= 0, got nan"),
+        ({"seconds": -50.0}, "fault reset seconds must be a finite number >= 0, got -50.0"),
+        # No hint string spells it (the farthest RFC 3339 time is finite).
+        ({"seconds": float("inf")}, "fault reset seconds must be a finite number >= 0, got inf"),
+        ({"seconds": True}, "fault reset seconds must be a finite number >= 0, got True"),
+        ({"seconds": "5"}, "fault reset seconds must be a finite number >= 0, got '5'"),
+        ({"mode": "sideways"}, "fault reset mode must be 'relative' or 'anchored', got 'sideways'"),
+        ({"text": 5}, "fault reset text must be a string, got 5"),
+    ],
+)
+def test_a_bad_reset_hint_object_is_refused_when_built(fields: dict[str, object], needle: str) -> None:
+    """A NaN or negative ResetHint built a plan (banner ``429 reset nan``)
+    whose injected 429s said "retry after nan seconds" and were then read
+    as carrying no hint; an unknown mode was taken for "anchored"."""
+    given: dict[str, object] = {"mode": "relative", "seconds": 5.0, "text": "5", **fields}
+    with pytest.raises(FaultPlanError, match=re.escape(needle)):
+        FaultPlan(counts={"rate_limit": 1}, reset=ResetHint(**given))  # type: ignore[arg-type]
+    # The far future a hint string can name is a finite wait, and accepted.
+    far = parse_reset_hint("9999-12-31T23:59:59Z", now=lambda: T0)
+    assert far.mode == "anchored" and 0 < far.seconds < float("inf")
+    assert FaultPlan(counts={"rate_limit": 1}, reset=far).reset == far
+
+
 @pytest.mark.parametrize("spec", [None, 3, ["disconnect:1"]])
 def test_a_spec_that_is_not_a_string_is_named(spec: object) -> None:
     with pytest.raises(FaultPlanError, match=re.escape(f"expected a fault spec such as 'disconnect:3,429:1', got {spec!r}")):
