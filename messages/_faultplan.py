@@ -160,6 +160,24 @@ def _percent(rate: float) -> str:
     return plain.rstrip("0").rstrip(".") if "." in plain else plain
 
 
+def _count_too_large(kind: FaultKind, count: int) -> str:
+    # A count budget is laid out fault by fault, per run: ten billion of
+    # them exhausted memory.
+    return (
+        f"fault count for {kind} must be at most {MAX_FAULT_COUNT:,}, got {count:,} "
+        "(for more, give a rate such as 5%)"
+    )
+
+
+def _check_seed(seed: object) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        # A str seed hashed "fine" and placed faults unlike the int it spells.
+        raise FaultPlanError(f"fault seed must be a whole number or None, got {seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        # A run stores its seeds in SQLite INTEGERs, and --fault-seed refuses them.
+        raise FaultPlanError(f"fault seed must fit in 64 bits, got {seed}")
+
+
 @attrs.frozen(kw_only=True, slots=True)
 class FaultPlan:
     """What to inject.  Off unless some count or rate is set.
@@ -185,12 +203,7 @@ class FaultPlan:
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise FaultPlanError(f"fault count for {kind} must be a whole number >= 0, got {count!r}")
             if count > MAX_FAULT_COUNT:
-                # A count budget is laid out fault by fault, per run: ten
-                # billion of them exhausted memory.
-                raise FaultPlanError(
-                    f"fault count for {kind} must be at most {MAX_FAULT_COUNT:,}, got {count:,} "
-                    "(for more, give a rate such as 5%)"
-                )
+                raise FaultPlanError(_count_too_large(kind, count))
         for kind, rate in self.rates.items():
             if kind not in FAULT_KINDS:
                 raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
@@ -200,12 +213,7 @@ class FaultPlan:
             raise FaultPlanError(f"fault rates add up to more than 100%: {self.describe_kinds()}")
         if not isinstance(self.timeout_ms, int) or self.timeout_ms <= 0:
             raise FaultPlanError(f"fault timeout must be a whole number of ms > 0, got {self.timeout_ms!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            # A str seed hashed "fine" and placed faults unlike the int it spells.
-            raise FaultPlanError(f"fault seed must be a whole number or None, got {self.seed!r}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            # A run stores its seeds in SQLite INTEGERs, and --fault-seed refuses them.
-            raise FaultPlanError(f"fault seed must fit in 64 bits, got {self.seed}")
+        _check_seed(self.seed)
         if self.provider is not None and not (isinstance(self.provider, str) and self.provider):
             raise FaultPlanError(f"fault provider must be a provider name or None, got {self.provider!r}")
 
@@ -300,6 +308,10 @@ class FaultPlan:
             rates.pop(kind, None)
             if re.fullmatch(r"\d+", value, re.ASCII):  # "٣" echoed raw in the banner
                 counts[kind] = int(value)
+                if counts[kind] > MAX_FAULT_COUNT:
+                    # Here, not only when the plan is built: the message
+                    # names the setting, as a malformed entry's does.
+                    raise FaultPlanError(f"{source}: bad count in {entry!r}: {_count_too_large(kind, counts[kind])}")
             elif _RATE.fullmatch(value) and float(value[:-1]) <= 100:
                 rates[kind] = float(value[:-1]) / 100
             else:
@@ -351,6 +363,10 @@ class FaultPlan:
                     seed = int(raw_seed)
                 except ValueError:
                     raise FaultPlanError(f"CODEX_FAULTS_SEED: expected a whole number, got {raw_seed!r}") from None
+                try:
+                    _check_seed(seed)
+                except FaultPlanError as exc:  # name the variable, as for a malformed one
+                    raise FaultPlanError(f"CODEX_FAULTS_SEED: {exc}") from None
         return cls.parse(
             spec,
             seed=seed,

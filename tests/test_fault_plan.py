@@ -131,13 +131,22 @@ MALFORMED = {
     "bad count (over 100%)": (env(**{"": "disconnect:150%"}), "bad count in 'disconnect:150%'"),
     "rates over 100%": (env(**{"": "disconnect:60%,timeout:50%"}), "more than 100%"),
     # Laid out fault by fault: ten billion exhausted memory.
-    "huge count": (env(**{"": "disconnect:10000000000"}), "must be at most 1,000,000, got 10,000,000,000"),
+    # Named as a malformed entry is (it said only "fault count for disconnect ...").
+    "huge count": (
+        env(**{"": "disconnect:10000000000"}),
+        "CODEX_FAULTS: bad count in 'disconnect:10000000000': fault count for disconnect must be at most "
+        "1,000,000, got 10,000,000,000",
+    ),
     "bad reset hint": (env(**{"": "429:1", "429_RESET": "soon"}), "CODEX_FAULTS_429_RESET: cannot read 'soon'"),
     "bad reset hint (now+)": (env(**{"": "429:1", "429_RESET": "now+later"}), "cannot read 'now+later'"),
     "unknown scope": (env(**{"": "disconnect:1", "SCOPE": "tui"}), "unknown scope 'tui'"),
     "bad timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "30s"}), "CODEX_FAULTS_TIMEOUT_MS"),
     "zero timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "0"}), "CODEX_FAULTS_TIMEOUT_MS"),
     "bad seed": (env(**{"": "timeout:1", "SEED": "x"}), "CODEX_FAULTS_SEED"),
+    "seed out of range": (
+        env(**{"": "timeout:1", "SEED": "9223372036854775808"}),
+        "CODEX_FAULTS_SEED: fault seed must fit in 64 bits, got 9223372036854775808",
+    ),
     # int() reads other scripts' digits; they were taken, then echoed raw in the banner.
     "non-ASCII count": (env(**{"": "disconnect:\u0663"}), "bad count in 'disconnect:\u0663'"),
     "non-ASCII rate": (env(**{"": "disconnect:\uff15%"}), "bad count"),
@@ -153,6 +162,17 @@ def test_malformed_values_name_the_entry(case: str) -> None:
     with pytest.raises(FaultPlanError) as info:
         FaultPlan.from_env(values)
     assert needle in str(info.value)
+
+
+def test_a_count_out_of_range_names_where_it_came_from() -> None:
+    with pytest.raises(FaultPlanError, match=re.escape("--faults: bad count in 'disconnect:2000000': fault count")):
+        FaultPlan.from_env({}, faults="disconnect:2000000")
+    with pytest.raises(FaultPlanError, match=re.escape("faults: bad count in '429:2000000': fault count for rate_limit")):
+        FaultPlan.parse("429:2000000")
+    # A seed the caller passes is the caller's argument, not the spec's.
+    with pytest.raises(FaultPlanError, match=re.escape("fault seed must fit in 64 bits")) as info:
+        FaultPlan.parse("disconnect:1", seed=2**63)
+    assert not str(info.value).startswith("faults:")
 
 
 def test_cli_refuses_a_malformed_plan_with_exit_2(tmp_path: Path) -> None:
