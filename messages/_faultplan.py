@@ -30,6 +30,10 @@ _LABELS: dict[str, FaultKind] = {
 _RATE = re.compile(r"\d+(?:\.\d+)?%", re.ASCII)  # disconnect:5%
 _SCOPE_ALIASES = frozenset({"spec_kit", "speckit", "auto_drive", "gateway"})
 DEFAULT_TIMEOUT_MS = 30_000
+# A day: a fault stands in for a provider that hangs until it times out,
+# and past the agent's call timeout (600 s by default) the agent gives up
+# first anyway; 10**23 ms was taken as written.
+MAX_TIMEOUT_MS = 86_400_000
 CHANNEL = "gateway"
 
 
@@ -211,8 +215,15 @@ class FaultPlan:
                 raise FaultPlanError(f"fault rate for {kind} must be within [0, 1], got {rate!r}")
         if sum(self.rates.values()) > 1.0 + RATE_SLACK:
             raise FaultPlanError(f"fault rates add up to more than 100%: {self.describe_kinds()}")
-        if not isinstance(self.timeout_ms, int) or self.timeout_ms <= 0:
-            raise FaultPlanError(f"fault timeout must be a whole number of ms > 0, got {self.timeout_ms!r}")
+        if (
+            not isinstance(self.timeout_ms, int)
+            or isinstance(self.timeout_ms, bool)
+            or not 0 < self.timeout_ms <= MAX_TIMEOUT_MS
+        ):
+            raise FaultPlanError(
+                f"fault timeout must be a whole number of ms > 0 and at most {MAX_TIMEOUT_MS:,} (a day), "
+                f"got {self.timeout_ms!r}"
+            )
         _check_seed(self.seed)
         if self.provider is not None and not (isinstance(self.provider, str) and self.provider):
             raise FaultPlanError(f"fault provider must be a provider name or None, got {self.provider!r}")
@@ -333,6 +344,8 @@ class FaultPlan:
             raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: expected a whole number of milliseconds, got {timeout_ms!r}")
         if timeout <= 0:
             raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: must be greater than 0, got {timeout}")
+        if timeout > MAX_TIMEOUT_MS:
+            raise FaultPlanError(f"CODEX_FAULTS_TIMEOUT_MS: must be at most {MAX_TIMEOUT_MS} (a day), got {timeout}")
         return cls(counts=counts, rates=rates, provider=provider, seed=seed, reset=hint, timeout_ms=timeout)
 
     @classmethod

@@ -504,7 +504,7 @@ class FaultInterceptor(Interceptor[Any]):
                 # is shorter gives up during it, and the fault that made
                 # its attempt fail must still be on record (the count it
                 # spent stays spent, and a resume must see it so).
-                await self._log(request, kind, error, retry_after)
+                await self._log(request, kind, error, retry_after, cut_at=request.deadline)
                 await trio.sleep(self.plan.timeout_ms / 1000)
             except BaseException:
                 if self.health is not None:
@@ -522,12 +522,32 @@ class FaultInterceptor(Interceptor[Any]):
         usage = ZERO_USAGE if kind == "rate_limit" else None
         reply.send(CompletionResult(key=request.key, attempt=request.attempt, error=error, usage=usage))
 
-    async def _log(self, request: CompletionRequest, kind: FaultKind, error: ProviderError, retry_after: float | None) -> None:
+    async def _log(
+        self,
+        request: CompletionRequest,
+        kind: FaultKind,
+        error: ProviderError,
+        retry_after: float | None,
+        *,
+        cut_at: float = float("inf"),
+    ) -> None:
+        """Log the fault.  ``cut_at``: when the caller stops waiting (a
+        timeout fault's call deadline)."""
         if self.events is None:
             return
         detail: dict[str, Any] = {"fault": kind, "message": str(error), "provider": request.provider}
         if retry_after is not None:
             detail["retry_after_s"] = round(retry_after, 3)
+        left = cut_at - trio.current_time()
+        if left < self.plan.timeout_ms / 1000:
+            # The caller's own call timeout ends the call before this fault
+            # would: "timed out after 700000ms" described a timeout that
+            # never happened (the attempt failed with the caller's own).
+            detail["message"] = (
+                f"operation would time out after {self.plan.timeout_ms}ms (fault injected), "
+                f"but the caller's own call timeout ends it after {int(left * 1000)}ms"
+            )
+            detail["cut_by_caller"] = True
         try:
             await self.events.send(PersistEvent.of_attempt(request.key, request.attempt, "fault", detail))
         except ConclaveError:

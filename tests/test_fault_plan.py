@@ -142,6 +142,11 @@ MALFORMED = {
     "unknown scope": (env(**{"": "disconnect:1", "SCOPE": "tui"}), "unknown scope 'tui'"),
     "bad timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "30s"}), "CODEX_FAULTS_TIMEOUT_MS"),
     "zero timeout": (env(**{"": "timeout:1", "TIMEOUT_MS": "0"}), "CODEX_FAULTS_TIMEOUT_MS"),
+    # Taken as written; past the agent's call timeout the agent gives up first anyway.
+    "absurd timeout": (
+        env(**{"": "timeout:1", "TIMEOUT_MS": "99999999999999999999999"}),
+        "CODEX_FAULTS_TIMEOUT_MS: must be at most 86400000 (a day), got 99999999999999999999999",
+    ),
     "bad seed": (env(**{"": "timeout:1", "SEED": "x"}), "CODEX_FAULTS_SEED"),
     "seed out of range": (
         env(**{"": "timeout:1", "SEED": "9223372036854775808"}),
@@ -162,6 +167,13 @@ def test_malformed_values_name_the_entry(case: str) -> None:
     with pytest.raises(FaultPlanError) as info:
         FaultPlan.from_env(values)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("timeout_ms", [0, 86_400_001, 10**23, True])
+def test_a_plan_object_refuses_a_timeout_out_of_range(timeout_ms: int) -> None:
+    with pytest.raises(FaultPlanError, match=re.escape("fault timeout must be a whole number of ms > 0 and at most 86,400,000")):
+        FaultPlan(counts={"timeout": 1}, timeout_ms=timeout_ms)
+    assert FaultPlan(counts={"timeout": 1}, timeout_ms=86_400_000).timeout_ms == 86_400_000
 
 
 def test_a_count_out_of_range_names_where_it_came_from() -> None:

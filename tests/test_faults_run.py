@@ -409,6 +409,25 @@ async def test_a_timeout_fault_outlasting_the_call_timeout_is_still_on_record(
     assert [(e.stage, e.agent, e.attempt, e.detail["fault"]) for e in faults] == [("plan", "gemini", 1, "timeout")]
     assert [(e.stage, e.agent, e.attempt) for e in retries] == [("plan", "gemini", 1)]
     assert retries[0].detail["message"] == "operation timed out after 600000ms"
+    # The fault's event said "timed out after 900000ms", a timeout that never happened.
+    assert faults[0].detail["message"] == (
+        "operation would time out after 900000ms (fault injected), "
+        "but the caller's own call timeout ends it after 600000ms"
+    )
+    assert faults[0].detail["cut_by_caller"] is True
+
+
+async def test_a_timeout_fault_within_the_call_timeout_logs_the_timeout_it_gives(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    db = str(tmp_path / "t.db")
+    plan = FaultPlan.parse("timeout:1", timeout_ms=600_000)  # ends with the call timeout: the fault's own answer
+    async with open_orchestrator(store=db, provider=SimulatedProvider(seed=4), seed=4, faults=plan) as orch:
+        await orch.run("SPEC-DEMO", run_id="R")
+    with Store.open(db) as s:
+        [fault] = s.events("R", "fault")
+    assert fault.detail["message"] == "operation timed out after 600000ms (fault injected)"
+    assert "cut_by_caller" not in fault.detail
 
 
 TWO_PROVIDERS = """
