@@ -120,8 +120,13 @@ def panel_pipeline(agents: int) -> Pipeline:
 
 
 def _plan(value: FaultPlan | str) -> FaultPlan:
-    # A spec string is taken as `conclave soak --faults` takes it.
-    return default_soak_plan(value) if isinstance(value, str) else value
+    # A spec string is taken as `conclave soak --faults` takes it, and a
+    # plan object as the CLI's from_env plan is: a 429 without a reset gets
+    # the soak's (FaultPlan.parse("429:10%") had none, so no soak given a
+    # plan ever closed the gate).
+    if isinstance(value, str):
+        return default_soak_plan(value)
+    return with_soak_reset(value) if isinstance(value, FaultPlan) else value
 
 
 def _whole(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -139,7 +144,8 @@ class SoakConfig:
     """What a soak runs.  Wrong types are a TypeError and out-of-range
     values a ValueError, naming the field, when the config is built - not
     minutes into a soak.  ``faults`` also takes a spec string
-    (``"disconnect:5%,429:2%"``), read as ``conclave soak --faults`` reads it."""
+    (``"disconnect:5%,429:2%"``), read as ``conclave soak --faults`` reads it;
+    either way a 429 without a reset hint gets the soak's 5 s one."""
 
     seed: int = attrs.field(default=0, validator=_whole)
     runs: int = attrs.field(default=100, validator=_whole)

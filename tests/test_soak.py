@@ -19,7 +19,7 @@ import trio
 
 from actors import RateLimitGate, RetryPolicy
 from messages import FAULT_KINDS, FaultPlan, FaultPlanError
-from actors._soak import SoakConfig, default_soak_plan, run_soak
+from actors._soak import DEFAULT_SOAK_RESET, SoakConfig, default_soak_plan, run_soak
 
 from .conftest import run_cli
 
@@ -492,6 +492,19 @@ def test_a_config_takes_a_fault_spec_as_the_cli_does() -> None:
     config = SoakConfig(runs=3, faults="disconnect:20%,429:10%")
     assert config.faults == default_soak_plan("disconnect:20%,429:10%")
     assert config.faults.reset is not None  # a 429 gets the soak's reset hint, as with --faults
+
+
+def test_a_config_given_a_plan_gives_its_429s_the_soaks_reset_as_the_cli_does() -> None:
+    """``SoakConfig(faults=FaultPlan.parse("429:10%"))`` had no reset hint,
+    so its 429s never closed the gate (gate_waits 0); the same plan as a
+    spec string, or through the CLI, got the soak's 5 s."""
+    plan = FaultPlan.parse("429:10%")
+    assert plan.reset is None
+    assert SoakConfig(faults=plan).faults == SoakConfig(faults="429:10%").faults == default_soak_plan("429:10%")
+    assert SoakConfig(faults=plan).faults.reset == DEFAULT_SOAK_RESET
+    # A reset of its own is kept, and a plan without 429s gets none.
+    assert SoakConfig(faults=FaultPlan.parse("429:10%", reset="30s")).faults.reset.text == "30s"  # type: ignore[union-attr]
+    assert SoakConfig(faults=FaultPlan.parse("disconnect:10%")).faults.reset is None
 
 
 @pytest.mark.parametrize("clock", [None, trio.testing.MockClock()], ids=["real", "mock-without-autojump"])
