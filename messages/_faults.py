@@ -272,14 +272,27 @@ class FaultInterceptor(Interceptor[Any]):
             self._buckets.pop((run_id, branch_id), None)
 
     def remaining(self, run_id: str | None = None, branch_id: str | None = None) -> dict[str, int]:
-        """Count faults not yet placed, per kind, in one run's budget (every
-        branch of the run when ``branch_id`` is omitted; a run not seen yet
-        has its whole budget left)."""
-        left: dict[str, int] = {k: self.plan.counts.get(k, 0) for k in FAULT_KINDS}
-        for (run, branch), bucket in self._buckets.items():
-            if run == run_id and branch_id in (None, branch):
-                for index in bucket.placed:
-                    left[self._sequence[index]] -= 1
+        """Count faults not yet placed, per kind: in the budget of branch
+        ``branch_id`` of run ``run_id``, or, with ``branch_id`` omitted,
+        summed over the budgets of every branch of the run this interceptor
+        has seen (each ``rerun`` branch has a budget of its own, so a run
+        with two branches that have both spent nothing has twice the counts
+        left).  A run or branch not seen yet has one whole budget left.
+        Never negative."""
+        budget: dict[str, int] = {k: self.plan.counts.get(k, 0) for k in FAULT_KINDS}
+        # One budget per branch: subtracting every branch's placements from
+        # a single one went negative after a rerun (disconnect -3).
+        buckets = [
+            bucket
+            for (run, branch), bucket in self._buckets.items()
+            if run == run_id and branch_id in (None, branch)
+        ]
+        if not buckets:
+            return budget
+        left: dict[str, int] = {k: n * len(buckets) for k, n in budget.items()}
+        for bucket in buckets:
+            for index in bucket.placed:
+                left[self._sequence[index]] -= 1
         return left
 
     def restore(

@@ -214,6 +214,27 @@ async def test_priority_order_and_exhaustion() -> None:
     assert faults.decide(request(stage="tasks")) is None
 
 
+async def test_remaining_counts_each_branch_of_a_run_against_its_own_budget() -> None:
+    """After a run and a rerun of it, ``remaining(run)`` took both branches'
+    placements from one budget: {'disconnect': -3, 'rate_limit': -1, ...}."""
+    faults = FaultInterceptor(FaultPlan.parse("disconnect:3,429:1"))
+    for branch in ("root", "rerun"):
+        key = AgentKey(run_id="r1", branch_id=branch, stage="plan", agent="gemini")
+        for attempt in range(1, 6):
+            faults.decide(CompletionRequest(key=key, attempt=attempt, spec_id="S", provider="sim", model="m",
+                                            prompt="p", panel=("gemini",)))
+        assert faults.remaining("r1", branch) == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    assert faults.remaining("r1") == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
+    # A branch that has placed one of its four: summed with the spent ones.
+    key = AgentKey(run_id="r1", branch_id="third", stage="plan", agent="gemini")
+    faults.decide(CompletionRequest(key=key, attempt=1, spec_id="S", provider="sim", model="m", prompt="p",
+                                    panel=("gemini",)))
+    assert faults.remaining("r1", "third") == {"disconnect": 2, "rate_limit": 1, "timeout": 0}
+    assert faults.remaining("r1") == {"disconnect": 2, "rate_limit": 1, "timeout": 0}
+    assert faults.remaining("r1", "not-seen") == {"disconnect": 3, "rate_limit": 1, "timeout": 0}
+    assert faults.remaining("another-run") == {"disconnect": 3, "rate_limit": 1, "timeout": 0}
+
+
 async def test_counts_spread_over_a_stage_whatever_the_arrival_order() -> None:
     panel = ("gemini", "claude", "gpt_pro")
     calls = [(agent, attempt) for attempt in (1, 2, 3) for agent in panel]
