@@ -165,8 +165,8 @@ def _percent(rate: float) -> str:
 
 
 def _count_too_large(kind: FaultKind, count: int) -> str:
-    # A count budget is laid out fault by fault, per run: ten billion of
-    # them exhausted memory.
+    # Ten billion, when a budget was laid out fault by fault, exhausted
+    # memory; a plan that never runs out is a rate.
     return (
         f"fault count for {kind} must be at most {MAX_FAULT_COUNT:,}, got {count:,} "
         "(for more, give a rate such as 5%)"

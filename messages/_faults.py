@@ -123,10 +123,62 @@ def _unit(*parts: object) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
+class _Sequence:
+    """A plan's count budget in firing order (``FaultPlan.sequence``), read
+    by index without being laid out: at the 1,000,000-per-kind cap the
+    tuple was 3,000,000 entries per interceptor."""
+
+    __slots__ = ("_runs", "_size")
+
+    def __init__(self, plan: FaultPlan) -> None:
+        runs: list[tuple[int, int, FaultKind]] = []  # (start, count, kind) in priority order
+        start = 0
+        for kind in FAULT_KINDS:
+            count = plan.counts.get(kind, 0)
+            if count:
+                runs.append((start, count, kind))
+                start += count
+        self._runs = tuple(runs)
+        self._size = start
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> FaultKind:
+        for start, count, kind in self._runs:
+            if start <= index < start + count:
+                return kind
+        raise IndexError(index)
+
+    def first_free(self, kind: str, placed: set[int]) -> int | None:
+        """The first index of ``kind`` not in ``placed``."""
+        for start, count, planned in self._runs:
+            if planned == kind:
+                return next((i for i in range(start, start + count) if i not in placed), None)
+        return None
+
+
 @attrs.define(slots=True)
 class _Stage:
-    left: tuple[int, ...]  # indices into the sequence not placed when the stage began
+    # The indices placed when the stage began, sorted: the stage's faults
+    # are the others, in order.  Kept instead of that list itself, which
+    # was as long as the whole budget for every stage of every run (30,000
+    # counts: ~1 MB a run).
+    before: tuple[int, ...]
+    size: int  # of the sequence
     panel: tuple[str, ...]
+
+    def left(self, position: int) -> int | None:
+        """The ``position``-th index (from 0) not placed when the stage
+        began, or None when there are not that many."""
+        if position < 0:
+            return None
+        index = position
+        for taken in self.before:
+            if taken > index:
+                break
+            index += 1
+        return index if index < self.size else None
 
 
 @attrs.define(slots=True)
@@ -138,8 +190,7 @@ class _Bucket:
     def begin_stage(self, stage_key: tuple[str, ...], panel: tuple[str, ...], size: int) -> _Stage:
         """A stage's placements start from the faults not placed before it
         (of a sequence of ``size``): every earlier stage of the run is over."""
-        left = tuple(i for i in range(size) if i not in self.placed)
-        stage = self.stages[stage_key] = _Stage(left=left, panel=panel)
+        stage = self.stages[stage_key] = _Stage(before=tuple(sorted(self.placed)), size=size, panel=panel)
         return stage
 
 
@@ -196,7 +247,7 @@ class FaultInterceptor(Interceptor[Any]):
         self._queued = False
         self._publish: Callable[[ProgressEvent], None] | None = None
         self._announcing: _WaitingHealthPort | None = None
-        self._sequence = plan.sequence
+        self._sequence = _Sequence(plan)
         self._rates = [(k, plan.rates[k]) for k in FAULT_KINDS if plan.rates.get(k)]
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self.injected: collections.Counter[str] = collections.Counter()
@@ -338,14 +389,14 @@ class FaultInterceptor(Interceptor[Any]):
             if not faults:
                 continue
             panel = tuple(agents)
-            left = bucket.begin_stage((name, *panel), panel, len(self._sequence)).left
+            begun = bucket.begin_stage((name, *panel), panel, len(self._sequence))
             seats = {agent: seat for seat, agent in enumerate(panel)}
             spill = []
             for agent, attempt, kind in faults:
                 seat = seats.get(agent)
-                position = -1 if seat is None else (attempt - 1) * len(panel) + seat
-                if 0 <= position < len(left) and self._sequence[left[position]] == kind:
-                    bucket.placed.add(left[position])
+                index = None if seat is None else begun.left((attempt - 1) * len(panel) + seat)
+                if index is not None and self._sequence[index] == kind:
+                    bucket.placed.add(index)
                 else:
                     spill.append(kind)
             for kind in spill:
@@ -356,10 +407,9 @@ class FaultInterceptor(Interceptor[Any]):
         return True
 
     def _place_first(self, bucket: _Bucket, kind: str) -> None:
-        for index, planned in enumerate(self._sequence):
-            if planned == kind and index not in bucket.placed:
-                bucket.placed.add(index)
-                return
+        index = self._sequence.first_free(kind, bucket.placed)
+        if index is not None:
+            bucket.placed.add(index)
 
     def diagnostics(self) -> dict[str, Any]:
         return {
@@ -432,7 +482,8 @@ class FaultInterceptor(Interceptor[Any]):
             # Placed once: the same call sent again does not spend another
             # fault.  (A resume first rebuilds the budget from the log, so
             # an attempt made again because it was lost gets its fault.)
-            if position < len(stage.left) and (index := stage.left[position]) not in bucket.placed:
+            index = stage.left(position)
+            if index is not None and index not in bucket.placed:
                 kind = self._sequence[index]
                 bucket.placed.add(index)
                 self.decided[kind] += 1

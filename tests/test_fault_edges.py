@@ -253,3 +253,38 @@ async def test_send_eager_is_not_a_checkpoint_when_there_is_room() -> None:
     assert not scope.cancelled_caught
     assert rx.receive_nowait() == "item"
     assert math.isfinite(trio.current_time())
+
+
+async def test_a_stage_of_a_count_plan_costs_no_memory_per_fault_in_the_budget() -> None:
+    """Each stage of each run laid out every fault of the budget not yet
+    placed: at the 1,000,000-per-kind cap a tuple of 3,000,000 per stage
+    (a 4-run soak reached 545 MB), and the interceptor the whole sequence."""
+    import tracemalloc
+
+    plan = FaultPlan.parse("disconnect:1000000,429:1000000,timeout:1000000")
+    tracemalloc.start()
+    try:
+        faults = FaultInterceptor(plan)
+        got = [faults.decide(call(stage=f"s{i}", run=f"r{i % 2}")) for i in range(6)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [d[0] if d else None for d in got] == ["disconnect"] * 6
+    assert peak < 200_000, f"{peak:,} bytes for six stages"
+    assert faults.remaining("r0") == {"disconnect": 999_997, "rate_limit": 1_000_000, "timeout": 1_000_000}
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_a_stage_places_as_laying_out_its_left_faults_did(seed: int) -> None:
+    """The stage's faults, read lazily, are the budget's unplaced faults in
+    order, as the tuple the stage used to build."""
+    import random
+
+    from messages._faults import _Bucket
+
+    rng = random.Random(seed)
+    size = rng.randint(0, 30)
+    bucket = _Bucket(anchor=0.0, placed=set(rng.sample(range(size), rng.randint(0, size))))
+    stage = bucket.begin_stage(("s",), ("a",), size)
+    laid_out = [i for i in range(size) if i not in bucket.placed]
+    assert [stage.left(p) for p in range(-1, size + 2)] == [None, *laid_out, *[None] * (size + 2 - len(laid_out))]
