@@ -763,8 +763,10 @@ async def soak_shard(
                         result = await orch.run(f"SOAK-{index:06d}", run_id=run_id)
                     except Exception as exc:  # a breach to report with the seed, not a crash
                         checker.breach(f"{run_id} raised {type(exc).__name__}: {exc}")
+                        faults.forget(run_id)
                         continue
                     outcome = _check_run(checker, store, config, run_id, result)
+                    faults.forget(run_id)  # checked: its count budget is never read again
                     outcome.index = index
                     outcomes[index] = outcome
                     checked_turns += outcome.turns

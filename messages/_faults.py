@@ -318,9 +318,22 @@ class FaultInterceptor(Interceptor[Any]):
         (completed, halted or interrupted).  A plan without counts forgets
         it: all it kept was the reset anchor, and a long-lived orchestrator
         would otherwise keep one per run for ever.  A count budget is kept
-        for :meth:`remaining`.  Not a checkpoint."""
+        for :meth:`remaining` until :meth:`forget`.  Not a checkpoint."""
         if not self._sequence:
             self._buckets.pop((run_id, branch_id), None)
+
+    def forget(self, run_id: str) -> None:
+        """Drop what this interceptor keeps of every branch of ``run_id``
+        (count budgets, reset anchors), for a caller done with the run - the
+        soak, which drops each run once checked: a count plan's budget is
+        otherwise kept for :meth:`remaining` as long as the interceptor
+        lives, and a long soak's memory grew with its runs.  Afterwards the
+        run counts as not seen (a whole budget left).  Call it only once
+        the run's drive has ended: a run still going would start its budget
+        over.  (A later ``resume`` takes the budget up from the run's log,
+        as in a new process.)  Not a checkpoint."""
+        for key in [key for key in self._buckets if key[0] == run_id]:
+            del self._buckets[key]
 
     def remaining(self, run_id: str | None = None, branch_id: str | None = None) -> dict[str, int]:
         """Count faults not yet placed, per kind: in the budget of branch

@@ -565,6 +565,37 @@ async def test_a_long_lived_orchestrator_keeps_no_rate_plan_state_per_finished_r
             await orch.run("SPEC-C", run_id=f"C{i}")
     assert [counts.remaining(f"C{i}")["disconnect"] for i in range(3)] == [0, 0, 0]
     assert counts.remaining("never-ran")["disconnect"] == 1
+    # A caller done with a run forgets it, every branch of it: the soak
+    # does, as it drops each run once checked.
+    async with open_orchestrator(store=str(tmp_path / "c.db"), seed=2, faults=counts) as orch:
+        await orch.rerun("C0", "plan")
+    assert {run for run, _ in counts._buckets} == {"C0", "C1", "C2"}
+    counts.forget("C0")
+    counts.forget("never-ran")  # nothing to forget: no error
+    assert {run for run, _ in counts._buckets} == {"C1", "C2"}
+    assert counts.remaining("C0") == {"disconnect": 1, "rate_limit": 0, "timeout": 0}  # as a run not seen
+    assert counts.remaining("C1")["disconnect"] == 0
+
+
+def test_a_soak_keeps_no_count_budget_of_a_run_it_has_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak drops each run once checked, but its fault interceptor kept
+    every run's count budget: 30,000 counts grew a soak to 991 MB at 800
+    runs, and disconnect:3,429:1,timeout:2 by ~7.5 KB a run."""
+    import actors._soak
+    from actors._soak import SoakConfig, run_soak
+
+    made: list[FaultInterceptor] = []
+
+    class Kept(FaultInterceptor):  # the soak's own interceptor, kept to look into afterwards
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(actors._soak, "FaultInterceptor", Kept)
+    report = run_soak(SoakConfig(seed=0, runs=6, concurrency=3, faults="disconnect:3,429:1,timeout:2"))
+    assert report.ok and sum(report.faults.values()) == 6 * 6
+    [faults] = made
+    assert faults._buckets == {}
 
 
 def test_max_retry_wait_ends_retries_at_a_later_reset_and_is_kept_with_the_run(tmp_path: Path) -> None:
