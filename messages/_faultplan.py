@@ -211,7 +211,8 @@ class FaultPlan:
         for kind, rate in self.rates.items():
             if kind not in FAULT_KINDS:
                 raise FaultPlanError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
-            if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0 or math.isnan(rate):
+            # Not a bool: True passed as a 100 % rate.
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
                 raise FaultPlanError(f"fault rate for {kind} must be within [0, 1], got {rate!r}")
         if sum(self.rates.values()) > 1.0 + RATE_SLACK:
             raise FaultPlanError(f"fault rates add up to more than 100%: {self.describe_kinds()}")

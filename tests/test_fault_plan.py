@@ -71,6 +71,14 @@ def test_rates_over_a_hundred_percent_are_refused_however_the_plan_is_built() ->
     assert FaultPlan(rates={"disconnect": 0.5, "timeout": 0.5}).enabled
 
 
+@pytest.mark.parametrize("rate", [True, False, float("nan"), -0.1, 1.5, "5%"])
+def test_a_rate_that_is_not_a_fraction_is_refused(rate: object) -> None:
+    # True was taken as a 100 % rate, as a count refuses it.
+    with pytest.raises(FaultPlanError, match=re.escape(f"fault rate for disconnect must be within [0, 1], got {rate!r}")):
+        FaultPlan(rates={"disconnect": rate})
+    assert FaultPlan(rates={"disconnect": 1}).rates["disconnect"] == 1
+
+
 def test_a_providers_scope_keeps_the_providers_own_spelling() -> None:
     """Provider names are matched as written: a lower-cased scope never
     matched a provider named 'OpenAI'."""
