@@ -487,7 +487,8 @@ def fault_summary(orch: Orchestrator, store: Store, result: RunResult, *, show: 
     if orch.faults is None:
         return None
     left = orch.faults.remaining(result.run_id, result.branch_id)
-    counted = set(orch.faults.plan.counts)
+    # Kinds with a budget: "429:0" has none, and listed a 0 left of it.
+    counted = {kind for kind, count in orch.faults.plan.counts.items() if count}
     logged = {
         (e.stage, e.agent, e.attempt): str(e.detail.get("fault"))
         for e in store.events(result.run_id, "fault")

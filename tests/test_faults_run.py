@@ -51,6 +51,12 @@ def test_cli_run_survives_the_reference_plan(tmp_path: Path) -> None:
     assert b["faults"]["injected"] == b["faults"]["injected_in_run"] == {"disconnect": 3, "rate_limit": 1, "timeout": 2}
     assert b["faults"]["left_in_run"] == {"disconnect": 0, "rate_limit": 0, "timeout": 0}
     assert b["turns"] == a["turns"] + 6
+    # A kind counted 0 has no budget to be left of.
+    rated = run_cli(["run", "--db", str(tmp_path / "r.db"), "--seed", "4", "--json"],
+                    env={"CODEX_FAULTS": "disconnect:2%,429:0"})
+    assert rated.returncode == 0, rated.stderr
+    assert json.loads(rated.stdout)["faults"]["left_in_run"] == {}
+    assert "left in this run's budget" not in rated.stdout
 
     with Store.open(faulty_db) as s:
         events = s.events("R")
