@@ -625,22 +625,30 @@ async def test_a_mapping_of_one_provider_routes_by_name_too(tmp_path: Path, auto
         assert (await orch.run("S")).completed
 
 
+async def _run_intercepted(tmp_path: Path, edge: str, handler: Any) -> None:
+    """One run with ``handler`` as the only interceptor on ``edge``; a hang
+    (what each of these defects was) ends in TooSlowError (virtual)."""
+    from messages import FunctionInterceptor
+
+    with trio.fail_after(600):
+        async with open_orchestrator(
+            store=str(tmp_path / "c.db"), interceptors={edge: [FunctionInterceptor(handler)]}
+        ) as orch:
+            await orch.run("S")
+
+
 async def test_an_interceptor_that_swallows_a_request_fails_it_loudly(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     # Returning without forwarding or answering hung the run for ever.
-    from messages import ActorStopped, FunctionInterceptor
+    from messages import ActorStopped
 
     async def swallow_decisions(item: Any, forward: Any) -> None:
         if type(item).__name__ != "PersistDecision":
             await forward(item)
 
     with pytest.raises(ActorStopped, match=r"interceptor FunctionInterceptor\(.*swallow_decisions\) neither forwarded nor answered it"):
-        with trio.fail_after(600):
-            async with open_orchestrator(
-                store=str(tmp_path / "c.db"), interceptors={"store": [FunctionInterceptor(swallow_decisions)]}
-            ) as orch:
-                await orch.run("S")
+        await _run_intercepted(tmp_path, "store", swallow_decisions)
 
 
 async def test_a_metrics_query_replaced_without_its_reply_slot_fails_loudly(
@@ -648,7 +656,7 @@ async def test_a_metrics_query_replaced_without_its_reply_slot_fails_loudly(
 ) -> None:
     # Rebuilt without reply_to, the query reached the accumulator, which
     # answered nobody: the run's own query waited for ever.
-    from messages import ActorStopped, FunctionInterceptor, MetricsQuery
+    from messages import ActorStopped, MetricsQuery
 
     async def rebuild_queries(item: Any, forward: Any) -> None:
         if isinstance(item, MetricsQuery):
@@ -660,11 +668,7 @@ async def test_a_metrics_query_replaced_without_its_reply_slot_fails_loudly(
         ActorStopped,
         match=r"no reply to usage totals: interceptor FunctionInterceptor\(.*rebuild_queries\) forwarded something else in its place",
     ):
-        with trio.fail_after(600):
-            async with open_orchestrator(
-                store=str(tmp_path / "c.db"), interceptors={"metrics": [FunctionInterceptor(rebuild_queries)]}
-            ) as orch:
-                await orch.run("S")
+        await _run_intercepted(tmp_path, "metrics", rebuild_queries)
 
 
 async def test_an_item_the_metrics_accumulator_cannot_handle_fails_the_run_loudly(
@@ -673,17 +677,11 @@ async def test_an_item_the_metrics_accumulator_cannot_handle_fails_the_run_loudl
     # The accumulator ignored what it did not know: the query an
     # interceptor replaced with a string was never answered, and the run
     # hung (the gateway and store writer fail on such an item).
-    from messages import FunctionInterceptor
-
     async def replace(item: Any, forward: Any) -> None:
         await forward("not a message")
 
     with pytest.raises(TypeError, match=r"the metrics accumulator got a str, which is no metrics message"):
-        with trio.fail_after(600):
-            async with open_orchestrator(
-                store=str(tmp_path / "c.db"), interceptors={"metrics": [FunctionInterceptor(replace)]}
-            ) as orch:
-                await orch.run("S")
+        await _run_intercepted(tmp_path, "metrics", replace)
 
 
 async def test_a_deeply_nested_answer_is_text_not_a_crash(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:

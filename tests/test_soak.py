@@ -83,12 +83,10 @@ def test_check_determinism_replays_a_failing_seed_too() -> None:
     assert "soak FAILED" in proc.stderr
 
 
-def test_a_seed_that_replays_differently_is_not_ok_in_json(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # Its "ok" said true (the invariants held) while the command exited 1.
+def _second_soak_drifts(monkeypatch: pytest.MonkeyPatch, **changes: str) -> None:
+    """--check-determinism's second soak reports ``changes`` (a digest
+    that moved) over what it found."""
     from actors import _cli_soak
-    from actors._cli import main
 
     real = _cli_soak._soak_until_signalled
     runs = 0
@@ -97,9 +95,18 @@ def test_a_seed_that_replays_differently_is_not_ok_in_json(
         nonlocal runs
         runs += 1
         report = real(*args, **kwargs)
-        return report if runs == 1 else attrs.evolve(report, digest="0" * 64)
+        return report if runs == 1 else attrs.evolve(report, **changes)
 
     monkeypatch.setattr(_cli_soak, "_soak_until_signalled", drifting)
+
+
+def test_a_seed_that_replays_differently_is_not_ok_in_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its "ok" said true (the invariants held) while the command exited 1.
+    from actors._cli import main
+
+    _second_soak_drifts(monkeypatch, digest="0" * 64)
     assert main(["soak", "--runs", "3", "--check-determinism", "--json"]) == 1
     out, err = capsys.readouterr()
     data = json.loads(out)
@@ -115,19 +122,9 @@ def test_a_seed_whose_faults_fall_differently_says_which_digest_moved(
     """"same" compares the fault digests too, but --json showed only the
     digests - two equal ones beside "same": false - and the error said
     "not deterministic: digests X, X"."""
-    from actors import _cli_soak
     from actors._cli import main
 
-    real = _cli_soak._soak_until_signalled
-    runs = 0
-
-    def drifting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal runs
-        runs += 1
-        report = real(*args, **kwargs)
-        return report if runs == 1 else attrs.evolve(report, fault_digest="f" * 64)
-
-    monkeypatch.setattr(_cli_soak, "_soak_until_signalled", drifting)
+    _second_soak_drifts(monkeypatch, fault_digest="f" * 64)
     argv = ["soak", "--runs", "3", "--faults", "disconnect:10%", "--check-determinism"]
     assert main(argv + ["--json"] * json_flag) == 1
     out, err = capsys.readouterr()
