@@ -39,7 +39,6 @@ from messages import (
 from ._agent import for_later_agents
 from ._classify import classify
 from ._consensus import ADVANCING, Verdict, compute_verdict
-from ._http_errors import NOT_RETRIED
 from ._pipeline import StageSpec
 from ._resume import USER_FIXABLE, stored_error
 from ._sequencer import DecisionSequencer
@@ -86,16 +85,11 @@ class StageUnanswered(ConclaveError):
         shown = "; ".join(f"{agent}: {error}" for agent, error in named[:SHOWN_FAILURES])
         if len(named) > SHOWN_FAILURES:
             shown += f"; and {len(named) - SHOWN_FAILURES} more (their gave_up events name them)"
-        # "After their retries" only when each was retried: a wrong key or a
-        # server's x-should-retry: false fails on the first attempt, and the
-        # old wording sent users looking for a retry limit to raise.
-        retried = all(_was_retried(error) for error in self.failures.values())
-        how = " after their retries" if retried else ""
-        super().__init__(f"{len(self.failures)} agent(s) failed{how} ({shown})")
-
-
-def _was_retried(error: str) -> bool:
-    return NOT_RETRIED not in error and classify(stored_error(error)).retryable
+        # Not "after their retries": a wrong key, a server's x-should-retry:
+        # false, --max-attempts 1 or a reset past max_wait end on the first
+        # attempt, and the words sent users looking for a retry limit to
+        # raise.  The retry and gave_up events say how each ended.
+        super().__init__(f"{len(self.failures)} agent(s) failed ({shown})")
 
 
 SHOWN_FAILURES = 5

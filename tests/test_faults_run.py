@@ -635,7 +635,7 @@ def test_a_stage_nobody_could_answer_is_left_undecided_for_resume_retry_failed(t
     halted = json.loads(down.stdout)
     assert (halted["status"], halted["halt_reason"]) == ("halted", "agents_failed")
     assert halted["stages"] == [], "nothing decided on the agents' silence"
-    assert "3 agent(s) failed after their retries (gemini: disconnect: " in halted["halt_message"]
+    assert "3 agent(s) failed (gemini: disconnect: " in halted["halt_message"]
     assert "'conclave resume O --retry-failed" in halted["halt_message"]
     # A plain resume changes nothing (as after a budget halt), and buys nothing.
     plain = json.loads(run_cli(["resume", "O", "--db", db, "--json"]).stdout)
