@@ -129,42 +129,56 @@ def key_problem(key: str, variable: str) -> str | None:
     return None
 
 
-# Names of headers and query parameters that carry credentials, as APIs and
-# gateways spell them: authorization, api-key, x-api-key, x-goog-api-key,
+# Words of header and query parameter names that carry credentials, as APIs
+# and gateways spell them: authorization, api-key, x-api-key, x-goog-api-key,
 # ocp-apim-subscription-key, x-auth-token, cf-access-client-secret, cookie,
-# an Azure SAS 'sig', a '?key=' or '?access_token='.
-_CREDENTIAL_NAME = re.compile(r"(?i)key|token|auth|secret|sig|passw|pwd|credential|cookie|session")
+# an Azure SAS 'sig', a '?key=' or '?access_token='.  Whole words of the
+# name: searched inside it, 'portkey', 'author' and 'designated' masked a
+# provider's, an author's and a model's name in the errors about them.
+_CREDENTIAL_WORDS = frozenset({
+    "key", "apikey", "token", "auth", "authorization", "secret", "sig", "signature",
+    "password", "passwd", "pwd", "credential", "credentials", "cookie", "bearer",
+})
+_NAME_WORDS = re.compile(r"[-_.\s]+")
 # Names whose values are descriptive, never credentials (content-type,
-# anthropic-beta, api-version): masking their echo would hide what a server
-# says was wrong with them.
-_PLAIN_NAME = re.compile(r"(?i)user-agent|accept(-.*)?|content-.*|.*[-_]version|.*[-_]beta")
+# anthropic-beta, api-version, an organisation or request id): masking
+# their echo would hide what a server says was wrong with them.
+_PLAIN_NAME = re.compile(
+    r"(?i)user-agent|accept(-.*)?|content-.*|.*[-_]version|.*[-_]beta|openai-(organization|project)"
+    r"|(x-)?(.*-)?request-id|idempotency-key"
+)
 # A credential-named value shorter than this is a word or a flag ("true",
 # "1"), and masking every occurrence of it would mangle messages.
 _MIN_NAMED_SECRET = 6
-# A value under any other name is taken for an opaque credential from this
-# length on, without white space (a key under a name we do not know, such
-# as a bypass token): a false positive only masks an echo of the user's own
-# value in an error, while a miss stores a secret.
-_MIN_OPAQUE_SECRET = 20
+# A value under any other name is taken for an opaque credential (a key
+# under a name we do not know, such as a bypass token) when it is one run
+# of 20 or more base64 characters holding letters and digits: a model name,
+# a UUID or an 'org-...' id has dashes, and masking those hid the very
+# value an error was about.
+_OPAQUE_SECRET = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9+/=_]{20,}")
 
 
-def given_secrets(pairs: Iterable[tuple[str, str]]) -> list[str]:
+def given_secrets(pairs: Iterable[tuple[str | bytes, str | bytes]]) -> list[str]:
     """The values among ``pairs`` (header or query parameter name, value)
     that may be credentials, to redact from error text.  An
     'authorization: Bearer X' also gives X: a server echoes the token alone."""
     found: list[str] = []
-    for name, value in pairs:
-        if not isinstance(value, str) or _PLAIN_NAME.fullmatch(name):
+    for raw_name, raw_value in pairs:
+        # httpx sends bytes names and values as they are: skipped, their
+        # credentials were echoed unmasked.
+        name = raw_name.decode("latin-1") if isinstance(raw_name, bytes) else raw_name
+        value = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
+        if not isinstance(name, str) or not isinstance(value, str) or _PLAIN_NAME.fullmatch(name):
             continue
         candidates = [value.strip()]
         credentials = value.strip().partition(" ")[2].strip()  # of "Scheme credentials"
         if credentials:
             candidates.append(credentials)
-        named = _CREDENTIAL_NAME.search(name) is not None
+        named = not _CREDENTIAL_WORDS.isdisjoint(_NAME_WORDS.split(name.lower()))
         for candidate in candidates:
             if named and len(candidate) >= _MIN_NAMED_SECRET:
                 found.append(candidate)
-            elif len(candidate) >= _MIN_OPAQUE_SECRET and not any(c.isspace() for c in candidate):
+            elif _OPAQUE_SECRET.fullmatch(candidate):
                 found.append(candidate)
     return found
 
@@ -424,10 +438,7 @@ class HttpProvider(BaseProvider):
         # (an Azure 'api-key', an 'authorization') or in the base URL's
         # query ('?key='), which a server echoing the request quotes in its
         # error - then shown, and stored with the run.
-        self._given_secrets = given_secrets(
-            [(name, value) for name, value in (headers or {}).items() if isinstance(name, str)]
-            + list(self.base_url.params.multi_items())
-        )
+        self._given_secrets = given_secrets([*(headers or {}).items(), *self.base_url.params.multi_items()])
         self._wall_now = wall_now
         # No connection cap of httpx's own (100, and 20 kept idle): the
         # gateway bounds the calls in flight (Limits.max_concurrency), and

@@ -400,6 +400,43 @@ async def test_secrets_given_in_headers_or_the_base_url_query_are_redacted(heade
         assert "2024-10-21" in text
 
 
+async def test_a_credential_header_given_as_bytes_is_redacted() -> None:
+    p = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, headers={b"api-key": GIVEN.encode()},
+                       transport=httpx.MockTransport(_echo))
+    try:
+        with pytest.raises(AuthenticationFailed) as info:
+            await p.complete(make_request())
+    finally:
+        await p.aclose()
+    assert GIVEN not in str(info.value) and "[REDACTED]" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "quoted"),
+    [
+        ({"x-portkey-provider": "openai"}, "", "openai"),  # 'key' inside 'portkey'
+        ({"x-session-affinity": "sticky"}, "", "sticky"),
+        ({"x-model": "claude-3-5-sonnet-20241022"}, "", "claude-3-5-sonnet-20241022"),
+        ({"openai-organization": "org-AbCdEfGhIjKlMnOpQrStUv12"}, "", "org-AbCdEfGhIjKlMnOpQrStUv12"),
+        ({"x-request-id": "7f3c1c2e-9a4b-4b8e-8f2e-2b1d3c4e5f60"}, "", "7f3c1c2e-9a4b-4b8e-8f2e-2b1d3c4e5f60"),
+        ({}, "?deployment=gpt-4o-2024-08-06-production", "gpt-4o-2024-08-06-production"),
+    ],
+    ids=["portkey-provider", "session-affinity", "model", "organization", "request-id", "deployment"],
+)
+async def test_values_that_are_no_credentials_are_still_quoted(headers: dict[str, str], query: str, quoted: str) -> None:
+    # Names were searched for 'key', 'auth', 'sig' or 'session' anywhere,
+    # and any 20 characters without a space were taken for a key: the value
+    # an error was about read "[REDACTED]".
+    p = OpenAIProvider(base_url=f"http://mock.test/v1{query}", api_key=SECRET, headers=headers,
+                       transport=httpx.MockTransport(_echo))
+    try:
+        with pytest.raises(AuthenticationFailed) as info:
+            await p.complete(make_request())
+    finally:
+        await p.aclose()
+    assert f"rejected: {quoted} / Bearer [REDACTED]" in str(info.value)  # the value, then the api_key
+
+
 def test_redact_masks_key_shapes_it_was_not_told_about() -> None:
     text = redact('{"api_key": "abc123secret", "auth": "Bearer eyJhbGciOi.JIUzI1"} sk-ant-api03-AAAAAAAA')
     assert "abc123secret" not in text and "eyJhbGciOi" not in text and "sk-ant-api03" not in text
