@@ -373,12 +373,17 @@ def cmd_soak(args: argparse.Namespace) -> int:
         # Flushed here, not in main(): its reader gone, main() could only
         # exit 1 - the breach code - without a word.
         _flush_stdout()
-        closed = False
-    except BrokenPipeError:
-        # 'conclave soak | head -1': the report was cut short.  Nothing
-        # more goes to stdout; what the soak found is said on stderr.
+        unwritten = None
+    except OSError as exc:
+        # 'conclave soak | head -1' (or a full disk): the report was cut
+        # short.  Nothing more goes to stdout; what the soak found is said
+        # on stderr - a full disk lost a failing soak's breaches before.
         _drop_stdout()
-        closed = True
+        unwritten = (
+            "the output pipe closed (its reader went away)"
+            if isinstance(exc, BrokenPipeError)
+            else f"stdout could not be written ({exc.strerror or exc})"
+        )
     if not report.ok:
         for breach in report.breaches:
             print(f"conclave: soak seed {report.seed}: {breach}", file=sys.stderr)
@@ -388,7 +393,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         if not same_faults:
             differ.append(f"fault digests {', '.join(r.fault_digest for r in reports)}")
         print(f"conclave: error: soak seed {report.seed} is not deterministic: {'; '.join(differ)}", file=sys.stderr)
-    if closed:
+    if unwritten is not None:
         # Exit 1, as any command whose output pipe closes, but said, and
         # with the soak's own outcome: its exit 1 otherwise means a breach.
         outcome = (
@@ -396,5 +401,5 @@ def cmd_soak(args: argparse.Namespace) -> int:
             if passed
             else "the soak itself failed (above)"
         )
-        return _fail(f"the output pipe closed (its reader went away) before the soak's report was written; {outcome}", EXIT_ERROR)
+        return _fail(f"{unwritten} before the soak's report was written; {outcome}", EXIT_ERROR)
     return 0 if passed else 1

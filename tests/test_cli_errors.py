@@ -274,6 +274,24 @@ def test_a_failed_soak_whose_report_finds_stdout_closed_says_it_failed() -> None
     )
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failing_soak_whose_report_meets_a_full_disk_still_names_its_breaches() -> None:
+    """Only a closed pipe was caught: a full disk ended the soak on 'No
+    space left on device', its breaches and replay command never said."""
+    argv = ["soak", "--seed", "3", "--runs", "3", "--faults", "disconnect:5,429:2,timeout:3"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "actors", *argv], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "conclave: soak seed 3: no agent ever recovered from a disconnect fault" in proc.stderr
+    assert "conclave: error: soak FAILED (seed 3); replay with: conclave soak --seed 3" in proc.stderr
+    assert proc.stderr.rstrip().endswith(
+        "conclave: error: stdout could not be written (No space left on device) before the soak's report was "
+        "written; the soak itself failed (above)"
+    ), proc.stderr
+    assert "Exception ignored" not in proc.stderr
+
+
 def test_suggested_commands_carry_the_db_they_were_printed_for(tmp_path: Path) -> None:
     """A halted run kept in another file said to run 'conclave rerun h1
     --from plan', which, copied as printed, answered "no run 'h1' in
