@@ -10,6 +10,7 @@ they are quoted (see :mod:`actors._http_errors`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -20,6 +21,7 @@ import httpx
 import trio
 
 from messages import (
+    ActorStopped,
     AuthenticationFailed,
     BadRequest,
     Completion,
@@ -516,17 +518,19 @@ class HttpProvider(BaseProvider):
     def _source_failure(self, exc: Exception) -> str:
         """What the token source's ``exc`` may say in an error that is shown
         and stored.  An :class:`AuthError`'s text never holds a token (its
-        contract), nor does an OS error's reason; any other text is the
-        user's source's own, and may quote the token it failed to refresh
-        or a refresh token, which no known secret masks (only the tokens
-        it handed out are known): "refresh failed for tok-..." was stored
-        with the run.  So of that, only the type is said, as the token
-        manager does for a failure it did not foresee."""
+        contract), nor does Conclave's own ActorStopped ("the auth actor has
+        stopped"); of an OS error, the system's words for its errno are
+        said, not its text (a source can build one quoting anything).  Any
+        other text is the user's source's own, and may quote the token it
+        failed to refresh or a refresh token, which no known secret masks
+        (only the tokens it handed out are known): "refresh failed for
+        tok-..." was stored with the run.  So of that, only the type is
+        said, as the token manager does for a failure it did not foresee."""
         name = type(exc).__name__
-        if isinstance(exc, AuthError):
+        if isinstance(exc, (AuthError, ActorStopped)):
             return f"{name}: {redact(str(exc), self._secrets())}"
-        if isinstance(exc, OSError) and exc.strerror:
-            return f"{name}: {redact(exc.strerror, self._secrets())}"
+        if isinstance(exc, OSError) and isinstance(exc.errno, int):
+            return f"{name}: {os.strerror(exc.errno)}"
         return f"{name} (its message is not shown: it may hold a credential)"
 
     async def _credential(self, *, force_refresh: bool) -> tuple[str, bool]:

@@ -16,6 +16,7 @@ from actors._openai import OpenAIProvider
 from actors._simulator import Latency, SimulatedProvider
 from actors._usage_normalise import merge_anthropic_usage, usage_from_anthropic
 from messages import (
+    ActorStopped,
     AuthenticationFailed,
     BadRequest,
     Disconnected,
@@ -387,6 +388,10 @@ async def test_a_token_source_failure_does_not_quote_a_token_nobody_was_told() -
     [
         (AuthProtocolError("the token endpoint answered HTTP 500", provider="openai"), "answered HTTP 500"),
         (ConnectionRefusedError(111, "Connection refused"), "Connection refused"),
+        # Conclave's own words, once the auth actor is gone.
+        (ActorStopped("the auth actor has stopped"), "ActorStopped: the auth actor has stopped"),
+        # The system's words for the errno, not the text a source gave it.
+        (PermissionError(13, "denied tok-SECRET-1234567890"), "PermissionError: Permission denied$"),
     ],
 )
 async def test_a_token_source_failure_that_holds_no_token_is_quoted(error: Exception, said: str) -> None:
