@@ -37,8 +37,7 @@ class Interceptor(Generic[T]):
     interceptor does this through the item's ``reply_to``).  It must do one of
     those, and ``forward`` must be its last await.  One that returns having
     done neither fails an item's reply slot (its requester gets
-    :class:`ActorStopped` naming the interceptor), as does one that forwards
-    another item without that slot; an item without one is
+    :class:`ActorStopped` naming the interceptor); an item without one is
     dropped, as a filter drops it - except on an edge opened with
     ``awaited=True``, whose every item someone waits for (an agent's
     request, its reply to the coordinator): there the sender gets
@@ -79,17 +78,14 @@ def _chain(sink: Forward[T], interceptors: Sequence[Interceptor[T]], awaited: bo
 def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Forward[T]:
     async def send(item: T) -> None:
         forwarded = False
-        # Whether what was forwarded carries the item's reply slot: a
-        # replacement without it (a MetricsQuery rebuilt without reply_to)
-        # leaves its requester waiting as surely as a swallow does.
+        # (A replacement forwarded with a reply slot of the interceptor's
+        # own is no swallow: the interceptor answers the item's slot when
+        # its own is answered - a recorder, a cache, a redactor.)
         slot = getattr(item, "reply_to", None)
-        carried = False
 
         async def onward(passed: T) -> None:
-            nonlocal forwarded, carried
+            nonlocal forwarded
             forwarded = True
-            if getattr(passed, "reply_to", None) is slot:
-                carried = True
             await forward(passed)
 
         answer_to = slot if awaited else None
@@ -120,10 +116,6 @@ def _bind(interceptor: Interceptor[T], forward: Forward[T], awaited: bool) -> Fo
                 # Its receiver waits for it, with no slot to fail: the run
                 # hung for ever on a swallowed AgentRequest.
                 raise Undelivered(f"{why} ({type(item).__name__}, which its receiver waits for)")
-        elif not carried and isinstance(slot, Reply):
-            # Nobody now holds the slot to answer it: fail it (a no-op if
-            # the interceptor answered it itself).
-            slot.close(f"interceptor {interceptor!r} forwarded something else in its place, without its reply slot")
 
     return send
 

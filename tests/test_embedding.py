@@ -651,27 +651,7 @@ async def test_an_interceptor_that_swallows_a_request_fails_it_loudly(
         await _run_intercepted(tmp_path, "store", swallow_decisions)
 
 
-async def test_a_metrics_query_replaced_without_its_reply_slot_fails_loudly(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    # Rebuilt without reply_to, the query reached the accumulator, which
-    # answered nobody: the run's own query waited for ever.
-    from messages import ActorStopped, MetricsQuery
-
-    async def rebuild_queries(item: Any, forward: Any) -> None:
-        if isinstance(item, MetricsQuery):
-            await forward(MetricsQuery(run_id=item.run_id, forget=item.forget))  # reply_to forgotten
-        else:
-            await forward(item)
-
-    with pytest.raises(
-        ActorStopped,
-        match=r"no reply to usage totals: interceptor FunctionInterceptor\(.*rebuild_queries\) forwarded something else in its place",
-    ):
-        await _run_intercepted(tmp_path, "metrics", rebuild_queries)
-
-
-async def test_an_item_the_metrics_accumulator_cannot_handle_fails_the_run_loudly(
+async def test_an_item_the_metrics_accumulator_cannot_handle_fails_the_orchestrator_loudly(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     # The accumulator ignored what it did not know: the query an
