@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -361,6 +362,19 @@ def _echo(request: httpx.Request) -> httpx.Response:
     return httpx.Response(401, json={"error": {"message": message}})
 
 
+async def _echoed(headers: Mapping[Any, Any], query: str = "") -> AuthenticationFailed:
+    """The 401 of a server that quotes what it was sent, to a provider
+    given ``headers`` and the base URL's ``query``."""
+    p = OpenAIProvider(base_url=f"http://mock.test/v1{query}", api_key=SECRET, headers=headers,
+                       transport=httpx.MockTransport(_echo))
+    try:
+        with pytest.raises(AuthenticationFailed) as info:
+            await p.complete(make_request())
+    finally:
+        await p.aclose()
+    return info.value
+
+
 GIVEN = "Given0Secret1Value2xyz"  # key-shaped for no pattern: only being told masks it
 
 
@@ -381,18 +395,8 @@ async def test_secrets_given_in_headers_or_the_base_url_query_are_redacted(heade
     # Only api_key and the token were masked: a key given as a header (an
     # Azure 'api-key') or in the base URL's query ('?key=') came back in a
     # server's 401 and was shown, and stored with the run.
-    p = OpenAIProvider(
-        base_url=f"http://mock.test/v1{query}",
-        api_key=SECRET,
-        headers={**headers, "anthropic-beta": "prompt-caching-2024-07-31"},
-        transport=httpx.MockTransport(_echo),
-    )
-    try:
-        with pytest.raises(AuthenticationFailed) as info:
-            await p.complete(make_request())
-    finally:
-        await p.aclose()
-    text = str(info.value) + repr(info.value)
+    error = await _echoed({**headers, "anthropic-beta": "prompt-caching-2024-07-31"}, query)
+    text = str(error) + repr(error)
     assert GIVEN not in text and "[REDACTED]" in text
     # A value that is no credential is still quoted: it may be what was wrong.
     assert "prompt-caching-2024-07-31" in text
@@ -401,14 +405,8 @@ async def test_secrets_given_in_headers_or_the_base_url_query_are_redacted(heade
 
 
 async def test_a_credential_header_given_as_bytes_is_redacted() -> None:
-    p = OpenAIProvider(base_url="http://mock.test/v1", api_key=SECRET, headers={b"api-key": GIVEN.encode()},
-                       transport=httpx.MockTransport(_echo))
-    try:
-        with pytest.raises(AuthenticationFailed) as info:
-            await p.complete(make_request())
-    finally:
-        await p.aclose()
-    assert GIVEN not in str(info.value) and "[REDACTED]" in str(info.value)
+    error = await _echoed({b"api-key": GIVEN.encode()})
+    assert GIVEN not in str(error) and "[REDACTED]" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -427,14 +425,8 @@ async def test_values_that_are_no_credentials_are_still_quoted(headers: dict[str
     # Names were searched for 'key', 'auth', 'sig' or 'session' anywhere,
     # and any 20 characters without a space were taken for a key: the value
     # an error was about read "[REDACTED]".
-    p = OpenAIProvider(base_url=f"http://mock.test/v1{query}", api_key=SECRET, headers=headers,
-                       transport=httpx.MockTransport(_echo))
-    try:
-        with pytest.raises(AuthenticationFailed) as info:
-            await p.complete(make_request())
-    finally:
-        await p.aclose()
-    assert f"rejected: {quoted} / Bearer [REDACTED]" in str(info.value)  # the value, then the api_key
+    error = await _echoed(headers, query)
+    assert f"rejected: {quoted} / Bearer [REDACTED]" in str(error)  # the value, then the api_key
 
 
 def test_redact_masks_key_shapes_it_was_not_told_about() -> None:
