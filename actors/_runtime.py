@@ -355,8 +355,9 @@ class Orchestrator:
         self._progress: Broadcast[ProgressEvent] = Broadcast(limits.progress_buffer)
         self._metrics_hub = metrics_hub or MetricsHub()
         self._closed = False  # its open_orchestrator block has ended
-        self._driving = 0  # runs being driven now (health snapshots are one run's only alone)
-        self._driven: collections.Counter[str] = collections.Counter()  # their run ids
+        # The runs being driven now, by id (health snapshots are one run's
+        # only while it is driven alone).
+        self._driven: collections.Counter[str] = collections.Counter()
         # Their cancel scopes: a block that ends while runs started elsewhere
         # (an outer nursery) are still being driven stops them first.
         self._drives: set[trio.CancelScope] = set()
@@ -753,7 +754,7 @@ class Orchestrator:
         """The gates and breakers now, for a resume or a rerun to take up
         (see :meth:`_take_up_health`); None when they are not this run's
         alone (the orchestrator drives others too) or cannot be taken up."""
-        if self.health is None or self._driving != 1:
+        if self.health is None or self._driven.total() != 1:
             return None
         return self.health.snapshot(trio.current_time())
 
@@ -826,7 +827,6 @@ class Orchestrator:
     ) -> RunResult:
         """Run ``pipeline``'s stages (see :meth:`_run_stages`).  ``record``
         False: a replay of a settled branch, which writes nothing."""
-        self._driving += 1
         self._driven[ctx.run_id] += 1
         try:
             if budget_usd is not None:
@@ -841,7 +841,6 @@ class Orchestrator:
             await self._forget_metrics(ctx.run_id)
             raise
         finally:
-            self._driving -= 1
             self._driven[ctx.run_id] -= 1
             if not self._driven[ctx.run_id]:
                 del self._driven[ctx.run_id]
