@@ -116,6 +116,12 @@ def validate_base_url(url: str, *, provider: str, key_hint: str | None = None) -
     return url.strip()
 
 
+def header_safe(credential: str) -> bool:
+    """Whether ``credential`` can go in an HTTP header as it is: printable
+    ASCII without leading or trailing space."""
+    return credential.isascii() and credential.isprintable() and credential == credential.strip()
+
+
 def key_problem(key: str, variable: str) -> str | None:
     """What is wrong with an API key (read from ``variable``), never quoting
     it; None if it can go in an HTTP header.  A newline, spaces only or a
@@ -123,7 +129,7 @@ def key_problem(key: str, variable: str) -> str | None:
     its letters quoted in the error and stored)."""
     if not key.strip():
         return f"{variable} holds only white space, not an API key"
-    if not key.isascii() or not key.isprintable() or key != key.strip():
+    if not header_safe(key):
         return (
             f"{variable} is not a usable API key: it holds a line break, leading or trailing "
             "space, or a non-ASCII letter (its value is not shown)"
@@ -556,7 +562,7 @@ class HttpProvider(BaseProvider):
             )
         if not token:
             raise AuthenticationFailed(f"{self.name}: the token source gave an empty token")
-        if not token.isascii() or not token.isprintable() or token != token.strip():
+        if not header_safe(token):
             raise CredentialsUnavailable(
                 f"{self.name}: the token source returned a token an HTTP header cannot carry: it holds "
                 "a line break, leading or trailing space, or a non-ASCII letter (its value is not shown)",
