@@ -693,14 +693,12 @@ class HttpProvider(BaseProvider):
         # is a body we cannot read, as invalid JSON is; it escaped as the
         # provider's own bug, never retried.
         try:
-            data = json.loads(raw)
-        except UnicodeDecodeError:
-            # Streamed, the same bytes were read with U+FFFD; plain, the
-            # whole answer (and its usage) was lost.
             try:
+                data = json.loads(raw)
+            except UnicodeDecodeError:
+                # Streamed, the same bytes were read with U+FFFD; plain, the
+                # whole answer (and its usage) was lost.
                 data = json.loads(raw.decode("utf-8", "replace"))
-            except (ValueError, RecursionError):
-                raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
         except (ValueError, RecursionError):
             raise malformed(self.name, f"body is not JSON: {kind or 'no content type'}, {len(raw)} bytes") from None
         try:
