@@ -127,6 +127,10 @@ def stopped_by(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+# What a command says when stdout's reader went away ('conclave run | head').
+PIPE_CLOSED = "the output pipe closed (its reader went away)"
+
+
 def _is_broken_pipe(exc: BaseException) -> bool:
     """Whether ``exc`` is stdout's reader going away ('conclave run | head'),
     alone or in a group (from inside a run it comes wrapped in one)."""
@@ -148,7 +152,7 @@ def _interrupted(exc: BaseException, store: Store, run_id: str | None, db: str) 
         # finish it.  stdout is dropped so nothing more is written there;
         # the message goes to stderr, which still reaches the terminal.
         _drop_stdout()
-        word, code = "the output pipe closed (its reader went away)", EXIT_ERROR
+        word, code = PIPE_CLOSED, EXIT_ERROR
     else:
         word, code = stopped_by(exc) or _STOPPED_BY[signal.SIGINT]
     message = f"{word}; the store is consistent"

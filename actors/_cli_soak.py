@@ -25,7 +25,7 @@ from messages import FaultPlan, FaultPlanError, ResetHint
 from messages._faultplan import DEFAULT_TIMEOUT_MS
 
 from ._checks import positive_arg, seed_arg
-from ._cli import EXIT_ERROR, _drop_stdout, _fail, _flush_stdout, _is_interrupt, interruptible
+from ._cli import EXIT_ERROR, PIPE_CLOSED, _drop_stdout, _fail, _flush_stdout, _is_interrupt, interruptible
 from ._footer import ERASE, redraws_in_place
 from ._retry import RetryPolicy
 from ._soak import (
@@ -380,7 +380,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         # on stderr - a full disk lost a failing soak's breaches before.
         _drop_stdout()
         unwritten = (
-            "the output pipe closed (its reader went away)"
+            PIPE_CLOSED
             if isinstance(exc, BrokenPipeError)
             else f"stdout could not be written ({exc.strerror or exc})"
         )
